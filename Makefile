@@ -1,0 +1,48 @@
+# Entry points a person types. Each target is thin; the work lives in scripts/ and the crates.
+SHELL := /bin/bash
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: all build demo test deps unit interop e2e lint bench bench-nbd bench-disk bench-fscore clean
+
+all: build
+
+build:
+	$(CARGO) build --release --workspace --all-targets
+
+## make demo: the main job on the embedded default; needs nothing but cargo, no root.
+demo:
+	bash scripts/demo.sh
+
+## make test: install what the tests need (when root), then every test.
+test: deps lint unit e2e
+
+deps:
+	bash scripts/install-deps.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## Unit, property, protocol, bad-input and interop tests (interop needs qemu-io, nbdinfo, ...).
+unit:
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) test --release --workspace
+
+## A real kernel end to end: nbd-server -> nbdfuse -> loop -> ext4 / XFS -> crashmonkey check.
+e2e:
+	bash scripts/e2e.sh
+
+bench: bench-nbd bench-disk bench-fscore
+
+bench-nbd:
+	bash scripts/bench-nbd.sh
+
+bench-disk:
+	bash scripts/bench-disk.sh
+
+bench-fscore:
+	bash scripts/bench-fscore.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,42 @@
+//! The `crashmonkey` CLI. Thin: each subcommand family lives in its own file.
+
+mod crash_cmd;
+mod race_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "crashmonkey",
+    version,
+    about = "Find what a power cut or a race does to your data",
+    long_about = "crashmonkey replays nbd-server write logs into every crash state a power cut \
+could leave and checks each one, and runs seeded race campaigns over fs-core's iomap model.\n\n\
+Examples:\n  crashmonkey race --seed 1 --runs 1000 --no-iomap-valid\n  \
+crashmonkey check disk.log --base empty.img --checker 'e2fsck -fn {image}'"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a seeded race campaign over fs-core (or replay a reproducer).
+    Race(race_cmd::RaceArgs),
+    #[command(flatten)]
+    Crash(crash_cmd::CrashCmd),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Race(args) => race_cmd::run(args)?,
+        Cmd::Crash(cmd) => crash_cmd::run(cmd)?,
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,1 @@
+//! crashmonkey: crash states from nbd-server write logs, checkers, and fs-core race campaigns.

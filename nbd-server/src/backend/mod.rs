@@ -1,0 +1,123 @@
+//! Export backends: where an export's bytes live.
+//!
+//! The server talks to every export through [`Backend`]. Plain storage (`memory`, `file`)
+//! implements it directly; the emulated disk (`crate::disk`) wraps another backend and uses
+//! the request-lifecycle hooks ([`Backend::arrived`], [`Backend::reply_sent`]) to apply the
+//! durability rule: a write is durable once a FLUSH that *arrived after the write's reply was
+//! sent* has been answered, or once it was answered with FUA.
+//!
+//! Contract the server keeps (the emulated disk relies on it):
+//! 1. For every request, `arrived` is called once, as soon as its header (and for WRITE its
+//!    payload) has been read from the socket and before it is executed. The returned
+//!    [`Ticket`] travels with the request.
+//! 2. The IO method is called with that ticket (possibly on another task, concurrently with
+//!    other requests).
+//! 3. `reply_sent` is called with the ticket after the reply bytes were handed to the socket,
+//!    whether the request succeeded or failed. Never before the IO method returned.
+//!
+//! Offsets and lengths have been checked against `size()` by the server before any IO method
+//! is called; a backend may still return an error (`EIO`) but never panics on them.
+
+use std::io;
+
+/// Identifies one connection for the lifetime of the server process.
+pub type ConnId = u64;
+
+/// An opaque token a backend hands out at request arrival and gets back at every later
+/// lifecycle event of the same request. Plain backends return `Ticket(0)` and ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Ticket(pub u64);
+
+/// The kind of a request, as the backend needs to know it at arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+    Cache,
+    BlockStatus,
+}
+
+/// What arrived: enough for a recorder to stamp and order the request.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    pub conn: ConnId,
+    pub kind: RequestKind,
+    pub offset: u64,
+    pub length: u64,
+    /// NBD_CMD_FLAG_FUA was set.
+    pub fua: bool,
+}
+
+/// One run of a BLOCK_STATUS answer for `base:allocation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusExtent {
+    pub length: u64,
+    /// NBD_STATE_HOLE: no storage is allocated here.
+    pub hole: bool,
+    /// NBD_STATE_ZERO: reads return zeroes.
+    pub zero: bool,
+}
+
+/// Where an export's bytes live. All methods take `&self`: backends do their own locking,
+/// because requests of one connection run concurrently.
+pub trait Backend: Send + Sync + 'static {
+    /// Size in bytes; a multiple of 4096.
+    fn size(&self) -> u64;
+
+    /// Whether TRIM actually frees storage (the server advertises SEND_TRIM either way).
+    fn can_trim(&self) -> bool {
+        true
+    }
+
+    /// Whether WRITE_ZEROES can be done without writing zero bytes (FAST_ZERO support).
+    fn can_fast_zero(&self) -> bool {
+        false
+    }
+
+    /// Lifecycle hook: a request has arrived (see the module docs). Default: no-op.
+    fn arrived(&self, _arrival: &Arrival) -> Ticket {
+        Ticket(0)
+    }
+
+    /// Lifecycle hook: the reply for `ticket` has been handed to the socket. Default: no-op.
+    fn reply_sent(&self, _ticket: Ticket) {}
+
+    /// Fill `buf` from `offset`.
+    fn read(&self, ticket: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Write `data` at `offset`; with `fua`, durable before returning.
+    fn write(&self, ticket: Ticket, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
+
+    /// Zero `length` bytes at `offset`. With `may_trim` (no NO_HOLE flag) storage may be
+    /// freed. With `fast_only` (FAST_ZERO) return `Err(ErrorKind::Unsupported)` rather than
+    /// fall back to writing zero bytes.
+    fn write_zeroes(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        length: u64,
+        may_trim: bool,
+        fast_only: bool,
+        fua: bool,
+    ) -> io::Result<()>;
+
+    /// Discard `length` bytes at `offset`; afterwards they read as zeroes in this project's
+    /// backends (the spec allows any content; zeroes keep crash checking deterministic).
+    fn trim(&self, ticket: Ticket, offset: u64, length: u64, fua: bool) -> io::Result<()>;
+
+    /// Make every write whose reply was sent before this flush arrived durable.
+    fn flush(&self, ticket: Ticket) -> io::Result<()>;
+
+    /// Prefetch hint; may do nothing.
+    fn cache(&self, _ticket: Ticket, _offset: u64, _length: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Allocation status of `[offset, offset+length)`, as consecutive runs covering at least
+    /// the first byte. May stop early (the server then reports what it got).
+    fn block_status(&self, ticket: Ticket, offset: u64, length: u64)
+        -> io::Result<Vec<StatusExtent>>;
+}
