@@ -317,6 +317,13 @@ impl ScriptPolicy {
     }
 }
 
+impl ScriptPolicy {
+    /// The lowest runnable workload task, else the lowest background task.
+    fn fallback(runnable: &[TaskId]) -> TaskId {
+        *runnable.iter().find(|&&t| t >= FIRST_OP_TASK).unwrap_or(&runnable[0])
+    }
+}
+
 impl Policy for ScriptPolicy {
     fn pick(&mut self, runnable: &[TaskId], _step: u64) -> Result<TaskId, PolicyError> {
         loop {
@@ -336,8 +343,8 @@ impl Policy for ScriptPolicy {
                     if runnable.contains(&task) {
                         return Ok(task);
                     }
-                    // Not runnable: the script is wrong for this run; move on.
-                    self.at += 1;
+                    // Not runnable yet (a later phase, or blocked): let others run meanwhile.
+                    return Ok(Self::fallback(runnable));
                 }
                 Some(Directive::Drain { task }) => {
                     if runnable.contains(&task) {
@@ -345,10 +352,7 @@ impl Policy for ScriptPolicy {
                     }
                     self.at += 1;
                 }
-                None => {
-                    let fg = runnable.iter().find(|&&t| t >= FIRST_OP_TASK);
-                    return Ok(*fg.unwrap_or(&runnable[0]));
-                }
+                None => return Ok(Self::fallback(runnable)),
             }
         }
     }
