@@ -9,3 +9,5 @@
 //! - `log`      the write-log format: writer and streaming reader
 
 pub mod backend;
+pub mod disk;
+pub mod log;

@@ -118,6 +118,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Allocation status of `[offset, offset+length)`, as consecutive runs covering at least
     /// the first byte. May stop early (the server then reports what it got).
-    fn block_status(&self, ticket: Ticket, offset: u64, length: u64)
-        -> io::Result<Vec<StatusExtent>>;
+    fn block_status(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<Vec<StatusExtent>>;
 }
