@@ -31,6 +31,9 @@
 
 mod cache;
 mod faults;
+mod mem;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -48,6 +51,7 @@ use crate::log::{
 };
 use cache::{Cache, EntryData};
 pub use faults::FaultConfig;
+pub use mem::VecStorage;
 
 /// Bytes of pending (non-durable) write data the cache holds before writing back the oldest.
 pub const CACHE_BYTES_MAX: u64 = 64 * 1024 * 1024;
