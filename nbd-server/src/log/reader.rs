@@ -160,7 +160,8 @@ impl LogReader {
         let header = RecordHeader::decode(&raw);
         if !header.header_ok(&raw) {
             self.done = true;
-            return match self.zeroes_to_end(self.pos) {
+            // Torn: at most a header's worth of written bytes, then nothing but zeroes.
+            return match self.zeroes_to_end(self.pos + RECORD_HEADER_BYTES as u64) {
                 Ok(true) => self.end_torn(),
                 Ok(false) => Some(Err(self.corrupt("record header checksum mismatch"))),
                 Err(e) => Some(Err(e)),
@@ -206,8 +207,10 @@ impl LogReader {
             left -= n;
         }
         if crc != header.crc {
-            if end == self.file_len {
-                return self.end_torn();
+            match self.zeroes_to_end(end) {
+                Ok(true) => return self.end_torn(),
+                Ok(false) => {}
+                Err(e) => return Some(Err(e)),
             }
             return Some(Err(self.corrupt("record checksum mismatch")));
         }
