@@ -1,1 +1,14 @@
 //! crashmonkey: crash states from nbd-server write logs, checkers, and fs-core race campaigns.
+//!
+//! Map of the crate (keep it true):
+//! - `history`  a write log read as history: operations with power-cut fates, cut into epochs
+//! - `states`   crash-state generation (prefixes, ordered subsets, torn writes) with content hashes
+//! - `overlay`  copy-on-write images: a prefix image plus per-worker deltas; replay
+//! - `check`    running a checker over every crash state, in parallel, keeping failures
+//! - `dmlog`    import and export of the dm-log-writes format (fstests `replay-log`)
+
+pub mod check;
+pub mod dmlog;
+pub mod history;
+pub mod overlay;
+pub mod states;

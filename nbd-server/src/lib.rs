@@ -12,8 +12,10 @@
 
 pub mod backend;
 pub mod connection;
+pub mod disk;
 pub mod export;
 pub mod handshake;
+pub mod log;
 pub mod proto;
 pub mod server;
 

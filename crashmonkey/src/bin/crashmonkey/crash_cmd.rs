@@ -1,13 +1,382 @@
 //! Write-log subcommands: `log`, `replay`, `states`, `check`.
 
-use clap::Subcommand;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+
+use crashmonkey::check::{check, CheckOptions};
+use crashmonkey::history::{Epochs, History};
+use crashmonkey::overlay::{replay, ReplayTarget};
+use crashmonkey::states::{StateGenerator, StateOptions};
+use nbd_server::log::{
+    decode_payload, FaultPayload, FlushPayload, LogReader, PowerCutPayload, RecordKind,
+};
 
 #[derive(Subcommand)]
 pub enum CrashCmd {
-    /// Inspect a write log.
-    Log,
+    /// Inspect, export or import a write log.
+    #[command(subcommand)]
+    Log(LogCmd),
+    /// Build the disk image at one point of a write log.
+    ///
+    /// Example: crashmonkey replay disk.log --base empty.img --to-mark after-fsync-3 -o at-mark.img
+    Replay(ReplayArgs),
+    /// List the crash states of a write log (prefixes, ordered subsets, torn writes).
+    ///
+    /// Example: crashmonkey states disk.log --max-subset 2 --samples 64 --seed 7 --json
+    States(StatesArgs),
+    /// Build every crash state of a write log and run a checker on each.
+    ///
+    /// Example: crashmonkey check disk.log --base empty.img --checker 'e2fsck -fn {image}' --jobs 2 --out failures/
+    Check(CheckArgs),
 }
 
-pub fn run(_cmd: CrashCmd) -> anyhow::Result<i32> {
-    anyhow::bail!("write-log commands are not built yet")
+#[derive(Subcommand)]
+pub enum LogCmd {
+    /// Print every record (one line each; with --json one JSON object per line).
+    ///
+    /// Example: crashmonkey log show disk.log
+    Show {
+        log: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Count records, bytes, epochs and marks.
+    ///
+    /// Example: crashmonkey log stats disk.log --json
+    Stats {
+        log: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the log in another format.
+    ///
+    /// Example: crashmonkey log export disk.log --format dm-log-writes -o disk.dmlog
+    Export {
+        log: PathBuf,
+        #[arg(long, value_enum)]
+        format: Format,
+        /// Output file.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Read a log of another format into this project's format.
+    ///
+    /// Example: crashmonkey log import disk.dmlog --format dm-log-writes -o disk.log
+    Import {
+        input: PathBuf,
+        #[arg(long, value_enum)]
+        format: Format,
+        /// Output write log.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Size of the disk in bytes (default: the end of the furthest write, rounded up to 4096).
+        #[arg(long)]
+        disk_bytes: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    /// The kernel's dm-log-writes target / fstests replay-log format.
+    DmLogWrites,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("target").args(["to", "to_mark", "to_flush"])))]
+pub struct ReplayArgs {
+    log: PathBuf,
+    /// Image the log was recorded on top of (e.g. an empty file of the disk's size).
+    #[arg(long)]
+    base: PathBuf,
+    /// Stop after the record with this sequence number.
+    #[arg(long)]
+    to: Option<u64>,
+    /// Stop just before the first mark with this name.
+    #[arg(long)]
+    to_mark: Option<String>,
+    /// Stop at the K-th flush (1-based), including everything recorded before it.
+    #[arg(long)]
+    to_flush: Option<u64>,
+    /// Output image.
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+#[derive(Args, Clone)]
+pub struct StateFlags {
+    /// Subsets keep, or drop, at most K operations of an epoch.
+    #[arg(long, default_value_t = 2)]
+    max_subset: usize,
+    /// Per epoch: enumerate subsets exhaustively up to N of them, else draw N seeded samples
+    /// (the same bound applies to torn-write states).
+    #[arg(long, default_value_t = 64)]
+    samples: usize,
+    /// Seed of every random choice (printed).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Do not generate torn-write states.
+    #[arg(long)]
+    no_torn: bool,
+}
+
+impl StateFlags {
+    fn options(&self) -> StateOptions {
+        StateOptions {
+            max_subset: self.max_subset,
+            samples: self.samples,
+            seed: self.seed,
+            torn: !self.no_torn,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct StatesArgs {
+    log: PathBuf,
+    #[command(flatten)]
+    flags: StateFlags,
+    /// Print one JSON object per state (then a summary object).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct CheckArgs {
+    log: PathBuf,
+    /// Image the log was recorded on top of.
+    #[arg(long)]
+    base: PathBuf,
+    /// Shell command run on each state; exit 0 = pass. Placeholders: {image} (the state's
+    /// image; do not modify it, copy it first), {mark} (last mark all of whose preceding writes
+    /// are in the state, empty if none), {state} (the state's id).
+    #[arg(long)]
+    checker: String,
+    /// Checkers run at once.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// Folder for failing images, checker outputs and summary.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    flags: StateFlags,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: CrashCmd) -> anyhow::Result<i32> {
+    match cmd {
+        CrashCmd::Log(LogCmd::Show { log, json }) => show(&log, json),
+        CrashCmd::Log(LogCmd::Stats { log, json }) => stats(&log, json),
+        CrashCmd::Log(LogCmd::Export {
+            log,
+            format: Format::DmLogWrites,
+            output,
+        }) => {
+            let s = crashmonkey::dmlog::export(&log, &output)
+                .with_context(|| format!("exporting {}", log.display()))?;
+            println!("{}", serde_json::to_string(&s)?);
+            Ok(0)
+        }
+        CrashCmd::Log(LogCmd::Import {
+            input,
+            format: Format::DmLogWrites,
+            output,
+            disk_bytes,
+        }) => {
+            let s = crashmonkey::dmlog::import(&input, &output, disk_bytes)
+                .with_context(|| format!("importing {}", input.display()))?;
+            println!("{}", serde_json::to_string(&s)?);
+            Ok(0)
+        }
+        CrashCmd::Replay(a) => {
+            let target = match (a.to, a.to_mark, a.to_flush) {
+                (Some(n), _, _) => ReplayTarget::Seq(n),
+                (_, Some(m), _) => ReplayTarget::Mark(m),
+                (_, _, Some(k)) => ReplayTarget::Flush(k),
+                _ => ReplayTarget::End,
+            };
+            let r = replay(&a.log, &a.base, &a.output, &target)
+                .with_context(|| format!("replaying {}", a.log.display()))?;
+            println!(
+                "replayed {} operations ({} bytes) into {}",
+                r.ops_applied,
+                r.bytes_applied,
+                a.output.display()
+            );
+            Ok(0)
+        }
+        CrashCmd::States(a) => states(a),
+        CrashCmd::Check(a) => {
+            let opts = CheckOptions {
+                checker: a.checker,
+                jobs: a.jobs,
+                out: a.out,
+                states: a.flags.options(),
+                progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            eprintln!("crashmonkey check: seed {}", opts.states.seed);
+            let s = check(&a.log, &a.base, &opts)
+                .with_context(|| format!("checking {}", a.log.display()))?;
+            if a.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                for f in &s.failures {
+                    println!(
+                        "FAIL state {} (epoch {}, {}, mark {:?}): exit {:?}{}",
+                        f.id,
+                        f.epoch,
+                        f.label,
+                        f.mark.as_deref().unwrap_or(""),
+                        f.exit_code,
+                        f.image
+                            .as_ref()
+                            .map(|p| format!(", image {}", p.display()))
+                            .unwrap_or_default()
+                    );
+                }
+                println!(
+                    "{} states ({} unique) in {} epochs: {} passed, {} failed, {:.1}s, seed {}",
+                    s.states, s.unique, s.epochs, s.passed, s.failed, s.seconds, s.seed
+                );
+            }
+            Ok(if s.failed > 0 { 1 } else { 0 })
+        }
+    }
+}
+
+fn show(path: &PathBuf, json: bool) -> anyhow::Result<i32> {
+    let reader = LogReader::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let payloads = LogReader::open(path)?;
+    if !json {
+        println!("# disk {} bytes", reader.disk_bytes());
+    }
+    let mut reader = reader;
+    for rec in reader.by_ref() {
+        let rec = rec.with_context(|| format!("reading {}", path.display()))?;
+        let h = rec.header;
+        let detail = match rec.kind {
+            RecordKind::Mark => String::from_utf8_lossy(&payloads.read_payload(&rec)?).into_owned(),
+            RecordKind::Flush => {
+                let p: FlushPayload = decode_payload(&payloads.read_payload(&rec)?)?;
+                format!("in-flight {:?}", p.in_flight)
+            }
+            RecordKind::Fault => {
+                let p: FaultPayload = decode_payload(&payloads.read_payload(&rec)?)?;
+                format!(
+                    "{} on request {} latency {}us",
+                    if p.fault == 1 { "eio" } else { "latency" },
+                    p.request,
+                    p.latency_us
+                )
+            }
+            RecordKind::PowerCut => {
+                let p: PowerCutPayload = decode_payload(&payloads.read_payload(&rec)?)?;
+                serde_json::to_string(&p)?
+            }
+            _ => String::new(),
+        };
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"seq": h.seq, "kind": rec.kind.name(), "conn": h.conn, "offset": h.offset,
+                    "length": h.length, "fua": h.fua(), "detail": detail})
+            );
+        } else {
+            println!(
+                "{:>8} {:<12} conn {:<3} off {:<12} len {:<9}{} {}",
+                h.seq,
+                rec.kind.name(),
+                h.conn,
+                h.offset,
+                h.length,
+                if h.fua() { " FUA" } else { "" },
+                detail
+            );
+        }
+    }
+    if reader.torn_tail_bytes() > 0 {
+        eprintln!(
+            "note: torn tail of {} bytes ignored",
+            reader.torn_tail_bytes()
+        );
+    }
+    Ok(0)
+}
+
+fn stats(path: &PathBuf, json: bool) -> anyhow::Result<i32> {
+    let mut reader =
+        LogReader::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let (mut records, mut data_bytes, mut fua) = (0u64, 0u64, 0u64);
+    for rec in reader.by_ref() {
+        let rec = rec.with_context(|| format!("reading {}", path.display()))?;
+        records += 1;
+        *counts.entry(rec.kind.name()).or_default() += 1;
+        if rec.kind.is_data() {
+            data_bytes += rec.header.length;
+        }
+        if rec.header.fua() {
+            fua += 1;
+        }
+    }
+    let epochs = counts.get("flush").copied().unwrap_or(0)
+        + counts.get("power-cut").copied().unwrap_or(0)
+        + 1;
+    let v = serde_json::json!({
+        "disk_bytes": reader.disk_bytes(), "records": records, "kinds": counts, "data_bytes": data_bytes,
+        "fua": fua, "epochs": epochs, "torn_tail_bytes": reader.torn_tail_bytes(),
+    });
+    if json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    Ok(0)
+}
+
+fn states(a: StatesArgs) -> anyhow::Result<i32> {
+    let opts = a.flags.options();
+    if opts.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    eprintln!("crashmonkey states: seed {}", opts.seed);
+    let history = History::open(&a.log).with_context(|| format!("opening {}", a.log.display()))?;
+    let mut generator = StateGenerator::new(opts, history.data_file()?);
+    let mut epochs = 0;
+    for epoch in Epochs::new(history) {
+        let epoch = epoch?;
+        epochs += 1;
+        for s in generator.epoch_states(&epoch)? {
+            if a.json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!(
+                    "state {:>6} epoch {:>5} {:<8} {:<24} dropped {:<4} torn {:<5} mark {:<16} {}{}",
+                    s.id,
+                    s.epoch,
+                    serde_json::to_value(s.kind)?.as_str().unwrap_or(""),
+                    s.label,
+                    s.dropped_seqs.len(),
+                    s.torn.as_ref().map(|t| t.seq.to_string()).unwrap_or("-".into()),
+                    s.mark.as_deref().unwrap_or("-"),
+                    &s.hash[..16],
+                    s.duplicate_of.map(|d| format!(" (same as {d})")).unwrap_or_default()
+                );
+            }
+        }
+    }
+    let summary = serde_json::json!({"states": generator.generated, "unique": generator.unique, "epochs": epochs, "seed": opts.seed});
+    if a.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{} states ({} unique) in {} epochs, seed {}",
+            generator.generated, generator.unique, epochs, opts.seed
+        );
+    }
+    Ok(0)
 }

@@ -1,0 +1,332 @@
+//! A write log read as history: data operations with their fates applied, cut into epochs.
+//!
+//! Two streaming passes over the log: the first collects what each power cut did with the
+//! writes it found pending (bounded by the emulated disk's cache), the second yields the
+//! operations, with dropped writes removed and torn writes reduced to the sectors that landed.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use nbd_server::log::{
+    decode_payload, Fate, FlushPayload, LogError, LogReader, PowerCutPayload, Record, RecordKind,
+};
+
+/// Where an operation's bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpData {
+    /// The payload of the write record at this file offset.
+    Log { payload_offset: u64 },
+    /// Zeroes (trim, write-zeroes).
+    Zero,
+}
+
+/// One data operation as it reaches a crash state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    pub seq: u64,
+    pub kind: RecordKind,
+    pub fua: bool,
+    /// The request's own range; `data` is laid out from `offset`.
+    pub offset: u64,
+    pub length: u64,
+    /// Ranges of the request that take part (all of it, unless a power cut tore it or an
+    /// in-flight write was clipped), ascending, non-overlapping.
+    pub pieces: Vec<(u64, u64)>,
+    pub data: OpData,
+}
+
+impl Op {
+    /// Reads `[off, off+buf.len())` of this operation's content.
+    pub fn read(&self, log: &File, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        debug_assert!(off >= self.offset && off + buf.len() as u64 <= self.offset + self.length);
+        match self.data {
+            OpData::Zero => {
+                buf.fill(0);
+                Ok(())
+            }
+            OpData::Log { payload_offset } => {
+                log.read_exact_at(buf, payload_offset + (off - self.offset))
+            }
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.pieces.iter().map(|p| p.1).sum()
+    }
+}
+
+/// A history event in log order.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Op(Op),
+    Flush { seq: u64, in_flight: Vec<u64> },
+    Mark { seq: u64, name: String },
+    PowerCut { seq: u64 },
+}
+
+/// Streams a log as [`Event`]s with power-cut fates applied.
+pub struct History {
+    reader: LogReader,
+    fates: HashMap<u64, (Fate, Vec<(u64, u64)>)>,
+    pub disk_bytes: u64,
+}
+
+impl History {
+    pub fn open(path: &Path) -> Result<Self, LogError> {
+        let mut reader = LogReader::open(path)?;
+        let mut fates = HashMap::new();
+        for rec in reader.by_ref() {
+            let rec = rec?;
+            if rec.kind == RecordKind::PowerCut {
+                let cut: PowerCutPayload =
+                    decode_payload(&LogReader::open(path)?.read_payload(&rec)?)?;
+                for f in cut.fates {
+                    fates.insert(f.seq, (f.fate, f.pieces));
+                }
+            }
+        }
+        reader.rewind()?;
+        let disk_bytes = reader.disk_bytes();
+        Ok(History {
+            reader,
+            fates,
+            disk_bytes,
+        })
+    }
+
+    /// A file handle to read operation data from.
+    pub fn data_file(&self) -> Result<File, LogError> {
+        self.reader.payload_file()
+    }
+
+    pub fn torn_tail_bytes(&self) -> u64 {
+        self.reader.torn_tail_bytes()
+    }
+
+    fn event(&self, rec: Record) -> Result<Option<Event>, LogError> {
+        let h = rec.header;
+        Ok(Some(match rec.kind {
+            RecordKind::Write | RecordKind::Trim | RecordKind::WriteZeroes => {
+                let pieces = match self.fates.get(&h.seq) {
+                    Some((Fate::Dropped, _)) => return Ok(None),
+                    Some((Fate::Torn, p)) => p.clone(),
+                    _ if h.length == 0 => return Ok(None),
+                    _ => vec![(h.offset, h.length)],
+                };
+                Event::Op(Op {
+                    seq: h.seq,
+                    kind: rec.kind,
+                    fua: h.fua(),
+                    offset: h.offset,
+                    length: h.length,
+                    pieces,
+                    data: if rec.kind == RecordKind::Write {
+                        OpData::Log {
+                            payload_offset: rec.payload_offset(),
+                        }
+                    } else {
+                        OpData::Zero
+                    },
+                })
+            }
+            RecordKind::Flush => {
+                let p: FlushPayload = decode_payload(&self.reader.read_payload(&rec)?)?;
+                Event::Flush {
+                    seq: h.seq,
+                    in_flight: p.in_flight,
+                }
+            }
+            RecordKind::Mark => Event::Mark {
+                seq: h.seq,
+                name: String::from_utf8_lossy(&self.reader.read_payload(&rec)?).into_owned(),
+            },
+            RecordKind::PowerCut => Event::PowerCut { seq: h.seq },
+            RecordKind::Fault => return Ok(None),
+        }))
+    }
+}
+
+impl Iterator for History {
+    type Item = Result<Event, LogError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let rec = match self.reader.next()? {
+                Ok(r) => r,
+                Err(e) => return Some(Err(e)),
+            };
+            match self.event(rec) {
+                Ok(Some(ev)) => return Some(Ok(ev)),
+                Ok(None) => continue,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// Removes `cut` ranges from `pieces`.
+pub fn subtract(pieces: &[(u64, u64)], cut: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(off, len) in pieces {
+        let mut parts = vec![(off, off + len)];
+        for &(c, cl) in cut {
+            let ce = c + cl;
+            let mut next = Vec::new();
+            for (s, e) in parts {
+                if ce <= s || c >= e {
+                    next.push((s, e));
+                } else {
+                    if s < c {
+                        next.push((s, c));
+                    }
+                    if ce < e {
+                        next.push((ce, e));
+                    }
+                }
+            }
+            parts = next;
+        }
+        out.extend(parts.into_iter().map(|(s, e)| (s, e - s)));
+    }
+    out
+}
+
+/// Why an epoch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EpochEnd {
+    Flush,
+    PowerCut,
+    EndOfLog,
+}
+
+/// The operations between two flushes (or a flush and a power cut or the end of the log).
+#[derive(Debug, Clone)]
+pub struct Epoch {
+    pub index: usize,
+    pub ops: Vec<Op>,
+    /// (number of ops of this epoch before the mark, name), in log order.
+    pub marks: Vec<(usize, String)>,
+    pub end: EpochEnd,
+    /// Sequence number of the record that ended it (flush or power cut).
+    pub end_seq: Option<u64>,
+}
+
+/// Limit on operations in one epoch; beyond it the log is refused rather than exhaust memory.
+pub const EPOCH_OPS_MAX: usize = 4_000_000;
+
+/// Cuts a [`History`] into [`Epoch`]s. An operation a flush lists as in flight moves to the
+/// next epoch, minus the bytes that a newer, covered operation overwrote (so replaying it
+/// later can never put older data over newer).
+pub struct Epochs {
+    history: History,
+    index: usize,
+    carried: Vec<Op>,
+    done: bool,
+}
+
+impl Epochs {
+    pub fn new(history: History) -> Self {
+        Epochs {
+            history,
+            index: 0,
+            carried: Vec::new(),
+            done: false,
+        }
+    }
+
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    fn next_epoch(&mut self) -> Result<Option<Epoch>, LogError> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut ops = std::mem::take(&mut self.carried);
+        let mut marks = Vec::new();
+        loop {
+            let Some(ev) = self.history.next() else {
+                self.done = true;
+                let index = self.index;
+                self.index += 1;
+                return Ok(Some(Epoch {
+                    index,
+                    ops,
+                    marks,
+                    end: EpochEnd::EndOfLog,
+                    end_seq: None,
+                }));
+            };
+            match ev? {
+                Event::Op(op) => {
+                    if ops.len() >= EPOCH_OPS_MAX {
+                        return Err(LogError::Payload(format!(
+                            "epoch {} has more than {EPOCH_OPS_MAX} operations",
+                            self.index
+                        )));
+                    }
+                    ops.push(op)
+                }
+                Event::Mark { name, .. } => marks.push((ops.len(), name)),
+                Event::Flush { seq, in_flight } => {
+                    let in_flight: std::collections::HashSet<u64> = in_flight.into_iter().collect();
+                    let mut covered = Vec::with_capacity(ops.len());
+                    let mut carried: Vec<Op> = Vec::new();
+                    // covered_before[i] = covered ops among the first i ops, to move marks.
+                    let mut covered_before = Vec::with_capacity(ops.len() + 1);
+                    covered_before.push(0);
+                    for op in ops {
+                        if in_flight.contains(&op.seq) {
+                            carried.push(op);
+                        } else {
+                            covered.push(op);
+                        }
+                        covered_before.push(covered.len());
+                    }
+                    for c in &mut carried {
+                        let newer: Vec<(u64, u64)> = covered
+                            .iter()
+                            .filter(|o| o.seq > c.seq)
+                            .flat_map(|o| o.pieces.iter().copied())
+                            .collect();
+                        c.pieces = subtract(&c.pieces, &newer);
+                    }
+                    carried.retain(|c| !c.pieces.is_empty());
+                    for m in &mut marks {
+                        m.0 = covered_before[m.0];
+                    }
+                    self.carried = carried;
+                    let index = self.index;
+                    self.index += 1;
+                    return Ok(Some(Epoch {
+                        index,
+                        ops: covered,
+                        marks,
+                        end: EpochEnd::Flush,
+                        end_seq: Some(seq),
+                    }));
+                }
+                Event::PowerCut { seq } => {
+                    let index = self.index;
+                    self.index += 1;
+                    return Ok(Some(Epoch {
+                        index,
+                        ops,
+                        marks,
+                        end: EpochEnd::PowerCut,
+                        end_seq: Some(seq),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+impl Iterator for Epochs {
+    type Item = Result<Epoch, LogError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_epoch().transpose()
+    }
+}

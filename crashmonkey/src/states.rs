@@ -1,0 +1,523 @@
+//! Crash states: every disk image a power cut could have left, built from a write log.
+//!
+//! For each epoch (the operations between two flushes) on top of the full prefix before it:
+//! - **prefix** states: the epoch up to and including each FUA write, up to each mark, and
+//!   whole (the flush that closes it);
+//! - **subset** states: an *ordered* subset of the epoch's operations, applied in log order
+//!   (so at any sector an older write can never land after a newer one; an older write whose
+//!   sectors a newer included write covers is coalesced away and adds nothing). A subset
+//!   that contains an operation also contains every FUA write before it: a FUA write was
+//!   durable before anything issued after it. The family is the subsets that keep at most
+//!   `max_subset` operations or drop at most `max_subset`; it is enumerated exhaustively
+//!   when it has at most `samples` members, and otherwise `samples` members are drawn with
+//!   a generator seeded from `seed` and the epoch number;
+//! - **torn** states: the operations before a multi-sector write, plus a seeded, proper,
+//!   non-empty subset of that write's 512-byte sectors.
+//!
+//! Every state gets a content hash, computed incrementally (an additive hash over
+//! `blake3(sector, content)`), so states with identical content are checked once, and the
+//! cost of a state is the size of its own delta, not the length of the log before it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use nbd_server::disk::{merge_pieces, sector_pieces};
+use nbd_server::log::{LogError, SECTOR_BYTES};
+
+use crate::history::{Epoch, Op};
+
+/// How states are chosen.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct StateOptions {
+    /// Subsets keep, or drop, at most this many operations of an epoch.
+    pub max_subset: usize,
+    /// Above this many candidates per epoch (subsets, and torn writes), sample this many.
+    pub samples: usize,
+    pub seed: u64,
+    /// Generate torn-write states.
+    pub torn: bool,
+}
+
+impl Default for StateOptions {
+    fn default() -> Self {
+        StateOptions {
+            max_subset: 2,
+            samples: 64,
+            seed: 1,
+            torn: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StateKind {
+    /// Nothing of the log: the base image.
+    Initial,
+    /// Every operation up to a FUA write, a mark, or the epoch's end.
+    Prefix,
+    Subset,
+    Torn,
+}
+
+/// A write that landed in part.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TornOp {
+    /// Index of the operation in its epoch.
+    pub index: usize,
+    pub seq: u64,
+    /// Byte ranges that landed, sector aligned.
+    pub pieces: Vec<(u64, u64)>,
+}
+
+/// One crash state: the full prefix before `epoch`, plus `included` operations of it (indices,
+/// ascending), plus an optional torn operation applied after them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CrashState {
+    pub id: usize,
+    pub epoch: usize,
+    pub kind: StateKind,
+    /// What the state stands for, e.g. `flush@1234`, `fua@77`, `mark:after-fsync-a`.
+    pub label: String,
+    pub included: Vec<usize>,
+    /// Sequence numbers of the epoch's operations left out.
+    pub dropped_seqs: Vec<u64>,
+    pub torn: Option<TornOp>,
+    /// The last mark all of whose preceding writes are in the state.
+    pub mark: Option<String>,
+    /// Hex content hash.
+    pub hash: String,
+    /// Id of an earlier state with the same content; such a state is not checked again.
+    pub duplicate_of: Option<usize>,
+}
+
+/// Content identity of one sector.
+type SectorHash = [u8; 32];
+/// Additive multiset hash of a whole image (four wrapping u64 lanes).
+type Sum = [u64; 4];
+
+/// What an operation does to one sector.
+#[derive(Clone, Copy)]
+enum SectorUpdate {
+    Full(u64, SectorHash),
+    /// Part of a sector: offset, length and hash of the bytes.
+    Partial(u64, u16, u16, SectorHash),
+}
+
+impl SectorUpdate {
+    fn sector(&self) -> u64 {
+        match *self {
+            SectorUpdate::Full(s, _) | SectorUpdate::Partial(s, ..) => s,
+        }
+    }
+    fn apply(&self, prev: Option<&SectorHash>) -> SectorHash {
+        match *self {
+            SectorUpdate::Full(_, h) => h,
+            SectorUpdate::Partial(_, off, len, h) => {
+                let mut hasher = blake3::Hasher::new();
+                hasher.update(prev.map_or(&[0u8; 32], |p| p));
+                hasher.update(&off.to_le_bytes());
+                hasher.update(&len.to_le_bytes());
+                hasher.update(&h);
+                *hasher.finalize().as_bytes()
+            }
+        }
+    }
+}
+
+fn contrib(sector: u64, h: &SectorHash) -> Sum {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&sector.to_le_bytes());
+    hasher.update(h);
+    let b = hasher.finalize();
+    let b = b.as_bytes();
+    let mut out = [0u64; 4];
+    for (i, lane) in out.iter_mut().enumerate() {
+        *lane = u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    }
+    out
+}
+
+fn add(a: &mut Sum, b: &Sum) {
+    for i in 0..4 {
+        a[i] = a[i].wrapping_add(b[i]);
+    }
+}
+
+fn sub(a: &mut Sum, b: &Sum) {
+    for i in 0..4 {
+        a[i] = a[i].wrapping_sub(b[i]);
+    }
+}
+
+fn hex(sum: &Sum) -> String {
+    sum.iter().map(|l| format!("{l:016x}")).collect()
+}
+
+/// Sector updates of one operation over `pieces`, reading its data from the log.
+fn op_updates(op: &Op, pieces: &[(u64, u64)], log: &File) -> Result<Vec<SectorUpdate>, LogError> {
+    let zero_hash = *blake3::hash(&[0u8; SECTOR_BYTES as usize]).as_bytes();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; SECTOR_BYTES as usize];
+    for &(off, len) in pieces {
+        for (s_off, s_len) in sector_pieces(off, len) {
+            let sector = s_off / SECTOR_BYTES;
+            let b = &mut buf[..s_len as usize];
+            let h = if op.data == crate::history::OpData::Zero && s_len == SECTOR_BYTES {
+                zero_hash
+            } else {
+                op.read(log, s_off, b)?;
+                *blake3::hash(b).as_bytes()
+            };
+            out.push(if s_len == SECTOR_BYTES {
+                SectorUpdate::Full(sector, h)
+            } else {
+                SectorUpdate::Partial(sector, (s_off % SECTOR_BYTES) as u16, s_len as u16, h)
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Keeps the content hash of the prefix and turns epochs into crash states.
+pub struct StateGenerator {
+    opts: StateOptions,
+    prefix: HashMap<u64, SectorHash>,
+    prefix_sum: Sum,
+    seen: HashMap<Sum, usize>,
+    next_id: usize,
+    last_mark: Option<String>,
+    log: File,
+    pub generated: usize,
+    pub unique: usize,
+}
+
+impl StateGenerator {
+    pub fn new(opts: StateOptions, log: File) -> Self {
+        StateGenerator {
+            opts,
+            prefix: HashMap::new(),
+            prefix_sum: [0; 4],
+            seen: HashMap::new(),
+            next_id: 0,
+            last_mark: None,
+            log,
+            generated: 0,
+            unique: 0,
+        }
+    }
+
+    /// The states of `epoch`, then advances the prefix past it.
+    pub fn epoch_states(&mut self, epoch: &Epoch) -> Result<Vec<CrashState>, LogError> {
+        let n = epoch.ops.len();
+        let updates: Vec<Vec<SectorUpdate>> = epoch
+            .ops
+            .iter()
+            .map(|op| op_updates(op, &op.pieces, &self.log))
+            .collect::<Result<_, _>>()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            self.opts.seed ^ (epoch.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let mut states = Vec::new();
+        let mut candidates: Vec<(StateKind, String, Vec<usize>, Option<TornOp>)> = Vec::new();
+        if epoch.index == 0 {
+            candidates.push((StateKind::Initial, "initial".into(), vec![], None));
+        }
+        // Prefix states.
+        for (pos, name) in &epoch.marks {
+            if *pos < n {
+                candidates.push((
+                    StateKind::Prefix,
+                    format!("mark:{name}"),
+                    (0..*pos).collect(),
+                    None,
+                ));
+            }
+        }
+        for (i, op) in epoch.ops.iter().enumerate() {
+            if op.fua && i + 1 < n {
+                candidates.push((
+                    StateKind::Prefix,
+                    format!("fua@{}", op.seq),
+                    (0..=i).collect(),
+                    None,
+                ));
+            }
+        }
+        let end_label = match epoch.end_seq {
+            Some(seq) => format!(
+                "{}@{seq}",
+                serde_json::to_value(epoch.end)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            ),
+            None => "end-of-log".into(),
+        };
+        if n > 0 || epoch.index == 0 {
+            candidates.push((StateKind::Prefix, end_label, (0..n).collect(), None));
+        }
+        // Subset states.
+        for set in self.subsets(epoch, &mut rng) {
+            candidates.push((StateKind::Subset, "subset".into(), set, None));
+        }
+        // Torn states.
+        if self.opts.torn {
+            let multi: Vec<usize> = (0..n)
+                .filter(|&i| {
+                    epoch.ops[i]
+                        .pieces
+                        .iter()
+                        .map(|p| sector_pieces(p.0, p.1).len())
+                        .sum::<usize>()
+                        > 1
+                })
+                .collect();
+            let chosen: Vec<usize> = if multi.len() <= self.opts.samples {
+                multi
+            } else {
+                let mut idx: Vec<usize> = sample(&mut rng, multi.len(), self.opts.samples)
+                    .into_iter()
+                    .map(|i| multi[i])
+                    .collect();
+                idx.sort_unstable();
+                idx
+            };
+            for t in chosen {
+                let op = &epoch.ops[t];
+                let sectors: Vec<(u64, u64)> = op
+                    .pieces
+                    .iter()
+                    .flat_map(|p| sector_pieces(p.0, p.1))
+                    .collect();
+                let mut keep: Vec<bool> = sectors.iter().map(|_| rng.random_bool(0.5)).collect();
+                if keep.iter().all(|&k| k) {
+                    let i = rng.random_range(0..keep.len());
+                    keep[i] = false;
+                }
+                if keep.iter().all(|&k| !k) {
+                    let i = rng.random_range(0..keep.len());
+                    keep[i] = true;
+                }
+                let pieces = merge_pieces(
+                    sectors
+                        .iter()
+                        .zip(&keep)
+                        .filter(|(_, &k)| k)
+                        .map(|(&p, _)| p),
+                );
+                candidates.push((
+                    StateKind::Torn,
+                    format!("torn@{}", op.seq),
+                    (0..t).collect(),
+                    Some(TornOp {
+                        index: t,
+                        seq: op.seq,
+                        pieces,
+                    }),
+                ));
+            }
+        }
+        for (kind, label, included, torn) in candidates {
+            let sum = self.state_sum(epoch, &updates, &included, torn.as_ref())?;
+            let mark = self.mark_for(epoch, &included);
+            let included_set: BTreeSet<usize> = included.iter().copied().collect();
+            let dropped_seqs = (0..n)
+                .filter(|i| !included_set.contains(i))
+                .map(|i| epoch.ops[i].seq)
+                .collect();
+            let id = self.next_id;
+            self.next_id += 1;
+            self.generated += 1;
+            let duplicate_of = match self.seen.get(&sum) {
+                Some(&first) => Some(first),
+                None => {
+                    self.seen.insert(sum, id);
+                    self.unique += 1;
+                    None
+                }
+            };
+            states.push(CrashState {
+                id,
+                epoch: epoch.index,
+                kind,
+                label,
+                included,
+                dropped_seqs,
+                torn,
+                mark,
+                hash: hex(&sum),
+                duplicate_of,
+            });
+        }
+        // Advance the prefix past the whole epoch.
+        for ups in &updates {
+            for u in ups {
+                let s = u.sector();
+                let prev = self.prefix.get(&s);
+                let new = u.apply(prev);
+                if let Some(p) = prev {
+                    sub(&mut self.prefix_sum, &contrib(s, p));
+                }
+                add(&mut self.prefix_sum, &contrib(s, &new));
+                self.prefix.insert(s, new);
+            }
+        }
+        if let Some((_, name)) = epoch.marks.last() {
+            self.last_mark = Some(name.clone());
+        }
+        Ok(states)
+    }
+
+    fn state_sum(
+        &self,
+        epoch: &Epoch,
+        updates: &[Vec<SectorUpdate>],
+        included: &[usize],
+        torn: Option<&TornOp>,
+    ) -> Result<Sum, LogError> {
+        let mut changed: HashMap<u64, SectorHash> = HashMap::new();
+        let apply = |u: &SectorUpdate, changed: &mut HashMap<u64, SectorHash>| {
+            let s = u.sector();
+            let prev = changed.get(&s).or_else(|| self.prefix.get(&s)).copied();
+            changed.insert(s, u.apply(prev.as_ref()));
+        };
+        for &i in included {
+            for u in &updates[i] {
+                apply(u, &mut changed);
+            }
+        }
+        if let Some(t) = torn {
+            for u in op_updates(&epoch.ops[t.index], &t.pieces, &self.log)? {
+                apply(&u, &mut changed);
+            }
+        }
+        let mut sum = self.prefix_sum;
+        for (s, h) in &changed {
+            if let Some(p) = self.prefix.get(s) {
+                sub(&mut sum, &contrib(*s, p));
+            }
+            add(&mut sum, &contrib(*s, h));
+        }
+        Ok(sum)
+    }
+
+    /// The last mark all of whose preceding operations are in the state.
+    fn mark_for(&self, epoch: &Epoch, included: &[usize]) -> Option<String> {
+        // Length of the all-included prefix of the epoch's operations.
+        let full = included
+            .iter()
+            .enumerate()
+            .take_while(|(k, &i)| *k == i)
+            .count();
+        epoch
+            .marks
+            .iter()
+            .rev()
+            .find(|(pos, _)| *pos <= full)
+            .map(|(_, name)| name.clone())
+            .or_else(|| self.last_mark.clone())
+    }
+
+    /// The subset family of the module docs, exhaustive or sampled, with the FUA closure.
+    fn subsets(&self, epoch: &Epoch, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
+        let n = epoch.ops.len();
+        if n < 2 {
+            return Vec::new();
+        }
+        let k_max = self.opts.max_subset.min(n - 1);
+        let mut family_size: u128 = 0;
+        let mut c: u128 = 1;
+        for k in 1..=k_max {
+            c = c * (n - k + 1) as u128 / k as u128;
+            family_size = family_size.saturating_add(2 * c);
+        }
+        let fua: Vec<usize> = (0..n).filter(|&i| epoch.ops[i].fua).collect();
+        let close = |mut set: Vec<usize>| -> Vec<usize> {
+            if let Some(&last) = set.last() {
+                for &f in &fua {
+                    if f < last {
+                        set.push(f);
+                    }
+                }
+                set.sort_unstable();
+                set.dedup();
+            }
+            set
+        };
+        let complement = |set: &[usize]| -> Vec<usize> {
+            let s: BTreeSet<usize> = set.iter().copied().collect();
+            (0..n).filter(|i| !s.contains(i)).collect()
+        };
+        let mut out: BTreeSet<Vec<usize>> = BTreeSet::new();
+        let mut ordered = Vec::new();
+        let push =
+            |set: Vec<usize>, out: &mut BTreeSet<Vec<usize>>, ordered: &mut Vec<Vec<usize>>| {
+                let set = close(set);
+                if !set.is_empty() && set.len() < n && out.insert(set.clone()) {
+                    ordered.push(set);
+                }
+            };
+        if family_size <= self.opts.samples as u128 {
+            for k in 1..=k_max {
+                for combo in combinations(n, k) {
+                    let comp = complement(&combo);
+                    push(combo, &mut out, &mut ordered);
+                    push(comp, &mut out, &mut ordered);
+                }
+            }
+        } else {
+            for _ in 0..self.opts.samples {
+                let k = rng.random_range(1..=k_max);
+                let mut combo: Vec<usize> = sample(rng, n, k).into_iter().collect();
+                combo.sort_unstable();
+                let set = if rng.random_bool(0.5) {
+                    combo
+                } else {
+                    complement(&combo)
+                };
+                push(set, &mut out, &mut ordered);
+            }
+        }
+        ordered
+    }
+}
+
+/// All k-element subsets of 0..n, ascending, in lexicographic order.
+fn combinations(n: usize, k: usize) -> Vec<Vec<usize>> {
+    let mut out = Vec::new();
+    let mut idx: Vec<usize> = (0..k).collect();
+    if k == 0 || k > n {
+        return out;
+    }
+    loop {
+        out.push(idx.clone());
+        let mut i = k;
+        while i > 0 && idx[i - 1] == n - k + i - 1 {
+            i -= 1;
+        }
+        if i == 0 {
+            return out;
+        }
+        idx[i - 1] += 1;
+        for j in i..k {
+            idx[j] = idx[j - 1] + 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn combinations_count() {
+        assert_eq!(combinations(5, 2).len(), 10);
+        assert_eq!(combinations(4, 4).len(), 1);
+        assert_eq!(combinations(3, 1), vec![vec![0], vec![1], vec![2]]);
+    }
+}

@@ -1,0 +1,395 @@
+//! Crash states, overlays, replay, check and dm-log-writes, on logs recorded by the emulated
+//! disk driven directly (no server needed).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crashmonkey::check::{check, CheckOptions};
+use crashmonkey::history::{Epoch, Epochs, History};
+
+use crashmonkey::overlay::{replay, PrefixImage, ReplayTarget, WorkerImage};
+use crashmonkey::states::{CrashState, StateGenerator, StateOptions};
+use nbd_server::backend::{Arrival, Backend, RequestKind};
+use nbd_server::disk::{DiskConfig, EmulatedDisk, VecStorage};
+
+const SIZE: u64 = 64 * 1024;
+
+struct Rec {
+    disk: EmulatedDisk,
+    storage: Arc<VecStorage>,
+}
+
+impl Rec {
+    fn new(path: &Path) -> Self {
+        let storage = Arc::new(VecStorage::new(SIZE).unwrap());
+        let disk = EmulatedDisk::new(
+            storage.clone(),
+            DiskConfig {
+                record: Some(path.into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        Rec { disk, storage }
+    }
+    fn write(&self, off: u64, byte: u8, len: usize, fua: bool) {
+        let t = self.disk.arrived(&Arrival {
+            conn: 1,
+            kind: RequestKind::Write,
+            offset: off,
+            length: len as u64,
+            fua,
+        });
+        self.disk.write(t, off, &vec![byte; len], fua).unwrap();
+        self.disk.reply_sent(t);
+    }
+    fn flush(&self) {
+        let t = self.disk.arrived(&Arrival {
+            conn: 1,
+            kind: RequestKind::Flush,
+            offset: 0,
+            length: 0,
+            fua: false,
+        });
+        self.disk.flush(t).unwrap();
+        self.disk.reply_sent(t);
+    }
+}
+
+/// A log with overlapping writes in several epochs, FUA, marks and a trim. Every write has
+/// its own byte value (its number), so an image shows which write each sector came from.
+fn recorded_log(dir: &Path) -> PathBuf {
+    let path = dir.join("disk.log");
+    let r = Rec::new(&path);
+    let mut b = 1u8;
+    let mut w = |off: u64, len: usize, fua: bool| {
+        r.write(off, b, len, fua);
+        b += 1;
+    };
+    w(0, 4096, false);
+    w(4096, 2048, false);
+    r.flush();
+    w(1024, 2048, false); // overlaps the first write
+    w(0, 1536, false); // overlaps the previous one
+    r.disk.mark("m1").unwrap();
+    w(8192, 4096, true);
+    w(9216, 512, false);
+    r.flush();
+    w(16384, 8192, false);
+    w(20480, 1024, false);
+    r.disk.mark("m2").unwrap();
+    w(16384, 512, false);
+    let t = r.disk.arrived(&Arrival {
+        conn: 2,
+        kind: RequestKind::Trim,
+        offset: 0,
+        length: 512,
+        fua: false,
+    });
+    r.disk.trim(t, 0, 512, false).unwrap();
+    r.disk.reply_sent(t);
+    drop(r);
+    path
+}
+
+fn zero_base(dir: &Path) -> PathBuf {
+    let p = dir.join("base.img");
+    std::fs::File::create(&p).unwrap().set_len(SIZE).unwrap();
+    p
+}
+
+fn all_states(log: &Path, opts: StateOptions) -> Vec<(Epoch, Vec<CrashState>)> {
+    let h = History::open(log).unwrap();
+    let mut g = StateGenerator::new(opts, h.data_file().unwrap());
+    Epochs::new(h)
+        .map(|e| {
+            let e = e.unwrap();
+            let s = g.epoch_states(&e).unwrap();
+            (e, s)
+        })
+        .collect()
+}
+
+/// Materialises every state; returns (state, image bytes).
+fn images(log: &Path, dir: &Path, opts: StateOptions) -> Vec<(Epoch, CrashState, Vec<u8>)> {
+    let base = zero_base(dir);
+    let h = History::open(log).unwrap();
+    let data = h.data_file().unwrap();
+    let prefix = PrefixImage::new(&base, dir, SIZE).unwrap();
+    let mut worker = WorkerImage::new(&prefix, dir.join("w.img")).unwrap();
+    let mut out = Vec::new();
+    for (epoch, states) in all_states(log, opts) {
+        for s in states {
+            worker.materialize(&prefix, &epoch, &s, &data).unwrap();
+            out.push((epoch.clone(), s, std::fs::read(&worker.path).unwrap()));
+        }
+        prefix.advance(&epoch, &data).unwrap();
+        worker.prefix_advanced(&epoch);
+    }
+    out
+}
+
+fn opts() -> StateOptions {
+    StateOptions {
+        max_subset: 2,
+        samples: 1000,
+        seed: 9,
+        torn: true,
+    }
+}
+
+/// Guards against time travel: in every state, each sector holds the newest included write
+/// that covers it (or what the prefix had), never an older write over a newer one; a torn
+/// write lands only whole 512-byte sectors; FUA writes are kept before anything after them.
+#[test]
+fn ordered_subsets_never_time_travel() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = recorded_log(dir.path());
+    LOG_PATH.with(|p| *p.borrow_mut() = log.clone());
+    let imgs = images(&log, dir.path(), opts());
+    assert!(imgs.len() > 20, "{} states", imgs.len());
+    // The image of the full prefix before the current epoch, and the one after it.
+    let mut prefix = vec![0u8; SIZE as usize];
+    let mut next_prefix = prefix.clone();
+    let mut epoch_seen = 0;
+    for (epoch, s, img) in &imgs {
+        if epoch.index != epoch_seen {
+            prefix = next_prefix.clone();
+            epoch_seen = epoch.index;
+        }
+        for sector in 0..(SIZE / 512) as usize {
+            let got = &img[sector * 512..sector * 512 + 512];
+            assert!(
+                got.iter().all(|&x| x == got[0]),
+                "state {} sector {sector} mixes writes",
+                s.id
+            );
+            // Which included ops (and torn pieces) cover this sector, newest last.
+            let lo = sector as u64 * 512;
+            let mut newest: Option<u8> = None;
+            for &i in &s.included {
+                let op = &epoch.ops[i];
+                if op.pieces.iter().any(|&(o, l)| o < lo + 512 && lo < o + l) {
+                    newest = Some(byte_of(op));
+                }
+            }
+            if let Some(t) = &s.torn {
+                if t.pieces.iter().any(|&(o, l)| o < lo + 512 && lo < o + l) {
+                    newest = Some(byte_of(&epoch.ops[t.index]));
+                }
+            }
+            match newest {
+                Some(b) => assert_eq!(got[0], b, "state {} ({}) sector {sector}", s.id, s.label),
+                None => assert_eq!(
+                    got[0],
+                    prefix[sector * 512],
+                    "state {} sector {sector} differs from the prefix",
+                    s.id
+                ),
+            }
+        }
+        if s.included.len() == epoch.ops.len() && s.torn.is_none() {
+            next_prefix = img.clone();
+        }
+        let last = s.included.last().copied();
+        for (i, op) in epoch.ops.iter().enumerate() {
+            if op.fua && last.is_some_and(|l| l > i) {
+                assert!(
+                    s.included.contains(&i),
+                    "state {} drops FUA write {} but keeps a later one",
+                    s.id,
+                    op.seq
+                );
+            }
+        }
+        if let Some(t) = &s.torn {
+            let total: u64 = t.pieces.iter().map(|p| p.1).sum();
+            assert!(total > 0 && total < epoch.ops[t.index].bytes());
+            assert!(t.pieces.iter().all(|p| p.0 % 512 == 0 && p.1 % 512 == 0));
+        }
+    }
+}
+
+/// Recorded byte of an operation (the test writes byte = 1 + write number; trims are zero).
+fn byte_of(op: &crashmonkey::history::Op) -> u8 {
+    match op.data {
+        crashmonkey::history::OpData::Zero => 0,
+        crashmonkey::history::OpData::Log { .. } => {
+            let f = std::fs::File::open(LOG_PATH.with(|p| p.borrow().clone())).unwrap();
+            let mut b = [0u8; 1];
+            op.read(&f, op.pieces[0].0, &mut b).unwrap();
+            b[0]
+        }
+    }
+}
+
+thread_local! {
+    static LOG_PATH: std::cell::RefCell<PathBuf> = const { std::cell::RefCell::new(PathBuf::new()) };
+}
+
+/// Content dedup is exact: two states share a hash exactly when their images are identical.
+#[test]
+fn equal_hashes_mean_equal_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = recorded_log(dir.path());
+    LOG_PATH.with(|p| *p.borrow_mut() = log.clone());
+    let imgs = images(&log, dir.path(), opts());
+    let mut dups = 0;
+    for (i, (_, a, ia)) in imgs.iter().enumerate() {
+        for (_, b, ib) in &imgs[i + 1..] {
+            assert_eq!(a.hash == b.hash, ia == ib, "states {} and {}", a.id, b.id);
+        }
+        if a.duplicate_of.is_some() {
+            dups += 1;
+        }
+    }
+    assert!(
+        dups > 0,
+        "the log has states with identical content; dedup must find them"
+    );
+}
+
+/// Same log and seed: the same states with the same hashes, twice; another seed samples
+/// differently when sampling is needed.
+#[test]
+fn states_are_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = recorded_log(dir.path());
+    let few = StateOptions {
+        samples: 3,
+        ..opts()
+    };
+    let a: Vec<CrashState> = all_states(&log, few)
+        .into_iter()
+        .flat_map(|e| e.1)
+        .collect();
+    let b: Vec<CrashState> = all_states(&log, few)
+        .into_iter()
+        .flat_map(|e| e.1)
+        .collect();
+    assert_eq!(a, b);
+    let c: Vec<CrashState> = all_states(&log, StateOptions { seed: 10, ..few })
+        .into_iter()
+        .flat_map(|e| e.1)
+        .collect();
+    assert_ne!(a, c);
+}
+
+/// Replay follows the log: at the end it equals what the disk holds after a flush.
+#[test]
+fn replay_matches_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("d.log");
+    let r = Rec::new(&log);
+    for i in 0..20u64 {
+        r.write((i * 1536) % (SIZE - 4096), i as u8 + 1, 3000, i % 7 == 0);
+        if i % 5 == 4 {
+            r.flush();
+        }
+    }
+    r.flush();
+    let disk = r.storage.snapshot();
+    drop(r);
+    let base = zero_base(dir.path());
+    let out = dir.path().join("out.img");
+    replay(&log, &base, &out, &ReplayTarget::End).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), disk);
+    replay(&log, &base, &out, &ReplayTarget::Flush(1)).unwrap();
+    assert_ne!(std::fs::read(&out).unwrap(), disk);
+    assert!(replay(&log, &base, &out, &ReplayTarget::Mark("nope".into())).is_err());
+}
+
+/// A power cut's recorded fates replay to exactly what the disk kept.
+#[test]
+fn power_cut_log_replays_to_the_surviving_disk() {
+    for seed in 0..12 {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("d.log");
+        let r = Rec::new(&log);
+        r.write(0, 1, 8192, false);
+        r.flush();
+        for i in 0..10u64 {
+            r.write(i * 2048, i as u8 + 2, 4096, false);
+        }
+        r.disk.power_cut(Some(seed)).unwrap();
+        r.write(30000, 99, 1000, false);
+        r.flush();
+        let disk = r.storage.snapshot();
+        drop(r);
+        let base = zero_base(dir.path());
+        let out = dir.path().join("out.img");
+        replay(&log, &base, &out, &ReplayTarget::End).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), disk, "seed {seed}");
+    }
+}
+
+/// Export to dm-log-writes and import back: the replayed images are identical at the end and
+/// at every flush.
+#[test]
+fn dm_log_writes_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = recorded_log(dir.path());
+    let dm = dir.path().join("d.dmlog");
+    let back = dir.path().join("back.log");
+    let s = crashmonkey::dmlog::export(&log, &dm).unwrap();
+    assert!(s.flushes == 2 && s.marks == 2 && s.discards == 1, "{s:?}");
+    let s2 = crashmonkey::dmlog::import(&dm, &back, Some(SIZE)).unwrap();
+    assert_eq!(s.entries, s2.entries);
+    let base = zero_base(dir.path());
+    for target in [
+        ReplayTarget::End,
+        ReplayTarget::Flush(1),
+        ReplayTarget::Flush(2),
+        ReplayTarget::Mark("m2".into()),
+    ] {
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        replay(&log, &base, &a, &target).unwrap();
+        replay(&back, &base, &b, &target).unwrap();
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{target:?}"
+        );
+    }
+    // Garbage is refused with a clear error.
+    std::fs::write(&dm, [0u8; 100]).unwrap();
+    assert!(crashmonkey::dmlog::import(&dm, &back, None).is_err());
+}
+
+/// The checker sees every unique state, `{mark}` names the right mark, and failures keep
+/// their image and output.
+#[test]
+fn check_runs_the_checker_on_every_unique_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = recorded_log(dir.path());
+    let base = zero_base(dir.path());
+    let out = dir.path().join("fail");
+    let o = CheckOptions {
+        checker: "test -s {image} && test {mark} != m2".into(),
+        jobs: 2,
+        out: Some(out.clone()),
+        states: opts(),
+        progress: false,
+    };
+    let s = check(&log, &base, &o).unwrap();
+    assert_eq!(s.passed + s.failed, s.unique);
+    assert!(s.unique < s.states);
+    assert!(s.failed > 0 && s.passed > 0);
+    for f in &s.failures {
+        assert_eq!(f.mark.as_deref(), Some("m2"));
+        assert!(f.image.as_ref().unwrap().exists());
+        assert!(out.join(format!("state-{}.txt", f.id)).exists());
+    }
+    let all = check(
+        &log,
+        &base,
+        &CheckOptions {
+            checker: "true {image}".into(),
+            out: None,
+            ..o
+        },
+    )
+    .unwrap();
+    assert_eq!(all.failed, 0);
+    assert_eq!(all.unique, s.unique);
+}

@@ -1,0 +1,249 @@
+//! The volatile write cache: pending writes in apply order plus an extent index for reads.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::sync::Arc;
+
+use crate::backend::{Backend, Ticket};
+
+/// Bytes a zero-range entry counts for, toward the cache limit (its bookkeeping).
+const ZERO_ENTRY_BYTES: u64 = 64;
+
+pub enum EntryData {
+    Bytes(Arc<[u8]>),
+    /// Reads back as zeroes; `trim` says it was a TRIM rather than WRITE_ZEROES.
+    Zeroes {
+        trim: bool,
+    },
+}
+
+pub struct Entry {
+    pub id: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub data: EntryData,
+    pub log_seq: Option<u64>,
+    /// Flush generation when the reply was sent; `None` while in flight.
+    pub answered_gen: Option<u64>,
+}
+
+impl Entry {
+    fn cost(&self) -> u64 {
+        match &self.data {
+            EntryData::Bytes(b) => b.len() as u64,
+            EntryData::Zeroes { .. } => ZERO_ENTRY_BYTES,
+        }
+    }
+}
+
+/// A run of bytes whose newest content is in entry `id`, from byte `src` of its data.
+#[derive(Clone, Copy)]
+struct Extent {
+    end: u64,
+    id: u64,
+    src: u64,
+}
+
+pub struct Cache {
+    entries: VecDeque<Entry>,
+    /// Non-overlapping, keyed by start offset.
+    extents: BTreeMap<u64, Extent>,
+    bytes: u64,
+    bytes_max: u64,
+    entries_max: usize,
+    next_id: u64,
+}
+
+/// Writes part `[off, off+len)` of `entry` to storage.
+pub fn apply_to_storage(
+    storage: &dyn Backend,
+    entry: &Entry,
+    off: u64,
+    len: u64,
+) -> io::Result<()> {
+    debug_assert!(off >= entry.offset && off + len <= entry.offset + entry.length);
+    match &entry.data {
+        EntryData::Bytes(b) => {
+            let s = (off - entry.offset) as usize;
+            storage.write(Ticket(0), off, &b[s..s + len as usize], false)
+        }
+        EntryData::Zeroes { trim: true } if storage.can_trim() => {
+            storage.trim(Ticket(0), off, len, false)
+        }
+        EntryData::Zeroes { .. } => storage.write_zeroes(Ticket(0), off, len, false, false, false),
+    }
+}
+
+impl Cache {
+    pub fn new(bytes_max: u64, entries_max: usize) -> Self {
+        Cache {
+            entries: VecDeque::new(),
+            extents: BTreeMap::new(),
+            bytes: 0,
+            bytes_max,
+            entries_max,
+            next_id: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Keys of extents overlapping `[s, e)`, in ascending order.
+    fn overlapping(&self, s: u64, e: u64) -> Vec<u64> {
+        let mut keys: Vec<u64> = self
+            .extents
+            .range(..e)
+            .rev()
+            .take_while(|(_, x)| x.end > s)
+            .map(|(&k, _)| k)
+            .collect();
+        keys.reverse();
+        keys
+    }
+
+    pub fn insert(
+        &mut self,
+        offset: u64,
+        length: u64,
+        data: EntryData,
+        log_seq: Option<u64>,
+        answered_gen: Option<u64>,
+    ) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let end = offset + length;
+        for k in self.overlapping(offset, end) {
+            let x = self.extents.remove(&k).expect("key just listed");
+            if k < offset {
+                self.extents.insert(k, Extent { end: offset, ..x });
+            }
+            if x.end > end {
+                self.extents.insert(
+                    end,
+                    Extent {
+                        end: x.end,
+                        id: x.id,
+                        src: x.src + (end - k),
+                    },
+                );
+            }
+        }
+        if length > 0 {
+            self.extents.insert(offset, Extent { end, id, src: 0 });
+        }
+        let entry = Entry {
+            id,
+            offset,
+            length,
+            data,
+            log_seq,
+            answered_gen,
+        };
+        self.bytes += entry.cost();
+        self.entries.push_back(entry);
+        id
+    }
+
+    fn find(&self, id: u64) -> Option<usize> {
+        self.entries.binary_search_by_key(&id, |e| e.id).ok()
+    }
+
+    pub fn answered(&mut self, id: u64, gen: u64) {
+        if let Some(i) = self.find(id) {
+            self.entries[i].answered_gen = Some(gen);
+        }
+    }
+
+    /// Copies cached content over `buf`, which holds storage content from `offset`.
+    pub fn overlay(&self, offset: u64, buf: &mut [u8]) {
+        let end = offset + buf.len() as u64;
+        for k in self.overlapping(offset, end) {
+            let x = self.extents[&k];
+            let s = k.max(offset);
+            let e = x.end.min(end);
+            let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            let i = self.find(x.id).expect("extent points at a cached entry");
+            match &self.entries[i].data {
+                EntryData::Bytes(b) => {
+                    let from = (x.src + (s - k)) as usize;
+                    dst.copy_from_slice(&b[from..from + dst.len()]);
+                }
+                EntryData::Zeroes { .. } => dst.fill(0),
+            }
+        }
+    }
+
+    /// First cached run overlapping `[offset, offset+length)`, as (start, end).
+    pub fn first_overlap(&self, offset: u64, length: u64) -> Option<(u64, u64)> {
+        self.overlapping(offset, offset + length)
+            .first()
+            .map(|k| (*k, self.extents[k].end))
+    }
+
+    fn pop_and_write_back(&mut self, storage: &dyn Backend) -> io::Result<()> {
+        let entry = self.entries.pop_front().expect("caller checked non-empty");
+        let end = entry.offset + entry.length;
+        for k in self.overlapping(entry.offset, end) {
+            if self.extents[&k].id == entry.id {
+                self.extents.remove(&k);
+            }
+        }
+        self.bytes -= entry.cost();
+        // The whole write goes out, even parts a newer cached write covers: storage sees
+        // writes in apply order, and the newer one overwrites it when its turn comes.
+        apply_to_storage(storage, &entry, entry.offset, entry.length)
+    }
+
+    /// Writes back every entry up to and including `id`, oldest first.
+    pub fn write_back_through(&mut self, storage: &dyn Backend, id: u64) -> io::Result<()> {
+        while self.entries.front().is_some_and(|e| e.id <= id) {
+            self.pop_and_write_back(storage)?;
+        }
+        Ok(())
+    }
+
+    /// Writes back every entry answered before flush generation `cover_gen` (and, to keep
+    /// storage in apply order, every older entry).
+    pub fn write_back_covered(&mut self, storage: &dyn Backend, cover_gen: u64) -> io::Result<()> {
+        let last = self
+            .entries
+            .iter()
+            .filter(|e| e.answered_gen.is_some_and(|g| g < cover_gen))
+            .map(|e| e.id)
+            .next_back();
+        if let Some(id) = last {
+            self.write_back_through(storage, id)?;
+        }
+        Ok(())
+    }
+
+    /// Writes back the oldest entries while over a limit; returns how many.
+    pub fn enforce_limits(&mut self, storage: &dyn Backend) -> io::Result<u64> {
+        let mut n = 0;
+        if self.bytes <= self.bytes_max && self.entries.len() <= self.entries_max {
+            return Ok(0);
+        }
+        // Down to three quarters, so a full cache does not write back on every request.
+        while !self.entries.is_empty()
+            && (self.bytes > self.bytes_max / 4 * 3
+                || self.entries.len() > self.entries_max / 4 * 3)
+        {
+            self.pop_and_write_back(storage)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Takes every pending entry out, oldest first (for a power cut).
+    pub fn drain_all(&mut self) -> Vec<Entry> {
+        self.extents.clear();
+        self.bytes = 0;
+        self.entries.drain(..).collect()
+    }
+}

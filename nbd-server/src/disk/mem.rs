@@ -1,0 +1,87 @@
+//! A dense in-memory storage backend: the simplest thing the emulated disk can wrap, for tests
+//! and tools that drive the disk without a server.
+
+use std::io;
+use std::sync::Mutex;
+
+use crate::backend::{Backend, StatusExtent, Ticket};
+
+/// Largest disk this backend holds (it allocates the whole size up front).
+pub const VEC_STORAGE_BYTES_MAX: u64 = 1 << 30;
+
+pub struct VecStorage {
+    bytes: Mutex<Vec<u8>>,
+}
+
+impl VecStorage {
+    /// `size` must be at most [`VEC_STORAGE_BYTES_MAX`].
+    pub fn new(size: u64) -> io::Result<Self> {
+        if size > VEC_STORAGE_BYTES_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "disk too large for VecStorage",
+            ));
+        }
+        Ok(VecStorage {
+            bytes: Mutex::new(vec![0; size as usize]),
+        })
+    }
+
+    /// A copy of the whole content.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.bytes.lock().expect("lock").clone()
+    }
+
+    fn range(&self, offset: u64, len: u64) -> io::Result<std::ops::Range<usize>> {
+        let size = self.bytes.lock().expect("lock").len() as u64;
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(offset as usize..end as usize),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "beyond end of disk",
+            )),
+        }
+    }
+}
+
+impl Backend for VecStorage {
+    fn size(&self) -> u64 {
+        self.bytes.lock().expect("lock").len() as u64
+    }
+    fn read(&self, _t: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let r = self.range(offset, buf.len() as u64)?;
+        buf.copy_from_slice(&self.bytes.lock().expect("lock")[r]);
+        Ok(())
+    }
+    fn write(&self, _t: Ticket, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
+        let r = self.range(offset, data.len() as u64)?;
+        self.bytes.lock().expect("lock")[r].copy_from_slice(data);
+        Ok(())
+    }
+    fn write_zeroes(
+        &self,
+        _t: Ticket,
+        offset: u64,
+        length: u64,
+        _m: bool,
+        _f: bool,
+        _fua: bool,
+    ) -> io::Result<()> {
+        let r = self.range(offset, length)?;
+        self.bytes.lock().expect("lock")[r].fill(0);
+        Ok(())
+    }
+    fn trim(&self, t: Ticket, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        self.write_zeroes(t, offset, length, true, false, fua)
+    }
+    fn flush(&self, _t: Ticket) -> io::Result<()> {
+        Ok(())
+    }
+    fn block_status(&self, _t: Ticket, _offset: u64, length: u64) -> io::Result<Vec<StatusExtent>> {
+        Ok(vec![StatusExtent {
+            length,
+            hole: false,
+            zero: false,
+        }])
+    }
+}

@@ -1,0 +1,715 @@
+//! The emulated disk: a [`Backend`] that wraps the storage backend with a volatile write cache
+//! and applies the durability rule, records every change to a write log, takes marks, cuts
+//! the power and injects faults.
+//!
+//! **Durability rule** (the one dm-log-writes uses): a write is durable once a FLUSH that
+//! arrived *after the write's reply was sent* has been answered, or once it was answered with
+//! FUA. It is global: a FLUSH on one connection covers writes answered on every connection.
+//!
+//! **How it is kept.** Every write goes into the cache, an ordered list of pending writes with
+//! an extent index that overlays reads. The storage backend only ever receives writes in the
+//! order the disk applied them (a write-back of write *n* first writes back every older pending
+//! write), so whatever subset of the cache a power cut persists, an older write never lands
+//! after a newer one. Each answered write is stamped with the flush generation current when
+//! its reply was sent; a FLUSH bumps the generation at arrival and, when executed, writes back
+//! every write stamped before it, then flushes the storage. A FUA write is written through at
+//! once. When the cache holds more than [`CACHE_BYTES_MAX`], the oldest writes are written
+//! back early, as a real disk may do; they then survive any power cut, which is allowed.
+//!
+//! **Epochs in the log.** Data records are appended when the write is applied (so log order is
+//! apply order). A flush record is appended at the flush's arrival and lists the writes already
+//! applied but not yet answered: they are in flight across the flush and belong to the next
+//! epoch.
+//!
+//! **Power cut** ([`EmulatedDisk::power_cut`]): with a seeded generator, choose a mode (none,
+//! some, torn) and a fate for every pending write (dropped, kept, or torn at 512-byte sectors),
+//! apply the kept parts to storage in order, record the choice, invalidate every request in
+//! flight and signal the server to drop every connection. The disk keeps serving the result.
+//!
+//! **Faults**: decided at arrival by a generator seeded from [`FaultConfig::seed`]: EIO on
+//! reads, writes or flushes at a rate, and added latency; each one is recorded.
+
+mod cache;
+mod faults;
+mod mem;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::watch;
+
+use crate::backend::{Arrival, Backend, ConnId, RequestKind, StatusExtent, Ticket};
+use crate::log::{
+    encode_payload, CutMode, Fate, FaultKind, FaultPayload, FlushPayload, LogError, LogWriter,
+    PowerCutPayload, RecordKind, WriteFate, FLAG_FUA, MARK_NAME_BYTES_MAX, SECTOR_BYTES,
+};
+use cache::{Cache, EntryData};
+pub use faults::FaultConfig;
+pub use mem::VecStorage;
+
+/// Bytes of pending (non-durable) write data the cache holds before writing back the oldest.
+pub const CACHE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Pending writes the cache holds before writing back the oldest.
+pub const CACHE_ENTRIES_MAX: usize = 16 * 1024;
+/// With `crash-seed` and no explicit count, the power cut comes after 1..=this many writes.
+pub const CRASH_AFTER_WRITES_RANDOM_MAX: u64 = 1000;
+
+/// How an emulated disk is set up (from the export's options).
+#[derive(Debug, Clone, Default)]
+pub struct DiskConfig {
+    /// Write log to record to; `None` records nothing.
+    pub record: Option<PathBuf>,
+    /// Limit of pending bytes; 0 means [`CACHE_BYTES_MAX`].
+    pub cache_bytes_max: u64,
+    pub faults: FaultConfig,
+    /// Cut the power after this many applied writes.
+    pub crash_after_writes: Option<u64>,
+    /// Seed of the automatic power cut (its point when `crash_after_writes` is unset, and its
+    /// choice of surviving writes).
+    pub crash_seed: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiskError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("storage I/O error: {0}")]
+    Storage(#[from] io::Error),
+    #[error("mark name must be 1..={MARK_NAME_BYTES_MAX} bytes with no control characters")]
+    BadMarkName,
+    #[error("the write log failed earlier ({0}); the disk refuses further changes")]
+    Failed(String),
+}
+
+/// Counters shown by `nbd-server ctl stats`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DiskStats {
+    pub writes: u64,
+    pub write_bytes: u64,
+    pub trims: u64,
+    pub write_zeroes: u64,
+    pub flushes: u64,
+    pub fua_writes: u64,
+    pub reads: u64,
+    pub marks: u64,
+    pub faults: u64,
+    pub power_cuts: u64,
+    pub early_writebacks: u64,
+    pub cache_entries: usize,
+    pub cache_bytes: u64,
+    pub log_records: u64,
+    pub recording: bool,
+}
+
+/// What a power cut did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PowerCutReport {
+    pub seed: u64,
+    pub mode: CutMode,
+    pub pending: usize,
+    pub kept: usize,
+    pub torn: usize,
+    pub dropped: usize,
+    /// Sequence number of the power-cut record, when recording.
+    pub log_seq: Option<u64>,
+}
+
+struct TicketInfo {
+    conn: ConnId,
+    kind: RequestKind,
+    fua: bool,
+    eio: bool,
+    latency_us: u32,
+    /// Power-cut generation at arrival: a request that outlived a cut does nothing.
+    cut_gen: u64,
+    /// For flushes: writes answered in an earlier generation are covered.
+    cover_gen: u64,
+    /// For writes: the cache id once applied.
+    applied: Option<u64>,
+    log_seq: Option<u64>,
+}
+
+struct State {
+    next_ticket: u64,
+    tickets: HashMap<u64, TicketInfo>,
+    cache: Cache,
+    /// Log sequence numbers of writes applied and not yet answered.
+    unanswered: BTreeSet<u64>,
+    flush_gen: u64,
+    cut_gen: u64,
+    log: Option<LogWriter>,
+    failed: Option<String>,
+    fault_rng: ChaCha8Rng,
+    cuts_done: u64,
+    writes_applied: u64,
+    crash_after_writes: Option<u64>,
+    stats: DiskStats,
+}
+
+/// The emulated disk. Cheap to share: wrap it in an `Arc` and hand it to the server.
+pub struct EmulatedDisk {
+    storage: Arc<dyn Backend>,
+    state: Mutex<State>,
+    config: DiskConfig,
+    cut_tx: watch::Sender<u64>,
+}
+
+fn eio(what: &str) -> io::Error {
+    io::Error::other(what.to_string())
+}
+
+impl EmulatedDisk {
+    pub fn new(storage: Arc<dyn Backend>, config: DiskConfig) -> Result<Self, DiskError> {
+        let log = match &config.record {
+            Some(path) => Some(LogWriter::create(path, storage.size())?),
+            None => None,
+        };
+        let crash_after_writes = config.crash_after_writes.or_else(|| {
+            config.crash_seed.map(|s| {
+                ChaCha8Rng::seed_from_u64(s).random_range(1..=CRASH_AFTER_WRITES_RANDOM_MAX)
+            })
+        });
+        if let Some(n) = crash_after_writes {
+            tracing::info!("emulated disk: power cut after {n} writes");
+        }
+        let cache_limit = if config.cache_bytes_max == 0 {
+            CACHE_BYTES_MAX
+        } else {
+            config.cache_bytes_max
+        };
+        let recording = log.is_some();
+        let (cut_tx, _) = watch::channel(0);
+        Ok(EmulatedDisk {
+            state: Mutex::new(State {
+                next_ticket: 1,
+                tickets: HashMap::new(),
+                cache: Cache::new(cache_limit, CACHE_ENTRIES_MAX),
+                unanswered: BTreeSet::new(),
+                flush_gen: 0,
+                cut_gen: 0,
+                log,
+                failed: None,
+                fault_rng: ChaCha8Rng::seed_from_u64(config.faults.seed),
+                cuts_done: 0,
+                writes_applied: 0,
+                crash_after_writes,
+                stats: DiskStats {
+                    recording,
+                    ..DiskStats::default()
+                },
+            }),
+            storage,
+            config,
+            cut_tx,
+        })
+    }
+
+    /// A receiver that changes value at every power cut: the server drops every connection
+    /// of this export when it fires.
+    pub fn power_cuts(&self) -> watch::Receiver<u64> {
+        self.cut_tx.subscribe()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; the state may be half-updated, so stop.
+        self.state
+            .lock()
+            .expect("emulated disk state lock poisoned")
+    }
+
+    pub fn stats(&self) -> DiskStats {
+        let st = self.lock();
+        let mut s = st.stats.clone();
+        s.cache_entries = st.cache.len();
+        s.cache_bytes = st.cache.bytes();
+        s.log_records = st.log.as_ref().map_or(0, |l| l.next_seq());
+        s
+    }
+
+    /// Appends a record if recording; a log failure fails the disk for good.
+    fn record(
+        st: &mut State,
+        kind: RecordKind,
+        flags: u8,
+        conn: u64,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> io::Result<Option<u64>> {
+        if let Some(f) = &st.failed {
+            return Err(eio(f));
+        }
+        let Some(log) = st.log.as_mut() else {
+            return Ok(None);
+        };
+        match log.append(kind, flags, conn, offset, length, payload) {
+            Ok(seq) => Ok(Some(seq)),
+            Err(e) => {
+                tracing::error!("write log failed: {e}; refusing further changes");
+                st.failed = Some(e.to_string());
+                Err(eio("write log failed"))
+            }
+        }
+    }
+
+    /// Puts a named mark into the log, in order with the IO around it.
+    pub fn mark(&self, name: &str) -> Result<Option<u64>, DiskError> {
+        if name.is_empty() || name.len() > MARK_NAME_BYTES_MAX || name.chars().any(char::is_control)
+        {
+            return Err(DiskError::BadMarkName);
+        }
+        let mut st = self.lock();
+        let seq = Self::record(&mut st, RecordKind::Mark, 0, 0, 0, 0, name.as_bytes())
+            .map_err(|_| DiskError::Failed(st.failed.clone().unwrap_or_default()))?;
+        st.stats.marks += 1;
+        Ok(seq)
+    }
+
+    /// Pushes buffered log records to the file (and to stable storage).
+    pub fn sync_log(&self) -> Result<(), DiskError> {
+        let mut st = self.lock();
+        if let Some(log) = st.log.as_mut() {
+            log.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Cuts the power: see the module docs. `seed` defaults to one derived from the crash seed
+    /// and the number of earlier cuts.
+    pub fn power_cut(&self, seed: Option<u64>) -> Result<PowerCutReport, DiskError> {
+        let report = {
+            let mut st = self.lock();
+            self.power_cut_locked(&mut st, seed)?
+        };
+        self.cut_tx.send_modify(|g| *g += 1);
+        Ok(report)
+    }
+
+    fn power_cut_locked(
+        &self,
+        st: &mut State,
+        seed: Option<u64>,
+    ) -> Result<PowerCutReport, DiskError> {
+        let seed = seed.unwrap_or_else(|| {
+            self.config
+                .crash_seed
+                .unwrap_or(0)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(st.cuts_done)
+        });
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mode = match rng.random_range(0..3u8) {
+            0 => CutMode::None,
+            1 => CutMode::Some,
+            _ => CutMode::Torn,
+        };
+        let pending = st.cache.drain_all();
+        let mut fates = Vec::with_capacity(pending.len());
+        let (mut kept, mut torn, mut dropped) = (0, 0, 0);
+        for entry in &pending {
+            let keep = match mode {
+                CutMode::None => false,
+                CutMode::Some | CutMode::Torn => rng.random_bool(0.5),
+            };
+            let sectors = sector_pieces(entry.offset, entry.length);
+            let (fate, pieces) = if !keep {
+                dropped += 1;
+                (Fate::Dropped, Vec::new())
+            } else if mode == CutMode::Torn && sectors.len() > 1 && rng.random_bool(0.5) {
+                // A non-empty, proper subset of the sectors lands.
+                let mut chosen: Vec<bool> = sectors.iter().map(|_| rng.random_bool(0.5)).collect();
+                if chosen.iter().all(|&c| c) {
+                    let i = rng.random_range(0..chosen.len());
+                    chosen[i] = false;
+                }
+                if chosen.iter().all(|&c| !c) {
+                    let i = rng.random_range(0..chosen.len());
+                    chosen[i] = true;
+                }
+                let pieces = merge_pieces(
+                    sectors
+                        .iter()
+                        .zip(&chosen)
+                        .filter(|(_, &c)| c)
+                        .map(|(&p, _)| p),
+                );
+                torn += 1;
+                (Fate::Torn, pieces)
+            } else {
+                kept += 1;
+                (Fate::Kept, vec![(entry.offset, entry.length)])
+            };
+            for &(off, len) in &pieces {
+                cache::apply_to_storage(&*self.storage, entry, off, len)?;
+            }
+            if let Some(seq) = entry.log_seq {
+                fates.push(WriteFate {
+                    seq,
+                    fate,
+                    pieces: if fate == Fate::Torn {
+                        pieces
+                    } else {
+                        Vec::new()
+                    },
+                });
+            }
+        }
+        self.storage.flush(Ticket(0))?;
+        st.cut_gen += 1;
+        st.cuts_done += 1;
+        st.tickets.clear();
+        st.unanswered.clear();
+        st.stats.power_cuts += 1;
+        let payload = encode_payload(&PowerCutPayload { seed, mode, fates });
+        let log_seq = Self::record(st, RecordKind::PowerCut, 0, 0, 0, 0, &payload)
+            .map_err(|_| DiskError::Failed(st.failed.clone().unwrap_or_default()))?;
+        if let Some(log) = st.log.as_mut() {
+            log.sync()?;
+        }
+        tracing::warn!(
+            "power cut (seed {seed}, mode {mode:?}): {} pending writes, {kept} kept, {torn} torn, {dropped} dropped",
+            pending.len()
+        );
+        Ok(PowerCutReport {
+            seed,
+            mode,
+            pending: pending.len(),
+            kept,
+            torn,
+            dropped,
+            log_seq,
+        })
+    }
+
+    fn ticket_info(st: &mut State, ticket: Ticket) -> Option<&mut TicketInfo> {
+        st.tickets.get_mut(&ticket.0)
+    }
+
+    /// Checks a ticket before IO: stale after a power cut, or carrying an injected EIO.
+    fn pre_io(&self, ticket: Ticket) -> io::Result<()> {
+        if ticket.0 == 0 {
+            return Ok(());
+        }
+        let (latency, result) = {
+            let mut st = self.lock();
+            let cut_gen = st.cut_gen;
+            match Self::ticket_info(&mut st, ticket) {
+                None => (0, Err(eio("request outlived a power cut"))),
+                Some(t) if t.cut_gen != cut_gen => (0, Err(eio("request outlived a power cut"))),
+                Some(t) if t.eio => (t.latency_us, Err(eio("injected EIO"))),
+                Some(t) => (t.latency_us, Ok(())),
+            }
+        };
+        if latency > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(latency as u64));
+        }
+        result
+    }
+
+    /// Applies a data change to the cache (and log), then writes through for FUA and
+    /// enforces the cache limit and the automatic power cut.
+    fn apply(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        length: u64,
+        data: EntryData,
+        fua: bool,
+    ) -> io::Result<()> {
+        self.pre_io(ticket)?;
+        let mut st = self.lock();
+        if let Some(f) = &st.failed {
+            return Err(eio(f));
+        }
+        let conn = st.tickets.get(&ticket.0).map_or(0, |t| t.conn);
+        let (kind, payload): (RecordKind, &[u8]) = match &data {
+            EntryData::Bytes(b) => (RecordKind::Write, b),
+            EntryData::Zeroes { trim: true } => (RecordKind::Trim, &[]),
+            EntryData::Zeroes { trim: false } => (RecordKind::WriteZeroes, &[]),
+        };
+        let flags = if fua { FLAG_FUA } else { 0 };
+        let log_seq = Self::record(&mut st, kind, flags, conn, offset, length, payload)?;
+        let answered_gen = if ticket.0 == 0 {
+            Some(st.flush_gen)
+        } else {
+            None
+        };
+        let id = st.cache.insert(offset, length, data, log_seq, answered_gen);
+        if let Some(t) = st.tickets.get_mut(&ticket.0) {
+            t.applied = Some(id);
+            t.log_seq = log_seq;
+        }
+        if let (Some(seq), true) = (log_seq, ticket.0 != 0) {
+            st.unanswered.insert(seq);
+        }
+        match kind {
+            RecordKind::Write => {
+                st.stats.writes += 1;
+                st.stats.write_bytes += length;
+            }
+            RecordKind::Trim => st.stats.trims += 1,
+            _ => st.stats.write_zeroes += 1,
+        }
+        if fua {
+            st.stats.fua_writes += 1;
+            st.cache.write_back_through(&*self.storage, id)?;
+            self.storage.flush(Ticket(0))?;
+        }
+        let early = st.cache.enforce_limits(&*self.storage)?;
+        st.stats.early_writebacks += early;
+        st.writes_applied += 1;
+        if st.crash_after_writes == Some(st.writes_applied) {
+            st.crash_after_writes = None;
+            let seed = self.config.crash_seed;
+            let report = self
+                .power_cut_locked(&mut st, seed)
+                .map_err(io::Error::other)?;
+            drop(st);
+            let _ = report;
+            self.cut_tx.send_modify(|g| *g += 1);
+            return Err(eio("power cut"));
+        }
+        Ok(())
+    }
+}
+
+/// Splits `[offset, offset+length)` at absolute 512-byte sector boundaries.
+pub fn sector_pieces(offset: u64, length: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let end = offset + length;
+    let mut at = offset;
+    while at < end {
+        let next = ((at / SECTOR_BYTES) + 1) * SECTOR_BYTES;
+        let stop = next.min(end);
+        out.push((at, stop - at));
+        at = stop;
+    }
+    out
+}
+
+/// Joins adjacent ranges.
+pub fn merge_pieces(pieces: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (off, len) in pieces {
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == off => last.1 += len,
+            _ => out.push((off, len)),
+        }
+    }
+    out
+}
+
+impl Backend for EmulatedDisk {
+    fn size(&self) -> u64 {
+        self.storage.size()
+    }
+
+    fn can_trim(&self) -> bool {
+        self.storage.can_trim()
+    }
+
+    fn arrived(&self, a: &Arrival) -> Ticket {
+        let f = &self.config.faults;
+        let tracked = matches!(
+            a.kind,
+            RequestKind::Write | RequestKind::Flush | RequestKind::Trim | RequestKind::WriteZeroes
+        );
+        if !tracked && !f.active() {
+            let mut st = self.lock();
+            if a.kind == RequestKind::Read {
+                st.stats.reads += 1;
+            }
+            return Ticket(0);
+        }
+        let mut st = self.lock();
+        let rate = match a.kind {
+            RequestKind::Read => f.eio_read,
+            RequestKind::Write | RequestKind::Trim | RequestKind::WriteZeroes => f.eio_write,
+            RequestKind::Flush => f.eio_flush,
+            _ => 0.0,
+        };
+        let eio = rate > 0.0 && st.fault_rng.random_bool(rate.min(1.0));
+        let latency_us = if f.latency_us > 0
+            && f.latency_rate > 0.0
+            && st.fault_rng.random_bool(f.latency_rate.min(1.0))
+        {
+            f.latency_us
+        } else {
+            0
+        };
+        let request_code = match a.kind {
+            RequestKind::Read => 0,
+            RequestKind::Write => RecordKind::Write as u8,
+            RequestKind::Trim => RecordKind::Trim as u8,
+            RequestKind::WriteZeroes => RecordKind::WriteZeroes as u8,
+            RequestKind::Flush => RecordKind::Flush as u8,
+            RequestKind::Cache => 8,
+            RequestKind::BlockStatus => 9,
+        };
+        for (hit, fault) in [(eio, FaultKind::Eio), (latency_us > 0, FaultKind::Latency)] {
+            if hit {
+                st.stats.faults += 1;
+                let payload = encode_payload(&FaultPayload {
+                    fault: fault as u8,
+                    request: request_code,
+                    latency_us,
+                });
+                // A log failure is reported by the IO that follows.
+                let _ = Self::record(
+                    &mut st,
+                    RecordKind::Fault,
+                    0,
+                    a.conn,
+                    a.offset,
+                    a.length,
+                    &payload,
+                );
+            }
+        }
+        if a.kind == RequestKind::Read {
+            st.stats.reads += 1;
+        }
+        let mut cover_gen = 0;
+        if a.kind == RequestKind::Flush && !eio {
+            // The flush covers what was answered before now; later answers get the new stamp.
+            st.flush_gen += 1;
+            cover_gen = st.flush_gen;
+            st.stats.flushes += 1;
+            let payload = encode_payload(&FlushPayload {
+                in_flight: st.unanswered.iter().copied().collect(),
+            });
+            let _ = Self::record(&mut st, RecordKind::Flush, 0, a.conn, 0, 0, &payload);
+        }
+        let id = st.next_ticket;
+        st.next_ticket += 1;
+        let cut_gen = st.cut_gen;
+        st.tickets.insert(
+            id,
+            TicketInfo {
+                conn: a.conn,
+                kind: a.kind,
+                fua: a.fua,
+                eio,
+                latency_us,
+                cut_gen,
+                cover_gen,
+                applied: None,
+                log_seq: None,
+            },
+        );
+        Ticket(id)
+    }
+
+    fn reply_sent(&self, ticket: Ticket) {
+        if ticket.0 == 0 {
+            return;
+        }
+        let mut st = self.lock();
+        let Some(t) = st.tickets.remove(&ticket.0) else {
+            return;
+        };
+        if let Some(id) = t.applied {
+            let gen = st.flush_gen;
+            st.cache.answered(id, gen);
+            if let Some(seq) = t.log_seq {
+                st.unanswered.remove(&seq);
+            }
+        }
+        let _ = (t.kind, t.fua);
+    }
+
+    fn read(&self, ticket: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.pre_io(ticket)?;
+        let st = self.lock();
+        // Under the lock, so a concurrent write-back cannot slip between the two steps.
+        self.storage.read(Ticket(0), offset, buf)?;
+        st.cache.overlay(offset, buf);
+        Ok(())
+    }
+
+    fn write(&self, ticket: Ticket, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.apply(
+            ticket,
+            offset,
+            data.len() as u64,
+            EntryData::Bytes(data.to_vec().into()),
+            fua,
+        )
+    }
+
+    fn write_zeroes(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        length: u64,
+        may_trim: bool,
+        fast_only: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        if fast_only {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        let _ = may_trim;
+        self.apply(
+            ticket,
+            offset,
+            length,
+            EntryData::Zeroes { trim: false },
+            fua,
+        )
+    }
+
+    fn trim(&self, ticket: Ticket, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        self.apply(
+            ticket,
+            offset,
+            length,
+            EntryData::Zeroes { trim: true },
+            fua,
+        )
+    }
+
+    fn flush(&self, ticket: Ticket) -> io::Result<()> {
+        self.pre_io(ticket)?;
+        let mut st = self.lock();
+        let cover_gen = match st.tickets.get(&ticket.0) {
+            Some(t) => t.cover_gen,
+            None => st.flush_gen + 1, // driven without arrival: cover everything answered
+        };
+        st.cache.write_back_covered(&*self.storage, cover_gen)?;
+        self.storage.flush(Ticket(0))
+    }
+
+    fn block_status(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<Vec<StatusExtent>> {
+        self.pre_io(ticket)?;
+        let st = self.lock();
+        if let Some((first, end)) = st.cache.first_overlap(offset, length) {
+            // Cached data is not in storage yet: report it as data, conservatively.
+            if first <= offset {
+                return Ok(vec![StatusExtent {
+                    length: end.min(offset + length) - offset,
+                    hole: false,
+                    zero: false,
+                }]);
+            }
+            let mut ext = self
+                .storage
+                .block_status(Ticket(0), offset, first - offset)?;
+            ext.truncate(1);
+            return Ok(ext);
+        }
+        self.storage.block_status(Ticket(0), offset, length)
+    }
+}

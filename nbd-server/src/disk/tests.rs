@@ -1,0 +1,335 @@
+//! Unit and property tests of the durability rule, epochs, power cut and faults.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::backend::{Arrival, RequestKind};
+use crate::log::{decode_payload, FlushPayload, LogReader, PowerCutPayload};
+
+const SIZE: u64 = 64 * 1024;
+
+fn disk(record: Option<PathBuf>) -> (Arc<VecStorage>, EmulatedDisk) {
+    let storage = Arc::new(VecStorage::new(SIZE).unwrap());
+    let d = EmulatedDisk::new(
+        storage.clone(),
+        DiskConfig {
+            record,
+            ..DiskConfig::default()
+        },
+    )
+    .unwrap();
+    (storage, d)
+}
+
+fn arrive(
+    d: &EmulatedDisk,
+    conn: u64,
+    kind: RequestKind,
+    offset: u64,
+    length: u64,
+    fua: bool,
+) -> Ticket {
+    d.arrived(&Arrival {
+        conn,
+        kind,
+        offset,
+        length,
+        fua,
+    })
+}
+
+/// Write start to finish: arrival, IO, reply.
+fn write(d: &EmulatedDisk, conn: u64, offset: u64, byte: u8, len: usize, fua: bool) {
+    let t = arrive(d, conn, RequestKind::Write, offset, len as u64, fua);
+    d.write(t, offset, &vec![byte; len], fua).unwrap();
+    d.reply_sent(t);
+}
+
+fn flush(d: &EmulatedDisk, conn: u64) {
+    let t = arrive(d, conn, RequestKind::Flush, 0, 0, false);
+    d.flush(t).unwrap();
+    d.reply_sent(t);
+}
+
+fn read(d: &EmulatedDisk, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0; len];
+    d.read(Ticket(0), offset, &mut buf).unwrap();
+    buf
+}
+
+/// Guards against a write cache that loses what a reader should see: cached writes overlay
+/// reads before they reach storage.
+#[test]
+fn reads_see_cached_writes_before_storage_does() {
+    let (storage, d) = disk(None);
+    write(&d, 1, 4096, 0xAA, 4096, false);
+    write(&d, 1, 6000, 0xBB, 100, false);
+    assert_eq!(read(&d, 4096, 4096)[0], 0xAA);
+    assert_eq!(read(&d, 6000, 100), vec![0xBB; 100]);
+    assert_eq!(
+        storage.snapshot()[4096],
+        0,
+        "not durable yet, so not in storage"
+    );
+    flush(&d, 1);
+    let snap = storage.snapshot();
+    assert_eq!(snap[4096], 0xAA);
+    assert_eq!(&snap[6000..6100], &[0xBB; 100][..]);
+    assert_eq!(snap[6100], 0xAA);
+}
+
+/// The durability rule is global: a FLUSH on connection 2 covers a write answered on
+/// connection 1 before the flush arrived, and not a write still in flight on connection 1.
+#[test]
+fn flush_on_one_connection_covers_answered_writes_of_another_not_in_flight_ones() {
+    let (storage, d) = disk(None);
+    write(&d, 1, 0, 0x11, 512, false); // answered before the flush arrives
+    let in_flight = arrive(&d, 1, RequestKind::Write, 4096, 512, false);
+    d.write(in_flight, 4096, &[0x22; 512], false).unwrap(); // applied, reply not yet sent
+    let f = arrive(&d, 2, RequestKind::Flush, 0, 0, false);
+    d.reply_sent(in_flight); // answered after the flush arrived
+    d.flush(f).unwrap();
+    d.reply_sent(f);
+    let snap = storage.snapshot();
+    assert_eq!(snap[0], 0x11, "answered write is durable");
+    assert_eq!(snap[4096], 0, "in-flight write is not covered");
+    let cut = d.power_cut(Some(0)).unwrap(); // seed 0 happens to be irrelevant: check both
+    let after = read(&d, 0, 512);
+    assert_eq!(
+        after,
+        vec![0x11; 512],
+        "durable write survives any power cut"
+    );
+    assert!(cut.pending == 1);
+}
+
+/// A write answered with FUA is durable at once, without a flush.
+#[test]
+fn fua_write_is_durable_without_flush() {
+    let (storage, d) = disk(None);
+    write(&d, 1, 0, 0x33, 1024, true);
+    assert_eq!(storage.snapshot()[0..1024], [0x33; 1024]);
+}
+
+/// Storage sees writes in apply order: writing back a FUA write first writes back the older
+/// cached write it overlaps, so the older one can never land over it later.
+#[test]
+fn fua_write_back_keeps_apply_order() {
+    let (storage, d) = disk(None);
+    write(&d, 1, 0, 0x01, 4096, false);
+    write(&d, 1, 0, 0x02, 512, true);
+    let cut = d.power_cut(Some(3)).unwrap();
+    assert_eq!(cut.pending, 0);
+    let snap = storage.snapshot();
+    assert_eq!(snap[0..512], [0x02; 512]);
+    assert_eq!(snap[512], 0x01);
+}
+
+/// Epochs in the log: the flush record lists writes in flight across it.
+#[test]
+fn flush_record_lists_in_flight_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.log");
+    let (_s, d) = disk(Some(path.clone()));
+    write(&d, 1, 0, 1, 512, false);
+    let t = arrive(&d, 1, RequestKind::Write, 512, 512, false);
+    d.write(t, 512, &[2; 512], false).unwrap();
+    flush(&d, 2);
+    d.reply_sent(t);
+    d.mark("after").unwrap();
+    drop(d);
+    let r = LogReader::open(&path).unwrap();
+    let recs: Vec<_> = LogReader::open(&path)
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    let kinds: Vec<_> = recs.iter().map(|r| r.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            RecordKind::Write,
+            RecordKind::Write,
+            RecordKind::Flush,
+            RecordKind::Mark
+        ]
+    );
+    let p: FlushPayload = decode_payload(&r.read_payload(&recs[2]).unwrap()).unwrap();
+    assert_eq!(p.in_flight, vec![1]);
+    assert_eq!(r.read_payload(&recs[3]).unwrap(), b"after");
+}
+
+/// A power cut is recorded with each pending write's fate, and the result is what stays.
+#[test]
+fn power_cut_records_fates_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.log");
+    let (_s, d) = disk(Some(path.clone()));
+    let mut rx = d.power_cuts();
+    write(&d, 1, 0, 1, 4096, false);
+    flush(&d, 1);
+    for i in 1..8u8 {
+        write(&d, 1, i as u64 * 4096, i + 1, 4096, false);
+    }
+    let report = d.power_cut(Some(42)).unwrap();
+    assert!(rx.has_changed().unwrap());
+    rx.mark_unchanged();
+    assert_eq!(report.pending, 7);
+    assert_eq!(read(&d, 0, 4096), vec![1; 4096]);
+    drop(d);
+    let recs: Vec<_> = LogReader::open(&path)
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    let last = recs.last().unwrap();
+    assert_eq!(last.kind, RecordKind::PowerCut);
+    let p: PowerCutPayload =
+        decode_payload(&LogReader::open(&path).unwrap().read_payload(last).unwrap()).unwrap();
+    assert_eq!(p.seed, 42);
+    assert_eq!(p.fates.len(), 7);
+}
+
+/// Requests that arrived before a power cut do nothing after it.
+#[test]
+fn requests_from_before_a_power_cut_fail() {
+    let (_s, d) = disk(None);
+    let t = arrive(&d, 1, RequestKind::Write, 0, 512, false);
+    d.power_cut(Some(1)).unwrap();
+    assert!(d.write(t, 0, &[9; 512], false).is_err());
+    assert_eq!(read(&d, 0, 512), vec![0; 512]);
+}
+
+/// Past the cache limit the oldest writes are written back early (allowed, and bounded).
+#[test]
+fn cache_is_bounded() {
+    let storage = Arc::new(VecStorage::new(SIZE).unwrap());
+    let d = EmulatedDisk::new(
+        storage.clone(),
+        DiskConfig {
+            cache_bytes_max: 8192,
+            ..DiskConfig::default()
+        },
+    )
+    .unwrap();
+    for i in 0..8u8 {
+        write(&d, 1, i as u64 * 4096, i + 1, 4096, false);
+    }
+    let s = d.stats();
+    assert!(s.cache_bytes <= 8192, "{s:?}");
+    assert!(s.early_writebacks > 0);
+    for i in 0..8u8 {
+        assert_eq!(read(&d, i as u64 * 4096, 4096), vec![i + 1; 4096]);
+    }
+}
+
+/// Faults come from the seed and are recorded; the same seed gives the same faults.
+#[test]
+fn faults_are_seeded_and_recorded() {
+    let run = |seed| {
+        let storage = Arc::new(VecStorage::new(SIZE).unwrap());
+        let faults = FaultConfig {
+            seed,
+            eio_write: 0.5,
+            ..FaultConfig::default()
+        };
+        let d = EmulatedDisk::new(
+            storage,
+            DiskConfig {
+                faults,
+                ..DiskConfig::default()
+            },
+        )
+        .unwrap();
+        let mut fails = Vec::new();
+        for i in 0..32u64 {
+            let t = arrive(&d, 1, RequestKind::Write, i * 512, 512, false);
+            fails.push(d.write(t, i * 512, &[1; 512], false).is_err());
+            d.reply_sent(t);
+        }
+        (fails, d.stats().faults)
+    };
+    let (a, na) = run(5);
+    let (b, _) = run(5);
+    assert_eq!(a, b);
+    assert!(a.iter().any(|&f| f) && a.iter().any(|&f| !f));
+    assert_eq!(na as usize, a.iter().filter(|&&f| f).count());
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Start a write on a connection: (conn, sector, byte).
+    Start(u8, u8, u8),
+    /// Reply to the oldest in-flight write of a connection.
+    Reply(u8),
+    Flush(u8),
+    Fua(u8, u8, u8),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => (0..2u8, 0..16u8, 1..255u8).prop_map(|(c, s, b)| Step::Start(c, s, b)),
+        4 => (0..2u8).prop_map(Step::Reply),
+        1 => (0..2u8).prop_map(Step::Flush),
+        1 => (0..2u8, 0..16u8, 1..255u8).prop_map(|(c, s, b)| Step::Fua(c, s, b)),
+    ]
+}
+
+proptest! {
+    /// After any interleaving of writes, replies and flushes on two connections and a power
+    /// cut with any seed, every sector holds either its newest durable write or a write newer
+    /// than that one, never anything older (the durability rule, globally).
+    #[test]
+    fn power_cut_never_loses_durable_data(steps in proptest::collection::vec(step(), 1..60), seed in any::<u64>()) {
+        let (_s, d) = disk(None);
+        // Per sector: list of (apply order, byte) of writes; durable index per sector.
+        let mut history: Vec<Vec<(usize, u8)>> = vec![Vec::new(); 16];
+        let mut durable: Vec<Option<usize>> = vec![None; 16];
+        let mut answered: Vec<(usize, usize)> = Vec::new(); // (sector, apply order) answered, not durable
+        let mut in_flight: Vec<std::collections::VecDeque<(Ticket, usize, usize)>> = vec![Default::default(), Default::default()];
+        let mut order = 0usize;
+        for s in steps {
+            match s {
+                Step::Start(c, sec, b) => {
+                    let t = arrive(&d, c as u64, RequestKind::Write, sec as u64 * 512, 512, false);
+                    d.write(t, sec as u64 * 512, &[b; 512], false).unwrap();
+                    history[sec as usize].push((order, b));
+                    in_flight[c as usize].push_back((t, sec as usize, order));
+                    order += 1;
+                }
+                Step::Reply(c) => {
+                    if let Some((t, sec, o)) = in_flight[c as usize].pop_front() {
+                        d.reply_sent(t);
+                        answered.push((sec, o));
+                    }
+                }
+                Step::Flush(c) => {
+                    let t = arrive(&d, c as u64, RequestKind::Flush, 0, 0, false);
+                    d.flush(t).unwrap();
+                    d.reply_sent(t);
+                    for (sec, o) in answered.drain(..) {
+                        durable[sec] = Some(durable[sec].map_or(o, |x: usize| x.max(o)));
+                    }
+                }
+                Step::Fua(c, sec, b) => {
+                    let t = arrive(&d, c as u64, RequestKind::Write, sec as u64 * 512, 512, true);
+                    d.write(t, sec as u64 * 512, &[b; 512], true).unwrap();
+                    d.reply_sent(t);
+                    history[sec as usize].push((order, b));
+                    durable[sec as usize] = Some(durable[sec as usize].map_or(order, |x| x.max(order)));
+                    order += 1;
+                }
+            }
+        }
+        d.power_cut(Some(seed)).unwrap();
+        for sec in 0..16 {
+            let got = read(&d, sec as u64 * 512, 512);
+            prop_assert!(got.iter().all(|&x| x == got[0]), "sector {} is not torn at 512 B", sec);
+            let allowed: Vec<u8> = match durable[sec] {
+                None => std::iter::once(0).chain(history[sec].iter().map(|h| h.1)).collect(),
+                Some(o) => history[sec].iter().filter(|h| h.0 >= o).map(|h| h.1).collect(),
+            };
+            prop_assert!(allowed.contains(&got[0]), "sector {} holds {} not in {:?}", sec, got[0], allowed);
+        }
+    }
+}

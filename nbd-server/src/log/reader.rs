@@ -1,0 +1,245 @@
+//! Streaming reader of a write log: bounded memory whatever the log's size.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::format::*;
+
+/// Payloads are checksummed in chunks of this size, never held whole while scanning.
+const CRC_CHUNK_BYTES: usize = 64 * 1024;
+
+/// One record as the reader found it: its header and where its payload lives in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    pub header: RecordHeader,
+    pub kind: RecordKind,
+    /// Byte offset of the record header in the log file.
+    pub file_offset: u64,
+}
+
+impl Record {
+    pub fn seq(&self) -> u64 {
+        self.header.seq
+    }
+    /// Byte offset of the payload in the log file.
+    pub fn payload_offset(&self) -> u64 {
+        self.file_offset + RECORD_HEADER_BYTES as u64
+    }
+    pub fn payload_len(&self) -> u64 {
+        self.header.payload_len as u64
+    }
+}
+
+/// Reads records one at a time. After the last whole record it returns `None`; a torn tail is
+/// reported by [`LogReader::torn_tail_bytes`].
+pub struct LogReader {
+    stream: BufReader<File>,
+    /// A second handle for positional payload reads, so they never disturb the stream.
+    file: File,
+    header: FileHeader,
+    pos: u64,
+    file_len: u64,
+    next_seq: u64,
+    torn_tail_bytes: u64,
+    done: bool,
+}
+
+impl LogReader {
+    pub fn open(path: &Path) -> Result<Self, LogError> {
+        let file = File::open(path)?;
+        let file_len = file.metadata()?.len();
+        let mut stream = BufReader::with_capacity(256 * 1024, file.try_clone()?);
+        let mut raw = [0u8; FILE_HEADER_BYTES];
+        if file_len < FILE_HEADER_BYTES as u64 {
+            return Err(LogError::Corrupt {
+                offset: 0,
+                what: format!("file is {file_len} bytes, shorter than the file header"),
+            });
+        }
+        stream.read_exact(&mut raw)?;
+        let header = FileHeader::decode(&raw)?;
+        Ok(LogReader {
+            stream,
+            file,
+            header,
+            pos: FILE_HEADER_BYTES as u64,
+            file_len,
+            next_seq: 0,
+            torn_tail_bytes: 0,
+            done: false,
+        })
+    }
+
+    pub fn file_header(&self) -> &FileHeader {
+        &self.header
+    }
+
+    /// Size of the recorded disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.header.disk_bytes
+    }
+
+    /// Bytes at the end of the file that form no whole record (0 if none, or not there yet).
+    pub fn torn_tail_bytes(&self) -> u64 {
+        self.torn_tail_bytes
+    }
+
+    /// Reads a record's whole payload (bounded by [`RECORD_PAYLOAD_BYTES_MAX`]).
+    pub fn read_payload(&self, rec: &Record) -> Result<Vec<u8>, LogError> {
+        let mut buf = vec![0u8; rec.payload_len() as usize];
+        self.file.read_exact_at(&mut buf, rec.payload_offset())?;
+        Ok(buf)
+    }
+
+    /// Reads part of a record's payload into `buf`, from `offset` within the payload.
+    pub fn read_payload_at(
+        &self,
+        rec: &Record,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), LogError> {
+        assert!(offset + buf.len() as u64 <= rec.payload_len());
+        self.file
+            .read_exact_at(buf, rec.payload_offset() + offset)?;
+        Ok(())
+    }
+
+    /// A handle other threads can use to read payloads by position.
+    pub fn payload_file(&self) -> Result<File, LogError> {
+        Ok(self.file.try_clone()?)
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> LogError {
+        LogError::Corrupt {
+            offset: self.pos,
+            what: what.into(),
+        }
+    }
+
+    /// Whether every byte from `from` to the end of the file is zero: the shape of a tail
+    /// whose space was allocated but never written.
+    fn zeroes_to_end(&self, from: u64) -> Result<bool, LogError> {
+        let mut buf = vec![0u8; CRC_CHUNK_BYTES];
+        let mut at = from;
+        while at < self.file_len {
+            let n = ((self.file_len - at) as usize).min(CRC_CHUNK_BYTES);
+            self.file.read_exact_at(&mut buf[..n], at)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            at += n as u64;
+        }
+        Ok(true)
+    }
+
+    fn end_torn(&mut self) -> Option<Result<Record, LogError>> {
+        self.torn_tail_bytes = self.file_len - self.pos;
+        self.done = true;
+        None
+    }
+
+    fn next_record(&mut self) -> Option<Result<Record, LogError>> {
+        if self.done {
+            return None;
+        }
+        let remaining = self.file_len - self.pos;
+        if remaining == 0 {
+            self.done = true;
+            return None;
+        }
+        if remaining < RECORD_HEADER_BYTES as u64 {
+            return self.end_torn();
+        }
+        let mut raw = [0u8; RECORD_HEADER_BYTES];
+        if let Err(e) = self.stream.read_exact(&mut raw) {
+            self.done = true;
+            return Some(Err(e.into()));
+        }
+        let header = RecordHeader::decode(&raw);
+        if !header.header_ok(&raw) {
+            self.done = true;
+            // Torn: at most a header's worth of written bytes, then nothing but zeroes.
+            return match self.zeroes_to_end(self.pos + RECORD_HEADER_BYTES as u64) {
+                Ok(true) => self.end_torn(),
+                Ok(false) => Some(Err(self.corrupt("record header checksum mismatch"))),
+                Err(e) => Some(Err(e)),
+            };
+        }
+        // From here on the header is trusted; anything inconsistent in it is damage.
+        self.done = true;
+        let Some(kind) = header.kind() else {
+            return Some(Err(
+                self.corrupt(format!("unknown record kind {}", header.kind))
+            ));
+        };
+        if header.payload_len > RECORD_PAYLOAD_BYTES_MAX {
+            return Some(Err(self.corrupt(format!(
+                "payload of {} bytes exceeds the limit",
+                header.payload_len
+            ))));
+        }
+        if kind == RecordKind::Write && header.payload_len as u64 != header.length {
+            return Some(Err(
+                self.corrupt("write record payload length differs from its length")
+            ));
+        }
+        if header.seq != self.next_seq {
+            return Some(Err(self.corrupt(format!(
+                "record has sequence number {}, expected {}",
+                header.seq, self.next_seq
+            ))));
+        }
+        let end = self.pos + RECORD_HEADER_BYTES as u64 + header.payload_len as u64;
+        if end > self.file_len {
+            return self.end_torn();
+        }
+        let mut crc = crc32c::crc32c(&raw[..44]);
+        let mut left = header.payload_len as usize;
+        let mut chunk = vec![0u8; left.min(CRC_CHUNK_BYTES)];
+        while left > 0 {
+            let n = left.min(CRC_CHUNK_BYTES);
+            if let Err(e) = self.stream.read_exact(&mut chunk[..n]) {
+                return Some(Err(e.into()));
+            }
+            crc = crc32c::crc32c_append(crc, &chunk[..n]);
+            left -= n;
+        }
+        if crc != header.crc {
+            match self.zeroes_to_end(end) {
+                Ok(true) => return self.end_torn(),
+                Ok(false) => {}
+                Err(e) => return Some(Err(e)),
+            }
+            return Some(Err(self.corrupt("record checksum mismatch")));
+        }
+        let rec = Record {
+            header,
+            kind,
+            file_offset: self.pos,
+        };
+        self.pos = end;
+        self.next_seq += 1;
+        self.done = false;
+        Some(Ok(rec))
+    }
+
+    /// Rewinds to the first record (for a second pass).
+    pub fn rewind(&mut self) -> Result<(), LogError> {
+        self.stream
+            .seek(SeekFrom::Start(FILE_HEADER_BYTES as u64))?;
+        self.pos = FILE_HEADER_BYTES as u64;
+        self.next_seq = 0;
+        self.torn_tail_bytes = 0;
+        self.done = false;
+        Ok(())
+    }
+}
+
+impl Iterator for LogReader {
+    type Item = Result<Record, LogError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_record()
+    }
+}
