@@ -128,10 +128,10 @@ impl ExportSpec {
                 Some((k, v)) => (k.trim(), Some(v)),
                 None => (item.trim(), None),
             };
-            fn need<'v>(
-                v: Option<&'v str>,
+            fn need(
+                v: Option<&str>,
                 e: impl FnOnce() -> ExportError,
-            ) -> Result<&'v str, ExportError> {
+            ) -> Result<&str, ExportError> {
                 v.ok_or_else(e)
             }
             let missing = || bad(key, "needs a value (KEY=VALUE)".into());
