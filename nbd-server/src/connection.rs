@@ -17,6 +17,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -28,6 +29,65 @@ use crate::server::{
     wait_for_shutdown, IN_FLIGHT_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_MAX, PAYLOAD_DISCARD_BYTES_MAX,
     REQUESTS_IN_FLIGHT_MAX, WRITE_BATCH_BYTES_MAX,
 };
+
+/// Longest a FLUSH waits for replies already being written (on any connection of its export)
+/// to be reported with `reply_sent`; only a client that stops reading its replies makes the
+/// wait this long.
+pub const FLUSH_FENCE_MILLIS_MAX: u64 = 1000;
+
+/// Counts the replies of one export that are being written to a socket but not yet reported
+/// with [`Backend::reply_sent`].
+///
+/// Why: `reply_sent` comes after the bytes reach the socket, so a client can read a write's
+/// reply and send a FLUSH on another connection before that write's `reply_sent` ran. The
+/// backend would then see the flush arrive before the write counted as answered, and leave
+/// the write out of what the flush covers, although the client rightly counts on it. So a
+/// FLUSH waits (up to [`FLUSH_FENCE_MILLIS_MAX`]) until no reply of its export is in transit
+/// before it calls `arrived`. Writes whose reply was still in transit are then covered too,
+/// which is allowed: a flush may persist more than it must.
+#[derive(Debug, Default)]
+pub struct ReplyFence {
+    in_transit: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl ReplyFence {
+    fn begin(&self, n: usize) {
+        self.in_transit
+            .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn end(&self, n: usize) {
+        if n > 0
+            && self
+                .in_transit
+                .fetch_sub(n, std::sync::atomic::Ordering::SeqCst)
+                == n
+        {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn wait_idle(&self) {
+        let wait = async {
+            loop {
+                let notified = self.idle.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.in_transit.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_millis(FLUSH_FENCE_MILLIS_MAX), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!("FLUSH waited {FLUSH_FENCE_MILLIS_MAX} ms for replies stuck in transit");
+        }
+    }
+}
 
 /// Most descriptors in one BLOCK_STATUS reply.
 pub const BLOCK_STATUS_DESCRIPTORS_MAX: usize = 1024;
@@ -103,6 +163,7 @@ struct Op {
 /// Per-connection state shared by the request tasks.
 struct Ctx {
     backend: Arc<dyn Backend>,
+    export: Arc<crate::export::Export>,
     structured: bool,
     pool: BufPool,
 }
@@ -394,6 +455,7 @@ pub async fn serve<R, W>(
     let style = backend.io_style();
     let ctx = Arc::new(Ctx {
         backend: backend.clone(),
+        export: session.export.clone(),
         structured: session.structured,
         pool: BufPool::default(),
     });
@@ -530,6 +592,10 @@ pub async fn serve<R, W>(
                 Some(p) => Some(p),
                 None => break,
             };
+        }
+        if kind == RequestKind::Flush {
+            pending.flush(&tx, &ctx);
+            ctx.export.fence.wait_idle().await;
         }
         let fua = h.flags & NBD_CMD_FLAG_FUA != 0;
         let ticket = backend.arrived(&Arrival {
@@ -680,6 +746,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
+        let ticketed = batch.iter().filter(|r| r.ticket.is_some()).count();
+        ctx.export.fence.begin(ticketed);
         if !broken {
             for r in &batch {
                 if wr.write_all(&r.bytes).await.is_err() {
@@ -701,6 +769,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             }
             ctx.pool.give(r.bytes);
         }
+        ctx.export.fence.end(ticketed);
     }
     let _ = wr.shutdown().await;
 }
