@@ -128,10 +128,7 @@ impl ExportSpec {
                 Some((k, v)) => (k.trim(), Some(v)),
                 None => (item.trim(), None),
             };
-            fn need<'v>(
-                v: Option<&'v str>,
-                e: impl FnOnce() -> ExportError,
-            ) -> Result<&'v str, ExportError> {
+            fn need(v: Option<&str>, e: impl FnOnce() -> ExportError) -> Result<&str, ExportError> {
                 v.ok_or_else(e)
             }
             let missing = || bad(key, "needs a value (KEY=VALUE)".into());
@@ -219,6 +216,8 @@ pub struct Export {
     pub description: Option<String>,
     pub readonly: bool,
     pub backend: Arc<dyn Backend>,
+    /// Orders FLUSH arrivals after the `reply_sent` of every reply already on the wire.
+    pub(crate) fence: crate::connection::ReplyFence,
 }
 
 impl std::fmt::Debug for Export {
@@ -238,18 +237,16 @@ impl Export {
             description: None,
             readonly,
             backend,
+            fence: Default::default(),
         }
     }
 
     /// Builds the backend of `spec` and wraps it.
     pub fn from_spec(spec: &ExportSpec) -> Result<Self, ExportError> {
         let backend = build_backend(spec)?;
-        Ok(Export {
-            name: spec.name.clone(),
-            description: spec.description.clone(),
-            readonly: spec.readonly,
-            backend,
-        })
+        let mut e = Export::new(spec.name.clone(), backend, spec.readonly);
+        e.description = spec.description.clone();
+        Ok(e)
     }
 
     pub fn size(&self) -> u64 {
