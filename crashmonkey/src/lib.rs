@@ -1,1 +1,2 @@
 //! crashmonkey: crash states from nbd-server write logs, checkers, and fs-core race campaigns.
+pub mod race;

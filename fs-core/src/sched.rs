@@ -216,19 +216,28 @@ pub struct PctPolicy {
     prio: Vec<u64>,
     change_points: Vec<u64>,
     lowered: u64,
+    steps_hint: u64,
 }
+
+/// PCT runs strict priorities for this many times its step hint, then picks at random.
+pub const PCT_FAIR_AFTER_HINTS: u64 = 4;
 
 impl PctPolicy {
     /// `steps_hint`: the expected run length, over which change points are spread.
     pub fn new(seed: u64, depth: u32, steps_hint: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let change_points = (1..depth).map(|_| rng.random_range(0..steps_hint.max(1))).collect();
-        PctPolicy { rng, prio: Vec::new(), change_points, lowered: 0 }
+        PctPolicy { rng, prio: Vec::new(), change_points, lowered: 0, steps_hint: steps_hint.max(1) }
     }
 }
 
 impl Policy for PctPolicy {
     fn pick(&mut self, runnable: &[TaskId], step: u64) -> Result<TaskId, PolicyError> {
+        // Strict priorities can starve a task forever in a retry loop (a fault refaulting
+        // while reclaim keeps evicting): past a budget, fall back to random choice.
+        if step > self.steps_hint * PCT_FAIR_AFTER_HINTS {
+            return Ok(runnable[self.rng.random_range(0..runnable.len())]);
+        }
         let top = *runnable.iter().max().expect("non-empty");
         while self.prio.len() <= top {
             let p = self.rng.random_range(1_000..u64::MAX / 2);
