@@ -178,7 +178,7 @@ pub fn describe_failure(o: &RunOutcome) -> String {
     let verdict = if o.result.passed() { "PASSED" } else { "FAILED" };
     let _ = writeln!(s, "seed {} {verdict} ({:?} policy, {} steps)", o.seed, o.generated.policy, o.result.steps);
     let _ = writeln!(s, "switches: {}", switches(&o.cfg));
-    let _ = writeln!(s, "operations (phase 0 runs first, phase 1 races under the scheduler):");
+    let _ = writeln!(s, "operations (those of one phase race each other; a phase starts when the previous one returned):");
     let mut i = 0;
     for (p, phase) in o.generated.workload.phases.iter().enumerate() {
         for op in phase {

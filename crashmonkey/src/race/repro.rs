@@ -5,6 +5,7 @@
 
 use super::campaign::{describe_failure, RunOutcome};
 use anyhow::Context;
+use fs_core::sched::RecordedStep;
 use fs_core::{Choice, Config, Workload};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,10 @@ pub struct Bundle {
     pub config: Config,
     pub workload: Workload,
     pub schedule: Vec<Choice>,
+    /// The recorded trace (task, label, argument per step): a replay under other switches
+    /// follows it.
+    #[serde(default)]
+    pub trace: Vec<RecordedStep>,
     /// The failures the run found, as one-line text (for people and for replay comparison).
     pub failures: Vec<fs_core::Failure>,
 }
@@ -34,6 +39,7 @@ pub fn write_bundle(out: &Path, o: &RunOutcome) -> anyhow::Result<PathBuf> {
         config: o.cfg.clone(),
         workload: o.generated.workload.clone(),
         schedule: o.result.schedule.clone(),
+        trace: o.result.trace.iter().map(RecordedStep::from).collect(),
         failures: o.result.failures.clone(),
     };
     let w = |name: &str, data: String| -> anyhow::Result<()> {

@@ -219,7 +219,11 @@ fn replay(args: &RaceArgs) -> anyhow::Result<i32> {
     };
     let cfg = args.apply(base);
     let strict = cfg == b.config;
-    let mut policy = ReplayPolicy::new(b.schedule.clone(), strict);
+    let mut policy = if strict {
+        ReplayPolicy::new(b.schedule.clone(), true)
+    } else {
+        ReplayPolicy::lenient(b.schedule.clone(), b.trace.clone())
+    };
     let result = sched::run(&cfg, &b.workload, &mut policy);
     let same = result.failures == b.failures;
     let outcome = RunOutcome {
