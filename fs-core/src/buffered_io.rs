@@ -410,6 +410,8 @@ pub struct MmapStoreTask {
     pos: u64,
     data: Vec<u8>,
     st: MState,
+    /// The folio the read fault pinned (its `gen`).
+    pinned: Option<u64>,
 }
 
 impl MmapStoreTask {
@@ -417,7 +419,7 @@ impl MmapStoreTask {
         if data.is_empty() || pos / BS != (pos + data.len() as u64 - 1) / BS {
             return Err(FsError::Invalid("an mmap store must be non-empty and inside one folio".into()));
         }
-        Ok(MmapStoreTask { ino, pos, data, st: MState::Fault })
+        Ok(MmapStoreTask { ino, pos, data, st: MState::Fault, pinned: None })
     }
 
     fn idx(&self) -> u64 {
@@ -455,11 +457,24 @@ impl MmapStoreTask {
                         return Step::Done("fault:read_error", idx, Err(e));
                     }
                 }
+                // The fault returns with a reference on the folio, held into page_mkwrite.
+                let f = cx.fs.get_folio(ino, idx);
+                f.pins += 1;
+                self.pinned = Some(f.gen);
                 self.st = MState::Mkwrite;
                 Step::Yield("fault:read", idx)
             }
             MState::Mkwrite => {
-                if cx.fs.inode(ino).cache.get(idx).is_none() {
+                let gen = self.pinned.take();
+                let same = match cx.fs.inode_mut(ino).cache.get_mut(idx) {
+                    Some(f) if Some(f.gen) == gen => {
+                        f.pins -= 1;
+                        true
+                    }
+                    _ => false,
+                };
+                if !same {
+                    // Truncated or punched since the fault: fault again.
                     self.st = MState::Fault;
                     return Step::Yield("page_mkwrite:refault", idx);
                 }

@@ -138,11 +138,6 @@ impl RangeTask {
                 let inode = cx.fs.inode_mut(ino);
                 inode.i_rwsem.down_write(cx.me);
                 inode.invalidate_lock.down_write(cx.me);
-                // The linearisation point: nothing can read or write the range until we finish.
-                let (off, len) = (self.start * BS, (self.end - self.start) * BS);
-                if self.kind != RangeKind::Fallocate {
-                    cx.oracle.zero(ino, off, len, cx.op);
-                }
                 self.st = if self.kind == RangeKind::Fallocate {
                     RgState::Extents
                 } else {
@@ -151,7 +146,11 @@ impl RangeTask {
                 Step::Yield("range:lock", self.start)
             }
             RgState::Truncate { idx } => {
+                // Each folio's bytes become zero when it leaves the page cache: until then a
+                // store through an existing writable mapping still lands in it (faults are
+                // held off by the invalidate lock, reads and writes by the inode lock).
                 cx.fs.remove_folio(ino, idx);
+                cx.oracle.zero(ino, idx * BS, BS, cx.op);
                 self.st = if idx + 1 < self.end { RgState::Truncate { idx: idx + 1 } } else { RgState::Extents };
                 Step::Yield("range:truncate_pagecache", idx)
             }
@@ -277,7 +276,11 @@ impl TruncateTask {
                     // iomap_truncate_page: zero [size, block end) through the page cache so
                     // the bytes cannot come back if the file grows again.
                     let idx = self.size / BS;
-                    let written = cx.fs.inode(ino).extents.get(idx).state == ExtentState::Written;
+                    let state = cx.fs.inode(ino).extents.get(idx).state;
+                    let written = state == ExtentState::Written;
+                    // An UNWRITTEN block may have data in flight from this very folio: the
+                    // zeroed tail must be written after it.
+                    let allocated = written || state == ExtentState::Unwritten;
                     let cached = cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.uptodate);
                     if written && !cached {
                         if let Err(e) = cx.fs.read_folio(ino, idx) {
@@ -290,7 +293,7 @@ impl TruncateTask {
                     if let Some(f) = cx.fs.inode_mut(ino).cache.get_mut(idx) {
                         if f.uptodate {
                             f.data[(self.size % BS) as usize..].fill(0);
-                            f.dirty |= written;
+                            f.dirty |= allocated;
                         }
                     }
                 }

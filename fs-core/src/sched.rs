@@ -146,7 +146,7 @@ impl Workload {
 }
 
 /// One scheduling decision: the task that ran, and the short copy injected into it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Choice {
     pub t: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -216,19 +216,28 @@ pub struct PctPolicy {
     prio: Vec<u64>,
     change_points: Vec<u64>,
     lowered: u64,
+    steps_hint: u64,
 }
+
+/// PCT runs strict priorities for this many times its step hint, then picks at random.
+pub const PCT_FAIR_AFTER_HINTS: u64 = 4;
 
 impl PctPolicy {
     /// `steps_hint`: the expected run length, over which change points are spread.
     pub fn new(seed: u64, depth: u32, steps_hint: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let change_points = (1..depth).map(|_| rng.random_range(0..steps_hint.max(1))).collect();
-        PctPolicy { rng, prio: Vec::new(), change_points, lowered: 0 }
+        PctPolicy { rng, prio: Vec::new(), change_points, lowered: 0, steps_hint: steps_hint.max(1) }
     }
 }
 
 impl Policy for PctPolicy {
     fn pick(&mut self, runnable: &[TaskId], step: u64) -> Result<TaskId, PolicyError> {
+        // Strict priorities can starve a task forever in a retry loop (a fault refaulting
+        // while reclaim keeps evicting): past a budget, fall back to random choice.
+        if step > self.steps_hint * PCT_FAIR_AFTER_HINTS {
+            return Ok(runnable[self.rng.random_range(0..runnable.len())]);
+        }
         let top = *runnable.iter().max().expect("non-empty");
         while self.prio.len() <= top {
             let p = self.rng.random_range(1_000..u64::MAX / 2);
@@ -246,48 +255,99 @@ impl Policy for PctPolicy {
     }
 }
 
-/// Replays a recorded schedule. `strict`: a recorded task that is not runnable is an error;
-/// otherwise the lowest runnable task runs instead (used to replay a schedule found with one
-/// switch setting under another, where the steps differ).
+/// A step of a recorded trace, owned (for replay from a bundle).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedStep {
+    pub task: u32,
+    pub label: String,
+    pub arg: u64,
+}
+
+impl From<&TraceStep> for RecordedStep {
+    fn from(s: &TraceStep) -> Self {
+        RecordedStep { task: s.task, label: s.label.to_string(), arg: s.arg }
+    }
+}
+
+/// Extra steps a lenient replay gives a task to reach the recorded step's label.
+pub const REPLAY_EXTRA_STEPS_MAX: u32 = 16;
+
+/// Replays a recorded schedule. Strict: exactly the recorded choices; a recorded task that
+/// is not runnable is an error. Lenient (replaying under other switches, where a task may
+/// take more or fewer steps): each recorded step `(task, label)` runs that task until it
+/// emits that label (at most `REPLAY_EXTRA_STEPS_MAX` extra steps), skipping recorded steps
+/// whose task cannot run, so the interleaving of the tasks is kept as far as it can be.
 pub struct ReplayPolicy {
     choices: Vec<Choice>,
+    labels: Vec<RecordedStep>,
     next: usize,
     strict: bool,
     pending_short: Option<u32>,
-    /// Steps where the recorded choice could not be followed.
+    extra: u32,
+    /// Recorded steps that could not be followed.
     pub divergences: u64,
 }
 
 impl ReplayPolicy {
     pub fn new(choices: Vec<Choice>, strict: bool) -> Self {
-        ReplayPolicy { choices, next: 0, strict, pending_short: None, divergences: 0 }
+        ReplayPolicy { choices, labels: Vec::new(), next: 0, strict, pending_short: None, extra: 0, divergences: 0 }
+    }
+
+    /// A lenient replay that follows `labels` (the recorded trace).
+    /// Steps past the schedule's length (quiesce and sync) are not choices and are ignored.
+    pub fn lenient(choices: Vec<Choice>, mut labels: Vec<RecordedStep>) -> Self {
+        labels.truncate(choices.len());
+        ReplayPolicy { labels, ..ReplayPolicy::new(choices, false) }
     }
 }
 
 impl Policy for ReplayPolicy {
     fn pick(&mut self, runnable: &[TaskId], step: u64) -> Result<TaskId, PolicyError> {
-        let Some(c) = self.choices.get(self.next).copied() else {
+        loop {
+            let Some(c) = self.choices.get(self.next).copied() else {
+                if self.strict {
+                    return Err(PolicyError::Exhausted(step));
+                }
+                self.pending_short = None;
+                return Ok(*runnable.iter().find(|&&t| t >= FIRST_OP_TASK).unwrap_or(&runnable[0]));
+            };
+            if runnable.contains(&(c.t as TaskId)) {
+                self.pending_short = c.s;
+                if self.strict || self.labels.len() != self.choices.len() {
+                    self.next += 1;
+                }
+                return Ok(c.t as TaskId);
+            }
             if self.strict {
-                return Err(PolicyError::Exhausted(step));
+                return Err(PolicyError::Diverged { step, task: c.t, runnable: runnable.iter().map(|&t| t as u32).collect() });
             }
             self.divergences += 1;
-            self.pending_short = None;
-            return Ok(runnable[0]);
-        };
-        self.next += 1;
-        if runnable.contains(&(c.t as TaskId)) {
-            self.pending_short = c.s;
-            Ok(c.t as TaskId)
-        } else if self.strict {
-            Err(PolicyError::Diverged { step, task: c.t, runnable: runnable.iter().map(|&t| t as u32).collect() })
-        } else {
-            self.divergences += 1;
-            self.pending_short = None;
-            Ok(runnable[0])
+            self.next += 1;
+            self.extra = 0;
         }
     }
     fn short_copy(&mut self, _task: TaskId, _len: u32) -> Option<u32> {
         self.pending_short.take()
+    }
+    fn observe(&mut self, task: TaskId, label: &'static str, arg: u64) {
+        if self.strict || self.labels.len() != self.choices.len() {
+            return;
+        }
+        let Some(want) = self.labels.get(self.next) else { return };
+        if want.task as TaskId != task {
+            return;
+        }
+        if want.label == label && want.arg == arg {
+            self.next += 1;
+            self.extra = 0;
+        } else {
+            self.extra += 1;
+            if self.extra > REPLAY_EXTRA_STEPS_MAX {
+                self.divergences += 1;
+                self.next += 1;
+                self.extra = 0;
+            }
+        }
     }
 }
 
