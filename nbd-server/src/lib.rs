@@ -1,13 +1,25 @@
 //! nbd-server: an NBD server whose emulated disk records every write.
 //!
 //! Map of the crate (keep it true):
-//! - `backend`  the `Backend` trait the server drives, and the plain backends (memory, file)
-//! - `proto`    wire constants, headers, option and request codecs (pure, no IO)
-//! - `server`   listener, connection tasks, limits, graceful shutdown
-//! - `export`   export configuration (`NAME:size=SIZE[,file=PATH][,readonly]`) and registry
-//! - `disk`     the emulated disk: durability rule, epochs, recorder, power cut, faults
-//! - `log`      the write-log format: writer and streaming reader
+//! - `proto`       wire constants and pure codecs: handshake, options, requests, replies (no IO)
+//! - `server`      listener (TCP, Unix), connection tasks, named limits, graceful shutdown
+//! - `handshake`   fixed-newstyle option haggling up to the transmission phase
+//! - `connection`  the transmission phase: request checks, concurrent execution, reply writer
+//! - `export`      export configuration (`NAME:size=SIZE[,file=PATH][,readonly]`) and registry
+//! - `backend`     the `Backend` trait the server drives, and the plain backends (memory, file)
+//! - `disk`        the emulated disk: durability rule, epochs, recorder, power cut, faults
+//! - `log`         the write-log format: writer and streaming reader
+//! - `control`     control socket (`--control PATH`): mark, crash, stats; and its client
 
 pub mod backend;
+pub mod connection;
+pub mod control;
 pub mod disk;
+pub mod export;
+pub mod handshake;
 pub mod log;
+pub mod proto;
+pub mod server;
+
+pub use export::{build_backend, Export, ExportError, ExportRegistry, ExportSpec};
+pub use server::{BackgroundServer, Server, ServerConfig, ServerHandle};

@@ -15,10 +15,23 @@
 //! 3. `reply_sent` is called with the ticket after the reply bytes were handed to the socket,
 //!    whether the request succeeded or failed. Never before the IO method returned.
 //!
+//! 4. If the connection dies before the reply could be handed to the socket, `reply_abandoned`
+//!    is called instead of `reply_sent` (default: no-op).
+//!
+//! Requests the server rejects itself before executing them (unknown command or flag, out of
+//! range, zero length, write to a read-only export, oversized payload) never reach the
+//! backend: no `arrived`, no IO, no `reply_sent`.
+//!
 //! Offsets and lengths have been checked against `size()` by the server before any IO method
 //! is called; a backend may still return an error (`EIO`) but never panics on them.
 
 use std::io;
+
+pub mod file;
+pub mod memory;
+
+pub use file::FileBackend;
+pub use memory::MemoryBackend;
 
 /// Identifies one connection for the lifetime of the server process.
 pub type ConnId = u64;
@@ -61,6 +74,16 @@ pub struct StatusExtent {
     pub zero: bool,
 }
 
+/// How the server runs a backend's IO methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoStyle {
+    /// The methods may block (file IO, fsync, waiting on a lock held across IO): run them on
+    /// tokio's blocking thread pool.
+    Blocking,
+    /// The methods only touch memory and return quickly: run them on the async workers.
+    Inline,
+}
+
 /// Where an export's bytes live. All methods take `&self`: backends do their own locking,
 /// because requests of one connection run concurrently.
 pub trait Backend: Send + Sync + 'static {
@@ -77,6 +100,11 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
+    /// How the server should call the IO methods. Default: [`IoStyle::Blocking`], always safe.
+    fn io_style(&self) -> IoStyle {
+        IoStyle::Blocking
+    }
+
     /// Lifecycle hook: a request has arrived (see the module docs). Default: no-op.
     fn arrived(&self, _arrival: &Arrival) -> Ticket {
         Ticket(0)
@@ -84,6 +112,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Lifecycle hook: the reply for `ticket` has been handed to the socket. Default: no-op.
     fn reply_sent(&self, _ticket: Ticket) {}
+
+    /// Lifecycle hook: the connection failed before the reply for `ticket` could be handed to
+    /// the socket, so the client never learns the outcome. Default: no-op.
+    fn reply_abandoned(&self, _ticket: Ticket) {}
 
     /// Fill `buf` from `offset`.
     fn read(&self, ticket: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()>;

@@ -1,4 +1,309 @@
-fn main() {
-    eprintln!("nbd-server: not built yet");
-    std::process::exit(2);
+//! The `nbd-server` command: serve one or more exports over NBD until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use nbd_server::{ExportRegistry, ExportSpec, Server, ServerConfig};
+
+const EXAMPLES: &str = "\
+Examples:
+  # A 64 MiB sparse memory disk on the default address, named \"disk\":
+  nbd-server --export disk:size=64M
+  # Two exports, one backed by an image file, one read-only, on a chosen port:
+  nbd-server --listen 127.0.0.1:10810 --export data:size=1G,file=/tmp/data.img \\
+             --export golden:file=/tmp/golden.img,readonly
+  # Also on a Unix socket (clients: nbd+unix:///disk?socket=/tmp/nbd.sock):
+  nbd-server --export disk:size=64M --unix /tmp/nbd.sock
+  # Look at it:
+  nbdinfo nbd://127.0.0.1:10809/disk      nbdinfo --map nbd://127.0.0.1:10809/disk
+  qemu-io -f raw -c 'write -P 0xab 0 64k' -c 'read -P 0xab 0 64k' nbd://127.0.0.1:10809/disk
+
+Logs go to stderr; set RUST_LOG=debug (or trace) for more. The line
+'nbd-server: listening on ...' is printed once the sockets are bound.
+Crash testing (every writable export is an emulated disk with a volatile write cache):
+  nbd-server --export 'disk:size=64M,record=/tmp/disk.log' --control /tmp/nbd.ctl
+  nbd-server ctl --socket /tmp/nbd.ctl mark after-fsync-a
+  nbd-server ctl --socket /tmp/nbd.ctl crash --seed 7
+  nbd-server ctl --socket /tmp/nbd.ctl stats
+  Export keys for the emulated disk: record=PATH, cache=SIZE, eio-read=P, eio-write=P,
+  eio-flush=P, latency-us=N, latency-rate=P, fault-seed=S, crash-after-writes=N, crash-seed=S.
+
+SIGINT/SIGTERM: stop accepting, finish requests in flight, flush every export, exit 0.";
+
+/// An NBD server: sparse memory or raw-file exports, for every NBD client (qemu, libnbd
+/// tools, nbd-client, fio's nbd engine).
+#[derive(Debug, Parser)]
+#[command(name = "nbd-server", version, after_help = EXAMPLES)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    /// TCP address to listen on. Loopback by default; port 0 picks a free port (printed).
+    #[arg(long, value_name = "ADDR", default_value = nbd_server::server::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+
+    /// Do not listen on TCP at all (use with --unix).
+    #[arg(long, requires = "unix")]
+    no_tcp: bool,
+
+    /// Also listen on this Unix socket path (a stale socket file there is replaced).
+    #[arg(long, value_name = "PATH")]
+    unix: Option<PathBuf>,
+
+    /// An export, NAME:KEY=VALUE,... Keys: size=SIZE (K/M/G/T suffixes, a multiple of 4096;
+    /// required unless file= names an existing file), file=PATH (a raw image; default is a
+    /// sparse memory disk), readonly, description=TEXT. Repeat the flag for several exports.
+    /// An empty NAME (":size=1M") is the default export; otherwise a client asking for ""
+    /// gets the first export.
+    #[arg(
+        long = "export",
+        value_name = "NAME:size=SIZE[,file=PATH][,readonly]",
+        required = true
+    )]
+    exports: Vec<ExportSpec>,
+
+    /// Serve the control socket (marks, power cut, stats) at this path; see `ctl`.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+
+    /// Cut the power of every writable export after N writes (unless its export sets
+    /// crash-after-writes itself).
+    #[arg(long, value_name = "N")]
+    crash_after_writes: Option<u64>,
+
+    /// Seed for every export that sets no crash-seed / fault-seed of its own (printed).
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlAction {
+    /// Put a named mark in the write log, in order with the IO around it.
+    Mark { name: String },
+    /// Cut the power: drop every connection, persist a seeded choice of non-durable writes.
+    Crash {
+        /// Seed of the choice (default: derived from the export's crash seed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Print the emulated disks' counters as JSON.
+    Stats,
+    /// Push the write logs to stable storage.
+    Sync,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Drive a running server through its control socket.
+    ///
+    /// Example: nbd-server ctl --socket /tmp/nbd.ctl mark after-fsync-a
+    Ctl {
+        /// The server's --control path.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Address one export (default: every writable export).
+        #[arg(long, value_name = "NAME")]
+        export: Option<String>,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
+    /// Print the server's named limits (connections, requests in flight, payload sizes, ...).
+    Limits {
+        /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn limits() -> Vec<(&'static str, u64)> {
+    use nbd_server::{connection, handshake, server};
+    vec![
+        ("CONNECTIONS_MAX", server::CONNECTIONS_MAX as u64),
+        (
+            "REQUESTS_IN_FLIGHT_MAX",
+            server::REQUESTS_IN_FLIGHT_MAX as u64,
+        ),
+        ("PAYLOAD_BYTES_MAX", server::PAYLOAD_BYTES_MAX as u64),
+        (
+            "PAYLOAD_DISCARD_BYTES_MAX",
+            server::PAYLOAD_DISCARD_BYTES_MAX as u64,
+        ),
+        (
+            "IN_FLIGHT_PAYLOAD_BYTES_MAX",
+            server::IN_FLIGHT_PAYLOAD_BYTES_MAX as u64,
+        ),
+        ("OPTION_BYTES_MAX", handshake::OPTION_BYTES_MAX as u64),
+        (
+            "OPTION_DISCARD_BYTES_MAX",
+            handshake::OPTION_DISCARD_BYTES_MAX as u64,
+        ),
+        (
+            "OPTIONS_PER_CONNECTION_MAX",
+            handshake::OPTIONS_PER_CONNECTION_MAX as u64,
+        ),
+        ("HANDSHAKE_SECONDS_MAX", server::HANDSHAKE_SECONDS_MAX),
+        ("SHUTDOWN_GRACE_SECONDS", server::SHUTDOWN_GRACE_SECONDS),
+        (
+            "BLOCK_STATUS_DESCRIPTORS_MAX",
+            connection::BLOCK_STATUS_DESCRIPTORS_MAX as u64,
+        ),
+        ("EXPORTS_MAX", nbd_server::export::EXPORTS_MAX as u64),
+        ("CACHE_BYTES_MAX", nbd_server::disk::CACHE_BYTES_MAX),
+        (
+            "CACHE_ENTRIES_MAX",
+            nbd_server::disk::CACHE_ENTRIES_MAX as u64,
+        ),
+        (
+            "RECORD_PAYLOAD_BYTES_MAX",
+            nbd_server::log::RECORD_PAYLOAD_BYTES_MAX as u64,
+        ),
+        (
+            "CONTROL_LINE_BYTES_MAX",
+            nbd_server::control::CONTROL_LINE_BYTES_MAX as u64,
+        ),
+    ]
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    if let Some(Command::Ctl {
+        socket,
+        export,
+        action,
+    }) = &cli.command
+    {
+        let line = match action {
+            CtlAction::Mark { name } => format!("mark {name}"),
+            CtlAction::Crash { seed: Some(s) } => format!("crash {s}"),
+            CtlAction::Crash { seed: None } => "crash".to_owned(),
+            CtlAction::Stats => "stats".to_owned(),
+            CtlAction::Sync => "sync".to_owned(),
+        };
+        let line = match export {
+            Some(e) => format!("@{e} {line}"),
+            None => line,
+        };
+        match nbd_server::control::request(socket, &line) {
+            Ok(json) => {
+                println!("{json}");
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("nbd-server ctl: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+
+    if let Some(Command::Limits { json }) = cli.command {
+        let l = limits();
+        if json {
+            let m: serde_json::Map<String, serde_json::Value> = l
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.into()))
+                .collect();
+            println!("{}", serde_json::Value::Object(m));
+        } else {
+            for (k, v) in l {
+                println!("{k:<30} {v}");
+            }
+        }
+        return Ok(());
+    }
+
+    let mut specs = cli.exports.clone();
+    for spec in &mut specs {
+        if spec.disk.crash_after_writes.is_none() {
+            spec.disk.crash_after_writes = cli.crash_after_writes;
+        }
+        if let Some(seed) = cli.seed {
+            spec.disk.crash_seed.get_or_insert(seed);
+            if spec.disk.faults.seed == 0 {
+                spec.disk.faults.seed = seed;
+            }
+        }
+    }
+    if let Some(seed) = cli.seed {
+        eprintln!("nbd-server: seed {seed}");
+    }
+    let exports = ExportRegistry::from_specs(&specs).context("cannot set up the exports")?;
+    let disks: nbd_server::control::Disks = exports
+        .iter()
+        .filter_map(|e| e.disk.clone().map(|d| (e.name.clone(), d)))
+        .collect();
+    let disks_at_exit = disks.clone();
+    let config = ServerConfig {
+        listen: (!cli.no_tcp).then_some(cli.listen),
+        unix: cli.unix.clone(),
+        exports,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async move {
+        let handle = Server::bind(config.clone())
+            .await
+            .with_context(|| match config.listen {
+                Some(a) => format!("cannot listen on {a}"),
+                None => "cannot listen".to_owned(),
+            })?;
+        for e in config.exports.iter() {
+            eprintln!(
+                "nbd-server: export {:?}: {} bytes{}",
+                e.name,
+                e.size(),
+                if e.readonly { ", read-only" } else { "" }
+            );
+        }
+        if let Some(a) = handle.local_addr() {
+            eprintln!("nbd-server: listening on {a}");
+        }
+        if let Some(p) = handle.unix_path() {
+            eprintln!("nbd-server: listening on unix:{}", p.display());
+        }
+        let control = match &cli.control {
+            Some(path) => {
+                let task = nbd_server::control::serve(path.clone(), disks)
+                    .await
+                    .with_context(|| {
+                        format!("cannot serve the control socket {}", path.display())
+                    })?;
+                eprintln!("nbd-server: control socket {}", path.display());
+                Some(task)
+            }
+            None => None,
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+            _ = term.recv() => tracing::info!("SIGTERM"),
+        }
+        if let Some(task) = control {
+            task.abort();
+        }
+        handle
+            .shutdown()
+            .await
+            .context("flushing the exports at shutdown")?;
+        for (name, d) in &disks_at_exit {
+            d.sync_log()
+                .with_context(|| format!("export {name:?}: syncing its write log"))?;
+        }
+        eprintln!("nbd-server: stopped");
+        Ok(())
+    })
 }

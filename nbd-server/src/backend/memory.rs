@@ -1,0 +1,401 @@
+//! A sparse in-memory disk: only 4 KiB blocks that hold a nonzero byte are stored.
+//!
+//! Blocks are grouped in chunks of [`CHUNK_BLOCKS`] (1 MiB); chunks live in [`SHARDS`]
+//! independently locked hash maps, chosen by chunk number, so concurrent requests to
+//! different megabytes rarely contend, and a request touches one lock per megabyte it spans.
+//! A block that becomes all zeroes (a full-block zero write, WRITE_ZEROES, TRIM, or a
+//! partial write that leaves it zero) is dropped, so BLOCK_STATUS reports it as a hole that
+//! reads as zeroes — which is what it is.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Mutex, MutexGuard};
+
+use super::{Backend, IoStyle, StatusExtent, Ticket};
+
+/// Bytes per stored block.
+pub const BLOCK_BYTES: usize = 4096;
+/// Blocks per chunk: a chunk is the unit of locking (1 MiB).
+pub const CHUNK_BLOCKS: usize = 256;
+const CHUNK_BYTES: u64 = (BLOCK_BYTES * CHUNK_BLOCKS) as u64;
+/// Number of independently locked shards.
+pub const SHARDS: usize = 64;
+/// Most runs one `block_status` call returns (the server may ask again for the rest).
+pub const STATUS_RUNS_MAX: usize = 4096;
+
+type Block = Box<[u8; BLOCK_BYTES]>;
+
+struct Chunk {
+    blocks: Box<[Option<Block>; CHUNK_BLOCKS]>,
+    stored: usize,
+}
+
+impl Chunk {
+    fn new() -> Self {
+        Chunk {
+            blocks: Box::new(std::array::from_fn(|_| None)),
+            stored: 0,
+        }
+    }
+}
+
+type Shard = HashMap<u64, Chunk>;
+
+/// The sparse memory backend. See the module docs.
+pub struct MemoryBackend {
+    size: u64,
+    shards: Box<[Mutex<Shard>]>,
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // Compare 8 bytes at a time; the tail (never present for whole blocks) byte by byte.
+    let (chunks, rest) = b.split_at(b.len() / 8 * 8);
+    chunks
+        .chunks_exact(8)
+        .all(|c| u64::from_ne_bytes(c.try_into().unwrap_or([1; 8])) == 0)
+        && rest.iter().all(|&x| x == 0)
+}
+
+impl MemoryBackend {
+    /// A zero-filled disk of `size` bytes (a multiple of 4096; the export layer checks).
+    pub fn new(size: u64) -> Self {
+        MemoryBackend {
+            size,
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    /// Number of 4 KiB blocks currently stored (for tests and stats).
+    pub fn stored_blocks(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| lock(s).values().map(|c| c.stored).sum::<usize>())
+            .sum()
+    }
+
+    fn shard(&self, chunk: u64) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[(chunk % SHARDS as u64) as usize])
+    }
+
+    /// Calls `f(chunk, byte offset in chunk, bytes, position in the request)` for each chunk
+    /// piece of `[offset, offset+len)`.
+    fn for_each_chunk(offset: u64, len: u64, mut f: impl FnMut(u64, usize, usize, usize)) {
+        let mut pos = 0u64;
+        while pos < len {
+            let off = offset + pos;
+            let chunk = off / CHUNK_BYTES;
+            let in_chunk = (off % CHUNK_BYTES) as usize;
+            let n = (CHUNK_BYTES - in_chunk as u64).min(len - pos) as usize;
+            f(chunk, in_chunk, n, pos as usize);
+            pos += n as u64;
+        }
+    }
+
+    /// Zeroes `[offset, offset+len)`, freeing every block that ends up all zero.
+    fn zero_range(&self, offset: u64, len: u64) {
+        Self::for_each_chunk(offset, len, |chunk, in_chunk, n, _| {
+            let mut shard = self.shard(chunk);
+            if n as u64 == CHUNK_BYTES {
+                shard.remove(&chunk);
+                return;
+            }
+            let Some(c) = shard.get_mut(&chunk) else {
+                return;
+            };
+            let mut p = in_chunk;
+            while p < in_chunk + n {
+                let bi = p / BLOCK_BYTES;
+                let bo = p % BLOCK_BYTES;
+                let m = (BLOCK_BYTES - bo).min(in_chunk + n - p);
+                if let Some(b) = c.blocks[bi].as_mut() {
+                    b[bo..bo + m].fill(0);
+                    if m == BLOCK_BYTES || is_zero(&b[..]) {
+                        c.blocks[bi] = None;
+                        c.stored -= 1;
+                    }
+                }
+                p += m;
+            }
+            if c.stored == 0 {
+                shard.remove(&chunk);
+            }
+        });
+    }
+}
+
+fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // A panic while holding the lock cannot leave a shard half-updated in a way that breaks
+    // memory safety; keep serving rather than turning one bug into a dead export.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Backend for MemoryBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+
+    fn io_style(&self) -> IoStyle {
+        IoStyle::Inline
+    }
+
+    fn read(&self, _t: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        Self::for_each_chunk(offset, buf.len() as u64, |chunk, in_chunk, n, pos| {
+            let out = &mut buf[pos..pos + n];
+            let shard = self.shard(chunk);
+            let Some(c) = shard.get(&chunk) else {
+                out.fill(0);
+                return;
+            };
+            let mut p = 0;
+            while p < n {
+                let bi = (in_chunk + p) / BLOCK_BYTES;
+                let bo = (in_chunk + p) % BLOCK_BYTES;
+                let m = (BLOCK_BYTES - bo).min(n - p);
+                match &c.blocks[bi] {
+                    Some(b) => out[p..p + m].copy_from_slice(&b[bo..bo + m]),
+                    None => out[p..p + m].fill(0),
+                }
+                p += m;
+            }
+        });
+        Ok(())
+    }
+
+    fn write(&self, _t: Ticket, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
+        Self::for_each_chunk(offset, data.len() as u64, |chunk, in_chunk, n, pos| {
+            let src = &data[pos..pos + n];
+            let mut shard = self.shard(chunk);
+            if !shard.contains_key(&chunk) {
+                if is_zero(src) {
+                    return; // zeroes over a hole: nothing to store
+                }
+                shard.insert(chunk, Chunk::new());
+            }
+            let Some(c) = shard.get_mut(&chunk) else {
+                return;
+            };
+            let mut p = 0;
+            while p < n {
+                let bi = (in_chunk + p) / BLOCK_BYTES;
+                let bo = (in_chunk + p) % BLOCK_BYTES;
+                let m = (BLOCK_BYTES - bo).min(n - p);
+                let piece = &src[p..p + m];
+                match c.blocks[bi].as_mut() {
+                    Some(b) => {
+                        b[bo..bo + m].copy_from_slice(piece);
+                        if (m == BLOCK_BYTES || is_zero(piece)) && is_zero(&b[..]) {
+                            c.blocks[bi] = None;
+                            c.stored -= 1;
+                        }
+                    }
+                    None => {
+                        if !is_zero(piece) {
+                            let mut b: Block = Box::new([0u8; BLOCK_BYTES]);
+                            b[bo..bo + m].copy_from_slice(piece);
+                            c.blocks[bi] = Some(b);
+                            c.stored += 1;
+                        }
+                    }
+                }
+                p += m;
+            }
+            if c.stored == 0 {
+                shard.remove(&chunk);
+            }
+        });
+        Ok(())
+    }
+
+    fn write_zeroes(
+        &self,
+        _t: Ticket,
+        offset: u64,
+        length: u64,
+        _may_trim: bool,
+        _fast_only: bool,
+        _fua: bool,
+    ) -> io::Result<()> {
+        // Dropping blocks is both the fast path and the only path: memory has no
+        // "allocated zeroes" state, so NO_HOLE changes nothing observable.
+        self.zero_range(offset, length);
+        Ok(())
+    }
+
+    fn trim(&self, _t: Ticket, offset: u64, length: u64, _fua: bool) -> io::Result<()> {
+        self.zero_range(offset, length);
+        Ok(())
+    }
+
+    fn flush(&self, _t: Ticket) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn block_status(&self, _t: Ticket, offset: u64, length: u64) -> io::Result<Vec<StatusExtent>> {
+        fn push(runs: &mut Vec<StatusExtent>, len: u64, stored: bool) {
+            if let Some(last) = runs.last_mut() {
+                if last.hole == !stored {
+                    last.length += len;
+                    return;
+                }
+            }
+            runs.push(StatusExtent {
+                length: len,
+                hole: !stored,
+                zero: !stored,
+            });
+        }
+        let mut runs: Vec<StatusExtent> = Vec::new();
+        let mut pos = 0u64;
+        // Stop once enough runs are collected: the reply may cover less than asked.
+        while pos < length && runs.len() < STATUS_RUNS_MAX {
+            let off = offset + pos;
+            let chunk = off / CHUNK_BYTES;
+            let in_chunk = (off % CHUNK_BYTES) as usize;
+            let n = (CHUNK_BYTES - in_chunk as u64).min(length - pos) as usize;
+            let shard = self.shard(chunk);
+            match shard.get(&chunk) {
+                None => push(&mut runs, n as u64, false),
+                Some(c) => {
+                    let mut p = 0;
+                    while p < n {
+                        let bi = (in_chunk + p) / BLOCK_BYTES;
+                        let bo = (in_chunk + p) % BLOCK_BYTES;
+                        let m = (BLOCK_BYTES - bo).min(n - p);
+                        push(&mut runs, m as u64, c.blocks[bi].is_some());
+                        p += m;
+                    }
+                }
+            }
+            pos += n as u64;
+        }
+        runs.truncate(STATUS_RUNS_MAX);
+        Ok(runs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Ticket = Ticket(0);
+
+    #[test]
+    fn unwritten_reads_zero_and_is_a_hole() {
+        let m = MemoryBackend::new(8 << 20);
+        let mut buf = vec![1u8; 10000];
+        m.read(T, 5, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        let s = m.block_status(T, 0, 8 << 20).unwrap();
+        assert_eq!(
+            s,
+            vec![StatusExtent {
+                length: 8 << 20,
+                hole: true,
+                zero: true
+            }]
+        );
+    }
+
+    #[test]
+    fn unaligned_write_across_chunks_reads_back() {
+        let m = MemoryBackend::new(4 << 20);
+        let data: Vec<u8> = (0..3 * BLOCK_BYTES + 17)
+            .map(|i| (i % 251) as u8 + 1)
+            .collect();
+        let off = CHUNK_BYTES - 4096 - 100;
+        m.write(T, off, &data, false).unwrap();
+        let mut back = vec![0u8; data.len()];
+        m.read(T, off, &mut back).unwrap();
+        assert_eq!(back, data);
+        // Bytes around are still zero.
+        let mut edge = [9u8; 100];
+        m.read(T, off - 100, &mut edge).unwrap();
+        assert_eq!(edge, [0u8; 100]);
+        assert_eq!(m.stored_blocks(), 5);
+    }
+
+    #[test]
+    fn zero_writes_and_trims_free_blocks() {
+        let m = MemoryBackend::new(1 << 20);
+        m.write(T, 0, &[7u8; 8192], false).unwrap();
+        assert_eq!(m.stored_blocks(), 2);
+        m.write(T, 0, &[0u8; 4096], false).unwrap();
+        assert_eq!(m.stored_blocks(), 1);
+        m.write(T, 4096, &[0u8; 100], false).unwrap();
+        assert_eq!(m.stored_blocks(), 1);
+        m.trim(T, 4096 + 100, 4096 - 100, false).unwrap();
+        assert_eq!(
+            m.stored_blocks(),
+            0,
+            "block became all zero after partial writes"
+        );
+        m.write(T, 10, &[5u8; 10], false).unwrap();
+        m.write_zeroes(T, 0, 1 << 20, true, false, false).unwrap();
+        assert_eq!(m.stored_blocks(), 0);
+    }
+
+    #[test]
+    fn block_status_reports_runs() {
+        let m = MemoryBackend::new(16 << 20);
+        m.write(T, 4096, &[1u8; 8192], false).unwrap();
+        m.write(T, 2 << 20, &[1u8; 4096], false).unwrap();
+        let s = m.block_status(T, 0, 4 << 20).unwrap();
+        assert_eq!(
+            s,
+            vec![
+                StatusExtent {
+                    length: 4096,
+                    hole: true,
+                    zero: true
+                },
+                StatusExtent {
+                    length: 8192,
+                    hole: false,
+                    zero: false
+                },
+                StatusExtent {
+                    length: (2 << 20) - 12288,
+                    hole: true,
+                    zero: true
+                },
+                StatusExtent {
+                    length: 4096,
+                    hole: false,
+                    zero: false
+                },
+                StatusExtent {
+                    length: (2 << 20) - 4096,
+                    hole: true,
+                    zero: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn concurrent_writers_do_not_lose_blocks() {
+        let m = std::sync::Arc::new(MemoryBackend::new(64 << 20));
+        let hs: Vec<_> = (0..4u8)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..256u64 {
+                        let blk = i * 4 + t as u64;
+                        m.write(T, blk * 4096 * 13, &[t + 1; 4096], false).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        assert_eq!(m.stored_blocks(), 1024);
+        let mut b = [0u8; 4096];
+        m.read(T, 5 * 4096 * 13, &mut b).unwrap();
+        assert_eq!(b, [2u8; 4096]);
+    }
+}

@@ -1,0 +1,607 @@
+//! The transmission phase of one connection.
+//!
+//! A reader loop decodes requests, checks them, calls [`Backend::arrived`], and starts each
+//! valid request as its own task (on the async workers or tokio's blocking pool, per
+//! [`Backend::io_style`]), so requests run concurrently and finish in any order. Replies go
+//! through a channel to one writer task, which writes them as they come (out of order), batches
+//! whatever is queued into one socket write, and calls [`Backend::reply_sent`] once the bytes
+//! were handed to the socket.
+//!
+//! Limits: at most [`REQUESTS_IN_FLIGHT_MAX`] requests and [`IN_FLIGHT_PAYLOAD_BYTES_MAX`]
+//! payload bytes (write data and read buffers) per connection; the reader waits for room
+//! before it reads the next request, which pushes back on the client through TCP.
+//!
+//! `NBD_CMD_DISC`, end of stream, a bad request magic (the stream cannot be trusted after it)
+//! or server shutdown stop the reader; the writer then finishes every request already started,
+//! writes its reply, and closes the socket.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use crate::backend::{Arrival, Backend, ConnId, IoStyle, RequestKind, Ticket};
+use crate::handshake::Session;
+use crate::proto::*;
+use crate::server::{
+    wait_for_shutdown, IN_FLIGHT_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_MAX, PAYLOAD_DISCARD_BYTES_MAX,
+    REQUESTS_IN_FLIGHT_MAX, WRITE_BATCH_BYTES_MAX,
+};
+
+/// Most descriptors in one BLOCK_STATUS reply.
+pub const BLOCK_STATUS_DESCRIPTORS_MAX: usize = 1024;
+
+/// One reply on its way to the writer.
+struct Reply {
+    bytes: Vec<u8>,
+    ticket: Option<Ticket>,
+    _slot: OwnedSemaphorePermit,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
+/// A checked request, ready to run.
+struct Op {
+    kind: RequestKind,
+    cookie: u64,
+    flags: u16,
+    offset: u64,
+    length: u32,
+    payload: Vec<u8>,
+}
+
+/// Per-connection state shared by the request tasks.
+struct Ctx {
+    backend: Arc<dyn Backend>,
+    structured: bool,
+}
+
+/// An error answer decided before execution.
+struct Reject {
+    errno: u32,
+    message: &'static str,
+}
+
+fn reject(errno: u32, message: &'static str) -> Reject {
+    Reject { errno, message }
+}
+
+/// Checks a request header against the session; `Ok` is the kind to execute.
+fn check(h: &RequestHeader, s: &Session, size: u64) -> Result<RequestKind, Reject> {
+    let kind = match h.command {
+        NBD_CMD_READ => RequestKind::Read,
+        NBD_CMD_WRITE => RequestKind::Write,
+        NBD_CMD_FLUSH => RequestKind::Flush,
+        NBD_CMD_TRIM => RequestKind::Trim,
+        NBD_CMD_CACHE => RequestKind::Cache,
+        NBD_CMD_WRITE_ZEROES => RequestKind::WriteZeroes,
+        NBD_CMD_BLOCK_STATUS => RequestKind::BlockStatus,
+        _ => return Err(reject(NBD_EINVAL, "unknown command")),
+    };
+    let allowed = NBD_CMD_FLAG_FUA
+        | match kind {
+            RequestKind::Read if s.structured => NBD_CMD_FLAG_DF,
+            RequestKind::WriteZeroes => {
+                let fast = if s.transmission_flags & NBD_FLAG_SEND_FAST_ZERO != 0 {
+                    NBD_CMD_FLAG_FAST_ZERO
+                } else {
+                    0
+                };
+                NBD_CMD_FLAG_NO_HOLE | fast
+            }
+            RequestKind::BlockStatus => NBD_CMD_FLAG_REQ_ONE,
+            _ => 0,
+        };
+    if h.flags & !allowed != 0 {
+        return Err(reject(
+            NBD_EINVAL,
+            "command flag not valid for this command",
+        ));
+    }
+    let writes = matches!(
+        kind,
+        RequestKind::Write | RequestKind::Trim | RequestKind::WriteZeroes
+    );
+    if writes && s.export.readonly {
+        return Err(reject(NBD_EPERM, "the export is read-only"));
+    }
+    if kind == RequestKind::Flush {
+        if h.offset != 0 || h.length != 0 {
+            return Err(reject(NBD_EINVAL, "FLUSH must have offset and length 0"));
+        }
+        return Ok(kind);
+    }
+    if kind == RequestKind::BlockStatus && !(s.structured && s.base_allocation) {
+        return Err(reject(
+            NBD_EINVAL,
+            "BLOCK_STATUS needs base:allocation selected with SET_META_CONTEXT",
+        ));
+    }
+    if h.length == 0 {
+        return Err(reject(NBD_EINVAL, "zero-length request"));
+    }
+    let in_range = h
+        .offset
+        .checked_add(h.length as u64)
+        .is_some_and(|end| end <= size);
+    if !in_range {
+        return Err(if writes {
+            reject(NBD_ENOSPC, "request extends past the end of the export")
+        } else {
+            reject(NBD_EINVAL, "request extends past the end of the export")
+        });
+    }
+    if kind == RequestKind::Read && h.length > PAYLOAD_BYTES_MAX {
+        return Err(reject(
+            NBD_EINVAL,
+            "read longer than the 32 MiB payload limit",
+        ));
+    }
+    Ok(kind)
+}
+
+/// Maps an IO error to one of the NBD error values.
+fn errno_of(e: &io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => NBD_EPERM,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => NBD_ENOSPC,
+        Some(libc::EINVAL) => NBD_EINVAL,
+        Some(libc::EOPNOTSUPP) => NBD_ENOTSUP,
+        Some(libc::EOVERFLOW) => NBD_EOVERFLOW,
+        Some(_) => NBD_EIO,
+        None => match e.kind() {
+            io::ErrorKind::PermissionDenied => NBD_EPERM,
+            io::ErrorKind::InvalidInput => NBD_EINVAL,
+            io::ErrorKind::Unsupported => NBD_ENOTSUP,
+            _ => NBD_EIO,
+        },
+    }
+}
+
+/// The bytes of an error reply: a structured ERROR chunk where the spec wants one (READ once
+/// structured replies are on, and BLOCK_STATUS), else a simple reply.
+fn error_reply(structured: bool, command: u16, cookie: u64, errno: u32, message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    if structured && matches!(command, NBD_CMD_READ | NBD_CMD_BLOCK_STATUS) {
+        encode_error_chunk(&mut out, cookie, errno, message);
+    } else {
+        encode_simple_reply(&mut out, errno, cookie);
+    }
+    out
+}
+
+fn ok_reply(cookie: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SIMPLE_REPLY_HEADER_BYTES);
+    encode_simple_reply(&mut out, 0, cookie);
+    out
+}
+
+/// Runs one checked request against the backend and returns its reply bytes.
+fn execute(ctx: &Ctx, op: Op, ticket: Ticket) -> Vec<u8> {
+    let b = &*ctx.backend;
+    let fua = op.flags & NBD_CMD_FLAG_FUA != 0;
+    let (cookie, offset, len) = (op.cookie, op.offset, op.length as u64);
+    let command = match op.kind {
+        RequestKind::Read => NBD_CMD_READ,
+        RequestKind::BlockStatus => NBD_CMD_BLOCK_STATUS,
+        _ => NBD_CMD_WRITE,
+    };
+    let fail = |e: io::Error| {
+        tracing::debug!(?op.kind, offset, len, error = %e, "request failed");
+        error_reply(
+            ctx.structured,
+            command,
+            cookie,
+            errno_of(&e),
+            &e.to_string(),
+        )
+    };
+    match op.kind {
+        RequestKind::Read => {
+            let prefix = if ctx.structured {
+                OFFSET_DATA_PREFIX_BYTES
+            } else {
+                SIMPLE_REPLY_HEADER_BYTES
+            };
+            let mut out = vec![0u8; prefix + op.length as usize];
+            match b.read(ticket, offset, &mut out[prefix..]) {
+                Ok(()) => {
+                    if ctx.structured {
+                        put_offset_data_prefix(
+                            &mut out,
+                            NBD_REPLY_FLAG_DONE,
+                            cookie,
+                            offset,
+                            op.length,
+                        );
+                    } else {
+                        put_simple_reply(&mut out, 0, cookie);
+                    }
+                    out
+                }
+                Err(e) => fail(e),
+            }
+        }
+        RequestKind::Write => match b.write(ticket, offset, &op.payload, fua) {
+            Ok(()) => ok_reply(cookie),
+            Err(e) => fail(e),
+        },
+        RequestKind::Flush => match b.flush(ticket) {
+            Ok(()) => ok_reply(cookie),
+            Err(e) => fail(e),
+        },
+        RequestKind::Trim => match b.trim(ticket, offset, len, fua) {
+            Ok(()) => ok_reply(cookie),
+            Err(e) => fail(e),
+        },
+        RequestKind::WriteZeroes => {
+            let may_trim = op.flags & NBD_CMD_FLAG_NO_HOLE == 0;
+            let fast_only = op.flags & NBD_CMD_FLAG_FAST_ZERO != 0;
+            match b.write_zeroes(ticket, offset, len, may_trim, fast_only, fua) {
+                Ok(()) => ok_reply(cookie),
+                Err(e) => fail(e),
+            }
+        }
+        RequestKind::Cache => match b.cache(ticket, offset, len) {
+            Ok(()) => ok_reply(cookie),
+            Err(e) => fail(e),
+        },
+        RequestKind::BlockStatus => match b.block_status(ticket, offset, len) {
+            Ok(runs) => {
+                let req_one = op.flags & NBD_CMD_FLAG_REQ_ONE != 0;
+                let descriptors = descriptors_of(&runs, len, req_one);
+                let mut out =
+                    Vec::with_capacity(STRUCTURED_REPLY_HEADER_BYTES + 4 + 8 * descriptors.len());
+                encode_block_status_chunk(
+                    &mut out,
+                    NBD_REPLY_FLAG_DONE,
+                    cookie,
+                    crate::handshake::BASE_ALLOCATION_CONTEXT_ID,
+                    &descriptors,
+                );
+                out
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
+/// Turns backend runs into descriptors: clipped to the request, empty runs dropped, equal
+/// neighbours merged, at most [`BLOCK_STATUS_DESCRIPTORS_MAX`] (one with REQ_ONE), never none.
+fn descriptors_of(
+    runs: &[crate::backend::StatusExtent],
+    len: u64,
+    req_one: bool,
+) -> Vec<BlockDescriptor> {
+    let cap = if req_one {
+        1
+    } else {
+        BLOCK_STATUS_DESCRIPTORS_MAX
+    };
+    let mut out: Vec<BlockDescriptor> = Vec::new();
+    let mut covered = 0u64;
+    for r in runs {
+        let n = r.length.min(len - covered);
+        if n == 0 {
+            continue;
+        }
+        let flags =
+            if r.hole { NBD_STATE_HOLE } else { 0 } | if r.zero { NBD_STATE_ZERO } else { 0 };
+        match out.last_mut() {
+            Some(last) if last.flags == flags => last.length += n as u32,
+            _ => {
+                if out.len() == cap {
+                    break;
+                }
+                out.push(BlockDescriptor {
+                    length: n as u32,
+                    flags,
+                });
+            }
+        }
+        covered += n;
+        if covered == len {
+            break;
+        }
+    }
+    if out.is_empty() {
+        // The backend told nothing: "status 0" (allocated, contents unknown) is always true.
+        out.push(BlockDescriptor {
+            length: len as u32,
+            flags: 0,
+        });
+    }
+    out
+}
+
+async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
+    let mut sink = vec![0u8; 64 * 1024];
+    while n > 0 {
+        let m = n.min(sink.len() as u64) as usize;
+        rd.read_exact(&mut sink[..m]).await?;
+        n -= m as u64;
+    }
+    Ok(())
+}
+
+/// Serves the transmission phase until the client disconnects or the server shuts down.
+pub async fn serve<R, W>(
+    mut rd: BufReader<R>,
+    wr: BufWriter<W>,
+    session: Session,
+    conn: ConnId,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let backend = session.export.backend.clone();
+    let size = backend.size();
+    let style = backend.io_style();
+    let ctx = Arc::new(Ctx {
+        backend: backend.clone(),
+        structured: session.structured,
+    });
+    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let writer = tokio::spawn(write_replies(wr, rx, backend.clone()));
+    let slots = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    let budget = Arc::new(Semaphore::new(IN_FLIGHT_PAYLOAD_BYTES_MAX as usize));
+    // A power cut of the emulated disk drops every connection to it.
+    let mut power_cut = session.export.disk.as_ref().map(|d| d.power_cuts());
+
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let mut hb = [0u8; REQUEST_HEADER_BYTES];
+        let r = tokio::select! {
+            biased;
+            r = rd.read_exact(&mut hb) => r,
+            _ = wait_for_shutdown(&mut shutdown) => {
+                tracing::debug!(conn, "shutdown: no more requests");
+                break;
+            }
+            _ = crate::disk::wait_for_power_cut(&mut power_cut) => {
+                tracing::info!(conn, "power cut: dropping the connection");
+                break;
+            }
+        };
+        if let Err(e) = r {
+            if e.kind() != io::ErrorKind::UnexpectedEof {
+                tracing::debug!(conn, error = %e, "read failed");
+            }
+            break;
+        }
+        let h = match RequestHeader::decode(&hb) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(conn, error = %e, "bad request, dropping the connection");
+                break;
+            }
+        };
+        tracing::trace!(
+            conn,
+            cmd = command_name(h.command),
+            h.offset,
+            h.length,
+            h.flags,
+            "request"
+        );
+        if h.command == NBD_CMD_DISC {
+            tracing::debug!(conn, "NBD_CMD_DISC");
+            break;
+        }
+        // WRITE carries a payload whatever else is wrong with it; read it first to stay in step.
+        let mut payload = Vec::new();
+        let mut payload_budget = None;
+        if h.command == NBD_CMD_WRITE {
+            if h.length > PAYLOAD_BYTES_MAX {
+                if h.length > PAYLOAD_DISCARD_BYTES_MAX {
+                    tracing::warn!(
+                        conn,
+                        length = h.length,
+                        "write payload too large to discard, dropping the connection"
+                    );
+                    break;
+                }
+                if discard(&mut rd, h.length as u64).await.is_err() {
+                    break;
+                }
+                let bytes = error_reply(session.structured, h.command, h.cookie, NBD_EINVAL, "");
+                let _ = tx.send(Reply {
+                    bytes,
+                    ticket: None,
+                    _slot: slot,
+                    _budget: None,
+                });
+                continue;
+            }
+            let Ok(permit) = budget.clone().acquire_many_owned(h.length).await else {
+                break;
+            };
+            payload_budget = Some(permit);
+            payload = vec![0u8; h.length as usize];
+            if let Err(e) = rd.read_exact(&mut payload).await {
+                tracing::debug!(conn, error = %e, "connection ended in the middle of a write payload");
+                break;
+            }
+        }
+        let kind = match check(&h, &session, size) {
+            Ok(k) => k,
+            Err(rej) => {
+                tracing::debug!(
+                    conn,
+                    cmd = command_name(h.command),
+                    h.offset,
+                    h.length,
+                    h.flags,
+                    why = rej.message,
+                    "rejected"
+                );
+                let bytes = error_reply(
+                    session.structured,
+                    h.command,
+                    h.cookie,
+                    rej.errno,
+                    rej.message,
+                );
+                let _ = tx.send(Reply {
+                    bytes,
+                    ticket: None,
+                    _slot: slot,
+                    _budget: None,
+                });
+                continue;
+            }
+        };
+        if kind == RequestKind::Read {
+            let Ok(permit) = budget.clone().acquire_many_owned(h.length).await else {
+                break;
+            };
+            payload_budget = Some(permit);
+        }
+        let fua = h.flags & NBD_CMD_FLAG_FUA != 0;
+        let ticket = backend.arrived(&Arrival {
+            conn,
+            kind,
+            offset: h.offset,
+            length: h.length as u64,
+            fua,
+        });
+        let op = Op {
+            kind,
+            cookie: h.cookie,
+            flags: h.flags,
+            offset: h.offset,
+            length: h.length,
+            payload,
+        };
+        let ctx = ctx.clone();
+        let tx = tx.clone();
+        let job = move || {
+            let bytes = execute(&ctx, op, ticket);
+            let reply = Reply {
+                bytes,
+                ticket: Some(ticket),
+                _slot: slot,
+                _budget: payload_budget,
+            };
+            if let Err(mpsc::error::SendError(r)) = tx.send(reply) {
+                if let Some(t) = r.ticket {
+                    ctx.backend.reply_abandoned(t);
+                }
+            }
+        };
+        match style {
+            IoStyle::Inline => {
+                tokio::spawn(async move { job() });
+            }
+            IoStyle::Blocking => {
+                tokio::task::spawn_blocking(job);
+            }
+        }
+    }
+    // Every started request holds a sender; the writer ends once they all replied.
+    drop(tx);
+    let _ = writer.await;
+    tracing::debug!(conn, "connection closed");
+}
+
+/// The writer task: replies in completion order, batched, then `reply_sent`.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut wr: BufWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    backend: Arc<dyn Backend>,
+) {
+    let mut batch: Vec<Reply> = Vec::with_capacity(64);
+    let mut broken = false;
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.bytes.len();
+        batch.push(first);
+        while bytes < WRITE_BATCH_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(r) => {
+                    bytes += r.bytes.len();
+                    batch.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        if !broken {
+            for r in &batch {
+                if wr.write_all(&r.bytes).await.is_err() {
+                    broken = true;
+                    break;
+                }
+            }
+            if !broken && wr.flush().await.is_err() {
+                broken = true;
+            }
+        }
+        for r in batch.drain(..) {
+            if let Some(t) = r.ticket {
+                if broken {
+                    backend.reply_abandoned(t);
+                } else {
+                    backend.reply_sent(t);
+                }
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::StatusExtent;
+
+    #[test]
+    fn descriptors_merge_clip_and_cap() {
+        let runs = [
+            StatusExtent {
+                length: 4096,
+                hole: true,
+                zero: true,
+            },
+            StatusExtent {
+                length: 4096,
+                hole: true,
+                zero: true,
+            },
+            StatusExtent {
+                length: 8192,
+                hole: false,
+                zero: false,
+            },
+        ];
+        let d = descriptors_of(&runs, 10000, false);
+        assert_eq!(
+            d,
+            vec![
+                BlockDescriptor {
+                    length: 8192,
+                    flags: 3
+                },
+                BlockDescriptor {
+                    length: 1808,
+                    flags: 0
+                }
+            ]
+        );
+        assert_eq!(
+            descriptors_of(&runs, 10000, true),
+            vec![BlockDescriptor {
+                length: 8192,
+                flags: 3
+            }]
+        );
+        assert_eq!(
+            descriptors_of(&[], 512, false),
+            vec![BlockDescriptor {
+                length: 512,
+                flags: 0
+            }]
+        );
+    }
+}

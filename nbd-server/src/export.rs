@@ -1,0 +1,503 @@
+//! Export configuration and the registry of named exports.
+//!
+//! An export is given on the command line as `NAME:KEY=VALUE[,KEY=VALUE...]`:
+//!
+//! | key | meaning |
+//! |---|---|
+//! | `size=SIZE` | bytes; suffixes K, M, G, T (powers of 1024); a multiple of 4096. Required unless `file` names an existing file |
+//! | `file=PATH` | a raw image file; without it the export is a sparse memory disk |
+//! | `readonly` | writes, trims and zeroes are refused with EPERM |
+//! | `description=TEXT` | sent as NBD_INFO_DESCRIPTION (no commas) |
+//! | `record=PATH` | record every write, flush, mark, fault and power cut to this write log |
+//! | `cache=SIZE` | the emulated disk's volatile write cache limit (default 64M) |
+//! | `eio-read=P`, `eio-write=P`, `eio-flush=P` | inject EIO with probability P (0..=1) |
+//! | `latency-us=N`, `latency-rate=P` | add N µs to a request with probability P |
+//! | `fault-seed=S` | seed of the fault generator |
+//! | `crash-after-writes=N` | cut the power after N writes |
+//! | `crash-seed=S` | seed of the automatic power cut (its point, without crash-after-writes) |
+//!
+//! Every writable export is an emulated disk ([`crate::disk`]) over its storage: a volatile
+//! write cache with the durability rule, marks and power cuts.
+//!
+//! `NAME` may be empty (`:size=1M`), which makes it the default export. A client asking for
+//! the name "" gets the export named "" if there is one, else the first export given.
+//!
+//! To add a key: add a field to [`ExportSpec`], a match arm in [`ExportSpec::parse`], and its
+//! use in [`build_backend`]; unknown keys are rejected with the list of known ones.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::backend::{Backend, FileBackend, MemoryBackend};
+use crate::disk::{DiskConfig, EmulatedDisk};
+use crate::proto::*;
+
+/// Export sizes are a multiple of this.
+pub const EXPORT_ALIGNMENT_BYTES: u64 = 4096;
+/// Largest export size accepted (offset + length arithmetic stays far from overflow).
+pub const EXPORT_BYTES_MAX: u64 = 1 << 60;
+/// Most exports one server serves.
+pub const EXPORTS_MAX: usize = 256;
+/// Every key [`ExportSpec::parse`] accepts, for the error message.
+pub const EXPORT_KEYS: &[&str] = &[
+    "size",
+    "file",
+    "readonly",
+    "description",
+    "record",
+    "cache",
+    "eio-read",
+    "eio-write",
+    "eio-flush",
+    "latency-us",
+    "latency-rate",
+    "fault-seed",
+    "crash-after-writes",
+    "crash-seed",
+];
+
+/// A bad export specification.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    #[error("export {0:?}: expected NAME:size=SIZE[,file=PATH][,readonly] (missing ':')")]
+    MissingColon(String),
+    #[error("export {name:?}: unknown key {key:?} (known keys: {known})")]
+    UnknownKey {
+        name: String,
+        key: String,
+        known: String,
+    },
+    #[error("export {name:?}: key {key:?} {problem}")]
+    BadValue {
+        name: String,
+        key: String,
+        problem: String,
+    },
+    #[error("export {0:?}: size= is required (or file= naming an existing file)")]
+    MissingSize(String),
+    #[error("export {name:?}: size {size} is not a positive multiple of 4096 bytes up to 2^60")]
+    BadSize { name: String, size: u64 },
+    #[error("export {name:?}: {message}")]
+    Backend { name: String, message: String },
+    #[error("export name {0:?} is given twice")]
+    Duplicate(String),
+    #[error("export name {0:?} is not a valid NBD name (UTF-8, no NUL, at most 4096 bytes)")]
+    BadName(String),
+    #[error("no export given (use --export NAME:size=SIZE)")]
+    NoExports,
+    #[error("more than {EXPORTS_MAX} exports")]
+    TooMany,
+}
+
+/// Parses `64M`, `1G`, `4096`, `2T`: binary suffixes, case-insensitive, optional trailing `B`
+/// or `iB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix("ib"))
+        .unwrap_or(t);
+    let t = if t.len() > 1 {
+        t.strip_suffix(['B', 'b']).unwrap_or(t)
+    } else {
+        t
+    };
+    let (digits, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 4096, 64K, 16M, 2G"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// One `--export` argument, parsed but not yet opened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportSpec {
+    pub name: String,
+    pub size: Option<u64>,
+    pub file: Option<PathBuf>,
+    pub readonly: bool,
+    pub description: Option<String>,
+    /// Emulated-disk settings (recording, cache, faults, automatic power cut).
+    pub disk: DiskConfig,
+}
+
+impl ExportSpec {
+    pub fn parse(s: &str) -> Result<Self, ExportError> {
+        let (name, rest) = s
+            .split_once(':')
+            .ok_or_else(|| ExportError::MissingColon(s.to_owned()))?;
+        let name = name.to_owned();
+        if parse_string(name.as_bytes()).is_err() {
+            return Err(ExportError::BadName(name));
+        }
+        let mut spec = ExportSpec {
+            name: name.clone(),
+            size: None,
+            file: None,
+            readonly: false,
+            description: None,
+            disk: DiskConfig::default(),
+        };
+        let bad = |key: &str, problem: String| ExportError::BadValue {
+            name: name.clone(),
+            key: key.into(),
+            problem,
+        };
+        for item in rest.split(',').filter(|i| !i.is_empty()) {
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k.trim(), Some(v)),
+                None => (item.trim(), None),
+            };
+            fn need<'v>(
+                v: Option<&'v str>,
+                e: impl FnOnce() -> ExportError,
+            ) -> Result<&'v str, ExportError> {
+                v.ok_or_else(e)
+            }
+            let missing = || bad(key, "needs a value (KEY=VALUE)".into());
+            match key {
+                "size" => {
+                    let size = parse_size(need(value, missing)?).map_err(|e| bad(key, e))?;
+                    if size == 0 || size % EXPORT_ALIGNMENT_BYTES != 0 || size > EXPORT_BYTES_MAX {
+                        return Err(ExportError::BadSize { name, size });
+                    }
+                    spec.size = Some(size);
+                }
+                "file" => {
+                    let v = need(value, missing)?;
+                    if v.is_empty() {
+                        return Err(bad(key, "needs a path".into()));
+                    }
+                    spec.file = Some(PathBuf::from(v));
+                }
+                "readonly" | "ro" => match value {
+                    None | Some("true") | Some("1") | Some("yes") => spec.readonly = true,
+                    Some("false") | Some("0") | Some("no") => spec.readonly = false,
+                    Some(v) => {
+                        return Err(bad(key, format!("takes no value or true/false, not {v:?}")))
+                    }
+                },
+                "description" => {
+                    let v = need(value, missing)?;
+                    parse_string(v.as_bytes()).map_err(|e| bad(key, e.to_string()))?;
+                    spec.description = Some(v.to_owned());
+                }
+                "record" => {
+                    let v = need(value, missing)?;
+                    if v.is_empty() {
+                        return Err(bad(key, "needs a path".into()));
+                    }
+                    spec.disk.record = Some(PathBuf::from(v));
+                }
+                "cache" => {
+                    let v = parse_size(need(value, missing)?).map_err(|e| bad(key, e))?;
+                    spec.disk.cache_bytes_max = v.max(1);
+                }
+                "eio-read" | "eio-write" | "eio-flush" | "latency-rate" => {
+                    let v: f64 = need(value, missing)?
+                        .parse()
+                        .ok()
+                        .filter(|p| (0.0..=1.0).contains(p))
+                        .ok_or_else(|| bad(key, "needs a probability in 0..=1".into()))?;
+                    let f = &mut spec.disk.faults;
+                    *match key {
+                        "eio-read" => &mut f.eio_read,
+                        "eio-write" => &mut f.eio_write,
+                        "eio-flush" => &mut f.eio_flush,
+                        _ => &mut f.latency_rate,
+                    } = v;
+                }
+                "latency-us" | "fault-seed" | "crash-after-writes" | "crash-seed" => {
+                    let v: u64 = need(value, missing)?
+                        .parse()
+                        .map_err(|_| bad(key, "needs a whole number".into()))?;
+                    match key {
+                        "latency-us" => {
+                            spec.disk.faults.latency_us =
+                                u32::try_from(v).map_err(|_| bad(key, "is too large".into()))?
+                        }
+                        "fault-seed" => spec.disk.faults.seed = v,
+                        "crash-after-writes" => spec.disk.crash_after_writes = Some(v.max(1)),
+                        _ => spec.disk.crash_seed = Some(v),
+                    }
+                }
+                _ => {
+                    return Err(ExportError::UnknownKey {
+                        name,
+                        key: key.to_owned(),
+                        known: EXPORT_KEYS.join(", "),
+                    })
+                }
+            }
+        }
+        if spec.size.is_none() && spec.file.is_none() {
+            return Err(ExportError::MissingSize(name));
+        }
+        Ok(spec)
+    }
+}
+
+impl FromStr for ExportSpec {
+    type Err = ExportError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ExportSpec::parse(s)
+    }
+}
+
+/// Opens the storage an export spec names.
+pub fn build_backend(spec: &ExportSpec) -> Result<Arc<dyn Backend>, ExportError> {
+    match &spec.file {
+        Some(path) => {
+            let f = FileBackend::open(path, spec.size, spec.readonly).map_err(|e| {
+                ExportError::Backend {
+                    name: spec.name.clone(),
+                    message: format!("{}: {e}", path.display()),
+                }
+            })?;
+            let size = f.size();
+            if size == 0 || size % EXPORT_ALIGNMENT_BYTES != 0 || size > EXPORT_BYTES_MAX {
+                return Err(ExportError::BadSize {
+                    name: spec.name.clone(),
+                    size,
+                });
+            }
+            Ok(Arc::new(f))
+        }
+        None => {
+            let size = spec
+                .size
+                .ok_or_else(|| ExportError::MissingSize(spec.name.clone()))?;
+            Ok(Arc::new(MemoryBackend::new(size)))
+        }
+    }
+}
+
+/// A served export.
+pub struct Export {
+    pub name: String,
+    pub description: Option<String>,
+    pub readonly: bool,
+    pub backend: Arc<dyn Backend>,
+    /// The emulated disk behind `backend`, for writable exports built from a spec.
+    pub disk: Option<Arc<EmulatedDisk>>,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Export")
+            .field("name", &self.name)
+            .field("size", &self.backend.size())
+            .field("readonly", &self.readonly)
+            .finish()
+    }
+}
+
+impl Export {
+    pub fn new(name: impl Into<String>, backend: Arc<dyn Backend>, readonly: bool) -> Self {
+        Export {
+            name: name.into(),
+            description: None,
+            readonly,
+            backend,
+            disk: None,
+        }
+    }
+
+    /// Builds the backend of `spec` and wraps it.
+    pub fn from_spec(spec: &ExportSpec) -> Result<Self, ExportError> {
+        let storage = build_backend(spec)?;
+        let disk = if spec.readonly {
+            None
+        } else {
+            let d = EmulatedDisk::new(storage.clone(), spec.disk.clone()).map_err(|e| {
+                ExportError::Backend {
+                    name: spec.name.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+            Some(Arc::new(d))
+        };
+        let backend = match &disk {
+            Some(d) => d.clone() as Arc<dyn Backend>,
+            None => storage,
+        };
+        Ok(Export {
+            name: spec.name.clone(),
+            description: spec.description.clone(),
+            readonly: spec.readonly,
+            backend,
+            disk,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.backend.size()
+    }
+
+    /// The transmission flags sent to a client; `structured` says whether structured replies
+    /// were negotiated (NBD_FLAG_SEND_DF depends on it).
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
+        let mut f = NBD_FLAG_HAS_FLAGS
+            | NBD_FLAG_SEND_FLUSH
+            | NBD_FLAG_SEND_FUA
+            | NBD_FLAG_SEND_TRIM
+            | NBD_FLAG_SEND_WRITE_ZEROES
+            | NBD_FLAG_SEND_CACHE
+            | NBD_FLAG_CAN_MULTI_CONN;
+        if self.backend.can_fast_zero() {
+            f |= NBD_FLAG_SEND_FAST_ZERO;
+        }
+        if structured {
+            f |= NBD_FLAG_SEND_DF;
+        }
+        if self.readonly {
+            f |= NBD_FLAG_READ_ONLY;
+        }
+        f
+    }
+}
+
+/// The exports of one server, in the order given.
+#[derive(Debug, Clone)]
+pub struct ExportRegistry {
+    exports: Vec<Arc<Export>>,
+}
+
+impl ExportRegistry {
+    pub fn new(exports: Vec<Export>) -> Result<Self, ExportError> {
+        if exports.is_empty() {
+            return Err(ExportError::NoExports);
+        }
+        if exports.len() > EXPORTS_MAX {
+            return Err(ExportError::TooMany);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for e in &exports {
+            if !seen.insert(e.name.clone()) {
+                return Err(ExportError::Duplicate(e.name.clone()));
+            }
+        }
+        Ok(ExportRegistry {
+            exports: exports.into_iter().map(Arc::new).collect(),
+        })
+    }
+
+    /// Parses and opens every spec.
+    pub fn from_specs(specs: &[ExportSpec]) -> Result<Self, ExportError> {
+        let exports = specs
+            .iter()
+            .map(Export::from_spec)
+            .collect::<Result<Vec<_>, _>>()?;
+        ExportRegistry::new(exports)
+    }
+
+    /// The export a client means by `name`: an exact match, or for "" the first export.
+    pub fn lookup(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports
+            .iter()
+            .find(|e| e.name == name)
+            .or_else(|| {
+                if name.is_empty() {
+                    self.exports.first()
+                } else {
+                    None
+                }
+            })
+            .cloned()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
+        self.exports.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64K").unwrap(), 64 << 10);
+        assert_eq!(parse_size("16m").unwrap(), 16 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1GiB").unwrap(), 1 << 30);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999999999999T").is_err());
+    }
+
+    #[test]
+    fn specs_parse() {
+        let s = ExportSpec::parse("disk:size=64M,file=/tmp/x.img,readonly").unwrap();
+        assert_eq!(s.name, "disk");
+        assert_eq!(s.size, Some(64 << 20));
+        assert_eq!(s.file, Some(PathBuf::from("/tmp/x.img")));
+        assert!(s.readonly);
+        let d = ExportSpec::parse(":size=1M").unwrap();
+        assert_eq!(d.name, "");
+    }
+
+    #[test]
+    fn bad_specs_say_what_is_wrong() {
+        let e = ExportSpec::parse("disk").unwrap_err().to_string();
+        assert!(e.contains("missing ':'"), "{e}");
+        let e = ExportSpec::parse("disk:size=1000").unwrap_err().to_string();
+        assert!(e.contains("multiple of 4096"), "{e}");
+        let e = ExportSpec::parse("disk:size=1M,color=red")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown key \"color\"") && e.contains("size, file"),
+            "{e}"
+        );
+        let e = ExportSpec::parse("disk:readonly").unwrap_err().to_string();
+        assert!(e.contains("size= is required"), "{e}");
+        assert!(ExportSpec::parse("disk:size=").is_err());
+        assert!(ExportSpec::parse("disk:size=0").is_err());
+    }
+
+    #[test]
+    fn registry_rules() {
+        let a = Export::new("a", Arc::new(MemoryBackend::new(4096)), false);
+        let b = Export::new("b", Arc::new(MemoryBackend::new(8192)), true);
+        let r = ExportRegistry::new(vec![a, b]).unwrap();
+        assert_eq!(r.lookup("b").unwrap().size(), 8192);
+        assert_eq!(
+            r.lookup("").unwrap().name,
+            "a",
+            "\"\" falls back to the first export"
+        );
+        assert!(r.lookup("c").is_none());
+        let dup = vec![
+            Export::new("a", Arc::new(MemoryBackend::new(4096)), false),
+            Export::new("a", Arc::new(MemoryBackend::new(4096)), false),
+        ];
+        assert!(matches!(
+            ExportRegistry::new(dup),
+            Err(ExportError::Duplicate(_))
+        ));
+        assert!(matches!(
+            ExportRegistry::new(vec![]),
+            Err(ExportError::NoExports)
+        ));
+    }
+
+    #[test]
+    fn readonly_flag_is_advertised() {
+        let e = Export::new("a", Arc::new(MemoryBackend::new(4096)), true);
+        assert_ne!(e.transmission_flags(false) & NBD_FLAG_READ_ONLY, 0);
+        assert_eq!(e.transmission_flags(false) & NBD_FLAG_SEND_DF, 0);
+        assert_ne!(e.transmission_flags(true) & NBD_FLAG_SEND_DF, 0);
+    }
+}
