@@ -1,1 +1,41 @@
-//! fs-core: a deterministic, sans-IO filesystem core that models the Linux iomap layer.
+//! fs-core: a deterministic, sans-IO filesystem core that models the Linux iomap layer, so
+//! the stale-mapping races of buffered writes, writeback, IO completion, reclaim and mmap
+//! faults are steps a scheduler orders and every race replays from its schedule.
+//!
+//! No threads, no clocks, no async, no global state: concurrency is the interleaving of
+//! task steps chosen by a `sched::Policy`.
+//!
+//! Module map:
+//! - `block`       the `BlockDevice` trait (submit and complete are separate), `MemDevice`
+//!   with its write log.
+//! - `extent`      per-inode extent map: HOLE / DELALLOC / UNWRITTEN / WRITTEN and `seq`.
+//! - `alloc`       block allocator with ownership, so writes to freed blocks are caught.
+//! - `pagecache`   4 KiB folios (locked, uptodate, dirty, writeback, mapped-writable), LRU.
+//! - `fs`          the filesystem state, the behaviour switches (`Config`), locks, errors.
+//! - `iomap`       `IoMap`, `iomap_begin` for writes and faults, `iomap_valid`.
+//! - `buffered_io` buffered write (iterator, write_begin/end, iomap_end delalloc punch old
+//!   and fixed), buffered read, mmap fault + `page_mkwrite` + store.
+//! - `writeback`   writepages with a cached mapping (`map_blocks`), IO completion, reclaim.
+//! - `ops`         workload operations (`Op`), fallocate, punch, zero range, truncate, fsync.
+//! - `sched`       tasks, yield points, policies (random, PCT, replay, script), the runner.
+//! - `oracle`      the fsx-style file model, first-wrong-byte reports, invariants.
+
+pub mod alloc;
+pub mod block;
+pub mod buffered_io;
+pub mod extent;
+pub mod fs;
+pub mod iomap;
+pub mod oracle;
+pub mod ops;
+pub mod pagecache;
+pub mod sched;
+pub mod writeback;
+
+/// Identifies a task of the scheduler (an index into its task table).
+pub type TaskId = usize;
+
+pub use fs::{AllocMode, Config, Fs, FsError, PunchMode, ValidityCheckAt};
+pub use ops::Op;
+pub use oracle::Failure;
+pub use sched::{run, Choice, Directive, RunResult, Workload};

@@ -1,0 +1,235 @@
+//! The block-device boundary: the `BlockDevice` trait fs-core owns, its requests and
+//! completions, and `MemDevice`, an in-memory device that records every write it applies.
+//!
+//! Submitting a request and completing it are separate calls so that IO completion is a step
+//! of its own that the scheduler orders: a write is on the device only once `complete` ran.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One filesystem block; also the folio size (the model keeps block = folio = 4 KiB).
+pub const BLOCK_SIZE: usize = 4096;
+/// Requests a device accepts before the caller must complete some.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 4096;
+
+/// Identifies a submitted request until it completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ReqId(pub u64);
+
+/// A request to the device. Writes are whole blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Read { block: u64 },
+    Write { block: u64, data: Vec<u8>, fua: bool },
+    Flush,
+    Trim { block: u64, count: u64 },
+}
+
+/// What a completed request gives back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    Read { data: Vec<u8> },
+    Done,
+}
+
+/// Device errors: the request was malformed or the device failed it.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeviceError {
+    #[error("block {block} is past the end of a {blocks}-block device")]
+    OutOfRange { block: u64, blocks: u64 },
+    #[error("write of {0} bytes is not exactly one {BLOCK_SIZE}-byte block")]
+    BadLength(usize),
+    #[error("request {0:?} is not in flight")]
+    UnknownRequest(ReqId),
+    #[error("more than {REQUESTS_IN_FLIGHT_MAX} requests in flight")]
+    TooManyInFlight,
+    #[error("device failed the request: {0}")]
+    Io(String),
+}
+
+/// Kind of a recorded device event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordKind {
+    Write,
+    FuaWrite,
+    Flush,
+    Trim,
+}
+
+/// One entry of a device's write log: what reached the device, in completion order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Position in the log (0, 1, 2, ...).
+    pub seq: u64,
+    pub kind: RecordKind,
+    pub block: u64,
+    pub count: u64,
+    /// FNV-1a 64 of the payload (0 for flush/trim): enough to tell writes apart in a log.
+    pub hash: u64,
+    /// First byte of the payload: the workloads fill each write with one byte, so this names it.
+    pub first_byte: u8,
+}
+
+/// The device fs-core runs on. Implemented by `MemDevice` here and by nbd-server's emulated
+/// disk, so a race in fs-core leaves the same write log a real run would.
+pub trait BlockDevice {
+    /// Size in blocks.
+    fn block_count(&self) -> u64;
+    /// Queue a request; nothing reaches the medium until `complete`.
+    fn submit(&mut self, req: Request) -> Result<ReqId, DeviceError>;
+    /// Finish a request: a write's data is on the device when this returns.
+    fn complete(&mut self, id: ReqId) -> Result<Completion, DeviceError>;
+    /// The device's own record of applied writes, where it keeps one.
+    fn write_log(&self) -> Option<&[DeviceRecord]> {
+        None
+    }
+}
+
+/// Submit and complete a read at once: fs-core's reads are synchronous (`read_folio` waits).
+pub fn read_block_sync(dev: &mut dyn BlockDevice, block: u64) -> Result<Vec<u8>, DeviceError> {
+    let id = dev.submit(Request::Read { block })?;
+    match dev.complete(id)? {
+        Completion::Read { data } => Ok(data),
+        Completion::Done => Err(DeviceError::Io("read completed without data".into())),
+    }
+}
+
+/// Submit and complete a write at once (allocation-time zeroing, fsync's flush).
+pub fn submit_and_complete(dev: &mut dyn BlockDevice, req: Request) -> Result<(), DeviceError> {
+    let id = dev.submit(req)?;
+    dev.complete(id).map(|_| ())
+}
+
+/// FNV-1a, 64-bit: a tiny dependency-free hash for the write log.
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A sparse in-memory device: unwritten blocks read as zeros. Every applied write, flush and
+/// trim is appended to `log`.
+#[derive(Debug, Clone)]
+pub struct MemDevice {
+    blocks: u64,
+    data: BTreeMap<u64, Vec<u8>>,
+    in_flight: BTreeMap<ReqId, Request>,
+    next_id: u64,
+    log: Vec<DeviceRecord>,
+}
+
+impl MemDevice {
+    pub fn new(blocks: u64) -> Self {
+        MemDevice { blocks, data: BTreeMap::new(), in_flight: BTreeMap::new(), next_id: 0, log: Vec::new() }
+    }
+
+    /// The block's current content on the medium (zeros if never written).
+    pub fn block(&self, block: u64) -> Vec<u8> {
+        self.data.get(&block).cloned().unwrap_or_else(|| vec![0; BLOCK_SIZE])
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn check(&self, block: u64, count: u64) -> Result<(), DeviceError> {
+        if block.checked_add(count).is_none_or(|end| end > self.blocks) {
+            return Err(DeviceError::OutOfRange { block, blocks: self.blocks });
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, kind: RecordKind, block: u64, count: u64, payload: &[u8]) {
+        let seq = self.log.len() as u64;
+        let first_byte = payload.first().copied().unwrap_or(0);
+        let hash = if payload.is_empty() { 0 } else { fnv1a64(payload) };
+        self.log.push(DeviceRecord { seq, kind, block, count, hash, first_byte });
+    }
+}
+
+impl BlockDevice for MemDevice {
+    fn block_count(&self) -> u64 {
+        self.blocks
+    }
+
+    fn submit(&mut self, req: Request) -> Result<ReqId, DeviceError> {
+        if self.in_flight.len() >= REQUESTS_IN_FLIGHT_MAX {
+            return Err(DeviceError::TooManyInFlight);
+        }
+        match &req {
+            Request::Read { block } => self.check(*block, 1)?,
+            Request::Write { block, data, .. } => {
+                self.check(*block, 1)?;
+                if data.len() != BLOCK_SIZE {
+                    return Err(DeviceError::BadLength(data.len()));
+                }
+            }
+            Request::Trim { block, count } => self.check(*block, *count)?,
+            Request::Flush => {}
+        }
+        let id = ReqId(self.next_id);
+        self.next_id += 1;
+        self.in_flight.insert(id, req);
+        Ok(id)
+    }
+
+    fn complete(&mut self, id: ReqId) -> Result<Completion, DeviceError> {
+        let req = self.in_flight.remove(&id).ok_or(DeviceError::UnknownRequest(id))?;
+        Ok(match req {
+            Request::Read { block } => Completion::Read { data: self.block(block) },
+            Request::Write { block, data, fua } => {
+                let kind = if fua { RecordKind::FuaWrite } else { RecordKind::Write };
+                self.record(kind, block, 1, &data);
+                self.data.insert(block, data);
+                Completion::Done
+            }
+            Request::Flush => {
+                self.record(RecordKind::Flush, 0, 0, &[]);
+                Completion::Done
+            }
+            Request::Trim { block, count } => {
+                self.record(RecordKind::Trim, block, count, &[]);
+                for b in block..block + count {
+                    self.data.remove(&b);
+                }
+                Completion::Done
+            }
+        })
+    }
+
+    fn write_log(&self) -> Option<&[DeviceRecord]> {
+        Some(&self.log)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_is_invisible_until_completed_then_logged() {
+        let mut d = MemDevice::new(8);
+        let id = d.submit(Request::Write { block: 3, data: vec![7; BLOCK_SIZE], fua: false }).unwrap();
+        assert_eq!(d.block(3), vec![0; BLOCK_SIZE]);
+        d.complete(id).unwrap();
+        assert_eq!(d.block(3), vec![7; BLOCK_SIZE]);
+        let log = d.write_log().unwrap();
+        assert_eq!(log.len(), 1);
+        assert_eq!((log[0].block, log[0].first_byte, log[0].kind), (3, 7, RecordKind::Write));
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        let mut d = MemDevice::new(8);
+        assert!(matches!(d.submit(Request::Read { block: 8 }), Err(DeviceError::OutOfRange { .. })));
+        assert!(matches!(
+            d.submit(Request::Write { block: 0, data: vec![0; 10], fua: false }),
+            Err(DeviceError::BadLength(10))
+        ));
+        assert!(matches!(d.complete(ReqId(99)), Err(DeviceError::UnknownRequest(_))));
+    }
+}

@@ -1,0 +1,498 @@
+//! Buffered write (the iomap iterator, `write_begin`/`write_end`, `iomap_end` with the
+//! short-write delalloc punch in its old and fixed forms), buffered read, and the mmap
+//! store path (read fault, `page_mkwrite`, store). Each is a task: a state machine whose
+//! `step` runs the code between two yield points.
+
+use crate::block::{self, BLOCK_SIZE};
+use crate::extent::{Extent, ExtentState};
+use crate::fs::{Fs, FsError, PunchMode, ValidityCheckAt, FILE_BYTES_MAX};
+use crate::iomap::{self, IoMap, IoMapFlags, IoMapKind};
+use crate::sched::{Cx, Step};
+use crate::TaskId;
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WState {
+    LockInode,
+    Begin,
+    /// ValidityCheckAt::BeforeFolioLock only.
+    PreCheck,
+    GetFolio,
+    Valid,
+    Prepare,
+    Copy,
+    End,
+    /// Old punch: truncate the page cache folio by folio, then punch.
+    OldTruncate { idx: u64, end: u64 },
+    OldPunch { start: u64, end: u64 },
+    /// Fixed punch: scan folio by folio under the invalidate lock.
+    FixedScan { idx: u64, end: u64, locked: bool },
+    Finish,
+}
+
+/// `iomap_file_buffered_write` over `[pos, pos + data.len())` with the inode lock held.
+#[derive(Clone, Debug)]
+pub struct WriteTask {
+    ino: usize,
+    start: u64,
+    pos: u64,
+    data: Vec<u8>,
+    st: WState,
+    map: Option<IoMap>,
+    /// Position where the current mapping's iteration started.
+    map_pos: u64,
+    short: bool,
+}
+
+impl WriteTask {
+    pub fn new(ino: usize, pos: u64, data: Vec<u8>) -> Self {
+        WriteTask { ino, start: pos, pos, data, st: WState::LockInode, map: None, map_pos: pos, short: false }
+    }
+
+    fn end(&self) -> u64 {
+        self.start + self.data.len() as u64
+    }
+
+    fn idx(&self) -> u64 {
+        self.pos / BS
+    }
+
+    /// Bytes of the current folio this write covers.
+    fn plen(&self) -> u64 {
+        let map = self.map.expect("mapped");
+        let folio_end = (self.idx() + 1) * BS;
+        folio_end.min(map.end()).min(self.end()) - self.pos
+    }
+
+    /// User copy length, when the next step is the copy.
+    pub fn at_user_copy(&self) -> Option<u32> {
+        (self.st == WState::Copy).then(|| self.plen() as u32)
+    }
+
+    pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
+        let inode = fs.inode(self.ino);
+        match self.st {
+            WState::LockInode => inode.i_rwsem.can_write(),
+            WState::GetFolio => inode.cache.lockable(self.idx(), me),
+            WState::OldTruncate { idx, .. } => {
+                inode.cache.get(idx).is_none_or(|f| f.lockable_by(me) && !f.writeback)
+            }
+            WState::FixedScan { idx, locked, .. } => {
+                (locked || inode.invalidate_lock.can_write()) && inode.cache.lockable(idx, me)
+            }
+            _ => true,
+        }
+    }
+
+    /// After a folio (or a mapping) is done: the next folio, or `iomap_end`.
+    fn next_folio(&mut self, fs: &Fs) -> WState {
+        let map = self.map.expect("mapped");
+        if self.short || self.pos >= self.end() || self.pos >= map.end() {
+            WState::End
+        } else if fs.cfg.iomap_valid && fs.cfg.validity_check_at == ValidityCheckAt::BeforeFolioLock {
+            WState::PreCheck
+        } else {
+            WState::GetFolio
+        }
+    }
+
+    fn punch_start(&self) -> u64 {
+        if self.pos == self.map_pos {
+            self.pos / BS
+        } else {
+            self.pos.div_ceil(BS)
+        }
+    }
+
+    fn mark_stale(&mut self) {
+        if let Some(m) = self.map.as_mut() {
+            m.flags.0 |= IoMapFlags::STALE;
+        }
+    }
+
+    pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
+        let ino = self.ino;
+        match self.st {
+            WState::LockInode => {
+                if self.end() > FILE_BYTES_MAX {
+                    return Step::Done("write:efbig", 0, Err(FsError::FileTooBig));
+                }
+                cx.fs.inode_mut(ino).i_rwsem.down_write(cx.me);
+                if self.data.is_empty() {
+                    cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
+                    return Step::Done("write:empty", 0, Ok(0));
+                }
+                self.st = WState::Begin;
+                Step::Yield("write:lock_inode", self.pos)
+            }
+            WState::Begin => {
+                match iomap::iomap_begin_write(cx.fs, ino, self.pos, self.end() - self.pos) {
+                    Ok(map) => {
+                        self.map = Some(map);
+                        self.map_pos = self.pos;
+                        self.st = self.next_folio(cx.fs);
+                        Step::Yield("iomap_begin", self.pos)
+                    }
+                    Err(e) => {
+                        cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
+                        let done = self.pos - self.start;
+                        if done > 0 {
+                            Step::Done("iomap_begin:error", self.pos, Ok(done))
+                        } else {
+                            Step::Done("iomap_begin:error", self.pos, Err(e))
+                        }
+                    }
+                }
+            }
+            WState::PreCheck => {
+                let map = self.map.expect("mapped");
+                if iomap::iomap_valid(cx.fs, ino, &map) {
+                    self.st = WState::GetFolio;
+                } else {
+                    self.mark_stale();
+                    self.st = WState::End;
+                }
+                Step::Yield("iomap_valid(before lock)", self.pos)
+            }
+            WState::GetFolio => {
+                let me = cx.me;
+                let f = cx.fs.get_folio(ino, self.idx());
+                f.locked = Some(me);
+                let map = self.map.expect("mapped");
+                let check = cx.fs.cfg.iomap_valid;
+                match cx.fs.cfg.validity_check_at {
+                    ValidityCheckAt::InGetFolio if check => {
+                        if iomap::iomap_valid(cx.fs, ino, &map) {
+                            self.st = WState::Prepare;
+                        } else {
+                            self.unlock(cx.fs);
+                            self.mark_stale();
+                            self.st = WState::End;
+                        }
+                    }
+                    ValidityCheckAt::AfterFolioLock if check => self.st = WState::Valid,
+                    _ => self.st = WState::Prepare,
+                }
+                Step::Yield("get_folio", self.idx())
+            }
+            WState::Valid => {
+                let map = self.map.expect("mapped");
+                if iomap::iomap_valid(cx.fs, ino, &map) {
+                    self.st = WState::Prepare;
+                } else {
+                    self.unlock(cx.fs);
+                    self.mark_stale();
+                    self.st = WState::End;
+                }
+                Step::Yield("iomap_valid", self.idx())
+            }
+            WState::Prepare => {
+                // __iomap_write_begin: the folio is locked; make the uncovered part valid.
+                let map = self.map.expect("mapped");
+                let idx = self.idx();
+                let poff = self.pos - idx * BS;
+                let plen = self.plen();
+                let size = cx.fs.inode(ino).size;
+                let f = cx.fs.inode(ino).cache.get(idx).expect("locked folio");
+                if !f.uptodate && !(poff == 0 && plen == BS) {
+                    if iomap::block_needs_zeroing(&map, idx * BS, size) {
+                        let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("locked folio");
+                        f.data[..poff as usize].fill(0);
+                        f.data[(poff + plen) as usize..].fill(0);
+                        f.uptodate = true;
+                    } else {
+                        let data = match block::read_block_sync(cx.fs.dev.as_mut(), map.addr_of(self.pos)) {
+                            Ok(d) => d,
+                            Err(e) => {
+                                self.unlock(cx.fs);
+                                cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
+                                return Step::Done("write_begin:read_error", idx, Err(e.into()));
+                            }
+                        };
+                        let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("locked folio");
+                        f.data = data;
+                        f.uptodate = true;
+                    }
+                }
+                self.st = WState::Copy;
+                Step::Yield("write_begin", idx)
+            }
+            WState::Copy => {
+                let idx = self.idx();
+                let poff = (self.pos - idx * BS) as usize;
+                let plen = self.plen() as usize;
+                let mut copied = cx.short_copy.map_or(plen, |s| (s as usize).min(plen));
+                let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("locked folio");
+                // __iomap_write_end: a short copy into a !uptodate folio counts as nothing.
+                if copied < plen && !f.uptodate {
+                    copied = 0;
+                }
+                if copied > 0 {
+                    let src = (self.pos - self.start) as usize;
+                    f.data[poff..poff + copied].copy_from_slice(&self.data[src..src + copied]);
+                    f.uptodate = true;
+                    f.dirty = true;
+                    cx.oracle.write(ino, self.pos, &self.data[src..src + copied], cx.op);
+                    let inode = cx.fs.inode_mut(ino);
+                    inode.size = inode.size.max(self.pos + copied as u64);
+                }
+                self.unlock(cx.fs);
+                self.pos += copied as u64;
+                if copied < plen {
+                    self.short = true;
+                }
+                self.st = self.next_folio(cx.fs);
+                Step::Yield(if copied < plen { "copy:short" } else { "copy+write_end" }, idx)
+            }
+            WState::End => {
+                // iomap_end (xfs_buffered_write_iomap_end): punch the delalloc this call
+                // reserved but did not write.
+                let map = self.map.expect("mapped");
+                // iomap_last_written_block: with nothing written, round down.
+                let punch_start = self.punch_start();
+                let punch_end = map.end().min(self.end()).div_ceil(BS);
+                if map.kind == IoMapKind::Delalloc && map.flags.has(IoMapFlags::NEW) && punch_start < punch_end {
+                    self.st = match cx.fs.cfg.punch {
+                        PunchMode::Old => WState::OldTruncate { idx: punch_start, end: punch_end },
+                        PunchMode::Fixed => WState::FixedScan { idx: punch_start, end: punch_end, locked: false },
+                    };
+                    return Step::Yield("iomap_end", self.pos);
+                }
+                self.st = WState::Finish;
+                self.finish_or_remap(cx)
+            }
+            WState::OldTruncate { idx, end } => {
+                // truncate_pagecache_range: drops the folio whatever it holds.
+                cx.fs.remove_folio(ino, idx);
+                self.st = if idx + 1 < end {
+                    WState::OldTruncate { idx: idx + 1, end }
+                } else {
+                    WState::OldPunch { start: self.punch_start(), end }
+                };
+                Step::Yield("punch:truncate_pagecache", idx)
+            }
+            WState::OldPunch { start, end } => {
+                punch_delalloc(cx.fs, ino, start, end);
+                self.st = WState::Finish;
+                self.finish_or_remap(cx)
+            }
+            WState::FixedScan { idx, end, locked } => {
+                if !locked {
+                    cx.fs.inode_mut(ino).invalidate_lock.down_write(cx.me);
+                }
+                let keep = cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.dirty);
+                if !keep {
+                    punch_delalloc(cx.fs, ino, idx, idx + 1);
+                }
+                if idx + 1 < end {
+                    self.st = WState::FixedScan { idx: idx + 1, end, locked: true };
+                    Step::Yield("punch:scan", idx)
+                } else {
+                    cx.fs.inode_mut(ino).invalidate_lock.up_write(cx.me);
+                    self.st = WState::Finish;
+                    Step::Yield("punch:scan_done", idx)
+                }
+            }
+            WState::Finish => self.finish_or_remap(cx),
+        }
+    }
+
+    /// Between `iomap_end` and the next `iomap_begin`: continue (remap after STALE or the next
+    /// extent) or return.
+    fn finish_or_remap(&mut self, cx: &mut Cx<'_>) -> Step {
+        if self.short || self.pos >= self.end() {
+            cx.fs.inode_mut(self.ino).i_rwsem.up_write(cx.me);
+            Step::Done("write:done", self.pos, Ok(self.pos - self.start))
+        } else {
+            self.st = WState::Begin;
+            Step::Yield("iomap_end", self.pos)
+        }
+    }
+
+    fn unlock(&self, fs: &mut Fs) {
+        if let Some(f) = fs.inode_mut(self.ino).cache.get_mut(self.idx()) {
+            f.locked = None;
+        }
+    }
+}
+
+/// Punch DELALLOC blocks in `[start, end)` back to holes (other states are left alone).
+pub fn punch_delalloc(fs: &mut Fs, ino: usize, start: u64, end: u64) {
+    for b in start..end {
+        if fs.inode(ino).extents.get(b).state == ExtentState::Delalloc {
+            fs.inode_mut(ino).extents.set(b, Extent::HOLE);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RState {
+    Lock,
+    Folio,
+}
+
+/// Buffered read of `[pos, pos + len)`, clamped to EOF, under the shared inode lock. Each
+/// folio is locked, read with a fresh mapping if not uptodate, and copied out in one step;
+/// the bytes are checked against the oracle there.
+#[derive(Clone, Debug)]
+pub struct ReadTask {
+    ino: usize,
+    pos: u64,
+    end: u64,
+    st: RState,
+    got: u64,
+}
+
+impl ReadTask {
+    pub fn new(ino: usize, pos: u64, len: u64) -> Self {
+        ReadTask { ino, pos, end: pos + len, st: RState::Lock, got: 0 }
+    }
+
+    pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
+        match self.st {
+            RState::Lock => fs.inode(self.ino).i_rwsem.can_read(),
+            RState::Folio => fs.inode(self.ino).cache.lockable(self.pos / BS, me),
+        }
+    }
+
+    pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
+        let ino = self.ino;
+        match self.st {
+            RState::Lock => {
+                cx.fs.inode_mut(ino).i_rwsem.down_read();
+                self.end = self.end.min(cx.fs.inode(ino).size);
+                if self.pos >= self.end {
+                    cx.fs.inode_mut(ino).i_rwsem.up_read();
+                    return Step::Done("read:eof", self.pos, Ok(0));
+                }
+                self.st = RState::Folio;
+                Step::Yield("read:lock_inode", self.pos)
+            }
+            RState::Folio => {
+                let idx = self.pos / BS;
+                let uptodate = cx.fs.get_folio(ino, idx).uptodate;
+                if !uptodate {
+                    if let Err(e) = cx.fs.read_folio(ino, idx) {
+                        cx.fs.inode_mut(ino).i_rwsem.up_read();
+                        return Step::Done("read:error", idx, Err(e));
+                    }
+                }
+                let n = ((idx + 1) * BS).min(self.end) - self.pos;
+                let off = (self.pos - idx * BS) as usize;
+                let f = cx.fs.inode(ino).cache.get(idx).expect("just read");
+                cx.oracle.check_read(ino, self.pos, &f.data[off..off + n as usize], cx.op);
+                self.pos += n;
+                self.got += n;
+                if self.pos >= self.end {
+                    cx.fs.inode_mut(ino).i_rwsem.up_read();
+                    return Step::Done("read:done", idx, Ok(self.got));
+                }
+                Step::Yield("read:folio", idx)
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MState {
+    Fault,
+    Mkwrite,
+    Store,
+}
+
+/// A store through a shared mapping to `[pos, pos + data.len())`, inside one folio: read
+/// fault, `page_mkwrite` (reserve/allocate, dirty, map writable), then the store, which lands
+/// only while the folio is still mapped writable and otherwise faults again.
+#[derive(Clone, Debug)]
+pub struct MmapStoreTask {
+    ino: usize,
+    pos: u64,
+    data: Vec<u8>,
+    st: MState,
+}
+
+impl MmapStoreTask {
+    pub fn new(ino: usize, pos: u64, data: Vec<u8>) -> Result<Self, FsError> {
+        if data.is_empty() || pos / BS != (pos + data.len() as u64 - 1) / BS {
+            return Err(FsError::Invalid("an mmap store must be non-empty and inside one folio".into()));
+        }
+        Ok(MmapStoreTask { ino, pos, data, st: MState::Fault })
+    }
+
+    fn idx(&self) -> u64 {
+        self.pos / BS
+    }
+
+    fn beyond_eof(&self, fs: &Fs) -> bool {
+        self.pos + self.data.len() as u64 > fs.inode(self.ino).size
+    }
+
+    pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
+        let inode = fs.inode(self.ino);
+        match self.st {
+            MState::Fault => inode.invalidate_lock.can_read() && inode.cache.lockable(self.idx(), me),
+            MState::Mkwrite => {
+                inode.invalidate_lock.can_read()
+                    && inode.cache.lockable(self.idx(), me)
+                    && (!fs.cfg.mkwrite_takes_inode_lock || inode.i_rwsem.can_read())
+            }
+            MState::Store => true,
+        }
+    }
+
+    pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
+        let ino = self.ino;
+        let idx = self.idx();
+        match self.st {
+            MState::Fault => {
+                if self.beyond_eof(cx.fs) {
+                    return Step::Done("fault:sigbus", idx, Err(FsError::SigBus));
+                }
+                let uptodate = cx.fs.get_folio(ino, idx).uptodate;
+                if !uptodate {
+                    if let Err(e) = cx.fs.read_folio(ino, idx) {
+                        return Step::Done("fault:read_error", idx, Err(e));
+                    }
+                }
+                self.st = MState::Mkwrite;
+                Step::Yield("fault:read", idx)
+            }
+            MState::Mkwrite => {
+                if cx.fs.inode(ino).cache.get(idx).is_none() {
+                    self.st = MState::Fault;
+                    return Step::Yield("page_mkwrite:refault", idx);
+                }
+                if self.beyond_eof(cx.fs) {
+                    return Step::Done("page_mkwrite:sigbus", idx, Err(FsError::SigBus));
+                }
+                // iomap_page_mkwrite with the folio locked: map the folio (reserving delalloc
+                // over a hole), then dirty it.
+                if let Err(e) = iomap::iomap_begin_write(cx.fs, ino, idx * BS, BS) {
+                    return Step::Done("page_mkwrite:error", idx, Err(e));
+                }
+                let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("present");
+                f.dirty = true;
+                f.mapped_writable = true;
+                self.st = MState::Store;
+                Step::Yield("page_mkwrite", idx)
+            }
+            MState::Store => {
+                let eof = self.beyond_eof(cx.fs);
+                match cx.fs.inode_mut(ino).cache.get_mut(idx) {
+                    Some(f) if f.mapped_writable && !eof => {
+                        let off = (self.pos - idx * BS) as usize;
+                        f.data[off..off + self.data.len()].copy_from_slice(&self.data);
+                        f.dirty = true;
+                        cx.oracle.write(ino, self.pos, &self.data, cx.op);
+                        Step::Done("store", idx, Ok(self.data.len() as u64))
+                    }
+                    _ => {
+                        self.st = MState::Fault;
+                        Step::Yield("store:refault", idx)
+                    }
+                }
+            }
+        }
+    }
+}

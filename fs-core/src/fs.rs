@@ -1,0 +1,350 @@
+//! The filesystem state every task steps on: configuration switches, inodes (size, extent
+//! map, page cache, locks), the allocator, the device, IO ends waiting for completion, and
+//! the violations detected as they happen.
+
+use crate::alloc::{Allocator, Owner};
+use crate::block::{self, BlockDevice, DeviceError, Request, BLOCK_SIZE};
+use crate::extent::{Extent, ExtentMap, ExtentState, FILE_BLOCKS_MAX};
+use crate::pagecache::{Folio, PageCache};
+use crate::TaskId;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// Largest file size in bytes.
+pub const FILE_BYTES_MAX: u64 = FILE_BLOCKS_MAX * BLOCK_SIZE as u64;
+/// Device blocks reserved at the start (room for a superblock in the on-disk step).
+pub const RESERVED_BLOCKS: u64 = 1;
+
+/// How blocks are allocated to buffered writes and faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AllocMode {
+    /// XFS-like: reserve DELALLOC at write/fault time, allocate at writeback as UNWRITTEN,
+    /// convert to WRITTEN at IO completion.
+    Delalloc,
+    /// gfs2-like: allocate (and zero) WRITTEN blocks at write/fault time; no delalloc, no
+    /// unwritten extents.
+    AtWrite,
+}
+
+/// Where the write path checks the iomap's validity cookie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ValidityCheckAt {
+    /// `->iomap_valid` in `iomap_write_begin`, after the folio is locked (the kernel today).
+    AfterFolioLock,
+    /// Inside `->get_folio`, which returns the folio locked (Andreas Gruenbacher's proposal).
+    InGetFolio,
+    /// Before the folio lock is taken: a deliberately racy placement, to show why the lock
+    /// must come first.
+    BeforeFolioLock,
+}
+
+/// Short-write delalloc punch in `iomap_end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PunchMode {
+    /// Truncate the page cache over the range, then punch the delalloc: drops dirty mmap data.
+    Old,
+    /// Scan the range under the invalidate lock and keep delalloc under dirty folios.
+    Fixed,
+}
+
+/// Every behaviour switch of the model. `Default` is the fixed kernel behaviour.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// The write path's cookie check (`iomap_valid`).
+    pub iomap_valid: bool,
+    /// Where that check runs.
+    pub validity_check_at: ValidityCheckAt,
+    /// Writeback's `map_blocks` compares its cached mapping's `seq` before reusing it.
+    pub wb_seq_check: bool,
+    pub punch: PunchMode,
+    pub alloc: AllocMode,
+    /// `page_mkwrite` takes the inode lock shared, like gfs2's inode glock, which serialises
+    /// faults against buffered writes.
+    pub mkwrite_takes_inode_lock: bool,
+    /// Page-cache size in folios above which reclaim runs.
+    pub cache_limit_folios: usize,
+    /// Device size in blocks.
+    pub device_blocks: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            iomap_valid: true,
+            validity_check_at: ValidityCheckAt::AfterFolioLock,
+            wb_seq_check: true,
+            punch: PunchMode::Fixed,
+            alloc: AllocMode::Delalloc,
+            mkwrite_takes_inode_lock: false,
+            cache_limit_folios: 4,
+            device_blocks: 4096,
+        }
+    }
+}
+
+/// Errors an operation returns to its caller (the model's errno).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum FsError {
+    #[error("no space left on device")]
+    NoSpace,
+    #[error("file would exceed {FILE_BYTES_MAX} bytes")]
+    FileTooBig,
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("no such file {0}")]
+    NoSuchFile(usize),
+    #[error("store beyond end of file (SIGBUS)")]
+    SigBus,
+    #[error("device: {0}")]
+    Device(String),
+}
+
+impl From<DeviceError> for FsError {
+    fn from(e: DeviceError) -> Self {
+        FsError::Device(e.to_string())
+    }
+}
+
+/// A reader/writer semaphore held across steps (i_rwsem, invalidate_lock).
+#[derive(Clone, Debug, Default)]
+pub struct RwSem {
+    writer: Option<TaskId>,
+    readers: u32,
+}
+
+impl RwSem {
+    pub fn can_read(&self) -> bool {
+        self.writer.is_none()
+    }
+    pub fn can_write(&self) -> bool {
+        self.writer.is_none() && self.readers == 0
+    }
+    pub fn down_read(&mut self) {
+        assert!(self.can_read());
+        self.readers += 1;
+    }
+    pub fn up_read(&mut self) {
+        assert!(self.readers > 0);
+        self.readers -= 1;
+    }
+    pub fn down_write(&mut self, me: TaskId) {
+        assert!(self.can_write());
+        self.writer = Some(me);
+    }
+    pub fn up_write(&mut self, me: TaskId) {
+        assert_eq!(self.writer, Some(me));
+        self.writer = None;
+    }
+}
+
+/// One file.
+#[derive(Clone, Debug, Default)]
+pub struct Inode {
+    pub size: u64,
+    pub extents: ExtentMap,
+    pub cache: PageCache,
+    /// Taken exclusive by writes, fallocate, punch, zero range, truncate; shared by reads.
+    pub i_rwsem: RwSem,
+    /// Taken exclusive by punch/zero range/truncate/fallocate and the fixed delalloc punch;
+    /// shared by page faults (XFS's MMAPLOCK).
+    pub invalidate_lock: RwSem,
+}
+
+/// Writeback IO waiting for completion: one folio's block.
+#[derive(Clone, Debug)]
+pub struct IoEnd {
+    pub req: block::ReqId,
+    pub ino: usize,
+    pub fblock: u64,
+    pub addr: u64,
+    /// The mapping was UNWRITTEN: completion converts it to WRITTEN.
+    pub unwritten: bool,
+    /// Completion stages done so far (0 = submitted).
+    pub stage: u8,
+}
+
+/// An invariant broken at the moment it happened.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Violation {
+    /// Writeback wrote file block `fblock` of `ino` to device block `addr`, which it does not own.
+    WriteToForeignBlock { ino: usize, fblock: u64, addr: u64, freed: bool, owner: Option<(usize, u64)> },
+    /// Writeback cleaned a dirty folio over a HOLE without writing it: its data is gone.
+    DirtyFolioOverHole { ino: usize, fblock: u64 },
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Violation::WriteToForeignBlock { ino, fblock, addr, freed, owner } => {
+                write!(f, "writeback wrote file {ino} block {fblock} to device block {addr}, which is ")?;
+                match owner {
+                    Some((o, b)) => write!(f, "owned by file {o} block {b}"),
+                    None if *freed => write!(f, "free (it was freed)"),
+                    None => write!(f, "not allocated"),
+                }
+            }
+            Violation::DirtyFolioOverHole { ino, fblock } => {
+                write!(f, "writeback found dirty folio {fblock} of file {ino} over a HOLE and skipped it")
+            }
+        }
+    }
+}
+
+/// The whole model.
+pub struct Fs {
+    pub cfg: Config,
+    pub dev: Box<dyn BlockDevice>,
+    pub alloc: Allocator,
+    pub inodes: Vec<Inode>,
+    pub ioends: VecDeque<IoEnd>,
+    pub violations: Vec<Violation>,
+    lru_clock: u64,
+    folio_count: usize,
+}
+
+impl Fs {
+    /// A filesystem with `files` empty files on `dev`.
+    pub fn new(cfg: Config, dev: Box<dyn BlockDevice>, files: usize) -> Self {
+        let blocks = dev.block_count();
+        Fs {
+            cfg,
+            dev,
+            alloc: Allocator::new(RESERVED_BLOCKS, blocks),
+            inodes: (0..files).map(|_| Inode::default()).collect(),
+            ioends: VecDeque::new(),
+            violations: Vec::new(),
+            lru_clock: 0,
+            folio_count: 0,
+        }
+    }
+
+    pub fn inode(&self, ino: usize) -> &Inode {
+        &self.inodes[ino]
+    }
+
+    pub fn inode_mut(&mut self, ino: usize) -> &mut Inode {
+        &mut self.inodes[ino]
+    }
+
+    pub fn folio_count(&self) -> usize {
+        self.folio_count
+    }
+
+    /// Look a folio up, creating an empty (not uptodate) one if absent, and mark it used.
+    pub fn get_folio(&mut self, ino: usize, idx: u64) -> &mut Folio {
+        self.lru_clock += 1;
+        let clock = self.lru_clock;
+        let cache = &mut self.inodes[ino].cache;
+        if !cache.folios.contains_key(&idx) {
+            self.folio_count += 1;
+        }
+        let f = cache.folios.entry(idx).or_insert_with(|| Folio::new(clock));
+        f.lru = clock;
+        f
+    }
+
+    /// Drop a folio from the cache (truncate, punch, reclaim). It must be unlocked by others
+    /// and not under writeback.
+    pub fn remove_folio(&mut self, ino: usize, idx: u64) {
+        if let Some(f) = self.inodes[ino].cache.folios.remove(&idx) {
+            assert!(!f.writeback, "removing folio {idx} under writeback");
+            self.folio_count -= 1;
+        }
+    }
+
+    /// `read_folio`: fill a folio from a fresh mapping taken while it is locked.
+    pub fn read_folio(&mut self, ino: usize, idx: u64) -> Result<(), FsError> {
+        let size = self.inodes[ino].size;
+        let ext = self.inodes[ino].extents.get(idx);
+        let data = if ext.state == ExtentState::Written && idx * (BLOCK_SIZE as u64) < size {
+            block::read_block_sync(self.dev.as_mut(), ext.addr)?
+        } else {
+            vec![0; BLOCK_SIZE]
+        };
+        let f = self.get_folio(ino, idx);
+        f.data = data;
+        f.uptodate = true;
+        Ok(())
+    }
+
+    /// Allocate a block for (ino, fblock). In AtWrite mode the block is zeroed on the device
+    /// first, as gfs2 does, so a read of a block allocated ahead of its data sees zeros.
+    pub fn alloc_block(&mut self, ino: usize, fblock: u64, zero: bool) -> Result<u64, FsError> {
+        let addr = self.alloc.alloc(Owner { ino, fblock }).ok_or(FsError::NoSpace)?;
+        if zero {
+            block::submit_and_complete(
+                self.dev.as_mut(),
+                Request::Write { block: addr, data: vec![0; BLOCK_SIZE], fua: false },
+            )?;
+        }
+        Ok(addr)
+    }
+
+    /// Turn blocks `[start, end)` into holes, freeing allocated ones.
+    pub fn punch_blocks(&mut self, ino: usize, start: u64, end: u64) {
+        for b in start..end.min(FILE_BLOCKS_MAX) {
+            let e = self.inodes[ino].extents.get(b);
+            if matches!(e.state, ExtentState::Unwritten | ExtentState::Written) {
+                self.alloc.free(e.addr);
+            }
+            self.inodes[ino].extents.set(b, Extent::HOLE);
+        }
+    }
+
+    /// The least recently used reclaimable folio, if the cache is over its limit.
+    pub fn reclaim_victim(&self) -> Option<(usize, u64)> {
+        if self.folio_count <= self.cfg.cache_limit_folios {
+            return None;
+        }
+        let mut best: Option<(u64, usize, u64)> = None;
+        for (ino, inode) in self.inodes.iter().enumerate() {
+            for (idx, f) in &inode.cache.folios {
+                if f.reclaimable() && best.is_none_or(|(lru, _, _)| f.lru < lru) {
+                    best = Some((f.lru, ino, *idx));
+                }
+            }
+        }
+        best.map(|(_, ino, idx)| (ino, idx))
+    }
+
+    /// Any dirty folio that background writeback could start on now.
+    pub fn has_writeback_work(&self) -> bool {
+        self.inodes.iter().any(|i| i.cache.folios.values().any(|f| f.dirty && !f.writeback))
+    }
+
+    /// Drop every clean folio (echo 1 > drop_caches).
+    pub fn drop_caches(&mut self) {
+        for ino in 0..self.inodes.len() {
+            let idxs: Vec<u64> = self.inodes[ino]
+                .cache
+                .folios
+                .iter()
+                .filter(|(_, f)| f.reclaimable())
+                .map(|(i, _)| *i)
+                .collect();
+            for i in idxs {
+                self.remove_folio(ino, i);
+            }
+        }
+    }
+
+    /// What a read of the whole file returns with an empty page cache: the durable view.
+    pub fn read_from_disk(&mut self, ino: usize) -> Result<Vec<u8>, FsError> {
+        let size = self.inodes[ino].size;
+        let mut out = Vec::with_capacity(size as usize);
+        let mut b = 0;
+        while (out.len() as u64) < size {
+            let ext = self.inodes[ino].extents.get(b);
+            let data = if ext.state == ExtentState::Written {
+                block::read_block_sync(self.dev.as_mut(), ext.addr)?
+            } else {
+                vec![0; BLOCK_SIZE]
+            };
+            let take = (size - out.len() as u64).min(BLOCK_SIZE as u64) as usize;
+            out.extend_from_slice(&data[..take]);
+            b += 1;
+        }
+        Ok(out)
+    }
+}

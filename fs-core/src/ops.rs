@@ -1,0 +1,368 @@
+//! The operations a workload is made of (`Op`), and the tasks for fallocate, punch hole,
+//! zero range, truncate and fsync. Buffered IO and mmap tasks live in `buffered_io`.
+
+use crate::block::{self, Request, BLOCK_SIZE};
+use crate::extent::{Extent, ExtentState, FILE_BLOCKS_MAX};
+use crate::fs::{AllocMode, Fs, FsError, FILE_BYTES_MAX};
+use crate::sched::{Cx, Step};
+use crate::writeback::WbPass;
+use crate::TaskId;
+use serde::{Deserialize, Serialize};
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// One operation of a workload. Data written is one byte value repeated, which makes every
+/// byte of a file name the operation that wrote it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    Write { file: usize, offset: u64, len: u64, byte: u8 },
+    Read { file: usize, offset: u64, len: u64 },
+    MmapStore { file: usize, offset: u64, len: u64, byte: u8 },
+    Fallocate { file: usize, offset: u64, len: u64 },
+    PunchHole { file: usize, offset: u64, len: u64 },
+    ZeroRange { file: usize, offset: u64, len: u64 },
+    Truncate { file: usize, size: u64 },
+    Fsync { file: usize },
+}
+
+impl Op {
+    pub fn file(&self) -> usize {
+        match self {
+            Op::Write { file, .. }
+            | Op::Read { file, .. }
+            | Op::MmapStore { file, .. }
+            | Op::Fallocate { file, .. }
+            | Op::PunchHole { file, .. }
+            | Op::ZeroRange { file, .. }
+            | Op::Truncate { file, .. }
+            | Op::Fsync { file } => *file,
+        }
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ch = |b: &u8| if b.is_ascii_graphic() { format!("'{}'", *b as char) } else { format!("0x{b:02x}") };
+        match self {
+            Op::Write { file, offset, len, byte } => write!(f, "pwrite(f{file}, off={offset}, len={len}, byte={})", ch(byte)),
+            Op::Read { file, offset, len } => write!(f, "pread(f{file}, off={offset}, len={len})"),
+            Op::MmapStore { file, offset, len, byte } => {
+                write!(f, "mmap_store(f{file}, off={offset}, len={len}, byte={})", ch(byte))
+            }
+            Op::Fallocate { file, offset, len } => write!(f, "fallocate(f{file}, off={offset}, len={len})"),
+            Op::PunchHole { file, offset, len } => write!(f, "punch_hole(f{file}, off={offset}, len={len})"),
+            Op::ZeroRange { file, offset, len } => write!(f, "zero_range(f{file}, off={offset}, len={len})"),
+            Op::Truncate { file, size } => write!(f, "truncate(f{file}, size={size})"),
+            Op::Fsync { file } => write!(f, "fsync(f{file})"),
+        }
+    }
+}
+
+/// Check a byte range: block-aligned when `aligned`, inside the file size limit.
+pub fn check_range(offset: u64, len: u64, aligned: bool) -> Result<(), FsError> {
+    let end = offset.checked_add(len).ok_or(FsError::FileTooBig)?;
+    if end > FILE_BYTES_MAX {
+        return Err(FsError::FileTooBig);
+    }
+    if len == 0 {
+        return Err(FsError::Invalid("zero length".into()));
+    }
+    if aligned && (offset % BS != 0 || len % BS != 0) {
+        return Err(FsError::Invalid(format!("range {offset}+{len} is not {BS}-byte aligned")));
+    }
+    Ok(())
+}
+
+/// Which extent-changing operation a `RangeTask` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeKind {
+    Fallocate,
+    Punch,
+    ZeroRange,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RgState {
+    Lock,
+    Truncate { idx: u64 },
+    Extents,
+}
+
+/// fallocate, punch hole and zero range, with the inode and invalidate locks held
+/// exclusive: drop the page cache over the range folio by folio (waiting for writeback),
+/// yield, then change the extents.
+#[derive(Clone, Debug)]
+pub struct RangeTask {
+    kind: RangeKind,
+    ino: usize,
+    start: u64,
+    end: u64,
+    /// Byte end of the request: fallocate and zero range extend the size to it.
+    byte_end: u64,
+    st: RgState,
+}
+
+impl RangeTask {
+    pub fn new(kind: RangeKind, ino: usize, offset: u64, len: u64) -> Result<Self, FsError> {
+        check_range(offset, len, kind != RangeKind::Fallocate)?;
+        Ok(RangeTask {
+            kind,
+            ino,
+            start: offset / BS,
+            end: (offset + len).div_ceil(BS),
+            byte_end: offset + len,
+            st: RgState::Lock,
+        })
+    }
+
+    pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
+        let inode = fs.inode(self.ino);
+        match self.st {
+            RgState::Lock => inode.i_rwsem.can_write() && inode.invalidate_lock.can_write(),
+            RgState::Truncate { idx } => inode.cache.get(idx).is_none_or(|f| f.lockable_by(me) && !f.writeback),
+            RgState::Extents => true,
+        }
+    }
+
+    fn unlock_all(&self, fs: &mut Fs, me: TaskId) {
+        let inode = fs.inode_mut(self.ino);
+        inode.invalidate_lock.up_write(me);
+        inode.i_rwsem.up_write(me);
+    }
+
+    pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
+        let ino = self.ino;
+        match self.st {
+            RgState::Lock => {
+                let inode = cx.fs.inode_mut(ino);
+                inode.i_rwsem.down_write(cx.me);
+                inode.invalidate_lock.down_write(cx.me);
+                // The linearisation point: nothing can read or write the range until we finish.
+                let (off, len) = (self.start * BS, (self.end - self.start) * BS);
+                if self.kind != RangeKind::Fallocate {
+                    cx.oracle.zero(ino, off, len, cx.op);
+                }
+                self.st = if self.kind == RangeKind::Fallocate {
+                    RgState::Extents
+                } else {
+                    RgState::Truncate { idx: self.start }
+                };
+                Step::Yield("range:lock", self.start)
+            }
+            RgState::Truncate { idx } => {
+                cx.fs.remove_folio(ino, idx);
+                self.st = if idx + 1 < self.end { RgState::Truncate { idx: idx + 1 } } else { RgState::Extents };
+                Step::Yield("range:truncate_pagecache", idx)
+            }
+            RgState::Extents => {
+                let r = self.change_extents(cx.fs);
+                let end_byte = self.byte_end;
+                if r.is_ok() && self.kind != RangeKind::Punch && end_byte > cx.fs.inode(ino).size {
+                    cx.fs.inode_mut(ino).size = end_byte;
+                    cx.oracle.set_size(ino, end_byte, cx.op);
+                }
+                self.unlock_all(cx.fs, cx.me);
+                Step::Done(
+                    match self.kind {
+                        RangeKind::Fallocate => "fallocate:alloc",
+                        RangeKind::Punch => "punch:free_extents",
+                        RangeKind::ZeroRange => "zero_range:convert",
+                    },
+                    self.start,
+                    r.map(|()| 0),
+                )
+            }
+        }
+    }
+
+    fn change_extents(&self, fs: &mut Fs) -> Result<(), FsError> {
+        let ino = self.ino;
+        let at_write = fs.cfg.alloc == AllocMode::AtWrite;
+        match self.kind {
+            RangeKind::Punch => fs.punch_blocks(ino, self.start, self.end),
+            RangeKind::Fallocate => {
+                let holes = (self.start..self.end).filter(|&b| fs.inode(ino).extents.get(b).state == ExtentState::Hole);
+                if holes.count() as u64 > fs.alloc.free_blocks() {
+                    return Err(FsError::NoSpace);
+                }
+                for b in self.start..self.end {
+                    if fs.inode(ino).extents.get(b).state == ExtentState::Hole {
+                        // gfs2 has no unwritten extents: it zeroes what it preallocates.
+                        let addr = fs.alloc_block(ino, b, at_write)?;
+                        let state = if at_write { ExtentState::Written } else { ExtentState::Unwritten };
+                        fs.inode_mut(ino).extents.set(b, Extent { state, addr });
+                    }
+                }
+            }
+            RangeKind::ZeroRange => {
+                for b in self.start..self.end {
+                    let e = fs.inode(ino).extents.get(b);
+                    match e.state {
+                        ExtentState::Written if at_write => {
+                            let req = Request::Write { block: e.addr, data: vec![0; BLOCK_SIZE], fua: false };
+                            block::submit_and_complete(fs.dev.as_mut(), req)?;
+                        }
+                        ExtentState::Written => {
+                            fs.inode_mut(ino).extents.set(b, Extent { state: ExtentState::Unwritten, addr: e.addr })
+                        }
+                        ExtentState::Delalloc => fs.inode_mut(ino).extents.set(b, Extent::HOLE),
+                        ExtentState::Hole | ExtentState::Unwritten => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TrState {
+    Lock,
+    ZeroTail,
+    Pagecache { cursor: u64 },
+    Extents,
+}
+
+/// truncate (setattr size) with both locks exclusive: zero the new EOF block's tail, set the
+/// size, drop the page cache past EOF folio by folio, yield, then free the extents past EOF.
+#[derive(Clone, Debug)]
+pub struct TruncateTask {
+    ino: usize,
+    size: u64,
+    st: TrState,
+}
+
+impl TruncateTask {
+    pub fn new(ino: usize, size: u64) -> Result<Self, FsError> {
+        if size > FILE_BYTES_MAX {
+            return Err(FsError::FileTooBig);
+        }
+        Ok(TruncateTask { ino, size, st: TrState::Lock })
+    }
+
+    fn first_gone(&self) -> u64 {
+        self.size.div_ceil(BS)
+    }
+
+    pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
+        let inode = fs.inode(self.ino);
+        match self.st {
+            TrState::Lock => inode.i_rwsem.can_write() && inode.invalidate_lock.can_write(),
+            TrState::ZeroTail => inode.cache.lockable(self.size / BS, me),
+            TrState::Pagecache { cursor } => match inode.cache.next_where(cursor, |_| true) {
+                Some(idx) => {
+                    let f = inode.cache.get(idx).expect("found");
+                    f.lockable_by(me) && !f.writeback
+                }
+                None => true,
+            },
+            TrState::Extents => true,
+        }
+    }
+
+    pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
+        let ino = self.ino;
+        match self.st {
+            TrState::Lock => {
+                let inode = cx.fs.inode_mut(ino);
+                inode.i_rwsem.down_write(cx.me);
+                inode.invalidate_lock.down_write(cx.me);
+                self.st = TrState::ZeroTail;
+                Step::Yield("truncate:lock", self.size)
+            }
+            TrState::ZeroTail => {
+                let old = cx.fs.inode(ino).size;
+                if self.size < old && self.size % BS != 0 {
+                    // iomap_truncate_page: zero [size, block end) through the page cache so
+                    // the bytes cannot come back if the file grows again.
+                    let idx = self.size / BS;
+                    let written = cx.fs.inode(ino).extents.get(idx).state == ExtentState::Written;
+                    let cached = cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.uptodate);
+                    if written && !cached {
+                        if let Err(e) = cx.fs.read_folio(ino, idx) {
+                            let inode = cx.fs.inode_mut(ino);
+                            inode.invalidate_lock.up_write(cx.me);
+                            inode.i_rwsem.up_write(cx.me);
+                            return Step::Done("truncate:read_error", idx, Err(e));
+                        }
+                    }
+                    if let Some(f) = cx.fs.inode_mut(ino).cache.get_mut(idx) {
+                        if f.uptodate {
+                            f.data[(self.size % BS) as usize..].fill(0);
+                            f.dirty |= written;
+                        }
+                    }
+                }
+                cx.fs.inode_mut(ino).size = self.size;
+                cx.oracle.set_size(ino, self.size, cx.op);
+                self.st = if self.size < old { TrState::Pagecache { cursor: self.first_gone() } } else { TrState::Extents };
+                Step::Yield("truncate:setsize", self.size)
+            }
+            TrState::Pagecache { cursor } => match cx.fs.inode(ino).cache.next_where(cursor, |_| true) {
+                Some(idx) => {
+                    cx.fs.remove_folio(ino, idx);
+                    self.st = TrState::Pagecache { cursor: idx + 1 };
+                    Step::Yield("truncate:pagecache", idx)
+                }
+                None => {
+                    self.st = TrState::Extents;
+                    Step::Yield("truncate:pagecache_done", cursor)
+                }
+            },
+            TrState::Extents => {
+                let span = cx.fs.inode(ino).extents.span().min(FILE_BLOCKS_MAX);
+                cx.fs.punch_blocks(ino, self.first_gone(), span);
+                let inode = cx.fs.inode_mut(ino);
+                inode.invalidate_lock.up_write(cx.me);
+                inode.i_rwsem.up_write(cx.me);
+                Step::Done("truncate:free_extents", self.size, Ok(0))
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum FsyncState {
+    Writeback(WbPass),
+    Wait,
+}
+
+/// fsync: a WB_SYNC_ALL writeback pass, wait for all of the inode's IO, then flush the device.
+#[derive(Clone, Debug)]
+pub struct FsyncTask {
+    ino: usize,
+    st: FsyncState,
+}
+
+impl FsyncTask {
+    pub fn new(ino: usize) -> Self {
+        FsyncTask { ino, st: FsyncState::Writeback(WbPass::new(ino, true)) }
+    }
+
+    pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
+        match &self.st {
+            FsyncState::Writeback(p) => p.runnable(fs, me),
+            FsyncState::Wait => {
+                !fs.ioends.iter().any(|io| io.ino == self.ino)
+                    && !fs.inode(self.ino).cache.folios.values().any(|f| f.writeback)
+            }
+        }
+    }
+
+    pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
+        match &mut self.st {
+            FsyncState::Writeback(p) => match p.step(cx) {
+                Step::Done(l, a, Ok(_)) => {
+                    self.st = FsyncState::Wait;
+                    Step::Yield(l, a)
+                }
+                other => other,
+            },
+            FsyncState::Wait => match block::submit_and_complete(cx.fs.dev.as_mut(), Request::Flush) {
+                Ok(()) => Step::Done("fsync:flush", self.ino as u64, Ok(0)),
+                Err(e) => Step::Done("fsync:flush_error", self.ino as u64, Err(e.into())),
+            },
+        }
+    }
+}
