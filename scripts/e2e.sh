@@ -13,7 +13,7 @@
 # mount (try `crashmonkey check ... --atomic-bytes 512` to see it).
 #
 # Needs root, FUSE, loop devices, nbdfuse, mkfs.ext4/mkfs.xfs. Under CI=true nothing skips.
-# Env: E2E_FS="ext4 xfs", E2E_FILES=6, E2E_SAMPLES=6, E2E_SEED=1, E2E_JOBS=2, E2E_KEEP=1.
+# Env: E2E_FS="ext4 xfs", E2E_FILES=8, E2E_SAMPLES=16, E2E_SEED=1, E2E_JOBS=2, E2E_KEEP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,8 +34,8 @@ done
 losetup -f >/dev/null 2>&1 || skip "no free loop device"
 
 FS_LIST=${E2E_FS:-ext4 xfs}
-FILES=${E2E_FILES:-6}
-SAMPLES=${E2E_SAMPLES:-6}
+FILES=${E2E_FILES:-8}
+SAMPLES=${E2E_SAMPLES:-16}
 SEED=${E2E_SEED:-1}
 JOBS=${E2E_JOBS:-2}
 
