@@ -48,7 +48,7 @@ fn execute_inner(disks: &Disks, line: &str) -> Result<serde_json::Value, String>
     };
     let chosen: Vec<&(String, Arc<EmulatedDisk>)> = disks
         .iter()
-        .filter(|(n, _)| target.map_or(true, |t| t == n))
+        .filter(|(n, _)| target.is_none_or(|t| t == n))
         .collect();
     if chosen.is_empty() {
         return Err(match target {

@@ -1,7 +1,7 @@
 //! Write-log subcommands: `log`, `replay`, `states`, `check`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
@@ -255,7 +255,7 @@ pub fn run(cmd: CrashCmd) -> anyhow::Result<i32> {
     }
 }
 
-fn show(path: &PathBuf, json: bool) -> anyhow::Result<i32> {
+fn show(path: &Path, json: bool) -> anyhow::Result<i32> {
     let reader = LogReader::open(path).with_context(|| format!("opening {}", path.display()))?;
     let payloads = LogReader::open(path)?;
     if !json {
@@ -314,7 +314,7 @@ fn show(path: &PathBuf, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn stats(path: &PathBuf, json: bool) -> anyhow::Result<i32> {
+fn stats(path: &Path, json: bool) -> anyhow::Result<i32> {
     let mut reader =
         LogReader::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
