@@ -233,7 +233,7 @@ pub fn import(input: &Path, out: &Path, disk_bytes: Option<u64>) -> Result<DmSta
         let e = r.next(&mut buf)?;
         stats.entries += 1;
         let (off, len) = (e.sector * r.sectorsize, e.nr * r.sectorsize);
-        if off.checked_add(len).map_or(true, |end| end > disk_bytes) {
+        if off.checked_add(len).is_none_or(|end| end > disk_bytes) {
             return Err(DmLogError::Bad(format!(
                 "entry {} reaches past the disk ({disk_bytes} bytes)",
                 stats.entries

@@ -12,7 +12,7 @@
 //!   when it has at most `samples` members, and otherwise `samples` members are drawn with
 //!   a generator seeded from `seed` and the epoch number;
 //! - **torn** states: the operations before a multi-sector write, plus a seeded, proper,
-//!   non-empty subset of that write's 512-byte sectors.
+//!   non-empty subset of that write's 512-byte sectors (or of its `atomic_bytes` units).
 //!
 //! Every state gets a content hash, computed incrementally (an additive hash over
 //! `blake3(sector, content)`), so states with identical content are checked once, and the
@@ -40,6 +40,9 @@ pub struct StateOptions {
     pub seed: u64,
     /// Generate torn-write states.
     pub torn: bool,
+    /// The device's atomic write unit: a torn write lands whole units of this many bytes (a
+    /// multiple of 512, a power of two). 512 models a 512-byte-sector disk; 4096 a 4Kn disk.
+    pub atomic_bytes: u64,
 }
 
 impl Default for StateOptions {
@@ -49,6 +52,7 @@ impl Default for StateOptions {
             samples: 64,
             seed: 1,
             torn: true,
+            atomic_bytes: SECTOR_BYTES,
         }
     }
 }
@@ -266,17 +270,15 @@ impl StateGenerator {
             candidates.push((StateKind::Subset, "subset".into(), set, None));
         }
         // Torn states.
+        let unit = self.opts.atomic_bytes.max(SECTOR_BYTES);
+        let units = |op: &Op| -> Vec<(u64, u64)> {
+            op.pieces
+                .iter()
+                .flat_map(|p| unit_pieces(p.0, p.1, unit))
+                .collect()
+        };
         if self.opts.torn {
-            let multi: Vec<usize> = (0..n)
-                .filter(|&i| {
-                    epoch.ops[i]
-                        .pieces
-                        .iter()
-                        .map(|p| sector_pieces(p.0, p.1).len())
-                        .sum::<usize>()
-                        > 1
-                })
-                .collect();
+            let multi: Vec<usize> = (0..n).filter(|&i| units(&epoch.ops[i]).len() > 1).collect();
             let chosen: Vec<usize> = if multi.len() <= self.opts.samples {
                 multi
             } else {
@@ -289,11 +291,7 @@ impl StateGenerator {
             };
             for t in chosen {
                 let op = &epoch.ops[t];
-                let sectors: Vec<(u64, u64)> = op
-                    .pieces
-                    .iter()
-                    .flat_map(|p| sector_pieces(p.0, p.1))
-                    .collect();
+                let sectors = units(op);
                 let mut keep: Vec<bool> = sectors.iter().map(|_| rng.random_bool(0.5)).collect();
                 if keep.iter().all(|&k| k) {
                     let i = rng.random_range(0..keep.len());
@@ -485,6 +483,19 @@ impl StateGenerator {
         }
         ordered
     }
+}
+
+/// Splits `[offset, offset+length)` at absolute multiples of `unit`.
+pub fn unit_pieces(offset: u64, length: u64, unit: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let end = offset + length;
+    let mut at = offset;
+    while at < end {
+        let stop = ((at / unit + 1) * unit).min(end);
+        out.push((at, stop - at));
+        at = stop;
+    }
+    out
 }
 
 /// All k-element subsets of 0..n, ascending, in lexicographic order.

@@ -135,7 +135,36 @@ fn opts() -> StateOptions {
         samples: 1000,
         seed: 9,
         torn: true,
+        atomic_bytes: 512,
     }
+}
+
+/// With a 4 KiB atomic write unit, a torn write lands whole 4 KiB units only.
+#[test]
+fn torn_writes_respect_the_atomic_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = recorded_log(dir.path());
+    let o = StateOptions {
+        atomic_bytes: 4096,
+        ..opts()
+    };
+    let mut torn = 0;
+    for (epoch, states) in all_states(&log, o) {
+        for s in states {
+            if let Some(t) = &s.torn {
+                torn += 1;
+                let op = &epoch.ops[t.index];
+                for &(off, len) in &t.pieces {
+                    assert!(off % 4096 == 0 || off == op.offset, "{t:?}");
+                    assert!(
+                        (off + len) % 4096 == 0 || off + len == op.offset + op.length,
+                        "{t:?}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(torn > 0);
 }
 
 /// Guards against time travel: in every state, each sector holds the newest included write

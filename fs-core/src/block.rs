@@ -19,10 +19,19 @@ pub struct ReqId(pub u64);
 /// A request to the device. Writes are whole blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Read { block: u64 },
-    Write { block: u64, data: Vec<u8>, fua: bool },
+    Read {
+        block: u64,
+    },
+    Write {
+        block: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
     Flush,
-    Trim { block: u64, count: u64 },
+    Trim {
+        block: u64,
+        count: u64,
+    },
 }
 
 /// What a completed request gives back.
@@ -124,12 +133,21 @@ pub struct MemDevice {
 
 impl MemDevice {
     pub fn new(blocks: u64) -> Self {
-        MemDevice { blocks, data: BTreeMap::new(), in_flight: BTreeMap::new(), next_id: 0, log: Vec::new() }
+        MemDevice {
+            blocks,
+            data: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            next_id: 0,
+            log: Vec::new(),
+        }
     }
 
     /// The block's current content on the medium (zeros if never written).
     pub fn block(&self, block: u64) -> Vec<u8> {
-        self.data.get(&block).cloned().unwrap_or_else(|| vec![0; BLOCK_SIZE])
+        self.data
+            .get(&block)
+            .cloned()
+            .unwrap_or_else(|| vec![0; BLOCK_SIZE])
     }
 
     pub fn in_flight(&self) -> usize {
@@ -138,7 +156,10 @@ impl MemDevice {
 
     fn check(&self, block: u64, count: u64) -> Result<(), DeviceError> {
         if block.checked_add(count).is_none_or(|end| end > self.blocks) {
-            return Err(DeviceError::OutOfRange { block, blocks: self.blocks });
+            return Err(DeviceError::OutOfRange {
+                block,
+                blocks: self.blocks,
+            });
         }
         Ok(())
     }
@@ -146,8 +167,19 @@ impl MemDevice {
     fn record(&mut self, kind: RecordKind, block: u64, count: u64, payload: &[u8]) {
         let seq = self.log.len() as u64;
         let first_byte = payload.first().copied().unwrap_or(0);
-        let hash = if payload.is_empty() { 0 } else { fnv1a64(payload) };
-        self.log.push(DeviceRecord { seq, kind, block, count, hash, first_byte });
+        let hash = if payload.is_empty() {
+            0
+        } else {
+            fnv1a64(payload)
+        };
+        self.log.push(DeviceRecord {
+            seq,
+            kind,
+            block,
+            count,
+            hash,
+            first_byte,
+        });
     }
 }
 
@@ -178,11 +210,20 @@ impl BlockDevice for MemDevice {
     }
 
     fn complete(&mut self, id: ReqId) -> Result<Completion, DeviceError> {
-        let req = self.in_flight.remove(&id).ok_or(DeviceError::UnknownRequest(id))?;
+        let req = self
+            .in_flight
+            .remove(&id)
+            .ok_or(DeviceError::UnknownRequest(id))?;
         Ok(match req {
-            Request::Read { block } => Completion::Read { data: self.block(block) },
+            Request::Read { block } => Completion::Read {
+                data: self.block(block),
+            },
             Request::Write { block, data, fua } => {
-                let kind = if fua { RecordKind::FuaWrite } else { RecordKind::Write };
+                let kind = if fua {
+                    RecordKind::FuaWrite
+                } else {
+                    RecordKind::Write
+                };
                 self.record(kind, block, 1, &data);
                 self.data.insert(block, data);
                 Completion::Done
@@ -213,23 +254,42 @@ mod tests {
     #[test]
     fn write_is_invisible_until_completed_then_logged() {
         let mut d = MemDevice::new(8);
-        let id = d.submit(Request::Write { block: 3, data: vec![7; BLOCK_SIZE], fua: false }).unwrap();
+        let id = d
+            .submit(Request::Write {
+                block: 3,
+                data: vec![7; BLOCK_SIZE],
+                fua: false,
+            })
+            .unwrap();
         assert_eq!(d.block(3), vec![0; BLOCK_SIZE]);
         d.complete(id).unwrap();
         assert_eq!(d.block(3), vec![7; BLOCK_SIZE]);
         let log = d.write_log().unwrap();
         assert_eq!(log.len(), 1);
-        assert_eq!((log[0].block, log[0].first_byte, log[0].kind), (3, 7, RecordKind::Write));
+        assert_eq!(
+            (log[0].block, log[0].first_byte, log[0].kind),
+            (3, 7, RecordKind::Write)
+        );
     }
 
     #[test]
     fn bad_requests_are_refused() {
         let mut d = MemDevice::new(8);
-        assert!(matches!(d.submit(Request::Read { block: 8 }), Err(DeviceError::OutOfRange { .. })));
         assert!(matches!(
-            d.submit(Request::Write { block: 0, data: vec![0; 10], fua: false }),
+            d.submit(Request::Read { block: 8 }),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            d.submit(Request::Write {
+                block: 0,
+                data: vec![0; 10],
+                fua: false
+            }),
             Err(DeviceError::BadLength(10))
         ));
-        assert!(matches!(d.complete(ReqId(99)), Err(DeviceError::UnknownRequest(_))));
+        assert!(matches!(
+            d.complete(ReqId(99)),
+            Err(DeviceError::UnknownRequest(_))
+        ));
     }
 }

@@ -79,7 +79,10 @@ impl PageCache {
 
     /// First folio at or after `idx` that satisfies `pred`.
     pub fn next_where(&self, idx: u64, pred: impl Fn(&Folio) -> bool) -> Option<u64> {
-        self.folios.range(idx..).find(|(_, f)| pred(f)).map(|(i, _)| *i)
+        self.folios
+            .range(idx..)
+            .find(|(_, f)| pred(f))
+            .map(|(i, _)| *i)
     }
 
     pub fn len(&self) -> usize {

@@ -466,6 +466,8 @@ pub async fn serve<R, W>(
     // Replies of requests run in this task, handed to the writer in one message whenever the
     // reader is about to wait (so one socket write answers everything one read brought).
     let mut pending = Pending::default();
+    // A power cut of the emulated disk drops every connection to it.
+    let mut power_cut = session.export.disk.as_ref().map(|d| d.power_cuts());
 
     loop {
         let slot = match slots.clone().try_acquire_owned() {
@@ -487,6 +489,10 @@ pub async fn serve<R, W>(
             r = rd.read_exact(&mut hb) => r,
             _ = wait_for_shutdown(&mut shutdown) => {
                 tracing::debug!(conn, "shutdown: no more requests");
+                break;
+            }
+            _ = crate::disk::wait_for_power_cut(&mut power_cut) => {
+                tracing::info!(conn, "power cut: dropping the connection");
                 break;
             }
         };

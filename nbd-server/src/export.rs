@@ -8,6 +8,16 @@
 //! | `file=PATH` | a raw image file; without it the export is a sparse memory disk |
 //! | `readonly` | writes, trims and zeroes are refused with EPERM |
 //! | `description=TEXT` | sent as NBD_INFO_DESCRIPTION (no commas) |
+//! | `record=PATH` | record every write, flush, mark, fault and power cut to this write log |
+//! | `cache=SIZE` | the emulated disk's volatile write cache limit (default 64M) |
+//! | `eio-read=P`, `eio-write=P`, `eio-flush=P` | inject EIO with probability P (0..=1) |
+//! | `latency-us=N`, `latency-rate=P` | add N µs to a request with probability P |
+//! | `fault-seed=S` | seed of the fault generator |
+//! | `crash-after-writes=N` | cut the power after N writes |
+//! | `crash-seed=S` | seed of the automatic power cut (its point, without crash-after-writes) |
+//!
+//! Every writable export is an emulated disk ([`crate::disk`]) over its storage: a volatile
+//! write cache with the durability rule, marks and power cuts.
 //!
 //! `NAME` may be empty (`:size=1M`), which makes it the default export. A client asking for
 //! the name "" gets the export named "" if there is one, else the first export given.
@@ -20,6 +30,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::backend::{Backend, FileBackend, MemoryBackend};
+use crate::disk::{DiskConfig, EmulatedDisk};
 use crate::proto::*;
 
 /// Export sizes are a multiple of this.
@@ -29,7 +40,22 @@ pub const EXPORT_BYTES_MAX: u64 = 1 << 60;
 /// Most exports one server serves.
 pub const EXPORTS_MAX: usize = 256;
 /// Every key [`ExportSpec::parse`] accepts, for the error message.
-pub const EXPORT_KEYS: &[&str] = &["size", "file", "readonly", "description"];
+pub const EXPORT_KEYS: &[&str] = &[
+    "size",
+    "file",
+    "readonly",
+    "description",
+    "record",
+    "cache",
+    "eio-read",
+    "eio-write",
+    "eio-flush",
+    "latency-us",
+    "latency-rate",
+    "fault-seed",
+    "crash-after-writes",
+    "crash-seed",
+];
 
 /// A bad export specification.
 #[derive(Debug, thiserror::Error)]
@@ -93,13 +119,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// One `--export` argument, parsed but not yet opened.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExportSpec {
     pub name: String,
     pub size: Option<u64>,
     pub file: Option<PathBuf>,
     pub readonly: bool,
     pub description: Option<String>,
+    /// Emulated-disk settings (recording, cache, faults, automatic power cut).
+    pub disk: DiskConfig,
 }
 
 impl ExportSpec {
@@ -117,6 +145,7 @@ impl ExportSpec {
             file: None,
             readonly: false,
             description: None,
+            disk: DiskConfig::default(),
         };
         let bad = |key: &str, problem: String| ExportError::BadValue {
             name: name.clone(),
@@ -158,6 +187,45 @@ impl ExportSpec {
                     let v = need(value, missing)?;
                     parse_string(v.as_bytes()).map_err(|e| bad(key, e.to_string()))?;
                     spec.description = Some(v.to_owned());
+                }
+                "record" => {
+                    let v = need(value, missing)?;
+                    if v.is_empty() {
+                        return Err(bad(key, "needs a path".into()));
+                    }
+                    spec.disk.record = Some(PathBuf::from(v));
+                }
+                "cache" => {
+                    let v = parse_size(need(value, missing)?).map_err(|e| bad(key, e))?;
+                    spec.disk.cache_bytes_max = v.max(1);
+                }
+                "eio-read" | "eio-write" | "eio-flush" | "latency-rate" => {
+                    let v: f64 = need(value, missing)?
+                        .parse()
+                        .ok()
+                        .filter(|p| (0.0..=1.0).contains(p))
+                        .ok_or_else(|| bad(key, "needs a probability in 0..=1".into()))?;
+                    let f = &mut spec.disk.faults;
+                    *match key {
+                        "eio-read" => &mut f.eio_read,
+                        "eio-write" => &mut f.eio_write,
+                        "eio-flush" => &mut f.eio_flush,
+                        _ => &mut f.latency_rate,
+                    } = v;
+                }
+                "latency-us" | "fault-seed" | "crash-after-writes" | "crash-seed" => {
+                    let v: u64 = need(value, missing)?
+                        .parse()
+                        .map_err(|_| bad(key, "needs a whole number".into()))?;
+                    match key {
+                        "latency-us" => {
+                            spec.disk.faults.latency_us =
+                                u32::try_from(v).map_err(|_| bad(key, "is too large".into()))?
+                        }
+                        "fault-seed" => spec.disk.faults.seed = v,
+                        "crash-after-writes" => spec.disk.crash_after_writes = Some(v.max(1)),
+                        _ => spec.disk.crash_seed = Some(v),
+                    }
                 }
                 _ => {
                     return Err(ExportError::UnknownKey {
@@ -218,6 +286,8 @@ pub struct Export {
     pub backend: Arc<dyn Backend>,
     /// Orders FLUSH arrivals after the `reply_sent` of every reply already on the wire.
     pub(crate) fence: crate::connection::ReplyFence,
+    /// The emulated disk behind `backend`, for writable exports built from a spec.
+    pub disk: Option<Arc<EmulatedDisk>>,
 }
 
 impl std::fmt::Debug for Export {
@@ -238,15 +308,36 @@ impl Export {
             readonly,
             backend,
             fence: Default::default(),
+            disk: None,
         }
     }
 
     /// Builds the backend of `spec` and wraps it.
     pub fn from_spec(spec: &ExportSpec) -> Result<Self, ExportError> {
-        let backend = build_backend(spec)?;
-        let mut e = Export::new(spec.name.clone(), backend, spec.readonly);
-        e.description = spec.description.clone();
-        Ok(e)
+        let storage = build_backend(spec)?;
+        let disk = if spec.readonly {
+            None
+        } else {
+            let d = EmulatedDisk::new(storage.clone(), spec.disk.clone()).map_err(|e| {
+                ExportError::Backend {
+                    name: spec.name.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+            Some(Arc::new(d))
+        };
+        let backend = match &disk {
+            Some(d) => d.clone() as Arc<dyn Backend>,
+            None => storage,
+        };
+        Ok(Export {
+            name: spec.name.clone(),
+            description: spec.description.clone(),
+            readonly: spec.readonly,
+            backend,
+            disk,
+            fence: Default::default(),
+        })
     }
 
     pub fn size(&self) -> u64 {

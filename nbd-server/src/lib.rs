@@ -9,9 +9,11 @@
 //! - `backend`     the `Backend` trait the server drives, and the plain backends (memory, file)
 //! - `disk`        the emulated disk: durability rule, epochs, recorder, power cut, faults
 //! - `log`         the write-log format: writer and streaming reader
+//! - `control`     control socket (`--control PATH`): mark, crash, stats; and its client
 
 pub mod backend;
 pub mod connection;
+pub mod control;
 pub mod disk;
 pub mod export;
 pub mod handshake;

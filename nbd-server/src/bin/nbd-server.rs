@@ -22,6 +22,14 @@ Examples:
 
 Logs go to stderr; set RUST_LOG=debug (or trace) for more. The line
 'nbd-server: listening on ...' is printed once the sockets are bound.
+Crash testing (every writable export is an emulated disk with a volatile write cache):
+  nbd-server --export 'disk:size=64M,record=/tmp/disk.log' --control /tmp/nbd.ctl
+  nbd-server ctl --socket /tmp/nbd.ctl mark after-fsync-a
+  nbd-server ctl --socket /tmp/nbd.ctl crash --seed 7
+  nbd-server ctl --socket /tmp/nbd.ctl stats
+  Export keys for the emulated disk: record=PATH, cache=SIZE, eio-read=P, eio-write=P,
+  eio-flush=P, latency-us=N, latency-rate=P, fault-seed=S, crash-after-writes=N, crash-seed=S.
+
 SIGINT/SIGTERM: stop accepting, finish requests in flight, flush every export, exit 0.";
 
 /// An NBD server: sparse memory or raw-file exports, for every NBD client (qemu, libnbd
@@ -54,12 +62,54 @@ struct Cli {
     )]
     exports: Vec<ExportSpec>,
 
+    /// Serve the control socket (marks, power cut, stats) at this path; see `ctl`.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+
+    /// Cut the power of every writable export after N writes (unless its export sets
+    /// crash-after-writes itself).
+    #[arg(long, value_name = "N")]
+    crash_after_writes: Option<u64>,
+
+    /// Seed for every export that sets no crash-seed / fault-seed of its own (printed).
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
+enum CtlAction {
+    /// Put a named mark in the write log, in order with the IO around it.
+    Mark { name: String },
+    /// Cut the power: drop every connection, persist a seeded choice of non-durable writes.
+    Crash {
+        /// Seed of the choice (default: derived from the export's crash seed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Print the emulated disks' counters as JSON.
+    Stats,
+    /// Push the write logs to stable storage.
+    Sync,
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
+    /// Drive a running server through its control socket.
+    ///
+    /// Example: nbd-server ctl --socket /tmp/nbd.ctl mark after-fsync-a
+    Ctl {
+        /// The server's --control path.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// Address one export (default: every writable export).
+        #[arg(long, value_name = "NAME")]
+        export: Option<String>,
+        #[command(subcommand)]
+        action: CtlAction,
+    },
     /// Print the server's named limits (connections, requests in flight, payload sizes, ...).
     Limits {
         /// Print them as JSON.
@@ -101,6 +151,19 @@ fn limits() -> Vec<(&'static str, u64)> {
             connection::BLOCK_STATUS_DESCRIPTORS_MAX as u64,
         ),
         ("EXPORTS_MAX", nbd_server::export::EXPORTS_MAX as u64),
+        ("CACHE_BYTES_MAX", nbd_server::disk::CACHE_BYTES_MAX),
+        (
+            "CACHE_ENTRIES_MAX",
+            nbd_server::disk::CACHE_ENTRIES_MAX as u64,
+        ),
+        (
+            "RECORD_PAYLOAD_BYTES_MAX",
+            nbd_server::log::RECORD_PAYLOAD_BYTES_MAX as u64,
+        ),
+        (
+            "CONTROL_LINE_BYTES_MAX",
+            nbd_server::control::CONTROL_LINE_BYTES_MAX as u64,
+        ),
     ]
 }
 
@@ -114,6 +177,35 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+
+    if let Some(Command::Ctl {
+        socket,
+        export,
+        action,
+    }) = &cli.command
+    {
+        let line = match action {
+            CtlAction::Mark { name } => format!("mark {name}"),
+            CtlAction::Crash { seed: Some(s) } => format!("crash {s}"),
+            CtlAction::Crash { seed: None } => "crash".to_owned(),
+            CtlAction::Stats => "stats".to_owned(),
+            CtlAction::Sync => "sync".to_owned(),
+        };
+        let line = match export {
+            Some(e) => format!("@{e} {line}"),
+            None => line,
+        };
+        match nbd_server::control::request(socket, &line) {
+            Ok(json) => {
+                println!("{json}");
+                return Ok(());
+            }
+            Err(e) => {
+                eprintln!("nbd-server ctl: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
 
     if let Some(Command::Limits { json }) = cli.command {
         let l = limits();
@@ -131,7 +223,27 @@ fn main() -> Result<()> {
         return Ok(());
     }
 
-    let exports = ExportRegistry::from_specs(&cli.exports).context("cannot set up the exports")?;
+    let mut specs = cli.exports.clone();
+    for spec in &mut specs {
+        if spec.disk.crash_after_writes.is_none() {
+            spec.disk.crash_after_writes = cli.crash_after_writes;
+        }
+        if let Some(seed) = cli.seed {
+            spec.disk.crash_seed.get_or_insert(seed);
+            if spec.disk.faults.seed == 0 {
+                spec.disk.faults.seed = seed;
+            }
+        }
+    }
+    if let Some(seed) = cli.seed {
+        eprintln!("nbd-server: seed {seed}");
+    }
+    let exports = ExportRegistry::from_specs(&specs).context("cannot set up the exports")?;
+    let disks: nbd_server::control::Disks = exports
+        .iter()
+        .filter_map(|e| e.disk.clone().map(|d| (e.name.clone(), d)))
+        .collect();
+    let disks_at_exit = disks.clone();
     let config = ServerConfig {
         listen: (!cli.no_tcp).then_some(cli.listen),
         unix: cli.unix.clone(),
@@ -162,16 +274,35 @@ fn main() -> Result<()> {
         if let Some(p) = handle.unix_path() {
             eprintln!("nbd-server: listening on unix:{}", p.display());
         }
+        let control = match &cli.control {
+            Some(path) => {
+                let task = nbd_server::control::serve(path.clone(), disks)
+                    .await
+                    .with_context(|| {
+                        format!("cannot serve the control socket {}", path.display())
+                    })?;
+                eprintln!("nbd-server: control socket {}", path.display());
+                Some(task)
+            }
+            None => None,
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
             _ = term.recv() => tracing::info!("SIGTERM"),
         }
+        if let Some(task) = control {
+            task.abort();
+        }
         handle
             .shutdown()
             .await
             .context("flushing the exports at shutdown")?;
+        for (name, d) in &disks_at_exit {
+            d.sync_log()
+                .with_context(|| format!("export {name:?}: syncing its write log"))?;
+        }
         eprintln!("nbd-server: stopped");
         Ok(())
     })

@@ -179,11 +179,18 @@ impl Cache {
         }
     }
 
-    /// First cached run overlapping `[offset, offset+length)`, as (start, end).
-    pub fn first_overlap(&self, offset: u64, length: u64) -> Option<(u64, u64)> {
-        self.overlapping(offset, offset + length)
-            .first()
-            .map(|k| (*k, self.extents[k].end))
+    /// First cached run overlapping `[offset, offset+length)`, as (start, end, zeroes) where
+    /// zeroes is `Some(trim)` for a zero range and `None` for data.
+    pub fn first_overlap(&self, offset: u64, length: u64) -> Option<(u64, u64, Option<bool>)> {
+        self.overlapping(offset, offset + length).first().map(|k| {
+            let x = self.extents[k];
+            let i = self.find(x.id).expect("extent points at a cached entry");
+            let zeroes = match self.entries[i].data {
+                EntryData::Bytes(_) => None,
+                EntryData::Zeroes { trim } => Some(trim),
+            };
+            (*k, x.end, zeroes)
+        })
     }
 
     fn pop_and_write_back(&mut self, storage: &dyn Backend) -> io::Result<()> {

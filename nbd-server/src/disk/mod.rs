@@ -44,7 +44,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
 
-use crate::backend::{Arrival, Backend, ConnId, RequestKind, StatusExtent, Ticket};
+use crate::backend::{Arrival, Backend, ConnId, IoStyle, RequestKind, StatusExtent, Ticket};
 use crate::log::{
     encode_payload, CutMode, Fate, FaultKind, FaultPayload, FlushPayload, LogError, LogWriter,
     PowerCutPayload, RecordKind, WriteFate, FLAG_FUA, MARK_NAME_BYTES_MAX, SECTOR_BYTES,
@@ -61,7 +61,7 @@ pub const CACHE_ENTRIES_MAX: usize = 16 * 1024;
 pub const CRASH_AFTER_WRITES_RANDOM_MAX: u64 = 1000;
 
 /// How an emulated disk is set up (from the export's options).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct DiskConfig {
     /// Write log to record to; `None` records nothing.
     pub record: Option<PathBuf>,
@@ -515,6 +515,34 @@ impl Backend for EmulatedDisk {
         self.storage.can_trim()
     }
 
+    /// Zeroing only adds a cache entry, so it is always fast.
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+
+    fn io_style(&self) -> IoStyle {
+        // Added latency sleeps in the IO method: keep it off the async workers.
+        if self.config.faults.latency_us > 0 && self.config.faults.latency_rate > 0.0 {
+            IoStyle::Blocking
+        } else {
+            self.storage.io_style()
+        }
+    }
+
+    /// The client never learns the outcome: the write stays applied but unanswered, so no
+    /// later flush covers it (it is written back only in order behind covered writes).
+    fn reply_abandoned(&self, ticket: Ticket) {
+        if ticket.0 == 0 {
+            return;
+        }
+        let mut st = self.lock();
+        if let Some(t) = st.tickets.remove(&ticket.0) {
+            if let Some(seq) = t.log_seq {
+                st.unanswered.remove(&seq);
+            }
+        }
+    }
+
     fn arrived(&self, a: &Arrival) -> Ticket {
         let f = &self.config.faults;
         let tracked = matches!(
@@ -653,10 +681,9 @@ impl Backend for EmulatedDisk {
         fast_only: bool,
         fua: bool,
     ) -> io::Result<()> {
-        if fast_only {
-            return Err(io::Error::from(io::ErrorKind::Unsupported));
-        }
-        let _ = may_trim;
+        // A cached zero range is fast whatever `fast_only` says; `may_trim` is left to storage
+        // at write-back (it zeroes either way).
+        let _ = (may_trim, fast_only);
         self.apply(
             ticket,
             offset,
@@ -695,13 +722,13 @@ impl Backend for EmulatedDisk {
     ) -> io::Result<Vec<StatusExtent>> {
         self.pre_io(ticket)?;
         let st = self.lock();
-        if let Some((first, end)) = st.cache.first_overlap(offset, length) {
-            // Cached data is not in storage yet: report it as data, conservatively.
+        if let Some((first, end, zeroes)) = st.cache.first_overlap(offset, length) {
+            // Cached content is not in storage yet: report it from the cache.
             if first <= offset {
                 return Ok(vec![StatusExtent {
                     length: end.min(offset + length) - offset,
-                    hole: false,
-                    zero: false,
+                    hole: zeroes == Some(true),
+                    zero: zeroes.is_some(),
                 }]);
             }
             let mut ext = self
@@ -711,5 +738,17 @@ impl Backend for EmulatedDisk {
             return Ok(ext);
         }
         self.storage.block_status(Ticket(0), offset, length)
+    }
+}
+
+/// Resolves at the next power cut signalled on `rx`; never, when there is no disk.
+pub async fn wait_for_power_cut(rx: &mut Option<watch::Receiver<u64>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
 }

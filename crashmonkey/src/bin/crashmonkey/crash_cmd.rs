@@ -1,7 +1,7 @@
 //! Write-log subcommands: `log`, `replay`, `states`, `check`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
@@ -120,6 +120,11 @@ pub struct StateFlags {
     /// Do not generate torn-write states.
     #[arg(long)]
     no_torn: bool,
+    /// The device's atomic write unit in bytes: torn writes land whole units (512: a
+    /// 512-byte-sector disk; 4096: a 4Kn disk, as filesystems with checksummed metadata
+    /// blocks assume).
+    #[arg(long, default_value_t = 512)]
+    atomic_bytes: u64,
 }
 
 impl StateFlags {
@@ -129,6 +134,7 @@ impl StateFlags {
             samples: self.samples,
             seed: self.seed,
             torn: !self.no_torn,
+            atomic_bytes: self.atomic_bytes,
         }
     }
 }
@@ -211,6 +217,7 @@ pub fn run(cmd: CrashCmd) -> anyhow::Result<i32> {
         }
         CrashCmd::States(a) => states(a),
         CrashCmd::Check(a) => {
+            check_flags(&a.flags.options())?;
             let opts = CheckOptions {
                 checker: a.checker,
                 jobs: a.jobs,
@@ -248,7 +255,7 @@ pub fn run(cmd: CrashCmd) -> anyhow::Result<i32> {
     }
 }
 
-fn show(path: &PathBuf, json: bool) -> anyhow::Result<i32> {
+fn show(path: &Path, json: bool) -> anyhow::Result<i32> {
     let reader = LogReader::open(path).with_context(|| format!("opening {}", path.display()))?;
     let payloads = LogReader::open(path)?;
     if !json {
@@ -307,7 +314,7 @@ fn show(path: &PathBuf, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn stats(path: &PathBuf, json: bool) -> anyhow::Result<i32> {
+fn stats(path: &Path, json: bool) -> anyhow::Result<i32> {
     let mut reader =
         LogReader::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
@@ -340,9 +347,7 @@ fn stats(path: &PathBuf, json: bool) -> anyhow::Result<i32> {
 
 fn states(a: StatesArgs) -> anyhow::Result<i32> {
     let opts = a.flags.options();
-    if opts.samples == 0 {
-        bail!("--samples must be at least 1");
-    }
+    check_flags(&opts)?;
     eprintln!("crashmonkey states: seed {}", opts.seed);
     let history = History::open(&a.log).with_context(|| format!("opening {}", a.log.display()))?;
     let mut generator = StateGenerator::new(opts, history.data_file()?);
@@ -379,4 +384,14 @@ fn states(a: StatesArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+fn check_flags(o: &StateOptions) -> anyhow::Result<()> {
+    if o.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    if o.atomic_bytes < 512 || !o.atomic_bytes.is_power_of_two() {
+        bail!("--atomic-bytes must be a power of two of at least 512");
+    }
+    Ok(())
 }

@@ -1,0 +1,194 @@
+//! The control socket (`--control PATH`): a Unix-socket line protocol that drives the emulated
+//! disks of a running server, and its blocking client (`nbd-server ctl`).
+//!
+//! One request per line, one reply line each:
+//! - `mark NAME`: put mark NAME in the write log of every emulated disk, in order with its IO;
+//! - `crash [SEED]`: cut the power (seeded choice of surviving writes; connections dropped);
+//! - `stats`: counters of every emulated disk;
+//! - `sync`: push every write log to stable storage.
+//!
+//! A request may start with `@EXPORT ` to address one export. Replies are `ok JSON` or
+//! `err MESSAGE`. Lines are at most [`CONTROL_LINE_BYTES_MAX`] bytes.
+
+use std::io::{BufRead, BufReader as StdBufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+use crate::disk::EmulatedDisk;
+
+/// Longest request line.
+pub const CONTROL_LINE_BYTES_MAX: usize = 4096;
+/// Most control clients served at once.
+pub const CONTROL_CLIENTS_MAX: usize = 16;
+/// How long `ctl` waits for a reply.
+pub const CONTROL_REPLY_SECONDS_MAX: u64 = 60;
+
+/// The emulated disks a control socket drives, by export name.
+pub type Disks = Vec<(String, Arc<EmulatedDisk>)>;
+
+/// Executes one request line; returns the reply line (without newline).
+pub fn execute(disks: &Disks, line: &str) -> String {
+    match execute_inner(disks, line.trim()) {
+        Ok(v) => format!("ok {v}"),
+        Err(e) => format!("err {}", e.replace('\n', " ")),
+    }
+}
+
+fn execute_inner(disks: &Disks, line: &str) -> Result<serde_json::Value, String> {
+    let (target, line) = match line.strip_prefix('@') {
+        Some(rest) => {
+            let (name, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+            (Some(name), rest.trim())
+        }
+        None => (None, line),
+    };
+    let chosen: Vec<&(String, Arc<EmulatedDisk>)> = disks
+        .iter()
+        .filter(|(n, _)| target.is_none_or(|t| t == n))
+        .collect();
+    if chosen.is_empty() {
+        return Err(match target {
+            Some(t) => format!("no writable export named {t:?}"),
+            None => "the server has no writable export".into(),
+        });
+    }
+    let (cmd, arg) = line.split_once(' ').unwrap_or((line, ""));
+    let arg = arg.trim();
+    let mut out = serde_json::Map::new();
+    match cmd {
+        "mark" => {
+            if arg.is_empty() {
+                return Err("usage: mark NAME".into());
+            }
+            for (name, d) in &chosen {
+                let seq = d.mark(arg).map_err(|e| e.to_string())?;
+                out.insert(name.clone(), serde_json::json!({ "seq": seq }));
+            }
+        }
+        "crash" => {
+            let seed = if arg.is_empty() {
+                None
+            } else {
+                Some(
+                    arg.parse::<u64>()
+                        .map_err(|_| format!("seed {arg:?} is not a number"))?,
+                )
+            };
+            for (name, d) in &chosen {
+                let r = d.power_cut(seed).map_err(|e| e.to_string())?;
+                out.insert(
+                    name.clone(),
+                    serde_json::to_value(r).map_err(|e| e.to_string())?,
+                );
+            }
+        }
+        "stats" => {
+            for (name, d) in &chosen {
+                out.insert(
+                    name.clone(),
+                    serde_json::to_value(d.stats()).map_err(|e| e.to_string())?,
+                );
+            }
+        }
+        "sync" => {
+            for (name, d) in &chosen {
+                d.sync_log().map_err(|e| e.to_string())?;
+                out.insert(name.clone(), serde_json::Value::Bool(true));
+            }
+        }
+        "" => return Err("empty request (try: mark NAME, crash [SEED], stats, sync)".into()),
+        other => {
+            return Err(format!(
+                "unknown request {other:?} (try: mark NAME, crash [SEED], stats, sync)"
+            ))
+        }
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+/// Binds `path` (replacing a stale socket file) and serves requests until the task is dropped.
+pub async fn serve(path: PathBuf, disks: Disks) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    if path.exists() {
+        std::fs::remove_file(&path)?;
+    }
+    let listener = UnixListener::bind(&path)?;
+    let disks = Arc::new(disks);
+    let slots = Arc::new(Semaphore::new(CONTROL_CLIENTS_MAX));
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("control socket accept failed: {e}");
+                    continue;
+                }
+            };
+            let disks = disks.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let (rd, mut wr) = stream.into_split();
+                let mut rd = BufReader::new(rd);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    let mut limited = (&mut rd).take(CONTROL_LINE_BYTES_MAX as u64 + 1);
+                    match limited.read_until(b'\n', &mut line).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    let reply = if line.len() > CONTROL_LINE_BYTES_MAX {
+                        "err request line too long".to_string()
+                    } else {
+                        match String::from_utf8(line.clone()) {
+                            Err(_) => "err request is not UTF-8".to_string(),
+                            Ok(text) => {
+                                let disks = disks.clone();
+                                tokio::task::spawn_blocking(move || execute(&disks, &text))
+                                    .await
+                                    .unwrap_or_else(|e| format!("err {e}"))
+                            }
+                        }
+                    };
+                    if wr.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if line.len() > CONTROL_LINE_BYTES_MAX {
+                        return; // the rest of the line is garbage to us
+                    }
+                }
+            });
+        }
+    }))
+}
+
+/// Sends one request and returns the reply line: `Ok(json)` for `ok`, `Err(message)` for
+/// `err` or a broken socket.
+pub fn request(socket: &Path, line: &str) -> Result<String, String> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(
+        CONTROL_REPLY_SECONDS_MAX,
+    )))
+    .map_err(|e| e.to_string())?;
+    s.write_all(format!("{}\n", line.trim()).as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    StdBufReader::new(&s)
+        .read_line(&mut reply)
+        .map_err(|e| format!("no reply: {e}"))?;
+    let reply = reply.trim_end();
+    if let Some(ok) = reply.strip_prefix("ok ") {
+        Ok(ok.to_string())
+    } else if let Some(err) = reply.strip_prefix("err ") {
+        Err(err.to_string())
+    } else {
+        Err(format!("unexpected reply {reply:?}"))
+    }
+}
