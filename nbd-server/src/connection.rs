@@ -468,6 +468,11 @@ pub async fn serve<R, W>(
     let mut pending = Pending::default();
 
     loop {
+        // Checked here too: with requests always buffered, the select below never waits.
+        if *shutdown.borrow() {
+            tracing::debug!(conn, "shutdown: no more requests");
+            break;
+        }
         let slot = match slots.clone().try_acquire_owned() {
             Ok(s) => s,
             Err(_) => {
