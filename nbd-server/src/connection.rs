@@ -474,10 +474,16 @@ pub async fn serve<R, W>(
     // reader is about to wait (so one socket write answers everything one read brought).
     let mut pending = Pending::default();
 
+    let mut kick = session.export.kick.subscribe();
+    let mut kicked = false;
     loop {
         // Checked here too: with requests always buffered, the select below never waits.
         if *shutdown.borrow() {
             tracing::debug!(conn, "shutdown: no more requests");
+            break;
+        }
+        if kick.has_changed().unwrap_or(false) {
+            kicked = true;
             break;
         }
         let slot = match slots.clone().try_acquire_owned() {
@@ -499,6 +505,10 @@ pub async fn serve<R, W>(
             r = rd.read_exact(&mut hb) => r,
             _ = wait_for_shutdown(&mut shutdown) => {
                 tracing::debug!(conn, "shutdown: no more requests");
+                break;
+            }
+            _ = kick.changed() => {
+                kicked = true;
                 break;
             }
         };
@@ -655,6 +665,11 @@ pub async fn serve<R, W>(
             pending.flush(&sink).await;
         }
     }
+    if kicked {
+        // Hard disconnect: nothing more reaches the client.
+        tracing::info!(conn, "disconnected by disconnect_all");
+        sink.cut().await;
+    }
     pending.flush(&sink).await;
     // Every started request holds a sender; the writer ends once they all replied.
     drop(tx);
@@ -782,6 +797,13 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
             ctx.pool.give(r.bytes);
         }
         ctx.export.fence.end(ticketed);
+    }
+
+    /// Marks the socket failed and shuts it down: later batches are abandoned, not written.
+    async fn cut(&self) {
+        let mut g = self.wr.lock().await;
+        g.1 = true;
+        let _ = g.0.get_mut().shutdown().await;
     }
 
     async fn close(&self) {

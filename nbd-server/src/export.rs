@@ -218,6 +218,8 @@ pub struct Export {
     pub backend: Arc<dyn Backend>,
     /// Orders FLUSH arrivals after the `reply_sent` of every reply already on the wire.
     pub(crate) fence: crate::connection::ReplyFence,
+    /// Bumped by [`Export::disconnect_all`]; every connection of the export watches it.
+    pub(crate) kick: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Export {
@@ -238,6 +240,7 @@ impl Export {
             readonly,
             backend,
             fence: Default::default(),
+            kick: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -251,6 +254,14 @@ impl Export {
 
     pub fn size(&self) -> u64 {
         self.backend.size()
+    }
+
+    /// Drops every connection of this export at once, as a power cut would: no further
+    /// request is read, replies not yet written are never sent (the backend gets
+    /// `reply_abandoned` for them), and the sockets close. New connections are accepted as
+    /// usual. Requests already executing still finish inside the backend.
+    pub fn disconnect_all(&self) {
+        self.kick.send_modify(|g| *g += 1);
     }
 
     /// The transmission flags sent to a client; `structured` says whether structured replies

@@ -323,7 +323,10 @@ fn nbdfuse_file_round_trip() {
         return;
     }
     if !Path::new("/dev/fuse").exists() {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "/dev/fuse is required under CI=true");
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "/dev/fuse is required under CI=true"
+        );
         eprintln!("SKIP: /dev/fuse is missing");
         return;
     }
@@ -331,11 +334,18 @@ fn nbdfuse_file_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let mut child = Command::new("nbdfuse").arg(&mnt).arg(t.uri("disk")).spawn().unwrap();
+    let mut child = Command::new("nbdfuse")
+        .arg(&mnt)
+        .arg(t.uri("disk"))
+        .spawn()
+        .unwrap();
     let file = mnt.join("nbd");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) != DISK_BYTES {
-        assert!(std::time::Instant::now() < deadline, "nbdfuse did not mount");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdfuse did not mount"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let data = pattern(4, 4 << 20);
@@ -353,5 +363,9 @@ fn nbdfuse_file_round_trip() {
     let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
     let _ = child.wait();
     assert!(back == data, "read through FUSE differs");
-    assert_eq!(read_export(&t, "disk", 8 << 20, 65536), data[..65536].to_vec(), "data reached the export");
+    assert_eq!(
+        read_export(&t, "disk", 8 << 20, 65536),
+        data[..65536].to_vec(),
+        "data reached the export"
+    );
 }
