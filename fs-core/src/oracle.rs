@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug)]
 enum EffectKind {
+    /// One byte value repeated (what workloads write; no copy kept).
+    Fill { offset: u64, len: u64, byte: u8 },
     Write { offset: u64, data: Vec<u8> },
     Zero { offset: u64, len: u64 },
     Size { size: u64 },
@@ -83,7 +85,11 @@ impl Oracle {
             f.resize(end, 0);
         }
         f[offset as usize..end].copy_from_slice(data);
-        self.effects.push(Effect { op, ino, kind: EffectKind::Write { offset, data: data.to_vec() } });
+        let kind = match data.first() {
+            Some(&b) if data.iter().all(|&x| x == b) => EffectKind::Fill { offset, len: data.len() as u64, byte: b },
+            _ => EffectKind::Write { offset, data: data.to_vec() },
+        };
+        self.effects.push(Effect { op, ino, kind });
     }
 
     /// Zero `[offset, offset + len)` inside the current size (punch, zero range).
@@ -107,6 +113,7 @@ impl Oracle {
                 EffectKind::Write { offset: o, data } if offset >= *o && offset < o + data.len() as u64 => {
                     Some(data[(offset - o) as usize])
                 }
+                EffectKind::Fill { offset: o, len, byte } if offset >= *o && offset < o + len => Some(*byte),
                 EffectKind::Zero { offset: o, len } if offset >= *o && offset < o + len => Some(0),
                 EffectKind::Size { size } if offset >= *size => Some(0),
                 _ => None,

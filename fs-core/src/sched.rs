@@ -533,9 +533,12 @@ impl<'w> Sim<'w> {
                 }
                 op_index += 1;
             }
+            // Tasks not yet done: background ones and this phase's (earlier phases are done).
+            let mut live: Vec<TaskId> = (0..FIRST_OP_TASK).chain(first..self.tasks.len()).collect();
             while self.tasks[first..].iter().any(|t| !t.done) {
+                live.retain(|&t| !self.tasks[t].done);
                 runnable.clear();
-                runnable.extend((0..self.tasks.len()).filter(|&t| self.tasks[t].runnable(&self.fs, t)));
+                runnable.extend(live.iter().copied().filter(|&t| self.tasks[t].runnable(&self.fs, t)));
                 if runnable.is_empty() {
                     let blocked = self.blocked_report();
                     self.oracle.failures.push(Failure::Deadlock { blocked });
