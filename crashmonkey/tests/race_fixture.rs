@@ -17,11 +17,22 @@ fn bundle_dir() -> PathBuf {
 fn fixture_replays_the_same_failure() {
     let b = load_bundle(&bundle_dir()).expect("bundle");
     assert!(!b.config.iomap_valid);
-    let r = sched::run(&b.config, &b.workload, &mut ReplayPolicy::new(b.schedule.clone(), true));
+    let r = sched::run(
+        &b.config,
+        &b.workload,
+        &mut ReplayPolicy::new(b.schedule.clone(), true),
+    );
     assert_eq!(r.failures, b.failures);
     assert!(matches!(
         r.failures.first(),
-        Some(Failure::WrongData { file: 0, offset: 7839, expected: b'A', found: 0, found_from: None, .. })
+        Some(Failure::WrongData {
+            file: 0,
+            offset: 7839,
+            expected: b'A',
+            found: 0,
+            found_from: None,
+            ..
+        })
     ));
     assert_eq!(r.files[0][7839], 0);
 }
@@ -29,12 +40,21 @@ fn fixture_replays_the_same_failure() {
 #[test]
 fn fixture_passes_along_the_same_interleaving_with_the_fix_on() {
     let b = load_bundle(&bundle_dir()).expect("bundle");
-    let cfg = Config { iomap_valid: true, ..b.config.clone() };
+    let cfg = Config {
+        iomap_valid: true,
+        ..b.config.clone()
+    };
     let mut policy = ReplayPolicy::lenient(b.schedule.clone(), b.trace.clone());
     let r = sched::run(&cfg, &b.workload, &mut policy);
     assert!(r.passed(), "{:?}", r.failures);
-    assert_eq!(policy.divergences, 0, "the fixed run followed every recorded step");
+    assert_eq!(
+        policy.divergences, 0,
+        "the fixed run followed every recorded step"
+    );
     assert_eq!(r.files[0][7839..7875], [b'A'; 36]);
     // The write found its mapping stale at folio 1 and remapped there.
-    assert!(r.trace.iter().any(|s| s.label == "iomap_begin" && s.arg == 4096));
+    assert!(r
+        .trace
+        .iter()
+        .any(|s| s.label == "iomap_begin" && s.arg == 4096));
 }

@@ -13,11 +13,23 @@ const RUNS: u64 = 5;
 
 fn main() {
     let ops: Vec<Op> = (0..WRITES_PER_RUN)
-        .map(|i| Op::Write { file: 0, offset: (i * 7 % FILE_BLOCKS) * 4096, len: 4096, byte: (i % 251) as u8 + 1 })
+        .map(|i| Op::Write {
+            file: 0,
+            offset: (i * 7 % FILE_BLOCKS) * 4096,
+            len: 4096,
+            byte: (i % 251) as u8 + 1,
+        })
         .collect();
     // Four writers at a time, racing the background tasks.
-    let w = Workload { files: 1, phases: ops.chunks(4).map(<[Op]>::to_vec).collect() };
-    let cfg = Config { cache_limit_folios: 16, device_blocks: 4096, ..Config::default() };
+    let w = Workload {
+        files: 1,
+        phases: ops.chunks(4).map(<[Op]>::to_vec).collect(),
+    };
+    let cfg = Config {
+        cache_limit_folios: 16,
+        device_blocks: 4096,
+        ..Config::default()
+    };
     let mut best = f64::MAX;
     let mut steps = 0;
     for seed in 0..RUNS {

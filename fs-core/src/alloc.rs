@@ -23,7 +23,12 @@ pub struct Allocator {
 impl Allocator {
     /// An allocator for device blocks `[first, blocks)`; blocks below `first` are reserved.
     pub fn new(first: u64, blocks: u64) -> Self {
-        Allocator { blocks, owner: Vec::new(), freed: BTreeSet::new(), never_used: first }
+        Allocator {
+            blocks,
+            owner: Vec::new(),
+            freed: BTreeSet::new(),
+            never_used: first,
+        }
     }
 
     pub fn free_blocks(&self) -> u64 {

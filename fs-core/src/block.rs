@@ -19,10 +19,19 @@ pub struct ReqId(pub u64);
 /// A request to the device. Writes are whole blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Read { block: u64 },
-    Write { block: u64, data: Vec<u8>, fua: bool },
+    Read {
+        block: u64,
+    },
+    Write {
+        block: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
     Flush,
-    Trim { block: u64, count: u64 },
+    Trim {
+        block: u64,
+        count: u64,
+    },
 }
 
 /// What a completed request gives back.
@@ -106,7 +115,12 @@ pub fn submit_and_complete(dev: &mut dyn BlockDevice, req: Request) -> Result<()
 /// Not cryptographic; it only tells payloads apart in a log.
 pub fn content_hash(data: &[u8]) -> u64 {
     const PRIME: u64 = 0x0100_0000_01b3;
-    let mut lanes = [0xcbf2_9ce4_8422_2325u64, 0x8422_2325_cbf2_9ce4, 0x9ce4_cbf2_2325_8422, 0x2325_8422_9ce4_cbf2];
+    let mut lanes = [
+        0xcbf2_9ce4_8422_2325u64,
+        0x8422_2325_cbf2_9ce4,
+        0x9ce4_cbf2_2325_8422,
+        0x2325_8422_9ce4_cbf2,
+    ];
     let mut chunks = data.chunks_exact(32);
     for c in &mut chunks {
         for (i, lane) in lanes.iter_mut().enumerate() {
@@ -114,7 +128,9 @@ pub fn content_hash(data: &[u8]) -> u64 {
             *lane = (*lane ^ w).wrapping_mul(PRIME);
         }
     }
-    let mut h = lanes.iter().fold(data.len() as u64, |h, l| (h ^ l).wrapping_mul(PRIME).rotate_left(23));
+    let mut h = lanes.iter().fold(data.len() as u64, |h, l| {
+        (h ^ l).wrapping_mul(PRIME).rotate_left(23)
+    });
     for b in chunks.remainder() {
         h = (h ^ u64::from(*b)).wrapping_mul(PRIME);
     }
@@ -134,12 +150,21 @@ pub struct MemDevice {
 
 impl MemDevice {
     pub fn new(blocks: u64) -> Self {
-        MemDevice { blocks, data: BTreeMap::new(), in_flight: BTreeMap::new(), next_id: 0, log: Vec::new() }
+        MemDevice {
+            blocks,
+            data: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            next_id: 0,
+            log: Vec::new(),
+        }
     }
 
     /// The block's current content on the medium (zeros if never written).
     pub fn block(&self, block: u64) -> Vec<u8> {
-        self.data.get(&block).cloned().unwrap_or_else(|| vec![0; BLOCK_SIZE])
+        self.data
+            .get(&block)
+            .cloned()
+            .unwrap_or_else(|| vec![0; BLOCK_SIZE])
     }
 
     pub fn in_flight(&self) -> usize {
@@ -148,7 +173,10 @@ impl MemDevice {
 
     fn check(&self, block: u64, count: u64) -> Result<(), DeviceError> {
         if block.checked_add(count).is_none_or(|end| end > self.blocks) {
-            return Err(DeviceError::OutOfRange { block, blocks: self.blocks });
+            return Err(DeviceError::OutOfRange {
+                block,
+                blocks: self.blocks,
+            });
         }
         Ok(())
     }
@@ -156,8 +184,19 @@ impl MemDevice {
     fn record(&mut self, kind: RecordKind, block: u64, count: u64, payload: &[u8]) {
         let seq = self.log.len() as u64;
         let first_byte = payload.first().copied().unwrap_or(0);
-        let hash = if payload.is_empty() { 0 } else { content_hash(payload) };
-        self.log.push(DeviceRecord { seq, kind, block, count, hash, first_byte });
+        let hash = if payload.is_empty() {
+            0
+        } else {
+            content_hash(payload)
+        };
+        self.log.push(DeviceRecord {
+            seq,
+            kind,
+            block,
+            count,
+            hash,
+            first_byte,
+        });
     }
 }
 
@@ -188,11 +227,20 @@ impl BlockDevice for MemDevice {
     }
 
     fn complete(&mut self, id: ReqId) -> Result<Completion, DeviceError> {
-        let req = self.in_flight.remove(&id).ok_or(DeviceError::UnknownRequest(id))?;
+        let req = self
+            .in_flight
+            .remove(&id)
+            .ok_or(DeviceError::UnknownRequest(id))?;
         Ok(match req {
-            Request::Read { block } => Completion::Read { data: self.block(block) },
+            Request::Read { block } => Completion::Read {
+                data: self.block(block),
+            },
             Request::Write { block, data, fua } => {
-                let kind = if fua { RecordKind::FuaWrite } else { RecordKind::Write };
+                let kind = if fua {
+                    RecordKind::FuaWrite
+                } else {
+                    RecordKind::Write
+                };
                 self.record(kind, block, 1, &data);
                 self.data.insert(block, data);
                 Completion::Done
@@ -223,13 +271,22 @@ mod tests {
     #[test]
     fn write_is_invisible_until_completed_then_logged() {
         let mut d = MemDevice::new(8);
-        let id = d.submit(Request::Write { block: 3, data: vec![7; BLOCK_SIZE], fua: false }).unwrap();
+        let id = d
+            .submit(Request::Write {
+                block: 3,
+                data: vec![7; BLOCK_SIZE],
+                fua: false,
+            })
+            .unwrap();
         assert_eq!(d.block(3), vec![0; BLOCK_SIZE]);
         d.complete(id).unwrap();
         assert_eq!(d.block(3), vec![7; BLOCK_SIZE]);
         let log = d.write_log().unwrap();
         assert_eq!(log.len(), 1);
-        assert_eq!((log[0].block, log[0].first_byte, log[0].kind), (3, 7, RecordKind::Write));
+        assert_eq!(
+            (log[0].block, log[0].first_byte, log[0].kind),
+            (3, 7, RecordKind::Write)
+        );
     }
 
     #[test]
@@ -245,11 +302,21 @@ mod tests {
     #[test]
     fn bad_requests_are_refused() {
         let mut d = MemDevice::new(8);
-        assert!(matches!(d.submit(Request::Read { block: 8 }), Err(DeviceError::OutOfRange { .. })));
         assert!(matches!(
-            d.submit(Request::Write { block: 0, data: vec![0; 10], fua: false }),
+            d.submit(Request::Read { block: 8 }),
+            Err(DeviceError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            d.submit(Request::Write {
+                block: 0,
+                data: vec![0; 10],
+                fua: false
+            }),
             Err(DeviceError::BadLength(10))
         ));
-        assert!(matches!(d.complete(ReqId(99)), Err(DeviceError::UnknownRequest(_))));
+        assert!(matches!(
+            d.complete(ReqId(99)),
+            Err(DeviceError::UnknownRequest(_))
+        ));
     }
 }

@@ -27,8 +27,14 @@ pub struct Extent {
 }
 
 impl Extent {
-    pub const HOLE: Extent = Extent { state: ExtentState::Hole, addr: 0 };
-    pub const DELALLOC: Extent = Extent { state: ExtentState::Delalloc, addr: 0 };
+    pub const HOLE: Extent = Extent {
+        state: ExtentState::Hole,
+        addr: 0,
+    };
+    pub const DELALLOC: Extent = Extent {
+        state: ExtentState::Delalloc,
+        addr: 0,
+    };
 }
 
 /// A run of blocks with the same state (and contiguous device blocks when allocated).
@@ -54,12 +60,18 @@ impl ExtentMap {
     }
 
     pub fn get(&self, block: u64) -> Extent {
-        self.blocks.get(block as usize).copied().unwrap_or(Extent::HOLE)
+        self.blocks
+            .get(block as usize)
+            .copied()
+            .unwrap_or(Extent::HOLE)
     }
 
     /// Change one block's mapping; bumps `seq` when it changes anything.
     pub fn set(&mut self, block: u64, ext: Extent) {
-        assert!(block < FILE_BLOCKS_MAX, "block {block} beyond FILE_BLOCKS_MAX");
+        assert!(
+            block < FILE_BLOCKS_MAX,
+            "block {block} beyond FILE_BLOCKS_MAX"
+        );
         if self.get(block) == ext {
             return;
         }
@@ -81,14 +93,22 @@ impl ExtentMap {
             if e.state != first.state || (allocated && e.addr != first.addr + len) {
                 break;
             }
-            if !allocated && block + len >= self.blocks.len() as u64 && first.state == ExtentState::Hole {
+            if !allocated
+                && block + len >= self.blocks.len() as u64
+                && first.state == ExtentState::Hole
+            {
                 // Past the last mapped block everything is a hole: extend to max_len at once.
                 len = max_len;
                 break;
             }
             len += 1;
         }
-        Run { start: block, len, state: first.state, addr: first.addr }
+        Run {
+            start: block,
+            len,
+            state: first.state,
+            addr: first.addr,
+        }
     }
 
     /// Number of blocks with a recorded mapping (the rest are holes).
@@ -104,13 +124,45 @@ mod tests {
     #[test]
     fn seq_changes_only_on_real_changes_and_runs_coalesce() {
         let mut m = ExtentMap::default();
-        m.set(0, Extent { state: ExtentState::Written, addr: 10 });
-        m.set(1, Extent { state: ExtentState::Written, addr: 11 });
-        m.set(2, Extent { state: ExtentState::Written, addr: 20 });
+        m.set(
+            0,
+            Extent {
+                state: ExtentState::Written,
+                addr: 10,
+            },
+        );
+        m.set(
+            1,
+            Extent {
+                state: ExtentState::Written,
+                addr: 11,
+            },
+        );
+        m.set(
+            2,
+            Extent {
+                state: ExtentState::Written,
+                addr: 20,
+            },
+        );
         assert_eq!(m.seq(), 3);
-        m.set(2, Extent { state: ExtentState::Written, addr: 20 });
+        m.set(
+            2,
+            Extent {
+                state: ExtentState::Written,
+                addr: 20,
+            },
+        );
         assert_eq!(m.seq(), 3);
-        assert_eq!(m.run_at(0, 8), Run { start: 0, len: 2, state: ExtentState::Written, addr: 10 });
+        assert_eq!(
+            m.run_at(0, 8),
+            Run {
+                start: 0,
+                len: 2,
+                state: ExtentState::Written,
+                addr: 10
+            }
+        );
         assert_eq!(m.run_at(3, 5).len, 5);
         assert_eq!(m.run_at(3, 5).state, ExtentState::Hole);
     }

@@ -168,7 +168,13 @@ pub struct IoEnd {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Violation {
     /// Writeback wrote file block `fblock` of `ino` to device block `addr`, which it does not own.
-    WriteToForeignBlock { ino: usize, fblock: u64, addr: u64, freed: bool, owner: Option<(usize, u64)> },
+    WriteToForeignBlock {
+        ino: usize,
+        fblock: u64,
+        addr: u64,
+        freed: bool,
+        owner: Option<(usize, u64)>,
+    },
     /// Writeback cleaned a dirty folio over a HOLE without writing it: its data is gone.
     DirtyFolioOverHole { ino: usize, fblock: u64 },
 }
@@ -176,8 +182,17 @@ pub enum Violation {
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Violation::WriteToForeignBlock { ino, fblock, addr, freed, owner } => {
-                write!(f, "writeback wrote file {ino} block {fblock} to device block {addr}, which is ")?;
+            Violation::WriteToForeignBlock {
+                ino,
+                fblock,
+                addr,
+                freed,
+                owner,
+            } => {
+                write!(
+                    f,
+                    "writeback wrote file {ino} block {fblock} to device block {addr}, which is "
+                )?;
                 match owner {
                     Some((o, b)) => write!(f, "owned by file {o} block {b}"),
                     None if *freed => write!(f, "free (it was freed)"),
@@ -185,7 +200,10 @@ impl std::fmt::Display for Violation {
                 }
             }
             Violation::DirtyFolioOverHole { ino, fblock } => {
-                write!(f, "writeback found dirty folio {fblock} of file {ino} over a HOLE and skipped it")
+                write!(
+                    f,
+                    "writeback found dirty folio {fblock} of file {ino} over a HOLE and skipped it"
+                )
             }
         }
     }
@@ -239,7 +257,10 @@ impl Fs {
         if !cache.folios.contains_key(&idx) {
             self.folio_count += 1;
         }
-        let f = cache.folios.entry(idx).or_insert_with(|| Folio::new(clock, clock));
+        let f = cache
+            .folios
+            .entry(idx)
+            .or_insert_with(|| Folio::new(clock, clock));
         f.lru = clock;
         f
     }
@@ -271,11 +292,18 @@ impl Fs {
     /// Allocate a block for (ino, fblock). In AtWrite mode the block is zeroed on the device
     /// first, as gfs2 does, so a read of a block allocated ahead of its data sees zeros.
     pub fn alloc_block(&mut self, ino: usize, fblock: u64, zero: bool) -> Result<u64, FsError> {
-        let addr = self.alloc.alloc(Owner { ino, fblock }).ok_or(FsError::NoSpace)?;
+        let addr = self
+            .alloc
+            .alloc(Owner { ino, fblock })
+            .ok_or(FsError::NoSpace)?;
         if zero {
             block::submit_and_complete(
                 self.dev.as_mut(),
-                Request::Write { block: addr, data: vec![0; BLOCK_SIZE], fua: false },
+                Request::Write {
+                    block: addr,
+                    data: vec![0; BLOCK_SIZE],
+                    fua: false,
+                },
             )?;
         }
         Ok(addr)
@@ -310,7 +338,9 @@ impl Fs {
 
     /// Any dirty folio that background writeback could start on now.
     pub fn has_writeback_work(&self) -> bool {
-        self.inodes.iter().any(|i| i.cache.folios.values().any(|f| f.dirty && !f.writeback))
+        self.inodes
+            .iter()
+            .any(|i| i.cache.folios.values().any(|f| f.dirty && !f.writeback))
     }
 
     /// Drop every clean folio (echo 1 > drop_caches).

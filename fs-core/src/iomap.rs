@@ -100,7 +100,10 @@ pub fn iomap_begin_write(fs: &mut Fs, ino: usize, pos: u64, len: u64) -> Result<
             for b in run.start..run.start + run.len {
                 fs.inode_mut(ino).extents.set(b, Extent::DELALLOC);
             }
-            let run = Run { state: ExtentState::Delalloc, ..run };
+            let run = Run {
+                state: ExtentState::Delalloc,
+                ..run
+            };
             let mut map = IoMap::from_run(run, fs.inode(ino).extents.seq());
             map.flags.0 |= IoMapFlags::NEW;
             Ok(map)
@@ -121,13 +124,24 @@ pub fn iomap_begin_write(fs: &mut Fs, ino: usize, pos: u64, len: u64) -> Result<
                 if len == 0 {
                     base = addr;
                 }
-                fs.inode_mut(ino).extents.set(b, Extent { state: ExtentState::Written, addr });
+                fs.inode_mut(ino).extents.set(
+                    b,
+                    Extent {
+                        state: ExtentState::Written,
+                        addr,
+                    },
+                );
                 len += 1;
             }
             if len == 0 {
                 return Err(FsError::NoSpace);
             }
-            let run = Run { start: run.start, len, state: ExtentState::Written, addr: base };
+            let run = Run {
+                start: run.start,
+                len,
+                state: ExtentState::Written,
+                addr: base,
+            };
             let mut map = IoMap::from_run(run, fs.inode(ino).extents.seq());
             map.flags.0 |= IoMapFlags::NEW;
             Ok(map)
@@ -151,7 +165,10 @@ mod tests {
     fn write_over_hole_reserves_delalloc_new_and_cookie_tracks_seq() {
         let mut fs = Fs::new(Config::default(), Box::new(MemDevice::new(64)), 1);
         let m = iomap_begin_write(&mut fs, 0, 100, 2 * BS).unwrap();
-        assert_eq!((m.offset, m.length, m.kind), (0, 3 * BS, IoMapKind::Delalloc));
+        assert_eq!(
+            (m.offset, m.length, m.kind),
+            (0, 3 * BS, IoMapKind::Delalloc)
+        );
         assert!(m.flags.has(IoMapFlags::NEW));
         assert!(iomap_valid(&fs, 0, &m));
         let again = iomap_begin_write(&mut fs, 0, 0, BS).unwrap();

@@ -15,10 +15,22 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug)]
 enum EffectKind {
     /// One byte value repeated (what workloads write; no copy kept).
-    Fill { offset: u64, len: u64, byte: u8 },
-    Write { offset: u64, data: Vec<u8> },
-    Zero { offset: u64, len: u64 },
-    Size { size: u64 },
+    Fill {
+        offset: u64,
+        len: u64,
+        byte: u8,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    Size {
+        size: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -54,11 +66,23 @@ pub enum Failure {
         found_from: Option<u32>,
         seen: Seen,
     },
-    WrongSize { file: usize, expected: u64, found: u64 },
-    Invariant { what: String },
-    Deadlock { blocked: Vec<String> },
-    StepLimit { steps: u64 },
-    Harness { what: String },
+    WrongSize {
+        file: usize,
+        expected: u64,
+        found: u64,
+    },
+    Invariant {
+        what: String,
+    },
+    Deadlock {
+        blocked: Vec<String>,
+    },
+    StepLimit {
+        steps: u64,
+    },
+    Harness {
+        what: String,
+    },
 }
 
 /// The model of all files.
@@ -71,7 +95,11 @@ pub struct Oracle {
 
 impl Oracle {
     pub fn new(files: usize) -> Self {
-        Oracle { files: vec![Vec::new(); files], effects: Vec::new(), failures: Vec::new() }
+        Oracle {
+            files: vec![Vec::new(); files],
+            effects: Vec::new(),
+            failures: Vec::new(),
+        }
     }
 
     pub fn file(&self, ino: usize) -> &[u8] {
@@ -86,8 +114,15 @@ impl Oracle {
         }
         f[offset as usize..end].copy_from_slice(data);
         let kind = match data.first() {
-            Some(&b) if data.iter().all(|&x| x == b) => EffectKind::Fill { offset, len: data.len() as u64, byte: b },
-            _ => EffectKind::Write { offset, data: data.to_vec() },
+            Some(&b) if data.iter().all(|&x| x == b) => EffectKind::Fill {
+                offset,
+                len: data.len() as u64,
+                byte: b,
+            },
+            _ => EffectKind::Write {
+                offset,
+                data: data.to_vec(),
+            },
         };
         self.effects.push(Effect { op, ino, kind });
     }
@@ -98,22 +133,36 @@ impl Oracle {
         let start = (offset as usize).min(f.len());
         let end = ((offset + len) as usize).min(f.len());
         f[start..end].fill(0);
-        self.effects.push(Effect { op, ino, kind: EffectKind::Zero { offset, len } });
+        self.effects.push(Effect {
+            op,
+            ino,
+            kind: EffectKind::Zero { offset, len },
+        });
     }
 
     pub fn set_size(&mut self, ino: usize, size: u64, op: u32) {
         self.files[ino].resize(size as usize, 0);
-        self.effects.push(Effect { op, ino, kind: EffectKind::Size { size } });
+        self.effects.push(Effect {
+            op,
+            ino,
+            kind: EffectKind::Size { size },
+        });
     }
 
     /// Latest operation whose effect left `value` at (ino, offset).
     fn who_wrote(&self, ino: usize, offset: u64, value: Option<u8>) -> Option<u32> {
         for e in self.effects.iter().rev().filter(|e| e.ino == ino) {
             let v = match &e.kind {
-                EffectKind::Write { offset: o, data } if offset >= *o && offset < o + data.len() as u64 => {
+                EffectKind::Write { offset: o, data }
+                    if offset >= *o && offset < o + data.len() as u64 =>
+                {
                     Some(data[(offset - o) as usize])
                 }
-                EffectKind::Fill { offset: o, len, byte } if offset >= *o && offset < o + len => Some(*byte),
+                EffectKind::Fill {
+                    offset: o,
+                    len,
+                    byte,
+                } if offset >= *o && offset < o + len => Some(*byte),
                 EffectKind::Zero { offset: o, len } if offset >= *o && offset < o + len => Some(0),
                 EffectKind::Size { size } if offset >= *size => Some(0),
                 _ => None,
@@ -158,19 +207,27 @@ impl Oracle {
     /// writeback, no dirty folio over a HOLE, no DELALLOC without a dirty folio.
     pub fn check_quiescent(&mut self, fs: &Fs) {
         for v in &fs.violations {
-            self.failures.push(Failure::Invariant { what: v.to_string() });
+            self.failures.push(Failure::Invariant {
+                what: v.to_string(),
+            });
         }
         for (ino, inode) in fs.inodes.iter().enumerate() {
             for (idx, f) in &inode.cache.folios {
                 if f.dirty && inode.extents.get(*idx).state == ExtentState::Hole {
                     let v = Violation::DirtyFolioOverHole { ino, fblock: *idx };
-                    self.failures.push(Failure::Invariant { what: format!("quiescent: {v}") });
+                    self.failures.push(Failure::Invariant {
+                        what: format!("quiescent: {v}"),
+                    });
                 }
             }
             for b in 0..inode.extents.span() {
-                if inode.extents.get(b).state == ExtentState::Delalloc && !inode.cache.get(b).is_some_and(|f| f.dirty) {
+                if inode.extents.get(b).state == ExtentState::Delalloc
+                    && !inode.cache.get(b).is_some_and(|f| f.dirty)
+                {
                     self.failures.push(Failure::Invariant {
-                        what: format!("file {ino} block {b} is DELALLOC without a dirty folio over it"),
+                        what: format!(
+                            "file {ino} block {b} is DELALLOC without a dirty folio over it"
+                        ),
                     });
                 }
             }
@@ -184,7 +241,11 @@ impl Oracle {
         }
         let expected = self.files[ino].len() as u64;
         if got.len() as u64 != expected {
-            self.failures.push(Failure::WrongSize { file: ino, expected, found: got.len() as u64 });
+            self.failures.push(Failure::WrongSize {
+                file: ino,
+                expected,
+                found: got.len() as u64,
+            });
         }
     }
 }
@@ -220,6 +281,14 @@ mod tests {
         let mut o = Oracle::new(1);
         o.write(0, 0, &[b'X'; 4], 3);
         o.check_durable(0, &[b'X', 0, b'X', b'X']);
-        assert!(matches!(o.failures[0], Failure::WrongData { offset: 1, found_from: None, expected_from: Some(3), .. }));
+        assert!(matches!(
+            o.failures[0],
+            Failure::WrongData {
+                offset: 1,
+                found_from: None,
+                expected_from: Some(3),
+                ..
+            }
+        ));
     }
 }

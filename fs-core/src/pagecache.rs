@@ -53,7 +53,11 @@ impl Folio {
 
     /// Reclaim may drop only clean, unlocked folios not under writeback.
     pub fn reclaimable(&self) -> bool {
-        self.locked.is_none() && !self.dirty && !self.writeback && !self.mapped_writable && self.pins == 0
+        self.locked.is_none()
+            && !self.dirty
+            && !self.writeback
+            && !self.mapped_writable
+            && self.pins == 0
     }
 }
 
@@ -79,7 +83,10 @@ impl PageCache {
 
     /// First folio at or after `idx` that satisfies `pred`.
     pub fn next_where(&self, idx: u64, pred: impl Fn(&Folio) -> bool) -> Option<u64> {
-        self.folios.range(idx..).find(|(_, f)| pred(f)).map(|(i, _)| *i)
+        self.folios
+            .range(idx..)
+            .find(|(_, f)| pred(f))
+            .map(|(i, _)| *i)
     }
 
     pub fn len(&self) -> usize {

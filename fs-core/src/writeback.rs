@@ -20,7 +20,12 @@ pub struct WritepageCtx {
 /// `xfs_map_blocks`: reuse the cached mapping if it covers `fblock` (and, with the seq check
 /// on, the inode's seq has not moved); else look the block up, converting DELALLOC to
 /// UNWRITTEN by allocating the whole delalloc run from `fblock` on.
-pub fn map_blocks(fs: &mut Fs, wpc: &mut WritepageCtx, ino: usize, fblock: u64) -> Result<IoMap, FsError> {
+pub fn map_blocks(
+    fs: &mut Fs,
+    wpc: &mut WritepageCtx,
+    ino: usize,
+    fblock: u64,
+) -> Result<IoMap, FsError> {
     if let Some(m) = wpc.map {
         let fresh = !fs.cfg.wb_seq_check || m.validity_cookie == fs.inode(ino).extents.seq();
         if m.covers(fblock * BS) && fresh {
@@ -32,7 +37,13 @@ pub fn map_blocks(fs: &mut Fs, wpc: &mut WritepageCtx, ino: usize, fblock: u64) 
     if run.state == ExtentState::Delalloc {
         for b in run.start..run.start + run.len {
             let addr = fs.alloc_block(ino, b, false)?;
-            fs.inode_mut(ino).extents.set(b, Extent { state: ExtentState::Unwritten, addr });
+            fs.inode_mut(ino).extents.set(
+                b,
+                Extent {
+                    state: ExtentState::Unwritten,
+                    addr,
+                },
+            );
         }
         run = fs.inode(ino).extents.run_at(fblock, max);
     }
@@ -63,12 +74,20 @@ pub struct WbPass {
 
 impl WbPass {
     pub fn new(ino: usize, sync_all: bool) -> Self {
-        WbPass { ino, sync_all, cursor: 0, wpc: WritepageCtx::default(), bio: None }
+        WbPass {
+            ino,
+            sync_all,
+            cursor: 0,
+            wpc: WritepageCtx::default(),
+            bio: None,
+        }
     }
 
     fn next_dirty(&self, fs: &Fs) -> Option<u64> {
         let sync_all = self.sync_all;
-        fs.inode(self.ino).cache.next_where(self.cursor, |f| f.dirty && (sync_all || !f.writeback))
+        fs.inode(self.ino)
+            .cache
+            .next_where(self.cursor, |f| f.dirty && (sync_all || !f.writeback))
     }
 
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
@@ -119,14 +138,20 @@ impl WbPass {
         match map.kind {
             IoMapKind::Hole => {
                 // Nothing to write to: the block is skipped and the data dropped.
-                cx.fs.violations.push(Violation::DirtyFolioOverHole { ino, fblock: idx });
+                cx.fs
+                    .violations
+                    .push(Violation::DirtyFolioOverHole { ino, fblock: idx });
                 Step::Yield("wb:hole", idx)
             }
             IoMapKind::Delalloc => unreachable!("map_blocks converts delalloc"),
             IoMapKind::Mapped | IoMapKind::Unwritten => {
                 let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("found");
                 f.writeback = true;
-                self.bio = Some(Bio { idx, addr: map.addr_of(idx * BS), unwritten: map.kind == IoMapKind::Unwritten });
+                self.bio = Some(Bio {
+                    idx,
+                    addr: map.addr_of(idx * BS),
+                    unwritten: map.kind == IoMapKind::Unwritten,
+                });
                 Step::Yield("wb:map_blocks", idx)
             }
         }
@@ -135,7 +160,12 @@ impl WbPass {
     fn submit(&mut self, fs: &mut Fs, bio: Bio) -> Step {
         let ino = self.ino;
         let owner = fs.alloc.owner(bio.addr);
-        if owner != Some(Owner { ino, fblock: bio.idx }) {
+        if owner
+            != Some(Owner {
+                ino,
+                fblock: bio.idx,
+            })
+        {
             fs.violations.push(Violation::WriteToForeignBlock {
                 ino,
                 fblock: bio.idx,
@@ -144,10 +174,27 @@ impl WbPass {
                 owner: owner.map(|o| (o.ino, o.fblock)),
             });
         }
-        let data = fs.inode(ino).cache.get(bio.idx).expect("under writeback").data.clone();
-        match fs.dev.submit(Request::Write { block: bio.addr, data, fua: false }) {
+        let data = fs
+            .inode(ino)
+            .cache
+            .get(bio.idx)
+            .expect("under writeback")
+            .data
+            .clone();
+        match fs.dev.submit(Request::Write {
+            block: bio.addr,
+            data,
+            fua: false,
+        }) {
             Ok(req) => {
-                fs.ioends.push_back(IoEnd { req, ino, fblock: bio.idx, addr: bio.addr, unwritten: bio.unwritten, stage: 0 });
+                fs.ioends.push_back(IoEnd {
+                    req,
+                    ino,
+                    fblock: bio.idx,
+                    addr: bio.addr,
+                    unwritten: bio.unwritten,
+                    stage: 0,
+                });
                 Step::Yield("wb:submit", bio.idx)
             }
             Err(e) => {
@@ -183,7 +230,14 @@ impl Flusher {
     pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
         if self.pass.is_none() {
             let ino = (0..cx.fs.inodes.len())
-                .find(|&i| cx.fs.inode(i).cache.folios.values().any(|f| f.dirty && !f.writeback))
+                .find(|&i| {
+                    cx.fs
+                        .inode(i)
+                        .cache
+                        .folios
+                        .values()
+                        .any(|f| f.dirty && !f.writeback)
+                })
                 .expect("runnable only with work");
             self.pass = Some(WbPass::new(ino, false));
         }
@@ -224,8 +278,19 @@ impl IoCompletion {
                 io.stage = 2;
                 let (ino, b, addr) = (io.ino, io.fblock, io.addr);
                 // xfs_iomap_write_unwritten: convert only if still that unwritten block.
-                if fs.inode(ino).extents.get(b) == (Extent { state: ExtentState::Unwritten, addr }) {
-                    fs.inode_mut(ino).extents.set(b, Extent { state: ExtentState::Written, addr });
+                if fs.inode(ino).extents.get(b)
+                    == (Extent {
+                        state: ExtentState::Unwritten,
+                        addr,
+                    })
+                {
+                    fs.inode_mut(ino).extents.set(
+                        b,
+                        Extent {
+                            state: ExtentState::Written,
+                            addr,
+                        },
+                    );
                 }
                 Step::Yield("io:convert_unwritten", b)
             }

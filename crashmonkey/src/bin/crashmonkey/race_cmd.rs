@@ -125,7 +125,11 @@ impl RaceArgs {
 }
 
 pub fn run(args: RaceArgs) -> anyhow::Result<i32> {
-    let r = if args.replay.is_some() { replay(&args) } else { campaign_cmd(&args) };
+    let r = if args.replay.is_some() {
+        replay(&args)
+    } else {
+        campaign_cmd(&args)
+    };
     match r {
         Ok(code) => Ok(code),
         Err(e) => {
@@ -142,7 +146,11 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
         config: args.apply(Config::default()),
         max_failures: args.max_failures,
     };
-    let bar = if args.runs >= PROGRESS_RUNS_MIN { ProgressBar::new(args.runs) } else { ProgressBar::hidden() };
+    let bar = if args.runs >= PROGRESS_RUNS_MIN {
+        ProgressBar::new(args.runs)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} runs, {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -155,13 +163,13 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
     });
     bar.finish_and_clear();
     let mut bundle_dir = None;
-    if let Some(first) = &summary.first {
+    if let Some(smallest) = &summary.smallest {
         if !args.no_bundle {
-            bundle_dir = Some(race::write_bundle(&args.out, first)?);
+            bundle_dir = Some(race::write_bundle(&args.out, smallest)?);
         }
     }
     if args.json {
-        let first = summary.first.as_ref().map(|o| first_failure_json(o));
+        let first = summary.first.as_ref().map(first_failure_json);
         let v = serde_json::json!({
             "seed": args.seed,
             "runs": summary.runs,
@@ -173,6 +181,8 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
             "failing_seeds": summary.failing_seeds,
             "switches": opts.config,
             "first_failure": first,
+            "smallest_failure_seed": summary.smallest_failure_seed,
+            "smallest_failure": summary.smallest.as_ref().map(first_failure_json),
             "reproducer": bundle_dir.as_ref().map(|d| d.display().to_string()),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -185,14 +195,29 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
             summary.seconds,
             summary.runs as f64 / summary.seconds.max(1e-9)
         );
-        println!("switches: {}", campaign::switches(&opts.config).replace(", cache_limit=4 folios", ""));
+        println!(
+            "switches: {}",
+            campaign::switches(&opts.config).replace(", cache_limit=4 folios", "")
+        );
         println!("failing runs: {}", summary.failures);
-        if let Some(first) = &summary.first {
-            println!("\n{}", race::describe_failure(first));
+        if let Some(first) = summary.first_failure_seed {
+            println!("first failing seed: {first}");
+        }
+        if let Some(smallest) = &summary.smallest {
+            println!(
+                "\nthe failing run with the fewest steps:\n{}",
+                race::describe_failure(smallest)
+            );
             if let Some(d) = &bundle_dir {
                 println!("reproducer written to {}", d.display());
-                println!("replay it:            crashmonkey race --replay {}", d.display());
-                println!("replay with the fix:  crashmonkey race --replay {} --defaults", d.display());
+                println!(
+                    "replay it:            crashmonkey race --replay {}",
+                    d.display()
+                );
+                println!(
+                    "replay with the fix:  crashmonkey race --replay {} --defaults",
+                    d.display()
+                );
             }
         }
     }
@@ -213,7 +238,11 @@ fn replay(args: &RaceArgs) -> anyhow::Result<i32> {
     let dir = args.replay.as_ref().expect("replay path");
     let b = race::load_bundle(dir)?;
     let base = if args.defaults {
-        Config { cache_limit_folios: b.config.cache_limit_folios, device_blocks: b.config.device_blocks, ..Config::default() }
+        Config {
+            cache_limit_folios: b.config.cache_limit_folios,
+            device_blocks: b.config.device_blocks,
+            ..Config::default()
+        }
     } else {
         b.config.clone()
     };
@@ -251,12 +280,23 @@ fn replay(args: &RaceArgs) -> anyhow::Result<i32> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("{}", race::describe_failure(&outcome).replacen("(Random policy", "(replayed schedule", 1));
+        println!(
+            "{}",
+            race::describe_failure(&outcome).replacen("(Random policy", "(replayed schedule", 1)
+        );
         if strict {
             println!(
                 "replay: {} ({})",
-                if outcome.result.passed() { "PASSED" } else { "FAILED" },
-                if same { "the same verdict as recorded" } else { "a DIFFERENT verdict from the recorded one" }
+                if outcome.result.passed() {
+                    "PASSED"
+                } else {
+                    "FAILED"
+                },
+                if same {
+                    "the same verdict as recorded"
+                } else {
+                    "a DIFFERENT verdict from the recorded one"
+                }
             );
         } else {
             println!(
