@@ -119,6 +119,18 @@ fn task_for(op: &Op, files: usize) -> Result<Body, FsError> {
             .filter(|l| *l as u64 <= crate::fs::FILE_BYTES_MAX)
             .ok_or(FsError::FileTooBig)
     };
+    // Byte ranges must end inside the largest file (this also rules out overflow).
+    if let Op::Write { offset, len, .. }
+    | Op::Read { offset, len, .. }
+    | Op::MmapStore { offset, len, .. } = *op
+    {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > crate::fs::FILE_BYTES_MAX)
+        {
+            return Err(FsError::FileTooBig);
+        }
+    }
     Ok(match *op {
         Op::Write {
             file,

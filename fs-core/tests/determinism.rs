@@ -113,3 +113,93 @@ fn the_fixed_model_passes_every_seed_of_this_workload() {
         assert!(r.passed(), "seed {seed}: {:?}", r.failures);
     }
 }
+
+/// Hostile operations (from a hand-edited reproducer, say) get errors, never a panic.
+#[test]
+fn hostile_operations_are_refused_not_panicked() {
+    let w = Workload {
+        files: 1,
+        phases: vec![vec![
+            Op::Write {
+                file: 0,
+                offset: u64::MAX - 1,
+                len: 10,
+                byte: 1,
+            },
+            Op::Read {
+                file: 0,
+                offset: u64::MAX,
+                len: u64::MAX,
+            },
+            Op::MmapStore {
+                file: 0,
+                offset: u64::MAX - 3,
+                len: 2,
+                byte: 1,
+            },
+            Op::MmapStore {
+                file: 0,
+                offset: 4090,
+                len: 100,
+                byte: 1,
+            },
+            Op::Write {
+                file: 7,
+                offset: 0,
+                len: 1,
+                byte: 1,
+            },
+            Op::PunchHole {
+                file: 0,
+                offset: 1,
+                len: 4096,
+            },
+            Op::ZeroRange {
+                file: 0,
+                offset: 0,
+                len: u64::MAX,
+            },
+            Op::Fallocate {
+                file: 0,
+                offset: u64::MAX,
+                len: 1,
+            },
+            Op::Truncate {
+                file: 0,
+                size: u64::MAX,
+            },
+            Op::Write {
+                file: 0,
+                offset: 0,
+                len: 0,
+                byte: 1,
+            },
+            Op::MmapStore {
+                file: 0,
+                offset: 0,
+                len: 1,
+                byte: 1,
+            },
+        ]],
+    };
+    let r = sched::run(&Config::default(), &w, &mut RandomPolicy::new(1));
+    assert!(r.passed(), "{:?}", r.failures);
+    assert!(
+        r.results[..9].iter().all(|x| matches!(x, Some(Err(_)))),
+        "{:?}",
+        r.results
+    );
+    assert_eq!(r.results[9], Some(Ok(0)));
+    assert!(matches!(r.results[10], Some(Err(fs_core::FsError::SigBus))));
+    // A schedule that names tasks that do not exist is refused cleanly in strict replay.
+    let bogus = vec![fs_core::Choice { t: 99, s: Some(5) }];
+    let r = sched::run(
+        &Config::default(),
+        &workload(),
+        &mut ReplayPolicy::new(bogus, true),
+    );
+    assert!(matches!(
+        r.failures.first(),
+        Some(fs_core::Failure::Harness { .. })
+    ));
+}
