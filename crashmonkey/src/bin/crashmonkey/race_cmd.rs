@@ -185,7 +185,7 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
             "smallest_failure": summary.smallest.as_ref().map(first_failure_json),
             "reproducer": bundle_dir.as_ref().map(|d| d.display().to_string()),
         });
-        emitln(&format!("{}", serde_json::to_string_pretty(&v)?));
+        emitln(&serde_json::to_string_pretty(&v)?);
     } else {
         emitln(&format!(
             "race campaign: seeds {}..{} ({} runs) in {:.2}s, {:.0} runs/s",
@@ -277,11 +277,12 @@ fn replay(args: &RaceArgs) -> anyhow::Result<i32> {
             "failures": outcome.result.failures,
             "summary": outcome.result.failures.first().map(|f| campaign::failure_line(f, &ops)),
         });
-        emitln(&format!("{}", serde_json::to_string_pretty(&v)?));
+        emitln(&serde_json::to_string_pretty(&v)?);
     } else {
-        emitln(&format!(
-            "{}",
-            race::describe_failure(&outcome).replacen("(Random policy", "(replayed schedule", 1)
+        emitln(&race::describe_failure(&outcome).replacen(
+            "(Random policy",
+            "(replayed schedule",
+            1,
         ));
         if strict {
             emitln(&format!(
