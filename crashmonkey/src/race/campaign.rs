@@ -3,7 +3,10 @@
 
 use super::workload::{generate, Generated, PolicyKind};
 use fs_core::oracle::Seen;
-use fs_core::sched::{self, PctPolicy, Policy, RandomPolicy, FIRST_OP_TASK, TASK_FLUSHER, TASK_IO_COMPLETION, TASK_RECLAIM};
+use fs_core::sched::{
+    self, PctPolicy, Policy, RandomPolicy, FIRST_OP_TASK, TASK_FLUSHER, TASK_IO_COMPLETION,
+    TASK_RECLAIM,
+};
 use fs_core::{Config, Failure, Op, RunResult};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -30,10 +33,19 @@ pub fn run_one(seed: u64, base: &Config) -> RunOutcome {
     let (generated, cfg) = generate(seed, base);
     let mut policy: Box<dyn Policy> = match generated.policy {
         PolicyKind::Random => Box::new(RandomPolicy::new(generated.policy_seed)),
-        PolicyKind::Pct => Box::new(PctPolicy::new(generated.policy_seed, PCT_DEPTH, PCT_STEPS_HINT)),
+        PolicyKind::Pct => Box::new(PctPolicy::new(
+            generated.policy_seed,
+            PCT_DEPTH,
+            PCT_STEPS_HINT,
+        )),
     };
     let result = sched::run(&cfg, &generated.workload, policy.as_mut());
-    RunOutcome { seed, generated, cfg, result }
+    RunOutcome {
+        seed,
+        generated,
+        cfg,
+        result,
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -53,8 +65,12 @@ pub struct CampaignSummary {
     pub seconds: f64,
     pub steps: u64,
     pub failing_seeds: Vec<u64>,
+    /// The failing run with the fewest steps: the one worth reading and bundling.
+    pub smallest_failure_seed: Option<u64>,
     #[serde(skip)]
     pub first: Option<RunOutcome>,
+    #[serde(skip)]
+    pub smallest: Option<RunOutcome>,
 }
 
 /// Run the campaign; `progress` is called after each run with the number done.
@@ -67,7 +83,9 @@ pub fn run_campaign(opts: &CampaignOptions, progress: &mut dyn FnMut(u64, u64)) 
         seconds: 0.0,
         steps: 0,
         failing_seeds: Vec::new(),
+        smallest_failure_seed: None,
         first: None,
+        smallest: None,
     };
     for i in 0..opts.runs {
         let seed = opts.seed.wrapping_add(i);
@@ -78,6 +96,13 @@ pub fn run_campaign(opts: &CampaignOptions, progress: &mut dyn FnMut(u64, u64)) 
             s.failures += 1;
             if s.failing_seeds.len() < FAILING_SEEDS_LISTED_MAX {
                 s.failing_seeds.push(seed);
+            }
+            if s.smallest
+                .as_ref()
+                .is_none_or(|m| out.result.steps < m.result.steps)
+            {
+                s.smallest_failure_seed = Some(seed);
+                s.smallest = Some(out.clone());
             }
             if s.first.is_none() {
                 s.first_failure_seed = Some(seed);
@@ -106,7 +131,9 @@ fn task_name(t: u32, ops: &[&Op]) -> String {
         TASK_IO_COMPLETION => "io-completion".into(),
         TASK_FLUSHER => "flusher".into(),
         TASK_RECLAIM => "reclaim".into(),
-        n if n >= FIRST_OP_TASK && n - FIRST_OP_TASK < ops.len() => format!("op{}", n - FIRST_OP_TASK),
+        n if n >= FIRST_OP_TASK && n - FIRST_OP_TASK < ops.len() => {
+            format!("op{}", n - FIRST_OP_TASK)
+        }
         n => format!("sync{}", n.saturating_sub(FIRST_OP_TASK + ops.len())),
     }
 }
@@ -114,11 +141,22 @@ fn task_name(t: u32, ops: &[&Op]) -> String {
 /// One line per failure.
 pub fn failure_line(f: &Failure, ops: &[&Op]) -> String {
     let op = |i: Option<u32>| match i {
-        Some(i) => format!("op{i} {}", ops.get(i as usize).map_or("?".into(), |o| o.to_string())),
+        Some(i) => format!(
+            "op{i} {}",
+            ops.get(i as usize).map_or("?".into(), |o| o.to_string())
+        ),
         None => "no operation (zero-fill or stale data the filesystem produced)".into(),
     };
     match f {
-        Failure::WrongData { file, offset, expected, found, expected_from, found_from, seen } => {
+        Failure::WrongData {
+            file,
+            offset,
+            expected,
+            found,
+            expected_from,
+            found_from,
+            seen,
+        } => {
             let when = match seen {
                 Seen::Read { op: r } => format!("returned by read op{r}"),
                 Seen::AfterSync => "read back after sync + drop_caches".into(),
@@ -131,7 +169,11 @@ pub fn failure_line(f: &Failure, ops: &[&Op]) -> String {
                 op(*found_from)
             )
         }
-        Failure::WrongSize { file, expected, found } => format!("file {file} size: expected {expected}, found {found}"),
+        Failure::WrongSize {
+            file,
+            expected,
+            found,
+        } => format!("file {file} size: expected {expected}, found {found}"),
         Failure::Invariant { what } => format!("invariant broken: {what}"),
         Failure::Deadlock { blocked } => format!("deadlock: {}", blocked.join("; ")),
         Failure::StepLimit { steps } => format!("no progress after {steps} steps (livelock)"),
@@ -151,7 +193,12 @@ pub fn schedule_text(r: &RunResult, ops: &[&Op]) -> String {
             parts.push(format!("{}@{}", r.trace[j].label, r.trace[j].arg));
             j += 1;
         }
-        let _ = writeln!(out, "  [{i:>4}] {:<14} {}", task_name(t, ops), parts.join(" "));
+        let _ = writeln!(
+            out,
+            "  [{i:>4}] {:<14} {}",
+            task_name(t, ops),
+            parts.join(" ")
+        );
         i = j;
     }
     out
@@ -175,8 +222,16 @@ pub fn switches(cfg: &Config) -> String {
 pub fn describe_failure(o: &RunOutcome) -> String {
     let ops: Vec<&Op> = o.generated.workload.ops().collect();
     let mut s = String::new();
-    let verdict = if o.result.passed() { "PASSED" } else { "FAILED" };
-    let _ = writeln!(s, "seed {} {verdict} ({:?} policy, {} steps)", o.seed, o.generated.policy, o.result.steps);
+    let verdict = if o.result.passed() {
+        "PASSED"
+    } else {
+        "FAILED"
+    };
+    let _ = writeln!(
+        s,
+        "seed {} {verdict} ({:?} policy, {} steps)",
+        o.seed, o.generated.policy, o.result.steps
+    );
     let _ = writeln!(s, "switches: {}", switches(&o.cfg));
     let _ = writeln!(s, "operations (those of one phase race each other; a phase starts when the previous one returned):");
     let mut i = 0;
@@ -191,7 +246,11 @@ pub fn describe_failure(o: &RunOutcome) -> String {
             i += 1;
         }
     }
-    let _ = writeln!(s, "schedule ({} steps; task step@arg, arg = folio index or byte offset):", o.result.trace.len());
+    let _ = writeln!(
+        s,
+        "schedule ({} steps; task step@arg, arg = folio index or byte offset):",
+        o.result.trace.len()
+    );
     s.push_str(&schedule_text(&o.result, &ops));
     for f in o.result.failures.iter().take(5) {
         let _ = writeln!(s, "{}", failure_line(f, &ops));

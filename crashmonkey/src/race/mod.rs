@@ -6,6 +6,8 @@ pub mod campaign;
 pub mod repro;
 pub mod workload;
 
-pub use campaign::{describe_failure, run_campaign, run_one, CampaignOptions, CampaignSummary, RunOutcome};
+pub use campaign::{
+    describe_failure, run_campaign, run_one, CampaignOptions, CampaignSummary, RunOutcome,
+};
 pub use repro::{load_bundle, write_bundle, Bundle};
 pub use workload::{generate, PolicyKind};

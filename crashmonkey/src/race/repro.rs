@@ -47,9 +47,15 @@ pub fn write_bundle(out: &Path, o: &RunOutcome) -> anyhow::Result<PathBuf> {
         std::fs::write(&p, data).with_context(|| format!("writing {}", p.display()))
     };
     w("bundle.json", serde_json::to_string_pretty(&bundle)?)?;
-    w("workload.json", serde_json::to_string_pretty(&bundle.workload)?)?;
+    w(
+        "workload.json",
+        serde_json::to_string_pretty(&bundle.workload)?,
+    )?;
     w("schedule.json", serde_json::to_string(&bundle.schedule)?)?;
-    w("device-log.json", serde_json::to_string_pretty(&o.result.device_log)?)?;
+    w(
+        "device-log.json",
+        serde_json::to_string_pretty(&o.result.device_log)?,
+    )?;
     let report = describe_failure(o);
     w("report.txt", report.clone())?;
     let readme = format!(
@@ -74,9 +80,20 @@ pub fn write_bundle(out: &Path, o: &RunOutcome) -> anyhow::Result<PathBuf> {
 
 /// Read a bundle folder (or a `bundle.json` path).
 pub fn load_bundle(path: &Path) -> anyhow::Result<Bundle> {
-    let file = if path.is_dir() { path.join("bundle.json") } else { path.to_path_buf() };
-    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-    let b: Bundle = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
-    anyhow::ensure!(b.version == BUNDLE_VERSION, "{}: bundle version {} (expected {BUNDLE_VERSION})", file.display(), b.version);
+    let file = if path.is_dir() {
+        path.join("bundle.json")
+    } else {
+        path.to_path_buf()
+    };
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let b: Bundle =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    anyhow::ensure!(
+        b.version == BUNDLE_VERSION,
+        "{}: bundle version {} (expected {BUNDLE_VERSION})",
+        file.display(),
+        b.version
+    );
     Ok(b)
 }

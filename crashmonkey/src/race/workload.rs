@@ -41,22 +41,40 @@ pub fn generate(seed: u64, base: &Config) -> (Generated, Config) {
     let mut next_byte = b'A';
     let mut byte = || {
         let b = next_byte;
-        next_byte = if next_byte == b'Z' { b'a' } else { next_byte + 1 };
+        next_byte = if next_byte == b'Z' {
+            b'a'
+        } else {
+            next_byte + 1
+        };
         b
     };
     for file in 0..files {
         let folios = rng.random_range(2..=WORKLOAD_FILE_FOLIOS_MAX);
         let size = folios * BS;
         match rng.random_range(0..3) {
-            0 => setup.push(Op::Fallocate { file, offset: 0, len: size }),
+            0 => setup.push(Op::Fallocate {
+                file,
+                offset: 0,
+                len: size,
+            }),
             1 => setup.push(Op::Truncate { file, size }),
-            _ => setup.push(Op::Write { file, offset: 0, len: size, byte: byte() }),
+            _ => setup.push(Op::Write {
+                file,
+                offset: 0,
+                len: size,
+                byte: byte(),
+            }),
         }
         // Pre-dirty part of a folio (S1's 'X'), sometimes.
         if rng.random_bool(0.6) {
             let folio = rng.random_range(0..folios);
             let off = folio * BS + rng.random_range(0..BS - 64);
-            setup.push(Op::Write { file, offset: off, len: rng.random_range(1..64), byte: byte() });
+            setup.push(Op::Write {
+                file,
+                offset: off,
+                len: rng.random_range(1..64),
+                byte: byte(),
+            });
         }
         if rng.random_bool(0.2) {
             setup.push(Op::Fsync { file });
@@ -72,40 +90,92 @@ pub fn generate(seed: u64, base: &Config) -> (Generated, Config) {
         let op = match rng.random_range(0..100) {
             0..=44 => {
                 // Straddle folios, end part-way into one (the trailing edge).
-                let offset = if rng.random_bool(0.5) { 0 } else { rng.random_range(0..size - 1) };
+                let offset = if rng.random_bool(0.5) {
+                    0
+                } else {
+                    rng.random_range(0..size - 1)
+                };
                 let max_len = (size - offset).max(1) + BS;
                 let len = rng.random_range(1..=max_len);
-                Op::Write { file, offset, len, byte: byte() }
+                Op::Write {
+                    file,
+                    offset,
+                    len,
+                    byte: byte(),
+                }
             }
             45..=69 => {
                 let folio = rng.random_range(0..folios);
                 let len = rng.random_range(1..=64);
                 let offset = folio * BS + rng.random_range(0..BS - len);
-                Op::MmapStore { file, offset, len, byte: byte() }
+                Op::MmapStore {
+                    file,
+                    offset,
+                    len,
+                    byte: byte(),
+                }
             }
-            70..=76 => Op::Read { file, offset: 0, len: size },
+            70..=76 => Op::Read {
+                file,
+                offset: 0,
+                len: size,
+            },
             77..=81 => {
                 let a = rng.random_range(0..folios);
-                Op::PunchHole { file, offset: a * BS, len: rng.random_range(1..=folios - a) * BS }
+                Op::PunchHole {
+                    file,
+                    offset: a * BS,
+                    len: rng.random_range(1..=folios - a) * BS,
+                }
             }
             82..=85 => {
                 let a = rng.random_range(0..folios);
-                Op::ZeroRange { file, offset: a * BS, len: rng.random_range(1..=folios - a) * BS }
+                Op::ZeroRange {
+                    file,
+                    offset: a * BS,
+                    len: rng.random_range(1..=folios - a) * BS,
+                }
             }
             86..=89 => {
                 let a = rng.random_range(0..folios);
-                Op::Fallocate { file, offset: a * BS, len: rng.random_range(1..=folios - a) * BS }
+                Op::Fallocate {
+                    file,
+                    offset: a * BS,
+                    len: rng.random_range(1..=folios - a) * BS,
+                }
             }
-            90..=94 => Op::Truncate { file, size: rng.random_range(BS / 2..=size + BS) },
+            90..=94 => Op::Truncate {
+                file,
+                size: rng.random_range(BS / 2..=size + BS),
+            },
             _ => Op::Fsync { file },
         };
         racing.push(op);
     }
     let cache_limit_folios = rng.random_range(1..=3);
-    let policy = if rng.random_bool(0.5) { PolicyKind::Random } else { PolicyKind::Pct };
+    let policy = if rng.random_bool(0.5) {
+        PolicyKind::Random
+    } else {
+        PolicyKind::Pct
+    };
     let policy_seed = rng.random();
-    let cfg = Config { cache_limit_folios, device_blocks: 256, ..base.clone() };
-    (Generated { workload: Workload { files, phases: vec![setup, racing] }, cache_limit_folios, policy, policy_seed }, cfg)
+    let cfg = Config {
+        cache_limit_folios,
+        device_blocks: 256,
+        ..base.clone()
+    };
+    (
+        Generated {
+            workload: Workload {
+                files,
+                phases: vec![setup, racing],
+            },
+            cache_limit_folios,
+            policy,
+            policy_seed,
+        },
+        cfg,
+    )
 }
 
 #[cfg(test)]
