@@ -23,7 +23,12 @@ impl Drop for Server {
 }
 
 fn start(dir: &Path) -> Server {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
+        .args(extra)
         .args(["--listen", "127.0.0.1:0", "--export"])
         .arg(format!("d:size=1M,record={}", dir.join("d.log").display()))
         .arg("--control")
@@ -164,4 +169,34 @@ fn ctl_reports_bad_requests_and_the_server_keeps_serving() {
     let mut c = connect(server.port);
     c.write_all(&[7u8; 4096]).unwrap();
     c.flush().unwrap();
+}
+
+/// `--crash-after-writes N` cuts the power by itself after the N-th write: the connection
+/// drops, the log records the cut, and a new connection is served.
+#[test]
+fn crash_after_writes_cuts_the_power_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &["--crash-after-writes", "3", "--seed", "11"]);
+    let mut c = connect(server.port);
+    c.write_all(&[1u8; 4096]).unwrap();
+    c.flush().unwrap();
+    c.write_all(&[2u8; 4096]).unwrap();
+    // The third write triggers the cut: it or the next request fails.
+    let third = c.write_all(&[3u8; 4096]);
+    let fourth = third.is_ok() && c.write_all(&[4u8; 4096]).is_ok();
+    assert!(
+        third.is_err() || !fourth,
+        "the connection survived the automatic power cut"
+    );
+    let mut c = connect(server.port);
+    let mut back = vec![0u8; 4096];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(back, vec![1u8; 4096], "the flushed write survives");
+    ctl(dir.path(), &["sync"]);
+    let log = nbd_server::log::LogReader::open(&dir.path().join("d.log")).unwrap();
+    let kinds: Vec<_> = log.map(|r| r.unwrap().kind.name()).collect();
+    assert_eq!(
+        kinds[..5],
+        ["write", "flush", "write", "write", "power-cut"]
+    );
 }
