@@ -1,3 +1,57 @@
 #!/usr/bin/env bash
-# Placeholder until its issue lands.
-echo "bench-nbd: not built yet"
+# Benchmark: the same fio jobs (nbd engine) against nbd-server's memory backend and against
+# `nbdkit memory`, in the same run, and the ratio per job.
+#   4K random write and read, iodepth 32; 1 MiB sequential write and read, iodepth 8.
+# Env: BENCH_SECONDS (default 10) per job, BENCH_SIZE (default 1G).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_JOB=${BENCH_SECONDS:-10}
+SIZE=${BENCH_SIZE:-1G}
+for tool in fio nbdkit python3; do
+  command -v "$tool" >/dev/null || { echo "bench-nbd: $tool is missing (apt-get install fio nbdkit)"; exit 1; }
+done
+cargo build --release -q -p nbd-server
+BIN=target/release/nbd-server
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { # port
+  for _ in $(seq 1 200); do
+    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "bench-nbd: nothing listens on port $1"; exit 1
+}
+
+P1=$(free_port)
+"$BIN" --listen "127.0.0.1:$P1" --export "bench:size=$SIZE" 2>"$WORK/nbd-server.log" &
+PIDS+=($!)
+P2=$(free_port)
+nbdkit --foreground --ipaddr 127.0.0.1 --port "$P2" memory "$SIZE" 2>"$WORK/nbdkit.log" &
+PIDS+=($!)
+wait_port "$P1"; wait_port "$P2"
+
+run_job() { # uri name rw bs iodepth -> prints "iops bw_MiBps"
+  fio --name="$2" --ioengine=nbd --uri="$1" --rw="$3" --bs="$4" --iodepth="$5" \
+      --size="$SIZE" --time_based --runtime="$SECONDS_PER_JOB" --ramp_time=1 \
+      --output-format=json --output="$WORK/$2.json" >/dev/null
+  python3 - "$WORK/$2.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]
+side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
+print(f'{side["iops"]:.0f} {side["bw"] / 1024:.1f}')
+PY
+}
+
+printf '%-22s %14s %14s %8s\n' job nbd-server nbdkit-memory ratio
+for job in "randwrite 4k 32 iops" "randread 4k 32 iops" "write 1m 8 bw" "read 1m 8 bw"; do
+  set -- $job
+  a=$(run_job "nbd://127.0.0.1:$P1/bench" "ours-$1-$2" "$1" "$2" "$3")
+  b=$(run_job "nbd://127.0.0.1:$P2/" "kit-$1-$2" "$1" "$2" "$3")
+  if [ "$4" = iops ]; then x=${a%% *}; y=${b%% *}; unit=IOPS; else x=${a##* }; y=${b##* }; unit=MiB/s; fi
+  ratio=$(python3 -c "print(f'{$x/$y:.2f}x' if $y > 0 else 'n/a')")
+  printf '%-22s %14s %14s %8s\n' "$1 bs=$2 qd=$3" "$x $unit" "$y $unit" "$ratio"
+done

@@ -6,9 +6,11 @@
 //! - `overlay`  copy-on-write images: a prefix image plus per-worker deltas; replay
 //! - `check`    running a checker over every crash state, in parallel, keeping failures
 //! - `dmlog`    import and export of the dm-log-writes format (fstests `replay-log`)
+//! - `race`     seeded race campaigns over fs-core: workloads, runner, reproducer bundles
 
 pub mod check;
 pub mod dmlog;
 pub mod history;
 pub mod overlay;
+pub mod race;
 pub mod states;

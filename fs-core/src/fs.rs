@@ -257,7 +257,7 @@ impl Fs {
         if !cache.folios.contains_key(&idx) {
             self.folio_count += 1;
         }
-        let f = cache.folios.entry(idx).or_insert_with(|| Folio::new(clock));
+        let f = cache.folios.entry(idx).or_insert_with(|| Folio::new(clock, clock));
         f.lru = clock;
         f
     }

@@ -23,10 +23,16 @@ pub struct Folio {
     pub mapped_writable: bool,
     /// LRU clock of the last access.
     pub lru: u64,
+    /// Identity of this folio instance: a folio dropped and re-created at the same index
+    /// is a different folio (what `folio->mapping` checks catch in the kernel).
+    pub gen: u64,
+    /// References held across steps (a fault between `filemap_fault` and `page_mkwrite`);
+    /// reclaim cannot free a referenced folio, truncate can still remove it from the cache.
+    pub pins: u32,
 }
 
 impl Folio {
-    pub fn new(lru: u64) -> Self {
+    pub fn new(lru: u64, gen: u64) -> Self {
         Folio {
             data: vec![0; BLOCK_SIZE],
             locked: None,
@@ -35,6 +41,8 @@ impl Folio {
             writeback: false,
             mapped_writable: false,
             lru,
+            gen,
+            pins: 0,
         }
     }
 
@@ -45,7 +53,7 @@ impl Folio {
 
     /// Reclaim may drop only clean, unlocked folios not under writeback.
     pub fn reclaimable(&self) -> bool {
-        self.locked.is_none() && !self.dirty && !self.writeback && !self.mapped_writable
+        self.locked.is_none() && !self.dirty && !self.writeback && !self.mapped_writable && self.pins == 0
     }
 }
 
@@ -92,7 +100,7 @@ mod tests {
 
     #[test]
     fn only_clean_unlocked_idle_folios_are_reclaimable() {
-        let mut f = Folio::new(0);
+        let mut f = Folio::new(0, 0);
         assert!(f.reclaimable());
         f.dirty = true;
         assert!(!f.reclaimable());

@@ -114,36 +114,17 @@ fn task_for(op: &Op, files: usize) -> Result<Body, FsError> {
         return Err(FsError::NoSuchFile(op.file()));
     }
     let len_ok = |len: u64| -> Result<usize, FsError> {
-        usize::try_from(len)
-            .ok()
-            .filter(|l| *l as u64 <= crate::fs::FILE_BYTES_MAX)
-            .ok_or(FsError::FileTooBig)
+        usize::try_from(len).ok().filter(|l| *l as u64 <= crate::fs::FILE_BYTES_MAX).ok_or(FsError::FileTooBig)
     };
     Ok(match *op {
-        Op::Write {
-            file,
-            offset,
-            len,
-            byte,
-        } => Body::Write(WriteTask::new(file, offset, vec![byte; len_ok(len)?])),
-        Op::Read { file, offset, len } => {
-            Body::Read(ReadTask::new(file, offset, len_ok(len)? as u64))
+        Op::Write { file, offset, len, byte } => Body::Write(WriteTask::new(file, offset, vec![byte; len_ok(len)?])),
+        Op::Read { file, offset, len } => Body::Read(ReadTask::new(file, offset, len_ok(len)? as u64)),
+        Op::MmapStore { file, offset, len, byte } => {
+            Body::Mmap(MmapStoreTask::new(file, offset, vec![byte; len_ok(len)?])?)
         }
-        Op::MmapStore {
-            file,
-            offset,
-            len,
-            byte,
-        } => Body::Mmap(MmapStoreTask::new(file, offset, vec![byte; len_ok(len)?])?),
-        Op::Fallocate { file, offset, len } => {
-            Body::Range(RangeTask::new(RangeKind::Fallocate, file, offset, len)?)
-        }
-        Op::PunchHole { file, offset, len } => {
-            Body::Range(RangeTask::new(RangeKind::Punch, file, offset, len)?)
-        }
-        Op::ZeroRange { file, offset, len } => {
-            Body::Range(RangeTask::new(RangeKind::ZeroRange, file, offset, len)?)
-        }
+        Op::Fallocate { file, offset, len } => Body::Range(RangeTask::new(RangeKind::Fallocate, file, offset, len)?),
+        Op::PunchHole { file, offset, len } => Body::Range(RangeTask::new(RangeKind::Punch, file, offset, len)?),
+        Op::ZeroRange { file, offset, len } => Body::Range(RangeTask::new(RangeKind::ZeroRange, file, offset, len)?),
         Op::Truncate { file, size } => Body::Truncate(TruncateTask::new(file, size)?),
         Op::Fsync { file } => Body::Fsync(FsyncTask::new(file)),
     })
@@ -165,7 +146,7 @@ impl Workload {
 }
 
 /// One scheduling decision: the task that ran, and the short copy injected into it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Choice {
     pub t: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,11 +165,7 @@ pub struct TraceStep {
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum PolicyError {
     #[error("replay diverged at step {step}: recorded task {task} is not runnable (runnable: {runnable:?})")]
-    Diverged {
-        step: u64,
-        task: u32,
-        runnable: Vec<u32>,
-    },
+    Diverged { step: u64, task: u32, runnable: Vec<u32> },
     #[error("replay schedule ended at step {0} before the run did")]
     Exhausted(u64),
 }
@@ -219,9 +196,7 @@ pub struct RandomPolicy {
 
 impl RandomPolicy {
     pub fn new(seed: u64) -> Self {
-        RandomPolicy {
-            rng: ChaCha8Rng::seed_from_u64(seed),
-        }
+        RandomPolicy { rng: ChaCha8Rng::seed_from_u64(seed) }
     }
 }
 
@@ -241,35 +216,34 @@ pub struct PctPolicy {
     prio: Vec<u64>,
     change_points: Vec<u64>,
     lowered: u64,
+    steps_hint: u64,
 }
+
+/// PCT runs strict priorities for this many times its step hint, then picks at random.
+pub const PCT_FAIR_AFTER_HINTS: u64 = 4;
 
 impl PctPolicy {
     /// `steps_hint`: the expected run length, over which change points are spread.
     pub fn new(seed: u64, depth: u32, steps_hint: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let change_points = (1..depth)
-            .map(|_| rng.random_range(0..steps_hint.max(1)))
-            .collect();
-        PctPolicy {
-            rng,
-            prio: Vec::new(),
-            change_points,
-            lowered: 0,
-        }
+        let change_points = (1..depth).map(|_| rng.random_range(0..steps_hint.max(1))).collect();
+        PctPolicy { rng, prio: Vec::new(), change_points, lowered: 0, steps_hint: steps_hint.max(1) }
     }
 }
 
 impl Policy for PctPolicy {
     fn pick(&mut self, runnable: &[TaskId], step: u64) -> Result<TaskId, PolicyError> {
+        // Strict priorities can starve a task forever in a retry loop (a fault refaulting
+        // while reclaim keeps evicting): past a budget, fall back to random choice.
+        if step > self.steps_hint * PCT_FAIR_AFTER_HINTS {
+            return Ok(runnable[self.rng.random_range(0..runnable.len())]);
+        }
         let top = *runnable.iter().max().expect("non-empty");
         while self.prio.len() <= top {
             let p = self.rng.random_range(1_000..u64::MAX / 2);
             self.prio.push(p);
         }
-        let t = *runnable
-            .iter()
-            .max_by_key(|&&t| self.prio[t])
-            .expect("non-empty");
+        let t = *runnable.iter().max_by_key(|&&t| self.prio[t]).expect("non-empty");
         if self.change_points.contains(&step) {
             self.lowered += 1;
             self.prio[t] = self.lowered;
@@ -281,58 +255,99 @@ impl Policy for PctPolicy {
     }
 }
 
-/// Replays a recorded schedule. `strict`: a recorded task that is not runnable is an error;
-/// otherwise the lowest runnable task runs instead (used to replay a schedule found with one
-/// switch setting under another, where the steps differ).
+/// A step of a recorded trace, owned (for replay from a bundle).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedStep {
+    pub task: u32,
+    pub label: String,
+    pub arg: u64,
+}
+
+impl From<&TraceStep> for RecordedStep {
+    fn from(s: &TraceStep) -> Self {
+        RecordedStep { task: s.task, label: s.label.to_string(), arg: s.arg }
+    }
+}
+
+/// Extra steps a lenient replay gives a task to reach the recorded step's label.
+pub const REPLAY_EXTRA_STEPS_MAX: u32 = 16;
+
+/// Replays a recorded schedule. Strict: exactly the recorded choices; a recorded task that
+/// is not runnable is an error. Lenient (replaying under other switches, where a task may
+/// take more or fewer steps): each recorded step `(task, label)` runs that task until it
+/// emits that label (at most `REPLAY_EXTRA_STEPS_MAX` extra steps), skipping recorded steps
+/// whose task cannot run, so the interleaving of the tasks is kept as far as it can be.
 pub struct ReplayPolicy {
     choices: Vec<Choice>,
+    labels: Vec<RecordedStep>,
     next: usize,
     strict: bool,
     pending_short: Option<u32>,
-    /// Steps where the recorded choice could not be followed.
+    extra: u32,
+    /// Recorded steps that could not be followed.
     pub divergences: u64,
 }
 
 impl ReplayPolicy {
     pub fn new(choices: Vec<Choice>, strict: bool) -> Self {
-        ReplayPolicy {
-            choices,
-            next: 0,
-            strict,
-            pending_short: None,
-            divergences: 0,
-        }
+        ReplayPolicy { choices, labels: Vec::new(), next: 0, strict, pending_short: None, extra: 0, divergences: 0 }
+    }
+
+    /// A lenient replay that follows `labels` (the recorded trace).
+    /// Steps past the schedule's length (quiesce and sync) are not choices and are ignored.
+    pub fn lenient(choices: Vec<Choice>, mut labels: Vec<RecordedStep>) -> Self {
+        labels.truncate(choices.len());
+        ReplayPolicy { labels, ..ReplayPolicy::new(choices, false) }
     }
 }
 
 impl Policy for ReplayPolicy {
     fn pick(&mut self, runnable: &[TaskId], step: u64) -> Result<TaskId, PolicyError> {
-        let Some(c) = self.choices.get(self.next).copied() else {
+        loop {
+            let Some(c) = self.choices.get(self.next).copied() else {
+                if self.strict {
+                    return Err(PolicyError::Exhausted(step));
+                }
+                self.pending_short = None;
+                return Ok(*runnable.iter().find(|&&t| t >= FIRST_OP_TASK).unwrap_or(&runnable[0]));
+            };
+            if runnable.contains(&(c.t as TaskId)) {
+                self.pending_short = c.s;
+                if self.strict || self.labels.len() != self.choices.len() {
+                    self.next += 1;
+                }
+                return Ok(c.t as TaskId);
+            }
             if self.strict {
-                return Err(PolicyError::Exhausted(step));
+                return Err(PolicyError::Diverged { step, task: c.t, runnable: runnable.iter().map(|&t| t as u32).collect() });
             }
             self.divergences += 1;
-            self.pending_short = None;
-            return Ok(runnable[0]);
-        };
-        self.next += 1;
-        if runnable.contains(&(c.t as TaskId)) {
-            self.pending_short = c.s;
-            Ok(c.t as TaskId)
-        } else if self.strict {
-            Err(PolicyError::Diverged {
-                step,
-                task: c.t,
-                runnable: runnable.iter().map(|&t| t as u32).collect(),
-            })
-        } else {
-            self.divergences += 1;
-            self.pending_short = None;
-            Ok(runnable[0])
+            self.next += 1;
+            self.extra = 0;
         }
     }
     fn short_copy(&mut self, _task: TaskId, _len: u32) -> Option<u32> {
         self.pending_short.take()
+    }
+    fn observe(&mut self, task: TaskId, label: &'static str, arg: u64) {
+        if self.strict || self.labels.len() != self.choices.len() {
+            return;
+        }
+        let Some(want) = self.labels.get(self.next) else { return };
+        if want.task as TaskId != task {
+            return;
+        }
+        if want.label == label && want.arg == arg {
+            self.next += 1;
+            self.extra = 0;
+        } else {
+            self.extra += 1;
+            if self.extra > REPLAY_EXTRA_STEPS_MAX {
+                self.divergences += 1;
+                self.next += 1;
+                self.extra = 0;
+            }
+        }
     }
 }
 
@@ -340,11 +355,7 @@ impl Policy for ReplayPolicy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Directive {
     /// Run `task` until one of its steps emits `label` (and `arg`, if given).
-    Until {
-        task: TaskId,
-        label: &'static str,
-        arg: Option<u64>,
-    },
+    Until { task: TaskId, label: &'static str, arg: Option<u64> },
     /// Run `task` while it is runnable.
     Drain { task: TaskId },
     /// Shorten `task`'s next user copy to `bytes`.
@@ -362,22 +373,14 @@ pub struct ScriptPolicy {
 
 impl ScriptPolicy {
     pub fn new(script: Vec<Directive>) -> Self {
-        ScriptPolicy {
-            script,
-            at: 0,
-            shorts: Vec::new(),
-            last: None,
-        }
+        ScriptPolicy { script, at: 0, shorts: Vec::new(), last: None }
     }
 }
 
 impl ScriptPolicy {
     /// The lowest runnable workload task, else the lowest background task.
     fn fallback(runnable: &[TaskId]) -> TaskId {
-        *runnable
-            .iter()
-            .find(|&&t| t >= FIRST_OP_TASK)
-            .unwrap_or(&runnable[0])
+        *runnable.iter().find(|&&t| t >= FIRST_OP_TASK).unwrap_or(&runnable[0])
     }
 }
 
@@ -445,11 +448,7 @@ impl RunResult {
 
 /// Run `workload` under `policy` on a fresh in-memory device and check it.
 pub fn run(cfg: &Config, workload: &Workload, policy: &mut dyn Policy) -> RunResult {
-    let fs = Fs::new(
-        cfg.clone(),
-        Box::new(MemDevice::new(cfg.device_blocks)),
-        workload.files,
-    );
+    let fs = Fs::new(cfg.clone(), Box::new(MemDevice::new(cfg.device_blocks)), workload.files);
     Sim::new(fs, workload).run(policy)
 }
 
@@ -468,21 +467,9 @@ impl<'w> Sim<'w> {
     fn new(fs: Fs, workload: &'w Workload) -> Self {
         let n_ops = workload.ops().count();
         let tasks = vec![
-            Task {
-                body: Body::Completion(IoCompletion),
-                op: u32::MAX,
-                done: false,
-            },
-            Task {
-                body: Body::Flusher(Flusher::default()),
-                op: u32::MAX,
-                done: false,
-            },
-            Task {
-                body: Body::Reclaim(Reclaim),
-                op: u32::MAX,
-                done: false,
-            },
+            Task { body: Body::Completion(IoCompletion), op: u32::MAX, done: false },
+            Task { body: Body::Flusher(Flusher::default()), op: u32::MAX, done: false },
+            Task { body: Body::Reclaim(Reclaim), op: u32::MAX, done: false },
         ];
         Sim {
             oracle: Oracle::new(workload.files),
@@ -498,13 +485,7 @@ impl<'w> Sim<'w> {
 
     fn step_task(&mut self, t: TaskId, short: Option<u32>) -> &'static str {
         let task = &mut self.tasks[t];
-        let mut cx = Cx {
-            fs: &mut self.fs,
-            oracle: &mut self.oracle,
-            me: t,
-            op: task.op,
-            short_copy: short,
-        };
+        let mut cx = Cx { fs: &mut self.fs, oracle: &mut self.oracle, me: t, op: task.op, short_copy: short };
         let step = task.step(&mut cx);
         self.steps += 1;
         let (label, arg) = match step {
@@ -517,11 +498,7 @@ impl<'w> Sim<'w> {
                 (l, a)
             }
         };
-        self.trace.push(TraceStep {
-            task: t as u32,
-            label,
-            arg,
-        });
+        self.trace.push(TraceStep { task: t as u32, label, arg });
         label
     }
 
@@ -538,9 +515,7 @@ impl<'w> Sim<'w> {
     fn run(mut self, policy: &mut dyn Policy) -> RunResult {
         let total_ops = self.workload.ops().count();
         if total_ops > OPS_PER_WORKLOAD_MAX {
-            self.oracle.failures.push(Failure::Harness {
-                what: format!("more than {OPS_PER_WORKLOAD_MAX} operations"),
-            });
+            self.oracle.failures.push(Failure::Harness { what: format!("more than {OPS_PER_WORKLOAD_MAX} operations") });
             return self.finish();
         }
         let mut op_index = 0u32;
@@ -549,27 +524,18 @@ impl<'w> Sim<'w> {
             let first = self.tasks.len();
             for op in phase {
                 match task_for(op, self.workload.files) {
-                    Ok(body) => self.tasks.push(Task {
-                        body,
-                        op: op_index,
-                        done: false,
-                    }),
+                    Ok(body) => self.tasks.push(Task { body, op: op_index, done: false }),
                     Err(e) => {
                         self.results[op_index as usize] = Some(Err(e));
                         // Keep task ids stable: a finished placeholder.
-                        self.tasks.push(Task {
-                            body: Body::Reclaim(Reclaim),
-                            op: op_index,
-                            done: true,
-                        });
+                        self.tasks.push(Task { body: Body::Reclaim(Reclaim), op: op_index, done: true });
                     }
                 }
                 op_index += 1;
             }
             while self.tasks[first..].iter().any(|t| !t.done) {
                 runnable.clear();
-                runnable
-                    .extend((0..self.tasks.len()).filter(|&t| self.tasks[t].runnable(&self.fs, t)));
+                runnable.extend((0..self.tasks.len()).filter(|&t| self.tasks[t].runnable(&self.fs, t)));
                 if runnable.is_empty() {
                     let blocked = self.blocked_report();
                     self.oracle.failures.push(Failure::Deadlock { blocked });
@@ -578,25 +544,16 @@ impl<'w> Sim<'w> {
                 let t = match policy.pick(&runnable, self.steps) {
                     Ok(t) => t,
                     Err(e) => {
-                        self.oracle.failures.push(Failure::Harness {
-                            what: e.to_string(),
-                        });
+                        self.oracle.failures.push(Failure::Harness { what: e.to_string() });
                         break 'phases;
                     }
                 };
-                let short = self.tasks[t]
-                    .at_user_copy()
-                    .and_then(|len| policy.short_copy(t, len));
-                self.schedule.push(Choice {
-                    t: t as u32,
-                    s: short,
-                });
+                let short = self.tasks[t].at_user_copy().and_then(|len| policy.short_copy(t, len));
+                self.schedule.push(Choice { t: t as u32, s: short });
                 let label = self.step_task(t, short);
                 policy.observe(t, label, self.trace.last().map_or(0, |s| s.arg));
                 if self.steps > STEPS_PER_RUN_MAX {
-                    self.oracle
-                        .failures
-                        .push(Failure::StepLimit { steps: self.steps });
+                    self.oracle.failures.push(Failure::StepLimit { steps: self.steps });
                     break 'phases;
                 }
             }
@@ -610,15 +567,12 @@ impl<'w> Sim<'w> {
     /// Run `t` (and IO completion) until `t` is done or idle; deterministic.
     fn drive(&mut self, t: TaskId, until_idle: bool) {
         loop {
-            let done = self.tasks[t].done
-                || (until_idle && !self.tasks[t].runnable(&self.fs, t) && !self.busy(t));
+            let done = self.tasks[t].done || (until_idle && !self.tasks[t].runnable(&self.fs, t) && !self.busy(t));
             if done && self.fs.ioends.is_empty() {
                 return;
             }
             if self.steps > STEPS_PER_RUN_MAX {
-                self.oracle
-                    .failures
-                    .push(Failure::StepLimit { steps: self.steps });
+                self.oracle.failures.push(Failure::StepLimit { steps: self.steps });
                 return;
             }
             if !done && self.tasks[t].runnable(&self.fs, t) {
@@ -626,9 +580,7 @@ impl<'w> Sim<'w> {
             } else if self.tasks[TASK_IO_COMPLETION].runnable(&self.fs, TASK_IO_COMPLETION) {
                 self.step_task(TASK_IO_COMPLETION, None);
             } else {
-                self.oracle.failures.push(Failure::Deadlock {
-                    blocked: vec![format!("quiesce: task {t} cannot finish")],
-                });
+                self.oracle.failures.push(Failure::Deadlock { blocked: vec![format!("quiesce: task {t} cannot finish")] });
                 return;
             }
         }
@@ -652,29 +604,17 @@ impl<'w> Sim<'w> {
         // sync: a WB_SYNC_ALL pass per file, wait for all IO.
         for ino in 0..self.fs.inodes.len() {
             let t = self.tasks.len();
-            self.tasks.push(Task {
-                body: Body::Sync(WbPass::new(ino, true)),
-                op: u32::MAX,
-                done: false,
-            });
+            self.tasks.push(Task { body: Body::Sync(WbPass::new(ino, true)), op: u32::MAX, done: false });
             self.drive(t, false);
         }
-        let dirty = self
-            .fs
-            .inodes
-            .iter()
-            .any(|i| i.cache.folios.values().any(|f| f.dirty || f.writeback));
+        let dirty = self.fs.inodes.iter().any(|i| i.cache.folios.values().any(|f| f.dirty || f.writeback));
         if dirty {
-            self.oracle.failures.push(Failure::Invariant {
-                what: "dirty or writeback folios remain after sync".into(),
-            });
+            self.oracle.failures.push(Failure::Invariant { what: "dirty or writeback folios remain after sync".into() });
         }
         if self.oracle.failures.is_empty() {
             // Violations raised during quiesce and sync.
             for v in &self.fs.violations {
-                self.oracle.failures.push(Failure::Invariant {
-                    what: v.to_string(),
-                });
+                self.oracle.failures.push(Failure::Invariant { what: v.to_string() });
             }
         }
         self.fs.drop_caches();
@@ -686,19 +626,16 @@ impl<'w> Sim<'w> {
             match self.fs.read_from_disk(ino) {
                 Ok(data) => files.push(data),
                 Err(e) => {
-                    self.oracle.failures.push(Failure::Harness {
-                        what: format!("reading file {ino}: {e}"),
-                    });
+                    self.oracle.failures.push(Failure::Harness { what: format!("reading file {ino}: {e}") });
                     files.push(Vec::new());
                 }
             }
         }
-        let checkable = !self.oracle.failures.iter().any(|f| {
-            matches!(
-                f,
-                Failure::Deadlock { .. } | Failure::StepLimit { .. } | Failure::Harness { .. }
-            )
-        });
+        let checkable = !self
+            .oracle
+            .failures
+            .iter()
+            .any(|f| matches!(f, Failure::Deadlock { .. } | Failure::StepLimit { .. } | Failure::Harness { .. }));
         if checkable {
             for (ino, data) in files.iter().enumerate() {
                 self.oracle.check_durable(ino, data);
@@ -710,12 +647,7 @@ impl<'w> Sim<'w> {
             failures: self.oracle.failures,
             results: self.results,
             files,
-            device_log: self
-                .fs
-                .dev
-                .write_log()
-                .map(<[DeviceRecord]>::to_vec)
-                .unwrap_or_default(),
+            device_log: self.fs.dev.write_log().map(<[DeviceRecord]>::to_vec).unwrap_or_default(),
             steps: self.steps,
         }
     }

@@ -17,6 +17,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -29,8 +30,117 @@ use crate::server::{
     REQUESTS_IN_FLIGHT_MAX, WRITE_BATCH_BYTES_MAX,
 };
 
+/// Longest a FLUSH waits for replies already being written (on any connection of its export)
+/// to be reported with `reply_sent`; only a client that stops reading its replies makes the
+/// wait this long.
+pub const FLUSH_FENCE_MILLIS_MAX: u64 = 1000;
+
+/// Counts the replies of one export that are being written to a socket but not yet reported
+/// with [`Backend::reply_sent`].
+///
+/// Why: `reply_sent` comes after the bytes reach the socket, so a client can read a write's
+/// reply and send a FLUSH on another connection before that write's `reply_sent` ran. The
+/// backend would then see the flush arrive before the write counted as answered, and leave
+/// the write out of what the flush covers, although the client rightly counts on it. So a
+/// FLUSH waits (up to [`FLUSH_FENCE_MILLIS_MAX`]) until no reply of its export is in transit
+/// before it calls `arrived`. Writes whose reply was still in transit are then covered too,
+/// which is allowed: a flush may persist more than it must.
+#[derive(Debug, Default)]
+pub struct ReplyFence {
+    in_transit: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl ReplyFence {
+    fn begin(&self, n: usize) {
+        self.in_transit
+            .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn end(&self, n: usize) {
+        if n > 0
+            && self
+                .in_transit
+                .fetch_sub(n, std::sync::atomic::Ordering::SeqCst)
+                == n
+        {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn wait_idle(&self) {
+        let wait = async {
+            loop {
+                let notified = self.idle.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.in_transit.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_millis(FLUSH_FENCE_MILLIS_MAX), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!("FLUSH waited {FLUSH_FENCE_MILLIS_MAX} ms for replies stuck in transit");
+        }
+    }
+}
+
 /// Most descriptors in one BLOCK_STATUS reply.
 pub const BLOCK_STATUS_DESCRIPTORS_MAX: usize = 1024;
+
+/// Buffers kept per connection for reuse.
+pub const POOL_BUFFERS_MAX: usize = 16;
+/// Buffers larger than this are freed rather than kept.
+pub const POOL_BUFFER_BYTES_MAX: usize = 4 * 1024 * 1024 + 64;
+
+/// Reusable payload buffers of one connection. Reusing them (rather than a fresh, zeroed
+/// allocation per request) saves the page faults, zeroing and unmapping that dominated large
+/// requests. A taken buffer holds stale bytes; every user overwrites all of it.
+#[derive(Default)]
+struct BufPool {
+    bufs: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufPool {
+    /// A buffer of exactly `n` bytes (contents unspecified).
+    fn take(&self, n: usize) -> Vec<u8> {
+        let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        // Best fit: the smallest buffer that is long enough, else the longest one.
+        let pick = bufs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= n)
+            .min_by_key(|(_, b)| b.len())
+            .or_else(|| bufs.iter().enumerate().max_by_key(|(_, b)| b.len()))
+            .map(|(i, _)| i);
+        match pick.map(|i| bufs.swap_remove(i)) {
+            Some(mut b) => {
+                drop(bufs);
+                if b.len() >= n {
+                    b.truncate(n);
+                } else {
+                    b.resize(n, 0);
+                }
+                b
+            }
+            None => vec![0u8; n],
+        }
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        if b.capacity() > POOL_BUFFER_BYTES_MAX || b.len() < 4096 {
+            return;
+        }
+        let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        if bufs.len() < POOL_BUFFERS_MAX {
+            bufs.push(b);
+        }
+    }
+}
 
 /// One reply on its way to the writer.
 struct Reply {
@@ -53,7 +163,9 @@ struct Op {
 /// Per-connection state shared by the request tasks.
 struct Ctx {
     backend: Arc<dyn Backend>,
+    export: Arc<crate::export::Export>,
     structured: bool,
+    pool: BufPool,
 }
 
 /// An error answer decided before execution.
@@ -177,7 +289,7 @@ fn ok_reply(cookie: u64) -> Vec<u8> {
 }
 
 /// Runs one checked request against the backend and returns its reply bytes.
-fn execute(ctx: &Ctx, op: Op, ticket: Ticket) -> Vec<u8> {
+fn execute(ctx: &Ctx, op: &Op, ticket: Ticket) -> Vec<u8> {
     let b = &*ctx.backend;
     let fua = op.flags & NBD_CMD_FLAG_FUA != 0;
     let (cookie, offset, len) = (op.cookie, op.offset, op.length as u64);
@@ -203,7 +315,7 @@ fn execute(ctx: &Ctx, op: Op, ticket: Ticket) -> Vec<u8> {
             } else {
                 SIMPLE_REPLY_HEADER_BYTES
             };
-            let mut out = vec![0u8; prefix + op.length as usize];
+            let mut out = ctx.pool.take(prefix + op.length as usize);
             match b.read(ticket, offset, &mut out[prefix..]) {
                 Ok(()) => {
                     if ctx.structured {
@@ -219,7 +331,10 @@ fn execute(ctx: &Ctx, op: Op, ticket: Ticket) -> Vec<u8> {
                     }
                     out
                 }
-                Err(e) => fail(e),
+                Err(e) => {
+                    ctx.pool.give(out);
+                    fail(e)
+                }
             }
         }
         RequestKind::Write => match b.write(ticket, offset, &op.payload, fua) {
@@ -340,19 +455,34 @@ pub async fn serve<R, W>(
     let style = backend.io_style();
     let ctx = Arc::new(Ctx {
         backend: backend.clone(),
+        export: session.export.clone(),
         structured: session.structured,
+        pool: BufPool::default(),
     });
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(write_replies(wr, rx, backend.clone()));
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<Reply>>();
+    let writer = tokio::spawn(write_replies(wr, rx, ctx.clone()));
     let slots = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     let budget = Arc::new(Semaphore::new(IN_FLIGHT_PAYLOAD_BYTES_MAX as usize));
     // A power cut of the emulated disk drops every connection to it.
     let mut power_cut = session.export.disk.as_ref().map(|d| d.power_cuts());
+    // Replies of requests run in this task, handed to the writer in one message whenever the
+    // reader is about to wait (so one socket write answers everything one read brought).
+    let mut pending = Pending::default();
 
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(s) => s,
+            Err(_) => {
+                pending.flush(&tx, &ctx);
+                let Ok(s) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                s
+            }
         };
+        if rd.buffer().len() < REQUEST_HEADER_BYTES {
+            pending.flush(&tx, &ctx);
+        }
         let mut hb = [0u8; REQUEST_HEADER_BYTES];
         let r = tokio::select! {
             biased;
@@ -404,11 +534,17 @@ pub async fn serve<R, W>(
                     );
                     break;
                 }
+                pending.flush(&tx, &ctx);
                 if discard(&mut rd, h.length as u64).await.is_err() {
                     break;
                 }
+                tracing::debug!(
+                    conn,
+                    length = h.length,
+                    "write payload over the limit, discarded"
+                );
                 let bytes = error_reply(session.structured, h.command, h.cookie, NBD_EINVAL, "");
-                let _ = tx.send(Reply {
+                pending.push(Reply {
                     bytes,
                     ticket: None,
                     _slot: slot,
@@ -416,11 +552,14 @@ pub async fn serve<R, W>(
                 });
                 continue;
             }
-            let Ok(permit) = budget.clone().acquire_many_owned(h.length).await else {
-                break;
+            payload_budget = match acquire_bytes(&budget, h.length, &mut pending, &tx, &ctx).await {
+                Some(p) => Some(p),
+                None => break,
             };
-            payload_budget = Some(permit);
-            payload = vec![0u8; h.length as usize];
+            payload = ctx.pool.take(h.length as usize);
+            if rd.buffer().len() < payload.len() {
+                pending.flush(&tx, &ctx);
+            }
             if let Err(e) = rd.read_exact(&mut payload).await {
                 tracing::debug!(conn, error = %e, "connection ended in the middle of a write payload");
                 break;
@@ -445,7 +584,7 @@ pub async fn serve<R, W>(
                     rej.errno,
                     rej.message,
                 );
-                let _ = tx.send(Reply {
+                pending.push(Reply {
                     bytes,
                     ticket: None,
                     _slot: slot,
@@ -455,10 +594,14 @@ pub async fn serve<R, W>(
             }
         };
         if kind == RequestKind::Read {
-            let Ok(permit) = budget.clone().acquire_many_owned(h.length).await else {
-                break;
+            payload_budget = match acquire_bytes(&budget, h.length, &mut pending, &tx, &ctx).await {
+                Some(p) => Some(p),
+                None => break,
             };
-            payload_budget = Some(permit);
+        }
+        if kind == RequestKind::Flush {
+            pending.flush(&tx, &ctx);
+            ctx.export.fence.wait_idle().await;
         }
         let fua = h.flags & NBD_CMD_FLAG_FUA != 0;
         let ticket = backend.arrived(&Arrival {
@@ -476,57 +619,141 @@ pub async fn serve<R, W>(
             length: h.length,
             payload,
         };
-        let ctx = ctx.clone();
-        let tx = tx.clone();
-        let job = move || {
-            let bytes = execute(&ctx, op, ticket);
-            let reply = Reply {
-                bytes,
-                ticket: Some(ticket),
-                _slot: slot,
-                _budget: payload_budget,
-            };
-            if let Err(mpsc::error::SendError(r)) = tx.send(reply) {
-                if let Some(t) = r.ticket {
-                    ctx.backend.reply_abandoned(t);
-                }
-            }
-        };
         match style {
+            // Memory-speed backends run in the reader: a task switch would cost more than the
+            // request. Replies are still written by the writer task, batched.
+            IoStyle::Inline if op.length <= INLINE_BYTES_MAX => {
+                let reply = run(&ctx, op, ticket, slot, payload_budget);
+                pending.push(reply);
+            }
+            // A large copy goes to another worker, so the reader keeps reading meanwhile and
+            // both cores copy.
             IoStyle::Inline => {
-                tokio::spawn(async move { job() });
+                let ctx = ctx.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let reply = run(&ctx, op, ticket, slot, payload_budget);
+                    send(&tx, vec![reply], &ctx);
+                });
             }
             IoStyle::Blocking => {
-                tokio::task::spawn_blocking(job);
+                let ctx = ctx.clone();
+                let tx = tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let reply = run(&ctx, op, ticket, slot, payload_budget);
+                    send(&tx, vec![reply], &ctx);
+                });
             }
         }
+        if pending.is_full() {
+            pending.flush(&tx, &ctx);
+        }
     }
+    pending.flush(&tx, &ctx);
     // Every started request holds a sender; the writer ends once they all replied.
     drop(tx);
     let _ = writer.await;
     tracing::debug!(conn, "connection closed");
 }
 
+/// Requests of inline backends up to this length run in the reader; longer ones get a task.
+pub const INLINE_BYTES_MAX: u32 = 128 * 1024;
+
+/// Most replies the reader collects before handing them to the writer.
+pub const PENDING_REPLIES_MAX: usize = 64;
+
+#[derive(Default)]
+struct Pending {
+    replies: Vec<Reply>,
+    bytes: usize,
+}
+
+impl Pending {
+    fn push(&mut self, r: Reply) {
+        self.bytes += r.bytes.len();
+        self.replies.push(r);
+    }
+
+    fn is_full(&self) -> bool {
+        self.replies.len() >= PENDING_REPLIES_MAX || self.bytes >= WRITE_BATCH_BYTES_MAX
+    }
+
+    fn flush(&mut self, tx: &mpsc::UnboundedSender<Vec<Reply>>, ctx: &Ctx) {
+        if !self.replies.is_empty() {
+            send(tx, std::mem::take(&mut self.replies), ctx);
+            self.bytes = 0;
+        }
+    }
+}
+
+/// Hands replies to the writer; if it is gone, the requests' outcomes are never told.
+fn send(tx: &mpsc::UnboundedSender<Vec<Reply>>, batch: Vec<Reply>, ctx: &Ctx) {
+    if let Err(mpsc::error::SendError(batch)) = tx.send(batch) {
+        for r in batch {
+            if let Some(t) = r.ticket {
+                ctx.backend.reply_abandoned(t);
+            }
+        }
+    }
+}
+
+/// Reserves `n` payload bytes of the connection's budget, first handing pending replies to
+/// the writer if it has to wait (their buffers are what it waits for).
+async fn acquire_bytes(
+    budget: &Arc<Semaphore>,
+    n: u32,
+    pending: &mut Pending,
+    tx: &mpsc::UnboundedSender<Vec<Reply>>,
+    ctx: &Ctx,
+) -> Option<OwnedSemaphorePermit> {
+    match budget.clone().try_acquire_many_owned(n) {
+        Ok(p) => Some(p),
+        Err(_) => {
+            pending.flush(tx, ctx);
+            budget.clone().acquire_many_owned(n).await.ok()
+        }
+    }
+}
+
+/// Executes one request and wraps its reply.
+fn run(
+    ctx: &Ctx,
+    op: Op,
+    ticket: Ticket,
+    slot: OwnedSemaphorePermit,
+    budget: Option<OwnedSemaphorePermit>,
+) -> Reply {
+    let bytes = execute(ctx, &op, ticket);
+    ctx.pool.give(op.payload);
+    Reply {
+        bytes,
+        ticket: Some(ticket),
+        _slot: slot,
+        _budget: budget,
+    }
+}
+
 /// The writer task: replies in completion order, batched, then `reply_sent`.
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: BufWriter<W>,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    backend: Arc<dyn Backend>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Reply>>,
+    ctx: Arc<Ctx>,
 ) {
-    let mut batch: Vec<Reply> = Vec::with_capacity(64);
+    let backend = &ctx.backend;
     let mut broken = false;
-    while let Some(first) = rx.recv().await {
-        let mut bytes = first.bytes.len();
-        batch.push(first);
+    while let Some(mut batch) = rx.recv().await {
+        let mut bytes: usize = batch.iter().map(|r| r.bytes.len()).sum();
         while bytes < WRITE_BATCH_BYTES_MAX {
             match rx.try_recv() {
-                Ok(r) => {
-                    bytes += r.bytes.len();
-                    batch.push(r);
+                Ok(more) => {
+                    bytes += more.iter().map(|r| r.bytes.len()).sum::<usize>();
+                    batch.extend(more);
                 }
                 Err(_) => break,
             }
         }
+        let ticketed = batch.iter().filter(|r| r.ticket.is_some()).count();
+        ctx.export.fence.begin(ticketed);
         if !broken {
             for r in &batch {
                 if wr.write_all(&r.bytes).await.is_err() {
@@ -546,7 +773,9 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                     backend.reply_sent(t);
                 }
             }
+            ctx.pool.give(r.bytes);
         }
+        ctx.export.fence.end(ticketed);
     }
     let _ = wr.shutdown().await;
 }

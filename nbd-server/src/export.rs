@@ -157,10 +157,7 @@ impl ExportSpec {
                 Some((k, v)) => (k.trim(), Some(v)),
                 None => (item.trim(), None),
             };
-            fn need<'v>(
-                v: Option<&'v str>,
-                e: impl FnOnce() -> ExportError,
-            ) -> Result<&'v str, ExportError> {
+            fn need(v: Option<&str>, e: impl FnOnce() -> ExportError) -> Result<&str, ExportError> {
                 v.ok_or_else(e)
             }
             let missing = || bad(key, "needs a value (KEY=VALUE)".into());
@@ -289,6 +286,8 @@ pub struct Export {
     pub backend: Arc<dyn Backend>,
     /// The emulated disk behind `backend`, for writable exports built from a spec.
     pub disk: Option<Arc<EmulatedDisk>>,
+    /// Orders FLUSH arrivals after the `reply_sent` of every reply already on the wire.
+    pub(crate) fence: crate::connection::ReplyFence,
 }
 
 impl std::fmt::Debug for Export {
@@ -309,6 +308,7 @@ impl Export {
             readonly,
             backend,
             disk: None,
+            fence: Default::default(),
         }
     }
 
@@ -330,13 +330,10 @@ impl Export {
             Some(d) => d.clone() as Arc<dyn Backend>,
             None => storage,
         };
-        Ok(Export {
-            name: spec.name.clone(),
-            description: spec.description.clone(),
-            readonly: spec.readonly,
-            backend,
-            disk,
-        })
+        let mut e = Export::new(spec.name.clone(), backend, spec.readonly);
+        e.description = spec.description.clone();
+        e.disk = disk;
+        Ok(e)
     }
 
     pub fn size(&self) -> u64 {

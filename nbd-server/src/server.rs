@@ -22,8 +22,10 @@ use crate::handshake::negotiate;
 
 /// Where the server listens when told nothing else: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
-/// Connections served at once; more wait in the kernel's accept queue.
+/// Connections served at once; a connection over the limit is closed right after `accept`.
 pub const CONNECTIONS_MAX: usize = 512;
+/// Depth of the kernel's TCP accept queue (a burst of connects waits there, not in SYN retries).
+pub const LISTEN_BACKLOG: u32 = 1024;
 /// Requests of one connection being executed or waiting for their reply to be written.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 256;
 /// Largest READ or WRITE payload (also advertised as the maximum block size).
@@ -108,7 +110,7 @@ impl Server {
             ));
         }
         let tcp = match config.listen {
-            Some(a) => Some(TcpListener::bind(a).await?),
+            Some(a) => Some(listen_tcp(a)?),
             None => None,
         };
         let tcp_addr = match &tcp {
@@ -185,6 +187,18 @@ impl Drop for BackgroundServer {
     }
 }
 
+/// Binds a TCP listener with a deep accept queue ([`LISTEN_BACKLOG`]).
+fn listen_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(LISTEN_BACKLOG)
+}
+
 fn remove_stale_socket(p: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(p) {
@@ -225,13 +239,21 @@ async fn run(
     // Each connection task holds a sender; `recv` returning None means all of them ended.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = wait_for_shutdown(&mut shutdown) => break,
+        // Accept even when full, so a client over the limit is told at once (its connection
+        // closes) instead of waiting in the kernel's queue for SYN retries.
+        let permit = || match slots.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                tracing::warn!(
+                    "{CONNECTIONS_MAX} connections already; closing a new one (CONNECTIONS_MAX)"
+                );
+                None
+            }
         };
         tokio::select! {
             r = accept_tcp(&tcp) => match r {
                 Ok((s, peer)) => {
+                    let Some(permit) = permit() else { continue };
                     let _ = s.set_nodelay(true);
                     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn, %peer, "accepted");
@@ -242,6 +264,7 @@ async fn run(
             },
             r = accept_unix(&unix) => match r {
                 Ok(s) => {
+                    let Some(permit) = permit() else { continue };
                     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn, "accepted on unix socket");
                     let (r, w) = s.into_split();

@@ -169,14 +169,14 @@ impl Backend for MemoryBackend {
         Self::for_each_chunk(offset, data.len() as u64, |chunk, in_chunk, n, pos| {
             let src = &data[pos..pos + n];
             let mut shard = self.shard(chunk);
-            if !shard.contains_key(&chunk) {
-                if is_zero(src) {
-                    return; // zeroes over a hole: nothing to store
+            let c = match shard.entry(chunk) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    if is_zero(src) {
+                        return; // zeroes over a hole: nothing to store
+                    }
+                    v.insert(Chunk::new())
                 }
-                shard.insert(chunk, Chunk::new());
-            }
-            let Some(c) = shard.get_mut(&chunk) else {
-                return;
             };
             let mut p = 0;
             while p < n {
@@ -237,7 +237,7 @@ impl Backend for MemoryBackend {
     fn block_status(&self, _t: Ticket, offset: u64, length: u64) -> io::Result<Vec<StatusExtent>> {
         fn push(runs: &mut Vec<StatusExtent>, len: u64, stored: bool) {
             if let Some(last) = runs.last_mut() {
-                if last.hole == !stored {
+                if last.hole != stored {
                     last.length += len;
                     return;
                 }
@@ -315,7 +315,7 @@ mod tests {
         let mut edge = [9u8; 100];
         m.read(T, off - 100, &mut edge).unwrap();
         assert_eq!(edge, [0u8; 100]);
-        assert_eq!(m.stored_blocks(), 5);
+        assert_eq!(m.stored_blocks(), 4); // 100 B + 4 KiB + 4 KiB + 4013 B
     }
 
     #[test]

@@ -1,14 +1,302 @@
-//! `crashmonkey race`: seeded race campaigns over fs-core.
+//! `crashmonkey race`: seeded race campaigns over fs-core, and replay of their reproducers.
+//!
+//! Exit codes: 0 = no failure found (or the replay passed); 1 = failures found (or the
+//! replayed reproducer failed again); 2 = the command could not run (bad bundle, IO error).
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use crashmonkey::race::{self, campaign, CampaignOptions, RunOutcome};
+use fs_core::sched::{self, ReplayPolicy};
+use fs_core::{AllocMode, Config, PunchMode, ValidityCheckAt};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
 
-#[derive(Args)]
-pub struct RaceArgs {
-    /// First seed of the campaign.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+/// Runs above which a progress bar is drawn (when stderr is a terminal).
+const PROGRESS_RUNS_MIN: u64 = 1_000;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum AllocArg {
+    /// XFS-like delayed allocation, unwritten extents at writeback.
+    Delalloc,
+    /// gfs2-like: blocks allocated (and zeroed) at write/fault time.
+    AtWrite,
 }
 
-pub fn run(_args: RaceArgs) -> anyhow::Result<i32> {
-    anyhow::bail!("race campaigns are not built yet")
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum CheckAtArg {
+    /// ->iomap_valid after the folio lock in write_begin (the kernel today).
+    AfterLock,
+    /// Inside ->get_folio, which returns the folio locked.
+    GetFolio,
+    /// Before the folio lock (deliberately racy).
+    BeforeLock,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+crashmonkey race --seed 1 --runs 2000 --no-iomap-valid      # finds stale-mapping corruption\n  \
+crashmonkey race --seed 1 --runs 100000                     # the fixed model: no failure\n  \
+crashmonkey race --replay crashmonkey-out/race-seed-17      # replay a reproducer exactly\n  \
+crashmonkey race --replay crashmonkey-out/race-seed-17 --defaults   # same schedule, fix on\n\n\
+Exit status: 0 no failure found (replay passed), 1 failures found (replay failed), 2 error.")]
+pub struct RaceArgs {
+    /// First seed; run i uses seed + i, which alone decides its workload and schedule.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Number of runs.
+    #[arg(long, default_value_t = 1000)]
+    pub runs: u64,
+    /// Turn off the write path's validity-cookie check (->iomap_valid).
+    #[arg(long)]
+    pub no_iomap_valid: bool,
+    /// Turn off writeback's seq check of its cached mapping in map_blocks.
+    #[arg(long)]
+    pub no_wb_seq_check: bool,
+    /// Use the old short-write delalloc punch (truncate page cache, then punch).
+    #[arg(long)]
+    pub old_punch: bool,
+    /// Allocation behaviour.
+    #[arg(long, value_enum)]
+    pub alloc: Option<AllocArg>,
+    /// Where the write path checks the cookie.
+    #[arg(long, value_enum)]
+    pub check_at: Option<CheckAtArg>,
+    /// page_mkwrite takes the inode lock shared (gfs2's glock serialises faults and writes).
+    #[arg(long)]
+    pub mkwrite_inode_lock: bool,
+    /// Stop after this many failing runs (0 = run them all).
+    #[arg(long, default_value_t = 0)]
+    pub max_failures: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Folder for reproducer bundles.
+    #[arg(long, default_value = "crashmonkey-out")]
+    pub out: PathBuf,
+    /// Do not write a reproducer bundle.
+    #[arg(long)]
+    pub no_bundle: bool,
+    /// Replay a reproducer bundle instead of running a campaign. With switch flags (or
+    /// --defaults) the schedule is followed as far as the changed steps allow.
+    #[arg(long)]
+    pub replay: Option<PathBuf>,
+    /// With --replay: start from the default (fixed) switches instead of the recorded ones.
+    #[arg(long)]
+    pub defaults: bool,
+}
+
+impl RaceArgs {
+    fn any_switch(&self) -> bool {
+        self.no_iomap_valid
+            || self.no_wb_seq_check
+            || self.old_punch
+            || self.alloc.is_some()
+            || self.check_at.is_some()
+            || self.mkwrite_inode_lock
+    }
+
+    fn apply(&self, mut cfg: Config) -> Config {
+        if self.no_iomap_valid {
+            cfg.iomap_valid = false;
+        }
+        if self.no_wb_seq_check {
+            cfg.wb_seq_check = false;
+        }
+        if self.old_punch {
+            cfg.punch = PunchMode::Old;
+        }
+        if let Some(a) = self.alloc {
+            cfg.alloc = match a {
+                AllocArg::Delalloc => AllocMode::Delalloc,
+                AllocArg::AtWrite => AllocMode::AtWrite,
+            };
+        }
+        if let Some(c) = self.check_at {
+            cfg.validity_check_at = match c {
+                CheckAtArg::AfterLock => ValidityCheckAt::AfterFolioLock,
+                CheckAtArg::GetFolio => ValidityCheckAt::InGetFolio,
+                CheckAtArg::BeforeLock => ValidityCheckAt::BeforeFolioLock,
+            };
+        }
+        if self.mkwrite_inode_lock {
+            cfg.mkwrite_takes_inode_lock = true;
+        }
+        cfg
+    }
+}
+
+pub fn run(args: RaceArgs) -> anyhow::Result<i32> {
+    let r = if args.replay.is_some() {
+        replay(&args)
+    } else {
+        campaign_cmd(&args)
+    };
+    match r {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("crashmonkey race: error: {e:#}");
+            Ok(2)
+        }
+    }
+}
+
+fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
+    let opts = CampaignOptions {
+        seed: args.seed,
+        runs: args.runs,
+        config: args.apply(Config::default()),
+        max_failures: args.max_failures,
+    };
+    let bar = if args.runs >= PROGRESS_RUNS_MIN {
+        ProgressBar::new(args.runs)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} runs, {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let summary = race::run_campaign(&opts, &mut |done, failures| {
+        if done % 256 == 0 {
+            bar.set_position(done);
+            bar.set_message(format!("{failures} failing"));
+        }
+    });
+    bar.finish_and_clear();
+    let mut bundle_dir = None;
+    if let Some(first) = &summary.first {
+        if !args.no_bundle {
+            bundle_dir = Some(race::write_bundle(&args.out, first)?);
+        }
+    }
+    if args.json {
+        let first = summary.first.as_ref().map(|o| first_failure_json(o));
+        let v = serde_json::json!({
+            "seed": args.seed,
+            "runs": summary.runs,
+            "failures": summary.failures,
+            "first_failure_seed": summary.first_failure_seed,
+            "seconds": summary.seconds,
+            "runs_per_second": summary.runs as f64 / summary.seconds.max(1e-9),
+            "steps": summary.steps,
+            "failing_seeds": summary.failing_seeds,
+            "switches": opts.config,
+            "first_failure": first,
+            "reproducer": bundle_dir.as_ref().map(|d| d.display().to_string()),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "race campaign: seeds {}..{} ({} runs) in {:.2}s, {:.0} runs/s",
+            args.seed,
+            args.seed.wrapping_add(summary.runs),
+            summary.runs,
+            summary.seconds,
+            summary.runs as f64 / summary.seconds.max(1e-9)
+        );
+        println!(
+            "switches: {}",
+            campaign::switches(&opts.config).replace(", cache_limit=4 folios", "")
+        );
+        println!("failing runs: {}", summary.failures);
+        if let Some(first) = &summary.first {
+            println!("\n{}", race::describe_failure(first));
+            if let Some(d) = &bundle_dir {
+                println!("reproducer written to {}", d.display());
+                println!(
+                    "replay it:            crashmonkey race --replay {}",
+                    d.display()
+                );
+                println!(
+                    "replay with the fix:  crashmonkey race --replay {} --defaults",
+                    d.display()
+                );
+            }
+        }
+    }
+    Ok(if summary.failures > 0 { 1 } else { 0 })
+}
+
+fn first_failure_json(o: &RunOutcome) -> serde_json::Value {
+    let ops: Vec<&fs_core::Op> = o.generated.workload.ops().collect();
+    serde_json::json!({
+        "seed": o.seed,
+        "failures": o.result.failures,
+        "summary": o.result.failures.first().map(|f| campaign::failure_line(f, &ops)),
+        "steps": o.result.steps,
+    })
+}
+
+fn replay(args: &RaceArgs) -> anyhow::Result<i32> {
+    let dir = args.replay.as_ref().expect("replay path");
+    let b = race::load_bundle(dir)?;
+    let base = if args.defaults {
+        Config {
+            cache_limit_folios: b.config.cache_limit_folios,
+            device_blocks: b.config.device_blocks,
+            ..Config::default()
+        }
+    } else {
+        b.config.clone()
+    };
+    let cfg = args.apply(base);
+    let strict = cfg == b.config;
+    let mut policy = if strict {
+        ReplayPolicy::new(b.schedule.clone(), true)
+    } else {
+        ReplayPolicy::lenient(b.schedule.clone(), b.trace.clone())
+    };
+    let result = sched::run(&cfg, &b.workload, &mut policy);
+    let same = result.failures == b.failures;
+    let outcome = RunOutcome {
+        seed: b.seed,
+        generated: race::workload::Generated {
+            workload: b.workload.clone(),
+            cache_limit_folios: cfg.cache_limit_folios,
+            policy: race::PolicyKind::Random,
+            policy_seed: 0,
+        },
+        cfg: cfg.clone(),
+        result,
+    };
+    let _ = args.any_switch();
+    if args.json {
+        let ops: Vec<&fs_core::Op> = b.workload.ops().collect();
+        let v = serde_json::json!({
+            "replay": dir.display().to_string(),
+            "strict": strict,
+            "divergences": policy.divergences,
+            "passed": outcome.result.passed(),
+            "same_failures_as_recorded": same,
+            "failures": outcome.result.failures,
+            "summary": outcome.result.failures.first().map(|f| campaign::failure_line(f, &ops)),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{}",
+            race::describe_failure(&outcome).replacen("(Random policy", "(replayed schedule", 1)
+        );
+        if strict {
+            println!(
+                "replay: {} ({})",
+                if outcome.result.passed() {
+                    "PASSED"
+                } else {
+                    "FAILED"
+                },
+                if same {
+                    "the same verdict as recorded"
+                } else {
+                    "a DIFFERENT verdict from the recorded one"
+                }
+            );
+        } else {
+            println!(
+                "replay with changed switches: {} ({} steps could not follow the recorded schedule)",
+                if outcome.result.passed() { "PASSED" } else { "FAILED" },
+                policy.divergences
+            );
+        }
+    }
+    Ok(if outcome.result.passed() { 0 } else { 1 })
 }

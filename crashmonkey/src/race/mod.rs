@@ -1,0 +1,13 @@
+//! Race campaigns over fs-core: seeded random workloads (`workload`), the campaign runner
+//! and its reports (`campaign`), and reproducer bundles that replay a finding exactly
+//! (`repro`).
+
+pub mod campaign;
+pub mod repro;
+pub mod workload;
+
+pub use campaign::{
+    describe_failure, run_campaign, run_one, CampaignOptions, CampaignSummary, RunOutcome,
+};
+pub use repro::{load_bundle, write_bundle, Bundle};
+pub use workload::{generate, PolicyKind};

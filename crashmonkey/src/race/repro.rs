@@ -1,0 +1,99 @@
+//! Reproducer bundles: a folder with the workload, the materialised schedule (the exact
+//! choices, not only a seed, so a change of random-number library cannot break it), the
+//! switches, the device's write log, the trace, the report and a README with the replay
+//! command. `crashmonkey race --replay DIR` runs it again, step for step.
+
+use super::campaign::{describe_failure, RunOutcome};
+use anyhow::Context;
+use fs_core::sched::RecordedStep;
+use fs_core::{Choice, Config, Workload};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Bundle format version, in `bundle.json`.
+pub const BUNDLE_VERSION: u32 = 1;
+
+/// What `bundle.json` holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Bundle {
+    pub version: u32,
+    pub seed: u64,
+    pub config: Config,
+    pub workload: Workload,
+    pub schedule: Vec<Choice>,
+    /// The recorded trace (task, label, argument per step): a replay under other switches
+    /// follows it.
+    #[serde(default)]
+    pub trace: Vec<RecordedStep>,
+    /// The failures the run found, as one-line text (for people and for replay comparison).
+    pub failures: Vec<fs_core::Failure>,
+}
+
+/// Write `o` as a bundle under `out`; returns the folder.
+pub fn write_bundle(out: &Path, o: &RunOutcome) -> anyhow::Result<PathBuf> {
+    let dir = out.join(format!("race-seed-{}", o.seed));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let bundle = Bundle {
+        version: BUNDLE_VERSION,
+        seed: o.seed,
+        config: o.cfg.clone(),
+        workload: o.generated.workload.clone(),
+        schedule: o.result.schedule.clone(),
+        trace: o.result.trace.iter().map(RecordedStep::from).collect(),
+        failures: o.result.failures.clone(),
+    };
+    let w = |name: &str, data: String| -> anyhow::Result<()> {
+        let p = dir.join(name);
+        std::fs::write(&p, data).with_context(|| format!("writing {}", p.display()))
+    };
+    w("bundle.json", serde_json::to_string_pretty(&bundle)?)?;
+    w(
+        "workload.json",
+        serde_json::to_string_pretty(&bundle.workload)?,
+    )?;
+    w("schedule.json", serde_json::to_string(&bundle.schedule)?)?;
+    w(
+        "device-log.json",
+        serde_json::to_string_pretty(&o.result.device_log)?,
+    )?;
+    let report = describe_failure(o);
+    w("report.txt", report.clone())?;
+    let readme = format!(
+        "# fs-core race reproducer, seed {seed}\n\n\
+         A workload and the exact interleaving of its steps that fs-core's scheduler chose, which\n\
+         made the oracle fail. Replay it, step for step:\n\n\
+         ```\ncrashmonkey race --replay {dir}\n```\n\n\
+         Replay it with the fixed (default) switches, following the same schedule as far as the\n\
+         steps allow, to see the fix keep the data:\n\n\
+         ```\ncrashmonkey race --replay {dir} --defaults\n```\n\n\
+         Files: `bundle.json` (switches, workload, materialised schedule, failures; what replay\n\
+         reads), `workload.json`, `schedule.json` (task chosen at each yield, `s` = injected short\n\
+         copy), `device-log.json` (every write/flush that reached the in-memory device, in\n\
+         completion order, with a hash of each payload), `report.txt` (below).\n\n\
+         ```\n{report}```\n",
+        seed = o.seed,
+        dir = dir.display(),
+    );
+    w("README.md", readme)?;
+    Ok(dir)
+}
+
+/// Read a bundle folder (or a `bundle.json` path).
+pub fn load_bundle(path: &Path) -> anyhow::Result<Bundle> {
+    let file = if path.is_dir() {
+        path.join("bundle.json")
+    } else {
+        path.to_path_buf()
+    };
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let b: Bundle =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    anyhow::ensure!(
+        b.version == BUNDLE_VERSION,
+        "{}: bundle version {} (expected {BUNDLE_VERSION})",
+        file.display(),
+        b.version
+    );
+    Ok(b)
+}

@@ -1,0 +1,193 @@
+//! Seeded random workloads, shaped to reach stale-mapping races in few runs: one or two
+//! files of a few folios, a setup phase (preallocate, extend, pre-dirty the tail folio),
+//! then two to four concurrent operations whose writes straddle folios and end part-way into
+//! a folio, with a page-cache limit of one to three folios so reclaim runs constantly.
+
+use fs_core::block::BLOCK_SIZE;
+use fs_core::{Config, Op, Workload};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+const BS: u64 = BLOCK_SIZE as u64;
+/// Largest file a generated workload touches, in folios.
+pub const WORKLOAD_FILE_FOLIOS_MAX: u64 = 5;
+/// Concurrent operations in the racing phase.
+pub const CONCURRENT_OPS_MAX: usize = 4;
+
+/// Which scheduling policy a run used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    Random,
+    Pct,
+}
+
+/// Everything one run is made of, derived from its seed alone.
+#[derive(Clone, Debug)]
+pub struct Generated {
+    pub workload: Workload,
+    pub cache_limit_folios: usize,
+    pub policy: PolicyKind,
+    pub policy_seed: u64,
+}
+
+/// Generate run `seed`'s workload, page-cache limit and policy. `base` gives the switches.
+pub fn generate(seed: u64, base: &Config) -> (Generated, Config) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let files = if rng.random_range(0..4) == 0 { 2 } else { 1 };
+    let mut setup = Vec::new();
+    let mut sizes = Vec::new();
+    let mut next_byte = b'A';
+    let mut byte = || {
+        let b = next_byte;
+        next_byte = if next_byte == b'Z' {
+            b'a'
+        } else {
+            next_byte + 1
+        };
+        b
+    };
+    for file in 0..files {
+        let folios = rng.random_range(2..=WORKLOAD_FILE_FOLIOS_MAX);
+        let size = folios * BS;
+        match rng.random_range(0..3) {
+            0 => setup.push(Op::Fallocate {
+                file,
+                offset: 0,
+                len: size,
+            }),
+            1 => setup.push(Op::Truncate { file, size }),
+            _ => setup.push(Op::Write {
+                file,
+                offset: 0,
+                len: size,
+                byte: byte(),
+            }),
+        }
+        // Pre-dirty part of a folio (S1's 'X'), sometimes.
+        if rng.random_bool(0.6) {
+            let folio = rng.random_range(0..folios);
+            let off = folio * BS + rng.random_range(0..BS - 64);
+            setup.push(Op::Write {
+                file,
+                offset: off,
+                len: rng.random_range(1..64),
+                byte: byte(),
+            });
+        }
+        if rng.random_bool(0.2) {
+            setup.push(Op::Fsync { file });
+        }
+        sizes.push(size);
+    }
+    let n = rng.random_range(2..=CONCURRENT_OPS_MAX);
+    let mut racing = Vec::new();
+    for _ in 0..n {
+        let file = rng.random_range(0..files);
+        let size = sizes[file];
+        let folios = size / BS;
+        let op = match rng.random_range(0..100) {
+            0..=44 => {
+                // Straddle folios, end part-way into one (the trailing edge).
+                let offset = if rng.random_bool(0.5) {
+                    0
+                } else {
+                    rng.random_range(0..size - 1)
+                };
+                let max_len = (size - offset).max(1) + BS;
+                let len = rng.random_range(1..=max_len);
+                Op::Write {
+                    file,
+                    offset,
+                    len,
+                    byte: byte(),
+                }
+            }
+            45..=69 => {
+                let folio = rng.random_range(0..folios);
+                let len = rng.random_range(1..=64);
+                let offset = folio * BS + rng.random_range(0..BS - len);
+                Op::MmapStore {
+                    file,
+                    offset,
+                    len,
+                    byte: byte(),
+                }
+            }
+            70..=76 => Op::Read {
+                file,
+                offset: 0,
+                len: size,
+            },
+            77..=81 => {
+                let a = rng.random_range(0..folios);
+                Op::PunchHole {
+                    file,
+                    offset: a * BS,
+                    len: rng.random_range(1..=folios - a) * BS,
+                }
+            }
+            82..=85 => {
+                let a = rng.random_range(0..folios);
+                Op::ZeroRange {
+                    file,
+                    offset: a * BS,
+                    len: rng.random_range(1..=folios - a) * BS,
+                }
+            }
+            86..=89 => {
+                let a = rng.random_range(0..folios);
+                Op::Fallocate {
+                    file,
+                    offset: a * BS,
+                    len: rng.random_range(1..=folios - a) * BS,
+                }
+            }
+            90..=94 => Op::Truncate {
+                file,
+                size: rng.random_range(BS / 2..=size + BS),
+            },
+            _ => Op::Fsync { file },
+        };
+        racing.push(op);
+    }
+    let cache_limit_folios = rng.random_range(1..=3);
+    let policy = if rng.random_bool(0.5) {
+        PolicyKind::Random
+    } else {
+        PolicyKind::Pct
+    };
+    let policy_seed = rng.random();
+    let cfg = Config {
+        cache_limit_folios,
+        device_blocks: 256,
+        ..base.clone()
+    };
+    (
+        Generated {
+            workload: Workload {
+                files,
+                phases: vec![setup, racing],
+            },
+            cache_limit_folios,
+            policy,
+            policy_seed,
+        },
+        cfg,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_workload() {
+        let a = generate(42, &Config::default());
+        let b = generate(42, &Config::default());
+        assert_eq!(a.0.workload, b.0.workload);
+        assert_eq!(a.1, b.1);
+        assert_ne!(generate(43, &Config::default()).0.workload, a.0.workload);
+    }
+}
