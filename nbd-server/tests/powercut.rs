@@ -200,3 +200,48 @@ fn crash_after_writes_cuts_the_power_by_itself() {
         ["write", "flush", "write", "write", "power-cut"]
     );
 }
+
+/// `eio-write=1` fails every write with EIO, changes nothing, and records each fault.
+#[test]
+fn injected_write_faults_fail_and_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
+        .args(["--listen", "127.0.0.1:0", "--export"])
+        .arg(format!(
+            "d:size=1M,record={},eio-write=1,fault-seed=4",
+            dir.path().join("d.log").display()
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut port = None;
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while port.is_none() && Instant::now() < deadline && err.read_line(&mut line).unwrap() > 0 {
+        port = line
+            .trim()
+            .strip_prefix("nbd-server: listening on 127.0.0.1:")
+            .and_then(|p| p.parse().ok());
+        line.clear();
+    }
+    let server = Server {
+        child,
+        port: port.unwrap(),
+    };
+    let mut c = connect(server.port);
+    assert!(
+        c.write_all(&[5u8; 4096]).is_err(),
+        "write must fail with EIO"
+    );
+    let mut c = connect(server.port);
+    let mut back = vec![1u8; 4096];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(back, vec![0u8; 4096], "a failed write changes nothing");
+    drop(c);
+    drop(server);
+    let log = nbd_server::log::LogReader::open(&dir.path().join("d.log")).unwrap();
+    let kinds: Vec<_> = log.map(|r| r.unwrap().kind.name()).collect();
+    assert_eq!(kinds.first().copied(), Some("fault"), "{kinds:?}");
+    assert!(!kinds.contains(&"write"));
+}
