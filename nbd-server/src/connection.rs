@@ -463,11 +463,11 @@ pub async fn serve<R, W>(
     let writer = tokio::spawn(write_replies(wr, rx, ctx.clone()));
     let slots = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     let budget = Arc::new(Semaphore::new(IN_FLIGHT_PAYLOAD_BYTES_MAX as usize));
-    // A power cut of the emulated disk drops every connection to it.
-    let mut power_cut = session.export.disk.as_ref().map(|d| d.power_cuts());
     // Replies of requests run in this task, handed to the writer in one message whenever the
     // reader is about to wait (so one socket write answers everything one read brought).
     let mut pending = Pending::default();
+    // A power cut of the emulated disk drops every connection to it.
+    let mut power_cut = session.export.disk.as_ref().map(|d| d.power_cuts());
 
     loop {
         let slot = match slots.clone().try_acquire_owned() {

@@ -284,10 +284,10 @@ pub struct Export {
     pub description: Option<String>,
     pub readonly: bool,
     pub backend: Arc<dyn Backend>,
-    /// The emulated disk behind `backend`, for writable exports built from a spec.
-    pub disk: Option<Arc<EmulatedDisk>>,
     /// Orders FLUSH arrivals after the `reply_sent` of every reply already on the wire.
     pub(crate) fence: crate::connection::ReplyFence,
+    /// The emulated disk behind `backend`, for writable exports built from a spec.
+    pub disk: Option<Arc<EmulatedDisk>>,
 }
 
 impl std::fmt::Debug for Export {
@@ -307,8 +307,8 @@ impl Export {
             description: None,
             readonly,
             backend,
-            disk: None,
             fence: Default::default(),
+            disk: None,
         }
     }
 
@@ -330,10 +330,14 @@ impl Export {
             Some(d) => d.clone() as Arc<dyn Backend>,
             None => storage,
         };
-        let mut e = Export::new(spec.name.clone(), backend, spec.readonly);
-        e.description = spec.description.clone();
-        e.disk = disk;
-        Ok(e)
+        Ok(Export {
+            name: spec.name.clone(),
+            description: spec.description.clone(),
+            readonly: spec.readonly,
+            backend,
+            disk,
+            fence: Default::default(),
+        })
     }
 
     pub fn size(&self) -> u64 {

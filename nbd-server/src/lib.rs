@@ -8,6 +8,7 @@
 //! - `export`      export configuration (`NAME:size=SIZE[,file=PATH][,readonly]`) and registry
 //! - `backend`     the `Backend` trait the server drives, and the plain backends (memory, file)
 //! - `disk`        the emulated disk: durability rule, epochs, recorder, power cut, faults
+//! - `fscore_device` fs-core's `BlockDevice` over the emulated disk, so models leave write logs
 //! - `log`         the write-log format: writer and streaming reader
 //! - `control`     control socket (`--control PATH`): mark, crash, stats; and its client
 
@@ -16,6 +17,7 @@ pub mod connection;
 pub mod control;
 pub mod disk;
 pub mod export;
+pub mod fscore_device;
 pub mod handshake;
 pub mod log;
 pub mod proto;
