@@ -213,8 +213,9 @@ pub struct Epoch {
     pub end_seq: Option<u64>,
 }
 
-/// Limit on operations in one epoch; beyond it the log is refused rather than exhaust memory.
-pub const EPOCH_OPS_MAX: usize = 4_000_000;
+/// Limit on operations in one epoch; beyond it the log is refused rather than exhaust memory
+/// (an epoch and its sampled states are held in memory: about `samples` x ops indices).
+pub const EPOCH_OPS_MAX: usize = 1_000_000;
 
 /// Cuts a [`History`] into [`Epoch`]s. An operation a flush lists as in flight moves to the
 /// next epoch, minus the bytes that a newer, covered operation overwrote (so replaying it

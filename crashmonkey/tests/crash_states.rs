@@ -174,9 +174,52 @@ fn torn_writes_respect_the_atomic_unit() {
 fn ordered_subsets_never_time_travel() {
     let dir = tempfile::tempdir().unwrap();
     let log = recorded_log(dir.path());
-    LOG_PATH.with(|p| *p.borrow_mut() = log.clone());
-    let imgs = images(&log, dir.path(), opts());
-    assert!(imgs.len() > 20, "{} states", imgs.len());
+    let n = assert_no_time_travel(&log, dir.path(), opts());
+    assert!(n > 20, "{n} states");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    /// The same invariants on random logs: overlapping writes of random sizes on two
+    /// connections, FUA writes, flushes with writes in flight across them, random seeds.
+    #[test]
+    fn random_logs_never_time_travel(
+        steps in proptest::collection::vec((0u8..6, 0u64..120, 1u64..24), 1..40),
+        seed in 0u64..1000,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.log");
+        let r = Rec::new(&path);
+        let mut byte = 1u8;
+        let mut in_flight = Vec::new();
+        for (what, sector, sectors) in steps {
+            let (off, len) = (sector * 512, (sectors * 512).min(SIZE - sector * 512));
+            match what {
+                0..=2 | 4 => {
+                    let fua = what == 4;
+                    let t = r.disk.arrived(&Arrival { conn: 1 + (byte as u64 % 2), kind: RequestKind::Write, offset: off, length: len, fua });
+                    r.disk.write(t, off, &vec![byte; len as usize], fua).unwrap();
+                    byte += 1;
+                    if what == 2 { in_flight.push(t) } else { r.disk.reply_sent(t) }
+                }
+                3 => r.flush(),
+                _ => {
+                    for t in in_flight.drain(..) {
+                        r.disk.reply_sent(t);
+                    }
+                }
+            }
+        }
+        drop(r);
+        assert_no_time_travel(&path, dir.path(), StateOptions { seed, samples: 12, ..opts() });
+    }
+}
+
+/// Checks every state of `log`; returns how many there were.
+fn assert_no_time_travel(log: &Path, dir: &Path, o: StateOptions) -> usize {
+    LOG_PATH.with(|p| *p.borrow_mut() = log.to_path_buf());
+    let imgs = images(log, dir, o);
+    let count = imgs.len();
     // The image of the full prefix before the current epoch, and the one after it.
     let mut prefix = vec![0u8; SIZE as usize];
     let mut next_prefix = prefix.clone();
@@ -237,6 +280,7 @@ fn ordered_subsets_never_time_travel() {
             assert!(t.pieces.iter().all(|p| p.0 % 512 == 0 && p.1 % 512 == 0));
         }
     }
+    count
 }
 
 /// Recorded byte of an operation (the test writes byte = 1 + write number; trims are zero).

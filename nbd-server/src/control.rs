@@ -192,3 +192,47 @@ pub fn request(socket: &Path, line: &str) -> Result<String, String> {
         Err(format!("unexpected reply {reply:?}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{DiskConfig, VecStorage};
+
+    fn disks() -> Disks {
+        let d = |name: &str| {
+            let s = Arc::new(VecStorage::new(64 * 1024).unwrap());
+            (
+                name.to_string(),
+                Arc::new(EmulatedDisk::new(s, DiskConfig::default()).unwrap()),
+            )
+        };
+        vec![d("a"), d("b")]
+    }
+
+    #[test]
+    fn requests_reach_every_disk_or_the_addressed_one() {
+        let ds = disks();
+        assert!(execute(&ds, "mark m1").starts_with("ok "));
+        assert_eq!(ds[0].1.stats().marks, 1);
+        assert_eq!(ds[1].1.stats().marks, 1);
+        assert!(execute(&ds, "@b mark m2").starts_with("ok "));
+        assert_eq!(ds[0].1.stats().marks, 1);
+        assert_eq!(ds[1].1.stats().marks, 2);
+        let r = execute(&ds, "@a crash 5");
+        assert!(r.contains("\"seed\":5"), "{r}");
+        assert_eq!(ds[0].1.stats().power_cuts, 1);
+        assert_eq!(ds[1].1.stats().power_cuts, 0);
+        assert!(execute(&ds, "stats").contains("\"b\""));
+    }
+
+    #[test]
+    fn bad_requests_get_clear_errors() {
+        let ds = disks();
+        assert_eq!(execute(&ds, "mark"), "err usage: mark NAME");
+        assert!(execute(&ds, "crash x").starts_with("err seed \"x\""));
+        assert!(execute(&ds, "@zz stats").contains("no writable export named \"zz\""));
+        assert!(execute(&ds, "").starts_with("err empty request"));
+        assert!(execute(&ds, &format!("mark {}", "x".repeat(300))).starts_with("err mark name"));
+        assert!(execute(&ds, "mark bad\u{1}name").starts_with("err mark name"));
+    }
+}

@@ -23,7 +23,12 @@ impl Drop for Server {
 }
 
 fn start(dir: &Path) -> Server {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &Path, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
+        .args(extra)
         .args(["--listen", "127.0.0.1:0", "--export"])
         .arg(format!("d:size=1M,record={}", dir.join("d.log").display()))
         .arg("--control")
@@ -164,4 +169,79 @@ fn ctl_reports_bad_requests_and_the_server_keeps_serving() {
     let mut c = connect(server.port);
     c.write_all(&[7u8; 4096]).unwrap();
     c.flush().unwrap();
+}
+
+/// `--crash-after-writes N` cuts the power by itself after the N-th write: the connection
+/// drops, the log records the cut, and a new connection is served.
+#[test]
+fn crash_after_writes_cuts_the_power_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &["--crash-after-writes", "3", "--seed", "11"]);
+    let mut c = connect(server.port);
+    c.write_all(&[1u8; 4096]).unwrap();
+    c.flush().unwrap();
+    c.write_all(&[2u8; 4096]).unwrap();
+    // The third write triggers the cut: it or the next request fails.
+    let third = c.write_all(&[3u8; 4096]);
+    let fourth = third.is_ok() && c.write_all(&[4u8; 4096]).is_ok();
+    assert!(
+        third.is_err() || !fourth,
+        "the connection survived the automatic power cut"
+    );
+    let mut c = connect(server.port);
+    let mut back = vec![0u8; 4096];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(back, vec![1u8; 4096], "the flushed write survives");
+    ctl(dir.path(), &["sync"]);
+    let log = nbd_server::log::LogReader::open(&dir.path().join("d.log")).unwrap();
+    let kinds: Vec<_> = log.map(|r| r.unwrap().kind.name()).collect();
+    assert_eq!(
+        kinds[..5],
+        ["write", "flush", "write", "write", "power-cut"]
+    );
+}
+
+/// `eio-write=1` fails every write with EIO, changes nothing, and records each fault.
+#[test]
+fn injected_write_faults_fail_and_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
+        .args(["--listen", "127.0.0.1:0", "--export"])
+        .arg(format!(
+            "d:size=1M,record={},eio-write=1,fault-seed=4",
+            dir.path().join("d.log").display()
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut port = None;
+    let mut line = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while port.is_none() && Instant::now() < deadline && err.read_line(&mut line).unwrap() > 0 {
+        port = line
+            .trim()
+            .strip_prefix("nbd-server: listening on 127.0.0.1:")
+            .and_then(|p| p.parse().ok());
+        line.clear();
+    }
+    let server = Server {
+        child,
+        port: port.unwrap(),
+    };
+    let mut c = connect(server.port);
+    assert!(
+        c.write_all(&[5u8; 4096]).is_err(),
+        "write must fail with EIO"
+    );
+    let mut c = connect(server.port);
+    let mut back = vec![1u8; 4096];
+    c.read_exact(&mut back).unwrap();
+    assert_eq!(back, vec![0u8; 4096], "a failed write changes nothing");
+    drop(c);
+    drop(server);
+    let log = nbd_server::log::LogReader::open(&dir.path().join("d.log")).unwrap();
+    let kinds: Vec<_> = log.map(|r| r.unwrap().kind.name()).collect();
+    assert_eq!(kinds.first().copied(), Some("fault"), "{kinds:?}");
+    assert!(!kinds.contains(&"write"));
 }

@@ -31,7 +31,7 @@ impl LogWriter {
         self.next_seq
     }
 
-    /// Appends one record and returns its sequence number. Flush, mark and power-cut records
+    /// Appends one record and returns its sequence number. Flush, mark, fault and power-cut records
     /// push the buffer to the file, so a reader started later sees them.
     pub fn append(
         &mut self,
@@ -57,7 +57,7 @@ impl LogWriter {
         self.next_seq += 1;
         if matches!(
             kind,
-            RecordKind::Flush | RecordKind::Mark | RecordKind::PowerCut
+            RecordKind::Flush | RecordKind::Mark | RecordKind::PowerCut | RecordKind::Fault
         ) {
             self.out.flush()?;
         }
