@@ -522,6 +522,8 @@ pub struct RunResult {
     pub files: Vec<Vec<u8>>,
     pub device_log: Vec<DeviceRecord>,
     pub steps: u64,
+    /// What the model noticed going wrong (stale mappings used, dirty folios dropped).
+    pub notes: Vec<String>,
 }
 
 impl RunResult {
@@ -822,6 +824,7 @@ impl<'w> Sim<'w> {
                 .map(<[DeviceRecord]>::to_vec)
                 .unwrap_or_default(),
             steps: self.steps,
+            notes: self.fs.notes,
         }
     }
 }
