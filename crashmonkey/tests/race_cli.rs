@@ -70,7 +70,7 @@ fn campaign_with_fix_off_exits_1_writes_bundle_and_replays() {
         .map(|k| stats["kinds"][k].as_u64().unwrap_or(0))
         .sum::<u64>();
     assert_eq!(recorded, model_log.len() as u64, "{stats}");
-    assert!(model_log.len() > 0);
+    assert!(!model_log.is_empty());
 
     let replay = cm()
         .args(["race", "--replay"])
