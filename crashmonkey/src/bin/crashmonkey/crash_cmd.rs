@@ -166,6 +166,9 @@ pub struct CheckArgs {
     /// Folder for failing images, checker outputs and summary.json.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Time limit of one checker run; a checker that takes longer is killed and its state fails.
+    #[arg(long, default_value_t = crashmonkey::check::CHECKER_SECONDS_DEFAULT)]
+    timeout_seconds: u64,
     #[command(flatten)]
     flags: StateFlags,
     /// Print the summary as one JSON object.
@@ -224,6 +227,7 @@ pub fn run(cmd: CrashCmd) -> anyhow::Result<i32> {
                 out: a.out,
                 states: a.flags.options(),
                 progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                timeout_seconds: a.timeout_seconds.max(1),
             };
             eprintln!("crashmonkey check: seed {}", opts.states.seed);
             let s = check(&a.log, &a.base, &opts)
