@@ -39,6 +39,7 @@ pub enum LogCmd {
     ///
     /// Example: crashmonkey log show disk.log
     Show {
+        /// Write log recorded by nbd-server (its export option record=PATH).
         log: PathBuf,
         #[arg(long)]
         json: bool,
@@ -47,6 +48,7 @@ pub enum LogCmd {
     ///
     /// Example: crashmonkey log stats disk.log --json
     Stats {
+        /// Write log recorded by nbd-server (its export option record=PATH).
         log: PathBuf,
         #[arg(long)]
         json: bool,
@@ -55,6 +57,7 @@ pub enum LogCmd {
     ///
     /// Example: crashmonkey log export disk.log --format dm-log-writes -o disk.dmlog
     Export {
+        /// Write log recorded by nbd-server (its export option record=PATH).
         log: PathBuf,
         #[arg(long, value_enum)]
         format: Format,
@@ -66,6 +69,7 @@ pub enum LogCmd {
     ///
     /// Example: crashmonkey log import disk.dmlog --format dm-log-writes -o disk.log
     Import {
+        /// The log to read.
         input: PathBuf,
         #[arg(long, value_enum)]
         format: Format,
@@ -87,6 +91,7 @@ pub enum Format {
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("target").args(["to", "to_mark", "to_flush"])))]
 pub struct ReplayArgs {
+    /// Write log recorded by nbd-server (its export option record=PATH).
     log: PathBuf,
     /// Image the log was recorded on top of (e.g. an empty file of the disk's size).
     #[arg(long)]
@@ -141,6 +146,7 @@ impl StateFlags {
 
 #[derive(Args)]
 pub struct StatesArgs {
+    /// Write log recorded by nbd-server (its export option record=PATH).
     log: PathBuf,
     #[command(flatten)]
     flags: StateFlags,
@@ -151,6 +157,7 @@ pub struct StatesArgs {
 
 #[derive(Args)]
 pub struct CheckArgs {
+    /// Write log recorded by nbd-server (its export option record=PATH).
     log: PathBuf,
     /// Image the log was recorded on top of.
     #[arg(long)]
