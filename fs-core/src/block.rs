@@ -74,7 +74,7 @@ pub struct DeviceRecord {
     pub kind: RecordKind,
     pub block: u64,
     pub count: u64,
-    /// FNV-1a 64 of the payload (0 for flush/trim): enough to tell writes apart in a log.
+    /// `content_hash` of the payload (0 for flush/trim): enough to tell writes apart in a log.
     pub hash: u64,
     /// First byte of the payload: the workloads fill each write with one byte, so this names it.
     pub first_byte: u8,
@@ -110,12 +110,29 @@ pub fn submit_and_complete(dev: &mut dyn BlockDevice, req: Request) -> Result<()
     dev.complete(id).map(|_| ())
 }
 
-/// FNV-1a, 64-bit: a tiny dependency-free hash for the write log.
-pub fn fnv1a64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+/// A 64-bit content hash for the write log: FNV-1a's constants applied to 8-byte words in
+/// four independent lanes (a byte-at-a-time FNV costs more than the rest of a write).
+/// Not cryptographic; it only tells payloads apart in a log.
+pub fn content_hash(data: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0100_0000_01b3;
+    let mut lanes = [
+        0xcbf2_9ce4_8422_2325u64,
+        0x8422_2325_cbf2_9ce4,
+        0x9ce4_cbf2_2325_8422,
+        0x2325_8422_9ce4_cbf2,
+    ];
+    let mut chunks = data.chunks_exact(32);
+    for c in &mut chunks {
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            let w = u64::from_le_bytes(c[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+            *lane = (*lane ^ w).wrapping_mul(PRIME);
+        }
+    }
+    let mut h = lanes.iter().fold(data.len() as u64, |h, l| {
+        (h ^ l).wrapping_mul(PRIME).rotate_left(23)
+    });
+    for b in chunks.remainder() {
+        h = (h ^ u64::from(*b)).wrapping_mul(PRIME);
     }
     h
 }
@@ -170,7 +187,7 @@ impl MemDevice {
         let hash = if payload.is_empty() {
             0
         } else {
-            fnv1a64(payload)
+            content_hash(payload)
         };
         self.log.push(DeviceRecord {
             seq,
@@ -270,6 +287,16 @@ mod tests {
             (log[0].block, log[0].first_byte, log[0].kind),
             (3, 7, RecordKind::Write)
         );
+    }
+
+    #[test]
+    fn content_hash_tells_blocks_apart() {
+        let a = vec![1u8; BLOCK_SIZE];
+        let mut b = a.clone();
+        b[4095] = 2;
+        assert_ne!(content_hash(&a), content_hash(&b));
+        assert_ne!(content_hash(&[0; 10]), content_hash(&[0; 11]));
+        assert_eq!(content_hash(&a), content_hash(&a.clone()));
     }
 
     #[test]

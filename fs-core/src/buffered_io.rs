@@ -24,10 +24,20 @@ enum WState {
     Copy,
     End,
     /// Old punch: truncate the page cache folio by folio, then punch.
-    OldTruncate { idx: u64, end: u64 },
-    OldPunch { start: u64, end: u64 },
+    OldTruncate {
+        idx: u64,
+        end: u64,
+    },
+    OldPunch {
+        start: u64,
+        end: u64,
+    },
     /// Fixed punch: scan folio by folio under the invalidate lock.
-    FixedScan { idx: u64, end: u64, locked: bool },
+    FixedScan {
+        idx: u64,
+        end: u64,
+        locked: bool,
+    },
     Finish,
 }
 
@@ -47,7 +57,16 @@ pub struct WriteTask {
 
 impl WriteTask {
     pub fn new(ino: usize, pos: u64, data: Vec<u8>) -> Self {
-        WriteTask { ino, start: pos, pos, data, st: WState::LockInode, map: None, map_pos: pos, short: false }
+        WriteTask {
+            ino,
+            start: pos,
+            pos,
+            data,
+            st: WState::LockInode,
+            map: None,
+            map_pos: pos,
+            short: false,
+        }
     }
 
     fn end(&self) -> u64 {
@@ -75,9 +94,10 @@ impl WriteTask {
         match self.st {
             WState::LockInode => inode.i_rwsem.can_write(),
             WState::GetFolio => inode.cache.lockable(self.idx(), me),
-            WState::OldTruncate { idx, .. } => {
-                inode.cache.get(idx).is_none_or(|f| f.lockable_by(me) && !f.writeback)
-            }
+            WState::OldTruncate { idx, .. } => inode
+                .cache
+                .get(idx)
+                .is_none_or(|f| f.lockable_by(me) && !f.writeback),
             WState::FixedScan { idx, locked, .. } => {
                 (locked || inode.invalidate_lock.can_write()) && inode.cache.lockable(idx, me)
             }
@@ -90,7 +110,8 @@ impl WriteTask {
         let map = self.map.expect("mapped");
         if self.short || self.pos >= self.end() || self.pos >= map.end() {
             WState::End
-        } else if fs.cfg.iomap_valid && fs.cfg.validity_check_at == ValidityCheckAt::BeforeFolioLock {
+        } else if fs.cfg.iomap_valid && fs.cfg.validity_check_at == ValidityCheckAt::BeforeFolioLock
+        {
             WState::PreCheck
         } else {
             WState::GetFolio
@@ -195,22 +216,39 @@ impl WriteTask {
                 let plen = self.plen();
                 let size = cx.fs.inode(ino).size;
                 let f = cx.fs.inode(ino).cache.get(idx).expect("locked folio");
-                if !f.uptodate && !(poff == 0 && plen == BS) {
+                let whole_folio = poff == 0 && plen == BS;
+                if !f.uptodate && !whole_folio {
                     if iomap::block_needs_zeroing(&map, idx * BS, size) {
-                        let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("locked folio");
+                        let f = cx
+                            .fs
+                            .inode_mut(ino)
+                            .cache
+                            .get_mut(idx)
+                            .expect("locked folio");
                         f.data[..poff as usize].fill(0);
                         f.data[(poff + plen) as usize..].fill(0);
                         f.uptodate = true;
                     } else {
-                        let data = match block::read_block_sync(cx.fs.dev.as_mut(), map.addr_of(self.pos)) {
-                            Ok(d) => d,
-                            Err(e) => {
-                                self.unlock(cx.fs);
-                                cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
-                                return Step::Done("write_begin:read_error", idx, Err(e.into()));
-                            }
-                        };
-                        let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("locked folio");
+                        let data =
+                            match block::read_block_sync(cx.fs.dev.as_mut(), map.addr_of(self.pos))
+                            {
+                                Ok(d) => d,
+                                Err(e) => {
+                                    self.unlock(cx.fs);
+                                    cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
+                                    return Step::Done(
+                                        "write_begin:read_error",
+                                        idx,
+                                        Err(e.into()),
+                                    );
+                                }
+                            };
+                        let f = cx
+                            .fs
+                            .inode_mut(ino)
+                            .cache
+                            .get_mut(idx)
+                            .expect("locked folio");
                         f.data = data;
                         f.uptodate = true;
                     }
@@ -223,7 +261,12 @@ impl WriteTask {
                 let poff = (self.pos - idx * BS) as usize;
                 let plen = self.plen() as usize;
                 let mut copied = cx.short_copy.map_or(plen, |s| (s as usize).min(plen));
-                let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("locked folio");
+                let f = cx
+                    .fs
+                    .inode_mut(ino)
+                    .cache
+                    .get_mut(idx)
+                    .expect("locked folio");
                 // __iomap_write_end: a short copy into a !uptodate folio counts as nothing.
                 if copied < plen && !f.uptodate {
                     copied = 0;
@@ -233,7 +276,8 @@ impl WriteTask {
                     f.data[poff..poff + copied].copy_from_slice(&self.data[src..src + copied]);
                     f.uptodate = true;
                     f.dirty = true;
-                    cx.oracle.write(ino, self.pos, &self.data[src..src + copied], cx.op);
+                    cx.oracle
+                        .write(ino, self.pos, &self.data[src..src + copied], cx.op);
                     let inode = cx.fs.inode_mut(ino);
                     inode.size = inode.size.max(self.pos + copied as u64);
                 }
@@ -243,7 +287,14 @@ impl WriteTask {
                     self.short = true;
                 }
                 self.st = self.next_folio(cx.fs);
-                Step::Yield(if copied < plen { "copy:short" } else { "copy+write_end" }, idx)
+                Step::Yield(
+                    if copied < plen {
+                        "copy:short"
+                    } else {
+                        "copy+write_end"
+                    },
+                    idx,
+                )
             }
             WState::End => {
                 // iomap_end (xfs_buffered_write_iomap_end): punch the delalloc this call
@@ -252,10 +303,20 @@ impl WriteTask {
                 // iomap_last_written_block: with nothing written, round down.
                 let punch_start = self.punch_start();
                 let punch_end = map.end().min(self.end()).div_ceil(BS);
-                if map.kind == IoMapKind::Delalloc && map.flags.has(IoMapFlags::NEW) && punch_start < punch_end {
+                if map.kind == IoMapKind::Delalloc
+                    && map.flags.has(IoMapFlags::NEW)
+                    && punch_start < punch_end
+                {
                     self.st = match cx.fs.cfg.punch {
-                        PunchMode::Old => WState::OldTruncate { idx: punch_start, end: punch_end },
-                        PunchMode::Fixed => WState::FixedScan { idx: punch_start, end: punch_end, locked: false },
+                        PunchMode::Old => WState::OldTruncate {
+                            idx: punch_start,
+                            end: punch_end,
+                        },
+                        PunchMode::Fixed => WState::FixedScan {
+                            idx: punch_start,
+                            end: punch_end,
+                            locked: false,
+                        },
                     };
                     return Step::Yield("iomap_end", self.pos);
                 }
@@ -268,7 +329,10 @@ impl WriteTask {
                 self.st = if idx + 1 < end {
                     WState::OldTruncate { idx: idx + 1, end }
                 } else {
-                    WState::OldPunch { start: self.punch_start(), end }
+                    WState::OldPunch {
+                        start: self.punch_start(),
+                        end,
+                    }
                 };
                 Step::Yield("punch:truncate_pagecache", idx)
             }
@@ -286,7 +350,11 @@ impl WriteTask {
                     punch_delalloc(cx.fs, ino, idx, idx + 1);
                 }
                 if idx + 1 < end {
-                    self.st = WState::FixedScan { idx: idx + 1, end, locked: true };
+                    self.st = WState::FixedScan {
+                        idx: idx + 1,
+                        end,
+                        locked: true,
+                    };
                     Step::Yield("punch:scan", idx)
                 } else {
                     cx.fs.inode_mut(ino).invalidate_lock.up_write(cx.me);
@@ -346,7 +414,13 @@ pub struct ReadTask {
 
 impl ReadTask {
     pub fn new(ino: usize, pos: u64, len: u64) -> Self {
-        ReadTask { ino, pos, end: pos + len, st: RState::Lock, got: 0 }
+        ReadTask {
+            ino,
+            pos,
+            end: pos + len,
+            st: RState::Lock,
+            got: 0,
+        }
     }
 
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
@@ -381,7 +455,8 @@ impl ReadTask {
                 let n = ((idx + 1) * BS).min(self.end) - self.pos;
                 let off = (self.pos - idx * BS) as usize;
                 let f = cx.fs.inode(ino).cache.get(idx).expect("just read");
-                cx.oracle.check_read(ino, self.pos, &f.data[off..off + n as usize], cx.op);
+                cx.oracle
+                    .check_read(ino, self.pos, &f.data[off..off + n as usize], cx.op);
                 self.pos += n;
                 self.got += n;
                 if self.pos >= self.end {
@@ -417,9 +492,17 @@ pub struct MmapStoreTask {
 impl MmapStoreTask {
     pub fn new(ino: usize, pos: u64, data: Vec<u8>) -> Result<Self, FsError> {
         if data.is_empty() || pos / BS != (pos + data.len() as u64 - 1) / BS {
-            return Err(FsError::Invalid("an mmap store must be non-empty and inside one folio".into()));
+            return Err(FsError::Invalid(
+                "an mmap store must be non-empty and inside one folio".into(),
+            ));
         }
-        Ok(MmapStoreTask { ino, pos, data, st: MState::Fault, pinned: None })
+        Ok(MmapStoreTask {
+            ino,
+            pos,
+            data,
+            st: MState::Fault,
+            pinned: None,
+        })
     }
 
     fn idx(&self) -> u64 {
@@ -433,7 +516,9 @@ impl MmapStoreTask {
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
         let inode = fs.inode(self.ino);
         match self.st {
-            MState::Fault => inode.invalidate_lock.can_read() && inode.cache.lockable(self.idx(), me),
+            MState::Fault => {
+                inode.invalidate_lock.can_read() && inode.cache.lockable(self.idx(), me)
+            }
             MState::Mkwrite => {
                 inode.invalidate_lock.can_read()
                     && inode.cache.lockable(self.idx(), me)

@@ -177,6 +177,12 @@ pub enum Violation {
     },
     /// Writeback cleaned a dirty folio over a HOLE without writing it: its data is gone.
     DirtyFolioOverHole { ino: usize, fblock: u64 },
+    /// The device failed a writeback write: the data did not reach it.
+    WritebackIoError {
+        ino: usize,
+        fblock: u64,
+        error: String,
+    },
 }
 
 impl std::fmt::Display for Violation {
@@ -198,6 +204,12 @@ impl std::fmt::Display for Violation {
                     None if *freed => write!(f, "free (it was freed)"),
                     None => write!(f, "not allocated"),
                 }
+            }
+            Violation::WritebackIoError { ino, fblock, error } => {
+                write!(
+                    f,
+                    "the device failed the writeback of file {ino} block {fblock}: {error}"
+                )
             }
             Violation::DirtyFolioOverHole { ino, fblock } => {
                 write!(
@@ -257,7 +269,10 @@ impl Fs {
         if !cache.folios.contains_key(&idx) {
             self.folio_count += 1;
         }
-        let f = cache.folios.entry(idx).or_insert_with(|| Folio::new(clock, clock));
+        let f = cache
+            .folios
+            .entry(idx)
+            .or_insert_with(|| Folio::new(clock, clock));
         f.lru = clock;
         f
     }

@@ -16,14 +16,45 @@ const BS: u64 = BLOCK_SIZE as u64;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    Write { file: usize, offset: u64, len: u64, byte: u8 },
-    Read { file: usize, offset: u64, len: u64 },
-    MmapStore { file: usize, offset: u64, len: u64, byte: u8 },
-    Fallocate { file: usize, offset: u64, len: u64 },
-    PunchHole { file: usize, offset: u64, len: u64 },
-    ZeroRange { file: usize, offset: u64, len: u64 },
-    Truncate { file: usize, size: u64 },
-    Fsync { file: usize },
+    Write {
+        file: usize,
+        offset: u64,
+        len: u64,
+        byte: u8,
+    },
+    Read {
+        file: usize,
+        offset: u64,
+        len: u64,
+    },
+    MmapStore {
+        file: usize,
+        offset: u64,
+        len: u64,
+        byte: u8,
+    },
+    Fallocate {
+        file: usize,
+        offset: u64,
+        len: u64,
+    },
+    PunchHole {
+        file: usize,
+        offset: u64,
+        len: u64,
+    },
+    ZeroRange {
+        file: usize,
+        offset: u64,
+        len: u64,
+    },
+    Truncate {
+        file: usize,
+        size: u64,
+    },
+    Fsync {
+        file: usize,
+    },
 }
 
 impl Op {
@@ -43,16 +74,46 @@ impl Op {
 
 impl std::fmt::Display for Op {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ch = |b: &u8| if b.is_ascii_graphic() { format!("'{}'", *b as char) } else { format!("0x{b:02x}") };
-        match self {
-            Op::Write { file, offset, len, byte } => write!(f, "pwrite(f{file}, off={offset}, len={len}, byte={})", ch(byte)),
-            Op::Read { file, offset, len } => write!(f, "pread(f{file}, off={offset}, len={len})"),
-            Op::MmapStore { file, offset, len, byte } => {
-                write!(f, "mmap_store(f{file}, off={offset}, len={len}, byte={})", ch(byte))
+        let ch = |b: &u8| {
+            if b.is_ascii_graphic() {
+                format!("'{}'", *b as char)
+            } else {
+                format!("0x{b:02x}")
             }
-            Op::Fallocate { file, offset, len } => write!(f, "fallocate(f{file}, off={offset}, len={len})"),
-            Op::PunchHole { file, offset, len } => write!(f, "punch_hole(f{file}, off={offset}, len={len})"),
-            Op::ZeroRange { file, offset, len } => write!(f, "zero_range(f{file}, off={offset}, len={len})"),
+        };
+        match self {
+            Op::Write {
+                file,
+                offset,
+                len,
+                byte,
+            } => write!(
+                f,
+                "pwrite(f{file}, off={offset}, len={len}, byte={})",
+                ch(byte)
+            ),
+            Op::Read { file, offset, len } => write!(f, "pread(f{file}, off={offset}, len={len})"),
+            Op::MmapStore {
+                file,
+                offset,
+                len,
+                byte,
+            } => {
+                write!(
+                    f,
+                    "mmap_store(f{file}, off={offset}, len={len}, byte={})",
+                    ch(byte)
+                )
+            }
+            Op::Fallocate { file, offset, len } => {
+                write!(f, "fallocate(f{file}, off={offset}, len={len})")
+            }
+            Op::PunchHole { file, offset, len } => {
+                write!(f, "punch_hole(f{file}, off={offset}, len={len})")
+            }
+            Op::ZeroRange { file, offset, len } => {
+                write!(f, "zero_range(f{file}, off={offset}, len={len})")
+            }
             Op::Truncate { file, size } => write!(f, "truncate(f{file}, size={size})"),
             Op::Fsync { file } => write!(f, "fsync(f{file})"),
         }
@@ -68,8 +129,10 @@ pub fn check_range(offset: u64, len: u64, aligned: bool) -> Result<(), FsError> 
     if len == 0 {
         return Err(FsError::Invalid("zero length".into()));
     }
-    if aligned && (offset % BS != 0 || len % BS != 0) {
-        return Err(FsError::Invalid(format!("range {offset}+{len} is not {BS}-byte aligned")));
+    if aligned && (!offset.is_multiple_of(BS) || !len.is_multiple_of(BS)) {
+        return Err(FsError::Invalid(format!(
+            "range {offset}+{len} is not {BS}-byte aligned"
+        )));
     }
     Ok(())
 }
@@ -120,7 +183,10 @@ impl RangeTask {
         let inode = fs.inode(self.ino);
         match self.st {
             RgState::Lock => inode.i_rwsem.can_write() && inode.invalidate_lock.can_write(),
-            RgState::Truncate { idx } => inode.cache.get(idx).is_none_or(|f| f.lockable_by(me) && !f.writeback),
+            RgState::Truncate { idx } => inode
+                .cache
+                .get(idx)
+                .is_none_or(|f| f.lockable_by(me) && !f.writeback),
             RgState::Extents => true,
         }
     }
@@ -151,7 +217,11 @@ impl RangeTask {
                 // held off by the invalidate lock, reads and writes by the inode lock).
                 cx.fs.remove_folio(ino, idx);
                 cx.oracle.zero(ino, idx * BS, BS, cx.op);
-                self.st = if idx + 1 < self.end { RgState::Truncate { idx: idx + 1 } } else { RgState::Extents };
+                self.st = if idx + 1 < self.end {
+                    RgState::Truncate { idx: idx + 1 }
+                } else {
+                    RgState::Extents
+                };
                 Step::Yield("range:truncate_pagecache", idx)
             }
             RgState::Extents => {
@@ -181,7 +251,8 @@ impl RangeTask {
         match self.kind {
             RangeKind::Punch => fs.punch_blocks(ino, self.start, self.end),
             RangeKind::Fallocate => {
-                let holes = (self.start..self.end).filter(|&b| fs.inode(ino).extents.get(b).state == ExtentState::Hole);
+                let holes = (self.start..self.end)
+                    .filter(|&b| fs.inode(ino).extents.get(b).state == ExtentState::Hole);
                 if holes.count() as u64 > fs.alloc.free_blocks() {
                     return Err(FsError::NoSpace);
                 }
@@ -189,7 +260,11 @@ impl RangeTask {
                     if fs.inode(ino).extents.get(b).state == ExtentState::Hole {
                         // gfs2 has no unwritten extents: it zeroes what it preallocates.
                         let addr = fs.alloc_block(ino, b, at_write)?;
-                        let state = if at_write { ExtentState::Written } else { ExtentState::Unwritten };
+                        let state = if at_write {
+                            ExtentState::Written
+                        } else {
+                            ExtentState::Unwritten
+                        };
                         fs.inode_mut(ino).extents.set(b, Extent { state, addr });
                     }
                 }
@@ -199,12 +274,20 @@ impl RangeTask {
                     let e = fs.inode(ino).extents.get(b);
                     match e.state {
                         ExtentState::Written if at_write => {
-                            let req = Request::Write { block: e.addr, data: vec![0; BLOCK_SIZE], fua: false };
+                            let req = Request::Write {
+                                block: e.addr,
+                                data: vec![0; BLOCK_SIZE],
+                                fua: false,
+                            };
                             block::submit_and_complete(fs.dev.as_mut(), req)?;
                         }
-                        ExtentState::Written => {
-                            fs.inode_mut(ino).extents.set(b, Extent { state: ExtentState::Unwritten, addr: e.addr })
-                        }
+                        ExtentState::Written => fs.inode_mut(ino).extents.set(
+                            b,
+                            Extent {
+                                state: ExtentState::Unwritten,
+                                addr: e.addr,
+                            },
+                        ),
                         ExtentState::Delalloc => fs.inode_mut(ino).extents.set(b, Extent::HOLE),
                         ExtentState::Hole | ExtentState::Unwritten => {}
                     }
@@ -237,7 +320,11 @@ impl TruncateTask {
         if size > FILE_BYTES_MAX {
             return Err(FsError::FileTooBig);
         }
-        Ok(TruncateTask { ino, size, st: TrState::Lock })
+        Ok(TruncateTask {
+            ino,
+            size,
+            st: TrState::Lock,
+        })
     }
 
     fn first_gone(&self) -> u64 {
@@ -272,7 +359,7 @@ impl TruncateTask {
             }
             TrState::ZeroTail => {
                 let old = cx.fs.inode(ino).size;
-                if self.size < old && self.size % BS != 0 {
+                if self.size < old && !self.size.is_multiple_of(BS) {
                     // iomap_truncate_page: zero [size, block end) through the page cache so
                     // the bytes cannot come back if the file grows again.
                     let idx = self.size / BS;
@@ -299,20 +386,28 @@ impl TruncateTask {
                 }
                 cx.fs.inode_mut(ino).size = self.size;
                 cx.oracle.set_size(ino, self.size, cx.op);
-                self.st = if self.size < old { TrState::Pagecache { cursor: self.first_gone() } } else { TrState::Extents };
+                self.st = if self.size < old {
+                    TrState::Pagecache {
+                        cursor: self.first_gone(),
+                    }
+                } else {
+                    TrState::Extents
+                };
                 Step::Yield("truncate:setsize", self.size)
             }
-            TrState::Pagecache { cursor } => match cx.fs.inode(ino).cache.next_where(cursor, |_| true) {
-                Some(idx) => {
-                    cx.fs.remove_folio(ino, idx);
-                    self.st = TrState::Pagecache { cursor: idx + 1 };
-                    Step::Yield("truncate:pagecache", idx)
+            TrState::Pagecache { cursor } => {
+                match cx.fs.inode(ino).cache.next_where(cursor, |_| true) {
+                    Some(idx) => {
+                        cx.fs.remove_folio(ino, idx);
+                        self.st = TrState::Pagecache { cursor: idx + 1 };
+                        Step::Yield("truncate:pagecache", idx)
+                    }
+                    None => {
+                        self.st = TrState::Extents;
+                        Step::Yield("truncate:pagecache_done", cursor)
+                    }
                 }
-                None => {
-                    self.st = TrState::Extents;
-                    Step::Yield("truncate:pagecache_done", cursor)
-                }
-            },
+            }
             TrState::Extents => {
                 let span = cx.fs.inode(ino).extents.span().min(FILE_BLOCKS_MAX);
                 cx.fs.punch_blocks(ino, self.first_gone(), span);
@@ -340,7 +435,10 @@ pub struct FsyncTask {
 
 impl FsyncTask {
     pub fn new(ino: usize) -> Self {
-        FsyncTask { ino, st: FsyncState::Writeback(WbPass::new(ino, true)) }
+        FsyncTask {
+            ino,
+            st: FsyncState::Writeback(WbPass::new(ino, true)),
+        }
     }
 
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
@@ -348,7 +446,12 @@ impl FsyncTask {
             FsyncState::Writeback(p) => p.runnable(fs, me),
             FsyncState::Wait => {
                 !fs.ioends.iter().any(|io| io.ino == self.ino)
-                    && !fs.inode(self.ino).cache.folios.values().any(|f| f.writeback)
+                    && !fs
+                        .inode(self.ino)
+                        .cache
+                        .folios
+                        .values()
+                        .any(|f| f.writeback)
             }
         }
     }
@@ -362,10 +465,12 @@ impl FsyncTask {
                 }
                 other => other,
             },
-            FsyncState::Wait => match block::submit_and_complete(cx.fs.dev.as_mut(), Request::Flush) {
-                Ok(()) => Step::Done("fsync:flush", self.ino as u64, Ok(0)),
-                Err(e) => Step::Done("fsync:flush_error", self.ino as u64, Err(e.into())),
-            },
+            FsyncState::Wait => {
+                match block::submit_and_complete(cx.fs.dev.as_mut(), Request::Flush) {
+                    Ok(()) => Step::Done("fsync:flush", self.ino as u64, Ok(0)),
+                    Err(e) => Step::Done("fsync:flush_error", self.ino as u64, Err(e.into())),
+                }
+            }
         }
     }
 }

@@ -14,9 +14,23 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug)]
 enum EffectKind {
-    Write { offset: u64, data: Vec<u8> },
-    Zero { offset: u64, len: u64 },
-    Size { size: u64 },
+    /// One byte value repeated (what workloads write; no copy kept).
+    Fill {
+        offset: u64,
+        len: u64,
+        byte: u8,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    Size {
+        size: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -99,14 +113,19 @@ impl Oracle {
             f.resize(end, 0);
         }
         f[offset as usize..end].copy_from_slice(data);
-        self.effects.push(Effect {
-            op,
-            ino,
-            kind: EffectKind::Write {
+        let kind = match data.first() {
+            // A branch-free fold vectorises; `all` with its early exit does not.
+            Some(&b) if data.iter().fold(true, |same, &x| same & (x == b)) => EffectKind::Fill {
+                offset,
+                len: data.len() as u64,
+                byte: b,
+            },
+            _ => EffectKind::Write {
                 offset,
                 data: data.to_vec(),
             },
-        });
+        };
+        self.effects.push(Effect { op, ino, kind });
     }
 
     /// Zero `[offset, offset + len)` inside the current size (punch, zero range).
@@ -140,6 +159,11 @@ impl Oracle {
                 {
                     Some(data[(offset - o) as usize])
                 }
+                EffectKind::Fill {
+                    offset: o,
+                    len,
+                    byte,
+                } if offset >= *o && offset < o + len => Some(*byte),
                 EffectKind::Zero { offset: o, len } if offset >= *o && offset < o + len => Some(0),
                 EffectKind::Size { size } if offset >= *size => Some(0),
                 _ => None,

@@ -53,7 +53,11 @@ impl Folio {
 
     /// Reclaim may drop only clean, unlocked folios not under writeback.
     pub fn reclaimable(&self) -> bool {
-        self.locked.is_none() && !self.dirty && !self.writeback && !self.mapped_writable && self.pins == 0
+        self.locked.is_none()
+            && !self.dirty
+            && !self.writeback
+            && !self.mapped_writable
+            && self.pins == 0
     }
 }
 

@@ -114,17 +114,48 @@ fn task_for(op: &Op, files: usize) -> Result<Body, FsError> {
         return Err(FsError::NoSuchFile(op.file()));
     }
     let len_ok = |len: u64| -> Result<usize, FsError> {
-        usize::try_from(len).ok().filter(|l| *l as u64 <= crate::fs::FILE_BYTES_MAX).ok_or(FsError::FileTooBig)
+        usize::try_from(len)
+            .ok()
+            .filter(|l| *l as u64 <= crate::fs::FILE_BYTES_MAX)
+            .ok_or(FsError::FileTooBig)
     };
-    Ok(match *op {
-        Op::Write { file, offset, len, byte } => Body::Write(WriteTask::new(file, offset, vec![byte; len_ok(len)?])),
-        Op::Read { file, offset, len } => Body::Read(ReadTask::new(file, offset, len_ok(len)? as u64)),
-        Op::MmapStore { file, offset, len, byte } => {
-            Body::Mmap(MmapStoreTask::new(file, offset, vec![byte; len_ok(len)?])?)
+    // Byte ranges must end inside the largest file (this also rules out overflow).
+    if let Op::Write { offset, len, .. }
+    | Op::Read { offset, len, .. }
+    | Op::MmapStore { offset, len, .. } = *op
+    {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > crate::fs::FILE_BYTES_MAX)
+        {
+            return Err(FsError::FileTooBig);
         }
-        Op::Fallocate { file, offset, len } => Body::Range(RangeTask::new(RangeKind::Fallocate, file, offset, len)?),
-        Op::PunchHole { file, offset, len } => Body::Range(RangeTask::new(RangeKind::Punch, file, offset, len)?),
-        Op::ZeroRange { file, offset, len } => Body::Range(RangeTask::new(RangeKind::ZeroRange, file, offset, len)?),
+    }
+    Ok(match *op {
+        Op::Write {
+            file,
+            offset,
+            len,
+            byte,
+        } => Body::Write(WriteTask::new(file, offset, vec![byte; len_ok(len)?])),
+        Op::Read { file, offset, len } => {
+            Body::Read(ReadTask::new(file, offset, len_ok(len)? as u64))
+        }
+        Op::MmapStore {
+            file,
+            offset,
+            len,
+            byte,
+        } => Body::Mmap(MmapStoreTask::new(file, offset, vec![byte; len_ok(len)?])?),
+        Op::Fallocate { file, offset, len } => {
+            Body::Range(RangeTask::new(RangeKind::Fallocate, file, offset, len)?)
+        }
+        Op::PunchHole { file, offset, len } => {
+            Body::Range(RangeTask::new(RangeKind::Punch, file, offset, len)?)
+        }
+        Op::ZeroRange { file, offset, len } => {
+            Body::Range(RangeTask::new(RangeKind::ZeroRange, file, offset, len)?)
+        }
         Op::Truncate { file, size } => Body::Truncate(TruncateTask::new(file, size)?),
         Op::Fsync { file } => Body::Fsync(FsyncTask::new(file)),
     })
@@ -165,7 +196,11 @@ pub struct TraceStep {
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum PolicyError {
     #[error("replay diverged at step {step}: recorded task {task} is not runnable (runnable: {runnable:?})")]
-    Diverged { step: u64, task: u32, runnable: Vec<u32> },
+    Diverged {
+        step: u64,
+        task: u32,
+        runnable: Vec<u32>,
+    },
     #[error("replay schedule ended at step {0} before the run did")]
     Exhausted(u64),
 }
@@ -196,7 +231,9 @@ pub struct RandomPolicy {
 
 impl RandomPolicy {
     pub fn new(seed: u64) -> Self {
-        RandomPolicy { rng: ChaCha8Rng::seed_from_u64(seed) }
+        RandomPolicy {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
     }
 }
 
@@ -226,8 +263,16 @@ impl PctPolicy {
     /// `steps_hint`: the expected run length, over which change points are spread.
     pub fn new(seed: u64, depth: u32, steps_hint: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let change_points = (1..depth).map(|_| rng.random_range(0..steps_hint.max(1))).collect();
-        PctPolicy { rng, prio: Vec::new(), change_points, lowered: 0, steps_hint: steps_hint.max(1) }
+        let change_points = (1..depth)
+            .map(|_| rng.random_range(0..steps_hint.max(1)))
+            .collect();
+        PctPolicy {
+            rng,
+            prio: Vec::new(),
+            change_points,
+            lowered: 0,
+            steps_hint: steps_hint.max(1),
+        }
     }
 }
 
@@ -243,7 +288,10 @@ impl Policy for PctPolicy {
             let p = self.rng.random_range(1_000..u64::MAX / 2);
             self.prio.push(p);
         }
-        let t = *runnable.iter().max_by_key(|&&t| self.prio[t]).expect("non-empty");
+        let t = *runnable
+            .iter()
+            .max_by_key(|&&t| self.prio[t])
+            .expect("non-empty");
         if self.change_points.contains(&step) {
             self.lowered += 1;
             self.prio[t] = self.lowered;
@@ -265,7 +313,11 @@ pub struct RecordedStep {
 
 impl From<&TraceStep> for RecordedStep {
     fn from(s: &TraceStep) -> Self {
-        RecordedStep { task: s.task, label: s.label.to_string(), arg: s.arg }
+        RecordedStep {
+            task: s.task,
+            label: s.label.to_string(),
+            arg: s.arg,
+        }
     }
 }
 
@@ -290,14 +342,25 @@ pub struct ReplayPolicy {
 
 impl ReplayPolicy {
     pub fn new(choices: Vec<Choice>, strict: bool) -> Self {
-        ReplayPolicy { choices, labels: Vec::new(), next: 0, strict, pending_short: None, extra: 0, divergences: 0 }
+        ReplayPolicy {
+            choices,
+            labels: Vec::new(),
+            next: 0,
+            strict,
+            pending_short: None,
+            extra: 0,
+            divergences: 0,
+        }
     }
 
     /// A lenient replay that follows `labels` (the recorded trace).
     /// Steps past the schedule's length (quiesce and sync) are not choices and are ignored.
     pub fn lenient(choices: Vec<Choice>, mut labels: Vec<RecordedStep>) -> Self {
         labels.truncate(choices.len());
-        ReplayPolicy { labels, ..ReplayPolicy::new(choices, false) }
+        ReplayPolicy {
+            labels,
+            ..ReplayPolicy::new(choices, false)
+        }
     }
 }
 
@@ -309,7 +372,10 @@ impl Policy for ReplayPolicy {
                     return Err(PolicyError::Exhausted(step));
                 }
                 self.pending_short = None;
-                return Ok(*runnable.iter().find(|&&t| t >= FIRST_OP_TASK).unwrap_or(&runnable[0]));
+                return Ok(*runnable
+                    .iter()
+                    .find(|&&t| t >= FIRST_OP_TASK)
+                    .unwrap_or(&runnable[0]));
             };
             if runnable.contains(&(c.t as TaskId)) {
                 self.pending_short = c.s;
@@ -319,7 +385,11 @@ impl Policy for ReplayPolicy {
                 return Ok(c.t as TaskId);
             }
             if self.strict {
-                return Err(PolicyError::Diverged { step, task: c.t, runnable: runnable.iter().map(|&t| t as u32).collect() });
+                return Err(PolicyError::Diverged {
+                    step,
+                    task: c.t,
+                    runnable: runnable.iter().map(|&t| t as u32).collect(),
+                });
             }
             self.divergences += 1;
             self.next += 1;
@@ -333,7 +403,9 @@ impl Policy for ReplayPolicy {
         if self.strict || self.labels.len() != self.choices.len() {
             return;
         }
-        let Some(want) = self.labels.get(self.next) else { return };
+        let Some(want) = self.labels.get(self.next) else {
+            return;
+        };
         if want.task as TaskId != task {
             return;
         }
@@ -355,7 +427,11 @@ impl Policy for ReplayPolicy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Directive {
     /// Run `task` until one of its steps emits `label` (and `arg`, if given).
-    Until { task: TaskId, label: &'static str, arg: Option<u64> },
+    Until {
+        task: TaskId,
+        label: &'static str,
+        arg: Option<u64>,
+    },
     /// Run `task` while it is runnable.
     Drain { task: TaskId },
     /// Shorten `task`'s next user copy to `bytes`.
@@ -373,14 +449,22 @@ pub struct ScriptPolicy {
 
 impl ScriptPolicy {
     pub fn new(script: Vec<Directive>) -> Self {
-        ScriptPolicy { script, at: 0, shorts: Vec::new(), last: None }
+        ScriptPolicy {
+            script,
+            at: 0,
+            shorts: Vec::new(),
+            last: None,
+        }
     }
 }
 
 impl ScriptPolicy {
     /// The lowest runnable workload task, else the lowest background task.
     fn fallback(runnable: &[TaskId]) -> TaskId {
-        *runnable.iter().find(|&&t| t >= FIRST_OP_TASK).unwrap_or(&runnable[0])
+        *runnable
+            .iter()
+            .find(|&&t| t >= FIRST_OP_TASK)
+            .unwrap_or(&runnable[0])
     }
 }
 
@@ -448,7 +532,11 @@ impl RunResult {
 
 /// Run `workload` under `policy` on a fresh in-memory device and check it.
 pub fn run(cfg: &Config, workload: &Workload, policy: &mut dyn Policy) -> RunResult {
-    let fs = Fs::new(cfg.clone(), Box::new(MemDevice::new(cfg.device_blocks)), workload.files);
+    let fs = Fs::new(
+        cfg.clone(),
+        Box::new(MemDevice::new(cfg.device_blocks)),
+        workload.files,
+    );
     Sim::new(fs, workload).run(policy)
 }
 
@@ -467,9 +555,21 @@ impl<'w> Sim<'w> {
     fn new(fs: Fs, workload: &'w Workload) -> Self {
         let n_ops = workload.ops().count();
         let tasks = vec![
-            Task { body: Body::Completion(IoCompletion), op: u32::MAX, done: false },
-            Task { body: Body::Flusher(Flusher::default()), op: u32::MAX, done: false },
-            Task { body: Body::Reclaim(Reclaim), op: u32::MAX, done: false },
+            Task {
+                body: Body::Completion(IoCompletion),
+                op: u32::MAX,
+                done: false,
+            },
+            Task {
+                body: Body::Flusher(Flusher::default()),
+                op: u32::MAX,
+                done: false,
+            },
+            Task {
+                body: Body::Reclaim(Reclaim),
+                op: u32::MAX,
+                done: false,
+            },
         ];
         Sim {
             oracle: Oracle::new(workload.files),
@@ -485,7 +585,13 @@ impl<'w> Sim<'w> {
 
     fn step_task(&mut self, t: TaskId, short: Option<u32>) -> &'static str {
         let task = &mut self.tasks[t];
-        let mut cx = Cx { fs: &mut self.fs, oracle: &mut self.oracle, me: t, op: task.op, short_copy: short };
+        let mut cx = Cx {
+            fs: &mut self.fs,
+            oracle: &mut self.oracle,
+            me: t,
+            op: task.op,
+            short_copy: short,
+        };
         let step = task.step(&mut cx);
         self.steps += 1;
         let (label, arg) = match step {
@@ -498,7 +604,11 @@ impl<'w> Sim<'w> {
                 (l, a)
             }
         };
-        self.trace.push(TraceStep { task: t as u32, label, arg });
+        self.trace.push(TraceStep {
+            task: t as u32,
+            label,
+            arg,
+        });
         label
     }
 
@@ -515,7 +625,9 @@ impl<'w> Sim<'w> {
     fn run(mut self, policy: &mut dyn Policy) -> RunResult {
         let total_ops = self.workload.ops().count();
         if total_ops > OPS_PER_WORKLOAD_MAX {
-            self.oracle.failures.push(Failure::Harness { what: format!("more than {OPS_PER_WORKLOAD_MAX} operations") });
+            self.oracle.failures.push(Failure::Harness {
+                what: format!("more than {OPS_PER_WORKLOAD_MAX} operations"),
+            });
             return self.finish();
         }
         let mut op_index = 0u32;
@@ -524,18 +636,33 @@ impl<'w> Sim<'w> {
             let first = self.tasks.len();
             for op in phase {
                 match task_for(op, self.workload.files) {
-                    Ok(body) => self.tasks.push(Task { body, op: op_index, done: false }),
+                    Ok(body) => self.tasks.push(Task {
+                        body,
+                        op: op_index,
+                        done: false,
+                    }),
                     Err(e) => {
                         self.results[op_index as usize] = Some(Err(e));
                         // Keep task ids stable: a finished placeholder.
-                        self.tasks.push(Task { body: Body::Reclaim(Reclaim), op: op_index, done: true });
+                        self.tasks.push(Task {
+                            body: Body::Reclaim(Reclaim),
+                            op: op_index,
+                            done: true,
+                        });
                     }
                 }
                 op_index += 1;
             }
+            // Tasks not yet done: background ones and this phase's (earlier phases are done).
+            let mut live: Vec<TaskId> = (0..FIRST_OP_TASK).chain(first..self.tasks.len()).collect();
             while self.tasks[first..].iter().any(|t| !t.done) {
+                live.retain(|&t| !self.tasks[t].done);
                 runnable.clear();
-                runnable.extend((0..self.tasks.len()).filter(|&t| self.tasks[t].runnable(&self.fs, t)));
+                runnable.extend(
+                    live.iter()
+                        .copied()
+                        .filter(|&t| self.tasks[t].runnable(&self.fs, t)),
+                );
                 if runnable.is_empty() {
                     let blocked = self.blocked_report();
                     self.oracle.failures.push(Failure::Deadlock { blocked });
@@ -544,16 +671,25 @@ impl<'w> Sim<'w> {
                 let t = match policy.pick(&runnable, self.steps) {
                     Ok(t) => t,
                     Err(e) => {
-                        self.oracle.failures.push(Failure::Harness { what: e.to_string() });
+                        self.oracle.failures.push(Failure::Harness {
+                            what: e.to_string(),
+                        });
                         break 'phases;
                     }
                 };
-                let short = self.tasks[t].at_user_copy().and_then(|len| policy.short_copy(t, len));
-                self.schedule.push(Choice { t: t as u32, s: short });
+                let short = self.tasks[t]
+                    .at_user_copy()
+                    .and_then(|len| policy.short_copy(t, len));
+                self.schedule.push(Choice {
+                    t: t as u32,
+                    s: short,
+                });
                 let label = self.step_task(t, short);
                 policy.observe(t, label, self.trace.last().map_or(0, |s| s.arg));
                 if self.steps > STEPS_PER_RUN_MAX {
-                    self.oracle.failures.push(Failure::StepLimit { steps: self.steps });
+                    self.oracle
+                        .failures
+                        .push(Failure::StepLimit { steps: self.steps });
                     break 'phases;
                 }
             }
@@ -567,12 +703,15 @@ impl<'w> Sim<'w> {
     /// Run `t` (and IO completion) until `t` is done or idle; deterministic.
     fn drive(&mut self, t: TaskId, until_idle: bool) {
         loop {
-            let done = self.tasks[t].done || (until_idle && !self.tasks[t].runnable(&self.fs, t) && !self.busy(t));
+            let done = self.tasks[t].done
+                || (until_idle && !self.tasks[t].runnable(&self.fs, t) && !self.busy(t));
             if done && self.fs.ioends.is_empty() {
                 return;
             }
             if self.steps > STEPS_PER_RUN_MAX {
-                self.oracle.failures.push(Failure::StepLimit { steps: self.steps });
+                self.oracle
+                    .failures
+                    .push(Failure::StepLimit { steps: self.steps });
                 return;
             }
             if !done && self.tasks[t].runnable(&self.fs, t) {
@@ -580,7 +719,9 @@ impl<'w> Sim<'w> {
             } else if self.tasks[TASK_IO_COMPLETION].runnable(&self.fs, TASK_IO_COMPLETION) {
                 self.step_task(TASK_IO_COMPLETION, None);
             } else {
-                self.oracle.failures.push(Failure::Deadlock { blocked: vec![format!("quiesce: task {t} cannot finish")] });
+                self.oracle.failures.push(Failure::Deadlock {
+                    blocked: vec![format!("quiesce: task {t} cannot finish")],
+                });
                 return;
             }
         }
@@ -604,17 +745,29 @@ impl<'w> Sim<'w> {
         // sync: a WB_SYNC_ALL pass per file, wait for all IO.
         for ino in 0..self.fs.inodes.len() {
             let t = self.tasks.len();
-            self.tasks.push(Task { body: Body::Sync(WbPass::new(ino, true)), op: u32::MAX, done: false });
+            self.tasks.push(Task {
+                body: Body::Sync(WbPass::new(ino, true)),
+                op: u32::MAX,
+                done: false,
+            });
             self.drive(t, false);
         }
-        let dirty = self.fs.inodes.iter().any(|i| i.cache.folios.values().any(|f| f.dirty || f.writeback));
+        let dirty = self
+            .fs
+            .inodes
+            .iter()
+            .any(|i| i.cache.folios.values().any(|f| f.dirty || f.writeback));
         if dirty {
-            self.oracle.failures.push(Failure::Invariant { what: "dirty or writeback folios remain after sync".into() });
+            self.oracle.failures.push(Failure::Invariant {
+                what: "dirty or writeback folios remain after sync".into(),
+            });
         }
         if self.oracle.failures.is_empty() {
             // Violations raised during quiesce and sync.
             for v in &self.fs.violations {
-                self.oracle.failures.push(Failure::Invariant { what: v.to_string() });
+                self.oracle.failures.push(Failure::Invariant {
+                    what: v.to_string(),
+                });
             }
         }
         self.fs.drop_caches();
@@ -626,16 +779,19 @@ impl<'w> Sim<'w> {
             match self.fs.read_from_disk(ino) {
                 Ok(data) => files.push(data),
                 Err(e) => {
-                    self.oracle.failures.push(Failure::Harness { what: format!("reading file {ino}: {e}") });
+                    self.oracle.failures.push(Failure::Harness {
+                        what: format!("reading file {ino}: {e}"),
+                    });
                     files.push(Vec::new());
                 }
             }
         }
-        let checkable = !self
-            .oracle
-            .failures
-            .iter()
-            .any(|f| matches!(f, Failure::Deadlock { .. } | Failure::StepLimit { .. } | Failure::Harness { .. }));
+        let checkable = !self.oracle.failures.iter().any(|f| {
+            matches!(
+                f,
+                Failure::Deadlock { .. } | Failure::StepLimit { .. } | Failure::Harness { .. }
+            )
+        });
         if checkable {
             for (ino, data) in files.iter().enumerate() {
                 self.oracle.check_durable(ino, data);
@@ -647,7 +803,12 @@ impl<'w> Sim<'w> {
             failures: self.oracle.failures,
             results: self.results,
             files,
-            device_log: self.fs.dev.write_log().map(<[DeviceRecord]>::to_vec).unwrap_or_default(),
+            device_log: self
+                .fs
+                .dev
+                .write_log()
+                .map(<[DeviceRecord]>::to_vec)
+                .unwrap_or_default(),
             steps: self.steps,
         }
     }

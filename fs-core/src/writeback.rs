@@ -269,8 +269,12 @@ impl IoCompletion {
                 let (req, idx) = (io.req, io.fblock);
                 io.stage = if io.unwritten { 1 } else { 2 };
                 if let Err(e) = fs.dev.complete(req) {
-                    // The device failed the write: the model has no error path here.
-                    panic!("device failed a completed writeback: {e}");
+                    let (ino, fblock) = (io.ino, io.fblock);
+                    fs.violations.push(Violation::WritebackIoError {
+                        ino,
+                        fblock,
+                        error: e.to_string(),
+                    });
                 }
                 Step::Yield("io:complete", idx)
             }

@@ -8,12 +8,42 @@ fn workload() -> Workload {
     Workload {
         files: 1,
         phases: vec![
-            vec![Op::Fallocate { file: 0, offset: 0, len: 16384 }, Op::Write { file: 0, offset: 12000, len: 30, byte: b'X' }],
             vec![
-                Op::Write { file: 0, offset: 0, len: 12300, byte: b'A' },
-                Op::MmapStore { file: 0, offset: 13000, len: 20, byte: b'M' },
-                Op::PunchHole { file: 0, offset: 4096, len: 4096 },
-                Op::Read { file: 0, offset: 0, len: 16384 },
+                Op::Fallocate {
+                    file: 0,
+                    offset: 0,
+                    len: 16384,
+                },
+                Op::Write {
+                    file: 0,
+                    offset: 12000,
+                    len: 30,
+                    byte: b'X',
+                },
+            ],
+            vec![
+                Op::Write {
+                    file: 0,
+                    offset: 0,
+                    len: 12300,
+                    byte: b'A',
+                },
+                Op::MmapStore {
+                    file: 0,
+                    offset: 13000,
+                    len: 20,
+                    byte: b'M',
+                },
+                Op::PunchHole {
+                    file: 0,
+                    offset: 4096,
+                    len: 4096,
+                },
+                Op::Read {
+                    file: 0,
+                    offset: 0,
+                    len: 16384,
+                },
                 Op::Fsync { file: 0 },
             ],
         ],
@@ -22,7 +52,14 @@ fn workload() -> Workload {
 
 #[test]
 fn same_seed_gives_same_schedule_device_writes_and_verdict() {
-    for cfg in [Config::default(), Config { iomap_valid: false, cache_limit_folios: 1, ..Config::default() }] {
+    for cfg in [
+        Config::default(),
+        Config {
+            iomap_valid: false,
+            cache_limit_folios: 1,
+            ..Config::default()
+        },
+    ] {
         for seed in 0..50 {
             let a = sched::run(&cfg, &workload(), &mut RandomPolicy::new(seed));
             let b = sched::run(&cfg, &workload(), &mut RandomPolicy::new(seed));
@@ -34,10 +71,20 @@ fn same_seed_gives_same_schedule_device_writes_and_verdict() {
             assert_eq!(a.files, b.files);
             let c = sched::run(&cfg, &workload(), &mut PctPolicy::new(seed, 3, 100));
             let d = sched::run(&cfg, &workload(), &mut PctPolicy::new(seed, 3, 100));
-            assert_eq!((c.schedule, c.device_log, c.failures), (d.schedule, d.device_log, d.failures));
+            assert_eq!(
+                (c.schedule, c.device_log, c.failures),
+                (d.schedule, d.device_log, d.failures)
+            );
             // The materialised schedule alone reproduces the run.
-            let r = sched::run(&cfg, &workload(), &mut ReplayPolicy::new(a.schedule.clone(), true));
-            assert_eq!((r.trace, r.device_log, r.failures), (a.trace, a.device_log, a.failures));
+            let r = sched::run(
+                &cfg,
+                &workload(),
+                &mut ReplayPolicy::new(a.schedule.clone(), true),
+            );
+            assert_eq!(
+                (r.trace, r.device_log, r.failures),
+                (a.trace, a.device_log, a.failures)
+            );
         }
     }
 }
@@ -45,15 +92,114 @@ fn same_seed_gives_same_schedule_device_writes_and_verdict() {
 #[test]
 fn different_seeds_explore_different_schedules() {
     let cfg = Config::default();
-    let schedules: std::collections::BTreeSet<_> =
-        (0..20).map(|s| sched::run(&cfg, &workload(), &mut RandomPolicy::new(s)).schedule).collect();
-    assert!(schedules.len() > 15, "only {} distinct schedules", schedules.len());
+    let schedules: std::collections::BTreeSet<_> = (0..20)
+        .map(|s| sched::run(&cfg, &workload(), &mut RandomPolicy::new(s)).schedule)
+        .collect();
+    assert!(
+        schedules.len() > 15,
+        "only {} distinct schedules",
+        schedules.len()
+    );
 }
 
 #[test]
 fn the_fixed_model_passes_every_seed_of_this_workload() {
     for seed in 0..300 {
-        let r = sched::run(&Config::default(), &workload(), &mut RandomPolicy::new(seed));
+        let r = sched::run(
+            &Config::default(),
+            &workload(),
+            &mut RandomPolicy::new(seed),
+        );
         assert!(r.passed(), "seed {seed}: {:?}", r.failures);
     }
+}
+
+/// Hostile operations (from a hand-edited reproducer, say) get errors, never a panic.
+#[test]
+fn hostile_operations_are_refused_not_panicked() {
+    let w = Workload {
+        files: 1,
+        phases: vec![vec![
+            Op::Write {
+                file: 0,
+                offset: u64::MAX - 1,
+                len: 10,
+                byte: 1,
+            },
+            Op::Read {
+                file: 0,
+                offset: u64::MAX,
+                len: u64::MAX,
+            },
+            Op::MmapStore {
+                file: 0,
+                offset: u64::MAX - 3,
+                len: 2,
+                byte: 1,
+            },
+            Op::MmapStore {
+                file: 0,
+                offset: 4090,
+                len: 100,
+                byte: 1,
+            },
+            Op::Write {
+                file: 7,
+                offset: 0,
+                len: 1,
+                byte: 1,
+            },
+            Op::PunchHole {
+                file: 0,
+                offset: 1,
+                len: 4096,
+            },
+            Op::ZeroRange {
+                file: 0,
+                offset: 0,
+                len: u64::MAX,
+            },
+            Op::Fallocate {
+                file: 0,
+                offset: u64::MAX,
+                len: 1,
+            },
+            Op::Truncate {
+                file: 0,
+                size: u64::MAX,
+            },
+            Op::Write {
+                file: 0,
+                offset: 0,
+                len: 0,
+                byte: 1,
+            },
+            Op::MmapStore {
+                file: 0,
+                offset: 0,
+                len: 1,
+                byte: 1,
+            },
+        ]],
+    };
+    let r = sched::run(&Config::default(), &w, &mut RandomPolicy::new(1));
+    assert!(r.passed(), "{:?}", r.failures);
+    assert!(
+        r.results[..9].iter().all(|x| matches!(x, Some(Err(_)))),
+        "{:?}",
+        r.results
+    );
+    assert_eq!(r.results[9], Some(Ok(0)));
+    assert!(matches!(r.results[10], Some(Err(fs_core::FsError::SigBus))));
+    // A schedule that names tasks that do not exist is refused cleanly in strict replay.
+    let bogus = vec![fs_core::Choice { t: 99, s: Some(5) }];
+    let r = sched::run(
+        &Config::default(),
+        &workload(),
+        &mut ReplayPolicy::new(bogus, true),
+    );
+    assert!(matches!(
+        r.failures.first(),
+        Some(fs_core::Failure::Harness { .. })
+    ));
 }

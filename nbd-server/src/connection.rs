@@ -1,11 +1,14 @@
 //! The transmission phase of one connection.
 //!
-//! A reader loop decodes requests, checks them, calls [`Backend::arrived`], and starts each
-//! valid request as its own task (on the async workers or tokio's blocking pool, per
-//! [`Backend::io_style`]), so requests run concurrently and finish in any order. Replies go
-//! through a channel to one writer task, which writes them as they come (out of order), batches
-//! whatever is queued into one socket write, and calls [`Backend::reply_sent`] once the bytes
-//! were handed to the socket.
+//! A reader loop decodes requests, checks them, calls [`Backend::arrived`], and runs each
+//! valid request. Requests of [`IoStyle::Inline`] backends up to [`INLINE_BYTES_MAX`] run in
+//! the reader itself; their replies collect and are written to the socket by the reader
+//! whenever it is about to wait (one `send` answers everything one `recv` brought, with no
+//! task switch). Other requests run as their own tasks (tokio's blocking pool for
+//! [`IoStyle::Blocking`] backends), concurrently and finishing in any order; a writer task
+//! writes their replies as they complete (out of order), batching whatever is queued. Both
+//! share the socket's write half and call [`Backend::reply_sent`] once the bytes were handed
+//! to the socket.
 //!
 //! Limits: at most [`REQUESTS_IN_FLIGHT_MAX`] requests and [`IN_FLIGHT_PAYLOAD_BYTES_MAX`]
 //! payload bytes (write data and read buffers) per connection; the reader waits for room
@@ -460,7 +463,11 @@ pub async fn serve<R, W>(
         pool: BufPool::default(),
     });
     let (tx, rx) = mpsc::unbounded_channel::<Vec<Reply>>();
-    let writer = tokio::spawn(write_replies(wr, rx, ctx.clone()));
+    let sink = Arc::new(Sink {
+        wr: tokio::sync::Mutex::new((wr, false)),
+        ctx: ctx.clone(),
+    });
+    let writer = tokio::spawn(write_replies(sink.clone(), rx));
     let slots = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     let budget = Arc::new(Semaphore::new(IN_FLIGHT_PAYLOAD_BYTES_MAX as usize));
     // Replies of requests run in this task, handed to the writer in one message whenever the
@@ -469,11 +476,22 @@ pub async fn serve<R, W>(
     // A power cut of the emulated disk drops every connection to it.
     let mut power_cut = session.export.disk.as_ref().map(|d| d.power_cuts());
 
+    let mut kick = session.export.kick.subscribe();
+    let mut kicked = false;
     loop {
+        // Checked here too: with requests always buffered, the select below never waits.
+        if *shutdown.borrow() {
+            tracing::debug!(conn, "shutdown: no more requests");
+            break;
+        }
+        if kick.has_changed().unwrap_or(false) {
+            kicked = true;
+            break;
+        }
         let slot = match slots.clone().try_acquire_owned() {
             Ok(s) => s,
             Err(_) => {
-                pending.flush(&tx, &ctx);
+                pending.flush(&sink).await;
                 let Ok(s) = slots.clone().acquire_owned().await else {
                     break;
                 };
@@ -481,7 +499,7 @@ pub async fn serve<R, W>(
             }
         };
         if rd.buffer().len() < REQUEST_HEADER_BYTES {
-            pending.flush(&tx, &ctx);
+            pending.flush(&sink).await;
         }
         let mut hb = [0u8; REQUEST_HEADER_BYTES];
         let r = tokio::select! {
@@ -493,6 +511,11 @@ pub async fn serve<R, W>(
             }
             _ = crate::disk::wait_for_power_cut(&mut power_cut) => {
                 tracing::info!(conn, "power cut: dropping the connection");
+                kicked = true;
+                break;
+            }
+            _ = kick.changed() => {
+                kicked = true;
                 break;
             }
         };
@@ -534,7 +557,7 @@ pub async fn serve<R, W>(
                     );
                     break;
                 }
-                pending.flush(&tx, &ctx);
+                pending.flush(&sink).await;
                 if discard(&mut rd, h.length as u64).await.is_err() {
                     break;
                 }
@@ -552,13 +575,13 @@ pub async fn serve<R, W>(
                 });
                 continue;
             }
-            payload_budget = match acquire_bytes(&budget, h.length, &mut pending, &tx, &ctx).await {
+            payload_budget = match acquire_bytes(&budget, h.length, &mut pending, &sink).await {
                 Some(p) => Some(p),
                 None => break,
             };
             payload = ctx.pool.take(h.length as usize);
             if rd.buffer().len() < payload.len() {
-                pending.flush(&tx, &ctx);
+                pending.flush(&sink).await;
             }
             if let Err(e) = rd.read_exact(&mut payload).await {
                 tracing::debug!(conn, error = %e, "connection ended in the middle of a write payload");
@@ -594,13 +617,13 @@ pub async fn serve<R, W>(
             }
         };
         if kind == RequestKind::Read {
-            payload_budget = match acquire_bytes(&budget, h.length, &mut pending, &tx, &ctx).await {
+            payload_budget = match acquire_bytes(&budget, h.length, &mut pending, &sink).await {
                 Some(p) => Some(p),
                 None => break,
             };
         }
         if kind == RequestKind::Flush {
-            pending.flush(&tx, &ctx);
+            pending.flush(&sink).await;
             ctx.export.fence.wait_idle().await;
         }
         let fua = h.flags & NBD_CMD_FLAG_FUA != 0;
@@ -646,13 +669,19 @@ pub async fn serve<R, W>(
             }
         }
         if pending.is_full() {
-            pending.flush(&tx, &ctx);
+            pending.flush(&sink).await;
         }
     }
-    pending.flush(&tx, &ctx);
+    if kicked {
+        // Hard disconnect: nothing more reaches the client.
+        tracing::info!(conn, "disconnected by disconnect_all");
+        sink.cut().await;
+    }
+    pending.flush(&sink).await;
     // Every started request holds a sender; the writer ends once they all replied.
     drop(tx);
     let _ = writer.await;
+    sink.close().await;
     tracing::debug!(conn, "connection closed");
 }
 
@@ -678,10 +707,11 @@ impl Pending {
         self.replies.len() >= PENDING_REPLIES_MAX || self.bytes >= WRITE_BATCH_BYTES_MAX
     }
 
-    fn flush(&mut self, tx: &mpsc::UnboundedSender<Vec<Reply>>, ctx: &Ctx) {
+    /// Writes the collected replies to the socket (in this task: no hand-over, no wake-up).
+    async fn flush<W: AsyncWrite + Unpin>(&mut self, sink: &Sink<W>) {
         if !self.replies.is_empty() {
-            send(tx, std::mem::take(&mut self.replies), ctx);
             self.bytes = 0;
+            sink.write_batch(std::mem::take(&mut self.replies)).await;
         }
     }
 }
@@ -699,17 +729,16 @@ fn send(tx: &mpsc::UnboundedSender<Vec<Reply>>, batch: Vec<Reply>, ctx: &Ctx) {
 
 /// Reserves `n` payload bytes of the connection's budget, first handing pending replies to
 /// the writer if it has to wait (their buffers are what it waits for).
-async fn acquire_bytes(
+async fn acquire_bytes<W: AsyncWrite + Unpin>(
     budget: &Arc<Semaphore>,
     n: u32,
     pending: &mut Pending,
-    tx: &mpsc::UnboundedSender<Vec<Reply>>,
-    ctx: &Ctx,
+    sink: &Sink<W>,
 ) -> Option<OwnedSemaphorePermit> {
     match budget.clone().try_acquire_many_owned(n) {
         Ok(p) => Some(p),
         Err(_) => {
-            pending.flush(tx, ctx);
+            pending.flush(sink).await;
             budget.clone().acquire_many_owned(n).await.ok()
         }
     }
@@ -733,14 +762,68 @@ fn run(
     }
 }
 
-/// The writer task: replies in completion order, batched, then `reply_sent`.
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut wr: BufWriter<W>,
-    mut rx: mpsc::UnboundedReceiver<Vec<Reply>>,
+/// The socket's write half, shared by the reader (replies of requests it ran itself) and the
+/// writer task (replies of requests run elsewhere).
+struct Sink<W> {
+    /// The writer and whether it failed (then replies are only abandoned).
+    wr: tokio::sync::Mutex<(BufWriter<W>, bool)>,
     ctx: Arc<Ctx>,
+}
+
+impl<W: AsyncWrite + Unpin> Sink<W> {
+    /// Writes replies in order, flushes, then reports each with `reply_sent` (or
+    /// `reply_abandoned` if the socket failed) and recycles the buffers.
+    async fn write_batch(&self, mut batch: Vec<Reply>) {
+        let ctx = &self.ctx;
+        let ticketed = batch.iter().filter(|r| r.ticket.is_some()).count();
+        ctx.export.fence.begin(ticketed);
+        let broken = {
+            let mut g = self.wr.lock().await;
+            let (wr, broken) = &mut *g;
+            if !*broken {
+                for r in &batch {
+                    if wr.write_all(&r.bytes).await.is_err() {
+                        *broken = true;
+                        break;
+                    }
+                }
+                if !*broken && wr.flush().await.is_err() {
+                    *broken = true;
+                }
+            }
+            *broken
+        };
+        for r in batch.drain(..) {
+            if let Some(t) = r.ticket {
+                if broken {
+                    ctx.backend.reply_abandoned(t);
+                } else {
+                    ctx.backend.reply_sent(t);
+                }
+            }
+            ctx.pool.give(r.bytes);
+        }
+        ctx.export.fence.end(ticketed);
+    }
+
+    /// Marks the socket failed and shuts it down: later batches are abandoned, not written.
+    async fn cut(&self) {
+        let mut g = self.wr.lock().await;
+        g.1 = true;
+        let _ = g.0.get_mut().shutdown().await;
+    }
+
+    async fn close(&self) {
+        let mut g = self.wr.lock().await;
+        let _ = g.0.shutdown().await;
+    }
+}
+
+/// The writer task: replies of requests run on other tasks, in completion order, batched.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    sink: Arc<Sink<W>>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Reply>>,
 ) {
-    let backend = &ctx.backend;
-    let mut broken = false;
     while let Some(mut batch) = rx.recv().await {
         let mut bytes: usize = batch.iter().map(|r| r.bytes.len()).sum();
         while bytes < WRITE_BATCH_BYTES_MAX {
@@ -752,32 +835,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 Err(_) => break,
             }
         }
-        let ticketed = batch.iter().filter(|r| r.ticket.is_some()).count();
-        ctx.export.fence.begin(ticketed);
-        if !broken {
-            for r in &batch {
-                if wr.write_all(&r.bytes).await.is_err() {
-                    broken = true;
-                    break;
-                }
-            }
-            if !broken && wr.flush().await.is_err() {
-                broken = true;
-            }
-        }
-        for r in batch.drain(..) {
-            if let Some(t) = r.ticket {
-                if broken {
-                    backend.reply_abandoned(t);
-                } else {
-                    backend.reply_sent(t);
-                }
-            }
-            ctx.pool.give(r.bytes);
-        }
-        ctx.export.fence.end(ticketed);
+        sink.write_batch(batch).await;
     }
-    let _ = wr.shutdown().await;
 }
 
 #[cfg(test)]

@@ -288,6 +288,8 @@ pub struct Export {
     pub(crate) fence: crate::connection::ReplyFence,
     /// The emulated disk behind `backend`, for writable exports built from a spec.
     pub disk: Option<Arc<EmulatedDisk>>,
+    /// Bumped by [`Export::disconnect_all`]; every connection of the export watches it.
+    pub(crate) kick: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Export {
@@ -309,6 +311,7 @@ impl Export {
             backend,
             fence: Default::default(),
             disk: None,
+            kick: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -337,11 +340,20 @@ impl Export {
             backend,
             disk,
             fence: Default::default(),
+            kick: tokio::sync::watch::Sender::new(0),
         })
     }
 
     pub fn size(&self) -> u64 {
         self.backend.size()
+    }
+
+    /// Drops every connection of this export at once, as a power cut would: no further
+    /// request is read, replies not yet written are never sent (the backend gets
+    /// `reply_abandoned` for them), and the sockets close. New connections are accepted as
+    /// usual. Requests already executing still finish inside the backend.
+    pub fn disconnect_all(&self) {
+        self.kick.send_modify(|g| *g += 1);
     }
 
     /// The transmission flags sent to a client; `structured` says whether structured replies

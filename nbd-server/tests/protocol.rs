@@ -853,3 +853,158 @@ fn graceful_shutdown_finishes_and_flushes() {
     );
     assert_eq!(&std::fs::read(&path).unwrap()[..4096], &[9; 4096]);
 }
+
+/// A backend whose writes wait for a release, and which records abandoned replies.
+struct Held {
+    inner: MemoryBackend,
+    released: Mutex<bool>,
+    cv: Condvar,
+    in_write: Mutex<bool>,
+    abandoned: Mutex<Vec<Ticket>>,
+}
+
+impl Backend for Held {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn arrived(&self, a: &Arrival) -> Ticket {
+        Ticket(a.offset + 1)
+    }
+    fn reply_abandoned(&self, t: Ticket) {
+        self.abandoned.lock().unwrap().push(t);
+    }
+    fn read(&self, t: Ticket, o: u64, b: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read(t, o, b)
+    }
+    fn write(&self, t: Ticket, o: u64, d: &[u8], f: bool) -> std::io::Result<()> {
+        if o == 4096 {
+            *self.in_write.lock().unwrap() = true;
+            self.cv.notify_all();
+            let g = self.released.lock().unwrap();
+            drop(
+                self.cv
+                    .wait_timeout_while(g, Duration::from_secs(10), |r| !*r)
+                    .unwrap(),
+            );
+        }
+        self.inner.write(t, o, d, f)
+    }
+    fn write_zeroes(
+        &self,
+        t: Ticket,
+        o: u64,
+        l: u64,
+        a: bool,
+        b: bool,
+        f: bool,
+    ) -> std::io::Result<()> {
+        self.inner.write_zeroes(t, o, l, a, b, f)
+    }
+    fn trim(&self, t: Ticket, o: u64, l: u64, f: bool) -> std::io::Result<()> {
+        self.inner.trim(t, o, l, f)
+    }
+    fn flush(&self, t: Ticket) -> std::io::Result<()> {
+        self.inner.flush(t)
+    }
+    fn block_status(&self, t: Ticket, o: u64, l: u64) -> std::io::Result<Vec<StatusExtent>> {
+        self.inner.block_status(t, o, l)
+    }
+}
+
+/// `Export::disconnect_all` (what a power cut uses): the connection drops at once, the reply
+/// of the write still executing is never sent (reply_abandoned), and new clients are served.
+#[test]
+fn disconnect_all_drops_connections_and_abandons_replies() {
+    let held = Arc::new(Held {
+        inner: MemoryBackend::new(1 << 20),
+        released: Mutex::new(false),
+        cv: Condvar::new(),
+        in_write: Mutex::new(false),
+        abandoned: Mutex::new(vec![]),
+    });
+    struct Shared(Arc<Held>);
+    impl Backend for Shared {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn arrived(&self, a: &Arrival) -> Ticket {
+            self.0.arrived(a)
+        }
+        fn reply_abandoned(&self, t: Ticket) {
+            self.0.reply_abandoned(t)
+        }
+        fn read(&self, t: Ticket, o: u64, b: &mut [u8]) -> std::io::Result<()> {
+            self.0.read(t, o, b)
+        }
+        fn write(&self, t: Ticket, o: u64, d: &[u8], f: bool) -> std::io::Result<()> {
+            self.0.write(t, o, d, f)
+        }
+        fn write_zeroes(
+            &self,
+            t: Ticket,
+            o: u64,
+            l: u64,
+            a: bool,
+            b: bool,
+            f: bool,
+        ) -> std::io::Result<()> {
+            self.0.write_zeroes(t, o, l, a, b, f)
+        }
+        fn trim(&self, t: Ticket, o: u64, l: u64, f: bool) -> std::io::Result<()> {
+            self.0.trim(t, o, l, f)
+        }
+        fn flush(&self, t: Ticket) -> std::io::Result<()> {
+            self.0.flush(t)
+        }
+        fn block_status(&self, t: Ticket, o: u64, l: u64) -> std::io::Result<Vec<StatusExtent>> {
+            self.0.block_status(t, o, l)
+        }
+    }
+    let exports = ExportRegistry::new(vec![Export::new(
+        "h",
+        Arc::new(Shared(held.clone())),
+        false,
+    )])
+    .unwrap();
+    let export = exports.lookup("h").unwrap();
+    let srv = Server::start_background(ServerConfig {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        unix: None,
+        exports,
+    })
+    .unwrap();
+    let addr = srv.local_addr().unwrap();
+    let mut c = Raw::connect(addr);
+    c.handshake(3);
+    c.go("h", false, false).unwrap();
+    c.request(0, NBD_CMD_WRITE, 1, 0, 512, &[1; 512]);
+    assert_eq!(c.simple_reply(0).0, 0);
+    c.request(0, NBD_CMD_WRITE, 2, 4096, 512, &[2; 512]);
+    {
+        let g = held.in_write.lock().unwrap();
+        let (g, _) = held
+            .cv
+            .wait_timeout_while(g, Duration::from_secs(10), |w| !*w)
+            .unwrap();
+        assert!(*g, "the held write never started");
+    }
+    export.disconnect_all();
+    assert!(
+        c.closed(),
+        "the connection drops at once, with a write still executing"
+    );
+    *held.released.lock().unwrap() = true;
+    held.cv.notify_all();
+    let mut d = Raw::connect(addr);
+    d.handshake(3);
+    d.go("h", false, false).unwrap();
+    d.request(0, NBD_CMD_READ, 3, 0, 512, &[]);
+    assert_eq!(d.simple_reply(512).2, vec![1; 512]);
+    d.disc();
+    srv.shutdown().unwrap();
+    assert_eq!(
+        *held.abandoned.lock().unwrap(),
+        vec![Ticket(4097)],
+        "the unsent reply was abandoned"
+    );
+}

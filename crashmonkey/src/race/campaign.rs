@@ -65,8 +65,12 @@ pub struct CampaignSummary {
     pub seconds: f64,
     pub steps: u64,
     pub failing_seeds: Vec<u64>,
+    /// The failing run with the fewest steps: the one worth reading and bundling.
+    pub smallest_failure_seed: Option<u64>,
     #[serde(skip)]
     pub first: Option<RunOutcome>,
+    #[serde(skip)]
+    pub smallest: Option<RunOutcome>,
 }
 
 /// Run the campaign; `progress` is called after each run with the number done.
@@ -79,7 +83,9 @@ pub fn run_campaign(opts: &CampaignOptions, progress: &mut dyn FnMut(u64, u64)) 
         seconds: 0.0,
         steps: 0,
         failing_seeds: Vec::new(),
+        smallest_failure_seed: None,
         first: None,
+        smallest: None,
     };
     for i in 0..opts.runs {
         let seed = opts.seed.wrapping_add(i);
@@ -90,6 +96,13 @@ pub fn run_campaign(opts: &CampaignOptions, progress: &mut dyn FnMut(u64, u64)) 
             s.failures += 1;
             if s.failing_seeds.len() < FAILING_SEEDS_LISTED_MAX {
                 s.failing_seeds.push(seed);
+            }
+            if s.smallest
+                .as_ref()
+                .is_none_or(|m| out.result.steps < m.result.steps)
+            {
+                s.smallest_failure_seed = Some(seed);
+                s.smallest = Some(out.clone());
             }
             if s.first.is_none() {
                 s.first_failure_seed = Some(seed);

@@ -15,6 +15,9 @@
 //! 3. `reply_sent` is called with the ticket after the reply bytes were handed to the socket,
 //!    whether the request succeeded or failed. Never before the IO method returned.
 //!
+//!    Across connections of one export, a FLUSH's `arrived` comes after the `reply_sent` of
+//!    every reply already handed to a socket (the server holds the flush until then; see
+//!    `connection::ReplyFence`), so a flush covers every write a client saw answered.
 //! 4. If the connection dies before the reply could be handed to the socket, `reply_abandoned`
 //!    is called instead of `reply_sent` (default: no-op).
 //!

@@ -35,8 +35,8 @@ pub enum CheckAtArg {
 #[command(after_help = "Examples:\n  \
 crashmonkey race --seed 1 --runs 2000 --no-iomap-valid      # finds stale-mapping corruption\n  \
 crashmonkey race --seed 1 --runs 100000                     # the fixed model: no failure\n  \
-crashmonkey race --replay crashmonkey-out/race-seed-17      # replay a reproducer exactly\n  \
-crashmonkey race --replay crashmonkey-out/race-seed-17 --defaults   # same schedule, fix on\n\n\
+crashmonkey race --replay fixtures/race/race-seed-9079      # replay a reproducer exactly\n  \
+crashmonkey race --replay fixtures/race/race-seed-9079 --defaults   # same schedule, fix on\n\n\
 Exit status: 0 no failure found (replay passed), 1 failures found (replay failed), 2 error.")]
 pub struct RaceArgs {
     /// First seed; run i uses seed + i, which alone decides its workload and schedule.
@@ -85,15 +85,6 @@ pub struct RaceArgs {
 }
 
 impl RaceArgs {
-    fn any_switch(&self) -> bool {
-        self.no_iomap_valid
-            || self.no_wb_seq_check
-            || self.old_punch
-            || self.alloc.is_some()
-            || self.check_at.is_some()
-            || self.mkwrite_inode_lock
-    }
-
     fn apply(&self, mut cfg: Config) -> Config {
         if self.no_iomap_valid {
             cfg.iomap_valid = false;
@@ -122,6 +113,15 @@ impl RaceArgs {
         }
         cfg
     }
+}
+
+/// Print a line to stdout; a closed pipe (`| head`) ends the output quietly, no panic.
+fn emitln(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out
+        .write_all(text.as_bytes())
+        .and_then(|()| out.write_all(b"\n"));
 }
 
 pub fn run(args: RaceArgs) -> anyhow::Result<i32> {
@@ -163,13 +163,13 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
     });
     bar.finish_and_clear();
     let mut bundle_dir = None;
-    if let Some(first) = &summary.first {
+    if let Some(smallest) = &summary.smallest {
         if !args.no_bundle {
-            bundle_dir = Some(race::write_bundle(&args.out, first)?);
+            bundle_dir = Some(race::write_bundle(&args.out, smallest)?);
         }
     }
     if args.json {
-        let first = summary.first.as_ref().map(|o| first_failure_json(o));
+        let first = summary.first.as_ref().map(first_failure_json);
         let v = serde_json::json!({
             "seed": args.seed,
             "runs": summary.runs,
@@ -181,35 +181,43 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
             "failing_seeds": summary.failing_seeds,
             "switches": opts.config,
             "first_failure": first,
+            "smallest_failure_seed": summary.smallest_failure_seed,
+            "smallest_failure": summary.smallest.as_ref().map(first_failure_json),
             "reproducer": bundle_dir.as_ref().map(|d| d.display().to_string()),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        emitln(&serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
+        emitln(&format!(
             "race campaign: seeds {}..{} ({} runs) in {:.2}s, {:.0} runs/s",
             args.seed,
             args.seed.wrapping_add(summary.runs),
             summary.runs,
             summary.seconds,
             summary.runs as f64 / summary.seconds.max(1e-9)
-        );
-        println!(
+        ));
+        emitln(&format!(
             "switches: {}",
             campaign::switches(&opts.config).replace(", cache_limit=4 folios", "")
-        );
-        println!("failing runs: {}", summary.failures);
-        if let Some(first) = &summary.first {
-            println!("\n{}", race::describe_failure(first));
+        ));
+        emitln(&format!("failing runs: {}", summary.failures));
+        if let Some(first) = summary.first_failure_seed {
+            emitln(&format!("first failing seed: {first}"));
+        }
+        if let Some(smallest) = &summary.smallest {
+            emitln(&format!(
+                "\nthe failing run with the fewest steps:\n{}",
+                race::describe_failure(smallest)
+            ));
             if let Some(d) = &bundle_dir {
-                println!("reproducer written to {}", d.display());
-                println!(
+                emitln(&format!("reproducer written to {}", d.display()));
+                emitln(&format!(
                     "replay it:            crashmonkey race --replay {}",
                     d.display()
-                );
-                println!(
+                ));
+                emitln(&format!(
                     "replay with the fix:  crashmonkey race --replay {} --defaults",
                     d.display()
-                );
+                ));
             }
         }
     }
@@ -258,7 +266,6 @@ fn replay(args: &RaceArgs) -> anyhow::Result<i32> {
         cfg: cfg.clone(),
         result,
     };
-    let _ = args.any_switch();
     if args.json {
         let ops: Vec<&fs_core::Op> = b.workload.ops().collect();
         let v = serde_json::json!({
@@ -270,14 +277,15 @@ fn replay(args: &RaceArgs) -> anyhow::Result<i32> {
             "failures": outcome.result.failures,
             "summary": outcome.result.failures.first().map(|f| campaign::failure_line(f, &ops)),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        emitln(&serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
-            "{}",
-            race::describe_failure(&outcome).replacen("(Random policy", "(replayed schedule", 1)
-        );
+        emitln(&race::describe_failure(&outcome).replacen(
+            "(Random policy",
+            "(replayed schedule",
+            1,
+        ));
         if strict {
-            println!(
+            emitln(&format!(
                 "replay: {} ({})",
                 if outcome.result.passed() {
                     "PASSED"
@@ -289,13 +297,13 @@ fn replay(args: &RaceArgs) -> anyhow::Result<i32> {
                 } else {
                     "a DIFFERENT verdict from the recorded one"
                 }
-            );
+            ));
         } else {
-            println!(
+            emitln(&format!(
                 "replay with changed switches: {} ({} steps could not follow the recorded schedule)",
                 if outcome.result.passed() { "PASSED" } else { "FAILED" },
                 policy.divergences
-            );
+            ));
         }
     }
     Ok(if outcome.result.passed() { 0 } else { 1 })

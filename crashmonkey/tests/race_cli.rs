@@ -1,0 +1,103 @@
+//! The `crashmonkey race` command line: exit codes, JSON fields, the reproducer folder and
+//! replay from it.
+
+use std::process::Command;
+
+fn cm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_crashmonkey"))
+}
+
+#[test]
+fn campaign_with_fix_off_exits_1_writes_bundle_and_replays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = cm()
+        .args([
+            "race",
+            "--seed",
+            "9079",
+            "--runs",
+            "1",
+            "--no-iomap-valid",
+            "--json",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["runs"], 1);
+    assert_eq!(v["failures"], 1);
+    assert_eq!(v["first_failure_seed"], 9079);
+    assert!(v["seconds"].as_f64().is_some());
+    let bundle = dir.path().join("race-seed-9079");
+    for f in [
+        "bundle.json",
+        "workload.json",
+        "schedule.json",
+        "device-log.json",
+        "README.md",
+        "report.txt",
+    ] {
+        assert!(bundle.join(f).is_file(), "missing {f}");
+    }
+    let readme = std::fs::read_to_string(bundle.join("README.md")).expect("readme");
+    assert!(readme.contains("crashmonkey race --replay"));
+
+    let replay = cm()
+        .args(["race", "--replay"])
+        .arg(&bundle)
+        .output()
+        .expect("replay");
+    assert_eq!(replay.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&replay.stdout);
+    assert!(text.contains("the same verdict as recorded"), "{text}");
+    assert!(text.contains("offset 7839"), "{text}");
+
+    let fixed = cm()
+        .args(["race", "--defaults", "--replay"])
+        .arg(&bundle)
+        .output()
+        .expect("replay");
+    assert_eq!(
+        fixed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&fixed.stdout)
+    );
+}
+
+#[test]
+fn campaign_with_defaults_exits_0() {
+    let out = cm()
+        .args([
+            "race",
+            "--seed",
+            "1",
+            "--runs",
+            "300",
+            "--json",
+            "--no-bundle",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["failures"], 0);
+    assert!(v["first_failure_seed"].is_null());
+}
+
+#[test]
+fn bad_replay_path_is_a_clear_error_with_exit_2() {
+    let out = cm()
+        .args(["race", "--replay", "/nonexistent/bundle"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/bundle"));
+}
