@@ -10,7 +10,7 @@
 use crate::backend::{Arrival, Backend, RequestKind};
 use crate::disk::{DiskConfig, DiskError, EmulatedDisk};
 use fs_core::block::{
-    fnv1a64, BlockDevice, Completion, DeviceError, DeviceRecord, RecordKind, ReqId, Request,
+    content_hash, BlockDevice, Completion, DeviceError, DeviceRecord, RecordKind, ReqId, Request,
     BLOCK_SIZE, REQUESTS_IN_FLIGHT_MAX,
 };
 use std::collections::BTreeMap;
@@ -81,7 +81,7 @@ impl RecordedDevice {
             hash: if payload.is_empty() {
                 0
             } else {
-                fnv1a64(payload)
+                content_hash(payload)
             },
             first_byte: payload.first().copied().unwrap_or(0),
         });
