@@ -92,11 +92,14 @@ impl Recorder {
         offset: u64,
         length: u64,
         payload: Payload,
-        bytes: u64,
     ) -> Result<u64, LogError> {
         self.check()?;
+        let bytes = match &payload {
+            Payload::Owned(v) => v.len() as u64,
+            Payload::Shared(a) => a.len() as u64,
+        };
         if self.queued_bytes.load(Ordering::Acquire) + bytes > RECORDER_QUEUE_BYTES_MAX {
-            self.drain(false)?; // back-pressure: bounded memory
+            self.drain()?; // back-pressure: bounded memory
         }
         let seq = self.next_seq;
         self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
@@ -145,10 +148,11 @@ impl Recorder {
         data: Arc<[u8]>,
     ) -> Result<u64, LogError> {
         let n = data.len() as u64;
-        self.push(kind, flags, conn, offset, n, Payload::Shared(data), n)
+        self.push(kind, flags, conn, offset, n, Payload::Shared(data))
     }
 
-    fn drain(&mut self, _fsync: bool) -> Result<(), LogError> {
+    /// Waits until the writer thread has written (and fsynced) everything queued.
+    fn drain(&mut self) -> Result<(), LogError> {
         let (reply_tx, reply_rx) = std::sync::mpsc::channel();
         self.send(Msg::Sync(reply_tx))?;
         reply_rx
@@ -160,7 +164,7 @@ impl Recorder {
     /// Waits until every queued record is in the file and the file is on stable storage.
     pub fn sync(&mut self) -> Result<(), LogError> {
         self.check()?;
-        self.drain(true)
+        self.drain()
     }
 }
 
