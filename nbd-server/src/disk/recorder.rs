@@ -126,7 +126,6 @@ impl Recorder {
         length: u64,
         payload: &[u8],
     ) -> Result<u64, LogError> {
-        let n = payload.len() as u64;
         self.push(
             kind,
             flags,
@@ -134,7 +133,6 @@ impl Recorder {
             offset,
             length,
             Payload::Owned(payload.to_vec()),
-            n,
         )
     }
 
