@@ -49,6 +49,29 @@ fn campaign_with_fix_off_exits_1_writes_bundle_and_replays() {
     let readme = std::fs::read_to_string(bundle.join("README.md")).expect("readme");
     assert!(readme.contains("crashmonkey race --replay"));
 
+    // The bundle's nbd-server write log holds the same IO as the model's own record, with
+    // payloads, and the crash-state tools read it.
+    let model_log: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("device-log.json")).unwrap())
+            .expect("device-log.json");
+    let stats = cm()
+        .args(["log", "stats", "--json"])
+        .arg(bundle.join("device.log"))
+        .output()
+        .expect("log stats");
+    assert!(
+        stats.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stats.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats json");
+    let recorded = ["write", "flush", "trim"]
+        .iter()
+        .map(|k| stats["kinds"][k].as_u64().unwrap_or(0))
+        .sum::<u64>();
+    assert_eq!(recorded, model_log.len() as u64, "{stats}");
+    assert!(!model_log.is_empty());
+
     let replay = cm()
         .args(["race", "--replay"])
         .arg(&bundle)

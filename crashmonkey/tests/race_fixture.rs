@@ -35,6 +35,15 @@ fn fixture_replays_the_same_failure() {
         })
     ));
     assert_eq!(r.files[0][7839], 0);
+    // The model names the mechanism: folio 1 zero-filled from a stale UNWRITTEN mapping.
+    assert!(
+        r.notes.iter().any(|n| n.contains("zero-filled")
+            && n.contains("folio 1")
+            && n.contains("Unwritten at device block")
+            && n.contains("now Written")),
+        "{:?}",
+        r.notes
+    );
 }
 
 #[test]

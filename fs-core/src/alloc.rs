@@ -18,6 +18,9 @@ pub struct Allocator {
     owner: Vec<Option<Owner>>,
     freed: BTreeSet<u64>,
     never_used: u64,
+    /// Writeback has written data to the block since it was allocated (diagnostics: a
+    /// mapping that still calls the block NEW is stale).
+    data_written: Vec<bool>,
 }
 
 impl Allocator {
@@ -28,6 +31,7 @@ impl Allocator {
             owner: Vec::new(),
             freed: BTreeSet::new(),
             never_used: first,
+            data_written: Vec::new(),
         }
     }
 
@@ -50,6 +54,9 @@ impl Allocator {
             self.owner.resize(i + 1, None);
         }
         self.owner[i] = Some(owner);
+        if let Some(w) = self.data_written.get_mut(i) {
+            *w = false;
+        }
         Some(b)
     }
 
@@ -61,6 +68,21 @@ impl Allocator {
 
     pub fn owner(&self, block: u64) -> Option<Owner> {
         self.owner.get(block as usize).copied().flatten()
+    }
+
+    pub fn mark_data_written(&mut self, block: u64) {
+        let i = block as usize;
+        if self.data_written.len() <= i {
+            self.data_written.resize(i + 1, false);
+        }
+        self.data_written[i] = true;
+    }
+
+    pub fn data_written(&self, block: u64) -> bool {
+        self.data_written
+            .get(block as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Was this block freed and not reallocated since?

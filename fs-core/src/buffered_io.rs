@@ -218,6 +218,30 @@ impl WriteTask {
                 let f = cx.fs.inode(ino).cache.get(idx).expect("locked folio");
                 let whole_folio = poff == 0 && plen == BS;
                 if !f.uptodate && !whole_folio {
+                    let new_but_written = map.flags.has(IoMapFlags::NEW)
+                        && matches!(map.kind, IoMapKind::Mapped | IoMapKind::Unwritten)
+                        && cx.fs.alloc.data_written(map.addr_of(idx * BS));
+                    if new_but_written {
+                        let (op, addr) = (cx.op, map.addr_of(idx * BS));
+                        cx.fs.note(|| {
+                            format!(
+                                "op{op} write_begin zero-filled the uncovered part of folio {idx} of file {ino}: its cached \
+                                 {:?}|NEW mapping says device block {addr} is new, but writeback has written data to it \
+                                 since (the extent and seq did not change, so the cookie cannot see it)",
+                                map.kind
+                            )
+                        });
+                    } else if let Some(why) = iomap::stale_view(cx.fs, ino, &map, idx) {
+                        let (op, zero) = (cx.op, iomap::block_needs_zeroing(&map, idx * BS, size));
+                        let act = if zero {
+                            "zero-filled"
+                        } else {
+                            "read from disk"
+                        };
+                        cx.fs.note(|| {
+                            format!("op{op} write_begin {act} the uncovered part of folio {idx} of file {ino}: {why}")
+                        });
+                    }
                     if iomap::block_needs_zeroing(&map, idx * BS, size) {
                         let f = cx
                             .fs
@@ -325,6 +349,12 @@ impl WriteTask {
             }
             WState::OldTruncate { idx, end } => {
                 // truncate_pagecache_range: drops the folio whatever it holds.
+                if cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.dirty) {
+                    let op = cx.op;
+                    cx.fs.note(|| {
+                        format!("op{op} short-write punch (old form) dropped dirty folio {idx} of file {ino} from the page cache")
+                    });
+                }
                 cx.fs.remove_folio(ino, idx);
                 self.st = if idx + 1 < end {
                     WState::OldTruncate { idx: idx + 1, end }

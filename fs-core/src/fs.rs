@@ -12,6 +12,8 @@ use std::collections::VecDeque;
 
 /// Largest file size in bytes.
 pub const FILE_BYTES_MAX: u64 = FILE_BLOCKS_MAX * BLOCK_SIZE as u64;
+/// Diagnostic notes kept per run.
+pub const NOTES_MAX: usize = 32;
 /// Device blocks reserved at the start (room for a superblock in the on-disk step).
 pub const RESERVED_BLOCKS: u64 = 1;
 
@@ -229,6 +231,9 @@ pub struct Fs {
     pub inodes: Vec<Inode>,
     pub ioends: VecDeque<IoEnd>,
     pub violations: Vec<Violation>,
+    /// What went wrong, told as it happened (a stale mapping used, a dirty folio dropped):
+    /// diagnostics for reports only, never read by the model.
+    pub notes: Vec<String>,
     lru_clock: u64,
     folio_count: usize,
 }
@@ -244,6 +249,7 @@ impl Fs {
             inodes: (0..files).map(|_| Inode::default()).collect(),
             ioends: VecDeque::new(),
             violations: Vec::new(),
+            notes: Vec::new(),
             lru_clock: 0,
             folio_count: 0,
         }
@@ -353,6 +359,13 @@ impl Fs {
         self.inodes
             .iter()
             .any(|i| i.cache.folios.values().any(|f| f.dirty && !f.writeback))
+    }
+
+    /// Record a diagnostic note (bounded by `NOTES_MAX`).
+    pub fn note(&mut self, text: impl FnOnce() -> String) {
+        if self.notes.len() < NOTES_MAX {
+            self.notes.push(text());
+        }
     }
 
     /// Drop every clean folio (echo 1 > drop_caches).

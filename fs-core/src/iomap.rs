@@ -149,6 +149,38 @@ pub fn iomap_begin_write(fs: &mut Fs, ino: usize, pos: u64, len: u64) -> Result<
     }
 }
 
+/// If `map` no longer describes file block `block` (the extent changed since it was made),
+/// say how: "cached UNWRITTEN mapping, block is now WRITTEN". Diagnostics only.
+pub fn stale_view(fs: &Fs, ino: usize, map: &IoMap, block: u64) -> Option<String> {
+    let cur = fs.inode(ino).extents.get(block);
+    let (state, addr) = match map.kind {
+        IoMapKind::Hole => (ExtentState::Hole, None),
+        IoMapKind::Delalloc => (ExtentState::Delalloc, None),
+        IoMapKind::Unwritten => (ExtentState::Unwritten, Some(map.addr_of(block * BS))),
+        IoMapKind::Mapped => (ExtentState::Written, Some(map.addr_of(block * BS))),
+    };
+    let same = cur.state == state && addr.is_none_or(|a| a == cur.addr);
+    let new = if map.flags.has(IoMapFlags::NEW) {
+        "|NEW"
+    } else {
+        ""
+    };
+    let where_ = |s: ExtentState, a: u64| match s {
+        ExtentState::Unwritten | ExtentState::Written => format!("{s:?} at device block {a}"),
+        _ => format!("{s:?}"),
+    };
+    (!same).then(|| {
+        format!(
+            "its cached {:?}{new} mapping (cookie {}) says file block {block} is {}, but it is now {} (seq {})",
+            map.kind,
+            map.validity_cookie,
+            where_(state, addr.unwrap_or(0)),
+            where_(cur.state, cur.addr),
+            fs.inode(ino).extents.seq()
+        )
+    })
+}
+
 /// `iomap_block_needs_zeroing`: the parts of a block a write does not cover are zeroed (not
 /// read) when the mapping is not MAPPED, is NEW, or the block starts at or past EOF.
 pub fn block_needs_zeroing(map: &IoMap, block_start: u64, size: u64) -> bool {

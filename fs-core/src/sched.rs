@@ -522,6 +522,8 @@ pub struct RunResult {
     pub files: Vec<Vec<u8>>,
     pub device_log: Vec<DeviceRecord>,
     pub steps: u64,
+    /// What the model noticed going wrong (stale mappings used, dirty folios dropped).
+    pub notes: Vec<String>,
 }
 
 impl RunResult {
@@ -532,11 +534,23 @@ impl RunResult {
 
 /// Run `workload` under `policy` on a fresh in-memory device and check it.
 pub fn run(cfg: &Config, workload: &Workload, policy: &mut dyn Policy) -> RunResult {
-    let fs = Fs::new(
-        cfg.clone(),
+    run_on_device(
+        cfg,
+        workload,
         Box::new(MemDevice::new(cfg.device_blocks)),
-        workload.files,
-    );
+        policy,
+    )
+}
+
+/// Run on a device of the caller's (nbd-server's emulated disk, whose recorder then keeps
+/// the write log). The device must read as zeros where nothing was written.
+pub fn run_on_device(
+    cfg: &Config,
+    workload: &Workload,
+    dev: Box<dyn crate::block::BlockDevice>,
+    policy: &mut dyn Policy,
+) -> RunResult {
+    let fs = Fs::new(cfg.clone(), dev, workload.files);
     Sim::new(fs, workload).run(policy)
 }
 
@@ -810,6 +824,7 @@ impl<'w> Sim<'w> {
                 .map(<[DeviceRecord]>::to_vec)
                 .unwrap_or_default(),
             steps: self.steps,
+            notes: self.fs.notes,
         }
     }
 }

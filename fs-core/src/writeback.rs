@@ -29,6 +29,9 @@ pub fn map_blocks(
     if let Some(m) = wpc.map {
         let fresh = !fs.cfg.wb_seq_check || m.validity_cookie == fs.inode(ino).extents.seq();
         if m.covers(fblock * BS) && fresh {
+            if let Some(why) = crate::iomap::stale_view(fs, ino, &m, fblock) {
+                fs.note(|| format!("writeback map_blocks reused a stale mapping for folio {fblock} of file {ino}: {why}"));
+            }
             return Ok(m);
         }
     }
@@ -181,6 +184,7 @@ impl WbPass {
             .expect("under writeback")
             .data
             .clone();
+        fs.alloc.mark_data_written(bio.addr);
         match fs.dev.submit(Request::Write {
             block: bio.addr,
             data,

@@ -203,3 +203,15 @@ fn hostile_operations_are_refused_not_panicked() {
         Some(fs_core::Failure::Harness { .. })
     ));
 }
+
+/// A caller's device behind the trait sees the same writes as the built-in one.
+#[test]
+fn runs_on_a_caller_supplied_device() {
+    use fs_core::block::MemDevice;
+    let cfg = Config::default();
+    let a = sched::run(&cfg, &workload(), &mut RandomPolicy::new(3));
+    let dev = Box::new(MemDevice::new(cfg.device_blocks));
+    let b = sched::run_on_device(&cfg, &workload(), dev, &mut RandomPolicy::new(3));
+    assert_eq!(a.device_log, b.device_log);
+    assert_eq!(a.files, b.files);
+}

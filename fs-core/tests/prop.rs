@@ -45,3 +45,25 @@ proptest! {
         prop_assert!(r.results.iter().all(Option::is_some));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// The same, with the whole file read back (and checked against the model) after every
+    /// operation, and racing the next one's start against background writeback.
+    #[test]
+    fn every_intermediate_state_reads_back_as_the_model(
+        ops in prop::collection::vec(op(), 1..10),
+        seed in any::<u64>(),
+    ) {
+        let cfg = Config { cache_limit_folios: 1, ..Config::default() };
+        let mut phases = Vec::new();
+        for o in &ops {
+            phases.push(vec![o.clone()]);
+            phases.push(vec![Op::Read { file: 0, offset: 0, len: FILE_BYTES + 4096 }]);
+        }
+        let w = Workload { files: 1, phases };
+        let r = sched::run(&cfg, &w, &mut RandomPolicy::new(seed));
+        prop_assert!(r.passed(), "failures: {:?}", r.failures);
+    }
+}

@@ -162,11 +162,14 @@ pub fn failure_line(f: &Failure, ops: &[&Op]) -> String {
                 Seen::AfterSync => "read back after sync + drop_caches".into(),
             };
             format!(
-                "first wrong byte: file {file} offset {offset} ({when}): expected {} written by {}, found {} written by {}",
+                "first wrong byte: file {file} offset {offset} ({when}): expected {} written by {}, found {} {}",
                 byte(*expected),
                 op(*expected_from),
                 byte(*found),
-                op(*found_from)
+                match found_from {
+                    Some(_) => format!("= what {} left there earlier (old data came back)", op(*found_from)),
+                    None => "written by no operation (zero-fill or stale data the filesystem produced)".into(),
+                }
             )
         }
         Failure::WrongSize {
@@ -252,6 +255,12 @@ pub fn describe_failure(o: &RunOutcome) -> String {
         o.result.trace.len()
     );
     s.push_str(&schedule_text(&o.result, &ops));
+    if !o.result.notes.is_empty() {
+        let _ = writeln!(s, "what the model saw go wrong:");
+        for n in o.result.notes.iter().take(5) {
+            let _ = writeln!(s, "  {n}");
+        }
+    }
     for f in o.result.failures.iter().take(5) {
         let _ = writeln!(s, "{}", failure_line(f, &ops));
     }

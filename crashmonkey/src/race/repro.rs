@@ -56,6 +56,7 @@ pub fn write_bundle(out: &Path, o: &RunOutcome) -> anyhow::Result<PathBuf> {
         "device-log.json",
         serde_json::to_string_pretty(&o.result.device_log)?,
     )?;
+    record_device_log(&dir.join("device.log"), &bundle, &o.result)?;
     let report = describe_failure(o);
     w("report.txt", report.clone())?;
     let readme = format!(
@@ -69,13 +70,45 @@ pub fn write_bundle(out: &Path, o: &RunOutcome) -> anyhow::Result<PathBuf> {
          Files: `bundle.json` (switches, workload, materialised schedule, failures; what replay\n\
          reads), `workload.json`, `schedule.json` (task chosen at each yield, `s` = injected short\n\
          copy), `device-log.json` (every write/flush that reached the in-memory device, in\n\
-         completion order, with a hash of each payload), `report.txt` (below).\n\n\
+         completion order, with a hash of each payload), `device.log` (the same IO recorded by\n\
+         nbd-server's emulated disk, payloads included: `crashmonkey log show {dir}/device.log`,\n\
+         and `crashmonkey states` / `check` read it like a real client's log), `report.txt`\n\
+         (below).\n\n\
          ```\n{report}```\n",
         seed = o.seed,
         dir = dir.display(),
     );
     w("README.md", readme)?;
     Ok(dir)
+}
+
+/// Replay `bundle` strictly on nbd-server's emulated disk with its recorder writing `path`,
+/// so the bundle carries a write log in the project's own format (payloads included) that the
+/// crash-state tools read. The replay must issue exactly the IO the original run did: the
+/// model is deterministic and the device is only a different medium.
+pub fn record_device_log(
+    path: &Path,
+    bundle: &Bundle,
+    original: &fs_core::sched::RunResult,
+) -> anyhow::Result<()> {
+    let dev =
+        nbd_server::fscore_device::RecordedDevice::new(bundle.config.device_blocks, Some(path))
+            .with_context(|| format!("creating the recorded device for {}", path.display()))?;
+    let disk = dev.disk().clone();
+    let mut policy = fs_core::sched::ReplayPolicy::new(bundle.schedule.clone(), true);
+    let replayed =
+        fs_core::sched::run_on_device(&bundle.config, &bundle.workload, Box::new(dev), &mut policy);
+    disk.sync_log()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    anyhow::ensure!(
+        replayed.device_log == original.device_log,
+        "replaying seed {} on the emulated disk issued different IO ({} records, not {}): \
+         the model is not deterministic",
+        bundle.seed,
+        replayed.device_log.len(),
+        original.device_log.len()
+    );
+    Ok(())
 }
 
 /// Read a bundle folder (or a `bundle.json` path).
