@@ -20,6 +20,8 @@ use crate::states::{CrashState, StateGenerator, StateOptions};
 pub const JOBS_MAX: usize = 64;
 /// Checker output kept per failing state, in bytes (the rest is cut).
 pub const CHECKER_OUTPUT_BYTES_MAX: usize = 1024 * 1024;
+/// Default time limit of one checker run; past it the checker is killed and the state fails.
+pub const CHECKER_SECONDS_DEFAULT: u64 = 600;
 
 #[derive(Debug, Clone)]
 pub struct CheckOptions {
@@ -30,6 +32,8 @@ pub struct CheckOptions {
     pub out: Option<PathBuf>,
     pub states: StateOptions,
     pub progress: bool,
+    /// Time limit of one checker run, in seconds (coreutils `timeout` enforces it).
+    pub timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -92,9 +96,21 @@ struct Outcome {
     output: String,
 }
 
-fn run_checker(cmd: &str) -> std::io::Result<(bool, Option<i32>, String)> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
+fn run_checker(cmd: &str, timeout_seconds: u64) -> std::io::Result<(bool, Option<i32>, String)> {
+    // `timeout` kills the whole checker (SIGTERM, then SIGKILL 5 s later) if it hangs.
+    let out = Command::new("timeout")
+        .args([
+            "--kill-after=5",
+            &timeout_seconds.to_string(),
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .output()?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.code() == Some(124) {
+        text.push_str(&format!("\n[checker killed after {timeout_seconds} s]\n"));
+    }
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     if text.len() > CHECKER_OUTPUT_BYTES_MAX {
         let mut cut = CHECKER_OUTPUT_BYTES_MAX;
@@ -183,7 +199,7 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
                         .map_err(CheckError::from)
                         .and_then(|()| {
                             let cmd = checker_command(&opts.checker, &worker.path, state);
-                            let (ok, exit_code, output) = run_checker(&cmd)?;
+                            let (ok, exit_code, output) = run_checker(&cmd, opts.timeout_seconds)?;
                             if !ok {
                                 if let Some(out) = &opts.out {
                                     let img = out.join(format!("state-{}.img", state.id));

@@ -147,3 +147,45 @@ fn bad_input_is_refused_clearly() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("smaller than the logged disk"));
 }
+
+/// A hanging checker is killed at its time limit and its state fails; nothing hangs.
+#[test]
+fn hanging_checker_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = log(dir.path());
+    let base = dir.path().join("base.img");
+    std::fs::File::create(&base)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let out = cm(&[
+        "check",
+        l.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--checker",
+        "sleep 100; test -e {image}",
+        "--timeout-seconds",
+        "1",
+        "--samples",
+        "1",
+        "--no-torn",
+        "--max-subset",
+        "1",
+        "--json",
+        "--jobs",
+        "4",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["passed"], 0);
+    assert!(s["failures"][0]["output"]
+        .as_str()
+        .unwrap()
+        .contains("killed after 1 s"));
+}

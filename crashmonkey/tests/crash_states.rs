@@ -443,6 +443,7 @@ fn check_runs_the_checker_on_every_unique_state() {
         out: Some(out.clone()),
         states: opts(),
         progress: false,
+        timeout_seconds: 60,
     };
     let s = check(&log, &base, &o).unwrap();
     assert_eq!(s.passed + s.failed, s.unique);

@@ -239,7 +239,11 @@ fn injected_write_faults_fail_and_are_recorded() {
     c.read_exact(&mut back).unwrap();
     assert_eq!(back, vec![0u8; 4096], "a failed write changes nothing");
     drop(c);
-    drop(server);
+    // SIGTERM: a graceful stop writes out the whole log.
+    let mut server = server;
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").arg(&pid).status().unwrap().success());
+    assert!(server.child.wait().unwrap().success());
     let log = nbd_server::log::LogReader::open(&dir.path().join("d.log")).unwrap();
     let kinds: Vec<_> = log.map(|r| r.unwrap().kind.name()).collect();
     assert_eq!(kinds.first().copied(), Some("fault"), "{kinds:?}");

@@ -32,6 +32,7 @@
 mod cache;
 mod faults;
 mod mem;
+mod recorder;
 #[cfg(test)]
 mod tests;
 
@@ -46,12 +47,13 @@ use tokio::sync::watch;
 
 use crate::backend::{Arrival, Backend, ConnId, IoStyle, RequestKind, StatusExtent, Ticket};
 use crate::log::{
-    encode_payload, CutMode, Fate, FaultKind, FaultPayload, FlushPayload, LogError, LogWriter,
+    encode_payload, CutMode, Fate, FaultKind, FaultPayload, FlushPayload, LogError,
     PowerCutPayload, RecordKind, WriteFate, FLAG_FUA, MARK_NAME_BYTES_MAX, SECTOR_BYTES,
 };
 use cache::{Cache, EntryData};
 pub use faults::FaultConfig;
 pub use mem::VecStorage;
+pub use recorder::{Recorder, RECORDER_QUEUE_BYTES_MAX, RECORDER_QUEUE_RECORDS_MAX};
 
 /// Bytes of pending (non-durable) write data the cache holds before writing back the oldest.
 pub const CACHE_BYTES_MAX: u64 = 64 * 1024 * 1024;
@@ -144,7 +146,7 @@ struct State {
     unanswered: BTreeSet<u64>,
     flush_gen: u64,
     cut_gen: u64,
-    log: Option<LogWriter>,
+    log: Option<Recorder>,
     failed: Option<String>,
     fault_rng: ChaCha8Rng,
     cuts_done: u64,
@@ -169,7 +171,7 @@ fn eio(what: &str) -> io::Error {
 impl EmulatedDisk {
     pub fn new(storage: Arc<dyn Backend>, config: DiskConfig) -> Result<Self, DiskError> {
         let log = match &config.record {
-            Some(path) => Some(LogWriter::create(path, storage.size())?),
+            Some(path) => Some(Recorder::create(path, storage.size())?),
             None => None,
         };
         let crash_after_writes = config.crash_after_writes.or_else(|| {
@@ -246,13 +248,32 @@ impl EmulatedDisk {
         length: u64,
         payload: &[u8],
     ) -> io::Result<Option<u64>> {
+        Self::record_inner(st, kind, flags, conn, offset, length, payload, None)
+    }
+
+    /// [`Self::record`], with a write's data shared with the cache instead of copied.
+    #[allow(clippy::too_many_arguments)]
+    fn record_inner(
+        st: &mut State,
+        kind: RecordKind,
+        flags: u8,
+        conn: u64,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        shared: Option<Arc<[u8]>>,
+    ) -> io::Result<Option<u64>> {
         if let Some(f) = &st.failed {
             return Err(eio(f));
         }
         let Some(log) = st.log.as_mut() else {
             return Ok(None);
         };
-        match log.append(kind, flags, conn, offset, length, payload) {
+        let appended = match shared {
+            Some(data) => log.append_shared(kind, flags, conn, offset, data),
+            None => log.append(kind, flags, conn, offset, length, payload),
+        };
+        match appended {
             Ok(seq) => Ok(Some(seq)),
             Err(e) => {
                 tracing::error!("write log failed: {e}; refusing further changes");
@@ -438,7 +459,12 @@ impl EmulatedDisk {
             EntryData::Zeroes { trim: false } => (RecordKind::WriteZeroes, &[]),
         };
         let flags = if fua { FLAG_FUA } else { 0 };
-        let log_seq = Self::record(&mut st, kind, flags, conn, offset, length, payload)?;
+        let shared = match &data {
+            EntryData::Bytes(b) => Some(b.clone()),
+            EntryData::Zeroes { .. } => None,
+        };
+        let log_seq =
+            Self::record_inner(&mut st, kind, flags, conn, offset, length, payload, shared)?;
         let answered_gen = if ticket.0 == 0 {
             Some(st.flush_gen)
         } else {

@@ -39,6 +39,7 @@ pub enum LogCmd {
     ///
     /// Example: crashmonkey log show disk.log
     Show {
+        /// Write log recorded by nbd-server (its export option record=PATH).
         log: PathBuf,
         #[arg(long)]
         json: bool,
@@ -47,6 +48,7 @@ pub enum LogCmd {
     ///
     /// Example: crashmonkey log stats disk.log --json
     Stats {
+        /// Write log recorded by nbd-server (its export option record=PATH).
         log: PathBuf,
         #[arg(long)]
         json: bool,
@@ -55,6 +57,7 @@ pub enum LogCmd {
     ///
     /// Example: crashmonkey log export disk.log --format dm-log-writes -o disk.dmlog
     Export {
+        /// Write log recorded by nbd-server (its export option record=PATH).
         log: PathBuf,
         #[arg(long, value_enum)]
         format: Format,
@@ -66,6 +69,7 @@ pub enum LogCmd {
     ///
     /// Example: crashmonkey log import disk.dmlog --format dm-log-writes -o disk.log
     Import {
+        /// The log to read.
         input: PathBuf,
         #[arg(long, value_enum)]
         format: Format,
@@ -87,6 +91,7 @@ pub enum Format {
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("target").args(["to", "to_mark", "to_flush"])))]
 pub struct ReplayArgs {
+    /// Write log recorded by nbd-server (its export option record=PATH).
     log: PathBuf,
     /// Image the log was recorded on top of (e.g. an empty file of the disk's size).
     #[arg(long)]
@@ -141,6 +146,7 @@ impl StateFlags {
 
 #[derive(Args)]
 pub struct StatesArgs {
+    /// Write log recorded by nbd-server (its export option record=PATH).
     log: PathBuf,
     #[command(flatten)]
     flags: StateFlags,
@@ -151,6 +157,7 @@ pub struct StatesArgs {
 
 #[derive(Args)]
 pub struct CheckArgs {
+    /// Write log recorded by nbd-server (its export option record=PATH).
     log: PathBuf,
     /// Image the log was recorded on top of.
     #[arg(long)]
@@ -166,6 +173,9 @@ pub struct CheckArgs {
     /// Folder for failing images, checker outputs and summary.json.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Time limit of one checker run; a checker that takes longer is killed and its state fails.
+    #[arg(long, default_value_t = crashmonkey::check::CHECKER_SECONDS_DEFAULT)]
+    timeout_seconds: u64,
     #[command(flatten)]
     flags: StateFlags,
     /// Print the summary as one JSON object.
@@ -224,6 +234,7 @@ pub fn run(cmd: CrashCmd) -> anyhow::Result<i32> {
                 out: a.out,
                 states: a.flags.options(),
                 progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                timeout_seconds: a.timeout_seconds.max(1),
             };
             eprintln!("crashmonkey check: seed {}", opts.states.seed);
             let s = check(&a.log, &a.base, &opts)
