@@ -82,12 +82,18 @@ sed -n '1,200p' "$bundle/report.txt"
 echo
 echo "reproducer written to: $bundle"
 echo "  (bundle.json: switches, workload, the materialised schedule; device-log.json: every"
-echo "   device write in completion order; README.md: how to replay)"
+echo "   device write in completion order; device.log: the same run recorded by nbd-server's"
+echo "   emulated disk, in the write-log format; README.md: how to replay)"
 echo
 echo "== replay it exactly:  $CM race --replay $bundle"
 "$CM" race --replay "$bundle" | tail -1 || true
 echo "== replay the same interleaving with the fix on:  $CM race --replay $bundle --defaults"
 "$CM" race --replay "$bundle" --defaults | tail -1
+echo
+echo "== the same run as nbd-server's emulated disk recorded it:  $CM log show $bundle/device.log"
+"$CM" log show "$bundle/device.log" | head -12
+echo "== and the crash states a power cut during it could leave:  $CM states $bundle/device.log"
+"$CM" states "$bundle/device.log" 2>/dev/null | tail -1
 echo
 on=$(field failures "$OUT/fix-on.json")
 off=$(field failures "$OUT/no-iomap-valid.json")
