@@ -48,36 +48,52 @@ pub const FLUSH_FENCE_MILLIS_MAX: u64 = 1000;
 /// FLUSH waits (up to [`FLUSH_FENCE_MILLIS_MAX`]) until no reply of its export is in transit
 /// before it calls `arrived`. Writes whose reply was still in transit are then covered too,
 /// which is allowed: a flush may persist more than it must.
+///
+/// Only batches already in transit when the flush arrives are waited for (by id), so a flush
+/// is not held up by replies that started after it, however busy the other connections are.
 #[derive(Debug, Default)]
 pub struct ReplyFence {
-    in_transit: std::sync::atomic::AtomicUsize,
+    state: std::sync::Mutex<FenceState>,
     idle: tokio::sync::Notify,
 }
 
+#[derive(Debug, Default)]
+struct FenceState {
+    next_id: u64,
+    in_transit: std::collections::BTreeSet<u64>,
+}
+
 impl ReplyFence {
-    fn begin(&self, n: usize) {
-        self.in_transit
-            .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+    fn state(&self) -> std::sync::MutexGuard<'_, FenceState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn end(&self, n: usize) {
-        if n > 0
-            && self
-                .in_transit
-                .fetch_sub(n, std::sync::atomic::Ordering::SeqCst)
-                == n
-        {
-            self.idle.notify_waiters();
-        }
+    /// A batch of replies starts on its way to a socket.
+    fn begin(&self) -> u64 {
+        let mut st = self.state();
+        let id = st.next_id;
+        st.next_id += 1;
+        st.in_transit.insert(id);
+        id
     }
 
+    /// The batch's replies were reported with `reply_sent` (or abandoned).
+    fn end(&self, id: u64) {
+        self.state().in_transit.remove(&id);
+        self.idle.notify_waiters();
+    }
+
+    /// Waits until every batch begun before this call has ended.
     async fn wait_idle(&self) {
+        let horizon = self.state().next_id;
         let wait = async {
             loop {
                 let notified = self.idle.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if self.in_transit.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                let oldest = self.state().in_transit.first().copied();
+                // Batches are ids in begin order: only those begun before the flush count.
+                if oldest.is_none() || oldest >= Some(horizon) {
                     return;
                 }
                 notified.await;
@@ -838,7 +854,7 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
     async fn write_batch(&self, mut batch: Vec<Reply>) {
         let ctx = &self.ctx;
         let ticketed = batch.iter().filter(|r| r.ticket.is_some()).count();
-        ctx.export.fence.begin(ticketed);
+        let fence_id = (ticketed > 0).then(|| ctx.export.fence.begin());
         let broken = {
             let mut g = self.wr.lock().await;
             let (wr, broken) = &mut *g;
@@ -865,7 +881,9 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
             }
             ctx.pool.give(r.bytes);
         }
-        ctx.export.fence.end(ticketed);
+        if let Some(id) = fence_id {
+            ctx.export.fence.end(id);
+        }
     }
 
     /// Marks the socket failed and shuts it down: later batches are abandoned, not written.
