@@ -48,36 +48,52 @@ pub const FLUSH_FENCE_MILLIS_MAX: u64 = 1000;
 /// FLUSH waits (up to [`FLUSH_FENCE_MILLIS_MAX`]) until no reply of its export is in transit
 /// before it calls `arrived`. Writes whose reply was still in transit are then covered too,
 /// which is allowed: a flush may persist more than it must.
+///
+/// Only batches already in transit when the flush arrives are waited for (by id), so a flush
+/// is not held up by replies that started after it, however busy the other connections are.
 #[derive(Debug, Default)]
 pub struct ReplyFence {
-    in_transit: std::sync::atomic::AtomicUsize,
+    state: std::sync::Mutex<FenceState>,
     idle: tokio::sync::Notify,
 }
 
+#[derive(Debug, Default)]
+struct FenceState {
+    next_id: u64,
+    in_transit: std::collections::BTreeSet<u64>,
+}
+
 impl ReplyFence {
-    fn begin(&self, n: usize) {
-        self.in_transit
-            .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+    fn state(&self) -> std::sync::MutexGuard<'_, FenceState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn end(&self, n: usize) {
-        if n > 0
-            && self
-                .in_transit
-                .fetch_sub(n, std::sync::atomic::Ordering::SeqCst)
-                == n
-        {
-            self.idle.notify_waiters();
-        }
+    /// A batch of replies starts on its way to a socket.
+    fn begin(&self) -> u64 {
+        let mut st = self.state();
+        let id = st.next_id;
+        st.next_id += 1;
+        st.in_transit.insert(id);
+        id
     }
 
+    /// The batch's replies were reported with `reply_sent` (or abandoned).
+    fn end(&self, id: u64) {
+        self.state().in_transit.remove(&id);
+        self.idle.notify_waiters();
+    }
+
+    /// Waits until every batch begun before this call has ended.
     async fn wait_idle(&self) {
+        let horizon = self.state().next_id;
         let wait = async {
             loop {
                 let notified = self.idle.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if self.in_transit.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                let oldest = self.state().in_transit.first().copied();
+                // Batches are ids in begin order: only those begun before the flush count.
+                if oldest.is_none() || oldest >= Some(horizon) {
                     return;
                 }
                 notified.await;
@@ -321,6 +337,13 @@ fn execute(ctx: &Ctx, op: &Op, ticket: Ticket) -> Vec<u8> {
             let mut out = ctx.pool.take(prefix + op.length as usize);
             match b.read(ticket, offset, &mut out[prefix..]) {
                 Ok(()) => {
+                    let df = op.flags & NBD_CMD_FLAG_DF != 0;
+                    if ctx.structured && !df {
+                        if let Some(chunks) = sparse_read_reply(cookie, offset, &out[prefix..]) {
+                            ctx.pool.give(out);
+                            return chunks;
+                        }
+                    }
                     if ctx.structured {
                         put_offset_data_prefix(
                             &mut out,
@@ -382,6 +405,68 @@ fn execute(ctx: &Ctx, op: &Op, ticket: Ticket) -> Vec<u8> {
             Err(e) => fail(e),
         },
     }
+}
+
+/// Shortest run of zero bytes sent as an OFFSET_HOLE chunk rather than as data.
+pub const HOLE_CHUNK_BYTES_MIN: usize = 64 * 1024;
+/// Zero runs are found in aligned pieces of this size (relative to the export).
+const HOLE_SCAN_BYTES: usize = 4096;
+
+fn all_zero(b: &[u8]) -> bool {
+    let (words, tail) = b.split_at(b.len() / 8 * 8);
+    words.chunks_exact(8).all(|w| w == [0u8; 8]) && tail.iter().all(|&x| x == 0)
+}
+
+/// For a structured READ without DF: if `data` (read at `offset`) holds zero runs of at least
+/// [`HOLE_CHUNK_BYTES_MIN`], the reply as OFFSET_DATA and OFFSET_HOLE chunks ending with a NONE
+/// chunk, so holes cost 32 bytes on the wire instead of their length. `None` when there is
+/// no such run (the caller sends one OFFSET_DATA chunk, with no extra copy).
+fn sparse_read_reply(cookie: u64, offset: u64, data: &[u8]) -> Option<Vec<u8>> {
+    if data.len() < HOLE_CHUNK_BYTES_MIN {
+        return None;
+    }
+    // Pieces aligned to the export, so chunk boundaries fall on 4 KiB multiples.
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new(); // (start, end, zero)
+    let mut pos = 0usize;
+    while pos < data.len() {
+        let to_boundary = HOLE_SCAN_BYTES - ((offset as usize + pos) % HOLE_SCAN_BYTES);
+        let end = (pos + to_boundary).min(data.len());
+        let zero = all_zero(&data[pos..end]);
+        match runs.last_mut() {
+            Some(last) if last.2 == zero => last.1 = end,
+            _ => runs.push((pos, end, zero)),
+        }
+        pos = end;
+    }
+    // Short zero runs travel as data: merge them into their neighbours.
+    let mut merged: Vec<(usize, usize, bool)> = Vec::new();
+    for (a, b, zero) in runs {
+        let zero = zero && b - a >= HOLE_CHUNK_BYTES_MIN;
+        match merged.last_mut() {
+            Some(last) if last.2 == zero => last.1 = b,
+            _ => merged.push((a, b, zero)),
+        }
+    }
+    if !merged.iter().any(|r| r.2) {
+        return None;
+    }
+    let data_bytes: usize = merged.iter().filter(|r| !r.2).map(|r| r.1 - r.0).sum();
+    let mut out = Vec::with_capacity(
+        data_bytes + merged.len() * (OFFSET_DATA_PREFIX_BYTES + 12) + STRUCTURED_REPLY_HEADER_BYTES,
+    );
+    for (a, b, zero) in merged {
+        let at = offset + a as u64;
+        if zero {
+            encode_offset_hole(&mut out, 0, cookie, at, (b - a) as u32);
+        } else {
+            let mut prefix = [0u8; OFFSET_DATA_PREFIX_BYTES];
+            put_offset_data_prefix(&mut prefix, 0, cookie, at, (b - a) as u32);
+            out.extend_from_slice(&prefix);
+            out.extend_from_slice(&data[a..b]);
+        }
+    }
+    encode_none_chunk(&mut out, cookie);
+    Some(out)
 }
 
 /// Turns backend runs into descriptors: clipped to the request, empty runs dropped, equal
@@ -776,7 +861,7 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
     async fn write_batch(&self, mut batch: Vec<Reply>) {
         let ctx = &self.ctx;
         let ticketed = batch.iter().filter(|r| r.ticket.is_some()).count();
-        ctx.export.fence.begin(ticketed);
+        let fence_id = (ticketed > 0).then(|| ctx.export.fence.begin());
         let broken = {
             let mut g = self.wr.lock().await;
             let (wr, broken) = &mut *g;
@@ -803,7 +888,9 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
             }
             ctx.pool.give(r.bytes);
         }
-        ctx.export.fence.end(ticketed);
+        if let Some(id) = fence_id {
+            ctx.export.fence.end(id);
+        }
     }
 
     /// Marks the socket failed and shuts it down: later batches are abandoned, not written.
@@ -843,6 +930,72 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use crate::backend::StatusExtent;
+
+    /// Decodes a chunked READ reply back into bytes (holes as zeroes).
+    fn reassemble(reply: &[u8], offset: u64, len: usize) -> (Vec<u8>, usize) {
+        let mut out = vec![0xAAu8; len];
+        let mut p = 0;
+        let mut chunks = 0;
+        loop {
+            let (h, n) = ReplyHeader::decode(&reply[p..]).unwrap();
+            let ReplyHeader::Structured {
+                flags,
+                chunk_type,
+                length,
+                ..
+            } = h
+            else {
+                panic!()
+            };
+            let body = &reply[p + n..p + n + length as usize];
+            p += n + length as usize;
+            chunks += 1;
+            let at = body
+                .get(0..8)
+                .map(|b| (u64::from_be_bytes(b.try_into().unwrap()) - offset) as usize)
+                .unwrap_or(0);
+            match chunk_type {
+                NBD_REPLY_TYPE_OFFSET_DATA => {
+                    out[at..at + body.len() - 8].copy_from_slice(&body[8..])
+                }
+                NBD_REPLY_TYPE_OFFSET_HOLE => {
+                    let n = u32::from_be_bytes(body[8..12].try_into().unwrap()) as usize;
+                    out[at..at + n].fill(0);
+                }
+                NBD_REPLY_TYPE_NONE => {}
+                t => panic!("chunk type {t}"),
+            }
+            if flags & NBD_REPLY_FLAG_DONE != 0 {
+                assert_eq!(p, reply.len());
+                return (out, chunks);
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_reads_become_hole_chunks() {
+        let mut data = vec![0u8; 1 << 20];
+        data[5000..9000].fill(1); // data inside the first 64 KiB
+        data[700_000] = 2; // lone byte: its block stays data
+        let off = 3 * 4096 + 100; // unaligned start
+        let reply = sparse_read_reply(9, off, &data).expect("has holes");
+        let (back, chunks) = reassemble(&reply, off, data.len());
+        assert!(back == data);
+        assert!(chunks >= 5, "data, hole, data, hole, none: {chunks}");
+        assert!(
+            reply.len() < 100_000,
+            "holes are not sent as bytes: {}",
+            reply.len()
+        );
+        // No hole of 64 KiB: no chunking.
+        let mut dense = vec![1u8; 1 << 20];
+        dense[4096..8192].fill(0);
+        assert!(sparse_read_reply(9, 0, &dense).is_none());
+        assert!(
+            sparse_read_reply(9, 0, &[0u8; 4096]).is_none(),
+            "too short to bother"
+        );
+    }
 
     #[test]
     fn descriptors_merge_clip_and_cap() {

@@ -39,7 +39,8 @@ pub const IN_FLIGHT_PAYLOAD_BYTES_MAX: u32 = 128 * 1024 * 1024;
 pub const HANDSHAKE_SECONDS_MAX: u64 = 60;
 /// Time shutdown waits for connections to finish their requests before flushing anyway.
 pub const SHUTDOWN_GRACE_SECONDS: u64 = 30;
-/// Socket read buffer per connection: several pipelined small requests per `recv`.
+/// Socket read buffer per connection: several pipelined requests per `recv`. (64 KiB, which
+/// copies less of a large payload, measured slower for 1 MiB writes: more `recv` calls.)
 pub const READ_BUFFER_BYTES: usize = 256 * 1024;
 /// Socket write buffer per connection: several small replies per `send`.
 pub const WRITE_BUFFER_BYTES: usize = 256 * 1024;

@@ -1008,3 +1008,110 @@ fn disconnect_all_drops_connections_and_abandons_replies() {
         "the unsent reply was abandoned"
     );
 }
+
+/// A backend whose every IO fails: EIO (and ENOTSUP for a FAST_ZERO it cannot do fast).
+struct Failing;
+
+impl Backend for Failing {
+    fn size(&self) -> u64 {
+        1 << 20
+    }
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+    fn read(&self, _: Ticket, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+        Err(std::io::Error::other("media error"))
+    }
+    fn write(&self, _: Ticket, _: u64, _: &[u8], _: bool) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(5)) // EIO from the OS
+    }
+    fn write_zeroes(
+        &self,
+        _: Ticket,
+        _: u64,
+        _: u64,
+        _: bool,
+        fast: bool,
+        _: bool,
+    ) -> std::io::Result<()> {
+        if fast {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "no fast zero",
+            ))
+        } else {
+            Err(std::io::Error::other("media error"))
+        }
+    }
+    fn trim(&self, _: Ticket, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(28)) // ENOSPC from the OS stays ENOSPC
+    }
+    fn flush(&self, _: Ticket) -> std::io::Result<()> {
+        Err(std::io::Error::other("flush failed"))
+    }
+    fn block_status(&self, _: Ticket, _: u64, _: u64) -> std::io::Result<Vec<StatusExtent>> {
+        Err(std::io::Error::other("no map"))
+    }
+}
+
+#[test]
+fn backend_errors_become_nbd_errors_without_payload() {
+    let exports = ExportRegistry::new(vec![Export::new("f", Arc::new(Failing), false)]).unwrap();
+    let srv = Server::start_background(ServerConfig {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        unix: None,
+        exports,
+    })
+    .unwrap();
+    let addr = srv.local_addr().unwrap();
+    let mut c = Raw::connect(addr);
+    c.handshake(3);
+    c.go("f", false, false).unwrap();
+    // A failed READ: an error header and no data (the next reply follows immediately).
+    c.request(0, NBD_CMD_READ, 1, 0, 4096, &[]);
+    c.request(0, NBD_CMD_WRITE, 2, 0, 512, &[1; 512]);
+    c.request(0, NBD_CMD_FLUSH, 3, 0, 0, &[]);
+    c.request(0, NBD_CMD_TRIM, 4, 0, 4096, &[]);
+    c.request(
+        NBD_CMD_FLAG_FAST_ZERO,
+        NBD_CMD_WRITE_ZEROES,
+        5,
+        0,
+        4096,
+        &[],
+    );
+    c.request(0, NBD_CMD_WRITE_ZEROES, 6, 0, 4096, &[]);
+    let mut got: Vec<(u64, u32)> = (0..6)
+        .map(|_| {
+            let (err, cookie, data) = c.simple_reply(0);
+            assert!(data.is_empty());
+            (cookie, err)
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (1, NBD_EIO),
+            (2, NBD_EIO),
+            (3, NBD_EIO),
+            (4, NBD_ENOSPC),
+            (5, NBD_ENOTSUP),
+            (6, NBD_EIO)
+        ]
+    );
+    // Structured: READ and BLOCK_STATUS errors are ERROR chunks with a message.
+    let mut s = Raw::connect(addr);
+    s.handshake(3);
+    s.go("f", true, true).unwrap();
+    s.request(0, NBD_CMD_READ, 7, 0, 4096, &[]);
+    let ch = s.chunk();
+    assert_eq!(chunk_error(&ch), NBD_EIO);
+    assert!(String::from_utf8_lossy(&ch.payload[6..]).contains("media error"));
+    s.request(0, NBD_CMD_BLOCK_STATUS, 8, 0, 4096, &[]);
+    assert_eq!(chunk_error(&s.chunk()), NBD_EIO);
+    c.disc();
+    s.disc();
+    // The shutdown flush fails too: shutdown reports it.
+    assert!(srv.shutdown().is_err());
+}

@@ -123,6 +123,20 @@ impl MemoryBackend {
     }
 }
 
+/// A block holding `piece` at `offset` and zeroes elsewhere. A whole block is copied straight
+/// into its allocation, without zeroing it first.
+fn new_block(offset: usize, piece: &[u8]) -> Block {
+    if piece.len() == BLOCK_BYTES {
+        let whole: Box<[u8]> = piece.into();
+        if let Ok(b) = whole.try_into() {
+            return b;
+        }
+    }
+    let mut b: Block = Box::new([0u8; BLOCK_BYTES]);
+    b[offset..offset + piece.len()].copy_from_slice(piece);
+    b
+}
+
 fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     // A panic while holding the lock cannot leave a shard half-updated in a way that breaks
     // memory safety; keep serving rather than turning one bug into a dead export.
@@ -194,9 +208,7 @@ impl Backend for MemoryBackend {
                     }
                     None => {
                         if !is_zero(piece) {
-                            let mut b: Block = Box::new([0u8; BLOCK_BYTES]);
-                            b[bo..bo + m].copy_from_slice(piece);
-                            c.blocks[bi] = Some(b);
+                            c.blocks[bi] = Some(new_block(bo, piece));
                             c.stored += 1;
                         }
                     }
