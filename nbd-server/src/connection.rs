@@ -308,7 +308,7 @@ fn ok_reply(cookie: u64) -> Vec<u8> {
 }
 
 /// Runs one checked request against the backend and returns its reply bytes.
-fn execute(ctx: &Ctx, op: &Op, ticket: Ticket) -> Vec<u8> {
+fn execute(ctx: &Ctx, op: &mut Op, ticket: Ticket) -> Vec<u8> {
     let b = &*ctx.backend;
     let fua = op.flags & NBD_CMD_FLAG_FUA != 0;
     let (cookie, offset, len) = (op.cookie, op.offset, op.length as u64);
@@ -363,10 +363,12 @@ fn execute(ctx: &Ctx, op: &Op, ticket: Ticket) -> Vec<u8> {
                 }
             }
         }
-        RequestKind::Write => match b.write(ticket, offset, &op.payload, fua) {
-            Ok(()) => ok_reply(cookie),
-            Err(e) => fail(e),
-        },
+        RequestKind::Write => {
+            match b.write_owned(ticket, offset, std::mem::take(&mut op.payload), fua) {
+                Ok(()) => ok_reply(cookie),
+                Err(e) => fail(e),
+            }
+        }
         RequestKind::Flush => match b.flush(ticket) {
             Ok(()) => ok_reply(cookie),
             Err(e) => fail(e),
@@ -664,14 +666,18 @@ pub async fn serve<R, W>(
                 Some(p) => Some(p),
                 None => break,
             };
-            payload = ctx.pool.take(h.length as usize);
-            if rd.buffer().len() < payload.len() {
+            if rd.buffer().len() < h.length as usize {
                 pending.flush(&sink).await;
             }
-            if let Err(e) = rd.read_exact(&mut payload).await {
-                tracing::debug!(conn, error = %e, "connection ended in the middle of a write payload");
-                break;
-            }
+            // A fresh buffer, filled without zeroing it first: the emulated disk keeps it as
+            // its cache entry (`write_owned`), so it would not come back to the pool anyway.
+            payload = match read_payload(&mut rd, h.length as usize).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(conn, error = %e, "connection ended in the middle of a write payload");
+                    break;
+                }
+            };
         }
         let kind = match check(&h, &session, size) {
             Ok(k) => k,
@@ -770,6 +776,18 @@ pub async fn serve<R, W>(
     tracing::debug!(conn, "connection closed");
 }
 
+/// Reads exactly `n` bytes into a new buffer, straight into its spare capacity (no zeroing).
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, n: usize) -> io::Result<Vec<u8>> {
+    let mut payload = Vec::with_capacity(n);
+    while payload.len() < n {
+        let want = (n - payload.len()) as u64;
+        if (&mut *rd).take(want).read_buf(&mut payload).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(payload)
+}
+
 /// Requests of inline backends up to this length run in the reader; longer ones get a task.
 pub const INLINE_BYTES_MAX: u32 = 128 * 1024;
 
@@ -837,7 +855,8 @@ fn run(
     slot: OwnedSemaphorePermit,
     budget: Option<OwnedSemaphorePermit>,
 ) -> Reply {
-    let bytes = execute(ctx, &op, ticket);
+    let mut op = op;
+    let bytes = execute(ctx, &mut op, ticket);
     ctx.pool.give(op.payload);
     Reply {
         bytes,

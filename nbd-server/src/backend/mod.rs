@@ -126,6 +126,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Write `data` at `offset`; with `fua`, durable before returning.
     fn write(&self, ticket: Ticket, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
 
+    /// [`Backend::write`] with the payload handed over: a backend that keeps the bytes (the
+    /// emulated disk's cache) takes the buffer instead of copying it. Default: borrows it.
+    fn write_owned(&self, ticket: Ticket, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+        self.write(ticket, offset, &data, fua)
+    }
+
     /// Zero `length` bytes at `offset`. With `may_trim` (no NO_HOLE flag) storage may be
     /// freed. With `fast_only` (FAST_ZERO) return `Err(ErrorKind::Unsupported)` rather than
     /// fall back to writing zero bytes.

@@ -10,7 +10,7 @@ use crate::backend::{Backend, Ticket};
 const ZERO_ENTRY_BYTES: u64 = 64;
 
 pub enum EntryData {
-    Bytes(Arc<[u8]>),
+    Bytes(Arc<Vec<u8>>),
     /// Reads back as zeroes; `trim` says it was a TRIM rather than WRITE_ZEROES.
     Zeroes {
         trim: bool,
@@ -160,6 +160,14 @@ impl Cache {
         }
     }
 
+    /// Whether any cached run overlaps `[offset, offset+length)` (no allocation).
+    pub fn overlaps(&self, offset: u64, length: u64) -> bool {
+        self.extents
+            .range(..offset + length)
+            .next_back()
+            .is_some_and(|(_, x)| x.end > offset)
+    }
+
     /// Copies cached content over `buf`, which holds storage content from `offset`.
     pub fn overlay(&self, offset: u64, buf: &mut [u8]) {
         let end = offset + buf.len() as u64;
@@ -252,5 +260,32 @@ impl Cache {
         self.extents.clear();
         self.bytes = 0;
         self.entries.drain(..).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlaps_sees_exactly_the_cached_runs() {
+        let mut c = Cache::new(1 << 20, 16);
+        assert!(!c.overlaps(0, 4096));
+        c.insert(4096, 4096, EntryData::Zeroes { trim: false }, None, None);
+        c.insert(
+            16384,
+            512,
+            EntryData::Bytes(Arc::new(vec![1; 512])),
+            None,
+            None,
+        );
+        assert!(!c.overlaps(0, 4096));
+        assert!(c.overlaps(0, 4097));
+        assert!(c.overlaps(8191, 1));
+        assert!(!c.overlaps(8192, 8192));
+        assert!(c.overlaps(8192, 8193));
+        assert!(c.overlaps(16895, 4096));
+        assert!(!c.overlaps(16896, 4096));
+        assert!(c.overlaps(0, 1 << 20));
     }
 }

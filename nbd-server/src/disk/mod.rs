@@ -261,7 +261,7 @@ impl EmulatedDisk {
         offset: u64,
         length: u64,
         payload: &[u8],
-        shared: Option<Arc<[u8]>>,
+        shared: Option<Arc<Vec<u8>>>,
     ) -> io::Result<Option<u64>> {
         if let Some(f) = &st.failed {
             return Err(eio(f));
@@ -683,6 +683,17 @@ impl Backend for EmulatedDisk {
     fn read(&self, ticket: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.pre_io(ticket)?;
         let st = self.lock();
+        if !st.cache.overlaps(offset, buf.len() as u64) {
+            // No pending write touches the range (an older write superseded by a newer one
+            // still has the newer one's extent here, and write-back goes in apply order), and
+            // write-backs and power cuts run under the lock, so storage already holds every
+            // applied write here. Whatever is written back after the lock is released belongs
+            // to a write applied after this check: concurrent with this read, so either
+            // content is correct. Storage does its own locking; the disk lock is not held
+            // across the copy.
+            drop(st);
+            return self.storage.read(Ticket(0), offset, buf);
+        }
         // Under the lock, so a concurrent write-back cannot slip between the two steps.
         self.storage.read(Ticket(0), offset, buf)?;
         st.cache.overlay(offset, buf);
@@ -694,7 +705,19 @@ impl Backend for EmulatedDisk {
             ticket,
             offset,
             data.len() as u64,
-            EntryData::Bytes(data.to_vec().into()),
+            EntryData::Bytes(Arc::new(data.to_vec())),
+            fua,
+        )
+    }
+
+    /// The payload becomes the cache entry (and the log record's payload) without a copy.
+    fn write_owned(&self, ticket: Ticket, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+        let length = data.len() as u64;
+        self.apply(
+            ticket,
+            offset,
+            length,
+            EntryData::Bytes(Arc::new(data)),
             fua,
         )
     }

@@ -17,7 +17,7 @@ pub const RECORDER_QUEUE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
 enum Payload {
     Owned(Vec<u8>),
-    Shared(Arc<[u8]>),
+    Shared(Arc<Vec<u8>>),
 }
 
 enum Msg {
@@ -143,7 +143,7 @@ impl Recorder {
         flags: u8,
         conn: u64,
         offset: u64,
-        data: Arc<[u8]>,
+        data: Arc<Vec<u8>>,
     ) -> Result<u64, LogError> {
         let n = data.len() as u64;
         self.push(kind, flags, conn, offset, n, Payload::Shared(data))
