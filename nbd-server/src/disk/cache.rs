@@ -244,10 +244,11 @@ impl Cache {
         if self.bytes <= self.bytes_max && self.entries.len() <= self.entries_max {
             return Ok(0);
         }
-        // Down to three quarters, so a full cache does not write back on every request.
+        // Just back under the limit: a full cache then writes back about one entry per new
+        // one, spread evenly over requests. (Going further down at once made one request in
+        // thousands stall the connection, with the disk lock held, for milliseconds.)
         while !self.entries.is_empty()
-            && (self.bytes > self.bytes_max / 4 * 3
-                || self.entries.len() > self.entries_max / 4 * 3)
+            && (self.bytes > self.bytes_max || self.entries.len() > self.entries_max)
         {
             self.pop_and_write_back(storage)?;
             n += 1;
