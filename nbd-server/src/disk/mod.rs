@@ -421,20 +421,39 @@ impl EmulatedDisk {
         if ticket.0 == 0 {
             return Ok(());
         }
-        let (latency, result) = {
-            let mut st = self.lock();
-            let cut_gen = st.cut_gen;
-            match Self::ticket_info(&mut st, ticket) {
-                None => (0, Err(eio("request outlived a power cut"))),
-                Some(t) if t.cut_gen != cut_gen => (0, Err(eio("request outlived a power cut"))),
-                Some(t) if t.eio => (t.latency_us, Err(eio("injected EIO"))),
-                Some(t) => (t.latency_us, Ok(())),
-            }
-        };
+        let (latency, result) = Self::ticket_check(&mut self.lock(), ticket);
         if latency > 0 {
             std::thread::sleep(std::time::Duration::from_micros(latency as u64));
         }
         result
+    }
+
+    /// The checks of [`Self::pre_io`] under a lock already held: (added latency, outcome).
+    fn ticket_check(st: &mut State, ticket: Ticket) -> (u32, io::Result<()>) {
+        let cut_gen = st.cut_gen;
+        match Self::ticket_info(st, ticket) {
+            None => (0, Err(eio("request outlived a power cut"))),
+            Some(t) if t.cut_gen != cut_gen => (0, Err(eio("request outlived a power cut"))),
+            Some(t) if t.eio => (t.latency_us, Err(eio("injected EIO"))),
+            Some(t) => (t.latency_us, Ok(())),
+        }
+    }
+
+    /// [`Self::pre_io`] and then the lock, taken once when there is no latency to add.
+    fn pre_io_locked(&self, ticket: Ticket) -> io::Result<MutexGuard<'_, State>> {
+        let mut st = self.lock();
+        if ticket.0 == 0 {
+            return Ok(st);
+        }
+        let (latency, result) = Self::ticket_check(&mut st, ticket);
+        if latency == 0 {
+            result?;
+            return Ok(st);
+        }
+        drop(st);
+        std::thread::sleep(std::time::Duration::from_micros(latency as u64));
+        result?;
+        Ok(self.lock())
     }
 
     /// Applies a data change to the cache (and log), then writes through for FUA and
@@ -447,8 +466,7 @@ impl EmulatedDisk {
         data: EntryData,
         fua: bool,
     ) -> io::Result<()> {
-        self.pre_io(ticket)?;
-        let mut st = self.lock();
+        let mut st = self.pre_io_locked(ticket)?;
         if let Some(f) = &st.failed {
             return Err(eio(f));
         }
@@ -681,8 +699,7 @@ impl Backend for EmulatedDisk {
     }
 
     fn read(&self, ticket: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.pre_io(ticket)?;
-        let st = self.lock();
+        let st = self.pre_io_locked(ticket)?;
         if !st.cache.overlaps(offset, buf.len() as u64) {
             // No pending write touches the range (an older write superseded by a newer one
             // still has the newer one's extent here, and write-back goes in apply order), and
