@@ -669,9 +669,15 @@ pub async fn serve<R, W>(
             if rd.buffer().len() < h.length as usize {
                 pending.flush(&sink).await;
             }
-            // A fresh buffer, filled without zeroing it first: the emulated disk keeps it as
-            // its cache entry (`write_owned`), so it would not come back to the pool anyway.
-            payload = match read_payload(&mut rd, h.length as usize).await {
+            // The backend's buffer (the emulated disk recycles written-back entries), filled
+            // without zeroing it first; `write_owned` hands it back as the cache entry.
+            payload = match read_payload(
+                &mut rd,
+                backend.payload_buffer(h.length as usize),
+                h.length as usize,
+            )
+            .await
+            {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::debug!(conn, error = %e, "connection ended in the middle of a write payload");
@@ -776,9 +782,14 @@ pub async fn serve<R, W>(
     tracing::debug!(conn, "connection closed");
 }
 
-/// Reads exactly `n` bytes into a new buffer, straight into its spare capacity (no zeroing).
-async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, n: usize) -> io::Result<Vec<u8>> {
-    let mut payload = Vec::with_capacity(n);
+/// Reads exactly `n` bytes into `payload` (emptied first), straight into its spare capacity (no zeroing).
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    mut payload: Vec<u8>,
+    n: usize,
+) -> io::Result<Vec<u8>> {
+    payload.clear();
+    payload.reserve(n);
     while payload.len() < n {
         let want = (n - payload.len()) as u64;
         if (&mut *rd).take(want).read_buf(&mut payload).await? == 0 {

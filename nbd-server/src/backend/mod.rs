@@ -126,6 +126,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Write `data` at `offset`; with `fua`, durable before returning.
     fn write(&self, ticket: Ticket, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
 
+    /// An empty buffer with room for a write payload of `n` bytes, to fill and hand back
+    /// through [`Backend::write_owned`]. Default: a fresh allocation.
+    fn payload_buffer(&self, n: usize) -> Vec<u8> {
+        Vec::with_capacity(n)
+    }
+
     /// [`Backend::write`] with the payload handed over: a backend that keeps the bytes (the
     /// emulated disk's cache) takes the buffer instead of copying it. Default: borrows it.
     fn write_owned(&self, ticket: Ticket, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {

@@ -6,6 +6,17 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, Ticket};
 
+/// Written-back payload buffers kept for reuse at most.
+pub const SPARE_BUFFERS_MAX: usize = 32;
+/// Payload buffers at least this large are kept for reuse (smaller ones are cheap to allocate).
+pub const SPARE_BUFFER_BYTES_MIN: usize = 64 * 1024;
+/// Payload buffers larger than this are freed rather than kept.
+pub const SPARE_BUFFER_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Buffers of written-back entries, handed out again for new write payloads: a fresh large
+/// allocation costs a page fault per 4 KiB and the unmapping when it is freed.
+pub type Spares = std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
 /// Bytes a zero-range entry counts for, toward the cache limit (its bookkeeping).
 const ZERO_ENTRY_BYTES: u64 = 64;
 
@@ -52,6 +63,7 @@ pub struct Cache {
     bytes_max: u64,
     entries_max: usize,
     next_id: u64,
+    spares: Spares,
 }
 
 /// Writes part `[off, off+len)` of `entry` to storage.
@@ -83,7 +95,13 @@ impl Cache {
             bytes_max,
             entries_max,
             next_id: 0,
+            spares: Spares::default(),
         }
+    }
+
+    /// The pool written-back buffers go to.
+    pub fn spares(&self) -> Spares {
+        self.spares.clone()
     }
 
     pub fn len(&self) -> usize {
@@ -212,7 +230,20 @@ impl Cache {
         self.bytes -= entry.cost();
         // The whole write goes out, even parts a newer cached write covers: storage sees
         // writes in apply order, and the newer one overwrites it when its turn comes.
-        apply_to_storage(storage, &entry, entry.offset, entry.length)
+        apply_to_storage(storage, &entry, entry.offset, entry.length)?;
+        // Unshared once written back, unless the write log still holds it.
+        if let EntryData::Bytes(b) = entry.data {
+            if let Ok(mut v) = Arc::try_unwrap(b) {
+                if (SPARE_BUFFER_BYTES_MIN..=SPARE_BUFFER_BYTES_MAX).contains(&v.capacity()) {
+                    let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+                    if spares.len() < SPARE_BUFFERS_MAX {
+                        v.clear();
+                        spares.push(v);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes back every entry up to and including `id`, oldest first.

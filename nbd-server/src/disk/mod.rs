@@ -162,6 +162,8 @@ pub struct EmulatedDisk {
     config: DiskConfig,
     cut_tx: watch::Sender<u64>,
     reads: std::sync::atomic::AtomicU64,
+    /// Written-back payload buffers (see [`cache::Spares`]).
+    spares: cache::Spares,
 }
 
 fn eio(what: &str) -> io::Error {
@@ -189,11 +191,14 @@ impl EmulatedDisk {
         };
         let recording = log.is_some();
         let (cut_tx, _) = watch::channel(0);
+        let cache = Cache::new(cache_limit, CACHE_ENTRIES_MAX);
+        let spares = cache.spares();
         Ok(EmulatedDisk {
+            spares,
             state: Mutex::new(State {
                 next_ticket: 1,
                 tickets: HashMap::new(),
-                cache: Cache::new(cache_limit, CACHE_ENTRIES_MAX),
+                cache,
                 unanswered: BTreeSet::new(),
                 flush_gen: 0,
                 cut_gen: 0,
@@ -725,6 +730,17 @@ impl Backend for EmulatedDisk {
             EntryData::Bytes(Arc::new(data.to_vec())),
             fua,
         )
+    }
+
+    fn payload_buffer(&self, n: usize) -> Vec<u8> {
+        let spare = {
+            let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+            spares.pop()
+        };
+        match spare {
+            Some(v) if v.capacity() >= n => v,
+            _ => Vec::with_capacity(n),
+        }
     }
 
     /// The payload becomes the cache entry (and the log record's payload) without a copy.
