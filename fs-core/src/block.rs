@@ -137,6 +137,52 @@ pub fn content_hash(data: &[u8]) -> u64 {
     h
 }
 
+impl DeviceRecord {
+    /// The record of one applied request; `payload` is the written data (empty for flush and
+    /// trim).
+    pub fn new(seq: u64, kind: RecordKind, block: u64, count: u64, payload: &[u8]) -> Self {
+        DeviceRecord {
+            seq,
+            kind,
+            block,
+            count,
+            hash: if payload.is_empty() {
+                0
+            } else {
+                content_hash(payload)
+            },
+            first_byte: payload.first().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// What every device checks at `submit`: room for one more request in flight, the range
+/// inside a device of `blocks` blocks, and writes of exactly one block.
+pub fn check_submit(blocks: u64, in_flight: usize, req: &Request) -> Result<(), DeviceError> {
+    if in_flight >= REQUESTS_IN_FLIGHT_MAX {
+        return Err(DeviceError::TooManyInFlight);
+    }
+    let in_range = |block: u64, count: u64| {
+        if block.checked_add(count).is_none_or(|end| end > blocks) {
+            Err(DeviceError::OutOfRange { block, blocks })
+        } else {
+            Ok(())
+        }
+    };
+    match req {
+        Request::Read { block } => in_range(*block, 1),
+        Request::Write { block, data, .. } => {
+            in_range(*block, 1)?;
+            if data.len() != BLOCK_SIZE {
+                return Err(DeviceError::BadLength(data.len()));
+            }
+            Ok(())
+        }
+        Request::Trim { block, count } => in_range(*block, *count),
+        Request::Flush => Ok(()),
+    }
+}
+
 /// A sparse in-memory device: unwritten blocks read as zeros. Every applied write, flush and
 /// trim is appended to `log`.
 #[derive(Debug, Clone)]
@@ -171,32 +217,10 @@ impl MemDevice {
         self.in_flight.len()
     }
 
-    fn check(&self, block: u64, count: u64) -> Result<(), DeviceError> {
-        if block.checked_add(count).is_none_or(|end| end > self.blocks) {
-            return Err(DeviceError::OutOfRange {
-                block,
-                blocks: self.blocks,
-            });
-        }
-        Ok(())
-    }
-
     fn record(&mut self, kind: RecordKind, block: u64, count: u64, payload: &[u8]) {
         let seq = self.log.len() as u64;
-        let first_byte = payload.first().copied().unwrap_or(0);
-        let hash = if payload.is_empty() {
-            0
-        } else {
-            content_hash(payload)
-        };
-        self.log.push(DeviceRecord {
-            seq,
-            kind,
-            block,
-            count,
-            hash,
-            first_byte,
-        });
+        self.log
+            .push(DeviceRecord::new(seq, kind, block, count, payload));
     }
 }
 
@@ -206,20 +230,7 @@ impl BlockDevice for MemDevice {
     }
 
     fn submit(&mut self, req: Request) -> Result<ReqId, DeviceError> {
-        if self.in_flight.len() >= REQUESTS_IN_FLIGHT_MAX {
-            return Err(DeviceError::TooManyInFlight);
-        }
-        match &req {
-            Request::Read { block } => self.check(*block, 1)?,
-            Request::Write { block, data, .. } => {
-                self.check(*block, 1)?;
-                if data.len() != BLOCK_SIZE {
-                    return Err(DeviceError::BadLength(data.len()));
-                }
-            }
-            Request::Trim { block, count } => self.check(*block, *count)?,
-            Request::Flush => {}
-        }
+        check_submit(self.blocks, self.in_flight.len(), &req)?;
         let id = ReqId(self.next_id);
         self.next_id += 1;
         self.in_flight.insert(id, req);

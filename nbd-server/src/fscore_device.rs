@@ -10,8 +10,8 @@
 use crate::backend::{Arrival, Backend, RequestKind};
 use crate::disk::{DiskConfig, DiskError, EmulatedDisk};
 use fs_core::block::{
-    content_hash, BlockDevice, Completion, DeviceError, DeviceRecord, RecordKind, ReqId, Request,
-    BLOCK_SIZE, REQUESTS_IN_FLIGHT_MAX,
+    check_submit, BlockDevice, Completion, DeviceError, DeviceRecord, RecordKind, ReqId, Request,
+    BLOCK_SIZE,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -62,29 +62,10 @@ impl RecordedDevice {
         &self.disk
     }
 
-    fn check(&self, block: u64, count: u64) -> Result<(), DeviceError> {
-        match block.checked_add(count) {
-            Some(end) if end <= self.blocks => Ok(()),
-            _ => Err(DeviceError::OutOfRange {
-                block,
-                blocks: self.blocks,
-            }),
-        }
-    }
-
     fn record(&mut self, kind: RecordKind, block: u64, count: u64, payload: &[u8]) {
-        self.records.push(DeviceRecord {
-            seq: self.records.len() as u64,
-            kind,
-            block,
-            count,
-            hash: if payload.is_empty() {
-                0
-            } else {
-                content_hash(payload)
-            },
-            first_byte: payload.first().copied().unwrap_or(0),
-        });
+        let seq = self.records.len() as u64;
+        self.records
+            .push(DeviceRecord::new(seq, kind, block, count, payload));
     }
 
     /// One request through the disk's whole lifecycle: arrival, IO, reply.
@@ -115,20 +96,7 @@ impl BlockDevice for RecordedDevice {
     }
 
     fn submit(&mut self, req: Request) -> Result<ReqId, DeviceError> {
-        if self.in_flight.len() >= REQUESTS_IN_FLIGHT_MAX {
-            return Err(DeviceError::TooManyInFlight);
-        }
-        match &req {
-            Request::Read { block } => self.check(*block, 1)?,
-            Request::Write { block, data, .. } => {
-                self.check(*block, 1)?;
-                if data.len() != BLOCK_SIZE {
-                    return Err(DeviceError::BadLength(data.len()));
-                }
-            }
-            Request::Trim { block, count } => self.check(*block, *count)?,
-            Request::Flush => {}
-        }
+        check_submit(self.blocks, self.in_flight.len(), &req)?;
         let id = ReqId(self.next_id);
         self.next_id += 1;
         self.in_flight.insert(id, req);
