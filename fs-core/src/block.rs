@@ -156,30 +156,69 @@ impl DeviceRecord {
     }
 }
 
-/// What every device checks at `submit`: room for one more request in flight, the range
-/// inside a device of `blocks` blocks, and writes of exactly one block.
-pub fn check_submit(blocks: u64, in_flight: usize, req: &Request) -> Result<(), DeviceError> {
-    if in_flight >= REQUESTS_IN_FLIGHT_MAX {
-        return Err(DeviceError::TooManyInFlight);
+/// Requests submitted and not yet completed, as every device keeps them: `submit` checks a
+/// request (room in flight, range inside a device of `blocks` blocks, whole-block writes) and
+/// numbers it; `take` hands it back at completion.
+#[derive(Debug, Clone, Default)]
+pub struct RequestQueue {
+    blocks: u64,
+    in_flight: BTreeMap<ReqId, Request>,
+    next_id: u64,
+}
+
+impl RequestQueue {
+    pub fn new(blocks: u64) -> Self {
+        RequestQueue {
+            blocks,
+            ..RequestQueue::default()
+        }
     }
-    let in_range = |block: u64, count: u64| {
-        if block.checked_add(count).is_none_or(|end| end > blocks) {
-            Err(DeviceError::OutOfRange { block, blocks })
-        } else {
-            Ok(())
+
+    pub fn len(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.in_flight.is_empty()
+    }
+
+    pub fn contains(&self, id: ReqId) -> bool {
+        self.in_flight.contains_key(&id)
+    }
+
+    pub fn submit(&mut self, req: Request) -> Result<ReqId, DeviceError> {
+        if self.in_flight.len() >= REQUESTS_IN_FLIGHT_MAX {
+            return Err(DeviceError::TooManyInFlight);
         }
-    };
-    match req {
-        Request::Read { block } => in_range(*block, 1),
-        Request::Write { block, data, .. } => {
-            in_range(*block, 1)?;
-            if data.len() != BLOCK_SIZE {
-                return Err(DeviceError::BadLength(data.len()));
+        let blocks = self.blocks;
+        let in_range = |block: u64, count: u64| {
+            if block.checked_add(count).is_none_or(|end| end > blocks) {
+                Err(DeviceError::OutOfRange { block, blocks })
+            } else {
+                Ok(())
             }
-            Ok(())
+        };
+        match &req {
+            Request::Read { block } => in_range(*block, 1)?,
+            Request::Write { block, data, .. } => {
+                in_range(*block, 1)?;
+                if data.len() != BLOCK_SIZE {
+                    return Err(DeviceError::BadLength(data.len()));
+                }
+            }
+            Request::Trim { block, count } => in_range(*block, *count)?,
+            Request::Flush => {}
         }
-        Request::Trim { block, count } => in_range(*block, *count),
-        Request::Flush => Ok(()),
+        let id = ReqId(self.next_id);
+        self.next_id += 1;
+        self.in_flight.insert(id, req);
+        Ok(id)
+    }
+
+    pub fn take(&mut self, id: ReqId) -> Result<Request, DeviceError> {
+        self.in_flight
+            .remove(&id)
+            .ok_or(DeviceError::UnknownRequest(id))
     }
 }
 
@@ -189,8 +228,7 @@ pub fn check_submit(blocks: u64, in_flight: usize, req: &Request) -> Result<(), 
 pub struct MemDevice {
     blocks: u64,
     data: BTreeMap<u64, Vec<u8>>,
-    in_flight: BTreeMap<ReqId, Request>,
-    next_id: u64,
+    queue: RequestQueue,
     log: Vec<DeviceRecord>,
 }
 
@@ -199,8 +237,7 @@ impl MemDevice {
         MemDevice {
             blocks,
             data: BTreeMap::new(),
-            in_flight: BTreeMap::new(),
-            next_id: 0,
+            queue: RequestQueue::new(blocks),
             log: Vec::new(),
         }
     }
@@ -214,7 +251,7 @@ impl MemDevice {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.queue.len()
     }
 
     fn record(&mut self, kind: RecordKind, block: u64, count: u64, payload: &[u8]) {
@@ -230,18 +267,11 @@ impl BlockDevice for MemDevice {
     }
 
     fn submit(&mut self, req: Request) -> Result<ReqId, DeviceError> {
-        check_submit(self.blocks, self.in_flight.len(), &req)?;
-        let id = ReqId(self.next_id);
-        self.next_id += 1;
-        self.in_flight.insert(id, req);
-        Ok(id)
+        self.queue.submit(req)
     }
 
     fn complete(&mut self, id: ReqId) -> Result<Completion, DeviceError> {
-        let req = self
-            .in_flight
-            .remove(&id)
-            .ok_or(DeviceError::UnknownRequest(id))?;
+        let req = self.queue.take(id)?;
         Ok(match req {
             Request::Read { block } => Completion::Read {
                 data: self.block(block),

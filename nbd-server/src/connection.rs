@@ -560,9 +560,7 @@ pub async fn serve<R, W>(
     // Replies of requests run in this task, handed to the writer in one message whenever the
     // reader is about to wait (so one socket write answers everything one read brought).
     let mut pending = Pending::default();
-    // A power cut of the emulated disk drops every connection to it.
-    let mut power_cut = session.export.disk.as_ref().map(|d| d.power_cuts());
-
+    // Bumped by `Export::disconnect_all` and, for an emulated disk, by its power cut.
     let mut kick = session.export.kick.subscribe();
     let mut kicked = false;
     loop {
@@ -594,11 +592,6 @@ pub async fn serve<R, W>(
             r = rd.read_exact(&mut hb) => r,
             _ = wait_for_shutdown(&mut shutdown) => {
                 tracing::debug!(conn, "shutdown: no more requests");
-                break;
-            }
-            _ = crate::disk::wait_for_power_cut(&mut power_cut) => {
-                tracing::info!(conn, "power cut: dropping the connection");
-                kicked = true;
                 break;
             }
             _ = kick.changed() => {
@@ -771,7 +764,10 @@ pub async fn serve<R, W>(
     }
     if kicked {
         // Hard disconnect: nothing more reaches the client.
-        tracing::info!(conn, "disconnected by disconnect_all");
+        tracing::info!(
+            conn,
+            "dropped with every connection of the export (power cut or disconnect_all)"
+        );
         sink.cut().await;
     }
     pending.flush(&sink).await;

@@ -338,9 +338,14 @@ impl Export {
             description: spec.description.clone(),
             readonly: spec.readonly,
             backend,
+            // A power cut of the disk drops connections through the same channel as
+            // `disconnect_all`.
+            kick: disk
+                .as_ref()
+                .map(|d| d.power_cut_sender())
+                .unwrap_or_else(|| tokio::sync::watch::Sender::new(0)),
             disk,
             fence: Default::default(),
-            kick: tokio::sync::watch::Sender::new(0),
         })
     }
 

@@ -10,10 +10,9 @@
 use crate::backend::{Arrival, Backend, RequestKind};
 use crate::disk::{DiskConfig, DiskError, EmulatedDisk};
 use fs_core::block::{
-    check_submit, BlockDevice, Completion, DeviceError, DeviceRecord, RecordKind, ReqId, Request,
+    BlockDevice, Completion, DeviceError, DeviceRecord, RecordKind, ReqId, Request, RequestQueue,
     BLOCK_SIZE,
 };
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -24,8 +23,7 @@ pub const FSCORE_CONN_ID: u64 = 0;
 pub struct RecordedDevice {
     disk: Arc<EmulatedDisk>,
     blocks: u64,
-    in_flight: BTreeMap<ReqId, Request>,
-    next_id: u64,
+    queue: RequestQueue,
     records: Vec<DeviceRecord>,
 }
 
@@ -33,7 +31,7 @@ impl std::fmt::Debug for RecordedDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecordedDevice")
             .field("blocks", &self.blocks)
-            .field("in_flight", &self.in_flight.len())
+            .field("in_flight", &self.queue.len())
             .finish()
     }
 }
@@ -51,8 +49,7 @@ impl RecordedDevice {
         Ok(RecordedDevice {
             disk: Arc::new(EmulatedDisk::new(storage, config)?),
             blocks,
-            in_flight: BTreeMap::new(),
-            next_id: 0,
+            queue: RequestQueue::new(blocks),
             records: Vec::new(),
         })
     }
@@ -96,18 +93,11 @@ impl BlockDevice for RecordedDevice {
     }
 
     fn submit(&mut self, req: Request) -> Result<ReqId, DeviceError> {
-        check_submit(self.blocks, self.in_flight.len(), &req)?;
-        let id = ReqId(self.next_id);
-        self.next_id += 1;
-        self.in_flight.insert(id, req);
-        Ok(id)
+        self.queue.submit(req)
     }
 
     fn complete(&mut self, id: ReqId) -> Result<Completion, DeviceError> {
-        let req = self
-            .in_flight
-            .remove(&id)
-            .ok_or(DeviceError::UnknownRequest(id))?;
+        let req = self.queue.take(id)?;
         match req {
             Request::Read { block } => {
                 let mut data = vec![0u8; BLOCK_SIZE];
@@ -197,7 +187,7 @@ mod tests {
                 data: vec![b'a'; BLOCK_SIZE]
             }
         );
-        assert!(dev.in_flight.contains_key(&never));
+        assert!(dev.queue.contains(never));
         dev.disk().sync_log().unwrap();
         let recs: Vec<_> = LogReader::open(&path)
             .unwrap()

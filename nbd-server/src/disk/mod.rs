@@ -226,6 +226,12 @@ impl EmulatedDisk {
         self.cut_tx.subscribe()
     }
 
+    /// The sender that power cuts bump; the export uses it as its disconnect channel, so
+    /// `Export::disconnect_all` and a power cut drop connections the same way.
+    pub fn power_cut_sender(&self) -> watch::Sender<u64> {
+        self.cut_tx.clone()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock is a bug; the state may be half-updated, so stop.
         self.state
@@ -821,17 +827,5 @@ impl Backend for EmulatedDisk {
             return Ok(ext);
         }
         self.storage.block_status(Ticket(0), offset, length)
-    }
-}
-
-/// Resolves at the next power cut signalled on `rx`; never, when there is no disk.
-pub async fn wait_for_power_cut(rx: &mut Option<watch::Receiver<u64>>) {
-    match rx {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending::<()>().await,
     }
 }
