@@ -11,10 +11,9 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 
-use super::{Backend, IoStyle, StatusExtent, Ticket};
+pub use super::BLOCK_BYTES;
+use super::{block_from, Backend, Block, IoStyle, StatusExtent, Ticket};
 
-/// Bytes per stored block.
-pub const BLOCK_BYTES: usize = 4096;
 /// Blocks per chunk: a chunk is the unit of locking (1 MiB).
 pub const CHUNK_BLOCKS: usize = 256;
 const CHUNK_BYTES: u64 = (BLOCK_BYTES * CHUNK_BLOCKS) as u64;
@@ -22,8 +21,6 @@ const CHUNK_BYTES: u64 = (BLOCK_BYTES * CHUNK_BLOCKS) as u64;
 pub const SHARDS: usize = 64;
 /// Most runs one `block_status` call returns (the server may ask again for the rest).
 pub const STATUS_RUNS_MAX: usize = 4096;
-
-type Block = Box<[u8; BLOCK_BYTES]>;
 
 struct Chunk {
     blocks: Box<[Option<Block>; CHUNK_BLOCKS]>,
@@ -127,10 +124,7 @@ impl MemoryBackend {
 /// into its allocation, without zeroing it first.
 fn new_block(offset: usize, piece: &[u8]) -> Block {
     if piece.len() == BLOCK_BYTES {
-        let whole: Box<[u8]> = piece.into();
-        if let Ok(b) = whole.try_into() {
-            return b;
-        }
+        return block_from(piece);
     }
     let mut b: Block = Box::new([0u8; BLOCK_BYTES]);
     b[offset..offset + piece.len()].copy_from_slice(piece);
@@ -219,6 +213,52 @@ impl Backend for MemoryBackend {
                 shard.remove(&chunk);
             }
         });
+        Ok(())
+    }
+
+    fn adopts_blocks(&self) -> bool {
+        true
+    }
+
+    /// Each block takes its place in the map as it is (the one it replaces is freed); a block
+    /// of zeroes is dropped instead, as a written block of zeroes would be.
+    fn adopt_blocks(&self, _t: Ticket, offset: u64, blocks: Vec<Block>) -> io::Result<()> {
+        debug_assert_eq!(offset % BLOCK_BYTES as u64, 0);
+        let first = offset / BLOCK_BYTES as u64;
+        let mut blocks = blocks.into_iter().enumerate().peekable();
+        while let Some(&(i, _)) = blocks.peek() {
+            let chunk = (first + i as u64) / CHUNK_BLOCKS as u64;
+            let mut shard = self.shard(chunk);
+            // Every block of this chunk, under one lock.
+            while let Some((i, b)) =
+                blocks.next_if(|(i, _)| (first + *i as u64) / CHUNK_BLOCKS as u64 == chunk)
+            {
+                let bi = ((first + i as u64) % CHUNK_BLOCKS as u64) as usize;
+                let zero = is_zero(&b[..]);
+                let c = match shard.entry(chunk) {
+                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        if zero {
+                            continue;
+                        }
+                        v.insert(Chunk::new())
+                    }
+                };
+                let old = if zero {
+                    c.blocks[bi].take()
+                } else {
+                    c.blocks[bi].replace(b)
+                };
+                match (old.is_some(), zero) {
+                    (true, true) => c.stored -= 1,
+                    (false, false) => c.stored += 1,
+                    _ => {}
+                }
+                if c.stored == 0 {
+                    shard.remove(&chunk);
+                }
+            }
+        }
         Ok(())
     }
 

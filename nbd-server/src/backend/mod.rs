@@ -39,6 +39,23 @@ pub use memory::MemoryBackend;
 /// Identifies one connection for the lifetime of the server process.
 pub type ConnId = u64;
 
+/// Bytes in a [`Block`].
+pub const BLOCK_BYTES: usize = 4096;
+
+/// One 4 KiB block on the heap: the unit the memory backend stores, and the form the emulated
+/// disk caches aligned writes in, so that writing one back moves the block instead of copying
+/// it (see [`Backend::adopt_blocks`]).
+pub type Block = Box<[u8; BLOCK_BYTES]>;
+
+/// A block holding `bytes` (exactly [`BLOCK_BYTES`] of them), copied straight into its
+/// allocation without zeroing it first.
+pub fn block_from(bytes: &[u8]) -> Block {
+    let whole: Box<[u8]> = bytes.into();
+    whole
+        .try_into()
+        .unwrap_or_else(|_| Box::new([0u8; BLOCK_BYTES]))
+}
+
 /// An opaque token a backend hands out at request arrival and gets back at every later
 /// lifecycle event of the same request. Plain backends return `Ticket(0)` and ignore it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -136,6 +153,21 @@ pub trait Backend: Send + Sync + 'static {
     /// emulated disk's cache) takes the buffer instead of copying it. Default: borrows it.
     fn write_owned(&self, ticket: Ticket, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
         self.write(ticket, offset, &data, fua)
+    }
+
+    /// Whether [`Self::adopt_blocks`] keeps the blocks it is given (rather than copying them),
+    /// so that a caller holding data should hand it over in [`Block`]s.
+    fn adopts_blocks(&self) -> bool {
+        false
+    }
+
+    /// Writes `blocks` at `offset` (a multiple of [`BLOCK_BYTES`]), taking ownership of them.
+    /// The default copies them with [`Self::write`].
+    fn adopt_blocks(&self, ticket: Ticket, offset: u64, blocks: Vec<Block>) -> io::Result<()> {
+        for (i, b) in blocks.iter().enumerate() {
+            self.write(ticket, offset + (i * BLOCK_BYTES) as u64, &b[..], false)?;
+        }
+        Ok(())
     }
 
     /// Zero `length` bytes at `offset`. With `may_trim` (no NO_HOLE flag) storage may be

@@ -7,6 +7,13 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use nbd_server::{ExportRegistry, ExportSpec, Server, ServerConfig};
 
+/// mimalloc rather than glibc's malloc: under a write load glibc grew and trimmed its
+/// per-thread heaps with an `mprotect` call every few allocations (16,901 in 4 s of 4 KiB
+/// random writes, measured with `strace -c -f`), and served each fresh 4 KiB block with a
+/// page fault of its own.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EXAMPLES: &str = "\
 Examples:
   # A 64 MiB sparse memory disk on the default address, named \"disk\":

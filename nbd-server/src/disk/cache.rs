@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 
-use crate::backend::{Backend, Ticket};
+use crate::backend::{Backend, Block, Ticket, BLOCK_BYTES};
 
 /// Written-back payload buffers kept for reuse at most.
 pub const SPARE_BUFFERS_MAX: usize = 32;
@@ -22,6 +22,9 @@ const ZERO_ENTRY_BYTES: u64 = 64;
 
 pub enum EntryData {
     Bytes(Arc<Vec<u8>>),
+    /// A write aligned to 4 KiB blocks, for storage that adopts blocks: written back by
+    /// moving the blocks into storage, not by copying them (see `Backend::adopt_blocks`).
+    Blocks(Vec<Block>),
     /// Reads back as zeroes; `trim` says it was a TRIM rather than WRITE_ZEROES.
     Zeroes {
         trim: bool,
@@ -42,6 +45,7 @@ impl Entry {
     fn cost(&self) -> u64 {
         match &self.data {
             EntryData::Bytes(b) => b.len() as u64,
+            EntryData::Blocks(b) => (b.len() * BLOCK_BYTES) as u64,
             EntryData::Zeroes { .. } => ZERO_ENTRY_BYTES,
         }
     }
@@ -79,10 +83,32 @@ pub fn apply_to_storage(
             let s = (off - entry.offset) as usize;
             storage.write(Ticket(0), off, &b[s..s + len as usize], false)
         }
+        EntryData::Blocks(blocks) => {
+            let mut at = off;
+            while at < off + len {
+                let rel = (at - entry.offset) as usize;
+                let (bi, bo) = (rel / BLOCK_BYTES, rel % BLOCK_BYTES);
+                let n = (BLOCK_BYTES - bo).min((off + len - at) as usize);
+                storage.write(Ticket(0), at, &blocks[bi][bo..bo + n], false)?;
+                at += n as u64;
+            }
+            Ok(())
+        }
         EntryData::Zeroes { trim: true } if storage.can_trim() => {
             storage.trim(Ticket(0), off, len, false)
         }
         EntryData::Zeroes { .. } => storage.write_zeroes(Ticket(0), off, len, false, false, false),
+    }
+}
+
+/// Keeps `v` for a later payload if it is worth keeping and the pool has room.
+pub fn recycle(spares: &Spares, mut v: Vec<u8>) {
+    if (SPARE_BUFFER_BYTES_MIN..=SPARE_BUFFER_BYTES_MAX).contains(&v.capacity()) {
+        let mut spares = spares.lock().unwrap_or_else(|e| e.into_inner());
+        if spares.len() < SPARE_BUFFERS_MAX {
+            v.clear();
+            spares.push(v);
+        }
     }
 }
 
@@ -200,6 +226,17 @@ impl Cache {
                     let from = (x.src + (s - k)) as usize;
                     dst.copy_from_slice(&b[from..from + dst.len()]);
                 }
+                EntryData::Blocks(blocks) => {
+                    let mut from = (x.src + (s - k)) as usize;
+                    let mut done = 0;
+                    while done < dst.len() {
+                        let (bi, bo) = (from / BLOCK_BYTES, from % BLOCK_BYTES);
+                        let n = (BLOCK_BYTES - bo).min(dst.len() - done);
+                        dst[done..done + n].copy_from_slice(&blocks[bi][bo..bo + n]);
+                        done += n;
+                        from += n;
+                    }
+                }
                 EntryData::Zeroes { .. } => dst.fill(0),
             }
         }
@@ -212,7 +249,7 @@ impl Cache {
             let x = self.extents[k];
             let i = self.find(x.id).expect("extent points at a cached entry");
             let zeroes = match self.entries[i].data {
-                EntryData::Bytes(_) => None,
+                EntryData::Bytes(_) | EntryData::Blocks(_) => None,
                 EntryData::Zeroes { trim } => Some(trim),
             };
             (*k, x.end, zeroes)
@@ -230,17 +267,14 @@ impl Cache {
         self.bytes -= entry.cost();
         // The whole write goes out, even parts a newer cached write covers: storage sees
         // writes in apply order, and the newer one overwrites it when its turn comes.
+        if let EntryData::Blocks(blocks) = entry.data {
+            return storage.adopt_blocks(Ticket(0), entry.offset, blocks);
+        }
         apply_to_storage(storage, &entry, entry.offset, entry.length)?;
         // Unshared once written back, unless the write log still holds it.
         if let EntryData::Bytes(b) = entry.data {
-            if let Ok(mut v) = Arc::try_unwrap(b) {
-                if (SPARE_BUFFER_BYTES_MIN..=SPARE_BUFFER_BYTES_MAX).contains(&v.capacity()) {
-                    let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
-                    if spares.len() < SPARE_BUFFERS_MAX {
-                        v.clear();
-                        spares.push(v);
-                    }
-                }
+            if let Ok(v) = Arc::try_unwrap(b) {
+                recycle(&self.spares, v);
             }
         }
         Ok(())

@@ -45,7 +45,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
 
-use crate::backend::{Arrival, Backend, ConnId, IoStyle, RequestKind, StatusExtent, Ticket};
+use crate::backend::{
+    block_from, Arrival, Backend, ConnId, IoStyle, RequestKind, StatusExtent, Ticket, BLOCK_BYTES,
+};
 use crate::log::{
     encode_payload, CutMode, Fate, FaultKind, FaultPayload, FlushPayload, LogError,
     PowerCutPayload, RecordKind, WriteFate, FLAG_FUA, MARK_NAME_BYTES_MAX, SECTOR_BYTES,
@@ -476,24 +478,35 @@ impl EmulatedDisk {
         length: u64,
         data: EntryData,
         fua: bool,
+        bytes: Option<Arc<Vec<u8>>>,
     ) -> io::Result<()> {
         let mut st = self.pre_io_locked(ticket)?;
         if let Some(f) = &st.failed {
             return Err(eio(f));
         }
         let conn = st.tickets.get(&ticket.0).map_or(0, |t| t.conn);
-        let (kind, payload): (RecordKind, &[u8]) = match &data {
-            EntryData::Bytes(b) => (RecordKind::Write, b),
-            EntryData::Zeroes { trim: true } => (RecordKind::Trim, &[]),
-            EntryData::Zeroes { trim: false } => (RecordKind::WriteZeroes, &[]),
+        let (kind, shared) = match &data {
+            EntryData::Bytes(b) => (RecordKind::Write, Some(b.clone())),
+            EntryData::Blocks(_) => (RecordKind::Write, bytes),
+            EntryData::Zeroes { trim: true } => (RecordKind::Trim, None),
+            EntryData::Zeroes { trim: false } => (RecordKind::WriteZeroes, None),
         };
         let flags = if fua { FLAG_FUA } else { 0 };
-        let shared = match &data {
-            EntryData::Bytes(b) => Some(b.clone()),
-            EntryData::Zeroes { .. } => None,
-        };
-        let log_seq =
-            Self::record_inner(&mut st, kind, flags, conn, offset, length, payload, shared)?;
+        let payload = shared.as_deref().map_or(&[][..], |v| &v[..]);
+        let log_seq = Self::record_inner(
+            &mut st,
+            kind,
+            flags,
+            conn,
+            offset,
+            length,
+            payload,
+            shared.clone(),
+        )?;
+        // The bytes of a block-cached write, unless the log took them: kept for a payload.
+        if let (EntryData::Blocks(_), Some(v)) = (&data, shared.and_then(Arc::into_inner)) {
+            cache::recycle(&self.spares, v);
+        }
         let answered_gen = if ticket.0 == 0 {
             Some(st.flush_gen)
         } else {
@@ -735,6 +748,7 @@ impl Backend for EmulatedDisk {
             data.len() as u64,
             EntryData::Bytes(Arc::new(data.to_vec())),
             fua,
+            None,
         )
     }
 
@@ -749,15 +763,35 @@ impl Backend for EmulatedDisk {
         }
     }
 
-    /// The payload becomes the cache entry (and the log record's payload) without a copy.
+    /// The payload becomes the log record's payload without a copy. Over storage that adopts
+    /// blocks, an aligned payload is cached as blocks, copied now while the bytes are still
+    /// in the CPU cache, so that writing it back later moves the blocks instead of reading
+    /// the payload again from memory (it has long left the CPU cache by then: the disk cache
+    /// is larger). Otherwise the payload itself becomes the cache entry.
     fn write_owned(&self, ticket: Ticket, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
         let length = data.len() as u64;
+        let block = BLOCK_BYTES as u64;
+        if self.storage.adopts_blocks()
+            && offset.is_multiple_of(block)
+            && length.is_multiple_of(block)
+        {
+            let blocks = data.chunks_exact(BLOCK_BYTES).map(block_from).collect();
+            return self.apply(
+                ticket,
+                offset,
+                length,
+                EntryData::Blocks(blocks),
+                fua,
+                Some(Arc::new(data)),
+            );
+        }
         self.apply(
             ticket,
             offset,
             length,
             EntryData::Bytes(Arc::new(data)),
             fua,
+            None,
         )
     }
 
@@ -779,6 +813,7 @@ impl Backend for EmulatedDisk {
             length,
             EntryData::Zeroes { trim: false },
             fua,
+            None,
         )
     }
 
@@ -789,6 +824,7 @@ impl Backend for EmulatedDisk {
             length,
             EntryData::Zeroes { trim: true },
             fua,
+            None,
         )
     }
 

@@ -2,18 +2,31 @@
 //! off the emulated disk's lock. Sequence numbers are still given under that lock, and records
 //! reach the thread through one FIFO queue, so the log's order is the disk's apply order.
 //! A write's payload is the cache's own buffer (shared, not copied).
+//!
+//! The queue is handed over in batches: the thread takes everything queued at once, and after
+//! a small batch it pauses for [`RECORDER_GATHER_MICROS`] before looking again, so that under
+//! a stream of small writes it wakes a few thousand times a second rather than once per
+//! write. An appender only pays for a wake-up (a futex call) when the thread is asleep.
+//! (Measured with `BINS=... ab.py "randwrite 4k 32"`: one hand-over per record through a
+//! channel cost about 30% of the IOPS of 4 KiB random writes on 2 cores, mostly in wake-ups
+//! and context switches.)
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::log::{LogError, LogWriter, RecordKind};
 
 /// Records queued for the writer thread at most; appending beyond waits.
 pub const RECORDER_QUEUE_RECORDS_MAX: usize = 4096;
-/// Payload bytes queued at most; appending beyond waits until the queue has drained.
+/// Payload bytes queued at most; appending beyond waits until the thread has taken the queue.
 pub const RECORDER_QUEUE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// After a batch of fewer than [`RECORDER_SMALL_BATCH_RECORDS`] records the thread waits this
+/// long before taking the next one, so that records gather.
+pub const RECORDER_GATHER_MICROS: u64 = 2000;
+/// Batches smaller than this are followed by a gather pause.
+pub const RECORDER_SMALL_BATCH_RECORDS: usize = 1024;
 
 enum Payload {
     Owned(Vec<u8>),
@@ -34,12 +47,37 @@ enum Msg {
     Sync(std::sync::mpsc::Sender<Result<(), String>>),
 }
 
+#[derive(Default)]
+struct Queue {
+    msgs: VecDeque<Msg>,
+    bytes: u64,
+    /// The thread waits on `Shared::ready` for something to do.
+    idle: bool,
+    /// Appenders wait on `Shared::space` for the queue to shrink.
+    full_waiters: usize,
+    /// No more records come: the thread writes what is left and ends.
+    closed: bool,
+    /// The first error of the log file; every later append fails with it.
+    failed: Option<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    space: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 pub struct Recorder {
-    tx: Option<SyncSender<Msg>>,
+    shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     next_seq: u64,
-    queued_bytes: Arc<AtomicU64>,
-    failed: Arc<Mutex<Option<String>>>,
 }
 
 fn failure(msg: &str) -> LogError {
@@ -49,21 +87,17 @@ fn failure(msg: &str) -> LogError {
 impl Recorder {
     pub fn create(path: &std::path::Path, disk_bytes: u64) -> Result<Self, LogError> {
         let writer = LogWriter::create(path, disk_bytes)?;
-        let (tx, rx) = sync_channel(RECORDER_QUEUE_RECORDS_MAX);
-        let queued_bytes = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(Mutex::new(None));
+        let shared = Arc::new(Shared::default());
         let thread = {
-            let (queued_bytes, failed) = (queued_bytes.clone(), failed.clone());
+            let shared = shared.clone();
             std::thread::Builder::new()
                 .name("write-log".into())
-                .spawn(move || run(writer, rx, queued_bytes, failed))?
+                .spawn(move || run(writer, &shared))?
         };
         Ok(Recorder {
-            tx: Some(tx),
+            shared,
             thread: Some(thread),
             next_seq: 0,
-            queued_bytes,
-            failed,
         })
     }
 
@@ -71,17 +105,34 @@ impl Recorder {
         self.next_seq
     }
 
-    fn check(&self) -> Result<(), LogError> {
-        match &*self.failed.lock().expect("recorder flag lock") {
-            Some(e) => Err(failure(e)),
-            None => Ok(()),
+    /// Queues `msg` (waiting while the queue is full) and wakes the thread if it sleeps.
+    fn send(&mut self, msg: Msg, bytes: u64) -> Result<(), LogError> {
+        let mut q = self.shared.lock();
+        if let Some(e) = &q.failed {
+            return Err(failure(e));
         }
-    }
-
-    fn send(&mut self, msg: Msg) -> Result<(), LogError> {
-        let tx = self.tx.as_ref().expect("sender lives until drop");
-        tx.send(msg)
-            .map_err(|_| failure("write-log thread is gone"))
+        while q.msgs.len() >= RECORDER_QUEUE_RECORDS_MAX
+            || (q.bytes > 0 && q.bytes + bytes > RECORDER_QUEUE_BYTES_MAX)
+        {
+            // Back-pressure keeps memory bounded; the thread is surely awake with a full queue,
+            // but tell it anyway rather than rely on that.
+            if q.idle {
+                self.shared.ready.notify_one();
+            }
+            q.full_waiters += 1;
+            q = self.shared.space.wait(q).unwrap_or_else(|e| e.into_inner());
+            q.full_waiters -= 1;
+            if let Some(e) = &q.failed {
+                return Err(failure(e));
+            }
+        }
+        q.msgs.push_back(msg);
+        q.bytes += bytes;
+        if q.idle {
+            q.idle = false;
+            self.shared.ready.notify_one();
+        }
+        Ok(())
     }
 
     fn push(
@@ -93,25 +144,23 @@ impl Recorder {
         length: u64,
         payload: Payload,
     ) -> Result<u64, LogError> {
-        self.check()?;
         let bytes = match &payload {
             Payload::Owned(v) => v.len() as u64,
             Payload::Shared(a) => a.len() as u64,
         };
-        if self.queued_bytes.load(Ordering::Acquire) + bytes > RECORDER_QUEUE_BYTES_MAX {
-            self.drain()?; // back-pressure: bounded memory
-        }
         let seq = self.next_seq;
-        self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
-        self.send(Msg::Record {
-            seq,
-            kind,
-            flags,
-            conn,
-            offset,
-            length,
-            payload,
-        })?;
+        self.send(
+            Msg::Record {
+                seq,
+                kind,
+                flags,
+                conn,
+                offset,
+                length,
+                payload,
+            },
+            bytes,
+        )?;
         self.next_seq += 1;
         Ok(seq)
     }
@@ -149,73 +198,90 @@ impl Recorder {
         self.push(kind, flags, conn, offset, n, Payload::Shared(data))
     }
 
-    /// Waits until the writer thread has written (and fsynced) everything queued.
-    fn drain(&mut self) -> Result<(), LogError> {
+    /// Waits until every queued record is in the file and the file is on stable storage.
+    pub fn sync(&mut self) -> Result<(), LogError> {
         let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-        self.send(Msg::Sync(reply_tx))?;
+        self.send(Msg::Sync(reply_tx), 0)?;
         reply_rx
             .recv()
             .map_err(|_| failure("write-log thread is gone"))?
             .map_err(|e| failure(&e))
     }
-
-    /// Waits until every queued record is in the file and the file is on stable storage.
-    pub fn sync(&mut self) -> Result<(), LogError> {
-        self.check()?;
-        self.drain()
-    }
 }
 
-fn run(
-    mut writer: LogWriter,
-    rx: Receiver<Msg>,
-    queued_bytes: Arc<AtomicU64>,
-    failed: Arc<Mutex<Option<String>>>,
-) {
+/// The thread: takes the whole queue at a time and writes it, in order.
+fn run(mut writer: LogWriter, shared: &Shared) {
     let mut error: Option<String> = None;
-    for msg in rx {
-        match msg {
-            Msg::Record {
-                seq,
-                kind,
-                flags,
-                conn,
-                offset,
-                length,
-                payload,
-            } => {
-                let bytes: &[u8] = match &payload {
-                    Payload::Owned(v) => v,
-                    Payload::Shared(a) => a,
-                };
-                let n = bytes.len() as u64;
-                if error.is_none() {
+    loop {
+        let batch = {
+            let mut q = shared.lock();
+            while q.msgs.is_empty() && !q.closed {
+                q.idle = true;
+                q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+            q.idle = false;
+            if q.msgs.is_empty() {
+                break; // closed and drained
+            }
+            q.bytes = 0;
+            if q.full_waiters > 0 {
+                shared.space.notify_all();
+            }
+            std::mem::take(&mut q.msgs)
+        };
+        let small = batch.len() < RECORDER_SMALL_BATCH_RECORDS;
+        for msg in batch {
+            match msg {
+                Msg::Record {
+                    seq,
+                    kind,
+                    flags,
+                    conn,
+                    offset,
+                    length,
+                    payload,
+                } => {
+                    let bytes: &[u8] = match &payload {
+                        Payload::Owned(v) => v,
+                        Payload::Shared(a) => a,
+                    };
+                    if error.is_some() {
+                        continue;
+                    }
                     match writer.append(kind, flags, conn, offset, length, bytes) {
                         Ok(s) => assert_eq!(s, seq, "records reach the writer in sequence order"),
                         Err(e) => {
                             tracing::error!("write log failed: {e}");
                             error = Some(e.to_string());
-                            *failed.lock().expect("recorder flag lock") = error.clone();
+                            let mut q = shared.lock();
+                            q.failed = error.clone();
+                            shared.space.notify_all();
                         }
                     }
                 }
-                queued_bytes.fetch_sub(n, Ordering::AcqRel);
-            }
-            Msg::Sync(reply) => {
-                let r = match &error {
-                    Some(e) => Err(e.clone()),
-                    None => writer.sync().map_err(|e| e.to_string()),
-                };
-                let _ = reply.send(r);
+                Msg::Sync(reply) => {
+                    let r = match &error {
+                        Some(e) => Err(e.clone()),
+                        None => writer.sync().map_err(|e| e.to_string()),
+                    };
+                    let _ = reply.send(r);
+                }
             }
         }
+        if small {
+            std::thread::sleep(Duration::from_micros(RECORDER_GATHER_MICROS));
+        }
     }
-    // The sender is gone: LogWriter's drop flushes what is buffered.
+    // Closed: LogWriter's drop flushes what is buffered.
 }
 
 impl Drop for Recorder {
     fn drop(&mut self) {
-        self.tx.take();
+        {
+            let mut q = self.shared.lock();
+            q.closed = true;
+            self.shared.ready.notify_one();
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
