@@ -164,6 +164,8 @@ impl BufPool {
 /// One reply on its way to the writer.
 struct Reply {
     bytes: Vec<u8>,
+    /// Leading bytes of `bytes` that are not part of the reply (alignment padding).
+    skip: usize,
     ticket: Option<Ticket>,
     _slot: OwnedSemaphorePermit,
     _budget: Option<OwnedSemaphorePermit>,
@@ -307,8 +309,13 @@ fn ok_reply(cookie: u64) -> Vec<u8> {
     out
 }
 
-/// Runs one checked request against the backend and returns its reply bytes.
-fn execute(ctx: &Ctx, op: &mut Op, ticket: Ticket) -> Vec<u8> {
+/// Data in a READ reply starts at this alignment in memory: copying blocks into a buffer
+/// at an odd offset made the copy (`rep movsb` on this AMD machine) several times slower.
+const READ_DATA_ALIGN_BYTES: usize = 64;
+
+/// Runs one checked request against the backend and returns its reply bytes, after as many
+/// leading bytes of padding as the second value says.
+fn execute(ctx: &Ctx, op: &mut Op, ticket: Ticket) -> (Vec<u8>, usize) {
     let b = &*ctx.backend;
     let fua = op.flags & NBD_CMD_FLAG_FUA != 0;
     let (cookie, offset, len) = (op.cookie, op.offset, op.length as u64);
@@ -327,41 +334,51 @@ fn execute(ctx: &Ctx, op: &mut Op, ticket: Ticket) -> Vec<u8> {
             &e.to_string(),
         )
     };
-    match op.kind {
+    let bytes = match op.kind {
         RequestKind::Read => {
             let prefix = if ctx.structured {
                 OFFSET_DATA_PREFIX_BYTES
             } else {
                 SIMPLE_REPLY_HEADER_BYTES
             };
-            let mut out = ctx.pool.take(prefix + op.length as usize);
-            match b.read(ticket, offset, &mut out[prefix..]) {
+            let mut out = ctx
+                .pool
+                .take(READ_DATA_ALIGN_BYTES + prefix + op.length as usize);
+            // The header goes right before the data, the data at an aligned address.
+            let data_at = prefix
+                + (READ_DATA_ALIGN_BYTES
+                    - (out.as_ptr() as usize + prefix) % READ_DATA_ALIGN_BYTES)
+                    % READ_DATA_ALIGN_BYTES;
+            let skip = data_at - prefix;
+            out.truncate(data_at + op.length as usize);
+            return match b.read(ticket, offset, &mut out[data_at..]) {
                 Ok(()) => {
                     let df = op.flags & NBD_CMD_FLAG_DF != 0;
                     if ctx.structured && !df {
-                        if let Some(chunks) = sparse_read_reply(cookie, offset, &out[prefix..]) {
+                        if let Some(chunks) = sparse_read_reply(cookie, offset, &out[data_at..]) {
                             ctx.pool.give(out);
-                            return chunks;
+                            return (chunks, 0);
                         }
                     }
+                    let reply = &mut out[skip..];
                     if ctx.structured {
                         put_offset_data_prefix(
-                            &mut out,
+                            reply,
                             NBD_REPLY_FLAG_DONE,
                             cookie,
                             offset,
                             op.length,
                         );
                     } else {
-                        put_simple_reply(&mut out, 0, cookie);
+                        put_simple_reply(reply, 0, cookie);
                     }
-                    out
+                    (out, skip)
                 }
                 Err(e) => {
                     ctx.pool.give(out);
-                    fail(e)
+                    (fail(e), 0)
                 }
-            }
+            };
         }
         RequestKind::Write => {
             match b.write_owned(ticket, offset, std::mem::take(&mut op.payload), fua) {
@@ -406,7 +423,8 @@ fn execute(ctx: &Ctx, op: &mut Op, ticket: Ticket) -> Vec<u8> {
             }
             Err(e) => fail(e),
         },
-    }
+    };
+    (bytes, 0)
 }
 
 /// Shortest run of zero bytes sent as an OFFSET_HOLE chunk rather than as data.
@@ -650,6 +668,7 @@ pub async fn serve<R, W>(
                 pending.push(Reply {
                     bytes,
                     ticket: None,
+                    skip: 0,
                     _slot: slot,
                     _budget: None,
                 });
@@ -700,6 +719,7 @@ pub async fn serve<R, W>(
                 pending.push(Reply {
                     bytes,
                     ticket: None,
+                    skip: 0,
                     _slot: slot,
                     _budget: None,
                 });
@@ -863,10 +883,11 @@ fn run(
     budget: Option<OwnedSemaphorePermit>,
 ) -> Reply {
     let mut op = op;
-    let bytes = execute(ctx, &mut op, ticket);
+    let (bytes, skip) = execute(ctx, &mut op, ticket);
     ctx.pool.give(op.payload);
     Reply {
         bytes,
+        skip,
         ticket: Some(ticket),
         _slot: slot,
         _budget: budget,
@@ -893,7 +914,7 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
             let (wr, broken) = &mut *g;
             if !*broken {
                 for r in &batch {
-                    if wr.write_all(&r.bytes).await.is_err() {
+                    if wr.write_all(&r.bytes[r.skip..]).await.is_err() {
                         *broken = true;
                         break;
                     }
