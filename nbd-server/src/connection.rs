@@ -22,10 +22,12 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::backend::{Arrival, Backend, ConnId, IoStyle, RequestKind, Ticket};
+use crate::backend::{Arrival, Backend, Block, ConnId, IoStyle, RequestKind, Ticket, BLOCK_BYTES};
 use crate::handshake::Session;
 use crate::proto::*;
 use crate::server::{
@@ -178,7 +180,93 @@ struct Op {
     flags: u16,
     offset: u64,
     length: u32,
-    payload: Vec<u8>,
+    payload: Payload,
+}
+
+/// A WRITE's data as received: in one buffer, or straight into blocks for backends that take
+/// them (`Backend::takes_blocks`).
+enum Payload {
+    Bytes(Vec<u8>),
+    Blocks(Vec<Block>),
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Payload::Bytes(Vec::new())
+    }
+}
+
+/// A socket's read half that can also read into many buffers with one call (`readv`).
+pub trait VectoredRead: AsyncRead + Unpin + Send + 'static {
+    /// Waits until the socket may have data.
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+    /// Reads what is there into `bufs`, in order, without waiting (`WouldBlock` if nothing).
+    fn try_read_vectored(&self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize>;
+}
+
+impl VectoredRead for tokio::net::tcp::OwnedReadHalf {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        tokio::net::tcp::OwnedReadHalf::readable(self)
+    }
+    fn try_read_vectored(&self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        tokio::net::tcp::OwnedReadHalf::try_read_vectored(self, bufs)
+    }
+}
+
+impl VectoredRead for tokio::net::unix::OwnedReadHalf {
+    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        tokio::net::unix::OwnedReadHalf::readable(self)
+    }
+    fn try_read_vectored(&self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        tokio::net::unix::OwnedReadHalf::try_read_vectored(self, bufs)
+    }
+}
+
+/// Most buffers one `readv` call fills (the kernel's IOV_MAX).
+pub const READV_SLICES_MAX: usize = 1024;
+
+/// Receives exactly `blocks.len()` blocks of payload into `blocks`: first what the reader has
+/// buffered, then straight from the socket with `readv`, so the kernel copies the data into
+/// the blocks and nothing copies it again.
+async fn read_blocks<R: VectoredRead>(
+    rd: &mut BufReader<R>,
+    mut blocks: Vec<Block>,
+) -> io::Result<Vec<Block>> {
+    let total = blocks.len() * BLOCK_BYTES;
+    let mut done = 0;
+    let buffered = rd.buffer();
+    let n = buffered.len().min(total);
+    while done < n {
+        let (bi, bo) = (done / BLOCK_BYTES, done % BLOCK_BYTES);
+        let m = (BLOCK_BYTES - bo).min(n - done);
+        blocks[bi][bo..bo + m].copy_from_slice(&buffered[done..done + m]);
+        done += m;
+    }
+    std::pin::Pin::new(&mut *rd).consume(n);
+    while done < total {
+        let (bi, bo) = (done / BLOCK_BYTES, done % BLOCK_BYTES);
+        let got = {
+            let (first, rest) = blocks[bi..]
+                .split_first_mut()
+                .expect("a block is left to fill");
+            let mut slices = Vec::with_capacity(rest.len().min(READV_SLICES_MAX - 1) + 1);
+            slices.push(io::IoSliceMut::new(&mut first[bo..]));
+            slices.extend(
+                rest.iter_mut()
+                    .take(READV_SLICES_MAX - 1)
+                    .map(|b| io::IoSliceMut::new(&mut b[..])),
+            );
+            rd.get_ref().try_read_vectored(&mut slices)
+        };
+        match got {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => rd.get_ref().readable().await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(blocks)
 }
 
 /// Per-connection state shared by the request tasks.
@@ -381,7 +469,11 @@ fn execute(ctx: &Ctx, op: &mut Op, ticket: Ticket) -> (Vec<u8>, usize) {
             };
         }
         RequestKind::Write => {
-            match b.write_owned(ticket, offset, std::mem::take(&mut op.payload), fua) {
+            let written = match std::mem::take(&mut op.payload) {
+                Payload::Bytes(data) => b.write_owned(ticket, offset, data, fua),
+                Payload::Blocks(blocks) => b.write_blocks(ticket, offset, blocks, fua),
+            };
+            match written {
                 Ok(()) => ok_reply(cookie),
                 Err(e) => fail(e),
             }
@@ -555,7 +647,7 @@ pub async fn serve<R, W>(
     conn: ConnId,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: VectoredRead,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let backend = session.export.backend.clone();
@@ -643,7 +735,7 @@ pub async fn serve<R, W>(
             break;
         }
         // WRITE carries a payload whatever else is wrong with it; read it first to stay in step.
-        let mut payload = Vec::new();
+        let mut payload = Payload::default();
         let mut payload_budget = None;
         if h.command == NBD_CMD_WRITE {
             if h.length > PAYLOAD_BYTES_MAX {
@@ -683,13 +775,22 @@ pub async fn serve<R, W>(
             }
             // The backend's buffer (the emulated disk recycles written-back entries), filled
             // without zeroing it first; `write_owned` hands it back as the cache entry.
-            payload = match read_payload(
-                &mut rd,
-                backend.payload_buffer(h.length as usize),
-                h.length as usize,
-            )
-            .await
-            {
+            let received = if backend.takes_blocks(h.offset, h.length as u64) {
+                let blocks = backend.block_buffers(h.length as usize / BLOCK_BYTES);
+                read_blocks(&mut rd, blocks).await.map(Payload::Blocks)
+            } else {
+                // The backend's buffer (the emulated disk recycles written-back entries),
+                // filled without zeroing it first; `write_owned` hands it back as the cache
+                // entry.
+                read_payload(
+                    &mut rd,
+                    backend.payload_buffer(h.length as usize),
+                    h.length as usize,
+                )
+                .await
+                .map(Payload::Bytes)
+            };
+            payload = match received {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::debug!(conn, error = %e, "connection ended in the middle of a write payload");
@@ -884,7 +985,9 @@ fn run(
 ) -> Reply {
     let mut op = op;
     let (bytes, skip) = execute(ctx, &mut op, ticket);
-    ctx.pool.give(op.payload);
+    if let Payload::Bytes(data) = op.payload {
+        ctx.pool.give(data);
+    }
     Reply {
         bytes,
         skip,

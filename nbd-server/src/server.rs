@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+use tokio::io::{AsyncWrite, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -340,7 +340,7 @@ async fn connection<R, W>(
     _permit: OwnedSemaphorePermit,
     _done: mpsc::Sender<()>,
 ) where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: crate::connection::VectoredRead,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);

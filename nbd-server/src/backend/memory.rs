@@ -38,10 +38,17 @@ impl Chunk {
 
 type Shard = HashMap<u64, Chunk>;
 
+/// Freed blocks kept at most for receiving new writes into (64 MiB).
+pub const SPARE_BLOCKS_MAX: usize = 16 * 1024;
+
 /// The sparse memory backend. See the module docs.
 pub struct MemoryBackend {
     size: u64,
     shards: Box<[Mutex<Shard>]>,
+    /// Blocks that left the map (replaced by adopted ones), handed out again by
+    /// `block_buffers`: reusing them costs neither an allocation nor a page fault, and their
+    /// old contents save zeroing them before a write is received into them.
+    spare_blocks: Mutex<Vec<Block>>,
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -59,6 +66,7 @@ impl MemoryBackend {
         MemoryBackend {
             size,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            spare_blocks: Mutex::new(Vec::new()),
         }
     }
 
@@ -225,6 +233,7 @@ impl Backend for MemoryBackend {
     fn adopt_blocks(&self, _t: Ticket, offset: u64, blocks: Vec<Block>) -> io::Result<()> {
         debug_assert_eq!(offset % BLOCK_BYTES as u64, 0);
         let first = offset / BLOCK_BYTES as u64;
+        let mut freed = Vec::new();
         let mut blocks = blocks.into_iter().enumerate().peekable();
         while let Some(&(i, _)) = blocks.peek() {
             let chunk = (first + i as u64) / CHUNK_BLOCKS as u64;
@@ -239,12 +248,14 @@ impl Backend for MemoryBackend {
                     std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                     std::collections::hash_map::Entry::Vacant(v) => {
                         if zero {
+                            freed.push(b);
                             continue;
                         }
                         v.insert(Chunk::new())
                     }
                 };
                 let old = if zero {
+                    freed.push(b);
                     c.blocks[bi].take()
                 } else {
                     c.blocks[bi].replace(b)
@@ -254,12 +265,28 @@ impl Backend for MemoryBackend {
                     (false, false) => c.stored += 1,
                     _ => {}
                 }
+                freed.extend(old);
                 if c.stored == 0 {
                     shard.remove(&chunk);
                 }
             }
         }
+        if !freed.is_empty() {
+            let mut spares = self.spare_blocks.lock().unwrap_or_else(|e| e.into_inner());
+            let room = SPARE_BLOCKS_MAX.saturating_sub(spares.len());
+            spares.extend(freed.into_iter().take(room));
+        }
         Ok(())
+    }
+
+    fn block_buffers(&self, n: usize) -> Vec<Block> {
+        let mut out = {
+            let mut spares = self.spare_blocks.lock().unwrap_or_else(|e| e.into_inner());
+            let k = spares.len().saturating_sub(n);
+            spares.split_off(k)
+        };
+        out.extend((out.len()..n).map(|_| Box::new([0u8; BLOCK_BYTES])));
+        out
     }
 
     fn write_zeroes(

@@ -155,6 +155,29 @@ pub trait Backend: Send + Sync + 'static {
         self.write(ticket, offset, &data, fua)
     }
 
+    /// Whether a write of `length` bytes at `offset` is best handed over as [`Block`]s
+    /// ([`Self::write_blocks`]), received straight into them, rather than as one buffer.
+    fn takes_blocks(&self, _offset: u64, _length: u64) -> bool {
+        false
+    }
+
+    /// `n` blocks to receive a write into (their contents are to be overwritten).
+    fn block_buffers(&self, n: usize) -> Vec<Block> {
+        (0..n).map(|_| Box::new([0u8; BLOCK_BYTES])).collect()
+    }
+
+    /// Writes `blocks` at `offset`, one after the other. The default copies them.
+    fn write_blocks(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        blocks: Vec<Block>,
+        fua: bool,
+    ) -> io::Result<()> {
+        let data: Vec<u8> = blocks.iter().flat_map(|b| b.iter().copied()).collect();
+        self.write_owned(ticket, offset, data, fua)
+    }
+
     /// Whether [`Self::adopt_blocks`] keeps the blocks it is given (rather than copying them),
     /// so that a caller holding data should hand it over in [`Block`]s.
     fn adopts_blocks(&self) -> bool {

@@ -24,7 +24,8 @@ pub enum EntryData {
     Bytes(Arc<Vec<u8>>),
     /// A write aligned to 4 KiB blocks, for storage that adopts blocks: written back by
     /// moving the blocks into storage, not by copying them (see `Backend::adopt_blocks`).
-    Blocks(Vec<Block>),
+    /// Shared with the write log until it has written them.
+    Blocks(Arc<Vec<Block>>),
     /// Reads back as zeroes; `trim` says it was a TRIM rather than WRITE_ZEROES.
     Zeroes {
         trim: bool,
@@ -267,9 +268,17 @@ impl Cache {
         self.bytes -= entry.cost();
         // The whole write goes out, even parts a newer cached write covers: storage sees
         // writes in apply order, and the newer one overwrites it when its turn comes.
-        if let EntryData::Blocks(blocks) = entry.data {
-            return storage.adopt_blocks(Ticket(0), entry.offset, blocks);
-        }
+        // Blocks are moved into storage if the write log is done with them, else copied.
+        let entry = match entry.data {
+            EntryData::Blocks(blocks) => match Arc::try_unwrap(blocks) {
+                Ok(blocks) => return storage.adopt_blocks(Ticket(0), entry.offset, blocks),
+                Err(shared) => Entry {
+                    data: EntryData::Blocks(shared),
+                    ..entry
+                },
+            },
+            _ => entry,
+        };
         apply_to_storage(storage, &entry, entry.offset, entry.length)?;
         // Unshared once written back, unless the write log still holds it.
         if let EntryData::Bytes(b) = entry.data {

@@ -46,7 +46,8 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
 
 use crate::backend::{
-    block_from, Arrival, Backend, ConnId, IoStyle, RequestKind, StatusExtent, Ticket, BLOCK_BYTES,
+    block_from, Arrival, Backend, Block, ConnId, IoStyle, RequestKind, StatusExtent, Ticket,
+    BLOCK_BYTES,
 };
 use crate::log::{
     encode_payload, CutMode, Fate, FaultKind, FaultPayload, FlushPayload, LogError,
@@ -261,11 +262,18 @@ impl EmulatedDisk {
         length: u64,
         payload: &[u8],
     ) -> io::Result<Option<u64>> {
-        Self::record_inner(st, kind, flags, conn, offset, length, payload, None)
+        Self::record_inner(
+            st,
+            kind,
+            flags,
+            conn,
+            offset,
+            length,
+            LogPayload::Copy(payload),
+        )
     }
 
     /// [`Self::record`], with a write's data shared with the cache instead of copied.
-    #[allow(clippy::too_many_arguments)]
     fn record_inner(
         st: &mut State,
         kind: RecordKind,
@@ -273,8 +281,7 @@ impl EmulatedDisk {
         conn: u64,
         offset: u64,
         length: u64,
-        payload: &[u8],
-        shared: Option<Arc<Vec<u8>>>,
+        payload: LogPayload<'_>,
     ) -> io::Result<Option<u64>> {
         if let Some(f) = &st.failed {
             return Err(eio(f));
@@ -282,9 +289,10 @@ impl EmulatedDisk {
         let Some(log) = st.log.as_mut() else {
             return Ok(None);
         };
-        let appended = match shared {
-            Some(data) => log.append_shared(kind, flags, conn, offset, data),
-            None => log.append(kind, flags, conn, offset, length, payload),
+        let appended = match payload {
+            LogPayload::Copy(bytes) => log.append(kind, flags, conn, offset, length, bytes),
+            LogPayload::Shared(data) => log.append_shared(kind, flags, conn, offset, data),
+            LogPayload::Blocks(blocks) => log.append_blocks(flags, conn, offset, blocks),
         };
         match appended {
             Ok(seq) => Ok(Some(seq)),
@@ -478,35 +486,20 @@ impl EmulatedDisk {
         length: u64,
         data: EntryData,
         fua: bool,
-        bytes: Option<Arc<Vec<u8>>>,
     ) -> io::Result<()> {
         let mut st = self.pre_io_locked(ticket)?;
         if let Some(f) = &st.failed {
             return Err(eio(f));
         }
         let conn = st.tickets.get(&ticket.0).map_or(0, |t| t.conn);
-        let (kind, shared) = match &data {
-            EntryData::Bytes(b) => (RecordKind::Write, Some(b.clone())),
-            EntryData::Blocks(_) => (RecordKind::Write, bytes),
-            EntryData::Zeroes { trim: true } => (RecordKind::Trim, None),
-            EntryData::Zeroes { trim: false } => (RecordKind::WriteZeroes, None),
+        let (kind, payload) = match &data {
+            EntryData::Bytes(b) => (RecordKind::Write, LogPayload::Shared(b.clone())),
+            EntryData::Blocks(b) => (RecordKind::Write, LogPayload::Blocks(b.clone())),
+            EntryData::Zeroes { trim: true } => (RecordKind::Trim, LogPayload::Copy(&[])),
+            EntryData::Zeroes { trim: false } => (RecordKind::WriteZeroes, LogPayload::Copy(&[])),
         };
         let flags = if fua { FLAG_FUA } else { 0 };
-        let payload = shared.as_deref().map_or(&[][..], |v| &v[..]);
-        let log_seq = Self::record_inner(
-            &mut st,
-            kind,
-            flags,
-            conn,
-            offset,
-            length,
-            payload,
-            shared.clone(),
-        )?;
-        // The bytes of a block-cached write, unless the log took them: kept for a payload.
-        if let (EntryData::Blocks(_), Some(v)) = (&data, shared.and_then(Arc::into_inner)) {
-            cache::recycle(&self.spares, v);
-        }
+        let log_seq = Self::record_inner(&mut st, kind, flags, conn, offset, length, payload)?;
         let answered_gen = if ticket.0 == 0 {
             Some(st.flush_gen)
         } else {
@@ -549,6 +542,13 @@ impl EmulatedDisk {
         }
         Ok(())
     }
+}
+
+/// What a log record carries: bytes to copy, or the cache entry's data, shared.
+enum LogPayload<'a> {
+    Copy(&'a [u8]),
+    Shared(Arc<Vec<u8>>),
+    Blocks(Arc<Vec<Block>>),
 }
 
 /// Splits `[offset, offset+length)` at absolute 512-byte sector boundaries.
@@ -748,7 +748,6 @@ impl Backend for EmulatedDisk {
             data.len() as u64,
             EntryData::Bytes(Arc::new(data.to_vec())),
             fua,
-            None,
         )
     }
 
@@ -763,27 +762,18 @@ impl Backend for EmulatedDisk {
         }
     }
 
-    /// The payload becomes the log record's payload without a copy. Over storage that adopts
-    /// blocks, an aligned payload is cached as blocks, copied now while the bytes are still
-    /// in the CPU cache, so that writing it back later moves the blocks instead of reading
-    /// the payload again from memory (it has long left the CPU cache by then: the disk cache
-    /// is larger). Otherwise the payload itself becomes the cache entry.
+    /// The payload becomes the cache entry and the log record's payload without a copy. Over
+    /// storage that adopts blocks, an aligned payload is cached as blocks instead, copied now
+    /// while the bytes are still in the CPU cache, so that writing it back later moves the
+    /// blocks rather than reading the payload again from memory (it has long left the CPU
+    /// cache by then: the disk cache is larger). The server itself receives aligned writes
+    /// straight into blocks (see [`Backend::write_blocks`]); this path serves other callers.
     fn write_owned(&self, ticket: Ticket, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
         let length = data.len() as u64;
-        let block = BLOCK_BYTES as u64;
-        if self.storage.adopts_blocks()
-            && offset.is_multiple_of(block)
-            && length.is_multiple_of(block)
-        {
+        if self.takes_blocks(offset, length) {
             let blocks = data.chunks_exact(BLOCK_BYTES).map(block_from).collect();
-            return self.apply(
-                ticket,
-                offset,
-                length,
-                EntryData::Blocks(blocks),
-                fua,
-                Some(Arc::new(data)),
-            );
+            cache::recycle(&self.spares, data);
+            return self.write_blocks(ticket, offset, blocks, fua);
         }
         self.apply(
             ticket,
@@ -791,7 +781,40 @@ impl Backend for EmulatedDisk {
             length,
             EntryData::Bytes(Arc::new(data)),
             fua,
-            None,
+        )
+    }
+
+    fn takes_blocks(&self, offset: u64, length: u64) -> bool {
+        let block = BLOCK_BYTES as u64;
+        self.storage.adopts_blocks()
+            && length > 0
+            && offset.is_multiple_of(block)
+            && length.is_multiple_of(block)
+    }
+
+    fn block_buffers(&self, n: usize) -> Vec<Block> {
+        self.storage.block_buffers(n)
+    }
+
+    /// The blocks become the cache entry and the log record's payload, without a copy.
+    fn write_blocks(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        blocks: Vec<Block>,
+        fua: bool,
+    ) -> io::Result<()> {
+        let length = (blocks.len() * BLOCK_BYTES) as u64;
+        if !self.takes_blocks(offset, length) {
+            let data: Vec<u8> = blocks.iter().flat_map(|b| b.iter().copied()).collect();
+            return self.write_owned(ticket, offset, data, fua);
+        }
+        self.apply(
+            ticket,
+            offset,
+            length,
+            EntryData::Blocks(Arc::new(blocks)),
+            fua,
         )
     }
 
@@ -813,7 +836,6 @@ impl Backend for EmulatedDisk {
             length,
             EntryData::Zeroes { trim: false },
             fua,
-            None,
         )
     }
 
@@ -824,7 +846,6 @@ impl Backend for EmulatedDisk {
             length,
             EntryData::Zeroes { trim: true },
             fua,
-            None,
         )
     }
 

@@ -16,6 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crate::backend::{Block, BLOCK_BYTES};
 use crate::log::{LogError, LogWriter, RecordKind};
 
 /// Records queued for the writer thread at most; appending beyond waits.
@@ -31,6 +32,8 @@ pub const RECORDER_SMALL_BATCH_RECORDS: usize = 1024;
 enum Payload {
     Owned(Vec<u8>),
     Shared(Arc<Vec<u8>>),
+    /// The cache entry's blocks, in order.
+    Blocks(Arc<Vec<Block>>),
 }
 
 enum Msg {
@@ -147,6 +150,7 @@ impl Recorder {
         let bytes = match &payload {
             Payload::Owned(v) => v.len() as u64,
             Payload::Shared(a) => a.len() as u64,
+            Payload::Blocks(b) => (b.len() * BLOCK_BYTES) as u64,
         };
         let seq = self.next_seq;
         self.send(
@@ -198,6 +202,25 @@ impl Recorder {
         self.push(kind, flags, conn, offset, n, Payload::Shared(data))
     }
 
+    /// Queues a write record whose payload is the cache entry's blocks.
+    pub fn append_blocks(
+        &mut self,
+        flags: u8,
+        conn: u64,
+        offset: u64,
+        blocks: Arc<Vec<Block>>,
+    ) -> Result<u64, LogError> {
+        let n = (blocks.len() * BLOCK_BYTES) as u64;
+        self.push(
+            RecordKind::Write,
+            flags,
+            conn,
+            offset,
+            n,
+            Payload::Blocks(blocks),
+        )
+    }
+
     /// Waits until every queued record is in the file and the file is on stable storage.
     pub fn sync(&mut self) -> Result<(), LogError> {
         let (reply_tx, reply_rx) = std::sync::mpsc::channel();
@@ -241,14 +264,18 @@ fn run(mut writer: LogWriter, shared: &Shared) {
                     length,
                     payload,
                 } => {
-                    let bytes: &[u8] = match &payload {
-                        Payload::Owned(v) => v,
-                        Payload::Shared(a) => a,
-                    };
                     if error.is_some() {
                         continue;
                     }
-                    match writer.append(kind, flags, conn, offset, length, bytes) {
+                    let appended = match &payload {
+                        Payload::Owned(v) => writer.append(kind, flags, conn, offset, length, v),
+                        Payload::Shared(a) => writer.append(kind, flags, conn, offset, length, a),
+                        Payload::Blocks(b) => {
+                            let parts: Vec<&[u8]> = b.iter().map(|b| &b[..]).collect();
+                            writer.append_parts(kind, flags, conn, offset, length, &parts)
+                        }
+                    };
+                    match appended {
                         Ok(s) => assert_eq!(s, seq, "records reach the writer in sequence order"),
                         Err(e) => {
                             tracing::error!("write log failed: {e}");

@@ -188,6 +188,20 @@ impl RecordHeader {
         length: u64,
         payload: &[u8],
     ) -> Self {
+        Self::seal_parts(kind, flags, seq, conn, offset, length, &[payload])
+    }
+
+    /// [`Self::seal`] for a payload held in pieces (their concatenation is the payload).
+    pub fn seal_parts(
+        kind: RecordKind,
+        flags: u8,
+        seq: u64,
+        conn: u64,
+        offset: u64,
+        length: u64,
+        parts: &[&[u8]],
+    ) -> Self {
+        let payload_len: usize = parts.iter().map(|p| p.len()).sum();
         let mut h = RecordHeader {
             magic: RECORD_MAGIC,
             kind: kind as u8,
@@ -197,12 +211,14 @@ impl RecordHeader {
             conn,
             offset,
             length,
-            payload_len: u32::try_from(payload.len()).expect("payload length checked by caller"),
+            payload_len: u32::try_from(payload_len).expect("payload length checked by caller"),
             crc: 0,
             header_crc: 0,
         };
         let raw = h.encode();
-        h.crc = crc32c::crc32c_append(crc32c::crc32c(&raw[..44]), payload);
+        h.crc = parts.iter().fold(crc32c::crc32c(&raw[..44]), |c, p| {
+            crc32c::crc32c_append(c, p)
+        });
         let raw = h.encode();
         h.header_crc = crc32c::crc32c(&raw[..48]);
         h

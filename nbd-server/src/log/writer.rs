@@ -222,18 +222,33 @@ impl LogWriter {
         length: u64,
         payload: &[u8],
     ) -> Result<u64, LogError> {
-        assert!(payload.len() <= RECORD_PAYLOAD_BYTES_MAX as usize);
+        self.append_parts(kind, flags, conn, offset, length, &[payload])
+    }
+
+    /// [`Self::append`] for a payload held in pieces (their concatenation is the payload).
+    pub fn append_parts(
+        &mut self,
+        kind: RecordKind,
+        flags: u8,
+        conn: u64,
+        offset: u64,
+        length: u64,
+        parts: &[&[u8]],
+    ) -> Result<u64, LogError> {
+        let payload_len: usize = parts.iter().map(|p| p.len()).sum();
+        assert!(payload_len <= RECORD_PAYLOAD_BYTES_MAX as usize);
         if kind == RecordKind::Write {
             assert_eq!(
-                payload.len() as u64,
-                length,
+                payload_len as u64, length,
                 "a write record carries its data"
             );
         }
         let seq = self.next_seq;
-        let header = RecordHeader::seal(kind, flags, seq, conn, offset, length, payload);
+        let header = RecordHeader::seal_parts(kind, flags, seq, conn, offset, length, parts);
         self.out.write_all(&header.encode())?;
-        self.out.write_all(payload)?;
+        for p in parts {
+            self.out.write_all(p)?;
+        }
         self.next_seq += 1;
         if matches!(
             kind,
