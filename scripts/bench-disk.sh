@@ -6,11 +6,11 @@
 # 2. `crashmonkey check --checker true` on a synthetic log of 10,000 4 KiB writes in 100
 #    epochs, and on the doubled log (20,000 writes, 200 epochs): states per second. Target:
 #    linear (the same states per second on both).
-# Env: BENCH_SECONDS=5, BENCH_ROUNDS=2, BENCH_SAMPLES=32, BENCH_JOBS=2.
+# Env: BENCH_SECONDS=5, BENCH_ROUNDS=5, BENCH_SAMPLES=32, BENCH_JOBS=2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_RUN=${BENCH_SECONDS:-5}
-ROUNDS=${BENCH_ROUNDS:-2}
+ROUNDS=${BENCH_ROUNDS:-5}
 SAMPLES=${BENCH_SAMPLES:-32}
 JOBS=${BENCH_JOBS:-2}
 
@@ -38,17 +38,19 @@ fio_iops() { # fio_iops EXPORT_SPEC -> prints write IOPS
 }
 
 if command -v fio >/dev/null && fio --enghelp=nbd >/dev/null 2>&1; then
-    best_off=0 best_on=0
+    best_off=0 best_on=0 losses=""
     for r in $(seq "$ROUNDS"); do
         off=$(fio_iops "d:size=256M")
         on=$(fio_iops "d:size=256M,record=$WORK/rec.log")
         log_mib=$(( $(stat -c %s "$WORK/rec.log") / 1048576 ))
         rm -f "$WORK/rec.log"
         echo "round $r: recording off $off IOPS, on $on IOPS (log $log_mib MiB)"
+        losses="$losses $(python3 -c 'import sys; off,on=map(int,sys.argv[1:]); print(f"{100*(off-on)/off:.1f}")' "$off" "$on")"
         (( off > best_off )) && best_off=$off
         (( on > best_on )) && best_on=$on
     done
     (( best_off > 0 )) && python3 -c 'import sys; off,on=map(int,sys.argv[1:]); print(f"fio randwrite 4k qd32: recording off {off} IOPS, on {on} IOPS: {100*(off-on)/off:+.1f}% loss (target <= 10%)")' "$best_off" "$best_on"
+    python3 -c 'import sys,statistics; l=[float(x) for x in sys.argv[1:]]; print(f"per-round loss (same round, off then on): median {statistics.median(l):+.1f}%, rounds: {l}")' $losses
 else
     echo "fio with the nbd engine not found: skipping the fio part"
 fi

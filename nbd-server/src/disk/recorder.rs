@@ -295,6 +295,16 @@ fn run(mut writer: LogWriter, shared: &Shared) {
                 }
             }
         }
+        // Out of work: put what is buffered in the file, so that a reader sees it.
+        if error.is_none() && shared.lock().msgs.is_empty() {
+            if let Err(e) = writer.flush() {
+                tracing::error!("write log failed: {e}");
+                error = Some(e.to_string());
+                let mut q = shared.lock();
+                q.failed = error.clone();
+                shared.space.notify_all();
+            }
+        }
         if small {
             std::thread::sleep(Duration::from_micros(RECORDER_GATHER_MICROS));
         }

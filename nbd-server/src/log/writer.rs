@@ -98,9 +98,11 @@ impl Direct {
     }
 
     /// Puts everything buffered in the file: whole blocks as they are, a partial last block
-    /// padded and then cut off again by truncating the file. The partial block stays in the
-    /// buffer, to be written again once it has grown.
-    fn flush(&mut self) -> io::Result<()> {
+    /// padded with zeroes, which `exact` then cuts off again by truncating the file. (Without
+    /// it the zeroes stay until the block is written again, and read as a torn tail; a
+    /// truncation on every flush made ext4 free and allocate the last block each time.) The
+    /// partial block stays in the buffer, to be written again once it has grown.
+    fn flush(&mut self, exact: bool) -> io::Result<()> {
         if self.len == 0 {
             return Ok(());
         }
@@ -110,7 +112,7 @@ impl Direct {
         let start = self.start;
         self.file
             .write_all_at(&self.buf[start..start + padded], self.base)?;
-        if padded != len {
+        if exact && padded != len {
             self.file.set_len(self.base + len as u64)?;
         }
         let whole = len / DIRECT_IO_ALIGN_BYTES * DIRECT_IO_ALIGN_BYTES;
@@ -149,9 +151,9 @@ impl Out {
         }
     }
 
-    fn flush(&mut self) -> io::Result<()> {
+    fn flush(&mut self, exact: bool) -> io::Result<()> {
         match self {
-            Out::Direct(d) => match d.flush() {
+            Out::Direct(d) => match d.flush(exact) {
                 // Some filesystems accept O_DIRECT at open and refuse the writes: from here on
                 // the file is written through the page cache, from where the buffer starts.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.fall_back(),
@@ -178,7 +180,7 @@ impl Out {
     }
 
     fn sync(&mut self) -> io::Result<()> {
-        self.flush()?;
+        self.flush(true)?;
         match self {
             Out::Direct(d) => d.file.sync_data(),
             Out::Buffered(b) => b.get_ref().sync_data(),
@@ -196,7 +198,7 @@ impl LogWriter {
     pub fn create(path: &Path, disk_bytes: u64) -> Result<Self, LogError> {
         let mut out = Out::create(path)?;
         out.write_all(&FileHeader::new(disk_bytes).encode())?;
-        out.flush()?;
+        out.flush(true)?;
         Ok(LogWriter { out, next_seq: 0 })
     }
 
@@ -211,8 +213,9 @@ impl LogWriter {
         self.out.is_direct()
     }
 
-    /// Appends one record and returns its sequence number. Flush, mark, fault and power-cut records
-    /// push the buffer to the file, so a reader started later sees them.
+    /// Appends one record and returns its sequence number. Mark, fault and power-cut records
+    /// push the buffer to the file, so a reader started later sees them (flush records do
+    /// not: they come too often; the recorder pushes the buffer whenever it runs out of work).
     pub fn append(
         &mut self,
         kind: RecordKind,
@@ -252,16 +255,17 @@ impl LogWriter {
         self.next_seq += 1;
         if matches!(
             kind,
-            RecordKind::Flush | RecordKind::Mark | RecordKind::PowerCut | RecordKind::Fault
+            RecordKind::Mark | RecordKind::PowerCut | RecordKind::Fault
         ) {
-            self.out.flush()?;
+            self.out.flush(false)?;
         }
         Ok(seq)
     }
 
-    /// Pushes buffered records to the file.
+    /// Pushes buffered records to the file. A direct-IO log may then end in zero padding up
+    /// to the next 4 KiB boundary (a torn tail to readers) until [`Self::sync`] or drop.
     pub fn flush(&mut self) -> Result<(), LogError> {
-        self.out.flush()?;
+        self.out.flush(false)?;
         Ok(())
     }
 
@@ -274,7 +278,7 @@ impl LogWriter {
 
 impl Drop for LogWriter {
     fn drop(&mut self) {
-        if let Err(e) = self.out.flush() {
+        if let Err(e) = self.out.flush(true) {
             tracing::error!("write log: final flush failed: {e}");
         }
     }
@@ -331,8 +335,15 @@ mod tests {
             expect.extend_from_slice(&h.encode());
             expect.extend_from_slice(&payload);
             if i % 3 == 0 {
-                w.flush().unwrap();
+                w.sync().unwrap();
                 assert_eq!(std::fs::read(&path).unwrap(), expect, "after record {i}");
+            } else if i % 3 == 1 {
+                // Pushed but not cut to length: the records, then zeroes to a block boundary.
+                w.flush().unwrap();
+                let got = std::fs::read(&path).unwrap();
+                assert_eq!(&got[..expect.len()], &expect[..], "after record {i}");
+                assert!(got[expect.len()..].iter().all(|&b| b == 0));
+                assert_eq!(got.len() % DIRECT_IO_ALIGN_BYTES, 0);
             }
         }
         drop(w);
