@@ -26,6 +26,10 @@ pub const RECORDER_QUEUE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// After a batch of fewer than [`RECORDER_SMALL_BATCH_RECORDS`] records the thread waits this
 /// long before taking the next one, so that records gather.
 pub const RECORDER_GATHER_MICROS: u64 = 2000;
+/// When out of work, the thread pushes its buffer to the file at most this often (a push of
+/// a partial block is one more synchronous write); mark, fault and power-cut records and
+/// `sync` push at once.
+pub const RECORDER_PUSH_INTERVAL_MILLIS: u64 = 20;
 /// Batches smaller than this are followed by a gather pause.
 pub const RECORDER_SMALL_BATCH_RECORDS: usize = 1024;
 
@@ -235,15 +239,32 @@ impl Recorder {
 /// The thread: takes the whole queue at a time and writes it, in order.
 fn run(mut writer: LogWriter, shared: &Shared) {
     let mut error: Option<String> = None;
+    let push_interval = Duration::from_millis(RECORDER_PUSH_INTERVAL_MILLIS);
+    let mut last_push = std::time::Instant::now();
+    // Records appended to the writer since the last push.
+    let mut unpushed = false;
     loop {
         let batch = {
             let mut q = shared.lock();
             while q.msgs.is_empty() && !q.closed {
                 q.idle = true;
-                q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                if !unpushed {
+                    q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                // Idle with records not yet in the file: wait no longer than the push is due.
+                let due = push_interval.saturating_sub(last_push.elapsed());
+                if due.is_zero() {
+                    break;
+                }
+                q = shared
+                    .ready
+                    .wait_timeout(q, due)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
             q.idle = false;
-            if q.msgs.is_empty() {
+            if q.msgs.is_empty() && q.closed {
                 break; // closed and drained
             }
             q.bytes = 0;
@@ -252,7 +273,8 @@ fn run(mut writer: LogWriter, shared: &Shared) {
             }
             std::mem::take(&mut q.msgs)
         };
-        let small = batch.len() < RECORDER_SMALL_BATCH_RECORDS;
+        let small = !batch.is_empty() && batch.len() < RECORDER_SMALL_BATCH_RECORDS;
+        unpushed |= !batch.is_empty();
         for msg in batch {
             match msg {
                 Msg::Record {
@@ -295,8 +317,17 @@ fn run(mut writer: LogWriter, shared: &Shared) {
                 }
             }
         }
+        if error.is_some() {
+            unpushed = false; // nothing more goes to the file
+        }
         // Out of work: put what is buffered in the file, so that a reader sees it.
-        if error.is_none() && shared.lock().msgs.is_empty() {
+        if unpushed
+            && error.is_none()
+            && last_push.elapsed() >= push_interval
+            && shared.lock().msgs.is_empty()
+        {
+            last_push = std::time::Instant::now();
+            unpushed = false;
             if let Err(e) = writer.flush() {
                 tracing::error!("write log failed: {e}");
                 error = Some(e.to_string());
