@@ -228,6 +228,21 @@ impl Backend for MemoryBackend {
         true
     }
 
+    fn takes_blocks(&self, offset: u64, length: u64) -> bool {
+        let block = BLOCK_BYTES as u64;
+        length > 0 && offset.is_multiple_of(block) && length.is_multiple_of(block)
+    }
+
+    fn write_blocks(
+        &self,
+        t: Ticket,
+        offset: u64,
+        blocks: Vec<Block>,
+        _fua: bool,
+    ) -> io::Result<()> {
+        self.adopt_blocks(t, offset, blocks)
+    }
+
     /// Each block takes its place in the map as it is (the one it replaces is freed); a block
     /// of zeroes is dropped instead, as a written block of zeroes would be.
     fn adopt_blocks(&self, _t: Ticket, offset: u64, blocks: Vec<Block>) -> io::Result<()> {
