@@ -25,13 +25,13 @@ pub const RECORDER_QUEUE_RECORDS_MAX: usize = 4096;
 pub const RECORDER_QUEUE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// After a batch of fewer than [`RECORDER_SMALL_BATCH_RECORDS`] records the thread waits this
 /// long before taking the next one, so that records gather.
-pub const RECORDER_GATHER_MICROS: u64 = 2000;
+pub const RECORDER_GATHER_MICROS: u64 = 200;
 /// When out of work, the thread pushes its buffer to the file at most this often (a push of
 /// a partial block is one more synchronous write); mark, fault and power-cut records and
 /// `sync` push at once.
 pub const RECORDER_PUSH_INTERVAL_MILLIS: u64 = 20;
 /// Batches smaller than this are followed by a gather pause.
-pub const RECORDER_SMALL_BATCH_RECORDS: usize = 1024;
+pub const RECORDER_SMALL_BATCH_RECORDS: usize = 64;
 
 enum Payload {
     Owned(Vec<u8>),
