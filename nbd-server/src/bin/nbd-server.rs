@@ -171,6 +171,18 @@ fn limits() -> Vec<(&'static str, u64)> {
             "CONTROL_LINE_BYTES_MAX",
             nbd_server::control::CONTROL_LINE_BYTES_MAX as u64,
         ),
+        (
+            "RECORDER_QUEUE_RECORDS_MAX",
+            nbd_server::disk::RECORDER_QUEUE_RECORDS_MAX as u64,
+        ),
+        (
+            "RECORDER_QUEUE_BYTES_MAX",
+            nbd_server::disk::RECORDER_QUEUE_BYTES_MAX,
+        ),
+        (
+            "SPARE_BLOCKS_MAX",
+            nbd_server::backend::memory::SPARE_BLOCKS_MAX as u64,
+        ),
     ]
 }
 
