@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{Arrival, Backend, Block, ConnId, IoStyle, RequestKind, Ticket, BLOCK_BYTES};
 use crate::handshake::Session;
+use crate::lent::{LentReply, VectoredWrite};
 use crate::proto::*;
 use crate::server::{
     wait_for_shutdown, IN_FLIGHT_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_MAX, PAYLOAD_DISCARD_BYTES_MAX,
@@ -648,11 +649,12 @@ pub async fn serve<R, W>(
     mut shutdown: watch::Receiver<bool>,
 ) where
     R: VectoredRead,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: VectoredWrite,
 {
     let backend = session.export.backend.clone();
     let size = backend.size();
     let style = backend.io_style();
+    let lends = backend.lends_memory();
     let ctx = Arc::new(Ctx {
         backend: backend.clone(),
         export: session.export.clone(),
@@ -860,6 +862,17 @@ pub async fn serve<R, W>(
                 let reply = run(&ctx, op, ticket, slot, payload_budget);
                 pending.push(reply);
             }
+            // A large read from a backend that lends its memory is sent straight from it, by
+            // another worker (the reader keeps reading meanwhile).
+            IoStyle::Inline if lends && op.kind == RequestKind::Read => {
+                let sink = sink.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    sink.send_lent_read(&op, ticket).await;
+                    // The writer task lives until every request dropped its sender.
+                    drop((slot, payload_budget, tx));
+                });
+            }
             // A large copy goes to another worker, so the reader keeps reading meanwhile and
             // both cores copy.
             IoStyle::Inline => {
@@ -1041,6 +1054,69 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
         if let Some(id) = fence_id {
             ctx.export.fence.end(id);
         }
+    }
+
+    /// Answers a READ with data lent by the backend (see [`crate::lent`]): the reply goes
+    /// to the socket straight from the backend's memory, after everything queued before it.
+    async fn send_lent_read(&self, op: &Op, ticket: Ticket)
+    where
+        W: VectoredWrite,
+    {
+        let ctx = &self.ctx;
+        let fence_id = ctx.export.fence.begin();
+        let broken = {
+            let mut g = self.wr.lock().await;
+            let (wr, broken) = &mut *g;
+            if !*broken && wr.flush().await.is_err() {
+                *broken = true;
+            }
+            if !*broken {
+                let df = op.flags & NBD_CMD_FLAG_DF != 0;
+                let len = op.length as usize;
+                let mut reply = LentReply::new(ctx.structured, df, op.cookie, op.offset, len);
+                let sock = wr.get_ref();
+                let read = ctx
+                    .backend
+                    .read_pieces(ticket, op.offset, len, &mut |pieces| {
+                        reply.send(pieces, &|bufs| sock.try_write_vectored(bufs))
+                    });
+                let ok = match read {
+                    Ok(()) if reply.failed.is_none() && reply.complete() => {
+                        wr.write_all(&reply.rest).await.is_ok()
+                    }
+                    Ok(()) => {
+                        tracing::debug!(error = ?reply.failed, "lent READ reply failed");
+                        false
+                    }
+                    // Errors come before any piece: nothing of this reply went out yet.
+                    Err(e) if !reply.started() => {
+                        tracing::debug!(offset = op.offset, len, error = %e, "read failed");
+                        let bytes = error_reply(
+                            ctx.structured,
+                            NBD_CMD_READ,
+                            op.cookie,
+                            errno_of(&e),
+                            &e.to_string(),
+                        );
+                        wr.write_all(&bytes).await.is_ok()
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "read failed after part of its reply was sent");
+                        false
+                    }
+                };
+                if !ok || wr.flush().await.is_err() {
+                    *broken = true;
+                }
+            }
+            *broken
+        };
+        if broken {
+            ctx.backend.reply_abandoned(ticket);
+        } else {
+            ctx.backend.reply_sent(ticket);
+        }
+        ctx.export.fence.end(fence_id);
     }
 
     /// Marks the socket failed and shuts it down: later batches are abandoned, not written.

@@ -5,6 +5,7 @@
 //! - `server`      listener (TCP, Unix), connection tasks, named limits, graceful shutdown
 //! - `handshake`   fixed-newstyle option haggling up to the transmission phase
 //! - `connection`  the transmission phase: request checks, concurrent execution, reply writer
+//! - `lent`        READ replies sent straight from a backend's memory (vectored, non-blocking)
 //! - `export`      export configuration (`NAME:size=SIZE[,file=PATH][,readonly]`) and registry
 //! - `backend`     the `Backend` trait the server drives, and the plain backends (memory, file)
 //! - `disk`        the emulated disk: durability rule, epochs, recorder, power cut, faults
@@ -19,6 +20,7 @@ pub mod disk;
 pub mod export;
 pub mod fscore_device;
 pub mod handshake;
+pub mod lent;
 pub mod log;
 pub mod proto;
 pub mod server;

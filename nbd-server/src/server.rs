@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncWrite, BufReader, BufWriter};
+use tokio::io::{BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -341,7 +341,7 @@ async fn connection<R, W>(
     _done: mpsc::Sender<()>,
 ) where
     R: crate::connection::VectoredRead,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: crate::lent::VectoredWrite,
 {
     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let mut wr = BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);

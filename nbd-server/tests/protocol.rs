@@ -372,6 +372,119 @@ fn aligned_writes_received_into_blocks_read_back_exactly() {
     t.assert_healthy();
 }
 
+/// Decodes the chunks of one structured READ reply into the bytes read (holes as zeroes);
+/// also returns the chunk types in order. Checks that only the last chunk carries DONE.
+fn structured_read(c: &mut Raw, cookie: u64, offset: u64, len: usize) -> (Vec<u8>, Vec<u16>) {
+    let mut out = vec![0xAAu8; len];
+    let mut covered = vec![false; len];
+    let mut types = Vec::new();
+    loop {
+        let ch = c.chunk();
+        assert_eq!(ch.cookie, cookie);
+        types.push(ch.chunk_type);
+        let at = |p: &[u8]| (u64::from_be_bytes(p[0..8].try_into().unwrap()) - offset) as usize;
+        let mut mark = |a: usize, n: usize| {
+            assert!(covered[a..a + n].iter().all(|&x| !x), "chunks overlap");
+            covered[a..a + n].fill(true);
+        };
+        match ch.chunk_type {
+            NBD_REPLY_TYPE_OFFSET_DATA => {
+                let a = at(&ch.payload);
+                let d = &ch.payload[8..];
+                mark(a, d.len());
+                out[a..a + d.len()].copy_from_slice(d);
+            }
+            NBD_REPLY_TYPE_OFFSET_HOLE => {
+                let a = at(&ch.payload);
+                let n = u32::from_be_bytes(ch.payload[8..12].try_into().unwrap()) as usize;
+                mark(a, n);
+                out[a..a + n].fill(0);
+            }
+            NBD_REPLY_TYPE_NONE => {}
+            t => panic!("unexpected chunk type {t}"),
+        }
+        if ch.flags & NBD_REPLY_FLAG_DONE != 0 {
+            assert!(
+                covered.iter().all(|&x| x),
+                "the chunks cover the whole read"
+            );
+            return (out, types);
+        }
+    }
+}
+
+/// Reads larger than the inline limit are sent straight from the memory backend's blocks
+/// (`nbd_server::lent`): unaligned, across chunk boundaries, over holes, in every reply form
+/// (simple; structured with holes as OFFSET_HOLE chunks; structured with DF as one chunk),
+/// and when the client lets replies pile up until the socket is full (the part the socket
+/// does not take is sent later, in order).
+#[test]
+fn large_reads_are_sent_from_backend_memory_in_every_reply_form() {
+    let t = TestServer::start();
+    let mut w = go(&t, "disk", false, false);
+    let base: u64 = (1 << 20) - 8192 + 512;
+    let len = 3 << 20;
+    let mut want: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(13) ^ 0x5c)
+        .collect();
+    // A 256 KiB hole inside (never written) and a partial zero block.
+    let hole_at = 1 << 20;
+    want[hole_at..hole_at + (256 << 10)].fill(0);
+    want[100..4000].fill(0);
+    w.request(0, NBD_CMD_WRITE, 1, base, hole_at as u32, &want[..hole_at]);
+    assert_eq!(w.simple_reply(0).0, 0);
+    let after = hole_at + (256 << 10);
+    w.request(
+        0,
+        NBD_CMD_WRITE,
+        2,
+        base + after as u64,
+        (len - after) as u32,
+        &want[after..],
+    );
+    assert_eq!(w.simple_reply(0).0, 0);
+
+    c_simple(&mut w, base, &want);
+
+    let mut s = go(&t, "disk", true, false);
+    s.request(0, NBD_CMD_READ, 7, base, len as u32, &[]);
+    let (got, types) = structured_read(&mut s, 7, base, len);
+    assert!(got == want, "structured read without DF");
+    assert!(
+        types.contains(&NBD_REPLY_TYPE_OFFSET_HOLE),
+        "a 256 KiB hole is sent as a hole: {types:?}"
+    );
+    s.request(NBD_CMD_FLAG_DF, NBD_CMD_READ, 8, base, len as u32, &[]);
+    let (got, types) = structured_read(&mut s, 8, base, len);
+    assert!(got == want, "structured read with DF");
+    assert_eq!(types, vec![NBD_REPLY_TYPE_OFFSET_DATA], "DF: one chunk");
+
+    // 16 reads of the whole range, pipelined while the client reads nothing: far more than
+    // the socket buffers hold.
+    for i in 0..16 {
+        w.request(0, NBD_CMD_READ, 100 + i, base, len as u32, &[]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..16 {
+        let (err, cookie, got) = w.simple_reply(len);
+        assert_eq!(err, 0);
+        assert!((100..116).contains(&cookie));
+        assert!(
+            got == want,
+            "a reply that waited for room reads back exactly"
+        );
+    }
+    w.disc();
+    t.assert_healthy();
+}
+
+fn c_simple(c: &mut Raw, base: u64, want: &[u8]) {
+    c.request(0, NBD_CMD_READ, 5, base, want.len() as u32, &[]);
+    let (err, cookie, got) = c.simple_reply(want.len());
+    assert_eq!((err, cookie), (0, 5));
+    assert!(got == want, "simple read");
+}
+
 #[test]
 fn trim_and_write_zeroes_read_back_zero_and_show_holes() {
     let t = TestServer::start();

@@ -12,7 +12,7 @@ use std::io;
 use std::sync::{Mutex, MutexGuard};
 
 pub use super::BLOCK_BYTES;
-use super::{block_from, Backend, Block, IoStyle, StatusExtent, Ticket};
+use super::{block_from, Backend, Block, IoStyle, Piece, StatusExtent, Ticket};
 
 /// Blocks per chunk: a chunk is the unit of locking (1 MiB).
 pub const CHUNK_BLOCKS: usize = 256;
@@ -177,6 +177,43 @@ impl Backend for MemoryBackend {
                 }
                 p += m;
             }
+        });
+        Ok(())
+    }
+
+    fn lends_memory(&self) -> bool {
+        true
+    }
+
+    /// One call of `f` per chunk, under that chunk's shard lock: stored blocks are lent as
+    /// they are, holes as zero runs.
+    fn read_pieces(
+        &self,
+        _t: Ticket,
+        offset: u64,
+        length: usize,
+        f: &mut dyn FnMut(&[Piece<'_>]),
+    ) -> io::Result<()> {
+        Self::for_each_chunk(offset, length as u64, |chunk, in_chunk, n, _| {
+            let shard = self.shard(chunk);
+            let Some(c) = shard.get(&chunk) else {
+                f(&[Piece::Zeroes(n)]);
+                return;
+            };
+            let mut lent = Vec::with_capacity(n.div_ceil(BLOCK_BYTES) + 1);
+            let mut p = 0;
+            while p < n {
+                let bi = (in_chunk + p) / BLOCK_BYTES;
+                let bo = (in_chunk + p) % BLOCK_BYTES;
+                let m = (BLOCK_BYTES - bo).min(n - p);
+                match (&c.blocks[bi], lent.last_mut()) {
+                    (Some(b), _) => lent.push(Piece::Data(&b[bo..bo + m])),
+                    (None, Some(Piece::Zeroes(z))) => *z += m,
+                    (None, _) => lent.push(Piece::Zeroes(m)),
+                }
+                p += m;
+            }
+            f(&lent);
         });
         Ok(())
     }

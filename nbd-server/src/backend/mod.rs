@@ -56,6 +56,29 @@ pub fn block_from(bytes: &[u8]) -> Block {
         .unwrap_or_else(|_| Box::new([0u8; BLOCK_BYTES]))
 }
 
+/// One piece of a read lent out by [`Backend::read_pieces`]: bytes in the backend's own
+/// memory, or a run of zeroes that is not stored anywhere.
+#[derive(Debug, Clone, Copy)]
+pub enum Piece<'a> {
+    Data(&'a [u8]),
+    Zeroes(usize),
+}
+
+impl Piece<'_> {
+    /// Bytes this piece stands for.
+    pub fn len(&self) -> usize {
+        match self {
+            Piece::Data(d) => d.len(),
+            Piece::Zeroes(n) => *n,
+        }
+    }
+
+    /// Whether the piece stands for no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// An opaque token a backend hands out at request arrival and gets back at every later
 /// lifecycle event of the same request. Plain backends return `Ticket(0)` and ignore it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -139,6 +162,30 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Fill `buf` from `offset`.
     fn read(&self, ticket: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Whether [`Self::read_pieces`] lends the backend's own memory, so that a caller can send
+    /// a read straight from it rather than copying it into a buffer first.
+    fn lends_memory(&self) -> bool {
+        false
+    }
+
+    /// Reads `[offset, offset+length)` by calling `f` with its pieces, in order, as many
+    /// times as needed (their lengths add up to `length`). The pieces are valid only during
+    /// the call: the backend may hold locks meanwhile, so `f` must be quick and must not call
+    /// back into the backend. An error is returned before the first call of `f`. The default
+    /// reads into a fresh buffer with [`Self::read`].
+    fn read_pieces(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        length: usize,
+        f: &mut dyn FnMut(&[Piece<'_>]),
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; length];
+        self.read(ticket, offset, &mut buf)?;
+        f(&[Piece::Data(&buf)]);
+        Ok(())
+    }
 
     /// Write `data` at `offset`; with `fua`, durable before returning.
     fn write(&self, ticket: Ticket, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;

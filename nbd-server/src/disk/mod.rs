@@ -46,7 +46,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
 
 use crate::backend::{
-    block_from, Arrival, Backend, Block, ConnId, IoStyle, RequestKind, StatusExtent, Ticket,
+    block_from, Arrival, Backend, Block, ConnId, IoStyle, Piece, RequestKind, StatusExtent, Ticket,
     BLOCK_BYTES,
 };
 use crate::log::{
@@ -738,6 +738,33 @@ impl Backend for EmulatedDisk {
         // Under the lock, so a concurrent write-back cannot slip between the two steps.
         self.storage.read(Ticket(0), offset, buf)?;
         st.cache.overlay(offset, buf);
+        Ok(())
+    }
+
+    fn lends_memory(&self) -> bool {
+        self.storage.lends_memory()
+    }
+
+    /// Lends the storage's memory where no cached write covers the range (the reasoning of
+    /// [`Self::read`] holds: storage has every applied write there); else reads a copy with
+    /// the cached writes laid over it.
+    fn read_pieces(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        length: usize,
+        f: &mut dyn FnMut(&[Piece<'_>]),
+    ) -> io::Result<()> {
+        let st = self.pre_io_locked(ticket)?;
+        if !st.cache.overlaps(offset, length as u64) {
+            drop(st);
+            return self.storage.read_pieces(Ticket(0), offset, length, f);
+        }
+        let mut buf = vec![0u8; length];
+        self.storage.read(Ticket(0), offset, &mut buf)?;
+        st.cache.overlay(offset, &mut buf);
+        drop(st);
+        f(&[Piece::Data(&buf)]);
         Ok(())
     }
 
