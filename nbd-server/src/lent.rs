@@ -64,11 +64,10 @@ pub struct LentReply {
     pub direct_bytes: usize,
 }
 
-/// A piece of the reply: a header in the frame list, or data.
+/// A piece of the reply: a header in the frame list (index, length), or lent data.
 enum Seg<'a> {
     Header(usize, usize),
-    Data(&'a [u8]),
-    Zeroes(usize),
+    Lent(Piece<'a>),
 }
 
 impl LentReply {
@@ -139,10 +138,7 @@ impl LentReply {
                 };
                 segs.push(s);
             }
-            segs.extend(pieces.iter().map(|p| match *p {
-                Piece::Data(d) => Seg::Data(d),
-                Piece::Zeroes(n) => Seg::Zeroes(n),
-            }));
+            segs.extend(pieces.iter().map(|&p| Seg::Lent(p)));
         } else {
             // Runs of zeroes long enough become OFFSET_HOLE chunks; everything between them
             // one OFFSET_DATA chunk. The last chunk of the last call carries DONE.
@@ -174,10 +170,7 @@ impl LentReply {
                         put_offset_data_prefix(h, flags, cookie, at, run as u32);
                         OFFSET_DATA_PREFIX_BYTES
                     }));
-                    segs.extend(pieces[i..j].iter().map(|p| match *p {
-                        Piece::Data(d) => Seg::Data(d),
-                        Piece::Zeroes(n) => Seg::Zeroes(n),
-                    }));
+                    segs.extend(pieces[i..j].iter().map(|&p| Seg::Lent(p)));
                 }
                 at += run as u64;
                 i = j;
@@ -189,8 +182,8 @@ impl LentReply {
         for s in &segs {
             match *s {
                 Seg::Header(i, n) => slices.push(IoSlice::new(&headers[i][..n])),
-                Seg::Data(d) => slices.push(IoSlice::new(d)),
-                Seg::Zeroes(mut n) => {
+                Seg::Lent(Piece::Data(d)) => slices.push(IoSlice::new(d)),
+                Seg::Lent(Piece::Zeroes(mut n)) => {
                     while n > 0 {
                         let m = n.min(ZERO_SLICE_BYTES);
                         slices.push(IoSlice::new(&ZEROES[..m]));
