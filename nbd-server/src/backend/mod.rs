@@ -43,8 +43,8 @@ pub type ConnId = u64;
 pub const BLOCK_BYTES: usize = 4096;
 
 /// One 4 KiB block on the heap: the unit the memory backend stores, and the form the emulated
-/// disk caches aligned writes in, so that writing one back moves the block instead of copying
-/// it (see [`Backend::adopt_blocks`]).
+/// disk caches aligned writes in, so that writing one back into a hole moves the block instead
+/// of copying it (see [`Backend::adopt_blocks`]).
 pub type Block = Box<[u8; BLOCK_BYTES]>;
 
 /// A block holding `bytes` (exactly [`BLOCK_BYTES`] of them), copied straight into its
