@@ -446,6 +446,55 @@ mod tests {
     }
 
     #[test]
+    fn adopted_blocks_fill_holes_overwrite_stored_blocks_and_drop_zeroes() {
+        let m = MemoryBackend::new(4 << 20);
+        let block = |v: u8| -> Block { Box::new([v; BLOCK_BYTES]) };
+        // Four blocks over holes, the last of them zeroes.
+        m.adopt_blocks(T, 0, vec![block(1), block(2), block(3), block(0)])
+            .unwrap();
+        assert_eq!(
+            m.stored_blocks(),
+            3,
+            "a block of zeroes over a hole is not stored"
+        );
+        // Over stored blocks: new content, the same stored blocks, the given ones spare.
+        let stored_at = |bi: usize| {
+            m.shard(0).get(&0).unwrap().blocks[bi]
+                .as_ref()
+                .map(|b| b.as_ptr())
+        };
+        let block1 = stored_at(1);
+        let spare_before = m.spare_blocks.lock().unwrap().len();
+        m.adopt_blocks(T, 4096, vec![block(7), block(0), block(9)])
+            .unwrap();
+        let mut back = vec![0u8; 4 * BLOCK_BYTES];
+        m.read(T, 0, &mut back).unwrap();
+        let want: Vec<u8> = [1u8, 7, 0, 9]
+            .iter()
+            .flat_map(|&v| [v; BLOCK_BYTES])
+            .collect();
+        assert_eq!(back, want);
+        assert_eq!(
+            m.stored_blocks(),
+            3,
+            "block 2 became zeroes and was dropped"
+        );
+        assert_eq!(
+            stored_at(1),
+            block1,
+            "block 1 was copied into, not replaced"
+        );
+        // Block 1 was copied into (its block given back), block 2 dropped (both the given
+        // zero block and the stored one), block 3 was a hole and took the given block.
+        assert_eq!(m.spare_blocks.lock().unwrap().len(), spare_before + 3);
+        let s = m.block_status(T, 0, 4 * BLOCK_BYTES as u64).unwrap();
+        assert_eq!(
+            s.iter().map(|e| (e.length, e.hole)).collect::<Vec<_>>(),
+            [(8192, false), (4096, true), (4096, false)]
+        );
+    }
+
+    #[test]
     fn unaligned_write_across_chunks_reads_back() {
         let m = MemoryBackend::new(4 << 20);
         let data: Vec<u8> = (0..3 * BLOCK_BYTES + 17)
