@@ -9,7 +9,9 @@
 # best round against best round (on a shared machine, other load only ever lowers a figure),
 # median against median, and the median of the paired ratios (each round of ours against the
 # nbdkit round right after it, which cancels the slow drifts of this VM; identical runs here
-# differ by 10-25%, so this is the figure to quote).
+# differ by 10-25%, so this is the figure to quote). Under each job, the CPU each server and
+# fio used (median of the rounds, % of one core): on 2 cores, fio near 100% means the client
+# sets the rate, and the server can only win by making the client's work per request cheaper.
 # Env: BENCH_SECONDS (default 6) per run, BENCH_ROUNDS (default 5), BENCH_SIZE (default 1G).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,15 +49,22 @@ for uri in "nbd://127.0.0.1:$P1/bench" "nbd://127.0.0.1:$P2/"; do
       --output="$WORK/prefill.txt" >/dev/null
 done
 
-run_job() { # uri name rw bs iodepth -> prints "iops bw_MiBps"
+ticks() { # pid -> CPU ticks (user + system) the process has used
+  awk '{print $14 + $15}' "/proc/$1/stat"
+}
+run_job() { # uri name rw bs iodepth server-pid -> "iops bw_MiBps fio_cpu% server_cpu%"
+  local t0 t1 w0 w1
+  t0=$(ticks "$6"); w0=$(date +%s.%N)
   fio --name="$2" --ioengine=nbd --uri="$1" --rw="$3" --bs="$4" --iodepth="$5" \
       --size="$SIZE" --time_based --runtime="$SECONDS_PER_JOB" --ramp_time=1 \
       --output-format=json --output="$WORK/$2.json" >/dev/null
-  python3 - "$WORK/$2.json" <<'PY'
+  t1=$(ticks "$6"); w1=$(date +%s.%N)
+  python3 - "$WORK/$2.json" "$((t1 - t0))" "$(getconf CLK_TCK)" "$w0" "$w1" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
-print(f'{side["iops"]:.0f} {side["bw"] / 1024:.1f}')
+server = int(sys.argv[2]) / int(sys.argv[3]) / (float(sys.argv[5]) - float(sys.argv[4])) * 100
+print(f'{side["iops"]:.0f} {side["bw"] / 1024:.1f} {j["usr_cpu"] + j["sys_cpu"]:.0f} {server:.0f}')
 PY
 }
 
@@ -72,8 +81,8 @@ for job in "randwrite 4k 32 iops" "randread 4k 32 iops" "write 1m 8 bw" "read 1m
   set -- $job
   : >"$WORK/a"; : >"$WORK/b"
   for r in $(seq 1 "$ROUNDS"); do
-    run_job "nbd://127.0.0.1:$P1/bench" "ours-$1-$2-$r" "$1" "$2" "$3" >>"$WORK/a"
-    run_job "nbd://127.0.0.1:$P2/" "kit-$1-$2-$r" "$1" "$2" "$3" >>"$WORK/b"
+    run_job "nbd://127.0.0.1:$P1/bench" "ours-$1-$2-$r" "$1" "$2" "$3" "${PIDS[0]}" >>"$WORK/a"
+    run_job "nbd://127.0.0.1:$P2/" "kit-$1-$2-$r" "$1" "$2" "$3" "${PIDS[1]}" >>"$WORK/b"
   done
   if [ "$4" = iops ]; then f=1; unit=IOPS; else f=2; unit=MiB/s; fi
   x=$(best $f <"$WORK/a"); y=$(best $f <"$WORK/b")
@@ -83,8 +92,11 @@ for job in "randwrite 4k 32 iops" "randread 4k 32 iops" "write 1m 8 bw" "read 1m
   pratio=$(paste -d' ' "$WORK/a" "$WORK/b" | python3 -c '
 import sys, statistics
 f = int(sys.argv[1]) - 1
-r = [float(l.split()[f]) / float(l.split()[2 + f]) for l in sys.stdin if float(l.split()[2 + f]) > 0]
+r = [float(l.split()[f]) / float(l.split()[4 + f]) for l in sys.stdin if float(l.split()[4 + f]) > 0]
 print(f"{statistics.median(r):.2f}x" if r else "n/a")' "$f")
   printf '%-22s %14s %14s %8s %8s %8s\n' "$1 bs=$2 qd=$3" "$x $unit" "$y $unit" "$ratio" "$mratio" "$pratio"
+  printf '  CPU, %% of a core (median of rounds): nbd-server %.0f%% (fio %.0f%%), nbdkit %.0f%% (fio %.0f%%)\n' \
+    "$(median 4 <"$WORK/a")" "$(median 3 <"$WORK/a")" "$(median 4 <"$WORK/b")" "$(median 3 <"$WORK/b")"
 done
 echo "targets: >= 1.25x IOPS at 4K, >= 1.00x bandwidth at 1 MiB"
+echo "(fio near 100% of its core: the client, not the server, sets the rate)"
