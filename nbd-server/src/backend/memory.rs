@@ -45,8 +45,9 @@ pub const SPARE_BLOCKS_MAX: usize = 16 * 1024;
 pub struct MemoryBackend {
     size: u64,
     shards: Box<[Mutex<Shard>]>,
-    /// Blocks given to `adopt_blocks` and copied into stored ones, or dropped from the map,
-    /// handed out again by `block_buffers`: reusing them costs neither an allocation nor a
+    /// Blocks that left the map (dropped as zeroes, or replaced by a whole-chunk write) and
+    /// blocks given to `adopt_blocks` whose content was copied into stored ones, handed out
+    /// again by `block_buffers`: reusing them costs neither an allocation nor a
     /// page fault, and their old contents save zeroing them before a write is received into
     /// them.
     spare_blocks: Mutex<Vec<Block>>,
