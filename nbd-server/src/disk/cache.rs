@@ -71,18 +71,19 @@ pub struct Cache {
     spares: Spares,
 }
 
-/// Writes part `[off, off+len)` of `entry` to storage.
+/// Writes part `[off, off+len)` of `entry` to storage; with `fua`, durable there on return.
 pub fn apply_to_storage(
     storage: &dyn Backend,
     entry: &Entry,
     off: u64,
     len: u64,
+    fua: bool,
 ) -> io::Result<()> {
     debug_assert!(off >= entry.offset && off + len <= entry.offset + entry.length);
     match &entry.data {
         EntryData::Bytes(b) => {
             let s = (off - entry.offset) as usize;
-            storage.write(Ticket(0), off, &b[s..s + len as usize], false)
+            storage.write(Ticket(0), off, &b[s..s + len as usize], fua)
         }
         EntryData::Blocks(blocks) => {
             let mut at = off;
@@ -90,15 +91,15 @@ pub fn apply_to_storage(
                 let rel = (at - entry.offset) as usize;
                 let (bi, bo) = (rel / BLOCK_BYTES, rel % BLOCK_BYTES);
                 let n = (BLOCK_BYTES - bo).min((off + len - at) as usize);
-                storage.write(Ticket(0), at, &blocks[bi][bo..bo + n], false)?;
+                storage.write(Ticket(0), at, &blocks[bi][bo..bo + n], fua)?;
                 at += n as u64;
             }
             Ok(())
         }
         EntryData::Zeroes { trim: true } if storage.can_trim() => {
-            storage.trim(Ticket(0), off, len, false)
+            storage.trim(Ticket(0), off, len, fua)
         }
-        EntryData::Zeroes { .. } => storage.write_zeroes(Ticket(0), off, len, false, false, false),
+        EntryData::Zeroes { .. } => storage.write_zeroes(Ticket(0), off, len, false, false, fua),
     }
 }
 
@@ -257,7 +258,8 @@ impl Cache {
         })
     }
 
-    fn pop_and_write_back(&mut self, storage: &dyn Backend) -> io::Result<()> {
+    /// Writes back the oldest entry; with `fua`, it is durable in storage on return.
+    fn pop_and_write_back(&mut self, storage: &dyn Backend, fua: bool) -> io::Result<()> {
         let entry = self.entries.pop_front().expect("caller checked non-empty");
         let end = entry.offset + entry.length;
         for k in self.overlapping(entry.offset, end) {
@@ -271,7 +273,14 @@ impl Cache {
         // Blocks are moved into storage if the write log is done with them, else copied.
         let entry = match entry.data {
             EntryData::Blocks(blocks) => match Arc::try_unwrap(blocks) {
-                Ok(blocks) => return storage.adopt_blocks(Ticket(0), entry.offset, blocks),
+                Ok(blocks) => {
+                    storage.adopt_blocks(Ticket(0), entry.offset, blocks)?;
+                    return if fua {
+                        storage.flush(Ticket(0))
+                    } else {
+                        Ok(())
+                    };
+                }
                 Err(shared) => Entry {
                     data: EntryData::Blocks(shared),
                     ..entry
@@ -279,7 +288,7 @@ impl Cache {
             },
             _ => entry,
         };
-        apply_to_storage(storage, &entry, entry.offset, entry.length)?;
+        apply_to_storage(storage, &entry, entry.offset, entry.length, fua)?;
         // Unshared once written back, unless the write log still holds it.
         if let EntryData::Bytes(b) = entry.data {
             if let Ok(v) = Arc::try_unwrap(b) {
@@ -292,9 +301,31 @@ impl Cache {
     /// Writes back every entry up to and including `id`, oldest first.
     pub fn write_back_through(&mut self, storage: &dyn Backend, id: u64) -> io::Result<()> {
         while self.entries.front().is_some_and(|e| e.id <= id) {
-            self.pop_and_write_back(storage)?;
+            self.pop_and_write_back(storage, false)?;
         }
         Ok(())
+    }
+
+    /// Writes back every entry up to and including `id`, oldest first, and makes entry `id`
+    /// durable in storage (a FUA write). The older entries are not synced: FUA promises only
+    /// its own write, and storage syncs just that range (the file backend's `RWF_DSYNC`)
+    /// rather than all of it. Storage still sees the writes in apply order.
+    pub fn write_back_fua(&mut self, storage: &dyn Backend, id: u64) -> io::Result<()> {
+        let mut synced = false;
+        while let Some(front) = self.entries.front() {
+            if front.id > id {
+                break;
+            }
+            let last = front.id == id;
+            self.pop_and_write_back(storage, last)?;
+            synced |= last;
+        }
+        if synced {
+            Ok(())
+        } else {
+            // Entry `id` was already written back without a sync: sync everything.
+            storage.flush(Ticket(0))
+        }
     }
 
     /// Writes back every entry answered before flush generation `cover_gen` (and, to keep
@@ -324,7 +355,7 @@ impl Cache {
         while !self.entries.is_empty()
             && (self.bytes > self.bytes_max || self.entries.len() > self.entries_max)
         {
-            self.pop_and_write_back(storage)?;
+            self.pop_and_write_back(storage, false)?;
             n += 1;
         }
         Ok(n)

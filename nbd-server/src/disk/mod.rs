@@ -392,7 +392,7 @@ impl EmulatedDisk {
                 (Fate::Kept, vec![(entry.offset, entry.length)])
             };
             for &(off, len) in &pieces {
-                cache::apply_to_storage(&*self.storage, entry, off, len)?;
+                cache::apply_to_storage(&*self.storage, entry, off, len, false)?;
             }
             if let Some(seq) = entry.log_seq {
                 fates.push(WriteFate {
@@ -523,8 +523,7 @@ impl EmulatedDisk {
         }
         if fua {
             st.stats.fua_writes += 1;
-            st.cache.write_back_through(&*self.storage, id)?;
-            self.storage.flush(Ticket(0))?;
+            st.cache.write_back_fua(&*self.storage, id)?;
         }
         let early = st.cache.enforce_limits(&*self.storage)?;
         st.stats.early_writebacks += early;

@@ -127,6 +127,103 @@ fn fua_write_back_keeps_apply_order() {
     assert_eq!(snap[512], 0x01);
 }
 
+/// Storage that records the calls it gets, over a [`VecStorage`].
+struct CallLog {
+    inner: VecStorage,
+    calls: std::sync::Mutex<Vec<String>>,
+}
+
+impl CallLog {
+    fn note(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+}
+
+impl Backend for CallLog {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read(&self, t: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read(t, offset, buf)
+    }
+    fn write(&self, t: Ticket, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.note(format!("write {offset}+{} fua={fua}", data.len()));
+        self.inner.write(t, offset, data, fua)
+    }
+    fn write_zeroes(
+        &self,
+        t: Ticket,
+        offset: u64,
+        length: u64,
+        may_trim: bool,
+        fast_only: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        self.note(format!("zero {offset}+{length} fua={fua}"));
+        self.inner
+            .write_zeroes(t, offset, length, may_trim, fast_only, fua)
+    }
+    fn trim(&self, t: Ticket, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        self.note(format!("trim {offset}+{length} fua={fua}"));
+        self.inner.trim(t, offset, length, fua)
+    }
+    fn flush(&self, t: Ticket) -> io::Result<()> {
+        self.note("flush".into());
+        self.inner.flush(t)
+    }
+    fn block_status(&self, t: Ticket, offset: u64, length: u64) -> io::Result<Vec<StatusExtent>> {
+        self.inner.block_status(t, offset, length)
+    }
+}
+
+/// A FUA write writes back the older cached writes in order, then itself with FUA, so that
+/// storage syncs just its range (a file: `RWF_DSYNC`), not everything (`fdatasync`). A FLUSH
+/// still writes back and syncs everything.
+#[test]
+fn fua_write_back_syncs_only_the_fua_write() {
+    let storage = Arc::new(CallLog {
+        inner: VecStorage::new(SIZE).unwrap(),
+        calls: Default::default(),
+    });
+    let d = EmulatedDisk::new(storage.clone(), DiskConfig::default()).unwrap();
+    write(&d, 1, 0, 0x01, 4096, false);
+    write(&d, 1, 8192, 0x02, 4096, false);
+    let t = arrive(&d, 1, RequestKind::WriteZeroes, 16384, 4096, false);
+    d.write_zeroes(t, 16384, 4096, false, false, false).unwrap();
+    d.reply_sent(t);
+    assert_eq!(
+        storage.take(),
+        Vec::<String>::new(),
+        "plain writes stay cached"
+    );
+    write(&d, 1, 4096, 0x03, 4096, true);
+    write(&d, 1, 32768, 0x04, 4096, false);
+    assert_eq!(
+        storage.take(),
+        [
+            "write 0+4096 fua=false",
+            "write 8192+4096 fua=false",
+            "zero 16384+4096 fua=false",
+            "write 4096+4096 fua=true",
+        ]
+    );
+    let t = arrive(&d, 1, RequestKind::WriteZeroes, 0, 4096, true);
+    d.write_zeroes(t, 0, 4096, false, false, true).unwrap();
+    d.reply_sent(t);
+    assert_eq!(
+        storage.take(),
+        ["write 32768+4096 fua=false", "zero 0+4096 fua=true"]
+    );
+    write(&d, 1, 40960, 0x05, 4096, false);
+    flush(&d, 1);
+    assert_eq!(storage.take(), ["write 40960+4096 fua=false", "flush"]);
+    assert_eq!(read(&d, 4096, 4096), [0x03; 4096]);
+    assert_eq!(read(&d, 0, 4096), [0; 4096]);
+}
+
 /// Epochs in the log: the flush record lists writes in flight across it.
 #[test]
 fn flush_record_lists_in_flight_writes() {
