@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo test deps unit interop e2e lint bench bench-nbd bench-disk bench-fscore clean
+.PHONY: all build demo test deps unit interop e2e lint bench bench-nbd bench-nbd-client bench-disk bench-fscore clean
 
 all: build
 
@@ -37,6 +37,9 @@ bench: bench-nbd bench-disk bench-fscore
 
 bench-nbd:
 	bash scripts/bench-nbd.sh
+
+bench-nbd-client:
+	bash scripts/bench-nbd-client.sh
 
 bench-disk:
 	bash scripts/bench-disk.sh
