@@ -112,6 +112,40 @@ fn qemu_io_write_read_fua_zero_discard_flush() {
     assert_eq!(read_export(&t, "disk", 0, 4096), vec![0; 4096]);
 }
 
+/// FUA writes on a raw-file export take the `RWF_DSYNC` path (the file backend's unit test
+/// shows only their range is synced); qemu-io with a writeback cache sends FUA only for
+/// `write -f`, so plain and FUA writes mix as a guest's would.
+#[test]
+fn qemu_io_fua_writes_on_a_file_export() {
+    if !have("qemu-io") {
+        return;
+    }
+    let t = TestServer::start();
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "raw", "-t", "writeback"])
+        .args([
+            "-c",
+            "write -P 0x21 0 1M",
+            "-c",
+            "write -f -P 0x22 4M 4k",
+            "-c",
+            "write -f -P 0x23 5000k 100k",
+            "-c",
+            "read -P 0x21 0 1M",
+            "-c",
+            "read -P 0x22 4M 4k",
+            "-c",
+            "read -P 0x23 5000k 100k",
+        ])
+        .arg(t.uri("file")));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(!out.to_lowercase().contains("error"), "{out}");
+    let img = std::fs::read(t.dir.path().join("file.img")).unwrap();
+    assert_eq!(img[4 << 20..(4 << 20) + 4096], [0x22; 4096]);
+    assert_eq!(img[5000 << 10..5100 << 10], [0x23; 100 << 10][..]);
+    assert_eq!(img[..1 << 20], [0x21; 1 << 20][..]);
+}
+
 #[test]
 fn qemu_io_over_unix_socket_and_read_only() {
     if !have("qemu-io") {
