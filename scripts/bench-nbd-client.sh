@@ -13,34 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${BENCH_SECONDS:-4}
 ROUNDS=${BENCH_ROUNDS:-3}
-for tool in fio nbdkit perf nstat python3; do
-  command -v "$tool" >/dev/null || { echo "bench-nbd-client: $tool is missing"; exit 1; }
-done
-cargo build --release -q -p nbd-server
-BIN=target/release/nbd-server
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-  for _ in $(seq 1 200); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "bench-nbd-client: nothing listens on port $1"; exit 1
-}
-P1=$(free_port)
-"$BIN" --listen "127.0.0.1:$P1" --export "bench:size=1G" 2>"$WORK/nbd-server.log" &
-PIDS+=($!)
-P2=$(free_port)
-nbdkit --foreground --ipaddr 127.0.0.1 --port "$P2" memory 1G 2>"$WORK/nbdkit.log" &
-PIDS+=($!)
-wait_port "$P1"; wait_port "$P2"
-for uri in "nbd://127.0.0.1:$P1/bench" "nbd://127.0.0.1:$P2/"; do
-  fio --name=prefill --ioengine=nbd --uri="$uri" --rw=write --bs=1m --iodepth=8 --size=1G \
-      --output="$WORK/prefill.txt" >/dev/null
-done
+SIZE=1G
+BENCH_NAME=bench-nbd-client TOOLS="fio nbdkit perf nstat python3"
+# shellcheck source=scripts/bench-servers.sh
+source scripts/bench-servers.sh
 
 EVENTS=context-switches,syscalls:sys_enter_poll,syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom
 measure() { # uri rw -> one line of per-request figures
@@ -76,8 +52,8 @@ printf '%-10s %-13s %8s %6s %6s %8s %8s %8s %10s\n' job server IOPS poll sendto 
 for rw in randwrite randread; do
   : >"$WORK/a"; : >"$WORK/b"
   for _ in $(seq 1 "$ROUNDS"); do
-    measure "nbd://127.0.0.1:$P1/bench" "$rw" >>"$WORK/a"
-    measure "nbd://127.0.0.1:$P2/" "$rw" >>"$WORK/b"
+    measure "$OURS_URI" "$rw" >>"$WORK/a"
+    measure "$KIT_URI" "$rw" >>"$WORK/b"
   done
   for s in a b; do
     name=nbd-server; [ "$s" = b ] && name=nbdkit-memory

@@ -20,36 +20,9 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_JOB=${BENCH_SECONDS:-6}
 SIZE=${BENCH_SIZE:-1G}
 ROUNDS=${BENCH_ROUNDS:-5}
-for tool in fio nbdkit python3; do
-  command -v "$tool" >/dev/null || { echo "bench-nbd: $tool is missing (apt-get install fio nbdkit)"; exit 1; }
-done
-cargo build --release -q -p nbd-server
-BIN=target/release/nbd-server
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { # port
-  for _ in $(seq 1 200); do
-    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "bench-nbd: nothing listens on port $1"; exit 1
-}
-
-P1=$(free_port)
-"$BIN" --listen "127.0.0.1:$P1" --export "bench:size=$SIZE" 2>"$WORK/nbd-server.log" &
-PIDS+=($!)
-P2=$(free_port)
-nbdkit --foreground --ipaddr 127.0.0.1 --port "$P2" memory "$SIZE" 2>"$WORK/nbdkit.log" &
-PIDS+=($!)
-wait_port "$P1"; wait_port "$P2"
-for uri in "nbd://127.0.0.1:$P1/bench" "nbd://127.0.0.1:$P2/"; do
-  fio --name=prefill --ioengine=nbd --uri="$uri" --rw=write --bs=1m --iodepth=8 --size="$SIZE" \
-      --output="$WORK/prefill.txt" >/dev/null
-done
+BENCH_NAME=bench-nbd TOOLS="fio nbdkit python3"
+# shellcheck source=scripts/bench-servers.sh
+source scripts/bench-servers.sh
 
 ticks() { # pid -> CPU ticks (user + system) the process has used
   awk '{print $14 + $15}' "/proc/$1/stat"
@@ -89,8 +62,8 @@ for job in "randwrite 4k 32 iops 1" "randread 4k 32 iops 1" "write 1m 8 bw 1" "r
   set -- $job
   : >"$WORK/a"; : >"$WORK/b"
   for r in $(seq 1 "$ROUNDS"); do
-    run_job "nbd://127.0.0.1:$P1/bench" "ours-$1-$2-$5-$r" "$1" "$2" "$3" "${PIDS[0]}" "$5" >>"$WORK/a"
-    run_job "nbd://127.0.0.1:$P2/" "kit-$1-$2-$5-$r" "$1" "$2" "$3" "${PIDS[1]}" "$5" >>"$WORK/b"
+    run_job "$OURS_URI" "ours-$1-$2-$5-$r" "$1" "$2" "$3" "${PIDS[0]}" "$5" >>"$WORK/a"
+    run_job "$KIT_URI" "kit-$1-$2-$5-$r" "$1" "$2" "$3" "${PIDS[1]}" "$5" >>"$WORK/b"
   done
   if [ "$4" = iops ]; then f=1; unit=IOPS; else f=2; unit=MiB/s; fi
   x=$(best $f <"$WORK/a"); y=$(best $f <"$WORK/b")

@@ -298,25 +298,19 @@ impl Cache {
         Ok(())
     }
 
-    /// Writes back every entry up to and including `id`, oldest first.
-    pub fn write_back_through(&mut self, storage: &dyn Backend, id: u64) -> io::Result<()> {
-        while self.entries.front().is_some_and(|e| e.id <= id) {
-            self.pop_and_write_back(storage, false)?;
-        }
-        Ok(())
-    }
-
-    /// Writes back every entry up to and including `id`, oldest first, and makes entry `id`
-    /// durable in storage (a FUA write). The older entries are not synced: FUA promises only
-    /// its own write, and storage syncs just that range (the file backend's `RWF_DSYNC`)
-    /// rather than all of it. Storage still sees the writes in apply order.
-    pub fn write_back_fua(&mut self, storage: &dyn Backend, id: u64) -> io::Result<()> {
-        let mut synced = false;
-        while let Some(front) = self.entries.front() {
-            if front.id > id {
-                break;
-            }
-            let last = front.id == id;
+    /// Writes back every entry up to and including `id`, oldest first. With `fua`, entry `id`
+    /// is made durable in storage (a FUA write): the older entries are not synced, since FUA
+    /// promises only its own write, so storage syncs just that range (the file backend's
+    /// `RWF_DSYNC`) rather than all of it. Storage sees the writes in apply order either way.
+    pub fn write_back_through(
+        &mut self,
+        storage: &dyn Backend,
+        id: u64,
+        fua: bool,
+    ) -> io::Result<()> {
+        let mut synced = !fua;
+        while let Some(front) = self.entries.front().filter(|e| e.id <= id) {
+            let last = fua && front.id == id;
             self.pop_and_write_back(storage, last)?;
             synced |= last;
         }
@@ -338,7 +332,7 @@ impl Cache {
             .map(|e| e.id)
             .next_back();
         if let Some(id) = last {
-            self.write_back_through(storage, id)?;
+            self.write_back_through(storage, id, false)?;
         }
         Ok(())
     }

@@ -523,7 +523,7 @@ impl EmulatedDisk {
         }
         if fua {
             st.stats.fua_writes += 1;
-            st.cache.write_back_fua(&*self.storage, id)?;
+            st.cache.write_back_through(&*self.storage, id, true)?;
         }
         let early = st.cache.enforce_limits(&*self.storage)?;
         st.stats.early_writebacks += early;

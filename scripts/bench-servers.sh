@@ -1,0 +1,38 @@
+# Sourced by the nbd benchmarks: builds nbd-server, starts it (memory export "bench") and
+# `nbdkit memory`, both of $SIZE bytes on free loopback ports, and fills both with the same
+# sequential 1 MiB write, so that jobs measure a written disk rather than first-touch
+# allocation. Sets BIN, WORK (a temp dir), PIDS (server, nbdkit), P1, P2, OURS_URI, KIT_URI;
+# stops both servers and removes WORK on exit. Needs: BENCH_NAME (for messages), SIZE and
+# TOOLS (commands to check for), and the repository root as the working directory.
+for tool in $TOOLS; do
+  command -v "$tool" >/dev/null || { echo "$BENCH_NAME: $tool is missing (apt-get install fio nbdkit)"; exit 1; }
+done
+cargo build --release -q -p nbd-server
+BIN=target/release/nbd-server
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { # port
+  for _ in $(seq 1 200); do
+    python3 -c "import socket; socket.create_connection(('127.0.0.1',$1),0.2)" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "$BENCH_NAME: nothing listens on port $1"; exit 1
+}
+
+P1=$(free_port)
+"$BIN" --listen "127.0.0.1:$P1" --export "bench:size=$SIZE" 2>"$WORK/nbd-server.log" &
+PIDS+=($!)
+P2=$(free_port)
+nbdkit --foreground --ipaddr 127.0.0.1 --port "$P2" memory "$SIZE" 2>"$WORK/nbdkit.log" &
+PIDS+=($!)
+wait_port "$P1"; wait_port "$P2"
+OURS_URI="nbd://127.0.0.1:$P1/bench"
+KIT_URI="nbd://127.0.0.1:$P2/"
+for uri in "$OURS_URI" "$KIT_URI"; do
+  fio --name=prefill --ioengine=nbd --uri="$uri" --rw=write --bs=1m --iodepth=8 --size="$SIZE" \
+      --output="$WORK/prefill.txt" >/dev/null
+done
