@@ -152,6 +152,17 @@ struct DmEntry {
     mark: Vec<u8>,
 }
 
+impl DmEntry {
+    /// The byte just past the entry's range, or `None` if that is not a 64-bit number.
+    fn end_byte(&self, sectorsize: u64) -> Option<u64> {
+        self.sector.checked_add(self.nr)?.checked_mul(sectorsize)
+    }
+}
+
+fn past_any_disk(entry: u64) -> DmLogError {
+    DmLogError::Bad(format!("entry {entry} reaches past any 64-bit disk size"))
+}
+
 impl DmReader {
     fn open(path: &Path) -> Result<Self, DmLogError> {
         let mut r = BufReader::new(File::open(path)?);
@@ -219,11 +230,15 @@ pub fn import(input: &Path, out: &Path, disk_bytes: Option<u64>) -> Result<DmSta
         None => {
             let mut r = DmReader::open(input)?;
             let mut end = 0u64;
-            for _ in 0..r.entries {
+            for i in 0..r.entries {
                 let e = r.next(&mut buf)?;
-                end = end.max((e.sector + e.nr) * r.sectorsize);
+                end = end.max(
+                    e.end_byte(r.sectorsize)
+                        .ok_or_else(|| past_any_disk(i + 1))?,
+                );
             }
-            end.div_ceil(4096) * 4096
+            end.checked_next_multiple_of(4096)
+                .ok_or_else(|| past_any_disk(r.entries))?
         }
     };
     stats.disk_bytes = disk_bytes;
@@ -232,13 +247,14 @@ pub fn import(input: &Path, out: &Path, disk_bytes: Option<u64>) -> Result<DmSta
     for _ in 0..r.entries {
         let e = r.next(&mut buf)?;
         stats.entries += 1;
-        let (off, len) = (e.sector * r.sectorsize, e.nr * r.sectorsize);
-        if off.checked_add(len).is_none_or(|end| end > disk_bytes) {
+        // Checked first, so neither product below can overflow.
+        if e.end_byte(r.sectorsize).is_none_or(|end| end > disk_bytes) {
             return Err(DmLogError::Bad(format!(
                 "entry {} reaches past the disk ({disk_bytes} bytes)",
                 stats.entries
             )));
         }
+        let (off, len) = (e.sector * r.sectorsize, e.nr * r.sectorsize);
         if e.flags & DM_FLUSH != 0 {
             w.append(
                 RecordKind::Flush,

@@ -73,6 +73,13 @@ pub struct History {
     pub disk_bytes: u64,
 }
 
+fn corrupt(rec: &Record, what: String) -> LogError {
+    LogError::Corrupt {
+        offset: rec.file_offset,
+        what,
+    }
+}
+
 impl History {
     pub fn open(path: &Path) -> Result<Self, LogError> {
         let mut reader = LogReader::open(path)?;
@@ -83,6 +90,12 @@ impl History {
                 let cut: PowerCutPayload =
                     decode_payload(&LogReader::open(path)?.read_payload(&rec)?)?;
                 for f in cut.fates {
+                    if f.seq >= rec.header.seq {
+                        return Err(corrupt(
+                            &rec,
+                            format!("power cut gives a fate to record {}, not before it", f.seq),
+                        ));
+                    }
                     fates.insert(f.seq, (f.fate, f.pieces));
                 }
             }
@@ -111,7 +124,25 @@ impl History {
             RecordKind::Write | RecordKind::Trim | RecordKind::WriteZeroes => {
                 let pieces = match self.fates.get(&h.seq) {
                     Some((Fate::Dropped, _)) => return Ok(None),
-                    Some((Fate::Torn, p)) => p.clone(),
+                    Some((Fate::Torn, p)) => {
+                        // Each piece that landed must lie inside the write.
+                        let end = h.offset + h.length; // the reader checked it fits the disk
+                        if let Some(&(off, len)) = p.iter().find(|&&(off, len)| {
+                            len == 0
+                                || off < h.offset
+                                || off.checked_add(len).is_none_or(|e| e > end)
+                        }) {
+                            return Err(corrupt(
+                                &rec,
+                                format!(
+                                    "record {}: torn piece of {len} bytes at byte {off} lies \
+                                     outside the write ({} bytes at byte {})",
+                                    h.seq, h.length, h.offset
+                                ),
+                            ));
+                        }
+                        p.clone()
+                    }
                     _ if h.length == 0 => return Ok(None),
                     _ => vec![(h.offset, h.length)],
                 };
@@ -130,6 +161,16 @@ impl History {
                         OpData::Zero
                     },
                 })
+            }
+            _ if self.fates.contains_key(&h.seq) => {
+                return Err(corrupt(
+                    &rec,
+                    format!(
+                        "record {}: a power cut gives a fate to a {}, which is not a write",
+                        h.seq,
+                        rec.kind.name()
+                    ),
+                ))
             }
             RecordKind::Flush => {
                 let p: FlushPayload = decode_payload(&self.reader.read_payload(&rec)?)?;

@@ -185,6 +185,23 @@ impl LogReader {
                 self.corrupt("write record payload length differs from its length")
             ));
         }
+        if matches!(
+            kind,
+            RecordKind::Write | RecordKind::Trim | RecordKind::WriteZeroes
+        ) && header
+            .offset
+            .checked_add(header.length)
+            .is_none_or(|end| end > self.header.disk_bytes)
+        {
+            return Some(Err(self.corrupt(format!(
+                "record {}: {} of {} bytes at byte {} reaches past the disk ({} bytes)",
+                header.seq,
+                kind.name(),
+                header.length,
+                header.offset,
+                self.header.disk_bytes
+            ))));
+        }
         if header.seq != self.next_seq {
             return Some(Err(self.corrupt(format!(
                 "record has sequence number {}, expected {}",
