@@ -124,3 +124,45 @@ fn bad_replay_path_is_a_clear_error_with_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/bundle"));
 }
+
+/// A hand-edited bundle whose workload cannot run (a file count that would make the model
+/// allocate tables for 2^40 files, no files, too many operations) is refused before it runs:
+/// exit 2 and a message that says what is wrong. Before the check, 2^40 files aborted the
+/// process on a failed allocation.
+#[test]
+fn bundle_with_an_impossible_workload_is_refused_with_exit_2() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/race/race-seed-9079/bundle.json");
+    let text = std::fs::read_to_string(&fixture).expect("fixture");
+    let dir = tempfile::tempdir().expect("tempdir");
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit, &str); 3] = [
+        (
+            "2^40 files",
+            |j| j["workload"]["files"] = (1u64 << 40).into(),
+            "files",
+        ),
+        ("no files", |j| j["workload"]["files"] = 0.into(), "files"),
+        (
+            "10001 operations",
+            |j| {
+                let op = j["workload"]["phases"][0][1].clone();
+                j["workload"]["phases"] = serde_json::json!([vec![op; 10_001]]);
+            },
+            "operations",
+        ),
+    ];
+    for (what, edit, says) in edits {
+        let mut j: serde_json::Value = serde_json::from_str(&text).unwrap();
+        edit(&mut j);
+        let path = dir.path().join("bundle.json");
+        std::fs::write(&path, j.to_string()).unwrap();
+        let out = cm().args(["race", "--replay"]).arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert!(
+            err.contains(says) && !err.contains("panicked"),
+            "{what}: {err}"
+        );
+    }
+}

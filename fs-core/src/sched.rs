@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 pub const STEPS_PER_RUN_MAX: u64 = 200_000;
 /// Operations in one workload.
 pub const OPS_PER_WORKLOAD_MAX: usize = 10_000;
+/// Files in one workload (each costs the filesystem and the oracle a table entry up front).
+pub const FILES_PER_WORKLOAD_MAX: usize = 64;
 /// Task ids of the background tasks.
 pub const TASK_IO_COMPLETION: TaskId = 0;
 pub const TASK_FLUSHER: TaskId = 1;
@@ -173,6 +175,27 @@ impl Workload {
     /// Operations in order; an operation's index is its id in traces and reports.
     pub fn ops(&self) -> impl Iterator<Item = &Op> {
         self.phases.iter().flatten()
+    }
+
+    /// Why this workload cannot run, if it cannot: a file count outside
+    /// 1..=[`FILES_PER_WORKLOAD_MAX`] or more than [`OPS_PER_WORKLOAD_MAX`] operations.
+    /// (An operation on a file the workload lacks is not an error here: it runs and fails,
+    /// as a system call on a bad descriptor does.) Workloads read from files (reproducer
+    /// bundles) are checked with this before they run.
+    pub fn check(&self) -> Result<(), String> {
+        if !(1..=FILES_PER_WORKLOAD_MAX).contains(&self.files) {
+            return Err(format!(
+                "the workload has {} files (1..={FILES_PER_WORKLOAD_MAX} allowed)",
+                self.files
+            ));
+        }
+        let n = self.ops().count();
+        if n > OPS_PER_WORKLOAD_MAX {
+            return Err(format!(
+                "the workload has {n} operations (at most {OPS_PER_WORKLOAD_MAX})"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -550,7 +573,9 @@ pub fn run_on_device(
     dev: Box<dyn crate::block::BlockDevice>,
     policy: &mut dyn Policy,
 ) -> RunResult {
-    let fs = Fs::new(cfg.clone(), dev, workload.files);
+    // A workload that fails `check` still gets a filesystem of bounded size; `run` then
+    // reports it as a harness failure without running it.
+    let fs = Fs::new(cfg.clone(), dev, workload.files.min(FILES_PER_WORKLOAD_MAX));
     Sim::new(fs, workload).run(policy)
 }
 
@@ -586,7 +611,7 @@ impl<'w> Sim<'w> {
             },
         ];
         Sim {
-            oracle: Oracle::new(workload.files),
+            oracle: Oracle::new(workload.files.min(FILES_PER_WORKLOAD_MAX)),
             fs,
             tasks,
             workload,
@@ -637,11 +662,8 @@ impl<'w> Sim<'w> {
     }
 
     fn run(mut self, policy: &mut dyn Policy) -> RunResult {
-        let total_ops = self.workload.ops().count();
-        if total_ops > OPS_PER_WORKLOAD_MAX {
-            self.oracle.failures.push(Failure::Harness {
-                what: format!("more than {OPS_PER_WORKLOAD_MAX} operations"),
-            });
+        if let Err(what) = self.workload.check() {
+            self.oracle.failures.push(Failure::Harness { what });
             return self.finish();
         }
         let mut op_index = 0u32;

@@ -204,6 +204,28 @@ fn hostile_operations_are_refused_not_panicked() {
     ));
 }
 
+/// A workload of too many files (each costs a table entry up front) or none is a harness
+/// failure before anything runs, not an allocation of 2^40 entries.
+#[test]
+fn workloads_outside_the_limits_are_refused_before_they_run() {
+    for files in [0, sched::FILES_PER_WORKLOAD_MAX + 1, 1 << 40] {
+        let w = Workload {
+            files,
+            ..workload()
+        };
+        assert!(w.check().is_err(), "{files} files");
+        let r = sched::run(&Config::default(), &w, &mut RandomPolicy::new(1));
+        assert!(
+            matches!(r.failures.first(), Some(fs_core::Failure::Harness { .. })),
+            "{files} files: {:?}",
+            r.failures
+        );
+        assert!(r.results.iter().all(|x| x.is_none()), "nothing ran");
+    }
+    let w = workload();
+    assert_eq!(w.check(), Ok(()));
+}
+
 /// A caller's device behind the trait sees the same writes as the built-in one.
 #[test]
 fn runs_on_a_caller_supplied_device() {

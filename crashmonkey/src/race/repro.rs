@@ -128,5 +128,8 @@ pub fn load_bundle(path: &Path) -> anyhow::Result<Bundle> {
         file.display(),
         b.version
     );
+    b.workload
+        .check()
+        .map_err(|what| anyhow::anyhow!("{}: {what}", file.display()))?;
     Ok(b)
 }
