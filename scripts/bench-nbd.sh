@@ -9,9 +9,11 @@
 # best round against best round (on a shared machine, other load only ever lowers a figure),
 # median against median, and the median of the paired ratios (each round of ours against the
 # nbdkit round right after it, which cancels the slow drifts of this VM; identical runs here
-# differ by 10-25%, so this is the figure to quote). Under each job, the CPU each server and
-# fio used (median of the rounds, % of one core): on 2 cores, fio near 100% means the client
-# sets the rate, and the server can only win by making the client's work per request cheaper.
+# differ by 10-25%, so this is the figure to quote), with the lowest and highest paired ratio
+# of the rounds (the spread one round can show on this machine). Under each job, the CPU each
+# server and fio used (median of the rounds, % of one core): on 2 cores, fio near 100% means
+# the client sets the rate, and the server can only win by making the client's work per
+# request cheaper.
 # Then the 4K jobs again with 4 fio jobs (4 connections), where the client is no longer one
 # thread at 100% of a core, so the servers' own costs decide; no target, for context.
 # Env: BENCH_SECONDS (default 6) per run, BENCH_ROUNDS (default 5), BENCH_SIZE (default 1G).
@@ -54,7 +56,7 @@ median() { # "iops bw" lines on stdin, field -> the median of that field
 }
 
 echo "bench-nbd: fio nbd engine, $SECONDS_PER_JOB s per run, $ROUNDS rounds, export size $SIZE, both prefilled; ratios ours/nbdkit"
-printf '%-25s %14s %14s %8s %8s %8s\n' job nbd-server nbdkit-memory best median paired
+printf '%-25s %14s %14s %8s %8s %8s %11s\n' job nbd-server nbdkit-memory best median paired rounds
 # The last two jobs are fio with 4 jobs (4 connections, iodepth 32 each): no longer one
 # client thread setting the rate, so the two servers' own costs show. No target; for context.
 for job in "randwrite 4k 32 iops 1" "randread 4k 32 iops 1" "write 1m 8 bw 1" "read 1m 8 bw 1" \
@@ -70,13 +72,14 @@ for job in "randwrite 4k 32 iops 1" "randread 4k 32 iops 1" "write 1m 8 bw 1" "r
   ratio=$(python3 -c "print(f'{$x/$y:.2f}x' if $y > 0 else 'n/a')")
   mx=$(median $f <"$WORK/a"); my=$(median $f <"$WORK/b")
   mratio=$(python3 -c "print(f'{$mx/$my:.2f}x' if $my > 0 else 'n/a')")
-  pratio=$(paste -d' ' "$WORK/a" "$WORK/b" | python3 -c '
+  # The paired median, then the range of the paired ratios: how far one round strays.
+  read -r pratio spread < <(paste -d' ' "$WORK/a" "$WORK/b" | python3 -c '
 import sys, statistics
 f = int(sys.argv[1]) - 1
 r = [float(l.split()[f]) / float(l.split()[4 + f]) for l in sys.stdin if float(l.split()[4 + f]) > 0]
-print(f"{statistics.median(r):.2f}x" if r else "n/a")' "$f")
+print(f"{statistics.median(r):.2f}x {min(r):.2f}-{max(r):.2f}" if r else "n/a n/a")' "$f")
   label="$1 bs=$2 qd=$3"; [ "$5" != 1 ] && label="$label x$5"
-  printf '%-25s %14s %14s %8s %8s %8s\n' "$label" "$x $unit" "$y $unit" "$ratio" "$mratio" "$pratio"
+  printf '%-25s %14s %14s %8s %8s %8s %11s\n' "$label" "$x $unit" "$y $unit" "$ratio" "$mratio" "$pratio" "$spread"
   printf '  CPU, %% of a core (median of rounds): nbd-server %.0f%% (fio %.0f%%), nbdkit %.0f%% (fio %.0f%%)\n' \
     "$(median 4 <"$WORK/a")" "$(median 3 <"$WORK/a")" "$(median 4 <"$WORK/b")" "$(median 3 <"$WORK/b")"
 done
