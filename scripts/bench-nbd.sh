@@ -15,7 +15,10 @@
 # the client sets the rate, and the server can only win by making the client's work per
 # request cheaper.
 # Then the 4K jobs again with 4 fio jobs (4 connections), where the client is no longer one
-# thread at 100% of a core, so the servers' own costs decide; no target, for context.
+# thread at 100% of a core, so the servers' own costs decide; and the 4K jobs against the same
+# export behind the emulated disk (a server with --control): no target, for context. The main
+# export is plain memory: without --control, recording, faults or crash options nothing could
+# observe an emulated disk's cache, so nbd-server serves it straight from memory.
 # Env: BENCH_SECONDS (default 6) per run, BENCH_ROUNDS (default 5), BENCH_SIZE (default 1G).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,14 +60,18 @@ median() { # "iops bw" lines on stdin, field -> the median of that field
 
 echo "bench-nbd: fio nbd engine, $SECONDS_PER_JOB s per run, $ROUNDS rounds, export size $SIZE, both prefilled; ratios ours/nbdkit"
 printf '%-25s %14s %14s %8s %8s %8s %11s\n' job nbd-server nbdkit-memory best median paired rounds
-# The last two jobs are fio with 4 jobs (4 connections, iodepth 32 each): no longer one
-# client thread setting the rate, so the two servers' own costs show. No target; for context.
-for job in "randwrite 4k 32 iops 1" "randread 4k 32 iops 1" "write 1m 8 bw 1" "read 1m 8 bw 1" \
-           "randwrite 4k 32 iops 4" "randread 4k 32 iops 4"; do
+# Then fio with 4 jobs (4 connections, iodepth 32 each): no longer one client thread setting
+# the rate, so the two servers' own costs show. Last, the 4K jobs against the export behind
+# the emulated disk (what crash tests use; no recording). No target for these; for context.
+for job in "randwrite 4k 32 iops 1 plain" "randread 4k 32 iops 1 plain" \
+           "write 1m 8 bw 1 plain" "read 1m 8 bw 1 plain" \
+           "randwrite 4k 32 iops 4 plain" "randread 4k 32 iops 4 plain" \
+           "randwrite 4k 32 iops 1 disk" "randread 4k 32 iops 1 disk"; do
   set -- $job
+  if [ "$6" = disk ]; then uri=$DISK_URI; pid=${PIDS[2]}; else uri=$OURS_URI; pid=${PIDS[0]}; fi
   : >"$WORK/a"; : >"$WORK/b"
   for r in $(seq 1 "$ROUNDS"); do
-    run_job "$OURS_URI" "ours-$1-$2-$5-$r" "$1" "$2" "$3" "${PIDS[0]}" "$5" >>"$WORK/a"
+    run_job "$uri" "ours-$1-$2-$5-$6-$r" "$1" "$2" "$3" "$pid" "$5" >>"$WORK/a"
     run_job "$KIT_URI" "kit-$1-$2-$5-$r" "$1" "$2" "$3" "${PIDS[1]}" "$5" >>"$WORK/b"
   done
   if [ "$4" = iops ]; then f=1; unit=IOPS; else f=2; unit=MiB/s; fi
@@ -78,10 +85,11 @@ import sys, statistics
 f = int(sys.argv[1]) - 1
 r = [float(l.split()[f]) / float(l.split()[4 + f]) for l in sys.stdin if float(l.split()[4 + f]) > 0]
 print(f"{statistics.median(r):.2f}x {min(r):.2f}-{max(r):.2f}" if r else "n/a n/a")' "$f")
-  label="$1 bs=$2 qd=$3"; [ "$5" != 1 ] && label="$label x$5"
+  label="$1 bs=$2 qd=$3"; [ "$5" != 1 ] && label="$label x$5"; [ "$6" = disk ] && label="$label disk"
   printf '%-25s %14s %14s %8s %8s %8s %11s\n' "$label" "$x $unit" "$y $unit" "$ratio" "$mratio" "$pratio" "$spread"
   printf '  CPU, %% of a core (median of rounds): nbd-server %.0f%% (fio %.0f%%), nbdkit %.0f%% (fio %.0f%%)\n' \
     "$(median 4 <"$WORK/a")" "$(median 3 <"$WORK/a")" "$(median 4 <"$WORK/b")" "$(median 3 <"$WORK/b")"
 done
 echo "targets: >= 1.25x IOPS at 4K, >= 1.00x bandwidth at 1 MiB (one connection; 'x4': 4 connections, no target)"
+echo "('disk': the export behind the emulated disk, volatile cache, no recording; no target)"
 echo "(fio near 100% of its core: the client, not the server, sets the rate)"

@@ -113,3 +113,102 @@ fn serves_then_stops_cleanly_on_sigterm() {
     assert!(c.closed());
     assert_eq!(&std::fs::read(&img).unwrap()[8192..12288], &[0x77; 4096]);
 }
+
+/// Starts the binary with `args`, returns its stderr lines up to "listening on" (and, with
+/// `--control`, up to the control socket's line), and the child.
+fn start_lines(args: &[String]) -> (std::process::Child, Vec<String>) {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = vec![];
+    for _ in 0..20 {
+        let mut line = String::new();
+        if err.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let done = if args.iter().any(|a| a == "--control") {
+            line.contains("control socket")
+        } else {
+            line.contains("listening on")
+        };
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    // Keep draining so the server never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    (child, lines)
+}
+
+/// A memory export with no emulated-disk key on a server without `--control` is plain memory
+/// (nothing could observe a cache there); a file, any disk key or `--control` brings the disk.
+#[test]
+fn plain_memory_export_has_no_emulated_disk_unless_something_could_observe_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let export_line = |lines: &[String], name: &str| -> String {
+        lines
+            .iter()
+            .find(|l| l.contains(&format!("export \"{name}\"")))
+            .unwrap_or_else(|| panic!("no line for {name}: {lines:?}"))
+            .clone()
+    };
+    let args: Vec<String> = [
+        "--export",
+        "a:size=1M",
+        "--export",
+        "b:size=1M,cache=1M",
+        "--export",
+        &format!("c:size=1M,file={}", dir.path().join("c.img").display()),
+        "--export",
+        "d:size=1M,crash-after-writes=1000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (mut child, lines) = start_lines(&args);
+    assert!(
+        export_line(&lines, "a").contains("no emulated disk"),
+        "{lines:?}"
+    );
+    for name in ["b", "c", "d"] {
+        assert!(
+            !export_line(&lines, name).contains("no emulated disk"),
+            "{lines:?}"
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let ctl = dir.path().join("ctl");
+    let args: Vec<String> = vec![
+        "--export".into(),
+        "a:size=1M".into(),
+        "--control".into(),
+        ctl.display().to_string(),
+    ];
+    let (mut child, lines) = start_lines(&args);
+    assert!(
+        !export_line(&lines, "a").contains("no emulated disk"),
+        "{lines:?}"
+    );
+    let out = Command::new(BIN)
+        .arg("ctl")
+        .arg("--socket")
+        .arg(&ctl)
+        .arg("stats")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"a\""),
+        "ctl stats: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

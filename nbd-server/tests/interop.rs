@@ -268,18 +268,21 @@ fn nbdcopy_with_several_connections() {
     let src = dir.path().join("src.img");
     let data = pattern(2, 64 << 20);
     std::fs::write(&src, &data).unwrap();
-    run(Command::new("nbdcopy")
-        .args(["--connections=4", "--requests=16"])
-        .arg(&src)
-        .arg(t.uri("disk")));
-    let back = dir.path().join("back.img");
-    run(Command::new("nbdcopy")
-        .args(["--connections=4"])
-        .arg(t.uri("disk"))
-        .arg(&back));
-    let got = std::fs::read(&back).unwrap();
-    assert!(got == data, "nbdcopy round trip differs");
-    files_equal(&src, &back);
+    // Plain memory, and memory behind the emulated disk (1 MiB cache: constant write-back).
+    for export in ["disk", "emu"] {
+        run(Command::new("nbdcopy")
+            .args(["--connections=4", "--requests=16"])
+            .arg(&src)
+            .arg(t.uri(export)));
+        let back = dir.path().join("back.img");
+        run(Command::new("nbdcopy")
+            .args(["--connections=4"])
+            .arg(t.uri(export))
+            .arg(&back));
+        let got = std::fs::read(&back).unwrap();
+        assert!(got == data, "nbdcopy round trip differs on {export}");
+        files_equal(&src, &back);
+    }
 }
 
 fn files_equal(a: &Path, b: &Path) {
@@ -293,20 +296,22 @@ fn fio_nbd_engine_with_crc32c_verify() {
         return;
     }
     let t = TestServer::start();
-    let out = run(Command::new("fio").args([
-        "--name=verify",
-        "--ioengine=nbd",
-        &format!("--uri={}", t.uri("disk")),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=32",
-        "--size=16M",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--randseed=1234",
-    ]));
-    assert!(!out.contains("verify: bad"), "{out}");
+    for export in ["disk", "emu"] {
+        let out = run(Command::new("fio").args([
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={}", t.uri(export)),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=16M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--randseed=1234",
+        ]));
+        assert!(!out.contains("verify: bad"), "{export}: {out}");
+    }
     let out = run(Command::new("fio").args([
         "--name=mixed",
         "--ioengine=nbd",

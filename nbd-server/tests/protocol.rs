@@ -124,7 +124,7 @@ fn list_returns_real_names() {
             String::from_utf8(r.data[4..4 + n].to_vec()).unwrap()
         })
         .collect();
-    assert_eq!(names, ["disk", "ro", "file"]);
+    assert_eq!(names, ["disk", "ro", "file", "emu"]);
     assert_eq!(r.last().unwrap().reply_type, NBD_REP_ACK);
     // With data it is invalid, and negotiation goes on.
     c.option(NBD_OPT_LIST, b"x");

@@ -29,13 +29,15 @@ Examples:
 
 Logs go to stderr; set RUST_LOG=debug (or trace) for more. The line
 'nbd-server: listening on ...' is printed once the sockets are bound.
-Crash testing (every writable export is an emulated disk with a volatile write cache):
+Crash testing (a writable export is an emulated disk with a volatile write cache):
   nbd-server --export 'disk:size=64M,record=/tmp/disk.log' --control /tmp/nbd.ctl
   nbd-server ctl --socket /tmp/nbd.ctl mark after-fsync-a
   nbd-server ctl --socket /tmp/nbd.ctl crash --seed 7
   nbd-server ctl --socket /tmp/nbd.ctl stats
   Export keys for the emulated disk: record=PATH, cache=SIZE, eio-read=P, eio-write=P,
   eio-flush=P, latency-us=N, latency-rate=P, fault-seed=S, crash-after-writes=N, crash-seed=S.
+  A memory export with none of them, on a server without --control, is plain memory (no
+  emulated disk: nothing could observe its cache); --control or any of them adds the disk.
 
 SIGINT/SIGTERM: stop accepting, finish requests in flight, flush every export, exit 0.";
 
@@ -253,6 +255,7 @@ fn main() -> Result<()> {
                 spec.disk.faults.seed = seed;
             }
         }
+        spec.plain = !spec.disk_observable(cli.control.is_some());
     }
     if let Some(seed) = cli.seed {
         eprintln!("nbd-server: seed {seed}");
@@ -284,7 +287,14 @@ fn main() -> Result<()> {
                 "nbd-server: export {:?}: {} bytes{}",
                 e.name,
                 e.size(),
-                if e.readonly { ", read-only" } else { "" }
+                if e.readonly {
+                    ", read-only"
+                } else if e.disk.is_none() {
+                    ", memory with no emulated disk (no record, faults or crash options, \
+                     no --control: a volatile cache could not be observed)"
+                } else {
+                    ""
+                }
             );
         }
         if let Some(a) = handle.local_addr() {

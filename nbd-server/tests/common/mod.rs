@@ -18,7 +18,9 @@ pub const RO_BYTES: u64 = 1 << 20;
 pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A server on 127.0.0.1:0 with exports "disk" (64 MiB memory), "ro" (1 MiB read-only,
-/// pre-filled with 0x5a in its first 4 KiB) and "file" (8 MiB raw file in a temp dir).
+/// pre-filled with 0x5a in its first 4 KiB), "file" (8 MiB raw file in a temp dir) and "emu"
+/// (64 MiB memory behind the emulated disk, with a cache of only 1 MiB so that write-back
+/// runs all the time).
 pub struct TestServer {
     pub server: Option<BackgroundServer>,
     pub addr: SocketAddr,
@@ -43,6 +45,7 @@ impl TestServer {
             disk,
             Export::new("ro", Arc::new(ro), true),
             Export::new("file", Arc::new(file), false),
+            Export::from_spec(&format!("emu:size={DISK_BYTES},cache=1M").parse().unwrap()).unwrap(),
         ])
         .unwrap();
         let server = Server::start_background(ServerConfig {
