@@ -50,6 +50,17 @@ fn be64(v: &mut Vec<u8>, x: u64) {
     v.extend_from_slice(&x.to_be_bytes());
 }
 
+fn request(v: &mut Vec<u8>, flags: u16, command: u16, cookie: u64, offset: u64, length: u32) {
+    let h = RequestHeader {
+        flags,
+        command,
+        cookie,
+        offset,
+        length,
+    };
+    v.extend_from_slice(&h.encode());
+}
+
 fn option(v: &mut Vec<u8>, opt: u32, data: &[u8]) {
     be64(v, NBD_OPTS_MAGIC);
     be32(v, opt);
@@ -219,12 +230,7 @@ fn session(rng: &mut ChaCha8Rng) -> Vec<u8> {
         } else {
             edge_u32(rng)
         };
-        be32(&mut v, NBD_REQUEST_MAGIC);
-        be16(&mut v, flags);
-        be16(&mut v, command);
-        be64(&mut v, cookie);
-        be64(&mut v, offset);
-        be32(&mut v, length);
+        request(&mut v, flags, command, cookie, offset, length);
         if command == NBD_CMD_WRITE {
             let n = (length as usize).min(CASE_PAYLOAD_BYTES_MAX);
             let byte: u8 = rng.random();
@@ -332,12 +338,7 @@ fn checker(addr: SocketAddr, stop: Arc<AtomicBool>) -> Result<u64, String> {
         let len = 4096 * (1 + rounds % 16) as usize;
         let byte = (rounds % 251) as u8 + 1;
         let mut req = Vec::new();
-        be32(&mut req, NBD_REQUEST_MAGIC);
-        be16(&mut req, 0);
-        be16(&mut req, NBD_CMD_WRITE);
-        be64(&mut req, rounds);
-        be64(&mut req, off);
-        be32(&mut req, len as u32);
+        request(&mut req, 0, NBD_CMD_WRITE, rounds, off, len as u32);
         req.extend(std::iter::repeat_n(byte, len));
         s.write_all(&req).map_err(|e| e.to_string())?;
         let mut rep = [0u8; SIMPLE_REPLY_HEADER_BYTES];
@@ -350,12 +351,7 @@ fn checker(addr: SocketAddr, stop: Arc<AtomicBool>) -> Result<u64, String> {
         let roff = off.saturating_sub(8192);
         let rlen = len + 16384;
         let mut req = Vec::new();
-        be32(&mut req, NBD_REQUEST_MAGIC);
-        be16(&mut req, 0);
-        be16(&mut req, NBD_CMD_READ);
-        be64(&mut req, rounds);
-        be64(&mut req, roff);
-        be32(&mut req, rlen as u32);
+        request(&mut req, 0, NBD_CMD_READ, rounds, roff, rlen as u32);
         s.write_all(&req).map_err(|e| e.to_string())?;
         s.read_exact(&mut rep).map_err(|e| e.to_string())?;
         let mut got = vec![0u8; rlen];
@@ -446,12 +442,7 @@ fn mutated_sessions_never_panic_hang_or_lose_data() {
     let mut v = Vec::new();
     be32(&mut v, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
     option(&mut v, NBD_OPT_EXPORT_NAME, b"ro");
-    be32(&mut v, NBD_REQUEST_MAGIC);
-    be16(&mut v, 0);
-    be16(&mut v, NBD_CMD_READ);
-    be64(&mut v, 1);
-    be64(&mut v, 0);
-    be32(&mut v, 1 << 20);
+    request(&mut v, 0, NBD_CMD_READ, 1, 0, 1 << 20);
     s.write_all(&v).unwrap();
     let mut info = [0u8; 10 + SIMPLE_REPLY_HEADER_BYTES];
     s.read_exact(&mut info).unwrap();
