@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 SECONDS_PER_JOB=${BENCH_SECONDS:-6}
 SIZE=${BENCH_SIZE:-1G}
 ROUNDS=${BENCH_ROUNDS:-5}
-BENCH_NAME=bench-nbd TOOLS="fio nbdkit python3"
+BENCH_NAME=bench-nbd TOOLS="fio nbdkit python3" DISK_SERVER=1
 # shellcheck source=scripts/bench-servers.sh
 source scripts/bench-servers.sh
 

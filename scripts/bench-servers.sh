@@ -2,12 +2,12 @@
 # `nbdkit memory`, both of $SIZE bytes on free loopback ports, and fills both with the same
 # sequential 1 MiB write, so that jobs measure a written disk rather than first-touch
 # allocation. A plain memory export on a server without --control has no emulated disk in
-# front (nothing could observe its cache); a second nbd-server, with a control socket, serves
-# the same export behind the emulated disk (volatile cache, no recording), for context.
-# Sets BIN, WORK (a temp dir), PIDS (server, nbdkit, server with the disk), P1, P2, P3,
-# OURS_URI, KIT_URI, DISK_URI; stops the servers and removes WORK on exit. Needs: BENCH_NAME
-# (for messages), SIZE and TOOLS (commands to check for), and the repository root as the
-# working directory.
+# front (nothing could observe its cache); with DISK_SERVER=1 a second nbd-server, with a
+# control socket, serves the same export behind the emulated disk (volatile cache, no
+# recording), for context. Sets BIN, WORK (a temp dir), PIDS (server, nbdkit[, server with
+# the disk]), P1, P2, OURS_URI, KIT_URI[, DISK_URI]; stops the servers and removes WORK on
+# exit. Needs: BENCH_NAME (for messages), SIZE and TOOLS (commands to check for), and the
+# repository root as the working directory.
 for tool in $TOOLS; do
   command -v "$tool" >/dev/null || { echo "$BENCH_NAME: $tool is missing (apt-get install fio nbdkit)"; exit 1; }
 done
@@ -33,15 +33,20 @@ PIDS+=($!)
 P2=$(free_port)
 nbdkit --foreground --ipaddr 127.0.0.1 --port "$P2" memory "$SIZE" 2>"$WORK/nbdkit.log" &
 PIDS+=($!)
-P3=$(free_port)
-"$BIN" --listen "127.0.0.1:$P3" --export "bench:size=$SIZE" --control "$WORK/ctl" \
-  2>"$WORK/nbd-server-disk.log" &
-PIDS+=($!)
-wait_port "$P1"; wait_port "$P2"; wait_port "$P3"
+wait_port "$P1"; wait_port "$P2"
 OURS_URI="nbd://127.0.0.1:$P1/bench"
 KIT_URI="nbd://127.0.0.1:$P2/"
-DISK_URI="nbd://127.0.0.1:$P3/bench"
-for uri in "$OURS_URI" "$KIT_URI" "$DISK_URI"; do
+URIS=("$OURS_URI" "$KIT_URI")
+if [ "${DISK_SERVER:-0}" = 1 ]; then
+  P3=$(free_port)
+  "$BIN" --listen "127.0.0.1:$P3" --export "bench:size=$SIZE" --control "$WORK/ctl" \
+    2>"$WORK/nbd-server-disk.log" &
+  PIDS+=($!)
+  wait_port "$P3"
+  DISK_URI="nbd://127.0.0.1:$P3/bench"
+  URIS+=("$DISK_URI")
+fi
+for uri in "${URIS[@]}"; do
   fio --name=prefill --ioengine=nbd --uri="$uri" --rw=write --bs=1m --iodepth=8 --size="$SIZE" \
       --output="$WORK/prefill.txt" >/dev/null
 done

@@ -139,10 +139,11 @@ impl ExportSpec {
     /// automatic power cut, on a server without a control socket (so no `crash`, no
     /// `stats`): the volatile cache would hold data only until a power cut that nothing can
     /// cause, and memory is gone at exit either way. Such an export is better served
-    /// straight from memory: it skips the cache's bookkeeping and its write-back copy
-    /// (11% fewer server CPU cycles per request at 4K random writes).
+    /// straight from memory: it skips the cache's bookkeeping and its write-back copy (in a
+    /// paired run of 4K random writes the server used 80% instead of 90% of a core, at 7%
+    /// more IOPS). A read-only export never has the disk, whatever this says.
     pub fn disk_observable(&self, control_socket: bool) -> bool {
-        control_socket || self.readonly || self.file.is_some() || self.disk != DiskConfig::default()
+        control_socket || self.file.is_some() || self.disk != DiskConfig::default()
     }
 
     pub fn parse(s: &str) -> Result<Self, ExportError> {
