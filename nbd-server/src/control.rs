@@ -110,15 +110,68 @@ fn execute_inner(disks: &Disks, line: &str) -> Result<serde_json::Value, String>
     Ok(serde_json::Value::Object(out))
 }
 
-/// Binds `path` (replacing a stale socket file) and serves requests until the task is dropped.
-pub async fn serve(path: PathBuf, disks: Disks) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    if path.exists() {
-        std::fs::remove_file(&path)?;
+/// A served control socket. Dropping it stops serving and removes the socket file (if it is
+/// still the one this server made).
+pub struct ControlSocket {
+    path: PathBuf,
+    /// Device and inode of the socket file, to remove only our own.
+    id: (u64, u64),
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ControlSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
     }
-    let listener = UnixListener::bind(&path)?;
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        self.task.abort();
+        if file_id(&self.path).is_ok_and(|id| id == self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn file_id(p: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p)?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Binds a Unix socket at `path` that only its owner can use (mode 0600, whatever the
+/// umask): it is bound inside a new folder of mode 0700 beside `path`, given its mode, then
+/// linked to `path` (which fails rather than replace anything that appeared meanwhile).
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = parent.join(format!(".nbd-server-ctl.{}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let inner = dir.join("s");
+    let bound = UnixListener::bind(&inner).and_then(|l| {
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::hard_link(&inner, path)?;
+        Ok(l)
+    });
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&dir);
+    bound
+}
+
+/// Claims `path` (see [`crate::server::claim_socket_path`]: a stale socket is replaced,
+/// anything else refused), binds it owner-only (0600) and serves requests until the returned
+/// [`ControlSocket`] is dropped.
+pub async fn serve(path: PathBuf, disks: Disks) -> std::io::Result<ControlSocket> {
+    crate::server::claim_socket_path(&path)?;
+    let listener = bind_private(&path)?;
+    let id = file_id(&path)?;
     let disks = Arc::new(disks);
     let slots = Arc::new(Semaphore::new(CONTROL_CLIENTS_MAX));
-    Ok(tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
@@ -130,42 +183,48 @@ pub async fn serve(path: PathBuf, disks: Disks) -> std::io::Result<tokio::task::
                     continue;
                 }
             };
-            let disks = disks.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let (rd, mut wr) = stream.into_split();
-                let mut rd = BufReader::new(rd);
-                let mut line = Vec::new();
-                loop {
-                    line.clear();
-                    let mut limited = (&mut rd).take(CONTROL_LINE_BYTES_MAX as u64 + 1);
-                    match limited.read_until(b'\n', &mut line).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    }
-                    let reply = if line.len() > CONTROL_LINE_BYTES_MAX {
-                        "err request line too long".to_string()
-                    } else {
-                        match String::from_utf8(line.clone()) {
-                            Err(_) => "err request is not UTF-8".to_string(),
-                            Ok(text) => {
-                                let disks = disks.clone();
-                                tokio::task::spawn_blocking(move || execute(&disks, &text))
-                                    .await
-                                    .unwrap_or_else(|e| format!("err {e}"))
-                            }
-                        }
-                    };
-                    if wr.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
-                        return;
-                    }
-                    if line.len() > CONTROL_LINE_BYTES_MAX {
-                        return; // the rest of the line is garbage to us
-                    }
-                }
-            });
+            tokio::spawn(serve_client(stream, disks.clone(), permit));
         }
-    }))
+    });
+    Ok(ControlSocket { path, id, task })
+}
+
+/// Answers one control client's request lines until it hangs up.
+async fn serve_client(
+    stream: tokio::net::UnixStream,
+    disks: Arc<Disks>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let mut limited = (&mut rd).take(CONTROL_LINE_BYTES_MAX as u64 + 1);
+        match limited.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let reply = if line.len() > CONTROL_LINE_BYTES_MAX {
+            "err request line too long".to_string()
+        } else {
+            match String::from_utf8(line.clone()) {
+                Err(_) => "err request is not UTF-8".to_string(),
+                Ok(text) => {
+                    let disks = disks.clone();
+                    tokio::task::spawn_blocking(move || execute(&disks, &text))
+                        .await
+                        .unwrap_or_else(|e| format!("err {e}"))
+                }
+            }
+        };
+        if wr.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
+            return;
+        }
+        if line.len() > CONTROL_LINE_BYTES_MAX {
+            return; // the rest of the line is garbage to us
+        }
+    }
 }
 
 /// Sends one request and returns the reply line: `Ok(json)` for `ok`, `Err(message)` for

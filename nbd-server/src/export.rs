@@ -8,13 +8,21 @@
 //! | `file=PATH` | a raw image file; without it the export is a sparse memory disk |
 //! | `readonly` | writes, trims and zeroes are refused with EPERM |
 //! | `description=TEXT` | sent as NBD_INFO_DESCRIPTION (no commas) |
-//! | `record=PATH` | record every write, flush, mark, fault and power cut to this write log |
+//! | `record=PATH` | record every write, flush, mark, fault and power cut to this write log; a file already there is refused |
+//! | `record-overwrite` | let `record=` replace an existing file (never the export's own image) |
+//! | `record-max=SIZE` | cap the write log: past it writes answer ENOSPC and the log ends in a full record |
+//! | `record-sync=os\|flush` | FLUSH and FUA replies wait until the log is handed to the OS (default) or on stable storage |
+//! | `idle-writeback=MS` | write the cache back after MS ms without a change (default 1000 for `file=`, off for memory; 0 is off) |
 //! | `cache=SIZE` | the emulated disk's volatile write cache limit (default 64M) |
 //! | `eio-read=P`, `eio-write=P`, `eio-flush=P` | inject EIO with probability P (0..=1) |
 //! | `latency-us=N`, `latency-rate=P` | add N µs to a request with probability P |
 //! | `fault-seed=S` | seed of the fault generator |
 //! | `crash-after-writes=N` | cut the power after N writes |
 //! | `crash-seed=S` | seed of the automatic power cut (its point, without crash-after-writes) |
+//!
+//! A key may be given once. Across exports, one image file has one writable export (and a
+//! writable file export holds an advisory lock on it, so a second server is refused too), and
+//! one write log has one export; a log is never one of the images.
 //!
 //! Every writable export is an emulated disk ([`crate::disk`]) over its storage: a volatile
 //! write cache with the durability rule, marks and power cuts.
@@ -25,12 +33,13 @@
 //! To add a key: add a field to [`ExportSpec`], a match arm in [`ExportSpec::parse`], and its
 //! use in [`build_backend`]; unknown keys are rejected with the list of known ones.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
 use crate::backend::{Backend, FileBackend, MemoryBackend};
-use crate::disk::{DiskConfig, EmulatedDisk};
+use crate::disk::{DiskConfig, DiskError, EmulatedDisk};
+use crate::log::LogError;
 use crate::proto::*;
 
 /// Export sizes are a multiple of this.
@@ -55,7 +64,15 @@ pub const EXPORT_KEYS: &[&str] = &[
     "fault-seed",
     "crash-after-writes",
     "crash-seed",
+    "record-overwrite",
+    "record-max",
+    "record-sync",
+    "idle-writeback",
 ];
+
+/// Default of `idle-writeback` for file exports: a real drive writes its cache back within
+/// about a second of going idle.
+pub const IDLE_WRITEBACK_MILLIS_DEFAULT: u64 = 1000;
 
 /// A bad export specification.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +106,22 @@ pub enum ExportError {
     NoExports,
     #[error("more than {EXPORTS_MAX} exports")]
     TooMany,
+    #[error("export {name:?}: key {key:?} is given twice")]
+    RepeatedKey { name: String, key: String },
+    #[error("export {name:?}: {problem}")]
+    Conflict { name: String, problem: String },
+}
+
+/// Smallest `record-max`: the file header, a few records and the full record fit.
+pub const RECORD_MAX_BYTES_MIN: u64 = 4096;
+
+/// A flag key's value: none (true), or true/false, 1/0, yes/no.
+fn parse_bool(value: Option<&str>) -> Result<bool, String> {
+    match value {
+        None | Some("true") | Some("1") | Some("yes") => Ok(true),
+        Some("false") | Some("0") | Some("no") => Ok(false),
+        Some(v) => Err(format!("takes no value or true/false, not {v:?}")),
+    }
 }
 
 /// Parses `64M`, `1G`, `4096`, `2T`: binary suffixes, case-insensitive, optional trailing `B`
@@ -131,6 +164,8 @@ pub struct ExportSpec {
     /// Serve straight from the backend, with no emulated disk in front. The binary sets it
     /// where [`ExportSpec::disk_observable`] says nobody could tell the difference.
     pub plain: bool,
+    /// `idle-writeback=MS` as given (0: off); the default depends on `file=`.
+    pub idle_writeback: Option<u64>,
 }
 
 impl ExportSpec {
@@ -162,17 +197,26 @@ impl ExportSpec {
             description: None,
             disk: DiskConfig::default(),
             plain: false,
+            idle_writeback: None,
         };
         let bad = |key: &str, problem: String| ExportError::BadValue {
             name: name.clone(),
             key: key.into(),
             problem,
         };
+        let mut seen = std::collections::HashSet::new();
         for item in rest.split(',').filter(|i| !i.is_empty()) {
             let (key, value) = match item.split_once('=') {
                 Some((k, v)) => (k.trim(), Some(v)),
                 None => (item.trim(), None),
             };
+            let canonical = if key == "ro" { "readonly" } else { key };
+            if !seen.insert(canonical.to_owned()) {
+                return Err(ExportError::RepeatedKey {
+                    name,
+                    key: canonical.to_owned(),
+                });
+            }
             fn need(v: Option<&str>, e: impl FnOnce() -> ExportError) -> Result<&str, ExportError> {
                 v.ok_or_else(e)
             }
@@ -192,13 +236,7 @@ impl ExportSpec {
                     }
                     spec.file = Some(PathBuf::from(v));
                 }
-                "readonly" | "ro" => match value {
-                    None | Some("true") | Some("1") | Some("yes") => spec.readonly = true,
-                    Some("false") | Some("0") | Some("no") => spec.readonly = false,
-                    Some(v) => {
-                        return Err(bad(key, format!("takes no value or true/false, not {v:?}")))
-                    }
-                },
+                "readonly" | "ro" => spec.readonly = parse_bool(value).map_err(|p| bad(key, p))?,
                 "description" => {
                     let v = need(value, missing)?;
                     parse_string(v.as_bytes()).map_err(|e| bad(key, e.to_string()))?;
@@ -214,6 +252,32 @@ impl ExportSpec {
                 "cache" => {
                     let v = parse_size(need(value, missing)?).map_err(|e| bad(key, e))?;
                     spec.disk.cache_bytes_max = v.max(1);
+                }
+                "record-overwrite" => {
+                    spec.disk.record_overwrite = parse_bool(value).map_err(|p| bad(key, p))?
+                }
+                "record-max" => {
+                    let v = parse_size(need(value, missing)?).map_err(|e| bad(key, e))?;
+                    if v < RECORD_MAX_BYTES_MIN {
+                        return Err(bad(
+                            key,
+                            format!("must be at least {RECORD_MAX_BYTES_MIN} bytes"),
+                        ));
+                    }
+                    spec.disk.record_max_bytes = Some(v);
+                }
+                "record-sync" => {
+                    spec.disk.record_sync = match need(value, missing)? {
+                        "os" => false,
+                        "flush" => true,
+                        v => return Err(bad(key, format!("is os or flush, not {v:?}"))),
+                    }
+                }
+                "idle-writeback" => {
+                    let v: u64 = need(value, missing)?
+                        .parse()
+                        .map_err(|_| bad(key, "needs a whole number of milliseconds".into()))?;
+                    spec.idle_writeback = Some(v);
                 }
                 "eio-read" | "eio-write" | "eio-flush" | "latency-rate" => {
                     let v: f64 = need(value, missing)?
@@ -255,6 +319,18 @@ impl ExportSpec {
         if spec.size.is_none() && spec.file.is_none() {
             return Err(ExportError::MissingSize(name));
         }
+        if spec.readonly && spec.disk.record.is_some() {
+            return Err(ExportError::Conflict {
+                name,
+                problem: "a read-only export records nothing: drop record= or readonly".into(),
+            });
+        }
+        spec.disk.idle_writeback_ms = match spec.idle_writeback {
+            Some(0) => None,
+            Some(ms) => Some(ms),
+            None if spec.file.is_some() => Some(IDLE_WRITEBACK_MILLIS_DEFAULT),
+            None => None,
+        };
         Ok(spec)
     }
 }
@@ -292,6 +368,78 @@ pub fn build_backend(spec: &ExportSpec) -> Result<Arc<dyn Backend>, ExportError>
             Ok(Arc::new(MemoryBackend::new(size)))
         }
     }
+}
+
+/// Whether `a` and `b` name one file: the same inode where both exist, else the same path
+/// once made absolute (a symbolic link to an image is its image).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => absolute(a) == absolute(b),
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return c;
+    }
+    let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
+    match (parent.map(std::fs::canonicalize), p.file_name()) {
+        (Some(Ok(d)), Some(f)) => d.join(f),
+        (None, Some(f)) => std::env::current_dir().unwrap_or_default().join(f),
+        _ => p.to_owned(),
+    }
+}
+
+/// Refuses specs that would destroy or share data behind each other's backs, before any file
+/// is opened: a write log that is an export's image (its own or another's), two logs in one
+/// file, two writable exports of one image.
+pub fn check_specs(specs: &[ExportSpec]) -> Result<(), ExportError> {
+    let conflict = |name: &str, problem: String| ExportError::Conflict {
+        name: name.to_owned(),
+        problem,
+    };
+    for (i, a) in specs.iter().enumerate() {
+        if let Some(log) = &a.disk.record {
+            if let Some(img) = specs
+                .iter()
+                .find(|b| b.file.as_deref().is_some_and(|f| same_file(log, f)))
+            {
+                return Err(conflict(
+                    &a.name,
+                    format!(
+                        "record={} is the image of export {:?}; the log would overwrite it",
+                        log.display(),
+                        img.name
+                    ),
+                ));
+            }
+        }
+        for b in &specs[i + 1..] {
+            if let (Some(x), Some(y)) = (&a.disk.record, &b.disk.record) {
+                if same_file(x, y) {
+                    return Err(conflict(
+                        &b.name,
+                        format!("records to {}, as export {:?} does", y.display(), a.name),
+                    ));
+                }
+            }
+            if let (Some(x), Some(y), false, false) = (&a.file, &b.file, a.readonly, b.readonly) {
+                if same_file(x, y) {
+                    return Err(conflict(
+                        &b.name,
+                        format!(
+                            "{} is already the image of writable export {:?}",
+                            y.display(),
+                            a.name
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A served export.
@@ -337,13 +485,26 @@ impl Export {
         let disk = if spec.readonly || spec.plain {
             None
         } else {
-            let d = EmulatedDisk::new(storage.clone(), spec.disk.clone()).map_err(|e| {
-                ExportError::Backend {
+            let d = EmulatedDisk::named(storage.clone(), spec.disk.clone(), &spec.name).map_err(
+                |e| ExportError::Backend {
                     name: spec.name.clone(),
-                    message: e.to_string(),
-                }
-            })?;
-            Some(Arc::new(d))
+                    message: match (&spec.disk.record, &e) {
+                        (Some(p), DiskError::Log(LogError::Io(io)))
+                            if io.kind() == std::io::ErrorKind::AlreadyExists =>
+                        {
+                            format!(
+                                "record={} exists; refusing to overwrite it (add \
+                                 record-overwrite to replace it)",
+                                p.display()
+                            )
+                        }
+                        _ => e.to_string(),
+                    },
+                },
+            )?;
+            let d = Arc::new(d);
+            d.start_idle_writeback();
+            Some(d)
         };
         let backend = match &disk {
             Some(d) => d.clone() as Arc<dyn Backend>,
@@ -425,8 +586,9 @@ impl ExportRegistry {
         })
     }
 
-    /// Parses and opens every spec.
+    /// Checks the specs against each other ([`check_specs`]), then opens every one.
     pub fn from_specs(specs: &[ExportSpec]) -> Result<Self, ExportError> {
+        check_specs(specs)?;
         let exports = specs
             .iter()
             .map(Export::from_spec)

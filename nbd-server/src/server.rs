@@ -120,7 +120,7 @@ impl Server {
         };
         let unix = match &config.unix {
             Some(p) => {
-                remove_stale_socket(p)?;
+                claim_socket_path(p)?;
                 Some(UnixListener::bind(p)?)
             }
             None => None,
@@ -200,15 +200,41 @@ fn listen_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
     sock.listen(LISTEN_BACKLOG)
 }
 
-fn remove_stale_socket(p: &Path) -> io::Result<()> {
+/// Makes `p` free for a new Unix socket: nothing is there, or a stale socket (no server
+/// answers on it) that is then removed. A path that is not a socket is refused (it is
+/// somebody's file), and so is a socket a live server answers on (it is somebody's server).
+pub fn claim_socket_path(p: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(p),
-        Ok(_) => Err(io::Error::new(
+    let meta = match std::fs::symlink_metadata(p) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket", p.display()),
+            format!(
+                "{} exists and is not a socket; refusing to replace it",
+                p.display()
+            ),
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(p) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{} is the socket of a running server (it answers); stop that one first",
+                p.display()
+            ),
         )),
-        Err(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            tracing::info!(path = %p.display(), "replacing a stale socket");
+            std::fs::remove_file(p)
+        }
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("{} is a socket that cannot be checked: {e}", p.display()),
+        )),
     }
 }
 

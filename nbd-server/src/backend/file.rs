@@ -68,6 +68,24 @@ mod sys {
         }
     }
 
+    /// `flock(2)` with `LOCK_EX | LOCK_NB`: an advisory lock on the open file, released when
+    /// it is closed. `Ok(false)` when another open file holds it.
+    #[allow(unsafe_code)]
+    pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+        // SAFETY: the descriptor is owned by `file`, which outlives the call; flock touches
+        // no memory of this process.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            Ok(false)
+        } else {
+            Err(e)
+        }
+    }
+
     /// `lseek(2)` with `SEEK_DATA`/`SEEK_HOLE`. Moves the shared file offset, which this
     /// backend never uses (all IO is positional).
     #[allow(unsafe_code)]
@@ -112,6 +130,17 @@ impl FileBackend {
             .create(!readonly)
             .truncate(false)
             .open(path)?;
+        // As qemu does: a second writer of one image (another export, another server) would
+        // interleave its writes with ours behind both caches' backs.
+        if !readonly && !sys::try_lock_exclusive(&file)? {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "{} is in use: another writable export or server holds its lock",
+                    path.display()
+                ),
+            ));
+        }
         let len = file.metadata()?.len();
         let size = match size {
             None => len,

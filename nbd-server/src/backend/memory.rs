@@ -12,7 +12,7 @@ use std::io;
 use std::sync::{Mutex, MutexGuard};
 
 pub use super::BLOCK_BYTES;
-use super::{block_from, Backend, Block, IoStyle, Piece, StatusExtent, Ticket};
+use super::{block_from, AdoptError, Backend, Block, IoStyle, Piece, StatusExtent, Ticket};
 
 /// Blocks per chunk: a chunk is the unit of locking (1 MiB).
 pub const CHUNK_BLOCKS: usize = 256;
@@ -279,7 +279,7 @@ impl Backend for MemoryBackend {
         blocks: Vec<Block>,
         _fua: bool,
     ) -> io::Result<()> {
-        self.adopt_blocks(t, offset, blocks)
+        self.adopt_blocks(t, offset, blocks).map_err(|e| e.error)
     }
 
     /// A block over a hole takes its place in the map as it is, and so do the blocks of a
@@ -293,7 +293,13 @@ impl Backend for MemoryBackend {
     /// Copying every block instead made 1 MiB writes cost the server a core (0.88x); moving
     /// whole chunks and copying the rest measured 0.99x in both cases, and random 4 KiB writes
     /// went from 1.03x (all moved) to 1.22x.
-    fn adopt_blocks(&self, _t: Ticket, offset: u64, blocks: Vec<Block>) -> io::Result<()> {
+    /// Never fails: memory takes any in-range block.
+    fn adopt_blocks(
+        &self,
+        _t: Ticket,
+        offset: u64,
+        blocks: Vec<Block>,
+    ) -> Result<(), AdoptError> {
         debug_assert_eq!(offset % BLOCK_BYTES as u64, 0);
         let first = offset / BLOCK_BYTES as u64;
         let mut freed = Vec::new();

@@ -56,6 +56,21 @@ pub fn block_from(bytes: &[u8]) -> Block {
         .unwrap_or_else(|_| Box::new([0u8; BLOCK_BYTES]))
 }
 
+/// A failed [`Backend::adopt_blocks`]: the error, and the blocks handed back untouched.
+pub struct AdoptError {
+    pub error: io::Error,
+    pub blocks: Vec<Block>,
+}
+
+impl std::fmt::Debug for AdoptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdoptError")
+            .field("error", &self.error)
+            .field("blocks", &self.blocks.len())
+            .finish()
+    }
+}
+
 /// One piece of a read lent out by [`Backend::read_pieces`]: bytes in the backend's own
 /// memory, or a run of zeroes that is not stored anywhere.
 #[derive(Debug, Clone, Copy)]
@@ -232,10 +247,20 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Writes `blocks` at `offset` (a multiple of [`BLOCK_BYTES`]), taking ownership of them.
-    /// The default copies them with [`Self::write`].
-    fn adopt_blocks(&self, ticket: Ticket, offset: u64, blocks: Vec<Block>) -> io::Result<()> {
+    /// On failure the blocks come back with the error, so that a caller holding the only
+    /// copy of acknowledged data (the emulated disk's cache) keeps it. The default copies
+    /// them with [`Self::write`].
+    fn adopt_blocks(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        blocks: Vec<Block>,
+    ) -> Result<(), AdoptError> {
         for (i, b) in blocks.iter().enumerate() {
-            self.write(ticket, offset + (i * BLOCK_BYTES) as u64, &b[..], false)?;
+            if let Err(error) = self.write(ticket, offset + (i * BLOCK_BYTES) as u64, &b[..], false)
+            {
+                return Err(AdoptError { error, blocks });
+            }
         }
         Ok(())
     }

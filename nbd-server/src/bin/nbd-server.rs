@@ -39,7 +39,9 @@ Crash testing (a writable export is an emulated disk with a volatile write cache
   A memory export with none of them, on a server without --control, is plain memory (no
   emulated disk: nothing could observe its cache); --control or any of them adds the disk.
 
-SIGINT/SIGTERM: stop accepting, finish requests in flight, flush every export, exit 0.";
+SIGINT/SIGTERM: stop accepting, finish requests in flight, flush every export, exit 0; if a
+cached write cannot be written back (say the image's filesystem is full), the byte ranges are
+printed and the exit status is 1.";
 
 /// An NBD server: sparse memory or raw-file exports, for every NBD client (qemu, libnbd
 /// tools, nbd-client, fio's nbd engine).
@@ -305,13 +307,13 @@ fn main() -> Result<()> {
         }
         let control = match &cli.control {
             Some(path) => {
-                let task = nbd_server::control::serve(path.clone(), disks)
+                let socket = nbd_server::control::serve(path.clone(), disks)
                     .await
                     .with_context(|| {
                         format!("cannot serve the control socket {}", path.display())
                     })?;
-                eprintln!("nbd-server: control socket {}", path.display());
-                Some(task)
+                eprintln!("nbd-server: control socket {} (mode 0600)", path.display());
+                Some(socket)
             }
             None => None,
         };
@@ -321,18 +323,34 @@ fn main() -> Result<()> {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
             _ = term.recv() => tracing::info!("SIGTERM"),
         }
-        if let Some(task) = control {
-            task.abort();
+        // Removes the control socket, whatever happens next.
+        drop(control);
+        let flushed = handle.shutdown().await;
+        let lost = write_back_at_exit(&disks_at_exit);
+        if let Err(e) = &flushed {
+            eprintln!("nbd-server: flushing the exports at shutdown failed: {e}");
         }
-        handle
-            .shutdown()
-            .await
-            .context("flushing the exports at shutdown")?;
-        for (name, d) in &disks_at_exit {
-            d.sync_log()
-                .with_context(|| format!("export {name:?}: syncing its write log"))?;
+        if flushed.is_err() || lost > 0 {
+            anyhow::bail!("stopped with data not written back (see above)");
         }
         eprintln!("nbd-server: stopped");
         Ok(())
     })
+}
+
+/// Writes back what every emulated disk still caches and syncs its log; says which byte
+/// ranges of which export could not be written. Returns how many exports failed.
+fn write_back_at_exit(disks: &nbd_server::control::Disks) -> usize {
+    let mut failed = 0;
+    for (name, d) in disks {
+        if let Err(e) = d.write_back_everything() {
+            eprintln!("nbd-server: export {name:?}: {e}");
+            failed += 1;
+        }
+        if let Err(e) = d.sync_log() {
+            eprintln!("nbd-server: export {name:?}: syncing its write log: {e}");
+            failed += 1;
+        }
+    }
+    failed
 }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 
-use crate::backend::{Backend, Block, Ticket, BLOCK_BYTES};
+use crate::backend::{AdoptError, Backend, Block, Ticket, BLOCK_BYTES};
 
 /// Written-back payload buffers kept for reuse at most.
 pub const SPARE_BUFFERS_MAX: usize = 32;
@@ -40,15 +40,24 @@ pub struct Entry {
     pub log_seq: Option<u64>,
     /// Flush generation when the reply was sent; `None` while in flight.
     pub answered_gen: Option<u64>,
+    /// Failed write-backs of this entry (only the first is logged as an error).
+    pub failures: u32,
 }
 
-impl Entry {
-    fn cost(&self) -> u64 {
-        match &self.data {
+impl EntryData {
+    /// Bytes this data counts for toward the cache limit.
+    pub fn cost(&self) -> u64 {
+        match self {
             EntryData::Bytes(b) => b.len() as u64,
             EntryData::Blocks(b) => (b.len() * BLOCK_BYTES) as u64,
             EntryData::Zeroes { .. } => ZERO_ENTRY_BYTES,
         }
+    }
+}
+
+impl Entry {
+    fn cost(&self) -> u64 {
+        self.data.cost()
     }
 }
 
@@ -69,6 +78,8 @@ pub struct Cache {
     entries_max: usize,
     next_id: u64,
     spares: Spares,
+    /// The export's name, for the log.
+    name: String,
 }
 
 /// Writes part `[off, off+len)` of `entry` to storage; with `fua`, durable there on return.
@@ -103,6 +114,26 @@ pub fn apply_to_storage(
     }
 }
 
+/// Writes all of `entry` to storage; with `fua`, durable there on return. Returns whether it
+/// synced. Blocks the write log is done with are moved into storage rather than copied (not
+/// synced: the caller syncs); if storage refuses them they come back into the entry.
+fn write_entry(storage: &dyn Backend, entry: &mut Entry, fua: bool) -> io::Result<bool> {
+    if let EntryData::Blocks(shared) = &mut entry.data {
+        if let Some(blocks) = Arc::get_mut(shared) {
+            let taken = std::mem::take(blocks);
+            return match storage.adopt_blocks(Ticket(0), entry.offset, taken) {
+                Ok(()) => Ok(false),
+                Err(AdoptError { error, blocks: back }) => {
+                    *blocks = back;
+                    Err(error)
+                }
+            };
+        }
+    }
+    apply_to_storage(storage, entry, entry.offset, entry.length, fua)?;
+    Ok(fua)
+}
+
 /// Keeps `v` for a later payload if it is worth keeping and the pool has room.
 pub fn recycle(spares: &Spares, mut v: Vec<u8>) {
     if (SPARE_BUFFER_BYTES_MIN..=SPARE_BUFFER_BYTES_MAX).contains(&v.capacity()) {
@@ -115,8 +146,9 @@ pub fn recycle(spares: &Spares, mut v: Vec<u8>) {
 }
 
 impl Cache {
-    pub fn new(bytes_max: u64, entries_max: usize) -> Self {
+    pub fn new(bytes_max: u64, entries_max: usize, name: &str) -> Self {
         Cache {
+            name: name.to_owned(),
             entries: VecDeque::new(),
             extents: BTreeMap::new(),
             bytes: 0,
@@ -190,6 +222,7 @@ impl Cache {
             data,
             log_seq,
             answered_gen,
+            failures: 0,
         };
         self.bytes += entry.cost();
         self.entries.push_back(entry);
@@ -258,9 +291,41 @@ impl Cache {
         })
     }
 
-    /// Writes back the oldest entry; with `fua`, it is durable in storage on return.
-    fn pop_and_write_back(&mut self, storage: &dyn Backend, fua: bool) -> io::Result<()> {
-        let entry = self.entries.pop_front().expect("caller checked non-empty");
+    /// Writes back the oldest entry, and takes it out of the cache only once storage has it:
+    /// a write-back that fails (a full filesystem under a file export) leaves the entry, and
+    /// its data, where reads find it and the next write-back retries it. With `fua` the entry
+    /// is durable in storage on return, if the answer says so (`Ok(true)`); `Ok(false)` means
+    /// it was written but not synced.
+    fn write_back_front(&mut self, storage: &dyn Backend, fua: bool) -> io::Result<bool> {
+        let entry = self.entries.front_mut().expect("caller checked non-empty");
+        // The whole write goes out, even parts a newer cached write covers: storage sees
+        // writes in apply order, and the newer one overwrites it when its turn comes.
+        let written = write_entry(storage, entry, fua);
+        if let Err(e) = written {
+            entry.failures += 1;
+            let (start, end) = (entry.offset, entry.offset + entry.length);
+            if entry.failures == 1 {
+                tracing::error!(
+                    export = %self.name,
+                    "write-back of bytes {start}..{end} ({} bytes) failed: {e}; the data stays \
+                     in the cache, reads return it, and every FLUSH retries it (and fails) \
+                     until storage takes it",
+                    end - start
+                );
+            }
+            return Err(e);
+        }
+        let synced = written.is_ok_and(|synced| synced);
+        let entry = self.entries.pop_front().expect("just written back");
+        if entry.failures > 0 {
+            tracing::info!(
+                export = %self.name,
+                "bytes {}..{} written back after {} failed attempts",
+                entry.offset,
+                entry.offset + entry.length,
+                entry.failures
+            );
+        }
         let end = entry.offset + entry.length;
         for k in self.overlapping(entry.offset, end) {
             if self.extents[&k].id == entry.id {
@@ -268,40 +333,20 @@ impl Cache {
             }
         }
         self.bytes -= entry.cost();
-        // The whole write goes out, even parts a newer cached write covers: storage sees
-        // writes in apply order, and the newer one overwrites it when its turn comes.
-        // Blocks are moved into storage if the write log is done with them, else copied.
-        let entry = match entry.data {
-            EntryData::Blocks(blocks) => match Arc::try_unwrap(blocks) {
-                Ok(blocks) => {
-                    storage.adopt_blocks(Ticket(0), entry.offset, blocks)?;
-                    return if fua {
-                        storage.flush(Ticket(0))
-                    } else {
-                        Ok(())
-                    };
-                }
-                Err(shared) => Entry {
-                    data: EntryData::Blocks(shared),
-                    ..entry
-                },
-            },
-            _ => entry,
-        };
-        apply_to_storage(storage, &entry, entry.offset, entry.length, fua)?;
         // Unshared once written back, unless the write log still holds it.
         if let EntryData::Bytes(b) = entry.data {
             if let Ok(v) = Arc::try_unwrap(b) {
                 recycle(&self.spares, v);
             }
         }
-        Ok(())
+        Ok(synced)
     }
 
     /// Writes back every entry up to and including `id`, oldest first. With `fua`, entry `id`
     /// is made durable in storage (a FUA write): the older entries are not synced, since FUA
     /// promises only its own write, so storage syncs just that range (the file backend's
     /// `RWF_DSYNC`) rather than all of it. Storage sees the writes in apply order either way.
+    /// The first failure stops it; the entries from the failed one on stay cached.
     pub fn write_back_through(
         &mut self,
         storage: &dyn Backend,
@@ -311,13 +356,13 @@ impl Cache {
         let mut synced = !fua;
         while let Some(front) = self.entries.front().filter(|e| e.id <= id) {
             let last = fua && front.id == id;
-            self.pop_and_write_back(storage, last)?;
-            synced |= last;
+            synced |= self.write_back_front(storage, last)?;
         }
         if synced {
             Ok(())
         } else {
-            // Entry `id` was already written back without a sync: sync everything.
+            // Entry `id` was written back without a sync (earlier, or moved into storage as
+            // blocks just now): sync everything.
             storage.flush(Ticket(0))
         }
     }
@@ -337,22 +382,36 @@ impl Cache {
         Ok(())
     }
 
-    /// Writes back the oldest entries while over a limit; returns how many.
-    pub fn enforce_limits(&mut self, storage: &dyn Backend) -> io::Result<u64> {
-        let mut n = 0;
-        if self.bytes <= self.bytes_max && self.entries.len() <= self.entries_max {
-            return Ok(0);
+    /// Writes back every entry (idle write-back and shutdown); storage is not synced.
+    pub fn write_back_all(&mut self, storage: &dyn Backend) -> io::Result<()> {
+        while !self.entries.is_empty() {
+            self.write_back_front(storage, false)?;
         }
-        // Just back under the limit: a full cache then writes back about one entry per new
-        // one, spread evenly over requests. (Going further down at once made one request in
+        Ok(())
+    }
+
+    /// Writes back the oldest entries until an entry costing `incoming` bytes fits under the
+    /// limits; returns how many were written back. A failed write-back stops it with the
+    /// error, so that the caller refuses the new write rather than let the cache grow past
+    /// its limit (nothing already cached is dropped).
+    pub fn make_room(&mut self, storage: &dyn Backend, incoming: u64) -> io::Result<u64> {
+        let mut n = 0;
+        // Just under the limit: a full cache then writes back about one entry per new one,
+        // spread evenly over requests. (Going further down at once made one request in
         // thousands stall the connection, with the disk lock held, for milliseconds.)
         while !self.entries.is_empty()
-            && (self.bytes > self.bytes_max || self.entries.len() > self.entries_max)
+            && (self.bytes + incoming > self.bytes_max || self.entries.len() >= self.entries_max)
         {
-            self.pop_and_write_back(storage, false)?;
+            self.write_back_front(storage, false)?;
             n += 1;
         }
         Ok(n)
+    }
+
+    /// The byte ranges of the entries still cached, oldest first (what a failed shutdown
+    /// flush could not write).
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.entries.iter().map(|e| (e.offset, e.length)).collect()
     }
 
     /// Takes every pending entry out, oldest first (for a power cut).
@@ -369,7 +428,7 @@ mod tests {
 
     #[test]
     fn overlaps_sees_exactly_the_cached_runs() {
-        let mut c = Cache::new(1 << 20, 16);
+        let mut c = Cache::new(1 << 20, 16, "test");
         assert!(!c.overlaps(0, 4096));
         c.insert(4096, 4096, EntryData::Zeroes { trim: false }, None, None);
         c.insert(

@@ -50,13 +50,14 @@ use crate::backend::{
     BLOCK_BYTES,
 };
 use crate::log::{
-    encode_payload, CutMode, Fate, FaultKind, FaultPayload, FlushPayload, LogError,
-    PowerCutPayload, RecordKind, WriteFate, FLAG_FUA, MARK_NAME_BYTES_MAX, SECTOR_BYTES,
+    encode_payload, CutMode, Fate, FaultKind, FaultPayload, FlushPayload, FullPayload,
+    FullReason, LogError, PowerCutPayload, RecordKind, WriteFate, FLAG_FUA, MARK_NAME_BYTES_MAX,
+    FULL_PAYLOAD_BYTES, RECORD_HEADER_BYTES, SECTOR_BYTES,
 };
 use cache::{Cache, EntryData};
 pub use faults::FaultConfig;
 pub use mem::VecStorage;
-pub use recorder::{Recorder, RECORDER_QUEUE_BYTES_MAX, RECORDER_QUEUE_RECORDS_MAX};
+pub use recorder::{PushWait, Recorder, RECORDER_QUEUE_BYTES_MAX, RECORDER_QUEUE_RECORDS_MAX};
 
 /// Bytes of pending (non-durable) write data the cache holds before writing back the oldest.
 pub const CACHE_BYTES_MAX: u64 = 64 * 1024 * 1024;
@@ -78,7 +79,25 @@ pub struct DiskConfig {
     /// Seed of the automatic power cut (its point when `crash_after_writes` is unset, and its
     /// choice of surviving writes).
     pub crash_seed: Option<u64>,
+    /// Replace a file already at `record` (`record-overwrite`); without it one is refused.
+    pub record_overwrite: bool,
+    /// Cap of the write log in bytes (`record-max`): a write, trim or zero write that would
+    /// take the log past it is refused with ENOSPC, and the log says so in a full record.
+    pub record_max_bytes: Option<u64>,
+    /// FLUSH and FUA replies wait until the log is on stable storage (`record-sync=flush`),
+    /// not only handed to the operating system (the default).
+    pub record_sync: bool,
+    /// Write the whole cache back after this many milliseconds without a change
+    /// (`idle-writeback`), as a real drive does; `None` never does.
+    pub idle_writeback_ms: Option<u64>,
 }
+
+/// Flush, mark, fault and power-cut records may take a capped log this far past its cap
+/// (they change no data, and a flush must still be answered truthfully); beyond it they are
+/// refused too.
+pub const RECORD_MAX_SLACK_BYTES: u64 = 1024 * 1024;
+/// How often the idle write-back looks at the disk.
+pub const IDLE_WRITEBACK_POLL_MILLIS: u64 = 100;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -91,6 +110,43 @@ pub enum DiskError {
     BadMarkName,
     #[error("the write log failed earlier ({0}); the disk refuses further changes")]
     Failed(String),
+    #[error("{}", ranges_message(.0))]
+    Unwritten(Vec<(u64, u64)>),
+}
+
+fn ranges_message(ranges: &[(u64, u64)]) -> String {
+    const SHOWN_MAX: usize = 16;
+    let mut s = format!("{} cached writes could not be written back:", ranges.len());
+    for (off, len) in ranges.iter().take(SHOWN_MAX) {
+        s.push_str(&format!(" bytes {off}..{} ({len} bytes);", off + len));
+    }
+    if ranges.len() > SHOWN_MAX {
+        s.push_str(&format!(" and {} more", ranges.len() - SHOWN_MAX));
+    }
+    s
+}
+
+/// Why the disk refuses changes for good: its write log failed.
+#[derive(Debug, Clone)]
+struct Failure {
+    /// The answer to give: ENOSPC when the log's disk is full, else EIO.
+    errno: i32,
+}
+
+impl Failure {
+    fn of(e: &LogError) -> Self {
+        Failure {
+            errno: if matches!(e, LogError::LogDiskFull) {
+                libc::ENOSPC
+            } else {
+                libc::EIO
+            },
+        }
+    }
+
+    fn error(&self) -> io::Error {
+        io::Error::from_raw_os_error(self.errno)
+    }
 }
 
 /// Counters shown by `nbd-server ctl stats`.
@@ -150,7 +206,13 @@ struct State {
     flush_gen: u64,
     cut_gen: u64,
     log: Option<Recorder>,
-    failed: Option<String>,
+    failed: Option<Failure>,
+    /// [`DiskConfig::record_max_bytes`].
+    record_max: Option<u64>,
+    /// The log reached `record_max` (a full record was appended).
+    capped: bool,
+    /// Changes applied since the idle write-back last looked.
+    changed: bool,
     fault_rng: ChaCha8Rng,
     cuts_done: u64,
     writes_applied: u64,
@@ -167,6 +229,8 @@ pub struct EmulatedDisk {
     reads: std::sync::atomic::AtomicU64,
     /// Written-back payload buffers (see [`cache::Spares`]).
     spares: cache::Spares,
+    /// The export's name, for the server's log.
+    name: String,
 }
 
 fn eio(what: &str) -> io::Error {
@@ -175,8 +239,21 @@ fn eio(what: &str) -> io::Error {
 
 impl EmulatedDisk {
     pub fn new(storage: Arc<dyn Backend>, config: DiskConfig) -> Result<Self, DiskError> {
+        Self::named(storage, config, "")
+    }
+
+    /// [`Self::new`] for the export `name` (which the server's log messages then name).
+    pub fn named(
+        storage: Arc<dyn Backend>,
+        config: DiskConfig,
+        name: &str,
+    ) -> Result<Self, DiskError> {
         let log = match &config.record {
-            Some(path) => Some(Recorder::create(path, storage.size())?),
+            Some(path) => Some(Recorder::create(
+                path,
+                storage.size(),
+                config.record_overwrite,
+            )?),
             None => None,
         };
         let crash_after_writes = config.crash_after_writes.or_else(|| {
@@ -194,7 +271,7 @@ impl EmulatedDisk {
         };
         let recording = log.is_some();
         let (cut_tx, _) = watch::channel(0);
-        let cache = Cache::new(cache_limit, CACHE_ENTRIES_MAX);
+        let cache = Cache::new(cache_limit, CACHE_ENTRIES_MAX, name);
         let spares = cache.spares();
         Ok(EmulatedDisk {
             spares,
@@ -207,6 +284,9 @@ impl EmulatedDisk {
                 cut_gen: 0,
                 log,
                 failed: None,
+                record_max: config.record_max_bytes,
+                capped: false,
+                changed: false,
                 fault_rng: ChaCha8Rng::seed_from_u64(config.faults.seed),
                 cuts_done: 0,
                 writes_applied: 0,
@@ -220,6 +300,7 @@ impl EmulatedDisk {
             config,
             cut_tx,
             reads: Default::default(),
+            name: name.to_owned(),
         })
     }
 
@@ -284,7 +365,18 @@ impl EmulatedDisk {
         payload: LogPayload<'_>,
     ) -> io::Result<Option<u64>> {
         if let Some(f) = &st.failed {
-            return Err(eio(f));
+            return Err(f.error());
+        }
+        if st.log.is_none() {
+            return Ok(None);
+        }
+        if let Some(cap) = st.record_max {
+            let bytes = match &payload {
+                LogPayload::Copy(b) => b.len() as u64,
+                LogPayload::Shared(d) => d.len() as u64,
+                LogPayload::Blocks(b) => (b.len() * BLOCK_BYTES) as u64,
+            };
+            Self::within_cap(st, kind, bytes, cap)?;
         }
         let Some(log) = st.log.as_mut() else {
             return Ok(None);
@@ -298,10 +390,45 @@ impl EmulatedDisk {
             Ok(seq) => Ok(Some(seq)),
             Err(e) => {
                 tracing::error!("write log failed: {e}; refusing further changes");
-                st.failed = Some(e.to_string());
-                Err(eio("write log failed"))
+                let f = Failure::of(&e);
+                let err = f.error();
+                st.failed = Some(f);
+                Err(err)
             }
         }
+    }
+
+    /// Refuses a record that would take the log past its cap (data records at the cap; the
+    /// others [`RECORD_MAX_SLACK_BYTES`] later), appending the full record the first time a
+    /// data record is refused.
+    fn within_cap(st: &mut State, kind: RecordKind, payload: u64, cap: u64) -> io::Result<()> {
+        let log = st.log.as_mut().expect("caller checked");
+        let full_record = (RECORD_HEADER_BYTES + FULL_PAYLOAD_BYTES) as u64;
+        let after = log.bytes() + RECORD_HEADER_BYTES as u64 + payload;
+        let limit = if kind.is_data() {
+            cap.saturating_sub(full_record)
+        } else {
+            cap.saturating_add(RECORD_MAX_SLACK_BYTES)
+        };
+        if after <= limit {
+            return Ok(());
+        }
+        if kind.is_data() && !st.capped {
+            st.capped = true;
+            tracing::error!(
+                "write log reached its cap (record-max={cap} bytes): writes, trims and zero \
+                 writes are refused with ENOSPC from now on"
+            );
+            let full = encode_payload(&FullPayload {
+                reason: FullReason::Cap,
+                log_bytes: log.bytes(),
+            });
+            if let Err(e) = log.append(RecordKind::Full, 0, 0, 0, 0, &full) {
+                let f = Failure::of(&e);
+                st.failed = Some(f);
+            }
+        }
+        Err(io::Error::from_raw_os_error(libc::ENOSPC))
     }
 
     /// Puts a named mark into the log, in order with the IO around it.
@@ -312,7 +439,7 @@ impl EmulatedDisk {
         }
         let mut st = self.lock();
         let seq = Self::record(&mut st, RecordKind::Mark, 0, 0, 0, 0, name.as_bytes())
-            .map_err(|_| DiskError::Failed(st.failed.clone().unwrap_or_default()))?;
+            .map_err(|e| DiskError::Failed(e.to_string()))?;
         st.stats.marks += 1;
         Ok(seq)
     }
@@ -414,7 +541,7 @@ impl EmulatedDisk {
         st.stats.power_cuts += 1;
         let payload = encode_payload(&PowerCutPayload { seed, mode, fates });
         let log_seq = Self::record(st, RecordKind::PowerCut, 0, 0, 0, 0, &payload)
-            .map_err(|_| DiskError::Failed(st.failed.clone().unwrap_or_default()))?;
+            .map_err(|e| DiskError::Failed(e.to_string()))?;
         if let Some(log) = st.log.as_mut() {
             log.sync()?;
         }
@@ -478,7 +605,9 @@ impl EmulatedDisk {
     }
 
     /// Applies a data change to the cache (and log), then writes through for FUA and
-    /// enforces the cache limit and the automatic power cut.
+    /// enforces the automatic power cut. A full cache first writes back its oldest entries;
+    /// if that fails, the change is refused with the error and nothing is applied, so the
+    /// cache neither drops acknowledged data nor grows past its limit.
     fn apply(
         &self,
         ticket: Ticket,
@@ -489,8 +618,10 @@ impl EmulatedDisk {
     ) -> io::Result<()> {
         let mut st = self.pre_io_locked(ticket)?;
         if let Some(f) = &st.failed {
-            return Err(eio(f));
+            return Err(f.error());
         }
+        let early = st.cache.make_room(&*self.storage, data.cost())?;
+        st.stats.early_writebacks += early;
         let conn = st.tickets.get(&ticket.0).map_or(0, |t| t.conn);
         let (kind, payload) = match &data {
             EntryData::Bytes(b) => (RecordKind::Write, LogPayload::Shared(b.clone())),
@@ -500,12 +631,9 @@ impl EmulatedDisk {
         };
         let flags = if fua { FLAG_FUA } else { 0 };
         let log_seq = Self::record_inner(&mut st, kind, flags, conn, offset, length, payload)?;
-        let answered_gen = if ticket.0 == 0 {
-            Some(st.flush_gen)
-        } else {
-            None
-        };
+        let answered_gen = (ticket.0 == 0).then_some(st.flush_gen);
         let id = st.cache.insert(offset, length, data, log_seq, answered_gen);
+        st.changed = true;
         if let Some(t) = st.tickets.get_mut(&ticket.0) {
             t.applied = Some(id);
             t.log_seq = log_seq;
@@ -521,25 +649,120 @@ impl EmulatedDisk {
             RecordKind::Trim => st.stats.trims += 1,
             _ => st.stats.write_zeroes += 1,
         }
-        if fua {
+        let pushed = if fua {
             st.stats.fua_writes += 1;
             st.cache.write_back_through(&*self.storage, id, true)?;
-        }
-        let early = st.cache.enforce_limits(&*self.storage)?;
-        st.stats.early_writebacks += early;
+            self.push_log(&mut st)?
+        } else {
+            None
+        };
         st.writes_applied += 1;
         if st.crash_after_writes == Some(st.writes_applied) {
             st.crash_after_writes = None;
             let seed = self.config.crash_seed;
-            let report = self
-                .power_cut_locked(&mut st, seed)
+            self.power_cut_locked(&mut st, seed)
                 .map_err(io::Error::other)?;
             drop(st);
-            let _ = report;
             self.cut_tx.send_modify(|g| *g += 1);
             return Err(eio("power cut"));
         }
-        Ok(())
+        drop(st);
+        Self::wait_log(pushed)
+    }
+
+    /// Asks the write log (if any) to put every record so far in its file, for a FLUSH or
+    /// FUA reply: wait for it with [`Self::wait_log`] after releasing the lock.
+    fn push_log(&self, st: &mut State) -> io::Result<Option<PushWait>> {
+        let Some(log) = st.log.as_mut() else {
+            return Ok(None);
+        };
+        match log.push(self.config.record_sync) {
+            Ok(w) => Ok(Some(w)),
+            Err(e) => Err(Self::log_failed(st, &e)),
+        }
+    }
+
+    /// Waits for a push of [`Self::push_log`]. A failed push fails the reply (and, through
+    /// the recorder, every later change).
+    fn wait_log(pushed: Option<PushWait>) -> io::Result<()> {
+        match pushed.map(PushWait::wait) {
+            Some(Err(e)) => {
+                tracing::error!("write log failed: {e}");
+                Err(Failure::of(&e).error())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn log_failed(st: &mut State, e: &LogError) -> io::Error {
+        tracing::error!("write log failed: {e}; refusing further changes");
+        let f = Failure::of(e);
+        let err = f.error();
+        st.failed.get_or_insert(f);
+        err
+    }
+
+    /// Writes the whole cache back when nothing changed since the last call (the idle
+    /// write-back's step), then flushes storage. A failure leaves the entries cached.
+    pub fn write_back_if_idle(&self) -> io::Result<()> {
+        let mut st = self.lock();
+        if std::mem::take(&mut st.changed) || st.cache.len() == 0 {
+            return Ok(());
+        }
+        st.cache.write_back_all(&*self.storage)?;
+        self.storage.flush(Ticket(0))
+    }
+
+    /// Starts a thread that writes the cache back after [`DiskConfig::idle_writeback_ms`]
+    /// without a change; it ends with the disk.
+    pub fn start_idle_writeback(self: &Arc<Self>) {
+        let Some(idle_ms) = self.config.idle_writeback_ms else {
+            return;
+        };
+        let disk = Arc::downgrade(self);
+        let poll = std::time::Duration::from_millis(IDLE_WRITEBACK_POLL_MILLIS.min(idle_ms.max(1)));
+        let spawned = std::thread::Builder::new()
+            .name("idle-writeback".into())
+            .spawn(move || {
+                let mut idle_since = std::time::Instant::now();
+                loop {
+                    std::thread::sleep(poll);
+                    let Some(d) = disk.upgrade() else { return };
+                    if d.lock().changed {
+                        d.lock().changed = false;
+                        idle_since = std::time::Instant::now();
+                        continue;
+                    }
+                    if idle_since.elapsed().as_millis() as u64 >= idle_ms {
+                        // Failures are logged by the cache (once per entry) and retried.
+                        let _ = d.write_back_if_idle();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(export = %self.name, "no idle write-back: {e}");
+        }
+    }
+
+    /// Byte ranges of the writes still in the cache: after a failed flush, what is not in
+    /// storage.
+    pub fn unwritten(&self) -> Vec<(u64, u64)> {
+        self.lock().cache.ranges()
+    }
+
+    /// Writes back everything and flushes storage (at shutdown); on failure, says which
+    /// ranges could not be written.
+    pub fn write_back_everything(&self) -> Result<(), DiskError> {
+        let mut st = self.lock();
+        let r = st
+            .cache
+            .write_back_all(&*self.storage)
+            .and_then(|()| self.storage.flush(Ticket(0)));
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if st.cache.len() == 0 => Err(DiskError::Storage(e)),
+            Err(_) => Err(DiskError::Unwritten(st.cache.ranges())),
+        }
     }
 }
 
@@ -875,6 +1098,10 @@ impl Backend for EmulatedDisk {
         )
     }
 
+    /// Writes back what the flush covers, flushes storage, and waits until the write log
+    /// holds every record so far (so a killed server cannot lose a write this flush made
+    /// durable from the log). A write-back that fails leaves its entry cached and fails
+    /// the flush; the next flush retries it.
     fn flush(&self, ticket: Ticket) -> io::Result<()> {
         self.pre_io(ticket)?;
         let mut st = self.lock();
@@ -883,7 +1110,10 @@ impl Backend for EmulatedDisk {
             None => st.flush_gen + 1, // driven without arrival: cover everything answered
         };
         st.cache.write_back_covered(&*self.storage, cover_gen)?;
-        self.storage.flush(Ticket(0))
+        self.storage.flush(Ticket(0))?;
+        let pushed = self.push_log(&mut st)?;
+        drop(st);
+        Self::wait_log(pushed)
     }
 
     fn block_status(

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::backend::{Block, BLOCK_BYTES};
-use crate::log::{LogError, LogWriter, RecordKind};
+use crate::log::{LogError, LogWriter, RecordKind, FILE_HEADER_BYTES, RECORD_HEADER_BYTES};
 
 /// Records queued for the writer thread at most; appending beyond waits.
 pub const RECORDER_QUEUE_RECORDS_MAX: usize = 4096;
@@ -50,8 +50,51 @@ enum Msg {
         length: u64,
         payload: Payload,
     },
-    /// Write everything queued so far and fsync, then answer.
-    Sync(std::sync::mpsc::Sender<Result<(), String>>),
+    /// Put everything queued so far in the file (and with `durable`, on stable storage), then
+    /// answer. Pushes that meet in one batch share one write (and one sync).
+    Push {
+        durable: bool,
+        reply: std::sync::mpsc::Sender<Result<(), Failure>>,
+    },
+}
+
+/// Why the log stopped taking records (cloned to every later appender).
+#[derive(Debug, Clone)]
+pub struct Failure {
+    message: String,
+    /// The disk holding the log is full (so changes are refused with ENOSPC).
+    full: bool,
+}
+
+impl Failure {
+    fn of(e: &LogError) -> Self {
+        Failure {
+            message: e.to_string(),
+            full: matches!(e, LogError::LogDiskFull),
+        }
+    }
+
+    fn error(&self) -> LogError {
+        if self.full {
+            LogError::LogDiskFull
+        } else {
+            LogError::Io(std::io::Error::other(self.message.clone()))
+        }
+    }
+}
+
+/// A push on its way (see [`Recorder::push`]): wait for it with [`PushWait::wait`], without
+/// holding the emulated disk's lock.
+pub struct PushWait(std::sync::mpsc::Receiver<Result<(), Failure>>);
+
+impl PushWait {
+    /// Waits until the records queued before the push are in the file (or on stable storage).
+    pub fn wait(self) -> Result<(), LogError> {
+        match self.0.recv() {
+            Ok(r) => r.map_err(|f| f.error()),
+            Err(_) => Err(failure("write-log thread is gone")),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -65,7 +108,7 @@ struct Queue {
     /// No more records come: the thread writes what is left and ends.
     closed: bool,
     /// The first error of the log file; every later append fails with it.
-    failed: Option<String>,
+    failed: Option<Failure>,
 }
 
 #[derive(Default)]
@@ -85,6 +128,8 @@ pub struct Recorder {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     next_seq: u64,
+    /// Bytes the log will hold once every queued record is written.
+    bytes: u64,
 }
 
 fn failure(msg: &str) -> LogError {
@@ -92,8 +137,17 @@ fn failure(msg: &str) -> LogError {
 }
 
 impl Recorder {
-    pub fn create(path: &std::path::Path, disk_bytes: u64) -> Result<Self, LogError> {
-        let writer = LogWriter::create(path, disk_bytes)?;
+    /// Starts recording to `path`. A file already there is refused unless `overwrite`.
+    pub fn create(
+        path: &std::path::Path,
+        disk_bytes: u64,
+        overwrite: bool,
+    ) -> Result<Self, LogError> {
+        let writer = if overwrite {
+            LogWriter::create(path, disk_bytes)?
+        } else {
+            LogWriter::create_new(path, disk_bytes)?
+        };
         let shared = Arc::new(Shared::default());
         let thread = {
             let shared = shared.clone();
@@ -105,6 +159,7 @@ impl Recorder {
             shared,
             thread: Some(thread),
             next_seq: 0,
+            bytes: FILE_HEADER_BYTES as u64,
         })
     }
 
@@ -112,11 +167,16 @@ impl Recorder {
         self.next_seq
     }
 
+    /// Bytes the log will hold once every record appended so far is written.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// Queues `msg` (waiting while the queue is full) and wakes the thread if it sleeps.
     fn send(&mut self, msg: Msg, bytes: u64) -> Result<(), LogError> {
         let mut q = self.shared.lock();
-        if let Some(e) = &q.failed {
-            return Err(failure(e));
+        if let Some(f) = &q.failed {
+            return Err(f.error());
         }
         while q.msgs.len() >= RECORDER_QUEUE_RECORDS_MAX
             || (q.bytes > 0 && q.bytes + bytes > RECORDER_QUEUE_BYTES_MAX)
@@ -129,8 +189,8 @@ impl Recorder {
             q.full_waiters += 1;
             q = self.shared.space.wait(q).unwrap_or_else(|e| e.into_inner());
             q.full_waiters -= 1;
-            if let Some(e) = &q.failed {
-                return Err(failure(e));
+            if let Some(f) = &q.failed {
+                return Err(f.error());
             }
         }
         q.msgs.push_back(msg);
@@ -142,7 +202,7 @@ impl Recorder {
         Ok(())
     }
 
-    fn push(
+    fn enqueue(
         &mut self,
         kind: RecordKind,
         flags: u8,
@@ -170,6 +230,7 @@ impl Recorder {
             bytes,
         )?;
         self.next_seq += 1;
+        self.bytes += RECORD_HEADER_BYTES as u64 + bytes;
         Ok(seq)
     }
 
@@ -183,7 +244,7 @@ impl Recorder {
         length: u64,
         payload: &[u8],
     ) -> Result<u64, LogError> {
-        self.push(
+        self.enqueue(
             kind,
             flags,
             conn,
@@ -203,7 +264,7 @@ impl Recorder {
         data: Arc<Vec<u8>>,
     ) -> Result<u64, LogError> {
         let n = data.len() as u64;
-        self.push(kind, flags, conn, offset, n, Payload::Shared(data))
+        self.enqueue(kind, flags, conn, offset, n, Payload::Shared(data))
     }
 
     /// Queues a write record whose payload is the cache entry's blocks.
@@ -215,7 +276,7 @@ impl Recorder {
         blocks: Arc<Vec<Block>>,
     ) -> Result<u64, LogError> {
         let n = (blocks.len() * BLOCK_BYTES) as u64;
-        self.push(
+        self.enqueue(
             RecordKind::Write,
             flags,
             conn,
@@ -225,56 +286,91 @@ impl Recorder {
         )
     }
 
+    /// Asks the thread to put every record queued so far in the file (handed to the operating
+    /// system, so that a killed server loses none of them) and, with `durable`, on stable
+    /// storage. Wait for it with [`PushWait::wait`] once the disk's lock is released.
+    pub fn push(&mut self, durable: bool) -> Result<PushWait, LogError> {
+        let (reply, rx) = std::sync::mpsc::channel();
+        self.send(Msg::Push { durable, reply }, 0)?;
+        Ok(PushWait(rx))
+    }
+
     /// Waits until every queued record is in the file and the file is on stable storage.
     pub fn sync(&mut self) -> Result<(), LogError> {
-        let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-        self.send(Msg::Sync(reply_tx), 0)?;
-        reply_rx
-            .recv()
-            .map_err(|_| failure("write-log thread is gone"))?
-            .map_err(|e| failure(&e))
+        self.push(true)?.wait()
     }
 }
 
 /// The thread: takes the whole queue at a time and writes it, in order.
-fn run(mut writer: LogWriter, shared: &Shared) {
-    let mut error: Option<String> = None;
-    let push_interval = Duration::from_millis(RECORDER_PUSH_INTERVAL_MILLIS);
-    let mut last_push = std::time::Instant::now();
-    // Records appended to the writer since the last push.
-    let mut unpushed = false;
-    loop {
-        let batch = {
-            let mut q = shared.lock();
-            while q.msgs.is_empty() && !q.closed {
-                q.idle = true;
-                if !unpushed {
-                    q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
-                    continue;
-                }
-                // Idle with records not yet in the file: wait no longer than the push is due.
-                let due = push_interval.saturating_sub(last_push.elapsed());
-                if due.is_zero() {
-                    break;
-                }
-                q = shared
-                    .ready
-                    .wait_timeout(q, due)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-            q.idle = false;
-            if q.msgs.is_empty() && q.closed {
-                break; // closed and drained
-            }
-            q.bytes = 0;
-            if q.full_waiters > 0 {
-                shared.space.notify_all();
-            }
-            std::mem::take(&mut q.msgs)
-        };
+fn run(writer: LogWriter, shared: &Shared) {
+    let mut t = Thread {
+        writer,
+        shared,
+        error: None,
+        last_push: std::time::Instant::now(),
+        unpushed: false,
+    };
+    while let Some(batch) = t.next_batch() {
         let small = !batch.is_empty() && batch.len() < RECORDER_SMALL_BATCH_RECORDS;
-        unpushed |= !batch.is_empty();
+        t.write_batch(batch);
+        t.push_if_idle();
+        if small {
+            std::thread::sleep(Duration::from_micros(RECORDER_GATHER_MICROS));
+        }
+    }
+    // Closed: LogWriter's drop flushes what is buffered.
+}
+
+/// The writer thread's state between batches.
+struct Thread<'a> {
+    writer: LogWriter,
+    shared: &'a Shared,
+    /// The first failure; nothing more goes to the file after it.
+    error: Option<Failure>,
+    last_push: std::time::Instant,
+    /// Records appended to the writer since the last push to the file.
+    unpushed: bool,
+}
+
+impl Thread<'_> {
+    /// Waits for work and takes the whole queue; `None` once closed and drained. While idle
+    /// with records not yet in the file, it waits no longer than their push is due.
+    fn next_batch(&mut self) -> Option<VecDeque<Msg>> {
+        let push_interval = Duration::from_millis(RECORDER_PUSH_INTERVAL_MILLIS);
+        let shared = self.shared;
+        let mut q = shared.lock();
+        while q.msgs.is_empty() && !q.closed {
+            q.idle = true;
+            if !self.unpushed {
+                q = shared.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            let due = push_interval.saturating_sub(self.last_push.elapsed());
+            if due.is_zero() {
+                break;
+            }
+            q = shared
+                .ready
+                .wait_timeout(q, due)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        q.idle = false;
+        if q.msgs.is_empty() && q.closed {
+            return None;
+        }
+        q.bytes = 0;
+        if q.full_waiters > 0 {
+            shared.space.notify_all();
+        }
+        Some(std::mem::take(&mut q.msgs))
+    }
+
+    /// Writes the batch's records in order, then answers its pushes with one write to the
+    /// file (and one sync if any asked for it).
+    fn write_batch(&mut self, batch: VecDeque<Msg>) {
+        let mut pushes = Vec::new();
+        self.unpushed |= !batch.is_empty();
         for msg in batch {
             match msg {
                 Msg::Record {
@@ -285,62 +381,84 @@ fn run(mut writer: LogWriter, shared: &Shared) {
                     offset,
                     length,
                     payload,
-                } => {
-                    if error.is_some() {
-                        continue;
-                    }
+                } if self.error.is_none() => {
                     let appended = match &payload {
-                        Payload::Owned(v) => writer.append(kind, flags, conn, offset, length, v),
-                        Payload::Shared(a) => writer.append(kind, flags, conn, offset, length, a),
+                        Payload::Owned(v) => {
+                            self.writer.append(kind, flags, conn, offset, length, v)
+                        }
+                        Payload::Shared(a) => {
+                            self.writer.append(kind, flags, conn, offset, length, a)
+                        }
                         Payload::Blocks(b) => {
                             let parts: Vec<&[u8]> = b.iter().map(|b| &b[..]).collect();
-                            writer.append_parts(kind, flags, conn, offset, length, &parts)
+                            self.writer
+                                .append_parts(kind, flags, conn, offset, length, &parts)
                         }
                     };
                     match appended {
                         Ok(s) => assert_eq!(s, seq, "records reach the writer in sequence order"),
-                        Err(e) => {
-                            tracing::error!("write log failed: {e}");
-                            error = Some(e.to_string());
-                            let mut q = shared.lock();
-                            q.failed = error.clone();
-                            shared.space.notify_all();
-                        }
+                        Err(e) => self.fail(&e),
                     }
                 }
-                Msg::Sync(reply) => {
-                    let r = match &error {
-                        Some(e) => Err(e.clone()),
-                        None => writer.sync().map_err(|e| e.to_string()),
-                    };
-                    let _ = reply.send(r);
-                }
+                Msg::Record { .. } => {}
+                Msg::Push { durable, reply } => pushes.push((durable, reply)),
             }
         }
-        if error.is_some() {
-            unpushed = false; // nothing more goes to the file
+        if pushes.is_empty() {
+            return;
         }
-        // Out of work: put what is buffered in the file, so that a reader sees it.
-        if unpushed
-            && error.is_none()
-            && last_push.elapsed() >= push_interval
-            && shared.lock().msgs.is_empty()
-        {
-            last_push = std::time::Instant::now();
-            unpushed = false;
-            if let Err(e) = writer.flush() {
-                tracing::error!("write log failed: {e}");
-                error = Some(e.to_string());
-                let mut q = shared.lock();
-                q.failed = error.clone();
-                shared.space.notify_all();
-            }
-        }
-        if small {
-            std::thread::sleep(Duration::from_micros(RECORDER_GATHER_MICROS));
+        let durable = pushes.iter().any(|(d, _)| *d);
+        let pushed = self.push(durable);
+        for (_, reply) in pushes {
+            let _ = reply.send(pushed.clone());
         }
     }
-    // Closed: LogWriter's drop flushes what is buffered.
+
+    /// Puts what is buffered in the file (and with `durable` on stable storage).
+    fn push(&mut self, durable: bool) -> Result<(), Failure> {
+        if let Some(f) = &self.error {
+            return Err(f.clone());
+        }
+        let r = if durable {
+            self.writer.sync()
+        } else {
+            self.writer.flush()
+        };
+        match r {
+            Ok(()) => {
+                self.last_push = std::time::Instant::now();
+                self.unpushed = false;
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(&e);
+                Err(Failure::of(&e))
+            }
+        }
+    }
+
+    /// Out of work: put what is buffered in the file, so that a reader sees it.
+    fn push_if_idle(&mut self) {
+        let interval = Duration::from_millis(RECORDER_PUSH_INTERVAL_MILLIS);
+        if self.unpushed
+            && self.error.is_none()
+            && self.last_push.elapsed() >= interval
+            && self.shared.lock().msgs.is_empty()
+        {
+            let _ = self.push(false);
+        }
+    }
+
+    /// Records the first failure: later appends fail with it, and nothing more is written.
+    fn fail(&mut self, e: &LogError) {
+        tracing::error!("write log failed: {e}");
+        let f = Failure::of(e);
+        self.error = Some(f.clone());
+        self.unpushed = false;
+        let mut q = self.shared.lock();
+        q.failed = Some(f);
+        self.shared.space.notify_all();
+    }
 }
 
 impl Drop for Recorder {

@@ -45,6 +45,8 @@ pub enum LogError {
     Corrupt { offset: u64, what: String },
     #[error("record payload could not be decoded: {0}")]
     Payload(String),
+    #[error("the disk of the write log is full")]
+    LogDiskFull,
 }
 
 /// The kind of a record. Values are part of the format.
@@ -65,6 +67,8 @@ pub enum RecordKind {
     Fault = 6,
     /// A power cut; payload: [`PowerCutPayload`].
     PowerCut = 7,
+    /// The log is full: no data record follows; payload: [`FullPayload`].
+    Full = 8,
 }
 
 impl RecordKind {
@@ -77,6 +81,7 @@ impl RecordKind {
             5 => Self::Mark,
             6 => Self::Fault,
             7 => Self::PowerCut,
+            8 => Self::Full,
             _ => return None,
         })
     }
@@ -89,6 +94,7 @@ impl RecordKind {
             Self::Mark => "mark",
             Self::Fault => "fault",
             Self::PowerCut => "power-cut",
+            Self::Full => "full",
         }
     }
     /// Whether the record changes disk content (write, trim, write-zeroes).
@@ -321,6 +327,29 @@ pub struct PowerCutPayload {
     pub seed: u64,
     pub mode: CutMode,
     pub fates: Vec<WriteFate>,
+}
+
+/// Why a log took no more data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FullReason {
+    /// The log reached its cap (`record-max`): from here on writes, trims and zero writes
+    /// were refused with ENOSPC. Flush, mark, fault and power-cut records may still follow.
+    Cap,
+    /// The filesystem holding the log ran out of space: nothing follows, and the disk refused
+    /// every change from here on.
+    LogDiskFull,
+}
+
+/// Bytes of an encoded [`FullPayload`]: the reason (`u32`) and `log_bytes` (`u64`).
+pub const FULL_PAYLOAD_BYTES: usize = 12;
+
+/// Payload of a full record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode, serde::Serialize)]
+pub struct FullPayload {
+    pub reason: FullReason,
+    /// Bytes of the log up to this record (the file header and every record before it).
+    pub log_bytes: u64,
 }
 
 /// Encodes a payload structure with the log's bincode configuration.

@@ -18,5 +18,5 @@ mod reader;
 mod writer;
 
 pub use format::*;
-pub use reader::{LogReader, Record};
+pub use reader::{LogEnding, LogReader, Record};
 pub use writer::LogWriter;

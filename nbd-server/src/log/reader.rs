@@ -43,6 +43,8 @@ pub struct LogReader {
     file_len: u64,
     next_seq: u64,
     torn_tail_bytes: u64,
+    /// The full record met so far: its sequence number and payload.
+    full: Option<(u64, FullPayload)>,
     done: bool,
 }
 
@@ -68,6 +70,7 @@ impl LogReader {
             file_len,
             next_seq: 0,
             torn_tail_bytes: 0,
+            full: None,
             done: false,
         })
     }
@@ -231,6 +234,9 @@ impl LogReader {
             }
             return Some(Err(self.corrupt("record checksum mismatch")));
         }
+        if let Err(e) = self.note_full(kind, &header, &chunk) {
+            return Some(Err(e));
+        }
         let rec = Record {
             header,
             kind,
@@ -242,6 +248,47 @@ impl LogReader {
         Some(Ok(rec))
     }
 
+    /// Keeps a full record's reason; refuses a data record after one (the writer never puts
+    /// one there). `payload` holds the record's payload when it is short.
+    fn note_full(
+        &mut self,
+        kind: RecordKind,
+        header: &RecordHeader,
+        payload: &[u8],
+    ) -> Result<(), LogError> {
+        if kind.is_data() && self.full.is_some() {
+            return Err(self.corrupt(format!(
+                "record {}: a {} after the log was full",
+                header.seq,
+                kind.name()
+            )));
+        }
+        if kind == RecordKind::Full {
+            let bytes = payload
+                .get(..header.payload_len as usize)
+                .ok_or_else(|| self.corrupt("full record payload too long"))?;
+            let p: FullPayload = decode_payload(bytes)?;
+            self.full = Some((header.seq, p));
+        }
+        Ok(())
+    }
+
+    /// How the log ends: complete, torn, or full (and why). Known once the records have
+    /// been read to the end.
+    pub fn ending(&self) -> LogEnding {
+        match self.full {
+            Some((seq, p)) => LogEnding::Full {
+                seq,
+                reason: p.reason,
+                log_bytes: p.log_bytes,
+            },
+            None if self.torn_tail_bytes > 0 => LogEnding::TornTail {
+                bytes: self.torn_tail_bytes,
+            },
+            None => LogEnding::Complete,
+        }
+    }
+
     /// Rewinds to the first record (for a second pass).
     pub fn rewind(&mut self) -> Result<(), LogError> {
         self.stream
@@ -249,8 +296,52 @@ impl LogReader {
         self.pos = FILE_HEADER_BYTES as u64;
         self.next_seq = 0;
         self.torn_tail_bytes = 0;
+        self.full = None;
         self.done = false;
         Ok(())
+    }
+}
+
+/// How a log ends (see [`LogReader::ending`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case", tag = "ending")]
+pub enum LogEnding {
+    /// The last record is whole and nothing follows it.
+    Complete,
+    /// The writer stopped in the middle of a record: that many bytes were ignored.
+    TornTail { bytes: u64 },
+    /// A full record at `seq`: the log took no more data from there on.
+    Full {
+        seq: u64,
+        reason: FullReason,
+        log_bytes: u64,
+    },
+}
+
+impl std::fmt::Display for LogEnding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LogEnding::Complete => write!(f, "complete"),
+            LogEnding::TornTail { bytes } => {
+                write!(f, "torn tail of {bytes} bytes ignored (the writer stopped mid-record)")
+            }
+            LogEnding::Full {
+                seq,
+                reason: FullReason::Cap,
+                log_bytes,
+            } => write!(
+                f,
+                "capped: the log reached its record-max at {log_bytes} bytes (record {seq}); \
+                 writes after it were refused with ENOSPC"
+            ),
+            LogEnding::Full {
+                seq, log_bytes, ..
+            } => write!(
+                f,
+                "incomplete: the disk of the log was full (at {log_bytes} bytes, record {seq}); \
+                 the disk refused every change after it"
+            ),
+        }
     }
 }
 

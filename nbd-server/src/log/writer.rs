@@ -22,7 +22,21 @@ use super::format::*;
 pub struct LogWriter {
     out: Out,
     next_seq: u64,
+    /// Bytes of the log so far: the file header and every record appended (buffered or not).
+    bytes: u64,
+    /// The file is allocated (`fallocate`, keeping its size) up to here, so that the record
+    /// saying the log disk is full always has room; `None` where the filesystem cannot
+    /// allocate ahead.
+    reserved_end: Option<u64>,
+    /// A full record was written: nothing more is appended.
+    full: bool,
 }
+
+/// Bytes kept allocated past the log's last record for the full record (a header and its
+/// small payload, padded to whole blocks by a direct write, from an unaligned start).
+pub const LOG_FULL_RESERVE_BYTES: u64 = 2 * DIRECT_IO_ALIGN_BYTES as u64;
+/// The allocation ahead of the log grows in steps of this many bytes (one `fallocate` each).
+pub const LOG_RESERVE_STEP_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Buffer between the recorder and the file; large enough that a 4 KiB write costs no syscall.
 const LOG_BUFFER_BYTES: usize = 1024 * 1024;
@@ -48,12 +62,22 @@ struct Direct {
     base: u64,
 }
 
+/// Opens `path` for writing a new log: truncating what is there, or with `exclusive` refusing
+/// an existing file (`O_EXCL`, so nothing that appears meanwhile is overwritten either).
+fn open_options(exclusive: bool) -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.write(true);
+    if exclusive {
+        o.create_new(true);
+    } else {
+        o.create(true).truncate(true);
+    }
+    o
+}
+
 impl Direct {
-    fn open(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
+    fn open(path: &Path, exclusive: bool) -> io::Result<Self> {
+        let file = open_options(exclusive)
             .custom_flags(libc::O_DIRECT)
             .open(path)?;
         let buf = vec![0u8; LOG_BUFFER_BYTES + DIRECT_IO_ALIGN_BYTES];
@@ -124,14 +148,17 @@ impl Direct {
 }
 
 impl Out {
-    fn create(path: &Path) -> io::Result<Out> {
-        match Direct::open(path) {
+    fn create(path: &Path, exclusive: bool) -> io::Result<Out> {
+        match Direct::open(path, exclusive) {
             Ok(d) => Ok(Out::Direct(d)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(e),
             Err(e) => {
                 tracing::debug!(path = %path.display(), error = %e, "write log: no O_DIRECT, buffered");
+                // A file O_DIRECT refused was created all the same: this open replaces it.
+                let file = open_options(false).open(path)?;
                 Ok(Out::Buffered(io::BufWriter::with_capacity(
                     LOG_BUFFER_BYTES,
-                    File::create(path)?,
+                    file,
                 )))
             }
         }
@@ -187,19 +214,116 @@ impl Out {
         }
     }
 
+    /// Allocates `[offset, offset+len)` of the file without changing its size.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let file = match self {
+            Out::Direct(d) => &d.file,
+            Out::Buffered(b) => b.get_ref(),
+        };
+        fallocate_keep_size(file, offset, len)
+    }
+
     /// Whether the file is written with `O_DIRECT`.
     fn is_direct(&self) -> bool {
         matches!(self, Out::Direct(_))
     }
 }
 
+/// `fallocate(2)` with `FALLOC_FL_KEEP_SIZE`.
+#[allow(unsafe_code)]
+fn fallocate_keep_size(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    // SAFETY: the descriptor is owned by `file`, which outlives the call; fallocate reads and
+    // writes no memory of this process.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, off, len) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn is_enospc(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
 impl LogWriter {
-    /// Creates (truncates) `path` and writes the file header.
+    /// Creates `path` (truncating whatever is there: the caller decides whether that is
+    /// allowed) and writes the file header.
     pub fn create(path: &Path, disk_bytes: u64) -> Result<Self, LogError> {
-        let mut out = Out::create(path)?;
-        out.write_all(&FileHeader::new(disk_bytes).encode())?;
-        out.flush(true)?;
-        Ok(LogWriter { out, next_seq: 0 })
+        Self::start(path, disk_bytes, false)
+    }
+
+    /// [`Self::create`], refusing a file that already exists at `path`.
+    pub fn create_new(path: &Path, disk_bytes: u64) -> Result<Self, LogError> {
+        Self::start(path, disk_bytes, true)
+    }
+
+    fn start(path: &Path, disk_bytes: u64, exclusive: bool) -> Result<Self, LogError> {
+        let mut w = LogWriter {
+            out: Out::create(path, exclusive)?,
+            next_seq: 0,
+            bytes: 0,
+            reserved_end: Some(0),
+            full: false,
+        };
+        let header = FileHeader::new(disk_bytes).encode();
+        if w.reserve(header.len() as u64).is_err() {
+            return Err(LogError::LogDiskFull);
+        }
+        w.out.write_all(&header)?;
+        w.bytes = header.len() as u64;
+        w.sync()?;
+        Ok(w)
+    }
+
+    /// Bytes of the log so far (file header and records, buffered ones included).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Makes sure the file is allocated up to `end` plus room for the full record. Where the
+    /// filesystem cannot allocate ahead, it does nothing. `Err` means there is no room.
+    fn reserve(&mut self, end: u64) -> Result<(), ()> {
+        let Some(reserved) = self.reserved_end else {
+            return Ok(());
+        };
+        let need = end + LOG_FULL_RESERVE_BYTES;
+        if need <= reserved {
+            return Ok(());
+        }
+        // A whole step when there is room for it, else just what this record needs.
+        for to in [need + LOG_RESERVE_STEP_BYTES, need] {
+            match self.out.allocate(reserved, to - reserved) {
+                Ok(()) => {
+                    self.reserved_end = Some(to);
+                    return Ok(());
+                }
+                Err(e) if is_enospc(&e) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "write log: cannot allocate ahead");
+                    self.reserved_end = None;
+                    return Ok(());
+                }
+            }
+        }
+        Err(())
+    }
+
+    /// Ends the log with a full record saying its disk is full (in the room kept for it) and
+    /// puts it on stable storage; nothing more is appended afterwards.
+    fn end_full(&mut self) -> Result<u64, LogError> {
+        let payload = encode_payload(&FullPayload {
+            reason: FullReason::LogDiskFull,
+            log_bytes: self.bytes,
+        });
+        let seq = self.write_record(RecordKind::Full, 0, 0, 0, 0, &[&payload])?;
+        self.full = true;
+        self.out.sync()?;
+        Ok(seq)
     }
 
     /// Sequence number the next record will get.
@@ -229,7 +353,38 @@ impl LogWriter {
     }
 
     /// [`Self::append`] for a payload held in pieces (their concatenation is the payload).
+    /// When the log's filesystem has no room for the record, the log ends with a full
+    /// record instead and [`LogError::LogDiskFull`] is returned (then and ever after).
     pub fn append_parts(
+        &mut self,
+        kind: RecordKind,
+        flags: u8,
+        conn: u64,
+        offset: u64,
+        length: u64,
+        parts: &[&[u8]],
+    ) -> Result<u64, LogError> {
+        if self.full {
+            return Err(LogError::LogDiskFull);
+        }
+        let payload_len: usize = parts.iter().map(|p| p.len()).sum();
+        let end = self.bytes + (RECORD_HEADER_BYTES + payload_len) as u64;
+        if self.reserve(end).is_err() {
+            tracing::error!(
+                "the disk of the write log is full at {} bytes; the log ends here",
+                self.bytes
+            );
+            self.end_full()?;
+            return Err(LogError::LogDiskFull);
+        }
+        match self.write_record(kind, flags, conn, offset, length, parts) {
+            Err(LogError::Io(e)) if is_enospc(&e) => Err(LogError::LogDiskFull),
+            r => r,
+        }
+    }
+
+    /// Appends one record to the buffer (and the file, as the buffer fills).
+    fn write_record(
         &mut self,
         kind: RecordKind,
         flags: u8,
@@ -253,9 +408,10 @@ impl LogWriter {
             self.out.write_all(p)?;
         }
         self.next_seq += 1;
+        self.bytes += (RECORD_HEADER_BYTES + payload_len) as u64;
         if matches!(
             kind,
-            RecordKind::Mark | RecordKind::PowerCut | RecordKind::Fault
+            RecordKind::Mark | RecordKind::PowerCut | RecordKind::Fault | RecordKind::Full
         ) {
             self.out.flush(false)?;
         }
@@ -269,9 +425,13 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Pushes buffered records and waits for the file to reach stable storage.
+    /// Pushes buffered records and waits for the file to reach stable storage. The file is
+    /// cut to its true length, which frees what was allocated ahead of it.
     pub fn sync(&mut self) -> Result<(), LogError> {
         self.out.sync()?;
+        if self.reserved_end.is_some() {
+            self.reserved_end = Some(self.bytes);
+        }
         Ok(())
     }
 }
