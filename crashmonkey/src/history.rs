@@ -184,7 +184,8 @@ impl History {
                 name: String::from_utf8_lossy(&self.reader.read_payload(&rec)?).into_owned(),
             },
             RecordKind::PowerCut => Event::PowerCut { seq: h.seq },
-            RecordKind::Fault => return Ok(None),
+            // A full record changes no data; the reader refuses data records after it.
+            RecordKind::Fault | RecordKind::Full => return Ok(None),
         }))
     }
 }

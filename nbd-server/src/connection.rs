@@ -35,7 +35,8 @@ use crate::lent::{LentReply, VectoredWrite};
 use crate::proto::*;
 use crate::server::{
     wait_for_shutdown, IN_FLIGHT_PAYLOAD_BYTES_MAX, PAYLOAD_BYTES_MAX, PAYLOAD_DISCARD_BYTES_MAX,
-    REQUESTS_IN_FLIGHT_MAX, WRITE_BATCH_BYTES_MAX,
+    REPLY_STALL_SECONDS_MAX, REQUESTS_IN_FLIGHT_MAX, SERVER_PAYLOAD_BYTES_MAX,
+    SERVER_PAYLOAD_RESERVE_BYTES, WRITE_BATCH_BYTES_MAX,
 };
 
 /// Longest a FLUSH waits for replies already being written (on any connection of its export)
@@ -173,8 +174,42 @@ struct Reply {
     skip: usize,
     ticket: Option<Ticket>,
     _slot: OwnedSemaphorePermit,
-    _budget: Option<OwnedSemaphorePermit>,
+    _budget: Option<Held>,
 }
+
+/// Payload bytes held by one request: of its connection's budget and of the server's.
+struct Held {
+    _conn: OwnedSemaphorePermit,
+    _server: OwnedSemaphorePermit,
+    /// For a large request, also the part of the server's budget small ones cannot use.
+    _large: Option<OwnedSemaphorePermit>,
+}
+
+/// The server-wide budget of payload bytes in flight, shared by every connection: a request
+/// waits for its bytes (so many clients with huge requests in flight cannot take the
+/// server's memory). Requests longer than [`SMALL_REQUEST_BYTES_MAX`] also take bytes from a
+/// budget [`SERVER_PAYLOAD_RESERVE_BYTES`] smaller, so that when large requests have taken
+/// all they may, small ones still find room.
+#[derive(Clone)]
+pub struct ServerBudget {
+    all: Arc<Semaphore>,
+    large: Arc<Semaphore>,
+}
+
+impl Default for ServerBudget {
+    fn default() -> Self {
+        ServerBudget {
+            all: Arc::new(Semaphore::new(SERVER_PAYLOAD_BYTES_MAX as usize)),
+            large: Arc::new(Semaphore::new(
+                (SERVER_PAYLOAD_BYTES_MAX - SERVER_PAYLOAD_RESERVE_BYTES) as usize,
+            )),
+        }
+    }
+}
+
+/// Requests of at most this many payload bytes may use the server's reserve (see
+/// [`ServerBudget`]).
+pub const SMALL_REQUEST_BYTES_MAX: u32 = 1024 * 1024;
 
 /// A checked request, ready to run.
 struct Op {
@@ -649,6 +684,7 @@ pub async fn serve<R, W>(
     session: Session,
     conn: ConnId,
     mut shutdown: watch::Receiver<bool>,
+    server_budget: ServerBudget,
 ) where
     R: VectoredRead,
     W: VectoredWrite,
@@ -664,10 +700,7 @@ pub async fn serve<R, W>(
         pool: BufPool::default(),
     });
     let (tx, rx) = mpsc::unbounded_channel::<Vec<Reply>>();
-    let sink = Arc::new(Sink {
-        wr: tokio::sync::Mutex::new((wr, false)),
-        ctx: ctx.clone(),
-    });
+    let sink = Arc::new(Sink::new(wr, ctx.clone()));
     let writer = tokio::spawn(write_replies(sink.clone(), rx));
     let slots = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     let budget = Arc::new(Semaphore::new(IN_FLIGHT_PAYLOAD_BYTES_MAX as usize));
@@ -687,6 +720,9 @@ pub async fn serve<R, W>(
         }
         if kick.has_changed().unwrap_or(false) {
             kicked = true;
+            break;
+        }
+        if sink.is_stalled() {
             break;
         }
         let slot = match slots.clone().try_acquire_owned() {
@@ -724,6 +760,7 @@ pub async fn serve<R, W>(
                 kicked = true;
                 break;
             }
+            _ = sink.stall.notified() => break,
         };
         if let Err(e) = r {
             if e.kind() != io::ErrorKind::UnexpectedEof {
@@ -787,7 +824,7 @@ pub async fn serve<R, W>(
                 });
                 continue;
             }
-            payload_budget = match acquire_bytes(&budget, h.length, &mut pending, &sink).await {
+            payload_budget = match acquire_bytes(&budget, &server_budget, h.length, &mut pending, &sink).await {
                 Some(p) => Some(p),
                 None => break,
             };
@@ -849,7 +886,7 @@ pub async fn serve<R, W>(
             }
         };
         if kind == RequestKind::Read {
-            payload_budget = match acquire_bytes(&budget, h.length, &mut pending, &sink).await {
+            payload_budget = match acquire_bytes(&budget, &server_budget, h.length, &mut pending, &sink).await {
                 Some(p) => Some(p),
                 None => break,
             };
@@ -999,9 +1036,32 @@ fn send(tx: &mpsc::UnboundedSender<Vec<Reply>>, batch: Vec<Reply>, ctx: &Ctx) {
     }
 }
 
-/// Reserves `n` payload bytes of the connection's budget, first handing pending replies to
-/// the writer if it has to wait (their buffers are what it waits for).
+/// Reserves `n` payload bytes of the connection's budget and of the server's, first handing
+/// pending replies to the writer if it has to wait (their buffers are what it waits for).
 async fn acquire_bytes<W: AsyncWrite + Unpin>(
+    conn: &Arc<Semaphore>,
+    server: &ServerBudget,
+    n: u32,
+    pending: &mut Pending,
+    sink: &Sink<W>,
+) -> Option<Held> {
+    let conn = acquire_one(conn, n, pending, sink).await?;
+    // Always in this order (connection, large, all), so that no two requests wait on each
+    // other's permits.
+    let large = if n > SMALL_REQUEST_BYTES_MAX {
+        Some(acquire_one(&server.large, n, pending, sink).await?)
+    } else {
+        None
+    };
+    let all = acquire_one(&server.all, n, pending, sink).await?;
+    Some(Held {
+        _conn: conn,
+        _server: all,
+        _large: large,
+    })
+}
+
+async fn acquire_one<W: AsyncWrite + Unpin>(
     budget: &Arc<Semaphore>,
     n: u32,
     pending: &mut Pending,
@@ -1022,7 +1082,7 @@ fn run(
     op: Op,
     ticket: Ticket,
     slot: OwnedSemaphorePermit,
-    budget: Option<OwnedSemaphorePermit>,
+    budget: Option<Held>,
 ) -> Reply {
     let mut op = op;
     let (bytes, skip) = execute(ctx, &mut op, ticket);
@@ -1044,6 +1104,41 @@ struct Sink<W> {
     /// The writer and whether it failed (then replies are only abandoned).
     wr: tokio::sync::Mutex<(BufWriter<W>, bool)>,
     ctx: Arc<Ctx>,
+    /// Set when the client stopped taking replies for [`REPLY_STALL_SECONDS_MAX`]; the
+    /// reader then stops too.
+    stalled: std::sync::atomic::AtomicBool,
+    stall: tokio::sync::Notify,
+}
+
+impl<W> Sink<W> {
+    fn new(wr: BufWriter<W>, ctx: Arc<Ctx>) -> Self {
+        Sink {
+            wr: tokio::sync::Mutex::new((wr, false)),
+            ctx,
+            stalled: Default::default(),
+            stall: Default::default(),
+        }
+    }
+
+    fn is_stalled(&self) -> bool {
+        self.stalled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Gives up on the client: it took no reply for too long.
+    fn give_up(&self) {
+        tracing::warn!(
+            export = %self.ctx.export.name,
+            "a client took no reply for {REPLY_STALL_SECONDS_MAX} s; dropping its connection"
+        );
+        self.stalled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stall.notify_one();
+    }
+}
+
+/// How long a batch of replies may take to reach the socket (see [`REPLY_STALL_SECONDS_MAX`]).
+fn stall_limit() -> Duration {
+    Duration::from_secs(REPLY_STALL_SECONDS_MAX)
 }
 
 impl<W: AsyncWrite + Unpin> Sink<W> {
@@ -1057,14 +1152,20 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
             let mut g = self.wr.lock().await;
             let (wr, broken) = &mut *g;
             if !*broken {
-                for r in &batch {
-                    if wr.write_all(&r.bytes[r.skip..]).await.is_err() {
-                        *broken = true;
-                        break;
+                let written = tokio::time::timeout(stall_limit(), async {
+                    for r in &batch {
+                        wr.write_all(&r.bytes[r.skip..]).await?;
                     }
-                }
-                if !*broken && wr.flush().await.is_err() {
-                    *broken = true;
+                    wr.flush().await
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => *broken = true,
+                    Err(_) => {
+                        *broken = true;
+                        self.give_up();
+                    }
                 }
             }
             *broken
@@ -1095,46 +1196,15 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
         let broken = {
             let mut g = self.wr.lock().await;
             let (wr, broken) = &mut *g;
-            if !*broken && wr.flush().await.is_err() {
-                *broken = true;
-            }
             if !*broken {
-                let df = op.flags & NBD_CMD_FLAG_DF != 0;
-                let len = op.length as usize;
-                let mut reply = LentReply::new(ctx.structured, df, op.cookie, op.offset, len);
-                let sock = wr.get_ref();
-                let read = ctx
-                    .backend
-                    .read_pieces(ticket, op.offset, len, &mut |pieces| {
-                        reply.send(pieces, &|bufs| sock.try_write_vectored(bufs))
-                    });
-                let ok = match read {
-                    Ok(()) if reply.failed.is_none() && reply.complete() => {
-                        wr.write_all(&reply.rest).await.is_ok()
+                let sent = tokio::time::timeout(stall_limit(), send_lent(ctx, wr, op, ticket));
+                match sent.await {
+                    Ok(true) => {}
+                    Ok(false) => *broken = true,
+                    Err(_) => {
+                        *broken = true;
+                        self.give_up();
                     }
-                    Ok(()) => {
-                        tracing::debug!(error = ?reply.failed, "lent READ reply failed");
-                        false
-                    }
-                    // Errors come before any piece: nothing of this reply went out yet.
-                    Err(e) if !reply.started() => {
-                        tracing::debug!(offset = op.offset, len, error = %e, "read failed");
-                        let bytes = error_reply(
-                            ctx.structured,
-                            NBD_CMD_READ,
-                            op.cookie,
-                            errno_of(&e),
-                            &e.to_string(),
-                        );
-                        wr.write_all(&bytes).await.is_ok()
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "read failed after part of its reply was sent");
-                        false
-                    }
-                };
-                if !ok || wr.flush().await.is_err() {
-                    *broken = true;
                 }
             }
             *broken
@@ -1146,7 +1216,6 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
         }
         ctx.export.fence.end(fence_id);
     }
-
     /// Marks the socket failed and shuts it down: later batches are abandoned, not written.
     async fn cut(&self) {
         let mut g = self.wr.lock().await;
@@ -1158,6 +1227,54 @@ impl<W: AsyncWrite + Unpin> Sink<W> {
         let mut g = self.wr.lock().await;
         let _ = g.0.shutdown().await;
     }
+}
+
+/// Sends a lent READ reply (see [`Sink::send_lent_read`]) after what is buffered; false if
+/// the socket failed.
+async fn send_lent<W: VectoredWrite>(
+    ctx: &Ctx,
+    wr: &mut BufWriter<W>,
+    op: &Op,
+    ticket: Ticket,
+) -> bool {
+    if wr.flush().await.is_err() {
+        return false;
+    }
+    let df = op.flags & NBD_CMD_FLAG_DF != 0;
+    let len = op.length as usize;
+    let mut reply = LentReply::new(ctx.structured, df, op.cookie, op.offset, len);
+    let sock = wr.get_ref();
+    let read = ctx
+        .backend
+        .read_pieces(ticket, op.offset, len, &mut |pieces| {
+            reply.send(pieces, &|bufs| sock.try_write_vectored(bufs))
+        });
+    let ok = match read {
+        Ok(()) if reply.failed.is_none() && reply.complete() => {
+            wr.write_all(&reply.rest).await.is_ok()
+        }
+        Ok(()) => {
+            tracing::debug!(error = ?reply.failed, "lent READ reply failed");
+            false
+        }
+        // Errors come before any piece: nothing of this reply went out yet.
+        Err(e) if !reply.started() => {
+            tracing::debug!(offset = op.offset, len, error = %e, "read failed");
+            let bytes = error_reply(
+                ctx.structured,
+                NBD_CMD_READ,
+                op.cookie,
+                errno_of(&e),
+                &e.to_string(),
+            );
+            wr.write_all(&bytes).await.is_ok()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "read failed after part of its reply was sent");
+            false
+        }
+    };
+    ok && wr.flush().await.is_ok()
 }
 
 /// The writer task: replies of requests run on other tasks, in completion order, batched.

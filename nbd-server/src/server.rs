@@ -35,8 +35,19 @@ pub const PAYLOAD_BYTES_MAX: u32 = 32 * 1024 * 1024;
 pub const PAYLOAD_DISCARD_BYTES_MAX: u32 = 128 * 1024 * 1024;
 /// Payload bytes (write data and read buffers) held by one connection's requests at once.
 pub const IN_FLIGHT_PAYLOAD_BYTES_MAX: u32 = 128 * 1024 * 1024;
-/// Time a client has to finish negotiation.
-pub const HANDSHAKE_SECONDS_MAX: u64 = 60;
+/// Payload bytes (write data and read buffers) held by the requests of every connection at
+/// once; past it requests wait (see `connection::ServerBudget`).
+pub const SERVER_PAYLOAD_BYTES_MAX: u32 = 512 * 1024 * 1024;
+/// Part of [`SERVER_PAYLOAD_BYTES_MAX`] kept for requests of at most 1 MiB.
+pub const SERVER_PAYLOAD_RESERVE_BYTES: u32 = 64 * 1024 * 1024;
+/// A batch of replies the socket does not take within this time drops the connection: its
+/// client stopped reading, and its requests' bytes are freed for everyone else.
+pub const REPLY_STALL_SECONDS_MAX: u64 = 20;
+/// Time a client has to finish negotiation (qemu-nbd's default handshake limit).
+pub const HANDSHAKE_SECONDS_MAX: u64 = 10;
+/// Connections negotiating at once; a new one past it closes the one that has been
+/// negotiating longest, so idle connections cannot keep anyone else out.
+pub const HANDSHAKES_MAX: usize = 64;
 /// Time shutdown waits for connections to finish their requests before flushing anyway.
 pub const SHUTDOWN_GRACE_SECONDS: u64 = 30;
 /// Socket read buffer per connection: several pipelined requests per `recv`. (64 KiB, which
@@ -263,6 +274,11 @@ async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let shared = Shared {
+        exports: exports.clone(),
+        handshakes: Arc::new(Handshakes::default()),
+        budget: crate::connection::ServerBudget::default(),
+    };
     // Each connection task holds a sender; `recv` returning None means all of them ended.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     loop {
@@ -285,7 +301,7 @@ async fn run(
                     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn, %peer, "accepted");
                     let (r, w) = s.into_split();
-                    tokio::spawn(connection(r, w, exports.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
+                    tokio::spawn(connection(r, w, shared.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
                 }
                 Err(e) => accept_failed(e).await,
             },
@@ -295,7 +311,7 @@ async fn run(
                     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn, "accepted on unix socket");
                     let (r, w) = s.into_split();
-                    tokio::spawn(connection(r, w, exports.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
+                    tokio::spawn(connection(r, w, shared.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
                 }
                 Err(e) => accept_failed(e).await,
             },
@@ -357,10 +373,61 @@ async fn flush_all(exports: &ExportRegistry) -> io::Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
+/// What every connection task shares.
+#[derive(Clone)]
+struct Shared {
+    exports: Arc<ExportRegistry>,
+    handshakes: Arc<Handshakes>,
+    budget: crate::connection::ServerBudget,
+}
+
+/// The connections still negotiating, oldest first, each with the signal that closes it.
+#[derive(Default)]
+struct Handshakes {
+    queue: std::sync::Mutex<std::collections::VecDeque<(ConnId, Arc<tokio::sync::Notify>)>>,
+}
+
+impl Handshakes {
+    /// Registers `conn` as negotiating; with [`HANDSHAKES_MAX`] already negotiating, the
+    /// oldest of them is told to close. The guard unregisters `conn` when dropped.
+    fn begin(self: &Arc<Self>, conn: ConnId) -> HandshakeGuard {
+        let close = Arc::new(tokio::sync::Notify::new());
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= HANDSHAKES_MAX {
+            if let Some((old, signal)) = q.pop_front() {
+                tracing::info!(
+                    conn = old,
+                    "{HANDSHAKES_MAX} connections negotiating; closing the oldest (HANDSHAKES_MAX)"
+                );
+                signal.notify_one();
+            }
+        }
+        q.push_back((conn, close.clone()));
+        HandshakeGuard {
+            handshakes: self.clone(),
+            conn,
+            close,
+        }
+    }
+}
+
+struct HandshakeGuard {
+    handshakes: Arc<Handshakes>,
+    conn: ConnId,
+    close: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for HandshakeGuard {
+    fn drop(&mut self) {
+        let mut q = self.handshakes.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|(c, _)| *c != self.conn);
+    }
+}
+
 async fn connection<R, W>(
     rd: R,
     wr: W,
-    exports: Arc<ExportRegistry>,
+    shared: Shared,
     conn: ConnId,
     mut shutdown: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
@@ -372,10 +439,13 @@ async fn connection<R, W>(
     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let mut wr = BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);
     let limit = Duration::from_secs(HANDSHAKE_SECONDS_MAX);
+    let guard = shared.handshakes.begin(conn);
     let negotiated = tokio::select! {
-        r = tokio::time::timeout(limit, negotiate(&mut rd, &mut wr, &exports)) => r,
+        r = tokio::time::timeout(limit, negotiate(&mut rd, &mut wr, &shared.exports)) => r,
         _ = wait_for_shutdown(&mut shutdown) => return,
+        _ = guard.close.notified() => return,
     };
+    drop(guard);
     let session = match negotiated {
         Err(_) => {
             tracing::info!(
@@ -397,5 +467,5 @@ async fn connection<R, W>(
         base_allocation = session.base_allocation,
         "transmission"
     );
-    crate::connection::serve(rd, wr, session, conn, shutdown).await;
+    crate::connection::serve(rd, wr, session, conn, shutdown, shared.budget).await;
 }

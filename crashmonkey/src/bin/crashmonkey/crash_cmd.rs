@@ -11,7 +11,8 @@ use crashmonkey::history::{Epochs, History};
 use crashmonkey::overlay::{replay, ReplayTarget};
 use crashmonkey::states::{StateGenerator, StateOptions};
 use nbd_server::log::{
-    decode_payload, FaultPayload, FlushPayload, LogReader, PowerCutPayload, RecordKind,
+    decode_payload, FaultPayload, FlushPayload, FullPayload, LogEnding, LogReader,
+    PowerCutPayload, RecordKind,
 };
 
 #[derive(Subcommand)]
@@ -295,6 +296,10 @@ fn show(path: &Path, json: bool) -> anyhow::Result<i32> {
                 let p: PowerCutPayload = decode_payload(&payloads.read_payload(&rec)?)?;
                 serde_json::to_string(&p)?
             }
+            RecordKind::Full => {
+                let p: FullPayload = decode_payload(&payloads.read_payload(&rec)?)?;
+                serde_json::to_string(&p)?
+            }
             _ => String::new(),
         };
         if json {
@@ -316,11 +321,8 @@ fn show(path: &Path, json: bool) -> anyhow::Result<i32> {
             );
         }
     }
-    if reader.torn_tail_bytes() > 0 {
-        eprintln!(
-            "note: torn tail of {} bytes ignored",
-            reader.torn_tail_bytes()
-        );
+    if reader.ending() != LogEnding::Complete {
+        eprintln!("note: {}", reader.ending());
     }
     Ok(0)
 }
@@ -347,6 +349,7 @@ fn stats(path: &Path, json: bool) -> anyhow::Result<i32> {
     let v = serde_json::json!({
         "disk_bytes": reader.disk_bytes(), "records": records, "kinds": counts, "data_bytes": data_bytes,
         "fua": fua, "epochs": epochs, "torn_tail_bytes": reader.torn_tail_bytes(),
+        "ending": reader.ending(), "ending_text": reader.ending().to_string(),
     });
     if json {
         println!("{v}");
