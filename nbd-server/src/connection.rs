@@ -760,7 +760,7 @@ pub async fn serve<R, W>(
                 kicked = true;
                 break;
             }
-            _ = sink.stall.notified() => break,
+            _ = sink.stalled() => break,
         };
         if let Err(e) = r {
             if e.kind() != io::ErrorKind::UnexpectedEof {
@@ -1071,7 +1071,11 @@ async fn acquire_one<W: AsyncWrite + Unpin>(
         Ok(p) => Some(p),
         Err(_) => {
             pending.flush(sink).await;
-            budget.clone().acquire_many_owned(n).await.ok()
+            // A connection given up on stops waiting: its client reads nothing anyway.
+            tokio::select! {
+                p = budget.clone().acquire_many_owned(n) => p.ok(),
+                _ = sink.stalled() => None,
+            }
         }
     }
 }
@@ -1132,7 +1136,20 @@ impl<W> Sink<W> {
         );
         self.stalled
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.stall.notify_one();
+        self.stall.notify_waiters();
+    }
+
+    /// Resolves once [`Self::give_up`] was called.
+    async fn stalled(&self) {
+        loop {
+            let notified = self.stall.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_stalled() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 

@@ -10,7 +10,20 @@ const MIB: u64 = 1024 * 1024;
 fn limits_in_protocol_md_match_the_code() {
     let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"))
         .unwrap();
-    let limits: [(&str, u64, &str); 12] = [
+    let limits: [(&str, u64, &str); 17] = [
+        ("HANDSHAKE_SECONDS_MAX", server::HANDSHAKE_SECONDS_MAX, "10"),
+        ("HANDSHAKES_MAX", server::HANDSHAKES_MAX as u64, "64"),
+        ("REPLY_STALL_SECONDS_MAX", server::REPLY_STALL_SECONDS_MAX, "20"),
+        (
+            "SERVER_PAYLOAD_BYTES_MAX",
+            server::SERVER_PAYLOAD_BYTES_MAX as u64 / MIB,
+            "512 MiB",
+        ),
+        (
+            "SERVER_PAYLOAD_RESERVE_BYTES",
+            server::SERVER_PAYLOAD_RESERVE_BYTES as u64 / MIB,
+            "64 MiB",
+        ),
         ("CONNECTIONS_MAX", server::CONNECTIONS_MAX as u64, "512"),
         ("LISTEN_BACKLOG", server::LISTEN_BACKLOG as u64, "1024"),
         (

@@ -156,6 +156,20 @@ fn limits() -> Vec<(&'static str, u64)> {
             handshake::OPTIONS_PER_CONNECTION_MAX as u64,
         ),
         ("HANDSHAKE_SECONDS_MAX", server::HANDSHAKE_SECONDS_MAX),
+        ("HANDSHAKES_MAX", server::HANDSHAKES_MAX as u64),
+        ("REPLY_STALL_SECONDS_MAX", server::REPLY_STALL_SECONDS_MAX),
+        (
+            "SERVER_PAYLOAD_BYTES_MAX",
+            server::SERVER_PAYLOAD_BYTES_MAX as u64,
+        ),
+        (
+            "SERVER_PAYLOAD_RESERVE_BYTES",
+            server::SERVER_PAYLOAD_RESERVE_BYTES as u64,
+        ),
+        (
+            "RECORD_MAX_SLACK_BYTES",
+            nbd_server::disk::RECORD_MAX_SLACK_BYTES,
+        ),
         ("SHUTDOWN_GRACE_SECONDS", server::SHUTDOWN_GRACE_SECONDS),
         (
             "BLOCK_STATUS_DESCRIPTORS_MAX",
@@ -284,6 +298,23 @@ fn main() -> Result<()> {
                 Some(a) => format!("cannot listen on {a}"),
                 None => "cannot listen".to_owned(),
             })?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .context("installing the SIGINT handler")?;
+        // Bound before the "listening on" line, so that the line means ready.
+        let control = match &cli.control {
+            Some(path) => {
+                let socket = nbd_server::control::serve(path.clone(), disks)
+                    .await
+                    .with_context(|| {
+                        format!("cannot serve the control socket {}", path.display())
+                    })?;
+                eprintln!("nbd-server: control socket {} (mode 0600)", path.display());
+                Some(socket)
+            }
+            None => None,
+        };
         for e in config.exports.iter() {
             eprintln!(
                 "nbd-server: export {:?}: {} bytes{}",
@@ -305,22 +336,8 @@ fn main() -> Result<()> {
         if let Some(p) = handle.unix_path() {
             eprintln!("nbd-server: listening on unix:{}", p.display());
         }
-        let control = match &cli.control {
-            Some(path) => {
-                let socket = nbd_server::control::serve(path.clone(), disks)
-                    .await
-                    .with_context(|| {
-                        format!("cannot serve the control socket {}", path.display())
-                    })?;
-                eprintln!("nbd-server: control socket {} (mode 0600)", path.display());
-                Some(socket)
-            }
-            None => None,
-        };
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+            _ = int.recv() => tracing::info!("SIGINT"),
             _ = term.recv() => tracing::info!("SIGTERM"),
         }
         // Removes the control socket, whatever happens next.

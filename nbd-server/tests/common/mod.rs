@@ -3,6 +3,8 @@
 //! rather than hangs).
 #![allow(dead_code)]
 
+pub mod binary;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -292,6 +294,94 @@ impl Raw {
                 std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
             ),
         }
+    }
+}
+
+impl Raw {
+    /// Connects and negotiates `export` with simple replies.
+    pub fn attach(addr: SocketAddr, export: &str) -> Raw {
+        let mut c = Raw::connect(addr);
+        c.handshake(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
+        c.go(export, false, false)
+            .unwrap_or_else(|e| panic!("GO {export}: error {e:#x}"));
+        c
+    }
+
+    /// A WRITE (with `flags`), answered; returns the NBD error (0: success).
+    pub fn write_at(&mut self, flags: u16, offset: u64, data: &[u8]) -> u32 {
+        self.request(flags, NBD_CMD_WRITE, offset, offset, data.len() as u32, data);
+        let (err, cookie, _) = self.simple_reply(0);
+        assert_eq!(cookie, offset);
+        err
+    }
+
+    /// A READ, answered: the data, or the NBD error.
+    pub fn read_at(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, u32> {
+        self.request(0, NBD_CMD_READ, offset, offset, len as u32, &[]);
+        let (err, cookie, data) = self.simple_reply(len);
+        assert_eq!(cookie, offset);
+        if err == 0 {
+            Ok(data)
+        } else {
+            Err(err)
+        }
+    }
+
+    /// A FLUSH, answered; returns the NBD error.
+    pub fn flush_now(&mut self) -> u32 {
+        self.request(0, NBD_CMD_FLUSH, 0xF1, 0, 0, &[]);
+        let (err, cookie, _) = self.simple_reply(0);
+        assert_eq!(cookie, 0xF1);
+        err
+    }
+}
+
+/// True when a test that needs root (mounts) can run; outside CI it says why it skips.
+pub fn root_or_skip(test: &str) -> bool {
+    #[allow(unsafe_code)]
+    // SAFETY: geteuid has no arguments and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        assert!(
+            std::env::var_os("CI").is_none_or(|v| v.is_empty()),
+            "{test} needs root, and CI runs as root"
+        );
+        eprintln!("SKIP {test}: needs root (it mounts a small tmpfs)");
+    }
+    root
+}
+
+/// A tmpfs of a given size mounted on a fresh folder, unmounted when dropped: a filesystem
+/// that runs out of space on cue.
+pub struct Tmpfs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(bytes: u64) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={bytes}"))
+            .arg("tmpfs")
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount -t tmpfs failed");
+        Tmpfs { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
