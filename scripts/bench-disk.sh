@@ -3,6 +3,7 @@
 #
 # 1. fio (nbd engine) random 4 KiB writes through nbd-server, recording off and on, in the
 #    same run, alternating, best of BENCH_ROUNDS each. Target: recording costs <= 10% IOPS.
+#    Also recording with record-sync=flush (each FLUSH waits for fdatasync of the log).
 # 2. `crashmonkey check --checker true` on a synthetic log of 10,000 4 KiB writes in 100
 #    epochs, and on the doubled log (20,000 writes, 200 epochs): states per second. Target:
 #    linear (the same states per second on both).
@@ -38,7 +39,7 @@ fio_iops() { # fio_iops EXPORT_SPEC -> prints write IOPS
 }
 
 if command -v fio >/dev/null && fio --enghelp=nbd >/dev/null 2>&1; then
-    best_off=0 best_on=0 losses=""
+    best_off=0 best_on=0 losses="" synced_all=""
     for r in $(seq "$ROUNDS"); do
         # cache=64M (the default size, given explicitly) keeps the emulated disk in front:
         # a plain memory export without it would be served with no disk at all.
@@ -46,13 +47,18 @@ if command -v fio >/dev/null && fio --enghelp=nbd >/dev/null 2>&1; then
         on=$(fio_iops "d:size=256M,record=$WORK/rec.log")
         log_mib=$(( $(stat -c %s "$WORK/rec.log") / 1048576 ))
         rm -f "$WORK/rec.log"
-        echo "round $r: recording off $off IOPS, on $on IOPS (log $log_mib MiB)"
+        # record-sync=flush: every FLUSH also waits for fdatasync of the log.
+        synced=$(fio_iops "d:size=256M,record=$WORK/rec.log,record-sync=flush")
+        rm -f "$WORK/rec.log"
+        synced_all="$synced_all $(python3 -c 'import sys; off,on=map(int,sys.argv[1:]); print(f"{100*(off-on)/off:.1f}")' "$off" "$synced")"
+        echo "round $r: recording off $off IOPS, on $on IOPS (log $log_mib MiB), on with record-sync=flush $synced IOPS"
         losses="$losses $(python3 -c 'import sys; off,on=map(int,sys.argv[1:]); print(f"{100*(off-on)/off:.1f}")' "$off" "$on")"
         (( off > best_off )) && best_off=$off
         (( on > best_on )) && best_on=$on
     done
     (( best_off > 0 )) && python3 -c 'import sys; off,on=map(int,sys.argv[1:]); print(f"fio randwrite 4k qd32: recording off {off} IOPS, on {on} IOPS: {100*(off-on)/off:+.1f}% loss (target <= 10%)")' "$best_off" "$best_on"
     python3 -c 'import sys,statistics; l=[float(x) for x in sys.argv[1:]]; print(f"per-round loss (same round, off then on): median {statistics.median(l):+.1f}%, rounds: {l}")' $losses
+    python3 -c 'import sys,statistics; l=[float(x) for x in sys.argv[1:]]; print(f"per-round loss with record-sync=flush: median {statistics.median(l):+.1f}%, rounds: {l}")' $synced_all
 else
     echo "fio with the nbd engine not found: skipping the fio part"
 fi
