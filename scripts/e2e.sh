@@ -108,7 +108,7 @@ for FS in $FS_LIST; do
     "$BIN/nbd-server" --listen 127.0.0.1:0 --export "d:size=$SIZE,record=$LOG" \
         --control "$WORK/ctl" 2>"$D/server.err" &
     SERVER_PID=$!
-    wait_for "nbd-server" grep -q "control socket" "$D/server.err"
+    wait_for "nbd-server" grep -q "listening on" "$D/server.err"
     PORT=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$D/server.err" | cut -d: -f2)
     nbdfuse -P "$D/nbdfuse.pid" "$WORK/fuse/disk" "nbd://127.0.0.1:$PORT/d" &
     wait_for "nbdfuse" test -e "$WORK/fuse/disk"

@@ -824,10 +824,11 @@ pub async fn serve<R, W>(
                 });
                 continue;
             }
-            payload_budget = match acquire_bytes(&budget, &server_budget, h.length, &mut pending, &sink).await {
-                Some(p) => Some(p),
-                None => break,
-            };
+            payload_budget =
+                match acquire_bytes(&budget, &server_budget, h.length, &mut pending, &sink).await {
+                    Some(p) => Some(p),
+                    None => break,
+                };
             if rd.buffer().len() < h.length as usize {
                 pending.flush(&sink).await;
             }
@@ -886,10 +887,11 @@ pub async fn serve<R, W>(
             }
         };
         if kind == RequestKind::Read {
-            payload_budget = match acquire_bytes(&budget, &server_budget, h.length, &mut pending, &sink).await {
-                Some(p) => Some(p),
-                None => break,
-            };
+            payload_budget =
+                match acquire_bytes(&budget, &server_budget, h.length, &mut pending, &sink).await {
+                    Some(p) => Some(p),
+                    None => break,
+                };
         }
         if kind == RequestKind::Flush {
             pending.flush(&sink).await;

@@ -419,7 +419,11 @@ struct HandshakeGuard {
 
 impl Drop for HandshakeGuard {
     fn drop(&mut self) {
-        let mut q = self.handshakes.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = self
+            .handshakes
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         q.retain(|(c, _)| *c != self.conn);
     }
 }

@@ -114,8 +114,8 @@ fn serves_then_stops_cleanly_on_sigterm() {
     assert_eq!(&std::fs::read(&img).unwrap()[8192..12288], &[0x77; 4096]);
 }
 
-/// Starts the binary with `args`, returns its stderr lines up to "listening on" (and, with
-/// `--control`, up to the control socket's line), and the child.
+/// Starts the binary with `args`, returns its stderr lines up to "listening on" (the last line
+/// of start-up: the control socket, if any, is served by then), and the child.
 fn start_lines(args: &[String]) -> (std::process::Child, Vec<String>) {
     let mut child = Command::new(BIN)
         .args(["--listen", "127.0.0.1:0"])
@@ -130,11 +130,7 @@ fn start_lines(args: &[String]) -> (std::process::Child, Vec<String>) {
         if err.read_line(&mut line).unwrap() == 0 {
             break;
         }
-        let done = if args.iter().any(|a| a == "--control") {
-            line.contains("control socket")
-        } else {
-            line.contains("listening on")
-        };
+        let done = line.contains("listening on");
         lines.push(line);
         if done {
             break;

@@ -13,7 +13,11 @@ fn limits_in_protocol_md_match_the_code() {
     let limits: [(&str, u64, &str); 17] = [
         ("HANDSHAKE_SECONDS_MAX", server::HANDSHAKE_SECONDS_MAX, "10"),
         ("HANDSHAKES_MAX", server::HANDSHAKES_MAX as u64, "64"),
-        ("REPLY_STALL_SECONDS_MAX", server::REPLY_STALL_SECONDS_MAX, "20"),
+        (
+            "REPLY_STALL_SECONDS_MAX",
+            server::REPLY_STALL_SECONDS_MAX,
+            "20",
+        ),
         (
             "SERVER_PAYLOAD_BYTES_MAX",
             server::SERVER_PAYLOAD_BYTES_MAX as u64 / MIB,

@@ -17,7 +17,9 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
 fn pattern(seed: u64, len: u64) -> Vec<u8> {
-    (0..len).map(|i| ((i * 31 + seed * 7) % 251) as u8).collect()
+    (0..len)
+        .map(|i| ((i * 31 + seed * 7) % 251) as u8)
+        .collect()
 }
 
 fn export(spec: String) -> Vec<String> {
@@ -50,13 +52,20 @@ fn full_filesystem_keeps_acknowledged_writes() {
     for (off, data) in &writes {
         assert_eq!(c.write_at(0, *off, data), 0, "write at {off}");
     }
-    assert_eq!(c.flush_now(), NBD_ENOSPC, "the flush cannot write everything back");
+    assert_eq!(
+        c.flush_now(),
+        NBD_ENOSPC,
+        "the flush cannot write everything back"
+    );
     assert_eq!(c.flush_now(), NBD_ENOSPC, "and keeps saying so");
     for (off, data) in &writes {
         assert_eq!(&c.read_at(*off, data.len()).unwrap(), data, "read at {off}");
     }
     let log = srv.log();
-    let failures: Vec<&str> = log.lines().filter(|l| l.contains("write-back of bytes")).collect();
+    let failures: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("write-back of bytes"))
+        .collect();
     assert_eq!(failures.len(), 1, "one failed range, logged once:\n{log}");
     assert!(failures[0].contains("export=d"), "{log}");
     std::fs::remove_file(fs.path("filler")).unwrap();
@@ -97,7 +106,10 @@ fn full_cache_over_full_filesystem_refuses_rather_than_drops() {
             }
         }
     }
-    assert!(refused > 0, "a 256K cache over 0.5 MiB of room must refuse some writes");
+    assert!(
+        refused > 0,
+        "a 256K cache over 0.5 MiB of room must refuse some writes"
+    );
     for (off, data) in &acked {
         assert_eq!(&c.read_at(*off, data.len()).unwrap(), data, "read at {off}");
     }
@@ -150,7 +162,9 @@ fn control_socket_is_never_someone_elses() {
         a
     };
     std::fs::write(&ctl, b"precious").unwrap();
-    let err = Running::try_start(&args(&ctl), None).err().expect("refused");
+    let err = Running::try_start(&args(&ctl), None)
+        .err()
+        .expect("refused");
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&ctl).unwrap(), b"precious");
     std::fs::remove_file(&ctl).unwrap();
@@ -159,7 +173,9 @@ fn control_socket_is_never_someone_elses() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&ctl).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "owner only, whatever the umask");
-    let err = Running::try_start(&args(&ctl), None).err().expect("refused");
+    let err = Running::try_start(&args(&ctl), None)
+        .err()
+        .expect("refused");
     assert!(err.contains("running server"), "{err}");
     let stats = nbd_server::control::request(&ctl, "stats").expect("the live server still answers");
     assert!(stats.contains("\"d\""), "{stats}");
@@ -171,7 +187,11 @@ fn control_socket_is_never_someone_elses() {
     drop(std::os::unix::net::UnixListener::bind(&ctl).unwrap());
     assert!(ctl.exists());
     let srv = Running::start(&args(&ctl));
-    assert!(nbd_server::control::request(&ctl, "stats").is_ok(), "{}", srv.log());
+    assert!(
+        nbd_server::control::request(&ctl, "stats").is_ok(),
+        "{}",
+        srv.log()
+    );
 }
 
 /// Guards against `record=PATH` truncating whatever it names (the export's own image, another
@@ -186,9 +206,16 @@ fn record_and_file_paths_are_never_clobbered() {
     std::fs::write(p("a.img"), vec![0xa5u8; 64 * 1024]).unwrap();
     std::fs::write(p("b.img"), vec![0x5au8; 64 * 1024]).unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (export(format!("d:size=1M,record={}", p("old.log"))), "record-overwrite"),
         (
-            export(format!("d:file={},record={},record-overwrite", p("a.img"), p("a.img"))),
+            export(format!("d:size=1M,record={}", p("old.log"))),
+            "record-overwrite",
+        ),
+        (
+            export(format!(
+                "d:file={},record={},record-overwrite",
+                p("a.img"),
+                p("a.img")
+            )),
             "is the image of export",
         ),
         (
@@ -208,7 +235,11 @@ fn record_and_file_paths_are_never_clobbered() {
             "records to",
         ),
         (
-            export(format!("d:file={},readonly,record={}", p("b.img"), p("x.log"))),
+            export(format!(
+                "d:file={},readonly,record={}",
+                p("b.img"),
+                p("x.log")
+            )),
             "read-only export records nothing",
         ),
         (
@@ -285,9 +316,15 @@ fn killed_server_log_holds_every_write_a_flush_or_fua_answered() {
         let (recs, _) = records(&log);
         let writes = recs.iter().filter(|r| r.0 == RecordKind::Write).count() as u64;
         let want = if fua { n + 1 } else { n };
-        assert!(writes >= want, "round {round}: {writes} of {want} answered writes in the log");
+        assert!(
+            writes >= want,
+            "round {round}: {writes} of {want} answered writes in the log"
+        );
         if !fua {
-            assert!(recs.iter().any(|r| r.0 == RecordKind::Flush), "round {round}: no flush");
+            assert!(
+                recs.iter().any(|r| r.0 == RecordKind::Flush),
+                "round {round}: no flush"
+            );
         }
     }
 }
@@ -310,7 +347,10 @@ fn record_max_caps_the_log() {
             e => assert_eq!(e, NBD_ENOSPC),
         }
     }
-    assert!((14..16).contains(&acked), "{acked} writes of 64K fit a 1 MiB log");
+    assert!(
+        (14..16).contains(&acked),
+        "{acked} writes of 64K fit a 1 MiB log"
+    );
     assert_eq!(c.flush_now(), 0, "a capped log still records flushes");
     drop(c);
     drop(srv);
@@ -349,12 +389,18 @@ fn log_disk_full_reads_as_incomplete() {
         }
     }
     assert!(failed_at.is_some(), "a 2 MiB log disk must fill");
-    assert_eq!(c.write_at(0, 0, &[1u8; 4096]), NBD_ENOSPC, "and stay refused");
+    assert_eq!(
+        c.write_at(0, 0, &[1u8; 4096]),
+        NBD_ENOSPC,
+        "and stay refused"
+    );
     drop(c);
     drop(srv);
     let (_, ending) = records(&log);
     assert!(
-        ending.to_string().starts_with("incomplete: the disk of the log was full"),
+        ending
+            .to_string()
+            .starts_with("incomplete: the disk of the log was full"),
         "{ending}"
     );
 }
@@ -387,12 +433,19 @@ fn a_flood_of_unread_reads_stays_bounded_and_others_are_served() {
     let mut c = Raw::attach(srv.addr, "d");
     assert_eq!(c.write_at(0, 4096, &pattern(9, 4096)), 0);
     assert_eq!(c.read_at(4096, 4096).unwrap(), pattern(9, 4096));
-    assert!(started.elapsed() < Duration::from_secs(5), "small requests waited");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "small requests waited"
+    );
     // The flooders take no reply: they are dropped after REPLY_STALL_SECONDS_MAX.
     let wait = nbd_server::server::REPLY_STALL_SECONDS_MAX + 10;
     let deadline = Instant::now() + Duration::from_secs(wait);
     while !srv.log().contains("took no reply") {
-        assert!(Instant::now() < deadline, "no stalled client dropped:\n{}", srv.log());
+        assert!(
+            Instant::now() < deadline,
+            "no stalled client dropped:\n{}",
+            srv.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // Closed flooders free the rest of their share at once.
@@ -400,7 +453,11 @@ fn a_flood_of_unread_reads_stays_bounded_and_others_are_served() {
     let mut big = Raw::attach(srv.addr, "d");
     assert_eq!(big.read_at(0, 32 << 20).unwrap().len(), 32 << 20);
     let peak = srv.peak_rss_bytes();
-    eprintln!("flood: server RSS {} MiB, peak {} MiB", rss / MIB, peak / MIB);
+    eprintln!(
+        "flood: server RSS {} MiB, peak {} MiB",
+        rss / MIB,
+        peak / MIB
+    );
     assert!(peak < RSS_BYTES_MAX, "server peak RSS {} MiB", peak / MIB);
 }
 
@@ -420,7 +477,11 @@ fn idle_handshakes_do_not_lock_anyone_out() {
     let started = Instant::now();
     let mut fresh = Raw::attach(srv.addr, "d");
     assert_eq!(fresh.write_at(0, 0, &pattern(3, 4096)), 0);
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(established.read_at(0, 4096).unwrap(), pattern(3, 4096));
     drop(idle);
 }
@@ -452,7 +513,9 @@ fn idle_writeback_reaches_the_file() {
     let mut c = Raw::attach(srv2.addr, "e");
     assert_eq!(c.write_at(0, 0, &pattern(6, 4096)), 0);
     std::thread::sleep(Duration::from_secs(2));
-    assert!(std::fs::read(&img2).unwrap()[..4096].iter().all(|&b| b == 0));
+    assert!(std::fs::read(&img2).unwrap()[..4096]
+        .iter()
+        .all(|&b| b == 0));
     drop(srv);
 }
 

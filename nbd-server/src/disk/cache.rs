@@ -123,7 +123,10 @@ fn write_entry(storage: &dyn Backend, entry: &mut Entry, fua: bool) -> io::Resul
             let taken = std::mem::take(blocks);
             return match storage.adopt_blocks(Ticket(0), entry.offset, taken) {
                 Ok(()) => Ok(false),
-                Err(AdoptError { error, blocks: back }) => {
+                Err(AdoptError {
+                    error,
+                    blocks: back,
+                }) => {
                     *blocks = back;
                     Err(error)
                 }

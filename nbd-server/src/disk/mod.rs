@@ -50,14 +50,14 @@ use crate::backend::{
     BLOCK_BYTES,
 };
 use crate::log::{
-    encode_payload, CutMode, Fate, FaultKind, FaultPayload, FlushPayload, FullPayload,
-    FullReason, LogError, PowerCutPayload, RecordKind, WriteFate, FLAG_FUA, MARK_NAME_BYTES_MAX,
-    FULL_PAYLOAD_BYTES, RECORD_HEADER_BYTES, SECTOR_BYTES,
+    encode_payload, CutMode, Fate, FaultKind, FaultPayload, FlushPayload, FullPayload, FullReason,
+    LogError, PowerCutPayload, RecordKind, WriteFate, FLAG_FUA, FULL_PAYLOAD_BYTES,
+    MARK_NAME_BYTES_MAX, RECORD_HEADER_BYTES, SECTOR_BYTES,
 };
 use cache::{Cache, EntryData};
 pub use faults::FaultConfig;
 pub use mem::VecStorage;
-pub use recorder::{PushWait, Recorder, RECORDER_QUEUE_BYTES_MAX, RECORDER_QUEUE_RECORDS_MAX};
+pub use recorder::{Pusher, Recorder, RECORDER_QUEUE_BYTES_MAX, RECORDER_QUEUE_RECORDS_MAX};
 
 /// Bytes of pending (non-durable) write data the cache holds before writing back the oldest.
 pub const CACHE_BYTES_MAX: u64 = 64 * 1024 * 1024;
@@ -652,7 +652,7 @@ impl EmulatedDisk {
         let pushed = if fua {
             st.stats.fua_writes += 1;
             st.cache.write_back_through(&*self.storage, id, true)?;
-            self.push_log(&mut st)?
+            Self::log_pusher(&st)
         } else {
             None
         };
@@ -667,39 +667,25 @@ impl EmulatedDisk {
             return Err(eio("power cut"));
         }
         drop(st);
-        Self::wait_log(pushed)
+        self.wait_log(pushed)
     }
 
-    /// Asks the write log (if any) to put every record so far in its file, for a FLUSH or
-    /// FUA reply: wait for it with [`Self::wait_log`] after releasing the lock.
-    fn push_log(&self, st: &mut State) -> io::Result<Option<PushWait>> {
-        let Some(log) = st.log.as_mut() else {
-            return Ok(None);
-        };
-        match log.push(self.config.record_sync) {
-            Ok(w) => Ok(Some(w)),
-            Err(e) => Err(Self::log_failed(st, &e)),
-        }
+    /// The pusher of the write log (if any), taken under the lock for a FLUSH or FUA reply:
+    /// push with [`Self::wait_log`] after releasing it.
+    fn log_pusher(st: &State) -> Option<Pusher> {
+        st.log.as_ref().map(Recorder::pusher)
     }
 
-    /// Waits for a push of [`Self::push_log`]. A failed push fails the reply (and, through
-    /// the recorder, every later change).
-    fn wait_log(pushed: Option<PushWait>) -> io::Result<()> {
-        match pushed.map(PushWait::wait) {
+    /// Puts every record so far in the log's file (see [`Pusher::push`]). A failed push fails
+    /// the reply (and, through the recorder, every later change).
+    fn wait_log(&self, pushed: Option<Pusher>) -> io::Result<()> {
+        match pushed.map(|p| p.push(self.config.record_sync)) {
             Some(Err(e)) => {
                 tracing::error!("write log failed: {e}");
                 Err(Failure::of(&e).error())
             }
             _ => Ok(()),
         }
-    }
-
-    fn log_failed(st: &mut State, e: &LogError) -> io::Error {
-        tracing::error!("write log failed: {e}; refusing further changes");
-        let f = Failure::of(e);
-        let err = f.error();
-        st.failed.get_or_insert(f);
-        err
     }
 
     /// Writes the whole cache back when nothing changed since the last call (the idle
@@ -1111,9 +1097,9 @@ impl Backend for EmulatedDisk {
         };
         st.cache.write_back_covered(&*self.storage, cover_gen)?;
         self.storage.flush(Ticket(0))?;
-        let pushed = self.push_log(&mut st)?;
+        let pushed = Self::log_pusher(&st);
         drop(st);
-        Self::wait_log(pushed)
+        self.wait_log(pushed)
     }
 
     fn block_status(

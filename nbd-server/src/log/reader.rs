@@ -323,7 +323,10 @@ impl std::fmt::Display for LogEnding {
         match self {
             LogEnding::Complete => write!(f, "complete"),
             LogEnding::TornTail { bytes } => {
-                write!(f, "torn tail of {bytes} bytes ignored (the writer stopped mid-record)")
+                write!(
+                    f,
+                    "torn tail of {bytes} bytes ignored (the writer stopped mid-record)"
+                )
             }
             LogEnding::Full {
                 seq,
@@ -334,9 +337,7 @@ impl std::fmt::Display for LogEnding {
                 "capped: the log reached its record-max at {log_bytes} bytes (record {seq}); \
                  writes after it were refused with ENOSPC"
             ),
-            LogEnding::Full {
-                seq, log_bytes, ..
-            } => write!(
+            LogEnding::Full { seq, log_bytes, .. } => write!(
                 f,
                 "incomplete: the disk of the log was full (at {log_bytes} bytes, record {seq}); \
                  the disk refused every change after it"

@@ -309,7 +309,14 @@ impl Raw {
 
     /// A WRITE (with `flags`), answered; returns the NBD error (0: success).
     pub fn write_at(&mut self, flags: u16, offset: u64, data: &[u8]) -> u32 {
-        self.request(flags, NBD_CMD_WRITE, offset, offset, data.len() as u32, data);
+        self.request(
+            flags,
+            NBD_CMD_WRITE,
+            offset,
+            offset,
+            data.len() as u32,
+            data,
+        );
         let (err, cookie, _) = self.simple_reply(0);
         assert_eq!(cookie, offset);
         err

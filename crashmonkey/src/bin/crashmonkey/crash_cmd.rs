@@ -11,8 +11,8 @@ use crashmonkey::history::{Epochs, History};
 use crashmonkey::overlay::{replay, ReplayTarget};
 use crashmonkey::states::{StateGenerator, StateOptions};
 use nbd_server::log::{
-    decode_payload, FaultPayload, FlushPayload, FullPayload, LogEnding, LogReader,
-    PowerCutPayload, RecordKind,
+    decode_payload, FaultPayload, FlushPayload, FullPayload, LogEnding, LogReader, PowerCutPayload,
+    RecordKind,
 };
 
 #[derive(Subcommand)]
