@@ -153,17 +153,7 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
     }
     let mut generator = StateGenerator::new(opts.states, history.data_file()?);
     let bar = progress_bar(opts.progress);
-    let mut summary = CheckSummary {
-        states: 0,
-        unique: 0,
-        passed: 0,
-        failed: 0,
-        seconds: 0.0,
-        epochs: 0,
-        seed: opts.states.seed,
-        failures: Vec::new(),
-        interrupted: None,
-    };
+    let mut summary = CheckSummary::new(opts.states.seed);
     for epoch in Epochs::new(history) {
         let epoch = epoch?;
         if let Some(signal) = opts.stop.signal() {
@@ -179,15 +169,7 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
         bar.inc_length(todo.len() as u64);
         let outcomes = check_epoch(&mut workers, &prefix, &epoch, &data, &todo, opts, &bar)?;
         let checked = outcomes.len();
-        for o in outcomes {
-            match o.failure {
-                None => summary.passed += 1,
-                Some(f) => {
-                    summary.failed += 1;
-                    summary.failures.push(f);
-                }
-            }
-        }
+        summary.record(outcomes);
         bar.set_message(format!("epoch {}, {} failed", epoch.index, summary.failed));
         if checked < todo.len() {
             let signal = opts
@@ -207,12 +189,38 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
     summary.unique = generator.unique;
     summary.seconds = started.elapsed().as_secs_f64();
     if let Some(out) = &opts.out {
-        std::fs::write(
-            out.join("summary.json"),
-            serde_json::to_string_pretty(&summary).map_err(std::io::Error::other)?,
-        )?;
+        let json = serde_json::to_string_pretty(&summary).map_err(std::io::Error::other)?;
+        std::fs::write(out.join("summary.json"), json)?;
     }
     Ok(summary)
+}
+
+impl CheckSummary {
+    fn new(seed: u64) -> Self {
+        CheckSummary {
+            states: 0,
+            unique: 0,
+            passed: 0,
+            failed: 0,
+            seconds: 0.0,
+            epochs: 0,
+            seed,
+            failures: Vec::new(),
+            interrupted: None,
+        }
+    }
+
+    fn record(&mut self, outcomes: Vec<Outcome>) {
+        for o in outcomes {
+            match o.failure {
+                None => self.passed += 1,
+                Some(f) => {
+                    self.failed += 1;
+                    self.failures.push(f);
+                }
+            }
+        }
+    }
 }
 
 fn interruption(signal: i32, epoch: usize, epoch_states_checked: usize) -> Interruption {

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::process::{ChildStderr, ChildStdout};
 use std::time::Duration;
 
@@ -77,19 +77,21 @@ impl Streams {
         self.streams.iter().all(|s| s.pipe.is_none())
     }
 
-    /// Waits up to `wait` for output, then reads a chunk from each stream that has some.
-    pub fn pump(&mut self, wait: Duration) -> io::Result<()> {
-        let open: Vec<(usize, i32)> = self
+    /// Waits up to `wait` for output, or for `also` to be readable, then reads a chunk from
+    /// each stream that has some.
+    pub fn pump(&mut self, wait: Duration, also: Option<RawFd>) -> io::Result<()> {
+        let open: Vec<(usize, RawFd)> = self
             .streams
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.pipe.as_ref().map(|p| (i, p.as_raw_fd())))
             .collect();
-        if open.is_empty() {
+        let mut fds: Vec<RawFd> = open.iter().map(|&(_, fd)| fd).collect();
+        fds.extend(also);
+        if fds.is_empty() {
             std::thread::sleep(wait);
             return Ok(());
         }
-        let fds: Vec<i32> = open.iter().map(|&(_, fd)| fd).collect();
         let ready = sys::poll_readable(&fds, wait)?;
         for (&(i, _), ready) in open.iter().zip(ready) {
             if ready {

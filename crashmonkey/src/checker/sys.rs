@@ -1,9 +1,9 @@
 //! The few system calls std leaves out: signalling a process group, seeing a child end without
-//! reaping it, and `poll`. Each wrapper takes and returns plain values and says why it is sound.
+//! reaping it (`waitid`, `pidfd_open`), and `poll`. Each wrapper takes and returns plain values and says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 /// Sends `signal` to every process of the process group `pgid`. A group with no process left
@@ -40,6 +40,18 @@ pub fn has_exited(pid: u32) -> io::Result<bool> {
     // SAFETY: `info` was filled by waitid (or is still zeroed), so si_pid reads an initialised
     // field.
     Ok(unsafe { info.si_pid() } != 0)
+}
+
+/// A descriptor that polls readable once our child `pid` has ended (Linux 5.3 and later), so
+/// a wait for its output can also wake at its end; `None` where the kernel has none.
+pub fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open takes two integers and returns a new descriptor or -1. The child is
+    // not reaped yet, so `pid` is still ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = RawFd::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: the kernel just opened `fd` for us, and nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Waits up to `wait` for any of `fds` to have data or be closed at the other end; says, per
