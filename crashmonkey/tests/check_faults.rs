@@ -38,9 +38,12 @@ fn daemonised_grandchild_holding_the_pipe_does_not_hang_the_run() {
     let (l, b) = (log(dir.path()), base(dir.path(), DISK_BYTES));
     let pids = dir.path().join("pids");
     let _reap = KillOnDrop(pids.clone());
+    // The checker waits until its daemon has left its process group (else the group's kill
+    // at its end could beat the daemon's setsid, and nothing would hold the pipe).
     let checker = format!(
-        "setsid sleep 300 & echo $! >> '{}'; true {{image}}",
-        pids.display()
+        "setsid sh -c 'echo $$ >> {p}; touch {p}.{{state}}; exec sleep 300' & \
+         while [ ! -e {p}.{{state}} ]; do sleep 0.01; done; true {{image}}",
+        p = pids.display()
     );
     let started = Instant::now();
     let out = output_within(
