@@ -305,6 +305,9 @@ fn check_state(
     opts: &CheckOptions,
 ) -> Result<Option<Outcome>, CheckError> {
     worker.materialize(prefix, epoch, state, data)?;
+    if opts.stop.signal().is_some() {
+        return Ok(None);
+    }
     let cmd = checker_command(&opts.checker, &worker.path, state);
     let run = run_checker(&cmd, opts.timeout_seconds, &opts.stop)?;
     if let CheckerEnd::Stopped(_) = run.end {

@@ -29,6 +29,10 @@ pub enum CrashCmd {
     States(StatesArgs),
     /// Build every crash state of a write log and run a checker on each.
     ///
+    /// Each checker runs in its own process group, killed whole at its time limit. Ctrl-C or
+    /// SIGTERM kills the running checkers, writes a partial summary.json (in --out), removes
+    /// the temporary images and exits 130 or 143.
+    ///
     /// Example: crashmonkey check disk.log --base empty.img --checker 'e2fsck -fn {image}' --jobs 2 --out failures/
     Check(CheckArgs),
 }
