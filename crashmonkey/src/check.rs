@@ -2,24 +2,29 @@
 //!
 //! States come epoch by epoch from [`StateGenerator`]; each unique one is materialised on a
 //! worker's copy-on-write image ([`WorkerImage`]) and handed to the checker command, `jobs`
-//! at a time. A failing state keeps its image and the checker's output in the output folder.
+//! at a time ([`crate::checker`] runs one). A failing state keeps its image and the checker's
+//! output in the output folder. A checker that damages its image (removes it, resizes it)
+//! fails its state, and the worker's image is built again.
+//!
+//! A run can be stopped early ([`StopFlag`]; the CLI raises it on SIGINT and SIGTERM): no
+//! new state starts, running checkers are killed, and the summary says how far the run got.
+//! The temporary images live in one temporary folder that goes on every return.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::history::{Epochs, History};
-use crate::overlay::{sparse_copy, ImageError, PrefixImage, WorkerImage};
+use crate::checker::{run_checker, CheckerRun};
+pub use crate::checker::{signal_name, CheckerEnd, StopFlag, CHECKER_OUTPUT_BYTES_MAX};
+use crate::history::{Epoch, Epochs, History};
+use crate::overlay::{sparse_copy, ImageError, LargerBase, PrefixImage, WorkerImage};
 use crate::states::{CrashState, StateGenerator, StateOptions};
 
 /// Most checker processes run at once.
 pub const JOBS_MAX: usize = 64;
-/// Checker output kept per failing state, in bytes (the rest is cut).
-pub const CHECKER_OUTPUT_BYTES_MAX: usize = 1024 * 1024;
 /// Default time limit of one checker run; past it the checker is killed and the state fails.
 pub const CHECKER_SECONDS_DEFAULT: u64 = 600;
 
@@ -32,8 +37,13 @@ pub struct CheckOptions {
     pub out: Option<PathBuf>,
     pub states: StateOptions,
     pub progress: bool,
-    /// Time limit of one checker run, in seconds (coreutils `timeout` enforces it).
+    /// Time limit of one checker run, in seconds; past it the checker's process group is
+    /// killed and its state fails.
     pub timeout_seconds: u64,
+    /// What to do with a base image larger than the logged disk.
+    pub larger_base: LargerBase,
+    /// Stops the run early when raised.
+    pub stop: StopFlag,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -42,16 +52,36 @@ pub struct FailedState {
     pub epoch: usize,
     pub label: String,
     pub mark: Option<String>,
+    /// The checker's exit code; `None` when a signal ended it.
     pub exit_code: Option<i32>,
+    /// The signal that ended the checker ("SIGKILL"), if one did; at a timeout, ours.
+    pub signal: Option<String>,
+    /// The checker ran past its time limit and was killed.
+    pub timed_out: bool,
+    /// Why the state failed, in words ("exit code 1", "killed by signal 9 (SIGKILL)",
+    /// "timed out after 600 s ...", "the checker removed the state's image ...").
+    pub reason: String,
     pub image: Option<PathBuf>,
     pub output: String,
+}
+
+/// Where a stopped run stopped.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Interruption {
+    /// The signal that stopped the run ("SIGINT").
+    pub signal: String,
+    pub signal_number: i32,
+    /// Index of the epoch being checked; the epochs before it were checked whole.
+    pub epoch: usize,
+    /// States of that epoch whose verdicts were in (and are counted) before the stop.
+    pub epoch_states_checked: usize,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CheckSummary {
     /// States generated, duplicates included.
     pub states: usize,
-    /// States with distinct content: the ones checked.
+    /// States with distinct content: the ones checked (in a stopped run, the ones found).
     pub unique: usize,
     pub passed: usize,
     pub failed: usize,
@@ -59,6 +89,8 @@ pub struct CheckSummary {
     pub epochs: usize,
     pub seed: u64,
     pub failures: Vec<FailedState>,
+    /// Set when a signal stopped the run: only `passed + failed` states were checked.
+    pub interrupted: Option<Interruption>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,38 +121,10 @@ pub fn checker_command(template: &str, image: &Path, state: &CrashState) -> Stri
         .replace("{state}", &state.id.to_string())
 }
 
+/// One state's verdict: `None` if it passed.
 struct Outcome {
-    state: CrashState,
-    ok: bool,
-    exit_code: Option<i32>,
-    output: String,
-}
-
-fn run_checker(cmd: &str, timeout_seconds: u64) -> std::io::Result<(bool, Option<i32>, String)> {
-    // `timeout` kills the whole checker (SIGTERM, then SIGKILL 5 s later) if it hangs.
-    let out = Command::new("timeout")
-        .args([
-            "--kill-after=5",
-            &timeout_seconds.to_string(),
-            "sh",
-            "-c",
-            cmd,
-        ])
-        .output()?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if out.status.code() == Some(124) {
-        text.push_str(&format!("\n[checker killed after {timeout_seconds} s]\n"));
-    }
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    if text.len() > CHECKER_OUTPUT_BYTES_MAX {
-        let mut cut = CHECKER_OUTPUT_BYTES_MAX;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push_str("\n[output cut]\n");
-    }
-    Ok((out.status.success(), out.status.code(), text))
+    id: usize,
+    failure: Option<FailedState>,
 }
 
 /// Checks every unique crash state of `log` on top of `base`.
@@ -134,121 +138,47 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
     let started = Instant::now();
     let history = History::open(log)?;
     let data = history.data_file()?;
-    let disk_bytes = history.disk_bytes;
-    let work = tempfile::Builder::new()
-        .prefix("crashmonkey-check")
-        .tempdir()?;
-    let prefix = PrefixImage::new(base, work.path(), disk_bytes)?;
-    let mut workers: Vec<WorkerImage> = (0..opts.jobs)
-        .map(|i| WorkerImage::new(&prefix, work.path().join(format!("worker-{i}.img"))))
-        .collect::<Result<_, _>>()?;
     if let Some(out) = &opts.out {
         std::fs::create_dir_all(out)?;
     }
+    // Every temporary image lives in here; it goes when `work` drops, on every return.
+    let work = tempfile::Builder::new()
+        .prefix("crashmonkey-check")
+        .tempdir()?;
+    let prefix = PrefixImage::new(base, work.path(), history.disk_bytes, opts.larger_base)?;
+    let mut workers = Vec::with_capacity(opts.jobs);
+    while workers.len() < opts.jobs && opts.stop.signal().is_none() {
+        let path = work.path().join(format!("worker-{}.img", workers.len()));
+        workers.push(WorkerImage::new(&prefix, path)?);
+    }
     let mut generator = StateGenerator::new(opts.states, history.data_file()?);
-    let bar = if opts.progress {
-        let b = ProgressBar::new(0);
-        b.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} states {msg}")
-                .expect("static template")
-                .progress_chars("=> "),
-        );
-        b
-    } else {
-        ProgressBar::hidden()
-    };
-    let mut summary = CheckSummary {
-        states: 0,
-        unique: 0,
-        passed: 0,
-        failed: 0,
-        seconds: 0.0,
-        epochs: 0,
-        seed: opts.states.seed,
-        failures: Vec::new(),
-    };
+    let bar = progress_bar(opts.progress);
+    let mut summary = CheckSummary::new(opts.states.seed);
     for epoch in Epochs::new(history) {
         let epoch = epoch?;
+        if let Some(signal) = opts.stop.signal() {
+            summary.interrupted = Some(interruption(signal, epoch.index, 0));
+            break;
+        }
         summary.epochs += 1;
-        let states = generator.epoch_states(&epoch)?;
-        let todo: Vec<CrashState> = states
+        let todo: Vec<CrashState> = generator
+            .epoch_states(&epoch)?
             .into_iter()
             .filter(|s| s.duplicate_of.is_none())
             .collect();
         bar.inc_length(todo.len() as u64);
-        let next = AtomicUsize::new(0);
-        let outcomes: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
-        let first_error: Mutex<Option<CheckError>> = Mutex::new(None);
-        std::thread::scope(|scope| {
-            for worker in workers.iter_mut() {
-                let (todo, next, outcomes, first_error, prefix, epoch, data, bar) = (
-                    &todo,
-                    &next,
-                    &outcomes,
-                    &first_error,
-                    &prefix,
-                    &epoch,
-                    &data,
-                    &bar,
-                );
-                scope.spawn(move || loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(state) = todo.get(i) else { break };
-                    let result = worker
-                        .materialize(prefix, epoch, state, data)
-                        .map_err(CheckError::from)
-                        .and_then(|()| {
-                            let cmd = checker_command(&opts.checker, &worker.path, state);
-                            let (ok, exit_code, output) = run_checker(&cmd, opts.timeout_seconds)?;
-                            if !ok {
-                                if let Some(out) = &opts.out {
-                                    let img = out.join(format!("state-{}.img", state.id));
-                                    sparse_copy(&worker.path, &img, prefix.disk_bytes)?;
-                                    let report = format!(
-                                        "state {} (epoch {}, {}), mark {:?}\ncommand: {}\nexit code: {:?}\n\n{}",
-                                        state.id, state.epoch, state.label, state.mark, cmd, exit_code, output
-                                    );
-                                    std::fs::write(out.join(format!("state-{}.txt", state.id)), report)?;
-                                }
-                            }
-                            Ok(Outcome { state: state.clone(), ok, exit_code, output })
-                        });
-                    match result {
-                        Ok(o) => outcomes.lock().expect("no panics under lock").push(o),
-                        Err(e) => {
-                            first_error.lock().expect("no panics under lock").get_or_insert(e);
-                            break;
-                        }
-                    }
-                    bar.inc(1);
-                });
-            }
-        });
-        if let Some(e) = first_error.into_inner().expect("threads joined") {
-            return Err(e);
-        }
-        let mut outcomes = outcomes.into_inner().expect("threads joined");
-        outcomes.sort_by_key(|o| o.state.id);
-        for o in outcomes {
-            if o.ok {
-                summary.passed += 1;
-            } else {
-                summary.failed += 1;
-                summary.failures.push(FailedState {
-                    id: o.state.id,
-                    epoch: o.state.epoch,
-                    label: o.state.label.clone(),
-                    mark: o.state.mark.clone(),
-                    exit_code: o.exit_code,
-                    image: opts
-                        .out
-                        .as_ref()
-                        .map(|d| d.join(format!("state-{}.img", o.state.id))),
-                    output: o.output,
-                });
-            }
-        }
+        let outcomes = check_epoch(&mut workers, &prefix, &epoch, &data, &todo, opts, &bar)?;
+        let checked = outcomes.len();
+        summary.record(outcomes);
         bar.set_message(format!("epoch {}, {} failed", epoch.index, summary.failed));
+        if checked < todo.len() {
+            let signal = opts
+                .stop
+                .signal()
+                .expect("only a stop leaves states unchecked");
+            summary.interrupted = Some(interruption(signal, epoch.index, checked));
+            break;
+        }
         prefix.advance(&epoch, &data)?;
         for w in &mut workers {
             w.prefix_advanced(&epoch);
@@ -259,10 +189,185 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
     summary.unique = generator.unique;
     summary.seconds = started.elapsed().as_secs_f64();
     if let Some(out) = &opts.out {
-        std::fs::write(
-            out.join("summary.json"),
-            serde_json::to_string_pretty(&summary).map_err(std::io::Error::other)?,
-        )?;
+        let json = serde_json::to_string_pretty(&summary).map_err(std::io::Error::other)?;
+        std::fs::write(out.join("summary.json"), json)?;
     }
     Ok(summary)
+}
+
+impl CheckSummary {
+    fn new(seed: u64) -> Self {
+        CheckSummary {
+            states: 0,
+            unique: 0,
+            passed: 0,
+            failed: 0,
+            seconds: 0.0,
+            epochs: 0,
+            seed,
+            failures: Vec::new(),
+            interrupted: None,
+        }
+    }
+
+    fn record(&mut self, outcomes: Vec<Outcome>) {
+        for o in outcomes {
+            match o.failure {
+                None => self.passed += 1,
+                Some(f) => {
+                    self.failed += 1;
+                    self.failures.push(f);
+                }
+            }
+        }
+    }
+}
+
+fn interruption(signal: i32, epoch: usize, epoch_states_checked: usize) -> Interruption {
+    Interruption {
+        signal: signal_name(signal),
+        signal_number: signal,
+        epoch,
+        epoch_states_checked,
+    }
+}
+
+fn progress_bar(shown: bool) -> ProgressBar {
+    if !shown {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(0);
+    b.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} states {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    b
+}
+
+/// Checks the states `todo` of `epoch`, one worker thread per worker image. Returns their
+/// verdicts by state id; fewer than `todo` only if the run was stopped.
+fn check_epoch(
+    workers: &mut [WorkerImage],
+    prefix: &PrefixImage,
+    epoch: &Epoch,
+    data: &std::fs::File,
+    todo: &[CrashState],
+    opts: &CheckOptions,
+    bar: &ProgressBar,
+) -> Result<Vec<Outcome>, CheckError> {
+    let next = AtomicUsize::new(0);
+    let outcomes: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
+    let first_error: Mutex<Option<CheckError>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for worker in workers.iter_mut() {
+            let (next, outcomes, first_error) = (&next, &outcomes, &first_error);
+            scope.spawn(move || loop {
+                // After a stop or another worker's error, no new state starts.
+                let failed = first_error.lock().expect("no panics under lock").is_some();
+                if failed || opts.stop.signal().is_some() {
+                    break;
+                }
+                let Some(state) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    break;
+                };
+                match check_state(worker, prefix, epoch, state, data, opts) {
+                    Ok(Some(o)) => outcomes.lock().expect("no panics under lock").push(o),
+                    Ok(None) => break,
+                    Err(e) => {
+                        first_error
+                            .lock()
+                            .expect("no panics under lock")
+                            .get_or_insert(e);
+                        break;
+                    }
+                }
+                bar.inc(1);
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().expect("threads joined") {
+        return Err(e);
+    }
+    let mut outcomes = outcomes.into_inner().expect("threads joined");
+    outcomes.sort_by_key(|o| o.id);
+    Ok(outcomes)
+}
+
+/// Builds `state` on `worker`, runs the checker on it and judges it. `None`: the run was
+/// stopped while the checker ran, so there is no verdict.
+fn check_state(
+    worker: &mut WorkerImage,
+    prefix: &PrefixImage,
+    epoch: &Epoch,
+    state: &CrashState,
+    data: &std::fs::File,
+    opts: &CheckOptions,
+) -> Result<Option<Outcome>, CheckError> {
+    worker.materialize(prefix, epoch, state, data)?;
+    if opts.stop.signal().is_some() {
+        return Ok(None);
+    }
+    let cmd = checker_command(&opts.checker, &worker.path, state);
+    let run = run_checker(&cmd, opts.timeout_seconds, &opts.stop)?;
+    if let CheckerEnd::Stopped(_) = run.end {
+        return Ok(None);
+    }
+    let damage = worker.damage(prefix.disk_bytes)?;
+    if let Some(d) = &damage {
+        tracing::debug!("state {}: {d}; building the worker image again", state.id);
+        // The next state needs a whole image; this one's is built again for --out.
+        worker.rebuild(prefix)?;
+        worker.materialize(prefix, epoch, state, data)?;
+    }
+    if run.end.passed() && damage.is_none() {
+        return Ok(Some(Outcome {
+            id: state.id,
+            failure: None,
+        }));
+    }
+    let reason = match damage {
+        Some(d) => format!("{d} (the checker ended with {})", run.end),
+        None => run.end.to_string(),
+    };
+    let image = keep_failure(worker, prefix, state, &cmd, &reason, &run, opts)?;
+    Ok(Some(Outcome {
+        id: state.id,
+        failure: Some(FailedState {
+            id: state.id,
+            epoch: state.epoch,
+            label: state.label.clone(),
+            mark: state.mark.clone(),
+            exit_code: run.end.exit_code(),
+            signal: run.end.signal().map(signal_name),
+            timed_out: matches!(run.end, CheckerEnd::TimedOut(_)),
+            reason,
+            image,
+            output: run.output,
+        }),
+    }))
+}
+
+/// Copies a failing state's image and writes its report into `--out`, if there is one;
+/// returns where the image went.
+fn keep_failure(
+    worker: &WorkerImage,
+    prefix: &PrefixImage,
+    state: &CrashState,
+    cmd: &str,
+    reason: &str,
+    run: &CheckerRun,
+    opts: &CheckOptions,
+) -> Result<Option<PathBuf>, CheckError> {
+    let Some(out) = &opts.out else {
+        return Ok(None);
+    };
+    let img = out.join(format!("state-{}.img", state.id));
+    sparse_copy(&worker.path, &img, prefix.disk_bytes)?;
+    let report = format!(
+        "state {} (epoch {}, {}), mark {:?}\ncommand: {}\nresult: {}\n\n{}",
+        state.id, state.epoch, state.label, state.mark, cmd, reason, run.output
+    );
+    std::fs::write(out.join(format!("state-{}.txt", state.id)), report)?;
+    Ok(Some(img))
 }

@@ -5,10 +5,12 @@
 //! - `states`   crash-state generation (prefixes, ordered subsets, torn writes) with content hashes
 //! - `overlay`  copy-on-write images: a prefix image plus per-worker deltas; replay
 //! - `check`    running a checker over every crash state, in parallel, keeping failures
+//! - `checker`  running one checker: own process group, deadline, capped streamed output
 //! - `dmlog`    import and export of the dm-log-writes format (fstests `replay-log`)
 //! - `race`     seeded race campaigns over fs-core: workloads, runner, reproducer bundles
 
 pub mod check;
+pub mod checker;
 pub mod dmlog;
 pub mod history;
 pub mod overlay;

@@ -35,6 +35,19 @@ pub enum ImageError {
         actual: u64,
         expected: u64,
     },
+    #[error(
+        "base image {path} is {actual} bytes, larger than the logged disk ({expected} bytes); \
+         is it the right file? (--allow-larger-base uses its first {expected} bytes)"
+    )]
+    BaseTooLarge {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("base image {path} is a directory, not a disk image")]
+    BaseIsDirectory { path: PathBuf },
+    #[error("base image {path} is not a regular file")]
+    BaseNotFile { path: PathBuf },
     #[error("replay target not found: {0}")]
     TargetNotFound(String),
 }
@@ -44,6 +57,45 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// What to do with a base image larger than the logged disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LargerBase {
+    /// Refuse it: a base of another size than the disk is most often the wrong file.
+    #[default]
+    Refuse,
+    /// Use its first bytes, as many as the logged disk has.
+    UseStart,
+}
+
+/// The size in bytes of the base image at `path`, once it is known to fit a logged disk of
+/// `disk_bytes` bytes: a regular file, not smaller, and not larger unless `larger` allows it.
+pub fn base_bytes(path: &Path, disk_bytes: u64, larger: LargerBase) -> Result<u64, ImageError> {
+    let meta = std::fs::metadata(path).map_err(io_err(path))?;
+    let path = path.to_path_buf();
+    if meta.is_dir() {
+        return Err(ImageError::BaseIsDirectory { path });
+    }
+    if !meta.is_file() {
+        return Err(ImageError::BaseNotFile { path });
+    }
+    let actual = meta.len();
+    if actual < disk_bytes {
+        return Err(ImageError::BaseTooSmall {
+            path,
+            actual,
+            expected: disk_bytes,
+        });
+    }
+    if actual > disk_bytes && larger == LargerBase::Refuse {
+        return Err(ImageError::BaseTooLarge {
+            path,
+            actual,
+            expected: disk_bytes,
+        });
+    }
+    Ok(actual)
 }
 
 /// Copies the first `len` bytes of `src` into a new file `dst`, leaving zero runs as holes.
@@ -114,15 +166,13 @@ pub struct PrefixImage {
 
 impl PrefixImage {
     /// Starts from a sparse copy of `base` in `dir`.
-    pub fn new(base: &Path, dir: &Path, disk_bytes: u64) -> Result<Self, ImageError> {
-        let actual = std::fs::metadata(base).map_err(io_err(base))?.len();
-        if actual < disk_bytes {
-            return Err(ImageError::BaseTooSmall {
-                path: base.to_path_buf(),
-                actual,
-                expected: disk_bytes,
-            });
-        }
+    pub fn new(
+        base: &Path,
+        dir: &Path,
+        disk_bytes: u64,
+        larger: LargerBase,
+    ) -> Result<Self, ImageError> {
+        base_bytes(base, disk_bytes, larger)?;
         let path = dir.join("prefix.img");
         sparse_copy(base, &path, disk_bytes)?;
         let file = OpenOptions::new()
@@ -230,6 +280,43 @@ impl WorkerImage {
         Ok(())
     }
 
+    /// What the checker did to this image that it must not have: `None` if it is still a
+    /// regular file of `disk_bytes` bytes, else what became of it, in words.
+    pub fn damage(&self, disk_bytes: u64) -> Result<Option<String>, ImageError> {
+        let meta = match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Some("the checker removed the state's image".into()))
+            }
+            Err(e) => return Err(io_err(&self.path)(e)),
+        };
+        Ok(if meta.is_dir() {
+            Some("the checker replaced the state's image with a directory".into())
+        } else if !meta.is_file() {
+            Some("the checker replaced the state's image with something not a regular file".into())
+        } else if meta.len() != disk_bytes {
+            Some(format!(
+                "the checker changed the size of the state's image from {disk_bytes} to {} bytes",
+                meta.len()
+            ))
+        } else {
+            None
+        })
+    }
+
+    /// Builds this image again from `prefix`, whatever the checker left at its path.
+    pub fn rebuild(&mut self, prefix: &PrefixImage) -> Result<(), ImageError> {
+        let gone = match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&self.path),
+            Ok(_) => std::fs::remove_file(&self.path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        gone.map_err(io_err(&self.path))?;
+        *self = WorkerImage::new(prefix, self.path.clone())?;
+        Ok(())
+    }
+
     /// The prefix moved past `epoch`: its ranges now differ from this image too.
     pub fn prefix_advanced(&mut self, epoch: &Epoch) {
         let mut d = std::mem::take(&mut self.dirty);
@@ -266,17 +353,11 @@ pub fn replay(
     base: &Path,
     out: &Path,
     target: &ReplayTarget,
+    larger: LargerBase,
 ) -> Result<ReplayReport, ImageError> {
     let history = History::open(log)?;
     let disk_bytes = history.disk_bytes;
-    let actual = std::fs::metadata(base).map_err(io_err(base))?.len();
-    if actual < disk_bytes {
-        return Err(ImageError::BaseTooSmall {
-            path: base.to_path_buf(),
-            actual,
-            expected: disk_bytes,
-        });
-    }
+    base_bytes(base, disk_bytes, larger)?;
     sparse_copy(base, out, disk_bytes)?;
     let img = OpenOptions::new()
         .write(true)

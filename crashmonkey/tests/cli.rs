@@ -187,5 +187,5 @@ fn hanging_checker_is_killed() {
     assert!(s["failures"][0]["output"]
         .as_str()
         .unwrap()
-        .contains("killed after 1 s"));
+        .contains("timed out after 1 s"));
 }

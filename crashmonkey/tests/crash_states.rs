@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crashmonkey::check::{check, CheckOptions};
 use crashmonkey::history::{Epoch, Epochs, History};
 
-use crashmonkey::overlay::{replay, PrefixImage, ReplayTarget, WorkerImage};
+use crashmonkey::overlay::{replay, LargerBase, PrefixImage, ReplayTarget, WorkerImage};
 use crashmonkey::states::{CrashState, StateGenerator, StateOptions};
 use nbd_server::backend::{Arrival, Backend, RequestKind};
 use nbd_server::disk::{DiskConfig, EmulatedDisk, VecStorage};
@@ -115,7 +115,7 @@ fn images(log: &Path, dir: &Path, opts: StateOptions) -> Vec<(Epoch, CrashState,
     let base = zero_base(dir);
     let h = History::open(log).unwrap();
     let data = h.data_file().unwrap();
-    let prefix = PrefixImage::new(&base, dir, SIZE).unwrap();
+    let prefix = PrefixImage::new(&base, dir, SIZE, LargerBase::Refuse).unwrap();
     let mut worker = WorkerImage::new(&prefix, dir.join("w.img")).unwrap();
     let mut out = Vec::new();
     for (epoch, states) in all_states(log, opts) {
@@ -365,11 +365,25 @@ fn replay_matches_the_disk() {
     drop(r);
     let base = zero_base(dir.path());
     let out = dir.path().join("out.img");
-    replay(&log, &base, &out, &ReplayTarget::End).unwrap();
+    replay(&log, &base, &out, &ReplayTarget::End, LargerBase::Refuse).unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), disk);
-    replay(&log, &base, &out, &ReplayTarget::Flush(1)).unwrap();
+    replay(
+        &log,
+        &base,
+        &out,
+        &ReplayTarget::Flush(1),
+        LargerBase::Refuse,
+    )
+    .unwrap();
     assert_ne!(std::fs::read(&out).unwrap(), disk);
-    assert!(replay(&log, &base, &out, &ReplayTarget::Mark("nope".into())).is_err());
+    assert!(replay(
+        &log,
+        &base,
+        &out,
+        &ReplayTarget::Mark("nope".into()),
+        LargerBase::Refuse
+    )
+    .is_err());
 }
 
 /// A power cut's recorded fates replay to exactly what the disk kept.
@@ -391,7 +405,7 @@ fn power_cut_log_replays_to_the_surviving_disk() {
         drop(r);
         let base = zero_base(dir.path());
         let out = dir.path().join("out.img");
-        replay(&log, &base, &out, &ReplayTarget::End).unwrap();
+        replay(&log, &base, &out, &ReplayTarget::End, LargerBase::Refuse).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), disk, "seed {seed}");
     }
 }
@@ -416,8 +430,8 @@ fn dm_log_writes_round_trip() {
         ReplayTarget::Mark("m2".into()),
     ] {
         let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
-        replay(&log, &base, &a, &target).unwrap();
-        replay(&back, &base, &b, &target).unwrap();
+        replay(&log, &base, &a, &target, LargerBase::Refuse).unwrap();
+        replay(&back, &base, &b, &target, LargerBase::Refuse).unwrap();
         assert_eq!(
             std::fs::read(&a).unwrap(),
             std::fs::read(&b).unwrap(),
@@ -444,6 +458,8 @@ fn check_runs_the_checker_on_every_unique_state() {
         states: opts(),
         progress: false,
         timeout_seconds: 60,
+        larger_base: LargerBase::Refuse,
+        stop: Default::default(),
     };
     let s = check(&log, &base, &o).unwrap();
     assert_eq!(s.passed + s.failed, s.unique);

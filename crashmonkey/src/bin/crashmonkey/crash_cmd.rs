@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 
-use crashmonkey::check::{check, CheckOptions};
+use crashmonkey::check::{check, CheckOptions, CheckSummary, StopFlag};
 use crashmonkey::history::{Epochs, History};
-use crashmonkey::overlay::{replay, ReplayTarget};
+use crashmonkey::overlay::{base_bytes, replay, LargerBase, ReplayTarget};
 use crashmonkey::states::{StateGenerator, StateOptions};
 use nbd_server::log::{
     decode_payload, FaultPayload, FlushPayload, FullPayload, LogEnding, LogReader, PowerCutPayload,
@@ -29,6 +29,10 @@ pub enum CrashCmd {
     /// Example: crashmonkey states disk.log --max-subset 2 --samples 64 --seed 7 --json
     States(StatesArgs),
     /// Build every crash state of a write log and run a checker on each.
+    ///
+    /// Each checker runs in its own process group, killed whole at its time limit. Ctrl-C or
+    /// SIGTERM kills the running checkers, writes a partial summary.json (in --out), removes
+    /// the temporary images and exits 130 or 143.
     ///
     /// Example: crashmonkey check disk.log --base empty.img --checker 'e2fsck -fn {image}' --jobs 2 --out failures/
     Check(CheckArgs),
@@ -109,6 +113,10 @@ pub struct ReplayArgs {
     /// Output image.
     #[arg(short, long)]
     output: PathBuf,
+    /// Accept a base image larger than the logged disk and use its first bytes (refused
+    /// without this flag: most often it is the wrong file).
+    #[arg(long)]
+    allow_larger_base: bool,
 }
 
 #[derive(Args, Clone)]
@@ -174,9 +182,14 @@ pub struct CheckArgs {
     /// Folder for failing images, checker outputs and summary.json.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Time limit of one checker run; a checker that takes longer is killed and its state fails.
+    /// Time limit of one checker run; a checker that takes longer is killed with its whole
+    /// process group (SIGKILL) and its state fails.
     #[arg(long, default_value_t = crashmonkey::check::CHECKER_SECONDS_DEFAULT)]
     timeout_seconds: u64,
+    /// Accept a base image larger than the logged disk and use its first bytes (refused
+    /// without this flag: most often it is the wrong file).
+    #[arg(long)]
+    allow_larger_base: bool,
     #[command(flatten)]
     flags: StateFlags,
     /// Print the summary as one JSON object.
@@ -216,7 +229,9 @@ pub fn run(cmd: CrashCmd) -> anyhow::Result<i32> {
                 (_, _, Some(k)) => ReplayTarget::Flush(k),
                 _ => ReplayTarget::End,
             };
-            let r = replay(&a.log, &a.base, &a.output, &target)
+            let larger = larger_base(a.allow_larger_base);
+            note_larger_base(&a.log, &a.base, larger);
+            let r = replay(&a.log, &a.base, &a.output, &target, larger)
                 .with_context(|| format!("replaying {}", a.log.display()))?;
             println!(
                 "replayed {} operations ({} bytes) into {}",
@@ -227,44 +242,113 @@ pub fn run(cmd: CrashCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         CrashCmd::States(a) => states(a),
-        CrashCmd::Check(a) => {
-            check_flags(&a.flags.options())?;
-            let opts = CheckOptions {
-                checker: a.checker,
-                jobs: a.jobs,
-                out: a.out,
-                states: a.flags.options(),
-                progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-                timeout_seconds: a.timeout_seconds.max(1),
-            };
-            eprintln!("crashmonkey check: seed {}", opts.states.seed);
-            let s = check(&a.log, &a.base, &opts)
-                .with_context(|| format!("checking {}", a.log.display()))?;
-            if a.json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                for f in &s.failures {
-                    println!(
-                        "FAIL state {} (epoch {}, {}, mark {:?}): exit {:?}{}",
-                        f.id,
-                        f.epoch,
-                        f.label,
-                        f.mark.as_deref().unwrap_or(""),
-                        f.exit_code,
-                        f.image
-                            .as_ref()
-                            .map(|p| format!(", image {}", p.display()))
-                            .unwrap_or_default()
-                    );
-                }
-                println!(
-                    "{} states ({} unique) in {} epochs: {} passed, {} failed, {:.1}s, seed {}",
-                    s.states, s.unique, s.epochs, s.passed, s.failed, s.seconds, s.seed
-                );
-            }
-            Ok(if s.failed > 0 { 1 } else { 0 })
+        CrashCmd::Check(a) => check_cmd(a),
+    }
+}
+
+fn larger_base(allowed: bool) -> LargerBase {
+    if allowed {
+        LargerBase::UseStart
+    } else {
+        LargerBase::Refuse
+    }
+}
+
+/// Says so when only the start of a larger base image is used. (A base that does not fit is
+/// refused by `check` and `replay` themselves, after the checks they make first.)
+fn note_larger_base(log: &Path, base: &Path, larger: LargerBase) {
+    let Ok(disk_bytes) = LogReader::open(log).map(|r| r.disk_bytes()) else {
+        return;
+    };
+    if let Ok(actual) = base_bytes(base, disk_bytes, larger) {
+        if actual > disk_bytes {
+            eprintln!(
+                "note: base image {} is {actual} bytes; only its first {disk_bytes} bytes (the \
+                 logged disk) are used",
+                base.display()
+            );
         }
     }
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM raise `stop` instead of ending the process: the run kills its
+/// checkers, writes a partial summary and removes its temporary images.
+fn stop_on_signals(stop: &StopFlag) -> anyhow::Result<()> {
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let value = usize::try_from(signal)?;
+        signal_hook::flag::register_usize(signal, stop.shared(), value)
+            .context("installing a signal handler")?;
+    }
+    Ok(())
+}
+
+fn check_cmd(a: CheckArgs) -> anyhow::Result<i32> {
+    check_flags(&a.flags.options())?;
+    let larger = larger_base(a.allow_larger_base);
+    note_larger_base(&a.log, &a.base, larger);
+    let stop = StopFlag::new();
+    stop_on_signals(&stop)?;
+    let opts = CheckOptions {
+        checker: a.checker,
+        jobs: a.jobs,
+        out: a.out,
+        states: a.flags.options(),
+        progress: !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        timeout_seconds: a.timeout_seconds.max(1),
+        larger_base: larger,
+        stop,
+    };
+    eprintln!("crashmonkey check: seed {}", opts.states.seed);
+    let s =
+        check(&a.log, &a.base, &opts).with_context(|| format!("checking {}", a.log.display()))?;
+    print_summary(&s, a.json)?;
+    if let Some(i) = &s.interrupted {
+        eprintln!(
+            "crashmonkey check: stopped by {} in epoch {} ({} of its states checked); the \
+             counts cover only the states checked",
+            i.signal, i.epoch, i.epoch_states_checked
+        );
+        // The shell's convention for a process ended by a signal.
+        return Ok(128 + i.signal_number);
+    }
+    Ok(if s.failed > 0 { 1 } else { 0 })
+}
+
+fn print_summary(s: &CheckSummary, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+        return Ok(());
+    }
+    for f in &s.failures {
+        println!(
+            "FAIL state {} (epoch {}, {}, mark {:?}): {}{}",
+            f.id,
+            f.epoch,
+            f.label,
+            f.mark.as_deref().unwrap_or(""),
+            f.reason,
+            f.image
+                .as_ref()
+                .map(|p| format!(", image {}", p.display()))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "{} states ({} unique) in {} epochs: {} passed, {} failed, {:.1}s, seed {}{}",
+        s.states,
+        s.unique,
+        s.epochs,
+        s.passed,
+        s.failed,
+        s.seconds,
+        s.seed,
+        if s.interrupted.is_some() {
+            " (interrupted)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
 }
 
 fn show(path: &Path, json: bool) -> anyhow::Result<i32> {

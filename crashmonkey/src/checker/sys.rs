@@ -1,0 +1,80 @@
+//! The few system calls std leaves out: signalling a process group, seeing a child end without
+//! reaping it (`waitid`, `pidfd_open`), and `poll`. Each wrapper takes and returns plain values and says why it is sound.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+/// Sends `signal` to every process of the process group `pgid`. A group with no process left
+/// is not an error.
+pub fn kill_group(pgid: u32, signal: i32) -> io::Result<()> {
+    let pgid = libc::pid_t::try_from(pgid).map_err(io::Error::other)?;
+    // SAFETY: killpg takes two integers and touches no memory of ours.
+    if unsafe { libc::killpg(pgid, signal) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ESRCH) => Ok(()),
+        _ => Err(e),
+    }
+}
+
+/// Whether our child `pid` has ended, without reaping it. Until it is reaped its pid, and so
+/// the id of the process group it leads, cannot be reused: signalling that group stays safe.
+pub fn has_exited(pid: u32) -> io::Result<bool> {
+    let id = libc::id_t::from(pid);
+    // SAFETY: siginfo_t is plain data for which all-zero bytes are a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    // SAFETY: waitid writes one siginfo_t into `info`, which we own and which outlives the call.
+    if unsafe { libc::waitid(libc::P_PID, id, &mut info, flags) } != 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::Interrupted => Ok(false),
+            _ => Err(e),
+        };
+    }
+    // With WNOHANG and no child ready, waitid leaves si_pid zero.
+    // SAFETY: `info` was filled by waitid (or is still zeroed), so si_pid reads an initialised
+    // field.
+    Ok(unsafe { info.si_pid() } != 0)
+}
+
+/// A descriptor that polls readable once our child `pid` has ended (Linux 5.3 and later), so
+/// a wait for its output can also wake at its end; `None` where the kernel has none.
+pub fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open takes two integers and returns a new descriptor or -1. The child is
+    // not reaped yet, so `pid` is still ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = RawFd::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+    // SAFETY: the kernel just opened `fd` for us, and nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits up to `wait` for any of `fds` to have data or be closed at the other end; says, per
+/// descriptor, whether it has (a signal arriving meanwhile counts as nothing ready).
+pub fn poll_readable(fds: &[RawFd], wait: Duration) -> io::Result<Vec<bool>> {
+    let mut polled: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let millis = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+    let count = libc::nfds_t::try_from(polled.len()).map_err(io::Error::other)?;
+    // SAFETY: `polled` is an array of `count` pollfd structs that we own and lend exclusively
+    // for the call.
+    if unsafe { libc::poll(polled.as_mut_ptr(), count, millis) } < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::Interrupted => Ok(vec![false; fds.len()]),
+            _ => Err(e),
+        };
+    }
+    Ok(polled.iter().map(|p| p.revents != 0).collect())
+}
