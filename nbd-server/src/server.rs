@@ -4,6 +4,10 @@
 //! [`Server::start_background`] does the same on a runtime of its own, for synchronous
 //! callers (tests, crashmonkey). Shutdown stops accepting, stops reading new requests,
 //! lets every request in flight finish and its reply go out, then flushes every export.
+//!
+//! A connection is negotiated on the socket's own halves; when the client starts TLS (see
+//! [`crate::handshake`]) the halves are joined again, the TLS handshake runs, and the rest of
+//! the connection (option haggling, then transmission) runs on the halves of the TLS stream.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,13 +16,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{BufReader, BufWriter};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::time::Instant;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{Arrival, ConnId, RequestKind};
+use crate::connection::VectoredRead;
 use crate::export::ExportRegistry;
-use crate::handshake::negotiate;
+use crate::handshake::{greet, haggle, HandshakeError, Negotiated, TlsPhase};
+use crate::lent::VectoredWrite;
+use crate::tls::TlsConfig;
 
 /// Where the server listens when told nothing else: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -35,7 +43,8 @@ pub const PAYLOAD_BYTES_MAX: u32 = 32 * 1024 * 1024;
 pub const PAYLOAD_DISCARD_BYTES_MAX: u32 = 128 * 1024 * 1024;
 /// Payload bytes (write data and read buffers) held by one connection's requests at once.
 pub const IN_FLIGHT_PAYLOAD_BYTES_MAX: u32 = 128 * 1024 * 1024;
-/// Time a client has to finish negotiation.
+/// Time a client has to finish negotiation (with TLS: the TLS handshake and the option
+/// haggling on both sides of it, together).
 pub const HANDSHAKE_SECONDS_MAX: u64 = 60;
 /// Time shutdown waits for connections to finish their requests before flushing anyway.
 pub const SHUTDOWN_GRACE_SECONDS: u64 = 30;
@@ -62,6 +71,8 @@ pub struct ServerConfig {
     /// Unix socket path; a stale socket file there is replaced.
     pub unix: Option<PathBuf>,
     pub exports: ExportRegistry,
+    /// TLS (`--tls=on` or `require`); `None` is `--tls=off`.
+    pub tls: Option<TlsConfig>,
 }
 
 /// Entry points.
@@ -126,9 +137,12 @@ impl Server {
             None => None,
         };
         let (tx, rx) = watch::channel(false);
-        let exports = Arc::new(config.exports);
+        let shared = Arc::new(Shared {
+            exports: config.exports,
+            tls: config.tls,
+        });
         let unix_path = config.unix.clone();
-        let task = tokio::spawn(run(tcp, unix, unix_path.clone(), exports, rx));
+        let task = tokio::spawn(run(tcp, unix, unix_path.clone(), shared, rx));
         Ok(ServerHandle {
             tcp_addr,
             unix_path,
@@ -233,7 +247,7 @@ async fn run(
     tcp: Option<TcpListener>,
     unix: Option<UnixListener>,
     unix_path: Option<PathBuf>,
-    exports: Arc<ExportRegistry>,
+    shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
@@ -258,8 +272,7 @@ async fn run(
                     let _ = s.set_nodelay(true);
                     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn, %peer, "accepted");
-                    let (r, w) = s.into_split();
-                    tokio::spawn(connection(r, w, exports.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
+                    tokio::spawn(connection(s, shared.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
                 }
                 Err(e) => accept_failed(e).await,
             },
@@ -268,8 +281,7 @@ async fn run(
                     let Some(permit) = permit() else { continue };
                     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn, "accepted on unix socket");
-                    let (r, w) = s.into_split();
-                    tokio::spawn(connection(r, w, exports.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
+                    tokio::spawn(connection(s, shared.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
                 }
                 Err(e) => accept_failed(e).await,
             },
@@ -287,7 +299,7 @@ async fn run(
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
         tracing::warn!("connections still busy after {SHUTDOWN_GRACE_SECONDS} s; flushing anyway");
     }
-    flush_all(&exports).await
+    flush_all(&shared.exports).await
 }
 
 async fn accept_failed(e: io::Error) {
@@ -331,38 +343,161 @@ async fn flush_all(exports: &ExportRegistry) -> io::Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
-async fn connection<R, W>(
-    rd: R,
-    wr: W,
-    exports: Arc<ExportRegistry>,
+
+/// What every connection task of a server shares.
+struct Shared {
+    exports: ExportRegistry,
+    tls: Option<TlsConfig>,
+}
+
+/// A stream socket the server accepts (TCP or Unix): served as two halves, and joined again
+/// when the client starts TLS.
+pub trait Socket: AsyncRead + AsyncWrite + Sized + Unpin + Send + Sync + 'static {
+    type Read: VectoredRead;
+    type Write: VectoredWrite;
+    fn split(self) -> (Self::Read, Self::Write);
+    fn join(rd: Self::Read, wr: Self::Write) -> io::Result<Self>;
+}
+
+impl Socket for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn split(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn join(rd: Self::Read, wr: Self::Write) -> io::Result<Self> {
+        rd.reunite(wr).map_err(io::Error::other)
+    }
+}
+
+impl Socket for UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn split(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn join(rd: Self::Read, wr: Self::Write) -> io::Result<Self> {
+        rd.reunite(wr).map_err(io::Error::other)
+    }
+}
+
+fn buffered<R: AsyncRead, W: AsyncWrite>(rd: R, wr: W) -> (BufReader<R>, BufWriter<W>) {
+    (
+        BufReader::with_capacity(READ_BUFFER_BYTES, rd),
+        BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr),
+    )
+}
+
+/// The socket again, for the TLS handshake. The client must wait for the STARTTLS reply
+/// before it starts TLS, so nothing may sit in the read buffer: bytes there would be lost.
+fn unbuffered<S: Socket>(
+    rd: BufReader<S::Read>,
+    wr: BufWriter<S::Write>,
+) -> Result<S, HandshakeError> {
+    if !rd.buffer().is_empty() {
+        return Err(HandshakeError::DataBeforeTls(rd.buffer().len()));
+    }
+    debug_assert!(wr.buffer().is_empty(), "the STARTTLS reply was flushed");
+    S::join(rd.into_inner(), wr.into_inner()).map_err(HandshakeError::Io)
+}
+
+/// One connection: negotiation (with TLS if the client starts it), then transmission.
+async fn connection<S: Socket>(
+    stream: S,
+    shared: Arc<Shared>,
     conn: ConnId,
     mut shutdown: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
     _done: mpsc::Sender<()>,
-) where
-    R: crate::connection::VectoredRead,
-    W: crate::lent::VectoredWrite,
-{
-    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
-    let mut wr = BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);
-    let limit = Duration::from_secs(HANDSHAKE_SECONDS_MAX);
-    let negotiated = tokio::select! {
-        r = tokio::time::timeout(limit, negotiate(&mut rd, &mut wr, &exports)) => r,
-        _ = wait_for_shutdown(&mut shutdown) => return,
+) {
+    let deadline = Instant::now() + Duration::from_secs(HANDSHAKE_SECONDS_MAX);
+    let phase = match &shared.tls {
+        None => TlsPhase::Off,
+        Some(t) => TlsPhase::Offered {
+            required: t.required,
+        },
     };
-    let session = match negotiated {
+    let (r, w) = stream.split();
+    let (mut rd, mut wr) = buffered(r, w);
+    let plain = async {
+        let mut client = greet(&mut rd, &mut wr, phase).await?;
+        let negotiated = haggle(&mut rd, &mut wr, &shared.exports, &mut client, phase).await?;
+        Ok((client, negotiated))
+    };
+    let Some((mut client, negotiated)) = bounded(plain, deadline, &mut shutdown, conn).await
+    else {
+        return;
+    };
+    let Some(tls) = shared.tls.as_ref().filter(|_| matches!(negotiated, Negotiated::StartTls))
+    else {
+        return transmission(rd, wr, negotiated, conn, shutdown).await;
+    };
+    let upgraded = async {
+        let socket = unbuffered::<S>(rd, wr)?;
+        let stream = tls.accept(socket).await.map_err(HandshakeError::Tls)?;
+        let (r, w) = tokio::io::split(stream);
+        let (mut rd, mut wr) = buffered(r, w);
+        let running = TlsPhase::Running;
+        let negotiated = haggle(&mut rd, &mut wr, &shared.exports, &mut client, running).await?;
+        Ok((rd, wr, negotiated))
+    };
+    if let Some((rd, wr, negotiated)) = bounded(upgraded, deadline, &mut shutdown, conn).await {
+        transmission(rd, wr, negotiated, conn, shutdown).await;
+    }
+}
+
+/// Runs one stage of negotiation within the connection's deadline, unless the server shuts
+/// down first; `None` (the reason logged) closes the connection.
+async fn bounded<T>(
+    stage: impl std::future::Future<Output = Result<T, HandshakeError>>,
+    deadline: Instant,
+    shutdown: &mut watch::Receiver<bool>,
+    conn: ConnId,
+) -> Option<T> {
+    let finished = tokio::select! {
+        r = tokio::time::timeout_at(deadline, stage) => r,
+        _ = wait_for_shutdown(shutdown) => return None,
+    };
+    match finished {
         Err(_) => {
             tracing::info!(
                 conn,
                 "negotiation took longer than {HANDSHAKE_SECONDS_MAX} s; dropped"
             );
-            return;
+            None
+        }
+        Ok(Err(
+            e @ (HandshakeError::Tls(_)
+            | HandshakeError::TlsRequired
+            | HandshakeError::TlsImpossible
+            | HandshakeError::DataBeforeTls(_)),
+        )) => {
+            tracing::info!(conn, error = %e, "negotiation failed");
+            None
         }
         Ok(Err(e)) => {
             tracing::debug!(conn, error = %e, "negotiation ended");
-            return;
+            None
         }
-        Ok(Ok(s)) => s,
+        Ok(Ok(t)) => Some(t),
+    }
+}
+
+/// The transmission phase of a negotiated connection.
+async fn transmission<R, W>(
+    rd: BufReader<R>,
+    wr: BufWriter<W>,
+    negotiated: Negotiated,
+    conn: ConnId,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: VectoredRead,
+    W: VectoredWrite,
+{
+    let Negotiated::Session(session) = negotiated else {
+        // `haggle` acknowledges STARTTLS only where TLS is offered and not yet running.
+        tracing::error!(conn, "STARTTLS acknowledged without TLS to start; dropped");
+        return;
     };
     tracing::debug!(
         conn,

@@ -52,6 +52,7 @@ impl TestServer {
             listen: Some("127.0.0.1:0".parse().unwrap()),
             unix: Some(dir.path().join("nbd.sock")),
             exports,
+            tls: None,
         })
         .unwrap();
         let addr = server.local_addr().unwrap();
