@@ -129,6 +129,13 @@ impl TlsConfig {
             path: key_path.clone(),
             source,
         })?;
+        let key = match key {
+            PrivateKeyDer::Sec1(k) => match sec1_scalar_unpadded(k.secret_sec1_der()) {
+                Some(fixed) => PrivateKeyDer::Sec1(fixed.into()),
+                None => PrivateKeyDer::Sec1(k),
+            },
+            other => other,
+        };
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Config)?;
@@ -170,6 +177,70 @@ impl TlsConfig {
     }
 }
 
+/// Reads one DER item at the start of `b`: (tag, content, what follows).
+fn der_item(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, b) = b.split_first()?;
+    let (len, b) = if first < 0x80 {
+        (first as usize, b)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 2 || b.len() < n {
+            return None;
+        }
+        let (len, b) = b.split_at(n);
+        (len.iter().fold(0, |a, &x| a << 8 | x as usize), b)
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+fn der_push(out: &mut Vec<u8>, tag: u8, content: &[u8]) {
+    out.push(tag);
+    match content.len() {
+        n if n < 0x80 => out.push(n as u8),
+        n if n < 0x100 => out.extend([0x81, n as u8]),
+        n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+    }
+    out.extend_from_slice(content);
+}
+
+/// GnuTLS 3.7's `certtool --generate-privkey --key-type=ecdsa` writes the private scalar of
+/// about half its keys with a leading zero byte (33 bytes for P-256, as if it were a signed
+/// INTEGER); RFC 5915 makes it exactly the field's size, and ring refuses such a key
+/// ("failed to parse private key"), while GnuTLS and OpenSSL read it. Returns the key in
+/// the RFC's form when it has that zero byte; `None` leaves the key as it is.
+fn sec1_scalar_unpadded(der: &[u8]) -> Option<Vec<u8>> {
+    let (0x30, body, []) = der_item(der)? else {
+        return None;
+    };
+    let (0x02, version, rest) = der_item(body)? else {
+        return None;
+    };
+    let (0x04, scalar, params_and_public) = der_item(rest)? else {
+        return None;
+    };
+    // The field size is half the uncompressed public point (0x04 || X || Y), found in the
+    // [1] BIT STRING (after its unused-bits byte).
+    let mut field_bytes = None;
+    let mut tail = params_and_public;
+    while let Some((tag, content, next)) = der_item(tail) {
+        if let (0xa1, Some((0x03, [0, 4, point @ ..], _))) = (tag, der_item(content)) {
+            field_bytes = Some(point.len() / 2);
+        }
+        tail = next;
+    }
+    if scalar.len() != field_bytes? + 1 || scalar[0] != 0 {
+        return None;
+    }
+    let mut body = Vec::with_capacity(der.len());
+    der_push(&mut body, 0x02, version);
+    der_push(&mut body, 0x04, &scalar[1..]);
+    body.extend_from_slice(params_and_public);
+    let mut out = Vec::with_capacity(der.len());
+    der_push(&mut out, 0x30, &body);
+    Some(out)
+}
+
 /// A server-side TLS stream over a socket.
 pub type TlsStream<S> = tokio_rustls::server::TlsStream<S>;
 
@@ -198,5 +269,46 @@ where
         // Never called (WRITES_IN_PLACE is false); "would block" keeps any caller correct,
         // as it then queues the bytes for an ordinary write.
         Err(io::ErrorKind::WouldBlock.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A P-256 key as GnuTLS 3.7's certtool wrote it (a 33-byte scalar starting with 0x00).
+    const GNUTLS_KEY: &str = "-----BEGIN EC PRIVATE KEY-----
+MHgCAQEEIQDBjHAbr2Czn9UChZFER3w55KrN1BDaZszxj4av25bcGKAKBggqhkjO
+PQMBB6FEA0IABMGD3+u1cP6pz3wn7+LosWiosXA9uA2e9QgeQn3f45AT98b5x7Ic
+fyjEO8qHIv7SFolLNFkrQ2MCeIg27PvJNEM=
+-----END EC PRIVATE KEY-----";
+    /// The same key rewritten by `openssl ec` (the RFC 5915 form: a 32-byte scalar).
+    const OPENSSL_KEY: &str = "-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIMGMcBuvYLOf1QKFkURHfDnkqs3UENpmzPGPhq/bltwYoAoGCCqGSM49
+AwEHoUQDQgAEwYPf67Vw/qnPfCfv4uixaKixcD24DZ71CB5Cfd/jkBP3xvnHshx/
+KMQ7yoci/tIWiUs0WStDYwJ4iDbs+8k0Qw==
+-----END EC PRIVATE KEY-----";
+
+    fn sec1(pem: &str) -> Vec<u8> {
+        match PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap() {
+            PrivateKeyDer::Sec1(k) => k.secret_sec1_der().to_vec(),
+            other => panic!("not SEC1: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn gnutls_padded_ecdsa_keys_become_what_openssl_writes() {
+        let (gnutls, openssl) = (sec1(GNUTLS_KEY), sec1(OPENSSL_KEY));
+        let usable = |der: &[u8]| {
+            let key = PrivateKeyDer::Sec1(der.to_vec().into());
+            rustls::crypto::ring::sign::any_supported_type(&key).is_ok()
+        };
+        assert!(!usable(&gnutls), "ring refuses the padded scalar");
+        let fixed = sec1_scalar_unpadded(&gnutls).expect("rewritten");
+        assert_eq!(fixed, openssl);
+        assert!(usable(&fixed));
+        assert_eq!(sec1_scalar_unpadded(&openssl), None, "already right");
+        assert_eq!(sec1_scalar_unpadded(&gnutls[..40]), None, "truncated");
+        assert_eq!(sec1_scalar_unpadded(b""), None);
     }
 }

@@ -3,6 +3,8 @@
 //! rather than hangs).
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -85,6 +87,42 @@ impl TestServer {
         assert!(got == data, "healthy read returned other bytes");
         c.disc();
     }
+}
+
+/// Whether `tool` can be run; `false` (with a printed reason) only outside CI: under
+/// `CI=true` a missing tool fails the test.
+pub fn have(tool: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{tool} is required under CI=true (scripts/install-deps.sh installs it)");
+        }
+        eprintln!("SKIP: {tool} is not installed (scripts/install-deps.sh installs it)");
+    }
+    found
+}
+
+/// Runs a command, fails the test with its output unless it exits 0; returns stdout+stderr.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{text}",
+        out.status
+    );
+    text
 }
 
 /// A raw NBD client.
