@@ -213,7 +213,10 @@ pub trait VectoredRead: AsyncRead + Unpin + Send + 'static {
 macro_rules! socket_read_vectored {
     ($half:ty) => {
         impl VectoredRead for $half {
-            async fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+            async fn read_vectored(
+                &mut self,
+                bufs: &mut [io::IoSliceMut<'_>],
+            ) -> io::Result<usize> {
                 loop {
                     match self.try_read_vectored(bufs) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable().await?,

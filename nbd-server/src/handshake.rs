@@ -349,7 +349,13 @@ impl Haggle<'_> {
     async fn list<W: AsyncWrite + Unpin>(&self, wr: &mut W, data: &[u8]) -> std::io::Result<()> {
         let option = NBD_OPT_LIST;
         if !data.is_empty() {
-            return send(wr, option, NBD_REP_ERR_INVALID, b"NBD_OPT_LIST takes no data").await;
+            return send(
+                wr,
+                option,
+                NBD_REP_ERR_INVALID,
+                b"NBD_OPT_LIST takes no data",
+            )
+            .await;
         }
         for e in self.exports.iter() {
             send(wr, option, NBD_REP_SERVER, &encode_rep_server(&e.name)).await?;

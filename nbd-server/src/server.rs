@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::time::Instant;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::backend::{Arrival, ConnId, RequestKind};
 use crate::connection::VectoredRead;
@@ -343,7 +343,6 @@ async fn flush_all(exports: &ExportRegistry) -> io::Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
-
 /// What every connection task of a server shares.
 struct Shared {
     exports: ExportRegistry,
@@ -424,11 +423,13 @@ async fn connection<S: Socket>(
         let negotiated = haggle(&mut rd, &mut wr, &shared.exports, &mut client, phase).await?;
         Ok((client, negotiated))
     };
-    let Some((mut client, negotiated)) = bounded(plain, deadline, &mut shutdown, conn).await
-    else {
+    let Some((mut client, negotiated)) = bounded(plain, deadline, &mut shutdown, conn).await else {
         return;
     };
-    let Some(tls) = shared.tls.as_ref().filter(|_| matches!(negotiated, Negotiated::StartTls))
+    let Some(tls) = shared
+        .tls
+        .as_ref()
+        .filter(|_| matches!(negotiated, Negotiated::StartTls))
     else {
         return transmission(rd, wr, negotiated, conn, shutdown).await;
     };

@@ -46,7 +46,10 @@ pub enum TlsError {
     #[error("{}: no {what} in it", path.display())]
     Empty { path: PathBuf, what: &'static str },
     #[error("{}: {source}", path.display())]
-    Certificate { path: PathBuf, source: rustls::Error },
+    Certificate {
+        path: PathBuf,
+        source: rustls::Error,
+    },
     #[error("the client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("the server certificate and key: {0}")]
@@ -116,12 +119,10 @@ impl TlsConfig {
         let ca_path = dir.join(CA_CERT_FILE);
         let mut roots = rustls::RootCertStore::empty();
         for cert in certificates(&ca_path)? {
-            roots
-                .add(cert)
-                .map_err(|source| TlsError::Certificate {
-                    path: ca_path.clone(),
-                    source,
-                })?;
+            roots.add(cert).map_err(|source| TlsError::Certificate {
+                path: ca_path.clone(),
+                source,
+            })?;
         }
         let chain = certificates(&dir.join(SERVER_CERT_FILE))?;
         let key_path = dir.join(SERVER_KEY_FILE);
@@ -140,10 +141,12 @@ impl TlsConfig {
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Config)?;
         let builder = if verify_peer {
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .with_crls(revocations(&dir.join(CA_CRL_FILE))?)
-                    .build()?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .with_crls(revocations(&dir.join(CA_CRL_FILE))?)
+            .build()?;
             builder.with_client_cert_verifier(verifier)
         } else {
             builder.with_no_client_auth()

@@ -245,7 +245,8 @@ enum Tls {
 
 /// An in-process server on 127.0.0.1:0 and a Unix socket, exporting "disk" (64 MiB memory).
 fn server(pki: Option<&Pki>, tls: Tls, sock_dir: &Path) -> BackgroundServer {
-    let load = |required, verify| Some(TlsConfig::load(&pki.unwrap().all(), required, verify).unwrap());
+    let load =
+        |required, verify| Some(TlsConfig::load(&pki.unwrap().all(), required, verify).unwrap());
     let tls = match tls {
         Tls::Off => None,
         Tls::On => load(false, false),
@@ -263,7 +264,10 @@ fn server(pki: Option<&Pki>, tls: Tls, sock_dir: &Path) -> BackgroundServer {
 }
 
 fn nbds(addr: SocketAddr, export: &str, certs: &Path) -> String {
-    format!("nbds://{addr}/{export}?tls-certificates={}", certs.display())
+    format!(
+        "nbds://{addr}/{export}?tls-certificates={}",
+        certs.display()
+    )
 }
 
 /// NOTLS: STARTTLS is refused (POLICY; INVALID with data) and negotiation goes on.
@@ -276,7 +280,11 @@ fn without_tls_starttls_is_refused_and_negotiation_continues() {
     let (option, reply_type, message) = w.reply();
     assert_eq!((option, reply_type), (OPT_STARTTLS, REP_ERR_POLICY));
     assert!(String::from_utf8_lossy(&message).contains("--tls=off"));
-    assert_eq!(w.ask(OPT_STARTTLS, b"x"), REP_ERR_INVALID, "STARTTLS with data");
+    assert_eq!(
+        w.ask(OPT_STARTTLS, b"x"),
+        REP_ERR_INVALID,
+        "STARTTLS with data"
+    );
     assert_eq!(w.go("disk"), DISK_BYTES);
     w.write_read_disc(0, 1);
 }
@@ -304,7 +312,11 @@ fn require_answers_tls_reqd_until_starttls_then_serves_inside_tls() {
         assert_eq!((answered, reply_type), (option, REP_ERR_TLS_REQD));
         assert!(String::from_utf8_lossy(&message).contains("TLS is required"));
     }
-    assert_eq!(w.ask(OPT_STARTTLS, b"x"), REP_ERR_INVALID, "STARTTLS with data");
+    assert_eq!(
+        w.ask(OPT_STARTTLS, b"x"),
+        REP_ERR_INVALID,
+        "STARTTLS with data"
+    );
     let mut t = start_tls(w, &pki.anon());
     assert_eq!(t.ask(OPT_STARTTLS, &[]), REP_ERR_INVALID, "TLS twice");
     t.option(OPT_LIST, &[]);
@@ -374,8 +386,8 @@ fn bad_tls_handshakes_end_one_connection_only() {
     w.send(b"GET / HTTP/1.0\r\n\r\n");
     assert!(w.closed(), "garbage instead of a ClientHello");
     drop(acked()); // hangs up right after the ACK
-    // A ClientHello sent with the STARTTLS option, before its reply: the spec makes the
-    // client wait, and the bytes the server already read would be lost; it hangs up.
+                   // A ClientHello sent with the STARTTLS option, before its reply: the spec makes the
+                   // client wait, and the bytes the server already read would be lost; it hangs up.
     let mut w = greet(addr, CLIENT_FLAGS);
     let name = ServerName::try_from("127.0.0.1").unwrap();
     let mut hello = Vec::new();
@@ -431,21 +443,45 @@ fn client_certificates_are_checked_only_with_verify_peer() {
     let sock_dir = tempfile::tempdir().unwrap();
     let strict = server(Some(&pki), Tls::RequireVerifyPeer, sock_dir.path());
     let addr = strict.local_addr().unwrap();
-    assert!(!tls_client_accepted(addr, &pki.anon()), "no client certificate");
-    assert!(!tls_client_accepted(addr, &pki.rogue()), "signed by another CA");
-    assert!(tls_client_accepted(addr, &pki.all()), "signed by ca-cert.pem");
+    assert!(
+        !tls_client_accepted(addr, &pki.anon()),
+        "no client certificate"
+    );
+    assert!(
+        !tls_client_accepted(addr, &pki.rogue()),
+        "signed by another CA"
+    );
+    assert!(
+        tls_client_accepted(addr, &pki.all()),
+        "signed by ca-cert.pem"
+    );
     if have("nbdinfo") {
-        let info = |dir: &Path| Command::new("nbdinfo").arg(nbds(addr, "disk", dir)).output();
-        assert!(!info(&pki.anon()).unwrap().status.success(), "libnbd, no cert");
-        assert!(!info(&pki.rogue()).unwrap().status.success(), "libnbd, rogue cert");
+        let info = |dir: &Path| {
+            Command::new("nbdinfo")
+                .arg(nbds(addr, "disk", dir))
+                .output()
+        };
+        assert!(
+            !info(&pki.anon()).unwrap().status.success(),
+            "libnbd, no cert"
+        );
+        assert!(
+            !info(&pki.rogue()).unwrap().status.success(),
+            "libnbd, rogue cert"
+        );
         let out = run(&mut Command::new("nbdinfo").arg(nbds(addr, "disk", &pki.all())));
         assert!(out.contains("with TLS"), "{out}");
     }
     if have("qemu-io") {
         let out = run(&mut qemu_io_tls(addr, &pki.all(), &["read -P 0 0 4k"]));
         assert!(!out.contains("failed"), "{out}");
-        let refused = qemu_io_tls(addr, &pki.anon(), &["read 0 4k"]).output().unwrap();
-        assert!(!refused.status.success(), "qemu without a client certificate");
+        let refused = qemu_io_tls(addr, &pki.anon(), &["read 0 4k"])
+            .output()
+            .unwrap();
+        assert!(
+            !refused.status.success(),
+            "qemu without a client certificate"
+        );
     }
 }
 
@@ -495,7 +531,10 @@ fn qemu_io_over_tls() {
     t.request(CMD_READ, 9, 1 << 20, &[], 256 << 10);
     let got = t.simple_ok(9, 256 << 10);
     assert!(got[..64 << 10] == [0x5c; 64 << 10][..], "written by qemu");
-    assert!(got[64 << 10..128 << 10] == [0; 64 << 10][..], "zeroed by qemu");
+    assert!(
+        got[64 << 10..128 << 10] == [0; 64 << 10][..],
+        "zeroed by qemu"
+    );
     assert!(got[128 << 10..] == [0x5c; 128 << 10][..], "written by qemu");
 }
 
@@ -510,7 +549,10 @@ fn nbdinfo_and_nbdcopy_over_nbds() {
     let srv = server(Some(&pki), Tls::On, pki.dir.path());
     let addr = srv.local_addr().unwrap();
     let out = run(Command::new("nbdinfo").arg(nbds(addr, "disk", &pki.anon())));
-    assert!(out.contains("with TLS") && out.contains("export-size: 67108864"), "{out}");
+    assert!(
+        out.contains("with TLS") && out.contains("export-size: 67108864"),
+        "{out}"
+    );
     let out = run(Command::new("nbdinfo").arg(format!("nbd://{addr}/disk")));
     assert!(out.contains("without TLS"), "{out}");
     let sock = pki.dir.path().join("nbd.sock");
@@ -524,7 +566,9 @@ fn nbdinfo_and_nbdcopy_over_nbds() {
 
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.img");
-    let data: Vec<u8> = (0..DISK_BYTES as u32).map(|i| (i ^ (i >> 11)) as u8).collect();
+    let data: Vec<u8> = (0..DISK_BYTES as u32)
+        .map(|i| (i ^ (i >> 11)) as u8)
+        .collect();
     std::fs::write(&src, &data).unwrap();
     run(Command::new("nbdcopy")
         .arg("--connections=4")
@@ -532,7 +576,10 @@ fn nbdinfo_and_nbdcopy_over_nbds() {
         .arg(nbds(addr, "disk", &pki.anon())));
     let back = dir.path().join("back.img");
     run(Command::new("nbdcopy").arg(&unix).arg(&back));
-    assert!(std::fs::read(&back).unwrap() == data, "nbdcopy round trip over TLS");
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "nbdcopy round trip over TLS"
+    );
 }
 
 /// Starts the binary with `args`; returns it and its address once it says it listens.
@@ -570,9 +617,11 @@ fn require_refuses_plain_clients_with_a_reason() {
     let Some(pki) = Pki::generate() else { return };
     let certs = pki.all();
     let certs = certs.to_str().unwrap();
-    let (mut child, addr, lines) =
-        start_binary(&["--tls=require", "--tls-certificates", certs]);
-    assert!(lines.iter().any(|l| l.contains("TLS required")), "{lines:?}");
+    let (mut child, addr, lines) = start_binary(&["--tls=require", "--tls-certificates", certs]);
+    assert!(
+        lines.iter().any(|l| l.contains("TLS required")),
+        "{lines:?}"
+    );
     let plain = Command::new("nbdinfo")
         .env("LIBNBD_DEBUG", "1")
         .arg(format!("nbd://{addr}/disk"))
@@ -605,19 +654,34 @@ fn bad_tls_setups_fail_at_start_with_a_clear_message() {
     for f in ["ca-cert.pem", "server-cert.pem"] {
         std::fs::copy(pki.all().join(f), mismatched.join(f)).unwrap();
     }
-    std::fs::copy(pki.all().join("client-key.pem"), mismatched.join("server-key.pem")).unwrap();
+    std::fs::copy(
+        pki.all().join("client-key.pem"),
+        mismatched.join("server-key.pem"),
+    )
+    .unwrap();
     let dir = |p: PathBuf| p.display().to_string();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--tls=on".into()], "--tls-certificates"),
         (vec!["--tls=require".into()], "--tls-certificates"),
-        (vec!["--tls-certificates".into(), dir(pki.all())], "--tls=on"),
+        (
+            vec!["--tls-certificates".into(), dir(pki.all())],
+            "--tls=on",
+        ),
         (vec!["--tls-verify-peer".into()], "--tls=on"),
         (
-            vec!["--tls=on".into(), "--tls-certificates".into(), dir(pki.anon())],
+            vec![
+                "--tls=on".into(),
+                "--tls-certificates".into(),
+                dir(pki.anon()),
+            ],
             "server-cert.pem",
         ),
         (
-            vec!["--tls=on".into(), "--tls-certificates".into(), dir(mismatched)],
+            vec![
+                "--tls=on".into(),
+                "--tls-certificates".into(),
+                dir(mismatched),
+            ],
             "key",
         ),
     ];
@@ -632,7 +696,12 @@ fn bad_tls_setups_fail_at_start_with_a_clear_message() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
     let help = run(Command::new(BIN).arg("--help"));
-    for needle in ["--tls <MODE>", "--tls-certificates", "--tls-verify-peer", "nbds://"] {
+    for needle in [
+        "--tls <MODE>",
+        "--tls-certificates",
+        "--tls-verify-peer",
+        "nbds://",
+    ] {
         assert!(help.contains(needle), "--help lacks {needle}");
     }
 }

@@ -132,7 +132,11 @@ fn tls_config(cli: &Cli) -> Result<Option<TlsConfig>> {
         (_, None) => anyhow::bail!(
             "--tls={} needs --tls-certificates DIR (with ca-cert.pem, server-cert.pem, \
              server-key.pem)",
-            if cli.tls == TlsMode::On { "on" } else { "require" }
+            if cli.tls == TlsMode::On {
+                "on"
+            } else {
+                "require"
+            }
         ),
         (_, Some(dir)) => dir,
     };

@@ -43,12 +43,24 @@ fn key(dir: &Path, name: &str) {
 fn certificate(dir: &Path, out: &str, key: &str, info: &str, ca: Option<(&str, &str)>) {
     let template = format!("{out}.info");
     std::fs::write(dir.join(&template), info).unwrap();
-    let mut args = vec!["--load-privkey", key, "--template", &template, "--outfile", out];
+    let mut args = vec![
+        "--load-privkey",
+        key,
+        "--template",
+        &template,
+        "--outfile",
+        out,
+    ];
     match ca {
         None => args.push("--generate-self-signed"),
         Some((ca_cert, ca_key)) => {
             args.push("--generate-certificate");
-            args.extend(["--load-ca-certificate", ca_cert, "--load-ca-privkey", ca_key]);
+            args.extend([
+                "--load-ca-certificate",
+                ca_cert,
+                "--load-ca-privkey",
+                ca_key,
+            ]);
         }
     }
     certtool(&args, dir);
@@ -87,10 +99,22 @@ impl Pki {
 
         let rogue = pki.rogue();
         key(&rogue, "rogue-ca-key.pem");
-        certificate(&rogue, "rogue-ca-cert.pem", "rogue-ca-key.pem", CA_INFO, None);
+        certificate(
+            &rogue,
+            "rogue-ca-cert.pem",
+            "rogue-ca-key.pem",
+            CA_INFO,
+            None,
+        );
         key(&rogue, "client-key.pem");
         let rogue_ca = Some(("rogue-ca-cert.pem", "rogue-ca-key.pem"));
-        certificate(&rogue, "client-cert.pem", "client-key.pem", CLIENT_INFO, rogue_ca);
+        certificate(
+            &rogue,
+            "client-cert.pem",
+            "client-key.pem",
+            CLIENT_INFO,
+            rogue_ca,
+        );
         std::fs::copy(all.join("ca-cert.pem"), rogue.join("ca-cert.pem")).unwrap();
         let stranger = pki.stranger().join("ca-cert.pem");
         std::fs::copy(rogue.join("rogue-ca-cert.pem"), stranger).unwrap();
