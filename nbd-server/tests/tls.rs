@@ -582,8 +582,18 @@ fn nbdinfo_and_nbdcopy_over_nbds() {
     );
 }
 
+/// A child process killed when the test ends, passed or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the binary with `args`; returns it and its address once it says it listens.
-fn start_binary(args: &[&str]) -> (std::process::Child, SocketAddr, Vec<String>) {
+fn start_binary(args: &[&str]) -> (Killed, SocketAddr, Vec<String>) {
     let mut child = Command::new(BIN)
         .args(["--listen", "127.0.0.1:0", "--export", "disk:size=64M"])
         .args(args)
@@ -600,7 +610,7 @@ fn start_binary(args: &[&str]) -> (std::process::Child, SocketAddr, Vec<String>)
         lines.push(line.clone());
         if let Some(a) = line.trim().strip_prefix("nbd-server: listening on ") {
             std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-            return (child, a.parse().unwrap(), lines);
+            return (Killed(child), a.parse().unwrap(), lines);
         }
     }
     let _ = child.kill();
@@ -617,7 +627,7 @@ fn require_refuses_plain_clients_with_a_reason() {
     let Some(pki) = Pki::generate() else { return };
     let certs = pki.all();
     let certs = certs.to_str().unwrap();
-    let (mut child, addr, lines) = start_binary(&["--tls=require", "--tls-certificates", certs]);
+    let (_server, addr, lines) = start_binary(&["--tls=require", "--tls-certificates", certs]);
     assert!(
         lines.iter().any(|l| l.contains("TLS required")),
         "{lines:?}"
@@ -641,8 +651,6 @@ fn require_refuses_plain_clients_with_a_reason() {
     assert!(!qemu.status.success(), "plain qemu-io was served");
     let out = run(Command::new("nbdinfo").arg(nbds(addr, "disk", &pki.anon())));
     assert!(out.contains("with TLS"), "{out}");
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 /// Every inconsistent TLS setup is refused at start, naming what is wrong.
