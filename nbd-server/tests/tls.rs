@@ -245,8 +245,15 @@ enum Tls {
 
 /// An in-process server on 127.0.0.1:0 and a Unix socket, exporting "disk" (64 MiB memory).
 fn server(pki: Option<&Pki>, tls: Tls, sock_dir: &Path) -> BackgroundServer {
-    let load =
-        |required, verify| Some(TlsConfig::load(&pki.unwrap().all(), required, verify).unwrap());
+    server_with(pki.map(Pki::all), tls, sock_dir)
+}
+
+/// The same, with the certificates in `certs`.
+fn server_with(certs: Option<PathBuf>, tls: Tls, sock_dir: &Path) -> BackgroundServer {
+    let load = |required, verify| {
+        let certs = certs.as_deref().expect("a certificate directory");
+        Some(TlsConfig::load(certs, required, verify).unwrap())
+    };
     let tls = match tls {
         Tls::Off => None,
         Tls::On => load(false, false),
@@ -454,6 +461,14 @@ fn client_certificates_are_checked_only_with_verify_peer() {
     assert!(
         tls_client_accepted(addr, &pki.all()),
         "signed by ca-cert.pem"
+    );
+    // ca-crl.pem revokes that very certificate.
+    let crl_sock = tempfile::tempdir().unwrap();
+    let revoking = server_with(Some(pki.revoked()), Tls::RequireVerifyPeer, crl_sock.path());
+    let revoking_addr = revoking.local_addr().unwrap();
+    assert!(
+        !tls_client_accepted(revoking_addr, &pki.all()),
+        "revoked by ca-crl.pem"
     );
     if have("nbdinfo") {
         let info = |dir: &Path| {

@@ -70,6 +70,7 @@ const CA_INFO: &str = "cn = nbd-server test CA\nca\ncert_signing_key\nexpiration
 const SERVER_INFO: &str = "organization = nbd-server test\ncn = localhost\n\
     dns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\n\
     signing_key\nexpiration_days = 7\n";
+const CRL_INFO: &str = "crl_next_update = 7\ncrl_number = 1\n";
 const CLIENT_INFO: &str = "organization = nbd-server test\ncn = test client\n\
     tls_www_client\nencryption_key\nsigning_key\nexpiration_days = 7\n";
 
@@ -94,7 +95,8 @@ impl Pki {
         certificate(&all, "server-cert.pem", "server-key.pem", SERVER_INFO, ca);
         key(&all, "client-key.pem");
         certificate(&all, "client-cert.pem", "client-key.pem", CLIENT_INFO, ca);
-        std::fs::remove_file(all.join("ca-key.pem")).unwrap();
+        // The CA's key stays out of the directories the server and clients read.
+        std::fs::rename(all.join("ca-key.pem"), pki.dir.path().join("ca-key.pem")).unwrap();
         std::fs::copy(all.join("ca-cert.pem"), pki.anon().join("ca-cert.pem")).unwrap();
 
         let rogue = pki.rogue();
@@ -119,6 +121,32 @@ impl Pki {
         let stranger = pki.stranger().join("ca-cert.pem");
         std::fs::copy(rogue.join("rogue-ca-cert.pem"), stranger).unwrap();
         Some(pki)
+    }
+
+    /// A server directory like [`Pki::all`]'s whose `ca-crl.pem` revokes the client
+    /// certificate of [`Pki::all`].
+    pub fn revoked(&self) -> PathBuf {
+        let (all, dir) = (self.all(), self.dir.path().join("revoked"));
+        std::fs::create_dir(&dir).unwrap();
+        for f in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+            std::fs::copy(all.join(f), dir.join(f)).unwrap();
+        }
+        std::fs::write(self.dir.path().join("crl.info"), CRL_INFO).unwrap();
+        let args = [
+            "--generate-crl",
+            "--load-ca-privkey",
+            "ca-key.pem",
+            "--load-ca-certificate",
+            "all/ca-cert.pem",
+            "--load-certificate",
+            "all/client-cert.pem",
+            "--template",
+            "crl.info",
+            "--outfile",
+            "revoked/ca-crl.pem",
+        ];
+        certtool(&args, self.dir.path());
+        dir
     }
 
     pub fn all(&self) -> PathBuf {
