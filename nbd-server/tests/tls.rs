@@ -484,7 +484,7 @@ fn client_certificates_are_checked_only_with_verify_peer() {
             !info(&pki.rogue()).unwrap().status.success(),
             "libnbd, rogue cert"
         );
-        let out = run(&mut Command::new("nbdinfo").arg(nbds(addr, "disk", &pki.all())));
+        let out = run(Command::new("nbdinfo").arg(nbds(addr, "disk", &pki.all())));
         assert!(out.contains("with TLS"), "{out}");
     }
     if have("qemu-io") {
@@ -609,13 +609,15 @@ impl Drop for Killed {
 
 /// Starts the binary with `args`; returns it and its address once it says it listens.
 fn start_binary(args: &[&str]) -> (Killed, SocketAddr, Vec<String>) {
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--export", "disk:size=64M"])
-        .args(args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut child = Killed(
+        Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--export", "disk:size=64M"])
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = BufReader::new(child.0.stderr.take().unwrap());
     let mut lines = Vec::new();
     for _ in 0..20 {
         let mut line = String::new();
@@ -625,10 +627,9 @@ fn start_binary(args: &[&str]) -> (Killed, SocketAddr, Vec<String>) {
         lines.push(line.clone());
         if let Some(a) = line.trim().strip_prefix("nbd-server: listening on ") {
             std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-            return (Killed(child), a.parse().unwrap(), lines);
+            return (child, a.parse().unwrap(), lines);
         }
     }
-    let _ = child.kill();
     panic!("no 'listening on' line: {lines:?}");
 }
 
