@@ -31,8 +31,10 @@ Examples:
 TLS (certificates laid out as for nbdkit: ca-cert.pem, server-cert.pem, server-key.pem):
   nbd-server --export disk:size=64M --tls=require --tls-certificates /etc/pki/nbd
   nbdinfo 'nbds://127.0.0.1:10809/disk?tls-certificates=/etc/pki/nbd'
-  qemu-io --object tls-creds-x509,id=tls0,endpoint=client,dir=/etc/pki/nbd \
+  qemu-io --object tls-creds-x509,id=tls0,endpoint=client,dir=/etc/pki/nbd \\
           --image-opts driver=nbd,host=127.0.0.1,port=10809,export=disk,tls-creds=tls0 -c 'read 0 4k'
+  nbd-client 127.0.0.1 10809 /dev/nbd0 -N disk -cacertfile /etc/pki/nbd/ca-cert.pem
+  Add --tls-verify-peer to admit only clients with a certificate signed by ca-cert.pem.
 
 Logs go to stderr; set RUST_LOG=debug (or trace) for more. The line
 'nbd-server: listening on ...' is printed once the sockets are bound.
