@@ -236,29 +236,34 @@ impl Default for Payload {
 
 /// A socket's read half that can also read into many buffers with one call (`readv`).
 pub trait VectoredRead: AsyncRead + Unpin + Send + 'static {
-    /// Waits until the socket may have data.
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
-    /// Reads what is there into `bufs`, in order, without waiting (`WouldBlock` if nothing).
-    fn try_read_vectored(&self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize>;
+    /// Reads what arrives into `bufs`, in order, waiting until at least one byte came
+    /// (0 at the end of the stream). `bufs` is never all empty.
+    fn read_vectored(
+        &mut self,
+        bufs: &mut [io::IoSliceMut<'_>],
+    ) -> impl std::future::Future<Output = io::Result<usize>> + Send;
 }
 
-impl VectoredRead for tokio::net::tcp::OwnedReadHalf {
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        tokio::net::tcp::OwnedReadHalf::readable(self)
-    }
-    fn try_read_vectored(&self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
-        tokio::net::tcp::OwnedReadHalf::try_read_vectored(self, bufs)
-    }
+/// `readv` on a socket: what is there, else wait for readiness and try again.
+macro_rules! socket_read_vectored {
+    ($half:ty) => {
+        impl VectoredRead for $half {
+            async fn read_vectored(
+                &mut self,
+                bufs: &mut [io::IoSliceMut<'_>],
+            ) -> io::Result<usize> {
+                loop {
+                    match self.try_read_vectored(bufs) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable().await?,
+                        r => return r,
+                    }
+                }
+            }
+        }
+    };
 }
-
-impl VectoredRead for tokio::net::unix::OwnedReadHalf {
-    fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        tokio::net::unix::OwnedReadHalf::readable(self)
-    }
-    fn try_read_vectored(&self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
-        tokio::net::unix::OwnedReadHalf::try_read_vectored(self, bufs)
-    }
-}
+socket_read_vectored!(tokio::net::tcp::OwnedReadHalf);
+socket_read_vectored!(tokio::net::unix::OwnedReadHalf);
 
 /// Most buffers one `readv` call fills (the kernel's IOV_MAX).
 pub const READV_SLICES_MAX: usize = 1024;
@@ -294,12 +299,11 @@ async fn read_blocks<R: VectoredRead>(
                     .take(READV_SLICES_MAX - 1)
                     .map(|b| io::IoSliceMut::new(&mut b[..])),
             );
-            rd.get_ref().try_read_vectored(&mut slices)
+            rd.get_mut().read_vectored(&mut slices).await
         };
         match got {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => rd.get_ref().readable().await?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -692,7 +696,7 @@ pub async fn serve<R, W>(
     let backend = session.export.backend.clone();
     let size = backend.size();
     let style = backend.io_style();
-    let lends = backend.lends_memory();
+    let lends = backend.lends_memory() && W::WRITES_IN_PLACE;
     let ctx = Arc::new(Ctx {
         backend: backend.clone(),
         export: session.export.clone(),

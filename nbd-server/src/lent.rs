@@ -19,6 +19,10 @@ use crate::proto::*;
 
 /// A socket's write half that can also write many buffers with one call without waiting.
 pub trait VectoredWrite: tokio::io::AsyncWrite + Unpin + Send + Sync + 'static {
+    /// Whether [`Self::try_write_vectored`] hands the bytes straight to the socket, so that
+    /// READ replies sent from a backend's memory save a copy. Not so over TLS, where every
+    /// byte is encrypted into a buffer first: there READ replies take the ordinary path.
+    const WRITES_IN_PLACE: bool = true;
     /// Writes what the socket takes now from `bufs`, in order (`WouldBlock` if nothing).
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
 }

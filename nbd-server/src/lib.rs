@@ -3,7 +3,8 @@
 //! Map of the crate (keep it true):
 //! - `proto`       wire constants and pure codecs: handshake, options, requests, replies (no IO)
 //! - `server`      listener (TCP, Unix), connection tasks, named limits, graceful shutdown
-//! - `handshake`   fixed-newstyle option haggling up to the transmission phase
+//! - `handshake`   fixed-newstyle option haggling up to the transmission phase, STARTTLS
+//! - `tls`         TLS credentials (nbdkit's certificate directory), the TLS stream's halves
 //! - `connection`  the transmission phase: request checks, concurrent execution, reply writer
 //! - `lent`        READ replies sent straight from a backend's memory (vectored, non-blocking)
 //! - `export`      export configuration (`NAME:size=SIZE[,file=PATH][,readonly]`) and registry
@@ -24,6 +25,7 @@ pub mod lent;
 pub mod log;
 pub mod proto;
 pub mod server;
+pub mod tls;
 
 pub use export::{build_backend, Export, ExportError, ExportRegistry, ExportSpec};
 pub use server::{BackgroundServer, Server, ServerConfig, ServerHandle};

@@ -4,6 +4,10 @@
 //! [`Server::start_background`] does the same on a runtime of its own, for synchronous
 //! callers (tests, crashmonkey). Shutdown stops accepting, stops reading new requests,
 //! lets every request in flight finish and its reply go out, then flushes every export.
+//!
+//! A connection is negotiated on the socket's own halves; when the client starts TLS (see
+//! [`crate::handshake`]) the halves are joined again, the TLS handshake runs, and the rest of
+//! the connection (option haggling, then transmission) runs on the halves of the TLS stream.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,13 +16,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{BufReader, BufWriter};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::backend::{Arrival, ConnId, RequestKind};
+use crate::connection::VectoredRead;
 use crate::export::ExportRegistry;
-use crate::handshake::negotiate;
+use crate::handshake::{greet, haggle, HandshakeError, Negotiated, TlsPhase};
+use crate::lent::VectoredWrite;
+use crate::tls::TlsConfig;
 
 /// Where the server listens when told nothing else: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -43,7 +51,8 @@ pub const SERVER_PAYLOAD_RESERVE_BYTES: u32 = 64 * 1024 * 1024;
 /// A batch of replies the socket does not take within this time drops the connection: its
 /// client stopped reading, and its requests' bytes are freed for everyone else.
 pub const REPLY_STALL_SECONDS_MAX: u64 = 20;
-/// Time a client has to finish negotiation (qemu-nbd's default handshake limit).
+/// Time a client has to finish negotiation, with TLS the TLS handshake and the option
+/// haggling on both sides of it together (qemu-nbd's default handshake limit).
 pub const HANDSHAKE_SECONDS_MAX: u64 = 10;
 /// Connections negotiating at once; a new one past it closes the one that has been
 /// negotiating longest, so idle connections cannot keep anyone else out.
@@ -73,6 +82,8 @@ pub struct ServerConfig {
     /// Unix socket path; a stale socket file there is replaced.
     pub unix: Option<PathBuf>,
     pub exports: ExportRegistry,
+    /// TLS (`--tls=on` or `require`); `None` is `--tls=off`.
+    pub tls: Option<TlsConfig>,
 }
 
 /// Entry points.
@@ -137,9 +148,14 @@ impl Server {
             None => None,
         };
         let (tx, rx) = watch::channel(false);
-        let exports = Arc::new(config.exports);
+        let shared = Arc::new(Shared {
+            exports: config.exports,
+            tls: config.tls,
+            handshakes: Arc::new(Handshakes::default()),
+            budget: crate::connection::ServerBudget::default(),
+        });
         let unix_path = config.unix.clone();
-        let task = tokio::spawn(run(tcp, unix, unix_path.clone(), exports, rx));
+        let task = tokio::spawn(run(tcp, unix, unix_path.clone(), shared, rx));
         Ok(ServerHandle {
             tcp_addr,
             unix_path,
@@ -270,15 +286,10 @@ async fn run(
     tcp: Option<TcpListener>,
     unix: Option<UnixListener>,
     unix_path: Option<PathBuf>,
-    exports: Arc<ExportRegistry>,
+    shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    let shared = Shared {
-        exports: exports.clone(),
-        handshakes: Arc::new(Handshakes::default()),
-        budget: crate::connection::ServerBudget::default(),
-    };
     // Each connection task holds a sender; `recv` returning None means all of them ended.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     loop {
@@ -300,8 +311,7 @@ async fn run(
                     let _ = s.set_nodelay(true);
                     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn, %peer, "accepted");
-                    let (r, w) = s.into_split();
-                    tokio::spawn(connection(r, w, shared.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
+                    tokio::spawn(connection(s, shared.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
                 }
                 Err(e) => accept_failed(e).await,
             },
@@ -310,8 +320,7 @@ async fn run(
                     let Some(permit) = permit() else { continue };
                     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn, "accepted on unix socket");
-                    let (r, w) = s.into_split();
-                    tokio::spawn(connection(r, w, shared.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
+                    tokio::spawn(connection(s, shared.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
                 }
                 Err(e) => accept_failed(e).await,
             },
@@ -329,7 +338,7 @@ async fn run(
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
         tracing::warn!("connections still busy after {SHUTDOWN_GRACE_SECONDS} s; flushing anyway");
     }
-    flush_all(&exports).await
+    flush_all(&shared.exports).await
 }
 
 async fn accept_failed(e: io::Error) {
@@ -373,14 +382,13 @@ async fn flush_all(exports: &ExportRegistry) -> io::Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
-/// What every connection task shares.
-#[derive(Clone)]
+/// What every connection task of a server shares.
 struct Shared {
-    exports: Arc<ExportRegistry>,
+    exports: ExportRegistry,
+    tls: Option<TlsConfig>,
     handshakes: Arc<Handshakes>,
     budget: crate::connection::ServerBudget,
 }
-
 /// The connections still negotiating, oldest first, each with the signal that closes it.
 #[derive(Default)]
 struct Handshakes {
@@ -428,41 +436,165 @@ impl Drop for HandshakeGuard {
     }
 }
 
-async fn connection<R, W>(
-    rd: R,
-    wr: W,
-    shared: Shared,
+/// A stream socket the server accepts (TCP or Unix): served as two halves, and joined again
+/// when the client starts TLS.
+pub trait Socket: AsyncRead + AsyncWrite + Sized + Unpin + Send + Sync + 'static {
+    type Read: VectoredRead;
+    type Write: VectoredWrite;
+    fn split(self) -> (Self::Read, Self::Write);
+    fn join(rd: Self::Read, wr: Self::Write) -> io::Result<Self>;
+}
+
+impl Socket for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn split(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn join(rd: Self::Read, wr: Self::Write) -> io::Result<Self> {
+        rd.reunite(wr).map_err(io::Error::other)
+    }
+}
+
+impl Socket for UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn split(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+    fn join(rd: Self::Read, wr: Self::Write) -> io::Result<Self> {
+        rd.reunite(wr).map_err(io::Error::other)
+    }
+}
+
+fn buffered<R: AsyncRead, W: AsyncWrite>(rd: R, wr: W) -> (BufReader<R>, BufWriter<W>) {
+    (
+        BufReader::with_capacity(READ_BUFFER_BYTES, rd),
+        BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr),
+    )
+}
+
+/// The socket again, for the TLS handshake. The client must wait for the STARTTLS reply
+/// before it starts TLS, so nothing may sit in the read buffer: bytes there would be lost.
+fn unbuffered<S: Socket>(
+    rd: BufReader<S::Read>,
+    wr: BufWriter<S::Write>,
+) -> Result<S, HandshakeError> {
+    if !rd.buffer().is_empty() {
+        return Err(HandshakeError::DataBeforeTls(rd.buffer().len()));
+    }
+    debug_assert!(wr.buffer().is_empty(), "the STARTTLS reply was flushed");
+    S::join(rd.into_inner(), wr.into_inner()).map_err(HandshakeError::Io)
+}
+
+/// One connection: negotiation (with TLS if the client starts it), then transmission.
+async fn connection<S: Socket>(
+    stream: S,
+    shared: Arc<Shared>,
     conn: ConnId,
     mut shutdown: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
     _done: mpsc::Sender<()>,
-) where
-    R: crate::connection::VectoredRead,
-    W: crate::lent::VectoredWrite,
-{
-    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
-    let mut wr = BufWriter::with_capacity(WRITE_BUFFER_BYTES, wr);
-    let limit = Duration::from_secs(HANDSHAKE_SECONDS_MAX);
-    let guard = shared.handshakes.begin(conn);
-    let negotiated = tokio::select! {
-        r = tokio::time::timeout(limit, negotiate(&mut rd, &mut wr, &shared.exports)) => r,
-        _ = wait_for_shutdown(&mut shutdown) => return,
-        _ = guard.close.notified() => return,
+) {
+    let deadline = Instant::now() + Duration::from_secs(HANDSHAKE_SECONDS_MAX);
+    let phase = match &shared.tls {
+        None => TlsPhase::Off,
+        Some(t) => TlsPhase::Offered {
+            required: t.required,
+        },
     };
+    let (r, w) = stream.split();
+    let (mut rd, mut wr) = buffered(r, w);
+    let guard = shared.handshakes.begin(conn);
+    let close = &guard.close;
+    let plain = async {
+        let mut client = greet(&mut rd, &mut wr, phase).await?;
+        let negotiated = haggle(&mut rd, &mut wr, &shared.exports, &mut client, phase).await?;
+        Ok((client, negotiated))
+    };
+    let Some((mut client, negotiated)) = bounded(plain, deadline, &mut shutdown, close, conn).await
+    else {
+        return;
+    };
+    let Some(tls) = shared
+        .tls
+        .as_ref()
+        .filter(|_| matches!(negotiated, Negotiated::StartTls))
+    else {
+        drop(guard);
+        return transmission(rd, wr, negotiated, conn, shutdown, &shared).await;
+    };
+    let upgraded = async {
+        let socket = unbuffered::<S>(rd, wr)?;
+        let stream = tls.accept(socket).await.map_err(HandshakeError::Tls)?;
+        let (r, w) = tokio::io::split(stream);
+        let (mut rd, mut wr) = buffered(r, w);
+        let running = TlsPhase::Running;
+        let negotiated = haggle(&mut rd, &mut wr, &shared.exports, &mut client, running).await?;
+        Ok((rd, wr, negotiated))
+    };
+    let upgraded = bounded(upgraded, deadline, &mut shutdown, close, conn).await;
     drop(guard);
-    let session = match negotiated {
+    if let Some((rd, wr, negotiated)) = upgraded {
+        transmission(rd, wr, negotiated, conn, shutdown, &shared).await;
+    }
+}
+
+/// Runs one stage of negotiation within the connection's deadline, unless the server shuts
+/// down first; `None` (the reason logged) closes the connection.
+async fn bounded<T>(
+    stage: impl std::future::Future<Output = Result<T, HandshakeError>>,
+    deadline: Instant,
+    shutdown: &mut watch::Receiver<bool>,
+    close: &tokio::sync::Notify,
+    conn: ConnId,
+) -> Option<T> {
+    let finished = tokio::select! {
+        r = tokio::time::timeout_at(deadline, stage) => r,
+        _ = wait_for_shutdown(shutdown) => return None,
+        _ = close.notified() => return None,
+    };
+    match finished {
         Err(_) => {
             tracing::info!(
                 conn,
                 "negotiation took longer than {HANDSHAKE_SECONDS_MAX} s; dropped"
             );
-            return;
+            None
+        }
+        Ok(Err(
+            e @ (HandshakeError::Tls(_)
+            | HandshakeError::TlsRequired
+            | HandshakeError::TlsImpossible
+            | HandshakeError::DataBeforeTls(_)),
+        )) => {
+            tracing::info!(conn, error = %e, "negotiation failed");
+            None
         }
         Ok(Err(e)) => {
             tracing::debug!(conn, error = %e, "negotiation ended");
-            return;
+            None
         }
-        Ok(Ok(s)) => s,
+        Ok(Ok(t)) => Some(t),
+    }
+}
+
+/// The transmission phase of a negotiated connection.
+async fn transmission<R, W>(
+    rd: BufReader<R>,
+    wr: BufWriter<W>,
+    negotiated: Negotiated,
+    conn: ConnId,
+    shutdown: watch::Receiver<bool>,
+    shared: &Shared,
+) where
+    R: VectoredRead,
+    W: VectoredWrite,
+{
+    let Negotiated::Session(session) = negotiated else {
+        // `haggle` acknowledges STARTTLS only where TLS is offered and not yet running.
+        tracing::error!(conn, "STARTTLS acknowledged without TLS to start; dropped");
+        return;
     };
     tracing::debug!(
         conn,
@@ -471,5 +603,5 @@ async fn connection<R, W>(
         base_allocation = session.base_allocation,
         "transmission"
     );
-    crate::connection::serve(rd, wr, session, conn, shutdown, shared.budget).await;
+    crate::connection::serve(rd, wr, session, conn, shutdown, shared.budget.clone()).await;
 }

@@ -397,6 +397,7 @@ fn mutated_sessions_never_panic_hang_or_lose_data() {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         unix: None,
         exports: ExportRegistry::from_specs(&specs).unwrap(),
+        tls: None,
     })
     .unwrap();
     let addr = server.local_addr().unwrap();

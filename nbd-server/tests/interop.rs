@@ -13,43 +13,6 @@ use common::*;
 use nbd_server::proto::*;
 use rand::{RngCore, SeedableRng};
 
-/// Whether `tool` can be run; `false` (with a printed reason) only outside CI.
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{tool} is required under CI=true (apt-get install qemu-utils libnbd-bin nbdkit fio)");
-        }
-        eprintln!(
-            "SKIP: {tool} is not installed (apt-get install qemu-utils libnbd-bin nbdkit fio)"
-        );
-    }
-    found
-}
-
-/// Runs a command, fails the test with its output unless it exits 0; returns stdout+stderr.
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{text}",
-        out.status
-    );
-    text
-}
-
 /// Deterministic pseudo-random bytes (the seed is fixed and printed).
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     println!("data seed {seed}");

@@ -264,8 +264,8 @@ fn meta_contexts_list_and_set() {
 fn unsupported_options_are_refused_and_negotiation_continues() {
     let t = TestServer::start();
     let mut c = client(&t);
+    // (NBD_OPT_STARTTLS has replies of its own: tests/tls.rs.)
     for opt in [
-        NBD_OPT_STARTTLS,
         NBD_OPT_EXTENDED_HEADERS,
         NBD_OPT_PEEK_EXPORT,
         12,
@@ -752,6 +752,7 @@ fn replies_come_out_of_order() {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         unix: None,
         exports,
+        tls: None,
     })
     .unwrap();
     let mut c = Raw::connect(srv.local_addr().unwrap());
@@ -885,6 +886,7 @@ fn lifecycle_hooks_follow_the_contract() {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         unix: None,
         exports,
+        tls: None,
     })
     .unwrap();
     let addr = srv.local_addr().unwrap();
@@ -1020,6 +1022,7 @@ fn graceful_shutdown_finishes_and_flushes() {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         unix: None,
         exports,
+        tls: None,
     })
     .unwrap();
     let mut c = Raw::connect(srv.local_addr().unwrap());
@@ -1154,6 +1157,7 @@ fn disconnect_all_drops_connections_and_abandons_replies() {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         unix: None,
         exports,
+        tls: None,
     })
     .unwrap();
     let addr = srv.local_addr().unwrap();
@@ -1244,6 +1248,7 @@ fn backend_errors_become_nbd_errors_without_payload() {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         unix: None,
         exports,
+        tls: None,
     })
     .unwrap();
     let addr = srv.local_addr().unwrap();
@@ -1311,6 +1316,7 @@ fn pipelined_reads_through_the_emulated_disk_read_back() {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         unix: None,
         exports,
+        tls: None,
     })
     .unwrap();
     let mut w = Raw::connect(server.local_addr().unwrap());

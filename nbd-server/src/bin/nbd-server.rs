@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use nbd_server::tls::TlsConfig;
 use nbd_server::{ExportRegistry, ExportSpec, Server, ServerConfig};
 
 /// mimalloc rather than glibc's malloc: under a write load glibc grew and trimmed its
@@ -26,6 +27,14 @@ Examples:
   # Look at it:
   nbdinfo nbd://127.0.0.1:10809/disk      nbdinfo --map nbd://127.0.0.1:10809/disk
   qemu-io -f raw -c 'write -P 0xab 0 64k' -c 'read -P 0xab 0 64k' nbd://127.0.0.1:10809/disk
+
+TLS (certificates laid out as for nbdkit: ca-cert.pem, server-cert.pem, server-key.pem):
+  nbd-server --export disk:size=64M --tls=require --tls-certificates /etc/pki/nbd
+  nbdinfo 'nbds://127.0.0.1:10809/disk?tls-certificates=/etc/pki/nbd'
+  qemu-io --object tls-creds-x509,id=tls0,endpoint=client,dir=/etc/pki/nbd \\
+          --image-opts driver=nbd,host=127.0.0.1,port=10809,export=disk,tls-creds=tls0 -c 'read 0 4k'
+  nbd-client 127.0.0.1 10809 /dev/nbd0 -N disk -cacertfile /etc/pki/nbd/ca-cert.pem
+  Add --tls-verify-peer to admit only clients with a certificate signed by ca-cert.pem.
 
 Logs go to stderr; set RUST_LOG=debug (or trace) for more. The line
 'nbd-server: listening on ...' is printed once the sockets are bound.
@@ -73,6 +82,22 @@ struct Cli {
     )]
     exports: Vec<ExportSpec>,
 
+    /// TLS: off (the default: NBD_OPT_STARTTLS is refused), on (each client chooses; plain
+    /// clients work as without TLS) or require (nothing but STARTTLS and ABORT is answered
+    /// before TLS; plain clients are refused). Needs --tls-certificates.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = TlsMode::Off)]
+    tls: TlsMode,
+
+    /// Directory holding ca-cert.pem, server-cert.pem and server-key.pem (the layout nbdkit
+    /// and qemu-nbd read), and optionally ca-crl.pem.
+    #[arg(long, value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+
+    /// Ask TLS clients for a certificate and accept only one signed by ca-cert.pem (and not
+    /// revoked by ca-crl.pem). Without it, as in nbdkit, client certificates are not checked.
+    #[arg(long)]
+    tls_verify_peer: bool,
+
     /// Serve the control socket (marks, power cut, stats) at this path; see `ctl`.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
@@ -88,6 +113,40 @@ struct Cli {
 
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// The `--tls` modes, named as nbdkit names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TlsMode {
+    Off,
+    On,
+    Require,
+}
+
+/// The TLS configuration the flags ask for, with every inconsistency a clear error.
+fn tls_config(cli: &Cli) -> Result<Option<TlsConfig>> {
+    let dir = match (cli.tls, &cli.tls_certificates) {
+        (TlsMode::Off, None) if cli.tls_verify_peer => {
+            anyhow::bail!("--tls-verify-peer needs --tls=on or --tls=require")
+        }
+        (TlsMode::Off, None) => return Ok(None),
+        (TlsMode::Off, Some(_)) => {
+            anyhow::bail!("--tls-certificates needs --tls=on or --tls=require (TLS is off)")
+        }
+        (_, None) => anyhow::bail!(
+            "--tls={} needs --tls-certificates DIR (with ca-cert.pem, server-cert.pem, \
+             server-key.pem)",
+            if cli.tls == TlsMode::On {
+                "on"
+            } else {
+                "require"
+            }
+        ),
+        (_, Some(dir)) => dir,
+    };
+    let config = TlsConfig::load(dir, cli.tls == TlsMode::Require, cli.tls_verify_peer)
+        .with_context(|| format!("cannot use the TLS certificates in {}", dir.display()))?;
+    Ok(Some(config))
 }
 
 #[derive(Debug, Subcommand)]
@@ -276,6 +335,7 @@ fn main() -> Result<()> {
     if let Some(seed) = cli.seed {
         eprintln!("nbd-server: seed {seed}");
     }
+    let tls = tls_config(&cli)?;
     let exports = ExportRegistry::from_specs(&specs).context("cannot set up the exports")?;
     let disks: nbd_server::control::Disks = exports
         .iter()
@@ -286,6 +346,7 @@ fn main() -> Result<()> {
         listen: (!cli.no_tcp).then_some(cli.listen),
         unix: cli.unix.clone(),
         exports,
+        tls,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -325,6 +386,18 @@ fn main() -> Result<()> {
                 } else if e.disk.is_none() {
                     ", memory with no emulated disk (no record, faults or crash options, \
                      no --control: a volatile cache could not be observed)"
+                } else {
+                    ""
+                }
+            );
+        }
+        if let Some(t) = &config.tls {
+            eprintln!(
+                "nbd-server: TLS {} (certificates in {}{})",
+                if t.required { "required" } else { "offered" },
+                t.dir.display(),
+                if t.verify_peer {
+                    "; client certificates checked"
                 } else {
                     ""
                 }

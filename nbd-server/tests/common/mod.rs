@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod pki;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -54,6 +55,7 @@ impl TestServer {
             listen: Some("127.0.0.1:0".parse().unwrap()),
             unix: Some(dir.path().join("nbd.sock")),
             exports,
+            tls: None,
         })
         .unwrap();
         let addr = server.local_addr().unwrap();
@@ -86,6 +88,42 @@ impl TestServer {
         assert!(got == data, "healthy read returned other bytes");
         c.disc();
     }
+}
+
+/// Whether `tool` can be run; `false` (with a printed reason) only outside CI: under
+/// `CI=true` a missing tool fails the test.
+pub fn have(tool: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{tool} is required under CI=true (scripts/install-deps.sh installs it)");
+        }
+        eprintln!("SKIP: {tool} is not installed (scripts/install-deps.sh installs it)");
+    }
+    found
+}
+
+/// Runs a command, fails the test with its output unless it exits 0; returns stdout+stderr.
+pub fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{text}",
+        out.status
+    );
+    text
 }
 
 /// A raw NBD client.
