@@ -2,6 +2,10 @@
 //! write to a freed block, or to a block that now belongs to someone else, is detected at
 //! submit time. Freed blocks are reused first, lowest first, which turns a stale write
 //! into a visible overwrite of another owner's data instead of a silent no-op.
+//!
+//! On a filesystem that persists, a block freed in the running transaction is not handed out
+//! again until that transaction has committed (as jbd2 does): were it reused and written,
+//! and the free then lost in a crash, its old owner would read the new owner's data.
 
 use std::collections::BTreeSet;
 
@@ -21,7 +25,17 @@ pub struct Allocator {
     /// Writeback has written data to the block since it was allocated (diagnostics: a
     /// mapping that still calls the block NEW is stale).
     data_written: Vec<bool>,
+    /// Frees wait for the running transaction's commit ([`Self::release_pending`]).
+    persistent: bool,
+    /// Blocks freed in the running transaction.
+    pending: Vec<u64>,
+    /// Blocks whose allocation changed since the last commit (their bitmap bits).
+    changed: BTreeSet<u64>,
 }
+
+/// Owner file block of an inode's extent-chain blocks (metadata, not file data): the chain's
+/// `k`-th block is owned as file block `CHAIN_FBLOCK + k`.
+pub const CHAIN_FBLOCK: u64 = u64::MAX / 2;
 
 impl Allocator {
     /// An allocator for device blocks `[first, blocks)`; blocks below `first` are reserved.
@@ -32,7 +46,46 @@ impl Allocator {
             freed: BTreeSet::new(),
             never_used: first,
             data_written: Vec::new(),
+            persistent: false,
+            pending: Vec::new(),
+            changed: BTreeSet::new(),
         }
+    }
+
+    /// An allocator for a mounted filesystem: blocks `[first, blocks)`, with `owned` the blocks
+    /// in use and who owns them. Frees wait for commits.
+    pub fn mounted(first: u64, blocks: u64, owned: &[(u64, Owner)]) -> Self {
+        let mut a = Allocator::new(first, blocks);
+        a.persistent = true;
+        a.never_used = blocks;
+        a.owner = vec![None; blocks as usize];
+        for &(b, o) in owned {
+            a.owner[b as usize] = Some(o);
+        }
+        a.freed = (first..blocks)
+            .filter(|&b| a.owner[b as usize].is_none())
+            .collect();
+        a
+    }
+
+    /// Whether `block` is allocated.
+    pub fn used(&self, block: u64) -> bool {
+        self.owner(block).is_some()
+    }
+
+    /// The blocks freed in the running transaction become allocatable: it committed.
+    pub fn release_pending(&mut self) {
+        self.freed.extend(self.pending.drain(..));
+    }
+
+    /// Blocks freed in the running transaction.
+    pub fn pending_frees(&self) -> &[u64] {
+        &self.pending
+    }
+
+    /// Blocks whose allocation changed since the last call, ascending.
+    pub fn take_changed(&mut self) -> BTreeSet<u64> {
+        std::mem::take(&mut self.changed)
     }
 
     pub fn free_blocks(&self) -> u64 {
@@ -57,13 +110,21 @@ impl Allocator {
         if let Some(w) = self.data_written.get_mut(i) {
             *w = false;
         }
+        if self.persistent {
+            self.changed.insert(b);
+        }
         Some(b)
     }
 
     pub fn free(&mut self, block: u64) {
         let slot = self.owner.get_mut(block as usize).and_then(Option::take);
         assert!(slot.is_some(), "double free of block {block}");
-        self.freed.insert(block);
+        if self.persistent {
+            self.changed.insert(block);
+            self.pending.push(block);
+        } else {
+            self.freed.insert(block);
+        }
     }
 
     pub fn owner(&self, block: u64) -> Option<Owner> {
@@ -87,7 +148,7 @@ impl Allocator {
 
     /// Was this block freed and not reallocated since?
     pub fn is_freed(&self, block: u64) -> bool {
-        self.freed.contains(&block)
+        self.freed.contains(&block) || self.pending.contains(&block)
     }
 }
 

@@ -93,6 +93,67 @@ pub trait BlockDevice {
     fn write_log(&self) -> Option<&[DeviceRecord]> {
         None
     }
+    /// Puts a named mark in the device's record, in order with its IO (a persistence point
+    /// completed). Devices that record nothing ignore it.
+    fn mark(&mut self, _name: &str) {}
+}
+
+/// A device that keeps its writes to itself: reads see them, the device underneath never
+/// does. A read-only mount recovers its journal into one, and so does a check of a crash
+/// state, which must not change the image it was given.
+pub struct CowDevice {
+    inner: Box<dyn BlockDevice>,
+    written: BTreeMap<u64, Vec<u8>>,
+    queue: RequestQueue,
+}
+
+impl CowDevice {
+    pub fn new(inner: Box<dyn BlockDevice>) -> Self {
+        let blocks = inner.block_count();
+        CowDevice {
+            inner,
+            written: BTreeMap::new(),
+            queue: RequestQueue::new(blocks),
+        }
+    }
+
+    /// Blocks written through this device (kept in memory).
+    pub fn written_blocks(&self) -> usize {
+        self.written.len()
+    }
+}
+
+impl BlockDevice for CowDevice {
+    fn block_count(&self) -> u64 {
+        self.inner.block_count()
+    }
+
+    fn submit(&mut self, req: Request) -> Result<ReqId, DeviceError> {
+        self.queue.submit(req)
+    }
+
+    fn complete(&mut self, id: ReqId) -> Result<Completion, DeviceError> {
+        match self.queue.take(id)? {
+            Request::Read { block } => {
+                let data = match self.written.get(&block) {
+                    Some(d) => d.clone(),
+                    None => read_block_sync(self.inner.as_mut(), block)?,
+                };
+                Ok(Completion::Read { data })
+            }
+            Request::Write { block, data, .. } => {
+                self.written.insert(block, data);
+                Ok(Completion::Done)
+            }
+            Request::Trim { block, count } => {
+                for b in block..block + count {
+                    self.written.insert(b, vec![0; BLOCK_SIZE]);
+                }
+                Ok(Completion::Done)
+            }
+            Request::Flush => Ok(Completion::Done),
+        }
+    }
 }
 
 /// Submit and complete a read at once: fs-core's reads are synchronous (`read_folio` waits).

@@ -67,6 +67,68 @@ pub struct Config {
     pub cache_limit_folios: usize,
     /// Device size in blocks.
     pub device_blocks: u64,
+    /// Planted bugs of the persistent filesystem (all off by default).
+    #[serde(default)]
+    pub bugs: Bugs,
+}
+
+/// Bugs the persistent filesystem can be told to have, so that crash campaigns show they find
+/// each one. None of them changes the in-memory model's behaviour.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bugs {
+    /// UNWRITTEN -> WRITTEN happens when the data write is submitted, not when it completed:
+    /// a commit in between makes the block WRITTEN on disk before its data is.
+    pub convert_before_data: bool,
+    /// The commit block is not ordered after the transaction's blocks (no flush before it).
+    pub commit_without_flush: bool,
+    /// fsync and sync return without committing the journal (they only flush the device).
+    pub fsync_no_log_force: bool,
+    /// The on-disk size grows when a write extends the file, before its data is written.
+    pub size_before_data: bool,
+    /// Recovery replays a transaction whose checksums do not hold.
+    pub replay_ignores_checksum: bool,
+}
+
+impl Bugs {
+    /// Every bug by its command-line name.
+    pub const NAMES: [&'static str; 5] = [
+        "convert-before-data",
+        "commit-without-flush",
+        "fsync-no-log-force",
+        "size-before-data",
+        "replay-ignores-checksum",
+    ];
+
+    /// Switches on the bug called `name`; false if there is none by that name.
+    pub fn set(&mut self, name: &str) -> bool {
+        let flag = match name {
+            "convert-before-data" => &mut self.convert_before_data,
+            "commit-without-flush" => &mut self.commit_without_flush,
+            "fsync-no-log-force" => &mut self.fsync_no_log_force,
+            "size-before-data" => &mut self.size_before_data,
+            "replay-ignores-checksum" => &mut self.replay_ignores_checksum,
+            _ => return false,
+        };
+        *flag = true;
+        true
+    }
+
+    /// The names of the bugs switched on.
+    pub fn names(&self) -> Vec<&'static str> {
+        let on = [
+            self.convert_before_data,
+            self.commit_without_flush,
+            self.fsync_no_log_force,
+            self.size_before_data,
+            self.replay_ignores_checksum,
+        ];
+        Self::NAMES
+            .iter()
+            .zip(on)
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect()
+    }
 }
 
 impl Default for Config {
@@ -80,6 +142,7 @@ impl Default for Config {
             mkwrite_takes_inode_lock: false,
             cache_limit_folios: 4,
             device_blocks: 4096,
+            bugs: Bugs::default(),
         }
     }
 }
@@ -143,7 +206,23 @@ impl RwSem {
 /// One file.
 #[derive(Clone, Debug, Default)]
 pub struct Inode {
+    /// The size reads and writes see (i_size).
     pub size: u64,
+    /// The size the inode record on disk holds (di_size). It follows the data: IO completion
+    /// moves it up to what was written (XFS's `xfs_setfilesize`), and truncate, fallocate and
+    /// zero range set it; a buffered write alone never moves it.
+    pub disk_size: u64,
+    /// Names linking to the inode.
+    pub nlink: u32,
+    /// Bumped each time the inode is created again: tells incarnations apart.
+    pub generation: u64,
+    pub in_use: bool,
+    /// Logical times: the filesystem's operation clock at the last data / inode change.
+    pub mtime: u64,
+    pub ctime: u64,
+    /// Bumped whenever a field the inode record holds changes, but for the extents (whose
+    /// own `seq` counts), so a commit knows which inodes to write.
+    pub meta_gen: u64,
     pub extents: ExtentMap,
     pub cache: PageCache,
     /// Taken exclusive by writes, fallocate, punch, zero range, truncate; shared by reads.
@@ -151,6 +230,18 @@ pub struct Inode {
     /// Taken exclusive by punch/zero range/truncate/fallocate and the fixed delalloc punch;
     /// shared by page faults (XFS's MMAPLOCK).
     pub invalidate_lock: RwSem,
+}
+
+impl Inode {
+    /// A fresh, empty inode in use, of generation `generation`, with one link.
+    pub fn created(generation: u64) -> Self {
+        Inode {
+            nlink: 1,
+            generation,
+            in_use: true,
+            ..Inode::default()
+        }
+    }
 }
 
 /// Writeback IO waiting for completion: one folio's block.
@@ -229,6 +320,13 @@ pub struct Fs {
     pub dev: Box<dyn BlockDevice>,
     pub alloc: Allocator,
     pub inodes: Vec<Inode>,
+    /// The root directory's slots (name -> inode); empty for a filesystem that lives only in
+    /// memory, where files are known by number.
+    pub dir: Vec<Option<crate::ondisk::format::DirEntry>>,
+    /// The on-disk side (journal, geometry, committed images) when the filesystem persists.
+    pub persist: Option<crate::ondisk::Persist>,
+    /// Operation clock for the logical times.
+    pub clock: u64,
     pub ioends: VecDeque<IoEnd>,
     pub violations: Vec<Violation>,
     /// What went wrong, told as it happened (a stale mapping used, a dirty folio dropped):
@@ -239,14 +337,17 @@ pub struct Fs {
 }
 
 impl Fs {
-    /// A filesystem with `files` empty files on `dev`.
+    /// A filesystem with `files` empty files on `dev`, living in memory only.
     pub fn new(cfg: Config, dev: Box<dyn BlockDevice>, files: usize) -> Self {
         let blocks = dev.block_count();
         Fs {
             cfg,
             dev,
             alloc: Allocator::new(RESERVED_BLOCKS, blocks),
-            inodes: (0..files).map(|_| Inode::default()).collect(),
+            inodes: (0..files).map(|_| Inode::created(1)).collect(),
+            dir: Vec::new(),
+            persist: None,
+            clock: 0,
             ioends: VecDeque::new(),
             violations: Vec::new(),
             notes: Vec::new(),
@@ -325,6 +426,36 @@ impl Fs {
             )?;
         }
         Ok(addr)
+    }
+
+    /// Moves the on-disk size of `ino` to `size` (see [`Inode::disk_size`]).
+    pub fn set_disk_size(&mut self, ino: usize, size: u64) {
+        let inode = &mut self.inodes[ino];
+        if inode.disk_size != size {
+            inode.disk_size = size;
+            inode.meta_gen += 1;
+        }
+    }
+
+    /// IO completion put file block `fblock` of `ino` on disk: the on-disk size may cover it
+    /// now, up to the in-memory size.
+    pub fn data_landed(&mut self, ino: usize, fblock: u64) {
+        let inode = &self.inodes[ino];
+        let end = ((fblock + 1) * BLOCK_SIZE as u64).min(inode.size);
+        if end > inode.disk_size {
+            self.set_disk_size(ino, end);
+        }
+    }
+
+    /// Advances the operation clock and stamps `ino`'s times (mtime too when `data`).
+    pub fn touch(&mut self, ino: usize, data: bool) {
+        self.clock += 1;
+        let (clock, inode) = (self.clock, &mut self.inodes[ino]);
+        inode.ctime = clock;
+        if data {
+            inode.mtime = clock;
+        }
+        inode.meta_gen += 1;
     }
 
     /// Turn blocks `[start, end)` into holes, freeing allocated ones.

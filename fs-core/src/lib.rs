@@ -19,6 +19,8 @@
 //! - `ops`         workload operations (`Op`), fallocate, punch, zero range, truncate, fsync.
 //! - `sched`       tasks, yield points, policies (random, PCT, replay, script), the runner.
 //! - `oracle`      the fsx-style file model, first-wrong-byte reports, invariants.
+//! - `ondisk`      the on-disk format, the journal with ordered data, mkfs, mount with
+//!   recovery, commit and unmount, and fsck.
 
 pub mod alloc;
 pub mod block;
@@ -27,6 +29,7 @@ pub mod extent;
 pub mod fs;
 pub mod iomap;
 pub mod ops;
+pub mod ondisk;
 pub mod oracle;
 pub mod pagecache;
 pub mod sched;

@@ -1,0 +1,562 @@
+//! fs-core on disk: the format, the journal, mkfs, mount (with recovery), commit and
+//! unmount, and fsck.
+//!
+//! The model stays what it was; persisting is a view of it. A commit takes the metadata the
+//! model changed since the last one (inode records with their extents, bitmap bits, directory
+//! slots), encodes those blocks, and journals the ones whose content changed. What reaches
+//! disk is only what the model says is on disk: DELALLOC is a hole there, an extent is
+//! WRITTEN only once IO completion converted it (after its data write completed), and an
+//! inode's size is its `disk_size`, which follows the data. The journal orders the data
+//! before the commit with the flush it issues before every commit block.
+//!
+//! When commits happen: at fsync, fdatasync and sync (a log force), every
+//! [`COMMIT_INTERVAL_STEPS`] steps of the scheduler when something changed (the journal
+//! thread's timer), and whenever the running transaction grows near the largest one the
+//! journal holds.
+
+pub mod format;
+pub mod fsck;
+pub mod journal;
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::alloc::{Allocator, Owner, CHAIN_FBLOCK};
+use crate::block::{self, BlockDevice, DeviceError, Request};
+use crate::extent::{Extent, ExtentState};
+use crate::fs::{Config, Fs, FsError, Inode};
+use format::*;
+use journal::{Journal, JournalBugs, Recovery};
+
+/// Scheduler steps after which a running transaction with changes is committed anyway (the
+/// journal thread's commit timer, counted in steps since the model has no clock).
+pub const COMMIT_INTERVAL_STEPS: u64 = 64;
+/// Blocks a running transaction may reach before it is committed early, below the largest
+/// transaction the journal holds (a step changes far fewer than this many blocks).
+pub const COMMIT_HEADROOM_BLOCKS: usize = 24;
+
+/// The on-disk side of a mounted filesystem.
+#[derive(Debug, Clone)]
+pub struct Persist {
+    pub geo: Geometry,
+    pub journal: Journal,
+    /// The last committed content of every metadata block, by home block: a commit journals
+    /// only blocks whose content changed.
+    committed: HashMap<u64, Vec<u8>>,
+    /// Each inode's `(extents seq, meta_gen)` at its last commit.
+    marks: Vec<(u64, u64)>,
+    /// Each inode's extent-chain blocks.
+    chains: Vec<Vec<u64>>,
+    /// Directory blocks changed since the last commit.
+    dir_dirty: BTreeSet<u64>,
+    /// Scheduler steps since the last commit.
+    steps: u64,
+    /// What recovery did at mount.
+    pub recovery: Recovery,
+}
+
+/// Why a filesystem could not be made or mounted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MountError {
+    #[error("superblock: {0}")]
+    Super(FormatError),
+    #[error("journal recovery: {0}")]
+    Recovery(#[from] journal::RecoveryError),
+    #[error("{0}")]
+    Metadata(FormatError),
+    #[error("inconsistent: {0}")]
+    Inconsistent(String),
+    #[error("device: {0}")]
+    Device(#[from] DeviceError),
+    #[error("{0}")]
+    Mkfs(String),
+}
+
+fn read(dev: &mut dyn BlockDevice, b: u64) -> Result<Vec<u8>, DeviceError> {
+    block::read_block_sync(dev, b)
+}
+
+fn write(dev: &mut dyn BlockDevice, b: u64, data: Vec<u8>) -> Result<(), DeviceError> {
+    block::submit_and_complete(
+        dev,
+        Request::Write {
+            block: b,
+            data,
+            fua: false,
+        },
+    )
+}
+
+/// The on-disk extents of an in-memory extent map: its UNWRITTEN and WRITTEN runs (DELALLOC
+/// and holes have nothing on disk).
+pub fn disk_extents(inode: &Inode) -> Vec<DiskExtent> {
+    let span = inode.extents.span();
+    let mut out = Vec::new();
+    let mut b = 0;
+    while b < span {
+        let run = inode.extents.run_at(b, span - b);
+        let state = match run.state {
+            ExtentState::Unwritten => Some(DiskExtentState::Unwritten),
+            ExtentState::Written => Some(DiskExtentState::Written),
+            ExtentState::Hole | ExtentState::Delalloc => None,
+        };
+        if let Some(state) = state {
+            out.push(DiskExtent {
+                file_block: b,
+                count: run.len as u32,
+                state,
+                dev_block: run.addr,
+            });
+        }
+        b += run.len;
+    }
+    out
+}
+
+/// The record of inode `ino` as the disk holds it.
+fn disk_inode(ino: usize, inode: &Inode) -> DiskInode {
+    DiskInode {
+        ino: ino as u32,
+        in_use: inode.in_use,
+        generation: inode.generation,
+        size: inode.disk_size,
+        nlink: inode.nlink,
+        mtime: inode.mtime,
+        ctime: inode.ctime,
+        extents: if inode.in_use {
+            disk_extents(inode)
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// Makes a filesystem on `dev` with `inodes` inodes, the first ones in use and named `names`
+/// in the root directory: superblock, journal superblock, bitmap, inode table and directory,
+/// written home and flushed.
+pub fn mkfs(dev: &mut dyn BlockDevice, inodes: u64, names: &[String]) -> Result<Geometry, MountError> {
+    let geo = Geometry::for_device(dev.block_count(), inodes).map_err(MountError::Mkfs)?;
+    if names.len() as u64 > inodes {
+        return Err(MountError::Mkfs(format!(
+            "{} names for {inodes} inodes",
+            names.len()
+        )));
+    }
+    let mut blocks = vec![
+        (0, geo.encode()),
+        (geo.journal_start, journal::encode_journal_super(&geo, 1, 1)),
+    ];
+    for k in 0..geo.bitmap_blocks {
+        blocks.push(bitmap_block(&geo, k, &|b| b < geo.data_start));
+    }
+    let mut slots: Vec<Option<DirEntry>> = vec![None; (geo.dir_blocks as usize) * DIR_SLOTS_PER_BLOCK];
+    for ino in 0..inodes {
+        let name = names.get(ino as usize);
+        let inode = DiskInode {
+            ino: ino as u32,
+            in_use: name.is_some(),
+            generation: u64::from(name.is_some()),
+            nlink: u32::from(name.is_some()),
+            ..DiskInode::default()
+        };
+        if let Some(n) = name {
+            check_name(n).map_err(MountError::Mkfs)?;
+            slots[ino as usize] = Some(DirEntry {
+                name: n.clone(),
+                ino: ino as u32,
+            });
+        }
+        blocks.extend(inode.encode(geo.inode_block(ino), &[]));
+    }
+    for k in 0..geo.dir_blocks {
+        blocks.push(dir_block(&geo, k, &slots));
+    }
+    for (b, data) in blocks {
+        write(dev, b, data)?;
+    }
+    block::submit_and_complete(dev, Request::Flush)?;
+    Ok(geo)
+}
+
+fn bitmap_block(geo: &Geometry, k: u64, used: &dyn Fn(u64) -> bool) -> (u64, Vec<u8>) {
+    let first = k * BITS_PER_BITMAP_BLOCK;
+    let last = (first + BITS_PER_BITMAP_BLOCK).min(geo.blocks);
+    let mut bits = vec![0u8; (BITS_PER_BITMAP_BLOCK / 8) as usize];
+    for b in first..last {
+        if used(b) {
+            let i = (b - first) as usize;
+            bits[i / 8] |= 1 << (i % 8);
+        }
+    }
+    let home = geo.bitmap_start + k;
+    (home, encode_bitmap_block(home, &bits))
+}
+
+fn dir_block(geo: &Geometry, k: u64, slots: &[Option<DirEntry>]) -> (u64, Vec<u8>) {
+    let from = k as usize * DIR_SLOTS_PER_BLOCK;
+    let to = (from + DIR_SLOTS_PER_BLOCK).min(slots.len());
+    let home = geo.dir_start + k;
+    (home, encode_dir_block(home, &slots[from.min(to)..to]))
+}
+
+/// What mount found on disk, decoded.
+struct Loaded {
+    inodes: Vec<(DiskInode, Vec<u64>)>,
+    slots: Vec<Option<DirEntry>>,
+    bitmap: Vec<bool>,
+    images: HashMap<u64, Vec<u8>>,
+}
+
+fn load(geo: &Geometry, dev: &mut dyn BlockDevice) -> Result<Loaded, MountError> {
+    let mut images = HashMap::new();
+    let mut bitmap = vec![false; geo.blocks as usize];
+    for k in 0..geo.bitmap_blocks {
+        let home = geo.bitmap_start + k;
+        let b = read(dev, home)?;
+        let bits = decode_bitmap_block(&b, home).map_err(MountError::Metadata)?;
+        let first = k * BITS_PER_BITMAP_BLOCK;
+        for blk in first..(first + BITS_PER_BITMAP_BLOCK).min(geo.blocks) {
+            let i = (blk - first) as usize;
+            bitmap[blk as usize] = bits[i / 8] & (1 << (i % 8)) != 0;
+        }
+        images.insert(home, b);
+    }
+    let mut inodes = Vec::with_capacity(geo.inodes as usize);
+    for ino in 0..geo.inodes {
+        let home = geo.inode_block(ino);
+        let b = read(dev, home)?;
+        let mut rd = |blk: u64| {
+            if blk < geo.data_start || blk >= geo.blocks {
+                return Err(FormatError::Invalid {
+                    block: home,
+                    what: format!("extent chain points at block {blk}, outside the data area"),
+                });
+            }
+            read(dev, blk).map_err(|e| FormatError::Invalid {
+                block: blk,
+                what: e.to_string(),
+            })
+        };
+        let (inode, chain) = DiskInode::decode(&b, home, &mut rd).map_err(MountError::Metadata)?;
+        if inode.ino as u64 != ino {
+            return Err(MountError::Inconsistent(format!(
+                "inode block {home} holds inode {} instead of {ino}",
+                inode.ino
+            )));
+        }
+        images.insert(home, b);
+        inodes.push((inode, chain));
+    }
+    let mut slots = Vec::new();
+    for k in 0..geo.dir_blocks {
+        let home = geo.dir_start + k;
+        let b = read(dev, home)?;
+        slots.extend(decode_dir_block(&b, home).map_err(MountError::Metadata)?);
+        images.insert(home, b);
+    }
+    Ok(Loaded {
+        inodes,
+        slots,
+        bitmap,
+        images,
+    })
+}
+
+/// The in-memory inode of an on-disk one, and the blocks it owns. Checks what the model
+/// relies on (extents inside the data area and the largest file, not overlapping).
+fn inode_of(geo: &Geometry, d: &DiskInode, chain: &[u64]) -> Result<(Inode, Vec<(u64, Owner)>), MountError> {
+    let ino = d.ino as usize;
+    let mut inode = Inode {
+        size: d.size,
+        disk_size: d.size,
+        nlink: d.nlink,
+        generation: d.generation,
+        in_use: d.in_use,
+        mtime: d.mtime,
+        ctime: d.ctime,
+        ..Inode::default()
+    };
+    let mut owned = Vec::new();
+    for e in &d.extents {
+        let end = e.file_block + e.count as u64;
+        let bad = end > crate::extent::FILE_BLOCKS_MAX
+            || e.dev_block < geo.data_start
+            || e.dev_block + e.count as u64 > geo.blocks;
+        if bad {
+            return Err(MountError::Inconsistent(format!(
+                "inode {ino}: extent {e:?} lies outside the file or the data area"
+            )));
+        }
+        for i in 0..e.count as u64 {
+            let fblock = e.file_block + i;
+            if inode.extents.get(fblock).state != ExtentState::Hole {
+                return Err(MountError::Inconsistent(format!(
+                    "inode {ino}: file block {fblock} is mapped twice"
+                )));
+            }
+            let state = match e.state {
+                DiskExtentState::Unwritten => ExtentState::Unwritten,
+                DiskExtentState::Written => ExtentState::Written,
+            };
+            let addr = e.dev_block + i;
+            inode.extents.set(fblock, Extent { state, addr });
+            owned.push((addr, Owner { ino, fblock }));
+        }
+    }
+    for (k, &b) in chain.iter().enumerate() {
+        owned.push((
+            b,
+            Owner {
+                ino,
+                fblock: CHAIN_FBLOCK + k as u64,
+            },
+        ));
+    }
+    Ok((inode, owned))
+}
+
+/// What a mount did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MountReport {
+    pub geometry: Geometry,
+    pub recovery: Recovery,
+}
+
+/// Mounts the filesystem on `dev`: recovers the journal (replaying committed transactions to
+/// their homes through `dev`, so wrap a device that must not change in a
+/// [`crate::block::CowDevice`]), starts the journal afresh, and loads the metadata.
+pub fn mount(cfg: Config, mut dev: Box<dyn BlockDevice>) -> Result<Fs, MountError> {
+    let sb = read(dev.as_mut(), 0)?;
+    let geo = Geometry::decode(&sb).map_err(MountError::Super)?;
+    if geo.blocks != dev.block_count() {
+        return Err(MountError::Inconsistent(format!(
+            "the superblock says {} blocks, the device has {}",
+            geo.blocks,
+            dev.block_count()
+        )));
+    }
+    let bugs = JournalBugs {
+        commit_without_flush: cfg.bugs.commit_without_flush,
+        replay_ignores_checksum: cfg.bugs.replay_ignores_checksum,
+    };
+    let recovery = {
+        let d = std::cell::RefCell::new(&mut dev);
+        journal::recover(
+            &geo,
+            bugs,
+            &mut |b| read(d.borrow_mut().as_mut(), b),
+            &mut |b, data| write(d.borrow_mut().as_mut(), b, data),
+        )?
+    };
+    // The replayed blocks are home: make them durable, then start the journal over.
+    block::submit_and_complete(dev.as_mut(), Request::Flush)?;
+    let jsb = journal::encode_journal_super(&geo, recovery.next_seq, 1);
+    block::submit_and_complete(
+        dev.as_mut(),
+        Request::Write {
+            block: geo.journal_start,
+            data: jsb,
+            fua: true,
+        },
+    )?;
+    let loaded = load(&geo, dev.as_mut())?;
+    build(cfg, dev, geo, loaded, recovery, bugs)
+}
+
+fn build(
+    cfg: Config,
+    dev: Box<dyn BlockDevice>,
+    geo: Geometry,
+    loaded: Loaded,
+    recovery: Recovery,
+    bugs: JournalBugs,
+) -> Result<Fs, MountError> {
+    let mut inodes = Vec::with_capacity(loaded.inodes.len());
+    let mut owned = Vec::new();
+    let mut chains = Vec::new();
+    for (d, chain) in &loaded.inodes {
+        let (inode, own) = inode_of(&geo, d, chain)?;
+        inodes.push(inode);
+        owned.extend(own);
+        chains.push(chain.clone());
+    }
+    let mut seen = vec![false; geo.blocks as usize];
+    for &(b, o) in &owned {
+        if std::mem::replace(&mut seen[b as usize], true) {
+            return Err(MountError::Inconsistent(format!(
+                "block {b} is owned twice (again by inode {})",
+                o.ino
+            )));
+        }
+    }
+    let alloc = Allocator::mounted(geo.data_start, geo.blocks, &owned);
+    let marks = inodes.iter().map(|i| (i.extents.seq(), i.meta_gen)).collect();
+    let _ = loaded.bitmap;
+    let clock = inodes.iter().map(|i| i.mtime.max(i.ctime)).max().unwrap_or(0);
+    let mut fs = Fs::new(cfg, dev, 0);
+    fs.inodes = inodes;
+    fs.alloc = alloc;
+    fs.dir = loaded.slots;
+    fs.clock = clock;
+    fs.persist = Some(Persist {
+        geo,
+        journal: Journal::new(geo, 1, recovery.next_seq, bugs),
+        committed: loaded.images,
+        marks,
+        chains,
+        dir_dirty: BTreeSet::new(),
+        steps: 0,
+        recovery,
+    });
+    Ok(fs)
+}
+
+impl Fs {
+    /// Whether the filesystem persists (was made or mounted on disk).
+    pub fn persistent(&self) -> bool {
+        self.persist.is_some()
+    }
+
+    /// The directory slot holding `name`.
+    pub fn lookup(&self, name: &str) -> Option<usize> {
+        self.dir
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|e| e.name == name))
+    }
+
+    /// Marks directory slot `slot` changed.
+    pub fn dir_changed(&mut self, slot: usize) {
+        if let Some(p) = self.persist.as_mut() {
+            p.dir_dirty.insert((slot / DIR_SLOTS_PER_BLOCK) as u64);
+        }
+    }
+
+    /// Inodes whose record changed since the last commit.
+    fn dirty_inodes(&self) -> Vec<usize> {
+        let Some(p) = &self.persist else {
+            return Vec::new();
+        };
+        (0..self.inodes.len())
+            .filter(|&i| p.marks[i] != (self.inodes[i].extents.seq(), self.inodes[i].meta_gen))
+            .collect()
+    }
+
+    /// About how many blocks the running transaction would journal now.
+    pub fn dirty_estimate(&self) -> usize {
+        let Some(p) = &self.persist else { return 0 };
+        self.dirty_inodes().len()
+            + p.dir_dirty.len()
+            + usize::from(!self.alloc.pending_frees().is_empty())
+            + 2
+    }
+
+    /// The images of the running transaction: every changed inode (with its extent chain,
+    /// whose blocks are allocated or freed here), bitmap and directory block whose content
+    /// differs from its last committed image.
+    fn transaction(&mut self) -> Result<Vec<(u64, Vec<u8>)>, FsError> {
+        let mut images = Vec::new();
+        for ino in self.dirty_inodes() {
+            let d = disk_inode(ino, &self.inodes[ino]);
+            let chain = self.resize_chain(ino, DiskInode::chain_blocks(d.extents.len()))?;
+            let home = self.persist.as_ref().expect("persistent").geo.inode_block(ino as u64);
+            images.extend(d.encode(home, &chain));
+            let p = self.persist.as_mut().expect("persistent");
+            p.marks[ino] = (self.inodes[ino].extents.seq(), self.inodes[ino].meta_gen);
+        }
+        // Frees of this transaction are durable with it: their bits go out clear.
+        self.alloc.release_pending();
+        let changed = self.alloc.take_changed();
+        let p = self.persist.as_mut().expect("persistent");
+        let geo = p.geo;
+        let bitmap_blocks: BTreeSet<u64> = changed.iter().map(|&b| geo.bitmap_bit(b).0 - geo.bitmap_start).collect();
+        for k in bitmap_blocks {
+            let alloc = &self.alloc;
+            images.push(bitmap_block(&geo, k, &|b| b < geo.data_start || alloc.used(b)));
+        }
+        for k in std::mem::take(&mut p.dir_dirty) {
+            images.push(dir_block(&geo, k, &self.dir));
+        }
+        images.retain(|(home, image)| p.committed.get(home) != Some(image));
+        Ok(images)
+    }
+
+    /// Gives inode `ino` an extent chain of `n` blocks, allocating or freeing blocks.
+    fn resize_chain(&mut self, ino: usize, n: usize) -> Result<Vec<u64>, FsError> {
+        let mut chain = std::mem::take(&mut self.persist.as_mut().expect("persistent").chains[ino]);
+        while chain.len() > n {
+            let b = chain.pop().expect("longer than n");
+            self.alloc.free(b);
+        }
+        while chain.len() < n {
+            let owner = Owner {
+                ino,
+                fblock: CHAIN_FBLOCK + chain.len() as u64,
+            };
+            let b = self.alloc.alloc(owner).ok_or(FsError::NoSpace)?;
+            chain.push(b);
+        }
+        self.persist.as_mut().expect("persistent").chains[ino] = chain.clone();
+        Ok(chain)
+    }
+
+    /// Commits the running transaction, if it changed anything; returns the blocks it
+    /// journaled. A filesystem that lives in memory has nothing to commit.
+    pub fn commit(&mut self) -> Result<usize, FsError> {
+        if self.persist.is_none() {
+            return Ok(0);
+        }
+        let images = self.transaction()?;
+        let p = self.persist.as_mut().expect("persistent");
+        p.steps = 0;
+        let n = images.len();
+        let max = p.journal.transaction_blocks_max();
+        for part in images.chunks(max) {
+            p.journal.commit(self.dev.as_mut(), part.to_vec())?;
+        }
+        p.committed.extend(images);
+        Ok(n)
+    }
+
+    /// fsync's and sync's end: commit the journal (which flushes the device before its
+    /// commit block), or, with nothing to commit, flush the device. (With the planted bug
+    /// `fsync-no-log-force`, only the flush.)
+    pub fn log_force(&mut self) -> Result<(), FsError> {
+        let committed = if self.cfg.bugs.fsync_no_log_force {
+            0
+        } else {
+            self.commit()?
+        };
+        if committed == 0 {
+            block::submit_and_complete(self.dev.as_mut(), Request::Flush)?;
+        }
+        Ok(())
+    }
+
+    /// After every scheduler step: the journal's timer, and an early commit when the running
+    /// transaction nears the largest the journal holds. A failed commit is returned for the
+    /// caller to report.
+    pub fn after_step(&mut self) -> Result<(), FsError> {
+        let Some(p) = self.persist.as_mut() else {
+            return Ok(());
+        };
+        p.steps += 1;
+        let (steps, max) = (p.steps, p.journal.transaction_blocks_max());
+        let estimate = self.dirty_estimate();
+        let due = steps >= COMMIT_INTERVAL_STEPS && estimate > 2;
+        if due || estimate + COMMIT_HEADROOM_BLOCKS >= max {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts: commits, checkpoints the journal (every metadata block home, the journal
+    /// empty) and hands the device back. The caller syncs the files' data first.
+    pub fn unmount(mut self) -> Result<Box<dyn BlockDevice>, FsError> {
+        if self.persist.is_some() {
+            self.commit()?;
+            let p = self.persist.as_mut().expect("persistent");
+            p.journal.checkpoint(self.dev.as_mut())?;
+        }
+        Ok(self.dev)
+    }
+}
