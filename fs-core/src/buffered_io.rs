@@ -304,6 +304,12 @@ impl WriteTask {
                         .write(ino, self.pos, &self.data[src..src + copied], cx.op);
                     let inode = cx.fs.inode_mut(ino);
                     inode.size = inode.size.max(self.pos + copied as u64);
+                    let size = inode.size;
+                    if cx.fs.cfg.bugs.size_before_data && size > cx.fs.inode(ino).disk_size {
+                        // The planted bug: the on-disk size runs ahead of the data.
+                        cx.fs.set_disk_size(ino, size);
+                    }
+                    cx.fs.touch(ino, true);
                 }
                 self.unlock(cx.fs);
                 self.pos += copied as u64;

@@ -223,6 +223,9 @@ pub struct Inode {
     /// Bumped whenever a field the inode record holds changes, but for the extents (whose
     /// own `seq` counts), so a commit knows which inodes to write.
     pub meta_gen: u64,
+    /// Workload operations running on the inode (its open references): an inode whose last
+    /// name goes is destroyed only once none is.
+    pub users: u32,
     pub extents: ExtentMap,
     pub cache: PageCache,
     /// Taken exclusive by writes, fallocate, punch, zero range, truncate; shared by reads.
@@ -327,6 +330,8 @@ pub struct Fs {
     pub persist: Option<crate::ondisk::Persist>,
     /// Operation clock for the logical times.
     pub clock: u64,
+    /// The root directory's lock (i_rwsem of the directory), taken by namespace operations.
+    pub dir_lock: RwSem,
     pub ioends: VecDeque<IoEnd>,
     pub violations: Vec<Violation>,
     /// What went wrong, told as it happened (a stale mapping used, a dirty folio dropped):
@@ -348,6 +353,7 @@ impl Fs {
             dir: Vec::new(),
             persist: None,
             clock: 0,
+            dir_lock: RwSem::default(),
             ioends: VecDeque::new(),
             violations: Vec::new(),
             notes: Vec::new(),
@@ -441,6 +447,9 @@ impl Fs {
     /// now, up to the in-memory size.
     pub fn data_landed(&mut self, ino: usize, fblock: u64) {
         let inode = &self.inodes[ino];
+        if !inode.in_use {
+            return;
+        }
         let end = ((fblock + 1) * BLOCK_SIZE as u64).min(inode.size);
         if end > inode.disk_size {
             self.set_disk_size(ino, end);

@@ -16,7 +16,9 @@
 //! - `buffered_io` buffered write (iterator, write_begin/end, iomap_end delalloc punch old
 //!   and fixed), buffered read, mmap fault + `page_mkwrite` + store.
 //! - `writeback`   writepages with a cached mapping (`map_blocks`), IO completion, reclaim.
-//! - `ops`         workload operations (`Op`), fallocate, punch, zero range, truncate, fsync.
+//! - `ops`         workload operations (`Op`), fallocate, punch, zero range, truncate, fsync,
+//!   fdatasync, sync.
+//! - `ns`          namespace operations: create, unlink, rename, link.
 //! - `sched`       tasks, yield points, policies (random, PCT, replay, script), the runner.
 //! - `oracle`      the fsx-style file model, first-wrong-byte reports, invariants.
 //! - `ondisk`      the on-disk format, the journal with ordered data, mkfs, mount with
@@ -28,6 +30,7 @@ pub mod buffered_io;
 pub mod extent;
 pub mod fs;
 pub mod iomap;
+pub mod ns;
 pub mod ops;
 pub mod ondisk;
 pub mod oracle;

@@ -55,21 +55,68 @@ pub enum Op {
     Fsync {
         file: usize,
     },
+    /// fallocate with `FALLOC_FL_KEEP_SIZE`: allocates, never changes the size.
+    FallocateKeepSize {
+        file: usize,
+        offset: u64,
+        len: u64,
+    },
+    Fdatasync {
+        file: usize,
+    },
+    /// syncfs: every file's data, then the journal.
+    Sync,
+    /// Creates file `file` (inode slot `file`) under the name `f<file>`: EEXIST if the name
+    /// exists, EBUSY-like (`Invalid`) if the slot still holds a live inode.
+    Create {
+        file: usize,
+    },
+    /// Removes the name `f<file>`; its inode goes when its last name does.
+    Unlink {
+        file: usize,
+    },
+    /// Renames `f<from>` to `f<to>`, atomically replacing what `f<to>` named.
+    Rename {
+        from: usize,
+        to: usize,
+    },
+    /// Links the inode that `f<file>` names under the name `f<to>`.
+    Link {
+        file: usize,
+        to: usize,
+    },
 }
 
 impl Op {
+    /// The highest file (inode slot, or the number in a name) the operation names.
     pub fn file(&self) -> usize {
         match self {
             Op::Write { file, .. }
             | Op::Read { file, .. }
             | Op::MmapStore { file, .. }
             | Op::Fallocate { file, .. }
+            | Op::FallocateKeepSize { file, .. }
             | Op::PunchHole { file, .. }
             | Op::ZeroRange { file, .. }
             | Op::Truncate { file, .. }
-            | Op::Fsync { file } => *file,
+            | Op::Fsync { file }
+            | Op::Fdatasync { file }
+            | Op::Create { file }
+            | Op::Unlink { file } => *file,
+            Op::Rename { from: a, to: b } | Op::Link { file: a, to: b } => *a.max(b),
+            Op::Sync => 0,
         }
     }
+
+    /// Whether the operation is a persistence point (fsync, fdatasync, sync).
+    pub fn persists(&self) -> bool {
+        matches!(self, Op::Fsync { .. } | Op::Fdatasync { .. } | Op::Sync)
+    }
+}
+
+/// The name of file `file`: `f<file>`.
+pub fn file_name(file: usize) -> String {
+    format!("f{file}")
 }
 
 impl std::fmt::Display for Op {
@@ -116,6 +163,15 @@ impl std::fmt::Display for Op {
             }
             Op::Truncate { file, size } => write!(f, "truncate(f{file}, size={size})"),
             Op::Fsync { file } => write!(f, "fsync(f{file})"),
+            Op::FallocateKeepSize { file, offset, len } => {
+                write!(f, "fallocate(f{file}, KEEP_SIZE, off={offset}, len={len})")
+            }
+            Op::Fdatasync { file } => write!(f, "fdatasync(f{file})"),
+            Op::Sync => write!(f, "sync()"),
+            Op::Create { file } => write!(f, "creat(f{file})"),
+            Op::Unlink { file } => write!(f, "unlink(f{file})"),
+            Op::Rename { from, to } => write!(f, "rename(f{from}, f{to})"),
+            Op::Link { file, to } => write!(f, "link(f{file}, f{to})"),
         }
     }
 }
@@ -163,6 +219,8 @@ pub struct RangeTask {
     end: u64,
     /// Byte end of the request: fallocate and zero range extend the size to it.
     byte_end: u64,
+    /// fallocate's `FALLOC_FL_KEEP_SIZE`: the size stays.
+    keep_size: bool,
     st: RgState,
 }
 
@@ -175,8 +233,15 @@ impl RangeTask {
             start: offset / BS,
             end: (offset + len).div_ceil(BS),
             byte_end: offset + len,
+            keep_size: false,
             st: RgState::Lock,
         })
+    }
+
+    /// fallocate with `FALLOC_FL_KEEP_SIZE`.
+    pub fn keeping_size(mut self) -> Self {
+        self.keep_size = true;
+        self
     }
 
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
@@ -227,9 +292,15 @@ impl RangeTask {
             RgState::Extents => {
                 let r = self.change_extents(cx.fs);
                 let end_byte = self.byte_end;
-                if r.is_ok() && self.kind != RangeKind::Punch && end_byte > cx.fs.inode(ino).size {
+                let grows = self.kind != RangeKind::Punch && !self.keep_size;
+                if r.is_ok() && grows && end_byte > cx.fs.inode(ino).size {
                     cx.fs.inode_mut(ino).size = end_byte;
                     cx.oracle.set_size(ino, end_byte, cx.op);
+                    // The new size is zeros (unwritten blocks): it may reach disk at once.
+                    cx.fs.set_disk_size(ino, end_byte);
+                }
+                if r.is_ok() {
+                    cx.fs.touch(ino, true);
                 }
                 self.unlock_all(cx.fs, cx.me);
                 Step::Done(
@@ -386,6 +457,8 @@ impl TruncateTask {
                 }
                 cx.fs.inode_mut(ino).size = self.size;
                 cx.oracle.set_size(ino, self.size, cx.op);
+                cx.fs.set_disk_size(ino, self.size);
+                cx.fs.touch(ino, true);
                 self.st = if self.size < old {
                     TrState::Pagecache {
                         cursor: self.first_gone(),
@@ -422,53 +495,113 @@ impl TruncateTask {
 
 #[derive(Clone, Debug)]
 enum FsyncState {
-    Writeback(WbPass),
+    /// Writing back `inos[at]`.
+    Writeback { at: usize, pass: WbPass },
     Wait,
 }
 
-/// fsync: a WB_SYNC_ALL writeback pass, wait for all of the inode's IO, then flush the device.
+/// fsync, fdatasync (one file) and sync (every file): WB_SYNC_ALL writeback passes, wait for
+/// the files' IO, then force the journal (a filesystem in memory only flushes the device).
+/// fdatasync forces the journal too: the model keeps no timestamp-only changes apart. A
+/// completed one is a persistence point: the oracle keeps what it promised, and on a
+/// filesystem that persists a mark goes into the device's log.
 #[derive(Clone, Debug)]
 pub struct FsyncTask {
-    ino: usize,
+    /// `Some(ino)` for fsync and fdatasync, `None` for sync.
+    file: Option<usize>,
+    inos: Vec<usize>,
+    begun: bool,
     st: FsyncState,
 }
 
 impl FsyncTask {
     pub fn new(ino: usize) -> Self {
         FsyncTask {
-            ino,
-            st: FsyncState::Writeback(WbPass::new(ino, true)),
+            file: Some(ino),
+            inos: vec![ino],
+            begun: false,
+            st: FsyncState::Writeback {
+                at: 0,
+                pass: WbPass::new(ino, true),
+            },
+        }
+    }
+
+    /// sync: every file in use when it starts.
+    pub fn sync() -> Self {
+        FsyncTask {
+            file: None,
+            inos: Vec::new(),
+            begun: false,
+            st: FsyncState::Wait,
         }
     }
 
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
         match &self.st {
-            FsyncState::Writeback(p) => p.runnable(fs, me),
-            FsyncState::Wait => {
-                !fs.ioends.iter().any(|io| io.ino == self.ino)
-                    && !fs
-                        .inode(self.ino)
-                        .cache
-                        .folios
-                        .values()
-                        .any(|f| f.writeback)
+            FsyncState::Writeback { pass, .. } => pass.runnable(fs, me),
+            FsyncState::Wait if !self.begun => true,
+            FsyncState::Wait => self.inos.iter().all(|&ino| {
+                !fs.ioends.iter().any(|io| io.ino == ino)
+                    && !fs.inode(ino).cache.folios.values().any(|f| f.writeback)
+            }),
+        }
+    }
+
+    /// The first step: the promise is taken, and sync learns its files.
+    fn begin(&mut self, cx: &mut Cx<'_>) {
+        self.begun = true;
+        cx.oracle.promise_begin(cx.op, self.file);
+        if self.file.is_none() {
+            self.inos = (0..cx.fs.inodes.len())
+                .filter(|&i| cx.fs.inode(i).in_use)
+                .collect();
+            if let Some(&ino) = self.inos.first() {
+                self.st = FsyncState::Writeback {
+                    at: 0,
+                    pass: WbPass::new(ino, true),
+                };
             }
         }
     }
 
     pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
+        if !self.begun {
+            self.begin(cx);
+        }
         match &mut self.st {
-            FsyncState::Writeback(p) => match p.step(cx) {
+            FsyncState::Writeback { at, pass } => match pass.step(cx) {
                 Step::Done(l, a, Ok(_)) => {
-                    self.st = FsyncState::Wait;
+                    let next = *at + 1;
+                    self.st = match self.inos.get(next) {
+                        Some(&ino) => FsyncState::Writeback {
+                            at: next,
+                            pass: WbPass::new(ino, true),
+                        },
+                        None => FsyncState::Wait,
+                    };
                     Step::Yield(l, a)
                 }
                 other => other,
             },
             FsyncState::Wait => {
-                match block::submit_and_complete(cx.fs.dev.as_mut(), Request::Flush) {
-                    Ok(()) => Step::Done("fsync:flush", self.ino as u64, Ok(0)),
-                    Err(e) => Step::Done("fsync:flush_error", self.ino as u64, Err(e.into())),
+                let arg = self.file.unwrap_or(usize::MAX) as u64;
+                let forced = if cx.fs.persistent() {
+                    cx.fs.log_force()
+                } else {
+                    block::submit_and_complete(cx.fs.dev.as_mut(), Request::Flush)
+                        .map_err(FsError::from)
+                };
+                match forced {
+                    Ok(()) => {
+                        if let Some(mark) = cx.oracle.promise_done(cx.op) {
+                            if cx.fs.persistent() {
+                                cx.fs.dev.mark(&mark);
+                            }
+                        }
+                        Step::Done("fsync:flush", arg, Ok(0))
+                    }
+                    Err(e) => Step::Done("fsync:flush_error", arg, Err(e)),
                 }
             }
         }

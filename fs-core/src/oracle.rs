@@ -12,8 +12,9 @@ use crate::extent::ExtentState;
 use crate::fs::{Fs, Violation};
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug)]
-enum EffectKind {
+/// What one operation did to one file (or name), at its linearisation point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EffectKind {
     /// One byte value repeated (what workloads write; no copy kept).
     Fill {
         offset: u64,
@@ -31,13 +32,53 @@ enum EffectKind {
     Size {
         size: u64,
     },
+    /// The inode slot holds a new, empty file of this generation.
+    Created {
+        generation: u64,
+    },
+    /// The inode lost its last name and is gone.
+    Gone,
+    /// The name now names the inode `ino` (`Some`), or nothing (`None`); `Effect::ino` is
+    /// the slot it named before, or the new one.
+    Name {
+        name: String,
+        to: Option<usize>,
+    },
 }
 
-#[derive(Clone, Debug)]
-struct Effect {
-    op: u32,
-    ino: usize,
-    kind: EffectKind,
+/// One effect, in the order they happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Effect {
+    pub op: u32,
+    pub ino: usize,
+    pub kind: EffectKind,
+}
+
+/// One file as a persistence point saw it when it started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileImage {
+    pub live: bool,
+    pub generation: u64,
+    pub data: Vec<u8>,
+}
+
+/// What a persistence point (fsync, fdatasync, sync) promised once it completed: the files it
+/// covers (one for fsync and fdatasync, all for sync) as they were when it started, and for
+/// sync the names too. Effects from `effects_at` on may have happened after it started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Promise {
+    /// The operation, and the mark its completion put in the device's log.
+    pub op: u32,
+    pub mark: String,
+    /// `Some(ino)` for fsync and fdatasync of that file; `None` for sync.
+    pub file: Option<usize>,
+    pub effects_at: usize,
+    /// (slot, image) of each file covered.
+    pub files: Vec<(usize, FileImage)>,
+    /// The directory (name -> slot), for sync.
+    pub names: Option<std::collections::BTreeMap<String, usize>>,
+    /// Whether the operation completed.
+    pub done: bool,
 }
 
 /// Where a wrong byte was seen.
@@ -85,21 +126,161 @@ pub enum Failure {
     },
 }
 
+/// A run's history as the oracle saw it: the files at the start, every effect in order, and
+/// every persistence point. A crash state of the run is judged against it
+/// ([`crate::crash`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct History {
+    pub start: Vec<FileImage>,
+    pub start_names: std::collections::BTreeMap<String, usize>,
+    pub effects: Vec<Effect>,
+    pub promises: Vec<Promise>,
+}
+
 /// The model of all files.
 #[derive(Clone, Debug, Default)]
 pub struct Oracle {
+    /// The files and names when the run started.
+    start: Vec<FileImage>,
+    start_names: std::collections::BTreeMap<String, usize>,
     files: Vec<Vec<u8>>,
+    /// Per slot: whether it holds a live file, and its generation.
+    live: Vec<(bool, u64)>,
+    /// The directory, when the filesystem has one.
+    names: std::collections::BTreeMap<String, usize>,
     effects: Vec<Effect>,
+    promises: Vec<Promise>,
     pub failures: Vec<Failure>,
 }
 
 impl Oracle {
     pub fn new(files: usize) -> Self {
+        let empty = FileImage {
+            live: true,
+            generation: 1,
+            data: Vec::new(),
+        };
         Oracle {
+            start: vec![empty; files],
             files: vec![Vec::new(); files],
+            live: vec![(true, 1); files],
+            names: Default::default(),
+            start_names: Default::default(),
             effects: Vec::new(),
+            promises: Vec::new(),
             failures: Vec::new(),
         }
+    }
+
+    /// A model of a filesystem that persists, as mounted: each slot's liveness, generation
+    /// and content, and the directory.
+    pub fn mounted(
+        files: Vec<(bool, u64, Vec<u8>)>,
+        names: std::collections::BTreeMap<String, usize>,
+    ) -> Self {
+        Oracle {
+            start: files
+                .iter()
+                .map(|f| FileImage {
+                    live: f.0,
+                    generation: f.1,
+                    data: f.2.clone(),
+                })
+                .collect(),
+            live: files.iter().map(|f| (f.0, f.1)).collect(),
+            files: files.into_iter().map(|f| f.2).collect(),
+            start_names: names.clone(),
+            names,
+            ..Oracle::default()
+        }
+    }
+
+    /// The run's history so far.
+    pub fn history(&self) -> History {
+        History {
+            start: self.start.clone(),
+            start_names: self.start_names.clone(),
+            effects: self.effects.clone(),
+            promises: self.promises.clone(),
+        }
+    }
+
+    /// Every effect so far, in order.
+    pub fn effects(&self) -> &[Effect] {
+        &self.effects
+    }
+
+    /// Every persistence point started so far.
+    pub fn promises(&self) -> &[Promise] {
+        &self.promises
+    }
+
+    /// The slot `ino` gets a new, empty file of `generation`.
+    pub fn created(&mut self, ino: usize, generation: u64, op: u32) {
+        self.files[ino].clear();
+        self.live[ino] = (true, generation);
+        self.effects.push(Effect {
+            op,
+            ino,
+            kind: EffectKind::Created { generation },
+        });
+    }
+
+    /// The file in slot `ino` is gone (its last name went).
+    pub fn gone(&mut self, ino: usize, op: u32) {
+        self.files[ino].clear();
+        self.live[ino].0 = false;
+        self.effects.push(Effect {
+            op,
+            ino,
+            kind: EffectKind::Gone,
+        });
+    }
+
+    /// `name` now names slot `to` (or nothing).
+    pub fn name(&mut self, name: &str, to: Option<usize>, op: u32) {
+        let before = match to {
+            Some(ino) => self.names.insert(name.to_owned(), ino),
+            None => self.names.remove(name),
+        };
+        self.effects.push(Effect {
+            op,
+            ino: to.or(before).unwrap_or(usize::MAX),
+            kind: EffectKind::Name {
+                name: name.to_owned(),
+                to,
+            },
+        });
+    }
+
+    /// A persistence point starts: what it covers is taken as it is now. `file: None` is
+    /// sync (every file, and the names).
+    pub fn promise_begin(&mut self, op: u32, file: Option<usize>) {
+        let image = |o: &Oracle, ino: usize| FileImage {
+            live: o.live[ino].0,
+            generation: o.live[ino].1,
+            data: o.files[ino].clone(),
+        };
+        let files = match file {
+            Some(ino) => vec![(ino, image(self, ino))],
+            None => (0..self.files.len()).map(|i| (i, image(self, i))).collect(),
+        };
+        self.promises.push(Promise {
+            op,
+            mark: format!("p{op}"),
+            file,
+            effects_at: self.effects.len(),
+            files,
+            names: file.is_none().then(|| self.names.clone()),
+            done: false,
+        });
+    }
+
+    /// The persistence point of `op` completed; returns its mark.
+    pub fn promise_done(&mut self, op: u32) -> Option<String> {
+        let p = self.promises.iter_mut().rev().find(|p| p.op == op)?;
+        p.done = true;
+        Some(p.mark.clone())
     }
 
     pub fn file(&self, ino: usize) -> &[u8] {
@@ -166,6 +347,8 @@ impl Oracle {
                 } if offset >= *o && offset < o + len => Some(*byte),
                 EffectKind::Zero { offset: o, len } if offset >= *o && offset < o + len => Some(0),
                 EffectKind::Size { size } if offset >= *size => Some(0),
+                // An earlier incarnation's bytes are not this file's.
+                EffectKind::Created { .. } | EffectKind::Gone => return None,
                 _ => None,
             };
             if let Some(v) = v {

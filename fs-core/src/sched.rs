@@ -60,6 +60,7 @@ enum Body {
     Truncate(TruncateTask),
     Fsync(FsyncTask),
     Sync(WbPass),
+    Ns(crate::ns::NsTask),
     Flusher(Flusher),
     Reclaim(Reclaim),
     Completion(IoCompletion),
@@ -69,6 +70,21 @@ struct Task {
     body: Body,
     op: u32,
     done: bool,
+    /// The inode slot a data operation works on (it is one of the inode's users meanwhile).
+    slot: Option<usize>,
+    started: bool,
+}
+
+impl Task {
+    fn background(body: Body) -> Self {
+        Task {
+            body,
+            op: u32::MAX,
+            done: false,
+            slot: None,
+            started: false,
+        }
+    }
 }
 
 impl Task {
@@ -82,6 +98,7 @@ impl Task {
                 Body::Truncate(t) => t.runnable(fs, me),
                 Body::Fsync(t) => t.runnable(fs, me),
                 Body::Sync(t) => t.runnable(fs, me),
+                Body::Ns(t) => t.runnable(fs, me),
                 Body::Flusher(t) => t.runnable(fs, me),
                 Body::Reclaim(t) => t.runnable(fs),
                 Body::Completion(t) => t.runnable(fs),
@@ -104,6 +121,7 @@ impl Task {
             Body::Truncate(t) => t.step(cx),
             Body::Fsync(t) => t.step(cx),
             Body::Sync(t) => t.step(cx),
+            Body::Ns(t) => t.step(cx),
             Body::Flusher(t) => t.step(cx),
             Body::Reclaim(t) => t.step(cx),
             Body::Completion(t) => t.step(cx),
@@ -159,8 +177,27 @@ fn task_for(op: &Op, files: usize) -> Result<Body, FsError> {
             Body::Range(RangeTask::new(RangeKind::ZeroRange, file, offset, len)?)
         }
         Op::Truncate { file, size } => Body::Truncate(TruncateTask::new(file, size)?),
-        Op::Fsync { file } => Body::Fsync(FsyncTask::new(file)),
+        Op::Fsync { file } | Op::Fdatasync { file } => Body::Fsync(FsyncTask::new(file)),
+        Op::FallocateKeepSize { file, offset, len } => Body::Range(
+            RangeTask::new(RangeKind::Fallocate, file, offset, len)?.keeping_size(),
+        ),
+        Op::Sync => Body::Fsync(FsyncTask::sync()),
+        Op::Create { .. } | Op::Unlink { .. } | Op::Rename { .. } | Op::Link { .. } => {
+            Body::Ns(crate::ns::NsTask::new(op.clone()))
+        }
     })
+}
+
+/// The inode slot a data operation works on (namespace operations and sync name none).
+fn data_slot(op: &Op) -> Option<usize> {
+    match op {
+        Op::Sync
+        | Op::Create { .. }
+        | Op::Unlink { .. }
+        | Op::Rename { .. }
+        | Op::Link { .. } => None,
+        _ => Some(op.file()),
+    }
 }
 
 /// A workload: files, and phases of operations. The operations of one phase run
@@ -547,6 +584,9 @@ pub struct RunResult {
     pub steps: u64,
     /// What the model noticed going wrong (stale mappings used, dirty folios dropped).
     pub notes: Vec<String>,
+    /// The files at the start, every effect and every persistence point: what a crash
+    /// state of the run is judged against.
+    pub history: crate::oracle::History,
 }
 
 impl RunResult {
@@ -576,7 +616,45 @@ pub fn run_on_device(
     // A workload that fails `check` still gets a filesystem of bounded size; `run` then
     // reports it as a harness failure without running it.
     let fs = Fs::new(cfg.clone(), dev, workload.files.min(FILES_PER_WORKLOAD_MAX));
-    Sim::new(fs, workload).run(policy)
+    Sim::new(fs, workload).run(policy).0
+}
+
+/// Run `workload` on a mounted filesystem (one that persists: see `ondisk::mount`) and hand
+/// it back, synced, for the caller to unmount. The oracle starts from the files as mounted;
+/// the workload's files are the inode slots (`workload.files` at most the inode count).
+pub fn run_mounted(mut fs: Fs, workload: &Workload, policy: &mut dyn Policy) -> (RunResult, Fs) {
+    let mut files = Vec::with_capacity(fs.inodes.len());
+    let mut unreadable = None;
+    for ino in 0..fs.inodes.len() {
+        let data = fs.read_from_disk(ino).unwrap_or_else(|e| {
+            unreadable.get_or_insert(format!("reading file {ino} at mount: {e}"));
+            Vec::new()
+        });
+        let i = fs.inode(ino);
+        files.push((i.in_use, i.generation, data));
+    }
+    let names = fs
+        .dir
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.ino as usize))
+        .collect();
+    let mut sim = Sim::new(fs, workload);
+    sim.oracle = Oracle::mounted(files, names);
+    if let Some(what) = unreadable {
+        sim.oracle.failures.push(Failure::Harness { what });
+        return sim.finish();
+    }
+    if workload.files > sim.fs.inodes.len() {
+        let what = format!(
+            "the workload has {} files; the filesystem has {} inodes",
+            workload.files,
+            sim.fs.inodes.len()
+        );
+        sim.oracle.failures.push(Failure::Harness { what });
+        return sim.finish();
+    }
+    sim.run(policy)
 }
 
 struct Sim<'w> {
@@ -594,21 +672,9 @@ impl<'w> Sim<'w> {
     fn new(fs: Fs, workload: &'w Workload) -> Self {
         let n_ops = workload.ops().count();
         let tasks = vec![
-            Task {
-                body: Body::Completion(IoCompletion),
-                op: u32::MAX,
-                done: false,
-            },
-            Task {
-                body: Body::Flusher(Flusher::default()),
-                op: u32::MAX,
-                done: false,
-            },
-            Task {
-                body: Body::Reclaim(Reclaim),
-                op: u32::MAX,
-                done: false,
-            },
+            Task::background(Body::Completion(IoCompletion)),
+            Task::background(Body::Flusher(Flusher::default())),
+            Task::background(Body::Reclaim(Reclaim)),
         ];
         Sim {
             oracle: Oracle::new(workload.files.min(FILES_PER_WORKLOAD_MAX)),
@@ -622,27 +688,60 @@ impl<'w> Sim<'w> {
         }
     }
 
-    fn step_task(&mut self, t: TaskId, short: Option<u32>) -> &'static str {
+    /// A data operation's first step: it becomes one of its inode's users, or, with the
+    /// inode gone, ends with ENOENT.
+    fn start(&mut self, t: TaskId) -> Option<Step> {
         let task = &mut self.tasks[t];
-        let mut cx = Cx {
-            fs: &mut self.fs,
-            oracle: &mut self.oracle,
-            me: t,
-            op: task.op,
-            short_copy: short,
+        task.started = true;
+        let slot = task.slot?;
+        if !self.fs.inode(slot).in_use {
+            task.slot = None;
+            return Some(Step::Done(
+                "enoent",
+                slot as u64,
+                Err(FsError::NoSuchFile(slot)),
+            ));
+        }
+        self.fs.inode_mut(slot).users += 1;
+        None
+    }
+
+    fn step_task(&mut self, t: TaskId, short: Option<u32>) -> &'static str {
+        let early = if self.tasks[t].started {
+            None
+        } else {
+            self.start(t)
         };
-        let step = task.step(&mut cx);
+        let task = &mut self.tasks[t];
+        let step = match early {
+            Some(step) => step,
+            None => task.step(&mut Cx {
+                fs: &mut self.fs,
+                oracle: &mut self.oracle,
+                me: t,
+                op: task.op,
+                short_copy: short,
+            }),
+        };
         self.steps += 1;
         let (label, arg) = match step {
             Step::Yield(l, a) => (l, a),
             Step::Done(l, a, r) => {
                 task.done = true;
+                if let Some(slot) = task.slot.take() {
+                    self.fs.inode_mut(slot).users -= 1;
+                }
                 if let Some(slot) = self.results.get_mut(task.op as usize) {
                     *slot = Some(r);
                 }
                 (l, a)
             }
         };
+        if let Err(e) = self.fs.after_step() {
+            self.oracle.failures.push(Failure::Invariant {
+                what: format!("a journal commit failed: {e}"),
+            });
+        }
         self.trace.push(TraceStep {
             task: t as u32,
             label,
@@ -661,7 +760,7 @@ impl<'w> Sim<'w> {
             .collect()
     }
 
-    fn run(mut self, policy: &mut dyn Policy) -> RunResult {
+    fn run(mut self, policy: &mut dyn Policy) -> (RunResult, Fs) {
         if let Err(what) = self.workload.check() {
             self.oracle.failures.push(Failure::Harness { what });
             return self.finish();
@@ -676,14 +775,16 @@ impl<'w> Sim<'w> {
                         body,
                         op: op_index,
                         done: false,
+                        slot: data_slot(op),
+                        started: false,
                     }),
                     Err(e) => {
                         self.results[op_index as usize] = Some(Err(e));
                         // Keep task ids stable: a finished placeholder.
                         self.tasks.push(Task {
-                            body: Body::Reclaim(Reclaim),
-                            op: op_index,
                             done: true,
+                            op: op_index,
+                            ..Task::background(Body::Reclaim(Reclaim))
                         });
                     }
                 }
@@ -781,11 +882,7 @@ impl<'w> Sim<'w> {
         // sync: a WB_SYNC_ALL pass per file, wait for all IO.
         for ino in 0..self.fs.inodes.len() {
             let t = self.tasks.len();
-            self.tasks.push(Task {
-                body: Body::Sync(WbPass::new(ino, true)),
-                op: u32::MAX,
-                done: false,
-            });
+            self.tasks.push(Task::background(Body::Sync(WbPass::new(ino, true))));
             self.drive(t, false);
         }
         let dirty = self
@@ -806,10 +903,15 @@ impl<'w> Sim<'w> {
                 });
             }
         }
+        if let Err(e) = self.fs.log_force() {
+            self.oracle.failures.push(Failure::Invariant {
+                what: format!("the final sync's journal commit failed: {e}"),
+            });
+        }
         self.fs.drop_caches();
     }
 
-    fn finish(mut self) -> RunResult {
+    fn finish(mut self) -> (RunResult, Fs) {
         let mut files = Vec::new();
         for ino in 0..self.fs.inodes.len() {
             match self.fs.read_from_disk(ino) {
@@ -833,7 +935,8 @@ impl<'w> Sim<'w> {
                 self.oracle.check_durable(ino, data);
             }
         }
-        RunResult {
+        let history = self.oracle.history();
+        let result = RunResult {
             schedule: self.schedule,
             trace: self.trace,
             failures: self.oracle.failures,
@@ -846,8 +949,10 @@ impl<'w> Sim<'w> {
                 .map(<[DeviceRecord]>::to_vec)
                 .unwrap_or_default(),
             steps: self.steps,
-            notes: self.fs.notes,
-        }
+            notes: std::mem::take(&mut self.fs.notes),
+            history,
+        };
+        (result, self.fs)
     }
 }
 

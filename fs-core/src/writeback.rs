@@ -185,6 +185,16 @@ impl WbPass {
             .data
             .clone();
         fs.alloc.mark_data_written(bio.addr);
+        let mut unwritten = bio.unwritten;
+        if unwritten && fs.cfg.bugs.convert_before_data {
+            // The planted bug: the block is WRITTEN before its data is on the device.
+            let written = Extent {
+                state: ExtentState::Written,
+                addr: bio.addr,
+            };
+            fs.inode_mut(ino).extents.set(bio.idx, written);
+            unwritten = false;
+        }
         match fs.dev.submit(Request::Write {
             block: bio.addr,
             data,
@@ -196,7 +206,7 @@ impl WbPass {
                     ino,
                     fblock: bio.idx,
                     addr: bio.addr,
-                    unwritten: bio.unwritten,
+                    unwritten,
                     stage: 0,
                 });
                 Step::Yield("wb:submit", bio.idx)
@@ -306,6 +316,11 @@ impl IoCompletion {
                 let io = fs.ioends.pop_front().expect("front");
                 if let Some(f) = fs.inode_mut(io.ino).cache.get_mut(io.fblock) {
                     f.writeback = false;
+                }
+                // xfs_setfilesize: the on-disk size may now cover what this IO wrote.
+                let e = fs.inode(io.ino).extents.get(io.fblock);
+                if e.state == ExtentState::Written && e.addr == io.addr {
+                    fs.data_landed(io.ino, io.fblock);
                 }
                 Step::Yield("io:end_writeback", io.fblock)
             }
