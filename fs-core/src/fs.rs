@@ -236,6 +236,11 @@ pub struct Inode {
 }
 
 impl Inode {
+    /// Whether a workload operation can reach the inode: in use and named.
+    pub fn reachable(&self) -> bool {
+        self.in_use && self.nlink > 0
+    }
+
     /// A fresh, empty inode in use, of generation `generation`, with one link.
     pub fn created(generation: u64) -> Self {
         Inode {

@@ -169,8 +169,9 @@ fn drop_link(cx: &mut Cx<'_>, ino: usize) -> Option<usize> {
     if cx.fs.inode(ino).nlink > 0 {
         return None;
     }
-    let inode = cx.fs.inode_mut(ino);
-    inode.in_use = false;
+    // Unreachable now (no new operation can open it); on disk an inode in use with no link
+    // (an orphan, as XFS's unlinked list holds them) until `destroy` frees it; a crash in
+    // between leaves the orphan for mount to free.
     cx.oracle.gone(ino, cx.op);
     Some(ino)
 }
@@ -181,6 +182,7 @@ fn create(cx: &mut Cx<'_>, file: usize) -> Result<Option<usize>, FsError> {
         return Err(FsError::Invalid(format!("{name} exists")));
     }
     if file >= cx.fs.inodes.len() || cx.fs.inode(file).in_use {
+        // In use, or an orphan still being freed.
         return Err(FsError::Invalid(format!("inode slot {file} is busy")));
     }
     add_name(cx.fs, name, file)?;

@@ -694,7 +694,7 @@ impl<'w> Sim<'w> {
         let task = &mut self.tasks[t];
         task.started = true;
         let slot = task.slot?;
-        if !self.fs.inode(slot).in_use {
+        if !self.fs.inode(slot).reachable() {
             task.slot = None;
             return Some(Step::Done(
                 "enoent",

@@ -31,6 +31,8 @@ pub struct FsckReport {
     /// Problems found beyond [`PROBLEMS_MAX`].
     pub more_problems: usize,
     pub inodes_in_use: usize,
+    /// Inodes in use with no link: unlinked before a crash, not yet freed (mount frees them).
+    pub orphans: Vec<u32>,
     pub names: usize,
     pub data_blocks_used: u64,
     /// What recovery replayed before the check (when it ran one).
@@ -222,7 +224,7 @@ fn check_inode(
     }
     r.inodes_in_use += 1;
     if inode.nlink == 0 {
-        r.problem(format!("inode {ino} is in use with no link (an orphan)"));
+        r.orphans.push(ino as u32);
     }
     let mut mapped: Vec<(u64, u64)> = Vec::new();
     for e in &inode.extents {

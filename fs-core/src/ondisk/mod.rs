@@ -408,7 +408,31 @@ fn build(
         steps: 0,
         recovery,
     });
+    free_orphans(&mut fs);
     Ok(fs)
+}
+
+/// Frees the orphans (inodes in use with no link: unlinked before a crash, not yet freed),
+/// as XFS's recovery of its unlinked list does. In memory: the next commit writes it, and
+/// their blocks are reusable once it has.
+fn free_orphans(fs: &mut Fs) {
+    for ino in 0..fs.inodes.len() {
+        let i = fs.inode(ino);
+        if !i.in_use || i.nlink > 0 {
+            continue;
+        }
+        let span = i.extents.span();
+        fs.punch_blocks(ino, 0, span);
+        let chain = std::mem::take(&mut fs.persist.as_mut().expect("mounted").chains[ino]);
+        for b in chain {
+            fs.alloc.free(b);
+        }
+        let inode = fs.inode_mut(ino);
+        inode.in_use = false;
+        inode.size = 0;
+        inode.disk_size = 0;
+        inode.meta_gen += 1;
+    }
 }
 
 impl Fs {
