@@ -8,10 +8,12 @@
 //! - `checker`  running one checker: own process group, deadline, capped streamed output
 //! - `dmlog`    import and export of the dm-log-writes format (fstests `replay-log`)
 //! - `race`     seeded race campaigns over fs-core: workloads, runner, reproducer bundles
+//! - `fscore`   fs-core on disk: image and NBD devices, crash campaigns with in-process states
 
 pub mod check;
 pub mod checker;
 pub mod dmlog;
+pub mod fscore;
 pub mod history;
 pub mod overlay;
 pub mod race;

@@ -21,12 +21,14 @@
 //! - `ns`          namespace operations: create, unlink, rename, link.
 //! - `sched`       tasks, yield points, policies (random, PCT, replay, script), the runner.
 //! - `oracle`      the fsx-style file model, first-wrong-byte reports, invariants.
+//! - `crash`       the crash oracle: what a filesystem recovered from a crash state must show.
 //! - `ondisk`      the on-disk format, the journal with ordered data, mkfs, mount with
 //!   recovery, commit and unmount, and fsck.
 
 pub mod alloc;
 pub mod block;
 pub mod buffered_io;
+pub mod crash;
 pub mod extent;
 pub mod fs;
 pub mod iomap;

@@ -77,8 +77,9 @@ pub struct Promise {
     pub files: Vec<(usize, FileImage)>,
     /// The directory (name -> slot), for sync.
     pub names: Option<std::collections::BTreeMap<String, usize>>,
-    /// Whether the operation completed.
-    pub done: bool,
+    /// When the operation completed: its place among the completed persistence points
+    /// (the order of their marks in the device's log).
+    pub done: Option<u64>,
 }
 
 /// Where a wrong byte was seen.
@@ -272,14 +273,15 @@ impl Oracle {
             effects_at: self.effects.len(),
             files,
             names: file.is_none().then(|| self.names.clone()),
-            done: false,
+            done: None,
         });
     }
 
     /// The persistence point of `op` completed; returns its mark.
     pub fn promise_done(&mut self, op: u32) -> Option<String> {
+        let order = self.promises.iter().filter(|p| p.done.is_some()).count() as u64;
         let p = self.promises.iter_mut().rev().find(|p| p.op == op)?;
-        p.done = true;
+        p.done = Some(order);
         Some(p.mark.clone())
     }
 

@@ -39,9 +39,20 @@ impl std::fmt::Debug for RecordedDevice {
 impl RecordedDevice {
     /// A fresh, zeroed device of `blocks` 4 KiB blocks; with `record`, its write log goes there.
     pub fn new(blocks: u64, record: Option<&Path>) -> Result<Self, DiskError> {
-        let storage: Arc<dyn Backend> = Arc::new(crate::backend::memory::MemoryBackend::new(
-            blocks * BLOCK_SIZE as u64,
-        ));
+        Self::with_image(&[], blocks, record)
+    }
+
+    /// A device of `blocks` blocks that starts out holding `image` (shorter than the device:
+    /// the rest reads as zeros), which the write log takes as its base: the log records only
+    /// what comes after.
+    pub fn with_image(image: &[u8], blocks: u64, record: Option<&Path>) -> Result<Self, DiskError> {
+        let bytes = blocks * BLOCK_SIZE as u64;
+        assert!(image.len() as u64 <= bytes, "image larger than the device");
+        let storage: Arc<dyn Backend> =
+            Arc::new(crate::backend::memory::MemoryBackend::new(bytes));
+        if !image.is_empty() {
+            storage.write(crate::backend::Ticket(0), 0, image, false)?;
+        }
         let config = DiskConfig {
             record: record.map(Path::to_path_buf),
             ..DiskConfig::default()
@@ -140,6 +151,13 @@ impl BlockDevice for RecordedDevice {
 
     fn write_log(&self) -> Option<&[DeviceRecord]> {
         Some(&self.records)
+    }
+
+    /// A mark in the emulated disk's write log (a recording failure shows at the next IO).
+    fn mark(&mut self, name: &str) {
+        if let Err(e) = self.disk.mark(name) {
+            tracing::warn!("mark {name:?} not recorded: {e}");
+        }
     }
 }
 

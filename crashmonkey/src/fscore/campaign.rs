@@ -1,0 +1,193 @@
+//! fs-core crash campaigns: each run formats a fresh filesystem, runs a workload on it
+//! through the deterministic scheduler on nbd-server's emulated disk (in process, recorded),
+//! unmounts it, and checks every crash state of the recorded log.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use fs_core::block::MemDevice;
+use fs_core::ondisk;
+use fs_core::sched::{run_mounted, RandomPolicy, RunResult};
+use fs_core::{Config, Workload};
+use nbd_server::fscore_device::RecordedDevice;
+
+use super::states::{check_run, read_all, StatesChecked};
+use super::workload::{self, WorkloadKind, CAMPAIGN_DEVICE_BLOCKS, CAMPAIGN_INODES};
+use crate::states::StateOptions;
+
+/// Failing states kept per run (the first is the finding).
+pub const FAILING_STATES_KEPT_MAX: usize = 4;
+
+/// How a campaign runs.
+#[derive(Debug, Clone)]
+pub struct FsCampaignOptions {
+    pub seed: u64,
+    pub runs: u64,
+    pub workload: WorkloadKind,
+    /// Switches and planted bugs.
+    pub config: Config,
+    pub states: StateOptions,
+    /// Stop after this many failing runs (0: never).
+    pub max_failures: u64,
+}
+
+/// One run and what its crash states showed.
+#[derive(Debug)]
+pub struct FsRun {
+    pub seed: u64,
+    pub workload: Workload,
+    pub cfg: Config,
+    pub result: RunResult,
+    pub states: StatesChecked,
+    /// The image mkfs made (the log's base), and the write log (kept while the run is).
+    pub base: Vec<u8>,
+    pub log: tempfile::NamedTempFile,
+}
+
+impl FsRun {
+    pub fn failed(&self) -> bool {
+        !self.states.failures.is_empty() || !self.result.failures.is_empty()
+    }
+}
+
+/// The workload of run `seed`.
+pub fn workload_for(kind: WorkloadKind, seed: u64) -> Workload {
+    match kind {
+        WorkloadKind::Ace => workload::ace(seed),
+        WorkloadKind::Random => workload::random(seed),
+    }
+}
+
+/// The names mkfs gives: `f0 .. f<n-1>`.
+fn mkfs_names(files: usize) -> Vec<String> {
+    (0..files).map(fs_core::ops::file_name).collect()
+}
+
+/// The base image of every run: a fresh filesystem on a `blocks`-block device.
+pub fn base_image(files: usize, blocks: u64) -> anyhow::Result<Vec<u8>> {
+    let mut dev = MemDevice::new(blocks);
+    ondisk::mkfs(&mut dev, CAMPAIGN_INODES, &mkfs_names(files))?;
+    read_all(&mut dev)
+}
+
+/// Runs `workload` (under the scheduler seeded with `seed`) on a fresh filesystem over a
+/// recorded emulated disk, unmounts it, and checks every crash state of its log.
+pub fn run_one(
+    seed: u64,
+    workload: Workload,
+    cfg: &Config,
+    states: StateOptions,
+    tmp: &Path,
+) -> anyhow::Result<FsRun> {
+    let base = base_image(workload.files, CAMPAIGN_DEVICE_BLOCKS)?;
+    let log = tempfile::Builder::new()
+        .prefix("fs-run-")
+        .suffix(".log")
+        .tempfile_in(tmp)?;
+    // The recorder makes its log afresh: hand it the path of the (now empty) temp file.
+    let log_path = log.path().to_path_buf();
+    std::fs::remove_file(&log_path)?;
+    let dev = RecordedDevice::with_image(&base, CAMPAIGN_DEVICE_BLOCKS, Some(&log_path))?;
+    let disk = dev.disk().clone();
+    let fs = ondisk::mount(cfg.clone(), Box::new(dev))?;
+    let mut policy = RandomPolicy::new(seed);
+    let (result, fs) = run_mounted(fs, &workload, &mut policy);
+    let unmounted = fs.unmount();
+    disk.sync_log()?;
+    drop(unmounted);
+    let states = check_run(
+        cfg,
+        &result.history,
+        &log_path,
+        base.clone(),
+        states,
+        FAILING_STATES_KEPT_MAX,
+    )?;
+    Ok(FsRun {
+        seed,
+        workload,
+        cfg: cfg.clone(),
+        result,
+        states,
+        base,
+        log,
+    })
+}
+
+/// What a campaign found.
+#[derive(Debug, serde::Serialize)]
+pub struct FsCampaignSummary {
+    pub runs: u64,
+    /// Unique crash states checked, over every run.
+    pub crash_states: u64,
+    /// Failing runs.
+    pub failures: u64,
+    pub first_failure_seed: Option<u64>,
+    pub seconds: f64,
+    pub states_per_second: f64,
+    /// The reproducer bundle written for the first failure.
+    pub reproducer: Option<PathBuf>,
+    pub workload: WorkloadKind,
+    pub bugs: Vec<&'static str>,
+    pub failing_seeds: Vec<u64>,
+    /// Set when a signal stopped the campaign early.
+    pub interrupted: Option<String>,
+}
+
+/// Runs the campaign; `first` receives the first failing run (to bundle), `progress` is told
+/// (runs done, states so far) after each run, and `stop` is polled between runs.
+pub fn run_campaign(
+    opts: &FsCampaignOptions,
+    tmp: &Path,
+    first: &mut dyn FnMut(&FsRun) -> anyhow::Result<PathBuf>,
+    progress: &mut dyn FnMut(u64, u64),
+    stop: &dyn Fn() -> Option<String>,
+) -> anyhow::Result<FsCampaignSummary> {
+    let started = Instant::now();
+    let mut s = FsCampaignSummary {
+        runs: 0,
+        crash_states: 0,
+        failures: 0,
+        first_failure_seed: None,
+        seconds: 0.0,
+        states_per_second: 0.0,
+        reproducer: None,
+        workload: opts.workload,
+        bugs: opts.config.bugs.names(),
+        failing_seeds: Vec::new(),
+        interrupted: None,
+    };
+    for i in 0..opts.runs {
+        if let Some(why) = stop() {
+            s.interrupted = Some(why);
+            break;
+        }
+        let seed = opts.seed.wrapping_add(i);
+        let run = run_one(
+            seed,
+            workload_for(opts.workload, seed),
+            &opts.config,
+            opts.states,
+            tmp,
+        )?;
+        s.runs += 1;
+        s.crash_states += run.states.checked as u64;
+        if run.failed() {
+            s.failures += 1;
+            if s.failing_seeds.len() < crate::race::campaign::FAILING_SEEDS_LISTED_MAX {
+                s.failing_seeds.push(seed);
+            }
+            if s.first_failure_seed.is_none() {
+                s.first_failure_seed = Some(seed);
+                s.reproducer = Some(first(&run)?);
+            }
+        }
+        progress(s.runs, s.crash_states);
+        if opts.max_failures > 0 && s.failures >= opts.max_failures {
+            break;
+        }
+    }
+    s.seconds = started.elapsed().as_secs_f64();
+    s.states_per_second = s.crash_states as f64 / s.seconds.max(1e-9);
+    Ok(s)
+}

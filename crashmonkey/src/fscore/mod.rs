@@ -1,0 +1,13 @@
+//! fs-core on disk, driven from crashmonkey: the `crashmonkey fs` commands' devices (an image
+//! file, an NBD export), crash campaigns that check every crash state of a run in process,
+//! their workloads and their reproducer bundles.
+//!
+//! - `device`    block devices for fs-core: stream (file, NBD), in-memory crash state
+//! - `workload`  `ace` (bounded, exhaustive) and `random` (racing, with namespace operations)
+//! - `states`    every crash state of a run's log: built in memory, mounted, fsck'd, judged
+//! - `campaign`  runs, summaries
+
+pub mod campaign;
+pub mod device;
+pub mod states;
+pub mod workload;

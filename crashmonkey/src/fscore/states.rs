@@ -1,0 +1,186 @@
+//! Every crash state of an fs-core run, checked in process: each state of the recorded log
+//! (the same prefix / ordered-subset / torn generator `crashmonkey check` uses) is built in
+//! memory as the epoch's prefix image plus the state's own blocks, mounted with recovery,
+//! fsck'd, and judged by fs-core's crash oracle. Nothing is written to disk per state.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use fs_core::block::{read_block_sync, BlockDevice, BLOCK_SIZE};
+use fs_core::crash::{self, CrashViolation};
+use fs_core::ondisk::{self, fsck};
+use fs_core::oracle::History;
+use fs_core::Config;
+
+use crate::history::{Epoch, Epochs, History as LogHistory, Op, OpData};
+use crate::states::{CrashState, StateGenerator, StateOptions};
+
+use super::device::StateDevice;
+
+const BS: u64 = BLOCK_SIZE as u64;
+
+/// One crash state that broke a promise, with everything a report needs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StateFailure {
+    pub state: CrashState,
+    /// Why it did not mount, if it did not.
+    pub mount_error: Option<String>,
+    /// What fsck found wrong (after recovery).
+    pub fsck: Vec<String>,
+    /// What the crash oracle found wrong.
+    pub violations: Vec<CrashViolation>,
+    /// Transactions recovery replayed.
+    pub replayed: u64,
+}
+
+/// The outcome of checking a run's states.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StatesChecked {
+    /// States generated (duplicates included).
+    pub generated: usize,
+    /// States with distinct content: the ones checked.
+    pub checked: usize,
+    pub failures: Vec<StateFailure>,
+    /// Epochs of the log.
+    pub epochs: usize,
+}
+
+/// A state's own blocks: the prefix blocks its writes touch, with the writes applied.
+fn state_blocks(
+    prefix: &[u8],
+    epoch: &Epoch,
+    state: &CrashState,
+    log: &[u8],
+) -> HashMap<u64, Vec<u8>> {
+    let mut blocks = HashMap::new();
+    let mut apply = |op: &Op, pieces: &[(u64, u64)]| {
+        for &(off, len) in pieces {
+            let mut at = off;
+            while at < off + len {
+                let b = at / BS;
+                let end = ((b + 1) * BS).min(off + len);
+                let block = blocks.entry(b).or_insert_with(|| {
+                    prefix[(b * BS) as usize..((b + 1) * BS) as usize].to_vec()
+                });
+                let dst = &mut block[(at - b * BS) as usize..(end - b * BS) as usize];
+                fill(op, at, dst, log);
+                at = end;
+            }
+        }
+    };
+    for &i in &state.included {
+        let op = &epoch.ops[i];
+        apply(op, &op.pieces);
+    }
+    if let Some(t) = &state.torn {
+        apply(&epoch.ops[t.index], &t.pieces);
+    }
+    blocks
+}
+
+/// The bytes `op` writes at `[at, at + dst.len())`.
+fn fill(op: &Op, at: u64, dst: &mut [u8], log: &[u8]) {
+    match op.data {
+        OpData::Zero => dst.fill(0),
+        OpData::Log { payload_offset } => {
+            let from = (payload_offset + (at - op.offset)) as usize;
+            dst.copy_from_slice(&log[from..from + dst.len()]);
+        }
+    }
+}
+
+/// Applies every operation of `epoch` to the prefix image.
+fn advance(prefix: &mut [u8], epoch: &Epoch, log: &[u8]) {
+    for op in &epoch.ops {
+        for &(off, len) in &op.pieces {
+            fill(op, off, &mut prefix[off as usize..(off + len) as usize], log);
+        }
+    }
+}
+
+/// Mounts one state (recovery into the state's own blocks), fscks it and judges it. `None`
+/// when it keeps every promise.
+pub fn check_state(
+    cfg: &Config,
+    history: &History,
+    prefix: &Arc<Vec<u8>>,
+    blocks: HashMap<u64, Vec<u8>>,
+    state: &CrashState,
+) -> Option<StateFailure> {
+    let dev = StateDevice::new(prefix.clone(), blocks);
+    let mut fs = match ondisk::mount(cfg.clone(), Box::new(dev)) {
+        Ok(fs) => fs,
+        Err(e) => {
+            return Some(StateFailure {
+                state: state.clone(),
+                mount_error: Some(e.to_string()),
+                fsck: Vec::new(),
+                violations: Vec::new(),
+                replayed: 0,
+            })
+        }
+    };
+    let replayed = fs.persist.as_ref().map_or(0, |p| p.recovery.replayed);
+    let report = fsck::check(&mut |b| read_block_sync(fs.dev.as_mut(), b));
+    let violations = crash::judge(history, state.mark.as_deref(), &mut fs);
+    if report.clean() && violations.is_empty() {
+        return None;
+    }
+    Some(StateFailure {
+        state: state.clone(),
+        mount_error: None,
+        fsck: report.problems,
+        violations,
+        replayed,
+    })
+}
+
+/// Checks every unique crash state of the log at `log_path` (over the image `base`), in
+/// order; stops after `max_failures` failing states (0: never).
+pub fn check_run(
+    cfg: &Config,
+    history: &History,
+    log_path: &Path,
+    base: Vec<u8>,
+    opts: StateOptions,
+    max_failures: usize,
+) -> anyhow::Result<StatesChecked> {
+    let log = std::fs::read(log_path)?;
+    let events = LogHistory::open(log_path)?;
+    let mut generator = StateGenerator::new(opts, File::open(log_path)?);
+    let mut prefix = Arc::new(base);
+    let mut out = StatesChecked::default();
+    for epoch in Epochs::new(events) {
+        let epoch = epoch?;
+        out.epochs += 1;
+        for state in generator.epoch_states(&epoch)? {
+            if state.duplicate_of.is_some() {
+                continue;
+            }
+            out.checked += 1;
+            let blocks = state_blocks(&prefix, &epoch, &state, &log);
+            if let Some(f) = check_state(cfg, history, &prefix, blocks, &state) {
+                out.failures.push(f);
+                if max_failures > 0 && out.failures.len() >= max_failures {
+                    out.generated = generator.generated;
+                    return Ok(out);
+                }
+            }
+        }
+        advance(Arc::make_mut(&mut prefix).as_mut_slice(), &epoch, &log);
+    }
+    out.generated = generator.generated;
+    Ok(out)
+}
+
+/// The content of a device, block by block (the base image of a campaign run).
+pub fn read_all(dev: &mut dyn BlockDevice) -> anyhow::Result<Vec<u8>> {
+    let n = dev.block_count();
+    let mut out = Vec::with_capacity((n * BS) as usize);
+    for b in 0..n {
+        out.extend(read_block_sync(dev, b)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,375 @@
+//! The crash oracle: what a filesystem recovered from a crash state must show, given the run's
+//! history and the last persistence point the state is known to include. It is the promise
+//! of `docs/fs-core-crash.md` (ordered data, as ext4 `data=ordered` and XFS give):
+//!
+//! - **Baseline.** For each file, the newest completed persistence point that covers it and
+//!   that the state includes (its mark is in the state): fsync or fdatasync of the file, or
+//!   sync; else the filesystem as mounted before the run. Its image is the file as it was
+//!   when that point *started*: operations concurrent with it may or may not be in it.
+//! - **Bytes.** Each byte of the recovered file is the baseline's byte, or one that an
+//!   operation after the baseline's start wrote there, or zero where a later operation could
+//!   have left zeros (punch, zero range, a truncate that shrank then grew the file, a write
+//!   that left a hole below it). Never another file's data, never an older incarnation's.
+//! - **Sizes.** Between the smallest a later truncate set (or the baseline's) and the largest
+//!   a later operation reached (or the baseline's); every byte below it obeys the rule above,
+//!   so an on-disk size that ran ahead of its data shows up as bytes that must not be zero.
+//! - **Existence.** A file the baseline saw alive is alive, unless a later operation removed
+//!   its last name; a recovered file's generation is the baseline's or one a later create
+//!   made.
+//! - **Names** (from the newest included sync, else as mounted): each baseline name is
+//!   there unless a later operation removed it, and names the baseline's inode or one a later
+//!   operation put there; a renamed-over name is the old file or the new one, never missing.
+
+use std::collections::BTreeMap;
+
+use crate::fs::Fs;
+use crate::oracle::{Effect, EffectKind, FileImage, History, Promise};
+
+/// Violations reported per crash state at most.
+pub const VIOLATIONS_MAX: usize = 16;
+
+/// One broken promise.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CrashViolation {
+    /// The file's name as the workload calls it (`f<N>`), and its inode slot.
+    pub file: String,
+    /// What is wrong, in words (offset, found and allowed values, whose data it is).
+    pub what: String,
+    /// The persistence point whose promise it breaks (`None`: the mounted state).
+    pub promised_by: Option<u32>,
+}
+
+/// The baseline of one file: its image and where the history goes on from.
+struct Baseline<'h> {
+    image: &'h FileImage,
+    effects_at: usize,
+    by: Option<u32>,
+}
+
+/// The promises a crash state includes: completed, with a mark at or before `mark`.
+pub fn included<'h>(history: &'h History, mark: Option<&str>) -> Vec<&'h Promise> {
+    let Some(limit) = mark.and_then(|m| {
+        history
+            .promises
+            .iter()
+            .find(|p| p.mark == m)
+            .and_then(|p| p.done)
+    }) else {
+        return Vec::new();
+    };
+    history
+        .promises
+        .iter()
+        .filter(|p| p.done.is_some_and(|d| d <= limit))
+        .collect()
+}
+
+fn baseline<'h>(history: &'h History, included: &[&'h Promise], ino: usize) -> Baseline<'h> {
+    included
+        .iter()
+        .filter_map(|p| {
+            p.files
+                .iter()
+                .find(|(i, _)| *i == ino)
+                .map(|(_, image)| Baseline {
+                    image,
+                    effects_at: p.effects_at,
+                    by: Some(p.op),
+                })
+        })
+        .max_by_key(|b| b.effects_at)
+        .unwrap_or(Baseline {
+            image: &history.start[ino],
+            effects_at: 0,
+            by: None,
+        })
+}
+
+/// What a recovered file looks like.
+pub struct Found {
+    pub in_use: bool,
+    pub generation: u64,
+    pub data: Vec<u8>,
+}
+
+/// Judges a recovered filesystem (mounted from the crash state) against the history, for a
+/// state whose last included mark is `mark`.
+pub fn judge(history: &History, mark: Option<&str>, fs: &mut Fs) -> Vec<CrashViolation> {
+    let included = included(history, mark);
+    let mut out = Vec::new();
+    for ino in 0..history.start.len().min(fs.inodes.len()) {
+        let i = fs.inode(ino);
+        let (in_use, generation) = (i.in_use && i.nlink > 0, i.generation);
+        let data = if in_use {
+            match fs.read_from_disk(ino) {
+                Ok(d) => d,
+                Err(e) => {
+                    out.push(CrashViolation {
+                        file: crate::ops::file_name(ino),
+                        what: format!("inode {ino} cannot be read: {e}"),
+                        promised_by: None,
+                    });
+                    continue;
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let found = Found {
+            in_use,
+            generation,
+            data,
+        };
+        let base = baseline(history, &included, ino);
+        if let Some(what) = judge_file(history, &base, ino, &found) {
+            out.push(CrashViolation {
+                file: crate::ops::file_name(ino),
+                what,
+                promised_by: base.by,
+            });
+        }
+        if out.len() >= VIOLATIONS_MAX {
+            return out;
+        }
+    }
+    out.extend(judge_names(history, &included, fs));
+    out.truncate(VIOLATIONS_MAX);
+    out
+}
+
+/// The effects on slot `ino` after `from`, split at the first create or removal: those that
+/// belong to the baseline's incarnation, and the later incarnations by generation.
+fn incarnations(effects: &[Effect], ino: usize, from: usize) -> (Vec<&Effect>, BTreeMap<u64, Vec<&Effect>>) {
+    let mut first = Vec::new();
+    let mut later: BTreeMap<u64, Vec<&Effect>> = BTreeMap::new();
+    let mut current: Option<u64> = None;
+    for e in effects[from.min(effects.len())..].iter().filter(|e| e.ino == ino) {
+        match &e.kind {
+            EffectKind::Created { generation } => {
+                current = Some(*generation);
+                later.entry(*generation).or_default();
+            }
+            EffectKind::Gone => current = Some(u64::MAX),
+            EffectKind::Name { .. } => {}
+            _ => match current {
+                None => first.push(e),
+                Some(g) => later.entry(g).or_default().push(e),
+            },
+        }
+    }
+    (first, later)
+}
+
+fn judge_file(history: &History, base: &Baseline<'_>, ino: usize, found: &Found) -> Option<String> {
+    let after = &history.effects[base.effects_at.min(history.effects.len())..];
+    let removed_later = after
+        .iter()
+        .any(|e| e.ino == ino && e.kind == EffectKind::Gone);
+    let (same, later) = incarnations(&history.effects, ino, base.effects_at);
+    if !found.in_use {
+        return (base.image.live && !removed_later).then(|| {
+            "is gone, though it was durable and no later operation removed it".to_string()
+        });
+    }
+    if base.image.live && found.generation == base.image.generation {
+        return check_bytes(Some(&base.image.data), &same, found, history, ino);
+    }
+    match later.get(&found.generation) {
+        Some(effects) => check_bytes(None, effects, found, history, ino),
+        None => Some(format!(
+            "has generation {}, which neither the durable state ({}) nor a later create made",
+            found.generation,
+            if base.image.live {
+                format!("generation {}", base.image.generation)
+            } else {
+                "no file".into()
+            }
+        )),
+    }
+}
+
+/// Checks a file's bytes and size against its baseline content (`None`: a new, empty file)
+/// and the effects after it.
+fn check_bytes(
+    base: Option<&[u8]>,
+    effects: &[&Effect],
+    found: &Found,
+    history: &History,
+    ino: usize,
+) -> Option<String> {
+    let base_len = base.map_or(0, <[u8]>::len) as u64;
+    let (lo, hi) = size_bounds(base_len, effects);
+    let size = found.data.len() as u64;
+    if size < lo || size > hi {
+        return Some(format!(
+            "has size {size}; the durable size and later operations allow {lo}..={hi}"
+        ));
+    }
+    for (x, &v) in found.data.iter().enumerate() {
+        let x = x as u64;
+        if base.is_some_and(|b| b.get(x as usize) == Some(&v)) {
+            continue;
+        }
+        if effects.iter().any(|e| writes(e, x) == Some(v)) {
+            continue;
+        }
+        if v == 0 && zero_ok(base_len, effects, x) {
+            continue;
+        }
+        return Some(describe_byte(base, effects, history, ino, x, v));
+    }
+    None
+}
+
+/// The value `e` leaves at byte `x`, if it writes one there.
+fn writes(e: &Effect, x: u64) -> Option<u8> {
+    match &e.kind {
+        EffectKind::Fill { offset, len, byte } if x >= *offset && x < offset + len => Some(*byte),
+        EffectKind::Write { offset, data } if x >= *offset && x < offset + data.len() as u64 => {
+            Some(data[(x - offset) as usize])
+        }
+        EffectKind::Zero { offset, len } if x >= *offset && x < offset + len => Some(0),
+        _ => None,
+    }
+}
+
+/// Whether a later operation could have left zero at `x`: one zeroed it, a truncate cut the
+/// file at or below it (it may have grown again over a hole), or a write past it, with `x`
+/// beyond the durable size, left a hole below it.
+fn zero_ok(base_len: u64, effects: &[&Effect], x: u64) -> bool {
+    effects.iter().any(|e| match &e.kind {
+        EffectKind::Zero { offset, len } => x >= *offset && x < offset + len,
+        EffectKind::Size { size } => *size <= x || (x >= base_len && x < *size),
+        EffectKind::Fill { offset, .. } | EffectKind::Write { offset, .. } => {
+            x >= base_len && *offset > x
+        }
+        _ => false,
+    })
+}
+
+/// The smallest and largest sizes the baseline and later operations allow.
+fn size_bounds(base_len: u64, effects: &[&Effect]) -> (u64, u64) {
+    let (mut lo, mut hi) = (base_len, base_len);
+    for e in effects {
+        match &e.kind {
+            EffectKind::Size { size } => {
+                lo = lo.min(*size);
+                hi = hi.max(*size);
+            }
+            EffectKind::Fill { offset, len, .. } => hi = hi.max(offset + len),
+            EffectKind::Write { offset, data } => hi = hi.max(offset + data.len() as u64),
+            _ => {}
+        }
+    }
+    (lo, hi)
+}
+
+/// A wrong byte, in words: what was found, what was allowed, whose data it is.
+fn describe_byte(
+    base: Option<&[u8]>,
+    effects: &[&Effect],
+    history: &History,
+    ino: usize,
+    x: u64,
+    v: u8,
+) -> String {
+    let mut allowed: Vec<String> = Vec::new();
+    if let Some(b) = base.and_then(|b| b.get(x as usize)) {
+        allowed.push(format!("{} (durable)", show(*b)));
+    }
+    for e in effects {
+        if let Some(w) = writes(e, x) {
+            allowed.push(format!("{} (op {})", show(w), e.op));
+        }
+    }
+    let owner = history
+        .effects
+        .iter()
+        .rev()
+        .filter(|_| v != 0)
+        .find(|e| matches!(e.kind, EffectKind::Fill { byte, .. } if byte == v))
+        .map(|e| {
+            if e.ino == ino {
+                format!("; it is data op {} wrote to this file", e.op)
+            } else {
+                format!(
+                    "; it is data op {} wrote to {} (stale data of another file)",
+                    e.op,
+                    crate::ops::file_name(e.ino)
+                )
+            }
+        })
+        .unwrap_or_default();
+    format!(
+        "byte {x}: found {}, allowed {}{owner}",
+        show(v),
+        if allowed.is_empty() {
+            "nothing (no operation wrote there)".into()
+        } else {
+            allowed.join(" or ")
+        }
+    )
+}
+
+fn show(b: u8) -> String {
+    if b.is_ascii_graphic() {
+        format!("'{}'", b as char)
+    } else {
+        format!("0x{b:02x}")
+    }
+}
+
+/// Names against the newest included sync (or the mounted directory) and later operations.
+fn judge_names(history: &History, included: &[&Promise], fs: &Fs) -> Vec<CrashViolation> {
+    let (base, from, by) = included
+        .iter()
+        .filter_map(|p| p.names.as_ref().map(|n| (n, p.effects_at, Some(p.op))))
+        .max_by_key(|(_, at, _)| *at)
+        .unwrap_or((&history.start_names, 0, None));
+    let mut later: BTreeMap<&str, Vec<Option<usize>>> = BTreeMap::new();
+    for e in &history.effects[from.min(history.effects.len())..] {
+        if let EffectKind::Name { name, to } = &e.kind {
+            later.entry(name).or_default().push(*to);
+        }
+    }
+    let found: BTreeMap<&str, usize> = fs
+        .dir
+        .iter()
+        .flatten()
+        .map(|e| (e.name.as_str(), e.ino as usize))
+        .collect();
+    let mut out = Vec::new();
+    let mut bad = |name: &str, what: String| {
+        out.push(CrashViolation {
+            file: name.to_string(),
+            what,
+            promised_by: by,
+        })
+    };
+    for (name, &slot) in base {
+        let changes = later.get(name.as_str());
+        match found.get(name.as_str()) {
+            None if !changes.is_some_and(|c| c.contains(&None)) => bad(
+                name,
+                "is missing, though it was durable and no later operation removed it".into(),
+            ),
+            Some(&s) if s != slot && !changes.is_some_and(|c| c.contains(&Some(s))) => bad(
+                name,
+                format!("names inode {s}; durably it named {slot}, and no later operation moved it"),
+            ),
+            _ => {}
+        }
+    }
+    for (name, &s) in &found {
+        if base.contains_key(*name) {
+            continue;
+        }
+        if !later.get(name).is_some_and(|c| c.contains(&Some(s))) {
+            bad(
+                name,
+                format!("names inode {s}, but no operation after the durable state made it"),
+            );
+        }
+    }
+    out
+}
