@@ -58,3 +58,30 @@ fn explore_defaults_at_scale() {
         eprintln!("{kind:?}: {failing} of {n} runs failed, {states} states; first: {first:?}");
     }
 }
+
+#[test]
+#[ignore]
+fn explain_seed() {
+    let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
+    let kind = if std::env::var("ACE").is_ok() { WorkloadKind::Ace } else { WorkloadKind::Random };
+    let tmp = tempfile::tempdir().unwrap();
+    let w = workload_for(kind, seed);
+    for (i, p) in w.phases.iter().enumerate() {
+        eprintln!("phase {i}: {}", p.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(" | "));
+    }
+    let r = run_one(seed, w, &Config::default(), StateOptions::default(), tmp.path()).unwrap();
+    eprintln!("results: {:?}", r.result.results);
+    for p in &r.result.history.promises {
+        eprintln!("promise op {} mark {} file {:?} done {:?} effects_at {} running {:?}", p.op, p.mark, p.file, p.done, p.effects_at, p.running);
+    }
+    for (i, e) in r.result.history.effects.iter().enumerate() {
+        eprintln!("effect {i}: op {} ino {} {:?}", e.op, e.ino, match &e.kind { fs_core::oracle::EffectKind::Write { offset, data } => format!("Write {offset}+{}", data.len()), k => format!("{k:?}") });
+    }
+    for t in r.result.trace.iter() {
+        eprint!("{}:{}:{} ", t.task, t.label, t.arg);
+    }
+    eprintln!();
+    if let Some(f) = r.states.failures.first() {
+        eprintln!("{f:#?}");
+    }
+}

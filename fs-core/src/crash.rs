@@ -4,8 +4,9 @@
 //!
 //! - **Baseline.** For each file, the newest completed persistence point that covers it and
 //!   that the state includes (its mark is in the state): fsync or fdatasync of the file, or
-//!   sync; else the filesystem as mounted before the run. Its image is the file as it was
-//!   when that point *started*: operations concurrent with it may or may not be in it.
+//!   sync; else the filesystem as mounted before the run. Its image is the file as the
+//!   effects before that point *started* made it, less those of operations still running
+//!   then (they may or may not be durable): the history replayed up to that cut.
 //! - **Bytes.** Each byte of the recovered file is the baseline's byte, or one that an
 //!   operation after the baseline's start wrote there, or zero where a later operation could
 //!   have left zeros (punch, zero range, a truncate that shrank then grew the file, a write
@@ -40,10 +41,73 @@ pub struct CrashViolation {
 }
 
 /// The baseline of one file: its image and where the history goes on from.
-struct Baseline<'h> {
-    image: &'h FileImage,
+struct Baseline {
+    image: FileImage,
     effects_at: usize,
     by: Option<u32>,
+}
+
+/// Where a promise's baseline ends in the history: before its start, and before the first
+/// effect of any operation running then.
+fn cut(history: &History, p: &Promise) -> usize {
+    let first_running = history.effects[..p.effects_at.min(history.effects.len())]
+        .iter()
+        .position(|e| p.running.contains(&e.op));
+    first_running.map_or(p.effects_at, |i| i.min(p.effects_at))
+}
+
+/// The files and the names as the effects before `cut` left them, from the start.
+fn replay(history: &History, cut: usize) -> (Vec<FileImage>, BTreeMap<String, usize>) {
+    let mut files = history.start.clone();
+    let mut names = history.start_names.clone();
+    for e in &history.effects[..cut.min(history.effects.len())] {
+        let Some(f) = files.get_mut(e.ino) else {
+            if let EffectKind::Name { name, to } = &e.kind {
+                set_name(&mut names, name, *to);
+            }
+            continue;
+        };
+        match &e.kind {
+            EffectKind::Fill { offset, len, byte } => {
+                put(&mut f.data, *offset, &vec![*byte; *len as usize])
+            }
+            EffectKind::Write { offset, data } => put(&mut f.data, *offset, data),
+            EffectKind::Zero { offset, len } => {
+                let end = ((offset + len) as usize).min(f.data.len());
+                let start = (*offset as usize).min(end);
+                f.data[start..end].fill(0);
+            }
+            EffectKind::Size { size } => f.data.resize(*size as usize, 0),
+            EffectKind::Created { generation } => {
+                *f = FileImage {
+                    live: true,
+                    generation: *generation,
+                    data: Vec::new(),
+                }
+            }
+            EffectKind::Gone => {
+                f.live = false;
+                f.data.clear();
+            }
+            EffectKind::Name { name, to } => set_name(&mut names, name, *to),
+        }
+    }
+    (files, names)
+}
+
+fn put(data: &mut Vec<u8>, offset: u64, bytes: &[u8]) {
+    let end = offset as usize + bytes.len();
+    if data.len() < end {
+        data.resize(end, 0);
+    }
+    data[offset as usize..end].copy_from_slice(bytes);
+}
+
+fn set_name(names: &mut BTreeMap<String, usize>, name: &str, to: Option<usize>) {
+    match to {
+        Some(ino) => names.insert(name.to_owned(), ino),
+        None => names.remove(name),
+    };
 }
 
 /// The promises a crash state includes: completed, with a mark at or before `mark`.
@@ -64,25 +128,25 @@ pub fn included<'h>(history: &'h History, mark: Option<&str>) -> Vec<&'h Promise
         .collect()
 }
 
-fn baseline<'h>(history: &'h History, included: &[&'h Promise], ino: usize) -> Baseline<'h> {
-    included
+/// The newest included promise covering `ino` (by cut), or the mounted state.
+fn baseline(history: &History, included: &[&Promise], ino: usize) -> Baseline {
+    let newest = included
         .iter()
-        .filter_map(|p| {
-            p.files
-                .iter()
-                .find(|(i, _)| *i == ino)
-                .map(|(_, image)| Baseline {
-                    image,
-                    effects_at: p.effects_at,
-                    by: Some(p.op),
-                })
-        })
-        .max_by_key(|b| b.effects_at)
-        .unwrap_or(Baseline {
-            image: &history.start[ino],
+        .filter(|p| p.file.is_none_or(|f| f == ino))
+        .map(|p| (cut(history, p), p.op))
+        .max();
+    match newest {
+        Some((at, op)) => Baseline {
+            image: replay(history, at).0.swap_remove(ino),
+            effects_at: at,
+            by: Some(op),
+        },
+        None => Baseline {
+            image: history.start[ino].clone(),
             effects_at: 0,
             by: None,
-        })
+        },
+    }
 }
 
 /// What a recovered file looks like.
@@ -160,7 +224,7 @@ fn incarnations(effects: &[Effect], ino: usize, from: usize) -> (Vec<&Effect>, B
     (first, later)
 }
 
-fn judge_file(history: &History, base: &Baseline<'_>, ino: usize, found: &Found) -> Option<String> {
+fn judge_file(history: &History, base: &Baseline, ino: usize, found: &Found) -> Option<String> {
     let after = &history.effects[base.effects_at.min(history.effects.len())..];
     let removed_later = after
         .iter()
@@ -321,11 +385,16 @@ fn show(b: u8) -> String {
 
 /// Names against the newest included sync (or the mounted directory) and later operations.
 fn judge_names(history: &History, included: &[&Promise], fs: &Fs) -> Vec<CrashViolation> {
-    let (base, from, by) = included
+    let newest = included
         .iter()
-        .filter_map(|p| p.names.as_ref().map(|n| (n, p.effects_at, Some(p.op))))
-        .max_by_key(|(_, at, _)| *at)
-        .unwrap_or((&history.start_names, 0, None));
+        .filter(|p| p.file.is_none())
+        .map(|p| (cut(history, p), p.op))
+        .max();
+    let (names, from, by) = match newest {
+        Some((at, op)) => (replay(history, at).1, at, Some(op)),
+        None => (history.start_names.clone(), 0, None),
+    };
+    let base = &names;
     let mut later: BTreeMap<&str, Vec<Option<usize>>> = BTreeMap::new();
     for e in &history.effects[from.min(history.effects.len())..] {
         if let EffectKind::Name { name, to } = &e.kind {

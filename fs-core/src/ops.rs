@@ -510,6 +510,9 @@ pub struct FsyncTask {
     /// `Some(ino)` for fsync and fdatasync, `None` for sync.
     file: Option<usize>,
     inos: Vec<usize>,
+    /// Each file's size when the operation started: everything below it is written (or a
+    /// hole) once the passes and their IO are done, so the on-disk size may reach it.
+    sizes: Vec<u64>,
     begun: bool,
     st: FsyncState,
 }
@@ -519,6 +522,7 @@ impl FsyncTask {
         FsyncTask {
             file: Some(ino),
             inos: vec![ino],
+            sizes: Vec::new(),
             begun: false,
             st: FsyncState::Writeback {
                 at: 0,
@@ -532,6 +536,7 @@ impl FsyncTask {
         FsyncTask {
             file: None,
             inos: Vec::new(),
+            sizes: Vec::new(),
             begun: false,
             st: FsyncState::Wait,
         }
@@ -563,6 +568,20 @@ impl FsyncTask {
                 };
             }
         }
+        self.sizes = self.inos.iter().map(|&i| cx.fs.inode(i).size).collect();
+    }
+
+    /// The on-disk size of every file covered moves up to its size at the start (or its size
+    /// now, if a truncate made it smaller since): fsync persists the size too, even where no
+    /// IO completed to move it (the last block was punched, or is a hole).
+    fn settle_sizes(&self, fs: &mut Fs) {
+        for (&ino, &at_start) in self.inos.iter().zip(&self.sizes) {
+            let i = fs.inode(ino);
+            let size = at_start.min(i.size);
+            if i.in_use && size > i.disk_size {
+                fs.set_disk_size(ino, size);
+            }
+        }
     }
 
     pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
@@ -586,6 +605,7 @@ impl FsyncTask {
             },
             FsyncState::Wait => {
                 let arg = self.file.unwrap_or(usize::MAX) as u64;
+                self.settle_sizes(cx.fs);
                 let forced = if cx.fs.persistent() {
                     cx.fs.log_force()
                 } else {

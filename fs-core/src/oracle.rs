@@ -63,8 +63,9 @@ pub struct FileImage {
 }
 
 /// What a persistence point (fsync, fdatasync, sync) promised once it completed: the files it
-/// covers (one for fsync and fdatasync, all for sync) as they were when it started, and for
-/// sync the names too. Effects from `effects_at` on may have happened after it started.
+/// covers (one for fsync and fdatasync, all of them and the names for sync) as the effects
+/// before `effects_at` made them, less what operations still running then did (they had not
+/// completed: their effects may or may not be durable).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Promise {
     /// The operation, and the mark its completion put in the device's log.
@@ -72,11 +73,10 @@ pub struct Promise {
     pub mark: String,
     /// `Some(ino)` for fsync and fdatasync of that file; `None` for sync.
     pub file: Option<usize>,
+    /// Effects before this index had happened when it started.
     pub effects_at: usize,
-    /// (slot, image) of each file covered.
-    pub files: Vec<(usize, FileImage)>,
-    /// The directory (name -> slot), for sync.
-    pub names: Option<std::collections::BTreeMap<String, usize>>,
+    /// Workload operations running when it started.
+    pub running: Vec<u32>,
     /// When the operation completed: its place among the completed persistence points
     /// (the order of their marks in the device's log).
     pub done: Option<u64>,
@@ -151,6 +151,8 @@ pub struct Oracle {
     names: std::collections::BTreeMap<String, usize>,
     effects: Vec<Effect>,
     promises: Vec<Promise>,
+    /// Workload operations started and not completed.
+    running: std::collections::BTreeSet<u32>,
     pub failures: Vec<Failure>,
 }
 
@@ -169,6 +171,7 @@ impl Oracle {
             start_names: Default::default(),
             effects: Vec::new(),
             promises: Vec::new(),
+            running: Default::default(),
             failures: Vec::new(),
         }
     }
@@ -257,24 +260,23 @@ impl Oracle {
     /// A persistence point starts: what it covers is taken as it is now. `file: None` is
     /// sync (every file, and the names).
     pub fn promise_begin(&mut self, op: u32, file: Option<usize>) {
-        let image = |o: &Oracle, ino: usize| FileImage {
-            live: o.live[ino].0,
-            generation: o.live[ino].1,
-            data: o.files[ino].clone(),
-        };
-        let files = match file {
-            Some(ino) => vec![(ino, image(self, ino))],
-            None => (0..self.files.len()).map(|i| (i, image(self, i))).collect(),
-        };
         self.promises.push(Promise {
             op,
             mark: format!("p{op}"),
             file,
             effects_at: self.effects.len(),
-            files,
-            names: file.is_none().then(|| self.names.clone()),
+            running: self.running.iter().copied().filter(|&o| o != op).collect(),
             done: None,
         });
+    }
+
+    /// Workload operation `op` started (`true`) or completed.
+    pub fn running(&mut self, op: u32, running: bool) {
+        if running {
+            self.running.insert(op);
+        } else {
+            self.running.remove(&op);
+        }
     }
 
     /// The persistence point of `op` completed; returns its mark.

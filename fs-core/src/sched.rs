@@ -693,6 +693,9 @@ impl<'w> Sim<'w> {
     fn start(&mut self, t: TaskId) -> Option<Step> {
         let task = &mut self.tasks[t];
         task.started = true;
+        if task.op != u32::MAX {
+            self.oracle.running(task.op, true);
+        }
         let slot = task.slot?;
         if !self.fs.inode(slot).reachable() {
             task.slot = None;
@@ -728,6 +731,9 @@ impl<'w> Sim<'w> {
             Step::Yield(l, a) => (l, a),
             Step::Done(l, a, r) => {
                 task.done = true;
+                if task.op != u32::MAX {
+                    self.oracle.running(task.op, false);
+                }
                 if let Some(slot) = task.slot.take() {
                     self.fs.inode_mut(slot).users -= 1;
                 }
