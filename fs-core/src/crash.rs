@@ -203,11 +203,18 @@ pub fn judge(history: &History, mark: Option<&str>, fs: &mut Fs) -> Vec<CrashVio
 
 /// The effects on slot `ino` after `from`, split at the first create or removal: those that
 /// belong to the baseline's incarnation, and the later incarnations by generation.
-fn incarnations(effects: &[Effect], ino: usize, from: usize) -> (Vec<&Effect>, BTreeMap<u64, Vec<&Effect>>) {
+fn incarnations(
+    effects: &[Effect],
+    ino: usize,
+    from: usize,
+) -> (Vec<&Effect>, BTreeMap<u64, Vec<&Effect>>) {
     let mut first = Vec::new();
     let mut later: BTreeMap<u64, Vec<&Effect>> = BTreeMap::new();
     let mut current: Option<u64> = None;
-    for e in effects[from.min(effects.len())..].iter().filter(|e| e.ino == ino) {
+    for e in effects[from.min(effects.len())..]
+        .iter()
+        .filter(|e| e.ino == ino)
+    {
         match &e.kind {
             EffectKind::Created { generation } => {
                 current = Some(*generation);
@@ -424,7 +431,9 @@ fn judge_names(history: &History, included: &[&Promise], fs: &Fs) -> Vec<CrashVi
             ),
             Some(&s) if s != slot && !changes.is_some_and(|c| c.contains(&Some(s))) => bad(
                 name,
-                format!("names inode {s}; durably it named {slot}, and no later operation moved it"),
+                format!(
+                    "names inode {s}; durably it named {slot}, and no later operation moved it"
+                ),
             ),
             _ => {}
         }

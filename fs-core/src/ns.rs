@@ -18,8 +18,13 @@ use crate::TaskId;
 enum NsState {
     Apply,
     /// Dropping the page cache of the inode left with no name.
-    Evict { ino: usize, cursor: u64 },
-    Free { ino: usize },
+    Evict {
+        ino: usize,
+        cursor: u64,
+    },
+    Free {
+        ino: usize,
+    },
 }
 
 /// One namespace operation.
@@ -212,7 +217,10 @@ fn rename(cx: &mut Cx<'_>, from: usize, to: usize) -> Result<Option<usize>, FsEr
     if from == to {
         return Ok(None);
     }
-    let replaced = cx.fs.lookup(&dst).map(|d| (d, slot_ino(cx.fs, d).expect("found")));
+    let replaced = cx
+        .fs
+        .lookup(&dst)
+        .map(|d| (d, slot_ino(cx.fs, d).expect("found")));
     remove_slot(cx.fs, s);
     match replaced {
         Some((d, _)) => {

@@ -496,7 +496,10 @@ impl TruncateTask {
 #[derive(Clone, Debug)]
 enum FsyncState {
     /// Writing back `inos[at]`.
-    Writeback { at: usize, pass: WbPass },
+    Writeback {
+        at: usize,
+        pass: WbPass,
+    },
     Wait,
 }
 
@@ -587,6 +590,11 @@ impl FsyncTask {
     pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
         if !self.begun {
             self.begin(cx);
+            if self.file.is_none() {
+                // sync's first step only learns its files: the next one waits its turn
+                // (its first pass may not be runnable yet).
+                return Step::Yield("sync:begin", self.inos.len() as u64);
+            }
         }
         match &mut self.st {
             FsyncState::Writeback { at, pass } => match pass.step(cx) {

@@ -178,9 +178,9 @@ fn task_for(op: &Op, files: usize) -> Result<Body, FsError> {
         }
         Op::Truncate { file, size } => Body::Truncate(TruncateTask::new(file, size)?),
         Op::Fsync { file } | Op::Fdatasync { file } => Body::Fsync(FsyncTask::new(file)),
-        Op::FallocateKeepSize { file, offset, len } => Body::Range(
-            RangeTask::new(RangeKind::Fallocate, file, offset, len)?.keeping_size(),
-        ),
+        Op::FallocateKeepSize { file, offset, len } => {
+            Body::Range(RangeTask::new(RangeKind::Fallocate, file, offset, len)?.keeping_size())
+        }
         Op::Sync => Body::Fsync(FsyncTask::sync()),
         Op::Create { .. } | Op::Unlink { .. } | Op::Rename { .. } | Op::Link { .. } => {
             Body::Ns(crate::ns::NsTask::new(op.clone()))
@@ -191,11 +191,9 @@ fn task_for(op: &Op, files: usize) -> Result<Body, FsError> {
 /// The inode slot a data operation works on (namespace operations and sync name none).
 fn data_slot(op: &Op) -> Option<usize> {
     match op {
-        Op::Sync
-        | Op::Create { .. }
-        | Op::Unlink { .. }
-        | Op::Rename { .. }
-        | Op::Link { .. } => None,
+        Op::Sync | Op::Create { .. } | Op::Unlink { .. } | Op::Rename { .. } | Op::Link { .. } => {
+            None
+        }
         _ => Some(op.file()),
     }
 }
@@ -888,7 +886,8 @@ impl<'w> Sim<'w> {
         // sync: a WB_SYNC_ALL pass per file, wait for all IO.
         for ino in 0..self.fs.inodes.len() {
             let t = self.tasks.len();
-            self.tasks.push(Task::background(Body::Sync(WbPass::new(ino, true))));
+            self.tasks
+                .push(Task::background(Body::Sync(WbPass::new(ino, true))));
             self.drive(t, false);
         }
         let dirty = self

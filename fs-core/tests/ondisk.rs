@@ -19,12 +19,15 @@ const BLOCKS: u64 = 1024;
 const INODES: u64 = 16;
 const FILES: usize = 4;
 
+/// Writes applied, in order: (block, data).
+type Writes = Vec<(u64, Vec<u8>)>;
+
 /// A device that keeps every write it applied, in order (a write log with the data), and
 /// shares its blocks so a test can look at them after the filesystem took the device.
 #[derive(Clone, Default)]
 struct Recording {
     blocks: Arc<Mutex<BTreeMap<u64, Vec<u8>>>>,
-    writes: Arc<Mutex<Vec<(u64, Vec<u8>)>>>,
+    writes: Arc<Mutex<Writes>>,
 }
 
 struct RecDevice {
@@ -87,13 +90,37 @@ fn workload() -> Workload {
         files: FILES,
         phases: vec![
             vec![w(0, 0, 10_000, b'a'), w(1, 4096, 8192, b'b')],
-            vec![Op::Fsync { file: 0 }, Op::Fallocate { file: 2, offset: 0, len: 16384 }],
-            vec![w(2, 100, 5000, b'c'), Op::Truncate { file: 0, size: 3000 }],
+            vec![
+                Op::Fsync { file: 0 },
+                Op::Fallocate {
+                    file: 2,
+                    offset: 0,
+                    len: 16384,
+                },
+            ],
+            vec![
+                w(2, 100, 5000, b'c'),
+                Op::Truncate {
+                    file: 0,
+                    size: 3000,
+                },
+            ],
             vec![Op::Rename { from: 1, to: 3 }, Op::Link { file: 2, to: 1 }],
             vec![Op::Unlink { file: 2 }, w(3, 0, 100, b'd'), Op::Sync],
-            vec![Op::FallocateKeepSize { file: 3, offset: 16384, len: 8192 }],
+            vec![Op::FallocateKeepSize {
+                file: 3,
+                offset: 16384,
+                len: 8192,
+            }],
             vec![Op::Create { file: 2 }, Op::Fdatasync { file: 3 }],
-            vec![w(2, 0, 4096, b'e'), Op::PunchHole { file: 3, offset: 4096, len: 4096 }],
+            vec![
+                w(2, 0, 4096, b'e'),
+                Op::PunchHole {
+                    file: 3,
+                    offset: 4096,
+                    len: 4096,
+                },
+            ],
         ],
     }
 }
@@ -114,18 +141,33 @@ fn make_and_run(seed: u64) -> (Recording, fs_core::sched::RunResult) {
 fn a_workload_survives_unmount_and_mount() {
     for seed in 0..20 {
         let (rec, result) = make_and_run(seed);
-        let report = fsck::check_device(image(rec.blocks.lock().unwrap().clone()), JournalBugs::default());
+        let report = fsck::check_device(
+            image(rec.blocks.lock().unwrap().clone()),
+            JournalBugs::default(),
+        );
         assert!(report.clean(), "seed {seed}: {:?}", report.problems);
-        assert_eq!(report.recovery.map(|r| r.replayed), Some(0), "unmount leaves the journal empty");
-        let mut fs = ondisk::mount(Config::default(), image(rec.blocks.lock().unwrap().clone())).unwrap();
+        assert_eq!(
+            report.recovery.map(|r| r.replayed),
+            Some(0),
+            "unmount leaves the journal empty"
+        );
+        let mut fs =
+            ondisk::mount(Config::default(), image(rec.blocks.lock().unwrap().clone())).unwrap();
         for (ino, want) in result.files.iter().enumerate() {
-            assert_eq!(&fs.read_from_disk(ino).unwrap(), want, "seed {seed} file {ino}");
+            assert_eq!(
+                &fs.read_from_disk(ino).unwrap(),
+                want,
+                "seed {seed} file {ino}"
+            );
         }
         let listed: Vec<String> = fs.dir.iter().flatten().map(|e| e.name.clone()).collect();
         // f1 and f2 may be gone: rename(f1, f3) and link(f2, f1) run concurrently, and
         // creat(f2) fails while f1 still names inode 2.
         for name in ["f0", "f3"] {
-            assert!(listed.contains(&name.to_string()), "seed {seed}: {listed:?}");
+            assert!(
+                listed.contains(&name.to_string()),
+                "seed {seed}: {listed:?}"
+            );
         }
     }
 }
@@ -150,7 +192,12 @@ fn every_prefix_of_the_writes_mounts_and_passes_fsck() {
     for (i, (b, data)) in writes.iter().enumerate() {
         blocks.insert(*b, data.clone());
         let report = fsck::check_device(image(blocks.clone()), JournalBugs::default());
-        assert!(report.clean(), "after write {i} of {}: {:?}", writes.len(), report.problems);
+        assert!(
+            report.clean(),
+            "after write {i} of {}: {:?}",
+            writes.len(),
+            report.problems
+        );
         ondisk::mount(Config::default(), image(blocks.clone()))
             .unwrap_or_else(|e| panic!("after write {i}: mount: {e}"));
     }
@@ -197,6 +244,9 @@ fn mkfs_refuses_what_cannot_work() {
     let mut small = MemDevice::new(40);
     assert!(ondisk::mkfs(&mut small, 16, &names()).is_err());
     let mut dev = MemDevice::new(BLOCKS);
-    assert!(ondisk::mkfs(&mut dev, 2, &names()).is_err(), "4 names, 2 inodes");
+    assert!(
+        ondisk::mkfs(&mut dev, 2, &names()).is_err(),
+        "4 names, 2 inodes"
+    );
     assert!(ondisk::mkfs(&mut dev, 4, &["a/b".to_string()]).is_err());
 }

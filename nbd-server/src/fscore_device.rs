@@ -48,8 +48,7 @@ impl RecordedDevice {
     pub fn with_image(image: &[u8], blocks: u64, record: Option<&Path>) -> Result<Self, DiskError> {
         let bytes = blocks * BLOCK_SIZE as u64;
         assert!(image.len() as u64 <= bytes, "image larger than the device");
-        let storage: Arc<dyn Backend> =
-            Arc::new(crate::backend::memory::MemoryBackend::new(bytes));
+        let storage: Arc<dyn Backend> = Arc::new(crate::backend::memory::MemoryBackend::new(bytes));
         if !image.is_empty() {
             storage.write(crate::backend::Ticket(0), 0, image, false)?;
         }

@@ -7,12 +7,14 @@ use std::time::Instant;
 
 use fs_core::block::MemDevice;
 use fs_core::ondisk;
-use fs_core::sched::{run_mounted, RandomPolicy, RunResult};
-use fs_core::{Config, Workload};
+use fs_core::sched::{run_mounted, PctPolicy, Policy, RandomPolicy, RunResult};
+use fs_core::Config;
 use nbd_server::fscore_device::RecordedDevice;
 
 use super::states::{check_run, read_all, StatesChecked};
-use super::workload::{self, WorkloadKind, CAMPAIGN_DEVICE_BLOCKS, CAMPAIGN_INODES};
+use super::workload::{self, FsWorkload, WorkloadKind, CAMPAIGN_DEVICE_BLOCKS, CAMPAIGN_INODES};
+use crate::race::campaign::{PCT_DEPTH, PCT_STEPS_HINT};
+use crate::race::PolicyKind;
 use crate::states::StateOptions;
 
 /// Failing states kept per run (the first is the finding).
@@ -35,7 +37,7 @@ pub struct FsCampaignOptions {
 #[derive(Debug)]
 pub struct FsRun {
     pub seed: u64,
-    pub workload: Workload,
+    pub workload: FsWorkload,
     pub cfg: Config,
     pub result: RunResult,
     pub states: StatesChecked,
@@ -51,10 +53,17 @@ impl FsRun {
 }
 
 /// The workload of run `seed`.
-pub fn workload_for(kind: WorkloadKind, seed: u64) -> Workload {
+pub fn workload_for(kind: WorkloadKind, seed: u64) -> FsWorkload {
     match kind {
-        WorkloadKind::Ace => workload::ace(seed),
+        WorkloadKind::Ace => FsWorkload::plain(workload::ace(seed), seed),
         WorkloadKind::Random => workload::random(seed),
+    }
+}
+
+fn policy_for(w: &FsWorkload) -> Box<dyn Policy> {
+    match w.policy {
+        PolicyKind::Random => Box::new(RandomPolicy::new(w.policy_seed)),
+        PolicyKind::Pct => Box::new(PctPolicy::new(w.policy_seed, PCT_DEPTH, PCT_STEPS_HINT)),
     }
 }
 
@@ -74,12 +83,18 @@ pub fn base_image(files: usize, blocks: u64) -> anyhow::Result<Vec<u8>> {
 /// recorded emulated disk, unmounts it, and checks every crash state of its log.
 pub fn run_one(
     seed: u64,
-    workload: Workload,
+    workload: FsWorkload,
     cfg: &Config,
     states: StateOptions,
     tmp: &Path,
 ) -> anyhow::Result<FsRun> {
-    let base = base_image(workload.files, CAMPAIGN_DEVICE_BLOCKS)?;
+    let cfg = &Config {
+        cache_limit_folios: workload
+            .cache_limit_folios
+            .unwrap_or(cfg.cache_limit_folios),
+        ..cfg.clone()
+    };
+    let base = base_image(workload.workload.files, CAMPAIGN_DEVICE_BLOCKS)?;
     let log = tempfile::Builder::new()
         .prefix("fs-run-")
         .suffix(".log")
@@ -90,8 +105,8 @@ pub fn run_one(
     let dev = RecordedDevice::with_image(&base, CAMPAIGN_DEVICE_BLOCKS, Some(&log_path))?;
     let disk = dev.disk().clone();
     let fs = ondisk::mount(cfg.clone(), Box::new(dev))?;
-    let mut policy = RandomPolicy::new(seed);
-    let (result, fs) = run_mounted(fs, &workload, &mut policy);
+    let mut policy = policy_for(&workload);
+    let (result, fs) = run_mounted(fs, &workload.workload, policy.as_mut());
     let unmounted = fs.unmount();
     disk.sync_log()?;
     drop(unmounted);

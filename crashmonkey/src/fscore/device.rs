@@ -64,19 +64,25 @@ impl<T: Read + Write + Seek> BlockDevice for StreamDevice<T> {
         match self.queue.take(id)? {
             Request::Read { block } => {
                 let mut data = vec![0u8; BLOCK_SIZE];
-                self.io.seek(SeekFrom::Start(block * BS)).map_err(Self::io_err)?;
+                self.io
+                    .seek(SeekFrom::Start(block * BS))
+                    .map_err(Self::io_err)?;
                 self.io.read_exact(&mut data).map_err(Self::io_err)?;
                 Ok(Completion::Read { data })
             }
             Request::Write { block, data, .. } => {
-                self.io.seek(SeekFrom::Start(block * BS)).map_err(Self::io_err)?;
+                self.io
+                    .seek(SeekFrom::Start(block * BS))
+                    .map_err(Self::io_err)?;
                 self.io.write_all(&data).map_err(Self::io_err)?;
                 Ok(Completion::Done)
             }
             Request::Trim { block, count } => {
                 let zero = vec![0u8; BLOCK_SIZE];
                 for b in block..block + count {
-                    self.io.seek(SeekFrom::Start(b * BS)).map_err(Self::io_err)?;
+                    self.io
+                        .seek(SeekFrom::Start(b * BS))
+                        .map_err(Self::io_err)?;
                     self.io.write_all(&zero).map_err(Self::io_err)?;
                 }
                 Ok(Completion::Done)

@@ -61,9 +61,9 @@ fn state_blocks(
             while at < off + len {
                 let b = at / BS;
                 let end = ((b + 1) * BS).min(off + len);
-                let block = blocks.entry(b).or_insert_with(|| {
-                    prefix[(b * BS) as usize..((b + 1) * BS) as usize].to_vec()
-                });
+                let block = blocks
+                    .entry(b)
+                    .or_insert_with(|| prefix[(b * BS) as usize..((b + 1) * BS) as usize].to_vec());
                 let dst = &mut block[(at - b * BS) as usize..(end - b * BS) as usize];
                 fill(op, at, dst, log);
                 at = end;
@@ -95,7 +95,12 @@ fn fill(op: &Op, at: u64, dst: &mut [u8], log: &[u8]) {
 fn advance(prefix: &mut [u8], epoch: &Epoch, log: &[u8]) {
     for op in &epoch.ops {
         for &(off, len) in &op.pieces {
-            fill(op, off, &mut prefix[off as usize..(off + len) as usize], log);
+            fill(
+                op,
+                off,
+                &mut prefix[off as usize..(off + len) as usize],
+                log,
+            );
         }
     }
 }

@@ -5,14 +5,19 @@
 //!   files, each followed by a persistence point among fsync, fdatasync, sync and none (the
 //!   last one never none). Workload `n` of the enumeration is run `n`: every sequence of one
 //!   operation comes first, then every sequence of two, then of three.
-//! - `random`: fsx-like racing workloads: phases of one to three concurrent operations over
-//!   two or three files, data operations mixed with create, unlink, rename and link (so freed
-//!   blocks are reused), and persistence points.
+//! - `random`: the race campaign's workloads (shaped to reach the stale-mapping races: a
+//!   preallocated or extended file, a pre-dirtied folio, writes that straddle folios and end
+//!   part-way into one, mmap stores, a page cache of one to three folios, PCT or random
+//!   scheduling), followed by phases of one to three concurrent operations that mix data
+//!   operations with create, unlink, rename and link (so freed blocks are reused) and
+//!   persistence points, and a final sync or fsync (so what a race lost is made durable).
 //!
 //! Every write in a workload uses its own byte value, so a wrong byte names its writer.
 
 use fs_core::block::BLOCK_SIZE;
-use fs_core::{Op, Workload};
+use fs_core::{Config, Op, Workload};
+
+use crate::race::{generate, PolicyKind};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -73,7 +78,10 @@ fn ace_core(byte: u8) -> Vec<Op> {
             offset: 4096,
             len: 4096,
         },
-        Op::Truncate { file: 0, size: 1000 },
+        Op::Truncate {
+            file: 0,
+            size: 1000,
+        },
         Op::Truncate {
             file: 0,
             size: 20000,
@@ -147,27 +155,54 @@ pub fn ace(n: u64) -> Workload {
     }
 }
 
-/// A random workload from `seed`.
-pub fn random(seed: u64) -> Workload {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let files = rng.random_range(2..=CAMPAIGN_FILES);
-    let mut next = b'A';
+/// One run's workload and how it is scheduled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsWorkload {
+    pub workload: Workload,
+    /// The page-cache limit, when the workload sets one (small ones make reclaim run).
+    pub cache_limit_folios: Option<usize>,
+    pub policy: PolicyKind,
+    pub policy_seed: u64,
+}
+
+impl FsWorkload {
+    /// A workload under the random policy seeded with `seed`, the default cache.
+    pub fn plain(workload: Workload, seed: u64) -> Self {
+        FsWorkload {
+            workload,
+            cache_limit_folios: None,
+            policy: PolicyKind::Random,
+            policy_seed: seed,
+        }
+    }
+}
+
+/// The next unused byte value after the ones `w` writes.
+fn bytes_after(w: &Workload) -> u8 {
+    w.ops()
+        .filter_map(|op| match op {
+            Op::Write { byte, .. } | Op::MmapStore { byte, .. } => Some(*byte),
+            _ => None,
+        })
+        .max()
+        .map_or(b'A', |b| b.saturating_add(1).max(b'A'))
+}
+
+/// A random workload from `seed` (see the module doc).
+pub fn random(seed: u64) -> FsWorkload {
+    let (race, _) = generate(seed, &Config::default());
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_f5c0_0e00_0001);
+    let files = race.workload.files.clamp(2, CAMPAIGN_FILES);
+    let mut next = bytes_after(&race.workload);
     let mut byte = || {
         let b = next;
-        next = if next == b'Z' { b'a' } else { next + 1 };
+        next = next.wrapping_add(1).max(b'0');
         b
     };
-    let mut phases = vec![vec![Op::Write {
-        file: 0,
-        offset: 0,
-        len: rng.random_range(1..4 * BS),
-        byte: byte(),
-    }]];
-    for _ in 0..rng.random_range(2..=RANDOM_PHASES_MAX) {
+    let mut phases = race.workload.phases.clone();
+    for _ in 0..rng.random_range(0..=RANDOM_PHASES_MAX / 2) {
         let n = rng.random_range(1..=3);
-        let phase = (0..n)
-            .map(|_| random_op(&mut rng, files, byte()))
-            .collect();
+        let phase = (0..n).map(|_| random_op(&mut rng, files, byte())).collect();
         phases.push(phase);
     }
     phases.push(vec![match rng.random_range(0..3) {
@@ -179,7 +214,12 @@ pub fn random(seed: u64) -> Workload {
             file: rng.random_range(0..files),
         },
     }]);
-    Workload { files, phases }
+    FsWorkload {
+        workload: Workload { files, phases },
+        cache_limit_folios: Some(race.cache_limit_folios),
+        policy: race.policy,
+        policy_seed: race.policy_seed,
+    }
 }
 
 fn random_op(rng: &mut ChaCha8Rng, files: usize, byte: u8) -> Op {
@@ -226,7 +266,10 @@ fn random_op(rng: &mut ChaCha8Rng, files: usize, byte: u8) -> Op {
         },
         62..=66 => Op::Create { file },
         67..=71 => Op::Unlink { file },
-        72..=76 => Op::Rename { from: file, to: other },
+        72..=76 => Op::Rename {
+            from: file,
+            to: other,
+        },
         77..=80 => Op::Link { file, to: other },
         81..=88 => Op::Fsync { file },
         89..=93 => Op::Fdatasync { file },
@@ -246,7 +289,10 @@ mod tests {
         for n in 0..ace_count(1) + ace_count(2) {
             let w = ace(n);
             assert!(seen.insert(format!("{:?}", w.phases)), "workload {n} twice");
-            assert!(w.phases.last().unwrap()[0].persists(), "ends in a persistence point");
+            assert!(
+                w.phases.last().unwrap()[0].persists(),
+                "ends in a persistence point"
+            );
         }
         assert_eq!(ace(0).phases, ace(ace_total()).phases);
     }

@@ -464,9 +464,11 @@ impl DiskInode {
             extents: Vec::with_capacity(count.min(INODE_EXTENTS_MAX)),
         };
         for i in 0..count.min(INODE_EXTENTS_MAX) {
-            inode
-                .extents
-                .push(DiskExtent::decode(b, INODE_EXTENTS_AT + i * EXTENT_BYTES, home)?);
+            inode.extents.push(DiskExtent::decode(
+                b,
+                INODE_EXTENTS_AT + i * EXTENT_BYTES,
+                home,
+            )?);
         }
         let chain = Self::decode_chain(&mut inode, count, get_u64(b, 64), home, read)?;
         Ok((inode, chain))
@@ -486,7 +488,9 @@ impl DiskInode {
             if chain.len() == want {
                 return Err(FormatError::Invalid {
                     block: home,
-                    what: format!("extent chain longer than the {want} blocks {count} extents need"),
+                    what: format!(
+                        "extent chain longer than the {want} blocks {count} extents need"
+                    ),
                 });
             }
             let x = read(next)?;
@@ -616,7 +620,10 @@ mod tests {
         ));
         let mut lie = g;
         lie.data_start += 1;
-        assert!(Geometry::decode(&lie.encode()).is_err(), "a layout mkfs would not make");
+        assert!(
+            Geometry::decode(&lie.encode()).is_err(),
+            "a layout mkfs would not make"
+        );
         assert!(Geometry::for_device(40, 64).is_err());
     }
 

@@ -233,11 +233,15 @@ fn check_inode(
             r.problem(format!("inode {ino}: extent {e:?} passes the largest file"));
         }
         if e.dev_block < geo.data_start || e.dev_block + e.count as u64 > geo.blocks {
-            r.problem(format!("inode {ino}: extent {e:?} lies outside the data area"));
+            r.problem(format!(
+                "inode {ino}: extent {e:?} lies outside the data area"
+            ));
             continue;
         }
         if mapped.iter().any(|&(s, t)| e.file_block < t && s < end) {
-            r.problem(format!("inode {ino}: file blocks of extent {e:?} are mapped twice"));
+            r.problem(format!(
+                "inode {ino}: file blocks of extent {e:?} are mapped twice"
+            ));
         }
         mapped.push((e.file_block, end));
         for k in 0..e.count as u64 {
@@ -332,12 +336,16 @@ fn check_bitmap(
             let marked = bits[i / 8] & (1 << (i % 8)) != 0;
             let owned = blk < geo.data_start || owners.contains_key(&blk);
             if marked && !owned {
-                r.problem(format!("block {blk} is marked used in the bitmap but nobody owns it"));
+                r.problem(format!(
+                    "block {blk} is marked used in the bitmap but nobody owns it"
+                ));
             } else if !marked && owned {
                 let who = owners
                     .get(&blk)
                     .map_or("the fixed metadata".to_string(), |h| h.to_string());
-                r.problem(format!("block {blk} is owned by {who} but free in the bitmap"));
+                r.problem(format!(
+                    "block {blk} is owned by {who} but free in the bitmap"
+                ));
             }
         }
     }

@@ -122,7 +122,12 @@ pub fn decode_journal_super(geo: &Geometry, b: &[u8]) -> Result<(u64, u64), Form
     Ok((tail_seq, tail))
 }
 
-fn write(dev: &mut dyn BlockDevice, block: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
+fn write(
+    dev: &mut dyn BlockDevice,
+    block: u64,
+    data: Vec<u8>,
+    fua: bool,
+) -> Result<(), DeviceError> {
     block::submit_and_complete(dev, Request::Write { block, data, fua })
 }
 
@@ -161,7 +166,10 @@ impl Journal {
         if n == 0 {
             return Ok(());
         }
-        assert!(n <= self.transaction_blocks_max(), "transaction of {n} blocks");
+        assert!(
+            n <= self.transaction_blocks_max(),
+            "transaction of {n} blocks"
+        );
         if self.head + n as u64 + 2 > self.geo.journal_blocks {
             self.checkpoint(dev)?;
         }
@@ -224,15 +232,18 @@ pub enum RecoveryError {
     Device(#[from] DeviceError),
 }
 
-/// One transaction as found in the journal: its images and their homes, or why it is not
-/// replayable. `ignore_checksums` is the planted bug.
+/// A transaction's images, each with its home block.
+pub type Images = Vec<(u64, Vec<u8>)>;
+
+/// One transaction as found in the journal: its images and their homes, or `None` when it is
+/// not whole. `ignore_checksums` is the planted bug.
 fn read_transaction(
     geo: &Geometry,
     pos: u64,
     seq: u64,
     ignore_checksums: bool,
     read: &mut ReadFn<'_>,
-) -> Result<Option<Vec<(u64, Vec<u8>)>>, DeviceError> {
+) -> Result<Option<Images>, DeviceError> {
     let start = geo.journal_start + pos;
     let desc = read(start)?;
     let desc_ok = if ignore_checksums {

@@ -134,7 +134,11 @@ fn disk_inode(ino: usize, inode: &Inode) -> DiskInode {
 /// Makes a filesystem on `dev` with `inodes` inodes, the first ones in use and named `names`
 /// in the root directory: superblock, journal superblock, bitmap, inode table and directory,
 /// written home and flushed.
-pub fn mkfs(dev: &mut dyn BlockDevice, inodes: u64, names: &[String]) -> Result<Geometry, MountError> {
+pub fn mkfs(
+    dev: &mut dyn BlockDevice,
+    inodes: u64,
+    names: &[String],
+) -> Result<Geometry, MountError> {
     let geo = Geometry::for_device(dev.block_count(), inodes).map_err(MountError::Mkfs)?;
     if names.len() as u64 > inodes {
         return Err(MountError::Mkfs(format!(
@@ -149,7 +153,8 @@ pub fn mkfs(dev: &mut dyn BlockDevice, inodes: u64, names: &[String]) -> Result<
     for k in 0..geo.bitmap_blocks {
         blocks.push(bitmap_block(&geo, k, &|b| b < geo.data_start));
     }
-    let mut slots: Vec<Option<DirEntry>> = vec![None; (geo.dir_blocks as usize) * DIR_SLOTS_PER_BLOCK];
+    let mut slots: Vec<Option<DirEntry>> =
+        vec![None; (geo.dir_blocks as usize) * DIR_SLOTS_PER_BLOCK];
     for ino in 0..inodes {
         let name = names.get(ino as usize);
         let inode = DiskInode {
@@ -264,7 +269,11 @@ fn load(geo: &Geometry, dev: &mut dyn BlockDevice) -> Result<Loaded, MountError>
 
 /// The in-memory inode of an on-disk one, and the blocks it owns. Checks what the model
 /// relies on (extents inside the data area and the largest file, not overlapping).
-fn inode_of(geo: &Geometry, d: &DiskInode, chain: &[u64]) -> Result<(Inode, Vec<(u64, Owner)>), MountError> {
+fn inode_of(
+    geo: &Geometry,
+    d: &DiskInode,
+    chain: &[u64],
+) -> Result<(Inode, Vec<(u64, Owner)>), MountError> {
     let ino = d.ino as usize;
     let mut inode = Inode {
         size: d.size,
@@ -390,9 +399,16 @@ fn build(
         }
     }
     let alloc = Allocator::mounted(geo.data_start, geo.blocks, &owned);
-    let marks = inodes.iter().map(|i| (i.extents.seq(), i.meta_gen)).collect();
+    let marks = inodes
+        .iter()
+        .map(|i| (i.extents.seq(), i.meta_gen))
+        .collect();
     let _ = loaded.bitmap;
-    let clock = inodes.iter().map(|i| i.mtime.max(i.ctime)).max().unwrap_or(0);
+    let clock = inodes
+        .iter()
+        .map(|i| i.mtime.max(i.ctime))
+        .max()
+        .unwrap_or(0);
     let mut fs = Fs::new(cfg, dev, 0);
     fs.inodes = inodes;
     fs.alloc = alloc;
@@ -482,7 +498,12 @@ impl Fs {
         for ino in self.dirty_inodes() {
             let d = disk_inode(ino, &self.inodes[ino]);
             let chain = self.resize_chain(ino, DiskInode::chain_blocks(d.extents.len()))?;
-            let home = self.persist.as_ref().expect("persistent").geo.inode_block(ino as u64);
+            let home = self
+                .persist
+                .as_ref()
+                .expect("persistent")
+                .geo
+                .inode_block(ino as u64);
             images.extend(d.encode(home, &chain));
             let p = self.persist.as_mut().expect("persistent");
             p.marks[ino] = (self.inodes[ino].extents.seq(), self.inodes[ino].meta_gen);
@@ -492,10 +513,15 @@ impl Fs {
         let changed = self.alloc.take_changed();
         let p = self.persist.as_mut().expect("persistent");
         let geo = p.geo;
-        let bitmap_blocks: BTreeSet<u64> = changed.iter().map(|&b| geo.bitmap_bit(b).0 - geo.bitmap_start).collect();
+        let bitmap_blocks: BTreeSet<u64> = changed
+            .iter()
+            .map(|&b| geo.bitmap_bit(b).0 - geo.bitmap_start)
+            .collect();
         for k in bitmap_blocks {
             let alloc = &self.alloc;
-            images.push(bitmap_block(&geo, k, &|b| b < geo.data_start || alloc.used(b)));
+            images.push(bitmap_block(&geo, k, &|b| {
+                b < geo.data_start || alloc.used(b)
+            }));
         }
         for k in std::mem::take(&mut p.dir_dirty) {
             images.push(dir_block(&geo, k, &self.dir));
