@@ -31,7 +31,7 @@ use nbd_server::log::{LogError, SECTOR_BYTES};
 use crate::history::{Epoch, Op};
 
 /// How states are chosen.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct StateOptions {
     /// Subsets keep, or drop, at most this many operations of an epoch.
     pub max_subset: usize,
@@ -57,7 +57,7 @@ impl Default for StateOptions {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StateKind {
     /// Nothing of the log: the base image.
@@ -69,7 +69,7 @@ pub enum StateKind {
 }
 
 /// A write that landed in part.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TornOp {
     /// Index of the operation in its epoch.
     pub index: usize,
@@ -80,7 +80,7 @@ pub struct TornOp {
 
 /// One crash state: the full prefix before `epoch`, plus `included` operations of it (indices,
 /// ascending), plus an optional torn operation applied after them.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CrashState {
     pub id: usize,
     pub epoch: usize,

@@ -30,7 +30,7 @@ use crate::oracle::{Effect, EffectKind, FileImage, History, Promise};
 pub const VIOLATIONS_MAX: usize = 16;
 
 /// One broken promise.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CrashViolation {
     /// The file's name as the workload calls it (`f<N>`), and its inode slot.
     pub file: String,

@@ -88,6 +88,19 @@ pub fn run_one(
     states: StateOptions,
     tmp: &Path,
 ) -> anyhow::Result<FsRun> {
+    let policy = policy_for(&workload);
+    run_with(seed, workload, cfg, states, tmp, policy)
+}
+
+/// [`run_one`] under a given policy (a replay's).
+pub fn run_with(
+    seed: u64,
+    workload: FsWorkload,
+    cfg: &Config,
+    states: StateOptions,
+    tmp: &Path,
+    mut policy: Box<dyn Policy>,
+) -> anyhow::Result<FsRun> {
     let cfg = &Config {
         cache_limit_folios: workload
             .cache_limit_folios
@@ -105,7 +118,6 @@ pub fn run_one(
     let dev = RecordedDevice::with_image(&base, CAMPAIGN_DEVICE_BLOCKS, Some(&log_path))?;
     let disk = dev.disk().clone();
     let fs = ondisk::mount(cfg.clone(), Box::new(dev))?;
-    let mut policy = policy_for(&workload);
     let (result, fs) = run_mounted(fs, &workload.workload, policy.as_mut());
     let unmounted = fs.unmount();
     disk.sync_log()?;

@@ -6,7 +6,9 @@
 //! - `workload`  `ace` (bounded, exhaustive) and `random` (racing, with namespace operations)
 //! - `states`    every crash state of a run's log: built in memory, mounted, fsck'd, judged
 //! - `campaign`  runs, summaries
+//! - `bundle`    reproducer bundles of findings, and their replay
 
+pub mod bundle;
 pub mod campaign;
 pub mod device;
 pub mod states;

@@ -33,6 +33,18 @@ pub struct StateFailure {
     pub violations: Vec<CrashViolation>,
     /// Transactions recovery replayed.
     pub replayed: u64,
+    /// The state's image, as the crash left it (before recovery; filled in by `check_run`).
+    #[serde(skip)]
+    pub image: Vec<u8>,
+}
+
+/// The full image of a state: the prefix with its blocks laid over it.
+fn state_image(prefix: &[u8], blocks: &HashMap<u64, Vec<u8>>) -> Vec<u8> {
+    let mut img = prefix.to_vec();
+    for (b, data) in blocks {
+        img[(b * BS) as usize..((b + 1) * BS) as usize].copy_from_slice(data);
+    }
+    img
 }
 
 /// The outcome of checking a run's states.
@@ -124,6 +136,7 @@ pub fn check_state(
                 fsck: Vec::new(),
                 violations: Vec::new(),
                 replayed: 0,
+                image: Vec::new(),
             })
         }
     };
@@ -139,6 +152,7 @@ pub fn check_state(
         fsck: report.problems,
         violations,
         replayed,
+        image: Vec::new(),
     })
 }
 
@@ -166,7 +180,8 @@ pub fn check_run(
             }
             out.checked += 1;
             let blocks = state_blocks(&prefix, &epoch, &state, &log);
-            if let Some(f) = check_state(cfg, history, &prefix, blocks, &state) {
+            if let Some(mut f) = check_state(cfg, history, &prefix, blocks, &state) {
+                f.image = state_image(&prefix, &state_blocks(&prefix, &epoch, &state, &log));
                 out.failures.push(f);
                 if max_failures > 0 && out.failures.len() >= max_failures {
                     out.generated = generator.generated;
@@ -178,6 +193,43 @@ pub fn check_run(
     }
     out.generated = generator.generated;
     Ok(out)
+}
+
+/// Finds the state `want` among the states of the log at `log_path` (the same generator
+/// options make the same states of the same log) and checks it: `None` when the log has no
+/// such state, `Some(None)` when it keeps every promise, `Some(Some(failure))` when not.
+pub fn find_and_check(
+    cfg: &Config,
+    history: &History,
+    log_path: &Path,
+    base: &[u8],
+    opts: StateOptions,
+    want: &CrashState,
+) -> anyhow::Result<Option<Option<StateFailure>>> {
+    let log = std::fs::read(log_path)?;
+    let mut generator = StateGenerator::new(opts, File::open(log_path)?);
+    let mut prefix = Arc::new(base.to_vec());
+    for epoch in Epochs::new(LogHistory::open(log_path)?) {
+        let epoch = epoch?;
+        if epoch.index == want.epoch {
+            let Some(state) = generator
+                .epoch_states(&epoch)?
+                .into_iter()
+                .find(|s| s.included == want.included && s.torn == want.torn)
+            else {
+                return Ok(None);
+            };
+            let blocks = state_blocks(&prefix, &epoch, &state, &log);
+            let failure = check_state(cfg, history, &prefix, blocks, &state).map(|mut f| {
+                f.image = state_image(&prefix, &state_blocks(&prefix, &epoch, &state, &log));
+                f
+            });
+            return Ok(Some(failure));
+        }
+        generator.epoch_states(&epoch)?;
+        advance(Arc::make_mut(&mut prefix).as_mut_slice(), &epoch, &log);
+    }
+    Ok(None)
 }
 
 /// The content of a device, block by block (the base image of a campaign run).

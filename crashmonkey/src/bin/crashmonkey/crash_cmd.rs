@@ -273,7 +273,7 @@ fn note_larger_base(log: &Path, base: &Path, larger: LargerBase) {
 
 /// SIGINT (Ctrl-C) and SIGTERM raise `stop` instead of ending the process: the run kills its
 /// checkers, writes a partial summary and removes its temporary images.
-fn stop_on_signals(stop: &StopFlag) -> anyhow::Result<()> {
+pub(crate) fn stop_on_signals(stop: &StopFlag) -> anyhow::Result<()> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let value = usize::try_from(signal)?;
         signal_hook::flag::register_usize(signal, stop.shared(), value)

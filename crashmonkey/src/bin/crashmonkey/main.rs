@@ -1,7 +1,9 @@
 //! The `crashmonkey` CLI. Thin: each subcommand family lives in its own file.
 
 mod crash_cmd;
+mod fs_campaign_cmd;
 mod race_cmd;
+mod switches;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +26,9 @@ struct Cli {
 enum Cmd {
     /// Run a seeded race campaign over fs-core (or replay a reproducer).
     Race(race_cmd::RaceArgs),
+    /// fs-core crash campaigns: every crash state of every run mounted, fsck'd and judged.
+    #[command(name = "fs-campaign")]
+    FsCampaign(fs_campaign_cmd::CampaignArgs),
     #[command(flatten)]
     Crash(crash_cmd::CrashCmd),
 }
@@ -36,6 +41,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Race(args) => race_cmd::run(args)?,
+        Cmd::FsCampaign(args) => fs_campaign_cmd::run(args)?,
         Cmd::Crash(cmd) => crash_cmd::run(cmd)?,
     };
     std::process::exit(code);

@@ -3,33 +3,15 @@
 //! Exit codes: 0 = no failure found (or the replay passed); 1 = failures found (or the
 //! replayed reproducer failed again); 2 = the command could not run (bad bundle, IO error).
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use crashmonkey::race::{self, campaign, CampaignOptions, RunOutcome};
 use fs_core::sched::{self, ReplayPolicy};
-use fs_core::{AllocMode, Config, PunchMode, ValidityCheckAt};
+use fs_core::Config;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 /// Runs above which a progress bar is drawn (when stderr is a terminal).
 const PROGRESS_RUNS_MIN: u64 = 1_000;
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum AllocArg {
-    /// XFS-like delayed allocation, unwritten extents at writeback.
-    Delalloc,
-    /// gfs2-like: blocks allocated (and zeroed) at write/fault time.
-    AtWrite,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum CheckAtArg {
-    /// ->iomap_valid after the folio lock in write_begin (the kernel today).
-    AfterLock,
-    /// Inside ->get_folio, which returns the folio locked.
-    GetFolio,
-    /// Before the folio lock (deliberately racy).
-    BeforeLock,
-}
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  \
@@ -45,24 +27,8 @@ pub struct RaceArgs {
     /// Number of runs.
     #[arg(long, default_value_t = 1000)]
     pub runs: u64,
-    /// Turn off the write path's validity-cookie check (->iomap_valid).
-    #[arg(long)]
-    pub no_iomap_valid: bool,
-    /// Turn off writeback's seq check of its cached mapping in map_blocks.
-    #[arg(long)]
-    pub no_wb_seq_check: bool,
-    /// Use the old short-write delalloc punch (truncate page cache, then punch).
-    #[arg(long)]
-    pub old_punch: bool,
-    /// Allocation behaviour.
-    #[arg(long, value_enum)]
-    pub alloc: Option<AllocArg>,
-    /// Where the write path checks the cookie.
-    #[arg(long, value_enum)]
-    pub check_at: Option<CheckAtArg>,
-    /// page_mkwrite takes the inode lock shared (gfs2's glock serialises faults and writes).
-    #[arg(long)]
-    pub mkwrite_inode_lock: bool,
+    #[command(flatten)]
+    pub switches: crate::switches::Switches,
     /// Stop after this many failing runs (0 = run them all).
     #[arg(long, default_value_t = 0)]
     pub max_failures: u64,
@@ -85,38 +51,13 @@ pub struct RaceArgs {
 }
 
 impl RaceArgs {
-    fn apply(&self, mut cfg: Config) -> Config {
-        if self.no_iomap_valid {
-            cfg.iomap_valid = false;
-        }
-        if self.no_wb_seq_check {
-            cfg.wb_seq_check = false;
-        }
-        if self.old_punch {
-            cfg.punch = PunchMode::Old;
-        }
-        if let Some(a) = self.alloc {
-            cfg.alloc = match a {
-                AllocArg::Delalloc => AllocMode::Delalloc,
-                AllocArg::AtWrite => AllocMode::AtWrite,
-            };
-        }
-        if let Some(c) = self.check_at {
-            cfg.validity_check_at = match c {
-                CheckAtArg::AfterLock => ValidityCheckAt::AfterFolioLock,
-                CheckAtArg::GetFolio => ValidityCheckAt::InGetFolio,
-                CheckAtArg::BeforeLock => ValidityCheckAt::BeforeFolioLock,
-            };
-        }
-        if self.mkwrite_inode_lock {
-            cfg.mkwrite_takes_inode_lock = true;
-        }
-        cfg
+    fn apply(&self, cfg: Config) -> Config {
+        self.switches.apply(cfg)
     }
 }
 
 /// Print a line to stdout; a closed pipe (`| head`) ends the output quietly, no panic.
-fn emitln(text: &str) {
+pub(crate) fn emitln(text: &str) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = out
