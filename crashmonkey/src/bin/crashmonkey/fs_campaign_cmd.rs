@@ -149,7 +149,7 @@ fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
             bar.set_position(runs);
             bar.set_message(format!("{states} crash states"));
         },
-        &|| stop.signal().map(|s| crashmonkey::checker::signal_name(s)),
+        &|| stop.signal().map(crashmonkey::checker::signal_name),
     )?;
     bar.finish_and_clear();
     report(args, &summary)?;
