@@ -276,20 +276,88 @@ fn check_bytes(
             "has size {size}; the durable size and later operations allow {lo}..={hi}"
         ));
     }
+    let mut allowed = Allowed::new(base_len, effects);
     for (x, &v) in found.data.iter().enumerate() {
-        let x = x as u64;
-        if base.is_some_and(|b| b.get(x as usize) == Some(&v)) {
+        if base.is_some_and(|b| b.get(x) == Some(&v)) {
             continue;
         }
-        if effects.iter().any(|e| writes(e, x) == Some(v)) {
-            continue;
+        if !allowed.admits(x as u64, v) {
+            return Some(describe_byte(base, effects, history, ino, x as u64, v));
         }
-        if v == 0 && zero_ok(base_len, effects, x) {
-            continue;
-        }
-        return Some(describe_byte(base, effects, history, ino, x, v));
     }
     None
+}
+
+/// What later effects allow at each byte, swept in offset order: the spans they wrote (a
+/// value, or data), and where zeros may stand: where a later operation zeroed, where a later
+/// truncate cut the file at or below the byte (it may have grown again over a hole), and,
+/// beyond the durable size, below a later extension or a later write that left a hole.
+struct Allowed<'e> {
+    /// (start, end, what), by start.
+    spans: Vec<(u64, u64, Span<'e>)>,
+    next: usize,
+    /// Spans that started at or before the current byte (ended ones are dropped lazily).
+    active: Vec<usize>,
+    /// Zero is allowed at or past this byte (a later truncate cut the file there).
+    zero_from: u64,
+    /// ... and in `[base_len, zero_until)` (extensions and holes below later writes).
+    base_len: u64,
+    zero_until: u64,
+}
+
+#[derive(Clone, Copy)]
+enum Span<'e> {
+    Byte(u8),
+    Data(&'e [u8]),
+}
+
+impl<'e> Allowed<'e> {
+    fn new(base_len: u64, effects: &[&'e Effect]) -> Self {
+        let mut spans = Vec::new();
+        let (mut zero_from, mut zero_until) = (u64::MAX, base_len);
+        for e in effects {
+            match &e.kind {
+                EffectKind::Fill { offset, len, byte } => {
+                    spans.push((*offset, offset + len, Span::Byte(*byte)));
+                    zero_until = zero_until.max(*offset);
+                }
+                EffectKind::Write { offset, data } => {
+                    spans.push((*offset, offset + data.len() as u64, Span::Data(data)));
+                    zero_until = zero_until.max(*offset);
+                }
+                EffectKind::Zero { offset, len } => spans.push((*offset, offset + len, Span::Byte(0))),
+                EffectKind::Size { size } => {
+                    zero_from = zero_from.min(*size);
+                    zero_until = zero_until.max(*size);
+                }
+                _ => {}
+            }
+        }
+        spans.sort_by_key(|s| s.0);
+        Allowed {
+            spans,
+            next: 0,
+            active: Vec::new(),
+            zero_from,
+            base_len,
+            zero_until,
+        }
+    }
+
+    /// Whether `v` may stand at `x` (callers ask in increasing `x`).
+    fn admits(&mut self, x: u64, v: u8) -> bool {
+        while self.next < self.spans.len() && self.spans[self.next].0 <= x {
+            self.active.push(self.next);
+            self.next += 1;
+        }
+        let spans = &self.spans;
+        self.active.retain(|&i| spans[i].1 > x);
+        let written = self.active.iter().any(|&i| match spans[i].2 {
+            Span::Byte(b) => b == v,
+            Span::Data(d) => d[(x - spans[i].0) as usize] == v,
+        });
+        written || (v == 0 && (x >= self.zero_from || (x >= self.base_len && x < self.zero_until)))
+    }
 }
 
 /// The value `e` leaves at byte `x`, if it writes one there.
@@ -302,20 +370,6 @@ fn writes(e: &Effect, x: u64) -> Option<u8> {
         EffectKind::Zero { offset, len } if x >= *offset && x < offset + len => Some(0),
         _ => None,
     }
-}
-
-/// Whether a later operation could have left zero at `x`: one zeroed it, a truncate cut the
-/// file at or below it (it may have grown again over a hole), or a write past it, with `x`
-/// beyond the durable size, left a hole below it.
-fn zero_ok(base_len: u64, effects: &[&Effect], x: u64) -> bool {
-    effects.iter().any(|e| match &e.kind {
-        EffectKind::Zero { offset, len } => x >= *offset && x < offset + len,
-        EffectKind::Size { size } => *size <= x || (x >= base_len && x < *size),
-        EffectKind::Fill { offset, .. } | EffectKind::Write { offset, .. } => {
-            x >= base_len && *offset > x
-        }
-        _ => false,
-    })
 }
 
 /// The smallest and largest sizes the baseline and later operations allow.
