@@ -110,8 +110,9 @@ fn set_name(names: &mut BTreeMap<String, usize>, name: &str, to: Option<usize>) 
     };
 }
 
-/// The promises a crash state includes: completed, with a mark at or before `mark`.
-pub fn included<'h>(history: &'h History, mark: Option<&str>) -> Vec<&'h Promise> {
+/// The promises a crash state includes (indices into `history.promises`): completed, with a
+/// mark at or before `mark`.
+pub fn included(history: &History, mark: Option<&str>) -> Vec<usize> {
     let Some(limit) = mark.and_then(|m| {
         history
             .promises
@@ -124,28 +125,77 @@ pub fn included<'h>(history: &'h History, mark: Option<&str>) -> Vec<&'h Promise
     history
         .promises
         .iter()
-        .filter(|p| p.done.is_some_and(|d| d <= limit))
+        .enumerate()
+        .filter(|(_, p)| p.done.is_some_and(|d| d <= limit))
+        .map(|(i, _)| i)
         .collect()
 }
 
-/// The newest included promise covering `ino` (by cut), or the mounted state.
-fn baseline(history: &History, included: &[&Promise], ino: usize) -> Baseline {
-    let newest = included
-        .iter()
-        .filter(|p| p.file.is_none_or(|f| f == ino))
-        .map(|p| (cut(history, p), p.op))
-        .max();
-    match newest {
-        Some((at, op)) => Baseline {
-            image: replay(history, at).0.swap_remove(ino),
-            effects_at: at,
-            by: Some(op),
-        },
-        None => Baseline {
-            image: history.start[ino].clone(),
-            effects_at: 0,
-            by: None,
-        },
+/// The files and names a cut of the history leaves.
+type Replayed = (Vec<FileImage>, BTreeMap<String, usize>);
+
+/// Judges the crash states of one run: the history's promises with their cuts, and what
+/// replaying the history to each cut leaves, worked out once for every state.
+pub struct Judge<'h> {
+    history: &'h History,
+    /// Each promise's cut, by its index in `history.promises`.
+    cuts: Vec<usize>,
+    replayed: std::collections::HashMap<usize, Replayed>,
+}
+
+impl<'h> Judge<'h> {
+    pub fn new(history: &'h History) -> Self {
+        let cuts: Vec<usize> = history.promises.iter().map(|p| cut(history, p)).collect();
+        let replayed = history
+            .promises
+            .iter()
+            .zip(&cuts)
+            .filter(|(p, _)| p.done.is_some())
+            .map(|(_, &c)| (c, replay(history, c)))
+            .collect();
+        Judge {
+            history,
+            cuts,
+            replayed,
+        }
+    }
+
+    /// The newest included promise covering `ino` (`None`: all files), as (cut, op).
+    fn newest(
+        &self,
+        included: &[usize],
+        covers: impl Fn(&Promise) -> bool,
+    ) -> Option<(usize, u32)> {
+        included
+            .iter()
+            .map(|&i| (&self.history.promises[i], self.cuts[i]))
+            .filter(|(p, _)| covers(p))
+            .map(|(p, c)| (c, p.op))
+            .max()
+    }
+
+    /// The baseline of `ino` among the included promises, or the mounted state.
+    fn baseline(&self, included: &[usize], ino: usize) -> Baseline {
+        match self.newest(included, |p| p.file.is_none_or(|f| f == ino)) {
+            Some((at, op)) => Baseline {
+                image: self.replayed[&at].0[ino].clone(),
+                effects_at: at,
+                by: Some(op),
+            },
+            None => Baseline {
+                image: self.history.start[ino].clone(),
+                effects_at: 0,
+                by: None,
+            },
+        }
+    }
+
+    /// The names baseline: the newest included sync, or the mounted directory.
+    fn names(&self, included: &[usize]) -> (&BTreeMap<String, usize>, usize, Option<u32>) {
+        match self.newest(included, |p| p.file.is_none()) {
+            Some((at, op)) => (&self.replayed[&at].1, at, Some(op)),
+            None => (&self.history.start_names, 0, None),
+        }
     }
 }
 
@@ -159,46 +209,54 @@ pub struct Found {
 /// Judges a recovered filesystem (mounted from the crash state) against the history, for a
 /// state whose last included mark is `mark`.
 pub fn judge(history: &History, mark: Option<&str>, fs: &mut Fs) -> Vec<CrashViolation> {
-    let included = included(history, mark);
-    let mut out = Vec::new();
-    for ino in 0..history.start.len().min(fs.inodes.len()) {
-        let i = fs.inode(ino);
-        let (in_use, generation) = (i.in_use && i.nlink > 0, i.generation);
-        let data = if in_use {
-            match fs.read_from_disk(ino) {
-                Ok(d) => d,
-                Err(e) => {
-                    out.push(CrashViolation {
-                        file: crate::ops::file_name(ino),
-                        what: format!("inode {ino} cannot be read: {e}"),
-                        promised_by: None,
-                    });
-                    continue;
+    Judge::new(history).check(mark, fs)
+}
+
+impl Judge<'_> {
+    /// [`judge`], with the history's replays shared by every state of the run.
+    pub fn check(&self, mark: Option<&str>, fs: &mut Fs) -> Vec<CrashViolation> {
+        let history = self.history;
+        let included = included(history, mark);
+        let mut out = Vec::new();
+        for ino in 0..history.start.len().min(fs.inodes.len()) {
+            let i = fs.inode(ino);
+            let (in_use, generation) = (i.in_use && i.nlink > 0, i.generation);
+            let data = if in_use {
+                match fs.read_from_disk(ino) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        out.push(CrashViolation {
+                            file: crate::ops::file_name(ino),
+                            what: format!("inode {ino} cannot be read: {e}"),
+                            promised_by: None,
+                        });
+                        continue;
+                    }
                 }
+            } else {
+                Vec::new()
+            };
+            let found = Found {
+                in_use,
+                generation,
+                data,
+            };
+            let base = self.baseline(&included, ino);
+            if let Some(what) = judge_file(history, &base, ino, &found) {
+                out.push(CrashViolation {
+                    file: crate::ops::file_name(ino),
+                    what,
+                    promised_by: base.by,
+                });
             }
-        } else {
-            Vec::new()
-        };
-        let found = Found {
-            in_use,
-            generation,
-            data,
-        };
-        let base = baseline(history, &included, ino);
-        if let Some(what) = judge_file(history, &base, ino, &found) {
-            out.push(CrashViolation {
-                file: crate::ops::file_name(ino),
-                what,
-                promised_by: base.by,
-            });
+            if out.len() >= VIOLATIONS_MAX {
+                return out;
+            }
         }
-        if out.len() >= VIOLATIONS_MAX {
-            return out;
-        }
+        out.extend(judge_names(history, self.names(&included), fs));
+        out.truncate(VIOLATIONS_MAX);
+        out
     }
-    out.extend(judge_names(history, &included, fs));
-    out.truncate(VIOLATIONS_MAX);
-    out
 }
 
 /// The effects on slot `ino` after `from`, split at the first create or removal: those that
@@ -325,7 +383,9 @@ impl<'e> Allowed<'e> {
                     spans.push((*offset, offset + data.len() as u64, Span::Data(data)));
                     zero_until = zero_until.max(*offset);
                 }
-                EffectKind::Zero { offset, len } => spans.push((*offset, offset + len, Span::Byte(0))),
+                EffectKind::Zero { offset, len } => {
+                    spans.push((*offset, offset + len, Span::Byte(0)))
+                }
                 EffectKind::Size { size } => {
                     zero_from = zero_from.min(*size);
                     zero_until = zero_until.max(*size);
@@ -444,18 +504,12 @@ fn show(b: u8) -> String {
     }
 }
 
-/// Names against the newest included sync (or the mounted directory) and later operations.
-fn judge_names(history: &History, included: &[&Promise], fs: &Fs) -> Vec<CrashViolation> {
-    let newest = included
-        .iter()
-        .filter(|p| p.file.is_none())
-        .map(|p| (cut(history, p), p.op))
-        .max();
-    let (names, from, by) = match newest {
-        Some((at, op)) => (replay(history, at).1, at, Some(op)),
-        None => (history.start_names.clone(), 0, None),
-    };
-    let base = &names;
+/// Names against their baseline (`(names, cut, promised by)`) and later operations.
+fn judge_names(
+    history: &History,
+    (base, from, by): (&BTreeMap<String, usize>, usize, Option<u32>),
+    fs: &Fs,
+) -> Vec<CrashViolation> {
     let mut later: BTreeMap<&str, Vec<Option<usize>>> = BTreeMap::new();
     for e in &history.effects[from.min(history.effects.len())..] {
         if let EffectKind::Name { name, to } = &e.kind {

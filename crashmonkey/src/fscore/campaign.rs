@@ -44,6 +44,8 @@ pub struct FsRun {
     /// The image mkfs made (the log's base), and the write log (kept while the run is).
     pub base: Vec<u8>,
     pub log: tempfile::NamedTempFile,
+    /// Seconds spent checking the crash states (mount, fsck, oracle), not running the workload.
+    pub check_seconds: f64,
 }
 
 impl FsRun {
@@ -64,6 +66,18 @@ fn policy_for(w: &FsWorkload) -> Box<dyn Policy> {
     match w.policy {
         PolicyKind::Random => Box::new(RandomPolicy::new(w.policy_seed)),
         PolicyKind::Pct => Box::new(PctPolicy::new(w.policy_seed, PCT_DEPTH, PCT_STEPS_HINT)),
+    }
+}
+
+/// Where a campaign keeps its temporary files: `/dev/shm` when it is there (a run's write log
+/// is written and read again at once: memory is the place), else the system's temporary
+/// folder.
+pub fn temp_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() && tempfile::tempdir_in(shm).is_ok() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
     }
 }
 
@@ -122,6 +136,7 @@ pub fn run_with(
     let unmounted = fs.unmount();
     disk.sync_log()?;
     drop(unmounted);
+    let started = Instant::now();
     let states = check_run(
         cfg,
         &result.history,
@@ -138,6 +153,7 @@ pub fn run_with(
         states,
         base,
         log,
+        check_seconds: started.elapsed().as_secs_f64(),
     })
 }
 
@@ -151,7 +167,11 @@ pub struct FsCampaignSummary {
     pub failures: u64,
     pub first_failure_seed: Option<u64>,
     pub seconds: f64,
+    /// Unique crash states per second of the whole campaign (workloads included).
     pub states_per_second: f64,
+    /// Seconds spent checking crash states, and states per second of that.
+    pub check_seconds: f64,
+    pub check_states_per_second: f64,
     /// The reproducer bundle written for the first failure.
     pub reproducer: Option<PathBuf>,
     pub workload: WorkloadKind,
@@ -161,12 +181,14 @@ pub struct FsCampaignSummary {
     pub interrupted: Option<String>,
 }
 
-/// Runs the campaign; `first` receives the first failing run (to bundle), `progress` is told
+/// Runs the campaign; `first` receives the first failing run (to bundle), `keep` every run
+/// (to save one, say), `progress` is told
 /// (runs done, states so far) after each run, and `stop` is polled between runs.
 pub fn run_campaign(
     opts: &FsCampaignOptions,
     tmp: &Path,
     first: &mut dyn FnMut(&FsRun) -> anyhow::Result<PathBuf>,
+    keep: &mut dyn FnMut(&FsRun) -> anyhow::Result<()>,
     progress: &mut dyn FnMut(u64, u64),
     stop: &dyn Fn() -> Option<String>,
 ) -> anyhow::Result<FsCampaignSummary> {
@@ -178,6 +200,8 @@ pub fn run_campaign(
         first_failure_seed: None,
         seconds: 0.0,
         states_per_second: 0.0,
+        check_seconds: 0.0,
+        check_states_per_second: 0.0,
         reproducer: None,
         workload: opts.workload,
         bugs: opts.config.bugs.names(),
@@ -199,6 +223,8 @@ pub fn run_campaign(
         )?;
         s.runs += 1;
         s.crash_states += run.states.checked as u64;
+        s.check_seconds += run.check_seconds;
+        keep(&run)?;
         if run.failed() {
             s.failures += 1;
             if s.failing_seeds.len() < crate::race::campaign::FAILING_SEEDS_LISTED_MAX {
@@ -216,5 +242,6 @@ pub fn run_campaign(
     }
     s.seconds = started.elapsed().as_secs_f64();
     s.states_per_second = s.crash_states as f64 / s.seconds.max(1e-9);
+    s.check_states_per_second = s.crash_states as f64 / s.check_seconds.max(1e-9);
     Ok(s)
 }

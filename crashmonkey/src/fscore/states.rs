@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use fs_core::block::{read_block_sync, BlockDevice, BLOCK_SIZE};
-use fs_core::crash::{self, CrashViolation};
+use fs_core::crash::{CrashViolation, Judge};
 use fs_core::ondisk::{self, fsck};
 use fs_core::oracle::History;
 use fs_core::Config;
@@ -121,7 +121,7 @@ fn advance(prefix: &mut [u8], epoch: &Epoch, log: &[u8]) {
 /// when it keeps every promise.
 pub fn check_state(
     cfg: &Config,
-    history: &History,
+    judge: &Judge<'_>,
     prefix: &Arc<Vec<u8>>,
     blocks: HashMap<u64, Vec<u8>>,
     state: &CrashState,
@@ -142,7 +142,7 @@ pub fn check_state(
     };
     let replayed = fs.persist.as_ref().map_or(0, |p| p.recovery.replayed);
     let report = fsck::check(&mut |b| read_block_sync(fs.dev.as_mut(), b));
-    let violations = crash::judge(history, state.mark.as_deref(), &mut fs);
+    let violations = judge.check(state.mark.as_deref(), &mut fs);
     if report.clean() && violations.is_empty() {
         return None;
     }
@@ -154,6 +154,52 @@ pub fn check_state(
         replayed,
         image: Vec::new(),
     })
+}
+
+/// Epochs with fewer unique states than this are checked on one thread.
+pub const PARALLEL_STATES_MIN: usize = 16;
+
+/// Checks `todo` (states of `epoch`), on as many threads as the machine has cores when there
+/// are enough of them; the verdicts come back in `todo`'s order.
+fn check_epoch(
+    cfg: &Config,
+    judge: &Judge<'_>,
+    prefix: &Arc<Vec<u8>>,
+    epoch: &Epoch,
+    todo: &[CrashState],
+    log: &[u8],
+) -> Vec<Option<StateFailure>> {
+    let one = |s: &CrashState| {
+        let blocks = state_blocks(prefix, epoch, s, log);
+        check_state(cfg, judge, prefix, blocks, s).map(|mut f| {
+            f.image = state_image(prefix, &state_blocks(prefix, epoch, s, log));
+            f
+        })
+    };
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if jobs < 2 || todo.len() < PARALLEL_STATES_MIN {
+        return todo.iter().map(one).collect();
+    }
+    let mut out: Vec<Option<StateFailure>> = vec![None; todo.len()];
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..jobs)
+            .map(|j| {
+                let one = &one;
+                scope.spawn(move || {
+                    (j..todo.len())
+                        .step_by(jobs)
+                        .map(|i| (i, one(&todo[i])))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for w in workers {
+            for (i, v) in w.join().expect("a state check panicked") {
+                out[i] = v;
+            }
+        }
+    });
+    out
 }
 
 /// Checks every unique crash state of the log at `log_path` (over the image `base`), in
@@ -169,24 +215,26 @@ pub fn check_run(
     let log = std::fs::read(log_path)?;
     let events = LogHistory::open(log_path)?;
     let mut generator = StateGenerator::new(opts, File::open(log_path)?);
+    let judge = Judge::new(history);
     let mut prefix = Arc::new(base);
     let mut out = StatesChecked::default();
     for epoch in Epochs::new(events) {
         let epoch = epoch?;
         out.epochs += 1;
-        for state in generator.epoch_states(&epoch)? {
-            if state.duplicate_of.is_some() {
-                continue;
-            }
-            out.checked += 1;
-            let blocks = state_blocks(&prefix, &epoch, &state, &log);
-            if let Some(mut f) = check_state(cfg, history, &prefix, blocks, &state) {
-                f.image = state_image(&prefix, &state_blocks(&prefix, &epoch, &state, &log));
-                out.failures.push(f);
-                if max_failures > 0 && out.failures.len() >= max_failures {
-                    out.generated = generator.generated;
-                    return Ok(out);
-                }
+        let todo: Vec<CrashState> = generator
+            .epoch_states(&epoch)?
+            .into_iter()
+            .filter(|s| s.duplicate_of.is_none())
+            .collect();
+        out.checked += todo.len();
+        for f in check_epoch(cfg, &judge, &prefix, &epoch, &todo, &log)
+            .into_iter()
+            .flatten()
+        {
+            out.failures.push(f);
+            if max_failures > 0 && out.failures.len() >= max_failures {
+                out.generated = generator.generated;
+                return Ok(out);
             }
         }
         advance(Arc::make_mut(&mut prefix).as_mut_slice(), &epoch, &log);
@@ -220,7 +268,8 @@ pub fn find_and_check(
                 return Ok(None);
             };
             let blocks = state_blocks(&prefix, &epoch, &state, &log);
-            let failure = check_state(cfg, history, &prefix, blocks, &state).map(|mut f| {
+            let judge = Judge::new(history);
+            let failure = check_state(cfg, &judge, &prefix, blocks, &state).map(|mut f| {
                 f.image = state_image(&prefix, &state_blocks(&prefix, &epoch, &state, &log));
                 f
             });

@@ -74,6 +74,10 @@ pub struct CampaignArgs {
     /// Do not write a reproducer bundle.
     #[arg(long)]
     pub no_bundle: bool,
+    /// Save the run with the most crash states here (device.log, base.img, run.json with its
+    /// seed, states and checking time), to compare checkers on one log (make bench-fscore).
+    #[arg(long, value_name = "DIR")]
+    pub save_largest: Option<PathBuf>,
     /// Replay a bundle instead: the same run and crash state (exit 1 if it fails again).
     #[arg(long, value_name = "DIR")]
     pub replay: Option<PathBuf>,
@@ -136,6 +140,7 @@ fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
         .prefix("crashmonkey-fs-")
         .tempdir()?;
     let bar = progress(args);
+    let mut largest = 0;
     let summary = run_campaign(
         &opts,
         tmp.path(),
@@ -144,6 +149,13 @@ fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
                 return Ok(PathBuf::new());
             }
             bundle::write_bundle(&args.out, kind, run, opts.states)
+        },
+        &mut |run| match &args.save_largest {
+            Some(dir) if run.states.checked > largest => {
+                largest = run.states.checked;
+                save_run(dir, run)
+            }
+            _ => Ok(()),
         },
         &mut |runs, states| {
             bar.set_position(runs);
@@ -158,6 +170,24 @@ fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
         (None, 0) => 0,
         (None, _) => 1,
     })
+}
+
+/// Saves a run's log and base image, with a note of what checking its states took.
+fn save_run(
+    dir: &std::path::Path,
+    run: &crashmonkey::fscore::campaign::FsRun,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::copy(run.log.path(), dir.join("device.log"))?;
+    std::fs::write(dir.join("base.img"), &run.base)?;
+    let note = serde_json::json!({
+        "seed": run.seed,
+        "crash_states": run.states.checked,
+        "check_seconds": run.check_seconds,
+        "check_states_per_second": run.states.checked as f64 / run.check_seconds.max(1e-9),
+    });
+    std::fs::write(dir.join("run.json"), serde_json::to_string_pretty(&note)?)?;
+    Ok(())
 }
 
 fn progress(args: &CampaignArgs) -> ProgressBar {
