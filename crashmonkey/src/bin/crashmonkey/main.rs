@@ -1,6 +1,7 @@
 //! The `crashmonkey` CLI. Thin: each subcommand family lives in its own file.
 
 mod crash_cmd;
+mod fs_cmd;
 mod race_cmd;
 
 use clap::{Parser, Subcommand};
@@ -13,7 +14,8 @@ use clap::{Parser, Subcommand};
     long_about = "crashmonkey replays nbd-server write logs into every crash state a power cut \
 could leave and checks each one, and runs seeded race campaigns over fs-core's iomap model.\n\n\
 Examples:\n  crashmonkey race --seed 1 --runs 1000 --no-iomap-valid\n  \
-crashmonkey check disk.log --base empty.img --checker 'e2fsck -fn {image}'"
+crashmonkey check disk.log --base empty.img --checker 'e2fsck -fn {image}'\n  \
+crashmonkey fs ls disk.img"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,6 +28,9 @@ enum Cmd {
     Race(race_cmd::RaceArgs),
     #[command(flatten)]
     Crash(crash_cmd::CrashCmd),
+    /// fs-core filesystems on image files or NBD exports: mkfs, fsck, ls, cat, stat.
+    #[command(subcommand)]
+    Fs(fs_cmd::FsCmd),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +42,7 @@ fn main() -> anyhow::Result<()> {
     let code = match cli.cmd {
         Cmd::Race(args) => race_cmd::run(args)?,
         Cmd::Crash(cmd) => crash_cmd::run(cmd)?,
+        Cmd::Fs(cmd) => fs_cmd::run(cmd)?,
     };
     std::process::exit(code);
 }
