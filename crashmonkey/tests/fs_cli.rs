@@ -387,11 +387,10 @@ fn recovery_is_replayed_in_memory_and_the_image_is_never_written() {
     assert_eq!(hash(&img), before, "a read-only command wrote the image");
 }
 
-/// Damage inside an fs-core image is an inconsistency fsck names (exit 1) and the other
-/// commands refuse to mount; an image that is not fs-core at all, or cannot be read, is an
-/// error (exit 2) that says so.
+/// Damage inside an fs-core image is an inconsistency fsck names (exit 1), not an error, and
+/// the other commands refuse to mount it.
 #[test]
-fn damage_is_named_and_foreign_or_unreadable_images_are_refused() {
+fn a_flipped_byte_in_an_inode_is_named_by_fsck() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.img");
     mkfs(p(&img), true);
@@ -415,6 +414,24 @@ fn damage_is_named_and_foreign_or_unreadable_images_are_refused() {
         err.contains("cannot mount") && err.contains("checksum"),
         "{err}"
     );
+
+    // Damage that checksums cannot see: f2's link count made 7, the block resealed.
+    let home = geo.inode_block(2) as usize * BLOCK_SIZE;
+    raw[home + 40..home + 44].copy_from_slice(&7u32.to_le_bytes());
+    format::seal(&mut raw[home..home + BLOCK_SIZE]);
+    std::fs::write(&img, &raw).unwrap();
+    let (out, _) = fs_expect(&["fsck", p(&img)], 1);
+    let named = "inode 2: link count 7, but 1 directory entries name it";
+    assert!(text(&out).contains(named), "{}", text(&out));
+}
+
+/// An image that is not fs-core at all, is truncated, or cannot be read is an error (exit 2)
+/// that says so.
+#[test]
+fn foreign_truncated_and_unreadable_images_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.img");
+    mkfs(p(&img), true);
 
     // Not fs-core: seeded noise, and zeros.
     let garbage = dir.path().join("garbage.img");
