@@ -144,7 +144,7 @@ fn check_names(names: &[String], inodes: u64) -> Result<(), String> {
 
 /// The layout of a `bytes`-byte filesystem, or why there is none.
 fn layout(bytes: u64, inodes: u64) -> Result<Geometry, String> {
-    if bytes == 0 || bytes % BS != 0 {
+    if bytes == 0 || !bytes.is_multiple_of(BS) {
         return Err(format!(
             "size {bytes} bytes is not a positive multiple of 4096"
         ));
