@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::TcpStream;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 
 use fs_core::block::{
@@ -16,6 +16,9 @@ const BS: u64 = BLOCK_SIZE as u64;
 pub const NBD_PORT_DEFAULT: u16 = 10809;
 /// How long a remote export may take to answer.
 pub const NBD_IO_SECONDS_MAX: u64 = 60;
+/// How long connecting to an NBD server may take: without a limit, a host that drops
+/// packets holds the command for the kernel's SYN retries (about two minutes).
+pub const NBD_CONNECT_SECONDS_MAX: u64 = 10;
 
 /// fs-core's device over anything that reads, writes and seeks. Flush is the stream's flush
 /// (an NBD FLUSH for the `nbd` client; for a file, `fdatasync` is the caller's, at the end).
@@ -154,14 +157,21 @@ impl Target {
                 Ok(Box::new(StreamDevice::new(f, len, writable)))
             }
             Target::Nbd { host, port, export } => {
-                let s = TcpStream::connect((host.as_str(), *port))
-                    .map_err(|e| anyhow::anyhow!("nbd://{host}:{port}: {e}"))?;
+                let s = connect(host, *port)?;
                 let limit = Some(std::time::Duration::from_secs(NBD_IO_SECONDS_MAX));
                 s.set_read_timeout(limit)?;
                 s.set_write_timeout(limit)?;
                 let mut s2 = s.try_clone()?;
-                let info = nbd::client::handshake(&mut s2, export.as_bytes())
-                    .map_err(|e| anyhow::anyhow!("nbd://{host}:{port}/{export}: {e}"))?;
+                let info = nbd::client::handshake(&mut s2, export.as_bytes()).map_err(|e| {
+                    // NBD_OPT_EXPORT_NAME has no error reply: a server without the export
+                    // just closes the connection.
+                    let hint = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        format!(" (the server closed the connection: no export named {export:?}?)")
+                    } else {
+                        String::new()
+                    };
+                    anyhow::anyhow!("nbd://{host}:{port}/{export}: NBD handshake failed: {e}{hint}")
+                })?;
                 let size = info.size;
                 if writable && info.readonly {
                     anyhow::bail!("nbd://{host}:{port}/{export} is read-only");
@@ -170,6 +180,29 @@ impl Target {
                 Ok(Box::new(StreamDevice::new(client, size, writable)))
             }
         }
+    }
+}
+
+/// A TCP connection to `host:port` (each address it resolves to, in turn), within
+/// [`NBD_CONNECT_SECONDS_MAX`] per address.
+fn connect(host: &str, port: u16) -> anyhow::Result<TcpStream> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs = (bare, port)
+        .to_socket_addrs()
+        .map_err(|e| anyhow::anyhow!("nbd://{host}:{port}: cannot resolve {host:?}: {e}"))?;
+    let limit = std::time::Duration::from_secs(NBD_CONNECT_SECONDS_MAX);
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, limit) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    match last {
+        Some(e) => Err(anyhow::anyhow!("nbd://{host}:{port}: cannot connect: {e}")),
+        None => Err(anyhow::anyhow!(
+            "nbd://{host}:{port}: {host:?} has no address"
+        )),
     }
 }
 

@@ -3,6 +3,8 @@
 //! their workloads and their reproducer bundles.
 //!
 //! - `device`    block devices for fs-core: stream (file, NBD), in-memory crash state
+//! - `image`     the `crashmonkey fs` commands' work: mkfs, fsck, and read-only mounts that
+//!   list, read and describe files (recovery into a private copy, never the image)
 //! - `workload`  `ace` (bounded, exhaustive) and `random` (racing, with namespace operations)
 //! - `states`    every crash state of a run's log: built in memory, mounted, fsck'd, judged
 //! - `campaign`  runs, summaries
@@ -11,5 +13,6 @@
 pub mod bundle;
 pub mod campaign;
 pub mod device;
+pub mod image;
 pub mod states;
 pub mod workload;

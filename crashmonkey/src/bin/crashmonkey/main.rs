@@ -2,6 +2,7 @@
 
 mod crash_cmd;
 mod fs_campaign_cmd;
+mod fs_cmd;
 mod race_cmd;
 mod switches;
 
@@ -15,7 +16,9 @@ use clap::{Parser, Subcommand};
     long_about = "crashmonkey replays nbd-server write logs into every crash state a power cut \
 could leave and checks each one, and runs seeded race campaigns over fs-core's iomap model.\n\n\
 Examples:\n  crashmonkey race --seed 1 --runs 1000 --no-iomap-valid\n  \
-crashmonkey check disk.log --base empty.img --checker 'e2fsck -fn {image}'"
+crashmonkey check disk.log --base empty.img --checker 'e2fsck -fn {image}'\n  \
+crashmonkey fs ls disk.img\n  \
+crashmonkey fs campaign --seed 1 --runs 100 --bug fsync-no-log-force"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,11 +29,12 @@ struct Cli {
 enum Cmd {
     /// Run a seeded race campaign over fs-core (or replay a reproducer).
     Race(race_cmd::RaceArgs),
-    /// fs-core crash campaigns: every crash state of every run mounted, fsck'd and judged.
-    #[command(name = "fs-campaign")]
-    FsCampaign(fs_campaign_cmd::CampaignArgs),
     #[command(flatten)]
     Crash(crash_cmd::CrashCmd),
+    /// fs-core filesystems on image files or NBD exports (mkfs, fsck, ls, cat, stat), and
+    /// crash campaigns over fs-core.
+    #[command(subcommand)]
+    Fs(fs_cmd::FsCmd),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,8 +45,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Race(args) => race_cmd::run(args)?,
-        Cmd::FsCampaign(args) => fs_campaign_cmd::run(args)?,
         Cmd::Crash(cmd) => crash_cmd::run(cmd)?,
+        Cmd::Fs(cmd) => fs_cmd::run(cmd)?,
     };
     std::process::exit(code);
 }
