@@ -495,7 +495,15 @@ impl DiskInode {
             }
             let x = read(next)?;
             check(&x, next, MAGIC_EXTENT, "extent")?;
-            let n = (get_u32(&x, 24) as usize).min(EXTENT_BLOCK_EXTENTS_MAX);
+            let n = get_u32(&x, 24) as usize;
+            if n == 0 || n > EXTENT_BLOCK_EXTENTS_MAX {
+                return Err(FormatError::Invalid {
+                    block: next,
+                    what: format!(
+                        "extent block holds {n} extents (1..={EXTENT_BLOCK_EXTENTS_MAX})"
+                    ),
+                });
+            }
             for i in 0..n {
                 inode.extents.push(DiskExtent::decode(
                     &x,
@@ -660,6 +668,39 @@ mod tests {
             DiskInode::decode(&map[&77], 77, &mut |b| Ok(map[&b].clone())).unwrap();
         assert_eq!(back, inode);
         assert_eq!(back_chain, chain);
+    }
+
+    /// Guards against an extent block whose `count` passes what a block holds being read as
+    /// a full block: the decoder used to clamp the count to 169 and accept the block whenever
+    /// the totals still added up.
+    #[test]
+    fn an_extent_block_count_past_its_capacity_is_damage() {
+        let extents: Vec<DiskExtent> = (0..400)
+            .map(|i| DiskExtent {
+                file_block: 2 * i,
+                count: 1,
+                state: DiskExtentState::Written,
+                dev_block: 1000 + i,
+            })
+            .collect();
+        let inode = DiskInode {
+            ino: 1,
+            in_use: true,
+            nlink: 1,
+            extents,
+            ..DiskInode::default()
+        };
+        let mut map: std::collections::HashMap<u64, Vec<u8>> =
+            inode.encode(5, &[500, 501]).into_iter().collect();
+        let first = map.get_mut(&500).unwrap();
+        assert_eq!(get_u32(first, 24) as usize, EXTENT_BLOCK_EXTENTS_MAX);
+        put_u32(first, 24, 500);
+        seal(first);
+        let got = DiskInode::decode(&map[&5], 5, &mut |b| Ok(map[&b].clone()));
+        assert!(
+            matches!(got, Err(FormatError::Invalid { block: 500, .. })),
+            "{got:?}"
+        );
     }
 
     #[test]

@@ -112,8 +112,12 @@ pub fn decode_journal_super(geo: &Geometry, b: &[u8]) -> Result<(u64, u64), Form
             computed,
         });
     }
+    let claims = get_u64(b, 8);
+    if claims != block {
+        return Err(FormatError::Misplaced { block, claims });
+    }
     let (tail_seq, tail) = (get_u64(b, 16), get_u64(b, 24));
-    if get_u64(b, 8) != block || tail == 0 || tail >= geo.journal_blocks {
+    if tail == 0 || tail >= geo.journal_blocks {
         return Err(FormatError::Invalid {
             block,
             what: format!("tail at journal block {tail} of {}", geo.journal_blocks),
@@ -318,4 +322,48 @@ pub fn recover(
         out.next_seq = seq;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guards against a journal superblock read from the wrong block being reported as a bad
+    /// tail (the home check was folded into the tail check): it is misplaced, like any block
+    /// whose home number is wrong.
+    #[test]
+    fn a_journal_superblock_from_another_block_is_misplaced() {
+        let geo = Geometry::for_device(1024, 16).unwrap();
+        let sb = encode_journal_super(&geo, 7, 1);
+        assert_eq!(decode_journal_super(&geo, &sb), Ok((7, 1)));
+        let mut moved = geo;
+        moved.journal_start += 1;
+        assert_eq!(
+            decode_journal_super(&moved, &sb),
+            Err(FormatError::Misplaced {
+                block: moved.journal_start,
+                claims: geo.journal_start
+            })
+        );
+        let bad_tail = encode_journal_super(&geo, 7, geo.journal_blocks);
+        assert!(matches!(
+            decode_journal_super(&geo, &bad_tail),
+            Err(FormatError::Invalid { .. })
+        ));
+    }
+
+    /// The checksum covers the first 512 bytes only: a write torn after the first sector
+    /// leaves a superblock that still decodes, and damage inside the first sector does not.
+    #[test]
+    fn the_journal_superblock_checksum_spans_its_first_sector() {
+        let geo = Geometry::for_device(1024, 16).unwrap();
+        let mut sb = encode_journal_super(&geo, 7, 1);
+        sb[JOURNAL_SUPER_CRC_BYTES] = 0xff;
+        assert_eq!(decode_journal_super(&geo, &sb), Ok((7, 1)));
+        sb[JOURNAL_SUPER_CRC_BYTES - 1] = 0xff;
+        assert!(matches!(
+            decode_journal_super(&geo, &sb),
+            Err(FormatError::BadChecksum { .. })
+        ));
+    }
 }
