@@ -15,8 +15,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use fs_core::block::{
-    read_block_sync, submit_and_complete, BlockDevice, Completion, CowDevice, DeviceError, ReqId,
-    Request, BLOCK_SIZE,
+    read_block_sync, BlockDevice, Completion, CowDevice, DeviceError, ReqId, Request, BLOCK_SIZE,
 };
 use fs_core::fs::FILE_BYTES_MAX;
 use fs_core::ondisk::format::{check_name, DiskExtent, DiskExtentState, FormatError, Geometry};
@@ -226,34 +225,10 @@ fn mkfs_nbd(
         )));
     }
     let geo = layout(bytes, opts.inodes).map_err(&refused)?;
-    clear_journal(dev.as_mut(), &geo).map_err(|e| ImageError::Device {
-        image: image.to_string(),
-        reason: format!("clearing the journal: {e}"),
-    })?;
     let made =
         ondisk::mkfs(dev.as_mut(), opts.inodes, &opts.names).map_err(|e| refused(e.to_string()))?;
     debug_assert_eq!(made, geo);
     Ok((bytes, geo))
-}
-
-/// Zeroes the journal area. fs-core's mkfs writes a journal superblock whose sequence
-/// numbers start at 1 again but leaves the journal's blocks as they were: on a device that
-/// held an fs-core filesystem before, the old journal's transactions 1, 2, ... would pass
-/// recovery's checks and be replayed over the new filesystem. (An image file is created
-/// empty, or truncated by `--force`; an export keeps its bytes.)
-fn clear_journal(dev: &mut dyn BlockDevice, geo: &Geometry) -> Result<(), DeviceError> {
-    for b in geo.journal_start..geo.journal_start + geo.journal_blocks {
-        let data = vec![0u8; BLOCK_SIZE];
-        submit_and_complete(
-            dev,
-            Request::Write {
-                block: b,
-                data,
-                fua: false,
-            },
-        )?;
-    }
-    Ok(())
 }
 
 /// Block 0, read: a superblock (sound or damaged), or proof this is no fs-core image.

@@ -71,11 +71,12 @@ impl std::fmt::Display for Holder {
 
 /// Recovers the journal of the filesystem on `dev` into a private copy, then checks it.
 pub fn check_device(dev: Box<dyn BlockDevice>, bugs: JournalBugs) -> FsckReport {
+    let blocks = dev.block_count();
     let mut cow = CowDevice::new(dev);
     let mut report = FsckReport::default();
     let geo = match read_block_sync(&mut cow, 0)
         .map_err(|e| e.to_string())
-        .and_then(|b| Geometry::decode(&b).map_err(|e| e.to_string()))
+        .and_then(|b| Geometry::decode(&b).map_err(|e| describe_super(&b, e)))
     {
         Ok(g) => g,
         Err(e) => {
@@ -83,6 +84,13 @@ pub fn check_device(dev: Box<dyn BlockDevice>, bugs: JournalBugs) -> FsckReport 
             return report;
         }
     };
+    if geo.blocks != blocks {
+        report.problem(format!(
+            "superblock: the filesystem has {} blocks but the device {blocks}",
+            geo.blocks
+        ));
+        return report;
+    }
     let cow = std::cell::RefCell::new(cow);
     let recovered = journal::recover(
         &geo,
@@ -108,6 +116,18 @@ pub fn check_device(dev: Box<dyn BlockDevice>, bugs: JournalBugs) -> FsckReport 
     rest.recovery = report.recovery;
     rest.problems.splice(0..0, report.problems);
     rest
+}
+
+/// A superblock that does not decode, in words: "not an fs-core filesystem" when its magic
+/// is not ours at all.
+fn describe_super(b: &[u8], e: FormatError) -> String {
+    match e {
+        FormatError::BadMagic { found, .. } => format!(
+            "not an fs-core filesystem (block 0 starts with {:02x?}, not \"FSSB\", {found:#010x})",
+            &b[..4.min(b.len())]
+        ),
+        e => e.to_string(),
+    }
 }
 
 /// Checks the filesystem whose blocks `read` returns (already recovered).
@@ -223,6 +243,13 @@ fn check_inode(
         return;
     }
     r.inodes_in_use += 1;
+    if inode.size > crate::fs::FILE_BYTES_MAX {
+        r.problem(format!(
+            "inode {ino}: size {} is larger than a file can be ({})",
+            inode.size,
+            crate::fs::FILE_BYTES_MAX
+        ));
+    }
     if inode.nlink == 0 {
         r.orphans.push(ino as u32);
     }

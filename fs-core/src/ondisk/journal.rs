@@ -305,13 +305,16 @@ pub fn recover(
         next_seq: seq,
     };
     while let Some(images) = read_transaction(geo, pos, seq, bugs.replay_ignores_checksum, read)? {
+        // A transaction is replayed whole or not at all: every home is checked first (only a
+        // replay that ignores checksums can meet one outside the device, or in the journal).
         let n = images.len() as u64;
+        let journal = geo.journal_start..geo.journal_start + geo.journal_blocks;
+        if images.iter().any(|(home, image)| {
+            *home >= geo.blocks || journal.contains(home) || image.len() != BLOCK_SIZE
+        }) {
+            break;
+        }
         for (home, image) in images {
-            let in_journal =
-                (geo.journal_start..geo.journal_start + geo.journal_blocks).contains(&home);
-            if home >= geo.blocks || in_journal || image.len() != BLOCK_SIZE {
-                return Ok(out);
-            }
             write(home, image)?;
             out.blocks += 1;
         }

@@ -149,10 +149,24 @@ pub fn mkfs(
             names.len()
         )));
     }
-    let mut blocks = vec![
-        (0, geo.encode()),
-        (geo.journal_start, journal::encode_journal_super(&geo, 1, 1)),
-    ];
+    if let Some(dup) = names
+        .iter()
+        .enumerate()
+        .find(|(i, n)| names[..*i].contains(n))
+    {
+        return Err(MountError::Mkfs(format!(
+            "the name {:?} is given twice",
+            dup.1
+        )));
+    }
+    // The whole journal is zeroed: sequence numbers start at 1 again, and on a device that
+    // held an fs-core filesystem before, the old journal's transactions 1, 2, ... would
+    // otherwise pass recovery's checks and be replayed over the new filesystem.
+    let mut blocks = vec![(0, geo.encode())];
+    for b in geo.journal_start + 1..geo.journal_start + geo.journal_blocks {
+        blocks.push((b, vec![0; crate::block::BLOCK_SIZE]));
+    }
+    blocks.push((geo.journal_start, journal::encode_journal_super(&geo, 1, 1)));
     for k in 0..geo.bitmap_blocks {
         blocks.push(bitmap_block(&geo, k, &|b| b < geo.data_start));
     }
@@ -262,6 +276,15 @@ fn load(geo: &Geometry, dev: &mut dyn BlockDevice) -> Result<Loaded, MountError>
         slots.extend(decode_dir_block(&b, home).map_err(MountError::Metadata)?);
         images.insert(home, b);
     }
+    for e in slots.iter().flatten() {
+        let live = inodes.get(e.ino as usize).is_some_and(|(i, _)| i.in_use);
+        if !live {
+            return Err(MountError::Inconsistent(format!(
+                "directory entry {:?} names inode {}, which is not in use",
+                e.name, e.ino
+            )));
+        }
+    }
     Ok(Loaded {
         inodes,
         slots,
@@ -278,6 +301,13 @@ fn inode_of(
     chain: &[u64],
 ) -> Result<(Inode, Vec<(u64, Owner)>), MountError> {
     let ino = d.ino as usize;
+    if d.size > crate::fs::FILE_BYTES_MAX {
+        return Err(MountError::Inconsistent(format!(
+            "inode {ino}: size {} is larger than a file can be ({})",
+            d.size,
+            crate::fs::FILE_BYTES_MAX
+        )));
+    }
     let mut inode = Inode {
         size: d.size,
         disk_size: d.size,
