@@ -32,8 +32,11 @@ pub const VIOLATIONS_MAX: usize = 16;
 /// One broken promise.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CrashViolation {
-    /// The file's name as the workload calls it (`f<N>`), and its inode slot.
+    /// The file: a name the recovered directory gives its inode, else `inode <N>`.
     pub file: String,
+    /// Its inode (the workload's file slot).
+    #[serde(default)]
+    pub ino: Option<usize>,
     /// What is wrong, in words (offset, found and allowed values, whose data it is).
     pub what: String,
     /// The persistence point whose promise it breaks (`None`: the mounted state).
@@ -226,7 +229,8 @@ impl Judge<'_> {
                     Ok(d) => d,
                     Err(e) => {
                         out.push(CrashViolation {
-                            file: crate::ops::file_name(ino),
+                            file: name_of(fs, ino),
+                            ino: Some(ino),
                             what: format!("inode {ino} cannot be read: {e}"),
                             promised_by: None,
                         });
@@ -244,7 +248,8 @@ impl Judge<'_> {
             let base = self.baseline(&included, ino);
             if let Some(what) = judge_file(history, &base, ino, &found) {
                 out.push(CrashViolation {
-                    file: crate::ops::file_name(ino),
+                    file: name_of(fs, ino),
+                    ino: Some(ino),
                     what,
                     promised_by: base.by,
                 });
@@ -257,6 +262,15 @@ impl Judge<'_> {
         out.truncate(VIOLATIONS_MAX);
         out
     }
+}
+
+/// A name the recovered directory gives inode `ino`, else `inode <ino>`.
+fn name_of(fs: &Fs, ino: usize) -> String {
+    fs.dir
+        .iter()
+        .flatten()
+        .find(|e| e.ino as usize == ino)
+        .map_or_else(|| format!("inode {ino}"), |e| e.name.clone())
 }
 
 /// The effects on slot `ino` after `from`, split at the first create or removal: those that
@@ -526,6 +540,7 @@ fn judge_names(
     let mut bad = |name: &str, what: String| {
         out.push(CrashViolation {
             file: name.to_string(),
+            ino: None,
             what,
             promised_by: by,
         })

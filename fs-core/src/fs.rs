@@ -261,6 +261,9 @@ pub struct IoEnd {
     pub addr: u64,
     /// The mapping was UNWRITTEN: completion converts it to WRITTEN.
     pub unwritten: bool,
+    /// Byte end of the file's data this IO carries (EOF when it was written back, within
+    /// its folio): the on-disk size may reach it at completion, no further.
+    pub end: u64,
     /// Completion stages done so far (0 = submitted).
     pub stage: u8,
 }
@@ -448,14 +451,16 @@ impl Fs {
         }
     }
 
-    /// IO completion put file block `fblock` of `ino` on disk: the on-disk size may cover it
-    /// now, up to the in-memory size.
-    pub fn data_landed(&mut self, ino: usize, fblock: u64) {
+    /// IO completion put file data up to byte `data_end` of `ino` on disk (`xfs_setfilesize`
+    /// with the ioend's range, which ends at EOF as writeback saw it): the on-disk size may
+    /// cover it now, up to the in-memory size (a truncate since may have made it smaller).
+    /// Bytes a later write put past that EOF are in a later IO, not this one.
+    pub fn data_landed(&mut self, ino: usize, data_end: u64) {
         let inode = &self.inodes[ino];
         if !inode.in_use {
             return;
         }
-        let end = ((fblock + 1) * BLOCK_SIZE as u64).min(inode.size);
+        let end = data_end.min(inode.size);
         if end > inode.disk_size {
             self.set_disk_size(ino, end);
         }

@@ -60,6 +60,9 @@ struct Bio {
     idx: u64,
     addr: u64,
     unwritten: bool,
+    /// End of the file's data in the folio when it was written back (EOF then): past it the
+    /// IO carries zeros.
+    end: u64,
 }
 
 /// One `writepages` call over an inode: folio by folio in index order. A step locks the next
@@ -154,6 +157,7 @@ impl WbPass {
                     idx,
                     addr: map.addr_of(idx * BS),
                     unwritten: map.kind == IoMapKind::Unwritten,
+                    end: ((idx + 1) * BS).min(size),
                 });
                 Step::Yield("wb:map_blocks", idx)
             }
@@ -207,6 +211,7 @@ impl WbPass {
                     fblock: bio.idx,
                     addr: bio.addr,
                     unwritten,
+                    end: bio.end,
                     stage: 0,
                 });
                 Step::Yield("wb:submit", bio.idx)
@@ -320,7 +325,7 @@ impl IoCompletion {
                 // xfs_setfilesize: the on-disk size may now cover what this IO wrote.
                 let e = fs.inode(io.ino).extents.get(io.fblock);
                 if e.state == ExtentState::Written && e.addr == io.addr {
-                    fs.data_landed(io.ino, io.fblock);
+                    fs.data_landed(io.ino, io.end);
                 }
                 Step::Yield("io:end_writeback", io.fblock)
             }

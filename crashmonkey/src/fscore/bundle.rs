@@ -162,26 +162,40 @@ pub fn report(f: &StateFailure) -> String {
         out.push_str(&format!("fsck: {p}\n"));
     }
     for v in &f.violations {
-        let by = v
-            .promised_by
-            .map_or("the mounted state".to_string(), |op| format!("op {op}"));
-        out.push_str(&format!("{}: {} (promised by {by})\n", v.file, v.what));
+        let against = v.promised_by.map_or(
+            "the filesystem as mounted before the run".to_string(),
+            |op| format!("what op {op} made durable"),
+        );
+        out.push_str(&format!(
+            "{}: {} (judged against {against})\n",
+            v.file, v.what
+        ));
     }
     out
 }
 
 fn readme(dir: &Path, b: &FsBundle) -> String {
-    let show = match b.verdict.as_ref().and_then(culprit) {
+    let Some(verdict) = &b.verdict else {
+        return readme_race(dir, b);
+    };
+    let mut show = match culprit(verdict) {
         Some(file) => format!(
-            "crashmonkey fs cat {0}/crash.img {file} | od -c | head",
+            "crashmonkey fs cat {0}/crash.img {file} | od -A d -c | less\n\
+             crashmonkey fs stat {0}/crash.img {file}\n",
             dir.display()
         ),
-        None => format!("crashmonkey fs fsck {}/crash.img", dir.display()),
+        None => String::new(),
     };
+    if b.config.bugs.replay_ignores_checksum {
+        show.push_str(
+            "# The bug is in recovery: mounted by these commands (whose recovery checks\n\
+             # checksums) the image is clean; the replay below recovers it the buggy way.\n",
+        );
+    }
     format!(
         "# fs-core crash reproducer, seed {seed}\n\n\
          A crash state of an fs-core run (switches and planted bugs in `bundle.json`) that breaks\n\
-         a promise of `docs/fs-core-crash.md`. See it:\n\n```\n{show}\n\
+         a promise of `docs/fs-core-crash.md`. See it:\n\n```\n{show}\
          crashmonkey fs fsck {dir}/crash.img\n```\n\n\
          Replay the run and check the same crash state again (exit 1: it still fails):\n\n\
          ```\ncrashmonkey fs campaign --replay {dir}\n```\n\n\
@@ -193,6 +207,21 @@ fn readme(dir: &Path, b: &FsBundle) -> String {
          it), `bundle.json` (workload, materialised schedule, switches, the crash state: which\n\
          writes of its epoch it kept, dropped or tore; the verdict), `fsck.txt`, `oracle.txt`.\n",
         seed = b.seed,
+        dir = dir.display(),
+    )
+}
+
+/// The README of a run that failed the race oracle while every crash state kept its promises.
+fn readme_race(dir: &Path, b: &FsBundle) -> String {
+    format!(
+        "# fs-core run that failed the race oracle, seed {seed}\n\n\
+         Every crash state of this run kept its promises, but the run itself broke an invariant\n\
+         of fs-core's race oracle:\n\n```\n{failures:#?}\n```\n\n\
+         Replay it (exit 1: it fails again), and with the default switches (exit 0):\n\n\
+         ```\ncrashmonkey fs campaign --replay {dir}\n\
+         crashmonkey fs campaign --replay {dir} --defaults\n```\n",
+        seed = b.seed,
+        failures = b.race_failures,
         dir = dir.display(),
     )
 }
