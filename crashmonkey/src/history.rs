@@ -37,9 +37,32 @@ pub struct Op {
     pub data: OpData,
 }
 
+/// A log's bytes, read by offset: the log file, or the whole log already in memory (a
+/// campaign's short logs, read once for every state).
+pub trait LogData: Send + Sync {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl LogData for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+impl LogData for std::sync::Arc<Vec<u8>> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let bytes = usize::try_from(offset)
+            .ok()
+            .and_then(|at| self.get(at..at.checked_add(buf.len())?))
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
 impl Op {
     /// Reads `[off, off+buf.len())` of this operation's content.
-    pub fn read(&self, log: &File, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    pub fn read(&self, log: &dyn LogData, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
         debug_assert!(off >= self.offset && off + buf.len() as u64 <= self.offset + self.length);
         match self.data {
             OpData::Zero => {

@@ -19,7 +19,6 @@
 //! cost of a state is the size of its own delta, not the length of the log before it.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
 
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -28,7 +27,7 @@ use rand_chacha::ChaCha8Rng;
 use nbd_server::disk::{merge_pieces, sector_pieces};
 use nbd_server::log::{LogError, SECTOR_BYTES};
 
-use crate::history::{Epoch, Op};
+use crate::history::{Epoch, LogData, Op};
 
 /// How states are chosen.
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
@@ -163,8 +162,14 @@ fn hex(sum: &Sum) -> String {
 }
 
 /// Sector updates of one operation over `pieces`, reading its data from the log.
-fn op_updates(op: &Op, pieces: &[(u64, u64)], log: &File) -> Result<Vec<SectorUpdate>, LogError> {
-    let zero_hash = *blake3::hash(&[0u8; SECTOR_BYTES as usize]).as_bytes();
+fn op_updates(
+    op: &Op,
+    pieces: &[(u64, u64)],
+    log: &dyn LogData,
+) -> Result<Vec<SectorUpdate>, LogError> {
+    static ZERO_HASH: std::sync::OnceLock<SectorHash> = std::sync::OnceLock::new();
+    let zero_hash =
+        *ZERO_HASH.get_or_init(|| *blake3::hash(&[0u8; SECTOR_BYTES as usize]).as_bytes());
     let mut out = Vec::new();
     let mut buf = vec![0u8; SECTOR_BYTES as usize];
     for &(off, len) in pieces {
@@ -195,13 +200,14 @@ pub struct StateGenerator {
     seen: HashMap<Sum, usize>,
     next_id: usize,
     last_mark: Option<String>,
-    log: File,
+    log: Box<dyn LogData>,
     pub generated: usize,
     pub unique: usize,
 }
 
 impl StateGenerator {
-    pub fn new(opts: StateOptions, log: File) -> Self {
+    /// A generator over the log whose bytes `log` reads (its file, or the log in memory).
+    pub fn new(opts: StateOptions, log: impl LogData + 'static) -> Self {
         StateGenerator {
             opts,
             prefix: HashMap::new(),
@@ -209,7 +215,7 @@ impl StateGenerator {
             seen: HashMap::new(),
             next_id: 0,
             last_mark: None,
-            log,
+            log: Box::new(log),
             generated: 0,
             unique: 0,
         }
@@ -221,7 +227,7 @@ impl StateGenerator {
         let updates: Vec<Vec<SectorUpdate>> = epoch
             .ops
             .iter()
-            .map(|op| op_updates(op, &op.pieces, &self.log))
+            .map(|op| op_updates(op, &op.pieces, self.log.as_ref()))
             .collect::<Result<_, _>>()?;
         let mut rng = ChaCha8Rng::seed_from_u64(
             self.opts.seed ^ (epoch.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -390,7 +396,7 @@ impl StateGenerator {
             }
         }
         if let Some(t) = torn {
-            for u in op_updates(&epoch.ops[t.index], &t.pieces, &self.log)? {
+            for u in op_updates(&epoch.ops[t.index], &t.pieces, self.log.as_ref())? {
                 apply(&u, &mut changed);
             }
         }

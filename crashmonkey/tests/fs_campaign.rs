@@ -2,31 +2,59 @@
 //! would flag a journal, ordering or recovery bug as it flags the planted ones); with each
 //! planted bug a campaign from an unhinted seed finds it within a bounded number of runs.
 
-use crashmonkey::fscore::campaign::{run_one, workload_for};
+use std::path::PathBuf;
+
+use crashmonkey::fscore::campaign::{run_campaign, FsCampaignOptions, FsCampaignSummary};
 use crashmonkey::fscore::workload::WorkloadKind;
 use crashmonkey::states::StateOptions;
 use fs_core::Config;
 
-/// Runs seeds `seeds`; returns (states checked, failing runs, first failing seed).
+/// Runs seeds `seeds` on two threads; returns (states checked, failing runs, first failing
+/// seed).
 fn run(kind: WorkloadKind, seeds: std::ops::Range<u64>, cfg: &Config) -> (u64, u64, Option<u64>) {
+    let s = campaign(kind, seeds, cfg, 2);
+    (s.crash_states, s.failures, s.first_failure_seed)
+}
+
+fn campaign(
+    kind: WorkloadKind,
+    seeds: std::ops::Range<u64>,
+    cfg: &Config,
+    jobs: usize,
+) -> FsCampaignSummary {
     let tmp = tempfile::tempdir().unwrap();
-    let (mut states, mut failing, mut first) = (0, 0, None);
-    for seed in seeds {
-        let r = run_one(
-            seed,
-            workload_for(kind, seed),
-            cfg,
-            StateOptions::default(),
-            tmp.path(),
-        )
-        .unwrap();
-        states += r.states.checked as u64;
-        if r.failed() {
-            failing += 1;
-            first.get_or_insert(seed);
-        }
-    }
-    (states, failing, first)
+    let opts = FsCampaignOptions {
+        seed: seeds.start,
+        runs: seeds.end - seeds.start,
+        workload: kind,
+        config: cfg.clone(),
+        states: StateOptions::default(),
+        max_failures: 0,
+        jobs,
+    };
+    run_campaign(
+        &opts,
+        tmp.path(),
+        &mut |_| Ok(PathBuf::new()),
+        &mut |_| Ok(()),
+        &mut |_, _| {},
+        &|| None,
+    )
+    .unwrap()
+}
+
+/// Runs on several threads come back in seed order: the same findings, counts and first
+/// failure as one thread finds.
+#[test]
+fn threads_do_not_change_the_verdicts() {
+    let mut cfg = Config::default();
+    assert!(cfg.bugs.set("commit-without-flush"));
+    let one = campaign(WorkloadKind::Random, 0..40, &cfg, 1);
+    let three = campaign(WorkloadKind::Random, 0..40, &cfg, 3);
+    assert!(one.failures > 1, "the bug shows in several runs: {one:?}");
+    assert_eq!(one.crash_states, three.crash_states);
+    assert_eq!(one.failing_seeds, three.failing_seeds);
+    assert_eq!(one.first_failure_seed, three.first_failure_seed);
 }
 
 #[test]

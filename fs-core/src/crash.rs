@@ -203,6 +203,7 @@ impl<'h> Judge<'h> {
 }
 
 /// What a recovered file looks like.
+#[derive(Debug, Clone)]
 pub struct Found {
     pub in_use: bool,
     pub generation: u64,
@@ -349,16 +350,25 @@ fn check_bytes(
         ));
     }
     let mut allowed = Allowed::new(base_len, effects);
-    for (x, &v) in found.data.iter().enumerate() {
-        if base.is_some_and(|b| b.get(x) == Some(&v)) {
+    let durable = base.unwrap_or(&[]);
+    let data = &found.data;
+    // Most bytes are the durable ones: skip them a chunk at a time, judge the rest.
+    for start in (0..data.len()).step_by(SAME_CHUNK_BYTES) {
+        let end = (start + SAME_CHUNK_BYTES).min(data.len());
+        if end <= durable.len() && data[start..end] == durable[start..end] {
             continue;
         }
-        if !allowed.admits(x as u64, v) {
-            return Some(describe_byte(base, effects, history, ino, x as u64, v));
+        if let Some(x) = allowed.first_refused(data, durable, start, end) {
+            return Some(describe_byte(
+                base, effects, history, ino, x as u64, data[x],
+            ));
         }
     }
     None
 }
+
+/// Bytes compared with the durable content at once before judging them.
+const SAME_CHUNK_BYTES: usize = 256;
 
 /// What later effects allow at each byte, swept in offset order: the spans they wrote (a
 /// value, or data), and where zeros may stand: where a later operation zeroed, where a later
@@ -375,6 +385,10 @@ struct Allowed<'e> {
     /// ... and in `[base_len, zero_until)` (extensions and holes below later writes).
     base_len: u64,
     zero_until: u64,
+    /// `active` holds until this offset (the next span start or end).
+    boundary: u64,
+    /// Scratch: which bytes of the stretch being judged are allowed.
+    ok: Vec<bool>,
 }
 
 #[derive(Clone, Copy)]
@@ -415,23 +429,83 @@ impl<'e> Allowed<'e> {
             zero_from,
             base_len,
             zero_until,
+            boundary: 0,
+            ok: Vec::new(),
         }
     }
 
-    /// Whether `v` may stand at `x` (callers ask in increasing `x`).
-    fn admits(&mut self, x: u64, v: u8) -> bool {
+    /// The first byte of `data[start..end]` that neither the durable content nor a later
+    /// effect allows (callers ask in increasing offsets). Judged a stretch at a time: within
+    /// a stretch the same spans are over every byte, so each span is compared with the
+    /// stretch as a whole (loops the compiler vectorises).
+    fn first_refused(
+        &mut self,
+        data: &[u8],
+        durable: &[u8],
+        start: usize,
+        end: usize,
+    ) -> Option<usize> {
+        let mut x = start;
+        while x < end {
+            if x as u64 >= self.boundary {
+                self.advance(x as u64);
+            }
+            let stop = self.boundary.min(end as u64) as usize;
+            let ok = &mut self.ok;
+            ok.clear();
+            ok.resize(stop - x, false);
+            let found = &data[x..stop];
+            if x < durable.len() {
+                let same = &durable[x..stop.min(durable.len())];
+                for ((o, f), d) in ok.iter_mut().zip(found).zip(same) {
+                    *o |= f == d;
+                }
+            }
+            for &i in &self.active {
+                let (s0, _, span) = self.spans[i];
+                match span {
+                    Span::Byte(b) => ok.iter_mut().zip(found).for_each(|(o, f)| *o |= *f == b),
+                    Span::Data(d) => {
+                        let from = (x as u64 - s0) as usize;
+                        let wrote = &d[from..from + found.len()];
+                        for ((o, f), w) in ok.iter_mut().zip(found).zip(wrote) {
+                            *o |= f == w;
+                        }
+                    }
+                }
+            }
+            if let Some(k) = ok.iter().position(|o| !o) {
+                let zeros = (self.zero_from, self.base_len, self.zero_until);
+                let refused =
+                    (k..ok.len()).find(|&k| !(ok[k] || (found[k] == 0 && zero_ok(zeros, x + k))));
+                if let Some(k) = refused {
+                    return Some(x + k);
+                }
+            }
+            x = stop;
+        }
+        None
+    }
+
+    /// The spans over `x`, and the next offset where they change.
+    fn advance(&mut self, x: u64) {
         while self.next < self.spans.len() && self.spans[self.next].0 <= x {
             self.active.push(self.next);
             self.next += 1;
         }
         let spans = &self.spans;
         self.active.retain(|&i| spans[i].1 > x);
-        let written = self.active.iter().any(|&i| match spans[i].2 {
-            Span::Byte(b) => b == v,
-            Span::Data(d) => d[(x - spans[i].0) as usize] == v,
-        });
-        written || (v == 0 && (x >= self.zero_from || (x >= self.base_len && x < self.zero_until)))
+        let next_start = spans.get(self.next).map_or(u64::MAX, |s| s.0);
+        let first_end = self.active.iter().map(|&i| spans[i].1).min();
+        self.boundary = first_end.map_or(next_start, |e| e.min(next_start));
     }
+}
+
+/// Whether a zero may stand at `x` whatever the spans say, given [`Allowed`]'s
+/// `(zero_from, base_len, zero_until)`.
+fn zero_ok((zero_from, base_len, zero_until): (u64, u64, u64), x: usize) -> bool {
+    let x = x as u64;
+    x >= zero_from || (x >= base_len && x < zero_until)
 }
 
 /// The value `e` leaves at byte `x`, if it writes one there.
@@ -573,4 +647,87 @@ fn judge_names(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The rule, byte by byte and with no shortcuts: what `check_bytes`' sweep must agree with.
+    fn admitted(base: &[u8], effects: &[&Effect], x: u64, v: u8) -> bool {
+        let a = Allowed::new(base.len() as u64, effects);
+        let zeros = (a.zero_from, a.base_len, a.zero_until);
+        base.get(x as usize) == Some(&v)
+            || effects.iter().any(|e| writes(e, x) == Some(v))
+            || (v == 0 && zero_ok(zeros, x as usize))
+    }
+
+    fn effect(kind: EffectKind) -> Effect {
+        Effect {
+            op: 1,
+            ino: 0,
+            kind,
+        }
+    }
+
+    fn arb_effect() -> impl Strategy<Value = Effect> {
+        prop_oneof![
+            (0u64..3000, 1u64..900, 0u8..4)
+                .prop_map(|(offset, len, byte)| effect(EffectKind::Fill { offset, len, byte })),
+            (0u64..3000, proptest::collection::vec(0u8..4, 1..700))
+                .prop_map(|(offset, data)| effect(EffectKind::Write { offset, data })),
+            (0u64..3000, 1u64..900)
+                .prop_map(|(offset, len)| effect(EffectKind::Zero { offset, len })),
+            (0u64..4000).prop_map(|size| effect(EffectKind::Size { size })),
+        ]
+    }
+
+    proptest! {
+        /// The stretch-at-a-time sweep finds exactly the first byte the plain rule refuses.
+        #[test]
+        fn sweep_agrees_with_the_rule(
+            base in proptest::collection::vec(0u8..4, 0..3000),
+            effects in proptest::collection::vec(arb_effect(), 0..8),
+            found in proptest::collection::vec(0u8..4, 0..4000),
+        ) {
+            let refs: Vec<&Effect> = effects.iter().collect();
+            let mut a = Allowed::new(base.len() as u64, &refs);
+            let mut got = None;
+            for start in (0..found.len()).step_by(SAME_CHUNK_BYTES) {
+                let end = (start + SAME_CHUNK_BYTES).min(found.len());
+                got = a.first_refused(&found, &base, start, end);
+                if got.is_some() {
+                    break;
+                }
+            }
+            let want = (0..found.len()).find(|&x| !admitted(&base, &refs, x as u64, found[x]));
+            prop_assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn a_byte_no_one_wrote_is_named() {
+        let w = effect(EffectKind::Write {
+            offset: 10,
+            data: vec![7; 20],
+        });
+        let history = History::default();
+        let found = Found {
+            in_use: true,
+            generation: 0,
+            data: {
+                let mut d = vec![1u8; 40];
+                d[10..30].fill(7);
+                d[25] = 9;
+                d
+            },
+        };
+        let base = vec![1u8; 40];
+        let what = check_bytes(Some(&base), &[&w], &found, &history, 0).expect("byte 25 is wrong");
+        assert!(what.contains("byte 25"), "{what}");
+        let mut fine = found.clone();
+        fine.data[25] = 7;
+        assert_eq!(check_bytes(Some(&base), &[&w], &fine, &history, 0), None);
+    }
 }

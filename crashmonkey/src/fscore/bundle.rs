@@ -294,7 +294,16 @@ pub fn replay(b: &FsBundle, cfg: &Config, tmp: &Path) -> anyhow::Result<Replayed
     } else {
         Box::new(ReplayPolicy::lenient(b.schedule.clone(), b.trace.clone()))
     };
-    let run = run_with(b.seed, b.workload(), cfg, b.state_options, tmp, policy)?;
+    let jobs = super::states::cores();
+    let run = run_with(
+        b.seed,
+        b.workload(),
+        cfg,
+        b.state_options,
+        tmp,
+        policy,
+        jobs,
+    )?;
     let exact = cfg == &b.config;
     let (state_found, state_failure) = match (&b.state, exact) {
         // The same run: the same log, so the bundled state is there to check again.

@@ -31,6 +31,8 @@ pub struct FsCampaignOptions {
     pub states: StateOptions,
     /// Stop after this many failing runs (0: never).
     pub max_failures: u64,
+    /// Threads (runs at once; a single run checks its states on them instead).
+    pub jobs: usize,
 }
 
 /// One run and what its crash states showed.
@@ -41,6 +43,8 @@ pub struct FsRun {
     pub cfg: Config,
     pub result: RunResult,
     pub states: StatesChecked,
+    /// How the crash states were generated.
+    pub states_options: StateOptions,
     /// The image mkfs made (the log's base), and the write log (kept while the run is).
     pub base: Vec<u8>,
     pub log: tempfile::NamedTempFile,
@@ -86,24 +90,46 @@ fn mkfs_names(files: usize) -> Vec<String> {
     (0..files).map(fs_core::ops::file_name).collect()
 }
 
-/// The base image of every run: a fresh filesystem on a `blocks`-block device.
+/// The base image of every run: a fresh filesystem on a `blocks`-block device. mkfs is
+/// deterministic, so each shape is made once per process and copied.
 pub fn base_image(files: usize, blocks: u64) -> anyhow::Result<Vec<u8>> {
+    type Made = std::collections::HashMap<(usize, u64), std::sync::Arc<Vec<u8>>>;
+    static MADE: std::sync::Mutex<Option<Made>> = std::sync::Mutex::new(None);
+    if let Some(img) = MADE
+        .lock()
+        .expect("base images")
+        .get_or_insert_with(Made::new)
+        .get(&(files, blocks))
+    {
+        return Ok(img.to_vec());
+    }
     let mut dev = MemDevice::new(blocks);
     ondisk::mkfs(&mut dev, CAMPAIGN_INODES, &mkfs_names(files))?;
-    read_all(&mut dev)
+    let img = read_all(&mut dev)?;
+    let mut made = MADE.lock().expect("base images");
+    let made = made.get_or_insert_with(Made::new);
+    if made.len() < BASE_IMAGES_CACHED_MAX {
+        made.insert((files, blocks), std::sync::Arc::new(img.clone()));
+    }
+    Ok(img)
 }
 
+/// Base images kept (one per shape of filesystem a campaign formats).
+const BASE_IMAGES_CACHED_MAX: usize = 16;
+
 /// Runs `workload` (under the scheduler seeded with `seed`) on a fresh filesystem over a
-/// recorded emulated disk, unmounts it, and checks every crash state of its log.
+/// recorded emulated disk, unmounts it, and checks every crash state of its log on up to
+/// `jobs` threads.
 pub fn run_one(
     seed: u64,
     workload: FsWorkload,
     cfg: &Config,
     states: StateOptions,
     tmp: &Path,
+    jobs: usize,
 ) -> anyhow::Result<FsRun> {
     let policy = policy_for(&workload);
-    run_with(seed, workload, cfg, states, tmp, policy)
+    run_with(seed, workload, cfg, states, tmp, policy, jobs)
 }
 
 /// [`run_one`] under a given policy (a replay's).
@@ -114,6 +140,7 @@ pub fn run_with(
     states: StateOptions,
     tmp: &Path,
     mut policy: Box<dyn Policy>,
+    jobs: usize,
 ) -> anyhow::Result<FsRun> {
     let cfg = &Config {
         cache_limit_folios: workload
@@ -137,13 +164,15 @@ pub fn run_with(
     disk.sync_log()?;
     drop(unmounted);
     let started = Instant::now();
+    let states_options = states;
     let states = check_run(
         cfg,
         &result.history,
         &log_path,
         base.clone(),
-        states,
+        states_options,
         FAILING_STATES_KEPT_MAX,
+        jobs,
     )?;
     Ok(FsRun {
         seed,
@@ -151,10 +180,58 @@ pub fn run_with(
         cfg: cfg.clone(),
         result,
         states,
+        states_options,
         base,
         log,
         check_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// What re-checking a run's crash states needs: kept from a run whose log was saved.
+#[derive(Debug, Clone)]
+pub struct Recheck {
+    pub cfg: Config,
+    pub history: fs_core::oracle::History,
+    pub base: Vec<u8>,
+    pub states: StateOptions,
+}
+
+impl Recheck {
+    pub fn of(run: &FsRun) -> Recheck {
+        Recheck {
+            cfg: run.cfg.clone(),
+            history: run.result.history.clone(),
+            base: run.base.clone(),
+            states: run.states_options,
+        }
+    }
+
+    /// Crash states of the log at `log` checked per second in process (mounted, fsck'd,
+    /// judged), on `jobs` threads that each check the whole log again and again for about
+    /// `seconds`: the figure to set beside `crashmonkey check` on the same log.
+    pub fn rate(&self, log: &Path, jobs: usize, seconds: f64) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let one = || -> anyhow::Result<usize> {
+            let mut n = 0;
+            while n == 0 || started.elapsed().as_secs_f64() < seconds {
+                let base = self.base.clone();
+                n += check_run(&self.cfg, &self.history, log, base, self.states, 0, 1)?.checked;
+            }
+            Ok(n)
+        };
+        let counts: Vec<anyhow::Result<usize>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..jobs.max(1)).map(|_| scope.spawn(one)).collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("a recheck panicked"))
+                .collect()
+        });
+        let mut n = 0;
+        for c in counts {
+            n += c?;
+        }
+        Ok(n as f64 / started.elapsed().as_secs_f64().max(1e-9))
+    }
 }
 
 /// What a campaign found.
@@ -182,8 +259,9 @@ pub struct FsCampaignSummary {
 }
 
 /// Runs the campaign; `first` receives the first failing run (to bundle), `keep` every run
-/// (to save one, say), `progress` is told
-/// (runs done, states so far) after each run, and `stop` is polled between runs.
+/// (to save one, say), `progress` is told (runs done, states so far) after each run, and
+/// `stop` is polled between runs. Runs go on `opts.jobs` threads, and come back to the
+/// callbacks in seed order, so that the summary is the same whatever the threads.
 pub fn run_campaign(
     opts: &FsCampaignOptions,
     tmp: &Path,
@@ -208,19 +286,8 @@ pub fn run_campaign(
         failing_seeds: Vec::new(),
         interrupted: None,
     };
-    for i in 0..opts.runs {
-        if let Some(why) = stop() {
-            s.interrupted = Some(why);
-            break;
-        }
-        let seed = opts.seed.wrapping_add(i);
-        let run = run_one(
-            seed,
-            workload_for(opts.workload, seed),
-            &opts.config,
-            opts.states,
-            tmp,
-        )?;
+    let mut take = |run: anyhow::Result<FsRun>| -> anyhow::Result<bool> {
+        let run = run?;
         s.runs += 1;
         s.crash_states += run.states.checked as u64;
         s.check_seconds += run.check_seconds;
@@ -228,20 +295,119 @@ pub fn run_campaign(
         if run.failed() {
             s.failures += 1;
             if s.failing_seeds.len() < crate::race::campaign::FAILING_SEEDS_LISTED_MAX {
-                s.failing_seeds.push(seed);
+                s.failing_seeds.push(run.seed);
             }
             if s.first_failure_seed.is_none() {
-                s.first_failure_seed = Some(seed);
+                s.first_failure_seed = Some(run.seed);
                 s.reproducer = Some(first(&run)?);
             }
         }
         progress(s.runs, s.crash_states);
-        if opts.max_failures > 0 && s.failures >= opts.max_failures {
-            break;
-        }
-    }
+        Ok(opts.max_failures == 0 || s.failures < opts.max_failures)
+    };
+    let interrupted = in_seed_order(opts, tmp, &mut take, stop)?;
+    s.interrupted = interrupted;
     s.seconds = started.elapsed().as_secs_f64();
     s.states_per_second = s.crash_states as f64 / s.seconds.max(1e-9);
-    s.check_states_per_second = s.crash_states as f64 / s.check_seconds.max(1e-9);
+    // Checking ran on several threads at once: its seconds are thread-seconds; the rate is
+    // per thread-second times the threads that shared the time.
+    s.check_states_per_second =
+        s.crash_states as f64 / s.check_seconds.max(1e-9) * runs_at_once(opts) as f64;
     Ok(s)
+}
+
+/// Runs in flight beyond the next one to hand over, per thread: bounds the runs (images and
+/// logs) held while an earlier, slower one finishes.
+pub const RUNS_AHEAD_PER_JOB_MAX: u64 = 4;
+
+/// Threads that run whole runs at once (the rest of `opts.jobs` check one run's states).
+fn runs_at_once(opts: &FsCampaignOptions) -> usize {
+    opts.jobs.max(1).min(opts.runs.max(1) as usize)
+}
+
+/// Where the workers are: the next run index to start, the next to hand over, and whether
+/// to stop starting runs.
+struct Turns {
+    next: u64,
+    handed: u64,
+    stop: bool,
+}
+
+/// Runs seeds `opts.seed ..` on worker threads and hands each run to `take` in seed order
+/// until `take` says enough, every run is done, or `stop` says why not (returned).
+fn in_seed_order(
+    opts: &FsCampaignOptions,
+    tmp: &Path,
+    take: &mut dyn FnMut(anyhow::Result<FsRun>) -> anyhow::Result<bool>,
+    stop: &dyn Fn() -> Option<String>,
+) -> anyhow::Result<Option<String>> {
+    use std::sync::{mpsc, Condvar, Mutex};
+    let workers = runs_at_once(opts);
+    let check_jobs = (opts.jobs.max(1) / workers).max(1);
+    let ahead = workers as u64 * RUNS_AHEAD_PER_JOB_MAX;
+    let turns = Mutex::new(Turns {
+        next: 0,
+        handed: 0,
+        stop: false,
+    });
+    let moved = Condvar::new();
+    let (tx, rx) = mpsc::channel::<(u64, anyhow::Result<FsRun>)>();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let (tx, turns, moved) = (tx.clone(), &turns, &moved);
+            scope.spawn(move || loop {
+                let i = {
+                    let mut t = turns.lock().expect("campaign turns");
+                    while !t.stop && t.next < opts.runs && t.next >= t.handed + ahead {
+                        t = moved.wait(t).expect("campaign turns");
+                    }
+                    if t.stop || t.next >= opts.runs {
+                        return;
+                    }
+                    t.next += 1;
+                    t.next - 1
+                };
+                let seed = opts.seed.wrapping_add(i);
+                let w = workload_for(opts.workload, seed);
+                let run = run_one(seed, w, &opts.config, opts.states, tmp, check_jobs);
+                if tx.send((i, run)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(tx);
+        let result = hand_over(&rx, &turns, &moved, take, stop);
+        turns.lock().expect("campaign turns").stop = true;
+        moved.notify_all();
+        result
+    })
+}
+
+/// The receiving side of [`in_seed_order`]: reorders finished runs and hands them over.
+fn hand_over(
+    rx: &std::sync::mpsc::Receiver<(u64, anyhow::Result<FsRun>)>,
+    turns: &std::sync::Mutex<Turns>,
+    moved: &std::sync::Condvar,
+    take: &mut dyn FnMut(anyhow::Result<FsRun>) -> anyhow::Result<bool>,
+    stop: &dyn Fn() -> Option<String>,
+) -> anyhow::Result<Option<String>> {
+    let mut waiting = std::collections::BTreeMap::new();
+    let mut handed = 0u64;
+    loop {
+        if let Some(why) = stop() {
+            return Ok(Some(why));
+        }
+        let Ok((i, run)) = rx.recv() else {
+            return Ok(None);
+        };
+        waiting.insert(i, run);
+        while let Some(run) = waiting.remove(&handed) {
+            handed += 1;
+            turns.lock().expect("campaign turns").handed = handed;
+            moved.notify_all();
+            if !take(run)? {
+                return Ok(None);
+            }
+        }
+    }
 }

@@ -4,7 +4,6 @@
 //! fsck'd, and judged by fs-core's crash oracle. Nothing is written to disk per state.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -159,8 +158,14 @@ pub fn check_state(
 /// Epochs with fewer unique states than this are checked on one thread.
 pub const PARALLEL_STATES_MIN: usize = 16;
 
-/// Checks `todo` (states of `epoch`), on as many threads as the machine has cores when there
-/// are enough of them; the verdicts come back in `todo`'s order.
+/// The machine's cores (asked once: the answer comes from cgroup files, slow to read).
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Checks `todo` (states of `epoch`), on up to `jobs` threads when there are enough of them;
+/// the verdicts come back in `todo`'s order.
 fn check_epoch(
     cfg: &Config,
     judge: &Judge<'_>,
@@ -168,6 +173,7 @@ fn check_epoch(
     epoch: &Epoch,
     todo: &[CrashState],
     log: &[u8],
+    jobs: usize,
 ) -> Vec<Option<StateFailure>> {
     let one = |s: &CrashState| {
         let blocks = state_blocks(prefix, epoch, s, log);
@@ -176,7 +182,6 @@ fn check_epoch(
             f
         })
     };
-    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     if jobs < 2 || todo.len() < PARALLEL_STATES_MIN {
         return todo.iter().map(one).collect();
     }
@@ -203,7 +208,7 @@ fn check_epoch(
 }
 
 /// Checks every unique crash state of the log at `log_path` (over the image `base`), in
-/// order; stops after `max_failures` failing states (0: never).
+/// order, on up to `jobs` threads; stops after `max_failures` failing states (0: never).
 pub fn check_run(
     cfg: &Config,
     history: &History,
@@ -211,10 +216,11 @@ pub fn check_run(
     base: Vec<u8>,
     opts: StateOptions,
     max_failures: usize,
+    jobs: usize,
 ) -> anyhow::Result<StatesChecked> {
-    let log = std::fs::read(log_path)?;
+    let log = Arc::new(std::fs::read(log_path)?);
     let events = LogHistory::open(log_path)?;
-    let mut generator = StateGenerator::new(opts, File::open(log_path)?);
+    let mut generator = StateGenerator::new(opts, log.clone());
     let judge = Judge::new(history);
     let mut prefix = Arc::new(base);
     let mut out = StatesChecked::default();
@@ -227,7 +233,7 @@ pub fn check_run(
             .filter(|s| s.duplicate_of.is_none())
             .collect();
         out.checked += todo.len();
-        for f in check_epoch(cfg, &judge, &prefix, &epoch, &todo, &log)
+        for f in check_epoch(cfg, &judge, &prefix, &epoch, &todo, &log, jobs)
             .into_iter()
             .flatten()
         {
@@ -254,8 +260,8 @@ pub fn find_and_check(
     opts: StateOptions,
     want: &CrashState,
 ) -> anyhow::Result<Option<Option<StateFailure>>> {
-    let log = std::fs::read(log_path)?;
-    let mut generator = StateGenerator::new(opts, File::open(log_path)?);
+    let log = Arc::new(std::fs::read(log_path)?);
+    let mut generator = StateGenerator::new(opts, log.clone());
     let mut prefix = Arc::new(base.to_vec());
     for epoch in Epochs::new(LogHistory::open(log_path)?) {
         let epoch = epoch?;

@@ -35,8 +35,11 @@ pub struct LogWriter {
 /// Bytes kept allocated past the log's last record for the full record (a header and its
 /// small payload, padded to whole blocks by a direct write, from an unaligned start).
 pub const LOG_FULL_RESERVE_BYTES: u64 = 2 * DIRECT_IO_ALIGN_BYTES as u64;
-/// The allocation ahead of the log grows in steps of this many bytes (one `fallocate` each).
-pub const LOG_RESERVE_STEP_BYTES: u64 = 4 * 1024 * 1024;
+/// The allocation ahead of the log grows in steps (one `fallocate` each) as large as the log
+/// already is, within these bounds: few calls for a long log, little waste for a short one
+/// (a campaign makes thousands of short logs, on tmpfs, where allocating zeroes pages).
+pub const LOG_RESERVE_STEP_MIN_BYTES: u64 = 64 * 1024;
+pub const LOG_RESERVE_STEP_MAX_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Buffer between the recorder and the file; large enough that a 4 KiB write costs no syscall.
 const LOG_BUFFER_BYTES: usize = 1024 * 1024;
@@ -318,7 +321,8 @@ impl LogWriter {
             return Ok(());
         }
         // A whole step when there is room for it, else just what this record needs.
-        for to in [need + LOG_RESERVE_STEP_BYTES, need] {
+        let step = reserved.clamp(LOG_RESERVE_STEP_MIN_BYTES, LOG_RESERVE_STEP_MAX_BYTES);
+        for to in [need + step, need] {
             match self.out.allocate(reserved, to - reserved) {
                 Ok(()) => {
                     self.reserved_end = Some(to);

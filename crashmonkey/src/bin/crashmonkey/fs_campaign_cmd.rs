@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use crashmonkey::check::StopFlag;
 use crashmonkey::fscore::bundle;
-use crashmonkey::fscore::campaign::{run_campaign, FsCampaignOptions, FsCampaignSummary};
+use crashmonkey::fscore::campaign::{
+    run_campaign, temp_root, FsCampaignOptions, FsCampaignSummary, Recheck,
+};
 use crashmonkey::fscore::workload::WorkloadKind;
 use crashmonkey::states::StateOptions;
 use fs_core::Config;
@@ -65,6 +67,10 @@ pub struct CampaignArgs {
     /// Stop after this many failing runs (0 = run them all).
     #[arg(long, default_value_t = 0)]
     pub max_failures: u64,
+    /// Threads: runs go on them at once (0 = one per core). The results are the same for
+    /// any number: runs are reported, bundled and counted in seed order.
+    #[arg(long, default_value_t = 0)]
+    pub jobs: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -133,14 +139,20 @@ fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
         config: args.config(Config::default())?,
         states: args.states(),
         max_failures: args.max_failures,
+        jobs: if args.jobs == 0 {
+            crashmonkey::fscore::states::cores()
+        } else {
+            args.jobs
+        },
     };
     let stop = StopFlag::new();
     crate::crash_cmd::stop_on_signals(&stop)?;
     let tmp = tempfile::Builder::new()
         .prefix("crashmonkey-fs-")
-        .tempdir()?;
+        .tempdir_in(temp_root())?;
     let bar = progress(args);
     let mut largest = 0;
+    let mut saved = None;
     let summary = run_campaign(
         &opts,
         tmp.path(),
@@ -153,6 +165,7 @@ fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
         &mut |run| match &args.save_largest {
             Some(dir) if run.states.checked > largest => {
                 largest = run.states.checked;
+                saved = Some(Recheck::of(run));
                 save_run(dir, run)
             }
             _ => Ok(()),
@@ -164,6 +177,9 @@ fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
         &|| stop.signal().map(crashmonkey::checker::signal_name),
     )?;
     bar.finish_and_clear();
+    if let (Some(dir), Some(r)) = (&args.save_largest, saved) {
+        note_recheck(dir, &r)?;
+    }
     report(args, &summary)?;
     Ok(match (stop.signal(), summary.failures) {
         (Some(s), _) => 128 + s,
@@ -171,6 +187,9 @@ fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
         (None, _) => 1,
     })
 }
+
+/// Seconds spent checking a saved run's states again, to measure their rate.
+const RECHECK_SECONDS: f64 = 0.5;
 
 /// Saves a run's log and base image, with a note of what checking its states took.
 fn save_run(
@@ -187,6 +206,20 @@ fn save_run(
         "check_states_per_second": run.states.checked as f64 / run.check_seconds.max(1e-9),
     });
     std::fs::write(dir.join("run.json"), serde_json::to_string_pretty(&note)?)?;
+    Ok(())
+}
+
+/// Adds to the saved run's note the rate of its states checked again in process on every
+/// core for [`RECHECK_SECONDS`]: the figure to compare with `crashmonkey check` on the same
+/// log (make bench-fscore).
+fn note_recheck(dir: &std::path::Path, r: &Recheck) -> anyhow::Result<()> {
+    let path = dir.join("run.json");
+    let mut note: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let jobs = crashmonkey::fscore::states::cores();
+    note["recheck_jobs"] = serde_json::json!(jobs);
+    note["recheck_states_per_second"] =
+        serde_json::json!(r.rate(&dir.join("device.log"), jobs, RECHECK_SECONDS)?);
+    std::fs::write(&path, serde_json::to_string_pretty(&note)?)?;
     Ok(())
 }
 
@@ -272,7 +305,7 @@ fn replay(args: &CampaignArgs) -> anyhow::Result<i32> {
     let cfg = args.config(base)?;
     let tmp = tempfile::Builder::new()
         .prefix("crashmonkey-fs-")
-        .tempdir()?;
+        .tempdir_in(temp_root())?;
     let r = bundle::replay(&b, &cfg, tmp.path())?;
     let exact = cfg == b.config;
     if args.json {
