@@ -8,6 +8,12 @@ mod switches;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc rather than glibc's malloc: an fs campaign allocates and frees a 4 KiB block per
+/// block read of every crash state, and a 1 MiB image per run; with glibc, malloc, free and
+/// the page faults of fresh images took about a tenth of a campaign (perf).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "crashmonkey",
