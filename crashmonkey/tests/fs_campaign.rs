@@ -57,14 +57,19 @@ fn threads_do_not_change_the_verdicts() {
     assert_eq!(one.first_failure_seed, three.first_failure_seed);
 }
 
+/// The floor: with the defaults, a campaign of at least 100,000 crash states finds
+/// nothing.
 #[test]
 fn defaults_keep_every_promise() {
-    for kind in [WorkloadKind::Ace, WorkloadKind::Random] {
-        let (states, failing, first) = run(kind, 0..150, &Config::default());
-        eprintln!("{kind:?}: {states} crash states, {failing} failing runs");
+    let mut total = 0;
+    for (kind, runs) in [(WorkloadKind::Ace, 1100), (WorkloadKind::Random, 300)] {
+        let (states, failing, first) = run(kind, 0..runs, &Config::default());
+        eprintln!("{kind:?}: {runs} runs, {states} crash states, {failing} failing runs");
         assert!(states > 10_000, "{kind:?}: only {states} states");
         assert_eq!(failing, 0, "{kind:?}: first failing seed {first:?}");
+        total += states;
     }
+    assert!(total >= 100_000, "only {total} crash states checked");
 }
 
 /// Each planted bug, and the runs within which a campaign from seed 0 must find it (about
