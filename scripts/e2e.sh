@@ -4,8 +4,11 @@
 # umount -> crashmonkey check of every crash state with a verify script that mounts a COPY of
 # each state's image (so the kernel replays the journal, as after a real power cut), checks
 # every file fsynced before the state's last mark, then runs the filesystem's checker
-# (e2fsck -fn / xfs_repair -n) on the recovered copy. States before the first mark (mkfs in
-# progress) make no claim. Expected: zero failing states.
+# (e2fsck -fn / xfs_repair -n) on the recovered copy. Mark f0 is set once mkfs, the mount
+# and a sync are done: from it on, every state must mount and pass fsck (f0 claims no file).
+# States before f0 (mkfs in progress) make no claim. A mark that is not f<N> fails the state.
+# The server must exit cleanly (0) and the log must end complete (no torn tail).
+# Expected: zero failing states.
 #
 # The disk is modelled as a 4Kn device (--atomic-bytes 4096): a torn write lands whole 4 KiB
 # units. ext4 and XFS write checksummed metadata blocks (the ext4 superblock, for one) that
@@ -69,7 +72,10 @@ cat > "$WORK/verify.sh" <<'VERIFY'
 #!/usr/bin/env bash
 set -uo pipefail
 fs=$1 expect=$2 image=$3 mark=$4
-[[ -z "$mark" ]] && exit 0   # before the workload's first mark: no claim
+[[ -z "$mark" ]] && exit 0   # before mark f0 (mkfs in progress): no claim
+if [[ ! $mark =~ ^f(0|[1-9][0-9]*)$ ]]; then
+    echo "malformed mark '$mark' (expected f<N>): nothing to compare it with"; exit 1
+fi
 n=${mark#f}
 echo "$n" >> "$(dirname "$expect")/claims"
 dir=$(mktemp -d "$(dirname "$expect")/v.XXXXXX")
@@ -120,6 +126,8 @@ for FS in $FS_LIST; do
         TEST_DIR=$WORK TEST_DEV=$LOOP QA_CHECK_FS=xfs mkfs.xfs -f -q "$LOOP"
     fi
     mount -t "$FS" "$LOOP" "$WORK/mnt"
+    sync -f "$WORK/mnt"
+    "$BIN/nbd-server" ctl --socket "$WORK/ctl" mark f0 >/dev/null
     for i in $(seq 1 "$FILES"); do
         # Deterministic content of a different size per file.
         head -c $((i * 12288 + 777)) < <(yes "$FS file $i seed $SEED") > "$D/expect/f$i"
@@ -130,8 +138,19 @@ for FS in $FS_LIST; do
     umount "$WORK/mnt"
     losetup -d "$LOOP"; LOOP=""
     fusermount3 -u "$WORK/fuse"
-    kill "$SERVER_PID"; wait "$SERVER_PID" || true; SERVER_PID=""
-    "$BIN/crashmonkey" log stats "$LOG" --json
+    kill -TERM "$SERVER_PID"
+    server_rc=0; wait "$SERVER_PID" || server_rc=$?; SERVER_PID=""
+    if [[ $server_rc != 0 ]]; then
+        echo "e2e: FAIL: nbd-server exited $server_rc at SIGTERM (expected a clean exit):" >&2
+        tail -20 "$D/server.err" >&2
+        exit 1
+    fi
+    "$BIN/crashmonkey" log stats "$LOG" --json | tee "$D/stats.json"
+    echo
+    if ! grep -q '"ending_text":"complete"' "$D/stats.json"; then
+        echo "e2e: FAIL: the write log does not end complete: $(grep -o '"ending_text":"[^"]*"' "$D/stats.json")" >&2
+        exit 1
+    fi
     set +e
     "$BIN/crashmonkey" check "$LOG" --base "$D/base.img" \
         --checker "$WORK/verify.sh $FS $D/expect {image} {mark}" \
@@ -142,8 +161,10 @@ for FS in $FS_LIST; do
     field() { grep -o "\"$1\":[0-9]*" "$D/summary.json" | head -1 | cut -d: -f2; }
     states=$(field states) unique=$(field unique) passed=$(field passed) failed=$(field failed)
     claims=$(wc -l < "$D/claims" 2>/dev/null || echo 0)
+    after_f0=$(grep -c '^0$' "$D/claims" 2>/dev/null || true)
     echo "e2e: $FS: $states crash states ($unique unique) checked: $passed passed, $failed failed;" \
-        "$claims of them after a mark (mounted, files verified, fsck after recovery)"
+        "$claims of them after a mark (mounted, files verified, fsck after recovery)," \
+        "${after_f0:-0} of those between f0 and f1 (mount and fsck only)"
     total_states=$((total_states + unique))
     if [[ $rc != 0 || $failed != 0 ]]; then
         echo "e2e: FAIL: $FS has failing crash states; see $D/failures (set E2E_KEEP=1 to keep)" >&2
@@ -153,5 +174,6 @@ for FS in $FS_LIST; do
     fi
     [[ $passed -gt 0 ]] || { echo "e2e: FAIL: no state was checked" >&2; exit 1; }
     [[ $claims -gt 0 ]] || { echo "e2e: FAIL: no state after a mark was verified" >&2; exit 1; }
+    [[ ${after_f0:-0} -gt 0 ]] || { echo "e2e: FAIL: no state between f0 and f1 was checked" >&2; exit 1; }
 done
 echo "e2e: OK: $total_states unique crash states checked across: $FS_LIST; none failed"
