@@ -1,4 +1,4 @@
-//! The four stale-mapping races of DESIGN.md, scripted step by step. Each test runs the
+//! The four stale-mapping races of docs/architecture.md, scripted step by step. Each test runs the
 //! interleaving with the fix off (the data is lost, asserted byte for byte) and with the fix
 //! on (the data survives), then replays the recorded schedule and checks it gives the same
 //! bytes: the scripts are only a way to write down a schedule.
