@@ -324,12 +324,7 @@ fn nbdfuse_file_round_trip() {
     if !have("nbdfuse") || !have("fusermount3") {
         return;
     }
-    if !Path::new("/dev/fuse").exists() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "/dev/fuse is required under CI=true"
-        );
-        eprintln!("SKIP: /dev/fuse is missing");
+    if !Path::new("/dev/fuse").exists() && !common::skip("/dev/fuse is missing") {
         return;
     }
     let t = TestServer::start();

@@ -90,8 +90,41 @@ impl TestServer {
     }
 }
 
-/// Whether `tool` can be run; `false` (with a printed reason) only outside CI: under
-/// `CI=true` a missing tool fails the test.
+/// Whether this is CI's run: `CI` set to anything but the empty string (CI=true, CI=1, ...).
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+/// The running test cannot run here, for `reason`. Under CI that fails it. Elsewhere it
+/// fails too, unless `ALLOW_SKIP=1`: then the caller returns early (`false`), and the skip
+/// is said on stderr and added to the file `SKIP_LOG` names (`make test` sets it and lists
+/// every skipped test with its reason at the end, so a skip never reads as a pass).
+pub fn skip(reason: &str) -> bool {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("a test");
+    if in_ci() {
+        panic!("{test}: {reason}; under CI nothing may skip (.ci/run installs every tool)");
+    }
+    if std::env::var("ALLOW_SKIP").as_deref() != Ok("1") {
+        panic!(
+            "{test}: {reason}. Install what is missing (make deps, as root), or set \
+             ALLOW_SKIP=1 to skip such tests (make test does, and lists them)"
+        );
+    }
+    eprintln!("SKIP {test}: {reason}");
+    if let Some(log) = std::env::var_os("SKIP_LOG") {
+        let line = format!("{test}: {reason}\n");
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+    false
+}
+
+/// Whether `tool` can be run; when it cannot, [`skip`] decides (a failure, unless skipping
+/// is allowed outside CI).
 pub fn have(tool: &str) -> bool {
     let found = std::process::Command::new("sh")
         .arg("-c")
@@ -99,13 +132,7 @@ pub fn have(tool: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    if !found {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{tool} is required under CI=true (scripts/install-deps.sh installs it)");
-        }
-        eprintln!("SKIP: {tool} is not installed (scripts/install-deps.sh installs it)");
-    }
-    found
+    found || skip(&format!("{tool} is not installed (make deps installs it)"))
 }
 
 /// Runs a command, fails the test with its output unless it exits 0; returns stdout+stderr.
@@ -381,19 +408,12 @@ impl Raw {
     }
 }
 
-/// True when a test that needs root (mounts) can run; outside CI it says why it skips.
+/// True when a test that needs root (mounts) can run; else [`skip`] decides.
 pub fn root_or_skip(test: &str) -> bool {
     #[allow(unsafe_code)]
     // SAFETY: geteuid has no arguments and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        assert!(
-            std::env::var_os("CI").is_none_or(|v| v.is_empty()),
-            "{test} needs root, and CI runs as root"
-        );
-        eprintln!("SKIP {test}: needs root (it mounts a small tmpfs)");
-    }
-    root
+    root || skip(&format!("{test} needs root (it mounts a small tmpfs)"))
 }
 
 /// A tmpfs of a given size mounted on a fresh folder, unmounted when dropped: a filesystem
