@@ -30,8 +30,31 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
 }
 
+/// Threads the server runs code on (the tokio runtime's, and the emulated disk's).
+const SERVER_THREADS: [&str; 3] = ["nbd-server", "write-log", "idle-writeback"];
+
+/// Panics on server threads since the test binary started. tokio swallows a connection
+/// task's panic (the task just ends), so a bad-input test that only watches the client side
+/// cannot see one; this hook counts them, and [`TestServer::assert_healthy`] demands none.
+static SERVER_PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_server_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let thread = std::thread::current();
+            if thread.name().is_some_and(|n| SERVER_THREADS.contains(&n)) {
+                SERVER_PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            default_hook(info);
+        }));
+    });
+}
+
 impl TestServer {
     pub fn start() -> Self {
+        count_server_panics();
         let dir = tempfile::tempdir().unwrap();
         let ro = MemoryBackend::new(RO_BYTES);
         ro.write(nbd_server::backend::Ticket(0), 0, &[0x5a; 4096], false)
@@ -74,8 +97,14 @@ impl TestServer {
         format!("nbd://{}/{}", self.addr, export)
     }
 
-    /// A fresh client can negotiate "disk", write, read back and disconnect.
+    /// No server thread has panicked, and a fresh client can negotiate "disk", write, read
+    /// back and disconnect.
     pub fn assert_healthy(&self) {
+        assert_eq!(
+            SERVER_PANICS.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a server thread panicked (see the panic message above)"
+        );
         let mut c = Raw::connect(self.addr);
         c.handshake(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES);
         c.go("disk", false, false).expect("GO disk");
