@@ -475,6 +475,9 @@ fn bad_request_magic_drops_the_connection() {
 
 #[test]
 fn a_thousand_connections_opened_and_dropped() {
+    // A thousand sockets here, and the server's, beside the other tests' (the default soft
+    // limit is often 1024).
+    raise_open_files_limit(8192);
     let t = TestServer::start();
     let conns: Vec<TcpStream> = (0..1000)
         .map(|_| TcpStream::connect(t.addr).unwrap())

@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
+use common::binary::Running;
 use common::Raw;
 use nbd_server::proto::*;
 
@@ -74,71 +74,33 @@ fn limits_subcommand_prints_json() {
 fn serves_then_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.img");
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--export"])
-        .arg(format!("d:size=1M,file={}", img.display()))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut addr = None;
-    let mut line = String::new();
-    // Bounded: the server prints a few lines and then the address.
-    for _ in 0..20 {
-        line.clear();
-        if err.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        if let Some(a) = line.trim().strip_prefix("nbd-server: listening on ") {
-            addr = Some(a.parse().unwrap());
-            break;
-        }
-    }
-    let addr = addr.expect("no 'listening on' line");
+    let mut run = Running::start(&[
+        "--export".into(),
+        format!("d:size=1M,file={}", img.display()),
+    ]);
+    let addr = run.addr;
     let mut c = Raw::connect(addr);
     c.handshake(3);
     c.go("d", false, false).unwrap();
     c.request(0, NBD_CMD_WRITE, 1, 8192, 4096, &[0x77; 4096]);
     assert_eq!(c.simple_reply(0).0, 0);
-    let st = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let status = child.wait().unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    run.signal(libc::SIGTERM);
+    let status = run.wait_exit(20);
+    let rest = run.log();
     assert!(status.success(), "exit status {status}: {rest}");
     assert!(rest.contains("stopped"), "{rest}");
     assert!(c.closed());
     assert_eq!(&std::fs::read(&img).unwrap()[8192..12288], &[0x77; 4096]);
 }
 
-/// Starts the binary with `args`, returns its stderr lines up to "listening on" (the last line
-/// of start-up: the control socket, if any, is served by then), and the child.
-fn start_lines(args: &[String]) -> (std::process::Child, Vec<String>) {
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut lines = vec![];
-    for _ in 0..20 {
-        let mut line = String::new();
-        if err.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        let done = line.contains("listening on");
-        lines.push(line);
-        if done {
-            break;
-        }
-    }
-    // Keep draining so the server never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    (child, lines)
+/// Starts the binary with `args` (within [`common::binary::START_SECONDS_MAX`]: a server
+/// that never says "listening on" fails the test instead of hanging it); returns it and its
+/// stderr lines up to "listening on" (the last line of start-up: the control socket, if any,
+/// is served by then).
+fn start_lines(args: &[String]) -> (Running, Vec<String>) {
+    let run = Running::start(args);
+    let lines = run.log().lines().map(str::to_owned).collect();
+    (run, lines)
 }
 
 /// A memory export with no emulated-disk key on a server without `--control` is plain memory
@@ -166,7 +128,7 @@ fn plain_memory_export_has_no_emulated_disk_unless_something_could_observe_it() 
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let (mut child, lines) = start_lines(&args);
+    let (run, lines) = start_lines(&args);
     assert!(
         export_line(&lines, "a").contains("no emulated disk"),
         "{lines:?}"
@@ -177,8 +139,7 @@ fn plain_memory_export_has_no_emulated_disk_unless_something_could_observe_it() 
             "{lines:?}"
         );
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(run);
 
     let ctl = dir.path().join("ctl");
     let args: Vec<String> = vec![
@@ -187,7 +148,7 @@ fn plain_memory_export_has_no_emulated_disk_unless_something_could_observe_it() 
         "--control".into(),
         ctl.display().to_string(),
     ];
-    let (mut child, lines) = start_lines(&args);
+    let (run, lines) = start_lines(&args);
     assert!(
         !export_line(&lines, "a").contains("no emulated disk"),
         "{lines:?}"
@@ -205,6 +166,5 @@ fn plain_memory_export_has_no_emulated_disk_unless_something_could_observe_it() 
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(run);
 }

@@ -2,24 +2,22 @@
 //! emulated disk that loses flushed data at a power cut, persists data a client never wrote,
 //! or keeps serving the dead connection.
 
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+
+use common::binary::Running;
 
 const KIB: usize = 1024;
 
+/// The server (stderr gathered by a thread with a deadline on start-up: a server that never
+/// says "listening on" fails the test instead of hanging it), and its port.
 struct Server {
-    child: Child,
+    run: Running,
     port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start(dir: &Path) -> Server {
@@ -27,45 +25,16 @@ fn start(dir: &Path) -> Server {
 }
 
 fn start_with(dir: &Path, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
-        .args(extra)
-        .args(["--listen", "127.0.0.1:0", "--export"])
-        .arg(format!("d:size=1M,record={}", dir.join("d.log").display()))
-        .arg("--control")
-        .arg(dir.join("ctl"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut port = None;
-    let mut control = false;
-    let mut line = String::new();
-    while Instant::now() < deadline && (port.is_none() || !control) {
-        line.clear();
-        if err.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        if let Some(p) = line
-            .trim()
-            .strip_prefix("nbd-server: listening on 127.0.0.1:")
-        {
-            port = p.parse().ok();
-        }
-        control |= line.contains("control socket");
-    }
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while err.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-            sink.clear();
-        }
-    });
-    assert!(control, "server did not announce its control socket");
-    Server {
-        child,
-        port: port.expect("server did not print its port"),
-    }
+    let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+    args.push("--export".into());
+    args.push(format!("d:size=1M,record={}", dir.join("d.log").display()));
+    args.push("--control".into());
+    args.push(dir.join("ctl").display().to_string());
+    let run = Running::start(&args);
+    // The control socket is served before "listening on" is printed.
+    assert!(run.log().contains("control socket"), "{}", run.log());
+    let port = run.addr.port();
+    Server { run, port }
 }
 
 fn connect(port: u16) -> nbd::client::NbdClient<TcpStream> {
@@ -205,29 +174,17 @@ fn crash_after_writes_cuts_the_power_by_itself() {
 #[test]
 fn injected_write_faults_fail_and_are_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-server"))
-        .args(["--listen", "127.0.0.1:0", "--export"])
-        .arg(format!(
+    let args = vec![
+        "--export".to_string(),
+        format!(
             "d:size=1M,record={},eio-write=1,fault-seed=4",
             dir.path().join("d.log").display()
-        ))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut port = None;
-    let mut line = String::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while port.is_none() && Instant::now() < deadline && err.read_line(&mut line).unwrap() > 0 {
-        port = line
-            .trim()
-            .strip_prefix("nbd-server: listening on 127.0.0.1:")
-            .and_then(|p| p.parse().ok());
-        line.clear();
-    }
+        ),
+    ];
+    let run = Running::start(&args);
     let server = Server {
-        child,
-        port: port.unwrap(),
+        port: run.addr.port(),
+        run,
     };
     let mut c = connect(server.port);
     assert!(
@@ -241,9 +198,8 @@ fn injected_write_faults_fail_and_are_recorded() {
     drop(c);
     // SIGTERM: a graceful stop writes out the whole log.
     let mut server = server;
-    let pid = server.child.id().to_string();
-    assert!(Command::new("kill").arg(&pid).status().unwrap().success());
-    assert!(server.child.wait().unwrap().success());
+    server.run.signal(libc::SIGTERM);
+    assert!(server.run.wait_exit(20).success(), "{}", server.run.log());
     let log = nbd_server::log::LogReader::open(&dir.path().join("d.log")).unwrap();
     let kinds: Vec<_> = log.map(|r| r.unwrap().kind.name()).collect();
     assert_eq!(kinds.first().copied(), Some("fault"), "{kinds:?}");

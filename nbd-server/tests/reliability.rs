@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::binary::Running;
-use common::{root_or_skip, Raw, Tmpfs};
+use common::{raise_open_files_limit, root_or_skip, Raw, Tmpfs};
 use nbd_server::log::{LogEnding, LogReader, RecordKind};
 use nbd_server::proto::*;
 
@@ -517,21 +517,4 @@ fn idle_writeback_reaches_the_file() {
         .iter()
         .all(|&b| b == 0));
     drop(srv);
-}
-
-/// Many sockets in one test: raise the soft limit of open files (up to the hard limit).
-#[allow(unsafe_code)]
-fn raise_open_files_limit(want: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the one struct we pass.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        if lim.rlim_cur < want {
-            lim.rlim_cur = want.min(lim.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }

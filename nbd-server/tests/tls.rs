@@ -13,12 +13,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
+use common::binary::Running;
 use common::pki::Pki;
 use common::{have, run, IO_TIMEOUT};
 use nbd_server::tls::TlsConfig;
@@ -598,39 +599,15 @@ fn nbdinfo_and_nbdcopy_over_nbds() {
 }
 
 /// A child process killed when the test ends, passed or not.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the binary with `args`; returns it and its address once it says it listens.
-fn start_binary(args: &[&str]) -> (Killed, SocketAddr, Vec<String>) {
-    let mut child = Killed(
-        Command::new(BIN)
-            .args(["--listen", "127.0.0.1:0", "--export", "disk:size=64M"])
-            .args(args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut err = BufReader::new(child.0.stderr.take().unwrap());
-    let mut lines = Vec::new();
-    for _ in 0..20 {
-        let mut line = String::new();
-        if err.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        lines.push(line.clone());
-        if let Some(a) = line.trim().strip_prefix("nbd-server: listening on ") {
-            std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-            return (child, a.parse().unwrap(), lines);
-        }
-    }
-    panic!("no 'listening on' line: {lines:?}");
+/// Starts the binary with `args` (a start-up deadline: a server that never says it listens
+/// fails the test rather than hang it); returns it, its address and its start-up lines.
+fn start_binary(args: &[&str]) -> (Running, SocketAddr, Vec<String>) {
+    let mut all = vec!["--export".to_string(), "disk:size=64M".to_string()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let server = Running::start(&all);
+    let lines = server.log().lines().map(str::to_owned).collect();
+    let addr = server.addr;
+    (server, addr, lines)
 }
 
 /// `nbd-server --tls=require`: plain libnbd and qemu clients are refused, and libnbd hears

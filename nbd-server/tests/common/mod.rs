@@ -484,3 +484,20 @@ pub fn chunk_error(c: &Chunk) -> u32 {
     assert_eq!(c.chunk_type, NBD_REPLY_TYPE_ERROR, "{c:?}");
     u32::from_be_bytes(c.payload[0..4].try_into().unwrap())
 }
+
+/// Many sockets in one test: raise the soft limit of open files (up to the hard limit).
+#[allow(unsafe_code)]
+pub fn raise_open_files_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the one struct we pass.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
