@@ -464,7 +464,14 @@ fn large_reads_are_sent_from_backend_memory_in_every_reply_form() {
     for i in 0..16 {
         w.request(0, NBD_CMD_READ, 100 + i, base, len as u32, &[]);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait until the replies stop arriving: the client's receive queue is full and the
+    // server has replies it cannot send. Less than all 48 MiB must be queued, or the path
+    // this test is for (a reply waiting for room) was not taken.
+    let queued = settled_receive_queue(&w.s);
+    assert!(
+        queued > 0 && queued < 16 * len,
+        "{queued} bytes queued: the replies did not wait for room"
+    );
     for _ in 0..16 {
         let (err, cookie, got) = w.simple_reply(len);
         assert_eq!(err, 0);
@@ -1346,5 +1353,29 @@ fn pipelined_reads_through_the_emulated_disk_read_back() {
                 "round {round}"
             );
         }
+    }
+}
+
+/// Bytes waiting in `s`'s receive queue once they stop growing (polled every 50 ms, at most
+/// 10 s).
+#[allow(unsafe_code)]
+fn settled_receive_queue(s: &std::net::TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let queued = || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int to the pointer we pass, which outlives the call.
+        let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(r, 0, "ioctl(FIONREAD): {}", std::io::Error::last_os_error());
+        n as usize
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut last = queued();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = queued();
+        if (now == last && now > 0) || std::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
     }
 }
