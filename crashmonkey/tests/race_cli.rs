@@ -3,6 +3,45 @@
 
 use std::process::Command;
 
+/// Record by record, the write log holds what the model's device record says reached the
+/// device: the kind, the byte range, FUA, and the payload (by its content hash and first byte).
+fn same_io(log: &std::path::Path, model: &[serde_json::Value]) {
+    use nbd_server::log::{LogReader, RecordKind};
+    let mut reader = LogReader::open(log).expect("device.log");
+    let records: Vec<_> = reader
+        .by_ref()
+        .map(Result::unwrap)
+        .filter(|r| matches!(r.kind, RecordKind::Write | RecordKind::Flush | RecordKind::Trim))
+        .collect();
+    assert_eq!(records.len(), model.len());
+    for (i, (r, m)) in records.iter().zip(model).enumerate() {
+        let kind = m["kind"].as_str().unwrap();
+        let want = match kind {
+            "Write" | "FuaWrite" => RecordKind::Write,
+            "Flush" => RecordKind::Flush,
+            "Trim" => RecordKind::Trim,
+            k => panic!("record {i}: unknown kind {k}"),
+        };
+        assert_eq!(r.kind, want, "record {i}: {m}");
+        assert_eq!(r.header.fua(), kind == "FuaWrite", "record {i}: {m}");
+        if want == RecordKind::Flush {
+            continue;
+        }
+        let block = fs_core::block::BLOCK_SIZE as u64;
+        assert_eq!(r.header.offset, m["block"].as_u64().unwrap() * block, "record {i}");
+        assert_eq!(r.header.length, m["count"].as_u64().unwrap() * block, "record {i}");
+        if want == RecordKind::Write {
+            let payload = reader.read_payload(r).unwrap();
+            assert_eq!(
+                fs_core::block::content_hash(&payload),
+                m["hash"].as_u64().unwrap(),
+                "record {i}: payload differs from the model's"
+            );
+            assert_eq!(u64::from(payload[0]), m["first_byte"].as_u64().unwrap());
+        }
+    }
+}
+
 fn cm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_crashmonkey"))
 }
@@ -71,6 +110,7 @@ fn campaign_with_fix_off_exits_1_writes_bundle_and_replays() {
         .sum::<u64>();
     assert_eq!(recorded, model_log.len() as u64, "{stats}");
     assert!(!model_log.is_empty());
+    same_io(&bundle.join("device.log"), &model_log);
 
     let replay = cm()
         .args(["race", "--replay"])
