@@ -8,8 +8,8 @@ mod common;
 use std::io::Write;
 use std::net::TcpStream;
 
+use common::wire::*;
 use common::*;
-use nbd_server::proto::*;
 use rand::{Rng, SeedableRng};
 
 fn client(t: &TestServer) -> Raw {
@@ -560,9 +560,9 @@ fn random_garbage_never_takes_the_server_down() {
         // Sometimes start with a valid magic so the garbage reaches deeper parsing.
         if rng.random_bool(0.5) && n >= 8 {
             let m = if phase == 2 {
-                NBD_REQUEST_MAGIC.to_be_bytes().to_vec()
+                NBD_REQUEST_MAGIC_BYTES.to_vec()
             } else {
-                NBD_OPTS_MAGIC.to_be_bytes().to_vec()
+                IHAVEOPT_BYTES.to_vec()
             };
             junk[..m.len()].copy_from_slice(&m);
         }

@@ -6,8 +6,8 @@ mod common;
 use std::process::Command;
 
 use common::binary::Running;
+use common::wire::*;
 use common::Raw;
-use nbd_server::proto::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nbd-server");
 

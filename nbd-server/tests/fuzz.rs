@@ -21,10 +21,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nbd_server::log::LogReader;
-use nbd_server::proto::*;
+#[path = "common/wire.rs"]
+mod wire;
 use nbd_server::{ExportRegistry, ExportSpec, Server, ServerConfig};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use wire::*;
 
 const CASES_DEFAULT: u64 = 3000;
 const THREADS: u64 = 4;
@@ -46,9 +48,6 @@ fn be16(v: &mut Vec<u8>, x: u16) {
 fn be32(v: &mut Vec<u8>, x: u32) {
     v.extend_from_slice(&x.to_be_bytes());
 }
-fn be64(v: &mut Vec<u8>, x: u64) {
-    v.extend_from_slice(&x.to_be_bytes());
-}
 
 fn request(v: &mut Vec<u8>, flags: u16, command: u16, cookie: u64, offset: u64, length: u32) {
     let h = RequestHeader {
@@ -62,7 +61,7 @@ fn request(v: &mut Vec<u8>, flags: u16, command: u16, cookie: u64, offset: u64, 
 }
 
 fn option(v: &mut Vec<u8>, opt: u32, data: &[u8]) {
-    be64(v, NBD_OPTS_MAGIC);
+    v.extend_from_slice(&IHAVEOPT_BYTES);
     be32(v, opt);
     be32(v, data.len() as u32);
     v.extend_from_slice(data);

@@ -9,8 +9,8 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::Command;
 
+use common::wire::*;
 use common::*;
-use nbd_server::proto::*;
 use rand::{RngCore, SeedableRng};
 
 /// Deterministic pseudo-random bytes (the seed is fixed and printed).

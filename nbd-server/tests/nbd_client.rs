@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::pki::Pki;
+use common::wire::*;
 use common::{have, run, Raw};
-use nbd_server::proto::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nbd-server");
 

@@ -7,9 +7,9 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use common::wire::*;
 use common::*;
 use nbd_server::backend::*;
-use nbd_server::proto::*;
 use nbd_server::{Export, ExportRegistry, Server, ServerConfig};
 
 fn client(t: &TestServer) -> Raw {
@@ -1014,7 +1014,7 @@ fn unix_socket_serves_too() {
     .unwrap();
     let mut rep = [0u8; 16 + 16];
     s.read_exact(&mut rep).unwrap();
-    assert_eq!(&rep[0..4], &NBD_SIMPLE_REPLY_MAGIC.to_be_bytes());
+    assert_eq!(&rep[0..4], &NBD_SIMPLE_REPLY_MAGIC_BYTES);
     assert_eq!(&rep[4..8], &[0; 4]);
 }
 

@@ -9,9 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::binary::Running;
+use common::wire::*;
 use common::{raise_open_files_limit, root_or_skip, Raw, Tmpfs};
 use nbd_server::log::{LogEnding, LogReader, RecordKind};
-use nbd_server::proto::*;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;

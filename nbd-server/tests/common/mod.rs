@@ -5,6 +5,7 @@
 
 pub mod binary;
 pub mod pki;
+pub mod wire;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -13,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nbd_server::backend::{Backend, MemoryBackend};
-use nbd_server::proto::*;
 use nbd_server::{BackgroundServer, Export, ExportRegistry, Server, ServerConfig};
+use wire::*;
 
 pub const DISK_BYTES: u64 = 64 << 20;
 pub const RO_BYTES: u64 = 1 << 20;
