@@ -451,8 +451,13 @@ fn check_runs_the_checker_on_every_unique_state() {
     let log = recorded_log(dir.path());
     let base = zero_base(dir.path());
     let out = dir.path().join("fail");
+    let seen = dir.path().join("seen");
     let o = CheckOptions {
-        checker: "test -s {image} && test {mark} != m2".into(),
+        // Each run appends its `{state}` id (one short O_APPEND write: whole lines).
+        checker: format!(
+            "echo {{state}} >> {}; test -s {{image}} && test {{mark}} != m2",
+            seen.display()
+        ),
         jobs: 2,
         out: Some(out.clone()),
         states: opts(),
@@ -464,6 +469,22 @@ fn check_runs_the_checker_on_every_unique_state() {
     let s = check(&log, &base, &o).unwrap();
     assert_eq!(s.passed + s.failed, s.unique);
     assert!(s.unique < s.states);
+    // The checker ran once on each state the generator calls unique, and on no other.
+    let mut ran: Vec<usize> = std::fs::read_to_string(&seen)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    ran.sort_unstable();
+    let mut unique: Vec<usize> = all_states(&log, opts())
+        .into_iter()
+        .flat_map(|(_, states)| states)
+        .filter(|st| st.duplicate_of.is_none())
+        .map(|st| st.id)
+        .collect();
+    unique.sort_unstable();
+    assert_eq!(ran, unique);
+    assert_eq!(ran.len(), s.unique);
     assert!(s.failed > 0 && s.passed > 0);
     for f in &s.failures {
         assert_eq!(f.mark.as_deref(), Some("m2"));

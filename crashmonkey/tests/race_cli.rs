@@ -11,7 +11,12 @@ fn same_io(log: &std::path::Path, model: &[serde_json::Value]) {
     let records: Vec<_> = reader
         .by_ref()
         .map(Result::unwrap)
-        .filter(|r| matches!(r.kind, RecordKind::Write | RecordKind::Flush | RecordKind::Trim))
+        .filter(|r| {
+            matches!(
+                r.kind,
+                RecordKind::Write | RecordKind::Flush | RecordKind::Trim
+            )
+        })
         .collect();
     assert_eq!(records.len(), model.len());
     for (i, (r, m)) in records.iter().zip(model).enumerate() {
@@ -28,8 +33,16 @@ fn same_io(log: &std::path::Path, model: &[serde_json::Value]) {
             continue;
         }
         let block = fs_core::block::BLOCK_SIZE as u64;
-        assert_eq!(r.header.offset, m["block"].as_u64().unwrap() * block, "record {i}");
-        assert_eq!(r.header.length, m["count"].as_u64().unwrap() * block, "record {i}");
+        assert_eq!(
+            r.header.offset,
+            m["block"].as_u64().unwrap() * block,
+            "record {i}"
+        );
+        assert_eq!(
+            r.header.length,
+            m["count"].as_u64().unwrap() * block,
+            "record {i}"
+        );
         if want == RecordKind::Write {
             let payload = reader.read_payload(r).unwrap();
             assert_eq!(

@@ -55,6 +55,11 @@ fn bad_exports_fail_with_a_clear_message() {
         ])
         .output()
         .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an export given twice is refused"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("given twice"));
 }
 
