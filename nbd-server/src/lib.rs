@@ -27,5 +27,11 @@ pub mod proto;
 pub mod server;
 pub mod tls;
 
+/// The test suite's skip policy (`tests/common/skip.rs`), for unit tests that need something
+/// the machine may lack.
+#[cfg(test)]
+#[path = "../tests/common/skip.rs"]
+pub(crate) mod test_skip;
+
 pub use export::{build_backend, Export, ExportError, ExportRegistry, ExportSpec};
 pub use server::{BackgroundServer, Server, ServerConfig, ServerHandle};
