@@ -1,12 +1,14 @@
 //! Import and export of the dm-log-writes format (the kernel's `dm-log-writes` target and
-//! fstests' `replay-log`), so each side reads the other's logs.
+//! fstests' `replay-log`), so each side reads the other's logs. `docs/dm-log-writes.md` gives
+//! the layout byte by byte and where the conversion is not one to one.
 //!
 //! The format, all little-endian, in units of `sectorsize` (this code writes 512):
 //! sector 0 holds the super block `{magic u64 = 0x6a736677736872, version u64 = 1,
 //! nr_entries u64, sectorsize u32}`; entries follow from sector 1. Each entry is one sector
 //! holding `{sector u64, nr_sectors u64, flags u64, data_len u64}` (a mark's name follows in
-//! the same sector, `data_len` bytes), then `nr_sectors` sectors of data for a write.
-//! Flags: FLUSH=1, FUA=2, DISCARD=4, MARK=8 (METADATA=16 is read as a plain write).
+//! the same sector, `data_len` bytes, then at least one zero byte), then `nr_sectors` sectors
+//! of data unless it is a discard. Flags: FLUSH=1, FUA=2, DISCARD=4, MARK=8 (METADATA=16 is
+//! read as a plain write).
 //!
 //! What does not carry over: connections, flushes' in-flight lists (dm-log-writes logs a
 //! write when it completes, which is what ours records when nothing is in flight), faults;
@@ -30,6 +32,8 @@ pub const DM_MARK: u64 = 8;
 pub const DM_METADATA: u64 = 16;
 /// Sector size this code writes.
 pub const DM_SECTOR_BYTES: u64 = 512;
+/// Bytes of an entry header (`struct log_write_entry`); a mark's name follows them.
+pub const DM_ENTRY_HEADER_BYTES: u64 = 32;
 /// Largest sector size accepted on import.
 pub const DM_SECTOR_BYTES_MAX: u64 = 64 * 1024;
 /// Largest single entry's data accepted on import.
@@ -58,13 +62,28 @@ pub struct DmStats {
     pub disk_bytes: u64,
 }
 
+/// The longest mark name the kernel logs in a sector of `sectorsize` bytes: `log_mark` keeps
+/// `sectorsize - 32 - 1` characters, so a zero byte always follows the name (replay-log
+/// compares names up to `data_len + 1` bytes).
+pub fn mark_bytes_max(sectorsize: u64) -> u64 {
+    sectorsize - DM_ENTRY_HEADER_BYTES - 1
+}
+
+/// A mark name as the kernel would log it: a C string (cut at its first zero byte), at most
+/// [`mark_bytes_max`] bytes.
+fn kernel_mark_name(name: &[u8]) -> &[u8] {
+    let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+    &name[..name.len().min(mark_bytes_max(DM_SECTOR_BYTES) as usize)]
+}
+
 fn entry(sector: u64, nr: u64, flags: u64, data_len: u64, mark: &[u8]) -> Vec<u8> {
     let mut s = vec![0u8; DM_SECTOR_BYTES as usize];
     s[0..8].copy_from_slice(&sector.to_le_bytes());
     s[8..16].copy_from_slice(&nr.to_le_bytes());
     s[16..24].copy_from_slice(&flags.to_le_bytes());
     s[24..32].copy_from_slice(&data_len.to_le_bytes());
-    s[32..32 + mark.len()].copy_from_slice(mark);
+    let at = DM_ENTRY_HEADER_BYTES as usize;
+    s[at..at + mark.len()].copy_from_slice(mark);
     s
 }
 
@@ -114,8 +133,7 @@ pub fn export(log: &Path, out: &Path) -> Result<DmStats, DmLogError> {
                 stats.flushes += 1;
             }
             Event::Mark { name, .. } => {
-                let b = name.as_bytes();
-                let b = &b[..b.len().min(DM_SECTOR_BYTES as usize - 32)];
+                let b = kernel_mark_name(name.as_bytes());
                 w.write_all(&entry(0, 0, DM_MARK, b.len() as u64, b))?;
                 stats.entries += 1;
                 stats.marks += 1;
@@ -142,10 +160,16 @@ struct DmReader {
     r: BufReader<File>,
     sectorsize: u64,
     entries: u64,
+    /// Number of the next entry (replay-log's numbering: from 0) and the byte it starts at.
+    index: u64,
+    at: u64,
 }
 
 /// One parsed entry; `data` is read into the caller's buffer.
 struct DmEntry {
+    /// Its number (from 0, as replay-log counts) and the byte of the log it starts at.
+    index: u64,
+    at: u64,
     sector: u64,
     nr: u64,
     flags: u64,
@@ -157,10 +181,15 @@ impl DmEntry {
     fn end_byte(&self, sectorsize: u64) -> Option<u64> {
         self.sector.checked_add(self.nr)?.checked_mul(sectorsize)
     }
+
+    fn bad(&self, what: &str) -> DmLogError {
+        bad_entry(self.index, self.at, what)
+    }
 }
 
-fn past_any_disk(entry: u64) -> DmLogError {
-    DmLogError::Bad(format!("entry {entry} reaches past any 64-bit disk size"))
+/// An error about entry `index`, which starts at byte `at` of the log.
+fn bad_entry(index: u64, at: u64, what: &str) -> DmLogError {
+    DmLogError::Bad(format!("entry {index} (byte {at} of the log): {what}"))
 }
 
 impl DmReader {
@@ -184,34 +213,44 @@ impl DmReader {
             r,
             sectorsize,
             entries: u64_at(&sup, 16),
+            index: 0,
+            at: sectorsize,
         })
     }
 
     fn next(&mut self, data: &mut Vec<u8>) -> Result<DmEntry, DmLogError> {
+        let (index, at) = (self.index, self.at);
         let mut s = vec![0u8; self.sectorsize as usize];
         self.r
             .read_exact(&mut s)
-            .map_err(|_| DmLogError::Bad("log ends inside an entry".into()))?;
+            .map_err(|_| bad_entry(index, at, "the log ends inside its header"))?;
         let (sector, nr, flags, data_len) =
             (u64_at(&s, 0), u64_at(&s, 8), u64_at(&s, 16), u64_at(&s, 24));
         let mut mark = Vec::new();
         data.clear();
         if flags & DM_MARK != 0 {
-            if data_len > self.sectorsize - 32 {
-                return Err(DmLogError::Bad(format!("mark of {data_len} bytes")));
+            let header = DM_ENTRY_HEADER_BYTES as usize;
+            if data_len > self.sectorsize - DM_ENTRY_HEADER_BYTES {
+                let what = format!("a mark of {data_len} bytes in a {}-byte sector", s.len());
+                return Err(bad_entry(index, at, &what));
             }
-            mark = s[32..32 + data_len as usize].to_vec();
+            mark = s[header..header + data_len as usize].to_vec();
         } else if flags & DM_DISCARD == 0 && nr > 0 {
             let bytes = nr
                 .checked_mul(self.sectorsize)
                 .filter(|&b| b <= DM_ENTRY_DATA_BYTES_MAX)
-                .ok_or_else(|| DmLogError::Bad(format!("entry of {nr} sectors")))?;
+                .ok_or_else(|| bad_entry(index, at, &format!("{nr} sectors of data")))?;
             data.resize(bytes as usize, 0);
             self.r
                 .read_exact(data)
-                .map_err(|_| DmLogError::Bad("log ends inside write data".into()))?;
+                .map_err(|_| bad_entry(index, at, "the log ends inside its data"))?;
         }
+        // Cannot overflow: every byte counted was read from the file.
+        self.at += self.sectorsize + data.len() as u64;
+        self.index += 1;
         Ok(DmEntry {
+            index,
+            at,
             sector,
             nr,
             flags,
@@ -230,15 +269,15 @@ pub fn import(input: &Path, out: &Path, disk_bytes: Option<u64>) -> Result<DmSta
         None => {
             let mut r = DmReader::open(input)?;
             let mut end = 0u64;
-            for i in 0..r.entries {
+            for _ in 0..r.entries {
                 let e = r.next(&mut buf)?;
-                end = end.max(
-                    e.end_byte(r.sectorsize)
-                        .ok_or_else(|| past_any_disk(i + 1))?,
-                );
+                let past_any_disk = || e.bad("it reaches past any 64-bit disk size");
+                end = end.max(e.end_byte(r.sectorsize).ok_or_else(past_any_disk)?);
+                if end.checked_next_multiple_of(4096).is_none() {
+                    return Err(past_any_disk());
+                }
             }
-            end.checked_next_multiple_of(4096)
-                .ok_or_else(|| past_any_disk(r.entries))?
+            end.next_multiple_of(4096)
         }
     };
     stats.disk_bytes = disk_bytes;
@@ -249,10 +288,7 @@ pub fn import(input: &Path, out: &Path, disk_bytes: Option<u64>) -> Result<DmSta
         stats.entries += 1;
         // Checked first, so neither product below can overflow.
         if e.end_byte(r.sectorsize).is_none_or(|end| end > disk_bytes) {
-            return Err(DmLogError::Bad(format!(
-                "entry {} reaches past the disk ({disk_bytes} bytes)",
-                stats.entries
-            )));
+            return Err(e.bad(&format!("it reaches past the disk ({disk_bytes} bytes)")));
         }
         let (off, len) = (e.sector * r.sectorsize, e.nr * r.sectorsize);
         if e.flags & DM_FLUSH != 0 {
