@@ -16,7 +16,9 @@ SAMPLES=${BENCH_SAMPLES:-32}
 JOBS=${BENCH_JOBS:-2}
 
 cargo build --release -q -p nbd-server -p crashmonkey
-BIN=$PWD/target/release
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+BIN=$(release_dir)
 WORK=$(mktemp -d /tmp/bench-disk.XXXXXX)
 SERVER_PID=""
 cleanup() {

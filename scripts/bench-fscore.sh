@@ -14,7 +14,9 @@
 #      (target >= 30x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CM=target/release/crashmonkey
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+CM=$(release_dir)/crashmonkey
 CAMPAIGN_RUNS=${CAMPAIGN_RUNS:-20000}
 FINDING_SEEDS=${FINDING_SEEDS:-20}
 FS_RUNS=${FS_RUNS:-2000}

@@ -12,7 +12,9 @@ for tool in $TOOLS; do
   command -v "$tool" >/dev/null || { echo "$BENCH_NAME: $tool is missing (apt-get install fio nbdkit)"; exit 1; }
 done
 cargo build --release -q -p nbd-server
-BIN=target/release/nbd-server
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+BIN=$(release_dir)/nbd-server
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }

@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-10000}
 SEED=${SEED:-1}
 OUT=${OUT:-crashmonkey-out/demo}
-CM=target/release/crashmonkey
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+CM=$(release_dir)/crashmonkey
 
 echo "== building crashmonkey (release)"
 cargo build --release -q -p crashmonkey

@@ -50,7 +50,9 @@ SEED=${E2E_SEED:-1}
 JOBS=${E2E_JOBS:-2}
 
 cargo build --release -q -p nbd-server -p crashmonkey
-BIN=$PWD/target/release
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+BIN=$(release_dir)
 WORK=$(mktemp -d /tmp/nbd-e2e.XXXXXX)
 SERVER_PID=""
 LOOP=""
