@@ -14,9 +14,11 @@ build:
 demo:
 	bash scripts/demo.sh
 
-## make test: install what the tests need (when root), then every test.
-test: deps lint unit e2e
+## make test: lint, every cargo test, then e2e. It installs nothing: that is `make deps` (and
+## .ci/run, which runs make deps' script, then make test).
+test: lint unit e2e
 
+## make deps: the system tools the tests and benchmarks run (apt-get, as root), rustfmt, clippy.
 deps:
 	bash scripts/install-deps.sh
 
