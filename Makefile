@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo test deps unit interop e2e lint bench bench-nbd bench-nbd-client bench-disk bench-fscore clean
+.PHONY: all build demo test deps unit interop e2e lint bench bench-nbd bench-nbd-client bench-disk bench-fscore mutants clean
 
 all: build
 
@@ -61,6 +61,11 @@ bench-disk:
 
 bench-fscore:
 	bash scripts/bench-fscore.sh
+
+## make mutants: mutation testing of the modules that decide correctness (cargo-mutants; hours
+## in full: MUTANTS_SHARD=0/10 samples a tenth). Results and method: docs/testing.md.
+mutants:
+	bash scripts/mutants.sh
 
 clean:
 	$(CARGO) clean
