@@ -61,7 +61,7 @@ fn full_filesystem_keeps_acknowledged_writes() {
     for (off, data) in &writes {
         assert_eq!(&c.read_at(*off, data.len()).unwrap(), data, "read at {off}");
     }
-    let log = srv.log();
+    let log = srv.wait_log("write-back of bytes", 10);
     let failures: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("write-back of bytes"))
@@ -75,7 +75,7 @@ fn full_filesystem_keeps_acknowledged_writes() {
         let at = *off as usize;
         assert_eq!(&on_disk[at..at + data.len()], &data[..], "image at {off}");
     }
-    assert!(srv.log().contains("written back after"), "{}", srv.log());
+    srv.wait_log("written back after", 10);
 }
 
 /// Guards against the same loss through the cache limit: a write that needs room the cache

@@ -22,6 +22,8 @@ pub struct Running {
     pub child: Child,
     pub addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    /// The thread reading stderr; it ends at EOF, once the server has exited.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -55,14 +57,17 @@ impl Running {
         let (tx, rx) = std::sync::mpsc::channel();
         let err = BufReader::new(child.stderr.take().unwrap());
         let log = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in err.lines().map_while(Result::ok) {
+                {
+                    let mut l = log.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+                // After the line is in the log: a test reading it at start-up sees it.
                 if let Some(a) = line.trim().strip_prefix("nbd-server: listening on ") {
                     let _ = tx.send(a.parse::<SocketAddr>().ok());
                 }
-                let mut l = log.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
             }
             let _ = tx.send(None);
         });
@@ -71,6 +76,7 @@ impl Running {
                 child,
                 addr,
                 stderr,
+                reader: Some(reader),
             }),
             _ => {
                 let _ = child.kill();
@@ -85,6 +91,24 @@ impl Running {
     /// Everything the server wrote to stderr so far.
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// The log once it holds `needle` (the server may write a line just after the reply a
+    /// test acts on, and the reader thread takes it a moment later); panics with the log if
+    /// it does not within `seconds`.
+    pub fn wait_log(&self, needle: &str, seconds: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nbd-server did not log {needle:?} within {seconds} s:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -105,8 +129,10 @@ impl Running {
         let deadline = Instant::now() + Duration::from_secs(seconds);
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
-                // Let the stderr thread take the last lines.
-                std::thread::sleep(Duration::from_millis(100));
+                // The stderr thread takes the last lines and ends at EOF.
+                if let Some(reader) = self.reader.take() {
+                    reader.join().unwrap();
+                }
                 return st;
             }
             assert!(
