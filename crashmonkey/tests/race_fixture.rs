@@ -6,7 +6,7 @@
 
 use crashmonkey::race::load_bundle;
 use fs_core::sched::{self, ReplayPolicy};
-use fs_core::{Config, Failure};
+use fs_core::{Config, Failure, YieldPoint};
 use std::path::PathBuf;
 
 fn bundle_dir() -> PathBuf {
@@ -65,5 +65,5 @@ fn fixture_passes_along_the_same_interleaving_with_the_fix_on() {
     assert!(r
         .trace
         .iter()
-        .any(|s| s.label == "iomap_begin" && s.arg == 4096));
+        .any(|s| s.label == YieldPoint::IomapBegin && s.arg == 4096));
 }

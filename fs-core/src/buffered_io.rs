@@ -7,7 +7,7 @@ use crate::block::{self, BLOCK_SIZE};
 use crate::extent::{Extent, ExtentState};
 use crate::fs::{Fs, FsError, PunchMode, ValidityCheckAt, FILE_BYTES_MAX};
 use crate::iomap::{self, IoMap, IoMapFlags, IoMapKind};
-use crate::sched::{Cx, Step};
+use crate::step::{Cx, Step, YieldPoint};
 use crate::TaskId;
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -137,15 +137,15 @@ impl WriteTask {
         match self.st {
             WState::LockInode => {
                 if self.end() > FILE_BYTES_MAX {
-                    return Step::Done("write:efbig", 0, Err(FsError::FileTooBig));
+                    return Step::Done(YieldPoint::WriteEfbig, 0, Err(FsError::FileTooBig));
                 }
                 cx.fs.inode_mut(ino).i_rwsem.down_write(cx.me);
                 if self.data.is_empty() {
                     cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
-                    return Step::Done("write:empty", 0, Ok(0));
+                    return Step::Done(YieldPoint::WriteEmpty, 0, Ok(0));
                 }
                 self.st = WState::Begin;
-                Step::Yield("write:lock_inode", self.pos)
+                Step::Yield(YieldPoint::WriteLockInode, self.pos)
             }
             WState::Begin => {
                 match iomap::iomap_begin_write(cx.fs, ino, self.pos, self.end() - self.pos) {
@@ -153,15 +153,15 @@ impl WriteTask {
                         self.map = Some(map);
                         self.map_pos = self.pos;
                         self.st = self.next_folio(cx.fs);
-                        Step::Yield("iomap_begin", self.pos)
+                        Step::Yield(YieldPoint::IomapBegin, self.pos)
                     }
                     Err(e) => {
                         cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
                         let done = self.pos - self.start;
                         if done > 0 {
-                            Step::Done("iomap_begin:error", self.pos, Ok(done))
+                            Step::Done(YieldPoint::IomapBeginError, self.pos, Ok(done))
                         } else {
-                            Step::Done("iomap_begin:error", self.pos, Err(e))
+                            Step::Done(YieldPoint::IomapBeginError, self.pos, Err(e))
                         }
                     }
                 }
@@ -174,7 +174,7 @@ impl WriteTask {
                     self.mark_stale();
                     self.st = WState::End;
                 }
-                Step::Yield("iomap_valid(before lock)", self.pos)
+                Step::Yield(YieldPoint::IomapValidBeforeLock, self.pos)
             }
             WState::GetFolio => {
                 let me = cx.me;
@@ -195,7 +195,7 @@ impl WriteTask {
                     ValidityCheckAt::AfterFolioLock if check => self.st = WState::Valid,
                     _ => self.st = WState::Prepare,
                 }
-                Step::Yield("get_folio", self.idx())
+                Step::Yield(YieldPoint::GetFolio, self.idx())
             }
             WState::Valid => {
                 let map = self.map.expect("mapped");
@@ -206,7 +206,7 @@ impl WriteTask {
                     self.mark_stale();
                     self.st = WState::End;
                 }
-                Step::Yield("iomap_valid", self.idx())
+                Step::Yield(YieldPoint::IomapValid, self.idx())
             }
             WState::Prepare => {
                 // __iomap_write_begin: the folio is locked; make the uncovered part valid.
@@ -261,7 +261,7 @@ impl WriteTask {
                                     self.unlock(cx.fs);
                                     cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
                                     return Step::Done(
-                                        "write_begin:read_error",
+                                        YieldPoint::WriteBeginReadError,
                                         idx,
                                         Err(e.into()),
                                     );
@@ -278,7 +278,7 @@ impl WriteTask {
                     }
                 }
                 self.st = WState::Copy;
-                Step::Yield("write_begin", idx)
+                Step::Yield(YieldPoint::WriteBegin, idx)
             }
             WState::Copy => {
                 let idx = self.idx();
@@ -319,9 +319,9 @@ impl WriteTask {
                 self.st = self.next_folio(cx.fs);
                 Step::Yield(
                     if copied < plen {
-                        "copy:short"
+                        YieldPoint::CopyShort
                     } else {
-                        "copy+write_end"
+                        YieldPoint::CopyWriteEnd
                     },
                     idx,
                 )
@@ -348,7 +348,7 @@ impl WriteTask {
                             locked: false,
                         },
                     };
-                    return Step::Yield("iomap_end", self.pos);
+                    return Step::Yield(YieldPoint::IomapEnd, self.pos);
                 }
                 self.st = WState::Finish;
                 self.finish_or_remap(cx)
@@ -370,7 +370,7 @@ impl WriteTask {
                         end,
                     }
                 };
-                Step::Yield("punch:truncate_pagecache", idx)
+                Step::Yield(YieldPoint::PunchTruncatePagecache, idx)
             }
             WState::OldPunch { start, end } => {
                 punch_delalloc(cx.fs, ino, start, end);
@@ -391,11 +391,11 @@ impl WriteTask {
                         end,
                         locked: true,
                     };
-                    Step::Yield("punch:scan", idx)
+                    Step::Yield(YieldPoint::PunchScan, idx)
                 } else {
                     cx.fs.inode_mut(ino).invalidate_lock.up_write(cx.me);
                     self.st = WState::Finish;
-                    Step::Yield("punch:scan_done", idx)
+                    Step::Yield(YieldPoint::PunchScanDone, idx)
                 }
             }
             WState::Finish => self.finish_or_remap(cx),
@@ -407,10 +407,10 @@ impl WriteTask {
     fn finish_or_remap(&mut self, cx: &mut Cx<'_>) -> Step {
         if self.short || self.pos >= self.end() {
             cx.fs.inode_mut(self.ino).i_rwsem.up_write(cx.me);
-            Step::Done("write:done", self.pos, Ok(self.pos - self.start))
+            Step::Done(YieldPoint::WriteDone, self.pos, Ok(self.pos - self.start))
         } else {
             self.st = WState::Begin;
-            Step::Yield("iomap_end", self.pos)
+            Step::Yield(YieldPoint::IomapEnd, self.pos)
         }
     }
 
@@ -474,10 +474,10 @@ impl ReadTask {
                 self.end = self.end.min(cx.fs.inode(ino).size);
                 if self.pos >= self.end {
                     cx.fs.inode_mut(ino).i_rwsem.up_read();
-                    return Step::Done("read:eof", self.pos, Ok(0));
+                    return Step::Done(YieldPoint::ReadEof, self.pos, Ok(0));
                 }
                 self.st = RState::Folio;
-                Step::Yield("read:lock_inode", self.pos)
+                Step::Yield(YieldPoint::ReadLockInode, self.pos)
             }
             RState::Folio => {
                 let idx = self.pos / BS;
@@ -485,7 +485,7 @@ impl ReadTask {
                 if !uptodate {
                     if let Err(e) = cx.fs.read_folio(ino, idx) {
                         cx.fs.inode_mut(ino).i_rwsem.up_read();
-                        return Step::Done("read:error", idx, Err(e));
+                        return Step::Done(YieldPoint::ReadError, idx, Err(e));
                     }
                 }
                 let n = ((idx + 1) * BS).min(self.end) - self.pos;
@@ -497,9 +497,9 @@ impl ReadTask {
                 self.got += n;
                 if self.pos >= self.end {
                     cx.fs.inode_mut(ino).i_rwsem.up_read();
-                    return Step::Done("read:done", idx, Ok(self.got));
+                    return Step::Done(YieldPoint::ReadDone, idx, Ok(self.got));
                 }
-                Step::Yield("read:folio", idx)
+                Step::Yield(YieldPoint::ReadFolio, idx)
             }
         }
     }
@@ -570,12 +570,12 @@ impl MmapStoreTask {
         match self.st {
             MState::Fault => {
                 if self.beyond_eof(cx.fs) {
-                    return Step::Done("fault:sigbus", idx, Err(FsError::SigBus));
+                    return Step::Done(YieldPoint::FaultSigbus, idx, Err(FsError::SigBus));
                 }
                 let uptodate = cx.fs.get_folio(ino, idx).uptodate;
                 if !uptodate {
                     if let Err(e) = cx.fs.read_folio(ino, idx) {
-                        return Step::Done("fault:read_error", idx, Err(e));
+                        return Step::Done(YieldPoint::FaultReadError, idx, Err(e));
                     }
                 }
                 // The fault returns with a reference on the folio, held into page_mkwrite.
@@ -583,7 +583,7 @@ impl MmapStoreTask {
                 f.pins += 1;
                 self.pinned = Some(f.gen);
                 self.st = MState::Mkwrite;
-                Step::Yield("fault:read", idx)
+                Step::Yield(YieldPoint::FaultRead, idx)
             }
             MState::Mkwrite => {
                 let gen = self.pinned.take();
@@ -597,21 +597,21 @@ impl MmapStoreTask {
                 if !same {
                     // Truncated or punched since the fault: fault again.
                     self.st = MState::Fault;
-                    return Step::Yield("page_mkwrite:refault", idx);
+                    return Step::Yield(YieldPoint::PageMkwriteRefault, idx);
                 }
                 if self.beyond_eof(cx.fs) {
-                    return Step::Done("page_mkwrite:sigbus", idx, Err(FsError::SigBus));
+                    return Step::Done(YieldPoint::PageMkwriteSigbus, idx, Err(FsError::SigBus));
                 }
                 // iomap_page_mkwrite with the folio locked: map the folio (reserving delalloc
                 // over a hole), then dirty it.
                 if let Err(e) = iomap::iomap_begin_write(cx.fs, ino, idx * BS, BS) {
-                    return Step::Done("page_mkwrite:error", idx, Err(e));
+                    return Step::Done(YieldPoint::PageMkwriteError, idx, Err(e));
                 }
                 let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("present");
                 f.dirty = true;
                 f.mapped_writable = true;
                 self.st = MState::Store;
-                Step::Yield("page_mkwrite", idx)
+                Step::Yield(YieldPoint::PageMkwrite, idx)
             }
             MState::Store => {
                 let eof = self.beyond_eof(cx.fs);
@@ -621,11 +621,11 @@ impl MmapStoreTask {
                         f.data[off..off + self.data.len()].copy_from_slice(&self.data);
                         f.dirty = true;
                         cx.oracle.write(ino, self.pos, &self.data, cx.op);
-                        Step::Done("store", idx, Ok(self.data.len() as u64))
+                        Step::Done(YieldPoint::Store, idx, Ok(self.data.len() as u64))
                     }
                     _ => {
                         self.st = MState::Fault;
-                        Step::Yield("store:refault", idx)
+                        Step::Yield(YieldPoint::StoreRefault, idx)
                     }
                 }
             }

@@ -19,7 +19,9 @@
 //! - `ops`         workload operations (`Op`), fallocate, punch, zero range, truncate, fsync,
 //!   fdatasync, sync.
 //! - `ns`          namespace operations: create, unlink, rename, link.
-//! - `sched`       tasks, yield points, policies (random, PCT, replay, script), the runner.
+//! - `step`        the step protocol between tasks and the scheduler: `Cx` (what a step may
+//!   touch), `Step` (what it hands back), `YieldPoint` (where it stopped, by label).
+//! - `sched`       the task table, policies (random, PCT, replay, script), the runner.
 //! - `oracle`      the fsx-style file model, first-wrong-byte reports, invariants.
 //! - `crash`       the crash oracle: what a filesystem recovered from a crash state must show.
 //! - `ondisk`      the on-disk format, the journal with ordered data, mkfs, mount with
@@ -38,6 +40,7 @@ pub mod ops;
 pub mod oracle;
 pub mod pagecache;
 pub mod sched;
+pub mod step;
 pub mod writeback;
 
 /// Identifies a task of the scheduler (an index into its task table).
@@ -47,3 +50,4 @@ pub use fs::{AllocMode, Config, Fs, FsError, PunchMode, ValidityCheckAt};
 pub use ops::Op;
 pub use oracle::Failure;
 pub use sched::{run, Choice, Directive, RunResult, Workload};
+pub use step::YieldPoint;

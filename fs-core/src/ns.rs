@@ -11,7 +11,7 @@ use crate::extent::FILE_BLOCKS_MAX;
 use crate::fs::{Fs, FsError, Inode};
 use crate::ondisk::format::DirEntry;
 use crate::ops::{file_name, Op};
-use crate::sched::{Cx, Step};
+use crate::step::{Cx, Step, YieldPoint};
 use crate::TaskId;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,11 +90,11 @@ impl NsTask {
                             ino,
                             cursor: idx + 1,
                         };
-                        Step::Yield("evict:pagecache", idx)
+                        Step::Yield(YieldPoint::EvictPagecache, idx)
                     }
                     None => {
                         self.st = NsState::Free { ino };
-                        Step::Yield("evict:pagecache_done", ino as u64)
+                        Step::Yield(YieldPoint::EvictPagecacheDone, ino as u64)
                     }
                 }
             }
@@ -104,7 +104,7 @@ impl NsTask {
                 inode.invalidate_lock.up_write(cx.me);
                 inode.i_rwsem.up_write(cx.me);
                 cx.fs.dir_lock.up_write(cx.me);
-                Step::Done("evict:free", ino as u64, Ok(0))
+                Step::Done(YieldPoint::EvictFree, ino as u64, Ok(0))
             }
         }
     }
@@ -113,10 +113,10 @@ impl NsTask {
     /// marked free at once (no new operation can reach it) and evicted in the next steps.
     fn apply(&mut self, cx: &mut Cx<'_>) -> Step {
         let label = match self.op {
-            Op::Create { .. } => "creat",
-            Op::Unlink { .. } => "unlink",
-            Op::Rename { .. } => "rename",
-            _ => "link",
+            Op::Create { .. } => YieldPoint::Creat,
+            Op::Unlink { .. } => YieldPoint::Unlink,
+            Op::Rename { .. } => YieldPoint::Rename,
+            _ => YieldPoint::Link,
         };
         let r = match self.op {
             Op::Create { file } => create(cx, file),

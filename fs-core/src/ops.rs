@@ -4,7 +4,7 @@
 use crate::block::{self, Request, BLOCK_SIZE};
 use crate::extent::{Extent, ExtentState, FILE_BLOCKS_MAX};
 use crate::fs::{AllocMode, Fs, FsError, FILE_BYTES_MAX};
-use crate::sched::{Cx, Step};
+use crate::step::{Cx, Step, YieldPoint};
 use crate::writeback::WbPass;
 use crate::TaskId;
 use serde::{Deserialize, Serialize};
@@ -274,7 +274,7 @@ impl RangeTask {
                 } else {
                     RgState::Truncate { idx: self.start }
                 };
-                Step::Yield("range:lock", self.start)
+                Step::Yield(YieldPoint::RangeLock, self.start)
             }
             RgState::Truncate { idx } => {
                 // Each folio's bytes become zero when it leaves the page cache: until then a
@@ -287,7 +287,7 @@ impl RangeTask {
                 } else {
                     RgState::Extents
                 };
-                Step::Yield("range:truncate_pagecache", idx)
+                Step::Yield(YieldPoint::RangeTruncatePagecache, idx)
             }
             RgState::Extents => {
                 let r = self.change_extents(cx.fs);
@@ -305,9 +305,9 @@ impl RangeTask {
                 self.unlock_all(cx.fs, cx.me);
                 Step::Done(
                     match self.kind {
-                        RangeKind::Fallocate => "fallocate:alloc",
-                        RangeKind::Punch => "punch:free_extents",
-                        RangeKind::ZeroRange => "zero_range:convert",
+                        RangeKind::Fallocate => YieldPoint::FallocateAlloc,
+                        RangeKind::Punch => YieldPoint::PunchFreeExtents,
+                        RangeKind::ZeroRange => YieldPoint::ZeroRangeConvert,
                     },
                     self.start,
                     r.map(|()| 0),
@@ -426,7 +426,7 @@ impl TruncateTask {
                 inode.i_rwsem.down_write(cx.me);
                 inode.invalidate_lock.down_write(cx.me);
                 self.st = TrState::ZeroTail;
-                Step::Yield("truncate:lock", self.size)
+                Step::Yield(YieldPoint::TruncateLock, self.size)
             }
             TrState::ZeroTail => {
                 let old = cx.fs.inode(ino).size;
@@ -445,7 +445,7 @@ impl TruncateTask {
                             let inode = cx.fs.inode_mut(ino);
                             inode.invalidate_lock.up_write(cx.me);
                             inode.i_rwsem.up_write(cx.me);
-                            return Step::Done("truncate:read_error", idx, Err(e));
+                            return Step::Done(YieldPoint::TruncateReadError, idx, Err(e));
                         }
                     }
                     if let Some(f) = cx.fs.inode_mut(ino).cache.get_mut(idx) {
@@ -466,18 +466,18 @@ impl TruncateTask {
                 } else {
                     TrState::Extents
                 };
-                Step::Yield("truncate:setsize", self.size)
+                Step::Yield(YieldPoint::TruncateSetsize, self.size)
             }
             TrState::Pagecache { cursor } => {
                 match cx.fs.inode(ino).cache.next_where(cursor, |_| true) {
                     Some(idx) => {
                         cx.fs.remove_folio(ino, idx);
                         self.st = TrState::Pagecache { cursor: idx + 1 };
-                        Step::Yield("truncate:pagecache", idx)
+                        Step::Yield(YieldPoint::TruncatePagecache, idx)
                     }
                     None => {
                         self.st = TrState::Extents;
-                        Step::Yield("truncate:pagecache_done", cursor)
+                        Step::Yield(YieldPoint::TruncatePagecacheDone, cursor)
                     }
                 }
             }
@@ -487,7 +487,7 @@ impl TruncateTask {
                 let inode = cx.fs.inode_mut(ino);
                 inode.invalidate_lock.up_write(cx.me);
                 inode.i_rwsem.up_write(cx.me);
-                Step::Done("truncate:free_extents", self.size, Ok(0))
+                Step::Done(YieldPoint::TruncateFreeExtents, self.size, Ok(0))
             }
         }
     }
@@ -593,7 +593,7 @@ impl FsyncTask {
             if self.file.is_none() {
                 // sync's first step only learns its files: the next one waits its turn
                 // (its first pass may not be runnable yet).
-                return Step::Yield("sync:begin", self.inos.len() as u64);
+                return Step::Yield(YieldPoint::SyncBegin, self.inos.len() as u64);
             }
         }
         match &mut self.st {
@@ -627,9 +627,9 @@ impl FsyncTask {
                                 cx.fs.dev.mark(&mark);
                             }
                         }
-                        Step::Done("fsync:flush", arg, Ok(0))
+                        Step::Done(YieldPoint::FsyncFlush, arg, Ok(0))
                     }
-                    Err(e) => Step::Done("fsync:flush_error", arg, Err(e)),
+                    Err(e) => Step::Done(YieldPoint::FsyncFlushError, arg, Err(e)),
                 }
             }
         }

@@ -1,5 +1,7 @@
 //! The deterministic scheduler. Every operation is a task: an explicit state machine whose
-//! `step` runs the code between two yield points (the ones DESIGN.md lists). At each yield a
+//! `step` runs the code between two yield points (the ones DESIGN.md lists, named by
+//! [`YieldPoint`]); tasks talk to the scheduler only through the protocol in
+//! [`crate::step`], so the task modules never import this one. At each yield a
 //! `Policy` picks the next runnable task: seeded random (ChaCha), PCT-style priorities, a
 //! recorded schedule (replay), or a script (tests). The chosen steps, with any injected short
 //! user copy, form the materialised schedule that replays the run exactly.
@@ -15,6 +17,7 @@ use crate::buffered_io::{MmapStoreTask, ReadTask, WriteTask};
 use crate::fs::{Config, Fs, FsError};
 use crate::ops::{FsyncTask, Op, RangeKind, RangeTask, TruncateTask};
 use crate::oracle::{Failure, Oracle};
+use crate::step::{Cx, Step, YieldPoint};
 use crate::writeback::{Flusher, IoCompletion, Reclaim, WbPass};
 use crate::TaskId;
 use rand::{Rng, SeedableRng};
@@ -33,24 +36,6 @@ pub const TASK_FLUSHER: TaskId = 1;
 pub const TASK_RECLAIM: TaskId = 2;
 /// Id of the first workload operation's task.
 pub const FIRST_OP_TASK: TaskId = 3;
-
-/// What a step hands back: a yield (label and argument for the trace) or the end of the task.
-#[derive(Debug)]
-pub enum Step {
-    Yield(&'static str, u64),
-    Done(&'static str, u64, Result<u64, FsError>),
-}
-
-/// What a step may touch.
-pub struct Cx<'a> {
-    pub fs: &'a mut Fs,
-    pub oracle: &'a mut Oracle,
-    pub me: TaskId,
-    /// Index of the workload operation this task runs (for the oracle's attribution).
-    pub op: u32,
-    /// Injected short copy for this step, if it is a user copy.
-    pub short_copy: Option<u32>,
-}
 
 enum Body {
     Write(WriteTask),
@@ -246,7 +231,7 @@ pub struct Choice {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TraceStep {
     pub task: u32,
-    pub label: &'static str,
+    pub label: YieldPoint,
     pub arg: u64,
 }
 
@@ -271,8 +256,8 @@ pub trait Policy {
     fn short_copy(&mut self, _task: TaskId, _len: u32) -> Option<u32> {
         None
     }
-    /// Told what the step did (scripts wait for labels).
-    fn observe(&mut self, _task: TaskId, _label: &'static str, _arg: u64) {}
+    /// Told what the step did (scripts wait for yield points).
+    fn observe(&mut self, _task: TaskId, _label: YieldPoint, _arg: u64) {}
 }
 
 /// Probability that a random policy shortens a user copy.
@@ -365,7 +350,7 @@ impl Policy for PctPolicy {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordedStep {
     pub task: u32,
-    pub label: String,
+    pub label: YieldPoint,
     pub arg: u64,
 }
 
@@ -373,7 +358,7 @@ impl From<&TraceStep> for RecordedStep {
     fn from(s: &TraceStep) -> Self {
         RecordedStep {
             task: s.task,
-            label: s.label.to_string(),
+            label: s.label,
             arg: s.arg,
         }
     }
@@ -457,7 +442,7 @@ impl Policy for ReplayPolicy {
     fn short_copy(&mut self, _task: TaskId, _len: u32) -> Option<u32> {
         self.pending_short.take()
     }
-    fn observe(&mut self, task: TaskId, label: &'static str, arg: u64) {
+    fn observe(&mut self, task: TaskId, label: YieldPoint, arg: u64) {
         if self.strict || self.labels.len() != self.choices.len() {
             return;
         }
@@ -487,7 +472,7 @@ pub enum Directive {
     /// Run `task` until one of its steps emits `label` (and `arg`, if given).
     Until {
         task: TaskId,
-        label: &'static str,
+        label: YieldPoint,
         arg: Option<u64>,
     },
     /// Run `task` while it is runnable.
@@ -502,7 +487,7 @@ pub struct ScriptPolicy {
     script: Vec<Directive>,
     at: usize,
     shorts: Vec<(TaskId, u32)>,
-    last: Option<(TaskId, &'static str, u64)>,
+    last: Option<(TaskId, YieldPoint, u64)>,
 }
 
 impl ScriptPolicy {
@@ -562,7 +547,7 @@ impl Policy for ScriptPolicy {
         let i = self.shorts.iter().position(|(t, _)| *t == task)?;
         Some(self.shorts.remove(i).1)
     }
-    fn observe(&mut self, task: TaskId, label: &'static str, arg: u64) {
+    fn observe(&mut self, task: TaskId, label: YieldPoint, arg: u64) {
         self.last = Some((task, label, arg));
     }
 }
@@ -698,7 +683,7 @@ impl<'w> Sim<'w> {
         if !self.fs.inode(slot).reachable() {
             task.slot = None;
             return Some(Step::Done(
-                "enoent",
+                YieldPoint::Enoent,
                 slot as u64,
                 Err(FsError::NoSuchFile(slot)),
             ));
@@ -707,7 +692,7 @@ impl<'w> Sim<'w> {
         None
     }
 
-    fn step_task(&mut self, t: TaskId, short: Option<u32>) -> &'static str {
+    fn step_task(&mut self, t: TaskId, short: Option<u32>) -> YieldPoint {
         let early = if self.tasks[t].started {
             None
         } else {

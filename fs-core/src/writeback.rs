@@ -6,7 +6,7 @@ use crate::block::{Request, BLOCK_SIZE};
 use crate::extent::{Extent, ExtentState, FILE_BLOCKS_MAX};
 use crate::fs::{Fs, FsError, IoEnd, Violation};
 use crate::iomap::{IoMap, IoMapKind};
-use crate::sched::{Cx, Step};
+use crate::step::{Cx, Step, YieldPoint};
 use crate::TaskId;
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -116,7 +116,7 @@ impl WbPass {
             return self.submit(cx.fs, bio);
         }
         let Some(idx) = self.next_dirty(cx.fs) else {
-            return Step::Done("wb:pass_end", self.cursor, Ok(0));
+            return Step::Done(YieldPoint::WbPassEnd, self.cursor, Ok(0));
         };
         self.cursor = idx + 1;
         let size = cx.fs.inode(ino).size;
@@ -125,7 +125,7 @@ impl WbPass {
         f.dirty = false;
         f.mapped_writable = false;
         if idx * BS >= size {
-            return Step::Yield("wb:beyond_eof", idx);
+            return Step::Yield(YieldPoint::WbBeyondEof, idx);
         }
         // iomap_writepage_handle_eof: zero the part of the EOF folio past EOF.
         if (idx + 1) * BS > size {
@@ -138,7 +138,7 @@ impl WbPass {
                 if cx.fs.inode(ino).extents.get(idx).state == ExtentState::Delalloc {
                     cx.fs.inode_mut(ino).extents.set(idx, Extent::HOLE);
                 }
-                return Step::Done("wb:map_blocks_error", idx, Err(e));
+                return Step::Done(YieldPoint::WbMapBlocksError, idx, Err(e));
             }
         };
         match map.kind {
@@ -147,7 +147,7 @@ impl WbPass {
                 cx.fs
                     .violations
                     .push(Violation::DirtyFolioOverHole { ino, fblock: idx });
-                Step::Yield("wb:hole", idx)
+                Step::Yield(YieldPoint::WbHole, idx)
             }
             IoMapKind::Delalloc => unreachable!("map_blocks converts delalloc"),
             IoMapKind::Mapped | IoMapKind::Unwritten => {
@@ -159,7 +159,7 @@ impl WbPass {
                     unwritten: map.kind == IoMapKind::Unwritten,
                     end: ((idx + 1) * BS).min(size),
                 });
-                Step::Yield("wb:map_blocks", idx)
+                Step::Yield(YieldPoint::WbMapBlocks, idx)
             }
         }
     }
@@ -214,14 +214,14 @@ impl WbPass {
                     end: bio.end,
                     stage: 0,
                 });
-                Step::Yield("wb:submit", bio.idx)
+                Step::Yield(YieldPoint::WbSubmit, bio.idx)
             }
             Err(e) => {
                 if let Some(f) = fs.inode_mut(ino).cache.get_mut(bio.idx) {
                     f.writeback = false;
                     f.dirty = true;
                 }
-                Step::Done("wb:submit_error", bio.idx, Err(e.into()))
+                Step::Done(YieldPoint::WbSubmitError, bio.idx, Err(e.into()))
             }
         }
     }
@@ -295,7 +295,7 @@ impl IoCompletion {
                         error: e.to_string(),
                     });
                 }
-                Step::Yield("io:complete", idx)
+                Step::Yield(YieldPoint::IoComplete, idx)
             }
             1 => {
                 io.stage = 2;
@@ -315,7 +315,7 @@ impl IoCompletion {
                         },
                     );
                 }
-                Step::Yield("io:convert_unwritten", b)
+                Step::Yield(YieldPoint::IoConvertUnwritten, b)
             }
             _ => {
                 let io = fs.ioends.pop_front().expect("front");
@@ -327,7 +327,7 @@ impl IoCompletion {
                 if e.state == ExtentState::Written && e.addr == io.addr {
                     fs.data_landed(io.ino, io.end);
                 }
-                Step::Yield("io:end_writeback", io.fblock)
+                Step::Yield(YieldPoint::IoEndWriteback, io.fblock)
             }
         }
     }
@@ -346,6 +346,6 @@ impl Reclaim {
     pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
         let (ino, idx) = cx.fs.reclaim_victim().expect("runnable only with a victim");
         cx.fs.remove_folio(ino, idx);
-        Step::Yield("reclaim", idx)
+        Step::Yield(YieldPoint::Reclaim, idx)
     }
 }

@@ -7,7 +7,7 @@ use fs_core::sched::{
     self, Directive::*, ReplayPolicy, ScriptPolicy, FIRST_OP_TASK, TASK_FLUSHER,
     TASK_IO_COMPLETION, TASK_RECLAIM,
 };
-use fs_core::{Config, Failure, Op, PunchMode, RunResult, Workload};
+use fs_core::{Config, Failure, Op, PunchMode, RunResult, Workload, YieldPoint};
 
 const K: u64 = 4096;
 const KIB: u64 = 1024;
@@ -74,17 +74,17 @@ fn s1(cfg: &Config) -> RunResult {
         vec![
             Until {
                 task: big,
-                label: "iomap_begin",
+                label: YieldPoint::IomapBegin,
                 arg: None,
             },
             Until {
                 task: big,
-                label: "copy+write_end",
+                label: YieldPoint::CopyWriteEnd,
                 arg: Some(8),
             },
             Until {
                 task: TASK_FLUSHER,
-                label: "wb:pass_end",
+                label: YieldPoint::WbPassEnd,
                 arg: None,
             },
             Drain {
@@ -133,7 +133,7 @@ fn s1_keeps_x_with_iomap_valid() {
     let begins = r
         .trace
         .iter()
-        .filter(|s| s.task == (FIRST_OP_TASK + 2) as u32 && s.label == "iomap_begin");
+        .filter(|s| s.task == (FIRST_OP_TASK + 2) as u32 && s.label == YieldPoint::IomapBegin);
     assert_eq!(begins.map(|s| s.arg).collect::<Vec<_>>(), vec![0, 36 * KIB]);
 }
 
@@ -171,22 +171,22 @@ fn s2(cfg: &Config) -> RunResult {
         vec![
             Until {
                 task: wr,
-                label: "iomap_begin",
+                label: YieldPoint::IomapBegin,
                 arg: None,
             },
             Until {
                 task: wr,
-                label: "copy+write_end",
+                label: YieldPoint::CopyWriteEnd,
                 arg: Some(0),
             },
             Until {
                 task: mm,
-                label: "store",
+                label: YieldPoint::Store,
                 arg: None,
             },
             Until {
                 task: TASK_FLUSHER,
-                label: "wb:pass_end",
+                label: YieldPoint::WbPassEnd,
                 arg: None,
             },
             Drain {
@@ -269,12 +269,12 @@ fn s2p(cfg: &Config) -> RunResult {
         vec![
             Until {
                 task: wr,
-                label: "iomap_begin",
+                label: YieldPoint::IomapBegin,
                 arg: None,
             },
             Until {
                 task: mm,
-                label: "store",
+                label: YieldPoint::Store,
                 arg: None,
             },
             ShortCopy {
@@ -284,7 +284,7 @@ fn s2p(cfg: &Config) -> RunResult {
             ShortCopy { task: wr, bytes: 0 },
             Until {
                 task: wr,
-                label: "write:done",
+                label: YieldPoint::WriteDone,
                 arg: None,
             },
         ],
@@ -366,12 +366,12 @@ fn s3(cfg: &Config) -> RunResult {
         vec![
             Until {
                 task: b,
-                label: "write:done",
+                label: YieldPoint::WriteDone,
                 arg: None,
             },
             Until {
                 task: TASK_FLUSHER,
-                label: "wb:submit",
+                label: YieldPoint::WbSubmit,
                 arg: Some(0),
             },
             Drain {
@@ -379,17 +379,17 @@ fn s3(cfg: &Config) -> RunResult {
             },
             Until {
                 task: punch,
-                label: "punch:free_extents",
+                label: YieldPoint::PunchFreeExtents,
                 arg: None,
             },
             Until {
                 task: c,
-                label: "write:done",
+                label: YieldPoint::WriteDone,
                 arg: None,
             },
             Until {
                 task: TASK_FLUSHER,
-                label: "wb:pass_end",
+                label: YieldPoint::WbPassEnd,
                 arg: None,
             },
         ],
