@@ -132,40 +132,76 @@ impl WriteTask {
         }
     }
 
+    /// One step of `iomap_file_buffered_write` (`iomap_write_iter` over each mapping): the
+    /// state names the part of the iterator that runs next, and each part is a method named
+    /// after the kernel function it models. A step ends at a yield point, or ends the write.
     pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
+        match self.st {
+            WState::LockInode => self.lock_inode(cx),
+            WState::Begin => self.iomap_begin(cx),
+            WState::PreCheck | WState::GetFolio | WState::Valid | WState::Prepare => {
+                self.write_begin(cx)
+            }
+            WState::Copy => self.copy_and_write_end(cx),
+            WState::End => self.iomap_end(cx),
+            WState::OldTruncate { idx, end } => self.old_punch_truncate(cx, idx, end),
+            WState::OldPunch { start, end } => {
+                punch_delalloc(cx.fs, self.ino, start, end);
+                self.st = WState::Finish;
+                self.finish_or_remap(cx)
+            }
+            WState::FixedScan { idx, end, locked } => self.fixed_punch_scan(cx, idx, end, locked),
+            WState::Finish => self.finish_or_remap(cx),
+        }
+    }
+
+    /// `iomap_file_buffered_write`'s caller takes the inode lock exclusive.
+    fn lock_inode(&mut self, cx: &mut Cx<'_>) -> Step {
+        let ino = self.ino;
+        if self.end() > FILE_BYTES_MAX {
+            return Step::Done(YieldPoint::WriteEfbig, 0, Err(FsError::FileTooBig));
+        }
+        cx.fs.inode_mut(ino).i_rwsem.down_write(cx.me);
+        if self.data.is_empty() {
+            cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
+            return Step::Done(YieldPoint::WriteEmpty, 0, Ok(0));
+        }
+        self.st = WState::Begin;
+        Step::Yield(YieldPoint::WriteLockInode, self.pos)
+    }
+
+    /// `iomap_iter` -> `iomap_begin`: map (and reserve) from `pos` on; the mapping is cached
+    /// with its validity cookie until `iomap_end`.
+    fn iomap_begin(&mut self, cx: &mut Cx<'_>) -> Step {
+        let ino = self.ino;
+        match iomap::iomap_begin_write(cx.fs, ino, self.pos, self.end() - self.pos) {
+            Ok(map) => {
+                self.map = Some(map);
+                self.map_pos = self.pos;
+                self.st = self.next_folio(cx.fs);
+                Step::Yield(YieldPoint::IomapBegin, self.pos)
+            }
+            Err(e) => {
+                cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
+                let done = self.pos - self.start;
+                if done > 0 {
+                    Step::Done(YieldPoint::IomapBeginError, self.pos, Ok(done))
+                } else {
+                    Step::Done(YieldPoint::IomapBeginError, self.pos, Err(e))
+                }
+            }
+        }
+    }
+
+    /// `iomap_write_begin`, one step per stage: the cookie check before the folio lock (the
+    /// racy placement, `ValidityCheckAt::BeforeFolioLock`), `__iomap_get_folio` (which makes
+    /// the check inside `->get_folio` for `ValidityCheckAt::InGetFolio`), the check with the
+    /// folio locked (`->iomap_valid`, `ValidityCheckAt::AfterFolioLock`), then
+    /// `__iomap_write_begin`. A stale mapping is marked STALE and sent to `iomap_end`, so the
+    /// iterator maps again.
+    fn write_begin(&mut self, cx: &mut Cx<'_>) -> Step {
         let ino = self.ino;
         match self.st {
-            WState::LockInode => {
-                if self.end() > FILE_BYTES_MAX {
-                    return Step::Done(YieldPoint::WriteEfbig, 0, Err(FsError::FileTooBig));
-                }
-                cx.fs.inode_mut(ino).i_rwsem.down_write(cx.me);
-                if self.data.is_empty() {
-                    cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
-                    return Step::Done(YieldPoint::WriteEmpty, 0, Ok(0));
-                }
-                self.st = WState::Begin;
-                Step::Yield(YieldPoint::WriteLockInode, self.pos)
-            }
-            WState::Begin => {
-                match iomap::iomap_begin_write(cx.fs, ino, self.pos, self.end() - self.pos) {
-                    Ok(map) => {
-                        self.map = Some(map);
-                        self.map_pos = self.pos;
-                        self.st = self.next_folio(cx.fs);
-                        Step::Yield(YieldPoint::IomapBegin, self.pos)
-                    }
-                    Err(e) => {
-                        cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
-                        let done = self.pos - self.start;
-                        if done > 0 {
-                            Step::Done(YieldPoint::IomapBeginError, self.pos, Ok(done))
-                        } else {
-                            Step::Done(YieldPoint::IomapBeginError, self.pos, Err(e))
-                        }
-                    }
-                }
-            }
             WState::PreCheck => {
                 let map = self.map.expect("mapped");
                 if iomap::iomap_valid(cx.fs, ino, &map) {
@@ -208,197 +244,210 @@ impl WriteTask {
                 }
                 Step::Yield(YieldPoint::IomapValid, self.idx())
             }
-            WState::Prepare => {
-                // __iomap_write_begin: the folio is locked; make the uncovered part valid.
-                let map = self.map.expect("mapped");
-                let idx = self.idx();
-                let poff = self.pos - idx * BS;
-                let plen = self.plen();
-                let size = cx.fs.inode(ino).size;
-                let f = cx.fs.inode(ino).cache.get(idx).expect("locked folio");
-                let whole_folio = poff == 0 && plen == BS;
-                if !f.uptodate && !whole_folio {
-                    let new_but_written = map.flags.has(IoMapFlags::NEW)
-                        && matches!(map.kind, IoMapKind::Mapped | IoMapKind::Unwritten)
-                        && cx.fs.alloc.data_written(map.addr_of(idx * BS));
-                    if new_but_written {
-                        let (op, addr) = (cx.op, map.addr_of(idx * BS));
-                        cx.fs.note(|| {
-                            format!(
-                                "op{op} write_begin zero-filled the uncovered part of folio {idx} of file {ino}: its cached \
-                                 {:?}|NEW mapping says device block {addr} is new, but writeback has written data to it \
-                                 since (the extent and seq did not change, so the cookie cannot see it)",
-                                map.kind
-                            )
-                        });
-                    } else if let Some(why) = iomap::stale_view(cx.fs, ino, &map, idx) {
-                        let (op, zero) = (cx.op, iomap::block_needs_zeroing(&map, idx * BS, size));
-                        let act = if zero {
-                            "zero-filled"
-                        } else {
-                            "read from disk"
-                        };
-                        cx.fs.note(|| {
-                            format!("op{op} write_begin {act} the uncovered part of folio {idx} of file {ino}: {why}")
-                        });
-                    }
-                    if iomap::block_needs_zeroing(&map, idx * BS, size) {
-                        let f = cx
-                            .fs
-                            .inode_mut(ino)
-                            .cache
-                            .get_mut(idx)
-                            .expect("locked folio");
-                        f.data[..poff as usize].fill(0);
-                        f.data[(poff + plen) as usize..].fill(0);
-                        f.uptodate = true;
-                    } else {
-                        let data =
-                            match block::read_block_sync(cx.fs.dev.as_mut(), map.addr_of(self.pos))
-                            {
-                                Ok(d) => d,
-                                Err(e) => {
-                                    self.unlock(cx.fs);
-                                    cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
-                                    return Step::Done(
-                                        YieldPoint::WriteBeginReadError,
-                                        idx,
-                                        Err(e.into()),
-                                    );
-                                }
-                            };
-                        let f = cx
-                            .fs
-                            .inode_mut(ino)
-                            .cache
-                            .get_mut(idx)
-                            .expect("locked folio");
-                        f.data = data;
-                        f.uptodate = true;
-                    }
-                }
-                self.st = WState::Copy;
-                Step::Yield(YieldPoint::WriteBegin, idx)
-            }
-            WState::Copy => {
-                let idx = self.idx();
-                let poff = (self.pos - idx * BS) as usize;
-                let plen = self.plen() as usize;
-                let mut copied = cx.short_copy.map_or(plen, |s| (s as usize).min(plen));
+            WState::Prepare => self.write_begin_uncovered(cx),
+            st => unreachable!("{st:?} is not a stage of write_begin"),
+        }
+    }
+
+    /// `__iomap_write_begin`: the folio is locked; make the part the write does not cover
+    /// valid: zeros where `iomap_block_needs_zeroing` says so (the mapping is not MAPPED, or
+    /// is NEW, or the block is past EOF), else the block read from disk.
+    fn write_begin_uncovered(&mut self, cx: &mut Cx<'_>) -> Step {
+        let ino = self.ino;
+        let map = self.map.expect("mapped");
+        let idx = self.idx();
+        let poff = self.pos - idx * BS;
+        let plen = self.plen();
+        let size = cx.fs.inode(ino).size;
+        let f = cx.fs.inode(ino).cache.get(idx).expect("locked folio");
+        let whole_folio = poff == 0 && plen == BS;
+        if !f.uptodate && !whole_folio {
+            self.note_uncovered_fill(cx, &map, idx, size);
+            if iomap::block_needs_zeroing(&map, idx * BS, size) {
                 let f = cx
                     .fs
                     .inode_mut(ino)
                     .cache
                     .get_mut(idx)
                     .expect("locked folio");
-                // __iomap_write_end: a short copy into a !uptodate folio counts as nothing.
-                if copied < plen && !f.uptodate {
-                    copied = 0;
-                }
-                if copied > 0 {
-                    let src = (self.pos - self.start) as usize;
-                    f.data[poff..poff + copied].copy_from_slice(&self.data[src..src + copied]);
-                    f.uptodate = true;
-                    f.dirty = true;
-                    cx.oracle
-                        .write(ino, self.pos, &self.data[src..src + copied], cx.op);
-                    let inode = cx.fs.inode_mut(ino);
-                    inode.size = inode.size.max(self.pos + copied as u64);
-                    let size = inode.size;
-                    if cx.fs.cfg.bugs.size_before_data && size > cx.fs.inode(ino).disk_size {
-                        // The planted bug: the on-disk size runs ahead of the data.
-                        cx.fs.set_disk_size(ino, size);
-                    }
-                    cx.fs.touch(ino, true);
-                }
-                self.unlock(cx.fs);
-                self.pos += copied as u64;
-                if copied < plen {
-                    self.short = true;
-                }
-                self.st = self.next_folio(cx.fs);
-                Step::Yield(
-                    if copied < plen {
-                        YieldPoint::CopyShort
-                    } else {
-                        YieldPoint::CopyWriteEnd
-                    },
-                    idx,
-                )
-            }
-            WState::End => {
-                // iomap_end (xfs_buffered_write_iomap_end): punch the delalloc this call
-                // reserved but did not write.
-                let map = self.map.expect("mapped");
-                // iomap_last_written_block: with nothing written, round down.
-                let punch_start = self.punch_start();
-                let punch_end = map.end().min(self.end()).div_ceil(BS);
-                if map.kind == IoMapKind::Delalloc
-                    && map.flags.has(IoMapFlags::NEW)
-                    && punch_start < punch_end
-                {
-                    self.st = match cx.fs.cfg.punch {
-                        PunchMode::Old => WState::OldTruncate {
-                            idx: punch_start,
-                            end: punch_end,
-                        },
-                        PunchMode::Fixed => WState::FixedScan {
-                            idx: punch_start,
-                            end: punch_end,
-                            locked: false,
-                        },
-                    };
-                    return Step::Yield(YieldPoint::IomapEnd, self.pos);
-                }
-                self.st = WState::Finish;
-                self.finish_or_remap(cx)
-            }
-            WState::OldTruncate { idx, end } => {
-                // truncate_pagecache_range: drops the folio whatever it holds.
-                if cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.dirty) {
-                    let op = cx.op;
-                    cx.fs.note(|| {
-                        format!("op{op} short-write punch (old form) dropped dirty folio {idx} of file {ino} from the page cache")
-                    });
-                }
-                cx.fs.remove_folio(ino, idx);
-                self.st = if idx + 1 < end {
-                    WState::OldTruncate { idx: idx + 1, end }
-                } else {
-                    WState::OldPunch {
-                        start: self.punch_start(),
-                        end,
+                f.data[..poff as usize].fill(0);
+                f.data[(poff + plen) as usize..].fill(0);
+                f.uptodate = true;
+            } else {
+                let data = match block::read_block_sync(cx.fs.dev.as_mut(), map.addr_of(self.pos)) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.unlock(cx.fs);
+                        cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
+                        return Step::Done(YieldPoint::WriteBeginReadError, idx, Err(e.into()));
                     }
                 };
-                Step::Yield(YieldPoint::PunchTruncatePagecache, idx)
+                let f = cx
+                    .fs
+                    .inode_mut(ino)
+                    .cache
+                    .get_mut(idx)
+                    .expect("locked folio");
+                f.data = data;
+                f.uptodate = true;
             }
-            WState::OldPunch { start, end } => {
-                punch_delalloc(cx.fs, ino, start, end);
-                self.st = WState::Finish;
-                self.finish_or_remap(cx)
+        }
+        self.st = WState::Copy;
+        Step::Yield(YieldPoint::WriteBegin, idx)
+    }
+
+    /// Notes (for the report, without changing anything) when `__iomap_write_begin` is about
+    /// to fill folio `idx` from a mapping that no longer tells the truth.
+    fn note_uncovered_fill(&self, cx: &mut Cx<'_>, map: &IoMap, idx: u64, size: u64) {
+        let ino = self.ino;
+        let new_but_written = map.flags.has(IoMapFlags::NEW)
+            && matches!(map.kind, IoMapKind::Mapped | IoMapKind::Unwritten)
+            && cx.fs.alloc.data_written(map.addr_of(idx * BS));
+        if new_but_written {
+            let (op, addr) = (cx.op, map.addr_of(idx * BS));
+            cx.fs.note(|| {
+                format!(
+                    "op{op} write_begin zero-filled the uncovered part of folio {idx} of file {ino}: its cached \
+                     {:?}|NEW mapping says device block {addr} is new, but writeback has written data to it \
+                     since (the extent and seq did not change, so the cookie cannot see it)",
+                    map.kind
+                )
+            });
+        } else if let Some(why) = iomap::stale_view(cx.fs, ino, map, idx) {
+            let (op, zero) = (cx.op, iomap::block_needs_zeroing(map, idx * BS, size));
+            let act = if zero {
+                "zero-filled"
+            } else {
+                "read from disk"
+            };
+            cx.fs.note(|| {
+                format!("op{op} write_begin {act} the uncovered part of folio {idx} of file {ino}: {why}")
+            });
+        }
+    }
+
+    /// The user copy (`copy_folio_from_iter_atomic`, where a short copy can be injected) and
+    /// `iomap_write_end`: the folio's linearisation point for the oracle.
+    fn copy_and_write_end(&mut self, cx: &mut Cx<'_>) -> Step {
+        let ino = self.ino;
+        let idx = self.idx();
+        let poff = (self.pos - idx * BS) as usize;
+        let plen = self.plen() as usize;
+        let mut copied = cx.short_copy.map_or(plen, |s| (s as usize).min(plen));
+        let f = cx
+            .fs
+            .inode_mut(ino)
+            .cache
+            .get_mut(idx)
+            .expect("locked folio");
+        // __iomap_write_end: a short copy into a !uptodate folio counts as nothing.
+        if copied < plen && !f.uptodate {
+            copied = 0;
+        }
+        if copied > 0 {
+            let src = (self.pos - self.start) as usize;
+            f.data[poff..poff + copied].copy_from_slice(&self.data[src..src + copied]);
+            f.uptodate = true;
+            f.dirty = true;
+            cx.oracle
+                .write(ino, self.pos, &self.data[src..src + copied], cx.op);
+            let inode = cx.fs.inode_mut(ino);
+            inode.size = inode.size.max(self.pos + copied as u64);
+            let size = inode.size;
+            if cx.fs.cfg.bugs.size_before_data && size > cx.fs.inode(ino).disk_size {
+                // The planted bug: the on-disk size runs ahead of the data.
+                cx.fs.set_disk_size(ino, size);
             }
-            WState::FixedScan { idx, end, locked } => {
-                if !locked {
-                    cx.fs.inode_mut(ino).invalidate_lock.down_write(cx.me);
-                }
-                let keep = cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.dirty);
-                if !keep {
-                    punch_delalloc(cx.fs, ino, idx, idx + 1);
-                }
-                if idx + 1 < end {
-                    self.st = WState::FixedScan {
-                        idx: idx + 1,
-                        end,
-                        locked: true,
-                    };
-                    Step::Yield(YieldPoint::PunchScan, idx)
-                } else {
-                    cx.fs.inode_mut(ino).invalidate_lock.up_write(cx.me);
-                    self.st = WState::Finish;
-                    Step::Yield(YieldPoint::PunchScanDone, idx)
-                }
+            cx.fs.touch(ino, true);
+        }
+        self.unlock(cx.fs);
+        self.pos += copied as u64;
+        if copied < plen {
+            self.short = true;
+        }
+        self.st = self.next_folio(cx.fs);
+        Step::Yield(
+            if copied < plen {
+                YieldPoint::CopyShort
+            } else {
+                YieldPoint::CopyWriteEnd
+            },
+            idx,
+        )
+    }
+
+    /// `iomap_end` (xfs_buffered_write_iomap_end): punch the delalloc this call reserved but
+    /// did not write, in the old or the fixed form.
+    fn iomap_end(&mut self, cx: &mut Cx<'_>) -> Step {
+        let map = self.map.expect("mapped");
+        // iomap_last_written_block: with nothing written, round down.
+        let punch_start = self.punch_start();
+        let punch_end = map.end().min(self.end()).div_ceil(BS);
+        if map.kind == IoMapKind::Delalloc
+            && map.flags.has(IoMapFlags::NEW)
+            && punch_start < punch_end
+        {
+            self.st = match cx.fs.cfg.punch {
+                PunchMode::Old => WState::OldTruncate {
+                    idx: punch_start,
+                    end: punch_end,
+                },
+                PunchMode::Fixed => WState::FixedScan {
+                    idx: punch_start,
+                    end: punch_end,
+                    locked: false,
+                },
+            };
+            return Step::Yield(YieldPoint::IomapEnd, self.pos);
+        }
+        self.st = WState::Finish;
+        self.finish_or_remap(cx)
+    }
+
+    /// The old punch, first half: `truncate_pagecache_range`, one folio per step; it drops
+    /// the folio whatever it holds.
+    fn old_punch_truncate(&mut self, cx: &mut Cx<'_>, idx: u64, end: u64) -> Step {
+        let ino = self.ino;
+        if cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.dirty) {
+            let op = cx.op;
+            cx.fs.note(|| {
+                format!("op{op} short-write punch (old form) dropped dirty folio {idx} of file {ino} from the page cache")
+            });
+        }
+        cx.fs.remove_folio(ino, idx);
+        self.st = if idx + 1 < end {
+            WState::OldTruncate { idx: idx + 1, end }
+        } else {
+            WState::OldPunch {
+                start: self.punch_start(),
+                end,
             }
-            WState::Finish => self.finish_or_remap(cx),
+        };
+        Step::Yield(YieldPoint::PunchTruncatePagecache, idx)
+    }
+
+    /// The fixed punch: under the invalidate lock, one folio per step, punch the delalloc
+    /// under every folio that is not dirty (a dirty one keeps its reservation).
+    fn fixed_punch_scan(&mut self, cx: &mut Cx<'_>, idx: u64, end: u64, locked: bool) -> Step {
+        let ino = self.ino;
+        if !locked {
+            cx.fs.inode_mut(ino).invalidate_lock.down_write(cx.me);
+        }
+        let keep = cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.dirty);
+        if !keep {
+            punch_delalloc(cx.fs, ino, idx, idx + 1);
+        }
+        if idx + 1 < end {
+            self.st = WState::FixedScan {
+                idx: idx + 1,
+                end,
+                locked: true,
+            };
+            Step::Yield(YieldPoint::PunchScan, idx)
+        } else {
+            cx.fs.inode_mut(ino).invalidate_lock.up_write(cx.me);
+            self.st = WState::Finish;
+            Step::Yield(YieldPoint::PunchScanDone, idx)
         }
     }
 

@@ -749,6 +749,32 @@ impl<'w> Sim<'w> {
             .collect()
     }
 
+    /// A task for each operation of `phase`, the first numbered `*op_index`. An operation
+    /// that cannot run has its error as its result at once.
+    fn spawn_phase(&mut self, phase: &[Op], op_index: &mut u32) {
+        for op in phase {
+            match task_for(op, self.workload.files) {
+                Ok(body) => self.tasks.push(Task {
+                    body,
+                    op: *op_index,
+                    done: false,
+                    slot: data_slot(op),
+                    started: false,
+                }),
+                Err(e) => {
+                    self.results[*op_index as usize] = Some(Err(e));
+                    // Keep task ids stable: a finished placeholder.
+                    self.tasks.push(Task {
+                        done: true,
+                        op: *op_index,
+                        ..Task::background(Body::Reclaim(Reclaim))
+                    });
+                }
+            }
+            *op_index += 1;
+        }
+    }
+
     fn run(mut self, policy: &mut dyn Policy) -> (RunResult, Fs) {
         if let Err(what) = self.workload.check() {
             self.oracle.failures.push(Failure::Harness { what });
@@ -758,27 +784,7 @@ impl<'w> Sim<'w> {
         let mut runnable = Vec::new();
         'phases: for phase in &self.workload.phases {
             let first = self.tasks.len();
-            for op in phase {
-                match task_for(op, self.workload.files) {
-                    Ok(body) => self.tasks.push(Task {
-                        body,
-                        op: op_index,
-                        done: false,
-                        slot: data_slot(op),
-                        started: false,
-                    }),
-                    Err(e) => {
-                        self.results[op_index as usize] = Some(Err(e));
-                        // Keep task ids stable: a finished placeholder.
-                        self.tasks.push(Task {
-                            done: true,
-                            op: op_index,
-                            ..Task::background(Body::Reclaim(Reclaim))
-                        });
-                    }
-                }
-                op_index += 1;
-            }
+            self.spawn_phase(phase, &mut op_index);
             // Tasks not yet done: background ones and this phase's (earlier phases are done).
             let mut live: Vec<TaskId> = (0..FIRST_OP_TASK).chain(first..self.tasks.len()).collect();
             while self.tasks[first..].iter().any(|t| !t.done) {
