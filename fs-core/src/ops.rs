@@ -402,6 +402,56 @@ impl TruncateTask {
         self.size.div_ceil(BS)
     }
 
+    /// The size change of xfs_setattr_size: zero the tail of the new last block when the
+    /// file shrinks, then set the size in memory, in the oracle and on disk.
+    fn setsize(&mut self, cx: &mut Cx<'_>) -> Step {
+        let ino = self.ino;
+        let old = cx.fs.inode(ino).size;
+        if self.size < old && !self.size.is_multiple_of(BS) {
+            if let Err((idx, e)) = self.iomap_truncate_page(cx) {
+                let inode = cx.fs.inode_mut(ino);
+                inode.invalidate_lock.up_write(cx.me);
+                inode.i_rwsem.up_write(cx.me);
+                return Step::Done(YieldPoint::TruncateReadError, idx, Err(e));
+            }
+        }
+        cx.fs.inode_mut(ino).size = self.size;
+        cx.oracle.set_size(ino, self.size, cx.op);
+        cx.fs.set_disk_size(ino, self.size);
+        cx.fs.touch(ino, true);
+        self.st = if self.size < old {
+            TrState::Pagecache {
+                cursor: self.first_gone(),
+            }
+        } else {
+            TrState::Extents
+        };
+        Step::Yield(YieldPoint::TruncateSetsize, self.size)
+    }
+
+    /// iomap_truncate_page: zero [size, block end) through the page cache so the bytes
+    /// cannot come back if the file grows again. A failed read of the block names it.
+    fn iomap_truncate_page(&self, cx: &mut Cx<'_>) -> Result<(), (u64, FsError)> {
+        let ino = self.ino;
+        let idx = self.size / BS;
+        let state = cx.fs.inode(ino).extents.get(idx).state;
+        let written = state == ExtentState::Written;
+        // An UNWRITTEN block may have data in flight from this very folio: the zeroed tail
+        // must be written after it.
+        let allocated = written || state == ExtentState::Unwritten;
+        let cached = cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.uptodate);
+        if written && !cached {
+            cx.fs.read_folio(ino, idx).map_err(|e| (idx, e))?;
+        }
+        if let Some(f) = cx.fs.inode_mut(ino).cache.get_mut(idx) {
+            if f.uptodate {
+                f.data[(self.size % BS) as usize..].fill(0);
+                f.dirty |= allocated;
+            }
+        }
+        Ok(())
+    }
+
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
         let inode = fs.inode(self.ino);
         match self.st {
@@ -428,46 +478,7 @@ impl TruncateTask {
                 self.st = TrState::ZeroTail;
                 Step::Yield(YieldPoint::TruncateLock, self.size)
             }
-            TrState::ZeroTail => {
-                let old = cx.fs.inode(ino).size;
-                if self.size < old && !self.size.is_multiple_of(BS) {
-                    // iomap_truncate_page: zero [size, block end) through the page cache so
-                    // the bytes cannot come back if the file grows again.
-                    let idx = self.size / BS;
-                    let state = cx.fs.inode(ino).extents.get(idx).state;
-                    let written = state == ExtentState::Written;
-                    // An UNWRITTEN block may have data in flight from this very folio: the
-                    // zeroed tail must be written after it.
-                    let allocated = written || state == ExtentState::Unwritten;
-                    let cached = cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.uptodate);
-                    if written && !cached {
-                        if let Err(e) = cx.fs.read_folio(ino, idx) {
-                            let inode = cx.fs.inode_mut(ino);
-                            inode.invalidate_lock.up_write(cx.me);
-                            inode.i_rwsem.up_write(cx.me);
-                            return Step::Done(YieldPoint::TruncateReadError, idx, Err(e));
-                        }
-                    }
-                    if let Some(f) = cx.fs.inode_mut(ino).cache.get_mut(idx) {
-                        if f.uptodate {
-                            f.data[(self.size % BS) as usize..].fill(0);
-                            f.dirty |= allocated;
-                        }
-                    }
-                }
-                cx.fs.inode_mut(ino).size = self.size;
-                cx.oracle.set_size(ino, self.size, cx.op);
-                cx.fs.set_disk_size(ino, self.size);
-                cx.fs.touch(ino, true);
-                self.st = if self.size < old {
-                    TrState::Pagecache {
-                        cursor: self.first_gone(),
-                    }
-                } else {
-                    TrState::Extents
-                };
-                Step::Yield(YieldPoint::TruncateSetsize, self.size)
-            }
+            TrState::ZeroTail => self.setsize(cx),
             TrState::Pagecache { cursor } => {
                 match cx.fs.inode(ino).cache.next_where(cursor, |_| true) {
                     Some(idx) => {
