@@ -1,6 +1,6 @@
 //! The deterministic scheduler. Every operation is a task: an explicit state machine whose
-//! `step` runs the code between two yield points (the ones DESIGN.md lists, named by
-//! [`YieldPoint`]); tasks talk to the scheduler only through the protocol in
+//! `step` runs the code between two yield points (named by [`YieldPoint`]; docs/fs-core.md
+//! lists the ones the races turn on); tasks talk to the scheduler only through the protocol in
 //! [`crate::step`], so the task modules never import this one. At each yield a
 //! `Policy` picks the next runnable task: seeded random (ChaCha), PCT-style priorities, a
 //! recorded schedule (replay), or a script (tests). The chosen steps, with any injected short
