@@ -58,6 +58,12 @@ pub struct Config {
     pub validity_check_at: ValidityCheckAt,
     /// Writeback's `map_blocks` compares its cached mapping's `seq` before reusing it.
     pub wb_seq_check: bool,
+    /// Folios one writeback lookup (`filemap_get_folios_tag`) takes at most: the kernel's
+    /// `PAGEVEC_SIZE` ([`crate::writeback::PAGEVEC_SIZE_FOLIOS`]). Smaller values let short
+    /// files and scripts reach a pass longer than one batch; 0 is read as 1. Bundles written
+    /// before the field existed load with the kernel's value.
+    #[serde(default = "default_wb_batch_folios")]
+    pub wb_batch_folios: usize,
     pub punch: PunchMode,
     pub alloc: AllocMode,
     /// `page_mkwrite` takes the inode lock shared, like gfs2's inode glock, which serialises
@@ -137,6 +143,7 @@ impl Default for Config {
             iomap_valid: true,
             validity_check_at: ValidityCheckAt::AfterFolioLock,
             wb_seq_check: true,
+            wb_batch_folios: crate::writeback::PAGEVEC_SIZE_FOLIOS,
             punch: PunchMode::Fixed,
             alloc: AllocMode::Delalloc,
             mkwrite_takes_inode_lock: false,
@@ -145,6 +152,10 @@ impl Default for Config {
             bugs: Bugs::default(),
         }
     }
+}
+
+fn default_wb_batch_folios() -> usize {
+    crate::writeback::PAGEVEC_SIZE_FOLIOS
 }
 
 /// Errors an operation returns to its caller (the model's errno).

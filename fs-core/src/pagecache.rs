@@ -18,6 +18,10 @@ pub struct Folio {
     pub dirty: bool,
     /// Writeback IO is in flight; the folio cannot be reclaimed or truncated.
     pub writeback: bool,
+    /// `PAGECACHE_TAG_TOWRITE`: tagged by a WB_SYNC_ALL pass when it starts
+    /// (`tag_pages_for_writeback`), so that pass writes only what was dirty then; cleared when
+    /// a pass cleans the folio for IO.
+    pub towrite: bool,
     /// Mapped writable into a process: stores land without a fault. Writeback clears it
     /// (`folio_mkclean`) so the next store faults and dirties the folio again.
     pub mapped_writable: bool,
@@ -39,6 +43,7 @@ impl Folio {
             uptodate: false,
             dirty: false,
             writeback: false,
+            towrite: false,
             mapped_writable: false,
             lru,
             gen,

@@ -55,6 +55,16 @@ pub fn map_blocks(
     Ok(map)
 }
 
+/// Folios one `filemap_get_folios_tag` lookup returns at most: `PAGEVEC_SIZE`, the size of a
+/// `struct folio_batch` (include/linux/pagevec.h: 15 up to v6.8, including the v6.6 this
+/// model follows; 31 from v6.9, commit 9cecde80aae0 "mm: increase folio batch size").
+pub const PAGEVEC_SIZE_FOLIOS: usize = 15;
+/// Folios one ioend holds at most before the next folio starts a new one (`IOEND_BATCH_SIZE`
+/// in fs/iomap/buffered-io.c, v6.6), which bounds the work of its completion.
+pub const IOEND_BATCH_FOLIOS: usize = 4096;
+
+/// One folio's write: a bio in the kernel's terms (the kernel puts a contiguous run in one
+/// bio; the model keeps one device write per folio).
 #[derive(Clone, Debug)]
 struct Bio {
     idx: u64,
@@ -65,17 +75,82 @@ struct Bio {
     end: u64,
 }
 
-/// One `writepages` call over an inode: folio by folio in index order. A step locks the next
-/// dirty folio, clears its dirty bit, maps it, starts writeback and unlocks it; the next step
-/// submits the IO.
+/// An ioend being built (`struct iomap_ioend`): folios contiguous in the file and on the
+/// device, all UNWRITTEN or all not. Nothing of it reaches the device until it is submitted,
+/// which happens when a folio that cannot join it arrives or the pass ends; until then its
+/// folios stay under writeback.
+#[derive(Clone, Debug)]
+struct Ioend {
+    bios: Vec<Bio>,
+}
+
+impl Ioend {
+    /// `iomap_can_add_to_ioend` (v6.6): same type, next file block, next device block, and
+    /// under `IOEND_BATCH_SIZE` folios. (The COW flag it also compares is not modelled.)
+    fn can_add(&self, bio: &Bio) -> bool {
+        let last = self.bios.last().expect("an ioend holds at least one folio");
+        last.unwritten == bio.unwritten
+            && bio.idx == last.idx + 1
+            && bio.addr == last.addr + 1
+            && self.bios.len() < IOEND_BATCH_FOLIOS
+    }
+}
+
+/// Whether a lookup by a pass (`sync_all`, having `tagged` TOWRITE yet or not) returns `f`.
+fn looked_up(sync_all: bool, tagged: bool, f: &crate::pagecache::Folio) -> bool {
+    match (sync_all, tagged) {
+        (false, _) => f.dirty,
+        (true, true) => f.towrite,
+        (true, false) => f.towrite || f.dirty,
+    }
+}
+
+/// What a pass does with a folio of its batch when its turn comes (the checks
+/// `write_cache_pages` makes with the folio locked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Turn {
+    /// Truncated since the lookup (even if a new folio sits at the index now), cleaned by
+    /// someone else, or under writeback in a WB_SYNC_NONE pass: skipped.
+    Skip,
+    /// Under writeback in a WB_SYNC_ALL pass: wait for it.
+    Wait,
+    /// Clean it for IO and write it.
+    Write,
+}
+
+/// One `writepages` call over an inode (`iomap_writepages` over v6.6's `write_cache_pages`):
+/// folios come in batches from a tagged lookup (DIRTY for the background flusher, TOWRITE,
+/// tagged when the pass starts, for WB_SYNC_ALL); each is locked, cleaned, mapped through the
+/// cached mapping, added to the open ioend and put under writeback. Ioends are submitted when
+/// they close and when the pass ends.
+///
+/// Steps: one per folio written (`wb:map_blocks`), then one that submits the ioends that
+/// folio closed (`wb:submit`, between folios), and a last one that submits the open ioend
+/// (`wb:pass_end`). A lookup happens in the step that writes the first folio it returns
+/// (the kernel may be preempted between the two; the model is not).
 #[derive(Clone, Debug)]
 pub struct WbPass {
     pub ino: usize,
-    /// WB_SYNC_ALL (fsync) waits for folios already under writeback; WB_SYNC_NONE skips them.
+    /// WB_SYNC_ALL (fsync, sync) waits for folios already under writeback and writes what
+    /// was tagged TOWRITE at the start; WB_SYNC_NONE (the flusher) skips folios under
+    /// writeback and looks up DIRTY folios.
     sync_all: bool,
+    tagged: bool,
+    /// The current batch: (index, folio identity) as the lookup saw them, and how far the
+    /// pass is in it.
+    batch: Vec<(u64, u64)>,
+    batch_at: usize,
+    /// Where the next lookup starts; `None` once a lookup came back short of a full batch
+    /// (the kernel then moves its index past the end of the range).
+    next_index: Option<u64>,
+    /// One past the last folio the pass took (what `wb:pass_end` reports).
     cursor: u64,
     wpc: WritepageCtx,
-    bio: Option<Bio>,
+    /// `wpc->ioend`: the ioend folios are being added to.
+    ioend: Option<Ioend>,
+    /// Ioends the last folio closed, submitted by the next step (`submit_list` of
+    /// `iomap_writepage_map`); `Some` from a folio's step to its submit step.
+    closed: Option<(u64, Vec<Ioend>)>,
 }
 
 impl WbPass {
@@ -83,88 +158,238 @@ impl WbPass {
         WbPass {
             ino,
             sync_all,
+            tagged: false,
+            batch: Vec::new(),
+            batch_at: 0,
+            next_index: Some(0),
             cursor: 0,
             wpc: WritepageCtx::default(),
-            bio: None,
+            ioend: None,
+            closed: None,
         }
     }
 
-    fn next_dirty(&self, fs: &Fs) -> Option<u64> {
-        let sync_all = self.sync_all;
+    /// Whether a lookup of this pass returns the folio: DIRTY, or TOWRITE for WB_SYNC_ALL
+    /// (before the pass has tagged, what it is about to tag).
+    fn tagged_for_us(&self, f: &crate::pagecache::Folio) -> bool {
+        looked_up(self.sync_all, self.tagged, f)
+    }
+
+    fn turn(&self, fs: &Fs, idx: u64, gen: u64) -> Turn {
+        match fs.inode(self.ino).cache.get(idx) {
+            Some(f) if f.gen == gen && f.dirty => match (f.writeback, self.sync_all) {
+                (false, _) => Turn::Write,
+                (true, true) => Turn::Wait,
+                (true, false) => Turn::Skip,
+            },
+            _ => Turn::Skip,
+        }
+    }
+
+    /// The folio the pass would take next and what it would do with it, without changing
+    /// anything: the rest of the batch first, then what lookups would return now. `None`:
+    /// the pass is at its end.
+    fn peek(&self, fs: &Fs) -> Option<(u64, Turn)> {
+        for &(idx, gen) in &self.batch[self.batch_at..] {
+            match self.turn(fs, idx, gen) {
+                Turn::Skip => continue,
+                t => return Some((idx, t)),
+            }
+        }
+        let start = self.next_index?;
         fs.inode(self.ino)
             .cache
-            .next_where(self.cursor, |f| f.dirty && (sync_all || !f.writeback))
+            .folios
+            .range(start..)
+            .filter(|(_, f)| self.tagged_for_us(f))
+            .map(|(&idx, f)| (idx, self.turn(fs, idx, f.gen)))
+            .find(|&(_, t)| t != Turn::Skip)
     }
 
-    pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
-        if self.bio.is_some() {
-            return true;
-        }
-        match self.next_dirty(fs) {
-            None => true,
-            Some(idx) => {
-                let f = fs.inode(self.ino).cache.get(idx).expect("found");
-                f.lockable_by(me) && !f.writeback
+    /// `filemap_get_folios_tag`: up to a batch of tagged folios from `next_index` on.
+    fn lookup(&mut self, fs: &Fs) {
+        let Some(start) = self.next_index else {
+            self.batch.clear();
+            return;
+        };
+        let batch_max = fs.cfg.wb_batch_folios.max(1);
+        let (sync_all, tagged) = (self.sync_all, self.tagged);
+        self.batch.clear();
+        self.batch_at = 0;
+        self.batch.extend(
+            fs.inode(self.ino)
+                .cache
+                .folios
+                .range(start..)
+                .filter(|(_, f)| looked_up(sync_all, tagged, f))
+                .map(|(&idx, f)| (idx, f.gen))
+                .take(batch_max),
+        );
+        self.next_index = match self.batch.last() {
+            Some(&(last, _)) if self.batch.len() == batch_max => Some(last + 1),
+            _ => None,
+        };
+    }
+
+    /// Moves through the batch (and new lookups) to the next folio to write, skipping what
+    /// `write_cache_pages` skips; `None` at the end of the pass.
+    fn advance(&mut self, fs: &Fs) -> Option<u64> {
+        loop {
+            while let Some(&(idx, gen)) = self.batch.get(self.batch_at) {
+                self.batch_at += 1;
+                match self.turn(fs, idx, gen) {
+                    Turn::Skip => continue,
+                    Turn::Write => return Some(idx),
+                    Turn::Wait => unreachable!("stepped while waiting for writeback"),
+                }
+            }
+            self.next_index?;
+            self.lookup(fs);
+            if self.batch.is_empty() {
+                return None;
             }
         }
     }
 
-    /// Returns Done when the pass has no more dirty folios to write.
-    pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
-        let ino = self.ino;
-        if let Some(bio) = self.bio.take() {
-            return self.submit(cx.fs, bio);
+    /// `tag_pages_for_writeback`: a WB_SYNC_ALL pass first tags every dirty folio TOWRITE.
+    fn tag_pages_for_writeback(&mut self, fs: &mut Fs) {
+        self.tagged = true;
+        if self.sync_all {
+            for f in fs.inode_mut(self.ino).cache.folios.values_mut() {
+                f.towrite |= f.dirty;
+            }
         }
-        let Some(idx) = self.next_dirty(cx.fs) else {
-            return Step::Done(YieldPoint::WbPassEnd, self.cursor, Ok(0));
+    }
+
+    pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
+        if self.closed.is_some() {
+            return true;
+        }
+        match self.peek(fs) {
+            None => true,
+            Some((_, Turn::Wait)) => false,
+            Some((idx, _)) => fs
+                .inode(self.ino)
+                .cache
+                .get(idx)
+                .is_some_and(|f| f.lockable_by(me)),
+        }
+    }
+
+    /// Returns Done when the pass has no more folios to write.
+    pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
+        if let Some((idx, ioends)) = self.closed.take() {
+            return match self.submit_all(cx.fs, ioends) {
+                Ok(()) => Step::Yield(YieldPoint::WbSubmit, idx),
+                Err(e) => Step::Done(YieldPoint::WbSubmitError, idx, Err(e)),
+            };
+        }
+        if !self.tagged {
+            self.tag_pages_for_writeback(cx.fs);
+        }
+        let Some(idx) = self.advance(cx.fs) else {
+            // iomap_writepages: the ioend still open is submitted as the pass ends.
+            let last = self.ioend.take().into_iter().collect();
+            return match self.submit_all(cx.fs, last) {
+                Ok(()) => Step::Done(YieldPoint::WbPassEnd, self.cursor, Ok(0)),
+                Err(e) => Step::Done(YieldPoint::WbSubmitError, 0, Err(e)),
+            };
         };
         self.cursor = idx + 1;
-        let size = cx.fs.inode(ino).size;
-        let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("found");
+        self.write_folio(cx.fs, idx)
+    }
+
+    /// One folio: `folio_clear_dirty_for_io`, `iomap_do_writepage` (EOF handling) and
+    /// `iomap_writepage_map` (map, add to the ioend, start writeback).
+    fn write_folio(&mut self, fs: &mut Fs, idx: u64) -> Step {
+        let ino = self.ino;
+        let size = fs.inode(ino).size;
+        let f = fs.inode_mut(ino).cache.get_mut(idx).expect("found");
         // folio_clear_dirty_for_io, which also write-protects the mapping (folio_mkclean).
         f.dirty = false;
+        f.towrite = false;
         f.mapped_writable = false;
         if idx * BS >= size {
             return Step::Yield(YieldPoint::WbBeyondEof, idx);
         }
-        // iomap_writepage_handle_eof: zero the part of the EOF folio past EOF.
+        // iomap_do_writepage: zero the part of the EOF folio past EOF.
         if (idx + 1) * BS > size {
             f.data[(size - idx * BS) as usize..].fill(0);
         }
-        let map = match map_blocks(cx.fs, &mut self.wpc, ino, idx) {
+        let map = match map_blocks(fs, &mut self.wpc, ino, idx) {
             Ok(m) => m,
             Err(e) => {
-                // A writeback error: drop the delalloc reservation, lose the data (as XFS does).
-                if cx.fs.inode(ino).extents.get(idx).state == ExtentState::Delalloc {
-                    cx.fs.inode_mut(ino).extents.set(idx, Extent::HOLE);
+                // A writeback error: drop the delalloc reservation, lose the data (as XFS
+                // does). The ioends already built are submitted at the pass's end.
+                if fs.inode(ino).extents.get(idx).state == ExtentState::Delalloc {
+                    fs.inode_mut(ino).extents.set(idx, Extent::HOLE);
                 }
+                // The pass stops; the ioend it built is submitted as iomap_writepages ends.
+                // (v6.6 fails that ioend when the pass returns an error; the model writes
+                // it: writeback errors are not modelled.)
+                let last = self.ioend.take().into_iter().collect();
+                let _ = self.submit_all(fs, last);
                 return Step::Done(YieldPoint::WbMapBlocksError, idx, Err(e));
             }
         };
         match map.kind {
             IoMapKind::Hole => {
                 // Nothing to write to: the block is skipped and the data dropped.
-                cx.fs
-                    .violations
+                fs.violations
                     .push(Violation::DirtyFolioOverHole { ino, fblock: idx });
                 Step::Yield(YieldPoint::WbHole, idx)
             }
             IoMapKind::Delalloc => unreachable!("map_blocks converts delalloc"),
             IoMapKind::Mapped | IoMapKind::Unwritten => {
-                let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("found");
-                f.writeback = true;
-                self.bio = Some(Bio {
+                let bio = Bio {
                     idx,
                     addr: map.addr_of(idx * BS),
                     unwritten: map.kind == IoMapKind::Unwritten,
                     end: ((idx + 1) * BS).min(size),
-                });
+                };
+                self.closed = Some((idx, self.add_to_ioend(bio)));
+                let f = fs.inode_mut(ino).cache.get_mut(idx).expect("found");
+                f.writeback = true;
                 Step::Yield(YieldPoint::WbMapBlocks, idx)
             }
         }
     }
 
-    fn submit(&mut self, fs: &mut Fs, bio: Bio) -> Step {
+    /// `iomap_add_to_ioend`: the folio joins the open ioend if it can; otherwise that ioend
+    /// closes (returned, for submission after this folio) and the folio opens a new one.
+    fn add_to_ioend(&mut self, bio: Bio) -> Vec<Ioend> {
+        match self.ioend.as_mut() {
+            Some(open) if open.can_add(&bio) => {
+                open.bios.push(bio);
+                Vec::new()
+            }
+            _ => {
+                let closed = self.ioend.replace(Ioend { bios: vec![bio] });
+                closed.into_iter().collect()
+            }
+        }
+    }
+
+    /// `iomap_submit_ioend` for each of `ioends`: every folio's write goes to the device and
+    /// waits for IO completion. A device that refuses a write leaves that folio and the rest
+    /// dirty and out of writeback (they are written again later).
+    fn submit_all(&mut self, fs: &mut Fs, ioends: Vec<Ioend>) -> Result<(), FsError> {
+        let mut bios = ioends.into_iter().flat_map(|io| io.bios);
+        while let Some(bio) = bios.next() {
+            if let Err(e) = self.submit(fs, &bio) {
+                for b in std::iter::once(bio).chain(bios) {
+                    if let Some(f) = fs.inode_mut(self.ino).cache.get_mut(b.idx) {
+                        f.writeback = false;
+                        f.dirty = true;
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self, fs: &mut Fs, bio: &Bio) -> Result<(), FsError> {
         let ino = self.ino;
         let owner = fs.alloc.owner(bio.addr);
         if owner
@@ -199,31 +424,21 @@ impl WbPass {
             fs.inode_mut(ino).extents.set(bio.idx, written);
             unwritten = false;
         }
-        match fs.dev.submit(Request::Write {
+        let req = fs.dev.submit(Request::Write {
             block: bio.addr,
             data,
             fua: false,
-        }) {
-            Ok(req) => {
-                fs.ioends.push_back(IoEnd {
-                    req,
-                    ino,
-                    fblock: bio.idx,
-                    addr: bio.addr,
-                    unwritten,
-                    end: bio.end,
-                    stage: 0,
-                });
-                Step::Yield(YieldPoint::WbSubmit, bio.idx)
-            }
-            Err(e) => {
-                if let Some(f) = fs.inode_mut(ino).cache.get_mut(bio.idx) {
-                    f.writeback = false;
-                    f.dirty = true;
-                }
-                Step::Done(YieldPoint::WbSubmitError, bio.idx, Err(e.into()))
-            }
-        }
+        })?;
+        fs.ioends.push_back(IoEnd {
+            req,
+            ino,
+            fblock: bio.idx,
+            addr: bio.addr,
+            unwritten,
+            end: bio.end,
+            stage: 0,
+        });
+        Ok(())
     }
 }
 
