@@ -210,10 +210,11 @@ pub fn schedule_text(r: &RunResult, ops: &[&Op]) -> String {
 /// The switches in one line.
 pub fn switches(cfg: &Config) -> String {
     format!(
-        "iomap_valid={} (at {:?}), wb_seq_check={}, punch={:?}, alloc={:?}, mkwrite_takes_inode_lock={}, cache_limit={} folios",
+        "iomap_valid={} (at {:?}), wb_seq_check={}, wb_batch={} folios, punch={:?}, alloc={:?}, mkwrite_takes_inode_lock={}, cache_limit={} folios",
         if cfg.iomap_valid { "on" } else { "off" },
         cfg.validity_check_at,
         if cfg.wb_seq_check { "on" } else { "off" },
+        cfg.wb_batch_folios,
         cfg.punch,
         cfg.alloc,
         cfg.mkwrite_takes_inode_lock,

@@ -42,6 +42,11 @@ pub struct Switches {
     /// page_mkwrite takes the inode lock shared (gfs2's glock serialises faults and writes).
     #[arg(long)]
     pub mkwrite_inode_lock: bool,
+    /// Folios one writeback lookup takes (the kernel's PAGEVEC_SIZE: 15 in v6.6). The
+    /// generated files have at most 5 folios, so only a smaller batch gives them a writeback
+    /// pass longer than one batch, which is what a file of more than 15 dirty folios has.
+    #[arg(long, value_name = "FOLIOS")]
+    pub wb_batch_folios: Option<usize>,
 }
 
 impl Switches {
@@ -71,6 +76,9 @@ impl Switches {
         }
         if self.mkwrite_inode_lock {
             cfg.mkwrite_takes_inode_lock = true;
+        }
+        if let Some(n) = self.wb_batch_folios {
+            cfg.wb_batch_folios = n.max(1);
         }
         cfg
     }
