@@ -15,7 +15,8 @@
 //! - `iomap`       `IoMap`, `iomap_begin` for writes and faults, `iomap_valid`.
 //! - `buffered_io` buffered write (iterator, write_begin/end, iomap_end delalloc punch old
 //!   and fixed), buffered read, mmap fault + `page_mkwrite` + store.
-//! - `writeback`   writepages with a cached mapping (`map_blocks`), IO completion, reclaim.
+//! - `writeback`   writepages (batched tagged lookups, a cached mapping (`map_blocks`), open
+//!   ioends), IO completion, reclaim.
 //! - `ops`         workload operations (`Op`), fallocate, punch, zero range, truncate, fsync,
 //!   fdatasync, sync.
 //! - `ns`          namespace operations: create, unlink, rename, link.

@@ -1,5 +1,6 @@
-//! Writeback (`iomap_writepages` with XFS's `map_blocks` and its cached mapping), IO
-//! completion (data on disk, then UNWRITTEN -> WRITTEN, then end of writeback), and reclaim.
+//! Writeback (`iomap_writepages` over `write_cache_pages`: batched tagged lookups, XFS's
+//! `map_blocks` and its cached mapping, ioends held open until they close or the pass ends),
+//! IO completion (data on disk, then UNWRITTEN -> WRITTEN, then end of writeback), and reclaim.
 
 use crate::alloc::Owner;
 use crate::block::{Request, BLOCK_SIZE};
