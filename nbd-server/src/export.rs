@@ -39,6 +39,7 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, FileBackend, MemoryBackend};
 use crate::disk::{DiskConfig, DiskError, EmulatedDisk};
+use crate::limits::FLUSH_FENCE_MILLIS_MAX;
 use crate::log::LogError;
 use crate::proto::*;
 
@@ -442,6 +443,79 @@ pub fn check_specs(specs: &[ExportSpec]) -> Result<(), ExportError> {
     Ok(())
 }
 
+/// Counts the replies of one export that are being written to a socket but not yet reported
+/// with [`Backend::reply_sent`].
+///
+/// Why: `reply_sent` comes after the bytes reach the socket, so a client can read a write's
+/// reply and send a FLUSH on another connection before that write's `reply_sent` ran. The
+/// backend would then see the flush arrive before the write counted as answered, and leave
+/// the write out of what the flush covers, although the client rightly counts on it. So a
+/// FLUSH waits (up to [`FLUSH_FENCE_MILLIS_MAX`]) until no reply of its export is in transit
+/// before it calls `arrived`. Writes whose reply was still in transit are then covered too,
+/// which is allowed: a flush may persist more than it must.
+///
+/// Only batches already in transit when the flush arrives are waited for (by id), so a flush
+/// is not held up by replies that started after it, however busy the other connections are.
+#[derive(Debug, Default)]
+pub struct ReplyFence {
+    state: std::sync::Mutex<FenceState>,
+    idle: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct FenceState {
+    next_id: u64,
+    in_transit: std::collections::BTreeSet<u64>,
+}
+
+impl ReplyFence {
+    fn state(&self) -> std::sync::MutexGuard<'_, FenceState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A batch of replies starts on its way to a socket.
+    pub(crate) fn begin(&self) -> u64 {
+        let mut st = self.state();
+        let id = st.next_id;
+        st.next_id += 1;
+        st.in_transit.insert(id);
+        id
+    }
+
+    /// The batch's replies were reported with `reply_sent` (or abandoned).
+    pub(crate) fn end(&self, id: u64) {
+        self.state().in_transit.remove(&id);
+        self.idle.notify_waiters();
+    }
+
+    /// Waits until every batch begun before this call has ended.
+    pub(crate) async fn wait_idle(&self) {
+        let horizon = self.state().next_id;
+        let wait = async {
+            loop {
+                let notified = self.idle.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let oldest = self.state().in_transit.first().copied();
+                // Batches are ids in begin order: only those begun before the flush count.
+                if oldest.is_none() || oldest >= Some(horizon) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(
+            std::time::Duration::from_millis(FLUSH_FENCE_MILLIS_MAX),
+            wait,
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!("FLUSH waited {FLUSH_FENCE_MILLIS_MAX} ms for replies stuck in transit");
+        }
+    }
+}
+
 /// A served export.
 pub struct Export {
     pub name: String,
@@ -449,7 +523,7 @@ pub struct Export {
     pub readonly: bool,
     pub backend: Arc<dyn Backend>,
     /// Orders FLUSH arrivals after the `reply_sent` of every reply already on the wire.
-    pub(crate) fence: crate::connection::ReplyFence,
+    pub(crate) fence: ReplyFence,
     /// The emulated disk behind `backend`, for writable exports built from a spec.
     pub disk: Option<Arc<EmulatedDisk>>,
     /// Bumped by [`Export::disconnect_all`]; every connection of the export watches it.

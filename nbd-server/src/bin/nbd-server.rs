@@ -188,81 +188,6 @@ enum Command {
     },
 }
 
-fn limits() -> Vec<(&'static str, u64)> {
-    use nbd_server::{connection, handshake, server};
-    vec![
-        ("CONNECTIONS_MAX", server::CONNECTIONS_MAX as u64),
-        (
-            "REQUESTS_IN_FLIGHT_MAX",
-            server::REQUESTS_IN_FLIGHT_MAX as u64,
-        ),
-        ("PAYLOAD_BYTES_MAX", server::PAYLOAD_BYTES_MAX as u64),
-        (
-            "PAYLOAD_DISCARD_BYTES_MAX",
-            server::PAYLOAD_DISCARD_BYTES_MAX as u64,
-        ),
-        (
-            "IN_FLIGHT_PAYLOAD_BYTES_MAX",
-            server::IN_FLIGHT_PAYLOAD_BYTES_MAX as u64,
-        ),
-        ("OPTION_BYTES_MAX", handshake::OPTION_BYTES_MAX as u64),
-        (
-            "OPTION_DISCARD_BYTES_MAX",
-            handshake::OPTION_DISCARD_BYTES_MAX as u64,
-        ),
-        (
-            "OPTIONS_PER_CONNECTION_MAX",
-            handshake::OPTIONS_PER_CONNECTION_MAX as u64,
-        ),
-        ("HANDSHAKE_SECONDS_MAX", server::HANDSHAKE_SECONDS_MAX),
-        ("HANDSHAKES_MAX", server::HANDSHAKES_MAX as u64),
-        ("REPLY_STALL_SECONDS_MAX", server::REPLY_STALL_SECONDS_MAX),
-        (
-            "SERVER_PAYLOAD_BYTES_MAX",
-            server::SERVER_PAYLOAD_BYTES_MAX as u64,
-        ),
-        (
-            "SERVER_PAYLOAD_RESERVE_BYTES",
-            server::SERVER_PAYLOAD_RESERVE_BYTES as u64,
-        ),
-        (
-            "RECORD_MAX_SLACK_BYTES",
-            nbd_server::disk::RECORD_MAX_SLACK_BYTES,
-        ),
-        ("SHUTDOWN_GRACE_SECONDS", server::SHUTDOWN_GRACE_SECONDS),
-        (
-            "BLOCK_STATUS_DESCRIPTORS_MAX",
-            connection::BLOCK_STATUS_DESCRIPTORS_MAX as u64,
-        ),
-        ("EXPORTS_MAX", nbd_server::export::EXPORTS_MAX as u64),
-        ("CACHE_BYTES_MAX", nbd_server::disk::CACHE_BYTES_MAX),
-        (
-            "CACHE_ENTRIES_MAX",
-            nbd_server::disk::CACHE_ENTRIES_MAX as u64,
-        ),
-        (
-            "RECORD_PAYLOAD_BYTES_MAX",
-            nbd_server::log::RECORD_PAYLOAD_BYTES_MAX as u64,
-        ),
-        (
-            "CONTROL_LINE_BYTES_MAX",
-            nbd_server::control::CONTROL_LINE_BYTES_MAX as u64,
-        ),
-        (
-            "RECORDER_QUEUE_RECORDS_MAX",
-            nbd_server::disk::RECORDER_QUEUE_RECORDS_MAX as u64,
-        ),
-        (
-            "RECORDER_QUEUE_BYTES_MAX",
-            nbd_server::disk::RECORDER_QUEUE_BYTES_MAX,
-        ),
-        (
-            "SPARE_BLOCKS_MAX",
-            nbd_server::backend::memory::SPARE_BLOCKS_MAX as u64,
-        ),
-    ]
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -304,18 +229,7 @@ fn main() -> Result<()> {
     }
 
     if let Some(Command::Limits { json }) = cli.command {
-        let l = limits();
-        if json {
-            let m: serde_json::Map<String, serde_json::Value> = l
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.into()))
-                .collect();
-            println!("{}", serde_json::Value::Object(m));
-        } else {
-            for (k, v) in l {
-                println!("{k:<30} {v}");
-            }
-        }
+        print_limits(json);
         return Ok(());
     }
 
@@ -426,6 +340,23 @@ fn main() -> Result<()> {
         eprintln!("nbd-server: stopped");
         Ok(())
     })
+}
+
+/// Prints [`nbd_server::limits::LIMITS`]: as a JSON object of name to value, or one line
+/// each (name, value, what it bounds).
+fn print_limits(json: bool) {
+    let limits = nbd_server::limits::LIMITS;
+    if json {
+        let m: serde_json::Map<String, serde_json::Value> = limits
+            .iter()
+            .map(|l| (l.name.to_owned(), l.value.into()))
+            .collect();
+        println!("{}", serde_json::Value::Object(m));
+    } else {
+        for l in limits {
+            println!("{:<30} {:>12}  {}", l.name, l.shown(), l.what);
+        }
+    }
 }
 
 /// Writes back what every emulated disk still caches and syncs its log; says which byte
