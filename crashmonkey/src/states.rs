@@ -24,8 +24,7 @@ use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use nbd_server::disk::{merge_pieces, sector_pieces};
-use nbd_server::log::{LogError, SECTOR_BYTES};
+use nbd_server::log::{sector_pieces, torn_pieces, unit_pieces, LogError, SECTOR_BYTES};
 
 use crate::history::{Epoch, LogData, Op};
 
@@ -297,23 +296,7 @@ impl StateGenerator {
             };
             for t in chosen {
                 let op = &epoch.ops[t];
-                let sectors = units(op);
-                let mut keep: Vec<bool> = sectors.iter().map(|_| rng.random_bool(0.5)).collect();
-                if keep.iter().all(|&k| k) {
-                    let i = rng.random_range(0..keep.len());
-                    keep[i] = false;
-                }
-                if keep.iter().all(|&k| !k) {
-                    let i = rng.random_range(0..keep.len());
-                    keep[i] = true;
-                }
-                let pieces = merge_pieces(
-                    sectors
-                        .iter()
-                        .zip(&keep)
-                        .filter(|(_, &k)| k)
-                        .map(|(&p, _)| p),
-                );
+                let pieces = torn_pieces(&mut rng, &units(op));
                 candidates.push((
                     StateKind::Torn,
                     format!("torn@{}", op.seq),
@@ -489,19 +472,6 @@ impl StateGenerator {
         }
         ordered
     }
-}
-
-/// Splits `[offset, offset+length)` at absolute multiples of `unit`.
-pub fn unit_pieces(offset: u64, length: u64, unit: u64) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let end = offset + length;
-    let mut at = offset;
-    while at < end {
-        let stop = ((at / unit + 1) * unit).min(end);
-        out.push((at, stop - at));
-        at = stop;
-    }
-    out
 }
 
 /// All k-element subsets of 0..n, ascending, in lexicographic order.
