@@ -125,15 +125,17 @@ impl EmulatedDisk {
             // A log failure is reported by the IO that follows.
             let _ = st.log.append(record);
         }
-        let mut cover_gen = 0;
+        let (mut cover_gen, mut unrecorded) = (0, None);
         if a.kind == RequestKind::Flush && !injected.eio {
             let (gen, in_flight) = st.tickets.flush_arrived();
             cover_gen = gen;
             st.stats.flushes += 1;
             let payload = encode_payload(&FlushPayload { in_flight });
-            let _ = st
+            // A refused record (failed log, or a capped one past its slack) fails the flush.
+            unrecorded = st
                 .log
-                .append(Record::event(RecordKind::Flush, a.conn, payload));
+                .append(Record::event(RecordKind::Flush, a.conn, payload))
+                .err();
         }
         let cut_gen = st.cut.gen();
         st.tickets.issue(TicketInfo {
@@ -142,6 +144,7 @@ impl EmulatedDisk {
             latency_us: injected.latency_us,
             cut_gen,
             cover_gen,
+            unrecorded,
             applied: None,
             log_seq: None,
         })
@@ -303,10 +306,16 @@ impl Backend for EmulatedDisk {
     /// Writes back what the flush covers, flushes storage, and waits until the write log
     /// holds every record so far (so a killed server cannot lose a write this flush made
     /// durable from the log). A write-back that fails leaves its entry cached and fails
-    /// the flush; the next flush retries it.
+    /// the flush; the next flush retries it. A flush whose record the log refused, or that
+    /// runs after the log failed, is refused with the log's error and does nothing: the log
+    /// cannot say what it made durable.
     fn flush(&self, ticket: Option<Ticket>) -> io::Result<()> {
         self.pre_io(ticket)?;
         let mut st = self.lock();
+        if let Some(refusal) = st.tickets.get(ticket).and_then(|t| t.unrecorded) {
+            return Err(refusal.into());
+        }
+        st.log.check()?;
         let cover_gen = st.tickets.cover_gen(ticket);
         st.cache.write_back_covered(&*self.storage, cover_gen)?;
         self.storage.flush(None)?;

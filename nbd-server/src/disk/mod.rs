@@ -67,7 +67,7 @@ pub use mem::VecStorage;
 use power_cut::PowerCut;
 pub use power_cut::PowerCutReport;
 pub use recorder::{
-    Pusher, Record, Recorder, RECORDER_QUEUE_BYTES_MAX, RECORDER_QUEUE_RECORDS_MAX,
+    LogSink, Pusher, Record, Recorder, RECORDER_QUEUE_BYTES_MAX, RECORDER_QUEUE_RECORDS_MAX,
 };
 use recording::Recording;
 use tickets::Tickets;
@@ -271,6 +271,17 @@ impl EmulatedDisk {
             )?),
             None => None,
         };
+        Ok(Self::with_recorder(storage, config, recorder, name))
+    }
+
+    /// [`Self::named`] recording to `recorder` rather than to `config.record` (tests give it
+    /// a log writer that fails on demand).
+    pub fn with_recorder(
+        storage: Arc<dyn Backend>,
+        config: DiskConfig,
+        recorder: Option<Recorder>,
+        name: &str,
+    ) -> Self {
         let cache_limit = if config.cache_bytes_max == 0 {
             CACHE_BYTES_MAX
         } else {
@@ -289,7 +300,7 @@ impl EmulatedDisk {
             cut: PowerCut::new(&config),
             changed: false,
         };
-        Ok(EmulatedDisk {
+        EmulatedDisk {
             spares: state.cache.spares(),
             state: Mutex::new(state),
             storage,
@@ -297,7 +308,7 @@ impl EmulatedDisk {
             cut_tx: watch::channel(0).0,
             reads: Default::default(),
             name: name.to_owned(),
-        })
+        }
     }
 
     /// A receiver that changes value at every power cut: the server drops every connection

@@ -25,6 +25,29 @@ use std::time::{Duration, Instant};
 use crate::backend::WriteData;
 use crate::log::{LogError, LogWriter, RecordHead, FILE_HEADER_BYTES, RECORD_HEADER_BYTES};
 
+/// Where the recorder's records go: the log file ([`LogWriter`]) in the server; in tests, a
+/// writer that fails on demand, to drive every path a failed log takes.
+pub trait LogSink: Send {
+    /// Appends one record and returns its sequence number (see [`LogWriter::append_parts`]).
+    fn append_parts(&mut self, head: &RecordHead, parts: &[&[u8]]) -> Result<u64, LogError>;
+    /// Hands the records appended so far to the operating system.
+    fn flush(&mut self) -> Result<(), LogError>;
+    /// Puts the records appended so far on stable storage.
+    fn sync(&mut self) -> Result<(), LogError>;
+}
+
+impl LogSink for LogWriter {
+    fn append_parts(&mut self, head: &RecordHead, parts: &[&[u8]]) -> Result<u64, LogError> {
+        LogWriter::append_parts(self, head, parts)
+    }
+    fn flush(&mut self) -> Result<(), LogError> {
+        LogWriter::flush(self)
+    }
+    fn sync(&mut self) -> Result<(), LogError> {
+        LogWriter::sync(self)
+    }
+}
+
 /// Records queued for the writer thread at most; appending beyond waits.
 pub const RECORDER_QUEUE_RECORDS_MAX: usize = 4096;
 /// Payload bytes queued at most; appending beyond waits until the thread has taken the queue.
@@ -122,7 +145,7 @@ impl Shared {
 
 /// The writer and what it knows.
 struct Out {
-    writer: LogWriter,
+    writer: Box<dyn LogSink>,
     /// The first failure; nothing more goes to the file after it.
     error: Option<Failure>,
 }
@@ -173,6 +196,11 @@ impl Recorder {
         } else {
             LogWriter::create_new(path, disk_bytes)?
         };
+        Self::start(Box::new(writer))
+    }
+
+    /// Starts recording to `writer`, whose file header is already written.
+    pub fn start(writer: Box<dyn LogSink>) -> Result<Self, LogError> {
         let shared = Arc::new(Shared {
             queue: Mutex::default(),
             ready: Condvar::new(),

@@ -497,3 +497,5 @@ fn lent_reads_match_copied_reads_with_and_without_cached_writes() {
     assert_eq!(got[(1 << 20) + 200], 0xBB);
     assert_eq!(got[(1 << 20) + 199], 0);
 }
+
+mod log_failures;

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use super::Refusal;
 use crate::backend::{ConnId, Ticket};
 
 /// What the disk knows of one request between its arrival and its reply.
@@ -17,6 +18,10 @@ pub struct TicketInfo {
     pub cut_gen: u64,
     /// For flushes: writes answered in an earlier generation are covered.
     pub cover_gen: u64,
+    /// For flushes: why the log does not hold the flush's record. Such a flush is answered
+    /// with that error, never OK: crash states are built from the log, and a flush missing
+    /// from it would leave the writes it made durable free to be lost.
+    pub unrecorded: Option<Refusal>,
     /// For writes: the cache entry once applied.
     pub applied: Option<u64>,
     /// For writes: the sequence number of their log record, once applied (when recording).
