@@ -98,10 +98,10 @@ impl Limit {
         const MIB: u64 = 1024 * 1024;
         match self.unit {
             Unit::Count => self.value.to_string(),
-            Unit::Bytes if self.value >= MIB && self.value % MIB == 0 => {
+            Unit::Bytes if self.value >= MIB && self.value.is_multiple_of(MIB) => {
                 format!("{} MiB", self.value / MIB)
             }
-            Unit::Bytes if self.value >= KIB && self.value % KIB == 0 => {
+            Unit::Bytes if self.value >= KIB && self.value.is_multiple_of(KIB) => {
                 format!("{} KiB", self.value / KIB)
             }
             Unit::Bytes => format!("{} bytes", self.value),
