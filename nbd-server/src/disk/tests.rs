@@ -498,4 +498,33 @@ fn lent_reads_match_copied_reads_with_and_without_cached_writes() {
     assert_eq!(got[(1 << 20) + 199], 0);
 }
 
+/// Guards against a cache that stops caching. Writing back an entry held in blocks moved the
+/// blocks into storage before the entry's size was taken off the cache's count, so the count
+/// only grew: once it passed the limit, every write was written back at once (the cache held
+/// one entry, and a power cut had next to nothing to choose from). The count must follow what
+/// is cached, and a full cache hold its limit of pending writes.
+#[test]
+fn a_cache_of_writes_in_blocks_holds_its_limit_after_write_backs() {
+    const PENDING_MAX: u64 = 16;
+    let storage = Arc::new(crate::backend::MemoryBackend::new(1 << 20));
+    let config = DiskConfig {
+        cache_bytes_max: PENDING_MAX * 4096,
+        ..DiskConfig::default()
+    };
+    let d = EmulatedDisk::new(storage, config).unwrap();
+    for i in 0..4 * PENDING_MAX {
+        let offset = (i % 64) * 4096;
+        let t = arrive(&d, 1, RequestKind::Write, offset, 4096, false);
+        let data = WriteData::blocks(vec![Box::new([i as u8 + 1; 4096])]);
+        d.write(Some(t), offset, data, false).unwrap();
+        d.reply_sent(t);
+    }
+    let s = d.stats();
+    assert_eq!(s.cache_entries as u64, PENDING_MAX, "{s:?}");
+    assert_eq!(s.cache_bytes, PENDING_MAX * 4096, "{s:?}");
+    assert_eq!(s.early_writebacks, 3 * PENDING_MAX, "{s:?}");
+    assert_eq!(read(&d, 0, 1), [1], "written back");
+    assert_eq!(read(&d, 63 * 4096, 1), [64], "cached");
+}
+
 mod log_failures;
