@@ -19,7 +19,13 @@
 # export behind the emulated disk (a server with --control): no target, for context. The main
 # export is plain memory: without --control, recording, faults or crash options nothing could
 # observe an emulated disk's cache, so nbd-server serves it straight from memory.
-# Env: BENCH_SECONDS (default 6) per run, BENCH_ROUNDS (default 5), BENCH_SIZE (default 1G).
+# With BENCH_BASE_BIN=/path/to/an/older/nbd-server, that binary is measured in the same rounds
+# (the order of the two nbd-servers alternates from round to round, nbdkit last), and under
+# each job a line compares ours with it: paired median ratio ours/base and its range, so a
+# change is judged against the noise of the same run (build the old commit beside the new
+# one, e.g. in a second worktree with its own CARGO_TARGET_DIR).
+# Env: BENCH_SECONDS (default 6) per run, BENCH_ROUNDS (default 5), BENCH_SIZE (default 1G),
+# BENCH_JOBS (default all: a space-separated subset of 1-8, the jobs in the order below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_JOB=${BENCH_SECONDS:-6}
@@ -58,20 +64,41 @@ median() { # "iops bw" lines on stdin, field -> the median of that field
   cut -d' ' -f"$1" | sort -g | python3 -c 'import sys,statistics; print(statistics.median(float(x) for x in sys.stdin))'
 }
 
+# The paired median of column $1 of $2 over column $1 of $3 (round by round), then the range
+# of the paired ratios: how far one round strays.
+paired() { # field file-a file-b -> "ratio lo-hi"
+  paste -d' ' "$2" "$3" | python3 -c '
+import sys, statistics
+f = int(sys.argv[1]) - 1
+r = [float(l.split()[f]) / float(l.split()[4 + f]) for l in sys.stdin if float(l.split()[4 + f]) > 0]
+print(f"{statistics.median(r):.2f}x {min(r):.2f}-{max(r):.2f}" if r else "n/a n/a")' "$1"
+}
+
 echo "bench-nbd: fio nbd engine, $SECONDS_PER_JOB s per run, $ROUNDS rounds, export size $SIZE, both prefilled; ratios ours/nbdkit"
+[ -n "${BENCH_BASE_BIN:-}" ] && echo "base: $BENCH_BASE_BIN, measured in the same rounds (order of ours and base alternating)"
 printf '%-25s %14s %14s %8s %8s %8s %11s\n' job nbd-server nbdkit-memory best median paired rounds
 # Then fio with 4 jobs (4 connections, iodepth 32 each): no longer one client thread setting
 # the rate, so the two servers' own costs show. Last, the 4K jobs against the export behind
 # the emulated disk (what crash tests use; no recording). No target for these; for context.
-for job in "randwrite 4k 32 iops 1 plain" "randread 4k 32 iops 1 plain" \
-           "write 1m 8 bw 1 plain" "read 1m 8 bw 1 plain" \
-           "randwrite 4k 32 iops 4 plain" "randread 4k 32 iops 4 plain" \
-           "randwrite 4k 32 iops 1 disk" "randread 4k 32 iops 1 disk"; do
+JOBS=("randwrite 4k 32 iops 1 plain" "randread 4k 32 iops 1 plain"
+      "write 1m 8 bw 1 plain" "read 1m 8 bw 1 plain"
+      "randwrite 4k 32 iops 4 plain" "randread 4k 32 iops 4 plain"
+      "randwrite 4k 32 iops 1 disk" "randread 4k 32 iops 1 disk")
+for n in ${BENCH_JOBS:-1 2 3 4 5 6 7 8}; do
+  job=${JOBS[$((n - 1))]}
   set -- $job
   if [ "$6" = disk ]; then uri=$DISK_URI; pid=${PIDS[2]}; else uri=$OURS_URI; pid=${PIDS[0]}; fi
-  : >"$WORK/a"; : >"$WORK/b"
+  if [ "$6" = disk ]; then base_uri=${BASE_DISK_URI:-}; base_pid=${BASE_DISK_PID:-}
+  else base_uri=${BASE_URI:-}; base_pid=${BASE_PID:-}; fi
+  : >"$WORK/a"; : >"$WORK/b"; : >"$WORK/c"
   for r in $(seq 1 "$ROUNDS"); do
+    if [ -n "$base_uri" ] && [ $((r % 2)) = 0 ]; then
+      run_job "$base_uri" "base-$1-$2-$5-$6-$r" "$1" "$2" "$3" "$base_pid" "$5" >>"$WORK/c"
+    fi
     run_job "$uri" "ours-$1-$2-$5-$6-$r" "$1" "$2" "$3" "$pid" "$5" >>"$WORK/a"
+    if [ -n "$base_uri" ] && [ $((r % 2)) = 1 ]; then
+      run_job "$base_uri" "base-$1-$2-$5-$6-$r" "$1" "$2" "$3" "$base_pid" "$5" >>"$WORK/c"
+    fi
     run_job "$KIT_URI" "kit-$1-$2-$5-$r" "$1" "$2" "$3" "${PIDS[1]}" "$5" >>"$WORK/b"
   done
   if [ "$4" = iops ]; then f=1; unit=IOPS; else f=2; unit=MiB/s; fi
@@ -79,16 +106,17 @@ for job in "randwrite 4k 32 iops 1 plain" "randread 4k 32 iops 1 plain" \
   ratio=$(python3 -c "print(f'{$x/$y:.2f}x' if $y > 0 else 'n/a')")
   mx=$(median $f <"$WORK/a"); my=$(median $f <"$WORK/b")
   mratio=$(python3 -c "print(f'{$mx/$my:.2f}x' if $my > 0 else 'n/a')")
-  # The paired median, then the range of the paired ratios: how far one round strays.
-  read -r pratio spread < <(paste -d' ' "$WORK/a" "$WORK/b" | python3 -c '
-import sys, statistics
-f = int(sys.argv[1]) - 1
-r = [float(l.split()[f]) / float(l.split()[4 + f]) for l in sys.stdin if float(l.split()[4 + f]) > 0]
-print(f"{statistics.median(r):.2f}x {min(r):.2f}-{max(r):.2f}" if r else "n/a n/a")' "$f")
+  read -r pratio spread < <(paired "$f" "$WORK/a" "$WORK/b")
   label="$1 bs=$2 qd=$3"; [ "$5" != 1 ] && label="$label x$5"; [ "$6" = disk ] && label="$label disk"
   printf '%-25s %14s %14s %8s %8s %8s %11s\n' "$label" "$x $unit" "$y $unit" "$ratio" "$mratio" "$pratio" "$spread"
   printf '  CPU, %% of a core (median of rounds): nbd-server %.0f%% (fio %.0f%%), nbdkit %.0f%% (fio %.0f%%)\n' \
     "$(median 4 <"$WORK/a")" "$(median 3 <"$WORK/a")" "$(median 4 <"$WORK/b")" "$(median 3 <"$WORK/b")"
+  if [ -n "$base_uri" ]; then
+    read -r bratio bspread < <(paired "$f" "$WORK/a" "$WORK/c")
+    printf '  base: best %s %s, median %s %s; ours/base paired %s (rounds %s), CPU %.0f%% (fio %.0f%%)\n' \
+      "$(best $f <"$WORK/c")" "$unit" "$(median $f <"$WORK/c" | sed 's/\.0$//')" "$unit" "$bratio" "$bspread" \
+      "$(median 4 <"$WORK/c")" "$(median 3 <"$WORK/c")"
+  fi
 done
 echo "targets: >= 1.25x IOPS at 4K, >= 1.00x bandwidth at 1 MiB (one connection; 'x4': 4 connections, no target)"
 echo "('disk': the export behind the emulated disk, volatile cache, no recording; no target)"

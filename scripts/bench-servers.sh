@@ -4,10 +4,13 @@
 # allocation. A plain memory export on a server without --control has no emulated disk in
 # front (nothing could observe its cache); with DISK_SERVER=1 a second nbd-server, with a
 # control socket, serves the same export behind the emulated disk (volatile cache, no
-# recording), for context. Sets BIN, WORK (a temp dir), PIDS (server, nbdkit[, server with
-# the disk]), P1, P2, OURS_URI, KIT_URI[, DISK_URI]; stops the servers and removes WORK on
-# exit. Needs: BENCH_NAME (for messages), SIZE and TOOLS (commands to check for), and the
-# repository root as the working directory.
+# recording), for context. With BENCH_BASE_BIN (the path of another nbd-server binary, say
+# one built from the commit before a change) that binary serves the same export(s) too, to be
+# measured in the same rounds. Sets BIN, WORK (a temp dir), PIDS (server, nbdkit[, server with
+# the disk]), P1, P2, OURS_URI, KIT_URI[, DISK_URI][, BASE_PID, BASE_URI[, BASE_DISK_PID,
+# BASE_DISK_URI]]; stops the servers and removes WORK on exit. Needs: BENCH_NAME (for
+# messages), SIZE and TOOLS (commands to check for), and the repository root as the working
+# directory.
 for tool in $TOOLS; do
   command -v "$tool" >/dev/null || { echo "$BENCH_NAME: $tool is missing (apt-get install fio nbdkit)"; exit 1; }
 done
@@ -47,6 +50,26 @@ if [ "${DISK_SERVER:-0}" = 1 ]; then
   wait_port "$P3"
   DISK_URI="nbd://127.0.0.1:$P3/bench"
   URIS+=("$DISK_URI")
+fi
+if [ -n "${BENCH_BASE_BIN:-}" ]; then
+  [ -x "$BENCH_BASE_BIN" ] || { echo "$BENCH_NAME: BENCH_BASE_BIN=$BENCH_BASE_BIN is not an executable"; exit 1; }
+  P4=$(free_port)
+  "$BENCH_BASE_BIN" --listen "127.0.0.1:$P4" --export "bench:size=$SIZE" 2>"$WORK/base.log" &
+  BASE_PID=$!
+  PIDS+=("$BASE_PID")
+  wait_port "$P4"
+  BASE_URI="nbd://127.0.0.1:$P4/bench"
+  URIS+=("$BASE_URI")
+  if [ "${DISK_SERVER:-0}" = 1 ]; then
+    P5=$(free_port)
+    "$BENCH_BASE_BIN" --listen "127.0.0.1:$P5" --export "bench:size=$SIZE" \
+      --control "$WORK/base-ctl" 2>"$WORK/base-disk.log" &
+    BASE_DISK_PID=$!
+    PIDS+=("$BASE_DISK_PID")
+    wait_port "$P5"
+    BASE_DISK_URI="nbd://127.0.0.1:$P5/bench"
+    URIS+=("$BASE_DISK_URI")
+  fi
 fi
 for uri in "${URIS[@]}"; do
   fio --name=prefill --ioengine=nbd --uri="$uri" --rw=write --bs=1m --iodepth=8 --size="$SIZE" \

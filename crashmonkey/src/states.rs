@@ -24,8 +24,7 @@ use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use nbd_server::disk::{merge_pieces, sector_pieces};
-use nbd_server::log::{LogError, SECTOR_BYTES};
+use nbd_server::log::{sector_pieces, torn_pieces, unit_pieces, LogError, SECTOR_BYTES};
 
 use crate::history::{Epoch, LogData, Op};
 
@@ -192,6 +191,59 @@ fn op_updates(
     Ok(out)
 }
 
+/// A crash state before its content is hashed.
+struct Candidate {
+    kind: StateKind,
+    label: String,
+    included: Vec<usize>,
+    torn: Option<TornOp>,
+}
+
+/// The prefix states of `epoch`: at each mark, after each FUA write and at its end (and the
+/// initial state before the first epoch).
+fn prefix_candidates(epoch: &Epoch) -> Vec<Candidate> {
+    let n = epoch.ops.len();
+    let prefix = |label: String, len: usize| Candidate {
+        kind: StateKind::Prefix,
+        label,
+        included: (0..len).collect(),
+        torn: None,
+    };
+    let mut out = Vec::new();
+    if epoch.index == 0 {
+        out.push(Candidate {
+            kind: StateKind::Initial,
+            label: "initial".into(),
+            included: vec![],
+            torn: None,
+        });
+    }
+    for (pos, name) in &epoch.marks {
+        if *pos < n {
+            out.push(prefix(format!("mark:{name}"), *pos));
+        }
+    }
+    for (i, op) in epoch.ops.iter().enumerate() {
+        if op.fua && i + 1 < n {
+            out.push(prefix(format!("fua@{}", op.seq), i + 1));
+        }
+    }
+    let end_label = match epoch.end_seq {
+        Some(seq) => format!(
+            "{}@{seq}",
+            serde_json::to_value(epoch.end)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        ),
+        None => "end-of-log".into(),
+    };
+    if n > 0 || epoch.index == 0 {
+        out.push(prefix(end_label, n));
+    }
+    out
+}
+
 /// Keeps the content hash of the prefix and turns epochs into crash states.
 pub struct StateGenerator {
     opts: StateOptions,
@@ -223,7 +275,6 @@ impl StateGenerator {
 
     /// The states of `epoch`, then advances the prefix past it.
     pub fn epoch_states(&mut self, epoch: &Epoch) -> Result<Vec<CrashState>, LogError> {
-        let n = epoch.ops.len();
         let updates: Vec<Vec<SectorUpdate>> = epoch
             .ops
             .iter()
@@ -232,50 +283,34 @@ impl StateGenerator {
         let mut rng = ChaCha8Rng::seed_from_u64(
             self.opts.seed ^ (epoch.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
-        let mut states = Vec::new();
-        let mut candidates: Vec<(StateKind, String, Vec<usize>, Option<TornOp>)> = Vec::new();
-        if epoch.index == 0 {
-            candidates.push((StateKind::Initial, "initial".into(), vec![], None));
-        }
-        // Prefix states.
-        for (pos, name) in &epoch.marks {
-            if *pos < n {
-                candidates.push((
-                    StateKind::Prefix,
-                    format!("mark:{name}"),
-                    (0..*pos).collect(),
-                    None,
-                ));
-            }
-        }
-        for (i, op) in epoch.ops.iter().enumerate() {
-            if op.fua && i + 1 < n {
-                candidates.push((
-                    StateKind::Prefix,
-                    format!("fua@{}", op.seq),
-                    (0..=i).collect(),
-                    None,
-                ));
-            }
-        }
-        let end_label = match epoch.end_seq {
-            Some(seq) => format!(
-                "{}@{seq}",
-                serde_json::to_value(epoch.end)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default()
-            ),
-            None => "end-of-log".into(),
-        };
-        if n > 0 || epoch.index == 0 {
-            candidates.push((StateKind::Prefix, end_label, (0..n).collect(), None));
-        }
-        // Subset states.
+        // The draws happen in this order (subsets, then torn writes): keep it, a seed's
+        // states depend on it.
+        let mut candidates = prefix_candidates(epoch);
         for set in self.subsets(epoch, &mut rng) {
-            candidates.push((StateKind::Subset, "subset".into(), set, None));
+            candidates.push(Candidate {
+                kind: StateKind::Subset,
+                label: "subset".into(),
+                included: set,
+                torn: None,
+            });
         }
-        // Torn states.
+        if self.opts.torn {
+            candidates.extend(self.torn_candidates(epoch, &mut rng));
+        }
+        let states = candidates
+            .into_iter()
+            .map(|c| self.state(epoch, &updates, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.advance_prefix(&updates);
+        if let Some((_, name)) = epoch.marks.last() {
+            self.last_mark = Some(name.clone());
+        }
+        Ok(states)
+    }
+
+    /// Torn states: operations that span several atomic units (at most `samples` of them,
+    /// drawn), each with every operation before it and a drawn part of its own units.
+    fn torn_candidates(&self, epoch: &Epoch, rng: &mut ChaCha8Rng) -> Vec<Candidate> {
         let unit = self.opts.atomic_bytes.max(SECTOR_BYTES);
         let units = |op: &Op| -> Vec<(u64, u64)> {
             op.pieces
@@ -283,83 +318,79 @@ impl StateGenerator {
                 .flat_map(|p| unit_pieces(p.0, p.1, unit))
                 .collect()
         };
-        if self.opts.torn {
-            let multi: Vec<usize> = (0..n).filter(|&i| units(&epoch.ops[i]).len() > 1).collect();
-            let chosen: Vec<usize> = if multi.len() <= self.opts.samples {
-                multi
-            } else {
-                let mut idx: Vec<usize> = sample(&mut rng, multi.len(), self.opts.samples)
-                    .into_iter()
-                    .map(|i| multi[i])
-                    .collect();
-                idx.sort_unstable();
-                idx
-            };
-            for t in chosen {
+        let n = epoch.ops.len();
+        let multi: Vec<usize> = (0..n).filter(|&i| units(&epoch.ops[i]).len() > 1).collect();
+        let chosen: Vec<usize> = if multi.len() <= self.opts.samples {
+            multi
+        } else {
+            let mut idx: Vec<usize> = sample(rng, multi.len(), self.opts.samples)
+                .into_iter()
+                .map(|i| multi[i])
+                .collect();
+            idx.sort_unstable();
+            idx
+        };
+        chosen
+            .into_iter()
+            .map(|t| {
                 let op = &epoch.ops[t];
-                let sectors = units(op);
-                let mut keep: Vec<bool> = sectors.iter().map(|_| rng.random_bool(0.5)).collect();
-                if keep.iter().all(|&k| k) {
-                    let i = rng.random_range(0..keep.len());
-                    keep[i] = false;
-                }
-                if keep.iter().all(|&k| !k) {
-                    let i = rng.random_range(0..keep.len());
-                    keep[i] = true;
-                }
-                let pieces = merge_pieces(
-                    sectors
-                        .iter()
-                        .zip(&keep)
-                        .filter(|(_, &k)| k)
-                        .map(|(&p, _)| p),
-                );
-                candidates.push((
-                    StateKind::Torn,
-                    format!("torn@{}", op.seq),
-                    (0..t).collect(),
-                    Some(TornOp {
+                Candidate {
+                    kind: StateKind::Torn,
+                    label: format!("torn@{}", op.seq),
+                    included: (0..t).collect(),
+                    torn: Some(TornOp {
                         index: t,
                         seq: op.seq,
-                        pieces,
+                        pieces: torn_pieces(rng, &units(op)),
                     }),
-                ));
-            }
-        }
-        for (kind, label, included, torn) in candidates {
-            let sum = self.state_sum(epoch, &updates, &included, torn.as_ref())?;
-            let mark = self.mark_for(epoch, &included);
-            let included_set: BTreeSet<usize> = included.iter().copied().collect();
-            let dropped_seqs = (0..n)
-                .filter(|i| !included_set.contains(i))
-                .map(|i| epoch.ops[i].seq)
-                .collect();
-            let id = self.next_id;
-            self.next_id += 1;
-            self.generated += 1;
-            let duplicate_of = match self.seen.get(&sum) {
-                Some(&first) => Some(first),
-                None => {
-                    self.seen.insert(sum, id);
-                    self.unique += 1;
-                    None
                 }
-            };
-            states.push(CrashState {
-                id,
-                epoch: epoch.index,
-                kind,
-                label,
-                included,
-                dropped_seqs,
-                torn,
-                mark,
-                hash: hex(&sum),
-                duplicate_of,
-            });
-        }
-        // Advance the prefix past the whole epoch.
-        for ups in &updates {
+            })
+            .collect()
+    }
+
+    /// The crash state `c` stands for: its content hash, its mark, and whether an earlier
+    /// state had the same content.
+    fn state(
+        &mut self,
+        epoch: &Epoch,
+        updates: &[Vec<SectorUpdate>],
+        c: Candidate,
+    ) -> Result<CrashState, LogError> {
+        let sum = self.state_sum(epoch, updates, &c.included, c.torn.as_ref())?;
+        let mark = self.mark_for(epoch, &c.included);
+        let included_set: BTreeSet<usize> = c.included.iter().copied().collect();
+        let dropped_seqs = (0..epoch.ops.len())
+            .filter(|i| !included_set.contains(i))
+            .map(|i| epoch.ops[i].seq)
+            .collect();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.generated += 1;
+        let duplicate_of = match self.seen.get(&sum) {
+            Some(&first) => Some(first),
+            None => {
+                self.seen.insert(sum, id);
+                self.unique += 1;
+                None
+            }
+        };
+        Ok(CrashState {
+            id,
+            epoch: epoch.index,
+            kind: c.kind,
+            label: c.label,
+            included: c.included,
+            dropped_seqs,
+            torn: c.torn,
+            mark,
+            hash: hex(&sum),
+            duplicate_of,
+        })
+    }
+
+    /// Advances the prefix past a whole epoch, whose operations make `updates`.
+    fn advance_prefix(&mut self, updates: &[Vec<SectorUpdate>]) {
+        for ups in updates {
             for u in ups {
                 let s = u.sector();
                 let prev = self.prefix.get(&s);
@@ -371,10 +402,6 @@ impl StateGenerator {
                 self.prefix.insert(s, new);
             }
         }
-        if let Some((_, name)) = epoch.marks.last() {
-            self.last_mark = Some(name.clone());
-        }
-        Ok(states)
     }
 
     fn state_sum(
@@ -489,19 +516,6 @@ impl StateGenerator {
         }
         ordered
     }
-}
-
-/// Splits `[offset, offset+length)` at absolute multiples of `unit`.
-pub fn unit_pieces(offset: u64, length: u64, unit: u64) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let end = offset + length;
-    let mut at = offset;
-    while at < end {
-        let stop = ((at / unit + 1) * unit).min(end);
-        out.push((at, stop - at));
-        at = stop;
-    }
-    out
 }
 
 /// All k-element subsets of 0..n, ascending, in lexicographic order.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crashmonkey::history::{Epoch, Epochs, History};
 use crashmonkey::overlay::{LargerBase, PrefixImage, WorkerImage};
 use crashmonkey::states::{CrashState, StateGenerator, StateKind, StateOptions};
-use nbd_server::backend::{Arrival, Backend, RequestKind, Ticket};
+use nbd_server::backend::{Arrival, Backend, RequestKind, Ticket, WriteData};
 use nbd_server::disk::{DiskConfig, EmulatedDisk, VecStorage};
 use nbd_server::log::{
     decode_payload, CutMode, Fate, FlushPayload, LogReader, PowerCutPayload, Record, RecordKind,
@@ -327,13 +327,15 @@ impl Driver {
 
     fn arrive(&self, kind: RequestKind, offset: u64, length: u64, fua: bool) -> Ticket {
         let conn = 1 + u64::from(self.byte % 2);
-        self.disk.arrived(&Arrival {
-            conn,
-            kind,
-            offset,
-            length,
-            fua,
-        })
+        self.disk
+            .arrived(&Arrival {
+                conn,
+                kind,
+                offset,
+                length,
+                fua,
+            })
+            .expect("changes and flushes get a ticket")
     }
 
     /// One step: `what` picks write (held in flight or answered), FUA write, trim, zero
@@ -345,8 +347,8 @@ impl Driver {
             0..=3 => {
                 let fua = what == 3;
                 let t = self.arrive(RequestKind::Write, off, len, fua);
-                let data = vec![self.byte; len as usize];
-                self.disk.write(t, off, &data, fua).unwrap();
+                let data = WriteData::bytes(vec![self.byte; len as usize]);
+                self.disk.write(Some(t), off, data, fua).unwrap();
                 self.byte = self.byte.wrapping_add(1).max(1);
                 if what == 2 {
                     self.held.push(t)
@@ -356,19 +358,19 @@ impl Driver {
             }
             4 => {
                 let t = self.arrive(RequestKind::Trim, off, len, false);
-                self.disk.trim(t, off, len, false).unwrap();
+                self.disk.trim(Some(t), off, len, false).unwrap();
                 self.disk.reply_sent(t);
             }
             5 => {
                 let t = self.arrive(RequestKind::WriteZeroes, off, len, false);
                 self.disk
-                    .write_zeroes(t, off, len, false, false, false)
+                    .write_zeroes(Some(t), off, len, false, false, false)
                     .unwrap();
                 self.disk.reply_sent(t);
             }
             6 => {
                 let t = self.arrive(RequestKind::Flush, 0, 0, false);
-                self.disk.flush(t).unwrap();
+                self.disk.flush(Some(t)).unwrap();
                 self.disk.reply_sent(t);
             }
             7 => {
@@ -384,7 +386,7 @@ impl Driver {
 
     fn surviving_disk(&self) -> Vec<u8> {
         let mut img = vec![0u8; SIZE as usize];
-        self.storage.read(Ticket(0), 0, &mut img).unwrap();
+        self.storage.read(None, 0, &mut img).unwrap();
         img
     }
 }

@@ -9,7 +9,7 @@ use crashmonkey::history::{Epoch, Epochs, History};
 
 use crashmonkey::overlay::{replay, LargerBase, PrefixImage, ReplayTarget, WorkerImage};
 use crashmonkey::states::{CrashState, StateGenerator, StateOptions};
-use nbd_server::backend::{Arrival, Backend, RequestKind};
+use nbd_server::backend::{Arrival, Backend, RequestKind, WriteData};
 use nbd_server::disk::{DiskConfig, EmulatedDisk, VecStorage};
 
 const SIZE: u64 = 64 * 1024;
@@ -33,25 +33,33 @@ impl Rec {
         Rec { disk, storage }
     }
     fn write(&self, off: u64, byte: u8, len: usize, fua: bool) {
-        let t = self.disk.arrived(&Arrival {
-            conn: 1,
-            kind: RequestKind::Write,
-            offset: off,
-            length: len as u64,
-            fua,
-        });
-        self.disk.write(t, off, &vec![byte; len], fua).unwrap();
+        let t = self
+            .disk
+            .arrived(&Arrival {
+                conn: 1,
+                kind: RequestKind::Write,
+                offset: off,
+                length: len as u64,
+                fua,
+            })
+            .expect("a write gets a ticket");
+        self.disk
+            .write(Some(t), off, WriteData::bytes(vec![byte; len]), fua)
+            .unwrap();
         self.disk.reply_sent(t);
     }
     fn flush(&self) {
-        let t = self.disk.arrived(&Arrival {
-            conn: 1,
-            kind: RequestKind::Flush,
-            offset: 0,
-            length: 0,
-            fua: false,
-        });
-        self.disk.flush(t).unwrap();
+        let t = self
+            .disk
+            .arrived(&Arrival {
+                conn: 1,
+                kind: RequestKind::Flush,
+                offset: 0,
+                length: 0,
+                fua: false,
+            })
+            .expect("a flush gets a ticket");
+        self.disk.flush(Some(t)).unwrap();
         self.disk.reply_sent(t);
     }
 }
@@ -79,14 +87,17 @@ fn recorded_log(dir: &Path) -> PathBuf {
     w(20480, 1024, false);
     r.disk.mark("m2").unwrap();
     w(16384, 512, false);
-    let t = r.disk.arrived(&Arrival {
-        conn: 2,
-        kind: RequestKind::Trim,
-        offset: 0,
-        length: 512,
-        fua: false,
-    });
-    r.disk.trim(t, 0, 512, false).unwrap();
+    let t = r
+        .disk
+        .arrived(&Arrival {
+            conn: 2,
+            kind: RequestKind::Trim,
+            offset: 0,
+            length: 512,
+            fua: false,
+        })
+        .expect("a trim gets a ticket");
+    r.disk.trim(Some(t), 0, 512, false).unwrap();
     r.disk.reply_sent(t);
     drop(r);
     path
@@ -197,8 +208,8 @@ proptest::proptest! {
             match what {
                 0..=2 | 4 => {
                     let fua = what == 4;
-                    let t = r.disk.arrived(&Arrival { conn: 1 + (byte as u64 % 2), kind: RequestKind::Write, offset: off, length: len, fua });
-                    r.disk.write(t, off, &vec![byte; len as usize], fua).unwrap();
+                    let t = r.disk.arrived(&Arrival { conn: 1 + (byte as u64 % 2), kind: RequestKind::Write, offset: off, length: len, fua }).expect("a write gets a ticket");
+                    r.disk.write(Some(t), off, WriteData::bytes(vec![byte; len as usize]), fua).unwrap();
                     byte += 1;
                     if what == 2 { in_flight.push(t) } else { r.disk.reply_sent(t) }
                 }

@@ -18,7 +18,7 @@ use fs_core::ondisk::{self, format};
 use fs_core::sched::{run_mounted, Policy, PolicyError, RandomPolicy, Workload};
 use fs_core::TaskId;
 use fs_core::{Config, Op};
-use nbd_server::backend::{Backend, MemoryBackend, Ticket};
+use nbd_server::backend::{Backend, MemoryBackend};
 use nbd_server::{BackgroundServer, Export, ExportRegistry, Server, ServerConfig};
 use rand::{RngCore, SeedableRng};
 use serde_json::Value;
@@ -559,7 +559,7 @@ fn nbd_server(backend: Arc<MemoryBackend>) -> BackgroundServer {
 
 fn export_bytes(backend: &MemoryBackend) -> Vec<u8> {
     let mut v = vec![0u8; backend.size() as usize];
-    backend.read(Ticket(0), 0, &mut v).unwrap();
+    backend.read(None, 0, &mut v).unwrap();
     v
 }
 

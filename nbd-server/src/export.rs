@@ -39,6 +39,7 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, FileBackend, MemoryBackend};
 use crate::disk::{DiskConfig, DiskError, EmulatedDisk};
+use crate::limits::FLUSH_FENCE_MILLIS_MAX;
 use crate::log::LogError;
 use crate::proto::*;
 
@@ -190,7 +191,7 @@ impl ExportSpec {
             return Err(ExportError::BadName(name));
         }
         let mut spec = ExportSpec {
-            name: name.clone(),
+            name,
             size: None,
             file: None,
             readonly: false,
@@ -198,11 +199,6 @@ impl ExportSpec {
             disk: DiskConfig::default(),
             plain: false,
             idle_writeback: None,
-        };
-        let bad = |key: &str, problem: String| ExportError::BadValue {
-            name: name.clone(),
-            key: key.into(),
-            problem,
         };
         let mut seen = std::collections::HashSet::new();
         for item in rest.split(',').filter(|i| !i.is_empty()) {
@@ -213,125 +209,141 @@ impl ExportSpec {
             let canonical = if key == "ro" { "readonly" } else { key };
             if !seen.insert(canonical.to_owned()) {
                 return Err(ExportError::RepeatedKey {
-                    name,
+                    name: spec.name,
                     key: canonical.to_owned(),
                 });
             }
-            fn need(v: Option<&str>, e: impl FnOnce() -> ExportError) -> Result<&str, ExportError> {
-                v.ok_or_else(e)
+            spec.set(key, value)?;
+        }
+        spec.checked()
+    }
+
+    /// Applies one `KEY[=VALUE]`: the export's storage and its write log here, faults and
+    /// the automatic power cut in [`Self::set_fault_key`].
+    fn set(&mut self, key: &str, value: Option<&str>) -> Result<(), ExportError> {
+        let bad = |problem: String| bad_value(&self.name, key, problem);
+        let need = || value.ok_or_else(|| bad("needs a value (KEY=VALUE)".into()));
+        let path = || match need()? {
+            "" => Err(bad("needs a path".into())),
+            v => Ok(PathBuf::from(v)),
+        };
+        match key {
+            "size" => {
+                let size = parse_size(need()?).map_err(bad)?;
+                if size == 0 || size % EXPORT_ALIGNMENT_BYTES != 0 || size > EXPORT_BYTES_MAX {
+                    let name = self.name.clone();
+                    return Err(ExportError::BadSize { name, size });
+                }
+                self.size = Some(size);
             }
-            let missing = || bad(key, "needs a value (KEY=VALUE)".into());
-            match key {
-                "size" => {
-                    let size = parse_size(need(value, missing)?).map_err(|e| bad(key, e))?;
-                    if size == 0 || size % EXPORT_ALIGNMENT_BYTES != 0 || size > EXPORT_BYTES_MAX {
-                        return Err(ExportError::BadSize { name, size });
-                    }
-                    spec.size = Some(size);
+            "file" => self.file = Some(path()?),
+            "readonly" | "ro" => self.readonly = parse_bool(value).map_err(bad)?,
+            "description" => {
+                let v = need()?;
+                parse_string(v.as_bytes()).map_err(|e| bad(e.to_string()))?;
+                self.description = Some(v.to_owned());
+            }
+            "record" => self.disk.record = Some(path()?),
+            "cache" => self.disk.cache_bytes_max = parse_size(need()?).map_err(bad)?.max(1),
+            "record-overwrite" => self.disk.record_overwrite = parse_bool(value).map_err(bad)?,
+            "record-max" => {
+                let v = parse_size(need()?).map_err(bad)?;
+                if v < RECORD_MAX_BYTES_MIN {
+                    return Err(bad(format!(
+                        "must be at least {RECORD_MAX_BYTES_MIN} bytes"
+                    )));
                 }
-                "file" => {
-                    let v = need(value, missing)?;
-                    if v.is_empty() {
-                        return Err(bad(key, "needs a path".into()));
-                    }
-                    spec.file = Some(PathBuf::from(v));
-                }
-                "readonly" | "ro" => spec.readonly = parse_bool(value).map_err(|p| bad(key, p))?,
-                "description" => {
-                    let v = need(value, missing)?;
-                    parse_string(v.as_bytes()).map_err(|e| bad(key, e.to_string()))?;
-                    spec.description = Some(v.to_owned());
-                }
-                "record" => {
-                    let v = need(value, missing)?;
-                    if v.is_empty() {
-                        return Err(bad(key, "needs a path".into()));
-                    }
-                    spec.disk.record = Some(PathBuf::from(v));
-                }
-                "cache" => {
-                    let v = parse_size(need(value, missing)?).map_err(|e| bad(key, e))?;
-                    spec.disk.cache_bytes_max = v.max(1);
-                }
-                "record-overwrite" => {
-                    spec.disk.record_overwrite = parse_bool(value).map_err(|p| bad(key, p))?
-                }
-                "record-max" => {
-                    let v = parse_size(need(value, missing)?).map_err(|e| bad(key, e))?;
-                    if v < RECORD_MAX_BYTES_MIN {
-                        return Err(bad(
-                            key,
-                            format!("must be at least {RECORD_MAX_BYTES_MIN} bytes"),
-                        ));
-                    }
-                    spec.disk.record_max_bytes = Some(v);
-                }
-                "record-sync" => {
-                    spec.disk.record_sync = match need(value, missing)? {
-                        "os" => false,
-                        "flush" => true,
-                        v => return Err(bad(key, format!("is os or flush, not {v:?}"))),
-                    }
-                }
-                "idle-writeback" => {
-                    let v: u64 = need(value, missing)?
-                        .parse()
-                        .map_err(|_| bad(key, "needs a whole number of milliseconds".into()))?;
-                    spec.idle_writeback = Some(v);
-                }
-                "eio-read" | "eio-write" | "eio-flush" | "latency-rate" => {
-                    let v: f64 = need(value, missing)?
-                        .parse()
-                        .ok()
-                        .filter(|p| (0.0..=1.0).contains(p))
-                        .ok_or_else(|| bad(key, "needs a probability in 0..=1".into()))?;
-                    let f = &mut spec.disk.faults;
-                    *match key {
-                        "eio-read" => &mut f.eio_read,
-                        "eio-write" => &mut f.eio_write,
-                        "eio-flush" => &mut f.eio_flush,
-                        _ => &mut f.latency_rate,
-                    } = v;
-                }
-                "latency-us" | "fault-seed" | "crash-after-writes" | "crash-seed" => {
-                    let v: u64 = need(value, missing)?
-                        .parse()
-                        .map_err(|_| bad(key, "needs a whole number".into()))?;
-                    match key {
-                        "latency-us" => {
-                            spec.disk.faults.latency_us =
-                                u32::try_from(v).map_err(|_| bad(key, "is too large".into()))?
-                        }
-                        "fault-seed" => spec.disk.faults.seed = v,
-                        "crash-after-writes" => spec.disk.crash_after_writes = Some(v.max(1)),
-                        _ => spec.disk.crash_seed = Some(v),
-                    }
-                }
-                _ => {
-                    return Err(ExportError::UnknownKey {
-                        name,
-                        key: key.to_owned(),
-                        known: EXPORT_KEYS.join(", "),
-                    })
+                self.disk.record_max_bytes = Some(v);
+            }
+            "record-sync" => {
+                self.disk.record_sync = match need()? {
+                    "os" => false,
+                    "flush" => true,
+                    v => return Err(bad(format!("is os or flush, not {v:?}"))),
                 }
             }
+            "idle-writeback" => {
+                let v: u64 = need()?
+                    .parse()
+                    .map_err(|_| bad("needs a whole number of milliseconds".into()))?;
+                self.idle_writeback = Some(v);
+            }
+            _ => return self.set_fault_key(key, value),
         }
-        if spec.size.is_none() && spec.file.is_none() {
-            return Err(ExportError::MissingSize(name));
+        Ok(())
+    }
+
+    /// Applies one key of fault injection or of the automatic power cut.
+    fn set_fault_key(&mut self, key: &str, value: Option<&str>) -> Result<(), ExportError> {
+        let bad = |problem: String| bad_value(&self.name, key, problem);
+        let need = || value.ok_or_else(|| bad("needs a value (KEY=VALUE)".into()));
+        match key {
+            "eio-read" | "eio-write" | "eio-flush" | "latency-rate" => {
+                let v: f64 = need()?
+                    .parse()
+                    .ok()
+                    .filter(|p| (0.0..=1.0).contains(p))
+                    .ok_or_else(|| bad("needs a probability in 0..=1".into()))?;
+                let f = &mut self.disk.faults;
+                *match key {
+                    "eio-read" => &mut f.eio_read,
+                    "eio-write" => &mut f.eio_write,
+                    "eio-flush" => &mut f.eio_flush,
+                    _ => &mut f.latency_rate,
+                } = v;
+            }
+            "latency-us" | "fault-seed" | "crash-after-writes" | "crash-seed" => {
+                let v: u64 = need()?
+                    .parse()
+                    .map_err(|_| bad("needs a whole number".into()))?;
+                match key {
+                    "latency-us" => {
+                        self.disk.faults.latency_us =
+                            u32::try_from(v).map_err(|_| bad("is too large".into()))?
+                    }
+                    "fault-seed" => self.disk.faults.seed = v,
+                    "crash-after-writes" => self.disk.crash_after_writes = Some(v.max(1)),
+                    _ => self.disk.crash_seed = Some(v),
+                }
+            }
+            _ => {
+                return Err(ExportError::UnknownKey {
+                    name: self.name.clone(),
+                    key: key.to_owned(),
+                    known: EXPORT_KEYS.join(", "),
+                })
+            }
         }
-        if spec.readonly && spec.disk.record.is_some() {
+        Ok(())
+    }
+
+    /// The checks across keys, and the idle write-back's default (on for `file=`).
+    fn checked(mut self) -> Result<Self, ExportError> {
+        if self.size.is_none() && self.file.is_none() {
+            return Err(ExportError::MissingSize(self.name));
+        }
+        if self.readonly && self.disk.record.is_some() {
             return Err(ExportError::Conflict {
-                name,
+                name: self.name,
                 problem: "a read-only export records nothing: drop record= or readonly".into(),
             });
         }
-        spec.disk.idle_writeback_ms = match spec.idle_writeback {
+        self.disk.idle_writeback_ms = match self.idle_writeback {
             Some(0) => None,
             Some(ms) => Some(ms),
-            None if spec.file.is_some() => Some(IDLE_WRITEBACK_MILLIS_DEFAULT),
+            None if self.file.is_some() => Some(IDLE_WRITEBACK_MILLIS_DEFAULT),
             None => None,
         };
-        Ok(spec)
+        Ok(self)
+    }
+}
+
+/// The error for a bad value of `key` in export `name`.
+fn bad_value(name: &str, key: &str, problem: String) -> ExportError {
+    ExportError::BadValue {
+        name: name.to_owned(),
+        key: key.into(),
+        problem,
     }
 }
 
@@ -442,6 +454,79 @@ pub fn check_specs(specs: &[ExportSpec]) -> Result<(), ExportError> {
     Ok(())
 }
 
+/// Counts the replies of one export that are being written to a socket but not yet reported
+/// with [`Backend::reply_sent`].
+///
+/// Why: `reply_sent` comes after the bytes reach the socket, so a client can read a write's
+/// reply and send a FLUSH on another connection before that write's `reply_sent` ran. The
+/// backend would then see the flush arrive before the write counted as answered, and leave
+/// the write out of what the flush covers, although the client rightly counts on it. So a
+/// FLUSH waits (up to [`FLUSH_FENCE_MILLIS_MAX`]) until no reply of its export is in transit
+/// before it calls `arrived`. Writes whose reply was still in transit are then covered too,
+/// which is allowed: a flush may persist more than it must.
+///
+/// Only batches already in transit when the flush arrives are waited for (by id), so a flush
+/// is not held up by replies that started after it, however busy the other connections are.
+#[derive(Debug, Default)]
+pub struct ReplyFence {
+    state: std::sync::Mutex<FenceState>,
+    idle: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct FenceState {
+    next_id: u64,
+    in_transit: std::collections::BTreeSet<u64>,
+}
+
+impl ReplyFence {
+    fn state(&self) -> std::sync::MutexGuard<'_, FenceState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A batch of replies starts on its way to a socket.
+    pub(crate) fn begin(&self) -> u64 {
+        let mut st = self.state();
+        let id = st.next_id;
+        st.next_id += 1;
+        st.in_transit.insert(id);
+        id
+    }
+
+    /// The batch's replies were reported with `reply_sent` (or abandoned).
+    pub(crate) fn end(&self, id: u64) {
+        self.state().in_transit.remove(&id);
+        self.idle.notify_waiters();
+    }
+
+    /// Waits until every batch begun before this call has ended.
+    pub(crate) async fn wait_idle(&self) {
+        let horizon = self.state().next_id;
+        let wait = async {
+            loop {
+                let notified = self.idle.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let oldest = self.state().in_transit.first().copied();
+                // Batches are ids in begin order: only those begun before the flush count.
+                if oldest.is_none() || oldest >= Some(horizon) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(
+            std::time::Duration::from_millis(FLUSH_FENCE_MILLIS_MAX),
+            wait,
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!("FLUSH waited {FLUSH_FENCE_MILLIS_MAX} ms for replies stuck in transit");
+        }
+    }
+}
+
 /// A served export.
 pub struct Export {
     pub name: String,
@@ -449,7 +534,7 @@ pub struct Export {
     pub readonly: bool,
     pub backend: Arc<dyn Backend>,
     /// Orders FLUSH arrivals after the `reply_sent` of every reply already on the wire.
-    pub(crate) fence: crate::connection::ReplyFence,
+    pub(crate) fence: ReplyFence,
     /// The emulated disk behind `backend`, for writable exports built from a spec.
     pub disk: Option<Arc<EmulatedDisk>>,
     /// Bumped by [`Export::disconnect_all`]; every connection of the export watches it.

@@ -7,7 +7,7 @@
 //! completion (arrival, IO and reply in one go), which is the moment the model says its data is
 //! on the device. Completion order is therefore the log's order.
 
-use crate::backend::{Arrival, Backend, RequestKind};
+use crate::backend::{Arrival, Backend, RequestKind, Ticket, WriteData};
 use crate::disk::{DiskConfig, DiskError, EmulatedDisk};
 use fs_core::block::{
     BlockDevice, Completion, DeviceError, DeviceRecord, RecordKind, ReqId, Request, RequestQueue,
@@ -50,7 +50,9 @@ impl RecordedDevice {
         assert!(image.len() as u64 <= bytes, "image larger than the device");
         let storage: Arc<dyn Backend> = Arc::new(crate::backend::memory::MemoryBackend::new(bytes));
         if !image.is_empty() {
-            storage.write(crate::backend::Ticket(0), 0, image, false)?;
+            storage
+                .write(None, 0, WriteData::copy_of(image), false)
+                .map_err(std::io::Error::from)?;
         }
         let config = DiskConfig {
             record: record.map(Path::to_path_buf),
@@ -82,7 +84,7 @@ impl RecordedDevice {
         block: u64,
         count: u64,
         fua: bool,
-        io: impl FnOnce(&EmulatedDisk, crate::backend::Ticket) -> std::io::Result<T>,
+        io: impl FnOnce(&EmulatedDisk, Option<Ticket>) -> std::io::Result<T>,
     ) -> Result<T, DeviceError> {
         let ticket = self.disk.arrived(&Arrival {
             conn: FSCORE_CONN_ID,
@@ -92,7 +94,9 @@ impl RecordedDevice {
             fua,
         });
         let r = io(&self.disk, ticket);
-        self.disk.reply_sent(ticket);
+        if let Some(t) = ticket {
+            self.disk.reply_sent(t);
+        }
         r.map_err(|e| DeviceError::Io(e.to_string()))
     }
 }
@@ -118,7 +122,8 @@ impl BlockDevice for RecordedDevice {
             }
             Request::Write { block, data, fua } => {
                 self.run(RequestKind::Write, block, 1, fua, |d, t| {
-                    d.write(t, block * BLOCK_SIZE as u64, &data, fua)
+                    let copy = WriteData::copy_of(&data);
+                    Ok(d.write(t, block * BLOCK_SIZE as u64, copy, fua)?)
                 })?;
                 let kind = if fua {
                     RecordKind::FuaWrite

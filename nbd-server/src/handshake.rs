@@ -27,15 +27,10 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::export::{Export, ExportRegistry};
+use crate::limits::{
+    OPTIONS_PER_CONNECTION_MAX, OPTION_BYTES_MAX, OPTION_DISCARD_BYTES_MAX, PAYLOAD_BYTES_MAX,
+};
 use crate::proto::*;
-use crate::server::PAYLOAD_BYTES_MAX;
-
-/// Longest option payload the server reads and parses.
-pub const OPTION_BYTES_MAX: u32 = 64 * 1024;
-/// Longest oversized option payload the server still reads and throws away to stay in step.
-pub const OPTION_DISCARD_BYTES_MAX: u32 = 16 * 1024 * 1024;
-/// Most options one connection may send before it is dropped (counted across STARTTLS).
-pub const OPTIONS_PER_CONNECTION_MAX: u32 = 1024;
 /// Context id of `base:allocation` in NBD_REP_META_CONTEXT after SET_META_CONTEXT.
 pub const BASE_ALLOCATION_CONTEXT_ID: u32 = 1;
 /// The smallest block size advertised: byte-granular requests are fine.

@@ -146,7 +146,7 @@ impl LentReply {
         } else {
             // Runs of zeroes long enough become OFFSET_HOLE chunks; everything between them
             // one OFFSET_DATA chunk. The last chunk of the last call carries DONE.
-            let is_hole = |p: &Piece<'_>| matches!(p, Piece::Zeroes(n) if *n >= crate::connection::HOLE_CHUNK_BYTES_MIN);
+            let is_hole = |p: &Piece<'_>| matches!(p, Piece::Zeroes(n) if *n >= crate::reply::HOLE_CHUNK_BYTES_MIN);
             let mut i = 0;
             let mut at = self.next;
             while i < pieces.len() {
@@ -293,7 +293,7 @@ mod tests {
     #[test]
     fn structured_reply_sends_long_zero_runs_as_holes() {
         let a = vec![3u8; 4096];
-        let hole = crate::connection::HOLE_CHUNK_BYTES_MIN;
+        let hole = crate::reply::HOLE_CHUNK_BYTES_MIN;
         let len = 4096 + 8192 + 4096 + hole + 4096;
         let mut r = LentReply::new(true, false, 9, 1 << 20, len);
         let calls = vec![
@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn df_reply_is_one_chunk_and_a_final_hole_carries_done() {
-        let hole = crate::connection::HOLE_CHUNK_BYTES_MIN;
+        let hole = crate::reply::HOLE_CHUNK_BYTES_MIN;
         let mut r = LentReply::new(true, true, 1, 0, hole);
         let out = feed(&mut r, &[vec![Piece::Zeroes(hole)]], usize::MAX / 2);
         let mut want = vec![0u8; OFFSET_DATA_PREFIX_BYTES];

@@ -22,8 +22,10 @@ pub mod export;
 pub mod fscore_device;
 pub mod handshake;
 pub mod lent;
+pub mod limits;
 pub mod log;
 pub mod proto;
+pub mod reply;
 pub mod server;
 pub mod tls;
 

@@ -1,4 +1,4 @@
-//! The listener: TCP and Unix sockets, one task per connection, limits, graceful shutdown.
+//! The listener: TCP and Unix sockets, one task per connection, graceful shutdown.
 //!
 //! [`Server::bind`] starts serving on a tokio runtime and returns a [`ServerHandle`];
 //! [`Server::start_background`] does the same on a runtime of its own, for synchronous
@@ -22,52 +22,18 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::backend::{Arrival, ConnId, RequestKind};
-use crate::connection::VectoredRead;
+use crate::connection::{wait_for_shutdown, ServerBudget, VectoredRead};
 use crate::export::ExportRegistry;
 use crate::handshake::{greet, haggle, HandshakeError, Negotiated, TlsPhase};
 use crate::lent::VectoredWrite;
+use crate::limits::{
+    ACCEPT_RETRY_MILLIS, CONNECTIONS_MAX, HANDSHAKES_MAX, HANDSHAKE_SECONDS_MAX, LISTEN_BACKLOG,
+    READ_BUFFER_BYTES, SHUTDOWN_GRACE_SECONDS, WRITE_BUFFER_BYTES,
+};
 use crate::tls::TlsConfig;
 
 /// Where the server listens when told nothing else: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
-/// Connections served at once; a connection over the limit is closed right after `accept`.
-pub const CONNECTIONS_MAX: usize = 512;
-/// Depth of the kernel's TCP accept queue (a burst of connects waits there, not in SYN retries).
-pub const LISTEN_BACKLOG: u32 = 1024;
-/// Requests of one connection being executed or waiting for their reply to be written.
-pub const REQUESTS_IN_FLIGHT_MAX: usize = 256;
-/// Largest READ or WRITE payload (also advertised as the maximum block size).
-pub const PAYLOAD_BYTES_MAX: u32 = 32 * 1024 * 1024;
-/// A WRITE above [`PAYLOAD_BYTES_MAX`] but at most this is read, thrown away and answered
-/// EINVAL; a larger one drops the connection (reading it would cost up to 4 GiB).
-pub const PAYLOAD_DISCARD_BYTES_MAX: u32 = 128 * 1024 * 1024;
-/// Payload bytes (write data and read buffers) held by one connection's requests at once.
-pub const IN_FLIGHT_PAYLOAD_BYTES_MAX: u32 = 128 * 1024 * 1024;
-/// Payload bytes (write data and read buffers) held by the requests of every connection at
-/// once; past it requests wait (see `connection::ServerBudget`).
-pub const SERVER_PAYLOAD_BYTES_MAX: u32 = 512 * 1024 * 1024;
-/// Part of [`SERVER_PAYLOAD_BYTES_MAX`] kept for requests of at most 1 MiB.
-pub const SERVER_PAYLOAD_RESERVE_BYTES: u32 = 64 * 1024 * 1024;
-/// A batch of replies the socket does not take within this time drops the connection: its
-/// client stopped reading, and its requests' bytes are freed for everyone else.
-pub const REPLY_STALL_SECONDS_MAX: u64 = 20;
-/// Time a client has to finish negotiation, with TLS the TLS handshake and the option
-/// haggling on both sides of it together (qemu-nbd's default handshake limit).
-pub const HANDSHAKE_SECONDS_MAX: u64 = 10;
-/// Connections negotiating at once; a new one past it closes the one that has been
-/// negotiating longest, so idle connections cannot keep anyone else out.
-pub const HANDSHAKES_MAX: usize = 64;
-/// Time shutdown waits for connections to finish their requests before flushing anyway.
-pub const SHUTDOWN_GRACE_SECONDS: u64 = 30;
-/// Socket read buffer per connection: several pipelined requests per `recv`. (64 KiB, which
-/// copies less of a large payload, measured slower for 1 MiB writes: more `recv` calls.)
-pub const READ_BUFFER_BYTES: usize = 256 * 1024;
-/// Socket write buffer per connection: several small replies per `send`.
-pub const WRITE_BUFFER_BYTES: usize = 256 * 1024;
-/// The writer flushes at least this often while replies keep coming.
-pub const WRITE_BATCH_BYTES_MAX: usize = 1024 * 1024;
-/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
-pub const ACCEPT_RETRY_MILLIS: u64 = 50;
 
 /// Connection ids; 0 is the server itself (its shutdown flush).
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -114,15 +80,6 @@ impl ServerHandle {
     }
 }
 
-/// Resolves once shutdown was asked for (or the handle is gone).
-pub(crate) async fn wait_for_shutdown(rx: &mut watch::Receiver<bool>) {
-    while !*rx.borrow_and_update() {
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
 impl Server {
     /// Binds the configured sockets and starts serving on the current tokio runtime.
     pub async fn bind(config: ServerConfig) -> io::Result<ServerHandle> {
@@ -152,7 +109,7 @@ impl Server {
             exports: config.exports,
             tls: config.tls,
             handshakes: Arc::new(Handshakes::default()),
-            budget: crate::connection::ServerBudget::default(),
+            budget: ServerBudget::default(),
         });
         let unix_path = config.unix.clone();
         let task = tokio::spawn(run(tcp, unix, unix_path.clone(), shared, rx));
@@ -365,7 +322,9 @@ async fn flush_all(exports: &ExportRegistry) -> io::Result<()> {
                 fua: false,
             });
             let r = backend.flush(t);
-            backend.reply_sent(t);
+            if let Some(t) = t {
+                backend.reply_sent(t);
+            }
             r
         })
         .await
@@ -387,7 +346,7 @@ struct Shared {
     exports: ExportRegistry,
     tls: Option<TlsConfig>,
     handshakes: Arc<Handshakes>,
-    budget: crate::connection::ServerBudget,
+    budget: ServerBudget,
 }
 /// The connections still negotiating, oldest first, each with the signal that closes it.
 #[derive(Default)]

@@ -495,7 +495,7 @@ fn a_thousand_connections_opened_and_dropped() {
 fn more_requests_than_the_in_flight_limit_are_all_answered() {
     let t = TestServer::start();
     let mut c = go(&t, "disk", false);
-    let n = nbd_server::server::REQUESTS_IN_FLIGHT_MAX as u64 * 3;
+    let n = nbd_server::limits::REQUESTS_IN_FLIGHT_MAX as u64 * 3;
     let mut bytes = Vec::new();
     for i in 0..n {
         bytes.extend_from_slice(

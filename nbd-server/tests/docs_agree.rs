@@ -1,92 +1,71 @@
-//! `docs/protocol.md` states the server's limits; this test keeps the page and the code in
-//! agreement (a changed constant fails here until the page says the same).
+//! `docs/protocol.md` lists the server's limits in a table; `nbd-server limits` prints them;
+//! both come from one table in the code (`nbd_server::limits::LIMITS`). These tests hold the
+//! page to that table both ways (every row of the page is a limit with that value and
+//! description, every limit is a row of the page) and the command to it, so a changed
+//! constant fails here until the page says the same.
 
-use nbd_server::{connection, export, handshake, proto, server};
+use std::collections::BTreeMap;
 
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * 1024;
+use nbd_server::limits::LIMITS;
 
-#[test]
-fn limits_in_protocol_md_match_the_code() {
+/// The rows of the table under `## Limits` in docs/protocol.md: name -> (value, what).
+fn page_rows() -> BTreeMap<String, (String, String)> {
     let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"))
         .unwrap();
-    let limits: [(&str, u64, &str); 17] = [
-        ("HANDSHAKE_SECONDS_MAX", server::HANDSHAKE_SECONDS_MAX, "10"),
-        ("HANDSHAKES_MAX", server::HANDSHAKES_MAX as u64, "64"),
-        (
-            "REPLY_STALL_SECONDS_MAX",
-            server::REPLY_STALL_SECONDS_MAX,
-            "20",
-        ),
-        (
-            "SERVER_PAYLOAD_BYTES_MAX",
-            server::SERVER_PAYLOAD_BYTES_MAX as u64 / MIB,
-            "512 MiB",
-        ),
-        (
-            "SERVER_PAYLOAD_RESERVE_BYTES",
-            server::SERVER_PAYLOAD_RESERVE_BYTES as u64 / MIB,
-            "64 MiB",
-        ),
-        ("CONNECTIONS_MAX", server::CONNECTIONS_MAX as u64, "512"),
-        ("LISTEN_BACKLOG", server::LISTEN_BACKLOG as u64, "1024"),
-        (
-            "REQUESTS_IN_FLIGHT_MAX",
-            server::REQUESTS_IN_FLIGHT_MAX as u64,
-            "256",
-        ),
-        (
-            "IN_FLIGHT_PAYLOAD_BYTES_MAX",
-            server::IN_FLIGHT_PAYLOAD_BYTES_MAX as u64 / MIB,
-            "128 MiB",
-        ),
-        (
-            "PAYLOAD_BYTES_MAX",
-            server::PAYLOAD_BYTES_MAX as u64 / MIB,
-            "32 MiB",
-        ),
-        (
-            "OPTION_BYTES_MAX",
-            handshake::OPTION_BYTES_MAX as u64 / KIB,
-            "64 KiB",
-        ),
-        (
-            "BLOCK_STATUS_DESCRIPTORS_MAX",
-            connection::BLOCK_STATUS_DESCRIPTORS_MAX as u64,
-            "1024",
-        ),
-        (
-            "META_CONTEXT_QUERIES_MAX",
-            proto::META_CONTEXT_QUERIES_MAX as u64,
-            "128",
-        ),
-        ("EXPORTS_MAX", export::EXPORTS_MAX as u64, "256"),
-        (
-            "SHUTDOWN_GRACE_SECONDS",
-            server::SHUTDOWN_GRACE_SECONDS,
-            "30",
-        ),
-        (
-            "FLUSH_FENCE_MILLIS_MAX",
-            connection::FLUSH_FENCE_MILLIS_MAX,
-            "1000",
-        ),
-        (
-            "OPTIONS_PER_CONNECTION_MAX",
-            handshake::OPTIONS_PER_CONNECTION_MAX as u64,
-            "1024",
-        ),
-    ];
-    for (name, value, text) in limits {
-        let number: u64 = text.split_whitespace().next().unwrap().parse().unwrap();
-        assert_eq!(
-            value, number,
-            "{name} is {value} in the code but {text} in the table below"
-        );
-        let needle = format!("`{name}` {text}");
-        assert!(
-            page.contains(&needle),
-            "docs/protocol.md should say {needle:?}"
-        );
+    let section = page
+        .split("\n## ")
+        .find(|s| s.starts_with("Limits"))
+        .expect("docs/protocol.md has a Limits section");
+    let mut rows = BTreeMap::new();
+    for line in section.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        assert_eq!(cells.len(), 3, "a row has name, value, what: {line:?}");
+        let name = cells[0].trim_matches('`').to_owned();
+        let row = (cells[1].to_owned(), cells[2].to_owned());
+        assert!(rows.insert(name, row).is_none(), "{line:?} is listed twice");
     }
+    rows
+}
+
+#[test]
+fn limits_table_in_protocol_md_matches_the_code() {
+    let mut rows = page_rows();
+    for l in LIMITS {
+        let (value, what) = rows
+            .remove(l.name)
+            .unwrap_or_else(|| panic!("docs/protocol.md's table should list {}", l.name));
+        assert_eq!(value, l.shown(), "{} is {} in the code", l.name, l.shown());
+        assert_eq!(what, l.what, "what {} bounds, as the code says it", l.name);
+    }
+    assert!(
+        rows.is_empty(),
+        "docs/protocol.md lists limits the code does not have: {:?}",
+        rows.keys()
+    );
+}
+
+/// The numbers the table shows, read back to bytes, seconds or counts, are the values that
+/// `nbd-server limits --json` prints.
+#[test]
+fn limits_command_prints_the_table() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nbd-server"))
+        .args(["limits", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed: BTreeMap<String, u64> = serde_json::from_slice(&out.stdout).unwrap();
+    let page: BTreeMap<String, u64> = page_rows()
+        .into_iter()
+        .map(|(name, (value, _))| {
+            let (number, unit) = value.split_once(' ').unwrap_or((&value, ""));
+            let scale = match unit {
+                "MiB" => 1 << 20,
+                "KiB" => 1 << 10,
+                "" | "s" | "ms" | "bytes" => 1,
+                u => panic!("{name}: unknown unit {u:?}"),
+            };
+            (name, number.parse::<u64>().unwrap() * scale)
+        })
+        .collect();
+    assert_eq!(printed, page);
 }

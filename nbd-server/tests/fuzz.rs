@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use nbd_server::log::LogReader;
 #[path = "common/wire.rs"]
 mod wire;
-use nbd_server::backend::{Backend, MemoryBackend, Ticket};
+use nbd_server::backend::{Backend, MemoryBackend, WriteData};
 use nbd_server::{Export, ExportRegistry, ExportSpec, Server, ServerConfig};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -405,7 +405,8 @@ fn mutated_sessions_never_panic_hang_or_lose_data() {
     // WRITE_ZEROES shows as changed bytes (on zeroes the last two were invisible; a file
     // export would not show them either, as its file is opened read-only).
     let ro = MemoryBackend::new(DISK_BYTES);
-    ro.write(Ticket(0), 0, &ro_pattern(), false).unwrap();
+    ro.write(None, 0, WriteData::bytes(ro_pattern()), false)
+        .unwrap();
     exports.push(Export::new("ro", Arc::new(ro), true));
     let server = Server::start_background(ServerConfig {
         listen: Some("127.0.0.1:0".parse().unwrap()),

@@ -699,7 +699,7 @@ impl Backend for Gate {
     fn size(&self) -> u64 {
         self.inner.size()
     }
-    fn read(&self, t: Ticket, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    fn read(&self, t: Option<Ticket>, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         if offset == 0 {
             let g = self.passed.lock().unwrap();
             let (g, _) = self
@@ -713,8 +713,8 @@ impl Backend for Gate {
         }
         self.inner.read(t, offset, buf)
     }
-    fn arrived(&self, a: &Arrival) -> Ticket {
-        Ticket(a.offset + 1)
+    fn arrived(&self, a: &Arrival) -> Option<Ticket> {
+        Some(Ticket(a.offset + 1))
     }
     fn reply_sent(&self, t: Ticket) {
         if t == Ticket(4097) {
@@ -722,12 +722,12 @@ impl Backend for Gate {
             self.cv.notify_all();
         }
     }
-    fn write(&self, t: Ticket, o: u64, d: &[u8], f: bool) -> std::io::Result<()> {
+    fn write(&self, t: Option<Ticket>, o: u64, d: WriteData, f: bool) -> Result<(), WriteFailed> {
         self.inner.write(t, o, d, f)
     }
     fn write_zeroes(
         &self,
-        t: Ticket,
+        t: Option<Ticket>,
         o: u64,
         l: u64,
         a: bool,
@@ -736,13 +736,18 @@ impl Backend for Gate {
     ) -> std::io::Result<()> {
         self.inner.write_zeroes(t, o, l, a, b, f)
     }
-    fn trim(&self, t: Ticket, o: u64, l: u64, f: bool) -> std::io::Result<()> {
+    fn trim(&self, t: Option<Ticket>, o: u64, l: u64, f: bool) -> std::io::Result<()> {
         self.inner.trim(t, o, l, f)
     }
-    fn flush(&self, t: Ticket) -> std::io::Result<()> {
+    fn flush(&self, t: Option<Ticket>) -> std::io::Result<()> {
         self.inner.flush(t)
     }
-    fn block_status(&self, t: Ticket, o: u64, l: u64) -> std::io::Result<Vec<StatusExtent>> {
+    fn block_status(
+        &self,
+        t: Option<Ticket>,
+        o: u64,
+        l: u64,
+    ) -> std::io::Result<Vec<StatusExtent>> {
         self.inner.block_status(t, o, l)
     }
 }
@@ -798,43 +803,48 @@ impl Backend for Recorder {
     fn size(&self) -> u64 {
         self.mem().size()
     }
-    fn arrived(&self, a: &Arrival) -> Ticket {
+    fn arrived(&self, a: &Arrival) -> Option<Ticket> {
         let t = Ticket(self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1);
         self.log(format!("arrived {} {:?} c{}", t.0, a.kind, a.conn));
-        t
+        Some(t)
     }
     fn reply_sent(&self, t: Ticket) {
         self.log(format!("sent {}", t.0));
     }
-    fn read(&self, t: Ticket, o: u64, b: &mut [u8]) -> std::io::Result<()> {
-        self.log(format!("io {}", t.0));
+    fn read(&self, t: Option<Ticket>, o: u64, b: &mut [u8]) -> std::io::Result<()> {
+        self.log(format!("io {}", t.map_or(0, |t| t.0)));
         self.mem().read(t, o, b)
     }
-    fn write(&self, t: Ticket, o: u64, d: &[u8], f: bool) -> std::io::Result<()> {
-        self.log(format!("io {}", t.0));
+    fn write(&self, t: Option<Ticket>, o: u64, d: WriteData, f: bool) -> Result<(), WriteFailed> {
+        self.log(format!("io {}", t.map_or(0, |t| t.0)));
         self.mem().write(t, o, d, f)
     }
     fn write_zeroes(
         &self,
-        t: Ticket,
+        t: Option<Ticket>,
         o: u64,
         l: u64,
         a: bool,
         b: bool,
         f: bool,
     ) -> std::io::Result<()> {
-        self.log(format!("io {}", t.0));
+        self.log(format!("io {}", t.map_or(0, |t| t.0)));
         self.mem().write_zeroes(t, o, l, a, b, f)
     }
-    fn trim(&self, t: Ticket, o: u64, l: u64, f: bool) -> std::io::Result<()> {
-        self.log(format!("io {}", t.0));
+    fn trim(&self, t: Option<Ticket>, o: u64, l: u64, f: bool) -> std::io::Result<()> {
+        self.log(format!("io {}", t.map_or(0, |t| t.0)));
         self.mem().trim(t, o, l, f)
     }
-    fn flush(&self, t: Ticket) -> std::io::Result<()> {
-        self.log(format!("io {}", t.0));
+    fn flush(&self, t: Option<Ticket>) -> std::io::Result<()> {
+        self.log(format!("io {}", t.map_or(0, |t| t.0)));
         Ok(())
     }
-    fn block_status(&self, t: Ticket, o: u64, l: u64) -> std::io::Result<Vec<StatusExtent>> {
+    fn block_status(
+        &self,
+        t: Option<Ticket>,
+        o: u64,
+        l: u64,
+    ) -> std::io::Result<Vec<StatusExtent>> {
         self.mem().block_status(t, o, l)
     }
 }
@@ -854,21 +864,27 @@ fn lifecycle_hooks_follow_the_contract() {
         fn size(&self) -> u64 {
             self.0.size()
         }
-        fn arrived(&self, a: &Arrival) -> Ticket {
+        fn arrived(&self, a: &Arrival) -> Option<Ticket> {
             self.0.arrived(a)
         }
         fn reply_sent(&self, t: Ticket) {
             self.0.reply_sent(t)
         }
-        fn read(&self, t: Ticket, o: u64, b: &mut [u8]) -> std::io::Result<()> {
+        fn read(&self, t: Option<Ticket>, o: u64, b: &mut [u8]) -> std::io::Result<()> {
             self.0.read(t, o, b)
         }
-        fn write(&self, t: Ticket, o: u64, d: &[u8], f: bool) -> std::io::Result<()> {
+        fn write(
+            &self,
+            t: Option<Ticket>,
+            o: u64,
+            d: WriteData,
+            f: bool,
+        ) -> Result<(), WriteFailed> {
             self.0.write(t, o, d, f)
         }
         fn write_zeroes(
             &self,
-            t: Ticket,
+            t: Option<Ticket>,
             o: u64,
             l: u64,
             a: bool,
@@ -877,13 +893,18 @@ fn lifecycle_hooks_follow_the_contract() {
         ) -> std::io::Result<()> {
             self.0.write_zeroes(t, o, l, a, b, f)
         }
-        fn trim(&self, t: Ticket, o: u64, l: u64, f: bool) -> std::io::Result<()> {
+        fn trim(&self, t: Option<Ticket>, o: u64, l: u64, f: bool) -> std::io::Result<()> {
             self.0.trim(t, o, l, f)
         }
-        fn flush(&self, t: Ticket) -> std::io::Result<()> {
+        fn flush(&self, t: Option<Ticket>) -> std::io::Result<()> {
             self.0.flush(t)
         }
-        fn block_status(&self, t: Ticket, o: u64, l: u64) -> std::io::Result<Vec<StatusExtent>> {
+        fn block_status(
+            &self,
+            t: Option<Ticket>,
+            o: u64,
+            l: u64,
+        ) -> std::io::Result<Vec<StatusExtent>> {
             self.0.block_status(t, o, l)
         }
     }
@@ -1060,16 +1081,16 @@ impl Backend for Held {
     fn size(&self) -> u64 {
         self.inner.size()
     }
-    fn arrived(&self, a: &Arrival) -> Ticket {
-        Ticket(a.offset + 1)
+    fn arrived(&self, a: &Arrival) -> Option<Ticket> {
+        Some(Ticket(a.offset + 1))
     }
     fn reply_abandoned(&self, t: Ticket) {
         self.abandoned.lock().unwrap().push(t);
     }
-    fn read(&self, t: Ticket, o: u64, b: &mut [u8]) -> std::io::Result<()> {
+    fn read(&self, t: Option<Ticket>, o: u64, b: &mut [u8]) -> std::io::Result<()> {
         self.inner.read(t, o, b)
     }
-    fn write(&self, t: Ticket, o: u64, d: &[u8], f: bool) -> std::io::Result<()> {
+    fn write(&self, t: Option<Ticket>, o: u64, d: WriteData, f: bool) -> Result<(), WriteFailed> {
         if o == 4096 {
             *self.in_write.lock().unwrap() = true;
             self.cv.notify_all();
@@ -1084,7 +1105,7 @@ impl Backend for Held {
     }
     fn write_zeroes(
         &self,
-        t: Ticket,
+        t: Option<Ticket>,
         o: u64,
         l: u64,
         a: bool,
@@ -1093,13 +1114,18 @@ impl Backend for Held {
     ) -> std::io::Result<()> {
         self.inner.write_zeroes(t, o, l, a, b, f)
     }
-    fn trim(&self, t: Ticket, o: u64, l: u64, f: bool) -> std::io::Result<()> {
+    fn trim(&self, t: Option<Ticket>, o: u64, l: u64, f: bool) -> std::io::Result<()> {
         self.inner.trim(t, o, l, f)
     }
-    fn flush(&self, t: Ticket) -> std::io::Result<()> {
+    fn flush(&self, t: Option<Ticket>) -> std::io::Result<()> {
         self.inner.flush(t)
     }
-    fn block_status(&self, t: Ticket, o: u64, l: u64) -> std::io::Result<Vec<StatusExtent>> {
+    fn block_status(
+        &self,
+        t: Option<Ticket>,
+        o: u64,
+        l: u64,
+    ) -> std::io::Result<Vec<StatusExtent>> {
         self.inner.block_status(t, o, l)
     }
 }
@@ -1120,21 +1146,27 @@ fn disconnect_all_drops_connections_and_abandons_replies() {
         fn size(&self) -> u64 {
             self.0.size()
         }
-        fn arrived(&self, a: &Arrival) -> Ticket {
+        fn arrived(&self, a: &Arrival) -> Option<Ticket> {
             self.0.arrived(a)
         }
         fn reply_abandoned(&self, t: Ticket) {
             self.0.reply_abandoned(t)
         }
-        fn read(&self, t: Ticket, o: u64, b: &mut [u8]) -> std::io::Result<()> {
+        fn read(&self, t: Option<Ticket>, o: u64, b: &mut [u8]) -> std::io::Result<()> {
             self.0.read(t, o, b)
         }
-        fn write(&self, t: Ticket, o: u64, d: &[u8], f: bool) -> std::io::Result<()> {
+        fn write(
+            &self,
+            t: Option<Ticket>,
+            o: u64,
+            d: WriteData,
+            f: bool,
+        ) -> Result<(), WriteFailed> {
             self.0.write(t, o, d, f)
         }
         fn write_zeroes(
             &self,
-            t: Ticket,
+            t: Option<Ticket>,
             o: u64,
             l: u64,
             a: bool,
@@ -1143,13 +1175,18 @@ fn disconnect_all_drops_connections_and_abandons_replies() {
         ) -> std::io::Result<()> {
             self.0.write_zeroes(t, o, l, a, b, f)
         }
-        fn trim(&self, t: Ticket, o: u64, l: u64, f: bool) -> std::io::Result<()> {
+        fn trim(&self, t: Option<Ticket>, o: u64, l: u64, f: bool) -> std::io::Result<()> {
             self.0.trim(t, o, l, f)
         }
-        fn flush(&self, t: Ticket) -> std::io::Result<()> {
+        fn flush(&self, t: Option<Ticket>) -> std::io::Result<()> {
             self.0.flush(t)
         }
-        fn block_status(&self, t: Ticket, o: u64, l: u64) -> std::io::Result<Vec<StatusExtent>> {
+        fn block_status(
+            &self,
+            t: Option<Ticket>,
+            o: u64,
+            l: u64,
+        ) -> std::io::Result<Vec<StatusExtent>> {
             self.0.block_status(t, o, l)
         }
     }
@@ -1213,15 +1250,18 @@ impl Backend for Failing {
     fn can_fast_zero(&self) -> bool {
         true
     }
-    fn read(&self, _: Ticket, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+    fn read(&self, _: Option<Ticket>, _: u64, _: &mut [u8]) -> std::io::Result<()> {
         Err(std::io::Error::other("media error"))
     }
-    fn write(&self, _: Ticket, _: u64, _: &[u8], _: bool) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(5)) // EIO from the OS
+    fn write(&self, _: Option<Ticket>, _: u64, d: WriteData, _: bool) -> Result<(), WriteFailed> {
+        // EIO from the OS
+        Err(WriteFailed::returning(d)(
+            std::io::Error::from_raw_os_error(5),
+        ))
     }
     fn write_zeroes(
         &self,
-        _: Ticket,
+        _: Option<Ticket>,
         _: u64,
         _: u64,
         _: bool,
@@ -1237,13 +1277,18 @@ impl Backend for Failing {
             Err(std::io::Error::other("media error"))
         }
     }
-    fn trim(&self, _: Ticket, _: u64, _: u64, _: bool) -> std::io::Result<()> {
+    fn trim(&self, _: Option<Ticket>, _: u64, _: u64, _: bool) -> std::io::Result<()> {
         Err(std::io::Error::from_raw_os_error(28)) // ENOSPC from the OS stays ENOSPC
     }
-    fn flush(&self, _: Ticket) -> std::io::Result<()> {
+    fn flush(&self, _: Option<Ticket>) -> std::io::Result<()> {
         Err(std::io::Error::other("flush failed"))
     }
-    fn block_status(&self, _: Ticket, _: u64, _: u64) -> std::io::Result<Vec<StatusExtent>> {
+    fn block_status(
+        &self,
+        _: Option<Ticket>,
+        _: u64,
+        _: u64,
+    ) -> std::io::Result<Vec<StatusExtent>> {
         Err(std::io::Error::other("no map"))
     }
 }

@@ -438,7 +438,7 @@ fn a_flood_of_unread_reads_stays_bounded_and_others_are_served() {
         "small requests waited"
     );
     // The flooders take no reply: they are dropped after REPLY_STALL_SECONDS_MAX.
-    let wait = nbd_server::server::REPLY_STALL_SECONDS_MAX + 10;
+    let wait = nbd_server::limits::REPLY_STALL_SECONDS_MAX + 10;
     let deadline = Instant::now() + Duration::from_secs(wait);
     while !srv.log().contains("took no reply") {
         assert!(

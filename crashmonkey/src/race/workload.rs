@@ -35,123 +35,13 @@ pub struct Generated {
 /// Generate run `seed`'s workload, page-cache limit and policy. `base` gives the switches.
 pub fn generate(seed: u64, base: &Config) -> (Generated, Config) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut fill = FillBytes(b'A');
     let files = if rng.random_range(0..4) == 0 { 2 } else { 1 };
-    let mut setup = Vec::new();
-    let mut sizes = Vec::new();
-    let mut next_byte = b'A';
-    let mut byte = || {
-        let b = next_byte;
-        next_byte = if next_byte == b'Z' {
-            b'a'
-        } else {
-            next_byte + 1
-        };
-        b
-    };
-    for file in 0..files {
-        let folios = rng.random_range(2..=WORKLOAD_FILE_FOLIOS_MAX);
-        let size = folios * BS;
-        match rng.random_range(0..3) {
-            0 => setup.push(Op::Fallocate {
-                file,
-                offset: 0,
-                len: size,
-            }),
-            1 => setup.push(Op::Truncate { file, size }),
-            _ => setup.push(Op::Write {
-                file,
-                offset: 0,
-                len: size,
-                byte: byte(),
-            }),
-        }
-        // Pre-dirty part of a folio (S1's 'X'), sometimes.
-        if rng.random_bool(0.6) {
-            let folio = rng.random_range(0..folios);
-            let off = folio * BS + rng.random_range(0..BS - 64);
-            setup.push(Op::Write {
-                file,
-                offset: off,
-                len: rng.random_range(1..64),
-                byte: byte(),
-            });
-        }
-        if rng.random_bool(0.2) {
-            setup.push(Op::Fsync { file });
-        }
-        sizes.push(size);
-    }
+    let (setup, sizes) = setup_phase(&mut rng, files, &mut fill);
     let n = rng.random_range(2..=CONCURRENT_OPS_MAX);
-    let mut racing = Vec::new();
-    for _ in 0..n {
-        let file = rng.random_range(0..files);
-        let size = sizes[file];
-        let folios = size / BS;
-        let op = match rng.random_range(0..100) {
-            0..=44 => {
-                // Straddle folios, end part-way into one (the trailing edge).
-                let offset = if rng.random_bool(0.5) {
-                    0
-                } else {
-                    rng.random_range(0..size - 1)
-                };
-                let max_len = (size - offset).max(1) + BS;
-                let len = rng.random_range(1..=max_len);
-                Op::Write {
-                    file,
-                    offset,
-                    len,
-                    byte: byte(),
-                }
-            }
-            45..=69 => {
-                let folio = rng.random_range(0..folios);
-                let len = rng.random_range(1..=64);
-                let offset = folio * BS + rng.random_range(0..BS - len);
-                Op::MmapStore {
-                    file,
-                    offset,
-                    len,
-                    byte: byte(),
-                }
-            }
-            70..=76 => Op::Read {
-                file,
-                offset: 0,
-                len: size,
-            },
-            77..=81 => {
-                let a = rng.random_range(0..folios);
-                Op::PunchHole {
-                    file,
-                    offset: a * BS,
-                    len: rng.random_range(1..=folios - a) * BS,
-                }
-            }
-            82..=85 => {
-                let a = rng.random_range(0..folios);
-                Op::ZeroRange {
-                    file,
-                    offset: a * BS,
-                    len: rng.random_range(1..=folios - a) * BS,
-                }
-            }
-            86..=89 => {
-                let a = rng.random_range(0..folios);
-                Op::Fallocate {
-                    file,
-                    offset: a * BS,
-                    len: rng.random_range(1..=folios - a) * BS,
-                }
-            }
-            90..=94 => Op::Truncate {
-                file,
-                size: rng.random_range(BS / 2..=size + BS),
-            },
-            _ => Op::Fsync { file },
-        };
-        racing.push(op);
-    }
+    let racing = (0..n)
+        .map(|_| racing_op(&mut rng, files, &sizes, &mut fill))
+        .collect();
     let cache_limit_folios = rng.random_range(1..=3);
     let policy = if rng.random_bool(0.5) {
         PolicyKind::Random
@@ -176,6 +66,129 @@ pub fn generate(seed: u64, base: &Config) -> (Generated, Config) {
         },
         cfg,
     )
+}
+
+/// The byte each write fills its range with: 'A', 'B', ... in the order the writes are
+/// generated, so that a file's content shows which write each byte came from.
+struct FillBytes(u8);
+
+impl FillBytes {
+    fn next(&mut self) -> u8 {
+        let b = self.0;
+        self.0 = if b == b'Z' { b'a' } else { b + 1 };
+        b
+    }
+}
+
+/// The setup phase: each file made a few folios long (preallocated, extended or written),
+/// sometimes with part of a folio dirtied and sometimes fsynced. Returns it and the sizes.
+fn setup_phase(rng: &mut ChaCha8Rng, files: usize, fill: &mut FillBytes) -> (Vec<Op>, Vec<u64>) {
+    let mut setup = Vec::new();
+    let mut sizes = Vec::new();
+    for file in 0..files {
+        let folios = rng.random_range(2..=WORKLOAD_FILE_FOLIOS_MAX);
+        let size = folios * BS;
+        match rng.random_range(0..3) {
+            0 => setup.push(Op::Fallocate {
+                file,
+                offset: 0,
+                len: size,
+            }),
+            1 => setup.push(Op::Truncate { file, size }),
+            _ => setup.push(Op::Write {
+                file,
+                offset: 0,
+                len: size,
+                byte: fill.next(),
+            }),
+        }
+        // Pre-dirty part of a folio (S1's 'X'), sometimes.
+        if rng.random_bool(0.6) {
+            let folio = rng.random_range(0..folios);
+            let off = folio * BS + rng.random_range(0..BS - 64);
+            setup.push(Op::Write {
+                file,
+                offset: off,
+                len: rng.random_range(1..64),
+                byte: fill.next(),
+            });
+        }
+        if rng.random_bool(0.2) {
+            setup.push(Op::Fsync { file });
+        }
+        sizes.push(size);
+    }
+    (setup, sizes)
+}
+
+/// One operation of the racing phase, on one of the `files` (of `sizes` bytes).
+fn racing_op(rng: &mut ChaCha8Rng, files: usize, sizes: &[u64], fill: &mut FillBytes) -> Op {
+    let file = rng.random_range(0..files);
+    let size = sizes[file];
+    let folios = size / BS;
+    match rng.random_range(0..100) {
+        0..=44 => {
+            // Straddle folios, end part-way into one (the trailing edge).
+            let offset = if rng.random_bool(0.5) {
+                0
+            } else {
+                rng.random_range(0..size - 1)
+            };
+            let max_len = (size - offset).max(1) + BS;
+            let len = rng.random_range(1..=max_len);
+            Op::Write {
+                file,
+                offset,
+                len,
+                byte: fill.next(),
+            }
+        }
+        45..=69 => {
+            let folio = rng.random_range(0..folios);
+            let len = rng.random_range(1..=64);
+            let offset = folio * BS + rng.random_range(0..BS - len);
+            Op::MmapStore {
+                file,
+                offset,
+                len,
+                byte: fill.next(),
+            }
+        }
+        70..=76 => Op::Read {
+            file,
+            offset: 0,
+            len: size,
+        },
+        77..=81 => {
+            let a = rng.random_range(0..folios);
+            Op::PunchHole {
+                file,
+                offset: a * BS,
+                len: rng.random_range(1..=folios - a) * BS,
+            }
+        }
+        82..=85 => {
+            let a = rng.random_range(0..folios);
+            Op::ZeroRange {
+                file,
+                offset: a * BS,
+                len: rng.random_range(1..=folios - a) * BS,
+            }
+        }
+        86..=89 => {
+            let a = rng.random_range(0..folios);
+            Op::Fallocate {
+                file,
+                offset: a * BS,
+                len: rng.random_range(1..=folios - a) * BS,
+            }
+        }
+        90..=94 => Op::Truncate {
+            file,
+            size: rng.random_range(BS / 2..=size + BS),
+        },
+        _ => Op::Fsync { file },
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nbd_server::backend::{Arrival, Backend, RequestKind};
+use nbd_server::backend::{Arrival, Backend, RequestKind, WriteData};
 use nbd_server::disk::{DiskConfig, EmulatedDisk, VecStorage};
 
 /// Size of the logged disk, in bytes.
@@ -33,24 +33,34 @@ pub fn log(dir: &Path) -> PathBuf {
     )
     .unwrap();
     for i in 0..30u64 {
-        let t = d.arrived(&Arrival {
-            conn: 1,
-            kind: RequestKind::Write,
-            offset: i * 4096,
-            length: 8192,
-            fua: false,
-        });
-        d.write(t, i * 4096, &[i as u8 + 1; 8192], false).unwrap();
+        let t = d
+            .arrived(&Arrival {
+                conn: 1,
+                kind: RequestKind::Write,
+                offset: i * 4096,
+                length: 8192,
+                fua: false,
+            })
+            .expect("a write gets a ticket");
+        d.write(
+            Some(t),
+            i * 4096,
+            WriteData::copy_of(&[i as u8 + 1; 8192]),
+            false,
+        )
+        .unwrap();
         d.reply_sent(t);
         if i % 10 == 9 {
-            let t = d.arrived(&Arrival {
-                conn: 2,
-                kind: RequestKind::Flush,
-                offset: 0,
-                length: 0,
-                fua: false,
-            });
-            d.flush(t).unwrap();
+            let t = d
+                .arrived(&Arrival {
+                    conn: 2,
+                    kind: RequestKind::Flush,
+                    offset: 0,
+                    length: 0,
+                    fua: false,
+                })
+                .expect("a flush gets a ticket");
+            d.flush(Some(t)).unwrap();
             d.reply_sent(t);
             d.mark(&format!("m{i}")).unwrap();
         }

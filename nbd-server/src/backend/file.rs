@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{Backend, StatusExtent, Ticket};
+use super::{Backend, StatusExtent, Ticket, WriteData, WriteFailed};
 
 /// Zeroes are written in pieces of this many bytes when the filesystem cannot punch or zero.
 pub const ZERO_WRITE_BYTES_MAX: usize = 1 << 20;
@@ -243,20 +243,38 @@ impl Backend for FileBackend {
         true
     }
 
-    fn read(&self, _t: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    fn read(&self, _t: Option<Ticket>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
     }
 
-    fn write(&self, _t: Ticket, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
-        if fua {
-            return self.write_durable(offset, data);
-        }
-        self.file.write_all_at(data, offset)
+    /// One `pwrite` (`pwritev2` for FUA) of the data in one piece; data held in blocks (which
+    /// the server never gives a file) is gathered first.
+    fn write(
+        &self,
+        _t: Option<Ticket>,
+        offset: u64,
+        data: WriteData,
+        fua: bool,
+    ) -> Result<(), WriteFailed> {
+        let gathered;
+        let bytes = match data.as_slice() {
+            Some(b) => b,
+            None => {
+                gathered = data.to_vec();
+                &gathered
+            }
+        };
+        let written = if fua {
+            self.write_durable(offset, bytes)
+        } else {
+            self.file.write_all_at(bytes, offset)
+        };
+        written.map_err(WriteFailed::returning(data))
     }
 
     fn write_zeroes(
         &self,
-        _t: Ticket,
+        _t: Option<Ticket>,
         offset: u64,
         length: u64,
         may_trim: bool,
@@ -293,7 +311,7 @@ impl Backend for FileBackend {
         Ok(())
     }
 
-    fn trim(&self, _t: Ticket, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+    fn trim(&self, _t: Option<Ticket>, offset: u64, length: u64, fua: bool) -> io::Result<()> {
         match self.punch(offset, length) {
             Ok(()) => {}
             // Keep the promise that trimmed bytes read as zeroes.
@@ -306,11 +324,16 @@ impl Backend for FileBackend {
         Ok(())
     }
 
-    fn flush(&self, _t: Ticket) -> io::Result<()> {
+    fn flush(&self, _t: Option<Ticket>) -> io::Result<()> {
         self.file.sync_data()
     }
 
-    fn block_status(&self, _t: Ticket, offset: u64, length: u64) -> io::Result<Vec<StatusExtent>> {
+    fn block_status(
+        &self,
+        _t: Option<Ticket>,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<Vec<StatusExtent>> {
         let end = offset + length;
         let mut runs = Vec::new();
         let mut pos = offset;
@@ -358,7 +381,7 @@ impl Backend for FileBackend {
 mod tests {
     use super::*;
 
-    const T: Ticket = Ticket(0);
+    const T: Option<Ticket> = None;
 
     #[test]
     fn write_read_trim_status() {
@@ -366,7 +389,8 @@ mod tests {
         let p = dir.path().join("disk.img");
         let f = FileBackend::open(&p, Some(4 << 20), false).unwrap();
         assert_eq!(f.size(), 4 << 20);
-        f.write(T, 1 << 20, &[7u8; 65536], true).unwrap();
+        f.write(T, 1 << 20, WriteData::copy_of(&[7u8; 65536]), true)
+            .unwrap();
         let mut b = vec![0u8; 65536];
         f.read(T, 1 << 20, &mut b).unwrap();
         assert!(b.iter().all(|&x| x == 7));
@@ -377,7 +401,8 @@ mod tests {
         f.trim(T, 1 << 20, 65536, false).unwrap();
         f.read(T, 1 << 20, &mut b).unwrap();
         assert!(b.iter().all(|&x| x == 0));
-        f.write(T, 0, &[1u8; 8192], false).unwrap();
+        f.write(T, 0, WriteData::copy_of(&[1u8; 8192]), false)
+            .unwrap();
         f.write_zeroes(T, 0, 8192, false, false, true).unwrap();
         f.read(T, 0, &mut b[..8192]).unwrap();
         assert!(b[..8192].iter().all(|&x| x == 0));
@@ -416,8 +441,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("disk.img");
         let f = FileBackend::open(&p, Some(16 << 20), false).unwrap();
-        f.write(T, 0, &vec![5u8; DIRTY_BYTES as usize], false)
-            .unwrap();
+        f.write(
+            T,
+            0,
+            WriteData::bytes(vec![5u8; DIRTY_BYTES as usize]),
+            false,
+        )
+        .unwrap();
         let dirty = match dirty_pages(&f.file, 0, DIRTY_BYTES) {
             Ok(d) => d,
             Err(e) => {
@@ -432,7 +462,8 @@ mod tests {
             "only {dirty} pages dirty after an {DIRTY_BYTES}-byte write in {}",
             dir.path().display()
         );
-        f.write(T, 12 << 20, &[9u8; 4096], true).unwrap();
+        f.write(T, 12 << 20, WriteData::copy_of(&[9u8; 4096]), true)
+            .unwrap();
         assert!(f.syncs_fua_ranges(), "RWF_DSYNC refused");
         assert_eq!(dirty_pages(&f.file, 12 << 20, 4096).unwrap(), 0);
         let left = dirty_pages(&f.file, 0, DIRTY_BYTES).unwrap();
@@ -449,7 +480,8 @@ mod tests {
         assert_eq!(dirty_pages(&f.file, 0, 16 << 20).unwrap(), 0);
         // A write the kernel splits still ends up whole.
         let big: Vec<u8> = (0..(3 << 20) + 5).map(|i| (i % 251) as u8).collect();
-        f.write(T, 4096 + 3, &big, true).unwrap();
+        f.write(T, 4096 + 3, WriteData::copy_of(&big), true)
+            .unwrap();
         let mut back = vec![0u8; big.len()];
         f.read(T, 4096 + 3, &mut back).unwrap();
         assert_eq!(back, big);

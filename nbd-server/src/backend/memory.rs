@@ -12,7 +12,9 @@ use std::io;
 use std::sync::{Mutex, MutexGuard};
 
 pub use super::BLOCK_BYTES;
-use super::{block_from, AdoptError, Backend, Block, IoStyle, Piece, StatusExtent, Ticket};
+use super::{
+    block_from, Backend, Block, IoStyle, Piece, StatusExtent, Ticket, WriteData, WriteFailed,
+};
 
 /// Blocks per chunk: a chunk is the unit of locking (1 MiB).
 pub const CHUNK_BLOCKS: usize = 256;
@@ -46,10 +48,9 @@ pub struct MemoryBackend {
     size: u64,
     shards: Box<[Mutex<Shard>]>,
     /// Blocks that left the map (dropped as zeroes, or replaced by a whole-chunk write) and
-    /// blocks given to `adopt_blocks` whose content was copied into stored ones, handed out
-    /// again by `block_buffers`: reusing them costs neither an allocation nor a
-    /// page fault, and their old contents save zeroing them before a write is received into
-    /// them.
+    /// blocks given to `write` whose content was copied into stored ones, handed out again by
+    /// `write_buffer`: reusing them costs neither an allocation nor a page fault, and their
+    /// old contents save zeroing them before a write is received into them.
     spare_blocks: Mutex<Vec<Block>>,
 }
 
@@ -128,99 +129,10 @@ impl MemoryBackend {
             }
         });
     }
-}
 
-/// A block holding `piece` at `offset` and zeroes elsewhere. A whole block is copied straight
-/// into its allocation, without zeroing it first.
-fn new_block(offset: usize, piece: &[u8]) -> Block {
-    if piece.len() == BLOCK_BYTES {
-        return block_from(piece);
-    }
-    let mut b: Block = Box::new([0u8; BLOCK_BYTES]);
-    b[offset..offset + piece.len()].copy_from_slice(piece);
-    b
-}
-
-fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    // A panic while holding the lock cannot leave a shard half-updated in a way that breaks
-    // memory safety; keep serving rather than turning one bug into a dead export.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-impl Backend for MemoryBackend {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn can_fast_zero(&self) -> bool {
-        true
-    }
-
-    fn io_style(&self) -> IoStyle {
-        IoStyle::Inline
-    }
-
-    fn read(&self, _t: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        Self::for_each_chunk(offset, buf.len() as u64, |chunk, in_chunk, n, pos| {
-            let out = &mut buf[pos..pos + n];
-            let shard = self.shard(chunk);
-            let Some(c) = shard.get(&chunk) else {
-                out.fill(0);
-                return;
-            };
-            let mut p = 0;
-            while p < n {
-                let bi = (in_chunk + p) / BLOCK_BYTES;
-                let bo = (in_chunk + p) % BLOCK_BYTES;
-                let m = (BLOCK_BYTES - bo).min(n - p);
-                match &c.blocks[bi] {
-                    Some(b) => out[p..p + m].copy_from_slice(&b[bo..bo + m]),
-                    None => out[p..p + m].fill(0),
-                }
-                p += m;
-            }
-        });
-        Ok(())
-    }
-
-    fn lends_memory(&self) -> bool {
-        true
-    }
-
-    /// One call of `f` per chunk, under that chunk's shard lock: stored blocks are lent as
-    /// they are, holes as zero runs.
-    fn read_pieces(
-        &self,
-        _t: Ticket,
-        offset: u64,
-        length: usize,
-        f: &mut dyn FnMut(&[Piece<'_>]),
-    ) -> io::Result<()> {
-        Self::for_each_chunk(offset, length as u64, |chunk, in_chunk, n, _| {
-            let shard = self.shard(chunk);
-            let Some(c) = shard.get(&chunk) else {
-                f(&[Piece::Zeroes(n)]);
-                return;
-            };
-            let mut lent = Vec::with_capacity(n.div_ceil(BLOCK_BYTES) + 1);
-            let mut p = 0;
-            while p < n {
-                let bi = (in_chunk + p) / BLOCK_BYTES;
-                let bo = (in_chunk + p) % BLOCK_BYTES;
-                let m = (BLOCK_BYTES - bo).min(n - p);
-                match (&c.blocks[bi], lent.last_mut()) {
-                    (Some(b), _) => lent.push(Piece::Data(&b[bo..bo + m])),
-                    (None, Some(Piece::Zeroes(z))) => *z += m,
-                    (None, _) => lent.push(Piece::Zeroes(m)),
-                }
-                p += m;
-            }
-            f(&lent);
-        });
-        Ok(())
-    }
-
-    fn write(&self, _t: Ticket, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
+    /// Copies `data` in at `offset`: into stored blocks, into new ones over holes; a block
+    /// that ends up all zeroes is dropped.
+    fn write_slice(&self, offset: u64, data: &[u8]) {
         Self::for_each_chunk(offset, data.len() as u64, |chunk, in_chunk, n, pos| {
             let src = &data[pos..pos + n];
             let mut shard = self.shard(chunk);
@@ -260,26 +172,6 @@ impl Backend for MemoryBackend {
                 shard.remove(&chunk);
             }
         });
-        Ok(())
-    }
-
-    fn adopts_blocks(&self) -> bool {
-        true
-    }
-
-    fn takes_blocks(&self, offset: u64, length: u64) -> bool {
-        let block = BLOCK_BYTES as u64;
-        length > 0 && offset.is_multiple_of(block) && length.is_multiple_of(block)
-    }
-
-    fn write_blocks(
-        &self,
-        t: Ticket,
-        offset: u64,
-        blocks: Vec<Block>,
-        _fua: bool,
-    ) -> io::Result<()> {
-        self.adopt_blocks(t, offset, blocks).map_err(|e| e.error)
     }
 
     /// A block over a hole takes its place in the map as it is, and so do the blocks of a
@@ -293,8 +185,7 @@ impl Backend for MemoryBackend {
     /// Copying every block instead made 1 MiB writes cost the server a core (0.88x); moving
     /// whole chunks and copying the rest measured 0.99x in both cases, and random 4 KiB writes
     /// went from 1.03x (all moved) to 1.22x.
-    /// Never fails: memory takes any in-range block.
-    fn adopt_blocks(&self, _t: Ticket, offset: u64, blocks: Vec<Block>) -> Result<(), AdoptError> {
+    fn adopt(&self, offset: u64, blocks: Vec<Block>) {
         debug_assert_eq!(offset % BLOCK_BYTES as u64, 0);
         let first = offset / BLOCK_BYTES as u64;
         let mut freed = Vec::new();
@@ -351,22 +242,153 @@ impl Backend for MemoryBackend {
             let room = SPARE_BLOCKS_MAX.saturating_sub(spares.len());
             spares.extend(freed.into_iter().take(room));
         }
+    }
+}
+
+/// A block holding `piece` at `offset` and zeroes elsewhere. A whole block is copied straight
+/// into its allocation, without zeroing it first.
+fn new_block(offset: usize, piece: &[u8]) -> Block {
+    if piece.len() == BLOCK_BYTES {
+        return block_from(piece);
+    }
+    let mut b: Block = Box::new([0u8; BLOCK_BYTES]);
+    b[offset..offset + piece.len()].copy_from_slice(piece);
+    b
+}
+
+/// Whether `offset` and `length` are whole blocks.
+fn aligned(offset: u64, length: u64) -> bool {
+    let block = BLOCK_BYTES as u64;
+    offset.is_multiple_of(block) && length.is_multiple_of(block)
+}
+
+fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // A panic while holding the lock cannot leave a shard half-updated in a way that breaks
+    // memory safety; keep serving rather than turning one bug into a dead export.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Backend for MemoryBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+
+    fn io_style(&self) -> IoStyle {
+        IoStyle::Inline
+    }
+
+    fn read(&self, _t: Option<Ticket>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        Self::for_each_chunk(offset, buf.len() as u64, |chunk, in_chunk, n, pos| {
+            let out = &mut buf[pos..pos + n];
+            let shard = self.shard(chunk);
+            let Some(c) = shard.get(&chunk) else {
+                out.fill(0);
+                return;
+            };
+            let mut p = 0;
+            while p < n {
+                let bi = (in_chunk + p) / BLOCK_BYTES;
+                let bo = (in_chunk + p) % BLOCK_BYTES;
+                let m = (BLOCK_BYTES - bo).min(n - p);
+                match &c.blocks[bi] {
+                    Some(b) => out[p..p + m].copy_from_slice(&b[bo..bo + m]),
+                    None => out[p..p + m].fill(0),
+                }
+                p += m;
+            }
+        });
         Ok(())
     }
 
-    fn block_buffers(&self, n: usize) -> Vec<Block> {
+    fn lends_memory(&self) -> bool {
+        true
+    }
+
+    /// One call of `f` per chunk, under that chunk's shard lock: stored blocks are lent as
+    /// they are, holes as zero runs.
+    fn read_pieces(
+        &self,
+        _t: Option<Ticket>,
+        offset: u64,
+        length: usize,
+        f: &mut dyn FnMut(&[Piece<'_>]),
+    ) -> io::Result<()> {
+        Self::for_each_chunk(offset, length as u64, |chunk, in_chunk, n, _| {
+            let shard = self.shard(chunk);
+            let Some(c) = shard.get(&chunk) else {
+                f(&[Piece::Zeroes(n)]);
+                return;
+            };
+            let mut lent = Vec::with_capacity(n.div_ceil(BLOCK_BYTES) + 1);
+            let mut p = 0;
+            while p < n {
+                let bi = (in_chunk + p) / BLOCK_BYTES;
+                let bo = (in_chunk + p) % BLOCK_BYTES;
+                let m = (BLOCK_BYTES - bo).min(n - p);
+                match (&c.blocks[bi], lent.last_mut()) {
+                    (Some(b), _) => lent.push(Piece::Data(&b[bo..bo + m])),
+                    (None, Some(Piece::Zeroes(z))) => *z += m,
+                    (None, _) => lent.push(Piece::Zeroes(m)),
+                }
+                p += m;
+            }
+            f(&lent);
+        });
+        Ok(())
+    }
+
+    /// Blocks from the spare pool for an aligned write (see [`Self::write`]); one buffer
+    /// otherwise.
+    fn write_buffer(&self, offset: u64, length: usize) -> WriteData {
+        if length == 0 || !aligned(offset, length as u64) {
+            return WriteData::empty();
+        }
+        let n = length / BLOCK_BYTES;
         let mut out = {
             let mut spares = self.spare_blocks.lock().unwrap_or_else(|e| e.into_inner());
             let k = spares.len().saturating_sub(n);
             spares.split_off(k)
         };
         out.extend((out.len()..n).map(|_| Box::new([0u8; BLOCK_BYTES])));
-        out
+        WriteData::blocks(out)
+    }
+
+    /// Blocks it is given the only handle of, at an aligned offset, are stored as they are
+    /// (see [`MemoryBackend::adopt`]); anything else is copied. Never fails: memory takes any
+    /// in-range write.
+    fn write(
+        &self,
+        _t: Option<Ticket>,
+        offset: u64,
+        data: WriteData,
+        _fua: bool,
+    ) -> Result<(), WriteFailed> {
+        let data = if aligned(offset, 0) {
+            match data.into_blocks() {
+                Ok(blocks) => {
+                    self.adopt(offset, blocks);
+                    return Ok(());
+                }
+                Err(data) => data,
+            }
+        } else {
+            data
+        };
+        let mut at = offset;
+        for part in data.parts() {
+            self.write_slice(at, part);
+            at += part.len() as u64;
+        }
+        Ok(())
     }
 
     fn write_zeroes(
         &self,
-        _t: Ticket,
+        _t: Option<Ticket>,
         offset: u64,
         length: u64,
         _may_trim: bool,
@@ -379,16 +401,21 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    fn trim(&self, _t: Ticket, offset: u64, length: u64, _fua: bool) -> io::Result<()> {
+    fn trim(&self, _t: Option<Ticket>, offset: u64, length: u64, _fua: bool) -> io::Result<()> {
         self.zero_range(offset, length);
         Ok(())
     }
 
-    fn flush(&self, _t: Ticket) -> io::Result<()> {
+    fn flush(&self, _t: Option<Ticket>) -> io::Result<()> {
         Ok(())
     }
 
-    fn block_status(&self, _t: Ticket, offset: u64, length: u64) -> io::Result<Vec<StatusExtent>> {
+    fn block_status(
+        &self,
+        _t: Option<Ticket>,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<Vec<StatusExtent>> {
         fn push(runs: &mut Vec<StatusExtent>, len: u64, stored: bool) {
             if let Some(last) = runs.last_mut() {
                 if last.hole != stored {
@@ -435,7 +462,7 @@ impl Backend for MemoryBackend {
 mod tests {
     use super::*;
 
-    const T: Ticket = Ticket(0);
+    const T: Option<Ticket> = None;
 
     #[test]
     fn unwritten_reads_zero_and_is_a_hole() {
@@ -459,8 +486,13 @@ mod tests {
         let m = MemoryBackend::new(4 << 20);
         let block = |v: u8| -> Block { Box::new([v; BLOCK_BYTES]) };
         // Four blocks over holes, the last of them zeroes.
-        m.adopt_blocks(T, 0, vec![block(1), block(2), block(3), block(0)])
-            .unwrap();
+        m.write(
+            T,
+            0,
+            WriteData::blocks(vec![block(1), block(2), block(3), block(0)]),
+            false,
+        )
+        .unwrap();
         assert_eq!(
             m.stored_blocks(),
             3,
@@ -474,8 +506,13 @@ mod tests {
         };
         let block1 = stored_at(1);
         let spare_before = m.spare_blocks.lock().unwrap().len();
-        m.adopt_blocks(T, 4096, vec![block(7), block(0), block(9)])
-            .unwrap();
+        m.write(
+            T,
+            4096,
+            WriteData::blocks(vec![block(7), block(0), block(9)]),
+            false,
+        )
+        .unwrap();
         let mut back = vec![0u8; 4 * BLOCK_BYTES];
         m.read(T, 0, &mut back).unwrap();
         let want: Vec<u8> = [1u8, 7, 0, 9]
@@ -499,7 +536,7 @@ mod tests {
         // A write of a whole chunk moves its blocks in: block 1 is now the given one.
         let chunk: Vec<Block> = (0..CHUNK_BLOCKS).map(|_| block(5)).collect();
         let given1 = chunk[1].as_ptr();
-        m.adopt_blocks(T, 0, chunk).unwrap();
+        m.write(T, 0, WriteData::blocks(chunk), false).unwrap();
         assert_eq!(
             stored_at(1),
             Some(given1),
@@ -507,8 +544,13 @@ mod tests {
         );
         m.read(T, 0, &mut back).unwrap();
         assert!(back.iter().all(|&b| b == 5));
-        m.adopt_blocks(T, 0, vec![block(1), block(7), block(0), block(9)])
-            .unwrap();
+        m.write(
+            T,
+            0,
+            WriteData::blocks(vec![block(1), block(7), block(0), block(9)]),
+            false,
+        )
+        .unwrap();
         let s = m.block_status(T, 0, 4 * BLOCK_BYTES as u64).unwrap();
         assert_eq!(
             s.iter().map(|e| (e.length, e.hole)).collect::<Vec<_>>(),
@@ -523,7 +565,7 @@ mod tests {
             .map(|i| (i % 251) as u8 + 1)
             .collect();
         let off = CHUNK_BYTES - 4096 - 100;
-        m.write(T, off, &data, false).unwrap();
+        m.write(T, off, WriteData::copy_of(&data), false).unwrap();
         let mut back = vec![0u8; data.len()];
         m.read(T, off, &mut back).unwrap();
         assert_eq!(back, data);
@@ -537,11 +579,14 @@ mod tests {
     #[test]
     fn zero_writes_and_trims_free_blocks() {
         let m = MemoryBackend::new(1 << 20);
-        m.write(T, 0, &[7u8; 8192], false).unwrap();
+        m.write(T, 0, WriteData::copy_of(&[7u8; 8192]), false)
+            .unwrap();
         assert_eq!(m.stored_blocks(), 2);
-        m.write(T, 0, &[0u8; 4096], false).unwrap();
+        m.write(T, 0, WriteData::copy_of(&[0u8; 4096]), false)
+            .unwrap();
         assert_eq!(m.stored_blocks(), 1);
-        m.write(T, 4096, &[0u8; 100], false).unwrap();
+        m.write(T, 4096, WriteData::copy_of(&[0u8; 100]), false)
+            .unwrap();
         assert_eq!(m.stored_blocks(), 1);
         m.trim(T, 4096 + 100, 4096 - 100, false).unwrap();
         assert_eq!(
@@ -549,7 +594,8 @@ mod tests {
             0,
             "block became all zero after partial writes"
         );
-        m.write(T, 10, &[5u8; 10], false).unwrap();
+        m.write(T, 10, WriteData::copy_of(&[5u8; 10]), false)
+            .unwrap();
         m.write_zeroes(T, 0, 1 << 20, true, false, false).unwrap();
         assert_eq!(m.stored_blocks(), 0);
     }
@@ -557,8 +603,10 @@ mod tests {
     #[test]
     fn block_status_reports_runs() {
         let m = MemoryBackend::new(16 << 20);
-        m.write(T, 4096, &[1u8; 8192], false).unwrap();
-        m.write(T, 2 << 20, &[1u8; 4096], false).unwrap();
+        m.write(T, 4096, WriteData::copy_of(&[1u8; 8192]), false)
+            .unwrap();
+        m.write(T, 2 << 20, WriteData::copy_of(&[1u8; 4096]), false)
+            .unwrap();
         let s = m.block_status(T, 0, 4 << 20).unwrap();
         assert_eq!(
             s,
@@ -601,7 +649,13 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..256u64 {
                         let blk = i * 4 + t as u64;
-                        m.write(T, blk * 4096 * 13, &[t + 1; 4096], false).unwrap();
+                        m.write(
+                            T,
+                            blk * 4096 * 13,
+                            WriteData::copy_of(&[t + 1; 4096]),
+                            false,
+                        )
+                        .unwrap();
                     }
                 })
             })

@@ -8,18 +8,22 @@
 //!
 //! Contract the server keeps (the emulated disk relies on it):
 //! 1. For every request, `arrived` is called once, as soon as its header (and for WRITE its
-//!    payload) has been read from the socket and before it is executed. The returned
-//!    [`Ticket`] travels with the request.
+//!    payload) has been read from the socket and before it is executed. The [`Ticket`] it
+//!    returns, if any, travels with the request.
 //! 2. The IO method is called with that ticket (possibly on another task, concurrently with
-//!    other requests).
+//!    other requests). Callers that are not the server (the emulated disk writing back to its
+//!    storage, tools) call IO methods with no ticket.
 //! 3. `reply_sent` is called with the ticket after the reply bytes were handed to the socket,
 //!    whether the request succeeded or failed. Never before the IO method returned.
 //!
 //!    Across connections of one export, a FLUSH's `arrived` comes after the `reply_sent` of
 //!    every reply already handed to a socket (the server holds the flush until then; see
-//!    `connection::ReplyFence`), so a flush covers every write a client saw answered.
+//!    [`crate::export::ReplyFence`]), so a flush covers every write a client saw answered.
 //! 4. If the connection dies before the reply could be handed to the socket, `reply_abandoned`
 //!    is called instead of `reply_sent` (default: no-op).
+//!
+//! A WRITE's payload is received into the buffer [`Backend::write_buffer`] hands out and given
+//! to [`Backend::write`] as [`WriteData`], one type however the bytes are held (see [`data`]).
 //!
 //! Requests the server rejects itself before executing them (unknown command or flag, out of
 //! range, zero length, write to a read-only export, oversized payload) never reach the
@@ -30,46 +34,16 @@
 
 use std::io;
 
+pub mod data;
 pub mod file;
 pub mod memory;
 
+pub use data::{block_from, Block, Form, WriteData, WriteFailed, BLOCK_BYTES};
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
 
 /// Identifies one connection for the lifetime of the server process.
 pub type ConnId = u64;
-
-/// Bytes in a [`Block`].
-pub const BLOCK_BYTES: usize = 4096;
-
-/// One 4 KiB block on the heap: the unit the memory backend stores, and the form the emulated
-/// disk caches aligned writes in, so that writing one back into a hole moves the block instead
-/// of copying it (see [`Backend::adopt_blocks`]).
-pub type Block = Box<[u8; BLOCK_BYTES]>;
-
-/// A block holding `bytes` (exactly [`BLOCK_BYTES`] of them), copied straight into its
-/// allocation without zeroing it first.
-pub fn block_from(bytes: &[u8]) -> Block {
-    let whole: Box<[u8]> = bytes.into();
-    whole
-        .try_into()
-        .unwrap_or_else(|_| Box::new([0u8; BLOCK_BYTES]))
-}
-
-/// A failed [`Backend::adopt_blocks`]: the error, and the blocks handed back untouched.
-pub struct AdoptError {
-    pub error: io::Error,
-    pub blocks: Vec<Block>,
-}
-
-impl std::fmt::Debug for AdoptError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdoptError")
-            .field("error", &self.error)
-            .field("blocks", &self.blocks.len())
-            .finish()
-    }
-}
 
 /// One piece of a read lent out by [`Backend::read_pieces`]: bytes in the backend's own
 /// memory, or a run of zeroes that is not stored anywhere.
@@ -95,8 +69,8 @@ impl Piece<'_> {
 }
 
 /// An opaque token a backend hands out at request arrival and gets back at every later
-/// lifecycle event of the same request. Plain backends return `Ticket(0)` and ignore it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// lifecycle event of the same request. Plain backends hand out none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Ticket(pub u64);
 
 /// The kind of a request, as the backend needs to know it at arrival.
@@ -163,9 +137,9 @@ pub trait Backend: Send + Sync + 'static {
         IoStyle::Blocking
     }
 
-    /// Lifecycle hook: a request has arrived (see the module docs). Default: no-op.
-    fn arrived(&self, _arrival: &Arrival) -> Ticket {
-        Ticket(0)
+    /// Lifecycle hook: a request has arrived (see the module docs). Default: no ticket.
+    fn arrived(&self, _arrival: &Arrival) -> Option<Ticket> {
+        None
     }
 
     /// Lifecycle hook: the reply for `ticket` has been handed to the socket. Default: no-op.
@@ -176,7 +150,7 @@ pub trait Backend: Send + Sync + 'static {
     fn reply_abandoned(&self, _ticket: Ticket) {}
 
     /// Fill `buf` from `offset`.
-    fn read(&self, ticket: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    fn read(&self, ticket: Option<Ticket>, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
     /// Whether [`Self::read_pieces`] lends the backend's own memory, so that a caller can send
     /// a read straight from it rather than copying it into a buffer first.
@@ -191,7 +165,7 @@ pub trait Backend: Send + Sync + 'static {
     /// reads into a fresh buffer with [`Self::read`].
     fn read_pieces(
         &self,
-        ticket: Ticket,
+        ticket: Option<Ticket>,
         offset: u64,
         length: usize,
         f: &mut dyn FnMut(&[Piece<'_>]),
@@ -202,75 +176,31 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Write `data` at `offset`; with `fua`, durable before returning.
-    fn write(&self, ticket: Ticket, offset: u64, data: &[u8], fua: bool) -> io::Result<()>;
-
-    /// An empty buffer with room for a write payload of `n` bytes, to fill and hand back
-    /// through [`Backend::write_owned`]. Default: a fresh allocation.
-    fn payload_buffer(&self, n: usize) -> Vec<u8> {
-        Vec::with_capacity(n)
+    /// A buffer to receive a write of `length` bytes at `offset` into, to fill and hand to
+    /// [`Self::write`]: one buffer ([`Form::Bytes`], of any length and capacity: the receiver
+    /// empties it first), or exactly `length / BLOCK_BYTES` blocks ([`Form::Blocks`], their
+    /// contents to be overwritten) where storage keeps blocks. Default: an empty buffer.
+    fn write_buffer(&self, _offset: u64, _length: usize) -> WriteData {
+        WriteData::empty()
     }
 
-    /// [`Backend::write`] with the payload handed over: a backend that keeps the bytes (the
-    /// emulated disk's cache) takes the buffer instead of copying it. Default: borrows it.
-    fn write_owned(&self, ticket: Ticket, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
-        self.write(ticket, offset, &data, fua)
-    }
-
-    /// Whether a write of `length` bytes at `offset` is best handed over as [`Block`]s
-    /// ([`Self::write_blocks`]), received straight into them, rather than as one buffer.
-    fn takes_blocks(&self, _offset: u64, _length: u64) -> bool {
-        false
-    }
-
-    /// `n` blocks to receive a write into (their contents are to be overwritten).
-    fn block_buffers(&self, n: usize) -> Vec<Block> {
-        (0..n).map(|_| Box::new([0u8; BLOCK_BYTES])).collect()
-    }
-
-    /// Writes `blocks` at `offset`, one after the other. The default copies them.
-    fn write_blocks(
+    /// Writes `data` at `offset`; with `fua`, durable before returning. A backend keeps what
+    /// it is given (the emulated disk caches it; memory storage takes blocks it is given the
+    /// only handle of) or copies it. On failure the data comes back with the error.
+    fn write(
         &self,
-        ticket: Ticket,
+        ticket: Option<Ticket>,
         offset: u64,
-        blocks: Vec<Block>,
+        data: WriteData,
         fua: bool,
-    ) -> io::Result<()> {
-        let data: Vec<u8> = blocks.iter().flat_map(|b| b.iter().copied()).collect();
-        self.write_owned(ticket, offset, data, fua)
-    }
-
-    /// Whether [`Self::adopt_blocks`] keeps the blocks it is given (rather than copying them),
-    /// so that a caller holding data should hand it over in [`Block`]s.
-    fn adopts_blocks(&self) -> bool {
-        false
-    }
-
-    /// Writes `blocks` at `offset` (a multiple of [`BLOCK_BYTES`]), taking ownership of them.
-    /// On failure the blocks come back with the error, so that a caller holding the only
-    /// copy of acknowledged data (the emulated disk's cache) keeps it. The default copies
-    /// them with [`Self::write`].
-    fn adopt_blocks(
-        &self,
-        ticket: Ticket,
-        offset: u64,
-        blocks: Vec<Block>,
-    ) -> Result<(), AdoptError> {
-        for (i, b) in blocks.iter().enumerate() {
-            if let Err(error) = self.write(ticket, offset + (i * BLOCK_BYTES) as u64, &b[..], false)
-            {
-                return Err(AdoptError { error, blocks });
-            }
-        }
-        Ok(())
-    }
+    ) -> Result<(), WriteFailed>;
 
     /// Zero `length` bytes at `offset`. With `may_trim` (no NO_HOLE flag) storage may be
     /// freed. With `fast_only` (FAST_ZERO) return `Err(ErrorKind::Unsupported)` rather than
     /// fall back to writing zero bytes.
     fn write_zeroes(
         &self,
-        ticket: Ticket,
+        ticket: Option<Ticket>,
         offset: u64,
         length: u64,
         may_trim: bool,
@@ -280,13 +210,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Discard `length` bytes at `offset`; afterwards they read as zeroes in this project's
     /// backends (the spec allows any content; zeroes keep crash checking deterministic).
-    fn trim(&self, ticket: Ticket, offset: u64, length: u64, fua: bool) -> io::Result<()>;
+    fn trim(&self, ticket: Option<Ticket>, offset: u64, length: u64, fua: bool) -> io::Result<()>;
 
     /// Make every write whose reply was sent before this flush arrived durable.
-    fn flush(&self, ticket: Ticket) -> io::Result<()>;
+    fn flush(&self, ticket: Option<Ticket>) -> io::Result<()>;
 
     /// Prefetch hint; may do nothing.
-    fn cache(&self, _ticket: Ticket, _offset: u64, _length: u64) -> io::Result<()> {
+    fn cache(&self, _ticket: Option<Ticket>, _offset: u64, _length: u64) -> io::Result<()> {
         Ok(())
     }
 
@@ -294,7 +224,7 @@ pub trait Backend: Send + Sync + 'static {
     /// the first byte. May stop early (the server then reports what it got).
     fn block_status(
         &self,
-        ticket: Ticket,
+        ticket: Option<Ticket>,
         offset: u64,
         length: u64,
     ) -> io::Result<Vec<StatusExtent>>;

@@ -1,10 +1,12 @@
 //! The `nbd-server` command: serve one or more exports over NBD until SIGINT/SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use nbd_server::control::Disks;
+use nbd_server::server::ServerHandle;
 use nbd_server::tls::TlsConfig;
 use nbd_server::{ExportRegistry, ExportSpec, Server, ServerConfig};
 
@@ -188,81 +190,6 @@ enum Command {
     },
 }
 
-fn limits() -> Vec<(&'static str, u64)> {
-    use nbd_server::{connection, handshake, server};
-    vec![
-        ("CONNECTIONS_MAX", server::CONNECTIONS_MAX as u64),
-        (
-            "REQUESTS_IN_FLIGHT_MAX",
-            server::REQUESTS_IN_FLIGHT_MAX as u64,
-        ),
-        ("PAYLOAD_BYTES_MAX", server::PAYLOAD_BYTES_MAX as u64),
-        (
-            "PAYLOAD_DISCARD_BYTES_MAX",
-            server::PAYLOAD_DISCARD_BYTES_MAX as u64,
-        ),
-        (
-            "IN_FLIGHT_PAYLOAD_BYTES_MAX",
-            server::IN_FLIGHT_PAYLOAD_BYTES_MAX as u64,
-        ),
-        ("OPTION_BYTES_MAX", handshake::OPTION_BYTES_MAX as u64),
-        (
-            "OPTION_DISCARD_BYTES_MAX",
-            handshake::OPTION_DISCARD_BYTES_MAX as u64,
-        ),
-        (
-            "OPTIONS_PER_CONNECTION_MAX",
-            handshake::OPTIONS_PER_CONNECTION_MAX as u64,
-        ),
-        ("HANDSHAKE_SECONDS_MAX", server::HANDSHAKE_SECONDS_MAX),
-        ("HANDSHAKES_MAX", server::HANDSHAKES_MAX as u64),
-        ("REPLY_STALL_SECONDS_MAX", server::REPLY_STALL_SECONDS_MAX),
-        (
-            "SERVER_PAYLOAD_BYTES_MAX",
-            server::SERVER_PAYLOAD_BYTES_MAX as u64,
-        ),
-        (
-            "SERVER_PAYLOAD_RESERVE_BYTES",
-            server::SERVER_PAYLOAD_RESERVE_BYTES as u64,
-        ),
-        (
-            "RECORD_MAX_SLACK_BYTES",
-            nbd_server::disk::RECORD_MAX_SLACK_BYTES,
-        ),
-        ("SHUTDOWN_GRACE_SECONDS", server::SHUTDOWN_GRACE_SECONDS),
-        (
-            "BLOCK_STATUS_DESCRIPTORS_MAX",
-            connection::BLOCK_STATUS_DESCRIPTORS_MAX as u64,
-        ),
-        ("EXPORTS_MAX", nbd_server::export::EXPORTS_MAX as u64),
-        ("CACHE_BYTES_MAX", nbd_server::disk::CACHE_BYTES_MAX),
-        (
-            "CACHE_ENTRIES_MAX",
-            nbd_server::disk::CACHE_ENTRIES_MAX as u64,
-        ),
-        (
-            "RECORD_PAYLOAD_BYTES_MAX",
-            nbd_server::log::RECORD_PAYLOAD_BYTES_MAX as u64,
-        ),
-        (
-            "CONTROL_LINE_BYTES_MAX",
-            nbd_server::control::CONTROL_LINE_BYTES_MAX as u64,
-        ),
-        (
-            "RECORDER_QUEUE_RECORDS_MAX",
-            nbd_server::disk::RECORDER_QUEUE_RECORDS_MAX as u64,
-        ),
-        (
-            "RECORDER_QUEUE_BYTES_MAX",
-            nbd_server::disk::RECORDER_QUEUE_BYTES_MAX,
-        ),
-        (
-            "SPARE_BLOCKS_MAX",
-            nbd_server::backend::memory::SPARE_BLOCKS_MAX as u64,
-        ),
-    ]
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -273,52 +200,49 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    match &cli.command {
+        Some(Command::Ctl {
+            socket,
+            export,
+            action,
+        }) => ctl(socket, export.as_deref(), action),
+        Some(Command::Limits { json }) => {
+            print_limits(*json);
+            Ok(())
+        }
+        None => serve(&cli),
+    }
+}
 
-    if let Some(Command::Ctl {
-        socket,
-        export,
-        action,
-    }) = &cli.command
-    {
-        let line = match action {
-            CtlAction::Mark { name } => format!("mark {name}"),
-            CtlAction::Crash { seed: Some(s) } => format!("crash {s}"),
-            CtlAction::Crash { seed: None } => "crash".to_owned(),
-            CtlAction::Stats => "stats".to_owned(),
-            CtlAction::Sync => "sync".to_owned(),
-        };
-        let line = match export {
-            Some(e) => format!("@{e} {line}"),
-            None => line,
-        };
-        match nbd_server::control::request(socket, &line) {
-            Ok(json) => {
-                println!("{json}");
-                return Ok(());
-            }
-            Err(e) => {
-                eprintln!("nbd-server ctl: {e}");
-                std::process::exit(1);
-            }
+/// `nbd-server ctl`: sends one request line to the control socket and prints the answer
+/// (JSON); a failure is said on stderr with exit status 1.
+fn ctl(socket: &Path, export: Option<&str>, action: &CtlAction) -> Result<()> {
+    let line = match action {
+        CtlAction::Mark { name } => format!("mark {name}"),
+        CtlAction::Crash { seed: Some(s) } => format!("crash {s}"),
+        CtlAction::Crash { seed: None } => "crash".to_owned(),
+        CtlAction::Stats => "stats".to_owned(),
+        CtlAction::Sync => "sync".to_owned(),
+    };
+    let line = match export {
+        Some(e) => format!("@{e} {line}"),
+        None => line,
+    };
+    match nbd_server::control::request(socket, &line) {
+        Ok(json) => {
+            println!("{json}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("nbd-server ctl: {e}");
+            std::process::exit(1);
         }
     }
+}
 
-    if let Some(Command::Limits { json }) = cli.command {
-        let l = limits();
-        if json {
-            let m: serde_json::Map<String, serde_json::Value> = l
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.into()))
-                .collect();
-            println!("{}", serde_json::Value::Object(m));
-        } else {
-            for (k, v) in l {
-                println!("{k:<30} {v}");
-            }
-        }
-        return Ok(());
-    }
-
+/// The exports as given, with the server-wide crash and seed flags filled in where an export
+/// sets none of its own.
+fn export_specs(cli: &Cli) -> Vec<ExportSpec> {
     let mut specs = cli.exports.clone();
     for spec in &mut specs {
         if spec.disk.crash_after_writes.is_none() {
@@ -332,16 +256,21 @@ fn main() -> Result<()> {
         }
         spec.plain = !spec.disk_observable(cli.control.is_some());
     }
+    specs
+}
+
+/// Sets the exports up and serves them until SIGINT or SIGTERM.
+fn serve(cli: &Cli) -> Result<()> {
+    let specs = export_specs(cli);
     if let Some(seed) = cli.seed {
         eprintln!("nbd-server: seed {seed}");
     }
-    let tls = tls_config(&cli)?;
+    let tls = tls_config(cli)?;
     let exports = ExportRegistry::from_specs(&specs).context("cannot set up the exports")?;
-    let disks: nbd_server::control::Disks = exports
+    let disks: Disks = exports
         .iter()
         .filter_map(|e| e.disk.clone().map(|d| (e.name.clone(), d)))
         .collect();
-    let disks_at_exit = disks.clone();
     let config = ServerConfig {
         listen: (!cli.no_tcp).then_some(cli.listen),
         unix: cli.unix.clone(),
@@ -352,85 +281,110 @@ fn main() -> Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    rt.block_on(async move {
-        let handle = Server::bind(config.clone())
-            .await
-            .with_context(|| match config.listen {
-                Some(a) => format!("cannot listen on {a}"),
-                None => "cannot listen".to_owned(),
-            })?;
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-            .context("installing the SIGINT handler")?;
-        // Bound before the "listening on" line, so that the line means ready.
-        let control = match &cli.control {
-            Some(path) => {
-                let socket = nbd_server::control::serve(path.clone(), disks)
-                    .await
-                    .with_context(|| {
-                        format!("cannot serve the control socket {}", path.display())
-                    })?;
-                eprintln!("nbd-server: control socket {} (mode 0600)", path.display());
-                Some(socket)
+    rt.block_on(run(config, cli.control.as_deref(), disks))
+}
+
+/// Binds the sockets, says what is served, waits for SIGINT or SIGTERM, then shuts down:
+/// stop accepting, finish requests in flight, flush, write back every cache.
+async fn run(config: ServerConfig, control: Option<&Path>, disks: Disks) -> Result<()> {
+    let handle = Server::bind(config.clone())
+        .await
+        .with_context(|| match config.listen {
+            Some(a) => format!("cannot listen on {a}"),
+            None => "cannot listen".to_owned(),
+        })?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
+    // Bound before the "listening on" line, so that the line means ready.
+    let control = match control {
+        Some(path) => {
+            let socket = nbd_server::control::serve(path.to_path_buf(), disks.clone())
+                .await
+                .with_context(|| format!("cannot serve the control socket {}", path.display()))?;
+            eprintln!("nbd-server: control socket {} (mode 0600)", path.display());
+            Some(socket)
+        }
+        None => None,
+    };
+    announce(&config, &handle);
+    tokio::select! {
+        _ = int.recv() => tracing::info!("SIGINT"),
+        _ = term.recv() => tracing::info!("SIGTERM"),
+    }
+    // Removes the control socket, whatever happens next.
+    drop(control);
+    let flushed = handle.shutdown().await;
+    let lost = write_back_at_exit(&disks);
+    if let Err(e) = &flushed {
+        eprintln!("nbd-server: flushing the exports at shutdown failed: {e}");
+    }
+    if flushed.is_err() || lost > 0 {
+        anyhow::bail!("stopped with data not written back (see above)");
+    }
+    eprintln!("nbd-server: stopped");
+    Ok(())
+}
+
+/// Says on stderr what is served and where; the "listening on" lines come last and mean
+/// ready.
+fn announce(config: &ServerConfig, handle: &ServerHandle) {
+    for e in config.exports.iter() {
+        eprintln!(
+            "nbd-server: export {:?}: {} bytes{}",
+            e.name,
+            e.size(),
+            if e.readonly {
+                ", read-only"
+            } else if e.disk.is_none() {
+                ", memory with no emulated disk (no record, faults or crash options, \
+                 no --control: a volatile cache could not be observed)"
+            } else {
+                ""
             }
-            None => None,
-        };
-        for e in config.exports.iter() {
-            eprintln!(
-                "nbd-server: export {:?}: {} bytes{}",
-                e.name,
-                e.size(),
-                if e.readonly {
-                    ", read-only"
-                } else if e.disk.is_none() {
-                    ", memory with no emulated disk (no record, faults or crash options, \
-                     no --control: a volatile cache could not be observed)"
-                } else {
-                    ""
-                }
-            );
+        );
+    }
+    if let Some(t) = &config.tls {
+        eprintln!(
+            "nbd-server: TLS {} (certificates in {}{})",
+            if t.required { "required" } else { "offered" },
+            t.dir.display(),
+            if t.verify_peer {
+                "; client certificates checked"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(a) = handle.local_addr() {
+        eprintln!("nbd-server: listening on {a}");
+    }
+    if let Some(p) = handle.unix_path() {
+        eprintln!("nbd-server: listening on unix:{}", p.display());
+    }
+}
+
+/// Prints [`nbd_server::limits::LIMITS`]: as a JSON object of name to value, or one line
+/// each (name, value, what it bounds).
+fn print_limits(json: bool) {
+    let limits = nbd_server::limits::LIMITS;
+    if json {
+        let m: serde_json::Map<String, serde_json::Value> = limits
+            .iter()
+            .map(|l| (l.name.to_owned(), l.value.into()))
+            .collect();
+        println!("{}", serde_json::Value::Object(m));
+    } else {
+        for l in limits {
+            println!("{:<30} {:>12}  {}", l.name, l.shown(), l.what);
         }
-        if let Some(t) = &config.tls {
-            eprintln!(
-                "nbd-server: TLS {} (certificates in {}{})",
-                if t.required { "required" } else { "offered" },
-                t.dir.display(),
-                if t.verify_peer {
-                    "; client certificates checked"
-                } else {
-                    ""
-                }
-            );
-        }
-        if let Some(a) = handle.local_addr() {
-            eprintln!("nbd-server: listening on {a}");
-        }
-        if let Some(p) = handle.unix_path() {
-            eprintln!("nbd-server: listening on unix:{}", p.display());
-        }
-        tokio::select! {
-            _ = int.recv() => tracing::info!("SIGINT"),
-            _ = term.recv() => tracing::info!("SIGTERM"),
-        }
-        // Removes the control socket, whatever happens next.
-        drop(control);
-        let flushed = handle.shutdown().await;
-        let lost = write_back_at_exit(&disks_at_exit);
-        if let Err(e) = &flushed {
-            eprintln!("nbd-server: flushing the exports at shutdown failed: {e}");
-        }
-        if flushed.is_err() || lost > 0 {
-            anyhow::bail!("stopped with data not written back (see above)");
-        }
-        eprintln!("nbd-server: stopped");
-        Ok(())
-    })
+    }
 }
 
 /// Writes back what every emulated disk still caches and syncs its log; says which byte
 /// ranges of which export could not be written. Returns how many exports failed.
-fn write_back_at_exit(disks: &nbd_server::control::Disks) -> usize {
+fn write_back_at_exit(disks: &Disks) -> usize {
     let mut failed = 0;
     for (name, d) in disks {
         if let Err(e) = d.write_back_everything() {

@@ -2,9 +2,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
-use std::sync::Arc;
 
-use crate::backend::{AdoptError, Backend, Block, Ticket, BLOCK_BYTES};
+use crate::backend::{Backend, WriteData};
 
 /// Written-back payload buffers kept for reuse at most.
 pub const SPARE_BUFFERS_MAX: usize = 32;
@@ -21,15 +20,10 @@ pub type Spares = std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
 const ZERO_ENTRY_BYTES: u64 = 64;
 
 pub enum EntryData {
-    Bytes(Arc<Vec<u8>>),
-    /// A write aligned to 4 KiB blocks, for storage that adopts blocks: written back by
-    /// moving the blocks into storage, not by copying them (see `Backend::adopt_blocks`).
-    /// Shared with the write log until it has written them.
-    Blocks(Arc<Vec<Block>>),
+    /// A write's data, shared with the write log until it has written the record.
+    Data(WriteData),
     /// Reads back as zeroes; `trim` says it was a TRIM rather than WRITE_ZEROES.
-    Zeroes {
-        trim: bool,
-    },
+    Zeroes { trim: bool },
 }
 
 pub struct Entry {
@@ -48,8 +42,7 @@ impl EntryData {
     /// Bytes this data counts for toward the cache limit.
     pub fn cost(&self) -> u64 {
         match self {
-            EntryData::Bytes(b) => b.len() as u64,
-            EntryData::Blocks(b) => (b.len() * BLOCK_BYTES) as u64,
+            EntryData::Data(d) => d.len() as u64,
             EntryData::Zeroes { .. } => ZERO_ENTRY_BYTES,
         }
     }
@@ -82,59 +75,61 @@ pub struct Cache {
     name: String,
 }
 
-/// Writes part `[off, off+len)` of `entry` to storage; with `fua`, durable there on return.
-pub fn apply_to_storage(
-    storage: &dyn Backend,
-    entry: &Entry,
-    off: u64,
-    len: u64,
-    fua: bool,
-) -> io::Result<()> {
-    debug_assert!(off >= entry.offset && off + len <= entry.offset + entry.length);
+/// Writes part `[off, off+len)` of `entry` to storage (a power cut's surviving piece).
+pub fn write_piece(storage: &dyn Backend, entry: &Entry, off: u64, len: u64) -> io::Result<()> {
+    assert!(off >= entry.offset && off + len <= entry.offset + entry.length);
     match &entry.data {
-        EntryData::Bytes(b) => {
-            let s = (off - entry.offset) as usize;
-            storage.write(Ticket(0), off, &b[s..s + len as usize], fua)
+        EntryData::Data(d) => {
+            let piece = if (off, len) == (entry.offset, entry.length) {
+                d.clone()
+            } else {
+                d.copy_range((off - entry.offset) as usize, len as usize)
+            };
+            Ok(storage.write(None, off, piece, false)?)
         }
-        EntryData::Blocks(blocks) => {
-            let mut at = off;
-            while at < off + len {
-                let rel = (at - entry.offset) as usize;
-                let (bi, bo) = (rel / BLOCK_BYTES, rel % BLOCK_BYTES);
-                let n = (BLOCK_BYTES - bo).min((off + len - at) as usize);
-                storage.write(Ticket(0), at, &blocks[bi][bo..bo + n], fua)?;
-                at += n as u64;
-            }
-            Ok(())
-        }
-        EntryData::Zeroes { trim: true } if storage.can_trim() => {
-            storage.trim(Ticket(0), off, len, fua)
-        }
-        EntryData::Zeroes { .. } => storage.write_zeroes(Ticket(0), off, len, false, false, fua),
+        EntryData::Zeroes { trim } => zero(storage, *trim, off, len, false),
     }
 }
 
-/// Writes all of `entry` to storage; with `fua`, durable there on return. Returns whether it
-/// synced. Blocks the write log is done with are moved into storage rather than copied (not
-/// synced: the caller syncs); if storage refuses them they come back into the entry.
-fn write_entry(storage: &dyn Backend, entry: &mut Entry, fua: bool) -> io::Result<bool> {
-    if let EntryData::Blocks(shared) = &mut entry.data {
-        if let Some(blocks) = Arc::get_mut(shared) {
-            let taken = std::mem::take(blocks);
-            return match storage.adopt_blocks(Ticket(0), entry.offset, taken) {
-                Ok(()) => Ok(false),
-                Err(AdoptError {
-                    error,
-                    blocks: back,
-                }) => {
-                    *blocks = back;
-                    Err(error)
-                }
-            };
-        }
+/// Zeroes `[off, off+len)` of storage: a trim where storage can trim and the entry was one.
+fn zero(storage: &dyn Backend, trim: bool, off: u64, len: u64, fua: bool) -> io::Result<()> {
+    if trim && storage.can_trim() {
+        storage.trim(None, off, len, fua)
+    } else {
+        storage.write_zeroes(None, off, len, false, false, fua)
     }
-    apply_to_storage(storage, entry, entry.offset, entry.length, fua)?;
-    Ok(fua)
+}
+
+/// Writes all of an entry's data to storage at `offset`; with `fua`, durable there on return.
+/// Data held in blocks is handed over, so that storage keeping blocks moves them in once the
+/// write log is done with them, and comes back if the write fails; data in one buffer is lent
+/// (a clone), so that the buffer comes back to be reused ([`recycle`]) once storage copied it.
+/// On success, the buffer to reuse (if any); on failure, the data back with the error.
+fn write_entry(
+    storage: &dyn Backend,
+    offset: u64,
+    length: u64,
+    data: EntryData,
+    fua: bool,
+) -> Result<Option<Vec<u8>>, (EntryData, io::Error)> {
+    match data {
+        EntryData::Zeroes { trim } => zero(storage, trim, offset, length, fua)
+            .map(|()| None)
+            .map_err(|e| (EntryData::Zeroes { trim }, e)),
+        EntryData::Data(d) if d.is_blocks() => storage
+            .write(None, offset, d, fua)
+            .map(|()| None)
+            .map_err(|f| {
+                let back = f
+                    .data
+                    .expect("storage hands back the data of a failed write");
+                (EntryData::Data(back), f.error)
+            }),
+        EntryData::Data(d) => match storage.write(None, offset, d.clone(), fua) {
+            Ok(()) => Ok(d.into_bytes()),
+            Err(f) => Err((EntryData::Data(d), f.error)),
+        },
+    }
 }
 
 /// Keeps `v` for a later payload if it is worth keeping and the pool has room.
@@ -260,21 +255,7 @@ impl Cache {
             let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
             let i = self.find(x.id).expect("extent points at a cached entry");
             match &self.entries[i].data {
-                EntryData::Bytes(b) => {
-                    let from = (x.src + (s - k)) as usize;
-                    dst.copy_from_slice(&b[from..from + dst.len()]);
-                }
-                EntryData::Blocks(blocks) => {
-                    let mut from = (x.src + (s - k)) as usize;
-                    let mut done = 0;
-                    while done < dst.len() {
-                        let (bi, bo) = (from / BLOCK_BYTES, from % BLOCK_BYTES);
-                        let n = (BLOCK_BYTES - bo).min(dst.len() - done);
-                        dst[done..done + n].copy_from_slice(&blocks[bi][bo..bo + n]);
-                        done += n;
-                        from += n;
-                    }
-                }
+                EntryData::Data(d) => d.copy_to((x.src + (s - k)) as usize, dst),
                 EntryData::Zeroes { .. } => dst.fill(0),
             }
         }
@@ -287,7 +268,7 @@ impl Cache {
             let x = self.extents[k];
             let i = self.find(x.id).expect("extent points at a cached entry");
             let zeroes = match self.entries[i].data {
-                EntryData::Bytes(_) | EntryData::Blocks(_) => None,
+                EntryData::Data(_) => None,
                 EntryData::Zeroes { trim } => Some(trim),
             };
             (*k, x.end, zeroes)
@@ -297,29 +278,31 @@ impl Cache {
     /// Writes back the oldest entry, and takes it out of the cache only once storage has it:
     /// a write-back that fails (a full filesystem under a file export) leaves the entry, and
     /// its data, where reads find it and the next write-back retries it. With `fua` the entry
-    /// is durable in storage on return, if the answer says so (`Ok(true)`); `Ok(false)` means
-    /// it was written but not synced.
-    fn write_back_front(&mut self, storage: &dyn Backend, fua: bool) -> io::Result<bool> {
-        let entry = self.entries.front_mut().expect("caller checked non-empty");
+    /// is durable in storage on return.
+    fn write_back_front(&mut self, storage: &dyn Backend, fua: bool) -> io::Result<()> {
+        let mut entry = self.entries.pop_front().expect("caller checked non-empty");
+        let cost = entry.cost();
         // The whole write goes out, even parts a newer cached write covers: storage sees
         // writes in apply order, and the newer one overwrites it when its turn comes.
-        let written = write_entry(storage, entry, fua);
-        if let Err(e) = written {
-            entry.failures += 1;
-            let (start, end) = (entry.offset, entry.offset + entry.length);
-            if entry.failures == 1 {
-                tracing::error!(
-                    export = %self.name,
-                    "write-back of bytes {start}..{end} ({} bytes) failed: {e}; the data stays \
-                     in the cache, reads return it, and every FLUSH retries it (and fails) \
-                     until storage takes it",
-                    end - start
-                );
+        let spare = match write_entry(storage, entry.offset, entry.length, entry.data, fua) {
+            Ok(spare) => spare,
+            Err((data, e)) => {
+                entry.data = data;
+                entry.failures += 1;
+                if entry.failures == 1 {
+                    let (start, end) = (entry.offset, entry.offset + entry.length);
+                    tracing::error!(
+                        export = %self.name,
+                        "write-back of bytes {start}..{end} ({} bytes) failed: {e}; the data \
+                         stays in the cache, reads return it, and every FLUSH retries it (and \
+                         fails) until storage takes it",
+                        end - start
+                    );
+                }
+                self.entries.push_front(entry);
+                return Err(e);
             }
-            return Err(e);
-        }
-        let synced = written.is_ok_and(|synced| synced);
-        let entry = self.entries.pop_front().expect("just written back");
+        };
         if entry.failures > 0 {
             tracing::info!(
                 export = %self.name,
@@ -335,14 +318,11 @@ impl Cache {
                 self.extents.remove(&k);
             }
         }
-        self.bytes -= entry.cost();
-        // Unshared once written back, unless the write log still holds it.
-        if let EntryData::Bytes(b) = entry.data {
-            if let Ok(v) = Arc::try_unwrap(b) {
-                recycle(&self.spares, v);
-            }
+        self.bytes -= cost;
+        if let Some(v) = spare {
+            recycle(&self.spares, v);
         }
-        Ok(synced)
+        Ok(())
     }
 
     /// Writes back every entry up to and including `id`, oldest first. With `fua`, entry `id`
@@ -359,14 +339,14 @@ impl Cache {
         let mut synced = !fua;
         while let Some(front) = self.entries.front().filter(|e| e.id <= id) {
             let last = fua && front.id == id;
-            synced |= self.write_back_front(storage, last)?;
+            self.write_back_front(storage, last)?;
+            synced |= last;
         }
         if synced {
             Ok(())
         } else {
-            // Entry `id` was written back without a sync (earlier, or moved into storage as
-            // blocks just now): sync everything.
-            storage.flush(Ticket(0))
+            // Entry `id` was written back earlier, without a sync: sync everything.
+            storage.flush(None)
         }
     }
 
@@ -437,7 +417,7 @@ mod tests {
         c.insert(
             16384,
             512,
-            EntryData::Bytes(Arc::new(vec![1; 512])),
+            EntryData::Data(WriteData::bytes(vec![1; 512])),
             None,
             None,
         );

@@ -4,7 +4,7 @@
 use std::io;
 use std::sync::Mutex;
 
-use crate::backend::{Backend, StatusExtent, Ticket};
+use crate::backend::{Backend, StatusExtent, Ticket, WriteData, WriteFailed};
 
 /// Largest disk this backend holds (it allocates the whole size up front).
 pub const VEC_STORAGE_BYTES_MAX: u64 = 1 << 30;
@@ -48,19 +48,28 @@ impl Backend for VecStorage {
     fn size(&self) -> u64 {
         self.bytes.lock().expect("lock").len() as u64
     }
-    fn read(&self, _t: Ticket, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    fn read(&self, _t: Option<Ticket>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let r = self.range(offset, buf.len() as u64)?;
         buf.copy_from_slice(&self.bytes.lock().expect("lock")[r]);
         Ok(())
     }
-    fn write(&self, _t: Ticket, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
-        let r = self.range(offset, data.len() as u64)?;
-        self.bytes.lock().expect("lock")[r].copy_from_slice(data);
+    fn write(
+        &self,
+        _t: Option<Ticket>,
+        offset: u64,
+        data: WriteData,
+        _fua: bool,
+    ) -> Result<(), WriteFailed> {
+        let r = match self.range(offset, data.len() as u64) {
+            Ok(r) => r,
+            Err(e) => return Err(WriteFailed::returning(data)(e)),
+        };
+        data.copy_to(0, &mut self.bytes.lock().expect("lock")[r]);
         Ok(())
     }
     fn write_zeroes(
         &self,
-        _t: Ticket,
+        _t: Option<Ticket>,
         offset: u64,
         length: u64,
         _m: bool,
@@ -71,13 +80,18 @@ impl Backend for VecStorage {
         self.bytes.lock().expect("lock")[r].fill(0);
         Ok(())
     }
-    fn trim(&self, t: Ticket, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+    fn trim(&self, t: Option<Ticket>, offset: u64, length: u64, fua: bool) -> io::Result<()> {
         self.write_zeroes(t, offset, length, true, false, fua)
     }
-    fn flush(&self, _t: Ticket) -> io::Result<()> {
+    fn flush(&self, _t: Option<Ticket>) -> io::Result<()> {
         Ok(())
     }
-    fn block_status(&self, _t: Ticket, _offset: u64, length: u64) -> io::Result<Vec<StatusExtent>> {
+    fn block_status(
+        &self,
+        _t: Option<Ticket>,
+        _offset: u64,
+        length: u64,
+    ) -> io::Result<Vec<StatusExtent>> {
         Ok(vec![StatusExtent {
             length,
             hole: false,

@@ -22,8 +22,31 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Block, BLOCK_BYTES};
-use crate::log::{LogError, LogWriter, RecordKind, FILE_HEADER_BYTES, RECORD_HEADER_BYTES};
+use crate::backend::WriteData;
+use crate::log::{LogError, LogWriter, RecordHead, FILE_HEADER_BYTES, RECORD_HEADER_BYTES};
+
+/// Where the recorder's records go: the log file ([`LogWriter`]) in the server; in tests, a
+/// writer that fails on demand, to drive every path a failed log takes.
+pub trait LogSink: Send {
+    /// Appends one record and returns its sequence number (see [`LogWriter::append_parts`]).
+    fn append_parts(&mut self, head: &RecordHead, parts: &[&[u8]]) -> Result<u64, LogError>;
+    /// Hands the records appended so far to the operating system.
+    fn flush(&mut self) -> Result<(), LogError>;
+    /// Puts the records appended so far on stable storage.
+    fn sync(&mut self) -> Result<(), LogError>;
+}
+
+impl LogSink for LogWriter {
+    fn append_parts(&mut self, head: &RecordHead, parts: &[&[u8]]) -> Result<u64, LogError> {
+        LogWriter::append_parts(self, head, parts)
+    }
+    fn flush(&mut self) -> Result<(), LogError> {
+        LogWriter::flush(self)
+    }
+    fn sync(&mut self) -> Result<(), LogError> {
+        LogWriter::sync(self)
+    }
+}
 
 /// Records queued for the writer thread at most; appending beyond waits.
 pub const RECORDER_QUEUE_RECORDS_MAX: usize = 4096;
@@ -38,21 +61,27 @@ pub const RECORDER_PUSH_INTERVAL_MILLIS: u64 = 20;
 /// Batches smaller than this are followed by a gather pause.
 pub const RECORDER_SMALL_BATCH_RECORDS: usize = 64;
 
-enum Payload {
-    Owned(Vec<u8>),
-    Shared(Arc<Vec<u8>>),
-    /// The cache entry's blocks, in order.
-    Blocks(Arc<Vec<Block>>),
+/// A record on its way to the log: its header fields and its payload (for a write, the cache
+/// entry's data, shared).
+#[derive(Debug)]
+pub struct Record {
+    pub head: RecordHead,
+    pub payload: WriteData,
+}
+
+impl Record {
+    /// A record that covers no range of the disk, with a small payload.
+    pub fn event(kind: crate::log::RecordKind, conn: u64, payload: Vec<u8>) -> Self {
+        Record {
+            head: RecordHead::event(kind, conn),
+            payload: WriteData::bytes(payload),
+        }
+    }
 }
 
 struct Msg {
     seq: u64,
-    kind: RecordKind,
-    flags: u8,
-    conn: u64,
-    offset: u64,
-    length: u64,
-    payload: Payload,
+    record: Record,
 }
 
 /// Why the log stopped taking records (cloned to every later appender).
@@ -116,7 +145,7 @@ impl Shared {
 
 /// The writer and what it knows.
 struct Out {
-    writer: LogWriter,
+    writer: Box<dyn LogSink>,
     /// The first failure; nothing more goes to the file after it.
     error: Option<Failure>,
 }
@@ -167,6 +196,11 @@ impl Recorder {
         } else {
             LogWriter::create_new(path, disk_bytes)?
         };
+        Self::start(Box::new(writer))
+    }
+
+    /// Starts recording to `writer`, whose file header is already written.
+    pub fn start(writer: Box<dyn LogSink>) -> Result<Self, LogError> {
         let shared = Arc::new(Shared {
             queue: Mutex::default(),
             ready: Condvar::new(),
@@ -234,88 +268,14 @@ impl Recorder {
         Ok(())
     }
 
-    fn enqueue(
-        &mut self,
-        kind: RecordKind,
-        flags: u8,
-        conn: u64,
-        offset: u64,
-        length: u64,
-        payload: Payload,
-    ) -> Result<u64, LogError> {
-        let bytes = match &payload {
-            Payload::Owned(v) => v.len() as u64,
-            Payload::Shared(a) => a.len() as u64,
-            Payload::Blocks(b) => (b.len() * BLOCK_BYTES) as u64,
-        };
+    /// Queues `record` and returns its sequence number.
+    pub fn append(&mut self, record: Record) -> Result<u64, LogError> {
+        let bytes = record.payload.len() as u64;
         let seq = self.next_seq;
-        self.send(
-            Msg {
-                seq,
-                kind,
-                flags,
-                conn,
-                offset,
-                length,
-                payload,
-            },
-            bytes,
-        )?;
+        self.send(Msg { seq, record }, bytes)?;
         self.next_seq += 1;
         self.bytes += RECORD_HEADER_BYTES as u64 + bytes;
         Ok(seq)
-    }
-
-    /// Queues a record whose payload is copied (small payloads: flush, mark, fault, cut).
-    pub fn append(
-        &mut self,
-        kind: RecordKind,
-        flags: u8,
-        conn: u64,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-    ) -> Result<u64, LogError> {
-        self.enqueue(
-            kind,
-            flags,
-            conn,
-            offset,
-            length,
-            Payload::Owned(payload.to_vec()),
-        )
-    }
-
-    /// Queues a write record whose payload is the cache's buffer.
-    pub fn append_shared(
-        &mut self,
-        kind: RecordKind,
-        flags: u8,
-        conn: u64,
-        offset: u64,
-        data: Arc<Vec<u8>>,
-    ) -> Result<u64, LogError> {
-        let n = data.len() as u64;
-        self.enqueue(kind, flags, conn, offset, n, Payload::Shared(data))
-    }
-
-    /// Queues a write record whose payload is the cache entry's blocks.
-    pub fn append_blocks(
-        &mut self,
-        flags: u8,
-        conn: u64,
-        offset: u64,
-        blocks: Arc<Vec<Block>>,
-    ) -> Result<u64, LogError> {
-        let n = (blocks.len() * BLOCK_BYTES) as u64;
-        self.enqueue(
-            RecordKind::Write,
-            flags,
-            conn,
-            offset,
-            n,
-            Payload::Blocks(blocks),
-        )
     }
 
     /// Waits until every queued record is in the file and the file is on stable storage.
@@ -393,15 +353,12 @@ impl Out {
             if self.error.is_some() {
                 return;
             }
-            let (kind, flags, conn, offset, length) = (m.kind, m.flags, m.conn, m.offset, m.length);
-            let appended = match &m.payload {
-                Payload::Owned(v) => self.writer.append(kind, flags, conn, offset, length, v),
-                Payload::Shared(a) => self.writer.append(kind, flags, conn, offset, length, a),
-                Payload::Blocks(b) => {
-                    let parts: Vec<&[u8]> = b.iter().map(|b| &b[..]).collect();
-                    self.writer
-                        .append_parts(kind, flags, conn, offset, length, &parts)
-                }
+            let (head, payload) = (&m.record.head, &m.record.payload);
+            let appended = match payload.as_slice() {
+                Some(one) => self.writer.append_parts(head, &[one]),
+                None => self
+                    .writer
+                    .append_parts(head, &payload.parts().collect::<Vec<_>>()),
             };
             match appended {
                 Ok(s) => assert_eq!(s, m.seq, "records reach the writer in sequence order"),

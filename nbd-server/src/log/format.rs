@@ -183,40 +183,48 @@ pub struct RecordHeader {
     pub header_crc: u32,
 }
 
+/// What a record says before the log numbers it: the header fields its writer chooses (the
+/// log adds the sequence number, the payload length and the checksums).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHead {
+    pub kind: RecordKind,
+    pub flags: u8,
+    pub conn: u64,
+    pub offset: u64,
+    pub length: u64,
+}
+
+impl RecordHead {
+    /// A record that covers no range of the disk (flush, mark, fault, power cut, full).
+    pub fn event(kind: RecordKind, conn: u64) -> Self {
+        RecordHead {
+            kind,
+            flags: 0,
+            conn,
+            offset: 0,
+            length: 0,
+        }
+    }
+}
+
 impl RecordHeader {
-    /// Builds a header with both checksums filled in for `payload`.
-    pub fn seal(
-        kind: RecordKind,
-        flags: u8,
-        seq: u64,
-        conn: u64,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-    ) -> Self {
-        Self::seal_parts(kind, flags, seq, conn, offset, length, &[payload])
+    /// Builds the header of record `seq` with both checksums filled in for `payload`.
+    pub fn seal(head: &RecordHead, seq: u64, payload: &[u8]) -> Self {
+        Self::seal_parts(head, seq, &[payload])
     }
 
     /// [`Self::seal`] for a payload held in pieces (their concatenation is the payload).
-    pub fn seal_parts(
-        kind: RecordKind,
-        flags: u8,
-        seq: u64,
-        conn: u64,
-        offset: u64,
-        length: u64,
-        parts: &[&[u8]],
-    ) -> Self {
+    pub fn seal_parts(head: &RecordHead, seq: u64, parts: &[&[u8]]) -> Self {
         let payload_len: usize = parts.iter().map(|p| p.len()).sum();
         let mut h = RecordHeader {
             magic: RECORD_MAGIC,
-            kind: kind as u8,
-            flags,
+            kind: head.kind as u8,
+            flags: head.flags,
             reserved: 0,
             seq,
-            conn,
-            offset,
-            length,
+            conn: head.conn,
+            offset: head.offset,
+            length: head.length,
             payload_len: u32::try_from(payload_len).expect("payload length checked by caller"),
             crc: 0,
             header_crc: 0,

@@ -7,6 +7,9 @@
 //! two checksums: `header_crc` over its first 48 bytes (so a damaged length is never trusted)
 //! and `crc` over its first 44 bytes plus the payload.
 //!
+//! [`sector_pieces`] and [`torn_pieces`] are the sector arithmetic of torn writes, shared by
+//! the emulated disk's power cut and crashmonkey's crash states.
+//!
 //! Reading is streaming: [`LogReader`] holds one record header at a time and hands out the
 //! payload's position in the file; payloads are checksummed in bounded chunks and read again
 //! only when the caller asks. A torn tail (the writer died mid-record: a truncated record, or
@@ -15,8 +18,10 @@
 
 mod format;
 mod reader;
+mod sectors;
 mod writer;
 
 pub use format::*;
 pub use reader::{LogEnding, LogReader, Record};
+pub use sectors::{merge_pieces, sector_pieces, torn_pieces, unit_pieces};
 pub use writer::LogWriter;

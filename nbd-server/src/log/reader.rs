@@ -155,14 +155,14 @@ impl LogReader {
         if remaining < RECORD_HEADER_BYTES as u64 {
             return self.end_torn();
         }
+        // Every way out but a whole, sound record ends the log.
+        self.done = true;
         let mut raw = [0u8; RECORD_HEADER_BYTES];
         if let Err(e) = self.stream.read_exact(&mut raw) {
-            self.done = true;
             return Some(Err(e.into()));
         }
         let header = RecordHeader::decode(&raw);
         if !header.header_ok(&raw) {
-            self.done = true;
             // Torn: at most a header's worth of written bytes, then nothing but zeroes.
             return match self.zeroes_to_end(self.pos + RECORD_HEADER_BYTES as u64) {
                 Ok(true) => self.end_torn(),
@@ -170,71 +170,20 @@ impl LogReader {
                 Err(e) => Some(Err(e)),
             };
         }
-        // From here on the header is trusted; anything inconsistent in it is damage.
-        self.done = true;
-        let Some(kind) = header.kind() else {
-            return Some(Err(
-                self.corrupt(format!("unknown record kind {}", header.kind))
-            ));
+        let kind = match self.trusted_kind(&header) {
+            Ok(kind) => kind,
+            Err(e) => return Some(Err(e)),
         };
-        if header.payload_len > RECORD_PAYLOAD_BYTES_MAX {
-            return Some(Err(self.corrupt(format!(
-                "payload of {} bytes exceeds the limit",
-                header.payload_len
-            ))));
-        }
-        if kind == RecordKind::Write && header.payload_len as u64 != header.length {
-            return Some(Err(
-                self.corrupt("write record payload length differs from its length")
-            ));
-        }
-        if matches!(
-            kind,
-            RecordKind::Write | RecordKind::Trim | RecordKind::WriteZeroes
-        ) && header
-            .offset
-            .checked_add(header.length)
-            .is_none_or(|end| end > self.header.disk_bytes)
-        {
-            return Some(Err(self.corrupt(format!(
-                "record {}: {} of {} bytes at byte {} reaches past the disk ({} bytes)",
-                header.seq,
-                kind.name(),
-                header.length,
-                header.offset,
-                self.header.disk_bytes
-            ))));
-        }
-        if header.seq != self.next_seq {
-            return Some(Err(self.corrupt(format!(
-                "record has sequence number {}, expected {}",
-                header.seq, self.next_seq
-            ))));
-        }
         let end = self.pos + RECORD_HEADER_BYTES as u64 + header.payload_len as u64;
         if end > self.file_len {
             return self.end_torn();
         }
-        let mut crc = crc32c::crc32c(&raw[..44]);
-        let mut left = header.payload_len as usize;
-        let mut chunk = vec![0u8; left.min(CRC_CHUNK_BYTES)];
-        while left > 0 {
-            let n = left.min(CRC_CHUNK_BYTES);
-            if let Err(e) = self.stream.read_exact(&mut chunk[..n]) {
-                return Some(Err(e.into()));
-            }
-            crc = crc32c::crc32c_append(crc, &chunk[..n]);
-            left -= n;
-        }
-        if crc != header.crc {
-            match self.zeroes_to_end(end) {
-                Ok(true) => return self.end_torn(),
-                Ok(false) => {}
-                Err(e) => return Some(Err(e)),
-            }
-            return Some(Err(self.corrupt("record checksum mismatch")));
-        }
-        if let Err(e) = self.note_full(kind, &header, &chunk) {
+        let payload = match self.checked_payload(&raw, &header, end) {
+            Ok(Some(payload)) => payload,
+            Ok(None) => return self.end_torn(),
+            Err(e) => return Some(Err(e)),
+        };
+        if let Err(e) = self.note_full(kind, &header, &payload) {
             return Some(Err(e));
         }
         let rec = Record {
@@ -246,6 +195,76 @@ impl LogReader {
         self.next_seq += 1;
         self.done = false;
         Some(Ok(rec))
+    }
+
+    /// The kind of a record whose header checksum is right. From here on the header is
+    /// trusted, so anything in it inconsistent with the log is damage: an unknown kind, a
+    /// payload over the limit or not as long as a write says, a range past the disk, a
+    /// sequence number out of turn.
+    fn trusted_kind(&self, header: &RecordHeader) -> Result<RecordKind, LogError> {
+        let Some(kind) = header.kind() else {
+            return Err(self.corrupt(format!("unknown record kind {}", header.kind)));
+        };
+        if header.payload_len > RECORD_PAYLOAD_BYTES_MAX {
+            return Err(self.corrupt(format!(
+                "payload of {} bytes exceeds the limit",
+                header.payload_len
+            )));
+        }
+        if kind == RecordKind::Write && header.payload_len as u64 != header.length {
+            return Err(self.corrupt("write record payload length differs from its length"));
+        }
+        if matches!(
+            kind,
+            RecordKind::Write | RecordKind::Trim | RecordKind::WriteZeroes
+        ) && header
+            .offset
+            .checked_add(header.length)
+            .is_none_or(|end| end > self.header.disk_bytes)
+        {
+            return Err(self.corrupt(format!(
+                "record {}: {} of {} bytes at byte {} reaches past the disk ({} bytes)",
+                header.seq,
+                kind.name(),
+                header.length,
+                header.offset,
+                self.header.disk_bytes
+            )));
+        }
+        if header.seq != self.next_seq {
+            return Err(self.corrupt(format!(
+                "record has sequence number {}, expected {}",
+                header.seq, self.next_seq
+            )));
+        }
+        Ok(kind)
+    }
+
+    /// Reads the payload of the record `raw` heads, which ends at `end`, and checks the
+    /// record's checksum. Returns the payload's last chunk (all of a short payload), or
+    /// `None` when the checksum is wrong and nothing but zeroes follows: a torn tail.
+    fn checked_payload(
+        &mut self,
+        raw: &[u8; RECORD_HEADER_BYTES],
+        header: &RecordHeader,
+        end: u64,
+    ) -> Result<Option<Vec<u8>>, LogError> {
+        let mut crc = crc32c::crc32c(&raw[..44]);
+        let mut left = header.payload_len as usize;
+        let mut chunk = vec![0u8; left.min(CRC_CHUNK_BYTES)];
+        while left > 0 {
+            let n = left.min(CRC_CHUNK_BYTES);
+            self.stream.read_exact(&mut chunk[..n])?;
+            crc = crc32c::crc32c_append(crc, &chunk[..n]);
+            left -= n;
+        }
+        if crc == header.crc {
+            return Ok(Some(chunk));
+        }
+        if self.zeroes_to_end(end)? {
+            return Ok(None);
+        }
+        Err(self.corrupt("record checksum mismatch"))
     }
 
     /// Keeps a full record's reason; refuses a data record after one (the writer never puts

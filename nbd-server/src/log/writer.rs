@@ -346,7 +346,7 @@ impl LogWriter {
             reason: FullReason::LogDiskFull,
             log_bytes: self.bytes,
         });
-        let seq = self.write_record(RecordKind::Full, 0, 0, 0, 0, &[&payload])?;
+        let seq = self.write_record(&RecordHead::event(RecordKind::Full, 0), &[&payload])?;
         self.full = true;
         self.out.sync()?;
         Ok(seq)
@@ -363,9 +363,8 @@ impl LogWriter {
         self.out.is_direct()
     }
 
-    /// Appends one record and returns its sequence number. Mark, fault and power-cut records
-    /// push the buffer to the file, so a reader started later sees them (flush records do
-    /// not: they come too often; the recorder pushes the buffer whenever it runs out of work).
+    /// Appends one record and returns its sequence number (for tools that write logs of
+    /// their own; see [`Self::append_parts`]).
     pub fn append(
         &mut self,
         kind: RecordKind,
@@ -375,21 +374,23 @@ impl LogWriter {
         length: u64,
         payload: &[u8],
     ) -> Result<u64, LogError> {
-        self.append_parts(kind, flags, conn, offset, length, &[payload])
+        let head = RecordHead {
+            kind,
+            flags,
+            conn,
+            offset,
+            length,
+        };
+        self.append_parts(&head, &[payload])
     }
 
-    /// [`Self::append`] for a payload held in pieces (their concatenation is the payload).
+    /// Appends the record `head` says, with a payload held in pieces (their concatenation is
+    /// the payload), and returns its sequence number. Mark, fault and power-cut records push
+    /// the buffer to the file, so a reader started later sees them (flush records do not:
+    /// they come too often; the recorder pushes the buffer whenever it runs out of work).
     /// When the log's filesystem has no room for the record, the log ends with a full
     /// record instead and [`LogError::LogDiskFull`] is returned (then and ever after).
-    pub fn append_parts(
-        &mut self,
-        kind: RecordKind,
-        flags: u8,
-        conn: u64,
-        offset: u64,
-        length: u64,
-        parts: &[&[u8]],
-    ) -> Result<u64, LogError> {
+    pub fn append_parts(&mut self, head: &RecordHead, parts: &[&[u8]]) -> Result<u64, LogError> {
         if self.full {
             return Err(LogError::LogDiskFull);
         }
@@ -403,32 +404,24 @@ impl LogWriter {
             self.end_full()?;
             return Err(LogError::LogDiskFull);
         }
-        match self.write_record(kind, flags, conn, offset, length, parts) {
+        match self.write_record(head, parts) {
             Err(LogError::Io(e)) if is_enospc(&e) => Err(LogError::LogDiskFull),
             r => r,
         }
     }
 
     /// Appends one record to the buffer (and the file, as the buffer fills).
-    fn write_record(
-        &mut self,
-        kind: RecordKind,
-        flags: u8,
-        conn: u64,
-        offset: u64,
-        length: u64,
-        parts: &[&[u8]],
-    ) -> Result<u64, LogError> {
+    fn write_record(&mut self, head: &RecordHead, parts: &[&[u8]]) -> Result<u64, LogError> {
         let payload_len: usize = parts.iter().map(|p| p.len()).sum();
         assert!(payload_len <= RECORD_PAYLOAD_BYTES_MAX as usize);
-        if kind == RecordKind::Write {
+        if head.kind == RecordKind::Write {
             assert_eq!(
-                payload_len as u64, length,
+                payload_len as u64, head.length,
                 "a write record carries its data"
             );
         }
         let seq = self.next_seq;
-        let header = RecordHeader::seal_parts(kind, flags, seq, conn, offset, length, parts);
+        let header = RecordHeader::seal_parts(head, seq, parts);
         self.out.write_all(&header.encode())?;
         for p in parts {
             self.out.write_all(p)?;
@@ -436,7 +429,7 @@ impl LogWriter {
         self.next_seq += 1;
         self.bytes += (RECORD_HEADER_BYTES + payload_len) as u64;
         if matches!(
-            kind,
+            head.kind,
             RecordKind::Mark | RecordKind::PowerCut | RecordKind::Fault | RecordKind::Full
         ) {
             self.out.flush()?;
@@ -510,15 +503,14 @@ mod tests {
                     &payload,
                 )
                 .unwrap();
-            let h = RecordHeader::seal(
-                RecordKind::Write,
-                0,
-                seq,
-                1,
-                (i * 4096) as u64,
-                n as u64,
-                &payload,
-            );
+            let head = RecordHead {
+                kind: RecordKind::Write,
+                flags: 0,
+                conn: 1,
+                offset: (i * 4096) as u64,
+                length: n as u64,
+            };
+            let h = RecordHeader::seal(&head, seq, &payload);
             expect.extend_from_slice(&h.encode());
             expect.extend_from_slice(&payload);
             if i % 3 == 0 {

@@ -61,8 +61,13 @@ impl TestServer {
         count_server_panics();
         let dir = tempfile::tempdir().unwrap();
         let ro = MemoryBackend::new(RO_BYTES);
-        ro.write(nbd_server::backend::Ticket(0), 0, &[0x5a; 4096], false)
-            .unwrap();
+        ro.write(
+            None,
+            0,
+            nbd_server::backend::WriteData::copy_of(&[0x5a; 4096]),
+            false,
+        )
+        .unwrap();
         let file = nbd_server::backend::FileBackend::open(
             &dir.path().join("file.img"),
             Some(8 << 20),
