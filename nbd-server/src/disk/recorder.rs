@@ -84,28 +84,41 @@ struct Msg {
     record: Record,
 }
 
-/// Why the log stopped taking records (cloned to every later appender).
+/// Why the log stopped taking records (cloned to every later appender). `LogError` is not
+/// `Clone` (it holds an `io::Error`), so the first error is kept by its parts: its kind, and
+/// its OS error number when it had one, so every later appender gets the same typed error
+/// (`raw_os_error`, `kind`), not a message wrapped in `io::Error::other`.
 #[derive(Debug, Clone)]
 pub struct Failure {
     message: String,
+    kind: std::io::ErrorKind,
+    os_error: Option<i32>,
     /// The disk holding the log is full (so changes are refused with ENOSPC).
     full: bool,
 }
 
 impl Failure {
     fn of(e: &LogError) -> Self {
+        let (kind, os_error) = match e {
+            LogError::Io(io) => (io.kind(), io.raw_os_error()),
+            _ => (std::io::ErrorKind::InvalidData, None),
+        };
         Failure {
             message: e.to_string(),
+            kind,
+            os_error,
             full: matches!(e, LogError::LogDiskFull),
         }
     }
 
     fn error(&self) -> LogError {
         if self.full {
-            LogError::LogDiskFull
-        } else {
-            LogError::Io(std::io::Error::other(self.message.clone()))
+            return LogError::LogDiskFull;
         }
+        LogError::Io(match self.os_error {
+            Some(code) => std::io::Error::from_raw_os_error(code),
+            None => std::io::Error::new(self.kind, self.message.clone()),
+        })
     }
 }
 
@@ -407,5 +420,29 @@ impl Drop for Recorder {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    /// Every appender after the first failure gets the first error's OS error number and
+    /// kind, not a string: a read-only log file stays EROFS, a full disk stays ENOSPC.
+    #[test]
+    fn a_kept_failure_is_the_same_typed_error() {
+        let rofs = Failure::of(&LogError::Io(std::io::Error::from_raw_os_error(30))).error();
+        assert!(
+            matches!(&rofs, LogError::Io(e) if e.raw_os_error() == Some(30)),
+            "{rofs:?}"
+        );
+        let full = Failure::of(&LogError::LogDiskFull).error();
+        assert!(matches!(full, LogError::LogDiskFull), "{full:?}");
+        let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "slow disk");
+        let kept = Failure::of(&LogError::Io(timed_out)).error();
+        assert!(
+            matches!(&kept, LogError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut),
+            "{kept:?}"
+        );
     }
 }
