@@ -176,6 +176,46 @@ fn checker_deleting_its_image_fails_that_state_only() {
     assert_eq!(hashes(&seen_a), hashes(&seen_b));
 }
 
+/// A checker that leaves a directory (with a file in it) where `{image}` was fails that state
+/// saying so; the worker's image is built again (the directory removed whole) and every later
+/// state holds the same bytes as in a run where nothing was touched.
+#[test]
+fn checker_leaving_a_directory_at_its_image_fails_that_state_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (l, b) = (log(dir.path()), base(dir.path(), DISK_BYTES));
+    let record = |f: &Path| {
+        format!(
+            "echo {{state}} $(md5sum < {{image}} | cut -c1-32) >> '{}'",
+            f.display()
+        )
+    };
+    let (seen_a, seen_b) = (dir.path().join("a"), dir.path().join("b"));
+    let replacing = format!(
+        "{}; case {{state}} in *[13579]) rm {{image}} && mkdir {{image}} && touch {{image}}/x;; esac",
+        record(&seen_a)
+    );
+    let out = output_within(
+        &mut check_cmd(&l, &b, &replacing, &["--json", "--jobs", "2"]),
+        run_limit(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let s = summary(&out);
+    let unique = s["unique"].as_u64().unwrap();
+    assert!(unique >= 4, "{s}");
+    assert_eq!(s["failed"].as_u64().unwrap(), unique / 2, "{s}");
+    for f in s["failures"].as_array().unwrap() {
+        assert_eq!(f["id"].as_u64().unwrap() % 2, 1, "{f}");
+        assert!(f["reason"].as_str().unwrap().contains("directory"), "{f}");
+    }
+    let keeping = format!("{}; true", record(&seen_b));
+    let out = output_within(
+        &mut check_cmd(&l, &b, &keeping, &["--jobs", "2"]),
+        run_limit(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(hashes(&seen_a), hashes(&seen_b));
+}
+
 /// Runs a check whose state 0 passes and whose later states hang (each checker writes its
 /// pid and its child's to `pids`), sends `signal` once both hanging checkers run (to the whole
 /// process group, as Ctrl-C does, when `to_group`), and returns the run's output, its
