@@ -1,64 +1,16 @@
 //! The `crashmonkey` write-log commands as a user runs them.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
+mod common;
 
-use nbd_server::backend::{Arrival, Backend, RequestKind, WriteData};
-use nbd_server::disk::{DiskConfig, EmulatedDisk, VecStorage};
+use std::process::Command;
+
+use common::log;
 
 fn cm(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_crashmonkey"))
         .args(args)
         .output()
         .unwrap()
-}
-
-fn log(dir: &Path) -> PathBuf {
-    let path = dir.join("d.log");
-    let s = Arc::new(VecStorage::new(1 << 20).unwrap());
-    let d = EmulatedDisk::new(
-        s,
-        DiskConfig {
-            record: Some(path.clone()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    for i in 0..30u64 {
-        let t = d
-            .arrived(&Arrival {
-                conn: 1,
-                kind: RequestKind::Write,
-                offset: i * 4096,
-                length: 8192,
-                fua: false,
-            })
-            .expect("a write gets a ticket");
-        d.write(
-            Some(t),
-            i * 4096,
-            WriteData::copy_of(&[i as u8 + 1; 8192]),
-            false,
-        )
-        .unwrap();
-        d.reply_sent(t);
-        if i % 10 == 9 {
-            let t = d
-                .arrived(&Arrival {
-                    conn: 2,
-                    kind: RequestKind::Flush,
-                    offset: 0,
-                    length: 0,
-                    fua: false,
-                })
-                .expect("a flush gets a ticket");
-            d.flush(Some(t)).unwrap();
-            d.reply_sent(t);
-            d.mark(&format!("m{i}")).unwrap();
-        }
-    }
-    path
 }
 
 /// Same log and seed: byte-identical `states --json` output (ids, subsets, hashes).
