@@ -495,6 +495,8 @@ pub struct ReadTask {
     end: u64,
     st: RState,
     got: u64,
+    /// The bytes read, when the caller wants them ([`ReadTask::collecting`]).
+    out: Option<Vec<u8>>,
 }
 
 impl ReadTask {
@@ -505,7 +507,22 @@ impl ReadTask {
             end: pos + len,
             st: RState::Lock,
             got: 0,
+            out: None,
         }
+    }
+
+    /// A read that keeps the bytes it copies out, for [`ReadTask::take_data`]. Bytes past the
+    /// end of the file are not read (the data is shorter than `len`).
+    pub fn collecting(ino: usize, pos: u64, len: u64) -> Self {
+        ReadTask {
+            out: Some(Vec::with_capacity(len as usize)),
+            ..ReadTask::new(ino, pos, len)
+        }
+    }
+
+    /// The bytes a collecting read copied out so far.
+    pub fn take_data(&mut self) -> Option<Vec<u8>> {
+        self.out.take()
     }
 
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
@@ -540,8 +557,11 @@ impl ReadTask {
                 let n = ((idx + 1) * BS).min(self.end) - self.pos;
                 let off = (self.pos - idx * BS) as usize;
                 let f = cx.fs.inode(ino).cache.get(idx).expect("just read");
-                cx.oracle
-                    .check_read(ino, self.pos, &f.data[off..off + n as usize], cx.op);
+                let bytes = &f.data[off..off + n as usize];
+                cx.oracle.check_read(ino, self.pos, bytes, cx.op);
+                if let Some(out) = self.out.as_mut() {
+                    out.extend_from_slice(bytes);
+                }
                 self.pos += n;
                 self.got += n;
                 if self.pos >= self.end {

@@ -3,8 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Largest file the model handles, in blocks (keeps every per-block vector bounded).
-pub const FILE_BLOCKS_MAX: u64 = 1024;
+/// Largest file the model handles, in blocks: 4 GiB, so that an NBD export can be a file of
+/// fs-core (nbd-server's `fscore=` exports). Every per-block vector stays bounded by it (an
+/// extent map of a full file takes 16 MiB).
+pub const FILE_BLOCKS_MAX: u64 = 1 << 20;
 
 /// The state of one file block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

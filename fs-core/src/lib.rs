@@ -22,6 +22,7 @@
 //! - `ns`          namespace operations: create, unlink, rename, link.
 //! - `step`        the step protocol between tasks and the scheduler: `Cx` (what a step may
 //!   touch), `Step` (what it hands back), `YieldPoint` (where it stopped, by label).
+//! - `engine`      the scheduler for calls that arrive while it runs (an NBD export on fs-core).
 //! - `sched`       the task table, policies (random, PCT, replay, script), the runner.
 //! - `oracle`      the fsx-style file model, first-wrong-byte reports, invariants.
 //! - `crash`       the crash oracle: what a filesystem recovered from a crash state must show.
@@ -32,6 +33,7 @@ pub mod alloc;
 pub mod block;
 pub mod buffered_io;
 pub mod crash;
+pub mod engine;
 pub mod extent;
 pub mod fs;
 pub mod iomap;

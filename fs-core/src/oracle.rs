@@ -138,9 +138,24 @@ pub struct History {
     pub promises: Vec<Promise>,
 }
 
+/// How much the oracle keeps. A workload run keeps everything; a long-lived engine (an NBD
+/// export that is a file of fs-core) cannot keep every effect, and may not keep the files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Tracking {
+    /// The files' bytes, every effect and every promise: reads are checked with attribution,
+    /// and crash states can be judged against the history.
+    #[default]
+    Full,
+    /// The files' bytes only: reads are checked (no attribution); memory is the files' size.
+    Files,
+    /// Nothing: reads are not checked. Memory does not grow with the run.
+    Off,
+}
+
 /// The model of all files.
 #[derive(Clone, Debug, Default)]
 pub struct Oracle {
+    tracking: Tracking,
     /// The files and names when the run started.
     start: Vec<FileImage>,
     start_names: std::collections::BTreeMap<String, usize>,
@@ -173,6 +188,35 @@ impl Oracle {
             promises: Vec::new(),
             running: Default::default(),
             failures: Vec::new(),
+            tracking: Tracking::Full,
+        }
+    }
+
+    /// The same oracle keeping only what `tracking` says (set it before the first effect).
+    pub fn tracking(mut self, tracking: Tracking) -> Self {
+        self.tracking = tracking;
+        if tracking == Tracking::Off {
+            for f in &mut self.files {
+                *f = Vec::new();
+            }
+            for f in &mut self.start {
+                f.data = Vec::new();
+            }
+        }
+        self
+    }
+
+    fn keeps_files(&self) -> bool {
+        self.tracking != Tracking::Off
+    }
+
+    fn keeps_history(&self) -> bool {
+        self.tracking == Tracking::Full
+    }
+
+    fn push(&mut self, effect: Effect) {
+        if self.keeps_history() {
+            self.effects.push(effect);
         }
     }
 
@@ -223,7 +267,7 @@ impl Oracle {
     pub fn created(&mut self, ino: usize, generation: u64, op: u32) {
         self.files[ino].clear();
         self.live[ino] = (true, generation);
-        self.effects.push(Effect {
+        self.push(Effect {
             op,
             ino,
             kind: EffectKind::Created { generation },
@@ -234,7 +278,7 @@ impl Oracle {
     pub fn gone(&mut self, ino: usize, op: u32) {
         self.files[ino].clear();
         self.live[ino].0 = false;
-        self.effects.push(Effect {
+        self.push(Effect {
             op,
             ino,
             kind: EffectKind::Gone,
@@ -247,7 +291,7 @@ impl Oracle {
             Some(ino) => self.names.insert(name.to_owned(), ino),
             None => self.names.remove(name),
         };
-        self.effects.push(Effect {
+        self.push(Effect {
             op,
             ino: to.or(before).unwrap_or(usize::MAX),
             kind: EffectKind::Name {
@@ -260,6 +304,9 @@ impl Oracle {
     /// A persistence point starts: what it covers is taken as it is now. `file: None` is
     /// sync (every file, and the names).
     pub fn promise_begin(&mut self, op: u32, file: Option<usize>) {
+        if !self.keeps_history() {
+            return;
+        }
         self.promises.push(Promise {
             op,
             mark: format!("p{op}"),
@@ -292,6 +339,9 @@ impl Oracle {
     }
 
     pub fn write(&mut self, ino: usize, offset: u64, data: &[u8], op: u32) {
+        if !self.keeps_files() {
+            return;
+        }
         let f = &mut self.files[ino];
         let end = offset as usize + data.len();
         if f.len() < end {
@@ -310,16 +360,19 @@ impl Oracle {
                 data: data.to_vec(),
             },
         };
-        self.effects.push(Effect { op, ino, kind });
+        self.push(Effect { op, ino, kind });
     }
 
     /// Zero `[offset, offset + len)` inside the current size (punch, zero range).
     pub fn zero(&mut self, ino: usize, offset: u64, len: u64, op: u32) {
+        if !self.keeps_files() {
+            return;
+        }
         let f = &mut self.files[ino];
         let start = (offset as usize).min(f.len());
         let end = ((offset + len) as usize).min(f.len());
         f[start..end].fill(0);
-        self.effects.push(Effect {
+        self.push(Effect {
             op,
             ino,
             kind: EffectKind::Zero { offset, len },
@@ -327,8 +380,11 @@ impl Oracle {
     }
 
     pub fn set_size(&mut self, ino: usize, size: u64, op: u32) {
+        if !self.keeps_files() {
+            return;
+        }
         self.files[ino].resize(size as usize, 0);
-        self.effects.push(Effect {
+        self.push(Effect {
             op,
             ino,
             kind: EffectKind::Size { size },
@@ -386,6 +442,9 @@ impl Oracle {
 
     /// A read returned `got` for `[offset, ..)`: it must be the model's bytes now.
     pub fn check_read(&mut self, ino: usize, offset: u64, got: &[u8], op: u32) {
+        if !self.keeps_files() {
+            return;
+        }
         if let Some(f) = self.compare(ino, offset, got, Seen::Read { op }) {
             self.failures.push(f);
         }
@@ -424,6 +483,9 @@ impl Oracle {
 
     /// After sync and dropping the page cache: every file must equal its model.
     pub fn check_durable(&mut self, ino: usize, got: &[u8]) {
+        if !self.keeps_files() {
+            return;
+        }
         if let Some(f) = self.compare(ino, 0, got, Seen::AfterSync) {
             self.failures.push(f);
         }

@@ -37,7 +37,7 @@ pub const TASK_RECLAIM: TaskId = 2;
 /// Id of the first workload operation's task.
 pub const FIRST_OP_TASK: TaskId = 3;
 
-enum Body {
+pub(crate) enum Body {
     Write(WriteTask),
     Read(ReadTask),
     Mmap(MmapStoreTask),
@@ -51,17 +51,17 @@ enum Body {
     Completion(IoCompletion),
 }
 
-struct Task {
-    body: Body,
-    op: u32,
-    done: bool,
+pub(crate) struct Task {
+    pub(crate) body: Body,
+    pub(crate) op: u32,
+    pub(crate) done: bool,
     /// The inode slot a data operation works on (it is one of the inode's users meanwhile).
-    slot: Option<usize>,
-    started: bool,
+    pub(crate) slot: Option<usize>,
+    pub(crate) started: bool,
 }
 
 impl Task {
-    fn background(body: Body) -> Self {
+    pub(crate) fn background(body: Body) -> Self {
         Task {
             body,
             op: u32::MAX,
@@ -73,7 +73,7 @@ impl Task {
 }
 
 impl Task {
-    fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
+    pub(crate) fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
         !self.done
             && match &self.body {
                 Body::Write(t) => t.runnable(fs, me),
@@ -97,7 +97,7 @@ impl Task {
         }
     }
 
-    fn step(&mut self, cx: &mut Cx<'_>) -> Step {
+    pub(crate) fn step(&mut self, cx: &mut Cx<'_>) -> Step {
         match &mut self.body {
             Body::Write(t) => t.step(cx),
             Body::Read(t) => t.step(cx),
