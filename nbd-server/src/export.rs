@@ -167,6 +167,8 @@ pub struct ExportSpec {
     pub plain: bool,
     /// `idle-writeback=MS` as given (0: off); the default depends on `file=`.
     pub idle_writeback: Option<u64>,
+    /// The export is a file of an fs-core volume (`fscore=` and its keys).
+    pub fscore: Option<crate::fscore::FsCoreSpec>,
 }
 
 impl ExportSpec {
@@ -199,6 +201,7 @@ impl ExportSpec {
             disk: DiskConfig::default(),
             plain: false,
             idle_writeback: None,
+            fscore: None,
         };
         let mut seen = std::collections::HashSet::new();
         for item in rest.split(',').filter(|i| !i.is_empty()) {
@@ -262,6 +265,19 @@ impl ExportSpec {
                     v => return Err(bad(format!("is os or flush, not {v:?}"))),
                 }
             }
+            "fscore" => {
+                let fs = self.fscore.get_or_insert_with(Default::default);
+                fs.image = match need()? {
+                    "mem" => None,
+                    "" => return Err(bad("is a path or mem".into())),
+                    p => Some(PathBuf::from(p)),
+                };
+                fs.keys.push("fscore".into());
+            }
+            k if crate::fscore::FSCORE_KEYS.contains(&k) => {
+                let fs = self.fscore.get_or_insert_with(Default::default);
+                fs.set(k, value).map_err(bad)?;
+            }
             "idle-writeback" => {
                 let v: u64 = need()?
                     .parse()
@@ -310,7 +326,12 @@ impl ExportSpec {
                 return Err(ExportError::UnknownKey {
                     name: self.name.clone(),
                     key: key.to_owned(),
-                    known: EXPORT_KEYS.join(", "),
+                    known: EXPORT_KEYS
+                        .iter()
+                        .chain(crate::fscore::FSCORE_KEYS)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 })
             }
         }
@@ -319,7 +340,25 @@ impl ExportSpec {
 
     /// The checks across keys, and the idle write-back's default (on for `file=`).
     fn checked(mut self) -> Result<Self, ExportError> {
-        if self.size.is_none() && self.file.is_none() {
+        if let Some(fs) = &self.fscore {
+            let problem = if !fs.keys.iter().any(|k| k == "fscore") {
+                Some("fs-core keys need fscore=PATH|mem".to_owned())
+            } else if self.file.is_some() {
+                Some("file= and fscore= exclude each other (fscore=PATH is the volume's image)".into())
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(ExportError::Conflict {
+                    name: self.name,
+                    problem,
+                });
+            }
+            if self.size.is_none() && fs.image.is_none() {
+                return Err(ExportError::MissingSize(self.name));
+            }
+        }
+        if self.size.is_none() && self.file.is_none() && self.fscore.is_none() {
             return Err(ExportError::MissingSize(self.name));
         }
         if self.readonly && self.disk.record.is_some() {
@@ -380,6 +419,71 @@ pub fn build_backend(spec: &ExportSpec) -> Result<Arc<dyn Backend>, ExportError>
             Ok(Arc::new(MemoryBackend::new(size)))
         }
     }
+}
+
+/// The fs-core volumes the specs name, started, by volume key, each with the file indexes of
+/// its exports in spec order. Volume-wide keys (fs-core switches, session, disk keys) come
+/// from the first export of a volume; a later one giving any is refused.
+fn start_volumes(
+    specs: &[ExportSpec],
+) -> Result<
+    std::collections::HashMap<String, (Arc<crate::fscore::served::ServedVolume>, Vec<usize>)>,
+    ExportError,
+> {
+    use crate::fscore::served::{ServedVolume, VolumeSetup};
+    let mut setups: Vec<(String, VolumeSetup)> = Vec::new();
+    for spec in specs {
+        let Some(fs) = &spec.fscore else { continue };
+        let key = fs.volume_key();
+        match setups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, setup)) => {
+                let extra: Vec<&String> = fs.keys.iter().filter(|k| *k != "fscore").collect();
+                if !extra.is_empty() || spec.disk != DiskConfig::default() {
+                    return Err(ExportError::Conflict {
+                        name: spec.name.clone(),
+                        problem: format!(
+                            "the volume's keys ({extra:?}, disk keys) go on its first export, {:?}",
+                            setup.label
+                        ),
+                    });
+                }
+                setup.files.push((spec.name.clone(), spec.size));
+            }
+            None => setups.push((
+                key,
+                VolumeSetup {
+                    image: fs.image.clone(),
+                    files: vec![(spec.name.clone(), spec.size)],
+                    volume_size: fs.volume_size,
+                    config: fs.config.clone(),
+                    sched_seed: fs.sched_seed,
+                    session: fs.session.clone(),
+                    disk: spec.disk.clone(),
+                    label: spec.name.clone(),
+                },
+            )),
+        }
+    }
+    let mut out = std::collections::HashMap::new();
+    for (key, setup) in setups {
+        let n = setup.files.len();
+        let label = setup.label.clone();
+        if setup.session.is_some()
+            && (setup.disk.crash_after_writes.is_some() || setup.disk.crash_seed.is_some())
+        {
+            return Err(ExportError::Conflict {
+                name: label,
+                problem: "session= cannot replay an automatic power cut (crash-after-writes,                           crash-seed); cut with `nbd-server ctl crash` instead"
+                    .into(),
+            });
+        }
+        let volume = ServedVolume::start(setup).map_err(|message| ExportError::Backend {
+            name: label,
+            message,
+        })?;
+        out.insert(key, (volume, (0..n).collect()));
+    }
+    Ok(out)
 }
 
 /// Whether `a` and `b` name one file: the same inode where both exist, else the same path
@@ -539,6 +643,8 @@ pub struct Export {
     pub disk: Option<Arc<EmulatedDisk>>,
     /// Bumped by [`Export::disconnect_all`]; every connection of the export watches it.
     pub(crate) kick: tokio::sync::watch::Sender<u64>,
+    /// The fs-core volume this export is a file of.
+    pub fscore: Option<Arc<crate::fscore::served::ServedVolume>>,
 }
 
 impl std::fmt::Debug for Export {
@@ -561,6 +667,29 @@ impl Export {
             fence: Default::default(),
             disk: None,
             kick: tokio::sync::watch::Sender::new(0),
+            fscore: None,
+        }
+    }
+
+    /// The export that is file `file` of `volume`.
+    pub fn of_volume(
+        spec: &ExportSpec,
+        volume: Arc<crate::fscore::served::ServedVolume>,
+        file: usize,
+    ) -> Self {
+        let backend = Arc::new(crate::fscore::served::FsCoreFile {
+            volume: volume.clone(),
+            file,
+        });
+        Export {
+            name: spec.name.clone(),
+            description: spec.description.clone(),
+            readonly: spec.readonly,
+            backend,
+            fence: Default::default(),
+            kick: volume.disk.power_cut_sender(),
+            disk: Some(volume.disk.clone()),
+            fscore: Some(volume),
         }
     }
 
@@ -608,6 +737,7 @@ impl Export {
                 .unwrap_or_else(|| tokio::sync::watch::Sender::new(0)),
             disk,
             fence: Default::default(),
+            fscore: None,
         })
     }
 
@@ -674,9 +804,19 @@ impl ExportRegistry {
     /// Checks the specs against each other ([`check_specs`]), then opens every one.
     pub fn from_specs(specs: &[ExportSpec]) -> Result<Self, ExportError> {
         check_specs(specs)?;
+        let mut volumes = start_volumes(specs)?;
         let exports = specs
             .iter()
-            .map(Export::from_spec)
+            .map(|spec| match &spec.fscore {
+                Some(fs) => {
+                    let (volume, files) = volumes
+                        .get_mut(&fs.volume_key())
+                        .expect("every volume was started");
+                    let file = files.remove(0);
+                    Ok(Export::of_volume(spec, volume.clone(), file))
+                }
+                None => Export::from_spec(spec),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         ExportRegistry::new(exports)
     }

@@ -24,7 +24,9 @@ pub struct RecordedDevice {
     disk: Arc<EmulatedDisk>,
     blocks: u64,
     queue: RequestQueue,
-    records: Vec<DeviceRecord>,
+    /// fs-core's own copy of what it completed (`None`: kept only in the disk's log, for a
+    /// device that serves for as long as the server runs).
+    records: Option<Vec<DeviceRecord>>,
 }
 
 impl std::fmt::Debug for RecordedDevice {
@@ -62,8 +64,20 @@ impl RecordedDevice {
             disk: Arc::new(EmulatedDisk::new(storage, config)?),
             blocks,
             queue: RequestQueue::new(blocks),
-            records: Vec::new(),
+            records: Some(Vec::new()),
         })
+    }
+
+    /// A device over `disk` (its whole size, in 4 KiB blocks) that keeps no copy of what it
+    /// completed: the disk's recorder, if it has one, is the log.
+    pub fn over(disk: Arc<EmulatedDisk>) -> Self {
+        let blocks = disk.size() / BLOCK_SIZE as u64;
+        RecordedDevice {
+            disk,
+            blocks,
+            queue: RequestQueue::new(blocks),
+            records: None,
+        }
     }
 
     /// The emulated disk underneath (marks, stats, power cut).
@@ -72,9 +86,10 @@ impl RecordedDevice {
     }
 
     fn record(&mut self, kind: RecordKind, block: u64, count: u64, payload: &[u8]) {
-        let seq = self.records.len() as u64;
-        self.records
-            .push(DeviceRecord::new(seq, kind, block, count, payload));
+        if let Some(records) = self.records.as_mut() {
+            let seq = records.len() as u64;
+            records.push(DeviceRecord::new(seq, kind, block, count, payload));
+        }
     }
 
     /// One request through the disk's whole lifecycle: arrival, IO, reply.
@@ -154,7 +169,7 @@ impl BlockDevice for RecordedDevice {
     }
 
     fn write_log(&self) -> Option<&[DeviceRecord]> {
-        Some(&self.records)
+        self.records.as_deref()
     }
 
     /// A mark in the emulated disk's write log (a recording failure shows at the next IO).

@@ -19,6 +19,7 @@ pub mod connection;
 pub mod control;
 pub mod disk;
 pub mod export;
+pub mod fscore;
 pub mod fscore_device;
 pub mod handshake;
 pub mod lent;

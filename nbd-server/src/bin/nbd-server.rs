@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -267,10 +268,16 @@ fn serve(cli: &Cli) -> Result<()> {
     }
     let tls = tls_config(cli)?;
     let exports = ExportRegistry::from_specs(&specs).context("cannot set up the exports")?;
-    let disks: Disks = exports
-        .iter()
-        .filter_map(|e| e.disk.clone().map(|d| (e.name.clone(), d)))
-        .collect();
+    let mut disks: Disks = Vec::new();
+    for e in exports.iter() {
+        // The exports of one fs-core volume share its disk: it is listed once.
+        if let Some(d) = e.disk.clone() {
+            if !disks.iter().any(|(_, x)| Arc::ptr_eq(x, &d)) {
+                disks.push((e.name.clone(), d));
+            }
+        }
+    }
+    let volumes: Vec<_> = exports.iter().filter_map(|e| e.fscore.clone()).collect();
     let config = ServerConfig {
         listen: (!cli.no_tcp).then_some(cli.listen),
         unix: cli.unix.clone(),
@@ -281,12 +288,17 @@ fn serve(cli: &Cli) -> Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    rt.block_on(run(config, cli.control.as_deref(), disks))
+    rt.block_on(run(config, cli.control.as_deref(), disks, volumes))
 }
 
 /// Binds the sockets, says what is served, waits for SIGINT or SIGTERM, then shuts down:
 /// stop accepting, finish requests in flight, flush, write back every cache.
-async fn run(config: ServerConfig, control: Option<&Path>, disks: Disks) -> Result<()> {
+async fn run(
+    config: ServerConfig,
+    control: Option<&Path>,
+    disks: Disks,
+    volumes: Vec<Arc<nbd_server::fscore::served::ServedVolume>>,
+) -> Result<()> {
     let handle = Server::bind(config.clone())
         .await
         .with_context(|| match config.listen {
@@ -316,7 +328,16 @@ async fn run(config: ServerConfig, control: Option<&Path>, disks: Disks) -> Resu
     // Removes the control socket, whatever happens next.
     drop(control);
     let flushed = handle.shutdown().await;
-    let lost = write_back_at_exit(&disks);
+    // fs-core volumes sync and unmount onto their disks before the disks write back.
+    let mut lost = 0;
+    for v in &volumes {
+        if let Err(e) = v.shutdown() {
+            eprintln!("nbd-server: fs-core volume: {e}");
+            lost += 1;
+        }
+    }
+
+    lost += write_back_at_exit(&disks);
     if let Err(e) = &flushed {
         eprintln!("nbd-server: flushing the exports at shutdown failed: {e}");
     }

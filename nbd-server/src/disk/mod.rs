@@ -250,6 +250,11 @@ pub struct EmulatedDisk {
     spares: cache::Spares,
     /// The export's name, for the server's log.
     name: String,
+    /// Held by whoever must not see a power cut in the middle of its work (the engine thread
+    /// of an fs-core volume holds it for each step, so a cut falls between two steps).
+    cut_gate: std::sync::OnceLock<Arc<Mutex<()>>>,
+    /// The seed of the last power cut.
+    last_cut_seed: Mutex<Option<u64>>,
 }
 
 impl EmulatedDisk {
@@ -308,6 +313,8 @@ impl EmulatedDisk {
             cut_tx: watch::channel(0).0,
             reads: Default::default(),
             name: name.to_owned(),
+            cut_gate: std::sync::OnceLock::new(),
+            last_cut_seed: Mutex::new(None),
         }
     }
 
@@ -362,13 +369,29 @@ impl EmulatedDisk {
     /// Cuts the power: see the module docs. `seed` defaults to one derived from the crash seed
     /// and the number of earlier cuts.
     pub fn power_cut(&self, seed: Option<u64>) -> Result<PowerCutReport, DiskError> {
+        let gate = self.cut_gate.get().cloned();
+        let _held = gate.as_ref().map(|g| g.lock().unwrap_or_else(|p| p.into_inner()));
         let report = {
             let mut st = self.lock();
             let seed = st.cut.seed(seed);
             self.power_cut_locked(&mut st, seed)?
         };
+        *self
+            .last_cut_seed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(report.seed);
         self.cut_tx.send_modify(|g| *g += 1);
         Ok(report)
+    }
+
+    /// Makes every power cut wait for `gate` (set once; later calls are ignored).
+    pub fn set_power_cut_gate(&self, gate: Arc<Mutex<()>>) {
+        let _ = self.cut_gate.set(gate);
+    }
+
+    /// The seed of the last power cut, if there was one.
+    pub fn last_power_cut_seed(&self) -> Option<u64> {
+        *self.last_cut_seed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Applies a cut seeded with `seed` (see [`power_cut::choose`]) under the lock: the

@@ -1,0 +1,182 @@
+//! Exports that are files of an fs-core volume (`--export 'vm:size=1G,fscore=PATH|mem'`).
+//!
+//! The volume is an fs-core filesystem on an emulated disk (memory, or a raw image at PATH,
+//! formatted when new); each export naming the volume is one of its files. Every request
+//! becomes fs-core calls ([`volume`]), run as tasks of fs-core's deterministic scheduler on
+//! the volume's engine thread ([`served`]) beside writeback, IO completion and reclaim; the
+//! emulated disk (and its recorder) sits under fs-core. A session file ([`session`]) keeps
+//! each request and the schedule, so the run replays in process (`crashmonkey fs session
+//! replay`).
+//!
+//! Keys (besides `size=`, and the emulated-disk keys, which apply to the disk under fs-core
+//! and are given on the first export of a volume):
+//!
+//! | key | meaning |
+//! |---|---|
+//! | `fscore=PATH\|mem` | the volume: a raw image (made and formatted when missing) or memory; exports naming the same one share it |
+//! | `volume-size=SIZE` | the device under a new volume (default: the files' sizes plus room for metadata) |
+//! | `iomap-valid=on\|off` | the write path's validity-cookie check |
+//! | `wb-seq-check=on\|off` | writeback's seq check of its cached mapping |
+//! | `punch=old\|fixed` | the short-write delalloc punch |
+//! | `alloc=delalloc\|at-write` | allocation behaviour |
+//! | `check-at=after-lock\|get-folio\|before-lock` | where the write path checks the cookie |
+//! | `mkwrite-inode-lock` | page_mkwrite takes the inode lock shared |
+//! | `bug=NAME[+NAME...]` | planted bugs of the persistent filesystem |
+//! | `cache-folios=N` | the page-cache limit in folios (small values force reclaim) |
+//! | `sched-seed=S` | the scheduler's seed |
+//! | `session=PATH` | record the session there (a new volume only; never replaces a file) |
+
+pub mod served;
+pub mod session;
+pub mod volume;
+
+use std::path::PathBuf;
+
+use fs_core::{AllocMode, Config, PunchMode, ValidityCheckAt};
+
+/// Default page-cache limit of an fs-core export, in folios (64 MiB).
+pub const EXPORT_CACHE_FOLIOS_DEFAULT: usize = 16_384;
+/// Inodes of a new volume beyond its exports' files.
+pub const VOLUME_SPARE_INODES: u64 = 16;
+/// Blocks of a new volume beyond its files' blocks, for the journal, inodes and bitmap.
+pub const VOLUME_METADATA_BLOCKS: u64 = 4096 + 512;
+/// Blocks of a new volume's extent chains, per 16 file blocks (one extent record of 24 bytes
+/// per file block at worst: 96 KiB of chain per 16 MiB of file, here 1 in 16).
+pub const VOLUME_CHAIN_BLOCKS_PER_16: u64 = 1;
+
+/// The keys of one export that make it a file of an fs-core volume.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FsCoreSpec {
+    /// `None`: the memory volume.
+    pub image: Option<PathBuf>,
+    pub volume_size: Option<u64>,
+    pub config: Config,
+    pub sched_seed: u64,
+    pub session: Option<PathBuf>,
+    /// Which keys were given (a later export of a volume may not give volume-wide keys).
+    pub keys: Vec<String>,
+}
+
+impl Default for FsCoreSpec {
+    fn default() -> Self {
+        FsCoreSpec {
+            image: None,
+            volume_size: None,
+            config: Config {
+                cache_limit_folios: EXPORT_CACHE_FOLIOS_DEFAULT,
+                ..Config::default()
+            },
+            sched_seed: 0,
+            session: None,
+            keys: Vec::new(),
+        }
+    }
+}
+
+/// Every fs-core key an export accepts.
+pub const FSCORE_KEYS: &[&str] = &[
+    "fscore",
+    "volume-size",
+    "iomap-valid",
+    "wb-seq-check",
+    "punch",
+    "alloc",
+    "check-at",
+    "mkwrite-inode-lock",
+    "bug",
+    "cache-folios",
+    "sched-seed",
+    "session",
+];
+
+fn on_off(v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("is on or off, not {v:?}")),
+    }
+}
+
+impl FsCoreSpec {
+    /// Applies one key (without `fscore=` itself); the error says what is wrong.
+    pub fn set(&mut self, key: &str, value: Option<&str>) -> Result<(), String> {
+        let need = || value.ok_or_else(|| "needs a value (KEY=VALUE)".to_owned());
+        let c = &mut self.config;
+        match key {
+            "volume-size" => self.volume_size = Some(crate::export::parse_size(need()?)?),
+            "iomap-valid" => c.iomap_valid = on_off(need()?)?,
+            "wb-seq-check" => c.wb_seq_check = on_off(need()?)?,
+            "punch" => {
+                c.punch = match need()? {
+                    "old" => PunchMode::Old,
+                    "fixed" => PunchMode::Fixed,
+                    v => return Err(format!("is old or fixed, not {v:?}")),
+                }
+            }
+            "alloc" => {
+                c.alloc = match need()? {
+                    "delalloc" => AllocMode::Delalloc,
+                    "at-write" => AllocMode::AtWrite,
+                    v => return Err(format!("is delalloc or at-write, not {v:?}")),
+                }
+            }
+            "check-at" => {
+                c.validity_check_at = match need()? {
+                    "after-lock" => ValidityCheckAt::AfterFolioLock,
+                    "get-folio" => ValidityCheckAt::InGetFolio,
+                    "before-lock" => ValidityCheckAt::BeforeFolioLock,
+                    v => {
+                        return Err(format!(
+                            "is after-lock, get-folio or before-lock, not {v:?}"
+                        ))
+                    }
+                }
+            }
+            "mkwrite-inode-lock" => {
+                c.mkwrite_takes_inode_lock = value.map_or(Ok(true), on_off)?;
+            }
+            "bug" => {
+                for name in need()?.split('+') {
+                    if !c.bugs.set(name) {
+                        return Err(format!(
+                            "names no planted bug {name:?} (known: {})",
+                            fs_core::fs::Bugs::NAMES.join(", ")
+                        ));
+                    }
+                }
+            }
+            "cache-folios" => {
+                let n: usize = need()?
+                    .parse()
+                    .map_err(|_| "needs a whole number of folios".to_owned())?;
+                c.cache_limit_folios = n.max(1);
+            }
+            "sched-seed" => {
+                self.sched_seed = need()?
+                    .parse()
+                    .map_err(|_| "needs a whole number".to_owned())?
+            }
+            "session" => match need()? {
+                "" => return Err("needs a path".into()),
+                p => self.session = Some(PathBuf::from(p)),
+            },
+            _ => return Err(format!("is not an fs-core key ({})", FSCORE_KEYS.join(", "))),
+        }
+        self.keys.push(key.to_owned());
+        Ok(())
+    }
+
+    /// The volume this export is a file of, as a key: the image's path, or "mem".
+    pub fn volume_key(&self) -> String {
+        match &self.image {
+            Some(p) => format!("file:{}", p.display()),
+            None => "mem".into(),
+        }
+    }
+}
+
+/// The device size in blocks a new volume gets for files of `file_bytes` in all.
+pub fn default_volume_blocks(file_bytes: u64) -> u64 {
+    let data = file_bytes.div_ceil(fs_core::block::BLOCK_SIZE as u64);
+    data + data.div_ceil(16) * VOLUME_CHAIN_BLOCKS_PER_16 + VOLUME_METADATA_BLOCKS
+}
