@@ -26,6 +26,7 @@
 //! | `sched-seed=S` | the scheduler's seed |
 //! | `session=PATH` | record the session there (a new volume only; never replaces a file) |
 
+pub mod replay;
 pub mod served;
 pub mod session;
 pub mod volume;

@@ -121,8 +121,14 @@ pub fn engine_over(fs: fs_core::Fs, seed: u64, tracking: Tracking) -> Engine {
     Engine::new(fs, oracle, Box::new(RandomPolicy::new(seed)))
 }
 
-/// Mounts the volume on `disk` again (after a power cut: log recovery runs).
-pub fn remount(
+/// The scheduler's seed after the `n`th remount of a volume seeded `base`.
+pub fn remount_seed(base: u64, n: u64) -> u64 {
+    base ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Mounts the volume on `disk` again (after a power cut: log recovery runs). With an oracle
+/// that keeps the files, it starts from the files as mounted.
+pub fn remount_tracked(
     disk: Arc<EmulatedDisk>,
     config: &Config,
     files: &[VolFile],
@@ -130,8 +136,21 @@ pub fn remount(
     tracking: Tracking,
 ) -> Result<Volume, String> {
     let dev = RecordedDevice::over(disk);
-    let fs = fs_core::ondisk::mount(config.clone(), Box::new(dev)).map_err(|e| e.to_string())?;
-    Ok(Volume::new(engine_over(fs, seed, tracking), files.to_vec()))
+    let mut fs =
+        fs_core::ondisk::mount(config.clone(), Box::new(dev)).map_err(|e| e.to_string())?;
+    let mut contents = Vec::with_capacity(fs.inodes.len());
+    for ino in 0..fs.inodes.len() {
+        let data = if tracking == Tracking::Off || !fs.inode(ino).in_use {
+            Vec::new()
+        } else {
+            fs.read_from_disk(ino).map_err(|e| e.to_string())?
+        };
+        let i = fs.inode(ino);
+        contents.push((i.in_use, i.generation, data));
+    }
+    let oracle = Oracle::mounted(contents, Default::default()).tracking(tracking);
+    let engine = Engine::new(fs, oracle, Box::new(RandomPolicy::new(seed)));
+    Ok(Volume::new(engine, files.to_vec()))
 }
 
 impl ServedVolume {
@@ -493,8 +512,8 @@ impl Worker {
         self.deliver();
         let files = self.volume.take().expect("serving").files().to_vec();
         self.remounts += 1;
-        let seed = self.header.sched_seed ^ self.remounts.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        match remount(
+        let seed = remount_seed(self.header.sched_seed, self.remounts);
+        match remount_tracked(
             self.disk.clone(),
             &self.header.config,
             &files,

@@ -82,6 +82,36 @@ Exit status: 0 described, 2 error (no such file, cannot mount)."
     /// Crash campaigns: each run formats a fresh filesystem on a recorded emulated disk, runs
     /// a workload, and checks every crash state of its log (mount, fsck, crash oracle).
     Campaign(Box<crate::fs_campaign_cmd::CampaignArgs>),
+    /// Sessions an fscore= export of nbd-server recorded.
+    #[command(subcommand)]
+    Session(SessionCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SessionCmd {
+    /// Re-run a recorded session in process (no sockets, no kernel) and check it.
+    #[command(
+        after_help = "The volume is made as the server made it; each request is submitted where it arrived, each recorded scheduler step run, each power cut cut again. With the recorded switches every answer must equal the recorded one (reads by a hash of their bytes), and fs-core's oracle, which the server does not run, names the first wrong byte a read returned. --set changes a switch (the keys of an fscore= export: iomap-valid=on, wb-seq-check=off, punch=old, alloc=at-write, check-at=..., cache-folios=N, bug=NAME); the recorded steps are then followed where they can be.\n\n\
+Examples:\n  \
+nbd-server --export 'vm:size=64M,fscore=mem,iomap-valid=off,session=vm.session' ...\n  \
+crashmonkey fs session replay vm.session\n  \
+crashmonkey fs session replay vm.session --set iomap-valid=on --json\n\n\
+Exit status: 0 the same answers and no wrong byte, 1 a wrong byte or a different answer, \
+2 error (unreadable session, cannot replay)."
+    )]
+    Replay(ReplayArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// The session file (fscore= export key session=PATH).
+    pub session: std::path::PathBuf,
+    /// Change a switch: KEY=VALUE as an fscore= export takes it (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -149,6 +179,7 @@ fn parse_target(s: &str) -> Result<Target, String> {
 pub fn run(cmd: FsCmd) -> anyhow::Result<i32> {
     let (name, r) = match cmd {
         FsCmd::Campaign(a) => return crate::fs_campaign_cmd::run(*a),
+        FsCmd::Session(SessionCmd::Replay(a)) => ("session replay", session_replay(a)),
         FsCmd::Mkfs(a) => ("mkfs", mkfs(a)),
         FsCmd::Fsck(a) => ("fsck", fsck(a)),
         FsCmd::Ls(a) => ("ls", ls(a)),
@@ -343,5 +374,109 @@ fn shown(name: &str) -> String {
         name.to_string()
     } else {
         format!("{name:?}")
+    }
+}
+
+/// `fs session replay`: the switches changed as asked, the replay, its report.
+fn session_replay(a: ReplayArgs) -> anyhow::Result<i32> {
+    use nbd_server::fscore::{replay, session::SessionReader, FsCoreSpec};
+    let config = if a.set.is_empty() {
+        None
+    } else {
+        let header = SessionReader::open(&a.session)
+            .with_context(|| format!("{}", a.session.display()))?
+            .header;
+        let mut spec = FsCoreSpec {
+            config: header.config,
+            ..FsCoreSpec::default()
+        };
+        for kv in &a.set {
+            let (k, v) = match kv.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (kv.as_str(), None),
+            };
+            if matches!(k, "fscore" | "session" | "volume-size" | "sched-seed") {
+                anyhow::bail!("--set {k}: not a switch (the session fixes it)");
+            }
+            spec.set(k, v).map_err(|e| anyhow::anyhow!("--set {kv}: {k} {e}"))?;
+        }
+        Some(spec.config)
+    };
+    let report = replay::replay(&a.session, config)
+        .with_context(|| format!("replaying {}", a.session.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_replay(&a.session, &report);
+    }
+    Ok(if report.clean() { 0 } else { 1 })
+}
+
+fn print_replay(path: &std::path::Path, r: &nbd_server::fscore::replay::ReplayReport) {
+    println!(
+        "{}: {} requests, {} steps, {} power cuts{}{}",
+        path.display(),
+        r.requests,
+        r.steps,
+        r.power_cuts,
+        if r.switches_changed {
+            format!(
+                "; switches changed ({} recorded steps not followed)",
+                r.steps_not_followed
+            )
+        } else {
+            String::new()
+        },
+        if r.complete {
+            ""
+        } else {
+            "; the session has no end record (the server did not stop cleanly)"
+        }
+    );
+    println!(
+        "answers: {} compared with the recording, {} differ{}",
+        r.answers_compared,
+        r.mismatches_total,
+        if r.switches_changed {
+            " (the switches changed: reads may rightly differ)"
+        } else {
+            ""
+        }
+    );
+    for m in r.mismatches.iter().filter(|_| !r.switches_changed) {
+        println!(
+            "  request {}: recorded {:?}, replayed {:?} (ok, hash, length)",
+            m.request, m.recorded, m.replayed
+        );
+    }
+    for n in &r.notes {
+        println!("model: {n}");
+    }
+    if r.failures.is_empty() {
+        println!("oracle: every read returned the bytes the model holds");
+    }
+    for f in &r.failures {
+        match f {
+            fs_core::Failure::WrongData {
+                file,
+                offset,
+                expected,
+                found,
+                ..
+            } => {
+                let name = r
+                    .header
+                    .files
+                    .iter()
+                    .find(|v| v.ino == *file)
+                    .map_or("?", |v| v.name.as_str());
+                println!(
+                    "WRONG DATA: file {name:?} byte {offset} (block {}): expected 0x{expected:02x}, \
+                     read 0x{found:02x}",
+                    offset / 4096
+                );
+            }
+            other => println!("FAILURE: {other:?}"),
+        }
     }
 }
