@@ -32,13 +32,39 @@ pub const CALLS_IN_FLIGHT_MAX: usize = 4096;
 /// reads and writes take any alignment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Call {
-    Read { ino: usize, offset: u64, len: u64 },
-    Write { ino: usize, offset: u64, data: Vec<u8> },
-    Punch { ino: usize, offset: u64, len: u64 },
-    ZeroRange { ino: usize, offset: u64, len: u64 },
-    Fallocate { ino: usize, offset: u64, len: u64, keep_size: bool },
-    Truncate { ino: usize, size: u64 },
-    Fsync { ino: usize },
+    Read {
+        ino: usize,
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        ino: usize,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Punch {
+        ino: usize,
+        offset: u64,
+        len: u64,
+    },
+    ZeroRange {
+        ino: usize,
+        offset: u64,
+        len: u64,
+    },
+    Fallocate {
+        ino: usize,
+        offset: u64,
+        len: u64,
+        keep_size: bool,
+    },
+    Truncate {
+        ino: usize,
+        size: u64,
+    },
+    Fsync {
+        ino: usize,
+    },
     Sync,
 }
 

@@ -344,7 +344,10 @@ impl ExportSpec {
             let problem = if !fs.keys.iter().any(|k| k == "fscore") {
                 Some("fs-core keys need fscore=PATH|mem".to_owned())
             } else if self.file.is_some() {
-                Some("file= and fscore= exclude each other (fscore=PATH is the volume's image)".into())
+                Some(
+                    "file= and fscore= exclude each other (fscore=PATH is the volume's image)"
+                        .into(),
+                )
             } else {
                 None
             };
@@ -421,15 +424,14 @@ pub fn build_backend(spec: &ExportSpec) -> Result<Arc<dyn Backend>, ExportError>
     }
 }
 
+/// Started volumes by key, each with the file indexes its exports have not taken yet.
+type StartedVolumes =
+    std::collections::HashMap<String, (Arc<crate::fscore::served::ServedVolume>, Vec<usize>)>;
+
 /// The fs-core volumes the specs name, started, by volume key, each with the file indexes of
 /// its exports in spec order. Volume-wide keys (fs-core switches, session, disk keys) come
 /// from the first export of a volume; a later one giving any is refused.
-fn start_volumes(
-    specs: &[ExportSpec],
-) -> Result<
-    std::collections::HashMap<String, (Arc<crate::fscore::served::ServedVolume>, Vec<usize>)>,
-    ExportError,
-> {
+fn start_volumes(specs: &[ExportSpec]) -> Result<StartedVolumes, ExportError> {
     use crate::fscore::served::{ServedVolume, VolumeSetup};
     let mut setups: Vec<(String, VolumeSetup)> = Vec::new();
     for spec in specs {

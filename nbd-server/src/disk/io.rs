@@ -109,10 +109,7 @@ impl EmulatedDisk {
             self.power_cut_locked(&mut st, seed)
                 .map_err(io::Error::other)?;
             drop(st);
-            *self
-                .last_cut_seed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(seed);
+            *self.last_cut_seed.lock().unwrap_or_else(|p| p.into_inner()) = Some(seed);
             self.cut_tx.send_modify(|g| *g += 1);
             return Err(Refusal::PowerCut.into());
         }

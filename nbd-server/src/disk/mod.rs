@@ -370,16 +370,15 @@ impl EmulatedDisk {
     /// and the number of earlier cuts.
     pub fn power_cut(&self, seed: Option<u64>) -> Result<PowerCutReport, DiskError> {
         let gate = self.cut_gate.get().cloned();
-        let _held = gate.as_ref().map(|g| g.lock().unwrap_or_else(|p| p.into_inner()));
+        let _held = gate
+            .as_ref()
+            .map(|g| g.lock().unwrap_or_else(|p| p.into_inner()));
         let report = {
             let mut st = self.lock();
             let seed = st.cut.seed(seed);
             self.power_cut_locked(&mut st, seed)?
         };
-        *self
-            .last_cut_seed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(report.seed);
+        *self.last_cut_seed.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.seed);
         self.cut_tx.send_modify(|g| *g += 1);
         Ok(report)
     }

@@ -161,7 +161,12 @@ impl FsCoreSpec {
                 "" => return Err("needs a path".into()),
                 p => self.session = Some(PathBuf::from(p)),
             },
-            _ => return Err(format!("is not an fs-core key ({})", FSCORE_KEYS.join(", "))),
+            _ => {
+                return Err(format!(
+                    "is not an fs-core key ({})",
+                    FSCORE_KEYS.join(", ")
+                ))
+            }
         }
         self.keys.push(key.to_owned());
         Ok(())

@@ -204,7 +204,12 @@ impl Replay {
         }
     }
 
-    fn mismatch(&mut self, request: u64, recorded: (bool, u64, u32), got: Option<(bool, u64, u32)>) {
+    fn mismatch(
+        &mut self,
+        request: u64,
+        recorded: (bool, u64, u32),
+        got: Option<(bool, u64, u32)>,
+    ) {
         self.report.mismatches_total += 1;
         if self.report.mismatches.len() < REPLAY_MISMATCHES_MAX {
             self.report.mismatches.push(Mismatch {
@@ -226,8 +231,14 @@ impl Replay {
             .map_err(|e| ReplayError::Volume(e.to_string()))?;
         let files = self.volume.files().to_vec();
         let seed = remount_seed(self.header.sched_seed, self.report.power_cuts);
-        self.volume = remount_tracked(self.disk.clone(), &self.config, &files, seed, Tracking::Files)
-            .map_err(ReplayError::Volume)?;
+        self.volume = remount_tracked(
+            self.disk.clone(),
+            &self.config,
+            &files,
+            seed,
+            Tracking::Files,
+        )
+        .map_err(ReplayError::Volume)?;
         Ok(())
     }
 

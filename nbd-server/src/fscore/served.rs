@@ -22,7 +22,9 @@ use fs_core::Config;
 
 use super::session::{SessionHeader, SessionWriter};
 use super::volume::{Answer, VolFile, VolOp, VolRequest, Volume};
-use crate::backend::{Backend, FileBackend, MemoryBackend, StatusExtent, Ticket, WriteData, WriteFailed};
+use crate::backend::{
+    Backend, FileBackend, MemoryBackend, StatusExtent, Ticket, WriteData, WriteFailed,
+};
 use crate::disk::{DiskConfig, EmulatedDisk};
 use crate::fscore_device::RecordedDevice;
 
@@ -202,7 +204,9 @@ impl ServedVolume {
     fn send(&self, msg: Msg) -> io::Result<()> {
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         match tx.as_ref() {
-            Some(tx) => tx.send(msg).map_err(|_| io_err("the volume's engine has stopped")),
+            Some(tx) => tx
+                .send(msg)
+                .map_err(|_| io_err("the volume's engine has stopped")),
             None => Err(io_err("the volume is shut down")),
         }
     }
@@ -272,7 +276,15 @@ fn open_disk(setup: &VolumeSetup, new_bytes: u64) -> Result<(Arc<EmulatedDisk>, 
 /// mounted and its files found by name (and grown to the size asked, never shrunk).
 fn open(
     setup: &VolumeSetup,
-) -> Result<(Arc<EmulatedDisk>, Volume, Option<SessionWriter>, SessionHeader), String> {
+) -> Result<
+    (
+        Arc<EmulatedDisk>,
+        Volume,
+        Option<SessionWriter>,
+        SessionHeader,
+    ),
+    String,
+> {
     let sizes: u64 = setup.files.iter().map(|f| f.1.unwrap_or(0)).sum();
     let bs = fs_core::block::BLOCK_SIZE as u64;
     let new_bytes = setup
@@ -407,6 +419,7 @@ impl Worker {
 
     /// Handles one message; returns the reply channel of a stop.
     fn handle(&mut self, msg: Msg) -> Option<SyncSender<Result<(), String>>> {
+        self.check_power_cut();
         match msg {
             Msg::Request(req, reply) => {
                 if let Some(why) = &self.broken {
@@ -440,13 +453,8 @@ impl Worker {
 
     /// Runs one step if one can run; false when idle.
     fn step(&mut self) -> bool {
-        if self.broken.is_some() {
+        if self.check_power_cut() || self.broken.is_some() {
             return false;
-        }
-        if self.cuts.has_changed().unwrap_or(false) {
-            self.cuts.mark_unchanged();
-            self.after_power_cut();
-            return true;
         }
         let stepped = {
             let _held = self.gate.lock().unwrap_or_else(|p| p.into_inner());
@@ -472,6 +480,16 @@ impl Worker {
         };
         self.deliver();
         progress
+    }
+
+    /// Remounts if the disk lost power since the last look; says whether it did.
+    fn check_power_cut(&mut self) -> bool {
+        if self.broken.is_none() && self.cuts.has_changed().unwrap_or(false) {
+            self.cuts.mark_unchanged();
+            self.after_power_cut();
+            return true;
+        }
+        false
     }
 
     /// Sends the answers of the requests that completed.
@@ -598,7 +616,9 @@ impl Backend for FsCoreFile {
 
     fn read(&self, _t: Option<Ticket>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u64;
-        let data = self.run(offset, VolOp::Read { len }, false)?.unwrap_or_default();
+        let data = self
+            .run(offset, VolOp::Read { len }, false)?
+            .unwrap_or_default();
         let n = data.len().min(buf.len());
         buf[..n].copy_from_slice(&data[..n]);
         buf[n..].fill(0);

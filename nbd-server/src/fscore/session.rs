@@ -85,10 +85,22 @@ pub enum SessionError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Steps(Vec<u32>),
-    Arrive { id: u64, req: VolRequest },
-    Answer { id: u64, ok: bool, hash: u64, len: u32 },
-    PowerCut { seed: u64 },
-    End { steps: u64 },
+    Arrive {
+        id: u64,
+        req: VolRequest,
+    },
+    Answer {
+        id: u64,
+        ok: bool,
+        hash: u64,
+        len: u32,
+    },
+    PowerCut {
+        seed: u64,
+    },
+    End {
+        steps: u64,
+    },
 }
 
 /// The hash an answer record keeps of the bytes a read returned (0 for none).
@@ -154,7 +166,10 @@ impl SessionWriter {
             VolOp::Read { len } => (OP_READ, *len, &[]),
             VolOp::Write { data } => (OP_WRITE, data.len() as u64, data),
             VolOp::Trim { len } => (OP_TRIM, *len, &[]),
-            VolOp::Zero { len, may_trim: true } => (OP_ZERO_MAY_TRIM, *len, &[]),
+            VolOp::Zero {
+                len,
+                may_trim: true,
+            } => (OP_ZERO_MAY_TRIM, *len, &[]),
             VolOp::Zero { len, .. } => (OP_ZERO_NO_HOLE, *len, &[]),
             VolOp::Flush => (OP_FLUSH, 0, &[]),
             VolOp::Cache { len } => (OP_CACHE, *len, &[]),
@@ -276,9 +291,7 @@ impl SessionReader {
                 let len = read_u32(i)?;
                 Event::Answer { id, ok, hash, len }
             }
-            TAG_POWER_CUT => Event::PowerCut {
-                seed: read_u64(i)?,
-            },
+            TAG_POWER_CUT => Event::PowerCut { seed: read_u64(i)? },
             TAG_END => Event::End {
                 steps: read_u64(i)?,
             },
@@ -416,7 +429,10 @@ mod tests {
                 Event::End { steps: 3 },
             ]
         );
-        assert!(SessionWriter::create(&path, &header()).is_err(), "never replaces a file");
+        assert!(
+            SessionWriter::create(&path, &header()).is_err(),
+            "never replaces a file"
+        );
     }
 
     #[test]

@@ -191,7 +191,8 @@ impl Volume {
             }
             Err(e) => {
                 self.running.remove(&id);
-                self.answers.push((id, Err(FsError::Invalid(e.to_string()))));
+                self.answers
+                    .push((id, Err(FsError::Invalid(e.to_string()))));
             }
         }
         self.collect();
@@ -273,9 +274,7 @@ impl Volume {
             };
             let next = ((b + 1) * BS).min(end);
             match out.last_mut() {
-                Some(last) if last.hole == hole && last.zero == zero => {
-                    last.length += next - pos
-                }
+                Some(last) if last.hole == hole && last.zero == zero => last.length += next - pos,
                 _ => out.push(StatusExtent {
                     length: next - pos,
                     hole,

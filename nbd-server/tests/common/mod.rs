@@ -48,7 +48,11 @@ fn count_server_panics() {
         let default_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             let thread = std::thread::current();
-            if thread.name().is_some_and(|n| SERVER_THREADS.contains(&n)) {
+            // The engine thread of an fs-core volume is named "fscore EXPORT".
+            if thread
+                .name()
+                .is_some_and(|n| SERVER_THREADS.contains(&n) || n.starts_with("fscore "))
+            {
                 SERVER_PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             default_hook(info);

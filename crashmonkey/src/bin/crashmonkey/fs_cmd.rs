@@ -398,7 +398,8 @@ fn session_replay(a: ReplayArgs) -> anyhow::Result<i32> {
             if matches!(k, "fscore" | "session" | "volume-size" | "sched-seed") {
                 anyhow::bail!("--set {k}: not a switch (the session fixes it)");
             }
-            spec.set(k, v).map_err(|e| anyhow::anyhow!("--set {kv}: {k} {e}"))?;
+            spec.set(k, v)
+                .map_err(|e| anyhow::anyhow!("--set {kv}: {k} {e}"))?;
         }
         Some(spec.config)
     };
