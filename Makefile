@@ -44,9 +44,11 @@ unit:
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) test --release --workspace
 
-## A real kernel end to end: nbd-server -> nbdfuse -> loop -> ext4 / XFS -> crashmonkey check.
+## A real kernel end to end: nbd-server -> nbdfuse -> loop -> ext4 / XFS -> crashmonkey check;
+## then ext4 on an fscore= export, its crash states taken on the disk under fs-core.
 e2e:
 	bash scripts/e2e.sh
+	bash scripts/e2e-fscore.sh
 
 bench: bench-nbd bench-disk bench-fscore
 

@@ -51,6 +51,14 @@ Crash testing (a writable export is an emulated disk with a volatile write cache
   A memory export with none of them, on a server without --control, is plain memory (no
   emulated disk: nothing could observe its cache); --control or any of them adds the disk.
 
+An export that is a file of fs-core (the iomap model, with its journal) on an emulated disk:
+  nbd-server --export 'vm:size=64M,fscore=mem,session=/tmp/vm.session' --control /tmp/nbd.ctl
+  nbd-server --export 'vm:size=16M,fscore=mem,iomap-valid=off,cache-folios=2'
+  Keys: fscore=PATH|mem, volume-size=SIZE, iomap-valid=on|off, wb-seq-check=on|off,
+  punch=old|fixed, alloc=delalloc|at-write, check-at=after-lock|get-folio|before-lock,
+  mkwrite-inode-lock, bug=NAME[+NAME], cache-folios=N, sched-seed=S, session=PATH.
+  crashmonkey fs session replay /tmp/vm.session replays a session in process.
+
 SIGINT/SIGTERM: stop accepting, finish requests in flight, flush every export, exit 0; if a
 cached write cannot be written back (say the image's filesystem is full), the byte ranges are
 printed and the exit status is 1.";
@@ -75,7 +83,8 @@ struct Cli {
 
     /// An export, NAME:KEY=VALUE,... Keys: size=SIZE (K/M/G/T suffixes, a multiple of 4096;
     /// required unless file= names an existing file), file=PATH (a raw image; default is a
-    /// sparse memory disk), readonly, description=TEXT. Repeat the flag for several exports.
+    /// sparse memory disk), readonly, description=TEXT, fscore=PATH|mem (a file of an fs-core
+    /// volume; see below). Repeat the flag for several exports.
     /// An empty NAME (":size=1M") is the default export; otherwise a client asking for ""
     /// gets the first export.
     #[arg(

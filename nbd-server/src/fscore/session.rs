@@ -25,8 +25,11 @@ pub const SESSION_VERSION: u32 = 1;
 pub const SESSION_HEADER_BYTES_MAX: u32 = 1 << 20;
 /// Steps buffered before they are written as one record.
 pub const SESSION_STEPS_PER_RECORD_MAX: usize = 65_536;
-/// Largest payload of one request record (a WRITE's data; the NBD server's own limit is lower).
-pub const SESSION_PAYLOAD_BYTES_MAX: u64 = 64 << 20;
+/// Largest record body (a WRITE's arrival with its data; the NBD server's own limit on a
+/// write is lower).
+pub const SESSION_RECORD_BYTES_MAX: u64 = 64 << 20;
+/// Bytes of an arrival record's body before the payload.
+pub const ARRIVE_HEADER_BYTES: usize = 30;
 
 /// Record tags.
 pub const TAG_STEPS: u8 = b'S';
@@ -147,17 +150,23 @@ impl SessionWriter {
         Ok(())
     }
 
+    /// Writes one record: tag, body length, body, CRC-32C of the three.
+    fn emit(&mut self, tag: u8, body: &[u8]) -> io::Result<()> {
+        let len = (body.len() as u32).to_le_bytes();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&[tag]), &len);
+        let crc = crc32c::crc32c_append(crc, body);
+        self.out.write_all(&[tag])?;
+        self.out.write_all(&len)?;
+        self.out.write_all(body)?;
+        self.out.write_all(&crc.to_le_bytes())
+    }
+
     fn flush_steps(&mut self) -> io::Result<()> {
         if self.steps.is_empty() {
             return Ok(());
         }
-        self.out.write_all(&[TAG_STEPS])?;
-        self.out
-            .write_all(&(self.steps.len() as u32).to_le_bytes())?;
-        for t in self.steps.drain(..) {
-            self.out.write_all(&t.to_le_bytes())?;
-        }
-        Ok(())
+        let body: Vec<u8> = self.steps.drain(..).flat_map(u32::to_le_bytes).collect();
+        self.emit(TAG_STEPS, &body)
     }
 
     pub fn arrive(&mut self, id: u64, req: &VolRequest) -> io::Result<()> {
@@ -174,38 +183,36 @@ impl SessionWriter {
             VolOp::Flush => (OP_FLUSH, 0, &[]),
             VolOp::Cache { len } => (OP_CACHE, *len, &[]),
         };
-        let o = &mut self.out;
-        o.write_all(&[TAG_ARRIVE])?;
-        o.write_all(&id.to_le_bytes())?;
-        o.write_all(&(req.file as u32).to_le_bytes())?;
-        o.write_all(&[op, u8::from(req.fua)])?;
-        o.write_all(&req.offset.to_le_bytes())?;
-        o.write_all(&len.to_le_bytes())?;
-        o.write_all(payload)
+        let mut body = Vec::with_capacity(ARRIVE_HEADER_BYTES + payload.len());
+        body.extend_from_slice(&id.to_le_bytes());
+        body.extend_from_slice(&(req.file as u32).to_le_bytes());
+        body.extend_from_slice(&[op, u8::from(req.fua)]);
+        body.extend_from_slice(&req.offset.to_le_bytes());
+        body.extend_from_slice(&len.to_le_bytes());
+        body.extend_from_slice(payload);
+        self.emit(TAG_ARRIVE, &body)
     }
 
     pub fn answer(&mut self, id: u64, answer: &Answer) -> io::Result<()> {
         self.flush_steps()?;
         let (ok, hash, len) = answer_hash(answer);
-        let o = &mut self.out;
-        o.write_all(&[TAG_ANSWER])?;
-        o.write_all(&id.to_le_bytes())?;
-        o.write_all(&[u8::from(ok)])?;
-        o.write_all(&hash.to_le_bytes())?;
-        o.write_all(&len.to_le_bytes())
+        let mut body = Vec::with_capacity(21);
+        body.extend_from_slice(&id.to_le_bytes());
+        body.push(u8::from(ok));
+        body.extend_from_slice(&hash.to_le_bytes());
+        body.extend_from_slice(&len.to_le_bytes());
+        self.emit(TAG_ANSWER, &body)
     }
 
     pub fn power_cut(&mut self, seed: u64) -> io::Result<()> {
         self.flush_steps()?;
-        self.out.write_all(&[TAG_POWER_CUT])?;
-        self.out.write_all(&seed.to_le_bytes())
+        self.emit(TAG_POWER_CUT, &seed.to_le_bytes())
     }
 
     /// Writes the end record and flushes the file.
     pub fn end(mut self, steps: u64) -> io::Result<()> {
         self.flush_steps()?;
-        self.out.write_all(&[TAG_END])?;
-        self.out.write_all(&steps.to_le_bytes())?;
+        self.emit(TAG_END, &steps.to_le_bytes())?;
         self.out.flush()?;
         self.out.get_ref().sync_data()
     }
@@ -255,68 +262,90 @@ impl SessionReader {
     /// The next event; `None` at the end of the file.
     pub fn next_event(&mut self) -> Result<Option<Event>, SessionError> {
         let mut tag = [0u8; 1];
-        match self.input.read(&mut tag)? {
-            0 => return Ok(None),
-            _ => self.index += 1,
+        if self.input.read(&mut tag)? == 0 {
+            return Ok(None);
         }
+        self.index += 1;
         let index = self.index;
-        let r = self.body(tag[0]);
-        match r {
-            Err(SessionError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                Err(SessionError::Truncated(index))
-            }
-            other => other.map(Some),
+        let truncated = |e: io::Error| match e.kind() {
+            io::ErrorKind::UnexpectedEof => SessionError::Truncated(index),
+            _ => SessionError::Io(e),
+        };
+        let len = read_u32(&mut self.input).map_err(truncated)?;
+        if u64::from(len) > SESSION_RECORD_BYTES_MAX {
+            return Err(self.bad(format!("a record of {len} bytes")));
         }
+        let mut body = vec![0u8; len as usize];
+        self.input.read_exact(&mut body).map_err(truncated)?;
+        let stored = read_u32(&mut self.input).map_err(truncated)?;
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&tag), &len.to_le_bytes());
+        if crc32c::crc32c_append(crc, &body) != stored {
+            return Err(self.bad("its checksum does not hold".into()));
+        }
+        self.decode(tag[0], &body).map(Some)
     }
 
-    fn body(&mut self, tag: u8) -> Result<Event, SessionError> {
-        let i = &mut self.input;
-        Ok(match tag {
+    fn decode(&self, tag: u8, body: &[u8]) -> Result<Event, SessionError> {
+        let mut c = Cursor(body);
+        let short = |_| self.bad(format!("record {tag:#04x} is too short"));
+        let event = match tag {
             TAG_STEPS => {
-                let n = read_u32(i)? as usize;
-                if n > SESSION_STEPS_PER_RECORD_MAX {
-                    return Err(self.bad(format!("{n} steps in one record")));
+                if body.len() % 4 != 0 {
+                    return Err(self.bad("steps are 4 bytes each".into()));
                 }
-                let mut steps = Vec::with_capacity(n);
-                for _ in 0..n {
-                    steps.push(read_u32(i)?);
-                }
-                Event::Steps(steps)
+                Event::Steps(
+                    body.chunks_exact(4)
+                        .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
+                        .collect(),
+                )
             }
-            TAG_ARRIVE => self.arrival()?,
-            TAG_ANSWER => {
-                let id = read_u64(i)?;
-                let ok = read_u8(i)? != 0;
-                let hash = read_u64(i)?;
-                let len = read_u32(i)?;
-                Event::Answer { id, ok, hash, len }
-            }
-            TAG_POWER_CUT => Event::PowerCut { seed: read_u64(i)? },
+            TAG_ARRIVE => self.arrival(body)?,
+            TAG_ANSWER => Event::Answer {
+                id: c.u64().map_err(short)?,
+                ok: c.u8().map_err(short)? != 0,
+                hash: c.u64().map_err(short)?,
+                len: c.u32().map_err(short)?,
+            },
+            TAG_POWER_CUT => Event::PowerCut {
+                seed: c.u64().map_err(short)?,
+            },
             TAG_END => Event::End {
-                steps: read_u64(i)?,
+                steps: c.u64().map_err(short)?,
             },
             t => return Err(self.bad(format!("unknown record tag 0x{t:02x}"))),
-        })
+        };
+        Ok(event)
     }
 
-    fn arrival(&mut self) -> Result<Event, SessionError> {
-        let i = &mut self.input;
-        let id = read_u64(i)?;
-        let file = read_u32(i)? as usize;
-        let op = read_u8(i)?;
-        let fua = read_u8(i)? != 0;
-        let offset = read_u64(i)?;
-        let len = read_u64(i)?;
+    fn arrival(&self, body: &[u8]) -> Result<Event, SessionError> {
+        if body.len() < ARRIVE_HEADER_BYTES {
+            return Err(self.bad("an arrival record is too short".into()));
+        }
+        let mut c = Cursor(body);
+        let short = |_| self.bad("an arrival record is too short".into());
+        let id = c.u64().map_err(short)?;
+        let file = c.u32().map_err(short)? as usize;
+        let op = c.u8().map_err(short)?;
+        let fua = c.u8().map_err(short)? != 0;
+        let offset = c.u64().map_err(short)?;
+        let len = c.u64().map_err(short)?;
+        let payload = c.0;
+        let fits = if op == OP_WRITE {
+            payload.len() as u64 == len
+        } else {
+            payload.is_empty()
+        };
+        if !fits {
+            return Err(self.bad(format!(
+                "a request of kind {op} with {} payload bytes for length {len}",
+                payload.len()
+            )));
+        }
         let op = match op {
             OP_READ => VolOp::Read { len },
-            OP_WRITE => {
-                if len > SESSION_PAYLOAD_BYTES_MAX {
-                    return Err(self.bad(format!("a write of {len} bytes")));
-                }
-                let mut data = vec![0u8; len as usize];
-                self.input.read_exact(&mut data)?;
-                VolOp::Write { data }
-            }
+            OP_WRITE => VolOp::Write {
+                data: payload.to_vec(),
+            },
             OP_TRIM => VolOp::Trim { len },
             OP_ZERO_MAY_TRIM => VolOp::Zero {
                 len,
@@ -349,22 +378,30 @@ impl SessionReader {
     }
 }
 
-fn read_u8(r: &mut impl Read) -> io::Result<u8> {
-    let mut b = [0u8; 1];
-    r.read_exact(&mut b)?;
-    Ok(b[0])
+/// Reads little-endian fields off the front of a record's body.
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], ()> {
+        let (head, rest) = self.0.split_first_chunk::<N>().ok_or(())?;
+        self.0 = rest;
+        Ok(*head)
+    }
+    fn u8(&mut self) -> Result<u8, ()> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u32(&mut self) -> Result<u32, ()> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Result<u64, ()> {
+        self.take().map(u64::from_le_bytes)
+    }
 }
 
 fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;
     Ok(u32::from_le_bytes(b))
-}
-
-fn read_u64(r: &mut impl Read) -> io::Result<u64> {
-    let mut b = [0u8; 8];
-    r.read_exact(&mut b)?;
-    Ok(u64::from_le_bytes(b))
 }
 
 #[cfg(test)]
@@ -448,6 +485,16 @@ mod tests {
         f.set_len(len - 3).unwrap();
         let mut r = SessionReader::open(&path).unwrap();
         assert!(matches!(r.next_event(), Err(SessionError::Truncated(1))));
+        let mut w = SessionWriter::create(&dir.path().join("t"), &header()).unwrap();
+        w.power_cut(1).unwrap();
+        w.end(0).unwrap();
+        let mut bytes = std::fs::read(dir.path().join("t")).unwrap();
+        let at = bytes.len() - 10;
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut r = SessionReader::open(&path).unwrap();
+        let e = r.next_event().and_then(|_| r.next_event()).unwrap_err();
+        assert!(e.to_string().contains("checksum"), "{e}");
         std::fs::write(&path, b"not a session at all").unwrap();
         assert!(matches!(
             SessionReader::open(&path),
