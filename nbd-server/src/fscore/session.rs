@@ -290,7 +290,7 @@ impl SessionReader {
         let short = |_| self.bad(format!("record {tag:#04x} is too short"));
         let event = match tag {
             TAG_STEPS => {
-                if body.len() % 4 != 0 {
+                if !body.len().is_multiple_of(4) {
                     return Err(self.bad("steps are 4 bytes each".into()));
                 }
                 Event::Steps(
