@@ -351,6 +351,7 @@ impl WriteTask {
             f.dirty = true;
             cx.oracle
                 .write(ino, self.pos, &self.data[src..src + copied], cx.op);
+            cx.fs.dirtied(ino, idx);
             let inode = cx.fs.inode_mut(ino);
             inode.size = inode.size.max(self.pos + copied as u64);
             let size = inode.size;
@@ -679,6 +680,7 @@ impl MmapStoreTask {
                 let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("present");
                 f.dirty = true;
                 f.mapped_writable = true;
+                cx.fs.dirtied(ino, idx);
                 self.st = MState::Store;
                 Step::Yield(YieldPoint::PageMkwrite, idx)
             }
@@ -690,6 +692,7 @@ impl MmapStoreTask {
                         f.data[off..off + self.data.len()].copy_from_slice(&self.data);
                         f.dirty = true;
                         cx.oracle.write(ino, self.pos, &self.data, cx.op);
+                        cx.fs.dirtied(ino, idx);
                         Step::Done(YieldPoint::Store, idx, Ok(self.data.len() as u64))
                     }
                     _ => {

@@ -358,6 +358,13 @@ pub struct Fs {
     pub notes: Vec<String>,
     lru_clock: u64,
     folio_count: usize,
+    /// Every cached folio by its last use (`Folio::lru`): reclaim takes the first
+    /// reclaimable one without scanning the whole cache.
+    lru_index: std::collections::BTreeMap<u64, (usize, u64)>,
+    /// The dirty folios (added by [`Fs::dirtied`] wherever a folio is dirtied, removed by
+    /// [`Fs::cleaned`] and [`Fs::remove_folio`]), so the flusher finds work without scanning
+    /// the whole cache. The oracle's `check_quiescent` checks that no dirty folio is missing.
+    dirty_hint: std::collections::BTreeSet<(usize, u64)>,
 }
 
 impl Fs {
@@ -378,6 +385,8 @@ impl Fs {
             notes: Vec::new(),
             lru_clock: 0,
             folio_count: 0,
+            lru_index: Default::default(),
+            dirty_hint: Default::default(),
         }
     }
 
@@ -405,8 +414,29 @@ impl Fs {
             .folios
             .entry(idx)
             .or_insert_with(|| Folio::new(clock, clock));
+        self.lru_index.remove(&f.lru);
+        self.lru_index.insert(clock, (ino, idx));
         f.lru = clock;
         f
+    }
+
+    /// Folio `idx` of `ino` was just marked dirty: the flusher will find it.
+    pub fn dirtied(&mut self, ino: usize, idx: u64) {
+        self.dirty_hint.insert((ino, idx));
+    }
+
+    /// Dirty folios the flusher's hint does not know of (none, unless a place that dirties
+    /// a folio forgot [`Fs::dirtied`]).
+    pub fn dirty_hint_misses(&self) -> Vec<(usize, u64)> {
+        let mut out = Vec::new();
+        for (ino, inode) in self.inodes.iter().enumerate() {
+            for (&idx, f) in &inode.cache.folios {
+                if f.dirty && !self.dirty_hint.contains(&(ino, idx)) {
+                    out.push((ino, idx));
+                }
+            }
+        }
+        out
     }
 
     /// Drop a folio from the cache (truncate, punch, reclaim). It must be unlocked by others
@@ -415,6 +445,8 @@ impl Fs {
         if let Some(f) = self.inodes[ino].cache.folios.remove(&idx) {
             assert!(!f.writeback, "removing folio {idx} under writeback");
             self.folio_count -= 1;
+            self.lru_index.remove(&f.lru);
+            self.dirty_hint.remove(&(ino, idx));
         }
     }
 
@@ -504,22 +536,46 @@ impl Fs {
         if self.folio_count <= self.cfg.cache_limit_folios {
             return None;
         }
-        let mut best: Option<(u64, usize, u64)> = None;
-        for (ino, inode) in self.inodes.iter().enumerate() {
-            for (idx, f) in &inode.cache.folios {
-                if f.reclaimable() && best.is_none_or(|(lru, _, _)| f.lru < lru) {
-                    best = Some((f.lru, ino, *idx));
-                }
-            }
-        }
-        best.map(|(_, ino, idx)| (ino, idx))
+        // The least recently used first: the first reclaimable one is the victim.
+        self.lru_index
+            .values()
+            .copied()
+            .find(|&(ino, idx)| {
+                self.inodes[ino]
+                    .cache
+                    .get(idx)
+                    .is_some_and(Folio::reclaimable)
+            })
     }
 
     /// Any dirty folio that background writeback could start on now.
     pub fn has_writeback_work(&self) -> bool {
-        self.inodes
+        self.first_writeback_inode().is_some()
+    }
+
+    /// The first inode with a dirty folio that writeback could start on.
+    pub fn first_writeback_inode(&self) -> Option<usize> {
+        self.dirty_hint
             .iter()
-            .any(|i| i.cache.folios.values().any(|f| f.dirty && !f.writeback))
+            .find(|&&(ino, idx)| {
+                self.inodes[ino]
+                    .cache
+                    .get(idx)
+                    .is_some_and(|f| f.dirty && !f.writeback)
+            })
+            .map(|&(ino, _)| ino)
+    }
+
+    /// The dirty folios of `ino` from index `start` on, in index order.
+    pub fn dirty_indexes(&self, ino: usize, start: u64) -> impl Iterator<Item = u64> + '_ {
+        self.dirty_hint
+            .range((ino, start)..=(ino, u64::MAX))
+            .map(|&(_, idx)| idx)
+    }
+
+    /// Folio `idx` of `ino` is clean now (it went to writeback).
+    pub fn cleaned(&mut self, ino: usize, idx: u64) {
+        self.dirty_hint.remove(&(ino, idx));
     }
 
     /// Record a diagnostic note (bounded by `NOTES_MAX`).

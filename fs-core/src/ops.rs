@@ -447,6 +447,9 @@ impl TruncateTask {
             if f.uptodate {
                 f.data[(self.size % BS) as usize..].fill(0);
                 f.dirty |= allocated;
+                if f.dirty {
+                    cx.fs.dirtied(ino, idx);
+                }
             }
         }
         Ok(())

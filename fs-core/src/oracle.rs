@@ -453,6 +453,11 @@ impl Oracle {
     /// Invariants that hold whenever no operation is in flight: violations recorded by
     /// writeback, no dirty folio over a HOLE, no DELALLOC without a dirty folio.
     pub fn check_quiescent(&mut self, fs: &Fs) {
+        for (ino, idx) in fs.dirty_hint_misses() {
+            self.failures.push(Failure::Invariant {
+                what: format!("folio {idx} of file {ino} is dirty, and the flusher cannot know"),
+            });
+        }
         for v in &fs.violations {
             self.failures.push(Failure::Invariant {
                 what: v.to_string(),

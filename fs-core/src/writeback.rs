@@ -217,13 +217,14 @@ impl WbPass {
         let (sync_all, tagged) = (self.sync_all, self.tagged);
         self.batch.clear();
         self.batch_at = 0;
+        // Every folio a lookup returns is dirty (TOWRITE is only set on dirty folios and
+        // cleared with DIRTY), so the dirty index is enough to search, as the xarray's tags are.
+        let cache = &fs.inode(self.ino).cache;
         self.batch.extend(
-            fs.inode(self.ino)
-                .cache
-                .folios
-                .range(start..)
+            fs.dirty_indexes(self.ino, start)
+                .filter_map(|idx| cache.get(idx).map(|f| (idx, f)))
                 .filter(|(_, f)| looked_up(sync_all, tagged, f))
-                .map(|(&idx, f)| (idx, f.gen))
+                .map(|(idx, f)| (idx, f.gen))
                 .take(batch_max),
         );
         self.next_index = match self.batch.last() {
@@ -256,8 +257,13 @@ impl WbPass {
     fn tag_pages_for_writeback(&mut self, fs: &mut Fs) {
         self.tagged = true;
         if self.sync_all {
-            for f in fs.inode_mut(self.ino).cache.folios.values_mut() {
-                f.towrite |= f.dirty;
+            // The dirty folios are the ones the flusher's hint holds (an index, as the
+            // xarray's DIRTY tag is).
+            let dirty: Vec<u64> = fs.dirty_indexes(self.ino, 0).collect();
+            for idx in dirty {
+                if let Some(f) = fs.inode_mut(self.ino).cache.get_mut(idx) {
+                    f.towrite |= f.dirty;
+                }
             }
         }
     }
@@ -311,12 +317,14 @@ impl WbPass {
         f.towrite = false;
         f.mapped_writable = false;
         if idx * BS >= size {
+            fs.cleaned(ino, idx);
             return Step::Yield(YieldPoint::WbBeyondEof, idx);
         }
         // iomap_do_writepage: zero the part of the EOF folio past EOF.
         if (idx + 1) * BS > size {
             f.data[(size - idx * BS) as usize..].fill(0);
         }
+        fs.cleaned(ino, idx);
         let map = match map_blocks(fs, &mut self.wpc, ino, idx) {
             Ok(m) => m,
             Err(e) => {
@@ -382,6 +390,7 @@ impl WbPass {
                     if let Some(f) = fs.inode_mut(self.ino).cache.get_mut(b.idx) {
                         f.writeback = false;
                         f.dirty = true;
+                        fs.dirtied(self.ino, b.idx);
                     }
                 }
                 return Err(e);
@@ -464,15 +473,9 @@ impl Flusher {
 
     pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
         if self.pass.is_none() {
-            let ino = (0..cx.fs.inodes.len())
-                .find(|&i| {
-                    cx.fs
-                        .inode(i)
-                        .cache
-                        .folios
-                        .values()
-                        .any(|f| f.dirty && !f.writeback)
-                })
+            let ino = cx
+                .fs
+                .first_writeback_inode()
                 .expect("runnable only with work");
             self.pass = Some(WbPass::new(ino, false));
         }
