@@ -24,14 +24,17 @@
 # each job a line compares ours with it: paired median ratio ours/base and its range, so a
 # change is judged against the noise of the same run (build the old commit beside the new
 # one, e.g. in a second worktree with its own CARGO_TARGET_DIR).
-# Env: BENCH_SECONDS (default 6) per run, BENCH_ROUNDS (default 5), BENCH_SIZE (default 1G),
+# Last, the fs-core export (the export a file of an fs-core volume in memory: every request
+# runs through the iomap model's scheduler) against the plain memory export, in the same
+# rounds, the four main jobs: target >= 0.5x (a model, not a cache: it has a price).
+# Env: BENCH_FSCORE_JOBS (default "1 2 3 4"), BENCH_SECONDS (default 6) per run, BENCH_ROUNDS (default 5), BENCH_SIZE (default 1G),
 # BENCH_JOBS (default all: a space-separated subset of 1-8, the jobs in the order below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_JOB=${BENCH_SECONDS:-6}
 SIZE=${BENCH_SIZE:-1G}
 ROUNDS=${BENCH_ROUNDS:-5}
-BENCH_NAME=bench-nbd TOOLS="fio nbdkit python3" DISK_SERVER=1
+BENCH_NAME=bench-nbd TOOLS="fio nbdkit python3" DISK_SERVER=1 FSCORE_SERVER=1
 # shellcheck source=scripts/bench-servers.sh
 source scripts/bench-servers.sh
 
@@ -118,6 +121,24 @@ for n in ${BENCH_JOBS:-1 2 3 4 5 6 7 8}; do
       "$(median 4 <"$WORK/c")" "$(median 3 <"$WORK/c")"
   fi
 done
+echo
+printf '%-25s %14s %14s %8s %8s %11s\n' "job (fs-core export)" fscore memory best paired rounds
+for n in ${BENCH_FSCORE_JOBS:-1 2 3 4}; do
+  set -- ${JOBS[$((n - 1))]}
+  : >"$WORK/a"; : >"$WORK/b"
+  for r in $(seq 1 "$ROUNDS"); do
+    run_job "$FSCORE_URI" "fscore-$1-$2-$r" "$1" "$2" "$3" "$FSCORE_PID" 1 >>"$WORK/a"
+    run_job "$OURS_URI" "mem-$1-$2-$r" "$1" "$2" "$3" "${PIDS[0]}" 1 >>"$WORK/b"
+  done
+  if [ "$4" = iops ]; then f=1; unit=IOPS; else f=2; unit=MiB/s; fi
+  x=$(best $f <"$WORK/a"); y=$(best $f <"$WORK/b")
+  ratio=$(python3 -c "print(f'{$x/$y:.2f}x' if $y > 0 else 'n/a')")
+  read -r pratio spread < <(paired "$f" "$WORK/a" "$WORK/b")
+  printf '%-25s %14s %14s %8s %8s %11s\n' "$1 bs=$2 qd=$3" "$x $unit" "$y $unit" "$ratio" "$pratio" "$spread"
+  printf '  CPU, %% of a core (median of rounds): fscore export %.0f%% (fio %.0f%%), memory export %.0f%% (fio %.0f%%)\n' \
+    "$(median 4 <"$WORK/a")" "$(median 3 <"$WORK/a")" "$(median 4 <"$WORK/b")" "$(median 3 <"$WORK/b")"
+done
+echo "target (fs-core export): >= 0.5x the memory export at 4K and at 1 MiB"
 echo "targets: >= 1.25x IOPS at 4K, >= 1.00x bandwidth at 1 MiB (one connection; 'x4': 4 connections, no target)"
 echo "('disk': the export behind the emulated disk, volatile cache, no recording; no target)"
 echo "(fio near 100% of its core: the client, not the server, sets the rate)"

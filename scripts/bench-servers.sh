@@ -8,7 +8,8 @@
 # one built from the commit before a change) that binary serves the same export(s) too, to be
 # measured in the same rounds. Sets BIN, WORK (a temp dir), PIDS (server, nbdkit[, server with
 # the disk]), P1, P2, OURS_URI, KIT_URI[, DISK_URI][, BASE_PID, BASE_URI[, BASE_DISK_PID,
-# BASE_DISK_URI]]; stops the servers and removes WORK on exit. Needs: BENCH_NAME (for
+# BASE_DISK_URI]][, FSCORE_PID, FSCORE_URI with FSCORE_SERVER=1: the export as a file of an
+# fs-core volume]; stops the servers and removes WORK on exit. Needs: BENCH_NAME (for
 # messages), SIZE and TOOLS (commands to check for), and the repository root as the working
 # directory.
 for tool in $TOOLS; do
@@ -50,6 +51,17 @@ if [ "${DISK_SERVER:-0}" = 1 ]; then
   wait_port "$P3"
   DISK_URI="nbd://127.0.0.1:$P3/bench"
   URIS+=("$DISK_URI")
+fi
+if [ "${FSCORE_SERVER:-0}" = 1 ]; then
+  # The same export as a file of an fs-core volume in memory (the iomap model under it).
+  P6=$(free_port)
+  "$BIN" --listen "127.0.0.1:$P6" --export "bench:size=$SIZE,fscore=mem" \
+    2>"$WORK/nbd-server-fscore.log" &
+  FSCORE_PID=$!
+  PIDS+=("$FSCORE_PID")
+  wait_port "$P6"
+  FSCORE_URI="nbd://127.0.0.1:$P6/bench"
+  URIS+=("$FSCORE_URI")
 fi
 if [ -n "${BENCH_BASE_BIN:-}" ]; then
   [ -x "$BENCH_BASE_BIN" ] || { echo "$BENCH_NAME: BENCH_BASE_BIN=$BENCH_BASE_BIN is not an executable"; exit 1; }

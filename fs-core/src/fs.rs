@@ -537,15 +537,12 @@ impl Fs {
             return None;
         }
         // The least recently used first: the first reclaimable one is the victim.
-        self.lru_index
-            .values()
-            .copied()
-            .find(|&(ino, idx)| {
-                self.inodes[ino]
-                    .cache
-                    .get(idx)
-                    .is_some_and(Folio::reclaimable)
-            })
+        self.lru_index.values().copied().find(|&(ino, idx)| {
+            self.inodes[ino]
+                .cache
+                .get(idx)
+                .is_some_and(Folio::reclaimable)
+        })
     }
 
     /// Any dirty folio that background writeback could start on now.

@@ -46,6 +46,8 @@ pub struct Persist {
     marks: Vec<(u64, u64)>,
     /// Each inode's extent-chain blocks.
     chains: Vec<Vec<u64>>,
+    /// Each inode's on-disk extents as last computed, with the extent map's `seq` then.
+    extents_at: Vec<Option<(u64, Vec<DiskExtent>)>>,
     /// Directory blocks changed since the last commit.
     dir_dirty: BTreeSet<u64>,
     /// Scheduler steps since the last commit.
@@ -116,8 +118,23 @@ pub fn disk_extents(inode: &Inode) -> Vec<DiskExtent> {
     out
 }
 
-/// The record of inode `ino` as the disk holds it.
-fn disk_inode(ino: usize, inode: &Inode) -> DiskInode {
+/// The record of inode `ino` as the disk holds it, its extents taken from `cached` when they
+/// were computed at the extent map's current `seq` (a write over WRITTEN blocks changes the
+/// inode's times, not its extents: the commit need not walk the whole map again).
+fn disk_inode(ino: usize, inode: &Inode, cached: &mut Option<(u64, Vec<DiskExtent>)>) -> DiskInode {
+    let seq = inode.extents.seq();
+    let extents = if !inode.in_use {
+        Vec::new()
+    } else {
+        match cached {
+            Some((at, e)) if *at == seq => e.clone(),
+            _ => {
+                let e = disk_extents(inode);
+                *cached = Some((seq, e.clone()));
+                e
+            }
+        }
+    };
     DiskInode {
         ino: ino as u32,
         in_use: inode.in_use,
@@ -126,11 +143,7 @@ fn disk_inode(ino: usize, inode: &Inode) -> DiskInode {
         nlink: inode.nlink,
         mtime: inode.mtime,
         ctime: inode.ctime,
-        extents: if inode.in_use {
-            disk_extents(inode)
-        } else {
-            Vec::new()
-        },
+        extents,
     }
 }
 
@@ -452,6 +465,7 @@ fn build(
         journal: Journal::new(geo, 1, recovery.next_seq, bugs),
         committed: loaded.images,
         marks,
+        extents_at: vec![None; chains.len()],
         chains,
         dir_dirty: BTreeSet::new(),
         steps: 0,
@@ -530,7 +544,8 @@ impl Fs {
     fn transaction(&mut self) -> Result<Vec<(u64, Vec<u8>)>, FsError> {
         let mut images = Vec::new();
         for ino in self.dirty_inodes() {
-            let d = disk_inode(ino, &self.inodes[ino]);
+            let p = self.persist.as_mut().expect("persistent");
+            let d = disk_inode(ino, &self.inodes[ino], &mut p.extents_at[ino]);
             let chain = self.resize_chain(ino, DiskInode::chain_blocks(d.extents.len()))?;
             let home = self
                 .persist
