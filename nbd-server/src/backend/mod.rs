@@ -114,7 +114,48 @@ pub enum IoStyle {
     Blocking,
     /// The methods only touch memory and return quickly: run them on the async workers.
     Inline,
+    /// The backend runs requests on its own thread and answers through a callback
+    /// ([`Backend::defer`]): nothing of the server's blocks while a request runs (an fs-core
+    /// volume, whose engine thread runs every request). BLOCK_STATUS still goes through
+    /// [`Backend::block_status`] on the blocking pool.
+    Deferred,
 }
+
+/// A request handed to a [`IoStyle::Deferred`] backend.
+#[derive(Debug)]
+pub enum DeferredCall {
+    Read {
+        offset: u64,
+        length: u64,
+    },
+    Write {
+        offset: u64,
+        data: WriteData,
+        fua: bool,
+    },
+    Flush,
+    Trim {
+        offset: u64,
+        length: u64,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        length: u64,
+        may_trim: bool,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        length: u64,
+    },
+}
+
+/// How a deferred request ended: a read's bytes, or nothing, or the error.
+pub type DeferredOutcome = io::Result<Option<Vec<u8>>>;
+
+/// Called once with the outcome of a deferred request, on whatever thread finished it.
+pub type DeferredDone = Box<dyn FnOnce(DeferredOutcome) + Send>;
 
 /// Where an export's bytes live. All methods take `&self`: backends do their own locking,
 /// because requests of one connection run concurrently.
@@ -214,6 +255,40 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Make every write whose reply was sent before this flush arrived durable.
     fn flush(&self, ticket: Option<Ticket>) -> io::Result<()>;
+
+    /// Starts `call` and returns at once; `done` gets its outcome later, from any thread. Only
+    /// [`IoStyle::Deferred`] backends are called this way; the default runs the call here
+    /// with the blocking methods.
+    fn defer(&self, ticket: Option<Ticket>, call: DeferredCall, done: DeferredDone) {
+        let outcome = match call {
+            DeferredCall::Read { offset, length } => {
+                let mut buf = vec![0u8; length as usize];
+                self.read(ticket, offset, &mut buf).map(|()| Some(buf))
+            }
+            DeferredCall::Write { offset, data, fua } => self
+                .write(ticket, offset, data, fua)
+                .map(|()| None)
+                .map_err(io::Error::from),
+            DeferredCall::Flush => self.flush(ticket).map(|()| None),
+            DeferredCall::Trim {
+                offset,
+                length,
+                fua,
+            } => self.trim(ticket, offset, length, fua).map(|()| None),
+            DeferredCall::WriteZeroes {
+                offset,
+                length,
+                may_trim,
+                fua,
+            } => self
+                .write_zeroes(ticket, offset, length, may_trim, false, fua)
+                .map(|()| None),
+            DeferredCall::Cache { offset, length } => {
+                self.cache(ticket, offset, length).map(|()| None)
+            }
+        };
+        done(outcome)
+    }
 
     /// Prefetch hint; may do nothing.
     fn cache(&self, _ticket: Option<Ticket>, _offset: u64, _length: u64) -> io::Result<()> {

@@ -6,7 +6,7 @@ use std::io;
 use super::admit::Op;
 use super::sink::{self, Reply};
 use super::{Connection, Ctx, VectoredRead};
-use crate::backend::{IoStyle, RequestKind};
+use crate::backend::{DeferredCall, IoStyle, RequestKind};
 use crate::lent::VectoredWrite;
 use crate::proto::*;
 use crate::reply::{block_status_reply, errno_of, error_reply, ok_reply, sparse_read_reply};
@@ -50,7 +50,12 @@ impl<R: VectoredRead, W: VectoredWrite> Connection<R, W> {
                     sink::send(&tx, vec![reply], &ctx);
                 });
             }
-            IoStyle::Blocking => {
+            // The backend runs it on its own thread and calls back with the outcome: no
+            // thread of ours waits meanwhile.
+            IoStyle::Deferred if op.kind != RequestKind::BlockStatus => {
+                defer(self.ctx.clone(), self.tx.clone(), op);
+            }
+            IoStyle::Blocking | IoStyle::Deferred => {
                 let (ctx, tx) = (self.ctx.clone(), self.tx.clone());
                 tokio::task::spawn_blocking(move || {
                     let reply = run(&ctx, op);
@@ -59,6 +64,54 @@ impl<R: VectoredRead, W: VectoredWrite> Connection<R, W> {
             }
         }
     }
+}
+
+/// Hands `op` to a deferred backend; its reply is sent from the backend's callback.
+fn defer(ctx: std::sync::Arc<Ctx>, tx: tokio::sync::mpsc::UnboundedSender<Vec<Reply>>, mut op: Op) {
+    let (offset, length) = (op.offset, op.length as u64);
+    let fua = op.flags & NBD_CMD_FLAG_FUA != 0;
+    let call = match op.kind {
+        RequestKind::Read => DeferredCall::Read { offset, length },
+        RequestKind::Write => DeferredCall::Write {
+            offset,
+            data: op.data.take().expect("a WRITE carries its data"),
+            fua,
+        },
+        RequestKind::Flush => DeferredCall::Flush,
+        RequestKind::Trim => DeferredCall::Trim {
+            offset,
+            length,
+            fua,
+        },
+        RequestKind::WriteZeroes => DeferredCall::WriteZeroes {
+            offset,
+            length,
+            may_trim: op.flags & NBD_CMD_FLAG_NO_HOLE == 0,
+            fua,
+        },
+        RequestKind::Cache | RequestKind::BlockStatus => DeferredCall::Cache { offset, length },
+    };
+    let backend = ctx.backend.clone();
+    let ticket = op.ticket;
+    backend.defer(
+        ticket,
+        call,
+        Box::new(move |outcome| {
+            let (bytes, skip) = match outcome {
+                Err(e) => (failed(&ctx, &op, e), 0),
+                Ok(data) if op.kind == RequestKind::Read => read_with(&ctx, &op, |buf| {
+                    let data = data.unwrap_or_default();
+                    let n = data.len().min(buf.len());
+                    buf[..n].copy_from_slice(&data[..n]);
+                    buf[n..].fill(0);
+                    Ok(())
+                }),
+                Ok(_) => (ok_reply(op.cookie), 0),
+            };
+            let reply = Reply::new(bytes, skip, op.ticket, op.slot, op.held);
+            sink::send(&tx, vec![reply], &ctx);
+        }),
+    );
 }
 
 /// Executes one request and wraps its reply, with the request's slot and payload bytes (held
@@ -105,6 +158,15 @@ fn execute(ctx: &Ctx, op: &mut Op) -> (Vec<u8>, usize) {
 /// A READ into a pooled buffer, framed in place: the header right before the data, the data
 /// at an aligned address; with structured replies and no DF, zero runs become hole chunks.
 fn read(ctx: &Ctx, op: &Op) -> (Vec<u8>, usize) {
+    read_with(ctx, op, |buf| ctx.backend.read(op.ticket, op.offset, buf))
+}
+
+/// [`read`] with the data put in place by `fill`.
+fn read_with(
+    ctx: &Ctx,
+    op: &Op,
+    fill: impl FnOnce(&mut [u8]) -> io::Result<()>,
+) -> (Vec<u8>, usize) {
     let (cookie, offset, length) = (op.cookie, op.offset, op.length);
     let prefix = if ctx.structured {
         OFFSET_DATA_PREFIX_BYTES
@@ -119,7 +181,7 @@ fn read(ctx: &Ctx, op: &Op) -> (Vec<u8>, usize) {
             % READ_DATA_ALIGN_BYTES;
     let skip = data_at - prefix;
     out.truncate(data_at + length as usize);
-    if let Err(e) = ctx.backend.read(op.ticket, offset, &mut out[data_at..]) {
+    if let Err(e) = fill(&mut out[data_at..]) {
         ctx.pool.give(out);
         return (failed(ctx, op, e), 0);
     }

@@ -23,7 +23,8 @@ use fs_core::Config;
 use super::session::{SessionHeader, SessionWriter};
 use super::volume::{Answer, VolFile, VolOp, VolRequest, Volume};
 use crate::backend::{
-    Backend, FileBackend, MemoryBackend, StatusExtent, Ticket, WriteData, WriteFailed,
+    Backend, DeferredCall, DeferredDone, FileBackend, IoStyle, MemoryBackend, StatusExtent, Ticket,
+    WriteData, WriteFailed,
 };
 use crate::disk::{DiskConfig, EmulatedDisk};
 use crate::fscore_device::RecordedDevice;
@@ -44,9 +45,33 @@ pub struct VolumeSetup {
     pub label: String,
 }
 
+/// Gets a request's answer, on the engine thread. One dropped unanswered (the engine thread
+/// stopped or died) answers with an error, so no client waits forever.
+struct Waiter(Option<Box<dyn FnOnce(Answer) + Send>>);
+
+impl Waiter {
+    fn new(f: impl FnOnce(Answer) + Send + 'static) -> Self {
+        Waiter(Some(Box::new(f)))
+    }
+
+    fn answer(mut self, a: Answer) {
+        if let Some(f) = self.0.take() {
+            f(a);
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(Err(FsError::Device("the volume's engine stopped".into())));
+        }
+    }
+}
+
 /// A request to the engine thread.
 enum Msg {
-    Request(VolRequest, SyncSender<Answer>),
+    Request(VolRequest, Waiter),
     Status(usize, u64, u64, SyncSender<Vec<StatusExtent>>),
     Stop(SyncSender<Result<(), String>>),
 }
@@ -214,11 +239,28 @@ impl ServedVolume {
     /// Runs one request and waits for its answer.
     pub fn request(&self, req: VolRequest) -> io::Result<Option<Vec<u8>>> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send(Msg::Request(req, tx))?;
+        self.send(Msg::Request(
+            req,
+            Waiter::new(move |a| {
+                let _ = tx.send(a);
+            }),
+        ))?;
         match rx.recv() {
             Ok(answer) => answer.map_err(answer_error),
             Err(_) => Err(io_err("the volume's engine stopped before answering")),
         }
+    }
+
+    /// Starts one request; `done` gets its outcome on the engine thread (or here, at once,
+    /// if the engine has stopped).
+    pub fn request_then(&self, req: VolRequest, done: crate::backend::DeferredDone) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(tx) = tx else {
+            return done(Err(io_err("the volume is shut down")));
+        };
+        // A request the engine never takes is answered when its waiter is dropped.
+        let waiter = Waiter::new(move |a: Answer| done(a.map_err(answer_error)));
+        let _ = tx.send(Msg::Request(req, waiter));
     }
 
     fn status(&self, file: usize, offset: u64, len: u64) -> io::Result<Vec<StatusExtent>> {
@@ -372,7 +414,7 @@ struct Worker {
     volume: Option<Volume>,
     disk: Arc<EmulatedDisk>,
     session: Option<SessionWriter>,
-    waiters: HashMap<u64, SyncSender<Answer>>,
+    waiters: HashMap<u64, Waiter>,
     cuts: tokio::sync::watch::Receiver<u64>,
     gate: Arc<Mutex<()>>,
     header: SessionHeader,
@@ -423,7 +465,7 @@ impl Worker {
         match msg {
             Msg::Request(req, reply) => {
                 if let Some(why) = &self.broken {
-                    let _ = reply.send(Err(FsError::Device(why.clone())));
+                    reply.answer(Err(FsError::Device(why.clone())));
                     return None;
                 }
                 let volume = self.volume.as_mut().expect("serving");
@@ -505,7 +547,7 @@ impl Worker {
                 }
             }
             if let Some(w) = self.waiters.remove(&id) {
-                let _ = w.send(answer);
+                w.answer(answer);
             }
         }
     }
@@ -612,6 +654,47 @@ impl FsCoreFile {
 impl Backend for FsCoreFile {
     fn size(&self) -> u64 {
         self.volume.files[self.file].size
+    }
+
+    fn io_style(&self) -> IoStyle {
+        IoStyle::Deferred
+    }
+
+    fn defer(&self, _t: Option<Ticket>, call: DeferredCall, done: DeferredDone) {
+        let (offset, op, fua) = match call {
+            DeferredCall::Read { offset, length } => (offset, VolOp::Read { len: length }, false),
+            DeferredCall::Write { offset, data, fua } => {
+                let data = data.into_vec();
+                (offset, VolOp::Write { data }, fua)
+            }
+            DeferredCall::Flush => (0, VolOp::Flush, false),
+            DeferredCall::Trim {
+                offset,
+                length,
+                fua,
+            } => (offset, VolOp::Trim { len: length }, fua),
+            DeferredCall::WriteZeroes {
+                offset,
+                length,
+                may_trim,
+                fua,
+            } => (
+                offset,
+                VolOp::Zero {
+                    len: length,
+                    may_trim,
+                },
+                fua,
+            ),
+            DeferredCall::Cache { offset, length } => (offset, VolOp::Cache { len: length }, false),
+        };
+        let req = VolRequest {
+            file: self.file,
+            offset,
+            op,
+            fua,
+        };
+        self.volume.request_then(req, done);
     }
 
     fn read(&self, _t: Option<Ticket>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
