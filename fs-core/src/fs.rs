@@ -76,6 +76,23 @@ pub struct Config {
     /// Planted bugs of the persistent filesystem (all off by default).
     #[serde(default)]
     pub bugs: Bugs,
+    /// Scheduler steps between the journal timer's commits
+    /// ([`crate::ondisk::COMMIT_INTERVAL_STEPS`] by default; an NBD export, whose steps come
+    /// far faster than a workload's, commits less often). Not written when it is the default,
+    /// so bundles stay as they were.
+    #[serde(
+        default = "default_commit_interval_steps",
+        skip_serializing_if = "is_default_commit_interval"
+    )]
+    pub commit_interval_steps: u64,
+}
+
+fn default_commit_interval_steps() -> u64 {
+    crate::ondisk::COMMIT_INTERVAL_STEPS
+}
+
+fn is_default_commit_interval(steps: &u64) -> bool {
+    *steps == crate::ondisk::COMMIT_INTERVAL_STEPS
 }
 
 /// Bugs the persistent filesystem can be told to have, so that crash campaigns show they find
@@ -150,6 +167,7 @@ impl Default for Config {
             cache_limit_folios: 4,
             device_blocks: 4096,
             bugs: Bugs::default(),
+            commit_interval_steps: crate::ondisk::COMMIT_INTERVAL_STEPS,
         }
     }
 }

@@ -10,7 +10,8 @@
 //! before the commit with the flush it issues before every commit block.
 //!
 //! When commits happen: at fsync, fdatasync and sync (a log force), every
-//! [`COMMIT_INTERVAL_STEPS`] steps of the scheduler when something changed (the journal
+//! [`COMMIT_INTERVAL_STEPS`] steps of the scheduler (`Config::commit_interval_steps`) when
+//! something changed (the journal
 //! thread's timer), and whenever the running transaction grows near the largest one the
 //! journal holds.
 
@@ -654,7 +655,7 @@ impl Fs {
         p.steps += 1;
         let (steps, max) = (p.steps, p.journal.transaction_blocks_max());
         let estimate = self.dirty_estimate();
-        let due = steps >= COMMIT_INTERVAL_STEPS && estimate > 2;
+        let due = steps >= self.cfg.commit_interval_steps && estimate > 2;
         if due || estimate + COMMIT_HEADROOM_BLOCKS >= max {
             self.commit()?;
         }

@@ -23,6 +23,7 @@
 //! | `mkwrite-inode-lock` | page_mkwrite takes the inode lock shared |
 //! | `bug=NAME[+NAME...]` | planted bugs of the persistent filesystem |
 //! | `cache-folios=N` | the page-cache limit in folios (small values force reclaim) |
+//! | `commit-steps=N` | the journal timer: scheduler steps between timed commits (default 1024) |
 //! | `sched-seed=S` | the scheduler's seed |
 //! | `session=PATH` | record the session there (a new volume only; never replaces a file) |
 
@@ -37,6 +38,9 @@ use fs_core::{AllocMode, Config, PunchMode, ValidityCheckAt};
 
 /// Default page-cache limit of an fs-core export, in folios (64 MiB).
 pub const EXPORT_CACHE_FOLIOS_DEFAULT: usize = 16_384;
+/// Default journal timer of an fs-core export, in scheduler steps: about 100 4 KiB writes
+/// (a workload's 64 steps would commit after every few writes of a busy client).
+pub const EXPORT_COMMIT_INTERVAL_STEPS: u64 = 1024;
 /// Inodes of a new volume beyond its exports' files.
 pub const VOLUME_SPARE_INODES: u64 = 16;
 /// Blocks of a new volume beyond its files' blocks, for the journal, inodes and bitmap.
@@ -65,6 +69,7 @@ impl Default for FsCoreSpec {
             volume_size: None,
             config: Config {
                 cache_limit_folios: EXPORT_CACHE_FOLIOS_DEFAULT,
+                commit_interval_steps: EXPORT_COMMIT_INTERVAL_STEPS,
                 ..Config::default()
             },
             sched_seed: 0,
@@ -86,6 +91,7 @@ pub const FSCORE_KEYS: &[&str] = &[
     "mkwrite-inode-lock",
     "bug",
     "cache-folios",
+    "commit-steps",
     "sched-seed",
     "session",
 ];
@@ -151,6 +157,12 @@ impl FsCoreSpec {
                     .parse()
                     .map_err(|_| "needs a whole number of folios".to_owned())?;
                 c.cache_limit_folios = n.max(1);
+            }
+            "commit-steps" => {
+                let n: u64 = need()?
+                    .parse()
+                    .map_err(|_| "needs a whole number of steps".to_owned())?;
+                c.commit_interval_steps = n.max(1);
             }
             "sched-seed" => {
                 self.sched_seed = need()?
