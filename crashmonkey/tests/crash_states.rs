@@ -397,6 +397,57 @@ fn replay_matches_the_disk() {
     .is_err());
 }
 
+/// The subset states of an epoch are exactly the family the options name: with room for all of
+/// them (`samples` equal to its size, the boundary), every set of 1..=max_subset operations
+/// and every complement of one, once each; with less room, at most `samples` drawn ones, each
+/// of a legal size. Counts, not just admissibility (the sampling arithmetic was untested).
+#[test]
+fn subset_states_are_the_whole_family_or_a_bounded_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("d.log");
+    let r = Rec::new(&log);
+    let n = 6usize;
+    for i in 0..n as u64 {
+        r.write(i * 4096, i as u8 + 1, 4096, false);
+    }
+    r.flush();
+    drop(r);
+    let subsets = |max_subset: usize, samples: usize| -> Vec<Vec<usize>> {
+        let o = StateOptions {
+            max_subset,
+            samples,
+            torn: false,
+            ..opts()
+        };
+        let (_, states) = all_states(&log, o).into_iter().next().unwrap();
+        states
+            .into_iter()
+            .filter(|s| s.kind == crashmonkey::states::StateKind::Subset)
+            .map(|s| s.included)
+            .collect()
+    };
+    // Sets of 1 or 2 of the 6 operations, and their complements (sizes 5 and 4).
+    let mut family = std::collections::BTreeSet::new();
+    for mask in 1u32..(1 << n) - 1 {
+        let set: Vec<usize> = (0..n).filter(|i| mask & (1 << i) != 0).collect();
+        if set.len() <= 2 || set.len() >= n - 2 {
+            family.insert(set);
+        }
+    }
+    assert_eq!(family.len(), 2 * (6 + 15));
+    for samples in [family.len(), 1000] {
+        let got = subsets(2, samples);
+        let unique: std::collections::BTreeSet<_> = got.iter().cloned().collect();
+        assert_eq!(unique.len(), got.len(), "a subset appears twice");
+        assert_eq!(unique, family, "samples={samples}: not the whole family");
+    }
+    for samples in [5, family.len() - 1] {
+        let got = subsets(2, samples);
+        assert!(!got.is_empty() && got.len() <= samples, "{} drawn for {samples}", got.len());
+        assert!(got.iter().all(|s| family.contains(s)), "an illegal set was drawn");
+    }
+}
+
 /// `replay --to-seq N` stops exactly at N: for every sequence number of the log, the image
 /// holds the writes and trims recorded through N and none after, as the raw records (read
 /// with the log reader, not the history) say.
