@@ -443,8 +443,15 @@ fn subset_states_are_the_whole_family_or_a_bounded_sample() {
     }
     for samples in [5, family.len() - 1] {
         let got = subsets(2, samples);
-        assert!(!got.is_empty() && got.len() <= samples, "{} drawn for {samples}", got.len());
-        assert!(got.iter().all(|s| family.contains(s)), "an illegal set was drawn");
+        assert!(
+            !got.is_empty() && got.len() <= samples,
+            "{} drawn for {samples}",
+            got.len()
+        );
+        assert!(
+            got.iter().all(|s| family.contains(s)),
+            "an illegal set was drawn"
+        );
     }
 }
 
