@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo test deps unit interop e2e lint bench bench-nbd bench-nbd-client bench-disk bench-fscore mutants clean
+.PHONY: all build demo test deps unit interop e2e lint bench bench-nbd bench-nbd-client bench-disk bench-fscore mutants campaign-shards clean
 
 all: build
 
@@ -49,6 +49,10 @@ unit:
 e2e:
 	bash scripts/e2e.sh
 	bash scripts/e2e-fscore.sh
+
+## Three shards of a race campaign as three processes at once, compared with one whole run.
+campaign-shards:
+	bash scripts/campaign-shards.sh
 
 bench: bench-nbd bench-disk bench-fscore
 

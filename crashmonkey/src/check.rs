@@ -44,6 +44,8 @@ pub struct CheckOptions {
     pub larger_base: LargerBase,
     /// Stops the run early when raised.
     pub stop: StopFlag,
+    /// The states of this process: a unique state is checked when the shard owns its id.
+    pub shard: crate::shard::Shard,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -164,7 +166,7 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
         let todo: Vec<CrashState> = generator
             .epoch_states(&epoch)?
             .into_iter()
-            .filter(|s| s.duplicate_of.is_none())
+            .filter(|s| s.duplicate_of.is_none() && opts.shard.owns(s.id as u64))
             .collect();
         bar.inc_length(todo.len() as u64);
         let outcomes = check_epoch(&mut workers, &prefix, &epoch, &data, &todo, opts, &bar)?;

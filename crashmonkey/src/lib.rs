@@ -17,4 +17,5 @@ pub mod fscore;
 pub mod history;
 pub mod overlay;
 pub mod race;
+pub mod shard;
 pub mod states;

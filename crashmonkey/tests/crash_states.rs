@@ -568,6 +568,7 @@ fn check_runs_the_checker_on_every_unique_state() {
         timeout_seconds: 60,
         larger_base: LargerBase::Refuse,
         stop: Default::default(),
+        shard: Default::default(),
     };
     let s = check(&log, &base, &o).unwrap();
     assert_eq!(s.passed + s.failed, s.unique);

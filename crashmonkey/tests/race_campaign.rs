@@ -12,6 +12,7 @@ fn first_failure(config: Config, runs: u64) -> Option<u64> {
         runs,
         config,
         max_failures: 1,
+        shard: Default::default(),
     };
     run_campaign(&opts, &mut |_, _| {}).first_failure_seed
 }
@@ -109,6 +110,7 @@ fn defaults_find_nothing_in_100k_runs() {
         runs: 100_000,
         config: Config::default(),
         max_failures: 1,
+        shard: Default::default(),
     };
     let s = run_campaign(&opts, &mut |_, _| {});
     assert_eq!(s.runs, 100_000);

@@ -55,6 +55,8 @@ pub struct CampaignOptions {
     pub config: Config,
     /// Stop after this many failing runs (0: never stop early).
     pub max_failures: u64,
+    /// The runs of this process: run i is done when the shard owns i.
+    pub shard: crate::shard::Shard,
 }
 
 #[derive(Debug, Serialize)]
@@ -87,7 +89,7 @@ pub fn run_campaign(opts: &CampaignOptions, progress: &mut dyn FnMut(u64, u64)) 
         first: None,
         smallest: None,
     };
-    for i in 0..opts.runs {
+    for i in (0..opts.runs).filter(|&i| opts.shard.owns(i)) {
         let seed = opts.seed.wrapping_add(i);
         let out = run_one(seed, &opts.config);
         s.runs += 1;

@@ -192,6 +192,11 @@ pub struct CheckArgs {
     allow_larger_base: bool,
     #[command(flatten)]
     flags: StateFlags,
+    /// Check only shard K of N of the unique states (state id % N == K): `K/N`, or `N` with K
+    /// from JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID (docs/scale-out.md). Every shard
+    /// generates every state (the ids need it) and checks its own.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<String>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -288,7 +293,14 @@ fn check_cmd(a: CheckArgs) -> anyhow::Result<i32> {
     note_larger_base(&a.log, &a.base, larger);
     let stop = StopFlag::new();
     stop_on_signals(&stop)?;
+    use crashmonkey::shard::{process_env, Shard};
+    let shard = match &a.shard {
+        Some(spec) => Shard::parse_with(spec, &process_env),
+        None => Shard::from_env(&process_env),
+    }
+    .map_err(|e| anyhow::anyhow!(e))?;
     let opts = CheckOptions {
+        shard,
         checker: a.checker,
         jobs: a.jobs,
         out: a.out,

@@ -48,6 +48,12 @@ pub struct RaceArgs {
     /// With --replay: start from the default (fixed) switches instead of the recorded ones.
     #[arg(long)]
     pub defaults: bool,
+    /// Run only shard K of N of the campaign (run i when i % N == K): `K/N`, or `N` with K
+    /// from JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs) or SLURM_ARRAY_TASK_ID. Without
+    /// it, a Slurm array (SLURM_ARRAY_TASK_COUNT set) shards by itself. The N shards' failing
+    /// seeds together are the unsharded campaign's (docs/scale-out.md).
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<String>,
 }
 
 impl RaceArgs {
@@ -81,14 +87,22 @@ pub fn run(args: RaceArgs) -> anyhow::Result<i32> {
 }
 
 fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
+    use crashmonkey::shard::{process_env, Shard};
+    let shard = match &args.shard {
+        Some(spec) => Shard::parse_with(spec, &process_env),
+        None => Shard::from_env(&process_env),
+    }
+    .map_err(|e| anyhow::anyhow!(e))?;
     let opts = CampaignOptions {
         seed: args.seed,
         runs: args.runs,
         config: args.apply(Config::default()),
         max_failures: args.max_failures,
+        shard,
     };
-    let bar = if args.runs >= PROGRESS_RUNS_MIN {
-        ProgressBar::new(args.runs)
+    let own_runs = shard.share_of(args.runs);
+    let bar = if own_runs >= PROGRESS_RUNS_MIN {
+        ProgressBar::new(own_runs)
     } else {
         ProgressBar::hidden()
     };
@@ -113,6 +127,7 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
         let first = summary.first.as_ref().map(first_failure_json);
         let v = serde_json::json!({
             "seed": args.seed,
+            "shard": shard.to_string(),
             "runs": summary.runs,
             "failures": summary.failures,
             "first_failure_seed": summary.first_failure_seed,
@@ -128,10 +143,20 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
         });
         emitln(&serde_json::to_string_pretty(&v)?);
     } else {
+        let of = if shard.count > 1 {
+            format!(", shard {shard}")
+        } else {
+            String::new()
+        };
         emitln(&format!(
-            "race campaign: seeds {}..{} ({} runs) in {:.2}s, {:.0} runs/s",
+            "race campaign: seeds {}..{} ({} runs{of}) in {:.2}s, {:.0} runs/s",
             args.seed,
-            args.seed.wrapping_add(summary.runs),
+            // The seeds this process went through (a shard spans the campaign's).
+            args.seed.wrapping_add(if shard.count > 1 {
+                args.runs
+            } else {
+                summary.runs
+            }),
             summary.runs,
             summary.seconds,
             summary.runs as f64 / summary.seconds.max(1e-9)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The local simulation of a sharded campaign: SHARDS processes of `crashmonkey race
+# --shard K/SHARDS` at once, their failing seeds and run counts compared with one unsharded
+# campaign. Exits 1 if they differ. Env: SHARDS (default 3), RUNS (default 20000), SEED (1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARDS=${SHARDS:-3}
+RUNS=${RUNS:-20000}
+SEED=${SEED:-1}
+cargo build --release -q -p crashmonkey
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+CM=$(release_dir)/crashmonkey
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+# Exit 1 means failures found, which this campaign is meant to find; 2 is an error.
+race() {
+    local rc=0
+    "$CM" race --seed "$SEED" --runs "$RUNS" --no-iomap-valid --json --no-bundle "$@" || rc=$?
+    [[ $rc == 0 || $rc == 1 ]]
+}
+echo "campaign-shards: $RUNS runs from seed $SEED, --no-iomap-valid: once whole, then as $SHARDS shards at once"
+race > "$WORK/whole.json"
+pids=()
+for k in $(seq 0 $((SHARDS - 1))); do
+    race --shard "$k/$SHARDS" > "$WORK/shard-$k.json" &
+    pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+python3 - "$WORK" "$SHARDS" <<'PY'
+import json, sys
+work, n = sys.argv[1], int(sys.argv[2])
+whole = json.load(open(f"{work}/whole.json"))
+parts = [json.load(open(f"{work}/shard-{k}.json")) for k in range(n)]
+for k, p in enumerate(parts):
+    print(f"  shard {p['shard']}: {p['runs']} runs, {p['failures']} failing, {p['runs_per_second']:.0f} runs/s")
+print(f"  whole: {whole['runs']} runs, {whole['failures']} failing, {whole['runs_per_second']:.0f} runs/s")
+seeds = sorted(s for p in parts for s in p["failing_seeds"])
+listed_all = whole["failures"] == len(whole["failing_seeds"])
+ok = (sum(p["runs"] for p in parts) == whole["runs"]
+      and sum(p["failures"] for p in parts) == whole["failures"]
+      and (not listed_all or seeds == sorted(whole["failing_seeds"])))
+print("campaign-shards: " + ("OK: the shards together found what the whole campaign found"
+      if ok else "FAIL: the shards differ from the whole campaign"))
+sys.exit(0 if ok else 1)
+PY
