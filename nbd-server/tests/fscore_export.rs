@@ -451,6 +451,19 @@ fn bad_fscore_specs_are_refused_with_a_reason() {
     assert!(refused("vm:size=1M,fscore=mem,iomap-valid=maybe").contains("on or off"));
     assert!(refused("vm:size=1M,fscore=mem,bug=nope").contains("fsync-no-log-force"));
     assert!(refused("vm:fscore=mem").contains("size="));
+    let img = dir.path().join("big.img");
+    let e = refused(&format!("vm:size=5G,fscore={}", img.display()));
+    assert!(e.contains("more than an fs-core file holds"), "{e}");
+    assert!(!img.exists(), "a refused volume leaves no image behind");
+    let junk = dir.path().join("junk.img");
+    std::fs::write(&junk, vec![0xa5u8; 1 << 20]).unwrap();
+    let e = refused(&format!("vm:fscore={}", junk.display()));
+    assert!(e.contains("superblock"), "{e}");
+    assert_eq!(
+        std::fs::read(&junk).unwrap(),
+        vec![0xa5u8; 1 << 20],
+        "a foreign image is untouched"
+    );
     assert!(
         refused("a:size=1M,fscore=mem b:size=1M,fscore=mem,cache-folios=3")
             .contains("first export")

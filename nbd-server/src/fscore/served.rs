@@ -327,6 +327,16 @@ fn open(
     ),
     String,
 > {
+    // Checked before anything is made, so a refused volume leaves no image behind.
+    if let Some((name, size)) = setup.files.iter().find_map(|(n, s)| {
+        s.filter(|&s| s > fs_core::fs::FILE_BYTES_MAX)
+            .map(|s| (n, s))
+    }) {
+        return Err(format!(
+            "file {name:?}: size {size} is more than an fs-core file holds ({} bytes)",
+            fs_core::fs::FILE_BYTES_MAX
+        ));
+    }
     let sizes: u64 = setup.files.iter().map(|f| f.1.unwrap_or(0)).sum();
     let bs = fs_core::block::BLOCK_SIZE as u64;
     let new_bytes = setup
