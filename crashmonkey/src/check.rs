@@ -46,6 +46,8 @@ pub struct CheckOptions {
     pub stop: StopFlag,
     /// The states of this process: a unique state is checked when the shard owns its id.
     pub shard: crate::shard::Shard,
+    /// Where the temporary images go (default: the system's temporary folder).
+    pub work_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -108,6 +110,43 @@ pub enum CheckError {
     NoImagePlaceholder,
     #[error("--jobs must be 1..={JOBS_MAX}")]
     BadJobs,
+    #[error(
+        "{dir}: {free} bytes free, and the state images may take up to {needed} ({images} \
+         sparse images of the disk holding at most the base's and the log's data); free some \
+         space or give --work-dir on a larger filesystem"
+    )]
+    NoSpace {
+        dir: String,
+        free: u64,
+        needed: u64,
+        images: u64,
+    },
+}
+
+/// Refuses to start when the work directory cannot hold the images a check makes: the
+/// prefix image and one per job, each a sparse copy of the base plus at most the log's data.
+fn check_space(
+    dir: &Path,
+    base: &Path,
+    log: &Path,
+    disk_bytes: u64,
+    jobs: usize,
+) -> Result<(), CheckError> {
+    use std::os::unix::fs::MetadataExt;
+    let base_bytes = std::fs::metadata(base)?.blocks() * 512;
+    let log_bytes = std::fs::metadata(log)?.len();
+    let images = jobs as u64 + 1;
+    let needed = images.saturating_mul(disk_bytes.min(base_bytes.saturating_add(log_bytes)));
+    let free = crate::checker::sys::free_bytes(dir)?;
+    if free < needed {
+        return Err(CheckError::NoSpace {
+            dir: dir.display().to_string(),
+            free,
+            needed,
+            images,
+        });
+    }
+    Ok(())
 }
 
 /// Quotes `s` for `sh`.
@@ -143,10 +182,12 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
     if let Some(out) = &opts.out {
         std::fs::create_dir_all(out)?;
     }
+    let parent = opts.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    check_space(&parent, base, log, history.disk_bytes, opts.jobs)?;
     // Every temporary image lives in here; it goes when `work` drops, on every return.
     let work = tempfile::Builder::new()
         .prefix("crashmonkey-check")
-        .tempdir()?;
+        .tempdir_in(&parent)?;
     let prefix = PrefixImage::new(base, work.path(), history.disk_bytes, opts.larger_base)?;
     let mut workers = Vec::with_capacity(opts.jobs);
     while workers.len() < opts.jobs && opts.stop.signal().is_none() {

@@ -9,7 +9,7 @@
 //! they are let go [`CHECKER_PIPE_GRACE_MILLIS`] after the checker ended.
 
 mod capture;
-mod sys;
+pub(crate) mod sys;
 
 use std::fmt;
 use std::io;

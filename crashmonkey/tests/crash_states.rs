@@ -569,6 +569,7 @@ fn check_runs_the_checker_on_every_unique_state() {
         larger_base: LargerBase::Refuse,
         stop: Default::default(),
         shard: Default::default(),
+        work_dir: None,
     };
     let s = check(&log, &base, &o).unwrap();
     assert_eq!(s.passed + s.failed, s.unique);

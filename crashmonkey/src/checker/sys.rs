@@ -1,5 +1,5 @@
 //! The few system calls std leaves out: signalling a process group, seeing a child end without
-//! reaping it (`waitid`, `pidfd_open`), and `poll`. Each wrapper takes and returns plain values and says why it is sound.
+//! reaping it (`waitid`, `pidfd_open`), `poll`, and the free space of a filesystem (`statvfs`). Each wrapper takes and returns plain values and says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -77,4 +77,17 @@ pub fn poll_readable(fds: &[RawFd], wait: Duration) -> io::Result<Vec<bool>> {
         };
     }
     Ok(polled.iter().map(|p| p.revents != 0).collect())
+}
+
+/// Bytes free for an unprivileged user on the filesystem holding `dir`.
+pub fn free_bytes(dir: &std::path::Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statvfs is plain data, valid when zeroed; `c` is a NUL-terminated path and `st`
+    // a valid place for statvfs to write, read only after it succeeded.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }

@@ -197,6 +197,10 @@ pub struct CheckArgs {
     /// generates every state (the ids need it) and checks its own.
     #[arg(long, value_name = "K/N")]
     shard: Option<String>,
+    /// Folder for the temporary state images (default: the system's temporary folder). The
+    /// space they may take is checked before the run starts.
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -301,6 +305,7 @@ fn check_cmd(a: CheckArgs) -> anyhow::Result<i32> {
     .map_err(|e| anyhow::anyhow!(e))?;
     let opts = CheckOptions {
         shard,
+        work_dir: a.work_dir,
         checker: a.checker,
         jobs: a.jobs,
         out: a.out,
