@@ -108,6 +108,14 @@ fn index_from_env(env: &dyn Fn(&str) -> Option<String>) -> Option<Result<u64, St
     }))
 }
 
+/// The shard a command runs: `--shard SPEC` if given, else what the environment says.
+pub fn resolve(spec: Option<&str>) -> Result<Shard, String> {
+    match spec {
+        Some(spec) => Shard::parse_with(spec, &process_env),
+        None => Shard::from_env(&process_env),
+    }
+}
+
 /// The process environment, for [`Shard::parse_with`] and [`Shard::from_env`].
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())

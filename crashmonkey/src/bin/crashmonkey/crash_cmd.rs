@@ -297,12 +297,7 @@ fn check_cmd(a: CheckArgs) -> anyhow::Result<i32> {
     note_larger_base(&a.log, &a.base, larger);
     let stop = StopFlag::new();
     stop_on_signals(&stop)?;
-    use crashmonkey::shard::{process_env, Shard};
-    let shard = match &a.shard {
-        Some(spec) => Shard::parse_with(spec, &process_env),
-        None => Shard::from_env(&process_env),
-    }
-    .map_err(|e| anyhow::anyhow!(e))?;
+    let shard = crashmonkey::shard::resolve(a.shard.as_deref()).map_err(anyhow::Error::msg)?;
     let opts = CheckOptions {
         shard,
         work_dir: a.work_dir,

@@ -62,6 +62,59 @@ impl RaceArgs {
     }
 }
 
+/// The campaign's summary in words.
+fn print_text(
+    args: &RaceArgs,
+    shard: crashmonkey::shard::Shard,
+    summary: &campaign::CampaignSummary,
+    config: &Config,
+    bundle_dir: Option<&std::path::Path>,
+) {
+    let of = if shard.count > 1 {
+        format!(", shard {shard}")
+    } else {
+        String::new()
+    };
+    emitln(&format!(
+        "race campaign: seeds {}..{} ({} runs{of}) in {:.2}s, {:.0} runs/s",
+        args.seed,
+        // The seeds this process went through (a shard spans the campaign's).
+        args.seed.wrapping_add(if shard.count > 1 {
+            args.runs
+        } else {
+            summary.runs
+        }),
+        summary.runs,
+        summary.seconds,
+        summary.runs as f64 / summary.seconds.max(1e-9)
+    ));
+    emitln(&format!(
+        "switches: {}",
+        campaign::switches(config).replace(", cache_limit=4 folios", "")
+    ));
+    emitln(&format!("failing runs: {}", summary.failures));
+    if let Some(first) = summary.first_failure_seed {
+        emitln(&format!("first failing seed: {first}"));
+    }
+    if let Some(smallest) = &summary.smallest {
+        emitln(&format!(
+            "\nthe failing run with the fewest steps:\n{}",
+            race::describe_failure(smallest)
+        ));
+        if let Some(d) = bundle_dir {
+            emitln(&format!("reproducer written to {}", d.display()));
+            emitln(&format!(
+                "replay it:            crashmonkey race --replay {}",
+                d.display()
+            ));
+            emitln(&format!(
+                "replay with the fix:  crashmonkey race --replay {} --defaults",
+                d.display()
+            ));
+        }
+    }
+}
+
 /// Print a line to stdout; a closed pipe (`| head`) ends the output quietly, no panic.
 pub(crate) fn emitln(text: &str) {
     use std::io::Write;
@@ -87,12 +140,7 @@ pub fn run(args: RaceArgs) -> anyhow::Result<i32> {
 }
 
 fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
-    use crashmonkey::shard::{process_env, Shard};
-    let shard = match &args.shard {
-        Some(spec) => Shard::parse_with(spec, &process_env),
-        None => Shard::from_env(&process_env),
-    }
-    .map_err(|e| anyhow::anyhow!(e))?;
+    let shard = crashmonkey::shard::resolve(args.shard.as_deref()).map_err(anyhow::Error::msg)?;
     let opts = CampaignOptions {
         seed: args.seed,
         runs: args.runs,
@@ -143,49 +191,7 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
         });
         emitln(&serde_json::to_string_pretty(&v)?);
     } else {
-        let of = if shard.count > 1 {
-            format!(", shard {shard}")
-        } else {
-            String::new()
-        };
-        emitln(&format!(
-            "race campaign: seeds {}..{} ({} runs{of}) in {:.2}s, {:.0} runs/s",
-            args.seed,
-            // The seeds this process went through (a shard spans the campaign's).
-            args.seed.wrapping_add(if shard.count > 1 {
-                args.runs
-            } else {
-                summary.runs
-            }),
-            summary.runs,
-            summary.seconds,
-            summary.runs as f64 / summary.seconds.max(1e-9)
-        ));
-        emitln(&format!(
-            "switches: {}",
-            campaign::switches(&opts.config).replace(", cache_limit=4 folios", "")
-        ));
-        emitln(&format!("failing runs: {}", summary.failures));
-        if let Some(first) = summary.first_failure_seed {
-            emitln(&format!("first failing seed: {first}"));
-        }
-        if let Some(smallest) = &summary.smallest {
-            emitln(&format!(
-                "\nthe failing run with the fewest steps:\n{}",
-                race::describe_failure(smallest)
-            ));
-            if let Some(d) = &bundle_dir {
-                emitln(&format!("reproducer written to {}", d.display()));
-                emitln(&format!(
-                    "replay it:            crashmonkey race --replay {}",
-                    d.display()
-                ));
-                emitln(&format!(
-                    "replay with the fix:  crashmonkey race --replay {} --defaults",
-                    d.display()
-                ));
-            }
-        }
+        print_text(args, shard, &summary, &opts.config, bundle_dir.as_deref());
     }
     Ok(if summary.failures > 0 { 1 } else { 0 })
 }
