@@ -268,7 +268,11 @@ async fn run(
                     let _ = s.set_nodelay(true);
                     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn, %peer, "accepted");
-                    tokio::spawn(connection(s, shared.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
+                    // Registered as negotiating here, in accept order: a handshake closed to
+                    // make room is always one accepted before it, whatever order the tasks
+                    // start in.
+                    let guard = shared.handshakes.begin(conn);
+                    tokio::spawn(connection(s, shared.clone(), guard, shutdown.clone(), permit, done_tx.clone()));
                 }
                 Err(e) => accept_failed(e).await,
             },
@@ -277,7 +281,11 @@ async fn run(
                     let Some(permit) = permit() else { continue };
                     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(conn, "accepted on unix socket");
-                    tokio::spawn(connection(s, shared.clone(), conn, shutdown.clone(), permit, done_tx.clone()));
+                    // Registered as negotiating here, in accept order: a handshake closed to
+                    // make room is always one accepted before it, whatever order the tasks
+                    // start in.
+                    let guard = shared.handshakes.begin(conn);
+                    tokio::spawn(connection(s, shared.clone(), guard, shutdown.clone(), permit, done_tx.clone()));
                 }
                 Err(e) => accept_failed(e).await,
             },
@@ -450,7 +458,7 @@ fn unbuffered<S: Socket>(
 async fn connection<S: Socket>(
     stream: S,
     shared: Arc<Shared>,
-    conn: ConnId,
+    guard: HandshakeGuard,
     mut shutdown: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
     _done: mpsc::Sender<()>,
@@ -464,7 +472,7 @@ async fn connection<S: Socket>(
     };
     let (r, w) = stream.split();
     let (mut rd, mut wr) = buffered(r, w);
-    let guard = shared.handshakes.begin(conn);
+    let conn = guard.conn;
     let close = &guard.close;
     let plain = async {
         let mut client = greet(&mut rd, &mut wr, phase).await?;

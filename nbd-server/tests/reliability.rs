@@ -481,18 +481,10 @@ fn idle_handshakes_do_not_lock_anyone_out() {
         .collect();
     assert!(idle.len() >= 500, "{} idle connections", idle.len());
     let started = Instant::now();
-    // Under load the server may still be accepting the idle ones when the fresh client
-    // arrives, and a handshake closed to make room is one the client retries (at most
-    // three tries, all inside the 5 s below): what must not happen is a lockout.
-    let mut fresh = (0..3)
-        .find_map(|attempt| {
-            let r = std::panic::catch_unwind(|| Raw::attach(srv.addr, "d"));
-            if r.is_err() {
-                eprintln!("fresh client closed during its handshake (try {attempt}); again");
-            }
-            r.ok()
-        })
-        .expect("a fresh client gets through within three tries");
+    // The fresh client was accepted after every idle one, so it is never the one closed to
+    // make room (CI once saw it closed: the queue of handshakes followed the order the
+    // connection tasks started in, not the order of accept; it is registered at accept now).
+    let mut fresh = Raw::attach(srv.addr, "d");
     assert_eq!(fresh.write_at(0, 0, &pattern(3, 4096)), 0);
     assert!(
         started.elapsed() < Duration::from_secs(5),
