@@ -19,22 +19,9 @@
 # Env: E2E_FS="ext4 xfs", E2E_FILES=8, E2E_SAMPLES=16, E2E_SEED=1, E2E_JOBS=2, E2E_KEEP=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-# Any non-empty CI is CI: nothing may skip. Elsewhere a skip needs ALLOW_SKIP=1 (make test
-# sets it and lists the skips at the end, from SKIP_LOG).
-skip() {
-    if [[ -n "${CI:-}" ]]; then
-        echo "e2e: FAIL: $1 (under CI nothing may skip)" >&2
-        exit 1
-    fi
-    if [[ "${ALLOW_SKIP:-}" != "1" ]]; then
-        echo "e2e: FAIL: $1 (install what is missing, or set ALLOW_SKIP=1 to skip)" >&2
-        exit 1
-    fi
-    echo "e2e: SKIP: $1"
-    [[ -n "${SKIP_LOG:-}" ]] && echo "e2e (make e2e): $1" >> "$SKIP_LOG"
-    exit 0
-}
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+SCRIPT_NAME=e2e
 
 [[ $(id -u) == 0 ]] || skip "needs root (loop devices, mount)"
 [[ -e /dev/fuse ]] || skip "no /dev/fuse"
@@ -50,8 +37,6 @@ SEED=${E2E_SEED:-1}
 JOBS=${E2E_JOBS:-2}
 
 cargo build --release -q -p nbd-server -p crashmonkey
-# shellcheck source=scripts/lib.sh
-source scripts/lib.sh
 BIN=$(release_dir)
 WORK=$(mktemp -d /tmp/nbd-e2e.XXXXXX)
 SERVER_PID=""
@@ -69,12 +54,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_for() { # wait_for DESCRIPTION COMMAND...: poll up to 20 s
-    local what=$1; shift
-    for _ in $(seq 200); do "$@" && return 0; sleep 0.1; done
-    echo "e2e: timed out waiting for $what" >&2
-    return 1
-}
 
 # The verify script: run by crashmonkey as `verify.sh FS EXPECT_DIR {image} {mark}`.
 cat > "$WORK/verify.sh" <<'VERIFY'

@@ -21,7 +21,7 @@ use crate::oracle::{Failure, Oracle};
 use crate::sched::{
     Body, Policy, Task, FIRST_OP_TASK, TASK_FLUSHER, TASK_IO_COMPLETION, TASK_RECLAIM,
 };
-use crate::step::{Cx, Step, YieldPoint};
+use crate::step::{Cx, Step};
 use crate::writeback::{Flusher, IoCompletion, Reclaim};
 use crate::TaskId;
 
@@ -317,34 +317,13 @@ impl Engine {
         std::mem::take(&mut self.done)
     }
 
-    /// A call's first step: it becomes one of its inode's users, or, with the inode gone,
-    /// ends with ENOENT.
-    fn start(&mut self, t: TaskId) -> Option<Step> {
-        let task = self.tasks.get_mut(&t).expect("live task");
-        task.started = true;
-        if task.op != u32::MAX {
-            self.oracle.running(task.op, true);
-        }
-        let slot = task.slot?;
-        if !self.fs.inode(slot).reachable() {
-            task.slot = None;
-            return Some(Step::Done(
-                YieldPoint::Enoent,
-                slot as u64,
-                Err(FsError::NoSuchFile(slot)),
-            ));
-        }
-        self.fs.inode_mut(slot).users += 1;
-        None
-    }
-
     fn run_step(&mut self, t: TaskId) {
-        let early = if self.tasks[&t].started {
+        let task = self.tasks.get_mut(&t).expect("live task");
+        let early = if task.started {
             None
         } else {
-            self.start(t)
+            task.begin(&mut self.fs, &mut self.oracle)
         };
-        let task = self.tasks.get_mut(&t).expect("live task");
         let step = match early {
             Some(step) => step,
             None => task.step(&mut Cx {
@@ -368,12 +347,7 @@ impl Engine {
 
     fn finish(&mut self, t: TaskId, result: Result<u64, FsError>) {
         let mut task = self.tasks.remove(&t).expect("live task");
-        if task.op != u32::MAX {
-            self.oracle.running(task.op, false);
-        }
-        if let Some(slot) = task.slot.take() {
-            self.fs.inode_mut(slot).users -= 1;
-        }
+        task.end(&mut self.fs, &mut self.oracle);
         let data = match &mut task.body {
             Body::Read(r) => r.take_data(),
             _ => None,

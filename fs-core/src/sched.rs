@@ -90,6 +90,37 @@ impl Task {
             }
     }
 
+    /// A data operation's first step: it becomes one of its inode's users, or, with the
+    /// inode gone, ends with ENOENT (the step returned).
+    pub(crate) fn begin(&mut self, fs: &mut Fs, oracle: &mut Oracle) -> Option<Step> {
+        self.started = true;
+        if self.op != u32::MAX {
+            oracle.running(self.op, true);
+        }
+        let slot = self.slot?;
+        if !fs.inode(slot).reachable() {
+            self.slot = None;
+            return Some(Step::Done(
+                YieldPoint::Enoent,
+                slot as u64,
+                Err(FsError::NoSuchFile(slot)),
+            ));
+        }
+        fs.inode_mut(slot).users += 1;
+        None
+    }
+
+    /// The task returned: it is no longer running, nor one of its inode's users.
+    pub(crate) fn end(&mut self, fs: &mut Fs, oracle: &mut Oracle) {
+        self.done = true;
+        if self.op != u32::MAX {
+            oracle.running(self.op, false);
+        }
+        if let Some(slot) = self.slot.take() {
+            fs.inode_mut(slot).users -= 1;
+        }
+    }
+
     fn at_user_copy(&self) -> Option<u32> {
         match &self.body {
             Body::Write(t) => t.at_user_copy(),
@@ -671,34 +702,13 @@ impl<'w> Sim<'w> {
         }
     }
 
-    /// A data operation's first step: it becomes one of its inode's users, or, with the
-    /// inode gone, ends with ENOENT.
-    fn start(&mut self, t: TaskId) -> Option<Step> {
-        let task = &mut self.tasks[t];
-        task.started = true;
-        if task.op != u32::MAX {
-            self.oracle.running(task.op, true);
-        }
-        let slot = task.slot?;
-        if !self.fs.inode(slot).reachable() {
-            task.slot = None;
-            return Some(Step::Done(
-                YieldPoint::Enoent,
-                slot as u64,
-                Err(FsError::NoSuchFile(slot)),
-            ));
-        }
-        self.fs.inode_mut(slot).users += 1;
-        None
-    }
-
     fn step_task(&mut self, t: TaskId, short: Option<u32>) -> YieldPoint {
-        let early = if self.tasks[t].started {
+        let task = &mut self.tasks[t];
+        let early = if task.started {
             None
         } else {
-            self.start(t)
+            task.begin(&mut self.fs, &mut self.oracle)
         };
-        let task = &mut self.tasks[t];
         let step = match early {
             Some(step) => step,
             None => task.step(&mut Cx {
@@ -713,13 +723,7 @@ impl<'w> Sim<'w> {
         let (label, arg) = match step {
             Step::Yield(l, a) => (l, a),
             Step::Done(l, a, r) => {
-                task.done = true;
-                if task.op != u32::MAX {
-                    self.oracle.running(task.op, false);
-                }
-                if let Some(slot) = task.slot.take() {
-                    self.fs.inode_mut(slot).users -= 1;
-                }
+                task.end(&mut self.fs, &mut self.oracle);
                 if let Some(slot) = self.results.get_mut(task.op as usize) {
                     *slot = Some(r);
                 }

@@ -117,7 +117,7 @@ pub enum ExportError {
 pub const RECORD_MAX_BYTES_MIN: u64 = 4096;
 
 /// A flag key's value: none (true), or true/false, 1/0, yes/no.
-fn parse_bool(value: Option<&str>) -> Result<bool, String> {
+pub(crate) fn parse_bool(value: Option<&str>) -> Result<bool, String> {
     match value {
         None | Some("true") | Some("1") | Some("yes") => Ok(true),
         Some("false") | Some("0") | Some("no") => Ok(false),

@@ -136,16 +136,19 @@ impl BlockDevice for RecordedDevice {
                 Ok(Completion::Read { data })
             }
             Request::Write { block, data, fua } => {
+                // The data moves to the disk unless fs-core keeps its own record of it.
+                let kept = self.records.is_some().then(|| data.clone());
                 self.run(RequestKind::Write, block, 1, fua, |d, t| {
-                    let copy = WriteData::copy_of(&data);
-                    Ok(d.write(t, block * BLOCK_SIZE as u64, copy, fua)?)
+                    Ok(d.write(t, block * BLOCK_SIZE as u64, WriteData::bytes(data), fua)?)
                 })?;
                 let kind = if fua {
                     RecordKind::FuaWrite
                 } else {
                     RecordKind::Write
                 };
-                self.record(kind, block, 1, &data);
+                if let Some(data) = kept {
+                    self.record(kind, block, 1, &data);
+                }
                 Ok(Completion::Done)
             }
             Request::Flush => {

@@ -473,4 +473,18 @@ fn bad_fscore_specs_are_refused_with_a_reason() {
     let e = refused(&format!("vm:size=1M,fscore=mem,session={}", log.display()));
     assert!(e.contains("exists"), "{e}");
     assert_eq!(std::fs::read(&log).unwrap(), b"keep me", "never replaced");
+    // A new image volume refused after its image was made (its session file is taken)
+    // leaves neither the image nor its write log behind.
+    let (img, rec) = (dir.path().join("new.img"), dir.path().join("new.log"));
+    let e = refused(&format!(
+        "vm:size=1M,fscore={},record={},session={}",
+        img.display(),
+        rec.display(),
+        log.display()
+    ));
+    assert!(e.contains("exists"), "{e}");
+    assert!(
+        !img.exists() && !rec.exists(),
+        "a refused volume left files behind"
+    );
 }

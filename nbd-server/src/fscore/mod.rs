@@ -96,11 +96,12 @@ pub const FSCORE_KEYS: &[&str] = &[
     "session",
 ];
 
+/// A switch's value: on or off, or what any flag key takes (true/false, 1/0, yes/no).
 fn on_off(v: &str) -> Result<bool, String> {
     match v {
-        "on" | "true" | "1" | "yes" => Ok(true),
-        "off" | "false" | "0" | "no" => Ok(false),
-        _ => Err(format!("is on or off, not {v:?}")),
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => crate::export::parse_bool(Some(v)).map_err(|_| format!("is on or off, not {v:?}")),
     }
 }
 

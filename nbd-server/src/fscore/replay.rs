@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::served::{fresh_volume, remount_seed, remount_tracked};
 use super::session::{answer_hash, Event, SessionError, SessionHeader, SessionReader};
-use super::volume::{Answer, Volume};
+use super::volume::Volume;
 use crate::backend::MemoryBackend;
 use crate::disk::{DiskConfig, EmulatedDisk};
 
@@ -187,7 +187,7 @@ impl Replay {
 
     fn collect(&mut self) {
         for (id, answer) in self.volume.take_answers() {
-            self.replayed.insert(id, summary(&answer));
+            self.replayed.insert(id, answer_hash(&answer));
             self.compare(id);
         }
     }
@@ -269,8 +269,4 @@ impl Replay {
         self.keep_failures();
         Ok(self.report)
     }
-}
-
-fn summary(answer: &Answer) -> (bool, u64, u32) {
-    answer_hash(answer)
 }

@@ -343,6 +343,13 @@ fn open(
         .volume_size
         .unwrap_or_else(|| super::default_volume_blocks(sizes) * bs);
     let (disk, fresh) = open_disk(setup, new_bytes)?;
+    // What this call made goes again if the volume cannot be served: the new image, and the
+    // write log the disk just created.
+    let mut made = Made(Vec::new());
+    if fresh {
+        made.0.extend(setup.image.clone());
+    }
+    made.0.extend(setup.disk.record.clone());
     let mut header = SessionHeader {
         config: setup.config.clone(),
         files: Vec::new(),
@@ -357,6 +364,7 @@ fn open(
         }
         let volume = mount_existing(disk.clone(), setup)?;
         header.files = volume.files().to_vec();
+        made.0.clear();
         return Ok((disk, volume, None, header));
     }
     for (i, (name, size)) in setup.files.iter().enumerate() {
@@ -375,7 +383,19 @@ fn open(
         ),
         None => None,
     };
+    made.0.clear();
     Ok((disk, volume, session, header))
+}
+
+/// Files a failed [`open`] made, removed when it returns an error.
+struct Made(Vec<PathBuf>);
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Mounts an existing image and finds the files.
@@ -478,16 +498,9 @@ impl Worker {
                     reply.answer(Err(FsError::Device(why.clone())));
                     return None;
                 }
-                let volume = self.volume.as_mut().expect("serving");
-                let id = volume.next_request();
-                if let Some(s) = self.session.as_mut() {
-                    if let Err(e) = s.arrive(id, &req) {
-                        tracing::error!("session: {e}; recording stops");
-                        self.session = None;
-                    }
-                }
-                let volume = self.volume.as_mut().expect("serving");
-                volume.arrive(req);
+                let id = self.volume.as_ref().expect("serving").next_request();
+                self.session_io(|s| s.arrive(id, &req));
+                self.volume.as_mut().expect("serving").arrive(req);
                 self.waiters.insert(id, reply);
                 self.deliver();
             }
@@ -550,12 +563,7 @@ impl Worker {
             return;
         };
         for (id, answer) in volume.take_answers() {
-            if let Some(s) = self.session.as_mut() {
-                if let Err(e) = s.answer(id, &answer) {
-                    tracing::error!("session: {e}; recording stops");
-                    self.session = None;
-                }
-            }
+            self.session_io(|s| s.answer(id, &answer));
             if let Some(w) = self.waiters.remove(&id) {
                 w.answer(answer);
             }
@@ -576,9 +584,8 @@ impl Worker {
     fn after_power_cut(&mut self) {
         let seed = self.disk.last_power_cut_seed().unwrap_or(0);
         self.session_io(|s| s.power_cut(seed));
-        let mut old = self.volume.take().expect("serving");
-        old.fail_all(&FsError::Device("power cut".into()));
-        self.volume = Some(old);
+        let cut = FsError::Device("power cut".into());
+        self.volume.as_mut().expect("serving").fail_all(&cut);
         self.deliver();
         let files = self.volume.take().expect("serving").files().to_vec();
         self.remounts += 1;

@@ -130,7 +130,7 @@ impl Volume {
         let id = self.next_request;
         self.next_request += 1;
         let keep_data = matches!(req.op, VolOp::Read { .. });
-        match self.calls_of(&req) {
+        match self.calls_of(req) {
             Ok(calls) => {
                 self.running.insert(
                     id,
@@ -141,43 +141,46 @@ impl Volume {
                     },
                 );
                 self.next_call(id);
+                self.collect();
             }
             Err(e) => self.answers.push((id, Err(e))),
         }
         id
     }
 
-    /// The fs-core calls a request runs, in order.
-    fn calls_of(&self, req: &VolRequest) -> Result<VecDeque<Call>, FsError> {
+    /// The fs-core calls a request runs, in order (a write's data moves into its call).
+    fn calls_of(&self, req: VolRequest) -> Result<VecDeque<Call>, FsError> {
         let file = self
             .files
             .get(req.file)
             .ok_or(FsError::NoSuchFile(req.file))?;
         let ino = file.ino;
         let off = req.offset;
+        let flush = matches!(req.op, VolOp::Flush);
         let mut calls = VecDeque::new();
-        match &req.op {
+        match req.op {
             VolOp::Read { len } | VolOp::Cache { len } => calls.push_back(Call::Read {
                 ino,
                 offset: off,
-                len: *len,
+                len,
             }),
             VolOp::Write { data } => calls.push_back(Call::Write {
                 ino,
                 offset: off,
-                data: data.clone(),
+                data,
             }),
-            VolOp::Trim { len } => zero_calls(&mut calls, ino, off, *len, true),
-            VolOp::Zero { len, may_trim } => zero_calls(&mut calls, ino, off, *len, *may_trim),
+            VolOp::Trim { len } => zero_calls(&mut calls, ino, off, len, true),
+            VolOp::Zero { len, may_trim } => zero_calls(&mut calls, ino, off, len, may_trim),
             VolOp::Flush => calls.push_back(Call::Fsync { ino }),
         }
-        if req.fua && !matches!(req.op, VolOp::Flush) {
+        if req.fua && !flush {
             calls.push_back(Call::Fsync { ino });
         }
         Ok(calls)
     }
 
-    /// Submits request `id`'s next call, or answers it when it has none left.
+    /// Submits request `id`'s next call, or answers it when it has none left. A call that
+    /// cannot run completes at once: [`Volume::collect`] takes it.
     fn next_call(&mut self, id: u64) {
         let run = self.running.get_mut(&id).expect("running request");
         let Some(call) = run.calls.pop_front() else {
@@ -195,26 +198,32 @@ impl Volume {
                     .push((id, Err(FsError::Invalid(e.to_string()))));
             }
         }
-        self.collect();
     }
 
-    /// Takes the engine's completed calls: each moves its request on.
+    /// Takes the engine's completed calls, each moving its request on, until none is left
+    /// (a next call may complete at once).
     fn collect(&mut self) {
-        for Done { task, result, data } in self.engine.take_done() {
-            let Some(id) = self.by_task.remove(&task) else {
-                continue;
-            };
-            match result {
-                Ok(_) => {
-                    let run = self.running.get_mut(&id).expect("running request");
-                    if run.keep_data && data.is_some() {
-                        run.data = data;
+        loop {
+            let done = self.engine.take_done();
+            if done.is_empty() {
+                return;
+            }
+            for Done { task, result, data } in done {
+                let Some(id) = self.by_task.remove(&task) else {
+                    continue;
+                };
+                match result {
+                    Ok(_) => {
+                        let run = self.running.get_mut(&id).expect("running request");
+                        if run.keep_data && data.is_some() {
+                            run.data = data;
+                        }
+                        self.next_call(id);
                     }
-                    self.next_call(id);
-                }
-                Err(e) => {
-                    self.running.remove(&id);
-                    self.answers.push((id, Err(e)));
+                    Err(e) => {
+                        self.running.remove(&id);
+                        self.answers.push((id, Err(e)));
+                    }
                 }
             }
         }
