@@ -19,6 +19,7 @@
 //! cost of a state is the size of its own delta, not the length of the log before it.
 
 use std::collections::{BTreeSet, HashMap};
+use fs_core::block::BlockMap;
 
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -105,7 +106,9 @@ type Sum = [u64; 4];
 /// What an operation does to one sector.
 #[derive(Clone, Copy)]
 enum SectorUpdate {
-    Full(u64, SectorHash),
+    /// The whole sector: the hash of its bytes, and its contribution to an image's sum (a
+    /// BLAKE3 of its own, computed once per epoch: hashing was a tenth of a campaign).
+    Full(u64, SectorHash, Sum),
     /// Part of a sector: offset, length and hash of the bytes.
     Partial(u64, u16, u16, SectorHash),
 }
@@ -113,12 +116,12 @@ enum SectorUpdate {
 impl SectorUpdate {
     fn sector(&self) -> u64 {
         match *self {
-            SectorUpdate::Full(s, _) | SectorUpdate::Partial(s, ..) => s,
+            SectorUpdate::Full(s, ..) | SectorUpdate::Partial(s, ..) => s,
         }
     }
     fn apply(&self, prev: Option<&SectorHash>) -> SectorHash {
         match *self {
-            SectorUpdate::Full(_, h) => h,
+            SectorUpdate::Full(_, h, _) => h,
             SectorUpdate::Partial(_, off, len, h) => {
                 let mut hasher = blake3::Hasher::new();
                 hasher.update(prev.map_or(&[0u8; 32], |p| p));
@@ -126,6 +129,16 @@ impl SectorUpdate {
                 hasher.update(&len.to_le_bytes());
                 hasher.update(&h);
                 *hasher.finalize().as_bytes()
+            }
+        }
+    }
+    /// The sector's new content and its contribution to the sum, after `prev`.
+    fn apply_sum(&self, prev: Option<&SectorHash>) -> (SectorHash, Sum) {
+        match *self {
+            SectorUpdate::Full(_, h, c) => (h, c),
+            SectorUpdate::Partial(s, ..) => {
+                let h = self.apply(prev);
+                (h, contrib(s, &h))
             }
         }
     }
@@ -160,6 +173,7 @@ fn hex(sum: &Sum) -> String {
     sum.iter().map(|l| format!("{l:016x}")).collect()
 }
 
+
 /// Sector updates of one operation over `pieces`, reading its data from the log.
 fn op_updates(
     op: &Op,
@@ -182,7 +196,7 @@ fn op_updates(
                 *blake3::hash(b).as_bytes()
             };
             out.push(if s_len == SECTOR_BYTES {
-                SectorUpdate::Full(sector, h)
+                SectorUpdate::Full(sector, h, contrib(sector, &h))
             } else {
                 SectorUpdate::Partial(sector, (s_off % SECTOR_BYTES) as u16, s_len as u16, h)
             });
@@ -247,7 +261,7 @@ fn prefix_candidates(epoch: &Epoch) -> Vec<Candidate> {
 /// Keeps the content hash of the prefix and turns epochs into crash states.
 pub struct StateGenerator {
     opts: StateOptions,
-    prefix: HashMap<u64, SectorHash>,
+    prefix: BlockMap<SectorHash>,
     prefix_sum: Sum,
     seen: HashMap<Sum, usize>,
     next_id: usize,
@@ -262,7 +276,7 @@ impl StateGenerator {
     pub fn new(opts: StateOptions, log: impl LogData + 'static) -> Self {
         StateGenerator {
             opts,
-            prefix: HashMap::new(),
+            prefix: BlockMap::default(),
             prefix_sum: [0; 4],
             seen: HashMap::new(),
             next_id: 0,
@@ -280,6 +294,7 @@ impl StateGenerator {
             .iter()
             .map(|op| op_updates(op, &op.pieces, self.log.as_ref()))
             .collect::<Result<_, _>>()?;
+        let before = self.prefix_contribs(&updates);
         let mut rng = ChaCha8Rng::seed_from_u64(
             self.opts.seed ^ (epoch.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
@@ -299,9 +314,9 @@ impl StateGenerator {
         }
         let states = candidates
             .into_iter()
-            .map(|c| self.state(epoch, &updates, c))
+            .map(|c| self.state(epoch, &updates, &before, c))
             .collect::<Result<Vec<_>, _>>()?;
-        self.advance_prefix(&updates);
+        self.advance_prefix(&updates, &before);
         if let Some((_, name)) = epoch.marks.last() {
             self.last_mark = Some(name.clone());
         }
@@ -354,9 +369,10 @@ impl StateGenerator {
         &mut self,
         epoch: &Epoch,
         updates: &[Vec<SectorUpdate>],
+        before: &BlockMap<Sum>,
         c: Candidate,
     ) -> Result<CrashState, LogError> {
-        let sum = self.state_sum(epoch, updates, &c.included, c.torn.as_ref())?;
+        let sum = self.state_sum(epoch, updates, before, &c.included, c.torn.as_ref())?;
         let mark = self.mark_for(epoch, &c.included);
         let included_set: BTreeSet<usize> = c.included.iter().copied().collect();
         let dropped_seqs = (0..epoch.ops.len())
@@ -388,34 +404,53 @@ impl StateGenerator {
         })
     }
 
-    /// Advances the prefix past a whole epoch, whose operations make `updates`.
-    fn advance_prefix(&mut self, updates: &[Vec<SectorUpdate>]) {
-        for ups in updates {
-            for u in ups {
-                let s = u.sector();
-                let prev = self.prefix.get(&s);
-                let new = u.apply(prev);
-                if let Some(p) = prev {
-                    sub(&mut self.prefix_sum, &contrib(s, p));
-                }
-                add(&mut self.prefix_sum, &contrib(s, &new));
-                self.prefix.insert(s, new);
+    /// Advances the prefix past a whole epoch, whose operations make `updates`; `before`
+    /// holds the contributions of the sectors they touch ([`Self::prefix_contribs`]).
+    fn advance_prefix(&mut self, updates: &[Vec<SectorUpdate>], before: &BlockMap<Sum>) {
+        let mut now: BlockMap<Sum> = BlockMap::default();
+        for u in updates.iter().flatten() {
+            let s = u.sector();
+            let (new, c) = u.apply_sum(self.prefix.get(&s));
+            self.prefix.insert(s, new);
+            now.insert(s, c);
+        }
+        for (s, c) in &now {
+            if let Some(p) = before.get(s) {
+                sub(&mut self.prefix_sum, p);
+            }
+            add(&mut self.prefix_sum, c);
+        }
+    }
+
+    /// The contributions to the prefix's sum of the sectors `updates` touch (that the prefix
+    /// has): each state of the epoch takes some of them out of the sum.
+    fn prefix_contribs(&self, updates: &[Vec<SectorUpdate>]) -> BlockMap<Sum> {
+        let mut out = BlockMap::default();
+        for u in updates.iter().flatten() {
+            let s = u.sector();
+            if let (Some(p), std::collections::hash_map::Entry::Vacant(v)) =
+                (self.prefix.get(&s), out.entry(s))
+            {
+                v.insert(contrib(s, p));
             }
         }
+        out
     }
 
     fn state_sum(
         &self,
         epoch: &Epoch,
         updates: &[Vec<SectorUpdate>],
+        before: &BlockMap<Sum>,
         included: &[usize],
         torn: Option<&TornOp>,
     ) -> Result<Sum, LogError> {
-        let mut changed: HashMap<u64, SectorHash> = HashMap::new();
-        let apply = |u: &SectorUpdate, changed: &mut HashMap<u64, SectorHash>| {
+        let mut changed: BlockMap<(SectorHash, Sum)> = BlockMap::default();
+        let apply = |u: &SectorUpdate, changed: &mut BlockMap<(SectorHash, Sum)>| {
             let s = u.sector();
-            let prev = changed.get(&s).or_else(|| self.prefix.get(&s)).copied();
-            changed.insert(s, u.apply(prev.as_ref()));
+            let prev = changed.get(&s).map(|c| &c.0).or_else(|| self.prefix.get(&s));
+            let new = u.apply_sum(prev);
+            changed.insert(s, new);
         };
         for &i in included {
             for u in &updates[i] {
@@ -428,11 +463,11 @@ impl StateGenerator {
             }
         }
         let mut sum = self.prefix_sum;
-        for (s, h) in &changed {
-            if let Some(p) = self.prefix.get(s) {
-                sub(&mut sum, &contrib(*s, p));
+        for (s, (_, c)) in &changed {
+            if let Some(p) = before.get(s) {
+                sub(&mut sum, p);
             }
-            add(&mut sum, &contrib(*s, h));
+            add(&mut sum, c);
         }
         Ok(sum)
     }

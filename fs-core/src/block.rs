@@ -12,6 +12,39 @@ pub const BLOCK_SIZE: usize = 4096;
 /// Requests a device accepts before the caller must complete some.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 4096;
 
+/// A map keyed by block (or sector) number, with [`BlockHasher`].
+pub type BlockMap<V> = std::collections::HashMap<u64, V, BuildBlockHasher>;
+/// Builds [`BlockHasher`]s.
+pub type BuildBlockHasher = std::hash::BuildHasherDefault<BlockHasher>;
+
+/// A hasher for `u64` block and sector numbers: one multiply (Fx's constant) instead of
+/// SipHash, which was a sixth of the instructions of checking fs-core crash states (fsck's
+/// block owners, the state device's blocks, the state generator's sectors). The keys are
+/// numbers from images and logs, not chosen to collide; the worst an image crafted to
+/// collide can do is make fsck slow, never wrong.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BlockHasher(u64);
+
+impl std::hash::Hasher for BlockHasher {
+    fn finish(&self) -> u64 {
+        // hashbrown takes the top seven bits as the tag and the low bits as the bucket:
+        // fold the well-mixed high half into the low one.
+        self.0 ^ (self.0 >> 32)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        const FX_K: u64 = 0x517c_c1b7_2722_0a95;
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(FX_K);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
 /// Identifies a submitted request until it completes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ReqId(pub u64);

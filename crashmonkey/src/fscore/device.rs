@@ -2,13 +2,12 @@
 //! the `nbd` crate's client) for the `crashmonkey fs` commands, and an in-memory crash state
 //! (a prefix image and the state's own blocks) for campaigns.
 
-use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 
 use fs_core::block::{
-    BlockDevice, Completion, DeviceError, ReqId, Request, RequestQueue, BLOCK_SIZE,
+    BlockDevice, BlockMap, Completion, DeviceError, ReqId, Request, RequestQueue, BLOCK_SIZE,
 };
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -210,12 +209,12 @@ fn connect(host: &str, port: u16) -> anyhow::Result<TcpStream> {
 /// with the state's own blocks laid over it. Writes go to the state's blocks.
 pub struct StateDevice {
     prefix: Arc<Vec<u8>>,
-    blocks: HashMap<u64, Vec<u8>>,
+    blocks: BlockMap<Vec<u8>>,
     queue: RequestQueue,
 }
 
 impl StateDevice {
-    pub fn new(prefix: Arc<Vec<u8>>, blocks: HashMap<u64, Vec<u8>>) -> Self {
+    pub fn new(prefix: Arc<Vec<u8>>, blocks: BlockMap<Vec<u8>>) -> Self {
         let n = prefix.len() as u64 / BS;
         StateDevice {
             prefix,

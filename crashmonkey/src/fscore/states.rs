@@ -3,11 +3,10 @@
 //! memory as the epoch's prefix image plus the state's own blocks, mounted with recovery,
 //! fsck'd, and judged by fs-core's crash oracle. Nothing is written to disk per state.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use fs_core::block::{read_block_sync, BlockDevice, BLOCK_SIZE};
+use fs_core::block::{read_block_sync, BlockDevice, BlockMap, BLOCK_SIZE};
 use fs_core::crash::{CrashViolation, Judge};
 use fs_core::ondisk::{self, fsck};
 use fs_core::oracle::History;
@@ -38,7 +37,7 @@ pub struct StateFailure {
 }
 
 /// The full image of a state: the prefix with its blocks laid over it.
-fn state_image(prefix: &[u8], blocks: &HashMap<u64, Vec<u8>>) -> Vec<u8> {
+fn state_image(prefix: &[u8], blocks: &BlockMap<Vec<u8>>) -> Vec<u8> {
     let mut img = prefix.to_vec();
     for (b, data) in blocks {
         img[(b * BS) as usize..((b + 1) * BS) as usize].copy_from_slice(data);
@@ -64,8 +63,8 @@ fn state_blocks(
     epoch: &Epoch,
     state: &CrashState,
     log: &[u8],
-) -> HashMap<u64, Vec<u8>> {
-    let mut blocks = HashMap::new();
+) -> BlockMap<Vec<u8>> {
+    let mut blocks = BlockMap::default();
     let mut apply = |op: &Op, pieces: &[(u64, u64)]| {
         for &(off, len) in pieces {
             let mut at = off;
@@ -122,7 +121,7 @@ pub fn check_state(
     cfg: &Config,
     judge: &Judge<'_>,
     prefix: &Arc<Vec<u8>>,
-    blocks: HashMap<u64, Vec<u8>>,
+    blocks: BlockMap<Vec<u8>>,
     state: &CrashState,
 ) -> Option<StateFailure> {
     let dev = StateDevice::new(prefix.clone(), blocks);

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use crate::block::{read_block_sync, BlockDevice, CowDevice, DeviceError};
+use crate::block::{read_block_sync, BlockDevice, BlockMap, CowDevice, DeviceError};
 use crate::extent::FILE_BLOCKS_MAX;
 
 use super::format::*;
@@ -168,7 +168,7 @@ pub fn check(read: &mut dyn FnMut(u64) -> Result<Vec<u8>, DeviceError>) -> FsckR
 }
 
 struct Owners {
-    by_block: HashMap<u64, Holder>,
+    by_block: BlockMap<Holder>,
     in_use: Vec<bool>,
     nlink: Vec<u32>,
 }
@@ -179,7 +179,7 @@ fn check_inodes(
     r: &mut FsckReport,
 ) -> Owners {
     let mut o = Owners {
-        by_block: HashMap::new(),
+        by_block: BlockMap::default(),
         in_use: vec![false; geo.inodes as usize],
         nlink: vec![0; geo.inodes as usize],
     };
@@ -338,7 +338,7 @@ fn check_directory(
 fn check_bitmap(
     geo: &Geometry,
     read: &mut dyn FnMut(u64) -> Result<Vec<u8>, DeviceError>,
-    owners: &HashMap<u64, Holder>,
+    owners: &BlockMap<Holder>,
     r: &mut FsckReport,
 ) {
     for k in 0..geo.bitmap_blocks {
