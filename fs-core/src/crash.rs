@@ -500,11 +500,11 @@ impl<'e> Allowed<'e> {
             return true;
         }
         let zeros = (self.zero_from, self.base_len, self.zero_until);
-        if zero_ok_over(zeros, x, stop) && found.iter().all(|&f| f == 0) {
+        if zero_ok_over(zeros, x, stop) && all_bytes(found, 0) {
             return true;
         }
         self.active.iter().any(|&i| match self.spans[i].2 {
-            Span::Byte(b) => found.iter().all(|&f| f == b),
+            Span::Byte(b) => all_bytes(found, b),
             Span::Data(d) => {
                 let from = x - self.spans[i].0 as usize;
                 found == &d[from..from + found.len()]
@@ -531,6 +531,15 @@ impl<'e> Allowed<'e> {
 fn zero_ok((zero_from, base_len, zero_until): (u64, u64, u64), x: usize) -> bool {
     let x = x as u64;
     x >= zero_from || (x >= base_len && x < zero_until)
+}
+
+/// Whether every byte of `found` is `b`, sixteen at a time (a byte loop that stops at the
+/// first difference does not vectorise, and most stretches judged are whole).
+fn all_bytes(found: &[u8], b: u8) -> bool {
+    let want = u128::from_ne_bytes([b; 16]);
+    let mut words = found.chunks_exact(16);
+    let whole = words.all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == want);
+    whole && words.remainder().iter().all(|&f| f == b)
 }
 
 /// Whether [`zero_ok`] holds at every byte of `[x, stop)`: its set is `[zero_from, ..)` and
