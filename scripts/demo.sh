@@ -46,6 +46,8 @@ campaign no-wb-seq-check-batch1 --no-wb-seq-check --wb-batch-folios 1
 campaign old-punch --old-punch
 campaign gfs2-like --alloc at-write
 campaign gfs2-like-glock --alloc at-write --mkwrite-inode-lock
+campaign gfs2 --fs gfs2
+campaign gfs2-no-write-glock --fs gfs2 --gfs2-without write-glock
 campaign get-folio --check-at get-folio
 campaign before-lock --check-at before-lock
 end=$(date +%s)
@@ -72,6 +74,8 @@ row "Q2: cookie checked inside ->get_folio instead" get-folio
 row "Q2: cookie checked before the folio lock (racy placement)" before-lock
 row "Q1: gfs2-like (allocate at write, no delalloc/unwritten)" gfs2-like
 row "Q1: gfs2-like, page_mkwrite serialised by the inode glock" gfs2-like-glock
+row "Q1: gfs2 preset (--fs gfs2: its glocks, no zeroing, no cookie)" gfs2
+row "Q1: gfs2 preset, the write does not hold the glock" gfs2-no-write-glock
 echo "  (all campaigns: $((end - start)) s)"
 
 bundle=$(ls -d "$OUT"/no-iomap-valid/race-seed-* | head -1)

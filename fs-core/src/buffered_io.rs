@@ -92,7 +92,9 @@ impl WriteTask {
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
         let inode = fs.inode(self.ino);
         match self.st {
-            WState::LockInode => inode.i_rwsem.can_write(),
+            WState::LockInode => {
+                inode.i_rwsem.can_write() && (!fs.cfg.gfs2.write_glock || inode.glock.can_write())
+            }
             WState::GetFolio => inode.cache.lockable(self.idx(), me),
             WState::OldTruncate { idx, .. } => inode
                 .cache
@@ -146,7 +148,12 @@ impl WriteTask {
             WState::End => self.iomap_end(cx),
             WState::OldTruncate { idx, end } => self.old_punch_truncate(cx, idx, end),
             WState::OldPunch { start, end } => {
-                punch_delalloc(cx.fs, self.ino, start, end);
+                if self.map.is_some_and(|m| m.kind == IoMapKind::Mapped) {
+                    // gfs2: deallocate the NEW blocks the short write did not reach.
+                    cx.fs.punch_blocks(self.ino, start, end);
+                } else {
+                    punch_delalloc(cx.fs, self.ino, start, end);
+                }
                 self.st = WState::Finish;
                 self.finish_or_remap(cx)
             }
@@ -162,8 +169,11 @@ impl WriteTask {
             return Step::Done(YieldPoint::WriteEfbig, 0, Err(FsError::FileTooBig));
         }
         cx.fs.inode_mut(ino).i_rwsem.down_write(cx.me);
+        if cx.fs.cfg.gfs2.write_glock {
+            cx.fs.inode_mut(ino).glock.down_write(cx.me);
+        }
         if self.data.is_empty() {
-            cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
+            self.unlock_inode(cx);
             return Step::Done(YieldPoint::WriteEmpty, 0, Ok(0));
         }
         self.st = WState::Begin;
@@ -182,7 +192,7 @@ impl WriteTask {
                 Step::Yield(YieldPoint::IomapBegin, self.pos)
             }
             Err(e) => {
-                cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
+                self.unlock_inode(cx);
                 let done = self.pos - self.start;
                 if done > 0 {
                     Step::Done(YieldPoint::IomapBeginError, self.pos, Ok(done))
@@ -278,7 +288,7 @@ impl WriteTask {
                     Ok(d) => d,
                     Err(e) => {
                         self.unlock(cx.fs);
-                        cx.fs.inode_mut(ino).i_rwsem.up_write(cx.me);
+                        self.unlock_inode(cx);
                         return Step::Done(YieldPoint::WriteBeginReadError, idx, Err(e.into()));
                     }
                 };
@@ -384,11 +394,19 @@ impl WriteTask {
         // iomap_last_written_block: with nothing written, round down.
         let punch_start = self.punch_start();
         let punch_end = map.end().min(self.end()).div_ceil(BS);
-        if map.kind == IoMapKind::Delalloc
+        let gfs2_punch = cx.fs.cfg.gfs2.short_write_punch && map.kind == IoMapKind::Mapped;
+        if (map.kind == IoMapKind::Delalloc || gfs2_punch)
             && map.flags.has(IoMapFlags::NEW)
             && punch_start < punch_end
         {
-            self.st = match cx.fs.cfg.punch {
+            // gfs2_iomap_end: truncate_pagecache_range, then punch_hole, whatever the punch
+            // switch says (gfs2 never had the fixed form).
+            let punch = if gfs2_punch {
+                PunchMode::Old
+            } else {
+                cx.fs.cfg.punch
+            };
+            self.st = match punch {
                 PunchMode::Old => WState::OldTruncate {
                     idx: punch_start,
                     end: punch_end,
@@ -456,12 +474,22 @@ impl WriteTask {
     /// extent) or return.
     fn finish_or_remap(&mut self, cx: &mut Cx<'_>) -> Step {
         if self.short || self.pos >= self.end() {
-            cx.fs.inode_mut(self.ino).i_rwsem.up_write(cx.me);
+            self.unlock_inode(cx);
             Step::Done(YieldPoint::WriteDone, self.pos, Ok(self.pos - self.start))
         } else {
             self.st = WState::Begin;
             Step::Yield(YieldPoint::IomapEnd, self.pos)
         }
+    }
+
+    /// Drops what `lock_inode` took: gfs2's glock (when modelled), then `i_rwsem`.
+    fn unlock_inode(&self, cx: &mut Cx<'_>) {
+        let glock = cx.fs.cfg.gfs2.write_glock;
+        let inode = cx.fs.inode_mut(self.ino);
+        if glock {
+            inode.glock.up_write(cx.me);
+        }
+        inode.i_rwsem.up_write(cx.me);
     }
 
     fn unlock(&self, fs: &mut Fs) {
@@ -623,12 +651,15 @@ impl MmapStoreTask {
         let inode = fs.inode(self.ino);
         match self.st {
             MState::Fault => {
-                inode.invalidate_lock.can_read() && inode.cache.lockable(self.idx(), me)
+                inode.invalidate_lock.can_read()
+                    && inode.cache.lockable(self.idx(), me)
+                    && (!fs.cfg.gfs2.fault_glock || inode.glock.can_read())
             }
             MState::Mkwrite => {
                 inode.invalidate_lock.can_read()
                     && inode.cache.lockable(self.idx(), me)
                     && (!fs.cfg.mkwrite_takes_inode_lock || inode.i_rwsem.can_read())
+                    && (!fs.cfg.gfs2.mkwrite_glock || inode.glock.can_write())
             }
             MState::Store => true,
         }

@@ -69,6 +69,10 @@ pub struct Config {
     /// `page_mkwrite` takes the inode lock shared, like gfs2's inode glock, which serialises
     /// faults against buffered writes.
     pub mkwrite_takes_inode_lock: bool,
+    /// gfs2's locking and allocation behaviours (`--fs gfs2`; all off by default). Not
+    /// written when all off, so bundles stay as they were.
+    #[serde(default, skip_serializing_if = "Gfs2::is_off")]
+    pub gfs2: Gfs2,
     /// Page-cache size in folios above which reclaim runs.
     pub cache_limit_folios: usize,
     /// Device size in blocks.
@@ -93,6 +97,43 @@ fn default_commit_interval_steps() -> u64 {
 
 fn is_default_commit_interval(steps: &u64) -> bool {
     *steps == crate::ondisk::COMMIT_INTERVAL_STEPS
+}
+
+/// What gfs2 does beyond allocating at write time (fs/gfs2/file.c, bmap.c, aops.c, v6.6),
+/// each part a switch so that a campaign can relax one lock at a time and see which one
+/// protects what. [`Gfs2::ALL`] is the preset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gfs2 {
+    /// `gfs2_file_buffered_write` holds the inode glock exclusive around the whole iomap
+    /// write, inside `i_rwsem`.
+    pub write_glock: bool,
+    /// `gfs2_fault` takes the glock shared around the read fault (`filemap_fault`).
+    pub fault_glock: bool,
+    /// `gfs2_page_mkwrite` takes the glock exclusive, then allocates the folio's blocks
+    /// (`gfs2_allocate_page_backing`) and dirties it.
+    pub mkwrite_glock: bool,
+    /// Newly allocated data blocks are not zeroed on disk (the write path zeroes the parts of
+    /// the folio it does not cover, because the mapping is NEW; the block keeps its old bytes
+    /// until writeback writes the folio).
+    pub no_block_zeroing: bool,
+    /// `gfs2_iomap_end` after a short write: truncate the page cache over the NEW blocks the
+    /// write did not reach, then punch (deallocate) them.
+    pub short_write_punch: bool,
+}
+
+impl Gfs2 {
+    /// Every behaviour on: gfs2 as built.
+    pub const ALL: Gfs2 = Gfs2 {
+        write_glock: true,
+        fault_glock: true,
+        mkwrite_glock: true,
+        no_block_zeroing: true,
+        short_write_punch: true,
+    };
+
+    pub fn is_off(&self) -> bool {
+        *self == Gfs2::default()
+    }
 }
 
 /// Bugs the persistent filesystem can be told to have, so that crash campaigns show they find
@@ -164,6 +205,7 @@ impl Default for Config {
             punch: PunchMode::Fixed,
             alloc: AllocMode::Delalloc,
             mkwrite_takes_inode_lock: false,
+            gfs2: Gfs2::default(),
             cache_limit_folios: 4,
             device_blocks: 4096,
             bugs: Bugs::default(),
@@ -262,6 +304,9 @@ pub struct Inode {
     /// Taken exclusive by punch/zero range/truncate/fallocate and the fixed delalloc punch;
     /// shared by page faults (XFS's MMAPLOCK).
     pub invalidate_lock: RwSem,
+    /// gfs2's inode glock as one node sees it ([`Gfs2`]): exclusive for a buffered write and
+    /// `page_mkwrite`, shared for a read fault. Unused unless a [`Gfs2`] switch is on.
+    pub glock: RwSem,
 }
 
 impl Inode {

@@ -116,7 +116,7 @@ pub fn iomap_begin_write(fs: &mut Fs, ino: usize, pos: u64, len: u64) -> Result<
                 if fs.alloc.free_blocks() == 0 {
                     break;
                 }
-                let addr = fs.alloc_block(ino, b, true)?;
+                let addr = fs.alloc_block(ino, b, !fs.cfg.gfs2.no_block_zeroing)?;
                 if len > 0 && addr != base + len {
                     fs.alloc.free(addr);
                     break;

@@ -49,7 +49,7 @@ pub mod writeback;
 /// Identifies a task of the scheduler (an index into its task table).
 pub type TaskId = usize;
 
-pub use fs::{AllocMode, Config, Fs, FsError, PunchMode, ValidityCheckAt};
+pub use fs::{AllocMode, Config, Fs, FsError, Gfs2, PunchMode, ValidityCheckAt};
 pub use ops::Op;
 pub use oracle::Failure;
 pub use sched::{run, Choice, Directive, RunResult, Workload};

@@ -211,7 +211,16 @@ pub fn schedule_text(r: &RunResult, ops: &[&Op]) -> String {
 
 /// The switches in one line.
 pub fn switches(cfg: &Config) -> String {
-    format!(
+    let gfs2 = if cfg.gfs2.is_off() {
+        String::new()
+    } else {
+        let g = cfg.gfs2;
+        format!(
+            ", gfs2: write_glock={} fault_glock={} mkwrite_glock={} no_block_zeroing={} short_write_punch={}",
+            g.write_glock, g.fault_glock, g.mkwrite_glock, g.no_block_zeroing, g.short_write_punch
+        )
+    };
+    let main = format!(
         "iomap_valid={} (at {:?}), wb_seq_check={}, wb_batch={} folios, punch={:?}, alloc={:?}, mkwrite_takes_inode_lock={}, cache_limit={} folios",
         if cfg.iomap_valid { "on" } else { "off" },
         cfg.validity_check_at,
@@ -221,7 +230,8 @@ pub fn switches(cfg: &Config) -> String {
         cfg.alloc,
         cfg.mkwrite_takes_inode_lock,
         cfg.cache_limit_folios
-    )
+    );
+    main + &gfs2
 }
 
 /// The full human report of a run.

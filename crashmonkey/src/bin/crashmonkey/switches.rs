@@ -1,7 +1,7 @@
 //! The model's behaviour switches as command-line flags, shared by `race` and `fs campaign`.
 
 use clap::{Args, ValueEnum};
-use fs_core::{AllocMode, Config, PunchMode, ValidityCheckAt};
+use fs_core::{AllocMode, Config, Gfs2, PunchMode, ValidityCheckAt};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum AllocArg {
@@ -21,9 +21,43 @@ pub enum CheckAtArg {
     BeforeLock,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FsPreset {
+    /// XFS (the defaults): delalloc, unwritten extents, ->iomap_valid, writeback's seq check.
+    Xfs,
+    /// gfs2 as built (v6.6): blocks allocated at write and fault time and not zeroed on
+    /// disk, no ->iomap_valid and no writeback seq check, the inode glock exclusive around a
+    /// buffered write and in page_mkwrite and shared in a read fault, and the short-write
+    /// punch that truncates the page cache first.
+    Gfs2,
+}
+
+/// One part of the gfs2 preset, to turn off with `--gfs2-without`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Gfs2Part {
+    /// The glock a buffered write holds exclusive.
+    WriteGlock,
+    /// The glock a read fault takes shared.
+    FaultGlock,
+    /// The glock page_mkwrite takes exclusive.
+    MkwriteGlock,
+    /// Not zeroing new blocks on disk (without it, new blocks are zeroed as the abstract
+    /// --alloc at-write does).
+    NoBlockZeroing,
+    /// The short-write punch of gfs2_iomap_end.
+    ShortWritePunch,
+}
+
 /// The stale-mapping switches of fs-core (defaults: the fixed kernel behaviour).
 #[derive(Args, Debug, Clone, Default)]
 pub struct Switches {
+    /// Behave as this filesystem does (a preset of the switches below, which still apply
+    /// on top of it). Example: `--fs gfs2`, or `--fs gfs2 --gfs2-without write-glock`.
+    #[arg(long, value_enum)]
+    pub fs: Option<FsPreset>,
+    /// Turn one part of the gfs2 preset off, to see what it protects (repeatable).
+    #[arg(long, value_enum, value_name = "PART", requires = "fs")]
+    pub gfs2_without: Vec<Gfs2Part>,
     /// Turn off the write path's validity-cookie check (->iomap_valid).
     #[arg(long)]
     pub no_iomap_valid: bool,
@@ -52,6 +86,22 @@ pub struct Switches {
 impl Switches {
     /// `cfg` with these switches applied.
     pub fn apply(&self, mut cfg: Config) -> Config {
+        if self.fs == Some(FsPreset::Gfs2) {
+            cfg.alloc = AllocMode::AtWrite;
+            cfg.iomap_valid = false;
+            cfg.wb_seq_check = false;
+            cfg.gfs2 = Gfs2::ALL;
+            for part in &self.gfs2_without {
+                let on = match part {
+                    Gfs2Part::WriteGlock => &mut cfg.gfs2.write_glock,
+                    Gfs2Part::FaultGlock => &mut cfg.gfs2.fault_glock,
+                    Gfs2Part::MkwriteGlock => &mut cfg.gfs2.mkwrite_glock,
+                    Gfs2Part::NoBlockZeroing => &mut cfg.gfs2.no_block_zeroing,
+                    Gfs2Part::ShortWritePunch => &mut cfg.gfs2.short_write_punch,
+                };
+                *on = false;
+            }
+        }
         if self.no_iomap_valid {
             cfg.iomap_valid = false;
         }
