@@ -3,7 +3,8 @@
 
 use crate::block::{self, Request, BLOCK_SIZE};
 use crate::extent::{Extent, ExtentState, FILE_BLOCKS_MAX};
-use crate::fs::{AllocMode, Fs, FsError, FILE_BYTES_MAX};
+use crate::fs::{AllocMode, Fs, FsError, ValidityCheckAt, FILE_BYTES_MAX};
+use crate::iomap::{self, IoMap, IoMapKind};
 use crate::step::{Cx, Step, YieldPoint};
 use crate::writeback::WbPass;
 use crate::TaskId;
@@ -372,17 +373,44 @@ impl RangeTask {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TrState {
     Lock,
-    ZeroTail,
-    Pagecache { cursor: u64 },
+    /// `xfs_setattr_size`'s `filemap_write_and_wait_range(newsize, newsize)` before the
+    /// zeroing: "iomap won't detect a dirty page over an unwritten block". Waits until the
+    /// new EOF folio is clean and not under writeback (the flusher and IO completion do the
+    /// work; the truncate holds both inode locks, so nothing dirties it again).
+    FlushEof,
+    /// `iomap_zero_range` over `[zero_from, end of its block)` (`iomap_truncate_page` when
+    /// the file shrinks, `xfs_zero_range` from the old EOF when it grows): map that block.
+    ZeroBegin,
+    /// The cookie check before the folio lock (`ValidityCheckAt::BeforeFolioLock` only).
+    ZeroPreCheck {
+        map: IoMap,
+    },
+    /// `iomap_zero_iter` with the mapping `ZeroBegin` cached: skip it (a hole or unwritten
+    /// block reads as zeros), or lock the folio, check the cookie, fill what is not uptodate
+    /// (`__iomap_write_begin`) and zero the tail.
+    ZeroFolio {
+        map: IoMap,
+    },
+    /// Set the size (the tail is zeroed, or needs no zeroing).
+    SetSize,
+    Pagecache {
+        cursor: u64,
+    },
     Extents,
 }
 
-/// truncate (setattr size) with both locks exclusive: zero the new EOF block's tail, set the
-/// size, drop the page cache past EOF folio by folio, yield, then free the extents past EOF.
+/// truncate (setattr size, `xfs_setattr_size` v6.6) with both locks exclusive: zero the
+/// part of the EOF block past the smaller of the two sizes through the page cache (after
+/// flushing it, when shrinking), set the size, drop the page cache past EOF folio by folio,
+/// yield, then free the extents past EOF.
 #[derive(Clone, Debug)]
 pub struct TruncateTask {
     ino: usize,
     size: u64,
+    /// Where the zeroing starts: the new size when the file shrinks (the tail of the new
+    /// last block), the old size when it grows (`xfs_zero_range` from the old EOF: what lies
+    /// past it in its block must read as zeros once the size covers it).
+    zero_from: u64,
     st: TrState,
 }
 
@@ -394,6 +422,7 @@ impl TruncateTask {
         Ok(TruncateTask {
             ino,
             size,
+            zero_from: size,
             st: TrState::Lock,
         })
     }
@@ -402,19 +431,11 @@ impl TruncateTask {
         self.size.div_ceil(BS)
     }
 
-    /// The size change of xfs_setattr_size: zero the tail of the new last block when the
-    /// file shrinks, then set the size in memory, in the oracle and on disk.
+    /// The size change of xfs_setattr_size, once the tail of the new last block is zeroed:
+    /// set the size in memory, in the oracle and on disk.
     fn setsize(&mut self, cx: &mut Cx<'_>) -> Step {
         let ino = self.ino;
         let old = cx.fs.inode(ino).size;
-        if self.size < old && !self.size.is_multiple_of(BS) {
-            if let Err((idx, e)) = self.iomap_truncate_page(cx) {
-                let inode = cx.fs.inode_mut(ino);
-                inode.invalidate_lock.up_write(cx.me);
-                inode.i_rwsem.up_write(cx.me);
-                return Step::Done(YieldPoint::TruncateReadError, idx, Err(e));
-            }
-        }
         cx.fs.inode_mut(ino).size = self.size;
         cx.oracle.set_size(ino, self.size, cx.op);
         cx.fs.set_disk_size(ino, self.size);
@@ -429,29 +450,83 @@ impl TruncateTask {
         Step::Yield(YieldPoint::TruncateSetsize, self.size)
     }
 
-    /// iomap_truncate_page: zero [size, block end) through the page cache so the bytes
-    /// cannot come back if the file grows again. A failed read of the block names it.
-    fn iomap_truncate_page(&self, cx: &mut Cx<'_>) -> Result<(), (u64, FsError)> {
+    /// `iomap_truncate_page` -> `iomap_zero_range` -> `iomap_iter`: map the block the new
+    /// EOF falls in. The mapping is cached until the folio is locked.
+    fn zero_begin(&mut self, cx: &mut Cx<'_>) -> Step {
         let ino = self.ino;
-        let idx = self.size / BS;
-        let state = cx.fs.inode(ino).extents.get(idx).state;
-        let written = state == ExtentState::Written;
-        // An UNWRITTEN block may have data in flight from this very folio: the zeroed tail
-        // must be written after it.
-        let allocated = written || state == ExtentState::Unwritten;
-        let cached = cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.uptodate);
-        if written && !cached {
-            cx.fs.read_folio(ino, idx).map_err(|e| (idx, e))?;
+        let idx = self.zero_from / BS;
+        let inode = cx.fs.inode(ino);
+        let map = IoMap::from_run(inode.extents.run_at(idx, 1), inode.extents.seq());
+        let racy = cx.fs.cfg.validity_check_at == ValidityCheckAt::BeforeFolioLock;
+        self.st = if cx.fs.cfg.iomap_valid && racy {
+            TrState::ZeroPreCheck { map }
+        } else {
+            TrState::ZeroFolio { map }
+        };
+        Step::Yield(YieldPoint::ZeroIomapBegin, idx)
+    }
+
+    /// The racy placement: the cookie checked before the folio is locked.
+    fn zero_precheck(&mut self, cx: &mut Cx<'_>, map: IoMap) -> Step {
+        self.st = if iomap::iomap_valid(cx.fs, self.ino, &map) {
+            TrState::ZeroFolio { map }
+        } else {
+            TrState::ZeroBegin
+        };
+        Step::Yield(YieldPoint::ZeroIomapValid, self.zero_from / BS)
+    }
+
+    /// `iomap_zero_iter` over the EOF block with the cached `map`: a hole or unwritten
+    /// block needs nothing (it reads as zeros, and the flush before made any data in its
+    /// folio written); otherwise `iomap_write_begin`: lock the folio, check the cookie (a
+    /// stale mapping is mapped again, as the write path does), fill the folio if it is not
+    /// uptodate (zeros where `iomap_block_needs_zeroing` says so, else the block read through
+    /// the mapping), zero the tail, dirty it.
+    fn zero_folio(&mut self, cx: &mut Cx<'_>, map: IoMap) -> Step {
+        let (ino, idx) = (self.ino, self.zero_from / BS);
+        if matches!(map.kind, IoMapKind::Hole | IoMapKind::Unwritten) {
+            return self.setsize(cx);
         }
-        if let Some(f) = cx.fs.inode_mut(ino).cache.get_mut(idx) {
-            if f.uptodate {
-                f.data[(self.size % BS) as usize..].fill(0);
-                f.dirty |= allocated;
-                if f.dirty {
-                    cx.fs.dirtied(ino, idx);
-                }
+        let check = cx.fs.cfg.iomap_valid
+            && cx.fs.cfg.validity_check_at != ValidityCheckAt::BeforeFolioLock;
+        if check && !iomap::iomap_valid(cx.fs, ino, &map) {
+            self.st = TrState::ZeroBegin;
+            return Step::Yield(YieldPoint::ZeroIomapValid, idx);
+        }
+        if let Err(e) = self.zero_fill(cx, &map) {
+            let inode = cx.fs.inode_mut(ino);
+            inode.invalidate_lock.up_write(cx.me);
+            inode.i_rwsem.up_write(cx.me);
+            return Step::Done(YieldPoint::TruncateReadError, idx, Err(e));
+        }
+        self.setsize(cx)
+    }
+
+    /// The folio part of `iomap_zero_iter`: `__iomap_write_begin` with `map`, then zero
+    /// `[size, block end)` and dirty the folio (`iomap_write_end`).
+    fn zero_fill(&self, cx: &mut Cx<'_>, map: &IoMap) -> Result<(), FsError> {
+        let (ino, idx) = (self.ino, self.zero_from / BS);
+        let old_size = cx.fs.inode(ino).size;
+        if !cx.fs.get_folio(ino, idx).uptodate {
+            let data = if iomap::block_needs_zeroing(map, idx * BS, old_size) {
+                vec![0; BLOCK_SIZE]
+            } else {
+                block::read_block_sync(cx.fs.dev.as_mut(), map.addr_of(idx * BS))?
+            };
+            if let Some(why) = iomap::stale_view(cx.fs, ino, map, idx) {
+                let op = cx.op;
+                cx.fs.note(|| {
+                    format!("op{op} truncate's zeroing filled folio {idx} of file {ino} through a stale mapping: {why}")
+                });
             }
+            let f = cx.fs.get_folio(ino, idx);
+            f.data = data;
+            f.uptodate = true;
         }
+        let f = cx.fs.get_folio(ino, idx);
+        f.data[(self.zero_from % BS) as usize..].fill(0);
+        f.dirty = true;
+        cx.fs.dirtied(ino, idx);
         Ok(())
     }
 
@@ -459,7 +534,12 @@ impl TruncateTask {
         let inode = fs.inode(self.ino);
         match self.st {
             TrState::Lock => inode.i_rwsem.can_write() && inode.invalidate_lock.can_write(),
-            TrState::ZeroTail => inode.cache.lockable(self.size / BS, me),
+            TrState::ZeroFolio { .. } => inode.cache.lockable(self.zero_from / BS, me),
+            TrState::FlushEof => inode
+                .cache
+                .get(self.zero_from / BS)
+                .is_none_or(|f| !f.dirty && !f.writeback),
+            TrState::ZeroBegin | TrState::ZeroPreCheck { .. } | TrState::SetSize => true,
             TrState::Pagecache { cursor } => match inode.cache.next_where(cursor, |_| true) {
                 Some(idx) => {
                     let f = inode.cache.get(idx).expect("found");
@@ -478,10 +558,26 @@ impl TruncateTask {
                 let inode = cx.fs.inode_mut(ino);
                 inode.i_rwsem.down_write(cx.me);
                 inode.invalidate_lock.down_write(cx.me);
-                self.st = TrState::ZeroTail;
+                let old = inode.size;
+                self.zero_from = self.size.min(old);
+                self.st = if self.size == old || self.zero_from.is_multiple_of(BS) {
+                    TrState::SetSize
+                } else if self.size < old {
+                    TrState::FlushEof
+                } else {
+                    // Growing: v6.6 zeroes from the old EOF with no flush first.
+                    TrState::ZeroBegin
+                };
                 Step::Yield(YieldPoint::TruncateLock, self.size)
             }
-            TrState::ZeroTail => self.setsize(cx),
+            TrState::FlushEof => {
+                self.st = TrState::ZeroBegin;
+                Step::Yield(YieldPoint::TruncateFlushEof, self.zero_from / BS)
+            }
+            TrState::ZeroBegin => self.zero_begin(cx),
+            TrState::ZeroPreCheck { map } => self.zero_precheck(cx, map),
+            TrState::ZeroFolio { map } => self.zero_folio(cx, map),
+            TrState::SetSize => self.setsize(cx),
             TrState::Pagecache { cursor } => {
                 match cx.fs.inode(ino).cache.next_where(cursor, |_| true) {
                     Some(idx) => {

@@ -145,6 +145,13 @@ yield_points! {
     TruncateLock = "truncate:lock",
     /// Reading the new EOF block failed (ends the task).
     TruncateReadError = "truncate:read_error",
+    /// The new EOF folio is clean and not under writeback (the flush before the zeroing).
+    TruncateFlushEof = "truncate:flush_eof",
+    /// `iomap_zero_range` mapped the new EOF block (its mapping is cached from here).
+    ZeroIomapBegin = "zero:iomap_begin",
+    /// The zeroing's cookie check before the folio lock (the racy placement), or a stale
+    /// mapping found after it (the zeroing maps again).
+    ZeroIomapValid = "zero:iomap_valid",
     /// The size is set.
     TruncateSetsize = "truncate:setsize",
     /// One folio past EOF dropped from the page cache.
