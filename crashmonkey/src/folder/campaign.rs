@@ -65,6 +65,7 @@ impl RaceFolder {
                 f.write(dir)?;
             }
         }
+        sweep_temporaries(&dir.join(super::record::RUNS_DIR))?;
         let index = Index::open(dir, true)?;
         let folder = RaceFolder {
             dir: dir.to_path_buf(),
@@ -271,6 +272,21 @@ impl RaceFolder {
     pub fn bundle_dir(&self, seed: u64) -> PathBuf {
         self.dir.join(bundle_name(seed))
     }
+}
+
+/// Removes the temporary files a killed campaign left while writing a record (SIGKILL
+/// leaves no chance to remove them then).
+fn sweep_temporaries(runs: &Path) -> Result<(), FolderError> {
+    let Ok(entries) = std::fs::read_dir(runs) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(|e| FolderError::io(&p, e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs done since the last record.

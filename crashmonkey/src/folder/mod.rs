@@ -130,17 +130,28 @@ impl RaceParams {
         blake3::hash(json.as_bytes()).to_hex()[..16].to_string()
     }
 
-    /// The parameters that differ from `other`'s, in words.
+    /// The parameters that differ from `other`'s, in words (the switches one by one).
     pub fn differences(&self, other: &RaceParams) -> String {
-        let a = serde_json::to_value(self).expect("parameters serialize");
-        let b = serde_json::to_value(other).expect("parameters serialize");
-        let mut out = Vec::new();
-        for (k, v) in a.as_object().into_iter().flatten() {
-            if b[k] != *v {
-                out.push(format!("{k}: {v} there, {} here", b[k]));
+        let flat = |p: &RaceParams| {
+            let mut v = serde_json::to_value(p).expect("parameters serialize");
+            let config = v["config"].take();
+            let mut out: Vec<(String, serde_json::Value)> = Vec::new();
+            for (k, x) in v.as_object().into_iter().flatten() {
+                out.push((k.clone(), x.clone()));
             }
-        }
-        out.join("; ")
+            for (k, x) in config.as_object().into_iter().flatten() {
+                out.push((format!("switch {k}"), x.clone()));
+            }
+            out
+        };
+        let theirs = flat(other);
+        flat(self)
+            .into_iter()
+            .zip(theirs)
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|((k, a), (_, b))| format!("{k} {a} there, {b} here"))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
@@ -275,8 +286,8 @@ pub fn check_bundles(dir: &Path, t: &Tally) -> Result<(), FolderError> {
     Ok(())
 }
 
-/// Rebuilds `dir`'s index from its run records and bundles alone: into `index.rebuild/`,
-/// which then replaces `index/`. Refused while a campaign has the folder open.
+/// Rebuilds `dir`'s index from its run records and bundles alone: in a temporary folder
+/// inside `dir`, which then replaces `index/`. Refused while a campaign has the folder open.
 pub fn reindex(dir: &Path) -> Result<Findings, FolderError> {
     CampaignFile::read(dir)?.ok_or_else(|| FolderError::Refused {
         dir: dir.to_path_buf(),
@@ -289,15 +300,19 @@ pub fn reindex(dir: &Path) -> Result<Findings, FolderError> {
             return Err(e);
         }
     }
-    let fresh = dir.join("index.rebuild");
-    remove_ours(&fresh)?;
-    build_index(dir, &fresh)?;
+    // Built aside (removed on every way out but the last rename), then swapped in.
+    let fresh = tempfile::Builder::new()
+        .prefix(".index-rebuild-")
+        .tempdir_in(dir)
+        .map_err(|e| FolderError::io(dir, e))?;
+    let at = fresh.path().join(index::INDEX_DIR);
+    build_index(dir, &at)?;
     let old = dir.join("index.old");
     remove_ours(&old)?;
     if live.exists() {
         std::fs::rename(&live, &old).map_err(|e| FolderError::io(&live, e))?;
     }
-    std::fs::rename(&fresh, &live).map_err(|e| FolderError::io(&fresh, e))?;
+    std::fs::rename(&at, &live).map_err(|e| FolderError::io(&at, e))?;
     remove_ours(&old)?;
     findings(dir)
 }
@@ -344,16 +359,34 @@ pub fn merge(out: &Path, dirs: &[PathBuf]) -> Result<Findings, FolderError> {
         findings(d)?;
         sources.push(d.clone());
     }
-    std::fs::create_dir_all(out.join(record::RUNS_DIR)).map_err(|e| FolderError::io(out, e))?;
+    // Made aside, beside `out`, and renamed to it when whole: a failed merge leaves nothing.
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".merge-")
+        .tempdir_in(parent)
+        .map_err(|e| FolderError::io(parent, e))?;
+    merge_into(tmp.path(), &sources)?;
+    std::fs::rename(tmp.path(), out).map_err(|e| FolderError::io(out, e))?;
+    // Renamed: nothing is left for the guard to remove.
+    let _ = tmp.keep();
+    findings(out)
+}
+
+/// Makes merged folder `at` of `sources`.
+fn merge_into(at: &Path, sources: &[PathBuf]) -> Result<(), FolderError> {
+    std::fs::create_dir_all(at.join(record::RUNS_DIR)).map_err(|e| FolderError::io(at, e))?;
     CampaignFile::Merged {
         format: CAMPAIGN_FORMAT,
     }
-    .write(out)?;
-    for d in &sources {
-        copy_records(d, out)?;
+    .write(at)?;
+    for d in sources {
+        copy_records(d, at)?;
     }
     let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
-    for path in record::record_paths(out)? {
+    for path in record::record_paths(at)? {
         for t in Record::read(&path)?.findings {
             match tallies.get_mut(&t.signature) {
                 Some(have) => have.absorb(&t),
@@ -363,11 +396,10 @@ pub fn merge(out: &Path, dirs: &[PathBuf]) -> Result<Findings, FolderError> {
     }
     for t in tallies.values() {
         for seed in t.bundled_seeds() {
-            copy_bundle(&sources, out, seed)?;
+            copy_bundle(sources, at, seed)?;
         }
     }
-    build_index(out, &out.join(index::INDEX_DIR))?;
-    findings(out)
+    build_index(at, &at.join(index::INDEX_DIR))
 }
 
 /// Copies `from`'s run records into `to`; a record already there must be the same bytes.
