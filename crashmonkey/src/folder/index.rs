@@ -128,13 +128,7 @@ impl Index {
         if !existed && !create {
             return Err(bad(format!("{} has no index", path.display())));
         }
-        let cfg = sled::Config::new()
-            .path(path)
-            .cache_capacity(INDEX_CACHE_BYTES_MAX);
-        // sled panics on some damaged files rather than answering an error.
-        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cfg.open()))
-            .map_err(|_| bad("sled could not open it (panicked)".into()))?
-            .map_err(|e| open_error(dir, e))?;
+        let db = open_waiting(path, dir)?;
         let index = Index {
             db,
             path: path.to_path_buf(),
@@ -246,7 +240,10 @@ impl Index {
     ) -> Result<Vec<(Option<Tally>, Tally)>, FolderError> {
         let rkey = [PREFIX_RECORD, record.file_name().as_bytes()].concat();
         if self.db.contains_key(&rkey).map_err(|e| self.err(e))? {
-            return Err(self.damaged(&rkey));
+            return Err(FolderError::Index {
+                dir: self.path.parent().unwrap_or(&self.path).to_path_buf(),
+                what: format!("run record {} is indexed already", record.file_name()),
+            });
         }
         let mut digest: [u8; 32] = match self.db.get(KEY_DIGEST).map_err(|e| self.err(e))? {
             Some(d) => d
@@ -283,6 +280,35 @@ impl Index {
         self.db.apply_batch(batch).map_err(|e| self.err(e))?;
         self.flush()?;
         Ok(changed)
+    }
+}
+
+/// How long opening an index waits for another process's lock (another `findings` reading
+/// it), in milliseconds; a campaign holds it while it runs.
+pub const INDEX_LOCK_WAIT_MS_MAX: u64 = 3_000;
+
+/// Opens sled at `path`, waiting up to [`INDEX_LOCK_WAIT_MS_MAX`] for a lock.
+fn open_waiting(path: &Path, dir: &Path) -> Result<sled::Db, FolderError> {
+    let cfg = sled::Config::new()
+        .path(path)
+        .cache_capacity(INDEX_CACHE_BYTES_MAX);
+    let started = std::time::Instant::now();
+    loop {
+        // sled panics on some damaged files rather than answering an error.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cfg.open()))
+            .map_err(|_| FolderError::Index {
+                dir: dir.to_path_buf(),
+                what: "sled could not open it (panicked)".into(),
+            })?
+            .map_err(|e| open_error(dir, e));
+        match r {
+            Err(FolderError::InUse { .. })
+                if started.elapsed().as_millis() < u128::from(INDEX_LOCK_WAIT_MS_MAX) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            r => return r,
+        }
     }
 }
 

@@ -68,6 +68,7 @@ impl Tally {
         if self.smallest_seed != self.first_seed {
             s.push(self.smallest_seed);
         }
+        debug_assert!(s.len() <= super::BUNDLES_PER_FINDING_MAX);
         s
     }
 }
@@ -88,7 +89,7 @@ pub struct Record {
     pub steps: u64,
     /// Failing runs.
     pub failures: u64,
-    /// The lowest failing seeds, ascending, at most `FAILING_SEEDS_LISTED_MAX`.
+    /// The failing seeds, the first `FAILING_SEEDS_LISTED_MAX` in run order.
     pub failing_seeds: Vec<u64>,
     /// One tally per signature, by signature.
     pub findings: Vec<Tally>,
@@ -106,13 +107,14 @@ impl Record {
         )
     }
 
-    /// Writes the record into `dir/runs/` atomically and durably.
+    /// Writes the record into `dir/runs/` atomically and durably; a record of the same runs
+    /// already there is never replaced (it is the truth), the write is refused.
     pub fn write(&self, dir: &Path) -> Result<PathBuf, FolderError> {
         let runs = dir.join(RUNS_DIR);
         std::fs::create_dir_all(&runs).map_err(|e| FolderError::io(&runs, e))?;
         let path = runs.join(self.file_name());
         let text = serde_json::to_string_pretty(self).expect("a record serializes");
-        write_atomically(&path, text.as_bytes())?;
+        write_new(&path, text.as_bytes())?;
         Ok(path)
     }
 
@@ -160,6 +162,15 @@ pub fn record_paths(dir: &Path) -> Result<Vec<PathBuf>, FolderError> {
 /// over `path`; the folder is synced so the rename lasts. The temporary file is removed if
 /// anything fails.
 pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), FolderError> {
+    write_synced(path, data, true)
+}
+
+/// As [`write_atomically`], refused if `path` exists.
+pub fn write_new(path: &Path, data: &[u8]) -> Result<(), FolderError> {
+    write_synced(path, data, false)
+}
+
+fn write_synced(path: &Path, data: &[u8], replace: bool) -> Result<(), FolderError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
         .prefix(".tmp-")
@@ -168,8 +179,13 @@ pub fn write_atomically(path: &Path, data: &[u8]) -> Result<(), FolderError> {
     tmp.write_all(data)
         .and_then(|()| tmp.as_file().sync_all())
         .map_err(|e| FolderError::io(tmp.path(), e))?;
-    tmp.persist(path)
-        .map_err(|e| FolderError::io(path, e.error))?;
+    if replace {
+        tmp.persist(path)
+            .map_err(|e| FolderError::io(path, e.error))?;
+    } else {
+        tmp.persist_noclobber(path)
+            .map_err(|e| FolderError::io(path, e.error))?;
+    }
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| FolderError::io(dir, e))
