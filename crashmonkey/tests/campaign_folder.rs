@@ -15,9 +15,11 @@ fn cm() -> Command {
 /// Switches that make several kinds of failure within a few thousand runs from seed 1.
 const BROKEN: [&str; 3] = ["--no-iomap-valid", "--no-wb-seq-check", "--old-punch"];
 
+/// A campaign that records every 50 ms of running, so that a short one has several records.
 fn race(dir: &Path, runs: u64, extra: &[&str]) -> Command {
     let mut c = cm();
     c.args(["race", "--seed", "1", "--runs", &runs.to_string(), "--json"])
+        .args(["--record-seconds", "0.05"])
         .args(BROKEN)
         .args(extra)
         .arg("--out")

@@ -48,6 +48,10 @@ pub struct RaceArgs {
     /// Do not write a reproducer bundle.
     #[arg(long)]
     pub no_bundle: bool,
+    /// With --out: record the runs done every this many seconds of running (what a SIGKILL
+    /// may make the rerun redo; each record costs a few syncs). It changes no result.
+    #[arg(long, value_name = "SECONDS", default_value_t = crashmonkey::folder::record::RECORD_SECONDS_DEFAULT, requires = "out")]
+    pub record_seconds: f64,
     /// Replay a reproducer bundle instead of running a campaign. With switch flags (or
     /// --defaults) the schedule is followed as far as the changed steps allow.
     #[arg(long)]
@@ -159,7 +163,7 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
     let (summary, bundle_dir) = match &args.out {
         Some(dir) => {
             crate::crash_cmd::stop_on_signals(&stop)?;
-            folder_campaign(dir, &opts, &stop)?
+            folder_campaign(dir, &opts, args.record_seconds, &stop)?
         }
         None => plain_campaign(args, &opts)?,
     };
@@ -252,10 +256,11 @@ const DEFAULT_OUT: &str = "crashmonkey-out";
 fn folder_campaign(
     dir: &std::path::Path,
     opts: &CampaignOptions,
+    record_seconds: f64,
     stop: &crashmonkey::check::StopFlag,
 ) -> anyhow::Result<(campaign::CampaignSummary, Option<PathBuf>)> {
     use crashmonkey::folder::{campaign::RaceFolder, RaceParams};
-    let folder = RaceFolder::open(
+    let mut folder = RaceFolder::open(
         dir,
         RaceParams {
             seed: opts.seed,
@@ -265,6 +270,7 @@ fn folder_campaign(
             shard: opts.shard.to_string(),
         },
     )?;
+    folder.record_every(record_seconds);
     let done = folder.done()?;
     if done.runs > 0 {
         tracing::info!(runs = done.runs, "resuming: runs already recorded");
