@@ -375,6 +375,43 @@ fn killed_campaign_rerun_ends_as_an_uninterrupted_one() {
     );
 }
 
+/// A campaign in a folder prints what the same campaign without one prints (the reproducer's
+/// folder aside), stopping early with --max-failures included: the summary built from the
+/// records is the runner's.
+#[test]
+fn a_folder_changes_no_result() {
+    let dir = tempfile::tempdir().unwrap();
+    for extra in [
+        &[][..],
+        &["--max-failures", "5"][..],
+        &["--shard", "1/2"][..],
+    ] {
+        let camp = dir.path().join(format!(
+            "camp{}",
+            extra.len() + extra.first().map_or(0, |s| s.len())
+        ));
+        let with = untimed(json(&race(&camp, 3000, extra).output().unwrap()));
+        let plain = cm()
+            .args([
+                "race",
+                "--seed",
+                "1",
+                "--runs",
+                "3000",
+                "--json",
+                "--no-bundle",
+            ])
+            .args(BROKEN)
+            .args(extra)
+            .output()
+            .unwrap();
+        let mut plain = untimed(json(&plain));
+        plain["reproducer"] = with["reproducer"].clone();
+        assert!(!with["reproducer"].is_null());
+        assert_eq!(with, plain, "{extra:?}");
+    }
+}
+
 /// A damaged bundle or run record is named in a clear error with exit status 2, by
 /// `findings`, `findings reindex` and a resumed campaign alike.
 #[test]
@@ -401,6 +438,13 @@ fn a_damaged_bundle_or_record_is_a_clear_error() {
         );
     }
     std::fs::write(&bundle, kept).unwrap();
+    let params = camp.join("campaign.json");
+    let kept = std::fs::read(&params).unwrap();
+    std::fs::write(&params, b"{").unwrap();
+    let out = race(&camp, 1000, &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&params.display().to_string()));
+    std::fs::write(&params, kept).unwrap();
     let record = std::fs::read_dir(camp.join("runs"))
         .unwrap()
         .next()
