@@ -381,15 +381,13 @@ fn killed_campaign_rerun_ends_as_an_uninterrupted_one() {
 #[test]
 fn a_folder_changes_no_result() {
     let dir = tempfile::tempdir().unwrap();
-    for extra in [
+    let cases = [
         &[][..],
         &["--max-failures", "5"][..],
         &["--shard", "1/2"][..],
-    ] {
-        let camp = dir.path().join(format!(
-            "camp{}",
-            extra.len() + extra.first().map_or(0, |s| s.len())
-        ));
+    ];
+    for (n, extra) in cases.into_iter().enumerate() {
+        let camp = dir.path().join(format!("camp{n}"));
         let with = untimed(json(&race(&camp, 3000, extra).output().unwrap()));
         let plain = cm()
             .args([
