@@ -103,6 +103,8 @@ impl RaceFolder {
     fn catch_up(&self) -> Result<(), FolderError> {
         let indexed = self.index.records()?;
         let mut seen = 0;
+        // Checked once all are in: a later record may supersede an earlier one's bundles.
+        let mut touched = std::collections::BTreeSet::new();
         for path in super::record::record_paths(&self.dir)? {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
             let bytes = std::fs::read(&path).map_err(|e| FolderError::io(&path, e))?;
@@ -113,7 +115,7 @@ impl RaceFolder {
                     let r = Record::read(&path)?;
                     tracing::info!(record = %path.display(), "indexing a record made before an interruption");
                     for (_, after) in self.index.apply(&r, &bytes)? {
-                        super::check_bundles(&self.dir, &after)?;
+                        touched.insert(after.signature.clone());
                     }
                 }
             }
@@ -123,6 +125,11 @@ impl RaceFolder {
                 dir: self.dir.clone(),
                 what: format!("{} indexed run records have no file", indexed.len() - seen),
             });
+        }
+        for sig in touched {
+            if let Some(t) = self.index.finding(&sig)? {
+                super::check_bundles(&self.dir, &t)?;
+            }
         }
         Ok(())
     }
