@@ -339,6 +339,14 @@ fn killed_campaign_rerun_ends_as_an_uninterrupted_one() {
             .spawn()
             .unwrap();
         wait_for_record(&camp, &mut child);
+        // While it runs, findings reads the records the campaign has written.
+        let live = findings(&camp);
+        assert!(
+            live.status.code().unwrap() < 2,
+            "{}",
+            String::from_utf8_lossy(&live.stderr)
+        );
+        assert!(json(&live)["runs"].as_u64().unwrap() > 0);
         let kill = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(child.id().to_string())

@@ -118,8 +118,22 @@ impl Index {
         Self::open_at(&dir.join(INDEX_DIR), dir, create)
     }
 
+    /// Opens `dir`'s index without waiting for a lock another process holds.
+    pub fn try_open(dir: &Path) -> Result<Index, FolderError> {
+        Self::open_with(&dir.join(INDEX_DIR), dir, false, 0)
+    }
+
     /// Opens (or makes) an index at `path` for folder `dir`.
     pub fn open_at(path: &Path, dir: &Path, create: bool) -> Result<Index, FolderError> {
+        Self::open_with(path, dir, create, INDEX_LOCK_WAIT_MS_MAX)
+    }
+
+    fn open_with(
+        path: &Path,
+        dir: &Path,
+        create: bool,
+        wait_ms: u64,
+    ) -> Result<Index, FolderError> {
         let bad = |what: String| FolderError::Index {
             dir: dir.to_path_buf(),
             what,
@@ -128,7 +142,7 @@ impl Index {
         if !existed && !create {
             return Err(bad(format!("{} has no index", path.display())));
         }
-        let db = open_waiting(path, dir)?;
+        let db = open_waiting(path, dir, wait_ms)?;
         let index = Index {
             db,
             path: path.to_path_buf(),
@@ -283,12 +297,12 @@ impl Index {
     }
 }
 
-/// How long opening an index waits for another process's lock (another `findings` reading
-/// it), in milliseconds; a campaign holds it while it runs.
+/// How long a campaign, a reindex or a merge waits for another process's lock on an index
+/// (a `findings` reading it), in milliseconds; a campaign holds it while it runs.
 pub const INDEX_LOCK_WAIT_MS_MAX: u64 = 3_000;
 
-/// Opens sled at `path`, waiting up to [`INDEX_LOCK_WAIT_MS_MAX`] for a lock.
-fn open_waiting(path: &Path, dir: &Path) -> Result<sled::Db, FolderError> {
+/// Opens sled at `path`, waiting up to `wait_ms` for a lock.
+fn open_waiting(path: &Path, dir: &Path, wait_ms: u64) -> Result<sled::Db, FolderError> {
     let cfg = sled::Config::new()
         .path(path)
         .cache_capacity(INDEX_CACHE_BYTES_MAX);
@@ -303,7 +317,7 @@ fn open_waiting(path: &Path, dir: &Path) -> Result<sled::Db, FolderError> {
             .map_err(|e| open_error(dir, e));
         match r {
             Err(FolderError::InUse { .. })
-                if started.elapsed().as_millis() < u128::from(INDEX_LOCK_WAIT_MS_MAX) =>
+                if started.elapsed().as_millis() < u128::from(wait_ms) =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }

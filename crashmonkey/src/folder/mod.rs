@@ -219,7 +219,11 @@ pub fn findings(dir: &Path) -> Result<Findings, FolderError> {
         dir: dir.to_path_buf(),
         what: format!("not a campaign folder (no {CAMPAIGN_FILE})"),
     })?;
-    let index = index::Index::open(dir, false)?;
+    let index = match index::Index::try_open(dir) {
+        // A campaign runs in the folder: its records are read instead of its index.
+        Err(FolderError::InUse { .. }) => return findings_of_records(dir),
+        r => r?,
+    };
     let indexed = index.records()?;
     let files: BTreeSet<String> = record::record_paths(dir)?
         .iter()
@@ -242,18 +246,48 @@ pub fn findings(dir: &Path) -> Result<Findings, FolderError> {
     for t in &tallies {
         check_bundles(dir, t)?;
     }
-    Ok(report(indexed.values(), &tallies))
+    let runs = indexed.values().map(|r| r.runs).sum();
+    let failing_runs = indexed.values().map(|r| r.failures).sum();
+    Ok(report(runs, failing_runs, &tallies))
 }
 
-fn report<'a>(
-    records: impl Iterator<Item = &'a index::RecordEntry>,
-    tallies: &[Tally],
-) -> Findings {
+/// Times [`findings`] of a running campaign reads its records again when a bundle they name
+/// went away meanwhile (a newer record superseded it).
+pub const LIVE_READS_MAX: usize = 3;
+
+/// [`findings`] from the run records alone, for a folder whose campaign is running.
+fn findings_of_records(dir: &Path) -> Result<Findings, FolderError> {
+    let mut tries = 0;
+    loop {
+        let (runs, failing_runs, tallies) = merge_records(dir)?;
+        let tallies: Vec<Tally> = tallies.into_values().collect();
+        match tallies.iter().try_for_each(|t| check_bundles(dir, t)) {
+            Err(_) if tries + 1 < LIVE_READS_MAX => tries += 1,
+            Err(e) => return Err(e),
+            Ok(()) => return Ok(report(runs, failing_runs, &tallies)),
+        }
+    }
+}
+
+/// Every run record of `dir` merged: runs, failing runs, and the tallies by signature.
+fn merge_records(dir: &Path) -> Result<(u64, u64, BTreeMap<String, Tally>), FolderError> {
     let (mut runs, mut failing_runs) = (0, 0);
-    for r in records {
+    let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
+    for path in record::record_paths(dir)? {
+        let r = Record::read(&path)?;
         runs += r.runs;
         failing_runs += r.failures;
+        for t in r.findings {
+            match tallies.get_mut(&t.signature) {
+                Some(have) => have.absorb(&t),
+                None => drop(tallies.insert(t.signature.clone(), t)),
+            }
+        }
     }
+    Ok((runs, failing_runs, tallies))
+}
+
+fn report(runs: u64, failing_runs: u64, tallies: &[Tally]) -> Findings {
     let mut findings: Vec<Finding> = tallies.iter().map(Finding::of).collect();
     findings.sort_by(|a, b| b.count.cmp(&a.count).then(a.signature.cmp(&b.signature)));
     Findings {
@@ -385,15 +419,7 @@ fn merge_into(at: &Path, sources: &[PathBuf]) -> Result<(), FolderError> {
     for d in sources {
         copy_records(d, at)?;
     }
-    let mut tallies: BTreeMap<String, Tally> = BTreeMap::new();
-    for path in record::record_paths(at)? {
-        for t in Record::read(&path)?.findings {
-            match tallies.get_mut(&t.signature) {
-                Some(have) => have.absorb(&t),
-                None => drop(tallies.insert(t.signature.clone(), t)),
-            }
-        }
-    }
+    let (_, _, tallies) = merge_records(at)?;
     for t in tallies.values() {
         for seed in t.bundled_seeds() {
             copy_bundle(sources, at, seed)?;
