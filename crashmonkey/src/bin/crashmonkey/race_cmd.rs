@@ -201,23 +201,33 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
     Ok(if summary.failures > 0 { 1 } else { 0 })
 }
 
-/// A progress bar over a shard's `own` runs that starts at the `done` ones, and whose rate
-/// and ETA count only the runs made now.
-fn progress_bar(own: u64, done: u64) -> ProgressBar {
-    let bar = if own >= PROGRESS_RUNS_MIN {
-        ProgressBar::new(own).with_position(done)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} runs ({per_sec}), {msg}, ETA {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    // The estimator has now seen `done` runs at once: forget that rate.
+/// A progress bar over a shard's `own` runs that starts at the `done` ones (`failures` of
+/// them failing), and whose rate and ETA count only the runs made now.
+fn progress_bar(own: u64, done: u64, failures: u64) -> ProgressBar {
+    use indicatif::ProgressDrawTarget;
+    if own < PROGRESS_RUNS_MIN {
+        return ProgressBar::hidden();
+    }
+    // Drawn nowhere until the estimator has taken `done` in and forgotten the rate of
+    // jumping there at once.
+    let bar =
+        ProgressBar::with_draw_target(Some(own), ProgressDrawTarget::hidden()).with_position(done);
     bar.tick();
     bar.reset_eta();
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} runs ({rate}), {msg}, ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key(
+            "rate",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}/s", s.per_sec());
+            },
+        ),
+    );
+    bar.set_message(format!("{failures} failing"));
+    bar.set_draw_target(ProgressDrawTarget::stderr());
     bar
 }
 
@@ -229,7 +239,7 @@ fn plain_campaign(
     args: &RaceArgs,
     opts: &CampaignOptions,
 ) -> anyhow::Result<(campaign::CampaignSummary, Option<PathBuf>)> {
-    let bar = progress_bar(opts.shard.share_of(opts.runs), 0);
+    let bar = progress_bar(opts.shard.share_of(opts.runs), 0, 0);
     let summary = race::run_campaign(opts, &mut |done, failures| {
         if done % PROGRESS_EVERY_RUNS == 0 {
             bar.set_position(done);
@@ -275,7 +285,7 @@ fn folder_campaign(
     if done.runs > 0 {
         tracing::info!(runs = done.runs, "resuming: runs already recorded");
     }
-    let bar = progress_bar(opts.shard.share_of(opts.runs), done.runs);
+    let bar = progress_bar(opts.shard.share_of(opts.runs), done.runs, done.failures);
     let summary = folder.run(
         opts,
         &mut |p| {
