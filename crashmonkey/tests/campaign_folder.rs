@@ -328,7 +328,7 @@ fn wait_for_record(dir: &Path, child: &mut std::process::Child) {
 #[test]
 fn killed_campaign_rerun_ends_as_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
-    let runs = 20000;
+    let runs = 12000;
     let clean = dir.path().join("clean");
     let want = untimed(json(&race(&clean, runs, &[]).output().unwrap()));
     for signal in ["KILL", "INT"] {
@@ -479,7 +479,7 @@ fn a_damaged_bundle_or_record_is_a_clear_error() {
 #[test]
 fn an_index_behind_its_records_catches_up() {
     let dir = tempfile::tempdir().unwrap();
-    let runs = 20000;
+    let runs = 12000;
     let clean = dir.path().join("clean");
     let want = untimed(json(&race(&clean, runs, &[]).output().unwrap()));
     let camp = dir.path().join("camp");
