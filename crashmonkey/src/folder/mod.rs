@@ -334,9 +334,10 @@ pub fn reindex(dir: &Path) -> Result<Findings, FolderError> {
             return Err(e);
         }
     }
+    sweep_rebuilds(dir)?;
     // Built aside (removed on every way out but the last rename), then swapped in.
     let fresh = tempfile::Builder::new()
-        .prefix(".index-rebuild-")
+        .prefix(REBUILD_PREFIX)
         .tempdir_in(dir)
         .map_err(|e| FolderError::io(dir, e))?;
     let at = fresh.path().join(index::INDEX_DIR);
@@ -350,6 +351,20 @@ pub fn reindex(dir: &Path) -> Result<Findings, FolderError> {
     remove_ours(&old)?;
     findings(dir)
 }
+
+/// Removes the temporary folders of a reindex that was killed (SIGKILL leaves no chance to).
+fn sweep_rebuilds(dir: &Path) -> Result<(), FolderError> {
+    for e in std::fs::read_dir(dir).map_err(|e| FolderError::io(dir, e))? {
+        let e = e.map_err(|e| FolderError::io(dir, e))?;
+        if e.file_name().to_string_lossy().starts_with(REBUILD_PREFIX) {
+            remove_ours(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// The name of a reindex's temporary folder starts so.
+const REBUILD_PREFIX: &str = ".index-rebuild-";
 
 /// Removes a folder this module made (an index being rebuilt or replaced), if it is there.
 fn remove_ours(path: &Path) -> Result<(), FolderError> {

@@ -188,6 +188,12 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
         emitln(&serde_json::to_string_pretty(&v)?);
     } else {
         print_text(args, shard, &summary, &opts.config, bundle_dir.as_deref());
+        if let Some(dir) = &args.out {
+            emitln(&format!(
+                "campaign folder: {0} (its findings: crashmonkey findings {0})",
+                dir.display()
+            ));
+        }
     }
     if let Some(signal) = stop.signal() {
         eprintln!(
