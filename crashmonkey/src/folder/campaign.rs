@@ -45,41 +45,24 @@ impl RaceFolder {
     /// a record and indexing it) are indexed now.
     pub fn open(dir: &Path, params: RaceParams) -> Result<RaceFolder, FolderError> {
         std::fs::create_dir_all(dir).map_err(|e| FolderError::io(dir, e))?;
-        match CampaignFile::read(dir)? {
-            Some(CampaignFile::Race { params: have, .. }) if have == params => {}
-            Some(CampaignFile::Race { params: have, .. }) => {
-                return Err(FolderError::OtherCampaign {
-                    dir: dir.to_path_buf(),
-                    differences: have.differences(&params),
-                })
-            }
-            Some(CampaignFile::Merged { .. }) => {
-                return Err(FolderError::Refused {
-                    dir: dir.to_path_buf(),
-                    what: "a merged folder holds findings only: no campaign runs into it".into(),
-                })
-            }
-            // A folder of other files is not made a campaign's: its bundles could be
-            // overwritten.
-            None if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) => {
-                return Err(FolderError::Refused {
-                    dir: dir.to_path_buf(),
-                    what: format!(
-                        "holds files but no {}: not a campaign folder; give a new or empty one",
-                        super::CAMPAIGN_FILE
-                    ),
-                })
-            }
-            None => {
-                let f = CampaignFile::Race {
-                    format: CAMPAIGN_FORMAT,
-                    params: params.clone(),
-                };
-                f.write(dir)?;
-            }
+        // A folder of other files is not made a campaign's: its bundles could be overwritten.
+        let empty = std::fs::read_dir(dir)
+            .map_err(|e| FolderError::io(dir, e))?
+            .next()
+            .is_none();
+        if !empty && CampaignFile::read(dir)?.is_none() {
+            return Err(FolderError::Refused {
+                dir: dir.to_path_buf(),
+                what: format!(
+                    "holds files but no {}: not a campaign folder; give a new or empty one",
+                    super::CAMPAIGN_FILE
+                ),
+            });
         }
-        sweep_temporaries(&dir.join(super::record::RUNS_DIR))?;
+        // From here the folder is this process's: sled's lock keeps other campaigns out.
         let index = Index::open(dir, true)?;
+        same_campaign(dir, &params)?;
+        sweep_temporaries(&dir.join(super::record::RUNS_DIR))?;
         let folder = RaceFolder {
             dir: dir.to_path_buf(),
             index,
@@ -299,6 +282,26 @@ impl RaceFolder {
     /// The bundle folder of a seed.
     pub fn bundle_dir(&self, seed: u64) -> PathBuf {
         self.dir.join(bundle_name(seed))
+    }
+}
+
+/// The folder's campaign is `params` (a new folder is made `params`'s); another is refused.
+fn same_campaign(dir: &Path, params: &RaceParams) -> Result<(), FolderError> {
+    match CampaignFile::read(dir)? {
+        Some(CampaignFile::Race { params: have, .. }) if have == *params => Ok(()),
+        Some(CampaignFile::Race { params: have, .. }) => Err(FolderError::OtherCampaign {
+            dir: dir.to_path_buf(),
+            differences: have.differences(params),
+        }),
+        Some(CampaignFile::Merged { .. }) => Err(FolderError::Refused {
+            dir: dir.to_path_buf(),
+            what: "a merged folder holds findings only: no campaign runs into it".into(),
+        }),
+        None => CampaignFile::Race {
+            format: CAMPAIGN_FORMAT,
+            params: params.clone(),
+        }
+        .write(dir),
     }
 }
 
