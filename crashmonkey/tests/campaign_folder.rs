@@ -521,3 +521,31 @@ fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// While another process holds a folder's index (here this test, as a running campaign
+/// would), a campaign on the folder is refused, and `findings` answers from the run records
+/// alone, byte for byte what the index answers.
+#[test]
+fn a_busy_folder_refuses_campaigns_and_findings_reads_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let camp = dir.path().join("camp");
+    assert_eq!(
+        race(&camp, 2000, &[]).output().unwrap().status.code(),
+        Some(1)
+    );
+    let from_index = findings(&camp);
+    assert_eq!(from_index.status.code(), Some(1));
+    let held = sled::open(camp.join("index")).unwrap();
+    let second = race(&camp, 2000, &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("in use by another crashmonkey process"),
+        "{err}"
+    );
+    let from_records = findings(&camp);
+    assert_eq!(from_records.status.code(), Some(1));
+    assert_eq!(from_records.stdout, from_index.stdout);
+    drop(held);
+    assert_eq!(findings(&camp).stdout, from_index.stdout);
+}
