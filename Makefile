@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build demo test deps unit interop e2e lint bench bench-nbd bench-nbd-client bench-disk bench-fscore mutants campaign-shards clean
+.PHONY: all build demo test deps unit interop e2e lint bench bench-nbd bench-nbd-client bench-disk bench-fscore bench-campaign-folder mutants campaign-shards clean
 
 all: build
 
@@ -67,6 +67,10 @@ bench-disk:
 
 bench-fscore:
 	bash scripts/bench-fscore.sh
+
+## What `race --out DIR` (records, index, bundles) costs a race campaign, with and without.
+bench-campaign-folder:
+	bash scripts/bench-campaign-folder.sh
 
 ## make mutants: mutation testing of the modules that decide correctness (cargo-mutants; hours
 ## in full: MUTANTS_SHARD=0/10 samples a tenth). Results and method: docs/testing.md.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The local simulation of a sharded campaign: SHARDS processes of `crashmonkey race
 # --shard K/SHARDS` at once, their failing seeds and run counts compared with one unsharded
-# campaign. Exits 1 if they differ. Env: SHARDS (default 3), RUNS (default 20000), SEED (1).
+# campaign, then the shards' campaign folders merged (`crashmonkey findings merge`) with the
+# unsharded campaign's folder. Exits 1 if they differ. Env: SHARDS (default 3), RUNS (default 20000), SEED (1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARDS=${SHARDS:-3}
@@ -16,14 +17,14 @@ trap 'rm -rf "$WORK"' EXIT
 # Exit 1 means failures found, which this campaign is meant to find; 2 is an error.
 race() {
     local rc=0
-    "$CM" race --seed "$SEED" --runs "$RUNS" --no-iomap-valid --json --no-bundle "$@" || rc=$?
+    "$CM" race --seed "$SEED" --runs "$RUNS" --no-iomap-valid --json "$@" || rc=$?
     [[ $rc == 0 || $rc == 1 ]]
 }
 echo "campaign-shards: $RUNS runs from seed $SEED, --no-iomap-valid: once whole, then as $SHARDS shards at once"
-race > "$WORK/whole.json"
+race --out "$WORK/whole" > "$WORK/whole.json"
 pids=()
 for k in $(seq 0 $((SHARDS - 1))); do
-    race --shard "$k/$SHARDS" > "$WORK/shard-$k.json" &
+    race --shard "$k/$SHARDS" --out "$WORK/s$k" > "$WORK/shard-$k.json" &
     pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
@@ -44,3 +45,19 @@ print("campaign-shards: " + ("OK: the shards together found what the whole campa
       if ok else "FAIL: the shards differ from the whole campaign"))
 sys.exit(0 if ok else 1)
 PY
+findings() {
+    local rc=0
+    "$CM" findings "$@" --json || rc=$?
+    [[ $rc == 0 || $rc == 1 ]]
+}
+shard_dirs=()
+for k in $(seq 0 $((SHARDS - 1))); do shard_dirs+=("$WORK/s$k"); done
+findings merge "$WORK/merged" "${shard_dirs[@]}" > "$WORK/merged-findings.json"
+findings "$WORK/whole" > "$WORK/whole-findings.json"
+if cmp -s "$WORK/merged-findings.json" "$WORK/whole-findings.json"; then
+    echo "campaign-shards: OK: the shards' folders merged hold the whole campaign's findings ($(grep -c '"signature"' "$WORK/whole-findings.json") findings)"
+else
+    echo "campaign-shards: FAIL: the merged findings differ from the whole campaign's"
+    diff "$WORK/merged-findings.json" "$WORK/whole-findings.json" | head -20
+    exit 1
+fi

@@ -9,10 +9,13 @@
 //! - `dmlog`    import and export of the dm-log-writes format (fstests `replay-log`)
 //! - `race`     seeded race campaigns over fs-core: workloads, runner, reproducer bundles
 //! - `fscore`   fs-core on disk: image and NBD devices, crash campaigns with in-process states
+//! - `folder`   campaign folders: run records, findings by signature, sled index, resume, merge
+//! - `shard`    one campaign split across processes or machines, deterministically
 
 pub mod check;
 pub mod checker;
 pub mod dmlog;
+pub mod folder;
 pub mod fscore;
 pub mod history;
 pub mod overlay;

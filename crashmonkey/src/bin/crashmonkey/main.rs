@@ -1,6 +1,7 @@
 //! The `crashmonkey` CLI. Thin: each subcommand family lives in its own file.
 
 mod crash_cmd;
+mod findings_cmd;
 mod fs_campaign_cmd;
 mod fs_cmd;
 mod race_cmd;
@@ -22,6 +23,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     long_about = "crashmonkey replays nbd-server write logs into every crash state a power cut \
 could leave and checks each one, and runs seeded race campaigns over fs-core's iomap model.\n\n\
 Examples:\n  crashmonkey race --seed 1 --runs 1000 --no-iomap-valid\n  \
+crashmonkey race --seed 1 --runs 20000 --no-iomap-valid --out camp && crashmonkey findings camp\n  \
 crashmonkey check disk.log --base empty.img --checker 'e2fsck -fn {image}'\n  \
 crashmonkey fs ls disk.img\n  \
 crashmonkey fs campaign --seed 1 --runs 100 --bug fsync-no-log-force"
@@ -41,6 +43,9 @@ enum Cmd {
     /// crash campaigns over fs-core.
     #[command(subcommand)]
     Fs(fs_cmd::FsCmd),
+    /// Distinct findings of campaign folders (`race --out DIR`); merge folders; rebuild an
+    /// index.
+    Findings(findings_cmd::FindingsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Race(args) => race_cmd::run(args)?,
         Cmd::Crash(cmd) => crash_cmd::run(cmd)?,
         Cmd::Fs(cmd) => fs_cmd::run(cmd)?,
+        Cmd::Findings(args) => findings_cmd::run(args)?,
     };
     std::process::exit(code);
 }

@@ -17,9 +17,12 @@ const PROGRESS_RUNS_MIN: u64 = 1_000;
 #[command(after_help = "Examples:\n  \
 crashmonkey race --seed 1 --runs 2000 --no-iomap-valid      # finds stale-mapping corruption\n  \
 crashmonkey race --seed 1 --runs 100000                     # the fixed model: no failure\n  \
+crashmonkey race --seed 1 --runs 20000 --no-iomap-valid --out camp   # resumable; then:\n  \
+crashmonkey findings camp                                   # its distinct findings\n  \
 crashmonkey race --replay fixtures/race/race-seed-9079      # replay a reproducer exactly\n  \
 crashmonkey race --replay fixtures/race/race-seed-9079 --defaults   # same schedule, fix on\n\n\
-Exit status: 0 no failure found (replay passed), 1 failures found (replay failed), 2 error.")]
+Exit status: 0 no failure found (replay passed), 1 failures found (replay failed), 2 error,\n\
+130/143 stopped by SIGINT/SIGTERM (with --out: what ran is recorded; rerun to go on).")]
 pub struct RaceArgs {
     /// First seed; run i uses seed + i, which alone decides its workload and schedule.
     #[arg(long, default_value_t = 1)]
@@ -35,12 +38,20 @@ pub struct RaceArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Folder for reproducer bundles.
-    #[arg(long, default_value = "crashmonkey-out")]
-    pub out: PathBuf,
+    /// The campaign folder (docs/campaigns.md): its runs are recorded there as they are done,
+    /// with a bundle for each finding's first and smallest failing run, and the same command
+    /// run again goes on where it stopped (after Ctrl-C, SIGKILL or a crash). A folder of
+    /// another campaign is refused. Without --out, the smallest failing run's bundle is
+    /// written to ./crashmonkey-out and nothing is recorded.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_bundle")]
+    pub out: Option<PathBuf>,
     /// Do not write a reproducer bundle.
     #[arg(long)]
     pub no_bundle: bool,
+    /// With --out: record the runs done every this many seconds of running (what a SIGKILL
+    /// may make the rerun redo; each record costs a few syncs). It changes no result.
+    #[arg(long, value_name = "SECONDS", default_value_t = crashmonkey::folder::record::RECORD_SECONDS_DEFAULT, requires = "out")]
+    pub record_seconds: f64,
     /// Replay a reproducer bundle instead of running a campaign. With switch flags (or
     /// --defaults) the schedule is followed as far as the changed steps allow.
     #[arg(long)]
@@ -148,29 +159,14 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
         max_failures: args.max_failures,
         shard,
     };
-    let own_runs = shard.share_of(args.runs);
-    let bar = if own_runs >= PROGRESS_RUNS_MIN {
-        ProgressBar::new(own_runs)
-    } else {
-        ProgressBar::hidden()
+    let stop = crashmonkey::check::StopFlag::new();
+    let (summary, bundle_dir) = match &args.out {
+        Some(dir) => {
+            crate::crash_cmd::stop_on_signals(&stop)?;
+            folder_campaign(dir, &opts, args.record_seconds, &stop)?
+        }
+        None => plain_campaign(args, &opts)?,
     };
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} runs, {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let summary = race::run_campaign(&opts, &mut |done, failures| {
-        if done % 256 == 0 {
-            bar.set_position(done);
-            bar.set_message(format!("{failures} failing"));
-        }
-    });
-    bar.finish_and_clear();
-    let mut bundle_dir = None;
-    if let Some(smallest) = &summary.smallest {
-        if !args.no_bundle {
-            bundle_dir = Some(race::write_bundle(&args.out, smallest)?);
-        }
-    }
     if args.json {
         let first = summary.first.as_ref().map(first_failure_json);
         let v = serde_json::json!({
@@ -192,8 +188,123 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
         emitln(&serde_json::to_string_pretty(&v)?);
     } else {
         print_text(args, shard, &summary, &opts.config, bundle_dir.as_deref());
+        if let Some(dir) = &args.out {
+            emitln(&format!(
+                "campaign folder: {0} (its findings: crashmonkey findings {0})",
+                dir.display()
+            ));
+        }
+    }
+    if let Some(signal) = stop.signal() {
+        eprintln!(
+            "crashmonkey race: stopped by {} after {} runs, which are recorded; run the same \
+             command again to go on",
+            crashmonkey::checker::signal_name(signal),
+            summary.runs
+        );
+        return Ok(128 + signal);
     }
     Ok(if summary.failures > 0 { 1 } else { 0 })
+}
+
+/// A progress bar over a shard's `own` runs that starts at the `done` ones (`failures` of
+/// them failing), and whose rate and ETA count only the runs made now.
+fn progress_bar(own: u64, done: u64, failures: u64) -> ProgressBar {
+    use indicatif::ProgressDrawTarget;
+    if own < PROGRESS_RUNS_MIN {
+        return ProgressBar::hidden();
+    }
+    // Drawn nowhere until the estimator has taken `done` in and forgotten the rate of
+    // jumping there at once.
+    let bar =
+        ProgressBar::with_draw_target(Some(own), ProgressDrawTarget::hidden()).with_position(done);
+    bar.tick();
+    bar.reset_eta();
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} runs ({rate}), {msg}, ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .with_key(
+            "rate",
+            |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0}/s", s.per_sec());
+            },
+        ),
+    );
+    bar.set_message(format!("{failures} failing"));
+    bar.set_draw_target(ProgressDrawTarget::stderr());
+    bar
+}
+
+/// Runs between progress bar updates.
+const PROGRESS_EVERY_RUNS: u64 = 256;
+
+/// A campaign without a folder: the smallest failing run's bundle goes to ./crashmonkey-out.
+fn plain_campaign(
+    args: &RaceArgs,
+    opts: &CampaignOptions,
+) -> anyhow::Result<(campaign::CampaignSummary, Option<PathBuf>)> {
+    let bar = progress_bar(opts.shard.share_of(opts.runs), 0, 0);
+    let summary = race::run_campaign(opts, &mut |done, failures| {
+        if done % PROGRESS_EVERY_RUNS == 0 {
+            bar.set_position(done);
+            bar.set_message(format!("{failures} failing"));
+        }
+    });
+    bar.finish_and_clear();
+    let mut bundle_dir = None;
+    if let Some(smallest) = &summary.smallest {
+        if !args.no_bundle {
+            bundle_dir = Some(race::write_bundle(
+                std::path::Path::new(DEFAULT_OUT),
+                smallest,
+            )?);
+        }
+    }
+    Ok((summary, bundle_dir))
+}
+
+/// Where a campaign without --out writes its bundle.
+const DEFAULT_OUT: &str = "crashmonkey-out";
+
+/// A campaign in folder `dir`: resumed if the folder holds its records.
+fn folder_campaign(
+    dir: &std::path::Path,
+    opts: &CampaignOptions,
+    record_seconds: f64,
+    stop: &crashmonkey::check::StopFlag,
+) -> anyhow::Result<(campaign::CampaignSummary, Option<PathBuf>)> {
+    use crashmonkey::folder::{campaign::RaceFolder, RaceParams};
+    let mut folder = RaceFolder::open(
+        dir,
+        RaceParams {
+            seed: opts.seed,
+            runs: opts.runs,
+            config: opts.config.clone(),
+            max_failures: opts.max_failures,
+            shard: opts.shard.to_string(),
+        },
+    )?;
+    folder.record_every(record_seconds);
+    let done = folder.done()?;
+    if done.runs > 0 {
+        tracing::info!(runs = done.runs, "resuming: runs already recorded");
+    }
+    let bar = progress_bar(opts.shard.share_of(opts.runs), done.runs, done.failures);
+    let summary = folder.run(
+        opts,
+        &mut |p| {
+            if p.runs % PROGRESS_EVERY_RUNS == 0 {
+                bar.set_position(p.runs);
+                bar.set_message(format!("{} failing, {} findings", p.failures, p.findings));
+            }
+        },
+        &|| stop.signal().is_some(),
+    )?;
+    bar.finish_and_clear();
+    let bundle = summary.smallest_failure_seed.map(|s| folder.bundle_dir(s));
+    Ok((summary, bundle))
 }
 
 fn first_failure_json(o: &RunOutcome) -> serde_json::Value {

@@ -1,0 +1,121 @@
+//! `crashmonkey findings`: what campaign folders found, merged folders, and a rebuilt index.
+//!
+//! Exit codes: 0 the folder holds no finding; 1 it holds findings; 2 the command could not
+//! run (not a campaign folder, a damaged index or bundle, an IO error).
+
+use clap::{Args, Subcommand};
+use crashmonkey::folder::{self, Findings};
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "A campaign folder is what `crashmonkey race --out DIR` writes \
+(docs/campaigns.md): run records, one bundle per finding's first and smallest failing run, and \
+a sled index derived from them. A finding is every failing run with one failure signature: the \
+kind of failure, the oracle's violation, the kind of operation that lost data, the switches.\n\n\
+Examples:\n  \
+crashmonkey race --seed 1 --runs 20000 --no-iomap-valid --out camp\n  \
+crashmonkey findings camp                         # distinct findings, with counts\n  \
+crashmonkey findings camp --json\n  \
+crashmonkey findings merge all shard0 shard1 shard2   # the union of shards' folders\n  \
+crashmonkey findings reindex camp                 # rebuild the index from the files\n\n\
+Exit status: 0 no finding, 1 findings, 2 error."
+)]
+pub struct FindingsArgs {
+    #[command(subcommand)]
+    pub cmd: Option<FindingsCmd>,
+    /// The campaign folder to read.
+    #[arg(value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FindingsCmd {
+    /// Merge campaign folders (shards of one campaign, or several campaigns) into a new one:
+    /// the union of their runs, each finding's counts summed, its first and smallest run kept.
+    Merge {
+        /// The new folder (it must not exist, or be empty).
+        out: PathBuf,
+        /// The folders to merge.
+        #[arg(required = true, value_name = "DIR")]
+        dirs: Vec<PathBuf>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a folder's index from its run records and bundles alone (after damage, or to
+    /// check it): the findings read the same as before.
+    Reindex {
+        dir: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(args: FindingsArgs) -> anyhow::Result<i32> {
+    let r = match (&args.cmd, &args.dir) {
+        (Some(FindingsCmd::Merge { out, dirs, json }), _) => {
+            folder::merge(out, dirs).map(|f| (f, out.clone(), *json))
+        }
+        (Some(FindingsCmd::Reindex { dir, json }), _) => {
+            folder::reindex(dir).map(|f| (f, dir.clone(), *json))
+        }
+        (None, Some(dir)) => folder::findings(dir).map(|f| (f, dir.clone(), args.json)),
+        (None, None) => {
+            eprintln!("crashmonkey findings: give a campaign folder (see --help)");
+            return Ok(2);
+        }
+    };
+    match r {
+        Ok((f, dir, json)) => {
+            show(&f, &dir, json)?;
+            Ok(if f.findings.is_empty() { 0 } else { 1 })
+        }
+        Err(e) => {
+            eprintln!("crashmonkey findings: error: {e}");
+            Ok(2)
+        }
+    }
+}
+
+fn show(f: &Findings, dir: &Path, json: bool) -> anyhow::Result<()> {
+    use crate::race_cmd::emitln;
+    if json {
+        emitln(&serde_json::to_string_pretty(f)?);
+        return Ok(());
+    }
+    emitln(&format!(
+        "{}: {} runs, {} failing, {} distinct findings",
+        dir.display(),
+        f.runs,
+        f.failing_runs,
+        f.findings.len()
+    ));
+    for (n, x) in f.findings.iter().enumerate() {
+        emitln(&format!(
+            "\n#{n} {} runs: {} ({}), data lost by: {}\n   switches: {}\n   first seed {}, \
+             smallest seed {} ({} steps); seeds {:?}{}\n   replay: crashmonkey race --replay {}",
+            x.count,
+            x.kind,
+            x.violation,
+            x.lost_by,
+            x.switches,
+            x.first_seed,
+            x.smallest_seed,
+            x.smallest_steps,
+            x.seeds,
+            if x.count > x.seeds.len() as u64 {
+                " ..."
+            } else {
+                ""
+            },
+            dir.join(&x.bundle).display()
+        ));
+    }
+    Ok(())
+}
