@@ -74,8 +74,8 @@ row "Q2: cookie checked inside ->get_folio instead" get-folio
 row "Q2: cookie checked before the folio lock (racy placement)" before-lock
 row "Q1: gfs2-like (allocate at write, no delalloc/unwritten)" gfs2-like
 row "Q1: gfs2-like, page_mkwrite serialised by the inode glock" gfs2-like-glock
-row "Q1: gfs2 preset (--fs gfs2: its glocks, no zeroing, no cookie)" gfs2
-row "Q1: gfs2 preset, the write does not hold the glock" gfs2-no-write-glock
+row "Q1: gfs2 as built (--fs gfs2: its glocks, no cookie)" gfs2
+row "Q1: gfs2, but the write does not hold the glock" gfs2-no-write-glock
 echo "  (all campaigns: $((end - start)) s)"
 
 bundle=$(ls -d "$OUT"/no-iomap-valid/race-seed-* | head -1)
