@@ -18,8 +18,8 @@
 //! `blake3(sector, content)`), so states with identical content are checked once, and the
 //! cost of a state is the size of its own delta, not the length of the log before it.
 
-use std::collections::{BTreeSet, HashMap};
 use fs_core::block::BlockMap;
+use std::collections::{BTreeSet, HashMap};
 
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -172,7 +172,6 @@ fn sub(a: &mut Sum, b: &Sum) {
 fn hex(sum: &Sum) -> String {
     sum.iter().map(|l| format!("{l:016x}")).collect()
 }
-
 
 /// Sector updates of one operation over `pieces`, reading its data from the log.
 fn op_updates(
@@ -448,7 +447,10 @@ impl StateGenerator {
         let mut changed: BlockMap<(SectorHash, Sum)> = BlockMap::default();
         let apply = |u: &SectorUpdate, changed: &mut BlockMap<(SectorHash, Sum)>| {
             let s = u.sector();
-            let prev = changed.get(&s).map(|c| &c.0).or_else(|| self.prefix.get(&s));
+            let prev = changed
+                .get(&s)
+                .map(|c| &c.0)
+                .or_else(|| self.prefix.get(&s));
             let new = u.apply_sum(prev);
             changed.insert(s, new);
         };

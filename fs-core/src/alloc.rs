@@ -68,7 +68,12 @@ impl Allocator {
         // out in order from `never_used`: the same lowest-first order as one set of every
         // free block, without building it at each mount (a twentieth of checking a crash
         // state). `is_freed` counts the blocks above as freed, as they were at mount.
-        let end = owned.iter().map(|&(b, _)| b + 1).max().unwrap_or(first).max(first);
+        let end = owned
+            .iter()
+            .map(|&(b, _)| b + 1)
+            .max()
+            .unwrap_or(first)
+            .max(first);
         a.never_used = end;
         a.mounted = true;
         a.freed = (first..end)

@@ -58,12 +58,7 @@ pub struct StatesChecked {
 }
 
 /// A state's own blocks: the prefix blocks its writes touch, with the writes applied.
-fn state_blocks(
-    prefix: &[u8],
-    epoch: &Epoch,
-    state: &CrashState,
-    log: &[u8],
-) -> BlockMap<Vec<u8>> {
+fn state_blocks(prefix: &[u8], epoch: &Epoch, state: &CrashState, log: &[u8]) -> BlockMap<Vec<u8>> {
     let mut blocks = BlockMap::default();
     let mut apply = |op: &Op, pieces: &[(u64, u64)]| {
         for &(off, len) in pieces {
