@@ -427,8 +427,10 @@ fn check_epoch(
         prefix: prefix.as_ref(),
         server: server.as_ref(),
     };
+    // One thread per state at most: most epochs of a long log have no new state, or one,
+    // and starting threads for nothing was most of such a run's time.
     std::thread::scope(|scope| {
-        for worker in workers.iter_mut() {
+        for worker in workers.iter_mut().take(todo.len()) {
             let (next, outcomes, first_error) = (&next, &outcomes, &first_error);
             scope.spawn(move || loop {
                 // After a stop or another worker's error, no new state starts.

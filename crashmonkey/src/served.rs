@@ -98,6 +98,7 @@ impl StateServer {
         larger: LargerBase,
         slots: usize,
     ) -> Result<Self, ServeError> {
+        let started = std::time::Instant::now();
         base_bytes(base, disk_bytes, larger)?;
         let base_file = File::open(base).map_err(|source| ImageError::Io {
             path: base.to_path_buf(),
@@ -133,6 +134,11 @@ impl StateServer {
             exports: exports.clone(),
             tls: None,
         })?;
+        tracing::debug!(
+            "NBD server for {slots} slots listening on {} after {} us",
+            socket.display(),
+            started.elapsed().as_micros()
+        );
         Ok(StateServer {
             server: Some(server),
             slots: backends,
