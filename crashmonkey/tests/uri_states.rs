@@ -173,8 +173,8 @@ fn writes_to_uri_cow_never_reach_the_next_state_and_uri_refuses_them() {
         );
     }
     // Through {uri} the same write is refused, and the state fails.
-    let checker = format!("qemu-io -f raw -c 'write -P 0xab 0 4096' {{uri}}");
-    let out = check(&log, &base, &checker, &["--json"]);
+    let checker = "qemu-io -f raw -c 'write -P 0xab 0 4096' {uri}";
+    let out = check(&log, &base, checker, &["--json"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let s = summary(&out);
     assert_eq!(s["passed"], 0, "{s}");

@@ -12,6 +12,7 @@
 //! copy-on-write map of 4 KiB blocks on top of the view, at most [`COW_BYTES_MAX`] of them,
 //! dropped at the next `set_view`.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -233,12 +234,14 @@ impl OverlayBackend {
         }
         for b in first..=last {
             let start = b * block_bytes;
-            if !cow.contains_key(&b) {
-                let mut block: Block = Box::new([0u8; BLOCK_BYTES]);
-                self.read_view(start, &mut block[..])?;
-                cow.insert(b, block);
-            }
-            let block = cow.get_mut(&b).expect("inserted above");
+            let block = match cow.entry(b) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    let mut block: Block = Box::new([0u8; BLOCK_BYTES]);
+                    self.read_view(start, &mut block[..])?;
+                    e.insert(block)
+                }
+            };
             let lo = offset.max(start);
             let hi = (offset + length).min(start + block_bytes);
             fill(
