@@ -30,6 +30,9 @@ use crate::states::CrashState;
 pub const SOCKET_PATH_BYTES_MAX: usize = 107;
 /// Bytes read at a time when a served state is saved to a file.
 const SAVE_CHUNK_BYTES: usize = 1024 * 1024;
+// Two exports per job slot must fit one server.
+const _: () = assert!(2 * crate::check::JOBS_MAX <= nbd_server::export::EXPORTS_MAX);
+
 /// Index of the log's payloads among the backend's sources.
 const LOG_SOURCE: usize = 0;
 
