@@ -10,9 +10,10 @@
 #    states per second, CPU per state (crashmonkey and its checkers, user + system) and peak
 #    RSS. Target: linear (the same states per second on both).
 # 3. Issue 21's 1 GiB log (BENCH_BIG=1, the default; skipped below BIG_FREE_MIB_MIN free):
-#    fio random 4 KiB writes, iodepth 32, fsync every 256, over a recorded 1 GiB export (262,144 writes), built here and removed after;
-#    `check --max-subset 1 --samples 2` with `true {uri}` and `true {image}`. Target: `{uri}`
-#    >= 0.8x its rate on the 10,000-write log, >= 2,000 states/s, RSS < 300 MB.
+#    fio random 4 KiB writes, iodepth 32, fsync every 256, over a recorded 1 GiB export
+#    (262,144 writes), built here and removed after; `check --max-subset 1 --samples 2`
+#    with `true {uri}` and `true {image}`. Target: `{uri}` >= 0.8x its rate on the
+#    10,000-write log, >= 2,000 states/s, RSS < 300 MB.
 # Env: BENCH_SECONDS=5, BENCH_ROUNDS=5, BENCH_SAMPLES=32, BENCH_JOBS=2, BENCH_FIO=1 (0 skips
 # part 1), BENCH_BIG=1 (0 skips part 3).
 set -euo pipefail

@@ -291,6 +291,22 @@ fn the_server_and_its_socket_go_at_the_end_and_on_ctrl_c() {
 }
 
 #[test]
+fn a_socket_path_too_long_is_refused_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, base) = (log(dir.path()), base(dir.path(), DISK_BYTES));
+    let tmp = dir.path().join("t".repeat(100));
+    std::fs::create_dir(&tmp).unwrap();
+    let mut cmd = crashmonkey();
+    cmd.arg("check").arg(&log).arg("--base").arg(&base);
+    cmd.args(["--checker", "true {uri}"]).env("TMPDIR", &tmp);
+    let out = output_within(&mut cmd, run_limit());
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("longer than the 107 a Unix socket takes"), "{err}");
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "left in TMPDIR");
+}
+
+#[test]
 fn a_checker_without_a_placeholder_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (log, base) = (log(dir.path()), base(dir.path(), DISK_BYTES));
