@@ -302,8 +302,15 @@ fn a_socket_path_too_long_is_refused_and_leaves_nothing() {
     let out = output_within(&mut cmd, run_limit());
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("longer than the 107 a Unix socket takes"), "{err}");
-    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "left in TMPDIR");
+    assert!(
+        err.contains("longer than the 107 a Unix socket takes"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "left in TMPDIR"
+    );
 }
 
 #[test]
