@@ -313,23 +313,91 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
         .prefix("crashmonkey-check")
         .tempdir_in(&parent)?;
     let mut stage = Stage::new(wants, base, &history, work.path(), opts)?;
-    let mut generator = StateGenerator::new(opts.states, history.data_file()?);
+    let generator = StateGenerator::new(opts.states, history.data_file()?);
     let bar = progress_bar(opts.progress);
     let mut summary = CheckSummary::new(opts.states.seed);
+    // States are generated one epoch ahead, on a thread of their own, while the epoch before
+    // is checked (on a long log generating them was a third of the run).
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(EPOCHS_AHEAD_MAX);
+        scope.spawn(move || generate(history, generator, opts, tx));
+        // Its end drops the receiver, which ends the generator at its next epoch.
+        check_epochs(rx, &mut stage, &data, opts, &bar, &mut summary)
+    })?;
+    stage.finish()?;
+    bar.finish_and_clear();
+    summary.seconds = started.elapsed().as_secs_f64();
+    if let Some(out) = &opts.out {
+        let json = serde_json::to_string_pretty(&summary).map_err(std::io::Error::other)?;
+        std::fs::write(out.join("summary.json"), json)?;
+    }
+    Ok(summary)
+}
+
+/// Epochs whose states are generated ahead of the one being checked, at most.
+const EPOCHS_AHEAD_MAX: usize = 2;
+
+/// One epoch, the states of it this process checks, and the generator's counts after it.
+struct Generated {
+    epoch: Epoch,
+    todo: Vec<CrashState>,
+    states: usize,
+    unique: usize,
+}
+
+/// Generates the states of every epoch of `history`, in order, into `tx`; stops at the first
+/// error (sent too) or once nobody receives.
+fn generate(
+    history: History,
+    mut generator: StateGenerator,
+    opts: &CheckOptions,
+    tx: std::sync::mpsc::SyncSender<Result<Generated, CheckError>>,
+) {
     for epoch in Epochs::new(history) {
-        let epoch = epoch?;
+        let item = epoch.map_err(CheckError::from).and_then(|epoch| {
+            let todo: Vec<CrashState> = generator
+                .epoch_states(&epoch)?
+                .into_iter()
+                .filter(|s| s.duplicate_of.is_none() && opts.shard.owns(s.id as u64))
+                .collect();
+            Ok(Generated {
+                epoch,
+                todo,
+                states: generator.generated,
+                unique: generator.unique,
+            })
+        });
+        let failed = item.is_err();
+        if tx.send(item).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Checks the epochs `rx` brings, in order, into `summary`, until they end or a stop.
+fn check_epochs(
+    rx: std::sync::mpsc::Receiver<Result<Generated, CheckError>>,
+    stage: &mut Stage,
+    data: &std::fs::File,
+    opts: &CheckOptions,
+    bar: &ProgressBar,
+    summary: &mut CheckSummary,
+) -> Result<(), CheckError> {
+    for item in rx {
+        let Generated {
+            epoch,
+            todo,
+            states,
+            unique,
+        } = item?;
         if let Some(signal) = opts.stop.signal() {
             summary.interrupted = Some(interruption(signal, epoch.index, 0));
             break;
         }
+        (summary.states, summary.unique) = (states, unique);
         summary.epochs += 1;
-        let todo: Vec<CrashState> = generator
-            .epoch_states(&epoch)?
-            .into_iter()
-            .filter(|s| s.duplicate_of.is_none() && opts.shard.owns(s.id as u64))
-            .collect();
         bar.inc_length(todo.len() as u64);
-        let outcomes = check_epoch(&mut stage, &epoch, &data, &todo, opts, &bar)?;
+        let outcomes = check_epoch(stage, &epoch, data, &todo, opts, bar)?;
         let checked = outcomes.len();
         summary.record(outcomes);
         bar.set_message(format!("epoch {}, {} failed", epoch.index, summary.failed));
@@ -341,18 +409,9 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
             summary.interrupted = Some(interruption(signal, epoch.index, checked));
             break;
         }
-        stage.advance(&epoch, &data)?;
+        stage.advance(&epoch, data)?;
     }
-    stage.finish()?;
-    bar.finish_and_clear();
-    summary.states = generator.generated;
-    summary.unique = generator.unique;
-    summary.seconds = started.elapsed().as_secs_f64();
-    if let Some(out) = &opts.out {
-        let json = serde_json::to_string_pretty(&summary).map_err(std::io::Error::other)?;
-        std::fs::write(out.join("summary.json"), json)?;
-    }
-    Ok(summary)
+    Ok(())
 }
 
 impl CheckSummary {
