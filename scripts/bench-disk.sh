@@ -4,16 +4,28 @@
 # 1. fio (nbd engine) random 4 KiB writes through nbd-server, recording off and on, in the
 #    same run, alternating, best of BENCH_ROUNDS each. Target: recording costs <= 10% IOPS.
 #    Also recording with record-sync=flush (each FLUSH waits for fdatasync of the log).
-# 2. `crashmonkey check --checker true` on a synthetic log of 10,000 4 KiB writes in 100
-#    epochs, and on the doubled log (20,000 writes, 200 epochs): states per second. Target:
-#    linear (the same states per second on both).
-# Env: BENCH_SECONDS=5, BENCH_ROUNDS=5, BENCH_SAMPLES=32, BENCH_JOBS=2.
+# 2. `crashmonkey check` with `true {image}` and with `true {uri}` (the state served over NBD
+#    by the in-process server), one after the other on the same log, on a synthetic log of
+#    10,000 4 KiB writes in 100 epochs, and on the doubled log (20,000 writes, 200 epochs):
+#    states per second, CPU per state (crashmonkey and its checkers, user + system) and peak
+#    RSS. Target: linear (the same states per second on both).
+# 3. Issue 21's 1 GiB log (BENCH_BIG=1, the default; skipped below BIG_FREE_MIB_MIN free):
+#    fio random 4 KiB writes, iodepth 32, fsync every 256, over a recorded 1 GiB export
+#    (262,144 writes), built here and removed after; `check --max-subset 1 --samples 2`
+#    with `true {uri}` and `true {image}`. Target: `{uri}` >= 0.8x its rate on the
+#    10,000-write log, >= 2,000 states/s, RSS < 300 MB.
+# Env: BENCH_SECONDS=5, BENCH_ROUNDS=5, BENCH_SAMPLES=32, BENCH_JOBS=2, BENCH_FIO=1 (0 skips
+# part 1), BENCH_BIG=1 (0 skips part 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_RUN=${BENCH_SECONDS:-5}
 ROUNDS=${BENCH_ROUNDS:-5}
 SAMPLES=${BENCH_SAMPLES:-32}
 JOBS=${BENCH_JOBS:-2}
+FIO=${BENCH_FIO:-1}
+BIG=${BENCH_BIG:-1}
+# Free space part 3 needs in the work folder: the 1.09 GB log, the {image} run's images.
+BIG_FREE_MIB_MIN=4096
 
 cargo build --release -q -p nbd-server -p crashmonkey
 # shellcheck source=scripts/lib.sh
@@ -40,7 +52,9 @@ fio_iops() { # fio_iops EXPORT_SPEC -> prints write IOPS
     python3 -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"]))' "$WORK/fio.json"
 }
 
-if command -v fio >/dev/null && fio --enghelp=nbd >/dev/null 2>&1; then
+if [[ "$FIO" == 0 ]]; then
+    echo "BENCH_FIO=0: skipping the fio part"
+elif command -v fio >/dev/null && fio --enghelp=nbd >/dev/null 2>&1; then
     best_off=0 best_on=0 losses="" synced_all=""
     for r in $(seq "$ROUNDS"); do
         # cache=64M (the default size, given explicitly) keeps the emulated disk in front:
@@ -90,15 +104,60 @@ PY
         --disk-bytes $((256 * 1024 * 1024)) >/dev/null
 }
 
+# check_rate LOG BASE CHECKER NAME [ARGS...]: one check run; prints states/s, CPU per state
+# (crashmonkey plus the checkers it waited for) and peak RSS (crashmonkey's own).
+check_rate() {
+    local log=$1 base=$2 checker=$3 name=$4
+    shift 4
+    /usr/bin/time -f '%U %S %M' -o "$WORK/time" "$BIN/crashmonkey" check "$log" --base "$base" \
+        --checker "$checker" --jobs "$JOBS" --json "$@" > "$WORK/check.json"
+    python3 - "$WORK/check.json" "$WORK/time" "$name" "$checker" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+user, sys_, rss_kb = open(sys.argv[2]).read().split()[-3:]
+cpu = float(user) + float(sys_)
+print("crashmonkey check --checker '%s' on %s, %d epochs: %d states (%d unique) in %.1f s = "
+      "%.0f states/s, CPU %.2f ms/state (user %s s, sys %s s), peak RSS %.0f MB"
+      % (sys.argv[4], sys.argv[3], s["epochs"], s["states"], s["unique"], s["seconds"],
+         s["unique"] / s["seconds"], 1000 * cpu / s["unique"], user, sys_, int(rss_kb) / 1024))
+PY
+}
+
 truncate -s 256M "$WORK/base.img"
 for writes in 10000 20000; do
     make_log "$writes" "$WORK/w$writes.log"
-    "$BIN/crashmonkey" check "$WORK/w$writes.log" --base "$WORK/base.img" --checker 'true {image}' \
-        --samples "$SAMPLES" --jobs "$JOBS" --json > "$WORK/check.json"
-    python3 - "$WORK/check.json" "$writes" <<'PY'
-import json, sys
-s = json.load(open(sys.argv[1]))
-print("crashmonkey check --checker true: %s writes, %d epochs: %d states (%d unique) in %.1f s = %.0f states/s"
-      % (sys.argv[2], s["epochs"], s["states"], s["unique"], s["seconds"], s["unique"] / s["seconds"]))
-PY
+    for checker in 'true {image}' 'true {uri}'; do
+        check_rate "$WORK/w$writes.log" "$WORK/base.img" "$checker" "$writes writes" \
+            --samples "$SAMPLES"
+    done
 done
+
+# Issue 21's 1 GiB log, recorded by nbd-server under fio.
+big_log() { # big_log OUT
+    "$BIN/nbd-server" --listen 127.0.0.1:0 --export "d:size=1G,record=$1" 2>"$WORK/server.err" &
+    SERVER_PID=$!
+    for _ in $(seq 200); do grep -q "listening on" "$WORK/server.err" && break; sleep 0.1; done
+    local port
+    port=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$WORK/server.err" | cut -d: -f2)
+    fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$port/d" --rw=randwrite --bs=4k \
+        --iodepth=32 --size=1G --fsync=256 --randseed=1 >/dev/null 2>&1
+    kill "$SERVER_PID"; wait "$SERVER_PID" || true; SERVER_PID=""
+}
+
+if [[ "$BIG" == 1 ]]; then
+    free_mib=$(( $(df --output=avail -k "$WORK" | tail -1) / 1024 ))
+    if (( free_mib < BIG_FREE_MIB_MIN )); then
+        echo "only $free_mib MiB free in $WORK (< $BIG_FREE_MIB_MIN): skipping the 1 GiB log"
+    elif command -v fio >/dev/null && fio --enghelp=nbd >/dev/null 2>&1; then
+        big_log "$WORK/big.log"
+        echo "1 GiB log: $(stat -c %s "$WORK/big.log") bytes"
+        truncate -s 1G "$WORK/big.img"
+        for checker in 'true {uri}' 'true {image}'; do
+            check_rate "$WORK/big.log" "$WORK/big.img" "$checker" "the 1 GiB log" \
+                --max-subset 1 --samples 2
+        done
+        rm -f "$WORK/big.log" "$WORK/big.img"
+    else
+        echo "fio with the nbd engine not found: skipping the 1 GiB log"
+    fi
+fi

@@ -6,6 +6,10 @@
 //! output in the output folder. A checker that damages its image (removes it, resizes it)
 //! fails its state, and the worker's image is built again.
 //!
+//! With `{uri}` (or `{uri-cow}`) in the command, the state is also served over NBD by an
+//! in-process server ([`crate::served`]): base plus layers, nothing disk-sized written per
+//! state. A command without `{image}` gets no images at all.
+//!
 //! A run can be stopped early ([`StopFlag`]; the CLI raises it on SIGINT and SIGTERM): no
 //! new state starts, running checkers are killed, and the summary says how far the run got.
 //! The temporary images live in one temporary folder that goes on every return.
@@ -21,6 +25,7 @@ use crate::checker::{run_checker, CheckerRun};
 pub use crate::checker::{signal_name, CheckerEnd, StopFlag, CHECKER_OUTPUT_BYTES_MAX};
 use crate::history::{Epoch, Epochs, History};
 use crate::overlay::{sparse_copy, ImageError, LargerBase, PrefixImage, WorkerImage};
+use crate::served::StateServer;
 use crate::states::{CrashState, StateGenerator, StateOptions};
 
 /// Most checker processes run at once.
@@ -30,7 +35,7 @@ pub const CHECKER_SECONDS_DEFAULT: u64 = 600;
 
 #[derive(Debug, Clone)]
 pub struct CheckOptions {
-    /// Shell command; `{image}`, `{mark}` and `{state}` are replaced.
+    /// Shell command; `{image}`, `{uri}`, `{uri-cow}`, `{mark}` and `{state}` are replaced.
     pub checker: String,
     pub jobs: usize,
     /// Where failing images and outputs go.
@@ -106,7 +111,12 @@ pub enum CheckError {
     Log(#[from] nbd_server::log::LogError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error("checker command must contain {{image}}")]
+    #[error(transparent)]
+    Serve(#[from] crate::served::ServeError),
+    #[error(
+        "checker command must contain {{image}} (the state as an image file), {{uri}} (the state \
+         as a read-only NBD export) or {{uri-cow}} (a writable copy-on-write one)"
+    )]
     NoImagePlaceholder,
     #[error("--jobs must be 1..={JOBS_MAX}")]
     BadJobs,
@@ -154,12 +164,126 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// Where a state is for its checker: an image file, NBD URIs, or both.
+#[derive(Debug, Clone, Default)]
+pub struct StatePlaces<'a> {
+    pub image: Option<&'a Path>,
+    /// Read-only export.
+    pub uri: Option<String>,
+    /// Writable copy-on-write export.
+    pub uri_cow: Option<String>,
+}
+
 /// The checker command for one state.
-pub fn checker_command(template: &str, image: &Path, state: &CrashState) -> String {
+pub fn checker_command(template: &str, places: &StatePlaces<'_>, state: &CrashState) -> String {
+    let quoted = |s: Option<&str>| shell_quote(s.unwrap_or(""));
+    let image = places.image.map(|p| p.to_string_lossy());
     template
-        .replace("{image}", &shell_quote(&image.to_string_lossy()))
-        .replace("{mark}", &shell_quote(state.mark.as_deref().unwrap_or("")))
+        .replace("{image}", &quoted(image.as_deref()))
+        .replace("{uri-cow}", &quoted(places.uri_cow.as_deref()))
+        .replace("{uri}", &quoted(places.uri.as_deref()))
+        .replace("{mark}", &quoted(state.mark.as_deref()))
         .replace("{state}", &state.id.to_string())
+}
+
+/// Which places of a state a checker command asks for.
+#[derive(Debug, Clone, Copy)]
+struct Wants {
+    image: bool,
+    uri: bool,
+}
+
+impl Wants {
+    fn of(template: &str) -> Result<Self, CheckError> {
+        let wants = Wants {
+            image: template.contains("{image}"),
+            uri: template.contains("{uri}") || template.contains("{uri-cow}"),
+        };
+        if !wants.image && !wants.uri {
+            return Err(CheckError::NoImagePlaceholder);
+        }
+        Ok(wants)
+    }
+}
+
+/// One checker slot: its image (for `{image}`) and its exports (slot number, for `{uri}`).
+struct Worker {
+    slot: usize,
+    image: Option<WorkerImage>,
+}
+
+/// Where the states of a run are built: the prefix and worker images, the NBD server.
+struct Stage {
+    prefix: Option<PrefixImage>,
+    workers: Vec<Worker>,
+    server: Option<StateServer>,
+}
+
+impl Stage {
+    fn new(
+        wants: Wants,
+        base: &Path,
+        history: &History,
+        work: &Path,
+        opts: &CheckOptions,
+    ) -> Result<Self, CheckError> {
+        let prefix = match wants.image {
+            true => Some(PrefixImage::new(
+                base,
+                work,
+                history.disk_bytes,
+                opts.larger_base,
+            )?),
+            false => None,
+        };
+        let mut workers = Vec::with_capacity(opts.jobs);
+        while workers.len() < opts.jobs && opts.stop.signal().is_none() {
+            let path = work.join(format!("worker-{}.img", workers.len()));
+            let image = match &prefix {
+                Some(p) => Some(WorkerImage::new(p, path)?),
+                None => None,
+            };
+            let slot = workers.len();
+            workers.push(Worker { slot, image });
+        }
+        let server = match wants.uri {
+            true => Some(StateServer::start(
+                base,
+                history.data_file()?,
+                history.disk_bytes,
+                opts.larger_base,
+                workers.len(),
+            )?),
+            false => None,
+        };
+        Ok(Stage {
+            prefix,
+            workers,
+            server,
+        })
+    }
+
+    /// Everything of `epoch` joins the prefix.
+    fn advance(&mut self, epoch: &Epoch, data: &std::fs::File) -> Result<(), CheckError> {
+        if let Some(prefix) = &self.prefix {
+            prefix.advance(epoch, data)?;
+            for w in self.workers.iter_mut().filter_map(|w| w.image.as_mut()) {
+                w.prefix_advanced(epoch);
+            }
+        }
+        if let Some(server) = &mut self.server {
+            server.advance(epoch);
+        }
+        Ok(())
+    }
+
+    /// Stops the NBD server, if there is one.
+    fn finish(self) -> Result<(), CheckError> {
+        if let Some(server) = self.server {
+            server.shutdown()?;
+        }
+        Ok(())
+    }
 }
 
 /// One state's verdict: `None` if it passed.
@@ -170,9 +294,7 @@ struct Outcome {
 
 /// Checks every unique crash state of `log` on top of `base`.
 pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummary, CheckError> {
-    if !opts.checker.contains("{image}") {
-        return Err(CheckError::NoImagePlaceholder);
-    }
+    let wants = Wants::of(&opts.checker)?;
     if opts.jobs == 0 || opts.jobs > JOBS_MAX {
         return Err(CheckError::BadJobs);
     }
@@ -183,34 +305,99 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
         std::fs::create_dir_all(out)?;
     }
     let parent = opts.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-    check_space(&parent, base, log, history.disk_bytes, opts.jobs)?;
+    if wants.image {
+        check_space(&parent, base, log, history.disk_bytes, opts.jobs)?;
+    }
     // Every temporary image lives in here; it goes when `work` drops, on every return.
     let work = tempfile::Builder::new()
         .prefix("crashmonkey-check")
         .tempdir_in(&parent)?;
-    let prefix = PrefixImage::new(base, work.path(), history.disk_bytes, opts.larger_base)?;
-    let mut workers = Vec::with_capacity(opts.jobs);
-    while workers.len() < opts.jobs && opts.stop.signal().is_none() {
-        let path = work.path().join(format!("worker-{}.img", workers.len()));
-        workers.push(WorkerImage::new(&prefix, path)?);
-    }
-    let mut generator = StateGenerator::new(opts.states, history.data_file()?);
+    let mut stage = Stage::new(wants, base, &history, work.path(), opts)?;
+    let generator = StateGenerator::new(opts.states, history.data_file()?);
     let bar = progress_bar(opts.progress);
     let mut summary = CheckSummary::new(opts.states.seed);
+    // States are generated one epoch ahead, on a thread of their own, while the epoch before
+    // is checked (on a long log generating them was a third of the run).
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(EPOCHS_AHEAD_MAX);
+        scope.spawn(move || generate(history, generator, opts, tx));
+        // Its end drops the receiver, which ends the generator at its next epoch.
+        check_epochs(rx, &mut stage, &data, opts, &bar, &mut summary)
+    })?;
+    stage.finish()?;
+    bar.finish_and_clear();
+    summary.seconds = started.elapsed().as_secs_f64();
+    if let Some(out) = &opts.out {
+        let json = serde_json::to_string_pretty(&summary).map_err(std::io::Error::other)?;
+        std::fs::write(out.join("summary.json"), json)?;
+    }
+    Ok(summary)
+}
+
+/// Epochs whose states are generated ahead of the one being checked, at most.
+const EPOCHS_AHEAD_MAX: usize = 2;
+
+/// One epoch, the states of it this process checks, and the generator's counts after it.
+struct Generated {
+    epoch: Epoch,
+    todo: Vec<CrashState>,
+    states: usize,
+    unique: usize,
+}
+
+/// Generates the states of every epoch of `history`, in order, into `tx`; stops at the first
+/// error (sent too) or once nobody receives.
+fn generate(
+    history: History,
+    mut generator: StateGenerator,
+    opts: &CheckOptions,
+    tx: std::sync::mpsc::SyncSender<Result<Generated, CheckError>>,
+) {
     for epoch in Epochs::new(history) {
-        let epoch = epoch?;
+        let item = epoch.map_err(CheckError::from).and_then(|epoch| {
+            let todo: Vec<CrashState> = generator
+                .epoch_states(&epoch)?
+                .into_iter()
+                .filter(|s| s.duplicate_of.is_none() && opts.shard.owns(s.id as u64))
+                .collect();
+            Ok(Generated {
+                epoch,
+                todo,
+                states: generator.generated,
+                unique: generator.unique,
+            })
+        });
+        let failed = item.is_err();
+        if tx.send(item).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Checks the epochs `rx` brings, in order, into `summary`, until they end or a stop.
+fn check_epochs(
+    rx: std::sync::mpsc::Receiver<Result<Generated, CheckError>>,
+    stage: &mut Stage,
+    data: &std::fs::File,
+    opts: &CheckOptions,
+    bar: &ProgressBar,
+    summary: &mut CheckSummary,
+) -> Result<(), CheckError> {
+    for item in rx {
+        let Generated {
+            epoch,
+            todo,
+            states,
+            unique,
+        } = item?;
         if let Some(signal) = opts.stop.signal() {
             summary.interrupted = Some(interruption(signal, epoch.index, 0));
             break;
         }
+        (summary.states, summary.unique) = (states, unique);
         summary.epochs += 1;
-        let todo: Vec<CrashState> = generator
-            .epoch_states(&epoch)?
-            .into_iter()
-            .filter(|s| s.duplicate_of.is_none() && opts.shard.owns(s.id as u64))
-            .collect();
         bar.inc_length(todo.len() as u64);
-        let outcomes = check_epoch(&mut workers, &prefix, &epoch, &data, &todo, opts, &bar)?;
+        let outcomes = check_epoch(stage, &epoch, data, &todo, opts, bar)?;
         let checked = outcomes.len();
         summary.record(outcomes);
         bar.set_message(format!("epoch {}, {} failed", epoch.index, summary.failed));
@@ -222,20 +409,9 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
             summary.interrupted = Some(interruption(signal, epoch.index, checked));
             break;
         }
-        prefix.advance(&epoch, &data)?;
-        for w in &mut workers {
-            w.prefix_advanced(&epoch);
-        }
+        stage.advance(&epoch, data)?;
     }
-    bar.finish_and_clear();
-    summary.states = generator.generated;
-    summary.unique = generator.unique;
-    summary.seconds = started.elapsed().as_secs_f64();
-    if let Some(out) = &opts.out {
-        let json = serde_json::to_string_pretty(&summary).map_err(std::io::Error::other)?;
-        std::fs::write(out.join("summary.json"), json)?;
-    }
-    Ok(summary)
+    Ok(())
 }
 
 impl CheckSummary {
@@ -291,8 +467,7 @@ fn progress_bar(shown: bool) -> ProgressBar {
 /// Checks the states `todo` of `epoch`, one worker thread per worker image. Returns their
 /// verdicts by state id; fewer than `todo` only if the run was stopped.
 fn check_epoch(
-    workers: &mut [WorkerImage],
-    prefix: &PrefixImage,
+    stage: &mut Stage,
     epoch: &Epoch,
     data: &std::fs::File,
     todo: &[CrashState],
@@ -302,8 +477,19 @@ fn check_epoch(
     let next = AtomicUsize::new(0);
     let outcomes: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
     let first_error: Mutex<Option<CheckError>> = Mutex::new(None);
+    let Stage {
+        prefix,
+        workers,
+        server,
+    } = stage;
+    let at = Places {
+        prefix: prefix.as_ref(),
+        server: server.as_ref(),
+    };
+    // One thread per state at most: most epochs of a long log have no new state, or one,
+    // and starting threads for nothing was most of such a run's time.
     std::thread::scope(|scope| {
-        for worker in workers.iter_mut() {
+        for worker in workers.iter_mut().take(todo.len()) {
             let (next, outcomes, first_error) = (&next, &outcomes, &first_error);
             scope.spawn(move || loop {
                 // After a stop or another worker's error, no new state starts.
@@ -314,7 +500,7 @@ fn check_epoch(
                 let Some(state) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     break;
                 };
-                match check_state(worker, prefix, epoch, state, data, opts) {
+                match check_state(worker, at, epoch, state, data, opts) {
                     Ok(Some(o)) => outcomes.lock().expect("no panics under lock").push(o),
                     Ok(None) => break,
                     Err(e) => {
@@ -337,32 +523,50 @@ fn check_epoch(
     Ok(outcomes)
 }
 
+/// The shared places states are built in, for a worker thread.
+#[derive(Clone, Copy)]
+struct Places<'a> {
+    prefix: Option<&'a PrefixImage>,
+    server: Option<&'a StateServer>,
+}
+
 /// Builds `state` on `worker`, runs the checker on it and judges it. `None`: the run was
 /// stopped while the checker ran, so there is no verdict.
 fn check_state(
-    worker: &mut WorkerImage,
-    prefix: &PrefixImage,
+    worker: &mut Worker,
+    at: Places<'_>,
     epoch: &Epoch,
     state: &CrashState,
     data: &std::fs::File,
     opts: &CheckOptions,
 ) -> Result<Option<Outcome>, CheckError> {
-    worker.materialize(prefix, epoch, state, data)?;
+    if let (Some(image), Some(prefix)) = (worker.image.as_mut(), at.prefix) {
+        image.materialize(prefix, epoch, state, data)?;
+    }
     if opts.stop.signal().is_some() {
         return Ok(None);
     }
-    let cmd = checker_command(&opts.checker, &worker.path, state);
-    let run = run_checker(&cmd, opts.timeout_seconds, &opts.stop)?;
+    let places = StatePlaces {
+        image: worker.image.as_ref().map(|i| i.path.as_path()),
+        uri: at.server.map(|s| s.uri(worker.slot, false)),
+        uri_cow: at.server.map(|s| s.uri(worker.slot, true)),
+    };
+    let cmd = checker_command(&opts.checker, &places, state);
+    if let Some(server) = at.server {
+        server.serve(worker.slot, epoch, state);
+    }
+    let run = run_checker(&cmd, opts.timeout_seconds, &opts.stop);
+    if let Some(server) = at.server {
+        server.clear(worker.slot);
+    }
+    let run = run?;
     if let CheckerEnd::Stopped(_) = run.end {
         return Ok(None);
     }
-    let damage = worker.damage(prefix.disk_bytes)?;
-    if let Some(d) = &damage {
-        tracing::debug!("state {}: {d}; building the worker image again", state.id);
-        // The next state needs a whole image; this one's is built again for --out.
-        worker.rebuild(prefix)?;
-        worker.materialize(prefix, epoch, state, data)?;
-    }
+    let damage = match (worker.image.as_mut(), at.prefix) {
+        (Some(image), Some(prefix)) => repair(image, prefix, epoch, state, data)?,
+        _ => None,
+    };
     if run.end.passed() && damage.is_none() {
         return Ok(Some(Outcome {
             id: state.id,
@@ -373,7 +577,7 @@ fn check_state(
         Some(d) => format!("{d} (the checker ended with {})", run.end),
         None => run.end.to_string(),
     };
-    let image = keep_failure(worker, prefix, state, &cmd, &reason, &run, opts)?;
+    let image = keep_failure(worker, at, epoch, state, &cmd, &reason, &run, opts)?;
     Ok(Some(Outcome {
         id: state.id,
         failure: Some(FailedState {
@@ -391,11 +595,31 @@ fn check_state(
     }))
 }
 
-/// Copies a failing state's image and writes its report into `--out`, if there is one;
-/// returns where the image went.
-fn keep_failure(
-    worker: &WorkerImage,
+/// What the checker did to `image` that it must not have, if anything; the image is then
+/// built again (holding `state` once more, for `--out`), so the next state has a whole one.
+fn repair(
+    image: &mut WorkerImage,
     prefix: &PrefixImage,
+    epoch: &Epoch,
+    state: &CrashState,
+    data: &std::fs::File,
+) -> Result<Option<String>, CheckError> {
+    let damage = image.damage(prefix.disk_bytes)?;
+    if let Some(d) = &damage {
+        tracing::debug!("state {}: {d}; building the worker image again", state.id);
+        image.rebuild(prefix)?;
+        image.materialize(prefix, epoch, state, data)?;
+    }
+    Ok(damage)
+}
+
+/// Copies a failing state's image and writes its report into `--out`, if there is one;
+/// returns where the image went. Without a worker image the state is saved from the server.
+#[allow(clippy::too_many_arguments)]
+fn keep_failure(
+    worker: &Worker,
+    at: Places<'_>,
+    epoch: &Epoch,
     state: &CrashState,
     cmd: &str,
     reason: &str,
@@ -406,7 +630,11 @@ fn keep_failure(
         return Ok(None);
     };
     let img = out.join(format!("state-{}.img", state.id));
-    sparse_copy(&worker.path, &img, prefix.disk_bytes)?;
+    match (&worker.image, at.prefix, at.server) {
+        (Some(image), Some(prefix), _) => sparse_copy(&image.path, &img, prefix.disk_bytes)?,
+        (_, _, Some(server)) => server.save(worker.slot, epoch, state, &img)?,
+        _ => unreachable!("a check has images or a server"),
+    }
     let report = format!(
         "state {} (epoch {}, {}), mark {:?}\ncommand: {}\nresult: {}\n\n{}",
         state.id, state.epoch, state.label, state.mark, cmd, reason, run.output

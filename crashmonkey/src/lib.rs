@@ -5,6 +5,7 @@
 //! - `states`   crash-state generation (prefixes, ordered subsets, torn writes) with content hashes
 //! - `overlay`  copy-on-write images: a prefix image plus per-worker deltas; replay
 //! - `check`    running a checker over every crash state, in parallel, keeping failures
+//! - `served`   crash states served over NBD by an in-process nbd-server (`{uri}`, `{uri-cow}`)
 //! - `checker`  running one checker: own process group, deadline, capped streamed output
 //! - `dmlog`    import and export of the dm-log-writes format (fstests `replay-log`)
 //! - `race`     seeded race campaigns over fs-core: workloads, runner, reproducer bundles
@@ -20,5 +21,6 @@ pub mod fscore;
 pub mod history;
 pub mod overlay;
 pub mod race;
+pub mod served;
 pub mod shard;
 pub mod states;

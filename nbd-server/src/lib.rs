@@ -8,7 +8,7 @@
 //! - `connection`  the transmission phase: request checks, concurrent execution, reply writer
 //! - `lent`        READ replies sent straight from a backend's memory (vectored, non-blocking)
 //! - `export`      export configuration (`NAME:size=SIZE[,file=PATH][,readonly]`) and registry
-//! - `backend`     the `Backend` trait the server drives, and the plain backends (memory, file)
+//! - `backend`     the `Backend` trait the server drives; memory, file, and overlay (crash states)
 //! - `disk`        the emulated disk: durability rule, epochs, recorder, power cut, faults
 //! - `fscore_device` fs-core's `BlockDevice` over the emulated disk, so models leave write logs
 //! - `log`         the write-log format: writer and streaming reader

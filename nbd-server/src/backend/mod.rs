@@ -37,10 +37,12 @@ use std::io;
 pub mod data;
 pub mod file;
 pub mod memory;
+pub mod overlay;
 
 pub use data::{block_from, Block, Form, WriteData, WriteFailed, BLOCK_BYTES};
 pub use file::FileBackend;
 pub use memory::MemoryBackend;
+pub use overlay::{Layer, Origin, OverlayBackend, Source};
 
 /// Identifies one connection for the lifetime of the server process.
 pub type ConnId = u64;

@@ -172,8 +172,13 @@ pub struct CheckArgs {
     #[arg(long)]
     base: PathBuf,
     /// Shell command run on each state; exit 0 = pass. Placeholders: {image} (the state's
-    /// image; do not modify it, copy it first), {mark} (last mark all of whose preceding writes
-    /// are in the state, empty if none), {state} (the state's id).
+    /// image; do not modify it, copy it first), {uri} (the state as a read-only NBD export
+    /// served from memory, nbd+unix:///state-N?socket=PATH, for qemu-img, nbdinfo, nbdcopy,
+    /// nbdfuse: nothing disk-sized is written per state), {uri-cow} (the same state, writable:
+    /// writes stay in memory and are dropped before the next state), {mark} (last mark all of
+    /// whose preceding writes are in the state, empty if none), {state} (the state's id). At
+    /// least one of {image}, {uri}, {uri-cow}; without {image} no image is made.
+    /// Example: --checker 'qemu-img convert -O raw {uri} /tmp/s-{state}.img'.
     #[arg(long)]
     checker: String,
     /// Checkers run at once.

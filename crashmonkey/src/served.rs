@@ -1,0 +1,262 @@
+//! Crash states served over NBD, for checkers that take `{uri}` or `{uri-cow}`.
+//!
+//! One nbd-server runs in this process for the whole check, on a Unix socket in a private
+//! temporary folder (mode 0700). It has two exports per checker slot (one slot per job):
+//! `state-N`, read-only, and `state-N-cow`, writable, both over the same
+//! [`OverlayBackend`]: the base image, a layer holding every epoch before the current one
+//! (runs into the log's payloads, moved on once per epoch), and a layer holding the state's
+//! own writes (built per state, as small as the state's difference). Nothing disk-sized is
+//! written or copied per state. Writes through `state-N-cow` land in memory and are dropped
+//! when the slot gets its next state, so they never reach another state.
+//!
+//! Between two checker runs a slot serves the bare base, and every connection to its
+//! exports is dropped, so a client the checker left behind cannot read the next state as if
+//! it were its own. Dropping a [`StateServer`] stops the server and removes the socket and
+//! its folder.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nbd_server::backend::{Backend, Layer, Origin, OverlayBackend, Source};
+use nbd_server::{BackgroundServer, Export, ExportRegistry, Server, ServerConfig};
+
+use crate::history::{Epoch, Op, OpData};
+use crate::overlay::{base_bytes, ImageError, LargerBase};
+use crate::states::CrashState;
+
+/// Longest Unix socket path the kernel takes (`sun_path` is 108 bytes with its NUL).
+pub const SOCKET_PATH_BYTES_MAX: usize = 107;
+/// Bytes read at a time when a served state is saved to a file.
+const SAVE_CHUNK_BYTES: usize = 1024 * 1024;
+// Two exports per job slot must fit one server.
+const _: () = assert!(2 * crate::check::JOBS_MAX <= nbd_server::export::EXPORTS_MAX);
+
+/// Index of the log's payloads among the backend's sources.
+const LOG_SOURCE: usize = 0;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("serving crash states over NBD: {0}")]
+    Io(#[from] io::Error),
+    #[error(
+        "the NBD socket path {path} is {bytes} bytes, longer than the {SOCKET_PATH_BYTES_MAX} \
+         a Unix socket takes; set TMPDIR to a shorter folder"
+    )]
+    SocketPathTooLong { path: String, bytes: usize },
+    #[error("serving crash states over NBD: {0}")]
+    Export(#[from] nbd_server::ExportError),
+}
+
+/// The in-process NBD server of a check run. See the module docs.
+pub struct StateServer {
+    /// Declared first: dropped (shut down) before the folder of its socket goes.
+    server: Option<BackgroundServer>,
+    slots: Vec<Arc<OverlayBackend>>,
+    exports: ExportRegistry,
+    /// Every epoch before the current one, over the base.
+    prefix: Arc<Layer>,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The layer of `op`'s `pieces`, added to `layer`.
+fn put_pieces(layer: &mut Layer, op: &Op, pieces: &[(u64, u64)]) {
+    for &(off, len) in pieces {
+        let origin = match op.data {
+            OpData::Zero => Origin::Zero,
+            OpData::Log { payload_offset } => Origin::Source {
+                source: LOG_SOURCE,
+                offset: payload_offset + (off - op.offset),
+            },
+        };
+        layer.put(off, len, origin);
+    }
+}
+
+/// `nbd+unix:///NAME?socket=PATH`, the path percent-encoded where a URI needs it.
+pub fn nbd_unix_uri(export: &str, socket: &Path) -> String {
+    let mut path = String::new();
+    for &b in socket.as_os_str().as_encoded_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            path.push(char::from(b));
+        } else {
+            path.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("nbd+unix:///{export}?socket={path}")
+}
+
+impl StateServer {
+    /// Serves `slots` states at once of a disk of `disk_bytes` over `base`, whose log's
+    /// payloads are in `log`.
+    pub fn start(
+        base: &Path,
+        log: File,
+        disk_bytes: u64,
+        larger: LargerBase,
+        slots: usize,
+    ) -> Result<Self, ServeError> {
+        let started = std::time::Instant::now();
+        base_bytes(base, disk_bytes, larger)?;
+        let base_file = File::open(base).map_err(|source| ImageError::Io {
+            path: base.to_path_buf(),
+            source,
+        })?;
+        let base_file: Arc<dyn Source> = Arc::new(base_file);
+        let log: Arc<dyn Source> = Arc::new(log);
+        let dir = tempfile::Builder::new()
+            .prefix("crashmonkey-nbd")
+            .tempdir_in(std::env::temp_dir())?;
+        let socket = dir.path().join("nbd.sock");
+        let bytes = socket.as_os_str().len();
+        if bytes > SOCKET_PATH_BYTES_MAX {
+            let path = socket.display().to_string();
+            return Err(ServeError::SocketPathTooLong { path, bytes });
+        }
+        let mut backends = Vec::with_capacity(slots);
+        let mut exports = Vec::with_capacity(2 * slots);
+        for slot in 0..slots {
+            let b = Arc::new(OverlayBackend::new(
+                disk_bytes,
+                base_file.clone(),
+                vec![log.clone()],
+            ));
+            exports.push(Export::new(export_name(slot, false), b.clone(), true));
+            exports.push(Export::new(export_name(slot, true), b.clone(), false));
+            backends.push(b);
+        }
+        let exports = ExportRegistry::new(exports)?;
+        let server = Server::start_background(ServerConfig {
+            listen: None,
+            unix: Some(socket.clone()),
+            exports: exports.clone(),
+            tls: None,
+        })?;
+        tracing::debug!(
+            "NBD server for {slots} slots listening on {} after {} us",
+            socket.display(),
+            started.elapsed().as_micros()
+        );
+        Ok(StateServer {
+            server: Some(server),
+            slots: backends,
+            exports,
+            prefix: Arc::new(Layer::new()),
+            socket,
+            _dir: dir,
+        })
+    }
+
+    /// The URI of slot `slot`'s state: read-only, or copy-on-write.
+    pub fn uri(&self, slot: usize, cow: bool) -> String {
+        nbd_unix_uri(&export_name(slot, cow), &self.socket)
+    }
+
+    /// The Unix socket the server listens on.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Slot `slot` serves `state` (of `epoch`) from now on.
+    pub fn serve(&self, slot: usize, epoch: &Epoch, state: &CrashState) {
+        let mut own = Layer::new();
+        for &i in &state.included {
+            let op = &epoch.ops[i];
+            put_pieces(&mut own, op, &op.pieces);
+        }
+        if let Some(t) = &state.torn {
+            put_pieces(&mut own, &epoch.ops[t.index], &t.pieces);
+        }
+        self.set_view(slot, vec![self.prefix.clone(), Arc::new(own)]);
+    }
+
+    /// Slot `slot` serves the bare base until its next state.
+    pub fn clear(&self, slot: usize) {
+        self.set_view(slot, Vec::new());
+    }
+
+    fn set_view(&self, slot: usize, layers: Vec<Arc<Layer>>) {
+        for cow in [false, true] {
+            if let Some(e) = self.exports.lookup(&export_name(slot, cow)) {
+                e.disconnect_all();
+            }
+        }
+        self.slots[slot].set_view(layers);
+    }
+
+    /// Every operation of `epoch` joins the prefix. Call it with every slot cleared, so
+    /// that the prefix is updated in place rather than copied.
+    pub fn advance(&mut self, epoch: &Epoch) {
+        let prefix = Arc::make_mut(&mut self.prefix);
+        for op in &epoch.ops {
+            put_pieces(prefix, op, &op.pieces);
+        }
+    }
+
+    /// Writes `state` (of `epoch`) to a new file `path`, as the state's image, leaving zero
+    /// runs as holes. Slot `slot` serves it meanwhile and is cleared after.
+    pub fn save(
+        &self,
+        slot: usize,
+        epoch: &Epoch,
+        state: &CrashState,
+        path: &Path,
+    ) -> Result<(), ServeError> {
+        use std::os::unix::fs::FileExt;
+        self.serve(slot, epoch, state);
+        let backend = &self.slots[slot];
+        let file = File::create(path)?;
+        let size = backend.size();
+        file.set_len(size)?;
+        let mut buf = vec![0u8; SAVE_CHUNK_BYTES];
+        let mut at = 0u64;
+        while at < size {
+            let n = ((size - at) as usize).min(SAVE_CHUNK_BYTES);
+            backend.read(None, at, &mut buf[..n])?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                file.write_all_at(&buf[..n], at)?;
+            }
+            at += n as u64;
+        }
+        self.clear(slot);
+        Ok(())
+    }
+
+    /// Stops the server; its socket and folder go when `self` drops.
+    pub fn shutdown(mut self) -> io::Result<()> {
+        let started = std::time::Instant::now();
+        let done = match self.server.take() {
+            Some(s) => s.shutdown(),
+            None => Ok(()),
+        };
+        tracing::debug!("NBD server stopped in {} us", started.elapsed().as_micros());
+        done
+    }
+}
+
+/// The export of slot `slot`: `state-N`, or `state-N-cow`.
+fn export_name(slot: usize, cow: bool) -> String {
+    if cow {
+        format!("state-{slot}-cow")
+    } else {
+        format!("state-{slot}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_escape_what_a_uri_cannot_hold() {
+        assert_eq!(
+            nbd_unix_uri("state-0", Path::new("/tmp/a b/nbd.sock")),
+            "nbd+unix:///state-0?socket=/tmp/a%20b/nbd.sock"
+        );
+    }
+}
