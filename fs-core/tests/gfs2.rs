@@ -7,8 +7,11 @@
 //! zeroes what a write does not cover in the folio, because the mapping is NEW), and has no
 //! `->iomap_valid`: what keeps a new block's old bytes from being seen is its locking.
 
-use fs_core::sched::{self, Directive::*, ReplayPolicy, ScriptPolicy, FIRST_OP_TASK};
-use fs_core::{AllocMode, Config, Failure, Gfs2, Op, RunResult, Workload, YieldPoint};
+use fs_core::sched::{self, Directive::*, FIRST_OP_TASK};
+use fs_core::{AllocMode, Config, Gfs2, Op, RunResult, Workload, YieldPoint};
+
+mod common;
+use common::{first_wrong, run_script};
 
 const K: u64 = 4096;
 
@@ -21,32 +24,6 @@ fn gfs2() -> Config {
         gfs2: Gfs2::ALL,
         ..Config::default()
     }
-}
-
-fn run_script(cfg: &Config, w: &Workload, script: Vec<fs_core::Directive>) -> RunResult {
-    let r = sched::run(cfg, w, &mut ScriptPolicy::new(script));
-    if std::env::var_os("RACE_TRACE").is_some() {
-        for s in &r.trace {
-            eprintln!("t{} {} {}", s.task, s.label, s.arg);
-        }
-        eprintln!("{:?}", r.failures);
-    }
-    let again = sched::run(cfg, w, &mut ReplayPolicy::new(r.schedule.clone(), true));
-    assert_eq!(again.files, r.files);
-    assert_eq!(again.failures, r.failures);
-    r
-}
-
-fn first_wrong(r: &RunResult) -> Option<(u64, u8, u8)> {
-    r.failures.iter().find_map(|f| match f {
-        Failure::WrongData {
-            offset,
-            expected,
-            found,
-            ..
-        } => Some((*offset, *expected, *found)),
-        _ => None,
-    })
 }
 
 /// Block 0 of f0 holds 'A' on disk and is then punched (freed, its bytes left there); a small

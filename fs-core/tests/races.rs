@@ -3,42 +3,14 @@
 //! on (the data survives), then replays the recorded schedule and checks it gives the same
 //! bytes: the scripts are only a way to write down a schedule.
 
-use fs_core::sched::{
-    self, Directive::*, ReplayPolicy, ScriptPolicy, FIRST_OP_TASK, TASK_FLUSHER,
-    TASK_IO_COMPLETION, TASK_RECLAIM,
-};
+use fs_core::sched::{Directive::*, FIRST_OP_TASK, TASK_FLUSHER, TASK_IO_COMPLETION, TASK_RECLAIM};
 use fs_core::{Config, Failure, Op, PunchMode, RunResult, ValidityCheckAt, Workload, YieldPoint};
+
+mod common;
+use common::{first_wrong, run_script};
 
 const K: u64 = 4096;
 const KIB: u64 = 1024;
-
-fn run_script(cfg: &Config, w: &Workload, script: Vec<fs_core::Directive>) -> RunResult {
-    let r = sched::run(cfg, w, &mut ScriptPolicy::new(script));
-    if std::env::var_os("RACE_TRACE").is_some() {
-        for s in &r.trace {
-            eprintln!("t{} {} {}", s.task, s.label, s.arg);
-        }
-        eprintln!("{:?}", r.failures);
-    }
-    // The materialised schedule replays to the same bytes and verdict.
-    let again = sched::run(cfg, w, &mut ReplayPolicy::new(r.schedule.clone(), true));
-    assert_eq!(again.files, r.files);
-    assert_eq!(again.failures, r.failures);
-    assert_eq!(again.device_log, r.device_log);
-    r
-}
-
-fn first_wrong(r: &RunResult) -> Option<(u64, u8, u8)> {
-    r.failures.iter().find_map(|f| match f {
-        Failure::WrongData {
-            offset,
-            expected,
-            found,
-            ..
-        } => Some((*offset, *expected, *found)),
-        _ => None,
-    })
-}
 
 /// S1, unwritten + writeback + reclaim: fallocate 40 KiB; byte 40K-1 = 'X' dirty in folio 9;
 /// a write of 36K+1 bytes caches UNWRITTEN and copies folios 0..8; writeback writes folio 9,
