@@ -77,7 +77,8 @@ yield_points! {
     GetFolio = "get_folio",
     /// After the cookie check made with the folio locked.
     IomapValid = "iomap_valid",
-    /// Reading the uncovered part of the folio failed (ends the task).
+    /// Reading the uncovered part of the folio failed: `iomap_end` next, then the write
+    /// returns what it wrote (or the error).
     WriteBeginReadError = "write_begin:read_error",
     /// The folio is ready for the user copy (a short copy can be injected next).
     WriteBegin = "write_begin",
@@ -95,6 +96,10 @@ yield_points! {
     PunchScanDone = "punch:scan_done",
     /// The write returned (ends the task).
     WriteDone = "write:done",
+    /// gfs2: a short write dropped the inode glock to fault the user buffer in.
+    Gfs2GlockDrop = "gfs2:glock_drop",
+    /// gfs2: the glock is retaken; the write goes on.
+    Gfs2GlockRetake = "gfs2:glock_retake",
 
     // Buffered read (`buffered_io::ReadTask`).
     /// Nothing to read below EOF (ends the task).
