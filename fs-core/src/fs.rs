@@ -241,6 +241,8 @@ pub enum FsError {
     SigBus,
     #[error("bad address (EFAULT): the user buffer could not be faulted in")]
     Fault,
+    #[error("operation not supported (EOPNOTSUPP): {0}")]
+    Unsupported(&'static str),
     #[error("device: {0}")]
     Device(String),
 }

@@ -142,8 +142,11 @@ yield_points! {
     FallocateAlloc = "fallocate:alloc",
     /// punch hole freed the extents (ends the task).
     PunchFreeExtents = "punch:free_extents",
-    /// zero range converted the extents (ends the task).
+    /// zero range changed the extents (XFS: punched and preallocated unwritten; ends the
+    /// task).
     ZeroRangeConvert = "zero_range:convert",
+    /// The filesystem has no zero range (gfs2: EOPNOTSUPP; ends the task).
+    ZeroRangeUnsupported = "zero_range:unsupported",
 
     // truncate (`ops::TruncateTask`).
     /// Both inode locks are taken.
