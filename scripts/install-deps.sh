@@ -11,7 +11,8 @@ set -euo pipefail
 TOOLS=(make:make cc:gcc,libc6-dev qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
        nbdfuse:libnbd-bin nbdkit:nbdkit fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs
        mkfs.xfs:xfsprogs xfs_repair:xfsprogs fusermount3:fuse3 losetup:mount mount:mount
-       modprobe:kmod nbd-client:nbd-client certtool:gnutls-bin python3:python3)
+       modprobe:kmod nbd-client:nbd-client certtool:gnutls-bin python3:python3
+       xfs_io:xfsprogs setfattr:attr getfattr:attr)
 
 need=()
 if command -v rustup >/dev/null 2>&1; then

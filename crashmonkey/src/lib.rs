@@ -24,3 +24,4 @@ pub mod race;
 pub mod served;
 pub mod shard;
 pub mod states;
+pub mod workload;

@@ -6,6 +6,7 @@ mod fs_campaign_cmd;
 mod fs_cmd;
 mod race_cmd;
 mod switches;
+mod workloads_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -46,6 +47,9 @@ enum Cmd {
     /// Distinct findings of campaign folders (`race --out DIR`); merge folders; rebuild an
     /// index.
     Findings(findings_cmd::FindingsArgs),
+    /// ACE-style workloads for kernel crash campaigns: workload files and the shell scripts
+    /// that run them on any Linux.
+    Workloads(workloads_cmd::WorkloadsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Crash(cmd) => crash_cmd::run(cmd)?,
         Cmd::Fs(cmd) => fs_cmd::run(cmd)?,
         Cmd::Findings(args) => findings_cmd::run(args)?,
+        Cmd::Workloads(args) => workloads_cmd::run(args)?,
     };
     std::process::exit(code);
 }
