@@ -52,7 +52,10 @@ impl Canvas {
 
     /// A closed polygon through `points`.
     pub fn polygon(&mut self, points: &[(f64, f64)], fill: &str, tip: &str) {
-        let pts: Vec<String> = points.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+        let pts: Vec<String> = points
+            .iter()
+            .map(|(x, y)| format!("{x:.1},{y:.1}"))
+            .collect();
         let _ = write!(
             self.body,
             r##"<polygon points="{}" fill="{fill}" stroke="#222" stroke-width="0.6""##,
@@ -97,7 +100,10 @@ impl Canvas {
     pub fn legend(&mut self, x: f64, y: f64, fill: &str, what: &str) -> f64 {
         self.rect(x, y - 9.0, 10.0, 10.0, fill, "");
         self.text(x + 14.0, y, what, 11, "start", "#222");
-        x + 22.0 + 6.5 * what.chars().count() as f64
+        let next = x + 22.0 + 6.5 * what.chars().count() as f64;
+        // The drawing grows to hold its legend.
+        self.width = self.width.max(next.ceil() as u32 + 8);
+        next
     }
 
     /// Ends the element `name` opened last, with `tip` as its tooltip when not empty.

@@ -26,8 +26,8 @@ pub const RECORD_WIDTH_PX: u32 = 10;
 pub const DISK_LANE_HEIGHT_PX: u32 = 90;
 /// Characters of a mark's name drawn (the full name is in its tooltip).
 pub const MARK_LABEL_CHARS_MAX: usize = 16;
-/// Width a log timeline takes at least (its legend's).
-pub const LOG_WIDTH_MIN_PX: u32 = 900;
+/// Room right of the last record, for the crash point's label.
+pub const LOG_RIGHT_MARGIN_PX: u32 = 320;
 
 /// What became of a write.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -239,7 +239,7 @@ pub fn render_svg(t: &LogTimeline) -> String {
     let geo = Geometry {
         top: (2 * LEGEND_HEIGHT_PX) as f64,
     };
-    let width = (geo.x(t.items.len()) as u32 + 40).max(LOG_WIDTH_MIN_PX);
+    let width = geo.x(t.items.len()) as u32 + LOG_RIGHT_MARGIN_PX;
     let height = geo.bottom() as u32 + LEGEND_HEIGHT_PX + 8;
     let title = format!(
         "write log {}: {} of {} records",
@@ -304,10 +304,28 @@ fn epochs(c: &mut Canvas, t: &LogTimeline, geo: &Geometry) {
             .unwrap_or(t.items.len());
         let fill = if e % 2 == 0 { "#c7d2fe" } else { "#e0e7ff" };
         let (x0, x1) = (geo.x(start), geo.x(end));
-        let tip = format!("epoch {e}: records {} to {}", t.items[start].seq, t.items[end - 1].seq);
-        c.rect(x0, y + 4.0, x1 - x0 - 1.0, LANE_HEIGHT_PX as f64 - 8.0, fill, &tip);
+        let tip = format!(
+            "epoch {e}: records {} to {}",
+            t.items[start].seq,
+            t.items[end - 1].seq
+        );
+        c.rect(
+            x0,
+            y + 4.0,
+            x1 - x0 - 1.0,
+            LANE_HEIGHT_PX as f64 - 8.0,
+            fill,
+            &tip,
+        );
         if x1 - x0 > 40.0 {
-            c.text(x0 + 3.0, y + 17.0, &format!("epoch {e}"), 10, "start", "#1e1b4b");
+            c.text(
+                x0 + 3.0,
+                y + 17.0,
+                &format!("epoch {e}"),
+                10,
+                "start",
+                "#1e1b4b",
+            );
         }
         start = end;
     }
@@ -337,37 +355,93 @@ fn draw_item(c: &mut Canvas, t: &LogTimeline, geo: &Geometry, i: usize, item: &I
             c.rect(x + 1.0, geo.lane("writes") + 5.0, w, h - 10.0, fill, &tip);
             if *fua {
                 let y = geo.lane("FUA");
-                c.polygon(&[(x + 5.0, y + 5.0), (x + 9.0, y + 13.0), (x + 5.0, y + 21.0), (x + 1.0, y + 13.0)], "#111827", &tip);
+                c.polygon(
+                    &[
+                        (x + 5.0, y + 5.0),
+                        (x + 9.0, y + 13.0),
+                        (x + 5.0, y + 21.0),
+                        (x + 1.0, y + 13.0),
+                    ],
+                    "#111827",
+                    &tip,
+                );
             }
             disk_bar(c, t, geo, x, item, fill, &tip);
             if t.highlight.is_some_and(|b| covers(item, b)) {
-                c.frame(x, geo.lane("writes") + 3.0, w + 2.0, h - 6.0, "#db2777", &tip);
+                c.frame(
+                    x,
+                    geo.lane("writes") + 3.0,
+                    w + 2.0,
+                    h - 6.0,
+                    "#db2777",
+                    &tip,
+                );
             }
         }
         ItemKind::Flush { in_flight } => {
             let tip = format!("record {}: flush ({in_flight} writes in flight)", item.seq);
-            c.rect(x + 3.0, geo.lane("flushes") + 3.0, 4.0, h - 6.0, "#374151", &tip);
+            c.rect(
+                x + 3.0,
+                geo.lane("flushes") + 3.0,
+                4.0,
+                h - 6.0,
+                "#374151",
+                &tip,
+            );
         }
         ItemKind::Mark(name) => {
             let y = geo.lane("marks");
             let tip = format!("record {}: mark {name}", item.seq);
-            c.polygon(&[(x + 1.0, y + 4.0), (x + 9.0, y + 8.0), (x + 1.0, y + 12.0)], "#0e7490", &tip);
-            c.text(x + 1.0, y + 23.0, &clip(name, MARK_LABEL_CHARS_MAX), 9, "start", "#0e7490");
+            c.polygon(
+                &[(x + 1.0, y + 4.0), (x + 9.0, y + 8.0), (x + 1.0, y + 12.0)],
+                "#0e7490",
+                &tip,
+            );
+            c.text(
+                x + 1.0,
+                y + 23.0,
+                &clip(name, MARK_LABEL_CHARS_MAX),
+                9,
+                "start",
+                "#0e7490",
+            );
         }
         ItemKind::PowerCut => {
             let tip = format!("record {}: power cut", item.seq);
             c.line((x + 5.0, geo.top), (x + 5.0, geo.bottom()), "#b91c1c", true);
-            c.rect(x + 1.0, geo.lane("crash") + 3.0, w, h - 6.0, "#b91c1c", &tip);
+            c.rect(
+                x + 1.0,
+                geo.lane("crash") + 3.0,
+                w,
+                h - 6.0,
+                "#b91c1c",
+                &tip,
+            );
         }
         ItemKind::Other(what) => {
             let tip = format!("record {}: {what}", item.seq);
-            c.rect(x + 1.0, geo.lane("crash") + 8.0, w, h - 16.0, "#a8a8a8", &tip);
+            c.rect(
+                x + 1.0,
+                geo.lane("crash") + 8.0,
+                w,
+                h - 16.0,
+                "#a8a8a8",
+                &tip,
+            );
         }
     }
 }
 
 /// A write's range drawn in the disk lane (at least 2 px tall, so small writes show).
-fn disk_bar(c: &mut Canvas, t: &LogTimeline, geo: &Geometry, x: f64, item: &Item, fill: &str, tip: &str) {
+fn disk_bar(
+    c: &mut Canvas,
+    t: &LogTimeline,
+    geo: &Geometry,
+    x: f64,
+    item: &Item,
+    fill: &str,
+    tip: &str,
+) {
     let scale = DISK_LANE_HEIGHT_PX as f64 / t.disk_bytes.max(1) as f64;
     let y = geo.disk_top() + item.offset as f64 * scale;
     let h = (item.length as f64 * scale).max(2.0);
@@ -387,7 +461,14 @@ fn crash_point(c: &mut Canvas, t: &LogTimeline, geo: &Geometry) {
     } else {
         "end of log: a crash here loses what is not flushed"
     };
-    c.text(x - 3.0, geo.lane("crash") + 17.0, text, 10, "end", "#6b7280");
+    c.text(
+        x + 4.0,
+        geo.lane("crash") + 17.0,
+        text,
+        10,
+        "start",
+        "#6b7280",
+    );
 }
 
 fn highlight(c: &mut Canvas, t: &LogTimeline, geo: &Geometry) {
@@ -397,7 +478,14 @@ fn highlight(c: &mut Canvas, t: &LogTimeline, geo: &Geometry) {
     let end = geo.x(t.items.len());
     c.line((LANE_LABEL_WIDTH_PX as f64, y), (end, y), "#db2777", true);
     let block = byte / fs_core::block::BLOCK_SIZE as u64;
-    c.text(LANE_LABEL_WIDTH_PX as f64 - 4.0, y + 4.0, &format!("byte {byte} (block {block})"), 9, "end", "#db2777");
+    c.text(
+        LANE_LABEL_WIDTH_PX as f64 - 4.0,
+        y + 4.0,
+        &format!("byte {byte} (block {block})"),
+        9,
+        "end",
+        "#db2777",
+    );
 }
 
 fn axis(c: &mut Canvas, t: &LogTimeline, geo: &Geometry) {
@@ -406,5 +494,135 @@ fn axis(c: &mut Canvas, t: &LogTimeline, geo: &Geometry) {
     for i in seqs {
         let x = geo.x(i) + RECORD_WIDTH_PX as f64 / 2.0;
         c.text(x, y, &t.items[i].seq.to_string(), 9, "middle", "#555");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbd_server::backend::{Arrival, Backend, RequestKind, WriteData};
+    use nbd_server::disk::{DiskConfig, EmulatedDisk, VecStorage};
+    use std::sync::Arc;
+
+    const DISK_BYTES: u64 = 1 << 20;
+
+    /// A disk recording to `path`.
+    fn disk(path: &Path) -> EmulatedDisk {
+        let s = Arc::new(VecStorage::new(DISK_BYTES).unwrap());
+        let config = DiskConfig {
+            record: Some(path.to_path_buf()),
+            ..Default::default()
+        };
+        EmulatedDisk::new(s, config).unwrap()
+    }
+
+    fn request(d: &EmulatedDisk, kind: RequestKind, offset: u64, length: u64, fua: bool) {
+        let a = Arrival {
+            conn: 1,
+            kind,
+            offset,
+            length,
+            fua,
+        };
+        let t = d.arrived(&a).expect("a ticket");
+        match kind {
+            RequestKind::Flush => d.flush(Some(t)).unwrap(),
+            _ => {
+                let data = WriteData::copy_of(&vec![7u8; length as usize]);
+                d.write(Some(t), offset, data, fua).unwrap()
+            }
+        }
+        d.reply_sent(t);
+    }
+
+    /// Three writes, a flush, a mark whose name is markup, a FUA write, two plain writes and a
+    /// power cut: two epochs before the cut, one after.
+    fn small_log(dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("d.log");
+        let d = disk(&path);
+        for i in 0..3 {
+            request(&d, RequestKind::Write, i * 4096, 4096, false);
+        }
+        request(&d, RequestKind::Flush, 0, 0, false);
+        d.mark("<m&\"x\">").unwrap();
+        request(&d, RequestKind::Write, 65536, 8192, true);
+        request(&d, RequestKind::Write, 4096, 4096, false);
+        request(&d, RequestKind::Write, 8192, 4096, false);
+        d.power_cut(Some(3)).unwrap();
+        d.sync_log().unwrap();
+        path
+    }
+
+    /// The fates follow the log's own promises: flushed and FUA writes are durable, and the
+    /// writes pending at the power cut carry the fate the cut gave them (never "durable").
+    #[test]
+    fn fates_epochs_and_lanes() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = read_log(&small_log(dir.path()), Some(8192)).unwrap();
+        let writes: Vec<&WriteFate> = t
+            .items
+            .iter()
+            .filter_map(|i| match &i.kind {
+                ItemKind::Write { fate, .. } => Some(fate),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(writes.len(), 6);
+        assert!(
+            writes[..4].iter().all(|f| **f == WriteFate::Durable),
+            "{writes:?}"
+        );
+        for f in &writes[4..] {
+            assert!(
+                matches!(
+                    f,
+                    WriteFate::Survived | WriteFate::Torn(_) | WriteFate::Dropped
+                ),
+                "{f:?}"
+            );
+        }
+        let cut = t
+            .items
+            .iter()
+            .find(|i| i.kind == ItemKind::PowerCut)
+            .unwrap();
+        assert_eq!(cut.epoch, 1, "one flush before the cut");
+        let svg = render_svg(&t);
+        for lane in LOG_LANES.iter().chain(["where on disk"].iter()) {
+            assert!(svg.contains(&format!(">{lane}</text>")), "lane {lane}");
+        }
+        assert!(svg.contains("byte 8192 (block 2)"));
+        assert!(svg.contains("epoch 0"));
+    }
+
+    /// Guards against markup injection through a mark's name (any bytes a client sends).
+    #[test]
+    fn mark_names_are_escaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let svg = render_svg(&read_log(&small_log(dir.path()), None).unwrap());
+        assert!(svg.contains("mark &lt;m&amp;&quot;x&quot;&gt;"), "{svg}");
+        assert!(!svg.contains("<m&"));
+    }
+
+    /// A long log is drawn up to `RECORDS_DRAWN_MAX` records, and says it has more.
+    #[test]
+    fn long_logs_are_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("long.log");
+        let d = disk(&path);
+        for i in 0..RECORDS_DRAWN_MAX as u64 + 10 {
+            request(&d, RequestKind::Write, (i % 64) * 4096, 4096, false);
+        }
+        d.sync_log().unwrap();
+        let t = read_log(&path, None).unwrap();
+        assert_eq!(t.items.len(), RECORDS_DRAWN_MAX);
+        assert_eq!(t.records, RECORDS_DRAWN_MAX as u64 + 10);
+        let svg = render_svg(&t);
+        assert_eq!(
+            svg.matches("<title>record ").count(),
+            2 * RECORDS_DRAWN_MAX,
+            "bar + disk bar"
+        );
+        assert!(svg.contains("(more records not drawn)"));
     }
 }

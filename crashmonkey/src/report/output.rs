@@ -35,9 +35,12 @@ pub fn write_new(path: &Path, bytes: &[u8], force: bool) -> Result<(), ReportErr
     let name = path
         .file_name()
         .map_or("report".into(), |n| n.to_string_lossy().into_owned());
+    // A report is for reading: the usual mode of a new file (the umask applies), not the
+    // owner-only mode temporary files get.
     let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(dir)
         .map_err(io)?;
     tmp.write_all(bytes).map_err(io)?;
@@ -50,11 +53,9 @@ pub fn write_new(path: &Path, bytes: &[u8], force: bool) -> Result<(), ReportErr
     match persisted {
         Ok(_) => Ok(()),
         // The temporary file is removed when `e` (which owns it) drops.
-        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
-            Err(ReportError::Exists {
-                path: path.to_path_buf(),
-            })
-        }
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Err(ReportError::Exists {
+            path: path.to_path_buf(),
+        }),
         Err(e) => Err(io(e.error)),
     }
 }

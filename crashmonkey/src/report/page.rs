@@ -70,11 +70,11 @@ pub fn campaign_report(dir: &Path) -> Result<String, ReportError> {
 fn summary(h: &mut String, f: &Findings, campaign: Option<&CampaignFile>) {
     let what = match campaign {
         Some(CampaignFile::Race { params, .. }) => format!(
-            "A race campaign: seeds from {}, {} runs, shard {}, switches {}.",
+            "A race campaign: seeds from {}, {} runs, shard {}; switches: {}.",
             params.seed,
             params.runs,
             params.shard,
-            serde_json::to_string(&params.config).unwrap_or_default()
+            crate::race::campaign::switches(&params.config)
         ),
         _ => "A folder merged from other campaign folders (crashmonkey findings merge).".into(),
     };
@@ -188,14 +188,22 @@ fn operations(h: &mut String, b: &Bundle) {
     for (p, phase) in b.workload.phases.iter().enumerate() {
         for op in phase {
             if i < OPS_LISTED_MAX {
-                let _ = write!(h, "<li>op{i} (phase {p}): <code>{}</code></li>", esc(&op.to_string()));
+                let _ = write!(
+                    h,
+                    "<li>op{i} (phase {p}): <code>{}</code></li>",
+                    esc(&op.to_string())
+                );
             }
             i += 1;
         }
     }
     h.push_str("</ol>\n");
     if i > OPS_LISTED_MAX {
-        let _ = writeln!(h, "<p class=\"warn\">{} more operations not listed (at most {OPS_LISTED_MAX}).</p>", i - OPS_LISTED_MAX);
+        let _ = writeln!(
+            h,
+            "<p class=\"warn\">{} more operations not listed (at most {OPS_LISTED_MAX}).</p>",
+            i - OPS_LISTED_MAX
+        );
     }
 }
 
@@ -255,9 +263,17 @@ fn timeline(h: &mut String, t: &RaceTimeline) {
         let s = &t.steps[m.step];
         let (_, kind) = race::mark_style(m.kind);
         let lane = race::LaneKey::of(s.task, t.ops);
-        let task = t.lanes.iter().find(|l| l.key == lane).map_or(String::new(), |l| l.name.clone());
+        let task = t
+            .lanes
+            .iter()
+            .find(|l| l.key == lane)
+            .map_or(String::new(), |l| l.name.clone());
         let strong = matches!(m.kind, MarkKind::WrongByte | MarkKind::UsedStale);
-        let what = if strong { format!("<b>{}</b>", esc(&m.what)) } else { esc(&m.what) };
+        let what = if strong {
+            format!("<b>{}</b>", esc(&m.what))
+        } else {
+            esc(&m.what)
+        };
         let _ = writeln!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{what}</td></tr>",
@@ -289,7 +305,11 @@ fn device_log(h: &mut String, bundle: &Path) -> Result<(), ReportError> {
             t.records
         );
     }
-    let _ = writeln!(h, "<div class=\"scroll\">{}</div></details>", log::render_svg(&t));
+    let _ = writeln!(
+        h,
+        "<div class=\"scroll\">{}</div></details>",
+        log::render_svg(&t)
+    );
     Ok(())
 }
 

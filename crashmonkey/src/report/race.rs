@@ -15,12 +15,11 @@
 //!   (the noted stale use that zero-filled or read old data over the folio, or the write of
 //!   the operation whose old data came back), and the write whose byte was lost.
 
-use super::draw::{Canvas, LANE_HEIGHT_PX, LANE_LABEL_CHARS_MAX, LANE_LABEL_WIDTH_PX};
 use super::draw::LEGEND_HEIGHT_PX;
+use super::draw::{Canvas, LANE_HEIGHT_PX, LANE_LABEL_CHARS_MAX, LANE_LABEL_WIDTH_PX};
 use crate::race::Bundle;
 use fs_core::sched::{
-    self, RecordedStep, ReplayPolicy, FIRST_OP_TASK, TASK_FLUSHER, TASK_IO_COMPLETION,
-    TASK_RECLAIM,
+    self, RecordedStep, ReplayPolicy, FIRST_OP_TASK, TASK_FLUSHER, TASK_IO_COMPLETION, TASK_RECLAIM,
 };
 use fs_core::step::YieldPoint;
 use fs_core::Failure;
@@ -34,8 +33,8 @@ pub const STEPS_AFTER_LAST_MARK: usize = 40;
 pub const LANES_DRAWN_MAX: usize = 24;
 /// Width of one step.
 pub const STEP_WIDTH_PX: u32 = 12;
-/// Width a timeline takes at least (its legend's).
-pub const TIMELINE_WIDTH_MIN_PX: u32 = 980;
+/// Room right of the last step, for the labels drawn there.
+pub const TIMELINE_RIGHT_MARGIN_PX: u32 = 220;
 /// Replays of a bundle spent placing the model's notes on steps; notes left when they are
 /// spent are listed without a step.
 pub const REPLAYS_PER_FINDING_MAX: usize = 2048;
@@ -376,7 +375,10 @@ fn lanes(b: &Bundle, ops: usize, window: (usize, usize), marks: &[Mark]) -> (Vec
     for s in &b.trace[window.0..window.1] {
         busy.entry(LaneKey::of(s.task, ops)).or_default().1 += 1;
     }
-    for m in marks.iter().filter(|m| (window.0..window.1).contains(&m.step)) {
+    for m in marks
+        .iter()
+        .filter(|m| (window.0..window.1).contains(&m.step))
+    {
         busy.entry(LaneKey::of(b.trace[m.step].task, ops))
             .or_default()
             .0 = true;
@@ -418,9 +420,17 @@ pub fn category(label: YieldPoint) -> (&'static str, &'static str) {
         ("#7b5ea7", "writeback")
     } else if l.starts_with("reclaim") || l.starts_with("evict") {
         ("#a0522d", "reclaim, eviction")
-    } else if ["copy", "store", "write_begin", "get_folio", "fault", "page_mkwrite", "read:folio"]
-        .iter()
-        .any(|p| l.starts_with(p))
+    } else if [
+        "copy",
+        "store",
+        "write_begin",
+        "get_folio",
+        "fault",
+        "page_mkwrite",
+        "read:folio",
+    ]
+    .iter()
+    .any(|p| l.starts_with(p))
     {
         ("#52a447", "page cache data")
     } else if l.starts_with("fsync") || l.starts_with("sync") {
@@ -445,17 +455,26 @@ pub fn mark_style(kind: MarkKind) -> (&'static str, &'static str) {
 pub fn render_svg(t: &RaceTimeline) -> String {
     let (start, end) = t.window;
     let lanes_top = 2 * LEGEND_HEIGHT_PX;
-    let width = (LANE_LABEL_WIDTH_PX + (end - start) as u32 * STEP_WIDTH_PX + 24)
-        .max(TIMELINE_WIDTH_MIN_PX);
+    let width =
+        LANE_LABEL_WIDTH_PX + (end - start) as u32 * STEP_WIDTH_PX + TIMELINE_RIGHT_MARGIN_PX;
     let height = lanes_top + t.lanes.len() as u32 * LANE_HEIGHT_PX + LEGEND_HEIGHT_PX + 8;
     let mut c = Canvas::new(
         width,
         height,
-        &format!("race seed {}: steps {start} to {} of {}", t.seed, end, t.steps.len()),
+        &format!(
+            "race seed {}: steps {start} to {} of {}",
+            t.seed,
+            end,
+            t.steps.len()
+        ),
     );
     legend(&mut c);
-    let row: BTreeMap<LaneKey, usize> =
-        t.lanes.iter().enumerate().map(|(i, l)| (l.key, i)).collect();
+    let row: BTreeMap<LaneKey, usize> = t
+        .lanes
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.key, i))
+        .collect();
     let geo = Geometry {
         start,
         top: lanes_top as f64,
@@ -472,7 +491,14 @@ pub fn render_svg(t: &RaceTimeline) -> String {
     if (start..end).contains(&t.schedule_len) {
         let x = geo.x(t.schedule_len);
         c.line((x, geo.top), (x, geo.bottom), "#6b7280", true);
-        c.text(x + 3.0, geo.bottom + 20.0, "workload done: quiesce, sync", 10, "start", "#6b7280");
+        c.text(
+            x + 3.0,
+            geo.bottom + 20.0,
+            "workload done: quiesce, sync",
+            10,
+            "start",
+            "#6b7280",
+        );
     }
     marks(&mut c, t, &geo, &row);
     axis(&mut c, &geo, start, end);
@@ -533,7 +559,14 @@ fn steps(c: &mut Canvas, t: &RaceTimeline, geo: &Geometry, row: &BTreeMap<LaneKe
         let (fill, _) = category(s.label);
         let tip = format!("step {i}: {} {}@{}", lane_name(t, key), s.label, s.arg);
         let w = STEP_WIDTH_PX as f64 - 2.0;
-        c.rect(geo.x(i) + 1.0, geo.lane_y(r) + 6.0, w, LANE_HEIGHT_PX as f64 - 12.0, fill, &tip);
+        c.rect(
+            geo.x(i) + 1.0,
+            geo.lane_y(r) + 6.0,
+            w,
+            LANE_HEIGHT_PX as f64 - 12.0,
+            fill,
+            &tip,
+        );
     }
 }
 
@@ -545,7 +578,11 @@ fn lane_name(t: &RaceTimeline, key: LaneKey) -> &str {
 }
 
 fn marks(c: &mut Canvas, t: &RaceTimeline, geo: &Geometry, row: &BTreeMap<LaneKey, usize>) {
-    for m in t.marks.iter().filter(|m| (geo.start..t.window.1).contains(&m.step)) {
+    for m in t
+        .marks
+        .iter()
+        .filter(|m| (geo.start..t.window.1).contains(&m.step))
+    {
         let key = LaneKey::of(t.steps[m.step].task, t.ops);
         let Some(&r) = row.get(&key) else { continue };
         let (fill, _) = mark_style(m.kind);
@@ -553,16 +590,32 @@ fn marks(c: &mut Canvas, t: &RaceTimeline, geo: &Geometry, row: &BTreeMap<LaneKe
         let w = STEP_WIDTH_PX as f64;
         let h = LANE_HEIGHT_PX as f64;
         match m.kind {
-            MarkKind::Cached => c.polygon(&[(x, y), (x + w, y), (x + w / 2.0, y + 7.0)], fill, &m.what),
+            MarkKind::Cached => {
+                c.polygon(&[(x, y), (x + w, y), (x + w / 2.0, y + 7.0)], fill, &m.what)
+            }
             MarkKind::MadeStale => c.polygon(
-                &[(x + w / 2.0, y), (x + w, y + 5.0), (x + w / 2.0, y + 10.0), (x, y + 5.0)],
+                &[
+                    (x + w / 2.0, y),
+                    (x + w, y + 5.0),
+                    (x + w / 2.0, y + 10.0),
+                    (x, y + 5.0),
+                ],
                 fill,
                 &m.what,
             ),
             MarkKind::UsedStale => c.ring(x + w / 2.0, y + h / 2.0, w * 0.8, fill, &m.what),
-            MarkKind::LostByte => c.polygon(&[(x, y + h), (x + w, y + h), (x + w / 2.0, y + h - 8.0)], fill, &m.what),
+            MarkKind::LostByte => c.polygon(
+                &[(x, y + h), (x + w, y + h), (x + w / 2.0, y + h - 8.0)],
+                fill,
+                &m.what,
+            ),
             MarkKind::WrongByte => {
-                c.line((x + w / 2.0, geo.top), (x + w / 2.0, geo.bottom), fill, true);
+                c.line(
+                    (x + w / 2.0, geo.top),
+                    (x + w / 2.0, geo.bottom),
+                    fill,
+                    true,
+                );
                 c.frame(x - 1.0, y + 2.0, w + 2.0, h - 4.0, fill, &m.what);
                 c.text(x + w + 3.0, y + 12.0, "wrong byte", 11, "start", fill);
             }
@@ -576,5 +629,125 @@ fn axis(c: &mut Canvas, geo: &Geometry, start: usize, end: usize) {
         let x = geo.x(i);
         c.line((x, geo.bottom), (x, geo.bottom + 3.0), "#555", false);
         c.text(x, y, &i.to_string(), 9, "middle", "#555");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// The committed race fixture (fixtures/race/race-seed-9079; its report.txt is the
+    /// schedule printed when it was found, which the expected steps below are read from).
+    fn fixture() -> Bundle {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/race/race-seed-9079");
+        crate::race::load_bundle(&dir).unwrap()
+    }
+
+    fn steps_of(t: &RaceTimeline, kind: MarkKind) -> Vec<usize> {
+        t.marks
+            .iter()
+            .filter(|m| m.kind == kind)
+            .map(|m| m.step)
+            .collect()
+    }
+
+    /// The fixture's story, as its report.txt tells it: op2 cached an Unwritten mapping at
+    /// step 11 (`iomap_begin@0`), IO completion converted block 1 at step 16, and op2's
+    /// `write_begin@1` (step 23) zero-filled folio 1 over op1's byte, written at step 4
+    /// (`copy+write_end@1`). The note's step is found by replaying cut schedules; a wrong cut
+    /// (off by one, or the note taken from the full run) lands elsewhere.
+    #[test]
+    fn the_fixture_notes_and_marks_land_on_their_steps() {
+        let b = fixture();
+        let t = timeline(&b);
+        assert!(t.replay_agrees);
+        assert_eq!(t.notes.len(), 1, "{:?}", t.notes);
+        assert!(t.notes[0].text.starts_with("op2 write_begin zero-filled"));
+        assert_eq!(t.notes[0].step, Some(23));
+        let s = &b.trace[23];
+        assert_eq!((s.task, s.label, s.arg), (3 + 2, YieldPoint::WriteBegin, 1));
+        assert_eq!(steps_of(&t, MarkKind::UsedStale), vec![23]);
+        assert_eq!(steps_of(&t, MarkKind::WrongByte), vec![23]);
+        assert_eq!(steps_of(&t, MarkKind::Cached), vec![11]);
+        assert!(steps_of(&t, MarkKind::MadeStale).contains(&16));
+        assert_eq!(steps_of(&t, MarkKind::LostByte), vec![4]);
+    }
+
+    /// A lane per task that ran: every operation, flusher, IO completion, reclaim and the
+    /// final sync, in that order, each named in the drawing.
+    #[test]
+    fn the_fixture_has_a_lane_per_task() {
+        let t = timeline(&fixture());
+        let keys: Vec<LaneKey> = t.lanes.iter().map(|l| l.key).collect();
+        use LaneKey::*;
+        assert_eq!(
+            keys,
+            [
+                Op(0),
+                Op(1),
+                Op(2),
+                Op(3),
+                Flusher,
+                IoCompletion,
+                Reclaim,
+                FinalSync
+            ]
+        );
+        let svg = render_svg(&t);
+        assert!(svg.starts_with(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" class=\"timeline race-timeline\""
+        ));
+        for name in [
+            "op0 fallocate",
+            "flusher",
+            "IO completion",
+            "reclaim",
+            "final sync",
+        ] {
+            assert!(svg.contains(&format!(">{name}")), "lane {name}");
+        }
+        assert_eq!(svg.matches("<title>step ").count(), t.steps.len());
+        assert!(svg.contains(">wrong byte</text>"));
+    }
+
+    /// Guards against markup injection through text the drawing did not write (a lane's
+    /// name is an operation's text, a tooltip a note's).
+    #[test]
+    fn lane_names_are_escaped() {
+        let mut t = timeline(&fixture());
+        t.lanes[0].name = "<script>alert(1)</script>".into();
+        t.marks[0].what = "a & b < c".into();
+        let svg = render_svg(&t);
+        assert!(!svg.contains("<script"));
+        assert!(svg.contains("&lt;script&gt;"));
+        assert!(svg.contains("a &amp; b &lt; c"));
+    }
+
+    #[test]
+    fn the_window_ends_after_the_last_mark() {
+        let mark = |step| Mark {
+            step,
+            kind: MarkKind::WrongByte,
+            what: String::new(),
+        };
+        assert_eq!(window(100, &[mark(50)]), (0, 100));
+        let end = 9000 + STEPS_AFTER_LAST_MARK + 1;
+        assert_eq!(window(10_000, &[mark(9000)]), (end - STEPS_DRAWN_MAX, end));
+        assert_eq!(window(10_000, &[mark(3)]), (0, STEPS_DRAWN_MAX));
+        assert_eq!(window(10_000, &[]), (10_000 - STEPS_DRAWN_MAX, 10_000));
+    }
+
+    /// A long run draws at most `STEPS_DRAWN_MAX` steps.
+    #[test]
+    fn long_runs_are_cut() {
+        let mut t = timeline(&fixture());
+        let one = t.steps.clone();
+        while t.steps.len() < 3 * STEPS_DRAWN_MAX {
+            t.steps.extend(one.iter().cloned());
+        }
+        t.window = window(t.steps.len(), &t.marks);
+        let svg = render_svg(&t);
+        assert_eq!(svg.matches("<title>step ").count(), STEPS_DRAWN_MAX);
     }
 }

@@ -40,14 +40,31 @@ pub enum CrashCmd {
 
 #[derive(Subcommand)]
 pub enum LogCmd {
-    /// Print every record (one line each; with --json one JSON object per line).
+    /// Print every record (one line each; with --json one JSON object per line), or draw
+    /// the log as an SVG timeline (--svg): epochs, writes coloured by their fate (durable,
+    /// not yet flushed, survived, torn or dropped by a power cut), FUA, flushes, marks, the
+    /// crash point, and where on the disk each write landed.
     ///
-    /// Example: crashmonkey log show disk.log
+    /// Examples: crashmonkey log show disk.log;
+    /// crashmonkey log show disk.log --svg -o disk.svg --highlight-byte 8192
     Show {
         /// Write log recorded by nbd-server (its export option record=PATH).
         log: PathBuf,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "svg")]
         json: bool,
+        /// Draw the log as one SVG document, to stdout or to -o FILE.
+        #[arg(long)]
+        svg: bool,
+        /// With --svg: the file to write (it must not exist, unless --force).
+        #[arg(short = 'o', long = "output", value_name = "FILE", requires = "svg")]
+        output: Option<PathBuf>,
+        /// With -o: replace FILE if it exists.
+        #[arg(long, requires = "output")]
+        force: bool,
+        /// With --svg: outline the writes that cover this disk byte (the block that holds a
+        /// wrong byte) and mark it on the disk lane.
+        #[arg(long, value_name = "BYTE", requires = "svg")]
+        highlight_byte: Option<u64>,
     },
     /// Count records, bytes, epochs and marks.
     ///
@@ -213,7 +230,15 @@ pub struct CheckArgs {
 
 pub fn run(cmd: CrashCmd) -> anyhow::Result<i32> {
     match cmd {
-        CrashCmd::Log(LogCmd::Show { log, json }) => show(&log, json),
+        CrashCmd::Log(LogCmd::Show {
+            log,
+            svg: true,
+            output,
+            force,
+            highlight_byte,
+            ..
+        }) => show_svg(&log, output.as_deref(), force, highlight_byte),
+        CrashCmd::Log(LogCmd::Show { log, json, .. }) => show(&log, json),
         CrashCmd::Log(LogCmd::Stats { log, json }) => stats(&log, json),
         CrashCmd::Log(LogCmd::Export {
             log,
@@ -366,6 +391,31 @@ fn print_summary(s: &CheckSummary, json: bool) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// `log show --svg`: the log drawn as the report draws it.
+fn show_svg(
+    path: &Path,
+    output: Option<&Path>,
+    force: bool,
+    highlight: Option<u64>,
+) -> anyhow::Result<i32> {
+    use crashmonkey::report;
+    let t = report::log::read_log(path, highlight)?;
+    if t.records as usize > t.items.len() {
+        eprintln!(
+            "crashmonkey log show: the first {} of {} records drawn (at most {})",
+            t.items.len(),
+            t.records,
+            report::log::RECORDS_DRAWN_MAX
+        );
+    }
+    let svg = report::log::render_svg(&t);
+    match output {
+        Some(out) => report::write_new(out, svg.as_bytes(), force)?,
+        None => println!("{svg}"),
+    }
+    Ok(0)
 }
 
 fn show(path: &Path, json: bool) -> anyhow::Result<i32> {
