@@ -32,6 +32,11 @@ impl Canvas {
         }
     }
 
+    /// The drawing's width so far (its legend widens it).
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
     /// A rectangle, with `tip` as its tooltip when not empty.
     pub fn rect(&mut self, x: f64, y: f64, w: f64, h: f64, fill: &str, tip: &str) {
         let _ = write!(

@@ -257,7 +257,7 @@ pub fn render_svg(t: &LogTimeline) -> String {
             LANE_HEIGHT_PX
         };
         let shade = if row % 2 == 0 { "#f3f4f6" } else { "#ffffff" };
-        c.rect(0.0, y, width as f64, h as f64, shade, "");
+        c.rect(0.0, y, c.width() as f64, h as f64, shade, "");
         c.text(6.0, y + 17.0, name, 12, "start", "#111");
     }
     epochs(&mut c, t, &geo);

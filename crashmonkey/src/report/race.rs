@@ -483,7 +483,7 @@ pub fn render_svg(t: &RaceTimeline) -> String {
     for (i, lane) in t.lanes.iter().enumerate() {
         let y = geo.lane_y(i);
         let shade = if i % 2 == 0 { "#f3f4f6" } else { "#ffffff" };
-        c.rect(0.0, y, width as f64, LANE_HEIGHT_PX as f64, shade, "");
+        c.rect(0.0, y, c.width() as f64, LANE_HEIGHT_PX as f64, shade, "");
         let name = super::text::clip(&lane.name, LANE_LABEL_CHARS_MAX);
         c.text(6.0, y + 17.0, &name, 12, "start", "#111");
     }
