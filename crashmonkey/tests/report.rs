@@ -202,3 +202,57 @@ fn help_explains_with_an_example() {
         assert!(text.contains("--force"), "{args:?}: {text}");
     }
 }
+
+/// docs/campaigns.md's report section names the limits with the code's values.
+#[test]
+fn the_limits_on_the_page_are_the_code_s() {
+    use crashmonkey::report::{log, page, race};
+    let doc = include_str!("../../docs/campaigns.md");
+    let doc = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+    for want in [
+        format!(
+            "at most {} steps per race timeline (`STEPS_DRAWN_MAX`)",
+            race::STEPS_DRAWN_MAX
+        ),
+        format!(
+            "{} steps after the last mark (`STEPS_AFTER_LAST_MARK`)",
+            race::STEPS_AFTER_LAST_MARK
+        ),
+        format!("at most {} lanes (`LANES_DRAWN_MAX`", race::LANES_DRAWN_MAX),
+        format!(
+            "at most {} records per write-log timeline (`RECORDS_DRAWN_MAX`)",
+            log::RECORDS_DRAWN_MAX
+        ),
+        format!(
+            "at most {} findings in full (`FINDINGS_SHOWN_MAX`",
+            page::FINDINGS_SHOWN_MAX
+        ),
+        format!(
+            "at most {} characters per note (`NOTE_CHARS_MAX`)",
+            page::NOTE_CHARS_MAX
+        ),
+        format!(
+            "{} operations listed (`OPS_LISTED_MAX`)",
+            page::OPS_LISTED_MAX
+        ),
+        format!(
+            "{} failures per run (`FAILURES_LISTED_MAX`)",
+            page::FAILURES_LISTED_MAX
+        ),
+        format!(
+            "{} bytes of `report.txt` (`REPORT_TEXT_BYTES_MAX`)",
+            page::REPORT_TEXT_BYTES_MAX
+        ),
+        format!(
+            "at most {} replays on this (`REPLAYS_PER_FINDING_MAX`)",
+            race::REPLAYS_PER_FINDING_MAX
+        ),
+        format!("3 + N operation N, `FIRST_OP_TASK`"),
+    ] {
+        assert!(
+            doc.contains(&want),
+            "docs/campaigns.md does not say {want:?}"
+        );
+    }
+    assert_eq!(fs_core::sched::FIRST_OP_TASK, 3);
+}
