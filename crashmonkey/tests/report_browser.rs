@@ -12,7 +12,6 @@
 //!
 //! Under CI a missing Chromium fails the test; elsewhere the suite's skip policy decides.
 
-#[allow(dead_code)]
 mod common;
 #[path = "../../nbd-server/tests/common/skip.rs"]
 mod skip;

@@ -302,7 +302,11 @@ fn epochs(c: &mut Canvas, t: &LogTimeline, geo: &Geometry) {
         let end = (start..t.items.len())
             .find(|&i| t.items[i].epoch != e)
             .unwrap_or(t.items.len());
-        let fill = if e % 2 == 0 { "#c7d2fe" } else { "#e0e7ff" };
+        let fill = if e.is_multiple_of(2) {
+            "#c7d2fe"
+        } else {
+            "#e0e7ff"
+        };
         let (x0, x1) = (geo.x(start), geo.x(end));
         let tip = format!(
             "epoch {e}: records {} to {}",

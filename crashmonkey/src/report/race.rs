@@ -278,19 +278,18 @@ fn stale_marks(trace: &[RecordedStep], notes: &[Note]) -> Vec<Mark> {
                 trace[cached].arg
             ),
         });
-        for i in cached + 1..used {
-            if trace[i].task != task && changes_extents(trace[i].label) {
-                marks.push(Mark {
-                    step: i,
-                    kind: MarkKind::MadeStale,
-                    what: format!(
-                        "changed extents while the mapping of note {} was cached ({}@{})",
-                        n + 1,
-                        trace[i].label,
-                        trace[i].arg
-                    ),
-                });
-            }
+        let between = trace.iter().enumerate().take(used).skip(cached + 1);
+        for (i, s) in between.filter(|(_, s)| s.task != task && changes_extents(s.label)) {
+            marks.push(Mark {
+                step: i,
+                kind: MarkKind::MadeStale,
+                what: format!(
+                    "changed extents while the mapping of note {} was cached ({}@{})",
+                    n + 1,
+                    s.label,
+                    s.arg
+                ),
+            });
         }
     }
     marks
