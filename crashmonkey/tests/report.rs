@@ -206,7 +206,7 @@ fn help_explains_with_an_example() {
 /// docs/campaigns.md's report section names the limits with the code's values.
 #[test]
 fn the_limits_on_the_page_are_the_code_s() {
-    use crashmonkey::report::{log, page, race};
+    use crashmonkey::report::{bundle_page, crash, log, page, race};
     let doc = include_str!("../../docs/campaigns.md");
     let doc = doc.split_whitespace().collect::<Vec<_>>().join(" ");
     for want in [
@@ -248,6 +248,14 @@ fn the_limits_on_the_page_are_the_code_s() {
             race::REPLAYS_PER_FINDING_MAX
         ),
         format!(
+            "at most {} per write, `ROLE_BLOCKS_PER_WRITE_MAX`",
+            crash::ROLE_BLOCKS_PER_WRITE_MAX
+        ),
+        format!(
+            "at most {} violations and fsck findings (`VERDICT_LINES_MAX`)",
+            bundle_page::VERDICT_LINES_MAX
+        ),
+        format!(
             "{} + N operation N, `FIRST_OP_TASK`",
             fs_core::sched::FIRST_OP_TASK
         ),
@@ -256,5 +264,39 @@ fn the_limits_on_the_page_are_the_code_s() {
             doc.contains(&want),
             "docs/campaigns.md does not say {want:?}"
         );
+    }
+}
+
+/// One fs bundle gets a page of its own: its verdict, and its write log with the crash state
+/// on it, the wrong byte's block (device block 46, as the bundle's fsck.txt says inode 0's
+/// file block 3 is) and the role lane; and a race bundle alone gets its finding's page.
+#[test]
+fn a_bundle_folder_gets_a_page_of_its_own() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    let d = tempfile::tempdir().unwrap();
+    let fs_page = d.path().join("fs.html");
+    let fs_bundle = fixtures.join("fs/commit-without-flush/fs-seed-2");
+    let o = report(&fs_bundle, &fs_page, &[]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let html = std::fs::read_to_string(&fs_page).unwrap();
+    let fsck = std::fs::read_to_string(fs_bundle.join("fsck.txt")).unwrap();
+    assert!(fsck.contains("block 46 is owned by inode 0 file block 3"));
+    assert!(
+        html.contains("byte 188416 (block 46)"),
+        "the wrong byte's block"
+    );
+    assert!(html.contains(">role (fs-core)</text>"));
+    assert!(html.contains("<b>f0</b>: byte 12288: found 0x00"));
+    assert!(html.contains("crashmonkey fs campaign --replay"));
+    assert_eq!(html.matches("class=\"timeline log-timeline\"").count(), 1);
+
+    let race_page = d.path().join("race.html");
+    let o = report(&fixtures.join("race/race-seed-9079"), &race_page, &[]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let html = std::fs::read_to_string(&race_page).unwrap();
+    assert_eq!(html.matches("class=\"timeline race-timeline\"").count(), 1);
+    assert!(html.contains("[step 23] op2 write_begin zero-filled"));
+    for fetch in ["<script", "<link", "<img", " src=", "url("] {
+        assert!(!html.contains(fetch), "the page fetches something: {fetch}");
     }
 }

@@ -42,6 +42,8 @@ pub enum WriteFate {
     Torn(Vec<(u64, u64)>),
     /// A power cut dropped it.
     Dropped,
+    /// After the crash point of the crash state drawn: not in it.
+    AfterCrash,
 }
 
 /// A record drawn.
@@ -83,6 +85,11 @@ pub struct LogTimeline {
     pub records: u64,
     /// A disk byte to show (the one that holds a wrong byte).
     pub highlight: Option<u64>,
+    /// A crash point other than the log's power cuts (a crash state's): the item it comes
+    /// before, and what it is.
+    pub crash_at: Option<(usize, String)>,
+    /// Each write's role in fs-core's format, by sequence number (empty: not drawn).
+    pub roles: BTreeMap<u64, String>,
 }
 
 /// What a first pass over the log learns: each power cut's fates, and the last flush and
@@ -167,6 +174,8 @@ pub fn read_log(path: &Path, highlight: Option<u64>) -> Result<LogTimeline, Repo
         items,
         records: fates.records,
         highlight,
+        crash_at: None,
+        roles: BTreeMap::new(),
     })
 }
 
@@ -204,18 +213,23 @@ pub fn fate_style(f: &WriteFate) -> (&'static str, &'static str) {
     match f {
         WriteFate::Durable => ("#2e7d32", "durable (flushed or FUA)"),
         WriteFate::NotFlushed => ("#9ca3af", "not yet flushed"),
-        WriteFate::Survived => ("#60a5fa", "pending at the cut, survived"),
-        WriteFate::Torn(_) => ("#f59e0b", "torn by the cut"),
-        WriteFate::Dropped => ("#dc2626", "dropped by the cut"),
+        WriteFate::Survived => ("#60a5fa", "pending at the crash, survived"),
+        WriteFate::Torn(_) => ("#f59e0b", "torn by the crash"),
+        WriteFate::Dropped => ("#dc2626", "dropped by the crash"),
+        WriteFate::AfterCrash => ("#e5e7eb", "after the crash point"),
     }
 }
 
-/// Lanes of a log timeline, top to bottom.
+/// Lanes of a log timeline, top to bottom (then the role lane, when roles are known, and
+/// the disk lane).
 pub const LOG_LANES: [&str; 6] = ["epochs", "writes", "FUA", "flushes", "marks", "crash"];
+/// The lane of fs-core roles.
+pub const ROLE_LANE: &str = "role (fs-core)";
 
 /// Where the lanes are.
 struct Geometry {
     top: f64,
+    lanes: Vec<&'static str>,
 }
 
 impl Geometry {
@@ -223,11 +237,11 @@ impl Geometry {
         LANE_LABEL_WIDTH_PX as f64 + (i as u32 * RECORD_WIDTH_PX) as f64
     }
     fn lane(&self, name: &str) -> f64 {
-        let row = LOG_LANES.iter().position(|l| *l == name).unwrap_or(0);
+        let row = self.lanes.iter().position(|l| *l == name).unwrap_or(0);
         self.top + (row as u32 * LANE_HEIGHT_PX) as f64
     }
     fn disk_top(&self) -> f64 {
-        self.top + (LOG_LANES.len() as u32 * LANE_HEIGHT_PX) as f64
+        self.top + (self.lanes.len() as u32 * LANE_HEIGHT_PX) as f64
     }
     fn bottom(&self) -> f64 {
         self.disk_top() + DISK_LANE_HEIGHT_PX as f64
@@ -236,8 +250,13 @@ impl Geometry {
 
 /// The timeline as one SVG document (`class="timeline log-timeline"`).
 pub fn render_svg(t: &LogTimeline) -> String {
+    let mut lanes = LOG_LANES.to_vec();
+    if !t.roles.is_empty() {
+        lanes.push(ROLE_LANE);
+    }
     let geo = Geometry {
         top: (2 * LEGEND_HEIGHT_PX) as f64,
+        lanes,
     };
     let width = geo.x(t.items.len()) as u32 + LOG_RIGHT_MARGIN_PX;
     let height = geo.bottom() as u32 + LEGEND_HEIGHT_PX + 8;
@@ -248,10 +267,10 @@ pub fn render_svg(t: &LogTimeline) -> String {
         t.records
     );
     let mut c = Canvas::new(width, height, &title);
-    legend(&mut c);
-    for (row, name) in LOG_LANES.iter().chain(["where on disk"].iter()).enumerate() {
+    legend(&mut c, !t.roles.is_empty());
+    for (row, name) in geo.lanes.iter().chain(["where on disk"].iter()).enumerate() {
         let y = geo.top + (row as u32 * LANE_HEIGHT_PX) as f64;
-        let h = if row == LOG_LANES.len() {
+        let h = if row == geo.lanes.len() {
             DISK_LANE_HEIGHT_PX
         } else {
             LANE_HEIGHT_PX
@@ -270,7 +289,7 @@ pub fn render_svg(t: &LogTimeline) -> String {
     c.finish("timeline log-timeline")
 }
 
-fn legend(c: &mut Canvas) {
+fn legend(c: &mut Canvas, roles: bool) {
     let mut x = 6.0;
     for f in [
         WriteFate::Durable,
@@ -278,6 +297,7 @@ fn legend(c: &mut Canvas) {
         WriteFate::Survived,
         WriteFate::Torn(Vec::new()),
         WriteFate::Dropped,
+        WriteFate::AfterCrash,
     ] {
         let (fill, what) = fate_style(&f);
         x = c.legend(x, 16.0, fill, what);
@@ -291,6 +311,11 @@ fn legend(c: &mut Canvas) {
         ("#db2777", "highlighted byte"),
     ] {
         x = c.legend(x, 16.0 + LEGEND_HEIGHT_PX as f64, fill, what);
+    }
+    if roles {
+        for role in ["data", "metadata", "journal"] {
+            x = c.legend(x, 16.0 + LEGEND_HEIGHT_PX as f64, role_colour(role), role);
+        }
     }
 }
 
@@ -371,6 +396,11 @@ fn draw_item(c: &mut Canvas, t: &LogTimeline, geo: &Geometry, i: usize, item: &I
                 );
             }
             disk_bar(c, t, geo, x, item, fill, &tip);
+            if let Some(role) = t.roles.get(&item.seq) {
+                let y = geo.lane(ROLE_LANE);
+                let tip = format!("record {}: {role}", item.seq);
+                c.rect(x + 1.0, y + 5.0, w, h - 10.0, role_colour(role), &tip);
+            }
             if t.highlight.is_some_and(|b| covers(item, b)) {
                 c.frame(
                     x,
@@ -436,6 +466,19 @@ fn draw_item(c: &mut Canvas, t: &LogTimeline, geo: &Geometry, i: usize, item: &I
     }
 }
 
+/// The colour of an fs-core role: data, journal, or metadata in place.
+pub fn role_colour(role: &str) -> &'static str {
+    if role.starts_with("journal") {
+        "#7b5ea7"
+    } else if role == "data" {
+        "#52a447"
+    } else if role.split(", ").any(|r| r == "data") {
+        "#8fbf7f"
+    } else {
+        "#2f6fcf"
+    }
+}
+
 /// A write's range drawn in the disk lane (at least 2 px tall, so small writes show).
 fn disk_bar(
     c: &mut Canvas,
@@ -455,6 +498,19 @@ fn disk_bar(
 /// The crash point: a power cut draws its own; without one, the log's end is where a crash
 /// would lose the writes not yet flushed.
 fn crash_point(c: &mut Canvas, t: &LogTimeline, geo: &Geometry) {
+    if let Some((at, what)) = &t.crash_at {
+        let x = geo.x(*at) - 1.0;
+        c.line((x, geo.top), (x, geo.bottom()), "#b91c1c", false);
+        c.text(
+            x + 4.0,
+            geo.lane("crash") + 17.0,
+            what,
+            10,
+            "start",
+            "#b91c1c",
+        );
+        return;
+    }
     if t.items.iter().any(|i| i.kind == ItemKind::PowerCut) {
         return;
     }

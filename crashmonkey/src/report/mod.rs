@@ -8,11 +8,16 @@
 //!   cached, went stale and was used stale, and the step that wrote the wrong byte
 //! - `log`    a write log as a timeline: epochs, writes, flushes, FUA, marks, the crash point
 //!   and the fate of each write
+//! - `crash`  an fs bundle's crash state on its write log: kept, dropped and torn writes, the
+//!   crash point, the block holding the wrong byte, each write's role in fs-core's format
 //! - `page`   a campaign folder as one HTML page (inline CSS and SVG, no script, no network)
+//! - `bundle_page` one bundle folder as a page (a race bundle, or an fs bundle's crash state)
 //! - `output` writing a report file without ever replacing a user's file by accident
 //!
 //! Everything drawn is bounded by named constants; a page says when it left something out.
 
+pub mod bundle_page;
+pub mod crash;
 pub mod draw;
 pub mod log;
 pub mod output;
@@ -23,7 +28,7 @@ pub mod text;
 use std::path::PathBuf;
 
 pub use output::write_new;
-pub use page::campaign_report;
+pub use page::{campaign_report, report};
 
 /// Why a report could not be made or written.
 #[derive(Debug, thiserror::Error)]

@@ -33,20 +33,38 @@ code,pre{font-family:monospace;font-size:0.9em}pre{background:#f6f8fa;padding:8p
 .scroll{overflow-x:auto;border:1px solid #ddd;margin:8px 0}.warn{color:#b45309;font-weight:bold}\
 .muted{color:#555}dt{font-weight:bold;margin-top:4px}dd{margin-left:16px}";
 
+/// The start of a page titled `title`, to its `<h1>`.
+pub fn page_head(title: &str) -> String {
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width\"><title>{}</title>\
+         <style>{STYLE}</style></head><body><main>\n<h1>{}</h1>\n",
+        esc(title),
+        esc(title)
+    )
+}
+
+/// The end of a page.
+pub fn page_foot() -> String {
+    format!(
+        "<p class=\"muted\">Made by crashmonkey report {} (docs/campaigns.md).</p>\n</main></body></html>\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// The report of `dir`: a campaign folder, or one bundle folder (`race-seed-N`, `fs-seed-N`).
+pub fn report(dir: &Path) -> Result<String, ReportError> {
+    if !dir.join(folder::CAMPAIGN_FILE).exists() && dir.join("bundle.json").is_file() {
+        return super::bundle_page::bundle_report(dir);
+    }
+    campaign_report(dir)
+}
+
 /// The report of the campaign folder `dir`, as HTML.
 pub fn campaign_report(dir: &Path) -> Result<String, ReportError> {
     let found = folder::findings(dir)?;
     let campaign = CampaignFile::read(dir)?;
-    let mut h = String::new();
-    let title = format!("crashmonkey report: {}", dir.display());
-    let _ = write!(
-        h,
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width\"><title>{}</title>\
-         <style>{STYLE}</style></head><body><main>\n<h1>{}</h1>\n",
-        esc(&title),
-        esc(&title)
-    );
+    let mut h = page_head(&format!("crashmonkey report: {}", dir.display()));
     summary(&mut h, &found, campaign.as_ref());
     for (n, f) in found.findings.iter().take(FINDINGS_SHOWN_MAX).enumerate() {
         finding(&mut h, dir, n, f)?;
@@ -59,11 +77,7 @@ pub fn campaign_report(dir: &Path) -> Result<String, ReportError> {
             found.findings.len() - FINDINGS_SHOWN_MAX
         );
     }
-    let _ = writeln!(
-        h,
-        "<p class=\"muted\">Made by crashmonkey report {} (docs/campaigns.md).</p>\n</main></body></html>",
-        env!("CARGO_PKG_VERSION")
-    );
+    h.push_str(&page_foot());
     Ok(h)
 }
 
@@ -130,19 +144,26 @@ fn finding(h: &mut String, dir: &Path, n: usize, f: &Finding) -> Result<(), Repo
         esc(&f.lost_by)
     );
     facts(h, dir, f);
+    race_body(h, &b, &path)?;
+    h.push_str("</section>\n");
+    Ok(())
+}
+
+/// What a race bundle at `path` shows: its failures, operations, notes, timeline, device IO
+/// and `report.txt`.
+pub fn race_body(h: &mut String, b: &Bundle, path: &Path) -> Result<(), ReportError> {
     let ops: Vec<&fs_core::Op> = b.workload.ops().collect();
     h.push_str("<h3>What failed</h3>\n<ul>");
     for x in b.failures.iter().take(FAILURES_LISTED_MAX) {
         let _ = write!(h, "<li>{}</li>", esc(&failure_line(x, &ops)));
     }
     h.push_str("</ul>\n");
-    operations(h, &b);
-    let t = race::timeline(&b);
+    operations(h, &b.workload);
+    let t = race::timeline(b);
     notes(h, &t);
     timeline(h, &t);
-    device_log(h, &path)?;
-    report_text(h, &path);
-    h.push_str("</section>\n");
+    device_log(h, path)?;
+    text_file(h, path, "report.txt");
     Ok(())
 }
 
@@ -179,13 +200,14 @@ fn facts(h: &mut String, dir: &Path, f: &Finding) {
     );
 }
 
-fn operations(h: &mut String, b: &Bundle) {
+/// The workload's operations, by phase.
+pub fn operations(h: &mut String, w: &fs_core::Workload) {
     h.push_str(
         "<h3>Operations</h3>\n<p class=\"muted\">Those of one phase race each other; a phase \
          starts when the one before returned.</p>\n<ol start=\"0\">",
     );
     let mut i = 0;
-    for (p, phase) in b.workload.phases.iter().enumerate() {
+    for (p, phase) in w.phases.iter().enumerate() {
         for op in phase {
             if i < OPS_LISTED_MAX {
                 let _ = write!(
@@ -313,15 +335,17 @@ fn device_log(h: &mut String, bundle: &Path) -> Result<(), ReportError> {
     Ok(())
 }
 
-fn report_text(h: &mut String, bundle: &Path) {
-    let Ok(text) = std::fs::read(bundle.join("report.txt")) else {
+/// The text file `name` of a bundle, folded (at most `REPORT_TEXT_BYTES_MAX` bytes).
+pub fn text_file(h: &mut String, bundle: &Path, name: &str) {
+    let Ok(text) = std::fs::read(bundle.join(name)) else {
         return;
     };
     let cut = text.len() > REPORT_TEXT_BYTES_MAX;
     let text = String::from_utf8_lossy(&text[..text.len().min(REPORT_TEXT_BYTES_MAX)]).into_owned();
     let _ = writeln!(
         h,
-        "<details><summary>The bundle's report.txt{}</summary><pre>{}</pre></details>",
+        "<details><summary>The bundle's {}{}</summary><pre>{}</pre></details>",
+        esc(name),
         if cut {
             format!(" (its first {REPORT_TEXT_BYTES_MAX} bytes)")
         } else {

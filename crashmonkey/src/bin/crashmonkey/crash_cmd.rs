@@ -46,7 +46,8 @@ pub enum LogCmd {
     /// crash point, and where on the disk each write landed.
     ///
     /// Examples: crashmonkey log show disk.log;
-    /// crashmonkey log show disk.log --svg -o disk.svg --highlight-byte 8192
+    /// crashmonkey log show disk.log --svg -o disk.svg --highlight-byte 8192;
+    /// crashmonkey log show fs-seed-2/device.log --svg --fs-bundle fs-seed-2 -o state.svg
     Show {
         /// Write log recorded by nbd-server (its export option record=PATH).
         log: PathBuf,
@@ -65,6 +66,11 @@ pub enum LogCmd {
         /// wrong byte) and mark it on the disk lane.
         #[arg(long, value_name = "BYTE", requires = "svg")]
         highlight_byte: Option<u64>,
+        /// With --svg: draw the crash state of this fs bundle (`fs-seed-N/`, whose log LOG
+        /// is): the writes it kept, dropped and tore, its crash point, each write's role in
+        /// fs-core's format, and the block holding its wrong byte (unless --highlight-byte).
+        #[arg(long, value_name = "DIR", requires = "svg")]
+        fs_bundle: Option<PathBuf>,
     },
     /// Count records, bytes, epochs and marks.
     ///
@@ -236,8 +242,15 @@ pub fn run(cmd: CrashCmd) -> anyhow::Result<i32> {
             output,
             force,
             highlight_byte,
+            fs_bundle,
             ..
-        }) => show_svg(&log, output.as_deref(), force, highlight_byte),
+        }) => show_svg(
+            &log,
+            output.as_deref(),
+            force,
+            highlight_byte,
+            fs_bundle.as_deref(),
+        ),
         CrashCmd::Log(LogCmd::Show { log, json, .. }) => show(&log, json),
         CrashCmd::Log(LogCmd::Stats { log, json }) => stats(&log, json),
         CrashCmd::Log(LogCmd::Export {
@@ -399,9 +412,13 @@ fn show_svg(
     output: Option<&Path>,
     force: bool,
     highlight: Option<u64>,
+    fs_bundle: Option<&Path>,
 ) -> anyhow::Result<i32> {
     use crashmonkey::report;
-    let t = report::log::read_log(path, highlight)?;
+    let t = match fs_bundle {
+        Some(b) => report::crash::bundle_log(b, Some(path), highlight)?,
+        None => report::log::read_log(path, highlight)?,
+    };
     if t.records as usize > t.items.len() {
         eprintln!(
             "crashmonkey log show: the first {} of {} records drawn (at most {})",

@@ -13,17 +13,22 @@ script, nothing fetched): the campaign, its findings most frequent first, and pe
 signature, counts, seeds, replay commands, the failure, the notes the model made, and an SVG \
 timeline: a lane per task (the operations, flusher, IO completion, reclaim), its steps, where a \
 mapping was cached, what may have made it stale, where it was used stale, and the step that \
-made the wrong byte; then the run's device IO (epochs, writes, flushes, FUA, marks). It is \
+made the wrong byte; then the run's device IO (epochs, writes, flushes, FUA, marks). Given one \
+fs bundle, the page shows its crash state's verdict and its write log with the state on it: \
+the writes kept, dropped and torn, the crash point, each write's role (data, metadata, \
+journal) and the block holding the wrong byte. It is \
 written beside its target and renamed into place, so no partial report is ever left; an \
 existing file is replaced only with --force.\n\n\
 Examples:\n  \
 crashmonkey race --seed 1 --runs 2000 --no-iomap-valid --out camp\n  \
 crashmonkey report camp -o report.html\n  \
-crashmonkey report camp -o report.html --force    # replace an older report\n\n\
+crashmonkey report camp -o report.html --force    # replace an older report\n  \
+crashmonkey report fixtures/fs/commit-without-flush/fs-seed-2 -o crash.html\n\n\
 Exit status: 0 written, 2 error."
 )]
 pub struct ReportArgs {
-    /// The campaign folder (`crashmonkey race --out DIR`, or `findings merge`).
+    /// The campaign folder (`crashmonkey race --out DIR`, or `findings merge`), or one bundle
+    /// folder (`race-seed-N`, or an fs crash bundle `fs-seed-N`).
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
     /// The HTML file to write.
@@ -35,7 +40,7 @@ pub struct ReportArgs {
 }
 
 pub fn run(args: ReportArgs) -> anyhow::Result<i32> {
-    let made = crashmonkey::report::campaign_report(&args.dir)
+    let made = crashmonkey::report::report(&args.dir)
         .and_then(|html| crashmonkey::report::write_new(&args.output, html.as_bytes(), args.force));
     match made {
         Ok(()) => {
