@@ -178,14 +178,9 @@ fn inked_per_mille(png_path: &Path, rect: [u32; 4]) -> u64 {
     inked * 1000 / all
 }
 
-#[test]
-fn the_report_renders_in_a_real_browser() {
-    let Some(browser) = chromium() else {
-        skip::skip("chromium is not installed (make deps installs it)");
-        return;
-    };
-    let d = tempfile::tempdir().unwrap();
-    let out = d.path().join("camp");
+/// A small real campaign's report in `dir`: the page's path.
+fn report_of_a_campaign(dir: &Path) -> PathBuf {
+    let out = dir.join("camp");
     let o = common::output_within(
         common::crashmonkey()
             .args([
@@ -205,7 +200,7 @@ fn the_report_renders_in_a_real_browser() {
         Some(1),
         "the campaign finds data loss: {o:?}"
     );
-    let page = d.path().join("report.html");
+    let page = dir.join("report.html");
     let o = common::output_within(
         common::crashmonkey()
             .arg("report")
@@ -215,16 +210,21 @@ fn the_report_renders_in_a_real_browser() {
         Duration::from_secs(300),
     );
     assert_eq!(o.status.code(), Some(0), "{o:?}");
-    let html = std::fs::read_to_string(&page).unwrap();
-    let probed = d.path().join("probed.html");
+    page
+}
+
+/// Opens a copy of `page` with the probe in it: asserts nothing went wrong and nothing was
+/// fetched, and returns where the first race timeline lies (x, y, width, height).
+fn probe_page(browser: &Path, dir: &Path, page: &Path) -> [u32; 4] {
+    let html = std::fs::read_to_string(page).unwrap();
+    let probed = dir.join("probed.html");
     let head = "<meta charset=\"utf-8\">";
     assert!(html.contains(head));
     std::fs::write(&probed, html.replacen(head, &format!("{head}{PROBE}"), 1)).unwrap();
-
     let size = format!("--window-size={WINDOW_WIDTH_PX},2000");
     let o = browse(
-        &browser,
-        &d.path().join("p1"),
+        browser,
+        &dir.join("p1"),
         &probed,
         &["--dump-dom".into(), size],
     );
@@ -238,8 +238,20 @@ fn the_report_renders_in_a_real_browser() {
     );
     assert!(p["timelines"].as_u64().unwrap() >= 2, "{p}");
     let rect: Vec<f64> = serde_json::from_value(p["rect"].clone()).expect("a race timeline");
-    let [x, y, w, h] = [rect[0], rect[1], rect[2], rect[3]].map(|v| v.max(0.0) as u32);
-    assert!(w > 0 && h > 0, "the timeline has no size: {p}");
+    let rect = [rect[0], rect[1], rect[2], rect[3]].map(|v| v.max(0.0) as u32);
+    assert!(rect[2] > 0 && rect[3] > 0, "the timeline has no size: {p}");
+    rect
+}
+
+#[test]
+fn the_report_renders_in_a_real_browser() {
+    let Some(browser) = chromium() else {
+        skip::skip("chromium is not installed (make deps installs it)");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let page = report_of_a_campaign(d.path());
+    let [x, y, w, h] = probe_page(&browser, d.path(), &page);
 
     // The page itself (no probe), tall enough to hold the first timeline.
     let shot = d.path().join("shot.png");

@@ -105,7 +105,8 @@ impl Canvas {
     pub fn legend(&mut self, x: f64, y: f64, fill: &str, what: &str) -> f64 {
         self.rect(x, y - 9.0, 10.0, 10.0, fill, "");
         self.text(x + 14.0, y, what, 11, "start", "#222");
-        let next = x + 22.0 + 6.5 * what.chars().count() as f64;
+        // 11 px sans-serif averages under 7 px a character.
+        let next = x + 22.0 + 7.0 * what.chars().count() as f64;
         // The drawing grows to hold its legend.
         self.width = self.width.max(next.ceil() as u32 + 8);
         next

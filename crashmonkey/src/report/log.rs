@@ -364,54 +364,64 @@ fn covers(item: &Item, byte: u64) -> bool {
     (item.offset..item.offset.saturating_add(item.length)).contains(&byte)
 }
 
+/// A write: its fate in the writes lane, FUA, its place on the disk, its role, and an
+/// outline when it covers the highlighted byte.
+fn draw_write(
+    c: &mut Canvas,
+    t: &LogTimeline,
+    geo: &Geometry,
+    x: f64,
+    item: &Item,
+    (what, fua, fate): (&str, bool, &WriteFate),
+) {
+    let w = RECORD_WIDTH_PX as f64 - 2.0;
+    let h = LANE_HEIGHT_PX as f64;
+    let (fill, meaning) = fate_style(fate);
+    let mut tip = format!(
+        "record {}: {what} of {} bytes at byte {}{}, {meaning}",
+        item.seq,
+        item.length,
+        item.offset,
+        if fua { " (FUA)" } else { "" }
+    );
+    if let WriteFate::Torn(p) = fate {
+        tip.push_str(&format!("; landed: {p:?}"));
+    }
+    c.rect(x + 1.0, geo.lane("writes") + 5.0, w, h - 10.0, fill, &tip);
+    if fua {
+        let y = geo.lane("FUA");
+        let diamond = [
+            (x + 5.0, y + 5.0),
+            (x + 9.0, y + 13.0),
+            (x + 5.0, y + 21.0),
+            (x + 1.0, y + 13.0),
+        ];
+        c.polygon(&diamond, "#111827", &tip);
+    }
+    disk_bar(c, t, geo, x, item, fill, &tip);
+    if let Some(role) = t.roles.get(&item.seq) {
+        let y = geo.lane(ROLE_LANE);
+        let tip = format!("record {}: {role}", item.seq);
+        c.rect(x + 1.0, y + 5.0, w, h - 10.0, role_colour(role), &tip);
+    }
+    if t.highlight.is_some_and(|b| covers(item, b)) {
+        c.frame(
+            x,
+            geo.lane("writes") + 3.0,
+            w + 2.0,
+            h - 6.0,
+            "#db2777",
+            &tip,
+        );
+    }
+}
+
 fn draw_item(c: &mut Canvas, t: &LogTimeline, geo: &Geometry, i: usize, item: &Item) {
     let x = geo.x(i);
     let w = RECORD_WIDTH_PX as f64 - 2.0;
     let h = LANE_HEIGHT_PX as f64;
     match &item.kind {
-        ItemKind::Write { what, fua, fate } => {
-            let (fill, meaning) = fate_style(fate);
-            let mut tip = format!(
-                "record {}: {what} of {} bytes at byte {}{}, {meaning}",
-                item.seq,
-                item.length,
-                item.offset,
-                if *fua { " (FUA)" } else { "" }
-            );
-            if let WriteFate::Torn(p) = fate {
-                tip.push_str(&format!("; landed: {p:?}"));
-            }
-            c.rect(x + 1.0, geo.lane("writes") + 5.0, w, h - 10.0, fill, &tip);
-            if *fua {
-                let y = geo.lane("FUA");
-                c.polygon(
-                    &[
-                        (x + 5.0, y + 5.0),
-                        (x + 9.0, y + 13.0),
-                        (x + 5.0, y + 21.0),
-                        (x + 1.0, y + 13.0),
-                    ],
-                    "#111827",
-                    &tip,
-                );
-            }
-            disk_bar(c, t, geo, x, item, fill, &tip);
-            if let Some(role) = t.roles.get(&item.seq) {
-                let y = geo.lane(ROLE_LANE);
-                let tip = format!("record {}: {role}", item.seq);
-                c.rect(x + 1.0, y + 5.0, w, h - 10.0, role_colour(role), &tip);
-            }
-            if t.highlight.is_some_and(|b| covers(item, b)) {
-                c.frame(
-                    x,
-                    geo.lane("writes") + 3.0,
-                    w + 2.0,
-                    h - 6.0,
-                    "#db2777",
-                    &tip,
-                );
-            }
-        }
+        ItemKind::Write { what, fua, fate } => draw_write(c, t, geo, x, item, (what, *fua, fate)),
         ItemKind::Flush { in_flight } => {
             let tip = format!("record {}: flush ({in_flight} writes in flight)", item.seq);
             c.rect(
