@@ -6,14 +6,15 @@
 //!   `zero:iomap_begin`, `wb:map_blocks`), the same task's last such step before the use;
 //! - **made stale**: steps of other tasks between that caching and the use that change
 //!   extents (writeback's allocation, unwritten conversion, fallocate, punch, zero range,
-//!   truncate): what can have made the cached mapping lie;
+//!   truncate) and can have touched the note's folio: what can have made the mapping lie;
 //! - **used stale**: the step at which the model noted a stale mapping being used. The model
 //!   does not say which step its notes come from, so the bundle is replayed (strictly, on
 //!   its own schedule) with its schedule cut short, and the first cut whose run holds the
 //!   note is the note's step;
 //! - **wrong byte**: for a `wrong_data` failure, the step that put the wrong byte in the file
-//!   (the noted stale use that zero-filled or read old data over the folio, or the write of
-//!   the operation whose old data came back), and the write whose byte was lost.
+//!   (the noted stale use that zero-filled or read old data into the byte's folio, or, with
+//!   no such note, the write of the operation whose old data came back), and the write whose
+//!   byte was lost.
 
 use super::draw::LEGEND_HEIGHT_PX;
 use super::draw::{Canvas, LANE_HEIGHT_PX, LANE_LABEL_CHARS_MAX, LANE_LABEL_WIDTH_PX};
@@ -212,18 +213,34 @@ fn attributed_notes(b: &Bundle) -> (Vec<Note>, bool) {
     (notes, agrees)
 }
 
-/// The step after the schedule that a writeback note names: the first `wb:map_blocks` from
-/// `from` on whose folio is the note's "folio N".
-fn final_sync_step(trace: &[RecordedStep], from: usize, note: &str) -> Option<usize> {
-    let folio: u64 = note
-        .split("folio ")
+/// The folio a note names ("... folio N ..."), if it names one.
+fn note_folio(note: &str) -> Option<u64> {
+    note.split("folio ")
         .nth(1)?
         .split(|c: char| !c.is_ascii_digit())
         .next()?
         .parse()
-        .ok()?;
+        .ok()
+}
+
+/// The step after the schedule that a writeback note names: the first `wb:map_blocks` from
+/// `from` on whose folio is the note's "folio N".
+fn final_sync_step(trace: &[RecordedStep], from: usize, note: &str) -> Option<usize> {
+    let folio = note_folio(note)?;
     (from..trace.len())
         .find(|&i| trace[i].label == YieldPoint::WbMapBlocks && trace[i].arg == folio)
+}
+
+/// Whether a step that changes extents can have changed the mapping of `folio` (when the
+/// note names one): IO completion converts the one block its argument names; writeback's
+/// `map_blocks` allocates the delalloc run from its folio on; the other steps' arguments are
+/// not folios, so they are kept.
+fn can_touch(step: &RecordedStep, folio: Option<u64>) -> bool {
+    match (step.label, folio) {
+        (YieldPoint::IoConvertUnwritten, Some(f)) => step.arg == f,
+        (YieldPoint::WbMapBlocks, Some(f)) => step.arg <= f,
+        _ => true,
+    }
 }
 
 /// Whether a step of `label` caches a mapping that later steps of its task rely on.
@@ -278,8 +295,11 @@ fn stale_marks(trace: &[RecordedStep], notes: &[Note]) -> Vec<Mark> {
                 trace[cached].arg
             ),
         });
+        let folio = note_folio(&note.text);
         let between = trace.iter().enumerate().take(used).skip(cached + 1);
-        for (i, s) in between.filter(|(_, s)| s.task != task && changes_extents(s.label)) {
+        let stale =
+            |s: &RecordedStep| s.task != task && changes_extents(s.label) && can_touch(s, folio);
+        for (i, s) in between.filter(|(_, s)| stale(s)) {
             marks.push(Mark {
                 step: i,
                 kind: MarkKind::MadeStale,
@@ -336,17 +356,24 @@ fn byte_marks(b: &Bundle, notes: &[Note]) -> Vec<Mark> {
             ),
         });
     }
-    let wrong = match found_from {
-        Some(op) => data_step(&b.trace, *op, folio).map(|s| {
-            let what = format!("op{op} wrote 0x{found:02x} here earlier: this old data came back at file {file} offset {offset}");
-            (s, what)
-        }),
-        None => notes.iter().enumerate().find_map(|(n, note)| {
-            let names = note.text.contains(&format!("folio {folio} of file {file}"));
-            let what = format!("0x{found:02x} at file {file} offset {offset} was made here (note {})", n + 1);
-            note.step.filter(|_| names).map(|s| (s, what))
-        }),
-    };
+    // A note that names the folio tells the step that filled it wrongly; without one, the
+    // wrong byte is the older data of the operation the oracle names.
+    let noted = notes.iter().enumerate().find_map(|(n, note)| {
+        let names = note.text.contains(&format!("folio {folio} of file {file}"));
+        let what = format!(
+            "0x{found:02x} at file {file} offset {offset} was made here (note {})",
+            n + 1
+        );
+        note.step.filter(|_| names).map(|s| (s, what))
+    });
+    let wrong = noted.or_else(|| {
+        let op = (*found_from)?;
+        let what = format!(
+            "op{op} wrote 0x{found:02x} here earlier: this old data came back at file {file} \
+             offset {offset}"
+        );
+        data_step(&b.trace, op, folio).map(|s| (s, what))
+    });
     if let Some((step, what)) = wrong {
         marks.push(Mark {
             step,
@@ -669,7 +696,9 @@ mod tests {
         assert_eq!(steps_of(&t, MarkKind::UsedStale), vec![23]);
         assert_eq!(steps_of(&t, MarkKind::WrongByte), vec![23]);
         assert_eq!(steps_of(&t, MarkKind::Cached), vec![11]);
-        assert!(steps_of(&t, MarkKind::MadeStale).contains(&16));
+        // io:convert_unwritten@1 (16), and the flusher's wb:map_blocks@0 (21), whose delalloc
+        // run may reach folio 1; the conversion of no other block is drawn.
+        assert_eq!(steps_of(&t, MarkKind::MadeStale), vec![16, 21]);
         assert_eq!(steps_of(&t, MarkKind::LostByte), vec![4]);
     }
 
