@@ -39,7 +39,8 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## Unit, property, protocol, bad-input and interop tests (interop needs qemu-io, nbdinfo, ...).
+## Unit, property, protocol, bad-input and interop tests (interop needs qemu-io, nbdinfo, ...),
+## and the campaign report rendered in headless Chromium (crashmonkey/tests/report_browser.rs).
 unit:
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) test --release --workspace

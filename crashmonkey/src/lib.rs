@@ -11,6 +11,7 @@
 //! - `race`     seeded race campaigns over fs-core: workloads, runner, reproducer bundles
 //! - `fscore`   fs-core on disk: image and NBD devices, crash campaigns with in-process states
 //! - `folder`   campaign folders: run records, findings by signature, sled index, resume, merge
+//! - `report`   the HTML report of a campaign folder and SVG timelines of race runs and write logs
 //! - `shard`    one campaign split across processes or machines, deterministically
 
 pub mod check;
@@ -21,6 +22,7 @@ pub mod fscore;
 pub mod history;
 pub mod overlay;
 pub mod race;
+pub mod report;
 pub mod served;
 pub mod shard;
 pub mod states;

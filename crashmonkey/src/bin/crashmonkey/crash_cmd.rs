@@ -40,14 +40,37 @@ pub enum CrashCmd {
 
 #[derive(Subcommand)]
 pub enum LogCmd {
-    /// Print every record (one line each; with --json one JSON object per line).
+    /// Print every record (one line each; with --json one JSON object per line), or draw
+    /// the log as an SVG timeline (--svg): epochs, writes coloured by their fate (durable,
+    /// not yet flushed, survived, torn or dropped by a power cut), FUA, flushes, marks, the
+    /// crash point, and where on the disk each write landed.
     ///
-    /// Example: crashmonkey log show disk.log
+    /// Examples: crashmonkey log show disk.log;
+    /// crashmonkey log show disk.log --svg -o disk.svg --highlight-byte 8192;
+    /// crashmonkey log show fs-seed-2/device.log --svg --fs-bundle fs-seed-2 -o state.svg
     Show {
         /// Write log recorded by nbd-server (its export option record=PATH).
         log: PathBuf,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "svg")]
         json: bool,
+        /// Draw the log as one SVG document, to stdout or to -o FILE.
+        #[arg(long)]
+        svg: bool,
+        /// With --svg: the file to write (it must not exist, unless --force).
+        #[arg(short = 'o', long = "output", value_name = "FILE", requires = "svg")]
+        output: Option<PathBuf>,
+        /// With -o: replace FILE if it exists.
+        #[arg(long, requires = "output")]
+        force: bool,
+        /// With --svg: outline the writes that cover this disk byte (the block that holds a
+        /// wrong byte) and mark it on the disk lane.
+        #[arg(long, value_name = "BYTE", requires = "svg")]
+        highlight_byte: Option<u64>,
+        /// With --svg: draw the crash state of this fs bundle (`fs-seed-N/`, whose log LOG
+        /// is): the writes it kept, dropped and tore, its crash point, each write's role in
+        /// fs-core's format, and the block holding its wrong byte (unless --highlight-byte).
+        #[arg(long, value_name = "DIR", requires = "svg")]
+        fs_bundle: Option<PathBuf>,
     },
     /// Count records, bytes, epochs and marks.
     ///
@@ -213,7 +236,22 @@ pub struct CheckArgs {
 
 pub fn run(cmd: CrashCmd) -> anyhow::Result<i32> {
     match cmd {
-        CrashCmd::Log(LogCmd::Show { log, json }) => show(&log, json),
+        CrashCmd::Log(LogCmd::Show {
+            log,
+            svg: true,
+            output,
+            force,
+            highlight_byte,
+            fs_bundle,
+            ..
+        }) => show_svg(
+            &log,
+            output.as_deref(),
+            force,
+            highlight_byte,
+            fs_bundle.as_deref(),
+        ),
+        CrashCmd::Log(LogCmd::Show { log, json, .. }) => show(&log, json),
         CrashCmd::Log(LogCmd::Stats { log, json }) => stats(&log, json),
         CrashCmd::Log(LogCmd::Export {
             log,
@@ -366,6 +404,35 @@ fn print_summary(s: &CheckSummary, json: bool) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// `log show --svg`: the log drawn as the report draws it.
+fn show_svg(
+    path: &Path,
+    output: Option<&Path>,
+    force: bool,
+    highlight: Option<u64>,
+    fs_bundle: Option<&Path>,
+) -> anyhow::Result<i32> {
+    use crashmonkey::report;
+    let t = match fs_bundle {
+        Some(b) => report::crash::bundle_log(b, Some(path), highlight)?,
+        None => report::log::read_log(path, highlight)?,
+    };
+    if t.records as usize > t.items.len() {
+        eprintln!(
+            "crashmonkey log show: the first {} of {} records drawn (at most {})",
+            t.items.len(),
+            t.records,
+            report::log::RECORDS_DRAWN_MAX
+        );
+    }
+    let svg = report::log::render_svg(&t);
+    match output {
+        Some(out) => report::write_new(out, svg.as_bytes(), force)?,
+        None => println!("{svg}"),
+    }
+    Ok(0)
 }
 
 fn show(path: &Path, json: bool) -> anyhow::Result<i32> {

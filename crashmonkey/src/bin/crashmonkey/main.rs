@@ -5,6 +5,7 @@ mod findings_cmd;
 mod fs_campaign_cmd;
 mod fs_cmd;
 mod race_cmd;
+mod report_cmd;
 mod switches;
 mod workloads_cmd;
 
@@ -25,6 +26,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 could leave and checks each one, and runs seeded race campaigns over fs-core's iomap model.\n\n\
 Examples:\n  crashmonkey race --seed 1 --runs 1000 --no-iomap-valid\n  \
 crashmonkey race --seed 1 --runs 20000 --no-iomap-valid --out camp && crashmonkey findings camp\n  \
+crashmonkey report camp -o report.html\n  \
 crashmonkey check disk.log --base empty.img --checker 'e2fsck -fn {image}'\n  \
 crashmonkey fs ls disk.img\n  \
 crashmonkey fs campaign --seed 1 --runs 100 --bug fsync-no-log-force"
@@ -50,6 +52,8 @@ enum Cmd {
     /// ACE-style workloads for kernel crash campaigns: workload files and the shell scripts
     /// that run them on any Linux.
     Workloads(workloads_cmd::WorkloadsArgs),
+    /// One self-contained HTML report of a campaign folder, with an SVG timeline per finding.
+    Report(report_cmd::ReportArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Fs(cmd) => fs_cmd::run(cmd)?,
         Cmd::Findings(args) => findings_cmd::run(args)?,
         Cmd::Workloads(args) => workloads_cmd::run(args)?,
+        Cmd::Report(args) => report_cmd::run(args)?,
     };
     std::process::exit(code);
 }
