@@ -931,6 +931,60 @@ mod tests {
         Fs::new(Config::default(), Box::new(MemDevice::new(64)), 1)
     }
 
+    /// Steps `w` (with `shorts` injected at its copies) until `stop` holds of its state.
+    fn step_until(fs: &mut Fs, w: &mut WriteTask, mut shorts: Vec<u32>, stop: fn(WState) -> bool) {
+        let mut oracle = Oracle::new(fs.inodes.len());
+        for _ in 0..1000 {
+            if stop(w.st) {
+                return;
+            }
+            let short = w
+                .at_user_copy()
+                .and_then(|_| (!shorts.is_empty()).then(|| shorts.remove(0)));
+            let mut cx = Cx {
+                fs,
+                oracle: &mut oracle,
+                me: ME,
+                op: 0,
+                short_copy: short,
+            };
+            assert!(matches!(w.step(&mut cx), Step::Yield(..)), "ended first");
+        }
+        panic!("never reached the state");
+    }
+
+    /// The short-write punch waits for each folio it drops (old form: unlocked and not under
+    /// writeback, as `truncate_pagecache_range` does) or scans (fixed form: unlocked, under
+    /// the invalidate lock).
+    #[test]
+    fn punches_wait_for_the_folios_they_drop_or_scan() {
+        for punch in [PunchMode::Old, PunchMode::Fixed] {
+            let cfg = Config {
+                punch,
+                ..Config::default()
+            };
+            let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 1);
+            fs.inode_mut(0).size = 3 * BS;
+            let mut w = WriteTask::new(0, 0, vec![b'W'; 3 * BLOCK_SIZE]);
+            let punching = |st| matches!(st, WState::OldTruncate { .. } | WState::FixedScan { .. });
+            step_until(&mut fs, &mut w, vec![BLOCK_SIZE as u32], punching);
+            assert!(w.runnable(&fs, ME), "{punch:?}");
+            fs.get_folio(0, 1).locked = Some(ME + 1);
+            assert!(!w.runnable(&fs, ME), "{punch:?}: folio 1 is locked");
+            fs.get_folio(0, 1).locked = None;
+            if punch == PunchMode::Old {
+                fs.get_folio(0, 1).writeback = true;
+                assert!(!w.runnable(&fs, ME), "folio 1 is under writeback");
+                fs.get_folio(0, 1).writeback = false;
+            } else {
+                fs.inode_mut(0).invalidate_lock.down_write(ME + 1);
+                assert!(!w.runnable(&fs, ME), "the invalidate lock is taken");
+                fs.inode_mut(0).invalidate_lock.up_write(ME + 1);
+            }
+            assert!(w.runnable(&fs, ME), "{punch:?}");
+        }
+    }
+
     fn count(labels: &[YieldPoint], l: YieldPoint) -> usize {
         labels.iter().filter(|&&x| x == l).count()
     }
