@@ -95,6 +95,11 @@ echo "  (bundle.json: switches, workload, the materialised schedule; device-log.
 echo "   device write in completion order; device.log: the same run recorded by nbd-server's"
 echo "   emulated disk, in the write-log format; README.md: how to replay)"
 echo
+report="$OUT/no-iomap-valid.html"
+if "$CM" report "$OUT/no-iomap-valid" -o "$report" >/dev/null; then
+  echo "the campaign as one HTML page (a timeline per finding; open it in a browser): $report"
+  echo
+fi
 echo "== replay it exactly:  $CM race --replay $bundle"
 "$CM" race --replay "$bundle" | tail -1 || true
 echo "== replay the same interleaving with the fix on:  $CM race --replay $bundle --defaults"
