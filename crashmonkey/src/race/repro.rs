@@ -33,6 +33,18 @@ pub struct Bundle {
 pub fn write_bundle(out: &Path, o: &RunOutcome) -> anyhow::Result<PathBuf> {
     let dir = out.join(format!("race-seed-{}", o.seed));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_bundle_files(&dir, &dir, o, &describe_failure(o))?;
+    Ok(dir)
+}
+
+/// Writes the files of `o`'s bundle into folder `dir`, which exists; its README names the
+/// folder `shown` (where `dir` will be once renamed) and holds `report`.
+pub fn write_bundle_files(
+    dir: &Path,
+    shown: &Path,
+    o: &RunOutcome,
+    report: &str,
+) -> anyhow::Result<()> {
     let bundle = Bundle {
         version: BUNDLE_VERSION,
         seed: o.seed,
@@ -57,8 +69,7 @@ pub fn write_bundle(out: &Path, o: &RunOutcome) -> anyhow::Result<PathBuf> {
         serde_json::to_string_pretty(&o.result.device_log)?,
     )?;
     record_device_log(&dir.join("device.log"), &bundle, &o.result)?;
-    let report = describe_failure(o);
-    w("report.txt", report.clone())?;
+    w("report.txt", report.to_string())?;
     let readme = format!(
         "# fs-core race reproducer, seed {seed}\n\n\
          A workload and the exact interleaving of its steps that fs-core's scheduler chose, which\n\
@@ -76,10 +87,10 @@ pub fn write_bundle(out: &Path, o: &RunOutcome) -> anyhow::Result<PathBuf> {
          (below).\n\n\
          ```\n{report}```\n",
         seed = o.seed,
-        dir = dir.display(),
+        dir = shown.display(),
     );
     w("README.md", readme)?;
-    Ok(dir)
+    Ok(())
 }
 
 /// Replay `bundle` strictly on nbd-server's emulated disk with its recorder writing `path`,
