@@ -22,10 +22,10 @@
 
 use super::repro::{Bundle, BUNDLE_VERSION};
 use crate::folder::signature::race_signature;
+use anyhow::Context;
 use fs_core::sched::{self, Policy, PolicyError, RecordedStep, ReplayPolicy, FIRST_OP_TASK};
 use fs_core::{Choice, Config, Op, RunResult, TaskId, Workload, YieldPoint};
 use serde::{Deserialize, Serialize};
-use anyhow::Context;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -145,9 +145,18 @@ fn offset_of(op: &Op) -> Option<u64> {
 enum Field {
     Len,
     Offset,
+    /// The length, cut from the front: the range keeps its end.
+    Front,
 }
 
 fn with_field(op: &Op, field: Field, v: u64) -> Op {
+    if field == Field::Front {
+        let (Some(offset), Some(len)) = (offset_of(op), len_of(op)) else {
+            return op.clone();
+        };
+        let op = with_field(op, Field::Offset, (offset + len).saturating_sub(v));
+        return with_field(&op, Field::Len, v);
+    }
     let mut op = op.clone();
     match (&mut op, field) {
         (
@@ -190,7 +199,7 @@ fn candidates(op: &Op, field: Field, x: u64) -> Vec<u64> {
     let g = if aligned_only(op) { ALIGN_BYTES } else { 1 };
     let min = match (field, op) {
         (Field::Offset, _) | (Field::Len, Op::Truncate { .. }) => 0,
-        (Field::Len, _) => g,
+        (Field::Len | Field::Front, _) => g,
     };
     let down = |v: u64, to: u64| v - v % to;
     let mut v = vec![
@@ -199,6 +208,11 @@ fn candidates(op: &Op, field: Field, x: u64) -> Vec<u64> {
         down(x.saturating_sub(ALIGN_BYTES), g).max(min),
         down(x, ALIGN_BYTES).max(min),
     ];
+    if let (Field::Front, Some(offset)) = (field, offset_of(op)) {
+        // The length that starts the range at the next aligned offset.
+        let start = offset.div_ceil(ALIGN_BYTES) * ALIGN_BYTES;
+        v.push((offset + x).saturating_sub(start).max(min));
+    }
     v.retain(|&c| c < x);
     v.sort_unstable();
     v.dedup();
@@ -436,11 +450,7 @@ impl Trial<'_> {
 /// Delta debugging (ddmin, Zeller and Hildebrandt 2002): the smallest sublist of `items` the
 /// test accepts that it could find, removing chunks (complements) before keeping one chunk
 /// alone. `test` is never called with the whole list; `try_empty` tries the empty list first.
-fn ddmin<T: Clone>(
-    items: Vec<T>,
-    try_empty: bool,
-    test: &mut dyn FnMut(&[T]) -> bool,
-) -> Vec<T> {
+fn ddmin<T: Clone>(items: Vec<T>, try_empty: bool, test: &mut dyn FnMut(&[T]) -> bool) -> Vec<T> {
     if try_empty && !items.is_empty() && test(&[]) {
         return Vec::new();
     }
@@ -511,7 +521,7 @@ fn pass_ops(t: &mut Trial<'_>, cur: &mut Current) {
 fn pass_ranges(t: &mut Trial<'_>, cur: &mut Current) {
     let n = cur.workload.ops().count();
     for i in 0..n {
-        for field in [Field::Len, Field::Offset] {
+        for field in [Field::Len, Field::Front, Field::Offset] {
             shrink_field(t, cur, i, field);
         }
     }
@@ -520,6 +530,7 @@ fn pass_ranges(t: &mut Trial<'_>, cur: &mut Current) {
 fn field_of(op: &Op, field: Field) -> Option<u64> {
     match field {
         Field::Len => len_of(op),
+        Field::Front => offset_of(op).and(len_of(op)),
         Field::Offset => offset_of(op),
     }
 }
@@ -687,7 +698,10 @@ pub fn minimise(
 pub fn summary_text(r: &MinimiseReport) -> String {
     let (b, a) = (&r.before, &r.after);
     let line = |what: &str, x: u64, y: u64| {
-        format!("  {what:<13} {x:>7} -> {y:<7} ({} removed)\n", x.saturating_sub(y))
+        format!(
+            "  {what:<13} {x:>7} -> {y:<7} ({} removed)\n",
+            x.saturating_sub(y)
+        )
     };
     let mut s = format!(
         "minimised the run of seed {} in {} runs, still failing as {}:\n",
@@ -749,9 +763,8 @@ pub fn write_minimised(target: &Path, m: &Minimised) -> anyhow::Result<()> {
             .and_then(|f| f.sync_all())
             .with_context(|| format!("syncing {}", p.display()))?;
     }
-    crate::checker::sys::rename_noreplace(tmp.path(), target).with_context(|| {
-        format!("renaming {} to {}", tmp.path().display(), target.display())
-    })?;
+    crate::checker::sys::rename_noreplace(tmp.path(), target)
+        .with_context(|| format!("renaming {} to {}", tmp.path().display(), target.display()))?;
     // Renamed: nothing is left for the guard to remove.
     let _ = tmp.keep();
     std::fs::File::open(parent)
@@ -804,7 +817,10 @@ mod tests {
             byte: b'A',
         };
         assert_eq!(candidates(&w, Field::Len, 6293), vec![1, 2197, 3146, 4096]);
-        assert_eq!(candidates(&w, Field::Offset, 7839), vec![0, 3743, 3919, 4096]);
+        assert_eq!(
+            candidates(&w, Field::Offset, 7839),
+            vec![0, 3743, 3919, 4096]
+        );
         let p = Op::PunchHole {
             file: 0,
             offset: 8192,
@@ -817,5 +833,15 @@ mod tests {
             len: 12288,
         };
         assert_eq!(with_field(&p, Field::Offset, 0), moved);
+        // Cut from the front: the end stays at 7839 + 6293; one candidate starts at 8192.
+        assert_eq!(
+            candidates(&w, Field::Front, 6293),
+            vec![1, 2197, 3146, 4096, 5940]
+        );
+        let front = with_field(&w, Field::Front, 5940);
+        assert_eq!(
+            (offset_of(&front), len_of(&front)),
+            (Some(8192), Some(5940))
+        );
     }
 }

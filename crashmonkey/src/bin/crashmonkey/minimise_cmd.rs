@@ -9,7 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
-#[command(after_help = "Replays the bundle's failing run, then shrinks it by delta debugging \
+#[command(
+    after_help = "Replays the bundle's failing run, then shrinks it by delta debugging \
 while it keeps failing with the same failure signature (docs/campaigns.md): fewer operations \
 (ddmin), shorter and 4096-aligned lengths and offsets, fewer preemptions in the schedule (the \
 task that ran goes on instead of being switched away from), fewer injected short copies. The \
@@ -20,7 +21,8 @@ crashmonkey race minimise fixtures/race/race-seed-9079 -o /tmp/min   # then:\n  
 crashmonkey race --replay /tmp/min                                   # fails the same way\n  \
 crashmonkey race minimise crashmonkey-out/race-seed-42      # writes .../race-seed-42/minimised\n  \
 crashmonkey race --seed 1 --runs 2000 --no-iomap-valid --out camp --minimise   # every finding\n\n\
-Exit status: 0 minimised, 2 error (a run that does not fail is refused).")]
+Exit status: 0 minimised, 2 error (a run that does not fail is refused)."
+)]
 pub struct MinimiseArgs {
     /// The failing run's bundle: a `race-seed-N` folder (or its bundle.json).
     #[arg(value_name = "BUNDLE")]
@@ -51,7 +53,8 @@ fn bundle_folder(p: &Path) -> PathBuf {
     if p.is_dir() {
         p.to_path_buf()
     } else {
-        p.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        p.parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
     }
 }
 

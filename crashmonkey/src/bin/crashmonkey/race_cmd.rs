@@ -14,7 +14,9 @@ use std::path::PathBuf;
 const PROGRESS_RUNS_MIN: u64 = 1_000;
 
 #[derive(Args, Debug)]
-#[command(args_conflicts_with_subcommands = true, after_help = "Examples:\n  \
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  \
 crashmonkey race --seed 1 --runs 2000 --no-iomap-valid      # finds stale-mapping corruption\n  \
 crashmonkey race --seed 1 --runs 100000                     # the fixed model: no failure\n  \
 crashmonkey race --seed 1 --runs 20000 --no-iomap-valid --out camp   # resumable; then:\n  \
@@ -24,7 +26,8 @@ crashmonkey race --replay fixtures/race/race-seed-9079 --defaults   # same sched
 crashmonkey race minimise fixtures/race/race-seed-9079 -o min   # shrink it (see race minimise -h)\n  \
 crashmonkey race --seed 1 --runs 2000 --no-iomap-valid --out camp --minimise   # and each finding\n\n\
 Exit status: 0 no failure found (replay passed), 1 failures found (replay failed), 2 error,\n\
-130/143 stopped by SIGINT/SIGTERM (with --out: what ran is recorded; rerun to go on).")]
+130/143 stopped by SIGINT/SIGTERM (with --out: what ran is recorded; rerun to go on)."
+)]
 pub struct RaceArgs {
     #[command(subcommand)]
     pub cmd: Option<RaceCmd>,
