@@ -180,6 +180,14 @@ fn a_campaign_minimises_each_finding_beside_the_original() {
         assert_eq!(signature_of(&dir), x["signature"].as_str().unwrap());
         assert!(m["after"]["ops"].as_u64() <= m["before"]["ops"].as_u64());
     }
+    // `findings --json`: a finding's `minimised` object holds the page's keys, in order.
+    let o = crashmonkey()
+        .args(["findings", "--json"])
+        .arg(&camp)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(keys_at(&text, 8), doc_keys("keys:MinimisedRun"));
     let merged = tmp.path().join("merged");
     let o = crashmonkey()
         .args(["findings", "merge"])
@@ -194,4 +202,69 @@ fn a_campaign_minimises_each_finding_beside_the_original() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(findings(&merged)["findings"], f["findings"]);
+}
+
+const DOC: &str = include_str!("../../docs/campaigns.md");
+
+/// The first column of docs/campaigns.md's table after `<!-- marker -->`.
+fn doc_keys(marker: &str) -> Vec<String> {
+    let at = DOC.find(&format!("<!-- {marker} -->")).expect(marker);
+    DOC[at..]
+        .lines()
+        .skip(3)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            l.split('|')
+                .nth(1)
+                .unwrap()
+                .trim()
+                .trim_matches('`')
+                .to_string()
+        })
+        .collect()
+}
+
+/// The keys of the pretty-printed JSON object lines at `indent` spaces, in their order.
+fn keys_at(text: &str, indent: usize) -> Vec<String> {
+    let pad = " ".repeat(indent);
+    let mut out: Vec<String> = Vec::new();
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(&pad) else {
+            continue;
+        };
+        if let Some(k) = rest.strip_prefix('"').and_then(|r| r.split('"').next()) {
+            if !out.iter().any(|x| x == k) {
+                out.push(k.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// docs/campaigns.md's minimisation tables are `minimise.json`'s keys, in order, and the
+/// constants it names are the code's.
+#[test]
+fn the_page_describes_minimise_json() {
+    use crashmonkey::race::minimise::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("min");
+    assert_eq!(minimise(&fixture(), &out).status.code(), Some(0));
+    let text = std::fs::read_to_string(out.join(MINIMISE_FILE)).unwrap();
+    assert_eq!(keys_at(&text, 2), doc_keys("keys:minimise"));
+    let before = &text[text.find("\"before\"").unwrap()..text.find("\"after\"").unwrap()];
+    assert_eq!(keys_at(before, 4), doc_keys("keys:RunSize"));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["version"], MINIMISE_VERSION);
+    let flat = DOC.split_whitespace().collect::<Vec<_>>().join(" ");
+    for said in [
+        format!("at most {MINIMISE_RUNS_MAX} candidate runs (`MINIMISE_RUNS_MAX`"),
+        format!("(at most {MINIMISE_ROUNDS_MAX}, `MINIMISE_ROUNDS_MAX`)"),
+        format!("`{MINIMISE_VERSION}` (`MINIMISE_VERSION`)"),
+        format!("{ALIGN_BYTES}-aligned values (`ALIGN_BYTES`"),
+    ] {
+        assert!(
+            flat.contains(&said),
+            "docs/campaigns.md does not say {said:?}"
+        );
+    }
 }

@@ -273,20 +273,37 @@ impl Plan {
     }
 
     /// The plan of the workload that keeps only operations `kept` (ascending indices):
-    /// the others' slices and short copies go, later operations' tasks are renumbered.
-    fn keeping(&self, kept: &[usize]) -> Plan {
+    /// the others' slices and short copies go, later operations' tasks are renumbered. The
+    /// slices of a removed operation in `to_flusher` go to the flusher instead: the
+    /// background writeback that does what a removed fsync did, at the same points.
+    fn keeping(&self, kept: &[usize], to_flusher: &dyn Fn(usize) -> bool) -> Plan {
         let first = FIRST_OP_TASK as u32;
         let new_task = |t: u32| -> Option<u32> {
             if t < first {
                 return Some(t);
             }
-            let i = kept.binary_search(&((t - first) as usize)).ok()?;
-            Some(first + i as u32)
+            let op = (t - first) as usize;
+            match kept.binary_search(&op) {
+                Ok(i) => Some(first + i as u32),
+                Err(_) if to_flusher(op) => Some(sched::TASK_FLUSHER as u32),
+                Err(_) => None,
+            }
         };
+        // Each task's steps are counted again: a slice moved to the flusher adds its
+        // length to the flusher's count.
+        let mut was: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut now: BTreeMap<u32, u64> = BTreeMap::new();
         let mut plan = Plan::default();
         for s in &self.slices {
+            let len = s.until - was.get(&s.task).copied().unwrap_or(0);
+            was.insert(s.task, s.until);
             if let Some(task) = new_task(s.task) {
-                plan.push(Slice { task, ..*s });
+                let until = now.entry(task).or_default();
+                *until += len;
+                plan.push(Slice {
+                    task,
+                    until: *until,
+                });
             }
         }
         for (&(t, k), &s) in &self.shorts {
@@ -450,7 +467,11 @@ impl Trial<'_> {
 /// Delta debugging (ddmin, Zeller and Hildebrandt 2002): the smallest sublist of `items` the
 /// test accepts that it could find, removing chunks (complements) before keeping one chunk
 /// alone. `test` is never called with the whole list; `try_empty` tries the empty list first.
-fn ddmin<T: Clone>(items: Vec<T>, try_empty: bool, test: &mut dyn FnMut(&[T]) -> bool) -> Vec<T> {
+pub(crate) fn ddmin<T: Clone>(
+    items: Vec<T>,
+    try_empty: bool,
+    test: &mut dyn FnMut(&[T]) -> bool,
+) -> Vec<T> {
     if try_empty && !items.is_empty() && test(&[]) {
         return Vec::new();
     }
@@ -507,13 +528,28 @@ fn keep_ops(w: &Workload, kept: &[usize]) -> Workload {
     }
 }
 
-/// ddmin over the operations.
+/// Operations whose work the flusher can take over when they are removed.
+fn syncs(op: &Op) -> bool {
+    matches!(op, Op::Fsync { .. } | Op::Fdatasync { .. } | Op::Sync)
+}
+
+/// ddmin over the operations. A candidate runs along the plan without the removed
+/// operations' slices; if it does not fail the same way and it removed a sync, it runs again
+/// with the syncs' slices given to the flusher.
 fn pass_ops(t: &mut Trial<'_>, cur: &mut Current) {
     let start = cur.clone();
     let plan = start.plan();
-    let all: Vec<usize> = (0..start.workload.ops().count()).collect();
+    let ops: Vec<Op> = start.workload.ops().cloned().collect();
+    let all: Vec<usize> = (0..ops.len()).collect();
+    let to_flusher = |i: usize| syncs(&ops[i]);
     ddmin(all, false, &mut |kept| {
-        t.attempt(cur, keep_ops(&start.workload, kept), &plan.keeping(kept))
+        let w = keep_ops(&start.workload, kept);
+        if t.attempt(cur, w.clone(), &plan.keeping(kept, &|_| false)) {
+            return true;
+        }
+        let removed_sync =
+            (0..ops.len()).any(|i| kept.binary_search(&i).is_err() && syncs(&ops[i]));
+        removed_sync && t.attempt(cur, w, &plan.keeping(kept, &to_flusher))
     });
 }
 
@@ -801,11 +837,15 @@ mod tests {
         assert_eq!(p.shorts.get(&(3, 2)), Some(&7));
         // Without op 1 (task 4): task 5 becomes 4; op 0's slices around task 4 stay apart
         // because task 0 ran between them.
-        let q = p.keeping(&[0, 2]);
+        let q = p.keeping(&[0, 2], &|_| false);
         let tasks: Vec<u32> = q.slices.iter().map(|s| s.task).collect();
         assert_eq!(tasks, vec![3, 0, 3, 4]);
         assert_eq!(q.slices[0].until, 2);
         assert_eq!(q.slices[2].until, 3);
+        // Op 1's slice given to the flusher (task 1) instead.
+        let r = p.keeping(&[0, 2], &|op| op == 1);
+        let tasks: Vec<(u32, u64)> = r.slices.iter().map(|s| (s.task, s.until)).collect();
+        assert_eq!(tasks, vec![(3, 2), (1, 1), (0, 1), (3, 3), (4, 1)]);
     }
 
     #[test]
