@@ -245,7 +245,9 @@ fn keys_at(text: &str, indent: usize) -> Vec<String> {
 /// constants it names are the code's.
 #[test]
 fn the_page_describes_minimise_json() {
-    use crashmonkey::race::minimise::*;
+    use crashmonkey::race::minimise::{
+        ALIGN_BYTES, MINIMISE_FILE, MINIMISE_ROUNDS_MAX, MINIMISE_RUNS_MAX, MINIMISE_VERSION,
+    };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("min");
     assert_eq!(minimise(&fixture(), &out).status.code(), Some(0));
