@@ -137,3 +137,103 @@ fn a_state_that_does_not_fail_is_refused() {
     assert!(err.contains("does not fail"), "{err}");
     assert!(!out.exists());
 }
+
+const DOC: &str = include_str!("../../docs/campaigns.md");
+
+/// The first column of docs/campaigns.md's table after `<!-- marker -->`.
+fn doc_keys(marker: &str) -> Vec<String> {
+    let at = DOC.find(&format!("<!-- {marker} -->")).expect(marker);
+    DOC[at..]
+        .lines()
+        .skip(3)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            l.split('|')
+                .nth(1)
+                .unwrap()
+                .trim()
+                .trim_matches('`')
+                .to_string()
+        })
+        .collect()
+}
+
+/// The keys of the pretty-printed JSON lines at `indent` spaces, in their order.
+fn keys_at(text: &str, indent: usize) -> Vec<String> {
+    let pad = " ".repeat(indent);
+    let mut out: Vec<String> = Vec::new();
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(&pad) else {
+            continue;
+        };
+        if let Some(k) = rest.strip_prefix('"').and_then(|r| r.split('"').next()) {
+            if !out.iter().any(|x| x == k) {
+                out.push(k.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// docs/campaigns.md's tables are the fs bundle's `minimise.json` keys, in order, and the
+/// constant it names is the code's.
+#[test]
+fn the_page_describes_the_fs_minimise_json() {
+    use crashmonkey::fscore::minimise::STATE_CHECKS_MAX;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    let o = minimise(&fixture("replay-ignores-checksum", 1), &out);
+    assert_eq!(o.status.code(), Some(0));
+    let text = std::fs::read_to_string(out.join("minimise.json")).unwrap();
+    assert_eq!(keys_at(&text, 2), doc_keys("keys:state-minimise"));
+    let before = &text[text.find("\"before\"").unwrap()..text.find("\"after\"").unwrap()];
+    assert_eq!(keys_at(before, 4), doc_keys("keys:StateSize"));
+    let flat = DOC.split_whitespace().collect::<Vec<_>>().join(" ");
+    let said = format!("at most {STATE_CHECKS_MAX} checks (`STATE_CHECKS_MAX`)");
+    assert!(
+        flat.contains(&said),
+        "docs/campaigns.md does not say {said:?}"
+    );
+}
+
+/// `fs campaign --minimise` leaves the bundle as it was and adds `minimised/`, which
+/// replays to the same crash signature.
+#[test]
+fn an_fs_campaign_minimises_its_bundle_beside_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = crashmonkey()
+        .args(["fs", "campaign", "--seed", "1", "--runs", "50"])
+        .args([
+            "--bug",
+            "fsync-no-log-force",
+            "--max-failures",
+            "1",
+            "--minimise",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let bundle = std::fs::read_dir(&out)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let min = bundle.join("minimised");
+    assert!(bundle.join("crash.img").is_file());
+    assert_eq!(signature_of(&min), signature_of(&bundle));
+    let o = crashmonkey()
+        .args(["fs", "campaign", "--json", "--replay"])
+        .arg(&min)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+}
