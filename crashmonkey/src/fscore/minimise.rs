@@ -177,7 +177,7 @@ fn pieces(units: &[(u64, u64)]) -> Vec<(u64, u64)> {
     out
 }
 
-/// One round of the passes over (`included`, `torn`); returns whether it shrank them.
+/// One round of the passes over (`included`, `torn`), shrinking them in place.
 fn round(c: &mut Checker<'_>, inc: &mut Vec<usize>, torn: &mut Option<TornOp>, unit: u64) {
     let t = torn.clone();
     *inc = ddmin(inc.clone(), true, &mut |cand| c.fails(cand, t.as_ref()));
