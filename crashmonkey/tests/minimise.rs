@@ -246,7 +246,8 @@ fn keys_at(text: &str, indent: usize) -> Vec<String> {
 #[test]
 fn the_page_describes_minimise_json() {
     use crashmonkey::race::minimise::{
-        ALIGN_BYTES, MINIMISE_FILE, MINIMISE_ROUNDS_MAX, MINIMISE_RUNS_MAX, MINIMISE_VERSION,
+        ALIGN_BYTES, MINIMISE_FILE, MINIMISE_ROUNDS_MAX, MINIMISE_RUNS_MAX, MINIMISE_STEPS_MAX,
+        MINIMISE_VERSION,
     };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("min");
@@ -261,6 +262,7 @@ fn the_page_describes_minimise_json() {
     for said in [
         format!("at most {MINIMISE_RUNS_MAX} candidate runs (`MINIMISE_RUNS_MAX`"),
         format!("(at most {MINIMISE_ROUNDS_MAX}, `MINIMISE_ROUNDS_MAX`)"),
+        format!("{MINIMISE_STEPS_MAX} model steps over all of them (`MINIMISE_STEPS_MAX`"),
         format!("`{MINIMISE_VERSION}` (`MINIMISE_VERSION`)"),
         format!("{ALIGN_BYTES}-aligned values (`ALIGN_BYTES`"),
     ] {

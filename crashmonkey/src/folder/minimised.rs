@@ -58,7 +58,7 @@ pub fn read(dir: &Path, seed: u64, signature: &str) -> Result<Option<MinimisedRu
 
 /// Minimises the smallest run of each of `tallies` that has no minimised run yet, within
 /// `runs_max` candidate runs each; `progress` hears (finding number, runs, size). Returns
-/// how many it minimised.
+/// how many it minimised; a run that cannot be minimised is skipped with a warning.
 pub fn minimise_findings(
     dir: &Path,
     tallies: &[Tally],
@@ -74,8 +74,15 @@ pub fn minimise_findings(
         }
         let b = crate::race::load_bundle(&bundle)
             .map_err(|e| FolderError::corrupt(&bundle, format!("bundle unusable: {e:#}")))?;
-        let m = minimise::minimise(&b, runs_max, &mut |runs, size| progress(n, runs, size))
-            .map_err(|e| FolderError::corrupt(&bundle, e.to_string()))?;
+        // A run that cannot be minimised (it no longer fails as recorded) costs the campaign
+        // nothing: it is said, and the finding keeps its bundle as it is.
+        let m = match minimise::minimise(&b, runs_max, &mut |runs, size| progress(n, runs, size)) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(bundle = %bundle.display(), "not minimised: {e}");
+                continue;
+            }
+        };
         minimise::write_minimised(&target, &m)
             .map_err(|e| FolderError::corrupt(&target, format!("{e:#}")))?;
         made += 1;

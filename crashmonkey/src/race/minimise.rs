@@ -18,7 +18,8 @@
 //! ddmin over the operations; each operation's length, then offset (or size), toward the
 //! smallest and 4096-aligned values; ddmin over the slices (the empty plan first: no
 //! preemption at all); ddmin over the short copies. All of it is bounded by
-//! [`MINIMISE_RUNS_MAX`] runs and deterministic: the same bundle gives the same result.
+//! [`MINIMISE_RUNS_MAX`] runs and [`MINIMISE_STEPS_MAX`] steps, and deterministic: the same
+//! bundle gives the same result.
 
 use super::repro::{Bundle, BUNDLE_VERSION};
 use crate::folder::signature::race_signature;
@@ -32,6 +33,10 @@ use std::path::Path;
 /// Runs (candidate replays) one minimisation may make. A run of a generated workload costs
 /// 50 to 200 µs in release builds: the bound is a few seconds of work at most.
 pub const MINIMISE_RUNS_MAX: u64 = 20_000;
+/// Model steps all the candidate runs of one minimisation may take together: what bounds
+/// the work when each run is long (a livelock runs to `STEPS_PER_RUN_MAX`, 200,000 steps,
+/// every time), where [`MINIMISE_RUNS_MAX`] alone would allow hours.
+pub const MINIMISE_STEPS_MAX: u64 = 20_000_000;
 /// Rounds of all the passes; a round that shrinks nothing ends the minimisation earlier.
 pub const MINIMISE_ROUNDS_MAX: u32 = 8;
 /// Lengths and offsets are moved toward multiples of this (the model's block and folio).
@@ -429,12 +434,14 @@ struct Trial<'a> {
     signature: String,
     runs: u64,
     runs_max: u64,
+    /// Model steps the candidate runs took.
+    steps: u64,
     progress: &'a mut dyn FnMut(u64, &RunSize),
 }
 
 impl Trial<'_> {
     fn exhausted(&self) -> bool {
-        self.runs >= self.runs_max
+        self.runs >= self.runs_max || self.steps >= MINIMISE_STEPS_MAX
     }
 
     /// Runs `workload` along `plan`; it replaces `cur` if it fails the same way and is
@@ -446,6 +453,7 @@ impl Trial<'_> {
         self.runs += 1;
         let mut policy = GuidedPolicy::new(plan);
         let result = sched::run(self.cfg, &workload, &mut policy);
+        self.steps += result.steps;
         let same = result
             .failures
             .first()
@@ -694,6 +702,7 @@ pub fn minimise(
         signature,
         runs: 0,
         runs_max,
+        steps: 0,
         progress,
     };
     for _ in 0..MINIMISE_ROUNDS_MAX {
