@@ -84,6 +84,16 @@ fn minimisation_shrinks_the_fixture_and_the_result_fails_the_same_way() {
         race_signature(&b.config, &replayed[0], &b.workload),
         original
     );
+    // Still the stale-mapping race: along the same interleaving, every step followed, the
+    // fix (the default switches, iomap_valid on) keeps the data.
+    let o = crashmonkey()
+        .args(["race", "--json", "--defaults", "--replay"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(0), "{v}");
+    assert_eq!(v["divergences"], 0, "{v}");
     // The minimised bundle is a whole bundle: its README replays it from where it is.
     let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
     assert!(readme.contains(&format!("crashmonkey race --replay {}", out.display())));
