@@ -23,25 +23,38 @@ enum WState {
     Prepare,
     Copy,
     End,
-    /// Old punch: truncate the page cache folio by folio, then punch.
+    /// Old punch: truncate the page cache folio by folio from `idx`, then punch
+    /// `[start, end)`.
     OldTruncate {
         idx: u64,
+        start: u64,
         end: u64,
     },
     OldPunch {
         start: u64,
         end: u64,
     },
-    /// Fixed punch: scan folio by folio under the invalidate lock.
+    /// Fixed punch: scan folio by folio under the invalidate lock up to `scan_end` (EOF),
+    /// then punch everything up to `end`.
     FixedScan {
         idx: u64,
+        scan_end: u64,
         end: u64,
         locked: bool,
     },
     Finish,
+    /// gfs2: the glock was dropped after a short iomap write; fault in, retake it, go on.
+    Gfs2Retake,
 }
 
 /// `iomap_file_buffered_write` over `[pos, pos + data.len())` with the inode lock held.
+///
+/// Short copies follow `iomap_write_iter` (v6.6): an injected short copy of `s` bytes means
+/// the user buffer cannot be read from `pos + s` on (unmapped under the writer; for the gfs2
+/// preset, not resident while page faults are disabled). A short copy into a folio that is
+/// not uptodate is rejected by `write_end` and retried with the length that was copied; the
+/// write stops only when `fault_in_iov_iter_readable` cannot fault in a byte, and every
+/// readable byte is written first.
 #[derive(Clone, Debug)]
 pub struct WriteTask {
     ino: usize,
@@ -52,7 +65,15 @@ pub struct WriteTask {
     map: Option<IoMap>,
     /// Position where the current mapping's iteration started.
     map_pos: u64,
-    short: bool,
+    /// The user buffer cannot be copied from this file position on.
+    unreadable_from: Option<u64>,
+    /// `write_end` rejected a short copy: the retry copies this many bytes.
+    retry_len: Option<u64>,
+    /// Why the write stops: an iteration failed with nothing written under its mapping.
+    stop: Option<FsError>,
+    /// Where the current `iomap_file_buffered_write` call began (gfs2 calls it again after
+    /// retaking the glock).
+    call_start: u64,
 }
 
 impl WriteTask {
@@ -65,7 +86,10 @@ impl WriteTask {
             st: WState::LockInode,
             map: None,
             map_pos: pos,
-            short: false,
+            unreadable_from: None,
+            retry_len: None,
+            stop: None,
+            call_start: pos,
         }
     }
 
@@ -77,11 +101,12 @@ impl WriteTask {
         self.pos / BS
     }
 
-    /// Bytes of the current folio this write covers.
+    /// Bytes of the current folio this iteration covers (`bytes` in `iomap_write_iter`).
     fn plen(&self) -> u64 {
         let map = self.map.expect("mapped");
         let folio_end = (self.idx() + 1) * BS;
-        folio_end.min(map.end()).min(self.end()) - self.pos
+        let n = folio_end.min(map.end()).min(self.end()) - self.pos;
+        self.retry_len.map_or(n, |r| r.min(n))
     }
 
     /// User copy length, when the next step is the copy.
@@ -100,17 +125,33 @@ impl WriteTask {
                 .cache
                 .get(idx)
                 .is_none_or(|f| f.lockable_by(me) && !f.writeback),
-            WState::FixedScan { idx, locked, .. } => {
-                (locked || inode.invalidate_lock.can_write()) && inode.cache.lockable(idx, me)
+            WState::FixedScan {
+                idx,
+                scan_end,
+                locked,
+                ..
+            } => {
+                (locked || inode.invalidate_lock.can_write())
+                    && (idx >= scan_end || inode.cache.lockable(idx, me))
             }
+            WState::Gfs2Retake => !fs.cfg.gfs2.write_glock || inode.glock.can_write(),
             _ => true,
         }
     }
 
-    /// After a folio (or a mapping) is done: the next folio, or `iomap_end`.
+    /// After a folio (or a mapping) is done: the next folio, or `iomap_end`. The head of
+    /// `iomap_write_iter`'s loop: `fault_in_iov_iter_readable` fails when no byte can be
+    /// faulted in (-EFAULT). With bytes written under this mapping the iteration returns
+    /// them, and the iterator maps again (the next iteration then fails with nothing
+    /// written, and the write stops).
     fn next_folio(&mut self, fs: &Fs) -> WState {
         let map = self.map.expect("mapped");
-        if self.short || self.pos >= self.end() || self.pos >= map.end() {
+        if self.pos >= self.end() || self.pos >= map.end() {
+            WState::End
+        } else if self.unreadable_from.is_some_and(|u| self.pos >= u) {
+            if self.pos == self.map_pos {
+                self.stop = Some(FsError::Fault);
+            }
             WState::End
         } else if fs.cfg.iomap_valid && fs.cfg.validity_check_at == ValidityCheckAt::BeforeFolioLock
         {
@@ -120,8 +161,20 @@ impl WriteTask {
         }
     }
 
-    fn punch_start(&self) -> u64 {
+    /// `iomap_write_begin` failed: the iteration returns what it wrote under this mapping,
+    /// or the error when it wrote nothing.
+    fn fail(&mut self, e: FsError) {
         if self.pos == self.map_pos {
+            self.stop = Some(e);
+        }
+        self.st = WState::End;
+    }
+
+    /// First block the short-write punch may remove: xfs (`iomap_file_buffered_write_punch_delalloc`)
+    /// rounds down when nothing was written under the mapping and up otherwise; gfs2
+    /// (`gfs2_iomap_end`) always rounds up.
+    fn punch_start(&self, gfs2: bool) -> u64 {
+        if self.pos == self.map_pos && !gfs2 {
             self.pos / BS
         } else {
             self.pos.div_ceil(BS)
@@ -146,7 +199,7 @@ impl WriteTask {
             }
             WState::Copy => self.copy_and_write_end(cx),
             WState::End => self.iomap_end(cx),
-            WState::OldTruncate { idx, end } => self.old_punch_truncate(cx, idx, end),
+            WState::OldTruncate { idx, start, end } => self.old_punch_truncate(cx, idx, start, end),
             WState::OldPunch { start, end } => {
                 if self.map.is_some_and(|m| m.kind == IoMapKind::Mapped) {
                     // gfs2: deallocate the NEW blocks the short write did not reach.
@@ -157,8 +210,14 @@ impl WriteTask {
                 self.st = WState::Finish;
                 self.finish_or_remap(cx)
             }
-            WState::FixedScan { idx, end, locked } => self.fixed_punch_scan(cx, idx, end, locked),
+            WState::FixedScan {
+                idx,
+                scan_end,
+                end,
+                locked,
+            } => self.fixed_punch_scan(cx, idx, scan_end, end, locked),
             WState::Finish => self.finish_or_remap(cx),
+            WState::Gfs2Retake => self.gfs2_retake(cx),
         }
     }
 
@@ -287,9 +346,11 @@ impl WriteTask {
                 let data = match block::read_block_sync(cx.fs.dev.as_mut(), map.addr_of(self.pos)) {
                     Ok(d) => d,
                     Err(e) => {
+                        // iomap_write_begin's error path: unlock, iomap_write_failed.
                         self.unlock(cx.fs);
-                        self.unlock_inode(cx);
-                        return Step::Done(YieldPoint::WriteBeginReadError, idx, Err(e.into()));
+                        iomap_write_failed(cx.fs, ino, self.pos, plen);
+                        self.fail(e.into());
+                        return Step::Yield(YieldPoint::WriteBeginReadError, idx);
                     }
                 };
                 let f = cx
@@ -337,64 +398,84 @@ impl WriteTask {
     }
 
     /// The user copy (`copy_folio_from_iter_atomic`, where a short copy can be injected) and
-    /// `iomap_write_end`: the folio's linearisation point for the oracle.
+    /// `iomap_write_end`: the folio's linearisation point for the oracle. A copy short of a
+    /// folio that is not uptodate counts as nothing (`__iomap_write_end`), and the loop
+    /// retries with the length that was copied; bytes cut off past EOF are truncated from
+    /// the page cache (`iomap_write_failed`).
     fn copy_and_write_end(&mut self, cx: &mut Cx<'_>) -> Step {
         let ino = self.ino;
         let idx = self.idx();
         let poff = (self.pos - idx * BS) as usize;
         let plen = self.plen() as usize;
-        let mut copied = cx.short_copy.map_or(plen, |s| (s as usize).min(plen));
-        let f = cx
-            .fs
-            .inode_mut(ino)
-            .cache
-            .get_mut(idx)
-            .expect("locked folio");
-        // __iomap_write_end: a short copy into a !uptodate folio counts as nothing.
-        if copied < plen && !f.uptodate {
-            copied = 0;
+        self.retry_len = None;
+        if let Some(s) = cx.short_copy {
+            let from = self.pos + u64::from(s);
+            self.unreadable_from = Some(self.unreadable_from.map_or(from, |u| u.min(from)));
         }
-        if copied > 0 {
-            let src = (self.pos - self.start) as usize;
-            f.data[poff..poff + copied].copy_from_slice(&self.data[src..src + copied]);
-            f.uptodate = true;
-            f.dirty = true;
-            cx.oracle
-                .write(ino, self.pos, &self.data[src..src + copied], cx.op);
-            cx.fs.dirtied(ino, idx);
-            let inode = cx.fs.inode_mut(ino);
-            inode.size = inode.size.max(self.pos + copied as u64);
-            let size = inode.size;
-            if cx.fs.cfg.bugs.size_before_data && size > cx.fs.inode(ino).disk_size {
-                // The planted bug: the on-disk size runs ahead of the data.
-                cx.fs.set_disk_size(ino, size);
-            }
-            cx.fs.touch(ino, true);
+        let copied = self
+            .unreadable_from
+            .map_or(plen, |u| u.saturating_sub(self.pos) as usize)
+            .min(plen);
+        let uptodate = cx.fs.inode(ino).cache.get(idx).expect("locked").uptodate;
+        let written = if copied < plen && !uptodate {
+            0
+        } else {
+            copied
+        };
+        if written > 0 {
+            self.commit_copy(cx, poff, written);
         }
         self.unlock(cx.fs);
-        self.pos += copied as u64;
-        if copied < plen {
-            self.short = true;
+        if written < plen {
+            iomap_write_failed(
+                cx.fs,
+                ino,
+                self.pos + written as u64,
+                (plen - written) as u64,
+            );
+        }
+        self.pos += written as u64;
+        if written == 0 && copied > 0 {
+            self.retry_len = Some(copied as u64);
         }
         self.st = self.next_folio(cx.fs);
-        Step::Yield(
-            if copied < plen {
-                YieldPoint::CopyShort
-            } else {
-                YieldPoint::CopyWriteEnd
-            },
-            idx,
-        )
+        let label = if written < plen {
+            YieldPoint::CopyShort
+        } else {
+            YieldPoint::CopyWriteEnd
+        };
+        Step::Yield(label, idx)
     }
 
-    /// `iomap_end` (xfs_buffered_write_iomap_end): punch the delalloc this call reserved but
-    /// did not write, in the old or the fixed form.
+    /// `__iomap_write_end` accepted `n` bytes at `pos`: they are in the folio, which is
+    /// dirty; the size grows (`i_size_write`).
+    fn commit_copy(&mut self, cx: &mut Cx<'_>, poff: usize, n: usize) {
+        let (ino, idx) = (self.ino, self.idx());
+        let src = (self.pos - self.start) as usize;
+        let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("locked");
+        f.data[poff..poff + n].copy_from_slice(&self.data[src..src + n]);
+        f.uptodate = true;
+        f.dirty = true;
+        cx.oracle
+            .write(ino, self.pos, &self.data[src..src + n], cx.op);
+        cx.fs.dirtied(ino, idx);
+        let inode = cx.fs.inode_mut(ino);
+        inode.size = inode.size.max(self.pos + n as u64);
+        let size = inode.size;
+        if cx.fs.cfg.bugs.size_before_data && size > cx.fs.inode(ino).disk_size {
+            // The planted bug: the on-disk size runs ahead of the data.
+            cx.fs.set_disk_size(ino, size);
+        }
+        cx.fs.touch(ino, true);
+    }
+
+    /// `iomap_end` (xfs_buffered_write_iomap_end, gfs2_iomap_end): punch the blocks this
+    /// call reserved or allocated but did not write, in the old or the fixed form.
     fn iomap_end(&mut self, cx: &mut Cx<'_>) -> Step {
         let map = self.map.expect("mapped");
-        // iomap_last_written_block: with nothing written, round down.
-        let punch_start = self.punch_start();
-        let punch_end = map.end().min(self.end()).div_ceil(BS);
         let gfs2_punch = cx.fs.cfg.gfs2.short_write_punch && map.kind == IoMapKind::Mapped;
+        let punch_start = self.punch_start(gfs2_punch);
+        let punch_end = map.end().min(self.end()).div_ceil(BS);
         if (map.kind == IoMapKind::Delalloc || gfs2_punch)
             && map.flags.has(IoMapFlags::NEW)
             && punch_start < punch_end
@@ -409,10 +490,13 @@ impl WriteTask {
             self.st = match punch {
                 PunchMode::Old => WState::OldTruncate {
                     idx: punch_start,
+                    start: punch_start,
                     end: punch_end,
                 },
+                // iomap_write_delalloc_release scans the page cache only below EOF.
                 PunchMode::Fixed => WState::FixedScan {
                     idx: punch_start,
+                    scan_end: punch_end.min(cx.fs.inode(self.ino).size.div_ceil(BS)),
                     end: punch_end,
                     locked: false,
                 },
@@ -425,7 +509,7 @@ impl WriteTask {
 
     /// The old punch, first half: `truncate_pagecache_range`, one folio per step; it drops
     /// the folio whatever it holds.
-    fn old_punch_truncate(&mut self, cx: &mut Cx<'_>, idx: u64, end: u64) -> Step {
+    fn old_punch_truncate(&mut self, cx: &mut Cx<'_>, idx: u64, start: u64, end: u64) -> Step {
         let ino = self.ino;
         if cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.dirty) {
             let op = cx.op;
@@ -435,51 +519,91 @@ impl WriteTask {
         }
         cx.fs.remove_folio(ino, idx);
         self.st = if idx + 1 < end {
-            WState::OldTruncate { idx: idx + 1, end }
-        } else {
-            WState::OldPunch {
-                start: self.punch_start(),
+            WState::OldTruncate {
+                idx: idx + 1,
+                start,
                 end,
             }
+        } else {
+            WState::OldPunch { start, end }
         };
         Step::Yield(YieldPoint::PunchTruncatePagecache, idx)
     }
 
-    /// The fixed punch: under the invalidate lock, one folio per step, punch the delalloc
-    /// under every folio that is not dirty (a dirty one keeps its reservation).
-    fn fixed_punch_scan(&mut self, cx: &mut Cx<'_>, idx: u64, end: u64, locked: bool) -> Step {
+    /// The fixed punch (`iomap_write_delalloc_release`, v6.6): under the invalidate lock, one
+    /// folio per step below EOF, punch the delalloc under every folio that is not dirty (a
+    /// dirty one keeps its reservation); past EOF, punch it all.
+    fn fixed_punch_scan(
+        &mut self,
+        cx: &mut Cx<'_>,
+        idx: u64,
+        scan_end: u64,
+        end: u64,
+        locked: bool,
+    ) -> Step {
         let ino = self.ino;
         if !locked {
             cx.fs.inode_mut(ino).invalidate_lock.down_write(cx.me);
         }
-        let keep = cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.dirty);
-        if !keep {
-            punch_delalloc(cx.fs, ino, idx, idx + 1);
+        if idx < scan_end {
+            let keep = cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.dirty);
+            if !keep {
+                punch_delalloc(cx.fs, ino, idx, idx + 1);
+            }
+            if idx + 1 < scan_end {
+                self.st = WState::FixedScan {
+                    idx: idx + 1,
+                    scan_end,
+                    end,
+                    locked: true,
+                };
+                return Step::Yield(YieldPoint::PunchScan, idx);
+            }
         }
-        if idx + 1 < end {
-            self.st = WState::FixedScan {
-                idx: idx + 1,
-                end,
-                locked: true,
-            };
-            Step::Yield(YieldPoint::PunchScan, idx)
-        } else {
-            cx.fs.inode_mut(ino).invalidate_lock.up_write(cx.me);
-            self.st = WState::Finish;
-            Step::Yield(YieldPoint::PunchScanDone, idx)
-        }
+        punch_delalloc(cx.fs, ino, scan_end.max(idx), end);
+        cx.fs.inode_mut(ino).invalidate_lock.up_write(cx.me);
+        self.st = WState::Finish;
+        Step::Yield(YieldPoint::PunchScanDone, idx)
     }
 
-    /// Between `iomap_end` and the next `iomap_begin`: continue (remap after STALE or the next
-    /// extent) or return.
+    /// Between `iomap_end` and the next `iomap_begin`: continue (remap after STALE, after a
+    /// short iteration, or for the next extent) or return what was written (the error when
+    /// nothing was). gfs2 retries a write that faulted after making progress.
     fn finish_or_remap(&mut self, cx: &mut Cx<'_>) -> Step {
-        if self.short || self.pos >= self.end() {
-            self.unlock_inode(cx);
-            Step::Done(YieldPoint::WriteDone, self.pos, Ok(self.pos - self.start))
-        } else {
+        if self.stop.is_none() && self.pos < self.end() {
             self.st = WState::Begin;
-            Step::Yield(YieldPoint::IomapEnd, self.pos)
+            return Step::Yield(YieldPoint::IomapEnd, self.pos);
         }
+        let faulted = matches!(self.stop, Some(FsError::Fault));
+        if faulted && cx.fs.cfg.gfs2.fault_retry && self.pos > self.call_start {
+            // gfs2_file_buffered_write: progress was made, so drop the glock (i_rwsem stays
+            // held) and fault the rest of the buffer in before retaking it.
+            if cx.fs.cfg.gfs2.write_glock {
+                cx.fs.inode_mut(self.ino).glock.up_write(cx.me);
+            }
+            self.st = WState::Gfs2Retake;
+            return Step::Yield(YieldPoint::Gfs2GlockDrop, self.pos);
+        }
+        self.unlock_inode(cx);
+        let done = self.pos - self.start;
+        let result = match self.stop.take() {
+            Some(e) if done == 0 => Err(e),
+            _ => Ok(done),
+        };
+        Step::Done(YieldPoint::WriteDone, self.pos, result)
+    }
+
+    /// gfs2: the user pages are faulted in (they are resident now), the glock is retaken
+    /// exclusive, and `iomap_file_buffered_write` is called again for the rest.
+    fn gfs2_retake(&mut self, cx: &mut Cx<'_>) -> Step {
+        self.unreadable_from = None;
+        self.stop = None;
+        self.call_start = self.pos;
+        if cx.fs.cfg.gfs2.write_glock {
+            cx.fs.inode_mut(self.ino).glock.down_write(cx.me);
+        }
+        self.st = WState::Begin;
+        Step::Yield(YieldPoint::Gfs2GlockRetake, self.pos)
     }
 
     /// Drops what `lock_inode` took: gfs2's glock (when modelled), then `i_rwsem`.
@@ -495,6 +619,28 @@ impl WriteTask {
     fn unlock(&self, fs: &mut Fs) {
         if let Some(f) = fs.inode_mut(self.ino).cache.get_mut(self.idx()) {
             f.locked = None;
+        }
+    }
+}
+
+/// `iomap_write_failed`: a write that failed or copied short of `[pos, pos + len)` truncates
+/// what it instantiated past EOF (`truncate_pagecache_range(max(pos, i_size), pos + len - 1)`):
+/// folios wholly in that range leave the cache, the part of a folio in it is zeroed.
+fn iomap_write_failed(fs: &mut Fs, ino: usize, pos: u64, len: u64) {
+    let size = fs.inode(ino).size;
+    let (from, to) = (pos.max(size), pos + len);
+    if from >= to {
+        return;
+    }
+    for idx in from / BS..to.div_ceil(BS) {
+        let (lo, hi) = (idx * BS, (idx + 1) * BS);
+        let Some(f) = fs.inode_mut(ino).cache.get_mut(idx) else {
+            continue;
+        };
+        if from <= lo && to >= hi && !f.writeback && f.locked.is_none() {
+            fs.remove_folio(ino, idx);
+        } else {
+            f.data[(from.max(lo) - lo) as usize..(to.min(hi) - lo) as usize].fill(0);
         }
     }
 }
@@ -733,5 +879,147 @@ impl MmapStoreTask {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The write iterator's short-copy and punch paths, driven step by step so that the page
+    //! cache and the extent map can be looked at after the write.
+    use super::*;
+    use crate::block::MemDevice;
+    use crate::fs::Config;
+    use crate::oracle::Oracle;
+
+    const ME: TaskId = 10;
+
+    /// Runs one write to the end, injecting `shorts` (in order) at its user copies; returns
+    /// the result and the labels of its steps.
+    fn run_write(
+        fs: &mut Fs,
+        pos: u64,
+        len: usize,
+        mut shorts: Vec<u32>,
+    ) -> (Result<u64, FsError>, Vec<YieldPoint>) {
+        let mut oracle = Oracle::new(fs.inodes.len());
+        let mut w = WriteTask::new(0, pos, vec![b'W'; len]);
+        let mut labels = Vec::new();
+        loop {
+            assert!(w.runnable(fs, ME), "{:?} blocked alone", w.st);
+            let short = w
+                .at_user_copy()
+                .and_then(|_| (!shorts.is_empty()).then(|| shorts.remove(0)));
+            let mut cx = Cx {
+                fs,
+                oracle: &mut oracle,
+                me: ME,
+                op: 0,
+                short_copy: short,
+            };
+            match w.step(&mut cx) {
+                Step::Yield(l, _) => labels.push(l),
+                Step::Done(l, _, r) => {
+                    labels.push(l);
+                    return (r, labels);
+                }
+            }
+            assert!(labels.len() < 1000, "the write does not end: {labels:?}");
+        }
+    }
+
+    fn fs() -> Fs {
+        Fs::new(Config::default(), Box::new(MemDevice::new(64)), 1)
+    }
+
+    fn count(labels: &[YieldPoint], l: YieldPoint) -> usize {
+        labels.iter().filter(|&&x| x == l).count()
+    }
+
+    /// `iomap_write_iter`: a copy short of a folio that is not uptodate is rejected by
+    /// `__iomap_write_end`, and the loop retries with `bytes = copied`: `__iomap_write_begin`
+    /// now zeroes the rest of the folio, the bytes that could be read are written, and only
+    /// then does the fault-in of the rest fail. The old model stopped at the rejection and
+    /// wrote nothing.
+    #[test]
+    fn rejected_short_copy_is_retried_with_what_was_copied() {
+        let mut fs = fs();
+        let (r, labels) = run_write(&mut fs, 0, 2 * BLOCK_SIZE, vec![100]);
+        assert_eq!(r, Ok(100), "{labels:?}");
+        assert_eq!(count(&labels, YieldPoint::GetFolio), 2, "{labels:?}");
+        let inode = fs.inode(0);
+        assert_eq!(inode.size, 100);
+        let f = inode.cache.get(0).expect("folio 0 stays");
+        assert!(f.uptodate && f.dirty);
+        assert!(f.data[..100].iter().all(|&b| b == b'W'));
+        assert!(f.data[100..].iter().all(|&b| b == 0));
+        assert_eq!(inode.extents.get(0).state, ExtentState::Delalloc);
+        assert_eq!(inode.extents.get(1).state, ExtentState::Hole, "punched");
+        assert!(inode.cache.get(1).is_none());
+    }
+
+    /// A fault at the first byte: nothing is written, `iomap_write_failed` drops the folio
+    /// the write instantiated past EOF, the reservation is punched, and the write fails with
+    /// EFAULT.
+    #[test]
+    fn nothing_copied_past_eof_leaves_no_folio_and_no_reservation() {
+        let mut fs = fs();
+        let (r, labels) = run_write(&mut fs, 0, BLOCK_SIZE, vec![0]);
+        assert_eq!(r, Err(FsError::Fault), "{labels:?}");
+        let inode = fs.inode(0);
+        assert_eq!(inode.size, 0);
+        assert!(inode.cache.is_empty(), "the folio past EOF is truncated");
+        assert_eq!(inode.extents.get(0).state, ExtentState::Hole);
+    }
+
+    /// With bytes written under the mapping, the iteration returns them; the iterator calls
+    /// `iomap_end` (which punches what was not reached), maps again, and the next iteration's
+    /// fault-in fails with nothing written: a second `iomap_begin`/`iomap_end` pair.
+    #[test]
+    fn a_fault_after_progress_maps_again_before_the_write_stops() {
+        let mut fs = fs();
+        let (r, labels) = run_write(&mut fs, 0, 3 * BLOCK_SIZE, vec![BLOCK_SIZE as u32]);
+        assert_eq!(r, Ok(BS), "{labels:?}");
+        assert_eq!(count(&labels, YieldPoint::IomapBegin), 2, "{labels:?}");
+        let inode = fs.inode(0);
+        assert_eq!(inode.extents.get(0).state, ExtentState::Delalloc);
+        for b in 1..3 {
+            assert_eq!(inode.extents.get(b).state, ExtentState::Hole);
+        }
+    }
+
+    /// `iomap_write_delalloc_release` scans the page cache only below EOF and punches the
+    /// rest without looking: a short append scans no folio.
+    #[test]
+    fn fixed_punch_scans_only_below_eof() {
+        let mut fs = fs();
+        let (r, labels) = run_write(&mut fs, 0, 4 * BLOCK_SIZE, vec![10]);
+        assert_eq!(r, Ok(10));
+        assert_eq!(count(&labels, YieldPoint::PunchScan), 0, "{labels:?}");
+        assert_eq!(count(&labels, YieldPoint::PunchScanDone), 1, "{labels:?}");
+        for b in 1..4 {
+            assert_eq!(fs.inode(0).extents.get(b).state, ExtentState::Hole);
+        }
+    }
+
+    /// Inside the file the scan goes folio by folio, and a dirty folio keeps its
+    /// reservation.
+    #[test]
+    fn fixed_punch_below_eof_keeps_dirty_folios() {
+        let mut fs = fs();
+        let (r, _) = run_write(&mut fs, 0, 4 * BLOCK_SIZE, vec![]);
+        assert_eq!(r, Ok(4 * BS));
+        fs.punch_blocks(0, 1, 4);
+        for i in 1..4 {
+            fs.remove_folio(0, i);
+        }
+        fs.get_folio(0, 2).dirty = true;
+        let (r, labels) = run_write(&mut fs, 0, 4 * BLOCK_SIZE, vec![BLOCK_SIZE as u32]);
+        assert_eq!(r, Ok(BS), "{labels:?}");
+        assert_eq!(count(&labels, YieldPoint::PunchScan), 2, "{labels:?}");
+        let ext = |b| fs.inode(0).extents.get(b).state;
+        assert_eq!(
+            [ext(1), ext(2), ext(3)],
+            [ExtentState::Hole, ExtentState::Delalloc, ExtentState::Hole]
+        );
     }
 }

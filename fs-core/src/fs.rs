@@ -119,6 +119,12 @@ pub struct Gfs2 {
     /// `gfs2_iomap_end` after a short write: truncate the page cache over the NEW blocks the
     /// write did not reach, then punch (deallocate) them.
     pub short_write_punch: bool,
+    /// `gfs2_file_buffered_write` runs the iomap write with page faults disabled: a user
+    /// page that is not resident ends the iomap write short; if it made progress, gfs2 drops
+    /// the glock (keeping `i_rwsem`), faults the pages in, retakes the glock and writes the
+    /// rest. Without it, the write returns short, as it does when the buffer is unmapped.
+    #[serde(default)]
+    pub fault_retry: bool,
 }
 
 impl Gfs2 {
@@ -129,6 +135,7 @@ impl Gfs2 {
         mkwrite_glock: true,
         no_block_zeroing: true,
         short_write_punch: true,
+        fault_retry: true,
     };
 
     pub fn is_off(&self) -> bool {
@@ -232,6 +239,10 @@ pub enum FsError {
     NoSuchFile(usize),
     #[error("store beyond end of file (SIGBUS)")]
     SigBus,
+    #[error("bad address (EFAULT): the user buffer could not be faulted in")]
+    Fault,
+    #[error("operation not supported (EOPNOTSUPP): {0}")]
+    Unsupported(&'static str),
     #[error("device: {0}")]
     Device(String),
 }

@@ -266,6 +266,16 @@ impl RangeTask {
     pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
         let ino = self.ino;
         match self.st {
+            RgState::Lock if self.kind == RangeKind::ZeroRange && !cx.fs.cfg.gfs2.is_off() => {
+                // gfs2_fallocate: only FALLOC_FL_PUNCH_HOLE and FALLOC_FL_KEEP_SIZE.
+                Step::Done(
+                    YieldPoint::ZeroRangeUnsupported,
+                    self.start,
+                    Err(FsError::Unsupported(
+                        "zero range (gfs2 has no FALLOC_FL_ZERO_RANGE)",
+                    )),
+                )
+            }
             RgState::Lock => {
                 let inode = cx.fs.inode_mut(ino);
                 inode.i_rwsem.down_write(cx.me);
@@ -341,30 +351,48 @@ impl RangeTask {
                     }
                 }
             }
-            RangeKind::ZeroRange => {
-                for b in self.start..self.end {
-                    let e = fs.inode(ino).extents.get(b);
-                    match e.state {
-                        ExtentState::Written if at_write => {
-                            let req = Request::Write {
-                                block: e.addr,
-                                data: vec![0; BLOCK_SIZE],
-                                fua: false,
-                            };
-                            block::submit_and_complete(fs.dev.as_mut(), req)?;
-                        }
-                        ExtentState::Written => fs.inode_mut(ino).extents.set(
-                            b,
-                            Extent {
-                                state: ExtentState::Unwritten,
-                                addr: e.addr,
-                            },
-                        ),
-                        ExtentState::Delalloc => fs.inode_mut(ino).extents.set(b, Extent::HOLE),
-                        ExtentState::Hole | ExtentState::Unwritten => {}
-                    }
+            RangeKind::ZeroRange if at_write => self.zero_in_place(fs)?,
+            RangeKind::ZeroRange => self.punch_and_preallocate(fs)?,
+        }
+        Ok(())
+    }
+
+    /// Zero range with blocks allocated at write time (the abstract `--alloc at-write`):
+    /// write zeros over the written blocks, drop the rest.
+    fn zero_in_place(&self, fs: &mut Fs) -> Result<(), FsError> {
+        let ino = self.ino;
+        for b in self.start..self.end {
+            let e = fs.inode(ino).extents.get(b);
+            match e.state {
+                ExtentState::Written => {
+                    let req = Request::Write {
+                        block: e.addr,
+                        data: vec![0; BLOCK_SIZE],
+                        fua: false,
+                    };
+                    block::submit_and_complete(fs.dev.as_mut(), req)?;
                 }
+                ExtentState::Delalloc => fs.inode_mut(ino).extents.set(b, Extent::HOLE),
+                ExtentState::Hole | ExtentState::Unwritten => {}
             }
+        }
+        Ok(())
+    }
+
+    /// XFS's zero range (`xfs_file_fallocate` with `FALLOC_FL_ZERO_RANGE`, v6.6): punch the
+    /// range (`xfs_free_file_space`), then preallocate it unwritten (`xfs_alloc_file_space`),
+    /// on new blocks; "if prealloc returns ENOSPC, the file range is still zero-valued by
+    /// virtue of the hole punch".
+    fn punch_and_preallocate(&self, fs: &mut Fs) -> Result<(), FsError> {
+        let ino = self.ino;
+        fs.punch_blocks(ino, self.start, self.end);
+        for b in self.start..self.end {
+            if fs.alloc.free_blocks() == 0 {
+                return Err(FsError::NoSpace);
+            }
+            let addr = fs.alloc_block(ino, b, false)?;
+            let state = ExtentState::Unwritten;
+            fs.inode_mut(ino).extents.set(b, Extent { state, addr });
         }
         Ok(())
     }

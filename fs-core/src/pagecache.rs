@@ -56,13 +56,12 @@ impl Folio {
         self.locked.is_none_or(|t| t == me)
     }
 
-    /// Reclaim may drop only clean, unlocked folios not under writeback.
+    /// Reclaim may drop only clean, unlocked, unreferenced folios not under writeback. Being
+    /// mapped does not keep a folio (`shrink_folio_list` unmaps it with `try_to_unmap`, and the
+    /// next store faults); a writable mapping goes with the dirty bit anyway, since the
+    /// cleaning for writeback write-protects it (`folio_mkclean`).
     pub fn reclaimable(&self) -> bool {
-        self.locked.is_none()
-            && !self.dirty
-            && !self.writeback
-            && !self.mapped_writable
-            && self.pins == 0
+        self.locked.is_none() && !self.dirty && !self.writeback && self.pins == 0
     }
 }
 
@@ -119,5 +118,13 @@ mod tests {
         f.writeback = false;
         f.locked = Some(3);
         assert!(!f.reclaimable() && f.lockable_by(3) && !f.lockable_by(4));
+        f.locked = None;
+        f.mapped_writable = true;
+        assert!(
+            f.reclaimable(),
+            "a clean mapped folio is unmapped and reclaimed"
+        );
+        f.pins = 1;
+        assert!(!f.reclaimable());
     }
 }

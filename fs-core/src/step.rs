@@ -77,7 +77,8 @@ yield_points! {
     GetFolio = "get_folio",
     /// After the cookie check made with the folio locked.
     IomapValid = "iomap_valid",
-    /// Reading the uncovered part of the folio failed (ends the task).
+    /// Reading the uncovered part of the folio failed: `iomap_end` next, then the write
+    /// returns what it wrote (or the error).
     WriteBeginReadError = "write_begin:read_error",
     /// The folio is ready for the user copy (a short copy can be injected next).
     WriteBegin = "write_begin",
@@ -95,6 +96,10 @@ yield_points! {
     PunchScanDone = "punch:scan_done",
     /// The write returned (ends the task).
     WriteDone = "write:done",
+    /// gfs2: a short write dropped the inode glock to fault the user buffer in.
+    Gfs2GlockDrop = "gfs2:glock_drop",
+    /// gfs2: the glock is retaken; the write goes on.
+    Gfs2GlockRetake = "gfs2:glock_retake",
 
     // Buffered read (`buffered_io::ReadTask`).
     /// Nothing to read below EOF (ends the task).
@@ -137,8 +142,11 @@ yield_points! {
     FallocateAlloc = "fallocate:alloc",
     /// punch hole freed the extents (ends the task).
     PunchFreeExtents = "punch:free_extents",
-    /// zero range converted the extents (ends the task).
+    /// zero range changed the extents (XFS: punched and preallocated unwritten; ends the
+    /// task).
     ZeroRangeConvert = "zero_range:convert",
+    /// The filesystem has no zero range (gfs2: EOPNOTSUPP; ends the task).
+    ZeroRangeUnsupported = "zero_range:unsupported",
 
     // truncate (`ops::TruncateTask`).
     /// Both inode locks are taken.

@@ -256,3 +256,100 @@ fn write_and_mkwrite_glocks_keep_a_store_out_of_a_writes_new_range() {
         (b'W', b'W', b'C')
     );
 }
+
+/// A write of 3 folios into an empty file whose user buffer is not resident from byte 100
+/// on, while an mmap store waits to dirty folio 0 (its read fault done before the write).
+fn fault_retry(cfg: &Config) -> RunResult {
+    let w = Workload {
+        files: 1,
+        phases: vec![
+            vec![Op::Truncate { file: 0, size: 200 }],
+            vec![
+                Op::MmapStore {
+                    file: 0,
+                    offset: 150,
+                    len: 10,
+                    byte: b'M',
+                },
+                Op::Write {
+                    file: 0,
+                    offset: 0,
+                    len: 3 * K,
+                    byte: b'W',
+                },
+            ],
+        ],
+    };
+    let (mm, wr) = (FIRST_OP_TASK + 1, FIRST_OP_TASK + 2);
+    run_script(
+        cfg,
+        &w,
+        vec![
+            Until {
+                task: mm,
+                label: YieldPoint::FaultRead,
+                arg: None,
+            },
+            ShortCopy {
+                task: wr,
+                bytes: 100,
+            },
+            Until {
+                task: wr,
+                label: YieldPoint::Gfs2GlockDrop,
+                arg: None,
+            },
+            Until {
+                task: mm,
+                label: YieldPoint::Store,
+                arg: None,
+            },
+            Drain { task: wr },
+        ],
+    )
+}
+
+fn labels(r: &RunResult, task: u32) -> Vec<YieldPoint> {
+    r.trace
+        .iter()
+        .filter(|s| s.task == task)
+        .map(|s| s.label)
+        .collect()
+}
+
+/// `gfs2_file_buffered_write` runs the iomap write with page faults disabled: a user page that
+/// is not resident ends it short (`iomap_write_iter` writes the 100 bytes it can read, then
+/// its fault-in fails). Having made progress, gfs2 drops the glock with `i_rwsem` still held,
+/// faults the buffer in, retakes the glock and writes the rest: the write returns all of it.
+/// While the glock is down, `page_mkwrite` (which takes it exclusive) dirties folio 0 and the
+/// store lands; the resumed write then overwrites it (the later write wins, as the oracle
+/// allows). Without the retry the write returns 100 bytes and the store's bytes stay.
+#[test]
+fn a_short_write_drops_the_glock_faults_in_and_goes_on() {
+    let r = fault_retry(&gfs2());
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    let wr = labels(&r, (FIRST_OP_TASK + 2) as u32);
+    let drop = wr.iter().position(|&l| l == YieldPoint::Gfs2GlockDrop);
+    let retake = wr.iter().position(|&l| l == YieldPoint::Gfs2GlockRetake);
+    assert!(drop.is_some() && drop < retake, "{wr:?}");
+    assert_eq!(r.results[2], Some(Ok(3 * K)));
+    let mkwrite_in_window = r
+        .trace
+        .iter()
+        .skip_while(|s| s.label != YieldPoint::Gfs2GlockDrop)
+        .take_while(|s| s.label != YieldPoint::Gfs2GlockRetake)
+        .any(|s| s.label == YieldPoint::PageMkwrite);
+    assert!(mkwrite_in_window, "{:?}", r.trace);
+    assert_eq!(r.files[0], vec![b'W'; 3 * K as usize]);
+
+    let mut no_retry = gfs2();
+    no_retry.gfs2.fault_retry = false;
+    let r = fault_retry(&no_retry);
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert_eq!(r.results[2], Some(Ok(100)));
+    assert!(!r.trace.iter().any(|s| s.label == YieldPoint::Gfs2GlockDrop));
+    let f = &r.files[0];
+    assert_eq!(f.len(), 200);
+    assert!(f[..100].iter().all(|&b| b == b'W'));
+    assert!(f[150..160].iter().all(|&b| b == b'M'));
+}

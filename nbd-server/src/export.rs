@@ -19,6 +19,7 @@
 //! | `fault-seed=S` | seed of the fault generator |
 //! | `crash-after-writes=N` | cut the power after N writes |
 //! | `crash-seed=S` | seed of the automatic power cut (its point, without crash-after-writes) |
+//! | `flush=ignore\|honour` | `ignore` makes a lying disk, for testing crash checkers: FLUSH and FUA are answered without making anything durable, and the write log has no flush and no FUA (default `honour`) |
 //!
 //! A key may be given once. Across exports, one image file has one writable export (and a
 //! writable file export holds an advisory lock on it, so a second server is refused too), and
@@ -69,6 +70,7 @@ pub const EXPORT_KEYS: &[&str] = &[
     "record-max",
     "record-sync",
     "idle-writeback",
+    "flush",
 ];
 
 /// Default of `idle-writeback` for file exports: a real drive writes its cache back within
@@ -247,6 +249,13 @@ impl ExportSpec {
                 self.description = Some(v.to_owned());
             }
             "record" => self.disk.record = Some(path()?),
+            "flush" => {
+                self.disk.flush_ignore = match need()? {
+                    "ignore" => true,
+                    "honour" | "honor" => false,
+                    _ => return Err(bad("must be ignore or honour".into())),
+                }
+            }
             "cache" => self.disk.cache_bytes_max = parse_size(need()?).map_err(bad)?.max(1),
             "record-overwrite" => self.disk.record_overwrite = parse_bool(value).map_err(bad)?,
             "record-max" => {
@@ -869,6 +878,11 @@ mod tests {
         assert!(s.readonly);
         let d = ExportSpec::parse(":size=1M").unwrap();
         assert_eq!(d.name, "");
+        assert!(!d.disk.flush_ignore);
+        let lying = ExportSpec::parse("l:size=1M,flush=ignore").unwrap();
+        assert!(lying.disk.flush_ignore);
+        let e = ExportSpec::parse("l:size=1M,flush=maybe").unwrap_err();
+        assert!(e.to_string().contains("ignore or honour"), "{e}");
     }
 
     #[test]

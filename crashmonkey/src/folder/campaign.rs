@@ -45,6 +45,7 @@ impl RaceFolder {
     /// a record and indexing it) are indexed now.
     pub fn open(dir: &Path, params: RaceParams) -> Result<RaceFolder, FolderError> {
         std::fs::create_dir_all(dir).map_err(|e| FolderError::io(dir, e))?;
+        crate::race::repro::sweep_partial_bundles(dir).map_err(|e| FolderError::io(dir, e))?;
         // A folder of other files is not made a campaign's: its bundles could be overwritten.
         let empty = std::fs::read_dir(dir)
             .map_err(|e| FolderError::io(dir, e))?

@@ -216,8 +216,13 @@ pub fn switches(cfg: &Config) -> String {
     } else {
         let g = cfg.gfs2;
         format!(
-            ", gfs2: write_glock={} fault_glock={} mkwrite_glock={} no_block_zeroing={} short_write_punch={}",
-            g.write_glock, g.fault_glock, g.mkwrite_glock, g.no_block_zeroing, g.short_write_punch
+            ", gfs2: write_glock={} fault_glock={} mkwrite_glock={} no_block_zeroing={} short_write_punch={} fault_retry={}",
+            g.write_glock,
+            g.fault_glock,
+            g.mkwrite_glock,
+            g.no_block_zeroing,
+            g.short_write_punch,
+            g.fault_retry
         )
     };
     let main = format!(

@@ -29,12 +29,46 @@ pub struct Bundle {
     pub failures: Vec<fs_core::Failure>,
 }
 
-/// Write `o` as a bundle under `out`; returns the folder.
+/// The temporary folder a bundle is written in, beside where it goes, starts so (a writer
+/// killed before its rename leaves one: [`sweep_partial_bundles`] removes them).
+pub const PARTIAL_BUNDLE_PREFIX: &str = ".partial-race-seed-";
+
+/// Write `o` as a bundle under `out`; returns the folder. The bundle is written whole in a
+/// temporary folder and renamed into place, so `race-seed-N/` is either absent or complete;
+/// an earlier bundle of the same seed there (this run's, written again) is replaced.
 pub fn write_bundle(out: &Path, o: &RunOutcome) -> anyhow::Result<PathBuf> {
     let dir = out.join(format!("race-seed-{}", o.seed));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_bundle_files(&dir, &dir, o, &describe_failure(o))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("{PARTIAL_BUNDLE_PREFIX}{}-", o.seed))
+        .tempdir_in(out)
+        .with_context(|| format!("creating a folder in {}", out.display()))?;
+    write_bundle_files(tmp.path(), &dir, o, &describe_failure(o))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("replacing {}", dir.display()))?;
+    }
+    std::fs::rename(tmp.path(), &dir).with_context(|| format!("creating {}", dir.display()))?;
+    // The rename moved the folder: nothing is left for the guard to remove.
+    let _ = tmp.keep();
     Ok(dir)
+}
+
+/// Removes the temporary folders of bundle writers that were killed (SIGKILL leaves no
+/// chance to).
+pub fn sweep_partial_bundles(out: &Path) -> std::io::Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(());
+    };
+    for e in entries {
+        let e = e?;
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with(PARTIAL_BUNDLE_PREFIX)
+        {
+            std::fs::remove_dir_all(e.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes the files of `o`'s bundle into folder `dir`, which exists; its README names the
@@ -89,8 +123,7 @@ pub fn write_bundle_files(
         seed = o.seed,
         dir = shown.display(),
     );
-    w("README.md", readme)?;
-    Ok(())
+    w("README.md", readme)
 }
 
 /// Replay `bundle` strictly on nbd-server's emulated disk with its recorder writing `path`,
@@ -143,4 +176,34 @@ pub fn load_bundle(path: &Path) -> anyhow::Result<Bundle> {
         .check()
         .map_err(|what| anyhow::anyhow!("{}: {what}", file.display()))?;
     Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bundle is written whole or not at all: writing one again (a campaign resumed after
+    /// a kill between its bundle and its record) replaces it, and a killed writer's
+    /// temporary folder is swept. Writing into the final folder directly failed the second
+    /// time (the recorder will not replace an existing `device.log`).
+    #[test]
+    fn bundles_are_renamed_into_place_and_can_be_written_again() {
+        let out = tempfile::tempdir().unwrap();
+        let o = super::super::campaign::run_one(7, &Config::default());
+        let dir = write_bundle(out.path(), &o).unwrap();
+        let first = std::fs::read(dir.join("device.log")).unwrap();
+        let again = write_bundle(out.path(), &o).unwrap();
+        assert_eq!(again, dir);
+        assert_eq!(std::fs::read(dir.join("device.log")).unwrap(), first);
+        load_bundle(&dir).unwrap();
+        let partial = out.path().join(format!("{PARTIAL_BUNDLE_PREFIX}7-abc"));
+        std::fs::create_dir(&partial).unwrap();
+        std::fs::write(partial.join("device.log"), b"torn").unwrap();
+        sweep_partial_bundles(out.path()).unwrap();
+        let left: Vec<_> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("race-seed-7")]);
+    }
 }

@@ -67,6 +67,8 @@ impl EmulatedDisk {
         data: EntryData,
         fua: bool,
     ) -> io::Result<()> {
+        // A lying disk takes FUA as a plain write (and records it so).
+        let fua = fua && !self.config.flush_ignore;
         let mut st = self.pre_io_locked(ticket)?;
         st.log.check()?;
         let early = st.cache.make_room(&*self.storage, data.cost())?;
@@ -127,7 +129,7 @@ impl EmulatedDisk {
             let _ = st.log.append(record);
         }
         let (mut cover_gen, mut unrecorded) = (0, None);
-        if a.kind == RequestKind::Flush && !injected.eio {
+        if a.kind == RequestKind::Flush && !injected.eio && !self.config.flush_ignore {
             let (gen, in_flight) = st.tickets.flush_arrived();
             cover_gen = gen;
             st.stats.flushes += 1;
@@ -317,6 +319,11 @@ impl Backend for EmulatedDisk {
             return Err(refusal.into());
         }
         st.log.check()?;
+        if self.config.flush_ignore {
+            // The lie: answered, nothing made durable, nothing recorded.
+            st.stats.ignored_flushes += 1;
+            return Ok(());
+        }
         let cover_gen = st.tickets.cover_gen(ticket);
         st.cache.write_back_covered(&*self.storage, cover_gen)?;
         self.storage.flush(None)?;

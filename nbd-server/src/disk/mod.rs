@@ -103,6 +103,10 @@ pub struct DiskConfig {
     /// Write the whole cache back after this many milliseconds without a change
     /// (`idle-writeback`), as a real drive does; `None` never does.
     pub idle_writeback_ms: Option<u64>,
+    /// A lying disk (`flush=ignore`): FLUSH and FUA are answered without making anything
+    /// durable, and the write log records what the disk promised, which is nothing: no flush
+    /// record, no FUA flag. Crash states of such a log lose what a flush claimed to keep.
+    pub flush_ignore: bool,
 }
 
 /// Flush, mark, fault and power-cut records may take a capped log this far past its cap
@@ -198,6 +202,8 @@ pub struct DiskStats {
     pub trims: u64,
     pub write_zeroes: u64,
     pub flushes: u64,
+    /// Flushes a lying disk (`flush=ignore`) answered without doing anything.
+    pub ignored_flushes: u64,
     pub fua_writes: u64,
     pub reads: u64,
     pub marks: u64,

@@ -543,3 +543,44 @@ fn a_cache_of_writes_in_blocks_holds_its_limit_after_write_backs() {
 }
 
 mod log_failures;
+
+/// A lying disk (`flush=ignore`) answers FLUSH and FUA without making anything durable, and
+/// its log says so: no flush record, no FUA flag. A power cut then can drop a flushed write.
+#[test]
+fn a_lying_disk_makes_nothing_durable_and_records_no_promise() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.log");
+    let storage = Arc::new(VecStorage::new(SIZE).unwrap());
+    let d = EmulatedDisk::new(
+        storage.clone(),
+        DiskConfig {
+            record: Some(path.clone()),
+            flush_ignore: true,
+            ..DiskConfig::default()
+        },
+    )
+    .unwrap();
+    write(&d, 1, 0, 0x11, 4096, false);
+    flush(&d, 1);
+    write(&d, 1, 4096, 0x22, 4096, true);
+    assert_eq!(
+        storage.snapshot()[..8192],
+        [0; 8192],
+        "nothing reached storage"
+    );
+    assert_eq!(d.stats().ignored_flushes, 1);
+    d.power_cut(Some(0)).unwrap();
+    drop(d);
+    let recs: Vec<_> = LogReader::open(&path)
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(recs.iter().all(|r| r.kind != RecordKind::Flush), "{recs:?}");
+    assert!(recs
+        .iter()
+        .all(|r| r.header.flags & crate::log::FLAG_FUA == 0));
+    assert_eq!(
+        recs.iter().filter(|r| r.kind == RecordKind::Write).count(),
+        2
+    );
+}

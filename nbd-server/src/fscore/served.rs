@@ -104,6 +104,8 @@ fn answer_error(e: FsError) -> io::Error {
         FsError::NoSpace => io::Error::from_raw_os_error(libc::ENOSPC),
         FsError::FileTooBig => io::Error::from_raw_os_error(libc::EFBIG),
         FsError::Invalid(_) => io::Error::from_raw_os_error(libc::EINVAL),
+        FsError::Fault => io::Error::from_raw_os_error(libc::EFAULT),
+        FsError::Unsupported(_) => io::Error::from_raw_os_error(libc::EOPNOTSUPP),
         other => io::Error::other(other.to_string()),
     }
 }

@@ -46,6 +46,9 @@ pub enum Gfs2Part {
     NoBlockZeroing,
     /// The short-write punch of gfs2_iomap_end.
     ShortWritePunch,
+    /// Dropping the glock, faulting the user pages in and retaking it when a write with
+    /// page faults disabled comes up short.
+    FaultRetry,
 }
 
 /// The stale-mapping switches of fs-core (defaults: the fixed kernel behaviour).
@@ -98,6 +101,7 @@ impl Switches {
                     Gfs2Part::MkwriteGlock => &mut cfg.gfs2.mkwrite_glock,
                     Gfs2Part::NoBlockZeroing => &mut cfg.gfs2.no_block_zeroing,
                     Gfs2Part::ShortWritePunch => &mut cfg.gfs2.short_write_punch,
+                    Gfs2Part::FaultRetry => &mut cfg.gfs2.fault_retry,
                 };
                 *on = false;
             }
