@@ -8,8 +8,10 @@
 //! - `served`   crash states served over NBD by an in-process nbd-server (`{uri}`, `{uri-cow}`)
 //! - `checker`  running one checker: own process group, deadline, capped streamed output
 //! - `dmlog`    import and export of the dm-log-writes format (fstests `replay-log`)
-//! - `race`     seeded race campaigns over fs-core: workloads, runner, reproducer bundles
-//! - `fscore`   fs-core on disk: image and NBD devices, crash campaigns with in-process states
+//! - `race`     seeded race campaigns over fs-core: workloads, runner, reproducer bundles,
+//!   minimisation (delta debugging) of a failing run
+//! - `fscore`   fs-core on disk: image and NBD devices, crash campaigns with in-process states,
+//!   minimisation of a failing crash state
 //! - `folder`   campaign folders: run records, findings by signature, sled index, resume, merge
 //! - `report`   the HTML report of a campaign folder and SVG timelines of race runs and write logs
 //! - `shard`    one campaign split across processes or machines, deterministically

@@ -257,6 +257,47 @@ fn prefix_candidates(epoch: &Epoch) -> Vec<Candidate> {
     out
 }
 
+/// Whether `included` (with `torn`) is a state a power cut could leave of `epoch`:
+/// operations of the epoch, ascending; every FUA write before the last one kept (or torn)
+/// kept whole, since it was durable before anything issued after it; a torn write after every
+/// kept one (the generator's torn states are so: an older write cannot land over a newer
+/// one) with some, not all, of its bytes landed, in pieces of its own, ascending.
+pub fn legal(epoch: &Epoch, included: &[usize], torn: Option<&TornOp>) -> bool {
+    let n = epoch.ops.len();
+    if included.windows(2).any(|w| w[0] >= w[1]) || included.last().is_some_and(|&i| i >= n) {
+        return false;
+    }
+    let last = match torn {
+        Some(t) => Some(t.index),
+        None => included.last().copied(),
+    };
+    let fua_kept = (0..last.unwrap_or(0))
+        .filter(|&j| epoch.ops[j].fua)
+        .all(|j| included.binary_search(&j).is_ok());
+    fua_kept && torn.is_none_or(|t| legal_torn(epoch, included, t))
+}
+
+fn legal_torn(epoch: &Epoch, included: &[usize], t: &TornOp) -> bool {
+    let Some(op) = epoch.ops.get(t.index) else {
+        return false;
+    };
+    let inside = |&(off, len): &(u64, u64)| {
+        len > 0
+            && op
+                .pieces
+                .iter()
+                .any(|&(o, l)| off >= o && off + len <= o + l)
+    };
+    let landed: u64 = t.pieces.iter().map(|p| p.1).sum();
+    let whole: u64 = op.pieces.iter().map(|p| p.1).sum();
+    op.seq == t.seq
+        && included.last().is_none_or(|&i| i < t.index)
+        && !t.pieces.is_empty()
+        && t.pieces.iter().all(inside)
+        && t.pieces.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0)
+        && landed < whole
+}
+
 /// Keeps the content hash of the prefix and turns epochs into crash states.
 pub struct StateGenerator {
     opts: StateOptions,
@@ -288,6 +329,18 @@ impl StateGenerator {
 
     /// The states of `epoch`, then advances the prefix past it.
     pub fn epoch_states(&mut self, epoch: &Epoch) -> Result<Vec<CrashState>, LogError> {
+        self.epoch_states_and(epoch, &[])
+    }
+
+    /// As [`Self::epoch_states`], with the states `extra` names appended after the drawn
+    /// ones (so the draws are the same): each an ordered set of the epoch's operations and a
+    /// torn write, as a minimisation makes them, which the generator need not draw. Those
+    /// that are not crash states of the epoch ([`legal`]) are left out.
+    pub fn epoch_states_and(
+        &mut self,
+        epoch: &Epoch,
+        extra: &[(Vec<usize>, Option<TornOp>)],
+    ) -> Result<Vec<CrashState>, LogError> {
         let updates: Vec<Vec<SectorUpdate>> = epoch
             .ops
             .iter()
@@ -310,6 +363,18 @@ impl StateGenerator {
         }
         if self.opts.torn {
             candidates.extend(self.torn_candidates(epoch, &mut rng));
+        }
+        for (included, torn) in extra {
+            if legal(epoch, included, torn.as_ref()) {
+                candidates.push(Candidate {
+                    kind: torn.as_ref().map_or(StateKind::Subset, |_| StateKind::Torn),
+                    label: torn
+                        .as_ref()
+                        .map_or("subset".into(), |t| format!("torn@{}", t.seq)),
+                    included: included.clone(),
+                    torn: torn.clone(),
+                });
+            }
         }
         let states = candidates
             .into_iter()

@@ -1,5 +1,6 @@
 //! The few system calls std leaves out: signalling a process group, seeing a child end without
-//! reaping it (`waitid`, `pidfd_open`), `poll`, and the free space of a filesystem (`statvfs`). Each wrapper takes and returns plain values and says why it is sound.
+//! reaping it (`waitid`, `pidfd_open`), `poll`, the free space of a filesystem (`statvfs`), and a rename that never replaces
+//! (`renameat2` with `RENAME_NOREPLACE`). Each wrapper takes and returns plain values and says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -90,4 +91,29 @@ pub fn free_bytes(dir: &std::path::Path) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Renames `from` to `to`, failing with `AlreadyExists` if `to` exists, even as an empty
+/// folder (which a plain `rename` would replace).
+pub fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &std::path::Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
+    };
+    let (a, b) = (c(from)?, c(to)?);
+    // SAFETY: two valid NUL-terminated paths that outlive the call; renameat2 keeps neither.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

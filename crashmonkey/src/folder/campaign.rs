@@ -280,6 +280,17 @@ impl RaceFolder {
         Ok(s)
     }
 
+    /// Minimises each finding's smallest run that is not minimised yet
+    /// (`folder::minimised`), within `runs_max` candidate runs each; returns how many.
+    pub fn minimise(
+        &self,
+        runs_max: u64,
+        progress: &mut dyn FnMut(usize, u64, &crate::race::minimise::RunSize),
+    ) -> Result<usize, FolderError> {
+        let tallies = self.index.findings()?;
+        super::minimised::minimise_findings(&self.dir, &tallies, runs_max, progress)
+    }
+
     /// The bundle folder of a seed.
     pub fn bundle_dir(&self, seed: u64) -> PathBuf {
         self.dir.join(bundle_name(seed))

@@ -3,12 +3,14 @@
 //!
 //! The truth is in files: `campaign.json` (the campaign's parameters), `runs/` (a record
 //! per stretch of runs done, with the tallies of what failed in it, `record`) and one bundle
-//! per finding's first and smallest failing run (`race-seed-N/`). The `sled` index in
+//! per finding's first and smallest failing run (`race-seed-N/`, the smallest's with its
+//! minimised run inside when the campaign minimised, `minimised`). The `sled` index in
 //! `index/` is derived from them (`index`) and can be rebuilt (`reindex`). Findings are
 //! failing runs grouped by failure signature (`signature`).
 
 pub mod campaign;
 pub mod index;
+pub mod minimised;
 pub mod record;
 pub mod signature;
 
@@ -179,6 +181,8 @@ pub struct Finding {
     pub bundle: String,
     /// The first run's bundle, relative to the folder.
     pub first_bundle: String,
+    /// The smallest run minimised (`race --minimise`), if it was: the smallest reproducer.
+    pub minimised: Option<minimised::MinimisedRun>,
 }
 
 impl Finding {
@@ -198,6 +202,7 @@ impl Finding {
             seeds: t.seeds.clone(),
             bundle: bundle_name(t.smallest_seed),
             first_bundle: bundle_name(t.first_seed),
+            minimised: None,
         }
     }
 }
@@ -248,7 +253,7 @@ pub fn findings(dir: &Path) -> Result<Findings, FolderError> {
     }
     let runs = indexed.values().map(|r| r.runs).sum();
     let failing_runs = indexed.values().map(|r| r.failures).sum();
-    Ok(report(runs, failing_runs, &tallies))
+    report(dir, runs, failing_runs, &tallies)
 }
 
 /// Times [`findings`] of a running campaign reads its records again when a bundle they name
@@ -264,7 +269,7 @@ fn findings_of_records(dir: &Path) -> Result<Findings, FolderError> {
         match tallies.iter().try_for_each(|t| check_bundles(dir, t)) {
             Err(_) if tries + 1 < LIVE_READS_MAX => tries += 1,
             Err(e) => return Err(e),
-            Ok(()) => return Ok(report(runs, failing_runs, &tallies)),
+            Ok(()) => return report(dir, runs, failing_runs, &tallies),
         }
     }
 }
@@ -287,14 +292,22 @@ fn merge_records(dir: &Path) -> Result<(u64, u64, BTreeMap<String, Tally>), Fold
     Ok((runs, failing_runs, tallies))
 }
 
-fn report(runs: u64, failing_runs: u64, tallies: &[Tally]) -> Findings {
+fn report(
+    dir: &Path,
+    runs: u64,
+    failing_runs: u64,
+    tallies: &[Tally],
+) -> Result<Findings, FolderError> {
     let mut findings: Vec<Finding> = tallies.iter().map(Finding::of).collect();
+    for f in &mut findings {
+        f.minimised = minimised::read(dir, f.smallest_seed, &f.signature)?;
+    }
     findings.sort_by(|a, b| b.count.cmp(&a.count).then(a.signature.cmp(&b.signature)));
-    Findings {
+    Ok(Findings {
         runs,
         failing_runs,
         findings,
-    }
+    })
 }
 
 /// A finding's bundles are in the folder, load, and show a failure of its signature.
@@ -477,9 +490,19 @@ fn copy_bundle(sources: &[PathBuf], out: &Path, seed: u64) -> Result<(), FolderE
         });
     };
     let dst = out.join(&name);
-    std::fs::create_dir_all(&dst).map_err(|e| FolderError::io(&dst, e))?;
-    for e in std::fs::read_dir(&src).map_err(|e| FolderError::io(&src, e))? {
-        let p = e.map_err(|e| FolderError::io(&src, e))?.path();
+    copy_files(&src, &dst)?;
+    let min = src.join(minimised::MINIMISED_DIR);
+    if min.is_dir() {
+        copy_files(&min, &dst.join(minimised::MINIMISED_DIR))?;
+    }
+    Ok(())
+}
+
+/// Copies the files (not the folders) of `src` into `dst`, made if missing.
+fn copy_files(src: &Path, dst: &Path) -> Result<(), FolderError> {
+    std::fs::create_dir_all(dst).map_err(|e| FolderError::io(dst, e))?;
+    for e in std::fs::read_dir(src).map_err(|e| FolderError::io(src, e))? {
+        let p = e.map_err(|e| FolderError::io(src, e))?.path();
         if p.is_file() {
             let to = dst.join(p.file_name().expect("a file has a name"));
             std::fs::copy(&p, &to).map_err(|e| FolderError::io(&p, e))?;

@@ -64,7 +64,7 @@ fn violation(f: &Failure) -> String {
 
 /// `what` with every run of digits as `#` and the separator as `/`: the same broken rule at
 /// another block or offset is the same violation.
-fn generic(what: &str) -> String {
+pub fn generic(what: &str) -> String {
     let mut out = String::with_capacity(what.len());
     for c in what.chars() {
         match c {

@@ -90,6 +90,19 @@ pub fn write_bundle(
 ) -> anyhow::Result<PathBuf> {
     let dir = out.join(format!("fs-seed-{}", run.seed));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_bundle_files(&dir, &dir, kind, run, opts)?;
+    Ok(dir)
+}
+
+/// Writes the files of `run`'s bundle into folder `dir`, which exists; its README names the
+/// folder `shown` (where `dir` will be once renamed).
+pub fn write_bundle_files(
+    dir: &Path,
+    shown: &Path,
+    kind: WorkloadKind,
+    run: &FsRun,
+    opts: StateOptions,
+) -> anyhow::Result<()> {
     let failure = run.states.failures.first();
     let bundle = FsBundle {
         version: FS_BUNDLE_VERSION,
@@ -125,8 +138,8 @@ pub fn write_bundle(
         w("fsck.txt", lines(&f.fsck).as_bytes())?;
         w("oracle.txt", report(f).as_bytes())?;
     }
-    w("README.md", readme(&dir, &bundle).as_bytes())?;
-    Ok(dir)
+    w("README.md", readme(shown, &bundle).as_bytes())?;
+    Ok(())
 }
 
 fn lines(v: &[String]) -> String {

@@ -9,10 +9,12 @@
 //! - `states`    every crash state of a run's log: built in memory, mounted, fsck'd, judged
 //! - `campaign`  runs, summaries
 //! - `bundle`    reproducer bundles of findings, and their replay
+//! - `minimise`  a failing crash state shrunk to the fewest surviving and torn writes
 
 pub mod bundle;
 pub mod campaign;
 pub mod device;
 pub mod image;
+pub mod minimise;
 pub mod states;
 pub mod workload;

@@ -37,7 +37,7 @@ pub struct StateFailure {
 }
 
 /// The full image of a state: the prefix with its blocks laid over it.
-fn state_image(prefix: &[u8], blocks: &BlockMap<Vec<u8>>) -> Vec<u8> {
+pub(crate) fn state_image(prefix: &[u8], blocks: &BlockMap<Vec<u8>>) -> Vec<u8> {
     let mut img = prefix.to_vec();
     for (b, data) in blocks {
         img[(b * BS) as usize..((b + 1) * BS) as usize].copy_from_slice(data);
@@ -58,7 +58,12 @@ pub struct StatesChecked {
 }
 
 /// A state's own blocks: the prefix blocks its writes touch, with the writes applied.
-fn state_blocks(prefix: &[u8], epoch: &Epoch, state: &CrashState, log: &[u8]) -> BlockMap<Vec<u8>> {
+pub(crate) fn state_blocks(
+    prefix: &[u8],
+    epoch: &Epoch,
+    state: &CrashState,
+    log: &[u8],
+) -> BlockMap<Vec<u8>> {
     let mut blocks = BlockMap::default();
     let mut apply = |op: &Op, pieces: &[(u64, u64)]| {
         for &(off, len) in pieces {
@@ -97,7 +102,7 @@ fn fill(op: &Op, at: u64, dst: &mut [u8], log: &[u8]) {
 }
 
 /// Applies every operation of `epoch` to the prefix image.
-fn advance(prefix: &mut [u8], epoch: &Epoch, log: &[u8]) {
+pub(crate) fn advance(prefix: &mut [u8], epoch: &Epoch, log: &[u8]) {
     for op in &epoch.ops {
         for &(off, len) in &op.pieces {
             fill(
@@ -260,8 +265,10 @@ pub fn find_and_check(
     for epoch in Epochs::new(LogHistory::open(log_path)?) {
         let epoch = epoch?;
         if epoch.index == want.epoch {
+            // A minimised state need not be one the generator draws: it is appended.
+            let wanted = [(want.included.clone(), want.torn.clone())];
             let Some(state) = generator
-                .epoch_states(&epoch)?
+                .epoch_states_and(&epoch, &wanted)?
                 .into_iter()
                 .find(|s| s.included == want.included && s.torn == want.torn)
             else {

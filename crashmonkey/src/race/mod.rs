@@ -1,8 +1,10 @@
 //! Race campaigns over fs-core: seeded random workloads (`workload`), the campaign runner
 //! and its reports (`campaign`), and reproducer bundles that replay a finding exactly
-//! (`repro`).
+//! (`repro`), shrunk by delta debugging to the smallest run that fails the same way
+//! (`minimise`).
 
 pub mod campaign;
+pub mod minimise;
 pub mod repro;
 pub mod workload;
 

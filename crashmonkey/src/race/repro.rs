@@ -43,7 +43,7 @@ pub fn write_bundle(out: &Path, o: &RunOutcome) -> anyhow::Result<PathBuf> {
         .prefix(&format!("{PARTIAL_BUNDLE_PREFIX}{}-", o.seed))
         .tempdir_in(out)
         .with_context(|| format!("creating a folder in {}", out.display()))?;
-    write_bundle_files(tmp.path(), &dir, o)?;
+    write_bundle_files(tmp.path(), &dir, o, &describe_failure(o))?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("replacing {}", dir.display()))?;
     }
@@ -71,9 +71,14 @@ pub fn sweep_partial_bundles(out: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The files of a bundle, written into `tmp`; `dir` is where the bundle will be (what its
-/// README tells people to replay).
-fn write_bundle_files(tmp: &Path, dir: &Path, o: &RunOutcome) -> anyhow::Result<()> {
+/// Writes the files of `o`'s bundle into folder `dir`, which exists; its README names the
+/// folder `shown` (where `dir` will be once renamed) and holds `report`.
+pub fn write_bundle_files(
+    dir: &Path,
+    shown: &Path,
+    o: &RunOutcome,
+    report: &str,
+) -> anyhow::Result<()> {
     let bundle = Bundle {
         version: BUNDLE_VERSION,
         seed: o.seed,
@@ -84,7 +89,7 @@ fn write_bundle_files(tmp: &Path, dir: &Path, o: &RunOutcome) -> anyhow::Result<
         failures: o.result.failures.clone(),
     };
     let w = |name: &str, data: String| -> anyhow::Result<()> {
-        let p = tmp.join(name);
+        let p = dir.join(name);
         std::fs::write(&p, data).with_context(|| format!("writing {}", p.display()))
     };
     w("bundle.json", serde_json::to_string_pretty(&bundle)?)?;
@@ -97,9 +102,8 @@ fn write_bundle_files(tmp: &Path, dir: &Path, o: &RunOutcome) -> anyhow::Result<
         "device-log.json",
         serde_json::to_string_pretty(&o.result.device_log)?,
     )?;
-    record_device_log(&tmp.join("device.log"), &bundle, &o.result)?;
-    let report = describe_failure(o);
-    w("report.txt", report.clone())?;
+    record_device_log(&dir.join("device.log"), &bundle, &o.result)?;
+    w("report.txt", report.to_string())?;
     let readme = format!(
         "# fs-core race reproducer, seed {seed}\n\n\
          A workload and the exact interleaving of its steps that fs-core's scheduler chose, which\n\
@@ -117,7 +121,7 @@ fn write_bundle_files(tmp: &Path, dir: &Path, o: &RunOutcome) -> anyhow::Result<
          (below).\n\n\
          ```\n{report}```\n",
         seed = o.seed,
-        dir = dir.display(),
+        dir = shown.display(),
     );
     w("README.md", readme)
 }

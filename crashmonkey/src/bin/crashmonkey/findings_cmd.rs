@@ -116,6 +116,29 @@ fn show(f: &Findings, dir: &Path, json: bool) -> anyhow::Result<()> {
             },
             dir.join(&x.bundle).display()
         ));
+        if let Some(m) = &x.minimised {
+            emitln(&minimised_text(m, dir));
+        }
     }
     Ok(())
+}
+
+/// The smallest reproducer of a finding and what minimisation removed from it.
+fn minimised_text(m: &crashmonkey::folder::minimised::MinimisedRun, dir: &Path) -> String {
+    let (b, a) = (&m.before, &m.after);
+    format!(
+        "   smallest reproducer (minimised in {} runs): {} ops ({} removed), {} bytes ({} \
+         shortened), {} preemptions ({} removed), {} steps (was {})\n   replay: crashmonkey \
+         race --replay {}",
+        m.runs,
+        a.ops,
+        b.ops - a.ops,
+        a.bytes,
+        b.bytes.saturating_sub(a.bytes),
+        a.preemptions,
+        b.preemptions.saturating_sub(a.preemptions),
+        a.schedule_steps,
+        b.schedule_steps,
+        dir.join(&m.bundle).display()
+    )
 }

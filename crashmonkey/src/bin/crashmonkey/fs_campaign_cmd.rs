@@ -80,6 +80,11 @@ pub struct CampaignArgs {
     /// Do not write a reproducer bundle.
     #[arg(long)]
     pub no_bundle: bool,
+    /// Minimise the bundled crash state (as `fs minimise` does) into the bundle's
+    /// `minimised/` folder: the fewest surviving and torn writes that fail the same way. A
+    /// `minimised/` already there is kept, not replaced.
+    #[arg(long, conflicts_with = "no_bundle")]
+    pub minimise: bool,
     /// Save the run with the most crash states here (device.log, base.img, run.json with its
     /// seed, states and checking time), to compare checkers on one log (make bench-fscore).
     #[arg(long, value_name = "DIR")]
@@ -160,7 +165,11 @@ fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
             if args.no_bundle {
                 return Ok(PathBuf::new());
             }
-            bundle::write_bundle(&args.out, kind, run, opts.states)
+            let dir = bundle::write_bundle(&args.out, kind, run, opts.states)?;
+            if args.minimise {
+                minimise_bundle(&dir, tmp.path())?;
+            }
+            Ok(dir)
         },
         &mut |run| match &args.save_largest {
             Some(dir) if run.states.checked > largest => {
@@ -186,6 +195,28 @@ fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
         (None, 0) => 0,
         (None, _) => 1,
     })
+}
+
+/// `fs campaign --minimise`: the bundle at `dir` minimised into `dir/minimised` (unless a
+/// folder of that name is there: it is kept).
+fn minimise_bundle(dir: &std::path::Path, tmp: &std::path::Path) -> anyhow::Result<()> {
+    use crashmonkey::fscore::minimise as m;
+    let target = dir.join(crashmonkey::folder::minimised::MINIMISED_DIR);
+    if target.exists() {
+        eprintln!(
+            "crashmonkey fs campaign: {} exists: kept, not replaced",
+            target.display()
+        );
+        return Ok(());
+    }
+    let b = bundle::load(dir)?;
+    if b.state.is_none() {
+        return Ok(());
+    }
+    let r = m::minimise_state(&b, tmp)?;
+    m::write_state_minimised(&target, &b, &r)?;
+    tracing::info!(bundle = %target.display(), "crash state minimised");
+    Ok(())
 }
 
 /// Seconds spent checking a saved run's states again, to measure their rate.

@@ -82,6 +82,9 @@ Exit status: 0 described, 2 error (no such file, cannot mount)."
     /// Crash campaigns: each run formats a fresh filesystem on a recorded emulated disk, runs
     /// a workload, and checks every crash state of its log (mount, fsck, crash oracle).
     Campaign(Box<crate::fs_campaign_cmd::CampaignArgs>),
+    /// Shrink a failing crash state (an fs campaign's bundle) to the fewest surviving and
+    /// torn writes that still fail the same way.
+    Minimise(crate::minimise_cmd::FsMinimiseArgs),
     /// Sessions an fscore= export of nbd-server recorded.
     #[command(subcommand)]
     Session(SessionCmd),
@@ -185,6 +188,7 @@ pub fn run(cmd: FsCmd) -> anyhow::Result<i32> {
         FsCmd::Ls(a) => ("ls", ls(a)),
         FsCmd::Cat(a) => ("cat", cat(a)),
         FsCmd::Stat(a) => ("stat", stat(a)),
+        FsCmd::Minimise(a) => ("minimise", crate::minimise_cmd::fs_minimise(&a)),
     };
     match r {
         Ok(code) => Ok(code),

@@ -4,6 +4,7 @@ mod crash_cmd;
 mod findings_cmd;
 mod fs_campaign_cmd;
 mod fs_cmd;
+mod minimise_cmd;
 mod race_cmd;
 mod report_cmd;
 mod switches;
@@ -38,7 +39,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a seeded race campaign over fs-core (or replay a reproducer).
+    /// Run a seeded race campaign over fs-core (or replay or minimise a reproducer).
     Race(race_cmd::RaceArgs),
     #[command(flatten)]
     Crash(crash_cmd::CrashCmd),

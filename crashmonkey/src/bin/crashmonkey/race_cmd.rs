@@ -3,7 +3,7 @@
 //! Exit codes: 0 = no failure found (or the replay passed); 1 = failures found (or the
 //! replayed reproducer failed again); 2 = the command could not run (bad bundle, IO error).
 
-use clap::Args;
+use clap::{Args, Subcommand};
 use crashmonkey::race::{self, campaign, CampaignOptions, RunOutcome};
 use fs_core::sched::{self, ReplayPolicy};
 use fs_core::Config;
@@ -14,16 +14,23 @@ use std::path::PathBuf;
 const PROGRESS_RUNS_MIN: u64 = 1_000;
 
 #[derive(Args, Debug)]
-#[command(after_help = "Examples:\n  \
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  \
 crashmonkey race --seed 1 --runs 2000 --no-iomap-valid      # finds stale-mapping corruption\n  \
 crashmonkey race --seed 1 --runs 100000                     # the fixed model: no failure\n  \
 crashmonkey race --seed 1 --runs 20000 --no-iomap-valid --out camp   # resumable; then:\n  \
 crashmonkey findings camp                                   # its distinct findings\n  \
 crashmonkey race --replay fixtures/race/race-seed-9079      # replay a reproducer exactly\n  \
-crashmonkey race --replay fixtures/race/race-seed-9079 --defaults   # same schedule, fix on\n\n\
+crashmonkey race --replay fixtures/race/race-seed-9079 --defaults   # same schedule, fix on\n  \
+crashmonkey race minimise fixtures/race/race-seed-9079 -o min   # shrink it (see race minimise -h)\n  \
+crashmonkey race --seed 1 --runs 2000 --no-iomap-valid --out camp --minimise   # and each finding\n\n\
 Exit status: 0 no failure found (replay passed), 1 failures found (replay failed), 2 error,\n\
-130/143 stopped by SIGINT/SIGTERM (with --out: what ran is recorded; rerun to go on).")]
+130/143 stopped by SIGINT/SIGTERM (with --out: what ran is recorded; rerun to go on)."
+)]
 pub struct RaceArgs {
+    #[command(subcommand)]
+    pub cmd: Option<RaceCmd>,
     /// First seed; run i uses seed + i, which alone decides its workload and schedule.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -65,6 +72,18 @@ pub struct RaceArgs {
     /// seeds together are the unsharded campaign's (docs/scale-out.md).
     #[arg(long, value_name = "K/N")]
     pub shard: Option<String>,
+    /// With --out: once the campaign's runs are done, minimise each finding's smallest
+    /// failing run by delta debugging (as `race minimise` does) and keep it inside that run's
+    /// bundle as `minimised/`. A rerun minimises what is not minimised yet.
+    #[arg(long, requires = "out")]
+    pub minimise: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RaceCmd {
+    /// Shrink a failing run's bundle by delta debugging to the smallest run that fails the
+    /// same way: fewer operations, shorter ranges, fewer preemptions.
+    Minimise(crate::minimise_cmd::MinimiseArgs),
 }
 
 impl RaceArgs {
@@ -136,6 +155,9 @@ pub(crate) fn emitln(text: &str) {
 }
 
 pub fn run(args: RaceArgs) -> anyhow::Result<i32> {
+    if let Some(RaceCmd::Minimise(m)) = &args.cmd {
+        return crate::minimise_cmd::run(m);
+    }
     let r = if args.replay.is_some() {
         replay(&args)
     } else {
@@ -163,7 +185,7 @@ fn campaign_cmd(args: &RaceArgs) -> anyhow::Result<i32> {
     let (summary, bundle_dir) = match &args.out {
         Some(dir) => {
             crate::crash_cmd::stop_on_signals(&stop)?;
-            folder_campaign(dir, &opts, args.record_seconds, &stop)?
+            folder_campaign(dir, &opts, args, &stop)?
         }
         None => plain_campaign(args, &opts)?,
     };
@@ -272,7 +294,7 @@ const DEFAULT_OUT: &str = "crashmonkey-out";
 fn folder_campaign(
     dir: &std::path::Path,
     opts: &CampaignOptions,
-    record_seconds: f64,
+    args: &RaceArgs,
     stop: &crashmonkey::check::StopFlag,
 ) -> anyhow::Result<(campaign::CampaignSummary, Option<PathBuf>)> {
     use crashmonkey::folder::{campaign::RaceFolder, RaceParams};
@@ -286,7 +308,7 @@ fn folder_campaign(
             shard: opts.shard.to_string(),
         },
     )?;
-    folder.record_every(record_seconds);
+    folder.record_every(args.record_seconds);
     let done = folder.done()?;
     if done.runs > 0 {
         tracing::info!(runs = done.runs, "resuming: runs already recorded");
@@ -303,8 +325,26 @@ fn folder_campaign(
         &|| stop.signal().is_some(),
     )?;
     bar.finish_and_clear();
+    if args.minimise && stop.signal().is_none() {
+        minimise_findings(&folder)?;
+    }
     let bundle = summary.smallest_failure_seed.map(|s| folder.bundle_dir(s));
     Ok((summary, bundle))
+}
+
+/// `race --out DIR --minimise`: each finding's smallest run, minimised into its bundle.
+fn minimise_findings(folder: &crashmonkey::folder::campaign::RaceFolder) -> anyhow::Result<()> {
+    use crashmonkey::race::minimise::MINIMISE_RUNS_MAX;
+    let bar = crate::minimise_cmd::bar(MINIMISE_RUNS_MAX);
+    let made = folder.minimise(MINIMISE_RUNS_MAX, &mut |n, runs, size| {
+        if runs % 64 == 0 {
+            bar.set_position(runs);
+            bar.set_message(crate::minimise_cmd::finding_text(n, size));
+        }
+    });
+    bar.finish_and_clear();
+    tracing::info!(minimised = made?, "findings minimised");
+    Ok(())
 }
 
 fn first_failure_json(o: &RunOutcome) -> serde_json::Value {
