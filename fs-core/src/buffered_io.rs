@@ -931,6 +931,29 @@ mod tests {
         Fs::new(Config::default(), Box::new(MemDevice::new(64)), 1)
     }
 
+    /// Runs `w` to its end (no injection); its result and the labels of the steps taken.
+    fn finish_write(fs: &mut Fs, w: &mut WriteTask) -> (Result<u64, FsError>, Vec<YieldPoint>) {
+        let mut oracle = Oracle::new(fs.inodes.len());
+        let mut labels = Vec::new();
+        for _ in 0..1000 {
+            let mut cx = Cx {
+                fs,
+                oracle: &mut oracle,
+                me: ME,
+                op: 0,
+                short_copy: None,
+            };
+            match w.step(&mut cx) {
+                Step::Yield(l, _) => labels.push(l),
+                Step::Done(l, _, r) => {
+                    labels.push(l);
+                    return (r, labels);
+                }
+            }
+        }
+        panic!("the write does not end: {labels:?}");
+    }
+
     /// Steps `w` (with `shorts` injected at its copies) until `stop` holds of its state.
     fn step_until(fs: &mut Fs, w: &mut WriteTask, mut shorts: Vec<u32>, stop: fn(WState) -> bool) {
         let mut oracle = Oracle::new(fs.inodes.len());
@@ -1074,6 +1097,104 @@ mod tests {
         assert_eq!(
             [ext(1), ext(2), ext(3)],
             [ExtentState::Hole, ExtentState::Delalloc, ExtentState::Hole]
+        );
+    }
+
+    /// A write past the largest file fails before it takes anything (the engine and the
+    /// workload check refuse it earlier; the task checks again).
+    #[test]
+    fn a_write_past_the_largest_file_is_efbig() {
+        let mut fs = fs();
+        let (r, labels) = run_write(&mut fs, FILE_BYTES_MAX - 1, 2, vec![]);
+        assert_eq!(r, Err(FsError::FileTooBig));
+        assert_eq!(labels, vec![YieldPoint::WriteEfbig]);
+        let (r, _) = run_write(&mut fs, FILE_BYTES_MAX - 2, 2, vec![]);
+        assert_eq!(r, Ok(2), "a write ending at the limit is fine");
+    }
+
+    /// Allocating at write time, the device fills up part-way: the write returns what it
+    /// wrote from its own start (not from 0), and the next `iomap_begin`'s ENOSPC is not
+    /// reported.
+    #[test]
+    fn running_out_of_space_part_way_returns_the_bytes_written() {
+        let cfg = Config {
+            alloc: crate::fs::AllocMode::AtWrite,
+            ..Config::default()
+        };
+        let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 1);
+        while fs.alloc.free_blocks() > 2 {
+            let b = 100 + fs.alloc.free_blocks();
+            fs.alloc_block(0, b, false).unwrap();
+        }
+        let (r, labels) = run_write(&mut fs, 100, 4 * BLOCK_SIZE, vec![]);
+        assert_eq!(r, Ok(2 * BS - 100), "{labels:?}");
+        assert_eq!(labels.last(), Some(&YieldPoint::IomapBeginError));
+        let (r, _) = run_write(&mut fs, 3 * BS, 10, vec![]);
+        assert_eq!(r, Err(FsError::NoSpace), "nothing written: the error");
+    }
+
+    /// With `->iomap_valid` off, a mapping that went stale between `iomap_begin` and the folio
+    /// lock is used as it is, wherever the check would have been.
+    #[test]
+    fn with_the_check_off_a_stale_mapping_is_not_remapped() {
+        for at in [ValidityCheckAt::InGetFolio, ValidityCheckAt::AfterFolioLock] {
+            for check in [false, true] {
+                let cfg = Config {
+                    iomap_valid: check,
+                    validity_check_at: at,
+                    ..Config::default()
+                };
+                let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 1);
+                let mut w = WriteTask::new(0, 0, vec![b'W'; 100]);
+                step_until(&mut fs, &mut w, vec![], |st| st == WState::GetFolio);
+                // Something else changes the extent map (a block elsewhere in the file).
+                fs.inode_mut(0).extents.set(9, Extent::DELALLOC);
+                let (r, labels) = finish_write(&mut fs, &mut w);
+                assert_eq!(r, Ok(100));
+                let begins = labels
+                    .iter()
+                    .filter(|&&l| l == YieldPoint::IomapBegin)
+                    .count();
+                assert_eq!(
+                    begins,
+                    usize::from(check),
+                    "{at:?} check {check}: {labels:?}"
+                );
+            }
+        }
+    }
+
+    /// A copy short of a folio that is not uptodate, over data on disk: the rejected copy
+    /// leaves the folio as it was (not uptodate), so the retry's `__iomap_write_begin` reads
+    /// the rest of the block from disk; the old bytes beyond the copied ones stay.
+    #[test]
+    fn a_rejected_copy_over_written_data_reads_the_rest_from_disk() {
+        let mut fs = fs();
+        let (r, _) = run_write(&mut fs, 0, BLOCK_SIZE, vec![]);
+        assert_eq!(r, Ok(BS));
+        // Make it WRITTEN on disk with 'O' and drop the cache.
+        let addr = fs.alloc_block(0, 0, false).unwrap();
+        fs.inode_mut(0).extents.set(
+            0,
+            Extent {
+                state: ExtentState::Written,
+                addr,
+            },
+        );
+        let req = crate::block::Request::Write {
+            block: addr,
+            data: vec![b'O'; BLOCK_SIZE],
+            fua: false,
+        };
+        block::submit_and_complete(fs.dev.as_mut(), req).unwrap();
+        fs.remove_folio(0, 0);
+        let (r, labels) = run_write(&mut fs, 0, BLOCK_SIZE, vec![100]);
+        assert_eq!(r, Ok(100), "{labels:?}");
+        let f = fs.inode(0).cache.get(0).expect("cached");
+        assert!(f.data[..100].iter().all(|&b| b == b'W'));
+        assert!(
+            f.data[100..].iter().all(|&b| b == b'O'),
+            "the rest was read"
         );
     }
 }
