@@ -1197,4 +1197,42 @@ mod tests {
             "the rest was read"
         );
     }
+
+    /// The old punch drops the page cache of exactly the blocks it punches: a dirty folio
+    /// just past them stays, after a short write and after a write that wrote everything.
+    #[test]
+    fn the_old_punch_drops_only_its_range() {
+        let cfg = Config {
+            punch: PunchMode::Old,
+            ..Config::default()
+        };
+        for (len, shorts, next) in [(2, vec![BLOCK_SIZE as u32], 2u64), (1, vec![], 1)] {
+            let mut fs = Fs::new(cfg.clone(), Box::new(MemDevice::new(64)), 1);
+            let (r, _) = run_write(&mut fs, next * BS, BLOCK_SIZE, vec![]);
+            assert_eq!(r, Ok(BS));
+            let (r, labels) = run_write(&mut fs, 0, len * BLOCK_SIZE, shorts);
+            assert_eq!(r, Ok(BS), "{labels:?}");
+            let f = fs
+                .inode(0)
+                .cache
+                .get(next)
+                .expect("the folio past the punch stays");
+            assert!(f.dirty && f.data.iter().all(|&b| b == b'W'));
+        }
+    }
+
+    /// The planted bug `size_before_data`: the on-disk size follows the in-memory size at
+    /// the copy, before the data is written back (without it, only IO completion moves it).
+    #[test]
+    fn the_size_before_data_bug_moves_the_disk_size_at_the_copy() {
+        for bug in [false, true] {
+            let mut cfg = Config::default();
+            cfg.bugs.size_before_data = bug;
+            let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 1);
+            run_write(&mut fs, 0, 100, vec![]).0.unwrap();
+            run_write(&mut fs, 0, 200, vec![]).0.unwrap();
+            let want = if bug { 200 } else { 0 };
+            assert_eq!(fs.inode(0).disk_size, want, "bug {bug}");
+        }
+    }
 }
