@@ -1235,4 +1235,58 @@ mod tests {
             assert_eq!(fs.inode(0).disk_size, want, "bug {bug}");
         }
     }
+
+    /// A read returns how many bytes it copied out (up to EOF), folio by folio.
+    #[test]
+    fn a_read_returns_the_bytes_it_copied() {
+        let mut fs = fs();
+        run_write(&mut fs, 0, 2 * BLOCK_SIZE + 100, vec![])
+            .0
+            .unwrap();
+        let mut oracle = Oracle::new(1);
+        oracle.write(0, 0, &vec![b'W'; 2 * BLOCK_SIZE + 100], 0);
+        let mut r = ReadTask::collecting(0, 10, 3 * BS);
+        let result = loop {
+            let mut cx = Cx {
+                fs: &mut fs,
+                oracle: &mut oracle,
+                me: ME,
+                op: 1,
+                short_copy: None,
+            };
+            if let Step::Done(_, _, res) = r.step(&mut cx) {
+                break res;
+            }
+        };
+        assert_eq!(result, Ok(2 * BS + 90));
+        assert_eq!(r.take_data().unwrap().len() as u64, 2 * BS + 90);
+    }
+
+    /// A fault's folio truncated and made again before `page_mkwrite`: the reference the
+    /// fault took was on the old folio, so `page_mkwrite` faults again (and leaves the new
+    /// folio's references alone).
+    #[test]
+    fn mkwrite_refaults_when_its_folio_was_replaced() {
+        let mut fs = fs();
+        run_write(&mut fs, 0, BLOCK_SIZE, vec![]).0.unwrap();
+        let mut oracle = Oracle::new(1);
+        let mut m = MmapStoreTask::new(0, 10, vec![b'M'; 5]).unwrap();
+        let mut step = |fs: &mut Fs, m: &mut MmapStoreTask| {
+            let mut cx = Cx {
+                fs,
+                oracle: &mut oracle,
+                me: ME,
+                op: 1,
+                short_copy: None,
+            };
+            match m.step(&mut cx) {
+                Step::Yield(l, _) | Step::Done(l, _, _) => l,
+            }
+        };
+        assert_eq!(step(&mut fs, &mut m), YieldPoint::FaultRead);
+        fs.remove_folio(0, 0);
+        fs.get_folio(0, 0).uptodate = true;
+        assert_eq!(step(&mut fs, &mut m), YieldPoint::PageMkwriteRefault);
+        assert_eq!(fs.inode(0).cache.get(0).unwrap().pins, 0);
+    }
 }

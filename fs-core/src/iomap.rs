@@ -208,4 +208,29 @@ mod tests {
         fs.inode_mut(0).extents.set(1, Extent::HOLE);
         assert!(!iomap_valid(&fs, 0, &m));
     }
+
+    /// Allocating at write time, a mapping covers only device-contiguous blocks: a block
+    /// that does not follow goes back and the next `iomap_begin` maps from there.
+    #[test]
+    fn at_write_mappings_cover_contiguous_blocks_only() {
+        let cfg = Config {
+            alloc: AllocMode::AtWrite,
+            ..Config::default()
+        };
+        let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 2);
+        let a = fs.alloc_block(1, 0, false).unwrap();
+        let b = fs.alloc_block(1, 1, false).unwrap();
+        fs.alloc_block(1, 2, false).unwrap();
+        assert_eq!(b, a + 1);
+        fs.alloc.free(b);
+        let free = fs.alloc.free_blocks();
+        let m = iomap_begin_write(&mut fs, 0, 0, 2 * BS).unwrap();
+        assert_eq!((m.length, m.addr), (BS, b), "only the block that was freed");
+        assert_eq!(fs.inode(0).extents.get(1).state, ExtentState::Hole);
+        assert_eq!(
+            fs.alloc.free_blocks(),
+            free - 1,
+            "the other block went back"
+        );
+    }
 }
