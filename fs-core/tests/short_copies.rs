@@ -1,0 +1,103 @@
+//! Short copies as `iomap_write_iter` (fs/iomap/buffered-io.c, v6.6) runs them, scripted
+//! through the scheduler: an injected short copy is a user buffer that cannot be read from
+//! there on. Unit tests beside the write task (`buffered_io.rs`) look at the page cache and
+//! extents; these look at what the workload sees and at the schedule.
+
+use fs_core::sched::{Directive::*, FIRST_OP_TASK};
+use fs_core::{Config, FsError, Op, PunchMode, RunResult, Workload, YieldPoint};
+
+mod common;
+use common::run_script;
+
+const K: u64 = 4096;
+
+/// A write of two folios into an empty file (nothing mapped, so `__iomap_write_begin`
+/// leaves a wholly covered folio not uptodate), whose buffer faults `fault_at` bytes in.
+fn faulting_write(cfg: &Config, fault_at: u32) -> RunResult {
+    let w = Workload {
+        files: 1,
+        phases: vec![vec![Op::Write {
+            file: 0,
+            offset: 0,
+            len: 2 * K,
+            byte: b'W',
+        }]],
+    };
+    let wr = FIRST_OP_TASK;
+    run_script(
+        cfg,
+        &w,
+        vec![
+            ShortCopy {
+                task: wr,
+                bytes: fault_at,
+            },
+            Drain { task: wr },
+        ],
+    )
+}
+
+fn labels(r: &RunResult) -> Vec<YieldPoint> {
+    let wr = FIRST_OP_TASK as u32;
+    r.trace
+        .iter()
+        .filter(|s| s.task == wr)
+        .map(|s| s.label)
+        .collect()
+}
+
+/// `__iomap_write_end` rejects a copy short of a folio that is not uptodate (it returns 0);
+/// `iomap_write_iter` retries with `bytes = copied`, `__iomap_write_begin` zeroes the rest of
+/// the folio, and the 100 readable bytes are written; then `fault_in_iov_iter_readable` faults
+/// in nothing and the write returns 100. The model before this wrote nothing (returned 0).
+#[test]
+fn a_rejected_copy_is_retried_and_writes_what_could_be_read() {
+    for punch in [PunchMode::Fixed, PunchMode::Old] {
+        let cfg = Config {
+            punch,
+            ..Config::default()
+        };
+        let r = faulting_write(&cfg, 100);
+        assert!(r.passed(), "{:?}", r.failures);
+        assert_eq!(r.results[0], Some(Ok(100)));
+        let l = labels(&r);
+        let short = l.iter().position(|&x| x == YieldPoint::CopyShort).unwrap();
+        assert_eq!(
+            l[short + 1..short + 4],
+            [
+                YieldPoint::GetFolio,
+                YieldPoint::IomapValid,
+                YieldPoint::WriteBegin
+            ],
+            "{l:?}"
+        );
+        assert_eq!(l[short + 4], YieldPoint::CopyWriteEnd, "{l:?}");
+        let f = &r.files[0];
+        assert_eq!(f.len(), 100);
+        assert!(f.iter().all(|&b| b == b'W'));
+    }
+}
+
+/// A buffer that faults at its first byte: nothing is written, the write fails with EFAULT,
+/// and the reservation it made is punched (the file stays empty).
+#[test]
+fn a_buffer_that_faults_at_once_fails_with_efault() {
+    let r = faulting_write(&Config::default(), 0);
+    assert!(r.passed(), "{:?}", r.failures);
+    assert_eq!(r.results[0], Some(Err(FsError::Fault)));
+    assert!(r.files[0].is_empty());
+}
+
+/// A fault at the folio boundary, after one whole folio: the iteration returns 4096 bytes,
+/// `iomap_end` punches the rest, `iomap_iter` maps again from 4096, that iteration's fault-in
+/// fails with nothing written, and its `iomap_end` punches again: two `iomap_begin`s.
+#[test]
+fn a_fault_after_progress_maps_again_before_returning() {
+    let r = faulting_write(&Config::default(), K as u32);
+    assert!(r.passed(), "{:?}", r.failures);
+    assert_eq!(r.results[0], Some(Ok(K)));
+    let l = labels(&r);
+    let begins = l.iter().filter(|&&x| x == YieldPoint::IomapBegin).count();
+    assert_eq!(begins, 2, "{l:?}");
+    assert_eq!(r.files[0], vec![b'W'; K as usize]);
+}
