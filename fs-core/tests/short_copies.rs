@@ -6,6 +6,8 @@
 use fs_core::sched::{Directive::*, FIRST_OP_TASK};
 use fs_core::{Config, FsError, Op, PunchMode, RunResult, Workload, YieldPoint};
 
+// Not every helper of the shared module is used here.
+#[allow(dead_code)]
 mod common;
 use common::run_script;
 
