@@ -662,3 +662,25 @@ fn fault_rates_outside_0_to_1_are_refused() {
     f.eio_flush = -0.1;
     assert!(f.validate().is_err());
 }
+
+/// A log read to its end says how it ended (complete, not torn), and a payload can be read
+/// from any position inside it.
+#[test]
+fn a_complete_log_ends_complete_and_payloads_read_from_any_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.log");
+    let (_s, d) = disk(Some(path.clone()));
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    let t = arrive(&d, 1, RequestKind::Write, 0, 4096, false);
+    d.write(Some(t), 0, WriteData::copy_of(&data), false)
+        .unwrap();
+    d.reply_sent(t);
+    flush(&d, 1);
+    drop(d);
+    let mut r = LogReader::open(&path).unwrap();
+    let recs: Vec<_> = r.by_ref().map(|x| x.unwrap()).collect();
+    assert_eq!(r.ending(), crate::log::LogEnding::Complete);
+    let mut buf = [0u8; 100];
+    r.read_payload_at(&recs[0], 1000, &mut buf).unwrap();
+    assert_eq!(buf[..], data[1000..1100]);
+}
