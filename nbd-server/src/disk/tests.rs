@@ -684,3 +684,30 @@ fn a_complete_log_ends_complete_and_payloads_read_from_any_offset() {
     r.read_payload_at(&recs[0], 1000, &mut buf).unwrap();
     assert_eq!(buf[..], data[1000..1100]);
 }
+
+/// More records than the recorder's queue holds, with no flush: the recorder thread drains
+/// the queue as it fills (back-pressure waits for it, not for a flush), and every record
+/// reaches the log.
+#[test]
+fn the_recorder_drains_a_full_queue_without_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.log");
+    let (_s, d) = disk(Some(path.clone()));
+    let writes = crate::disk::recorder::RECORDER_QUEUE_RECORDS_MAX + 500;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        for i in 0..writes {
+            write(&d, 1, (i as u64 % 128) * 512, i as u8, 512, false);
+        }
+        drop(d);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the writes finish: the queue is drained while full");
+    writer.join().unwrap();
+    let n = LogReader::open(&path)
+        .unwrap()
+        .filter(|r| r.as_ref().unwrap().kind == RecordKind::Write)
+        .count();
+    assert_eq!(n, writes);
+}
