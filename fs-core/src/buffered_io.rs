@@ -74,6 +74,8 @@ pub struct WriteTask {
     /// Where the current `iomap_file_buffered_write` call began (gfs2 calls it again after
     /// retaking the glock).
     call_start: u64,
+    /// Folio size in bytes (from the configuration, when the inode is locked).
+    fb: u64,
 }
 
 impl WriteTask {
@@ -90,6 +92,7 @@ impl WriteTask {
             retry_len: None,
             stop: None,
             call_start: pos,
+            fb: BS,
         }
     }
 
@@ -98,13 +101,13 @@ impl WriteTask {
     }
 
     fn idx(&self) -> u64 {
-        self.pos / BS
+        self.pos / self.fb
     }
 
     /// Bytes of the current folio this iteration covers (`bytes` in `iomap_write_iter`).
     fn plen(&self) -> u64 {
         let map = self.map.expect("mapped");
-        let folio_end = (self.idx() + 1) * BS;
+        let folio_end = (self.idx() + 1) * self.fb;
         let n = folio_end.min(map.end()).min(self.end()) - self.pos;
         self.retry_len.map_or(n, |r| r.min(n))
     }
@@ -123,7 +126,7 @@ impl WriteTask {
             WState::GetFolio => inode.cache.lockable(self.idx(), me),
             WState::OldTruncate { idx, .. } => inode
                 .cache
-                .get(idx)
+                .get(fs.folio_of(idx))
                 .is_none_or(|f| f.lockable_by(me) && !f.writeback),
             WState::FixedScan {
                 idx,
@@ -132,7 +135,7 @@ impl WriteTask {
                 ..
             } => {
                 (locked || inode.invalidate_lock.can_write())
-                    && (idx >= scan_end || inode.cache.lockable(idx, me))
+                    && (idx >= scan_end || inode.cache.lockable(fs.folio_of(idx), me))
             }
             WState::Gfs2Retake => !fs.cfg.gfs2.write_glock || inode.glock.can_write(),
             _ => true,
@@ -227,6 +230,7 @@ impl WriteTask {
         if self.end() > FILE_BYTES_MAX {
             return Step::Done(YieldPoint::WriteEfbig, 0, Err(FsError::FileTooBig));
         }
+        self.fb = cx.fs.folio_bytes();
         cx.fs.inode_mut(ino).i_rwsem.down_write(cx.me);
         if cx.fs.cfg.gfs2.write_glock {
             cx.fs.inode_mut(ino).glock.down_write(cx.me);
@@ -318,59 +322,110 @@ impl WriteTask {
         }
     }
 
-    /// `__iomap_write_begin`: the folio is locked; make the part the write does not cover
-    /// valid: zeros where `iomap_block_needs_zeroing` says so (the mapping is not MAPPED, or
-    /// is NEW, or the block is past EOF), else the block read from disk.
+    /// `__iomap_write_begin` (v6.6): the folio is locked; unless it is uptodate, make valid
+    /// the blocks the write touches but does not cover. They are taken in runs of blocks that
+    /// are not uptodate (`iomap_adjust_read_range`, which also splits a run at the EOF
+    /// block); a run the write covers whole is skipped, any other is zeroed where
+    /// `iomap_block_needs_zeroing` says so (the mapping is not MAPPED, or is NEW, or the run
+    /// starts past EOF) and read from disk otherwise, then marked uptodate.
     fn write_begin_uncovered(&mut self, cx: &mut Cx<'_>) -> Step {
-        let ino = self.ino;
-        let map = self.map.expect("mapped");
         let idx = self.idx();
-        let poff = self.pos - idx * BS;
-        let plen = self.plen();
-        let size = cx.fs.inode(ino).size;
-        let f = cx.fs.inode(ino).cache.get(idx).expect("locked folio");
-        let whole_folio = poff == 0 && plen == BS;
-        if !f.uptodate && !whole_folio {
-            self.note_uncovered_fill(cx, &map, idx, size);
-            if iomap::block_needs_zeroing(&map, idx * BS, size) {
-                let f = cx
-                    .fs
-                    .inode_mut(ino)
-                    .cache
-                    .get_mut(idx)
-                    .expect("locked folio");
-                f.data[..poff as usize].fill(0);
-                f.data[(poff + plen) as usize..].fill(0);
-                f.uptodate = true;
-            } else {
-                let data = match block::read_block_sync(cx.fs.dev.as_mut(), map.addr_of(self.pos)) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        // iomap_write_begin's error path: unlock, iomap_write_failed.
-                        self.unlock(cx.fs);
-                        iomap_write_failed(cx.fs, ino, self.pos, plen);
-                        self.fail(e.into());
-                        return Step::Yield(YieldPoint::WriteBeginReadError, idx);
-                    }
-                };
-                let f = cx
-                    .fs
-                    .inode_mut(ino)
-                    .cache
-                    .get_mut(idx)
-                    .expect("locked folio");
-                f.data = data;
-                f.uptodate = true;
+        let (from, to) = (self.pos, self.pos + self.plen());
+        if !cx
+            .fs
+            .inode(self.ino)
+            .cache
+            .get(idx)
+            .expect("locked")
+            .uptodate()
+        {
+            for (first, end) in self.uncovered_runs(cx.fs, from, to) {
+                if from <= first * BS && to >= end * BS {
+                    continue;
+                }
+                if let Err(e) = self.fill_run(cx, first, end, from, to) {
+                    // iomap_write_begin's error path: unlock, iomap_write_failed.
+                    self.unlock(cx.fs);
+                    iomap_write_failed(cx.fs, self.ino, from, to - from);
+                    self.fail(e);
+                    return Step::Yield(YieldPoint::WriteBeginReadError, idx);
+                }
             }
         }
         self.st = WState::Copy;
         Step::Yield(YieldPoint::WriteBegin, idx)
     }
 
+    /// The runs `[first, end)` (file blocks) of blocks that are not uptodate among those
+    /// `[from, to)` touches, split after the block holding the last byte below EOF when the
+    /// write crosses EOF (`iomap_adjust_read_range`).
+    fn uncovered_runs(&self, fs: &Fs, from: u64, to: u64) -> Vec<(u64, u64)> {
+        let f = fs.inode(self.ino).cache.get(self.idx()).expect("locked");
+        let (nb, size) = (fs.folio_blocks(), fs.inode(self.ino).size);
+        let eof_split = (from <= size && to > size && size > 0).then(|| size.div_ceil(BS));
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for b in from / BS..to.div_ceil(BS) {
+            if f.block_uptodate(b % nb) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some(run) if run.1 == b && eof_split != Some(b) => run.1 = b + 1,
+                _ => runs.push((b, b + 1)),
+            }
+        }
+        runs
+    }
+
+    /// One run of `__iomap_write_begin`: zero the parts of blocks `[first, end)` outside
+    /// `[from, to)`, or read the run from disk through the cached mapping; then the run is
+    /// uptodate.
+    fn fill_run(
+        &self,
+        cx: &mut Cx<'_>,
+        first: u64,
+        end: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<(), FsError> {
+        let (ino, idx) = (self.ino, self.idx());
+        let map = self.map.expect("mapped");
+        let size = cx.fs.inode(ino).size;
+        let lo = idx * self.fb;
+        self.note_uncovered_fill(cx, &map, first, size);
+        let zero = iomap::block_needs_zeroing(&map, first * BS, size);
+        let mut blocks = Vec::new();
+        if !zero {
+            for b in first..end {
+                blocks.push(block::read_block_sync(
+                    cx.fs.dev.as_mut(),
+                    map.addr_of(b * BS),
+                )?);
+            }
+        }
+        let nb = cx.fs.folio_blocks();
+        let f = cx
+            .fs
+            .inode_mut(ino)
+            .cache
+            .get_mut(idx)
+            .expect("locked folio");
+        let (rs, re) = ((first * BS - lo) as usize, (end * BS - lo) as usize);
+        if zero {
+            let (cs, ce) = ((from - lo) as usize, (to - lo) as usize);
+            f.data[rs..cs.max(rs)].fill(0);
+            f.data[ce.min(re)..re].fill(0);
+        } else {
+            f.data[rs..re].copy_from_slice(&blocks.concat());
+        }
+        f.set_uptodate(first % nb, end - first);
+        Ok(())
+    }
+
     /// Notes (for the report, without changing anything) when `__iomap_write_begin` is about
-    /// to fill folio `idx` from a mapping that no longer tells the truth.
-    fn note_uncovered_fill(&self, cx: &mut Cx<'_>, map: &IoMap, idx: u64, size: u64) {
-        let ino = self.ino;
+    /// to fill the run starting at file block `b` from a mapping that no longer tells the
+    /// truth.
+    fn note_uncovered_fill(&self, cx: &mut Cx<'_>, map: &IoMap, b: u64, size: u64) {
+        let (ino, idx) = (self.ino, b);
         let new_but_written = map.flags.has(IoMapFlags::NEW)
             && matches!(map.kind, IoMapKind::Mapped | IoMapKind::Unwritten)
             && cx.fs.alloc.data_written(map.addr_of(idx * BS));
@@ -405,7 +460,7 @@ impl WriteTask {
     fn copy_and_write_end(&mut self, cx: &mut Cx<'_>) -> Step {
         let ino = self.ino;
         let idx = self.idx();
-        let poff = (self.pos - idx * BS) as usize;
+        let poff = (self.pos - idx * self.fb) as usize;
         let plen = self.plen() as usize;
         self.retry_len = None;
         if let Some(s) = cx.short_copy {
@@ -416,7 +471,7 @@ impl WriteTask {
             .unreadable_from
             .map_or(plen, |u| u.saturating_sub(self.pos) as usize)
             .min(plen);
-        let uptodate = cx.fs.inode(ino).cache.get(idx).expect("locked").uptodate;
+        let uptodate = cx.fs.inode(ino).cache.get(idx).expect("locked").uptodate();
         let written = if copied < plen && !uptodate {
             0
         } else {
@@ -447,15 +502,17 @@ impl WriteTask {
         Step::Yield(label, idx)
     }
 
-    /// `__iomap_write_end` accepted `n` bytes at `pos`: they are in the folio, which is
-    /// dirty; the size grows (`i_size_write`).
+    /// `__iomap_write_end` accepted `n` bytes at `pos`: they are in the folio, their blocks
+    /// uptodate and dirty (`iomap_set_range_uptodate`, `iomap_set_range_dirty`); the size
+    /// grows (`i_size_write`).
     fn commit_copy(&mut self, cx: &mut Cx<'_>, poff: usize, n: usize) {
         let (ino, idx) = (self.ino, self.idx());
         let src = (self.pos - self.start) as usize;
         let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("locked");
         f.data[poff..poff + n].copy_from_slice(&self.data[src..src + n]);
-        f.uptodate = true;
-        f.dirty = true;
+        let (first, end) = (poff / BLOCK_SIZE, (poff + n).div_ceil(BLOCK_SIZE));
+        f.set_uptodate(first as u64, (end - first) as u64);
+        f.set_dirty(first as u64, (end - first) as u64);
         cx.oracle
             .write(ino, self.pos, &self.data[src..src + n], cx.op);
         cx.fs.dirtied(ino, idx);
@@ -507,32 +564,37 @@ impl WriteTask {
         self.finish_or_remap(cx)
     }
 
-    /// The old punch, first half: `truncate_pagecache_range`, one folio per step; it drops
-    /// the folio whatever it holds.
+    /// The old punch, first half: `truncate_pagecache_range` over blocks `[start, end)`, one
+    /// folio per step (`idx` is the first block of it in the range); it drops a folio the
+    /// range covers whatever it holds, and zeroes the part of one it covers in part.
     fn old_punch_truncate(&mut self, cx: &mut Cx<'_>, idx: u64, start: u64, end: u64) -> Step {
         let ino = self.ino;
-        if cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.dirty) {
+        let (folio, nb) = (cx.fs.folio_of(idx), cx.fs.folio_blocks());
+        if cx.fs.inode(ino).cache.get(folio).is_some_and(|f| f.dirty) {
             let op = cx.op;
             cx.fs.note(|| {
-                format!("op{op} short-write punch (old form) dropped dirty folio {idx} of file {ino} from the page cache")
+                format!("op{op} short-write punch (old form) dropped dirty folio {folio} of file {ino} from the page cache")
             });
         }
-        cx.fs.remove_folio(ino, idx);
-        self.st = if idx + 1 < end {
+        cx.fs.truncate_folio_range(ino, folio, start * BS, end * BS);
+        let next = (folio + 1) * nb;
+        self.st = if next < end {
             WState::OldTruncate {
-                idx: idx + 1,
+                idx: next,
                 start,
                 end,
             }
         } else {
             WState::OldPunch { start, end }
         };
-        Step::Yield(YieldPoint::PunchTruncatePagecache, idx)
+        Step::Yield(YieldPoint::PunchTruncatePagecache, folio)
     }
 
     /// The fixed punch (`iomap_write_delalloc_release`, v6.6): under the invalidate lock, one
-    /// folio per step below EOF, punch the delalloc under every folio that is not dirty (a
-    /// dirty one keeps its reservation); past EOF, punch it all.
+    /// folio per step below EOF (`idx` is the first block of it in the range), punch the
+    /// delalloc under a folio that is not dirty, and under the blocks of a dirty one that
+    /// are not dirty (`iomap_write_delalloc_ifs_punch`; a dirty block keeps its
+    /// reservation); past EOF, punch it all.
     fn fixed_punch_scan(
         &mut self,
         cx: &mut Cx<'_>,
@@ -546,24 +608,34 @@ impl WriteTask {
             cx.fs.inode_mut(ino).invalidate_lock.down_write(cx.me);
         }
         if idx < scan_end {
-            let keep = cx.fs.inode(ino).cache.get(idx).is_some_and(|f| f.dirty);
-            if !keep {
-                punch_delalloc(cx.fs, ino, idx, idx + 1);
+            let (folio, nb) = (cx.fs.folio_of(idx), cx.fs.folio_blocks());
+            let part_end = ((folio + 1) * nb).min(scan_end);
+            for b in idx..part_end {
+                let keep = cx
+                    .fs
+                    .inode(ino)
+                    .cache
+                    .get(folio)
+                    .is_some_and(|f| f.dirty && f.block_dirty(b % nb));
+                if !keep {
+                    punch_delalloc(cx.fs, ino, b, b + 1);
+                }
             }
-            if idx + 1 < scan_end {
+            if part_end < scan_end {
                 self.st = WState::FixedScan {
-                    idx: idx + 1,
+                    idx: part_end,
                     scan_end,
                     end,
                     locked: true,
                 };
-                return Step::Yield(YieldPoint::PunchScan, idx);
+                return Step::Yield(YieldPoint::PunchScan, folio);
             }
         }
         punch_delalloc(cx.fs, ino, scan_end.max(idx), end);
         cx.fs.inode_mut(ino).invalidate_lock.up_write(cx.me);
         self.st = WState::Finish;
-        Step::Yield(YieldPoint::PunchScanDone, idx)
+        let at = cx.fs.folio_of(idx);
+        Step::Yield(YieldPoint::PunchScanDone, at)
     }
 
     /// Between `iomap_end` and the next `iomap_begin`: continue (remap after STALE, after a
@@ -632,15 +704,16 @@ fn iomap_write_failed(fs: &mut Fs, ino: usize, pos: u64, len: u64) {
     if from >= to {
         return;
     }
-    for idx in from / BS..to.div_ceil(BS) {
-        let (lo, hi) = (idx * BS, (idx + 1) * BS);
+    let fb = fs.folio_bytes();
+    for idx in from / fb..to.div_ceil(fb) {
+        let (lo, hi) = (idx * fb, (idx + 1) * fb);
         let Some(f) = fs.inode_mut(ino).cache.get_mut(idx) else {
             continue;
         };
-        if from <= lo && to >= hi && !f.writeback && f.locked.is_none() {
-            fs.remove_folio(ino, idx);
+        if from <= lo && to >= hi && (f.writeback || f.locked.is_some()) {
+            f.data.fill(0);
         } else {
-            f.data[(from.max(lo) - lo) as usize..(to.min(hi) - lo) as usize].fill(0);
+            fs.truncate_folio_range(ino, idx, from, to);
         }
     }
 }
@@ -703,7 +776,10 @@ impl ReadTask {
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
         match self.st {
             RState::Lock => fs.inode(self.ino).i_rwsem.can_read(),
-            RState::Folio => fs.inode(self.ino).cache.lockable(self.pos / BS, me),
+            RState::Folio => fs
+                .inode(self.ino)
+                .cache
+                .lockable(self.pos / fs.folio_bytes(), me),
         }
     }
 
@@ -721,16 +797,16 @@ impl ReadTask {
                 Step::Yield(YieldPoint::ReadLockInode, self.pos)
             }
             RState::Folio => {
-                let idx = self.pos / BS;
-                let uptodate = cx.fs.get_folio(ino, idx).uptodate;
-                if !uptodate {
+                let fb = cx.fs.folio_bytes();
+                let idx = self.pos / fb;
+                if !cx.fs.get_folio(ino, idx).uptodate() {
                     if let Err(e) = cx.fs.read_folio(ino, idx) {
                         cx.fs.inode_mut(ino).i_rwsem.up_read();
                         return Step::Done(YieldPoint::ReadError, idx, Err(e));
                     }
                 }
-                let n = ((idx + 1) * BS).min(self.end) - self.pos;
-                let off = (self.pos - idx * BS) as usize;
+                let n = ((idx + 1) * fb).min(self.end) - self.pos;
+                let off = (self.pos - idx * fb) as usize;
                 let f = cx.fs.inode(ino).cache.get(idx).expect("just read");
                 let bytes = &f.data[off..off + n as usize];
                 cx.oracle.check_read(ino, self.pos, bytes, cx.op);
@@ -749,6 +825,20 @@ impl ReadTask {
     }
 }
 
+/// `iomap_page_mkwrite` with folio `idx` locked: `iomap_begin` over the folio up to EOF
+/// (`folio_mkwrite_check_truncate`), reserving delalloc over holes (allocating, at write
+/// time), one mapping at a time.
+fn mkwrite_map(fs: &mut Fs, ino: usize, idx: u64) -> Result<(), FsError> {
+    let fb = fs.folio_bytes();
+    let end = ((idx + 1) * fb).min(fs.inode(ino).size.div_ceil(BS) * BS);
+    let mut pos = idx * fb;
+    while pos < end {
+        let map = iomap::iomap_begin_write(fs, ino, pos, end - pos)?;
+        pos = map.end().min(end);
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum MState {
     Fault,
@@ -756,9 +846,10 @@ enum MState {
     Store,
 }
 
-/// A store through a shared mapping to `[pos, pos + data.len())`, inside one folio: read
-/// fault, `page_mkwrite` (reserve/allocate, dirty, map writable), then the store, which lands
-/// only while the folio is still mapped writable and otherwise faults again.
+/// A store through a shared mapping to `[pos, pos + data.len())`, inside one block (so inside
+/// one folio): read fault, `page_mkwrite` (reserve/allocate the folio's blocks below EOF,
+/// dirty every block, map writable), then the store, which lands only while the folio is
+/// still mapped writable and otherwise faults again.
 #[derive(Clone, Debug)]
 pub struct MmapStoreTask {
     ino: usize,
@@ -773,7 +864,7 @@ impl MmapStoreTask {
     pub fn new(ino: usize, pos: u64, data: Vec<u8>) -> Result<Self, FsError> {
         if data.is_empty() || pos / BS != (pos + data.len() as u64 - 1) / BS {
             return Err(FsError::Invalid(
-                "an mmap store must be non-empty and inside one folio".into(),
+                "an mmap store must be non-empty and inside one block".into(),
             ));
         }
         Ok(MmapStoreTask {
@@ -785,8 +876,8 @@ impl MmapStoreTask {
         })
     }
 
-    fn idx(&self) -> u64 {
-        self.pos / BS
+    fn idx(&self, fs: &Fs) -> u64 {
+        self.pos / fs.folio_bytes()
     }
 
     fn beyond_eof(&self, fs: &Fs) -> bool {
@@ -798,12 +889,12 @@ impl MmapStoreTask {
         match self.st {
             MState::Fault => {
                 inode.invalidate_lock.can_read()
-                    && inode.cache.lockable(self.idx(), me)
+                    && inode.cache.lockable(self.idx(fs), me)
                     && (!fs.cfg.gfs2.fault_glock || inode.glock.can_read())
             }
             MState::Mkwrite => {
                 inode.invalidate_lock.can_read()
-                    && inode.cache.lockable(self.idx(), me)
+                    && inode.cache.lockable(self.idx(fs), me)
                     && (!fs.cfg.mkwrite_takes_inode_lock || inode.i_rwsem.can_read())
                     && (!fs.cfg.gfs2.mkwrite_glock || inode.glock.can_write())
             }
@@ -813,14 +904,13 @@ impl MmapStoreTask {
 
     pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
         let ino = self.ino;
-        let idx = self.idx();
+        let idx = self.idx(cx.fs);
         match self.st {
             MState::Fault => {
                 if self.beyond_eof(cx.fs) {
                     return Step::Done(YieldPoint::FaultSigbus, idx, Err(FsError::SigBus));
                 }
-                let uptodate = cx.fs.get_folio(ino, idx).uptodate;
-                if !uptodate {
+                if !cx.fs.get_folio(ino, idx).uptodate() {
                     if let Err(e) = cx.fs.read_folio(ino, idx) {
                         return Step::Done(YieldPoint::FaultReadError, idx, Err(e));
                     }
@@ -849,13 +939,12 @@ impl MmapStoreTask {
                 if self.beyond_eof(cx.fs) {
                     return Step::Done(YieldPoint::PageMkwriteSigbus, idx, Err(FsError::SigBus));
                 }
-                // iomap_page_mkwrite with the folio locked: map the folio (reserving delalloc
-                // over a hole), then dirty it.
-                if let Err(e) = iomap::iomap_begin_write(cx.fs, ino, idx * BS, BS) {
+                if let Err(e) = mkwrite_map(cx.fs, ino, idx) {
                     return Step::Done(YieldPoint::PageMkwriteError, idx, Err(e));
                 }
+                let nb = cx.fs.folio_blocks();
                 let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("present");
-                f.dirty = true;
+                f.set_dirty(0, nb);
                 f.mapped_writable = true;
                 cx.fs.dirtied(ino, idx);
                 self.st = MState::Store;
@@ -865,9 +954,9 @@ impl MmapStoreTask {
                 let eof = self.beyond_eof(cx.fs);
                 match cx.fs.inode_mut(ino).cache.get_mut(idx) {
                     Some(f) if f.mapped_writable && !eof => {
-                        let off = (self.pos - idx * BS) as usize;
+                        let off = self.pos as usize % f.data.len();
                         f.data[off..off + self.data.len()].copy_from_slice(&self.data);
-                        f.dirty = true;
+                        f.set_dirty((off / BLOCK_SIZE) as u64, 1);
                         cx.oracle.write(ino, self.pos, &self.data, cx.op);
                         cx.fs.dirtied(ino, idx);
                         Step::Done(YieldPoint::Store, idx, Ok(self.data.len() as u64))
@@ -1026,7 +1115,7 @@ mod tests {
         let inode = fs.inode(0);
         assert_eq!(inode.size, 100);
         let f = inode.cache.get(0).expect("folio 0 stays");
-        assert!(f.uptodate && f.dirty);
+        assert!(f.uptodate() && f.dirty);
         assert!(f.data[..100].iter().all(|&b| b == b'W'));
         assert!(f.data[100..].iter().all(|&b| b == 0));
         assert_eq!(inode.extents.get(0).state, ExtentState::Delalloc);
@@ -1089,7 +1178,7 @@ mod tests {
         for i in 1..4 {
             fs.remove_folio(0, i);
         }
-        fs.get_folio(0, 2).dirty = true;
+        fs.get_folio(0, 2).set_dirty(0, 1);
         let (r, labels) = run_write(&mut fs, 0, 4 * BLOCK_SIZE, vec![BLOCK_SIZE as u32]);
         assert_eq!(r, Ok(BS), "{labels:?}");
         assert_eq!(count(&labels, YieldPoint::PunchScan), 2, "{labels:?}");
@@ -1285,7 +1374,7 @@ mod tests {
         };
         assert_eq!(step(&mut fs, &mut m), YieldPoint::FaultRead);
         fs.remove_folio(0, 0);
-        fs.get_folio(0, 0).uptodate = true;
+        fs.get_folio(0, 0).set_all_uptodate();
         assert_eq!(step(&mut fs, &mut m), YieldPoint::PageMkwriteRefault);
         assert_eq!(fs.inode(0).cache.get(0).unwrap().pins, 0);
     }

@@ -75,6 +75,12 @@ pub struct Config {
     pub gfs2: Gfs2,
     /// Page-cache size in folios above which reclaim runs.
     pub cache_limit_folios: usize,
+    /// Blocks per folio: 1 (4 KiB folios, one block each) or a power of two up to
+    /// [`crate::pagecache::FOLIO_BLOCKS_MAX`] (large folios, as XFS has in its write path
+    /// since about v6.6, with per-block uptodate and dirty bits). Not written when 1, so
+    /// bundles stay as they were.
+    #[serde(default = "one_block", skip_serializing_if = "is_one_block")]
+    pub folio_blocks: u64,
     /// Device size in blocks.
     pub device_blocks: u64,
     /// Planted bugs of the persistent filesystem (all off by default).
@@ -89,6 +95,28 @@ pub struct Config {
         skip_serializing_if = "is_default_commit_interval"
     )]
     pub commit_interval_steps: u64,
+}
+
+fn one_block() -> u64 {
+    1
+}
+
+fn is_one_block(n: &u64) -> bool {
+    *n == 1
+}
+
+impl Config {
+    /// Refuses a configuration the model cannot run, with the reason.
+    pub fn validate(&self) -> Result<(), FsError> {
+        let max = crate::pagecache::FOLIO_BLOCKS_MAX;
+        if !self.folio_blocks.is_power_of_two() || self.folio_blocks > max {
+            return Err(FsError::Invalid(format!(
+                "folio_blocks {} is not a power of two from 1 to {max}",
+                self.folio_blocks
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn default_commit_interval_steps() -> u64 {
@@ -214,6 +242,7 @@ impl Default for Config {
             mkwrite_takes_inode_lock: false,
             gfs2: Gfs2::default(),
             cache_limit_folios: 4,
+            folio_blocks: 1,
             device_blocks: 4096,
             bugs: Bugs::default(),
             commit_interval_steps: crate::ondisk::COMMIT_INTERVAL_STEPS,
@@ -364,7 +393,8 @@ pub enum Violation {
         freed: bool,
         owner: Option<(usize, u64)>,
     },
-    /// Writeback cleaned a dirty folio over a HOLE without writing it: its data is gone.
+    /// Writeback cleaned a dirty block holding data over a HOLE without writing it: its data
+    /// is gone.
     DirtyFolioOverHole { ino: usize, fblock: u64 },
     /// The device failed a writeback write: the data did not reach it.
     WritebackIoError {
@@ -476,10 +506,25 @@ impl Fs {
         self.folio_count
     }
 
+    /// Blocks per folio ([`Config::folio_blocks`]).
+    pub fn folio_blocks(&self) -> u64 {
+        self.cfg.folio_blocks
+    }
+
+    /// Bytes per folio.
+    pub fn folio_bytes(&self) -> u64 {
+        self.cfg.folio_blocks * BLOCK_SIZE as u64
+    }
+
+    /// The folio holding file block `fblock`.
+    pub fn folio_of(&self, fblock: u64) -> u64 {
+        fblock / self.cfg.folio_blocks
+    }
+
     /// Look a folio up, creating an empty (not uptodate) one if absent, and mark it used.
     pub fn get_folio(&mut self, ino: usize, idx: u64) -> &mut Folio {
         self.lru_clock += 1;
-        let clock = self.lru_clock;
+        let (clock, blocks) = (self.lru_clock, self.cfg.folio_blocks);
         let cache = &mut self.inodes[ino].cache;
         if !cache.folios.contains_key(&idx) {
             self.folio_count += 1;
@@ -487,7 +532,7 @@ impl Fs {
         let f = cache
             .folios
             .entry(idx)
-            .or_insert_with(|| Folio::new(clock, clock));
+            .or_insert_with(|| Folio::new(clock, clock, blocks));
         self.lru_index.remove(&f.lru);
         self.lru_index.insert(clock, (ino, idx));
         f.lru = clock;
@@ -524,19 +569,61 @@ impl Fs {
         }
     }
 
-    /// `read_folio`: fill a folio from a fresh mapping taken while it is locked.
+    /// `read_folio` (`iomap_readpage_iter`): fill the blocks of a folio that are not
+    /// uptodate from a fresh mapping taken while it is locked (zeros for holes, unwritten and
+    /// delalloc blocks and blocks past EOF); blocks already uptodate keep their bytes.
     pub fn read_folio(&mut self, ino: usize, idx: u64) -> Result<(), FsError> {
         let size = self.inodes[ino].size;
-        let ext = self.inodes[ino].extents.get(idx);
-        let data = if ext.state == ExtentState::Written && idx * (BLOCK_SIZE as u64) < size {
-            block::read_block_sync(self.dev.as_mut(), ext.addr)?
-        } else {
-            vec![0; BLOCK_SIZE]
-        };
-        let f = self.get_folio(ino, idx);
-        f.data = data;
-        f.uptodate = true;
+        let nb = self.cfg.folio_blocks;
+        for i in 0..nb {
+            if self.get_folio(ino, idx).block_uptodate(i) {
+                continue;
+            }
+            let fblock = idx * nb + i;
+            let ext = self.inodes[ino].extents.get(fblock);
+            let data = if ext.state == ExtentState::Written && fblock * (BLOCK_SIZE as u64) < size {
+                Some(block::read_block_sync(self.dev.as_mut(), ext.addr)?)
+            } else {
+                None
+            };
+            let f = self.get_folio(ino, idx);
+            let part = &mut f.data[i as usize * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
+            match data {
+                Some(d) => part.copy_from_slice(&d),
+                None => part.fill(0),
+            }
+        }
+        self.get_folio(ino, idx).set_all_uptodate();
         Ok(())
+    }
+
+    /// `truncate_inode_partial_folio` (or the whole folio, when the range covers it): the
+    /// bytes `[from, to)` of folio `idx` of `ino` leave the page cache. A folio wholly in
+    /// the range is removed; otherwise that part is zeroed and its blocks wholly in the range
+    /// are no longer dirty (what the range held is gone: the callers punch or truncate the
+    /// blocks under it). Returns whether the folio was removed.
+    pub fn truncate_folio_range(&mut self, ino: usize, idx: u64, from: u64, to: u64) -> bool {
+        let fb = self.folio_bytes();
+        let (lo, hi) = (idx * fb, (idx + 1) * fb);
+        let (from, to) = (from.max(lo), to.min(hi));
+        let Some(f) = self.inodes[ino].cache.get_mut(idx) else {
+            return false;
+        };
+        if from <= lo && to >= hi {
+            self.remove_folio(ino, idx);
+            return true;
+        }
+        if from < to {
+            // The range's pages are unmapped: the next store to the folio faults.
+            f.mapped_writable = false;
+            f.data[(from - lo) as usize..(to - lo) as usize].fill(0);
+            let bs = BLOCK_SIZE as u64;
+            let (first, end) = ((from - lo).div_ceil(bs), (to - lo) / bs);
+            if end > first && !f.clear_dirty_blocks(first, end - first) {
+                self.cleaned(ino, idx);
+            }
+        }
+        false
     }
 
     /// Allocate a block for (ino, fblock). In AtWrite mode the block is zeroed on the device

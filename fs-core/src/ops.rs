@@ -251,7 +251,7 @@ impl RangeTask {
             RgState::Lock => inode.i_rwsem.can_write() && inode.invalidate_lock.can_write(),
             RgState::Truncate { idx } => inode
                 .cache
-                .get(idx)
+                .get(fs.folio_of(idx))
                 .is_none_or(|f| f.lockable_by(me) && !f.writeback),
             RgState::Extents => true,
         }
@@ -288,17 +288,21 @@ impl RangeTask {
                 Step::Yield(YieldPoint::RangeLock, self.start)
             }
             RgState::Truncate { idx } => {
-                // Each folio's bytes become zero when it leaves the page cache: until then a
-                // store through an existing writable mapping still lands in it (faults are
+                // Each folio's bytes in the range become zero when it leaves the page cache
+                // (a folio the range covers in part stays, with that part zeroed): until then
+                // a store through an existing writable mapping still lands in it (faults are
                 // held off by the invalidate lock, reads and writes by the inode lock).
-                cx.fs.remove_folio(ino, idx);
-                cx.oracle.zero(ino, idx * BS, BS, cx.op);
-                self.st = if idx + 1 < self.end {
-                    RgState::Truncate { idx: idx + 1 }
+                let (folio, nb) = (cx.fs.folio_of(idx), cx.fs.folio_blocks());
+                let next = ((folio + 1) * nb).min(self.end);
+                cx.fs
+                    .truncate_folio_range(ino, folio, self.start * BS, self.end * BS);
+                cx.oracle.zero(ino, idx * BS, (next - idx) * BS, cx.op);
+                self.st = if next < self.end {
+                    RgState::Truncate { idx: next }
                 } else {
                     RgState::Extents
                 };
-                Step::Yield(YieldPoint::RangeTruncatePagecache, idx)
+                Step::Yield(YieldPoint::RangeTruncatePagecache, folio)
             }
             RgState::Extents => {
                 let r = self.change_extents(cx.fs);
@@ -470,7 +474,7 @@ impl TruncateTask {
         cx.fs.touch(ino, true);
         self.st = if self.size < old {
             TrState::Pagecache {
-                cursor: self.first_gone(),
+                cursor: cx.fs.folio_of(self.first_gone()),
             }
         } else {
             TrState::Extents
@@ -512,6 +516,7 @@ impl TruncateTask {
     /// the mapping), zero the tail, dirty it.
     fn zero_folio(&mut self, cx: &mut Cx<'_>, map: IoMap) -> Step {
         let (ino, idx) = (self.ino, self.zero_from / BS);
+        let folio = cx.fs.folio_of(idx);
         if matches!(map.kind, IoMapKind::Hole | IoMapKind::Unwritten) {
             return self.setsize(cx);
         }
@@ -525,36 +530,39 @@ impl TruncateTask {
             let inode = cx.fs.inode_mut(ino);
             inode.invalidate_lock.up_write(cx.me);
             inode.i_rwsem.up_write(cx.me);
-            return Step::Done(YieldPoint::TruncateReadError, idx, Err(e));
+            return Step::Done(YieldPoint::TruncateReadError, folio, Err(e));
         }
         self.setsize(cx)
     }
 
-    /// The folio part of `iomap_zero_iter`: `__iomap_write_begin` with `map`, then zero
-    /// `[size, block end)` and dirty the folio (`iomap_write_end`).
+    /// The folio part of `iomap_zero_iter`: `__iomap_write_begin` with `map` (the EOF block
+    /// filled if it is not uptodate), then zero `[size, block end)` and dirty the block
+    /// (`iomap_write_end`).
     fn zero_fill(&self, cx: &mut Cx<'_>, map: &IoMap) -> Result<(), FsError> {
-        let (ino, idx) = (self.ino, self.zero_from / BS);
+        let (ino, b) = (self.ino, self.zero_from / BS);
+        let (folio, nb) = (cx.fs.folio_of(b), cx.fs.folio_blocks());
+        let at = ((b % nb) * BS) as usize;
         let old_size = cx.fs.inode(ino).size;
-        if !cx.fs.get_folio(ino, idx).uptodate {
-            let data = if iomap::block_needs_zeroing(map, idx * BS, old_size) {
+        if !cx.fs.get_folio(ino, folio).block_uptodate(b % nb) {
+            let data = if iomap::block_needs_zeroing(map, b * BS, old_size) {
                 vec![0; BLOCK_SIZE]
             } else {
-                block::read_block_sync(cx.fs.dev.as_mut(), map.addr_of(idx * BS))?
+                block::read_block_sync(cx.fs.dev.as_mut(), map.addr_of(b * BS))?
             };
-            if let Some(why) = iomap::stale_view(cx.fs, ino, map, idx) {
+            if let Some(why) = iomap::stale_view(cx.fs, ino, map, b) {
                 let op = cx.op;
                 cx.fs.note(|| {
-                    format!("op{op} truncate's zeroing filled folio {idx} of file {ino} through a stale mapping: {why}")
+                    format!("op{op} truncate's zeroing filled folio {b} of file {ino} through a stale mapping: {why}")
                 });
             }
-            let f = cx.fs.get_folio(ino, idx);
-            f.data = data;
-            f.uptodate = true;
+            let f = cx.fs.get_folio(ino, folio);
+            f.data[at..at + BLOCK_SIZE].copy_from_slice(&data);
+            f.set_uptodate(b % nb, 1);
         }
-        let f = cx.fs.get_folio(ino, idx);
-        f.data[(self.zero_from % BS) as usize..].fill(0);
-        f.dirty = true;
-        cx.fs.dirtied(ino, idx);
+        let f = cx.fs.get_folio(ino, folio);
+        f.data[at + (self.zero_from % BS) as usize..at + BLOCK_SIZE].fill(0);
+        f.set_dirty(b % nb, 1);
+        cx.fs.dirtied(ino, folio);
         Ok(())
     }
 
@@ -562,10 +570,10 @@ impl TruncateTask {
         let inode = fs.inode(self.ino);
         match self.st {
             TrState::Lock => inode.i_rwsem.can_write() && inode.invalidate_lock.can_write(),
-            TrState::ZeroFolio { .. } => inode.cache.lockable(self.zero_from / BS, me),
+            TrState::ZeroFolio { .. } => inode.cache.lockable(fs.folio_of(self.zero_from / BS), me),
             TrState::FlushEof => inode
                 .cache
-                .get(self.zero_from / BS)
+                .get(fs.folio_of(self.zero_from / BS))
                 .is_none_or(|f| !f.dirty && !f.writeback),
             TrState::ZeroBegin | TrState::ZeroPreCheck { .. } | TrState::SetSize => true,
             TrState::Pagecache { cursor } => match inode.cache.next_where(cursor, |_| true) {
@@ -609,7 +617,8 @@ impl TruncateTask {
             TrState::Pagecache { cursor } => {
                 match cx.fs.inode(ino).cache.next_where(cursor, |_| true) {
                     Some(idx) => {
-                        cx.fs.remove_folio(ino, idx);
+                        let gone = self.first_gone() * BS;
+                        cx.fs.truncate_folio_range(ino, idx, gone, u64::MAX);
                         self.st = TrState::Pagecache { cursor: idx + 1 };
                         Step::Yield(YieldPoint::TruncatePagecache, idx)
                     }

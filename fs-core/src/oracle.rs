@@ -8,6 +8,7 @@
 //! an mmap store racing on the same bytes are ordered by the steps that copied them. A read
 //! must return the model's bytes at the step it copies a folio out.
 
+use crate::block::BLOCK_SIZE;
 use crate::extent::ExtentState;
 use crate::fs::{Fs, Violation};
 use serde::{Deserialize, Serialize};
@@ -463,18 +464,31 @@ impl Oracle {
                 what: v.to_string(),
             });
         }
+        let nb = fs.folio_blocks();
         for (ino, inode) in fs.inodes.iter().enumerate() {
             for (idx, f) in &inode.cache.folios {
-                if f.dirty && inode.extents.get(*idx).state == ExtentState::Hole {
-                    let v = Violation::DirtyFolioOverHole { ino, fblock: *idx };
-                    self.failures.push(Failure::Invariant {
-                        what: format!("quiescent: {v}"),
-                    });
+                // Blocks past EOF may be dirty (page_mkwrite dirties the whole folio);
+                // writeback never writes them.
+                let past_eof = |i: u64| (idx * nb + i) * BLOCK_SIZE as u64 >= inode.size;
+                for i in (0..nb).filter(|&i| f.dirty && f.block_dirty(i) && !past_eof(i)) {
+                    let fblock = idx * nb + i;
+                    let lo = idx * nb * BLOCK_SIZE as u64;
+                    if inode.extents.get(fblock).state == ExtentState::Hole
+                        && f.block_holds_data(i, lo, inode.size)
+                    {
+                        let v = Violation::DirtyFolioOverHole { ino, fblock };
+                        self.failures.push(Failure::Invariant {
+                            what: format!("quiescent: {v}"),
+                        });
+                    }
                 }
             }
             for b in 0..inode.extents.span() {
                 if inode.extents.get(b).state == ExtentState::Delalloc
-                    && !inode.cache.get(b).is_some_and(|f| f.dirty)
+                    && !inode
+                        .cache
+                        .get(b / nb)
+                        .is_some_and(|f| f.dirty && f.block_dirty(b % nb))
                 {
                     self.failures.push(Failure::Invariant {
                         what: format!(

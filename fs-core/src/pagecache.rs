@@ -1,10 +1,14 @@
-//! The page cache of one inode: 4 KiB folios with the kernel's state bits, and the LRU
-//! clock that reclaim uses. Block = folio in this model, so "per-block uptodate/dirty" is
-//! one bit each.
+//! The page cache of one inode: folios of one or more 4 KiB blocks
+//! ([`crate::fs::Config::folio_blocks`]) with the kernel's state bits, per-block uptodate and
+//! dirty bits (`struct iomap_folio_state`, v6.6), and the LRU clock that reclaim uses.
 
 use crate::block::BLOCK_SIZE;
 use crate::TaskId;
 use std::collections::BTreeMap;
+
+/// Blocks a folio holds at most ([`crate::fs::Config::folio_blocks`]): 64 KiB folios of
+/// 4 KiB blocks. The per-block bits are one `u64` each.
+pub const FOLIO_BLOCKS_MAX: u64 = 16;
 
 /// One cached folio.
 #[derive(Clone, Debug)]
@@ -12,10 +16,17 @@ pub struct Folio {
     pub data: Vec<u8>,
     /// The task holding the folio lock.
     pub locked: Option<TaskId>,
-    /// Contents match the file (read, zeroed, or fully written).
-    pub uptodate: bool,
-    /// Must be written back.
+    /// Per-block uptodate bits (`ifs->state`, first half): the block's contents match the
+    /// file (read, zeroed, or written). The folio is uptodate when every block is.
+    uptodate_bits: u64,
+    /// Per-block dirty bits (`ifs->state`, second half): the blocks writeback writes.
+    dirty_bits: u64,
+    /// The folio's dirty flag (`PG_dirty`): it must be written back. Set with some dirty
+    /// block; cleared, with every block's bit, when writeback cleans it for IO.
     pub dirty: bool,
+    /// Blocks of this folio whose writeback IO is not complete yet (`ifs->write_bytes_pending`
+    /// in blocks): writeback ends when it drops to zero.
+    pub wb_pending: u32,
     /// Writeback IO is in flight; the folio cannot be reclaimed or truncated.
     pub writeback: bool,
     /// `PAGECACHE_TAG_TOWRITE`: tagged by a WB_SYNC_ALL pass when it starts
@@ -36,12 +47,16 @@ pub struct Folio {
 }
 
 impl Folio {
-    pub fn new(lru: u64, gen: u64) -> Self {
+    /// An empty (not uptodate, clean) folio of `blocks` blocks.
+    pub fn new(lru: u64, gen: u64, blocks: u64) -> Self {
+        debug_assert!((1..=FOLIO_BLOCKS_MAX).contains(&blocks));
         Folio {
-            data: vec![0; BLOCK_SIZE],
+            data: vec![0; BLOCK_SIZE * blocks as usize],
             locked: None,
-            uptodate: false,
+            uptodate_bits: 0,
+            dirty_bits: 0,
             dirty: false,
+            wb_pending: 0,
             writeback: false,
             towrite: false,
             mapped_writable: false,
@@ -49,6 +64,81 @@ impl Folio {
             gen,
             pins: 0,
         }
+    }
+
+    /// Blocks in this folio.
+    pub fn blocks(&self) -> u64 {
+        (self.data.len() / BLOCK_SIZE) as u64
+    }
+
+    fn all_bits(&self) -> u64 {
+        u64::MAX >> (64 - self.blocks())
+    }
+
+    /// Bits of blocks `[first, first + n)` (clamped to the folio).
+    fn bits(&self, first: u64, n: u64) -> u64 {
+        let end = (first + n).min(self.blocks());
+        (first..end).fold(0, |m, b| m | 1 << b)
+    }
+
+    /// `folio_test_uptodate`: every block is uptodate.
+    pub fn uptodate(&self) -> bool {
+        self.uptodate_bits == self.all_bits()
+    }
+
+    /// `ifs_block_is_uptodate` for block `i` of the folio.
+    pub fn block_uptodate(&self, i: u64) -> bool {
+        self.uptodate_bits & (1 << i) != 0
+    }
+
+    /// `iomap_set_range_uptodate` over blocks `[first, first + n)`.
+    pub fn set_uptodate(&mut self, first: u64, n: u64) {
+        self.uptodate_bits |= self.bits(first, n);
+    }
+
+    /// The whole folio is uptodate (read, or filled).
+    pub fn set_all_uptodate(&mut self) {
+        self.uptodate_bits = self.all_bits();
+    }
+
+    /// `ifs_block_is_dirty` for block `i` of the folio.
+    pub fn block_dirty(&self, i: u64) -> bool {
+        self.dirty_bits & (1 << i) != 0
+    }
+
+    /// `iomap_set_range_dirty` over blocks `[first, first + n)` and `filemap_dirty_folio`.
+    /// The caller tells the flusher ([`crate::fs::Fs::dirtied`]).
+    pub fn set_dirty(&mut self, first: u64, n: u64) {
+        self.dirty_bits |= self.bits(first, n);
+        self.dirty = true;
+    }
+
+    /// Clears the dirty bits of blocks `[first, first + n)`; the folio stays dirty while any
+    /// block is. Returns whether it is still dirty.
+    pub fn clear_dirty_blocks(&mut self, first: u64, n: u64) -> bool {
+        self.dirty_bits &= !self.bits(first, n);
+        self.dirty &= self.dirty_bits != 0;
+        self.dirty
+    }
+
+    /// `folio_clear_dirty_for_io` and `iomap_clear_range_dirty` over the whole folio (which
+    /// also write-protects its mappings, `folio_mkclean`): returns the blocks that were dirty.
+    pub fn clean_for_io(&mut self) -> u64 {
+        let bits = std::mem::take(&mut self.dirty_bits);
+        self.dirty = false;
+        self.towrite = false;
+        self.mapped_writable = false;
+        bits
+    }
+
+    /// Whether block `i` of the folio holds data below byte `eof` of its file (`lo` is the
+    /// folio's first byte): a non-zero byte. A dirty block over a HOLE that holds none loses
+    /// nothing when writeback skips it (`page_mkwrite` dirties every block of a large folio,
+    /// and a later size increase can bring one past the old EOF below the new one).
+    pub fn block_holds_data(&self, i: u64, lo: u64, eof: u64) -> bool {
+        let start = i as usize * BLOCK_SIZE;
+        let end = (start + BLOCK_SIZE).min(eof.saturating_sub(lo) as usize);
+        start < end && self.data[start..end].iter().any(|&b| b != 0)
     }
 
     /// May `me` take the lock now?
@@ -108,7 +198,7 @@ mod tests {
 
     #[test]
     fn only_clean_unlocked_idle_folios_are_reclaimable() {
-        let mut f = Folio::new(0, 0);
+        let mut f = Folio::new(0, 0, 1);
         assert!(f.reclaimable());
         f.dirty = true;
         assert!(!f.reclaimable());
@@ -126,5 +216,32 @@ mod tests {
         );
         f.pins = 1;
         assert!(!f.reclaimable());
+    }
+
+    /// `struct iomap_folio_state`'s bits: the folio is uptodate only when every block is,
+    /// and stays dirty while any block is.
+    #[test]
+    fn per_block_bits_make_the_folio_state() {
+        let mut f = Folio::new(0, 0, 4);
+        assert_eq!(f.data.len(), 4 * BLOCK_SIZE);
+        f.set_uptodate(1, 2);
+        assert!(!f.uptodate() && f.block_uptodate(1) && f.block_uptodate(2));
+        assert!(!f.block_uptodate(0) && !f.block_uptodate(3));
+        f.set_uptodate(0, 9);
+        assert!(f.uptodate());
+        f.set_dirty(1, 1);
+        f.set_dirty(3, 1);
+        assert!(f.dirty && f.block_dirty(1) && !f.block_dirty(2));
+        assert!(f.clear_dirty_blocks(1, 1), "block 3 is still dirty");
+        assert!(!f.clear_dirty_blocks(3, 1) && !f.dirty);
+        f.set_dirty(0, 4);
+        assert_eq!(f.clean_for_io(), 0b1111);
+        assert!(!f.dirty && !f.block_dirty(0));
+        let mut one = Folio::new(0, 0, 1);
+        one.set_uptodate(0, 1);
+        assert!(one.uptodate());
+        let mut max = Folio::new(0, 0, FOLIO_BLOCKS_MAX);
+        max.set_uptodate(0, FOLIO_BLOCKS_MAX);
+        assert!(max.uptodate());
     }
 }

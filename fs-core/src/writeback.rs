@@ -64,21 +64,21 @@ pub const PAGEVEC_SIZE_FOLIOS: usize = 15;
 /// in fs/iomap/buffered-io.c, v6.6), which bounds the work of its completion.
 pub const IOEND_BATCH_FOLIOS: usize = 4096;
 
-/// One folio's write: a bio in the kernel's terms (the kernel puts a contiguous run in one
-/// bio; the model keeps one device write per folio).
+/// One block's write: a bio in the kernel's terms (the kernel puts a contiguous run in one
+/// bio; the model keeps one device write per block).
 #[derive(Clone, Debug)]
 struct Bio {
-    idx: u64,
+    fblock: u64,
     addr: u64,
     unwritten: bool,
-    /// End of the file's data in the folio when it was written back (EOF then): past it the
+    /// End of the file's data in the block when it was written back (EOF then): past it the
     /// IO carries zeros.
     end: u64,
 }
 
-/// An ioend being built (`struct iomap_ioend`): folios contiguous in the file and on the
+/// An ioend being built (`struct iomap_ioend`): blocks contiguous in the file and on the
 /// device, all UNWRITTEN or all not. Nothing of it reaches the device until it is submitted,
-/// which happens when a folio that cannot join it arrives or the pass ends; until then its
+/// which happens when a block that cannot join it arrives or the pass ends; until then its
 /// folios stay under writeback.
 #[derive(Clone, Debug)]
 struct Ioend {
@@ -87,11 +87,12 @@ struct Ioend {
 
 impl Ioend {
     /// `iomap_can_add_to_ioend` (v6.6): same type, next file block, next device block, and
-    /// under `IOEND_BATCH_SIZE` folios. (The COW flag it also compares is not modelled.)
+    /// under `IOEND_BATCH_SIZE` (counted in blocks here, which is folios with one block per
+    /// folio). (The COW flag it also compares is not modelled.)
     fn can_add(&self, bio: &Bio) -> bool {
-        let last = self.bios.last().expect("an ioend holds at least one folio");
+        let last = self.bios.last().expect("an ioend holds at least one block");
         last.unwritten == bio.unwritten
-            && bio.idx == last.idx + 1
+            && bio.fblock == last.fblock + 1
             && bio.addr == last.addr + 1
             && self.bios.len() < IOEND_BATCH_FOLIOS
     }
@@ -307,61 +308,102 @@ impl WbPass {
     }
 
     /// One folio: `folio_clear_dirty_for_io`, `iomap_do_writepage` (EOF handling) and
-    /// `iomap_writepage_map` (map, add to the ioend, start writeback).
+    /// `iomap_writepage_map` (each dirty block below EOF mapped and added to the ioend; the
+    /// folio under writeback until every block's IO completes).
     fn write_folio(&mut self, fs: &mut Fs, idx: u64) -> Step {
         let ino = self.ino;
-        let size = fs.inode(ino).size;
+        let (size, fb) = (fs.inode(ino).size, fs.folio_bytes());
         let f = fs.inode_mut(ino).cache.get_mut(idx).expect("found");
-        // folio_clear_dirty_for_io, which also write-protects the mapping (folio_mkclean).
-        f.dirty = false;
-        f.towrite = false;
-        f.mapped_writable = false;
-        if idx * BS >= size {
+        let dirty = f.clean_for_io();
+        if idx * fb >= size {
             fs.cleaned(ino, idx);
             return Step::Yield(YieldPoint::WbBeyondEof, idx);
         }
         // iomap_do_writepage: zero the part of the EOF folio past EOF.
-        if (idx + 1) * BS > size {
-            f.data[(size - idx * BS) as usize..].fill(0);
+        if (idx + 1) * fb > size {
+            f.data[(size - idx * fb) as usize..].fill(0);
         }
         fs.cleaned(ino, idx);
-        let map = match map_blocks(fs, &mut self.wpc, ino, idx) {
-            Ok(m) => m,
-            Err(e) => {
-                // A writeback error: drop the delalloc reservation, lose the data (as XFS
-                // does). The ioends already built are submitted at the pass's end.
-                if fs.inode(ino).extents.get(idx).state == ExtentState::Delalloc {
-                    fs.inode_mut(ino).extents.set(idx, Extent::HOLE);
-                }
-                // The pass stops; the ioend it built is submitted as iomap_writepages ends.
-                // (v6.6 fails that ioend when the pass returns an error; the model writes
-                // it: writeback errors are not modelled.)
-                let last = self.ioend.take().into_iter().collect();
-                let _ = self.submit_all(fs, last);
-                return Step::Done(YieldPoint::WbMapBlocksError, idx, Err(e));
+        let nb = fs.folio_blocks();
+        let mut count = 0;
+        for i in (0..nb).filter(|i| dirty & (1 << i) != 0) {
+            let fblock = idx * nb + i;
+            if fblock * BS >= size {
+                break;
             }
-        };
+            match self.writepage_map_block(fs, fblock, size) {
+                Ok(added) => count += u32::from(added),
+                Err(e) => return self.map_failed(fs, idx, fblock, count, e),
+            }
+        }
+        if count == 0 {
+            return Step::Yield(YieldPoint::WbHole, idx);
+        }
+        let f = fs.inode_mut(ino).cache.get_mut(idx).expect("found");
+        f.writeback = true;
+        f.wb_pending = count;
+        Step::Yield(YieldPoint::WbMapBlocks, idx)
+    }
+
+    /// One dirty block of `iomap_writepage_map`: `map_blocks`, then the block joins the ioend
+    /// (closing the open one if it cannot join it: those go out after this folio). A block
+    /// over a HOLE is skipped and its data dropped. Returns whether the block was added.
+    fn writepage_map_block(
+        &mut self,
+        fs: &mut Fs,
+        fblock: u64,
+        size: u64,
+    ) -> Result<bool, FsError> {
+        let ino = self.ino;
+        let map = map_blocks(fs, &mut self.wpc, ino, fblock)?;
         match map.kind {
             IoMapKind::Hole => {
-                // Nothing to write to: the block is skipped and the data dropped.
-                fs.violations
-                    .push(Violation::DirtyFolioOverHole { ino, fblock: idx });
-                Step::Yield(YieldPoint::WbHole, idx)
+                // iomap_writepage_map skips the block. That loses data only if it holds some.
+                let (idx, nb) = (fs.folio_of(fblock), fs.folio_blocks());
+                let f = fs.inode(ino).cache.get(idx).expect("found");
+                if f.block_holds_data(fblock % nb, idx * nb * BS, size) {
+                    fs.violations
+                        .push(Violation::DirtyFolioOverHole { ino, fblock });
+                }
+                Ok(false)
             }
             IoMapKind::Delalloc => unreachable!("map_blocks converts delalloc"),
             IoMapKind::Mapped | IoMapKind::Unwritten => {
                 let bio = Bio {
-                    idx,
-                    addr: map.addr_of(idx * BS),
+                    fblock,
+                    addr: map.addr_of(fblock * BS),
                     unwritten: map.kind == IoMapKind::Unwritten,
-                    end: ((idx + 1) * BS).min(size),
+                    end: ((fblock + 1) * BS).min(size),
                 };
-                self.closed = Some((idx, self.add_to_ioend(bio)));
-                let f = fs.inode_mut(ino).cache.get_mut(idx).expect("found");
-                f.writeback = true;
-                Step::Yield(YieldPoint::WbMapBlocks, idx)
+                let closed = self.add_to_ioend(bio);
+                let idx = fs.folio_of(fblock);
+                match self.closed.as_mut() {
+                    Some((_, list)) => list.extend(closed),
+                    None => self.closed = Some((idx, closed)),
+                }
+                Ok(true)
             }
         }
+    }
+
+    /// `map_blocks` failed on `fblock` of folio `idx`: drop the delalloc reservation of the
+    /// rest of the folio and lose its data, as XFS does (`xfs_discard_folio`). The blocks
+    /// already added stay under writeback; the pass stops and the ioends it built are
+    /// submitted as `iomap_writepages` ends. (v6.6 fails that ioend when the pass returns an
+    /// error; the model writes it: writeback errors are not modelled.)
+    fn map_failed(&mut self, fs: &mut Fs, idx: u64, fblock: u64, count: u32, e: FsError) -> Step {
+        let ino = self.ino;
+        let folio_end = (idx + 1) * fs.folio_blocks();
+        crate::buffered_io::punch_delalloc(fs, ino, fblock, folio_end);
+        if count > 0 {
+            let f = fs.inode_mut(ino).cache.get_mut(idx).expect("found");
+            f.writeback = true;
+            f.wb_pending = count;
+        }
+        let mut pending: Vec<Ioend> = self.closed.take().map(|(_, l)| l).unwrap_or_default();
+        pending.extend(self.ioend.take());
+        let _ = self.submit_all(fs, pending);
+        Step::Done(YieldPoint::WbMapBlocksError, idx, Err(e))
     }
 
     /// `iomap_add_to_ioend`: the folio joins the open ioend if it can; otherwise that ioend
@@ -379,18 +421,21 @@ impl WbPass {
         }
     }
 
-    /// `iomap_submit_ioend` for each of `ioends`: every folio's write goes to the device and
-    /// waits for IO completion. A device that refuses a write leaves that folio and the rest
-    /// dirty and out of writeback (they are written again later).
+    /// `iomap_submit_ioend` for each of `ioends`: every block's write goes to the device and
+    /// waits for IO completion. A device that refuses a write leaves that block and the rest
+    /// dirty (their folios out of writeback once none of their blocks is pending): they are
+    /// written again later.
     fn submit_all(&mut self, fs: &mut Fs, ioends: Vec<Ioend>) -> Result<(), FsError> {
         let mut bios = ioends.into_iter().flat_map(|io| io.bios);
         while let Some(bio) = bios.next() {
             if let Err(e) = self.submit(fs, &bio) {
                 for b in std::iter::once(bio).chain(bios) {
-                    if let Some(f) = fs.inode_mut(self.ino).cache.get_mut(b.idx) {
-                        f.writeback = false;
-                        f.dirty = true;
-                        fs.dirtied(self.ino, b.idx);
+                    let (idx, nb) = (fs.folio_of(b.fblock), fs.folio_blocks());
+                    if let Some(f) = fs.inode_mut(self.ino).cache.get_mut(idx) {
+                        f.wb_pending = f.wb_pending.saturating_sub(1);
+                        f.writeback = f.wb_pending > 0;
+                        f.set_dirty(b.fblock % nb, 1);
+                        fs.dirtied(self.ino, idx);
                     }
                 }
                 return Err(e);
@@ -401,28 +446,21 @@ impl WbPass {
 
     fn submit(&mut self, fs: &mut Fs, bio: &Bio) -> Result<(), FsError> {
         let ino = self.ino;
+        let fblock = bio.fblock;
         let owner = fs.alloc.owner(bio.addr);
-        if owner
-            != Some(Owner {
-                ino,
-                fblock: bio.idx,
-            })
-        {
+        if owner != Some(Owner { ino, fblock }) {
             fs.violations.push(Violation::WriteToForeignBlock {
                 ino,
-                fblock: bio.idx,
+                fblock,
                 addr: bio.addr,
                 freed: fs.alloc.is_freed(bio.addr),
                 owner: owner.map(|o| (o.ino, o.fblock)),
             });
         }
-        let data = fs
-            .inode(ino)
-            .cache
-            .get(bio.idx)
-            .expect("under writeback")
-            .data
-            .clone();
+        let (idx, nb) = (fs.folio_of(fblock), fs.folio_blocks());
+        let at = (fblock % nb) as usize * BLOCK_SIZE;
+        let data = fs.inode(ino).cache.get(idx).expect("under writeback").data[at..at + BLOCK_SIZE]
+            .to_vec();
         fs.alloc.mark_data_written(bio.addr);
         let mut unwritten = bio.unwritten;
         if unwritten && fs.cfg.bugs.convert_before_data {
@@ -431,7 +469,7 @@ impl WbPass {
                 state: ExtentState::Written,
                 addr: bio.addr,
             };
-            fs.inode_mut(ino).extents.set(bio.idx, written);
+            fs.inode_mut(ino).extents.set(fblock, written);
             unwritten = false;
         }
         let req = fs.dev.submit(Request::Write {
@@ -442,7 +480,7 @@ impl WbPass {
         fs.ioends.push_back(IoEnd {
             req,
             ino,
-            fblock: bio.idx,
+            fblock,
             addr: bio.addr,
             unwritten,
             end: bio.end,
@@ -538,8 +576,11 @@ impl IoCompletion {
             }
             _ => {
                 let io = fs.ioends.pop_front().expect("front");
-                if let Some(f) = fs.inode_mut(io.ino).cache.get_mut(io.fblock) {
-                    f.writeback = false;
+                // iomap_finish_folio_write: the folio's writeback ends with its last block.
+                let idx = fs.folio_of(io.fblock);
+                if let Some(f) = fs.inode_mut(io.ino).cache.get_mut(idx) {
+                    f.wb_pending = f.wb_pending.saturating_sub(1);
+                    f.writeback = f.wb_pending > 0;
                 }
                 // xfs_setfilesize: the on-disk size may now cover what this IO wrote.
                 let e = fs.inode(io.ino).extents.get(io.fblock);

@@ -115,7 +115,15 @@ pub fn switches(cfg: &Config) -> String {
         } else {
             bugs.join("+")
         }
-    )
+    ) + &folio_switch(cfg)
+}
+
+/// Large folios, named only when on, so signatures of 4 KiB-folio runs stay as they were.
+fn folio_switch(cfg: &Config) -> String {
+    match cfg.folio_blocks {
+        1 => String::new(),
+        n => format!(",folio_blocks={n}"),
+    }
 }
 
 #[cfg(test)]

@@ -236,7 +236,11 @@ pub fn switches(cfg: &Config) -> String {
         cfg.mkwrite_takes_inode_lock,
         cfg.cache_limit_folios
     );
-    main + &gfs2
+    let folios = match cfg.folio_blocks {
+        1 => String::new(),
+        n => format!(", folios of {n} blocks"),
+    };
+    main + &folios + &gfs2
 }
 
 /// The full human report of a run.

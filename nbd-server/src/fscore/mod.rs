@@ -23,6 +23,7 @@
 //! | `mkwrite-inode-lock` | page_mkwrite takes the inode lock shared |
 //! | `bug=NAME[+NAME...]` | planted bugs of the persistent filesystem |
 //! | `cache-folios=N` | the page-cache limit in folios (small values force reclaim) |
+//! | `folio-blocks=N` | blocks per folio: 1 (default), 2, 4, 8 or 16 (large folios of 4 KiB blocks) |
 //! | `commit-steps=N` | the journal timer: scheduler steps between timed commits (default 1024) |
 //! | `sched-seed=S` | the scheduler's seed |
 //! | `session=PATH` | record the session there (a new volume only; never replaces a file) |
@@ -91,6 +92,7 @@ pub const FSCORE_KEYS: &[&str] = &[
     "mkwrite-inode-lock",
     "bug",
     "cache-folios",
+    "folio-blocks",
     "commit-steps",
     "sched-seed",
     "session",
@@ -158,6 +160,13 @@ impl FsCoreSpec {
                     .parse()
                     .map_err(|_| "needs a whole number of folios".to_owned())?;
                 c.cache_limit_folios = n.max(1);
+            }
+            "folio-blocks" => {
+                let n: u64 = need()?
+                    .parse()
+                    .map_err(|_| "needs a whole number of blocks".to_owned())?;
+                c.folio_blocks = n;
+                c.validate().map_err(|e| e.to_string())?;
             }
             "commit-steps" => {
                 let n: u64 = need()?

@@ -84,6 +84,22 @@ pub struct Switches {
     /// pass longer than one batch, which is what a file of more than 15 dirty folios has.
     #[arg(long, value_name = "FOLIOS")]
     pub wb_batch_folios: Option<usize>,
+    /// Blocks per folio: 1 (4 KiB folios, the default) or 2, 4, 8, 16 (large folios of 4 KiB
+    /// blocks, with per-block uptodate and dirty bits, as XFS has since about v6.6).
+    /// Example: `--folio-blocks 4` for 16 KiB folios.
+    #[arg(long, value_name = "BLOCKS", value_parser = parse_folio_blocks)]
+    pub folio_blocks: Option<u64>,
+}
+
+/// `--folio-blocks`: a power of two up to the model's largest folio.
+fn parse_folio_blocks(s: &str) -> Result<u64, String> {
+    let n: u64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let cfg = Config {
+        folio_blocks: n,
+        ..Config::default()
+    };
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(n)
 }
 
 impl Switches {
@@ -133,6 +149,9 @@ impl Switches {
         }
         if let Some(n) = self.wb_batch_folios {
             cfg.wb_batch_folios = n.max(1);
+        }
+        if let Some(n) = self.folio_blocks {
+            cfg.folio_blocks = n;
         }
         cfg
     }
