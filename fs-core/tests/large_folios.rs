@@ -1,0 +1,304 @@
+//! Large folios with blocks smaller than the folio (`Config::folio_blocks`), as XFS has had in
+//! its buffered write path since about v6.6: per-block uptodate and dirty bits (`struct
+//! iomap_folio_state`), `__iomap_write_begin` filling only the blocks a write touches,
+//! `iomap_writepage_map` writing only dirty blocks, `iomap_write_delalloc_ifs_punch`, and
+//! `truncate_inode_partial_folio`. Each test says which kernel function it mirrors.
+
+use fs_core::block::MemDevice;
+use fs_core::engine::{Call, Engine};
+use fs_core::extent::ExtentState;
+use fs_core::oracle::Oracle;
+use fs_core::sched::{Directive::*, RandomPolicy, FIRST_OP_TASK, TASK_IO_COMPLETION};
+use fs_core::{Config, Fs, FsError, Op, PunchMode, Workload};
+
+#[allow(dead_code)]
+mod common;
+use common::run_script;
+
+const K: u64 = 4096;
+const KU: usize = 4096;
+
+/// 16 KiB folios of four 4 KiB blocks, and a page cache that never reclaims in these tests.
+fn cfg4() -> Config {
+    Config {
+        folio_blocks: 4,
+        cache_limit_folios: 64,
+        ..Config::default()
+    }
+}
+
+fn engine(cfg: Config) -> Engine {
+    let fs = Fs::new(cfg.clone(), Box::new(MemDevice::new(cfg.device_blocks)), 1);
+    Engine::new(fs, Oracle::new(1), Box::new(RandomPolicy::new(7)))
+}
+
+/// Runs `call` to its end with whatever else the policy picks (the flusher, IO completion).
+fn settle(e: &mut Engine, call: Call) -> (Result<u64, FsError>, Option<Vec<u8>>) {
+    let t = e.submit(call).unwrap();
+    loop {
+        if let Some(d) = e.take_done().into_iter().find(|d| d.task == t) {
+            assert!(e.failures().is_empty(), "{:?}", e.failures());
+            return (d.result, d.data);
+        }
+        e.step().unwrap().expect("the call is still in flight");
+    }
+}
+
+/// Runs `call` stepping only its own task, so the page cache shows what it alone did.
+fn alone(e: &mut Engine, call: Call) -> Result<u64, FsError> {
+    let t = e.submit(call).unwrap();
+    loop {
+        if let Some(d) = e.take_done().into_iter().find(|d| d.task == t) {
+            return d.result;
+        }
+        e.step_task(t).unwrap();
+    }
+}
+
+fn write(offset: u64, len: usize, byte: u8) -> Call {
+    Call::Write {
+        ino: 0,
+        offset,
+        data: vec![byte; len],
+    }
+}
+
+fn bits(e: &Engine, idx: u64) -> (Vec<bool>, Vec<bool>) {
+    let f = e.fs().inode(0).cache.get(idx).expect("cached");
+    (
+        (0..f.blocks()).map(|i| f.block_uptodate(i)).collect(),
+        (0..f.blocks()).map(|i| f.block_dirty(i)).collect(),
+    )
+}
+
+/// `__iomap_write_begin` with `iomap_adjust_read_range` (v6.6): a 100-byte write into block 1
+/// of a folio that is not in the cache reads that block alone from disk; blocks 0, 2 and 3
+/// stay not uptodate and clean. A read then fills them (`iomap_readpage_iter` reads only the
+/// blocks that are not uptodate) without touching the written block, which stays the only
+/// dirty one.
+#[test]
+fn a_write_reads_only_the_block_it_covers_in_part() {
+    let mut e = engine(cfg4());
+    settle(&mut e, write(0, 4 * KU, b'A')).0.unwrap();
+    settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
+    e.fs_mut().drop_caches();
+    assert_eq!(alone(&mut e, write(K + 10, 100, b'B')), Ok(100));
+    let (up, dirty) = bits(&e, 0);
+    assert_eq!(up, [false, true, false, false]);
+    assert_eq!(dirty, [false, true, false, false]);
+    let f = e.fs().inode(0).cache.get(0).unwrap();
+    assert!(!f.uptodate());
+    let mut want = vec![b'A'; 4 * KU];
+    want[KU + 10..KU + 110].fill(b'B');
+    assert_eq!(
+        f.data[KU..2 * KU],
+        want[KU..2 * KU],
+        "block 1 read, then written"
+    );
+    let (r, data) = settle(
+        &mut e,
+        Call::Read {
+            ino: 0,
+            offset: 0,
+            len: 4 * K,
+        },
+    );
+    assert_eq!(r, Ok(4 * K));
+    assert_eq!(data.unwrap(), want);
+    let (up, dirty) = bits(&e, 0);
+    assert_eq!(up, [true; 4]);
+    assert_eq!(dirty, [false, true, false, false]);
+}
+
+/// `__iomap_write_begin` over a NEW (delalloc) mapping: the run of blocks the write touches
+/// is zeroed outside the write, blocks it does not touch are left alone.
+#[test]
+fn a_write_over_a_hole_zeroes_the_edges_of_the_blocks_it_touches() {
+    let mut e = engine(cfg4());
+    assert_eq!(alone(&mut e, write(K + 10, 2 * KU, b'W')), Ok(2 * K));
+    let (up, dirty) = bits(&e, 0);
+    assert_eq!(up, [false, true, true, true]);
+    assert_eq!(dirty, [false, true, true, true]);
+    let f = e.fs().inode(0).cache.get(0).unwrap();
+    assert!(f.data[KU..KU + 10].iter().all(|&b| b == 0));
+    assert!(f.data[KU + 10..3 * KU + 10].iter().all(|&b| b == b'W'));
+    assert!(f.data[3 * KU + 10..].iter().all(|&b| b == 0));
+    let ext = |b| e.fs().inode(0).extents.get(b).state;
+    assert_eq!(ext(0), ExtentState::Hole);
+    assert_eq!(ext(1), ExtentState::Delalloc);
+}
+
+/// `iomap_writepage_map` (v6.6, per-block dirty tracking): only the dirty blocks of a folio
+/// are mapped and written, each its own IO here; `iomap_finish_folio_write` ends the folio's
+/// writeback only when the last of them completes.
+#[test]
+fn writeback_writes_the_dirty_blocks_and_ends_with_the_last() {
+    let mut e = engine(cfg4());
+    settle(&mut e, write(0, 4 * KU, b'A')).0.unwrap();
+    settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
+    alone(&mut e, write(0, 10, b'C')).unwrap();
+    alone(&mut e, write(2 * K, 10, b'D')).unwrap();
+    let t = e.submit(Call::Fsync { ino: 0 }).unwrap();
+    while e.runnable().contains(&t) && e.fs().ioends.len() < 2 {
+        e.step_task(t).unwrap();
+    }
+    let blocks: Vec<u64> = e.fs().ioends.iter().map(|io| io.fblock).collect();
+    assert_eq!(blocks, [0, 2], "the clean blocks 1 and 3 are not written");
+    let f = e.fs().inode(0).cache.get(0).unwrap();
+    assert!(f.writeback && !f.dirty && f.wb_pending == 2);
+    while e.fs().ioends.len() == 2 {
+        e.step_task(TASK_IO_COMPLETION).unwrap();
+    }
+    assert!(
+        e.fs().inode(0).cache.get(0).unwrap().writeback,
+        "one block's IO is still pending"
+    );
+    while !e.fs().ioends.is_empty() {
+        e.step_task(TASK_IO_COMPLETION).unwrap();
+    }
+    assert!(!e.fs().inode(0).cache.get(0).unwrap().writeback);
+    while e.runnable().contains(&t) {
+        e.step_task(t).unwrap();
+    }
+    assert_eq!(e.take_done()[0].result, Ok(0));
+}
+
+/// `iomap_write_delalloc_ifs_punch` (v6.6): a write whose buffer faults at once leaves the
+/// delalloc it reserved over blocks 1-3 of a folio whose block 0 is dirty; the fixed punch
+/// keeps block 0's reservation and punches the clean blocks (before per-block dirty
+/// tracking, a dirty folio kept all of them, and they leaked: DELALLOC with nothing dirty
+/// over it, which the quiescent check reports).
+#[test]
+fn the_fixed_punch_punches_the_clean_blocks_of_a_dirty_folio() {
+    for punch in [PunchMode::Fixed, PunchMode::Old] {
+        let cfg = Config { punch, ..cfg4() };
+        let w = Workload {
+            files: 1,
+            phases: vec![
+                vec![Op::Truncate {
+                    file: 0,
+                    size: 4 * K,
+                }],
+                vec![Op::Write {
+                    file: 0,
+                    offset: 0,
+                    len: 10,
+                    byte: b'X',
+                }],
+                vec![Op::Write {
+                    file: 0,
+                    offset: K,
+                    len: 3 * K,
+                    byte: b'W',
+                }],
+            ],
+        };
+        let wr = FIRST_OP_TASK + 2;
+        let script = vec![
+            Until {
+                task: FIRST_OP_TASK + 1,
+                label: fs_core::YieldPoint::WriteDone,
+                arg: None,
+            },
+            ShortCopy { task: wr, bytes: 0 },
+            Drain { task: wr },
+        ];
+        let r = run_script(&cfg, &w, script);
+        assert!(r.passed(), "{punch:?}: {:?}", r.failures);
+        assert_eq!(r.results[2], Some(Err(FsError::Fault)), "{punch:?}");
+        let mut want = vec![0; 4 * KU];
+        want[..10].fill(b'X');
+        assert_eq!(r.files[0], want, "{punch:?}");
+    }
+}
+
+/// `iomap_page_mkwrite` dirties every block of the folio (`iomap_dirty_folio`), past EOF too;
+/// a truncate up then brings a dirty block over a hole below EOF, which holds only zeros.
+/// `iomap_writepage_map` skips HOLE blocks: nothing is lost, and no invariant may say so.
+#[test]
+fn mkwrite_dirties_the_whole_folio_and_writeback_skips_its_holes() {
+    let w = Workload {
+        files: 1,
+        phases: vec![
+            vec![Op::Write {
+                file: 0,
+                offset: 0,
+                len: 3 * K,
+                byte: b'A',
+            }],
+            vec![Op::MmapStore {
+                file: 0,
+                offset: 2 * K + 100,
+                len: 17,
+                byte: b'C',
+            }],
+            vec![Op::Truncate {
+                file: 0,
+                size: 4 * K - 5,
+            }],
+        ],
+    };
+    let r = run_script(&cfg4(), &w, vec![]);
+    assert!(r.passed(), "{:?}", r.failures);
+    let mut want = vec![b'A'; 3 * KU];
+    want[2 * KU + 100..2 * KU + 117].fill(b'C');
+    want.resize(4 * KU - 5, 0);
+    assert_eq!(r.files[0], want);
+}
+
+/// `xfs_setattr_size` into a large folio: `filemap_write_and_wait_range` cleans the whole
+/// folio, `iomap_truncate_page` zeroes the rest of the EOF block and dirties that block
+/// alone, and `truncate_inode_partial_folio` keeps the folio with the blocks past EOF zeroed;
+/// growing the file again reads zeros there.
+#[test]
+fn truncate_into_a_large_folio_zeroes_its_tail() {
+    let mut e = engine(cfg4());
+    settle(&mut e, write(0, 4 * KU, b'A')).0.unwrap();
+    settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
+    // Alone: the flusher, which zeroes past EOF too, does not run.
+    alone(&mut e, Call::Truncate { ino: 0, size: 5000 }).unwrap();
+    let (_, dirty) = bits(&e, 0);
+    assert_eq!(dirty, [false, true, false, false], "only the EOF block");
+    let f = e.fs().inode(0).cache.get(0).expect("the folio stays");
+    assert!(f.data[5000..].iter().all(|&b| b == 0));
+    settle(
+        &mut e,
+        Call::Truncate {
+            ino: 0,
+            size: 4 * K,
+        },
+    )
+    .0
+    .unwrap();
+    let (r, data) = settle(
+        &mut e,
+        Call::Read {
+            ino: 0,
+            offset: 0,
+            len: 4 * K,
+        },
+    );
+    assert_eq!(r, Ok(4 * K));
+    let mut want = vec![b'A'; 5000];
+    want.resize(4 * KU, 0);
+    assert_eq!(data.unwrap(), want);
+}
+
+/// A folio size the model cannot run is refused with the reason.
+#[test]
+fn folio_sizes_are_powers_of_two_up_to_the_limit() {
+    for (n, ok) in [
+        (1, true),
+        (4, true),
+        (16, true),
+        (3, false),
+        (32, false),
+        (0, false),
+    ] {
+        let cfg = Config {
+            folio_blocks: n,
+            ..Config::default()
+        };
+        assert_eq!(cfg.validate().is_ok(), ok, "{n}");
+    }
+}
