@@ -219,3 +219,72 @@ fn bundle_with_an_impossible_workload_is_refused_with_exit_2() {
         );
     }
 }
+
+/// Large folios are a switch of both campaigns (`--folio-blocks`): with 16 KiB folios the
+/// race campaign finds the stale-mapping race with the fix off and none with it on; its
+/// bundle keeps the folio size, so the replay with `--defaults` passes on the same machine
+/// geometry; an fs campaign runs clean; a folio size the model cannot run is refused.
+#[test]
+fn large_folio_campaigns_find_the_race_only_without_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |extra: &[&str]| {
+        cm().args(["race", "--folio-blocks", "4", "--json", "--no-bundle"])
+            .args(extra)
+            .output()
+            .expect("run")
+    };
+    let clean = run(&["--seed", "1", "--runs", "1500"]);
+    assert_eq!(
+        clean.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    let off = cm()
+        .args([
+            "race",
+            "--folio-blocks",
+            "4",
+            "--no-iomap-valid",
+            "--seed",
+            "1112",
+        ])
+        .args(["--runs", "1", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(
+        off.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&off.stdout)
+    );
+    let bundle = dir.path().join("race-seed-1112");
+    let cfg = std::fs::read_to_string(bundle.join("bundle.json")).expect("bundle");
+    assert!(cfg.contains("\"folio_blocks\": 4"), "{cfg}");
+    let fixed = cm()
+        .args(["race", "--defaults", "--replay"])
+        .arg(&bundle)
+        .output()
+        .expect("replay");
+    let text = String::from_utf8_lossy(&fixed.stdout);
+    assert_eq!(fixed.status.code(), Some(0), "{text}");
+    assert!(text.contains("folios of 4 blocks"), "{text}");
+    let fs = cm()
+        .args(["fs", "campaign", "--folio-blocks", "4", "--runs", "40"])
+        .args(["--workload", "random", "--json"])
+        .output()
+        .expect("fs campaign");
+    assert_eq!(
+        fs.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&fs.stderr)
+    );
+    let bad = cm()
+        .args(["race", "--folio-blocks", "3", "--runs", "1"])
+        .output()
+        .expect("run");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("power of two"));
+}

@@ -92,7 +92,8 @@ pub struct CampaignArgs {
     /// Replay a bundle instead: the same run and crash state (exit 1 if it fails again).
     #[arg(long, value_name = "DIR")]
     pub replay: Option<PathBuf>,
-    /// With --replay: planted bugs off and the default switches (plus any given here).
+    /// With --replay: planted bugs off and the default switches (plus any given here); the
+    /// page-cache limit, device and folio size stay as recorded.
     #[arg(long)]
     pub defaults: bool,
 }
@@ -328,6 +329,7 @@ fn replay(args: &CampaignArgs) -> anyhow::Result<i32> {
         Config {
             cache_limit_folios: b.config.cache_limit_folios,
             device_blocks: b.config.device_blocks,
+            folio_blocks: b.config.folio_blocks,
             ..Config::default()
         }
     } else {

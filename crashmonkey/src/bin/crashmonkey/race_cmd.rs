@@ -63,7 +63,8 @@ pub struct RaceArgs {
     /// --defaults) the schedule is followed as far as the changed steps allow.
     #[arg(long)]
     pub replay: Option<PathBuf>,
-    /// With --replay: start from the default (fixed) switches instead of the recorded ones.
+    /// With --replay: start from the default (fixed) switches instead of the recorded ones
+    /// (the page-cache limit, device and folio size stay as recorded).
     #[arg(long)]
     pub defaults: bool,
     /// Run only shard K of N of the campaign (run i when i % N == K): `K/N`, or `N` with K
@@ -364,6 +365,7 @@ fn replay(args: &RaceArgs) -> anyhow::Result<i32> {
         Config {
             cache_limit_folios: b.config.cache_limit_folios,
             device_blocks: b.config.device_blocks,
+            folio_blocks: b.config.folio_blocks,
             ..Config::default()
         }
     } else {
