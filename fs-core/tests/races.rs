@@ -768,3 +768,86 @@ fn truncate_flushes_its_eof_folio_before_zeroing() {
         "the flush waited for the folio's writeback: {wrote:?} {flush:?}"
     );
 }
+
+/// S3 inside one batch, with large folios (4 blocks per folio): the flusher's pass looks up
+/// folios 0 and 1 (one batch), caches UNWRITTEN [0,8) at folio 0 (`xfs_map_blocks` converts
+/// the whole delalloc run) and adds folio 0 to its ioend. A punch of block 5 covers folio 1
+/// in part: `truncate_inode_partial_folio` cannot split it while the pass's batch holds a
+/// reference, so it stays, zeroed over block 5; the punch frees block 5's device block and
+/// 'C' dirties block 5 again over new DELALLOC. The pass reaches folio 1 (same folio, still
+/// dirty) and, without the seq check, writes block 5 through its cached mapping into the
+/// freed block. With 4 KiB folios the punched folio leaves the cache and the pass skips it
+/// (`s3_inside_the_batch_is_skipped_by_the_pass`).
+fn s3_large_folio(cfg: &Config) -> RunResult {
+    let w = Workload {
+        files: 1,
+        phases: vec![
+            vec![Op::Write {
+                file: 0,
+                offset: 0,
+                len: 8 * K,
+                byte: b'A',
+            }],
+            vec![
+                Op::PunchHole {
+                    file: 0,
+                    offset: 5 * K,
+                    len: K,
+                },
+                Op::Write {
+                    file: 0,
+                    offset: 5 * K,
+                    len: K,
+                    byte: b'C',
+                },
+            ],
+        ],
+    };
+    let (punch, c) = (FIRST_OP_TASK + 1, FIRST_OP_TASK + 2);
+    let until = |task, label| Until {
+        task,
+        label,
+        arg: None,
+    };
+    run_script(
+        cfg,
+        &w,
+        vec![
+            until(FIRST_OP_TASK, YieldPoint::WriteDone),
+            Until {
+                task: TASK_FLUSHER,
+                label: YieldPoint::WbSubmit,
+                arg: Some(0),
+            },
+            until(punch, YieldPoint::PunchFreeExtents),
+            until(c, YieldPoint::WriteDone),
+            until(TASK_FLUSHER, YieldPoint::WbPassEnd),
+        ],
+    )
+}
+
+#[test]
+fn s3_inside_one_batch_with_large_folios_needs_the_seq_check() {
+    let cfg = |wb_seq_check| Config {
+        wb_seq_check,
+        folio_blocks: 4,
+        cache_limit_folios: 64,
+        ..Config::default()
+    };
+    let r = s3_large_folio(&cfg(false));
+    let lost = &r.files[0][5 * K as usize..6 * K as usize];
+    assert!(lost.iter().all(|&b| b == 0), "'C' never reached the file");
+    assert!(
+        r.failures
+            .iter()
+            .any(|f| matches!(f, Failure::Invariant { what }
+            if what.contains("file 0 block 5") && what.contains("free"))),
+        "{:?}",
+        r.failures
+    );
+    let r = s3_large_folio(&cfg(true));
+    assert!(r.passed(), "{:?}", r.failures);
+    let mut want = vec![b'A'; 8 * K as usize];
+    want[5 * K as usize..6 * K as usize].fill(b'C');
+    assert_eq!(r.files[0], want);
+}
