@@ -16,6 +16,12 @@ pub const FILE_BYTES_MAX: u64 = FILE_BLOCKS_MAX * BLOCK_SIZE as u64;
 pub const NOTES_MAX: usize = 32;
 /// Device blocks reserved at the start (room for a superblock in the on-disk step).
 pub const RESERVED_BLOCKS: u64 = 1;
+/// Folios reclaim looks at from the cold end of the LRU per step: the kernel isolates a
+/// batch of `SWAP_CLUSTER_MAX` (32) from the inactive list tail (`shrink_inactive_list`).
+/// When all of them are dirty, locked or under writeback, reclaim waits for writeback
+/// (the kernel rotates them back; the model does not), so its cost per step stays bounded
+/// however large the page cache.
+pub const RECLAIM_SCAN_FOLIOS: usize = 32;
 
 /// How blocks are allocated to buffered writes and faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -469,6 +475,9 @@ pub struct Fs {
     /// [`Fs::cleaned`] and [`Fs::remove_folio`]), so the flusher finds work without scanning
     /// the whole cache. The oracle's `check_quiescent` checks that no dirty folio is missing.
     dirty_hint: std::collections::BTreeSet<(usize, u64)>,
+    /// The dirty folios not under writeback: what the flusher can start on (kept beside the
+    /// hint so that finding work does not walk past folios that are still being written).
+    dirty_idle: std::collections::BTreeSet<(usize, u64)>,
 }
 
 impl Fs {
@@ -491,6 +500,7 @@ impl Fs {
             folio_count: 0,
             lru_index: Default::default(),
             dirty_hint: Default::default(),
+            dirty_idle: Default::default(),
         }
     }
 
@@ -542,6 +552,21 @@ impl Fs {
     /// Folio `idx` of `ino` was just marked dirty: the flusher will find it.
     pub fn dirtied(&mut self, ino: usize, idx: u64) {
         self.dirty_hint.insert((ino, idx));
+        if self.inodes[ino]
+            .cache
+            .get(idx)
+            .is_some_and(|f| !f.writeback)
+        {
+            self.dirty_idle.insert((ino, idx));
+        }
+    }
+
+    /// Folio `idx` of `ino` is no longer under writeback: the flusher may start on it again
+    /// if it was dirtied meanwhile.
+    pub fn writeback_ended(&mut self, ino: usize, idx: u64) {
+        if self.inodes[ino].cache.get(idx).is_some_and(|f| f.dirty) {
+            self.dirty_idle.insert((ino, idx));
+        }
     }
 
     /// Dirty folios the flusher's hint does not know of (none, unless a place that dirties
@@ -550,7 +575,8 @@ impl Fs {
         let mut out = Vec::new();
         for (ino, inode) in self.inodes.iter().enumerate() {
             for (&idx, f) in &inode.cache.folios {
-                if f.dirty && !self.dirty_hint.contains(&(ino, idx)) {
+                let idle = f.writeback || self.dirty_idle.contains(&(ino, idx));
+                if f.dirty && (!idle || !self.dirty_hint.contains(&(ino, idx))) {
                     out.push((ino, idx));
                 }
             }
@@ -566,6 +592,7 @@ impl Fs {
             self.folio_count -= 1;
             self.lru_index.remove(&f.lru);
             self.dirty_hint.remove(&(ino, idx));
+            self.dirty_idle.remove(&(ino, idx));
         }
     }
 
@@ -692,13 +719,15 @@ impl Fs {
         }
     }
 
-    /// The least recently used reclaimable folio, if the cache is over its limit.
+    /// The least recently used reclaimable folio among the [`RECLAIM_SCAN_FOLIOS`] least
+    /// recently used, if the cache is over its limit.
     pub fn reclaim_victim(&self) -> Option<(usize, u64)> {
         if self.folio_count <= self.cfg.cache_limit_folios {
             return None;
         }
         // The least recently used first: the first reclaimable one is the victim.
-        self.lru_index.values().copied().find(|&(ino, idx)| {
+        let mut lru = self.lru_index.values().copied().take(RECLAIM_SCAN_FOLIOS);
+        lru.find(|&(ino, idx)| {
             self.inodes[ino]
                 .cache
                 .get(idx)
@@ -713,7 +742,7 @@ impl Fs {
 
     /// The first inode with a dirty folio that writeback could start on.
     pub fn first_writeback_inode(&self) -> Option<usize> {
-        self.dirty_hint
+        self.dirty_idle
             .iter()
             .find(|&&(ino, idx)| {
                 self.inodes[ino]
@@ -734,6 +763,7 @@ impl Fs {
     /// Folio `idx` of `ino` is clean now (it went to writeback).
     pub fn cleaned(&mut self, ino: usize, idx: u64) {
         self.dirty_hint.remove(&(ino, idx));
+        self.dirty_idle.remove(&(ino, idx));
     }
 
     /// Record a diagnostic note (bounded by `NOTES_MAX`).

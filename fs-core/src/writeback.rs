@@ -199,12 +199,12 @@ impl WbPass {
             }
         }
         let start = self.next_index?;
-        fs.inode(self.ino)
-            .cache
-            .folios
-            .range(start..)
+        // Every folio a lookup returns is dirty: the dirty index is enough to search.
+        let cache = &fs.inode(self.ino).cache;
+        fs.dirty_indexes(self.ino, start)
+            .filter_map(|idx| cache.get(idx).map(|f| (idx, f)))
             .filter(|(_, f)| self.tagged_for_us(f))
-            .map(|(&idx, f)| (idx, self.turn(fs, idx, f.gen)))
+            .map(|(idx, f)| (idx, self.turn(fs, idx, f.gen)))
             .find(|&(_, t)| t != Turn::Skip)
     }
 
@@ -581,6 +581,9 @@ impl IoCompletion {
                 if let Some(f) = fs.inode_mut(io.ino).cache.get_mut(idx) {
                     f.wb_pending = f.wb_pending.saturating_sub(1);
                     f.writeback = f.wb_pending > 0;
+                    if !f.writeback {
+                        fs.writeback_ended(io.ino, idx);
+                    }
                 }
                 // xfs_setfilesize: the on-disk size may now cover what this IO wrote.
                 let e = fs.inode(io.ino).extents.get(io.fblock);

@@ -37,7 +37,8 @@ use std::path::PathBuf;
 
 use fs_core::{AllocMode, Config, PunchMode, ValidityCheckAt};
 
-/// Default page-cache limit of an fs-core export, in folios (64 MiB).
+/// Default page-cache limit of an fs-core export, in 4 KiB folios (64 MiB; with larger
+/// folios, `folio-blocks=N`, the default is the same 64 MiB in fewer folios).
 pub const EXPORT_CACHE_FOLIOS_DEFAULT: usize = 16_384;
 /// Default journal timer of an fs-core export, in scheduler steps: about 100 4 KiB writes
 /// (a workload's 64 steps would commit after every few writes of a busy client).
@@ -167,6 +168,10 @@ impl FsCoreSpec {
                     .map_err(|_| "needs a whole number of blocks".to_owned())?;
                 c.folio_blocks = n;
                 c.validate().map_err(|e| e.to_string())?;
+                if !self.keys.iter().any(|k| k == "cache-folios") {
+                    // The default page cache keeps its size in bytes.
+                    c.cache_limit_folios = (EXPORT_CACHE_FOLIOS_DEFAULT as u64 / n) as usize;
+                }
             }
             "commit-steps" => {
                 let n: u64 = need()?
