@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUNS=${RUNS:-10000}
+RUNS=${RUNS:-20000}
 SEED=${SEED:-1}
 OUT=${OUT:-crashmonkey-out/demo}
 # shellcheck source=scripts/lib.sh
@@ -50,6 +50,10 @@ campaign gfs2 --fs gfs2
 campaign gfs2-no-write-glock --fs gfs2 --gfs2-without write-glock
 campaign get-folio --check-at get-folio
 campaign before-lock --check-at before-lock
+# The same campaigns with large folios: 16 KiB folios of four 4 KiB blocks.
+campaign large-fix-on --folio-blocks 4
+campaign large-no-iomap-valid --folio-blocks 4 --no-iomap-valid
+campaign large-no-wb-seq-check --folio-blocks 4 --no-wb-seq-check
 end=$(date +%s)
 
 row() { # row LABEL NAME
@@ -76,6 +80,10 @@ row "Q1: gfs2-like (allocate at write, no delalloc/unwritten)" gfs2-like
 row "Q1: gfs2-like, page_mkwrite serialised by the inode glock" gfs2-like-glock
 row "Q1: gfs2 as built (--fs gfs2: its glocks, no cookie)" gfs2
 row "Q1: gfs2, but the write does not hold the glock" gfs2-no-write-glock
+echo " large folios (--folio-blocks 4: per-block uptodate and dirty bits):"
+row "fix ON (the defaults)" large-fix-on
+row "write path without ->iomap_valid" large-no-iomap-valid
+row "writeback without the seq check, files < 1 batch (S3)" large-no-wb-seq-check
 echo "  (all campaigns: $((end - start)) s)"
 
 bundle=$(ls -d "$OUT"/no-iomap-valid/race-seed-* | head -1)
