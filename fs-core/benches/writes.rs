@@ -12,6 +12,9 @@ use std::time::Instant;
 
 /// Writes per measured run (into a 1 MiB file, so blocks are rewritten and reclaimed).
 const WRITES_PER_RUN: u64 = 4096;
+/// 1 MiB writes per measured run of the large-write measurement (into a 16 MiB file).
+const BIG_WRITES_PER_RUN: u64 = 64;
+const BIG_WRITE_BYTES: u64 = 1 << 20;
 const FILE_BLOCKS: u64 = 256;
 const RUNS: u64 = 5;
 
@@ -97,4 +100,37 @@ fn main() {
          scheduler steps each, synced and checked; per second of CPU time, and of wall time; \
          the persistent run adds mkfs, mount, journal commits and unmount)"
     );
+    big_writes();
+}
+
+/// 1 MiB writes, two at a time, with 4 KiB folios and with 64 KiB folios (16 blocks), and
+/// a page cache of 8 MiB either way: MiB written per CPU-second.
+fn big_writes() {
+    let file_mib = 16;
+    let ops: Vec<Op> = (0..BIG_WRITES_PER_RUN)
+        .map(|i| Op::Write {
+            file: 0,
+            offset: (i * 5 % file_mib) * BIG_WRITE_BYTES,
+            len: BIG_WRITE_BYTES,
+            byte: (i % 251) as u8 + 1,
+        })
+        .collect();
+    let w = Workload {
+        files: 1,
+        phases: ops.chunks(2).map(<[Op]>::to_vec).collect(),
+    };
+    for folio_blocks in [1, 16] {
+        let cfg = Config {
+            folio_blocks,
+            cache_limit_folios: (2048 / folio_blocks) as usize,
+            device_blocks: 8192,
+            ..Config::default()
+        };
+        let (cpu, _, steps) = measure(&cfg, &w, false);
+        let mib = (BIG_WRITES_PER_RUN * BIG_WRITE_BYTES) as f64 / (1 << 20) as f64;
+        println!(
+            "buffered_1m_write_mib_per_second_folio_blocks_{folio_blocks} {:.0} ({steps} steps)",
+            mib / cpu
+        );
+    }
 }
