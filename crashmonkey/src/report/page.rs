@@ -52,10 +52,14 @@ pub fn page_foot() -> String {
     )
 }
 
-/// The report of `dir`: a campaign folder, or one bundle folder (`race-seed-N`, `fs-seed-N`).
+/// The report of `dir`: a campaign folder, a `check --out` folder, or one bundle folder
+/// (`race-seed-N`, `fs-seed-N`).
 pub fn report(dir: &Path) -> Result<String, ReportError> {
     if !dir.join(folder::CAMPAIGN_FILE).exists() && dir.join("bundle.json").is_file() {
         return super::bundle_page::bundle_report(dir);
+    }
+    if !dir.join(folder::CAMPAIGN_FILE).exists() && super::check_page::is_check_folder(dir) {
+        return super::check_page::check_report(dir);
     }
     campaign_report(dir)
 }
