@@ -163,38 +163,50 @@ fn wait_for_record(dir: &Path, child: &mut std::process::Child) {
     }
 }
 
-/// A campaign killed with SIGKILL once it has recorded some runs, then run again with the
-/// same command, prints the uninterrupted campaign's JSON (timings aside) and holds its
-/// findings: no run repeated (the counts would be higher) or lost (lower).
+/// A campaign killed with SIGKILL (or stopped by SIGINT, which exits 130) once it has
+/// recorded some runs, then run again with the same command, prints the uninterrupted
+/// campaign's JSON (timings aside) and holds its findings: no run repeated (the counts would
+/// be higher) or lost (lower).
 #[test]
 fn a_killed_fs_campaign_rerun_ends_as_an_uninterrupted_one() {
     let (_, want, want_findings) = clean();
     let tmp = tempfile::tempdir().unwrap();
-    let camp = tmp.path().join("camp");
-    let mut child = fs_campaign(Some(&camp), &[])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_record(&camp, &mut child);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    // Counted from the records: `findings` refuses a folder whose last record the kill left
-    // unindexed (the rerun indexes it).
-    let done: u64 = std::fs::read_dir(camp.join("runs"))
+    for signal in ["KILL", "INT"] {
+        let camp = tmp.path().join(signal);
+        let mut child = fs_campaign(Some(&camp), &[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_record(&camp, &mut child);
+        let sent = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = child.wait().unwrap();
+        if signal == "INT" {
+            assert_eq!(status.code(), Some(130));
+        }
+        let done = recorded_runs(&camp);
+        assert!(done > 0 && done < RUNS, "{signal}: {done} runs recorded");
+        let again = fs_campaign(Some(&camp), &[]).output().unwrap();
+        assert_eq!(untimed(json(&again)), *want, "{signal}");
+        assert_eq!(findings(&camp).stdout, *want_findings, "{signal}");
+    }
+}
+
+/// The runs `dir`'s records hold, counted from the files: `findings` refuses a folder whose
+/// last record a SIGKILL left unindexed (the rerun indexes it).
+fn recorded_runs(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("runs"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .map(|p| serde_json::from_slice::<serde_json::Value>(&std::fs::read(p).unwrap()).unwrap())
         .map(|r| r["runs"].as_u64().unwrap())
-        .sum();
-    assert!(
-        done > 0 && done < RUNS,
-        "{done} runs recorded before SIGKILL"
-    );
-    let again = fs_campaign(Some(&camp), &[]).output().unwrap();
-    assert_eq!(untimed(json(&again)), *want);
-    assert_eq!(findings(&camp).stdout, *want_findings);
+        .sum()
 }
 
 /// Three shards run at once as three processes, merged, hold the unsharded campaign's

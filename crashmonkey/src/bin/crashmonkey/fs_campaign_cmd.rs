@@ -381,9 +381,14 @@ fn report(
         crate::race_cmd::emitln(&serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    let of = if opts.shard.count > 1 {
+        format!(", shard {}", opts.shard)
+    } else {
+        String::new()
+    };
     crate::race_cmd::emitln(&format!(
-        "fs campaign ({:?} workloads, bugs: {}): seeds {}..{} ({} runs), {} crash states in \
-         {:.2}s ({:.0} states/s)",
+        "fs campaign ({:?} workloads, bugs: {}): seeds {}..{} ({} runs{of}), {} crash states \
+         in {:.2}s ({:.0} states/s)",
         s.workload,
         if s.bugs.is_empty() {
             "none".to_string()
@@ -391,7 +396,12 @@ fn report(
             s.bugs.join(", ")
         },
         args.seed,
-        args.seed.wrapping_add(s.runs),
+        // The seeds this process went through (a shard spans the campaign's).
+        args.seed.wrapping_add(if opts.shard.count > 1 {
+            args.runs
+        } else {
+            s.runs
+        }),
         s.runs,
         s.crash_states,
         s.seconds,
