@@ -198,7 +198,8 @@ fn a_killed_fs_campaign_rerun_ends_as_an_uninterrupted_one() {
 }
 
 /// The runs `dir`'s records hold, counted from the files: `findings` refuses a folder whose
-/// last record a SIGKILL left unindexed (the rerun indexes it).
+/// last record a SIGKILL left unindexed (the rerun indexes it; campaign_folder.rs's
+/// `an_index_behind_its_records_catches_up`).
 fn recorded_runs(dir: &Path) -> u64 {
     std::fs::read_dir(dir.join("runs"))
         .unwrap()
