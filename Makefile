@@ -69,9 +69,11 @@ bench-disk:
 bench-fscore:
 	bash scripts/bench-fscore.sh
 
-## What `race --out DIR` (records, index, bundles) costs a race campaign, with and without.
+## What `race --out DIR` and `fs campaign --out DIR` (records, index, bundles) cost a
+## campaign, with and without.
 bench-campaign-folder:
 	bash scripts/bench-campaign-folder.sh
+	KIND=fs bash scripts/bench-campaign-folder.sh
 
 ## make mutants: mutation testing of the modules that decide correctness (cargo-mutants; hours
 ## in full: MUTANTS_SHARD=0/10 samples a tenth). Results and method: docs/testing.md.

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# What a campaign folder costs a race campaign: the same campaign with and without --out,
-# REPS times each, interleaved (so that other load on the machine falls on both alike), and
-# the medians of wall and user CPU seconds. A benchmark, not a test: it prints, it does not
-# judge. Env: RUNS (default 20000), REPS (default 7), SEED (1).
+# What a campaign folder costs a campaign: the same campaign with and without --out, REPS
+# times each, interleaved (so that other load on the machine falls on both alike), and the
+# medians of wall and user CPU seconds. A benchmark, not a test: it prints, it does not
+# judge. KIND=race (the default): `race --no-iomap-valid`, RUNS runs (default 20000);
+# KIND=fs: `fs campaign --bug $FS_BUG` (default size-before-data), FS_RUNS runs (default
+# 400). Env also: REPS (default 7), SEED (1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUNS=${RUNS:-20000}
+KIND=${KIND:-race}
+FS_BUG=${FS_BUG:-size-before-data}
+if [[ $KIND == fs ]]; then RUNS=${FS_RUNS:-400}; else RUNS=${RUNS:-20000}; fi
 REPS=${REPS:-7}
 SEED=${SEED:-1}
 cargo build --release -q -p crashmonkey
@@ -18,11 +22,17 @@ trap 'rm -rf "$WORK"' EXIT
 timed() {
     local label=$1 rc=0
     shift
-    /usr/bin/time -f "$label %e %U" -a -o "$WORK/times" "$CM" race --seed "$SEED" \
-        --runs "$RUNS" --no-iomap-valid --json "$@" > /dev/null || rc=$?
+    local what=(race --no-iomap-valid)
+    [[ $KIND == fs ]] && what=(fs campaign --bug "$FS_BUG")
+    /usr/bin/time -f "$label %e %U" -a -o "$WORK/times" "$CM" "${what[@]}" --seed "$SEED" \
+        --runs "$RUNS" --json "$@" > /dev/null || rc=$?
     [[ $rc == 0 || $rc == 1 ]]
 }
-echo "bench-campaign-folder: $RUNS runs from seed $SEED, --no-iomap-valid, $REPS times each"
+if [[ $KIND == fs ]]; then
+    echo "bench-campaign-folder: fs campaign, $RUNS runs from seed $SEED, --bug $FS_BUG, $REPS times each"
+else
+    echo "bench-campaign-folder: race, $RUNS runs from seed $SEED, --no-iomap-valid, $REPS times each"
+fi
 for _ in $(seq "$REPS"); do
     rm -rf "$WORK/camp" "$WORK/plain"
     mkdir "$WORK/plain"

@@ -55,7 +55,7 @@ pub struct CheckOptions {
     pub work_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FailedState {
     pub id: usize,
     pub epoch: usize,
@@ -72,10 +72,13 @@ pub struct FailedState {
     pub reason: String,
     pub image: Option<PathBuf>,
     pub output: String,
+    /// The state itself: which writes of its epoch it kept, dropped or tore (what
+    /// `crashmonkey report` draws on the log).
+    pub state: CrashState,
 }
 
 /// Where a stopped run stopped.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Interruption {
     /// The signal that stopped the run ("SIGINT").
     pub signal: String,
@@ -86,7 +89,7 @@ pub struct Interruption {
     pub epoch_states_checked: usize,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CheckSummary {
     /// States generated, duplicates included.
     pub states: usize,
@@ -100,6 +103,8 @@ pub struct CheckSummary {
     pub failures: Vec<FailedState>,
     /// Set when a signal stopped the run: only `passed + failed` states were checked.
     pub interrupted: Option<Interruption>,
+    /// The write log checked, as an absolute path (for `crashmonkey report` of `--out`).
+    pub log: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -316,6 +321,7 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
     let generator = StateGenerator::new(opts.states, history.data_file()?);
     let bar = progress_bar(opts.progress);
     let mut summary = CheckSummary::new(opts.states.seed);
+    summary.log = std::path::absolute(log).ok();
     // States are generated one epoch ahead, on a thread of their own, while the epoch before
     // is checked (on a long log generating them was a third of the run).
     std::thread::scope(|scope| {
@@ -426,6 +432,7 @@ impl CheckSummary {
             seed,
             failures: Vec::new(),
             interrupted: None,
+            log: None,
         }
     }
 
@@ -591,6 +598,7 @@ fn check_state(
             reason,
             image,
             output: run.output,
+            state: state.clone(),
         }),
     }))
 }

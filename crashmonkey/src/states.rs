@@ -30,7 +30,7 @@ use nbd_server::log::{sector_pieces, torn_pieces, unit_pieces, LogError, SECTOR_
 use crate::history::{Epoch, LogData, Op};
 
 /// How states are chosen.
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StateOptions {
     /// Subsets keep, or drop, at most this many operations of an epoch.
     pub max_subset: usize,

@@ -555,7 +555,8 @@ fn bundles() -> &'static [Bundle] {
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out).unwrap();
         let race = ["race", "--seed", "9079", "--runs", "1", "--no-iomap-valid"];
-        crashmonkey(&race, &out);
+        // Each a campaign folder of its own: one folder holds one campaign.
+        crashmonkey(&race, &out.join("race"));
         let fs = [
             "fs",
             "campaign",
@@ -568,15 +569,15 @@ fn bundles() -> &'static [Bundle] {
             "--max-failures",
             "1",
         ];
-        crashmonkey(&fs, &out);
+        crashmonkey(&fs, &out.join("fs"));
         let mut all = vec![
             Bundle {
-                dir: out.join("race-seed-9079"),
+                dir: out.join("race/race-seed-9079"),
                 kind: Kind::Race,
                 fresh: true,
             },
             Bundle {
-                dir: out.join("fs-seed-1"),
+                dir: out.join("fs/fs-seed-1"),
                 kind: Kind::Fs,
                 fresh: true,
             },

@@ -31,6 +31,7 @@ fn campaign(
         states: StateOptions::default(),
         max_failures: 0,
         jobs,
+        shard: Default::default(),
     };
     run_campaign(
         &opts,

@@ -221,12 +221,19 @@ fn an_fs_campaign_minimises_its_bundle_beside_it() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let bundle = std::fs::read_dir(&out)
+    // --out is a campaign folder: the finding's one bundle is its only fs-seed-N.
+    let bundles: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("fs-seed-")
+        })
+        .collect();
+    assert_eq!(bundles.len(), 1, "{bundles:?}");
+    let bundle = bundles[0].clone();
     let min = bundle.join("minimised");
     assert!(bundle.join("crash.img").is_file());
     assert_eq!(signature_of(&min), signature_of(&bundle));

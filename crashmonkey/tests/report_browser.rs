@@ -45,7 +45,7 @@ window.addEventListener('error', function (e) {
   };
 });
 window.addEventListener('load', function () {
-  var svg = document.querySelector('svg.race-timeline');
+  var svg = document.querySelector('svg.FIRST-TIMELINE');
   var r = svg && svg.getBoundingClientRect();
   var out = {
     errors: window.__probe.errors,
@@ -178,21 +178,12 @@ fn inked_per_mille(png_path: &Path, rect: [u32; 4]) -> u64 {
     inked * 1000 / all
 }
 
-/// A small real campaign's report in `dir`: the page's path.
-fn report_of_a_campaign(dir: &Path) -> PathBuf {
+/// A small real campaign's report in `dir` (`campaign`: the command and its flags before
+/// `--out`): the page's path.
+fn report_of_a_campaign(dir: &Path, campaign: &[&str]) -> PathBuf {
     let out = dir.join("camp");
     let o = common::output_within(
-        common::crashmonkey()
-            .args([
-                "race",
-                "--seed",
-                "700",
-                "--runs",
-                "300",
-                "--no-iomap-valid",
-                "--out",
-            ])
-            .arg(&out),
+        common::crashmonkey().args(campaign).arg("--out").arg(&out),
         Duration::from_secs(300),
     );
     assert_eq!(
@@ -214,13 +205,18 @@ fn report_of_a_campaign(dir: &Path) -> PathBuf {
 }
 
 /// Opens a copy of `page` with the probe in it: asserts nothing went wrong and nothing was
-/// fetched, and returns where the first race timeline lies (x, y, width, height).
-fn probe_page(browser: &Path, dir: &Path, page: &Path) -> [u32; 4] {
+/// fetched, and returns where the first timeline of class `first` lies (x, y, width, height).
+fn probe_page(browser: &Path, dir: &Path, page: &Path, first: &str) -> [u32; 4] {
     let html = std::fs::read_to_string(page).unwrap();
     let probed = dir.join("probed.html");
     let head = "<meta charset=\"utf-8\">";
     assert!(html.contains(head));
-    std::fs::write(&probed, html.replacen(head, &format!("{head}{PROBE}"), 1)).unwrap();
+    let probe_js = PROBE.replace("FIRST-TIMELINE", first);
+    std::fs::write(
+        &probed,
+        html.replacen(head, &format!("{head}{probe_js}"), 1),
+    )
+    .unwrap();
     let size = format!("--window-size={WINDOW_WIDTH_PX},2000");
     let o = browse(
         browser,
@@ -237,7 +233,7 @@ fn probe_page(browser: &Path, dir: &Path, page: &Path) -> [u32; 4] {
         "the page fetched: {p}"
     );
     assert!(p["timelines"].as_u64().unwrap() >= 2, "{p}");
-    let rect: Vec<f64> = serde_json::from_value(p["rect"].clone()).expect("a race timeline");
+    let rect: Vec<f64> = serde_json::from_value(p["rect"].clone()).expect("a timeline");
     let rect = [rect[0], rect[1], rect[2], rect[3]].map(|v| v.max(0.0) as u32);
     assert!(rect[2] > 0 && rect[3] > 0, "the timeline has no size: {p}");
     rect
@@ -245,13 +241,37 @@ fn probe_page(browser: &Path, dir: &Path, page: &Path) -> [u32; 4] {
 
 #[test]
 fn the_report_renders_in_a_real_browser() {
+    let campaign = ["race", "--seed", "700", "--runs", "300", "--no-iomap-valid"];
+    renders(&campaign, "race-timeline");
+}
+
+/// An fs campaign folder's report (crash findings, each drawn on its write log) renders as
+/// the race one does: no error, nothing fetched, its first log timeline not blank.
+#[test]
+fn the_fs_report_renders_in_a_real_browser() {
+    let campaign = [
+        "fs",
+        "campaign",
+        "--seed",
+        "1",
+        "--runs",
+        "24",
+        "--bug",
+        "fsync-no-log-force",
+    ];
+    renders(&campaign, "log-timeline");
+}
+
+/// The report of `campaign`'s folder in the browser: probed, then shot; the first timeline
+/// of class `first` must be inked.
+fn renders(campaign: &[&str], first: &str) {
     let Some(browser) = chromium() else {
         skip::skip("chromium is not installed (make deps installs it)");
         return;
     };
     let d = tempfile::tempdir().unwrap();
-    let page = report_of_a_campaign(d.path());
-    let [x, y, w, h] = probe_page(&browser, d.path(), &page);
+    let page = report_of_a_campaign(d.path(), campaign);
+    let [x, y, w, h] = probe_page(&browser, d.path(), &page, first);
 
     // The page itself (no probe), tall enough to hold the first timeline.
     let shot = d.path().join("shot.png");

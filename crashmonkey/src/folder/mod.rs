@@ -9,7 +9,9 @@
 //! failing runs grouped by failure signature (`signature`).
 
 pub mod campaign;
+pub mod fs_campaign;
 pub mod index;
+pub mod ledger;
 pub mod minimised;
 pub mod record;
 pub mod signature;
@@ -84,12 +86,75 @@ pub struct RaceParams {
     pub shard: String,
 }
 
+/// An fs crash campaign's parameters (`crashmonkey fs campaign --out DIR`): what decides
+/// which runs it makes and how (not `--jobs`: the results are the same on any number).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsParams {
+    pub seed: u64,
+    pub runs: u64,
+    pub workload: crate::fscore::workload::WorkloadKind,
+    pub config: fs_core::Config,
+    pub states: crate::states::StateOptions,
+    pub max_failures: u64,
+    /// `K/N`.
+    pub shard: String,
+}
+
+impl FsParams {
+    /// The campaign's id, as [`RaceParams::id`]: every shard of one campaign has the same.
+    pub fn id(&self) -> String {
+        id_of(&FsParams {
+            shard: String::new(),
+            ..self.clone()
+        })
+    }
+}
+
+/// The first 16 hex digits of the blake3 hash of `params` as JSON.
+fn id_of(params: &impl Serialize) -> String {
+    let json = serde_json::to_string(params).expect("parameters serialize");
+    blake3::hash(json.as_bytes()).to_hex()[..16].to_string()
+}
+
+/// The parameters of `a` that differ from `b`'s, in words (the switches one by one): `a`'s
+/// value is said to be "there" (in the folder), `b`'s "here" (given now).
+fn differences(a: &impl Serialize, b: &impl Serialize) -> String {
+    let flat = |p: serde_json::Value| {
+        let mut out: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        for (k, x) in p.as_object().into_iter().flatten() {
+            match x.as_object() {
+                Some(inner) if k == "config" || k == "states" => {
+                    let what = if k == "config" { "switch" } else { "states" };
+                    for (ik, ix) in inner {
+                        out.insert(format!("{what} {ik}"), ix.clone());
+                    }
+                }
+                _ => drop(out.insert(k.clone(), x.clone())),
+            }
+        }
+        out
+    };
+    let there = flat(serde_json::to_value(a).expect("parameters serialize"));
+    let here = flat(serde_json::to_value(b).expect("parameters serialize"));
+    let null = serde_json::Value::Null;
+    let keys: BTreeSet<&String> = there.keys().chain(here.keys()).collect();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (there.get(k).unwrap_or(&null), here.get(k).unwrap_or(&null));
+            (x != y).then(|| format!("{k} {x} there, {y} here"))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// What `campaign.json` holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CampaignFile {
     /// A folder a race campaign writes (and resumes).
     Race { format: u32, params: RaceParams },
+    /// A folder an fs crash campaign writes (and resumes).
+    Fs { format: u32, params: FsParams },
     /// A folder `crashmonkey findings merge` made: findings only, nothing to resume.
     Merged { format: u32 },
 }
@@ -104,7 +169,9 @@ impl CampaignFile {
         };
         let f: CampaignFile = serde_json::from_slice(&text)
             .map_err(|e| FolderError::corrupt(&path, format!("not a campaign file: {e}")))?;
-        let (CampaignFile::Race { format, .. } | CampaignFile::Merged { format }) = &f;
+        let (CampaignFile::Race { format, .. }
+        | CampaignFile::Fs { format, .. }
+        | CampaignFile::Merged { format }) = &f;
         if *format != CAMPAIGN_FORMAT {
             return Err(FolderError::corrupt(
                 &path,
@@ -118,48 +185,64 @@ impl CampaignFile {
         let text = serde_json::to_string_pretty(self).expect("campaign file serializes");
         record::write_atomically(&dir.join(CAMPAIGN_FILE), text.as_bytes())
     }
+
+    /// The command that makes such a folder, in words.
+    pub fn what(&self) -> &'static str {
+        match self {
+            CampaignFile::Race { .. } => "a race campaign (crashmonkey race --out)",
+            CampaignFile::Fs { .. } => "an fs campaign (crashmonkey fs campaign --out)",
+            CampaignFile::Merged { .. } => "a merged folder (crashmonkey findings merge)",
+        }
+    }
+
+    /// How `self` (the folder's) differs from `other` (the command's), in words.
+    pub fn differences(&self, other: &CampaignFile) -> String {
+        match (self, other) {
+            (CampaignFile::Race { params: a, .. }, CampaignFile::Race { params: b, .. }) => {
+                differences(a, b)
+            }
+            (CampaignFile::Fs { params: a, .. }, CampaignFile::Fs { params: b, .. }) => {
+                differences(a, b)
+            }
+            _ => format!("{} there, {} here", self.what(), other.what()),
+        }
+    }
 }
 
 impl RaceParams {
     /// The campaign's id: the first 16 hex digits of the blake3 hash of its parameters as
     /// JSON with the shard left empty, so that every shard of one campaign has the same id.
     pub fn id(&self) -> String {
-        let whole = RaceParams {
+        id_of(&RaceParams {
             shard: String::new(),
             ..self.clone()
-        };
-        let json = serde_json::to_string(&whole).expect("parameters serialize");
-        blake3::hash(json.as_bytes()).to_hex()[..16].to_string()
+        })
     }
 
     /// The parameters that differ from `other`'s, in words (the switches one by one).
     pub fn differences(&self, other: &RaceParams) -> String {
-        let flat = |p: &RaceParams| {
-            let mut v = serde_json::to_value(p).expect("parameters serialize");
-            let config = v["config"].take();
-            let mut out: Vec<(String, serde_json::Value)> = Vec::new();
-            for (k, x) in v.as_object().into_iter().flatten() {
-                out.push((k.clone(), x.clone()));
-            }
-            for (k, x) in config.as_object().into_iter().flatten() {
-                out.push((format!("switch {k}"), x.clone()));
-            }
-            out
-        };
-        let theirs = flat(other);
-        flat(self)
-            .into_iter()
-            .zip(theirs)
-            .filter(|(a, b)| a.1 != b.1)
-            .map(|((k, a), (_, b))| format!("{k} {a} there, {b} here"))
-            .collect::<Vec<_>>()
-            .join("; ")
+        differences(self, other)
     }
 }
 
-/// The folder of a bundle of `seed`, relative to the campaign folder.
+/// The folder of a race bundle of `seed`, relative to the campaign folder.
 pub fn bundle_name(seed: u64) -> String {
     format!("race-seed-{seed}")
+}
+
+/// Whether a finding of `signature` is an fs campaign's (its bundles are fs crash bundles).
+pub fn is_fs_signature(signature: &str) -> bool {
+    signature.starts_with("fs|")
+}
+
+/// The folder of the bundle of `seed` of a finding of `signature`, relative to the campaign
+/// folder: `race-seed-N` or, for an fs campaign's finding, `fs-seed-N`.
+pub fn bundle_name_of(signature: &str, seed: u64) -> String {
+    if is_fs_signature(signature) {
+        format!("fs-seed-{seed}")
+    } else {
+        bundle_name(seed)
+    }
 }
 
 /// One finding as `crashmonkey findings` shows it.
@@ -183,6 +266,10 @@ pub struct Finding {
     pub first_bundle: String,
     /// The smallest run minimised (`race --minimise`), if it was: the smallest reproducer.
     pub minimised: Option<minimised::MinimisedRun>,
+    /// An fs campaign's finding: the smallest run's crash state minimised (`fs campaign
+    /// --minimise`), if it was: the smallest reproducer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub minimised_state: Option<fs_campaign::MinimisedState>,
 }
 
 impl Finding {
@@ -200,9 +287,10 @@ impl Finding {
             smallest_seed: t.smallest_seed,
             smallest_steps: t.smallest_steps,
             seeds: t.seeds.clone(),
-            bundle: bundle_name(t.smallest_seed),
-            first_bundle: bundle_name(t.first_seed),
+            bundle: bundle_name_of(&t.signature, t.smallest_seed),
+            first_bundle: bundle_name_of(&t.signature, t.first_seed),
             minimised: None,
+            minimised_state: None,
         }
     }
 }
@@ -298,9 +386,15 @@ fn report(
     failing_runs: u64,
     tallies: &[Tally],
 ) -> Result<Findings, FolderError> {
-    let mut findings: Vec<Finding> = tallies.iter().map(Finding::of).collect();
-    for f in &mut findings {
-        f.minimised = minimised::read(dir, f.smallest_seed, &f.signature)?;
+    let mut findings = Vec::with_capacity(tallies.len());
+    for t in tallies {
+        let mut f = Finding::of(t);
+        if is_fs_signature(&t.signature) {
+            f.minimised_state = fs_campaign::read_minimised(dir, t)?;
+        } else {
+            f.minimised = minimised::read(dir, f.smallest_seed, &f.signature)?;
+        }
+        findings.push(f);
     }
     findings.sort_by(|a, b| b.count.cmp(&a.count).then(a.signature.cmp(&b.signature)));
     Ok(Findings {
@@ -313,24 +407,35 @@ fn report(
 /// A finding's bundles are in the folder, load, and show a failure of its signature.
 pub fn check_bundles(dir: &Path, t: &Tally) -> Result<(), FolderError> {
     for seed in t.bundled_seeds() {
-        let path = dir.join(bundle_name(seed));
-        let b = crate::race::load_bundle(&path)
+        let path = dir.join(bundle_name_of(&t.signature, seed));
+        let (found, sig) = bundle_signature(&path, is_fs_signature(&t.signature))
             .map_err(|e| FolderError::corrupt(&path, format!("bundle unusable: {e:#}")))?;
-        let sig = b
-            .failures
-            .first()
-            .map(|f| signature::race_signature(&b.config, f, &b.workload));
-        if b.seed != seed || sig.as_deref() != Some(t.signature.as_str()) {
+        if found != seed || sig.as_deref() != Some(t.signature.as_str()) {
             return Err(FolderError::corrupt(
                 &path,
                 format!(
-                    "the bundle of seed {} shows {:?}, not finding {:?} of seed {seed}",
-                    b.seed, sig, t.signature
+                    "the bundle of seed {found} shows {sig:?}, not finding {:?} of seed {seed}",
+                    t.signature
                 ),
             ));
         }
     }
     Ok(())
+}
+
+/// The seed and failure signature of the bundle at `path`: an fs crash bundle if `fs`, else
+/// a race bundle.
+pub fn bundle_signature(path: &Path, fs: bool) -> anyhow::Result<(u64, Option<String>)> {
+    if fs {
+        let b = crate::fscore::bundle::load(path)?;
+        return Ok((b.seed, b.signature()));
+    }
+    let b = crate::race::load_bundle(path)?;
+    let sig = b
+        .failures
+        .first()
+        .map(|f| signature::race_signature(&b.config, f, &b.workload));
+    Ok((b.seed, sig))
 }
 
 /// Rebuilds `dir`'s index from its run records and bundles alone: in a temporary folder
@@ -450,7 +555,7 @@ fn merge_into(at: &Path, sources: &[PathBuf]) -> Result<(), FolderError> {
     let (_, _, tallies) = merge_records(at)?;
     for t in tallies.values() {
         for seed in t.bundled_seeds() {
-            copy_bundle(sources, at, seed)?;
+            copy_bundle(sources, at, &bundle_name_of(&t.signature, seed))?;
         }
     }
     build_index(at, &at.join(index::INDEX_DIR))
@@ -480,16 +585,15 @@ fn copy_records(from: &Path, to: &Path) -> Result<(), FolderError> {
     Ok(())
 }
 
-/// Copies bundle `seed` from the first source that has it into `out`.
-fn copy_bundle(sources: &[PathBuf], out: &Path, seed: u64) -> Result<(), FolderError> {
-    let name = bundle_name(seed);
-    let Some(src) = sources.iter().map(|s| s.join(&name)).find(|p| p.is_dir()) else {
+/// Copies bundle folder `name` from the first source that has it into `out`.
+fn copy_bundle(sources: &[PathBuf], out: &Path, name: &str) -> Result<(), FolderError> {
+    let Some(src) = sources.iter().map(|s| s.join(name)).find(|p| p.is_dir()) else {
         return Err(FolderError::Refused {
             dir: out.to_path_buf(),
             what: format!("no source folder holds {name}"),
         });
     };
-    let dst = out.join(&name);
+    let dst = out.join(name);
     copy_files(&src, &dst)?;
     let min = src.join(minimised::MINIMISED_DIR);
     if min.is_dir() {

@@ -94,6 +94,10 @@ pub struct Record {
     pub steps: u64,
     /// Failing runs.
     pub failures: u64,
+    /// Crash states checked by all the runs (an fs campaign's records; absent in a race
+    /// campaign's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_states: Option<u64>,
     /// The failing seeds, the first `FAILING_SEEDS_LISTED_MAX` in run order.
     pub failing_seeds: Vec<u64>,
     /// One tally per signature, by signature.

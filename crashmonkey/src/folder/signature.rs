@@ -22,6 +22,82 @@ pub fn race_signature(cfg: &Config, first: &Failure, workload: &Workload) -> Str
     .join(&FIELD_SEPARATOR.to_string())
 }
 
+/// What an fs campaign's failing crash state showed: the parts of its verdict a signature
+/// reads (`fscore::bundle::Verdict` and `fscore::states::StateFailure` both have them).
+pub struct CrashVerdict<'a> {
+    pub mount_error: Option<&'a str>,
+    pub fsck: &'a [String],
+    pub violations: &'a [fs_core::crash::CrashViolation],
+}
+
+/// The signature of an fs campaign's failing run under `cfg` running `workload`:
+/// `fs|KIND|VIOLATION|LOST_BY|SWITCHES`. A failing crash state (`state`) makes it
+/// `fs|crash_state|...`: the violation is whether it mounted, fsck's first problem and the
+/// crash oracle's first violation (its text to the first `:` or `;`), each without
+/// particulars; LOST_BY is the kind of persistence point whose promise the state broke
+/// (`fsync`, `fdatasync`, `sync`...), `none` when it is judged against the filesystem as
+/// mounted before the run, `-` when no file is wrong. A run whose crash states all passed but
+/// which failed the race oracle is `fs|race_KIND|...` with the race signature's fields.
+/// `None` when the run passed.
+pub fn fs_signature(
+    cfg: &Config,
+    state: Option<CrashVerdict<'_>>,
+    race_failures: &[Failure],
+    workload: &Workload,
+) -> Option<String> {
+    let (kind, violation, lost) = match state {
+        Some(v) => (
+            "crash_state".to_string(),
+            crash_violation(&v),
+            promise_kind(&v, workload),
+        ),
+        None => {
+            let first = race_failures.first()?;
+            (
+                format!("race_{}", failure_kind(first)),
+                violation(first),
+                lost_by(first, workload),
+            )
+        }
+    };
+    let fields = ["fs".to_string(), kind, violation, lost, switches(cfg)];
+    Some(fields.join(&FIELD_SEPARATOR.to_string()))
+}
+
+/// A failing crash state's verdict without particulars, with no field separator in it.
+fn crash_violation(v: &CrashVerdict<'_>) -> String {
+    if let Some(e) = v.mount_error {
+        return format!("mount={}", generic(e));
+    }
+    let fsck = v.fsck.first().map_or("clean".into(), |p| generic(p));
+    let oracle = v.violations.first().map_or("none".into(), |x| {
+        generic(x.what.split([':', ';']).next().unwrap_or(""))
+    });
+    format!("fsck={fsck},oracle={oracle}")
+}
+
+/// The kind of operation whose promise the first violation breaks.
+fn promise_kind(v: &CrashVerdict<'_>, workload: &Workload) -> String {
+    let Some(x) = v.violations.first() else {
+        return "-".into();
+    };
+    let Some(op) = x.promised_by else {
+        return "none".into();
+    };
+    op_kind(workload, op as usize)
+}
+
+/// The `op` name of operation `i` of `workload` (`write`, `fsync`, ...), `?` if there is none.
+fn op_kind(workload: &Workload, i: usize) -> String {
+    match workload.ops().nth(i) {
+        Some(op) => serde_json::to_value(op)
+            .ok()
+            .and_then(|v| v["op"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "?".into()),
+        None => "?".into(),
+    }
+}
+
 /// The failure's kind as the bundle writes it (`wrong_data`, `wrong_size`, ...).
 pub fn failure_kind(f: &Failure) -> String {
     match f {
@@ -86,13 +162,7 @@ fn lost_by(f: &Failure, workload: &Workload) -> String {
     let Some(i) = expected_from else {
         return "none".into();
     };
-    match workload.ops().nth(*i as usize) {
-        Some(op) => serde_json::to_value(op)
-            .ok()
-            .and_then(|v| v["op"].as_str().map(str::to_string))
-            .unwrap_or_else(|| "?".into()),
-        None => "?".into(),
-    }
+    op_kind(workload, *i as usize)
 }
 
 /// The switches, every one, in a fixed order; the page-cache limit and the device size are

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::campaign::{run_with, FsRun};
 use super::states::StateFailure;
 use super::workload::{FsWorkload, WorkloadKind, CAMPAIGN_DEVICE_BLOCKS};
+use crate::folder::signature::{fs_signature, CrashVerdict};
 use crate::race::PolicyKind;
 use crate::states::{CrashState, StateOptions};
 
@@ -66,6 +67,17 @@ pub struct FsBundle {
 }
 
 impl FsBundle {
+    /// The failure signature of the bundled run (`folder::signature::fs_signature`), the
+    /// same as its run's when it was found; `None` if the bundle shows no failure.
+    pub fn signature(&self) -> Option<String> {
+        let state = self.verdict.as_ref().map(|v| CrashVerdict {
+            mount_error: v.mount_error.as_deref(),
+            fsck: &v.fsck,
+            violations: &v.violations,
+        });
+        fs_signature(&self.config, state, &self.race_failures, &self.workload)
+    }
+
     fn workload(&self) -> FsWorkload {
         FsWorkload {
             workload: self.workload.clone(),

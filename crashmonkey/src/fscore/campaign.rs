@@ -33,6 +33,21 @@ pub struct FsCampaignOptions {
     pub max_failures: u64,
     /// Threads (runs at once; a single run checks its states on them instead).
     pub jobs: usize,
+    /// The runs of this process: run i (seed + i) when the shard owns i.
+    pub shard: crate::shard::Shard,
+}
+
+impl FsCampaignOptions {
+    /// Runs of the shard.
+    pub fn own_runs(&self) -> u64 {
+        self.shard.share_of(self.runs)
+    }
+
+    /// The seed of the shard's run `j`: the campaign's run `K + j N`.
+    pub fn seed_of(&self, j: u64) -> u64 {
+        let i = self.shard.index + j * self.shard.count;
+        self.seed.wrapping_add(i)
+    }
 }
 
 /// One run and what its crash states showed.
@@ -55,6 +70,20 @@ pub struct FsRun {
 impl FsRun {
     pub fn failed(&self) -> bool {
         !self.states.failures.is_empty() || !self.result.failures.is_empty()
+    }
+
+    /// The run's failure signature (`folder::signature::fs_signature`): its first failing
+    /// crash state's, else its first race failure's; `None` if it passed. Its bundle's
+    /// [`FsBundle::signature`](super::bundle::FsBundle::signature) is the same.
+    pub fn signature(&self) -> Option<String> {
+        use crate::folder::signature::{fs_signature, CrashVerdict};
+        let state = self.states.failures.first().map(|f| CrashVerdict {
+            mount_error: f.mount_error.as_deref(),
+            fsck: &f.fsck,
+            violations: &f.violations,
+        });
+        let ops = &self.workload.workload;
+        fs_signature(&self.cfg, state, &self.result.failures, ops)
     }
 }
 
@@ -305,7 +334,7 @@ pub fn run_campaign(
         progress(s.runs, s.crash_states);
         Ok(opts.max_failures == 0 || s.failures < opts.max_failures)
     };
-    let interrupted = in_seed_order(opts, tmp, &mut take, stop)?;
+    let interrupted = in_seed_order(opts, tmp, 0, &mut take, stop)?;
     s.interrupted = interrupted;
     s.seconds = started.elapsed().as_secs_f64();
     s.states_per_second = s.crash_states as f64 / s.seconds.max(1e-9);
@@ -321,8 +350,8 @@ pub fn run_campaign(
 pub const RUNS_AHEAD_PER_JOB_MAX: u64 = 4;
 
 /// Threads that run whole runs at once (the rest of `opts.jobs` check one run's states).
-fn runs_at_once(opts: &FsCampaignOptions) -> usize {
-    opts.jobs.max(1).min(opts.runs.max(1) as usize)
+pub fn runs_at_once(opts: &FsCampaignOptions) -> usize {
+    opts.jobs.max(1).min(opts.own_runs().max(1) as usize)
 }
 
 /// Where the workers are: the next run index to start, the next to hand over, and whether
@@ -333,11 +362,13 @@ struct Turns {
     stop: bool,
 }
 
-/// Runs seeds `opts.seed ..` on worker threads and hands each run to `take` in seed order
-/// until `take` says enough, every run is done, or `stop` says why not (returned).
-fn in_seed_order(
+/// Runs the shard's runs from its run `first` on ([`FsCampaignOptions::seed_of`]) on worker
+/// threads and hands each to `take` in seed order until `take` says enough, every run is
+/// done, or `stop` says why not (returned).
+pub fn in_seed_order(
     opts: &FsCampaignOptions,
     tmp: &Path,
+    first: u64,
     take: &mut dyn FnMut(anyhow::Result<FsRun>) -> anyhow::Result<bool>,
     stop: &dyn Fn() -> Option<String>,
 ) -> anyhow::Result<Option<String>> {
@@ -345,9 +376,10 @@ fn in_seed_order(
     let workers = runs_at_once(opts);
     let check_jobs = (opts.jobs.max(1) / workers).max(1);
     let ahead = workers as u64 * RUNS_AHEAD_PER_JOB_MAX;
+    let own = opts.own_runs();
     let turns = Mutex::new(Turns {
-        next: 0,
-        handed: 0,
+        next: first,
+        handed: first,
         stop: false,
     });
     let moved = Condvar::new();
@@ -358,16 +390,16 @@ fn in_seed_order(
             scope.spawn(move || loop {
                 let i = {
                     let mut t = turns.lock().expect("campaign turns");
-                    while !t.stop && t.next < opts.runs && t.next >= t.handed + ahead {
+                    while !t.stop && t.next < own && t.next >= t.handed + ahead {
                         t = moved.wait(t).expect("campaign turns");
                     }
-                    if t.stop || t.next >= opts.runs {
+                    if t.stop || t.next >= own {
                         return;
                     }
                     t.next += 1;
                     t.next - 1
                 };
-                let seed = opts.seed.wrapping_add(i);
+                let seed = opts.seed_of(i);
                 let w = workload_for(opts.workload, seed);
                 let run = run_one(seed, w, &opts.config, opts.states, tmp, check_jobs);
                 if tx.send((i, run)).is_err() {
@@ -376,7 +408,7 @@ fn in_seed_order(
             });
         }
         drop(tx);
-        let result = hand_over(&rx, &turns, &moved, take, stop);
+        let result = hand_over(&rx, first, &turns, &moved, take, stop);
         turns.lock().expect("campaign turns").stop = true;
         moved.notify_all();
         result
@@ -386,13 +418,14 @@ fn in_seed_order(
 /// The receiving side of [`in_seed_order`]: reorders finished runs and hands them over.
 fn hand_over(
     rx: &std::sync::mpsc::Receiver<(u64, anyhow::Result<FsRun>)>,
+    first: u64,
     turns: &std::sync::Mutex<Turns>,
     moved: &std::sync::Condvar,
     take: &mut dyn FnMut(anyhow::Result<FsRun>) -> anyhow::Result<bool>,
     stop: &dyn Fn() -> Option<String>,
 ) -> anyhow::Result<Option<String>> {
     let mut waiting = std::collections::BTreeMap::new();
-    let mut handed = 0u64;
+    let mut handed = first;
     loop {
         if let Some(why) = stop() {
             return Ok(Some(why));

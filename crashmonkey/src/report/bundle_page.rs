@@ -50,7 +50,9 @@ pub fn bundle_report(dir: &Path) -> Result<String, ReportError> {
     Ok(h)
 }
 
-fn fs_body(h: &mut String, dir: &Path, b: &FsBundle) -> Result<(), ReportError> {
+/// What an fs crash bundle at `dir` shows: replay commands, verdict, operations, the crash
+/// state on its write log, `oracle.txt` and `fsck.txt`.
+pub fn fs_body(h: &mut String, dir: &Path, b: &FsBundle) -> Result<(), ReportError> {
     let shown = esc(&dir.display().to_string());
     let _ = writeln!(
         h,

@@ -10,6 +10,7 @@ use super::log::{ItemKind, LogTimeline, WriteFate};
 use super::ReportError;
 use crate::fscore::bundle::FsBundle;
 use crate::history::{Epochs, History};
+use crate::states::CrashState;
 use fs_core::block::BLOCK_SIZE;
 use fs_core::ondisk::format as f;
 use nbd_server::log::{LogReader, RecordKind};
@@ -39,9 +40,11 @@ pub struct CrashView {
 /// The crash state of fs bundle `b`, read against its log `log` (`None`: the bundle has no
 /// crash state, its run failed the race oracle only).
 pub fn crash_view(b: &FsBundle, log: &Path) -> Result<Option<CrashView>, ReportError> {
-    let Some(state) = &b.state else {
-        return Ok(None);
-    };
+    b.state.as_ref().map(|s| state_view(s, log)).transpose()
+}
+
+/// What crash state `state` made of the writes of the log at `log`.
+pub fn state_view(state: &CrashState, log: &Path) -> Result<CrashView, ReportError> {
     let err = |source| ReportError::Log {
         path: log.to_path_buf(),
         source,
@@ -75,7 +78,7 @@ pub fn crash_view(b: &FsBundle, log: &Path) -> Result<Option<CrashView>, ReportE
         view.cut_before_seq = epoch.end_seq;
         break;
     }
-    Ok(Some(view))
+    Ok(view)
 }
 
 /// Gives `t`'s writes the fates `view` says, and puts the crash point where it says.

@@ -12,11 +12,14 @@
 //!   crash point, the block holding the wrong byte, each write's role in fs-core's format
 //! - `page`   a campaign folder as one HTML page (inline CSS and SVG, no script, no network)
 //! - `bundle_page` one bundle folder as a page (a race bundle, or an fs bundle's crash state)
+//! - `check_page` a `crashmonkey check --out` folder as a page: each failing state, its
+//!   checker's output, and the state drawn on the write log checked
 //! - `output` writing a report file without ever replacing a user's file by accident
 //!
 //! Everything drawn is bounded by named constants; a page says when it left something out.
 
 pub mod bundle_page;
+pub mod check_page;
 pub mod crash;
 pub mod draw;
 pub mod log;

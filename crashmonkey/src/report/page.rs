@@ -52,10 +52,14 @@ pub fn page_foot() -> String {
     )
 }
 
-/// The report of `dir`: a campaign folder, or one bundle folder (`race-seed-N`, `fs-seed-N`).
+/// The report of `dir`: a campaign folder, a `check --out` folder, or one bundle folder
+/// (`race-seed-N`, `fs-seed-N`).
 pub fn report(dir: &Path) -> Result<String, ReportError> {
     if !dir.join(folder::CAMPAIGN_FILE).exists() && dir.join("bundle.json").is_file() {
         return super::bundle_page::bundle_report(dir);
+    }
+    if !dir.join(folder::CAMPAIGN_FILE).exists() && super::check_page::is_check_folder(dir) {
+        return super::check_page::check_report(dir);
     }
     campaign_report(dir)
 }
@@ -85,6 +89,15 @@ fn summary(h: &mut String, f: &Findings, campaign: Option<&CampaignFile>) {
     let what = match campaign {
         Some(CampaignFile::Race { params, .. }) => format!(
             "A race campaign: seeds from {}, {} runs, shard {}; switches: {}.",
+            params.seed,
+            params.runs,
+            params.shard,
+            crate::race::campaign::switches(&params.config)
+        ),
+        Some(CampaignFile::Fs { params, .. }) => format!(
+            "An fs crash campaign ({:?} workloads): seeds from {}, {} runs, shard {}; every \
+             crash state of each run's write log mounted, fsck'd and judged; switches: {}.",
+            params.workload,
             params.seed,
             params.runs,
             params.shard,
@@ -132,6 +145,9 @@ fn summary(h: &mut String, f: &Findings, campaign: Option<&CampaignFile>) {
 
 fn finding(h: &mut String, dir: &Path, n: usize, f: &Finding) -> Result<(), ReportError> {
     let path = dir.join(&f.bundle);
+    if folder::is_fs_signature(&f.signature) {
+        return fs_finding(h, dir, n, f);
+    }
     let b = crate::race::load_bundle(&path).map_err(|e| ReportError::Bundle {
         path: path.clone(),
         what: format!("{e:#}"),
@@ -143,8 +159,42 @@ fn finding(h: &mut String, dir: &Path, n: usize, f: &Finding) -> Result<(), Repo
         esc(&f.violation),
         esc(&f.lost_by)
     );
-    facts(h, dir, f);
+    facts(h, dir, f, "race");
     race_body(h, &b, &path)?;
+    h.push_str("</section>\n");
+    Ok(())
+}
+
+/// An fs campaign's finding: its facts, then its smallest run's crash bundle drawn as
+/// `bundle_page` draws one (verdict, operations, the crash state on the write log).
+fn fs_finding(h: &mut String, dir: &Path, n: usize, f: &Finding) -> Result<(), ReportError> {
+    let path = dir.join(&f.bundle);
+    let b = crate::fscore::bundle::load(&path).map_err(|e| ReportError::Bundle {
+        path: path.clone(),
+        what: format!("{e:#}"),
+    })?;
+    let _ = writeln!(
+        h,
+        "<section class=\"finding\" id=\"finding-{n}\">\n<h2>#{n} {}: {}, promise of {}</h2>",
+        esc(&f.kind),
+        esc(&f.violation),
+        esc(&f.lost_by)
+    );
+    facts(h, dir, f, "fs campaign");
+    if let Some(m) = &f.minimised_state {
+        let _ = writeln!(
+            h,
+            "<p>Smallest reproducer: the crash state minimised in {} checks to {} writes of \
+             its epoch kept whole (was {}), {} torn (was {}): <code>{}</code>.</p>",
+            m.checks,
+            m.after.kept,
+            m.before.kept,
+            m.after.torn,
+            m.before.torn,
+            esc(&dir.join(&m.bundle).display().to_string())
+        );
+    }
+    super::bundle_page::fs_body(h, &path, &b)?;
     h.push_str("</section>\n");
     Ok(())
 }
@@ -167,7 +217,9 @@ pub fn race_body(h: &mut String, b: &Bundle, path: &Path) -> Result<(), ReportEr
     Ok(())
 }
 
-fn facts(h: &mut String, dir: &Path, f: &Finding) {
+/// A finding's signature, counts, seeds, bundles and replay commands (`crashmonkey
+/// {command} --replay`).
+fn facts(h: &mut String, dir: &Path, f: &Finding, command: &str) {
     let more = f.count.saturating_sub(f.seeds.len() as u64);
     let seeds: Vec<String> = f.seeds.iter().map(u64::to_string).collect();
     let bundle = dir.join(&f.bundle).display().to_string();
@@ -179,8 +231,8 @@ fn facts(h: &mut String, dir: &Path, f: &Finding) {
          <dt>first failing run</dt><dd>seed {} (<code>{}</code>)</dd>\
          <dt>smallest failing run</dt><dd>seed {}, {} steps (<code>{}</code>)</dd>\
          <dt>switches</dt><dd><code>{}</code></dd></dl>\n\
-         <h3>Replay</h3>\n<pre>crashmonkey race --replay {}\n\
-         crashmonkey race --replay {} --defaults   # the same schedule with every fix on</pre>",
+         <h3>Replay</h3>\n<pre>crashmonkey {command} --replay {}\n\
+         crashmonkey {command} --replay {} --defaults   # the same schedule with every fix on</pre>",
         esc(&f.signature),
         f.count,
         seeds.join(", "),

@@ -10,14 +10,16 @@ use std::path::{Path, PathBuf};
 #[derive(Args, Debug)]
 #[command(
     args_conflicts_with_subcommands = true,
-    after_help = "A campaign folder is what `crashmonkey race --out DIR` writes \
-(docs/campaigns.md): run records, one bundle per finding's first and smallest failing run, and \
+    after_help = "A campaign folder is what `crashmonkey race --out DIR` or `crashmonkey fs \
+campaign --out DIR` writes (docs/campaigns.md): run records, one bundle per finding's first and smallest failing run, and \
 a sled index derived from them. A finding is every failing run with one failure signature: the \
 kind of failure, the oracle's violation, the kind of operation that lost data, the switches.\n\n\
 Examples:\n  \
 crashmonkey race --seed 1 --runs 20000 --no-iomap-valid --out camp\n  \
 crashmonkey findings camp                         # distinct findings, with counts\n  \
 crashmonkey findings camp --json\n  \
+crashmonkey fs campaign --seed 1 --runs 400 --bug size-before-data --out fscamp\n  \
+crashmonkey findings fscamp                       # an fs campaign's crash findings\n  \
 crashmonkey findings merge all shard0 shard1 shard2   # the union of shards' folders\n  \
 crashmonkey findings reindex camp                 # rebuild the index from the files\n\n\
 Exit status: 0 no finding, 1 findings, 2 error."
@@ -97,9 +99,14 @@ fn show(f: &Findings, dir: &Path, json: bool) -> anyhow::Result<()> {
         f.findings.len()
     ));
     for (n, x) in f.findings.iter().enumerate() {
+        let replay = if folder::is_fs_signature(&x.signature) {
+            "fs campaign --replay"
+        } else {
+            "race --replay"
+        };
         emitln(&format!(
             "\n#{n} {} runs: {} ({}), data lost by: {}\n   switches: {}\n   first seed {}, \
-             smallest seed {} ({} steps); seeds {:?}{}\n   replay: crashmonkey race --replay {}",
+             smallest seed {} ({} steps); seeds {:?}{}\n   replay: crashmonkey {replay} {}",
             x.count,
             x.kind,
             x.violation,
@@ -118,6 +125,9 @@ fn show(f: &Findings, dir: &Path, json: bool) -> anyhow::Result<()> {
         ));
         if let Some(m) = &x.minimised {
             emitln(&minimised_text(m, dir));
+        }
+        if let Some(m) = &x.minimised_state {
+            emitln(&minimised_state_text(m, dir));
         }
     }
     Ok(())
@@ -139,6 +149,27 @@ fn minimised_text(m: &crashmonkey::folder::minimised::MinimisedRun, dir: &Path) 
         b.preemptions.saturating_sub(a.preemptions),
         a.schedule_steps,
         b.schedule_steps,
+        dir.join(&m.bundle).display()
+    )
+}
+
+/// The smallest reproducer of an fs finding: its crash state minimised.
+fn minimised_state_text(
+    m: &crashmonkey::folder::fs_campaign::MinimisedState,
+    dir: &Path,
+) -> String {
+    let (b, a) = (&m.before, &m.after);
+    format!(
+        "   smallest reproducer (crash state minimised in {} checks): {} writes kept whole \
+         (was {}), {} torn (was {}), {} torn bytes landed (was {})\n   replay: crashmonkey fs \
+         campaign --replay {}",
+        m.checks,
+        a.kept,
+        b.kept,
+        a.torn,
+        b.torn,
+        a.torn_bytes,
+        b.torn_bytes,
         dir.join(&m.bundle).display()
     )
 }

@@ -37,11 +37,16 @@ Examples:\n  \
 crashmonkey fs campaign --seed 1 --runs 500                       # defaults: nothing found\n  \
 crashmonkey fs campaign --seed 1 --runs 50 --bug fsync-no-log-force  # a planted bug\n  \
 crashmonkey fs campaign --workload random --runs 3000 --no-iomap-valid\n  \
+crashmonkey fs campaign --seed 1 --runs 400 --bug size-before-data --out camp  # resumable\n  \
+crashmonkey findings camp                                          # its distinct findings\n  \
+crashmonkey report camp -o camp.html                               # and as one HTML page\n  \
+crashmonkey fs campaign --seed 1 --runs 400 --bug size-before-data --shard 0/3 --out s0\n  \
 crashmonkey fs campaign --replay crashmonkey-out/fs-seed-0        # the finding, again\n  \
 crashmonkey fs campaign --replay crashmonkey-out/fs-seed-0 --defaults   # bugs off: kept\n\n\
 Planted bugs (--bug): convert-before-data, commit-without-flush, fsync-no-log-force, \
 size-before-data, replay-ignores-checksum.\n\
-Exit status: 0 nothing found, 1 findings, 2 error, 130/143 stopped by SIGINT/SIGTERM."
+Exit status: 0 nothing found, 1 findings, 2 error, 130/143 stopped by SIGINT/SIGTERM (with \
+--out: what ran is recorded; rerun the same command to go on)."
 )]
 pub struct CampaignArgs {
     /// First seed; run i uses seed + i (its workload, and its schedule).
@@ -74,15 +79,30 @@ pub struct CampaignArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Folder for the reproducer bundle of the first finding.
-    #[arg(long, default_value = "crashmonkey-out")]
-    pub out: PathBuf,
+    /// The campaign folder (docs/campaigns.md): its runs are recorded there as they are done,
+    /// with the crash bundle (`fs-seed-N/`) of each finding's first and smallest failing run,
+    /// and the same command run again goes on where it stopped (after Ctrl-C, SIGKILL or a
+    /// crash). A folder of another campaign, or of other files, is refused. Without --out,
+    /// the first failing run's bundle is written to ./crashmonkey-out and nothing is recorded.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["no_bundle", "save_largest"])]
+    pub out: Option<PathBuf>,
+    /// With --out: record the runs done every this many seconds of running (what a SIGKILL
+    /// may make the rerun redo; each record costs a few syncs). It changes no result.
+    #[arg(long, value_name = "SECONDS", default_value_t = crashmonkey::folder::record::RECORD_SECONDS_DEFAULT, requires = "out")]
+    pub record_seconds: f64,
+    /// Run only shard K of N of the campaign (run i when i % N == K): `K/N`, or `N` with K
+    /// from JOB_COMPLETION_INDEX (Kubernetes Indexed Jobs) or SLURM_ARRAY_TASK_ID. The N
+    /// shards' findings together are the unsharded campaign's (`crashmonkey findings merge`;
+    /// docs/scale-out.md).
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<String>,
     /// Do not write a reproducer bundle.
     #[arg(long)]
     pub no_bundle: bool,
     /// Minimise the bundled crash state (as `fs minimise` does) into the bundle's
-    /// `minimised/` folder: the fewest surviving and torn writes that fail the same way. A
-    /// `minimised/` already there is kept, not replaced.
+    /// `minimised/` folder: the fewest surviving and torn writes that fail the same way. With
+    /// --out, each finding's smallest run once the runs are done (a rerun minimises what is
+    /// not minimised yet). A `minimised/` already there is kept, not replaced.
     #[arg(long, conflicts_with = "no_bundle")]
     pub minimise: bool,
     /// Save the run with the most crash states here (device.log, base.img, run.json with its
@@ -133,12 +153,15 @@ pub fn run(args: CampaignArgs) -> anyhow::Result<i32> {
     })
 }
 
-fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
+/// Where a campaign without --out writes its bundle.
+const DEFAULT_OUT: &str = "crashmonkey-out";
+
+fn options(args: &CampaignArgs) -> anyhow::Result<FsCampaignOptions> {
     let kind = match args.workload {
         WorkloadArg::Ace => WorkloadKind::Ace,
         WorkloadArg::Random => WorkloadKind::Random,
     };
-    let opts = FsCampaignOptions {
+    Ok(FsCampaignOptions {
         seed: args.seed,
         runs: args.runs,
         workload: kind,
@@ -150,25 +173,94 @@ fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
         } else {
             args.jobs
         },
-    };
+        shard: crashmonkey::shard::resolve(args.shard.as_deref()).map_err(anyhow::Error::msg)?,
+    })
+}
+
+fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
+    let opts = options(args)?;
     let stop = StopFlag::new();
     crate::crash_cmd::stop_on_signals(&stop)?;
     let tmp = tempfile::Builder::new()
         .prefix("crashmonkey-fs-")
         .tempdir_in(temp_root())?;
-    let bar = progress(args);
+    let summary = match &args.out {
+        Some(dir) => folder_campaign(args, &opts, dir, tmp.path(), &stop)?,
+        None => plain_campaign(args, &opts, tmp.path(), &stop)?,
+    };
+    report(args, &opts, &summary)?;
+    Ok(match (stop.signal(), summary.failures) {
+        (Some(s), _) => 128 + s,
+        (None, 0) => 0,
+        (None, _) => 1,
+    })
+}
+
+/// A campaign in folder `dir`: resumed if the folder holds its records.
+fn folder_campaign(
+    args: &CampaignArgs,
+    opts: &FsCampaignOptions,
+    dir: &std::path::Path,
+    tmp: &std::path::Path,
+    stop: &StopFlag,
+) -> anyhow::Result<FsCampaignSummary> {
+    use crashmonkey::folder::{fs_campaign::FsFolder, FsParams};
+    let mut folder = FsFolder::open(
+        dir,
+        FsParams {
+            seed: opts.seed,
+            runs: opts.runs,
+            workload: opts.workload,
+            config: opts.config.clone(),
+            states: opts.states,
+            max_failures: opts.max_failures,
+            shard: opts.shard.to_string(),
+        },
+    )?;
+    folder.record_every(args.record_seconds);
+    let done = folder.done()?;
+    if done.runs > 0 {
+        tracing::info!(runs = done.runs, "resuming: runs already recorded");
+    }
+    let bar = progress(args, opts.own_runs(), done.runs);
+    let summary = folder.run(
+        opts,
+        tmp,
+        &mut |p| {
+            bar.set_position(p.runs);
+            bar.set_message(format!("{} failing, {} findings", p.failures, p.findings));
+        },
+        &|| stop.signal().map(crashmonkey::checker::signal_name),
+    )?;
+    bar.finish_and_clear();
+    if args.minimise && stop.signal().is_none() {
+        let made = folder.minimise(tmp)?;
+        tracing::info!(minimised = made, "findings' crash states minimised");
+    }
+    Ok(summary)
+}
+
+/// A campaign without a folder: the first failing run's bundle goes to ./crashmonkey-out.
+fn plain_campaign(
+    args: &CampaignArgs,
+    opts: &FsCampaignOptions,
+    tmp: &std::path::Path,
+    stop: &StopFlag,
+) -> anyhow::Result<FsCampaignSummary> {
+    let bar = progress(args, opts.own_runs(), 0);
     let mut largest = 0;
     let mut saved = None;
+    let out = std::path::Path::new(DEFAULT_OUT);
     let summary = run_campaign(
-        &opts,
-        tmp.path(),
+        opts,
+        tmp,
         &mut |run| {
             if args.no_bundle {
                 return Ok(PathBuf::new());
             }
-            let dir = bundle::write_bundle(&args.out, kind, run, opts.states)?;
+            let dir = bundle::write_bundle(out, opts.workload, run, opts.states)?;
             if args.minimise {
-                minimise_bundle(&dir, tmp.path())?;
+                minimise_bundle(&dir, tmp)?;
             }
             Ok(dir)
         },
@@ -190,12 +282,7 @@ fn campaign(args: &CampaignArgs) -> anyhow::Result<i32> {
     if let (Some(dir), Some(r)) = (&args.save_largest, saved) {
         note_recheck(dir, &r)?;
     }
-    report(args, &summary)?;
-    Ok(match (stop.signal(), summary.failures) {
-        (Some(s), _) => 128 + s,
-        (None, 0) => 0,
-        (None, _) => 1,
-    })
+    Ok(summary)
 }
 
 /// `fs campaign --minimise`: the bundle at `dir` minimised into `dir/minimised` (unless a
@@ -255,36 +342,54 @@ fn note_recheck(dir: &std::path::Path, r: &Recheck) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn progress(args: &CampaignArgs) -> ProgressBar {
-    let shown = args.runs >= PROGRESS_RUNS_MIN
+/// A progress bar over a shard's `own` runs that starts at the `done` ones (recorded by an
+/// earlier invocation), and whose rate and ETA count only the runs made now.
+fn progress(args: &CampaignArgs, own: u64, done: u64) -> ProgressBar {
+    use indicatif::ProgressDrawTarget;
+    let shown = own >= PROGRESS_RUNS_MIN
         && !args.json
         && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let bar = if shown {
-        ProgressBar::new(args.runs)
-    } else {
-        ProgressBar::hidden()
-    };
+    if !shown {
+        return ProgressBar::hidden();
+    }
+    // Drawn nowhere until the estimator has taken `done` in and forgotten the rate of
+    // jumping there at once.
+    let bar =
+        ProgressBar::with_draw_target(Some(own), ProgressDrawTarget::hidden()).with_position(done);
+    bar.tick();
+    bar.reset_eta();
     bar.set_style(
         ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} runs, {msg}, ETA {eta}",
+            "{elapsed_precise} [{bar:40}] {pos}/{len} runs ({per_sec}), {msg}, ETA {eta}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    bar.set_draw_target(ProgressDrawTarget::stderr());
     bar
 }
 
-fn report(args: &CampaignArgs, s: &FsCampaignSummary) -> anyhow::Result<()> {
+fn report(
+    args: &CampaignArgs,
+    opts: &FsCampaignOptions,
+    s: &FsCampaignSummary,
+) -> anyhow::Result<()> {
     let reproducer = s.reproducer.as_ref().filter(|p| !p.as_os_str().is_empty());
     if args.json {
         let mut v = serde_json::to_value(s)?;
         v["reproducer"] = serde_json::json!(reproducer.map(|p| p.display().to_string()));
         v["seed"] = serde_json::json!(args.seed);
+        v["shard"] = serde_json::json!(opts.shard.to_string());
         crate::race_cmd::emitln(&serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    let of = if opts.shard.count > 1 {
+        format!(", shard {}", opts.shard)
+    } else {
+        String::new()
+    };
     crate::race_cmd::emitln(&format!(
-        "fs campaign ({:?} workloads, bugs: {}): seeds {}..{} ({} runs), {} crash states in \
-         {:.2}s ({:.0} states/s)",
+        "fs campaign ({:?} workloads, bugs: {}): seeds {}..{} ({} runs{of}), {} crash states \
+         in {:.2}s ({:.0} states/s)",
         s.workload,
         if s.bugs.is_empty() {
             "none".to_string()
@@ -292,7 +397,12 @@ fn report(args: &CampaignArgs, s: &FsCampaignSummary) -> anyhow::Result<()> {
             s.bugs.join(", ")
         },
         args.seed,
-        args.seed.wrapping_add(s.runs),
+        // The seeds this process went through (a shard spans the campaign's).
+        args.seed.wrapping_add(if opts.shard.count > 1 {
+            args.runs
+        } else {
+            s.runs
+        }),
         s.runs,
         s.crash_states,
         s.seconds,
@@ -313,9 +423,20 @@ fn report(args: &CampaignArgs, s: &FsCampaignSummary) -> anyhow::Result<()> {
             p.display()
         ));
     }
+    if let Some(dir) = &args.out {
+        crate::race_cmd::emitln(&format!(
+            "campaign folder: {0} (its findings: crashmonkey findings {0})",
+            dir.display()
+        ));
+    }
     if let Some(why) = &s.interrupted {
+        let more = if args.out.is_some() {
+            ", which are recorded; run the same command again to go on"
+        } else {
+            ""
+        };
         eprintln!(
-            "crashmonkey fs campaign: stopped by {why} after {} runs",
+            "crashmonkey fs campaign: stopped by {why} after {} runs{more}",
             s.runs
         );
     }

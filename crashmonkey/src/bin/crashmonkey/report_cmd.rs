@@ -16,18 +16,26 @@ mapping was cached, what may have made it stale, where it was used stale, and th
 made the wrong byte; then the run's device IO (epochs, writes, flushes, FUA, marks). Given one \
 fs bundle, the page shows its crash state's verdict and its write log with the state on it: \
 the writes kept, dropped and torn, the crash point, each write's role (data, metadata, \
-journal) and the block holding the wrong byte. It is \
+journal) and the block holding the wrong byte. An fs campaign's folder (`fs campaign --out`) \
+shows each of its findings so, with its counts and seeds. A `crashmonkey check --out` folder \
+shows what the check found and, per failing state, its reason, the checker's output and the \
+state on the write log the check read. It is \
 written beside its target and renamed into place, so no partial report is ever left; an \
 existing file is replaced only with --force.\n\n\
 Examples:\n  \
 crashmonkey race --seed 1 --runs 2000 --no-iomap-valid --out camp\n  \
 crashmonkey report camp -o report.html\n  \
 crashmonkey report camp -o report.html --force    # replace an older report\n  \
-crashmonkey report fixtures/fs/commit-without-flush/fs-seed-2 -o crash.html\n\n\
+crashmonkey report fixtures/fs/commit-without-flush/fs-seed-2 -o crash.html\n  \
+crashmonkey fs campaign --seed 1 --runs 400 --bug size-before-data --out fscamp\n  \
+crashmonkey report fscamp -o fscamp.html\n  \
+crashmonkey check disk.log --base base.img --checker 'fsck.ext4 -fn {image}' --out failed\n  \
+crashmonkey report failed -o failed.html\n\n\
 Exit status: 0 written, 2 error."
 )]
 pub struct ReportArgs {
-    /// The campaign folder (`crashmonkey race --out DIR`, or `findings merge`), or one bundle
+    /// The campaign folder (`crashmonkey race --out DIR`, `fs campaign --out DIR`, or
+    /// `findings merge`), a `crashmonkey check --out DIR` folder, or one bundle
     /// folder (`race-seed-N`, or an fs crash bundle `fs-seed-N`).
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
