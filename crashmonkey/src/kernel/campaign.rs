@@ -58,6 +58,9 @@ pub struct WorkloadResult {
     /// Seconds mounting, comparing and unmounting states.
     pub mount_seconds: f64,
     pub fsck_seconds: f64,
+    /// Why the workload was skipped (its script failed), if it was.
+    #[serde(default)]
+    pub skipped: Option<String>,
 }
 
 /// A workload's files while it is checked (removed with it).
@@ -109,7 +112,8 @@ impl Campaign {
                 "the work folder {text} has a space or a comma; set TMPDIR to a plainer folder"
             )));
         }
-        let exe = std::env::current_exe().map_err(KernelError::io("finding crashmonkey"))?;
+        // This very binary, even if it is rebuilt (replaced) while the campaign runs.
+        let exe = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
         let local = work.path().join("base.img");
         match base {
             Some(b) if b.exists() => super::crash::sparse_copy(b, &local)?,
@@ -153,14 +157,10 @@ impl Campaign {
         rec.finish()?;
         let script_run = script_run?;
         if !script_run.end.passed() {
-            let mut out = script_run.output;
-            out.truncate(out.floor_char_boundary(SCRIPT_OUTPUT_BYTES_MAX));
-            return Err(KernelError::Command(format!(
-                "workload {} failed ({}): {}",
-                w.name,
-                script_run.end,
-                out.trim()
-            )));
+            let mut output = script_run.output.trim().to_owned();
+            output.truncate(output.floor_char_boundary(SCRIPT_OUTPUT_BYTES_MAX));
+            let end = script_run.end.to_string();
+            return Err(KernelError::Script { end, output });
         }
         let _ = std::fs::remove_file(&image);
         let mut result = WorkloadResult {

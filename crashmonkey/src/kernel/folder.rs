@@ -107,6 +107,11 @@ impl Folder {
 
     /// Keeps what `run` found (bundles, index), then its record.
     pub fn keep(&self, run: &WorkloadRun, command: &str) -> Result<(), KernelError> {
+        self.keep_findings(run, command)?;
+        self.record(&run.result)
+    }
+
+    fn keep_findings(&self, run: &WorkloadRun, command: &str) -> Result<(), KernelError> {
         for (i, f) in run.result.findings.iter().enumerate() {
             let bundle = self.bundle(run, i, f, command)?;
             let line = serde_json::json!({
@@ -118,12 +123,14 @@ impl Folder {
             });
             append(&self.dir.join("findings.jsonl"), &format!("{line}\n"))?;
         }
-        let p = self
-            .dir
-            .join("done")
-            .join(format!("{}.json", run.result.name));
+        Ok(())
+    }
+
+    /// The done record of a workload (written whole, then renamed into place).
+    pub fn record(&self, result: &WorkloadResult) -> Result<(), KernelError> {
+        let p = self.dir.join("done").join(format!("{}.json", result.name));
         let tmp = p.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(&run.result).expect("plain data");
+        let text = serde_json::to_string_pretty(result).expect("plain data");
         std::fs::write(&tmp, text).map_err(io(&tmp))?;
         std::fs::rename(&tmp, &p).map_err(io(&p))
     }

@@ -143,6 +143,10 @@ pub enum KernelError {
     },
     #[error("{0}")]
     Command(String),
+    /// The workload's own script failed (an operation the filesystem refuses, or a workload
+    /// that does not apply): the workload is skipped, the campaign goes on.
+    #[error("the workload's script failed ({end}): {output}")]
+    Script { end: String, output: String },
     #[error("reading the write log: {0}")]
     Log(#[from] nbd_server::log::LogError),
     #[error("building a crash state: {0}")]

@@ -1,7 +1,12 @@
 //! What a mounted tree holds at a mark, and what the persistence points before the mark
 //! promised of it (CrashMonkey's automatic checker):
-//! - `fsync FILE`, `fdatasync FILE`: the file's data and size (fdatasync, too, keeps the
-//!   size needed to read the data back: fdatasync(2));
+//! - `fsync FILE`: the file's data and size, at its path (fsync(2) does not promise the
+//!   directory entry, but ext4, XFS and btrfs persist a new name with the inode, and
+//!   fstests holds them to it; CrashMonkey's checker assumes it too);
+//! - `fdatasync FILE`: the file's data and size (the size needed to read the data back:
+//!   fdatasync(2)), at its path only if that path named the same inode at the mark before:
+//!   fdatasync does not flush metadata the data does not need, and a new name (a link, a
+//!   rename's target) is such metadata;
 //! - `fsync DIR`: the directory's entries;
 //! - `sync`: everything.
 //!
@@ -48,6 +53,9 @@ impl std::fmt::Display for Entry {
 pub struct Snapshot {
     pub mark: String,
     pub entries: BTreeMap<String, Entry>,
+    /// Inode numbers of the files, by path: which name points at which file.
+    #[serde(default)]
+    pub inodes: BTreeMap<String, u64>,
 }
 
 /// One promise: what a crash state must show at `path`.
@@ -95,7 +103,7 @@ pub fn entry(root: &Path, rel: &str) -> std::io::Result<Option<Entry>> {
 pub fn take(root: &Path, mark: &str) -> std::io::Result<Snapshot> {
     let mut snap = Snapshot {
         mark: mark.to_owned(),
-        entries: BTreeMap::new(),
+        ..Default::default()
     };
     let mut todo = vec![".".to_owned()];
     while let Some(rel) = todo.pop() {
@@ -108,6 +116,13 @@ pub fn take(root: &Path, mark: &str) -> std::io::Result<Snapshot> {
         let Some(e) = entry(root, &rel)? else {
             continue;
         };
+        if let Entry::File { .. } = e {
+            let p = root.join(&rel);
+            snap.inodes.insert(
+                rel.clone(),
+                std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(p)?),
+            );
+        }
         if let Entry::Dir { entries } = &e {
             for name in entries {
                 todo.push(if rel == "." {
@@ -123,15 +138,24 @@ pub fn take(root: &Path, mark: &str) -> std::io::Result<Snapshot> {
 }
 
 /// What the persistence points `points` (those between the previous mark and this one)
-/// promised of `snap`.
-pub fn own_claims(points: &[KOp], snap: &Snapshot) -> Vec<Claim> {
+/// promised of `snap`; `prev` is the snapshot of the mark before, if any.
+pub fn own_claims(points: &[KOp], snap: &Snapshot, prev: Option<&Snapshot>) -> Vec<Claim> {
     let mut out = Vec::new();
     for op in points {
         let by = op.to_string();
         let (paths, want_dir): (Vec<&String>, Option<bool>) = match op {
             KOp::Sync => (snap.entries.keys().collect(), None),
             KOp::Fsync(p) => (vec![p], None),
-            KOp::Fdatasync(p) => (vec![p], Some(false)),
+            KOp::Fdatasync(p) => {
+                let same_name = |s: &Snapshot| s.inodes.get(p).copied();
+                let named_before = prev
+                    .and_then(same_name)
+                    .is_some_and(|i| Some(i) == same_name(snap));
+                if !named_before {
+                    continue;
+                }
+                (vec![p], Some(false))
+            }
             _ => continue,
         };
         for path in paths {
@@ -156,7 +180,8 @@ pub fn own_claims(points: &[KOp], snap: &Snapshot) -> Vec<Claim> {
 pub fn claims_at_marks(points: &[Vec<KOp>], snaps: &[Snapshot]) -> Vec<Vec<Claim>> {
     let mut out: Vec<Vec<Claim>> = Vec::with_capacity(snaps.len());
     for (i, snap) in snaps.iter().enumerate() {
-        let mut claims = own_claims(points.get(i).map_or(&[][..], |p| &p[..]), snap);
+        let prev = i.checked_sub(1).map(|j| &snaps[j]);
+        let mut claims = own_claims(points.get(i).map_or(&[][..], |p| &p[..]), snap, prev);
         let mut seen: BTreeSet<String> = claims.iter().map(|c| c.path.clone()).collect();
         if let Some(prev) = i.checked_sub(1).map(|j| &out[j]) {
             for c in prev {
@@ -249,6 +274,11 @@ mod tests {
                 .iter()
                 .map(|(p, e)| ((*p).to_owned(), e.clone()))
                 .collect(),
+            inodes: e
+                .iter()
+                .enumerate()
+                .map(|(i, (p, _))| ((*p).to_owned(), i as u64))
+                .collect(),
         }
     }
 
@@ -283,6 +313,31 @@ mod tests {
         );
     }
 
+    /// fdatasync of a new name (a rename's target) promises nothing of the name: the man
+    /// page's fdatasync flushes only the metadata the data needs.
+    #[test]
+    fn fdatasync_claims_a_name_only_if_it_named_the_same_file_before() {
+        let s0 = snap("setup", &[("foo", file(1, "a"))]);
+        let mut s1 = snap("p1", &[("bar", file(1, "a"))]);
+        let points = vec![vec![], vec![KOp::Fdatasync("bar".into())]];
+        assert!(claims_at_marks(&points, &[s0.clone(), s1.clone()])[1].is_empty());
+        // Same name, same inode as before: the data is claimed.
+        s1.entries = s0.entries.clone();
+        s1.inodes = s0.inodes.clone();
+        let points = vec![vec![], vec![KOp::Fdatasync("foo".into())]];
+        assert_eq!(
+            claims_at_marks(&points, &[s0.clone(), s1.clone()])[1].len(),
+            1
+        );
+        // Same name, another inode (a rename over it): nothing.
+        s1.inodes.insert("foo".into(), 99);
+        assert!(claims_at_marks(&points, &[s0, s1])[1].is_empty());
+        let fsync = vec![vec![], vec![KOp::Fsync("foo".into())]];
+        let s0 = snap("setup", &[]);
+        let s1 = snap("p1", &[("foo", file(1, "a"))]);
+        assert_eq!(claims_at_marks(&fsync, &[s0, s1])[1].len(), 1);
+    }
+
     #[test]
     fn a_real_tree_is_read_and_its_changes_are_violations() {
         let d = tempfile::tempdir().unwrap();
@@ -290,7 +345,7 @@ mod tests {
         std::fs::write(d.path().join("A/foo"), b"hello").unwrap();
         let s = take(d.path(), "m").unwrap();
         assert_eq!(s.entries.len(), 3);
-        let claims = own_claims(&[KOp::Sync], &s);
+        let claims = own_claims(&[KOp::Sync], &s, None);
         assert!(violations(d.path(), &claims).is_empty());
         std::fs::write(d.path().join("A/foo"), b"hellO").unwrap();
         std::fs::write(d.path().join("new"), b"").unwrap();

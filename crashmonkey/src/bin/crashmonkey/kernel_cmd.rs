@@ -161,6 +161,8 @@ struct Summary {
     seed: u64,
     workloads: usize,
     resumed: usize,
+    /// Workloads whose script failed (not findings).
+    skipped: usize,
     states: usize,
     failing_states: usize,
     findings: usize,
@@ -176,6 +178,7 @@ struct Summary {
 impl Summary {
     fn add(&mut self, r: &WorkloadResult) {
         self.workloads += 1;
+        self.skipped += usize::from(r.skipped.is_some());
         self.states += r.states;
         self.failing_states += r.findings.len();
         self.run_seconds += r.run_seconds;
@@ -260,10 +263,20 @@ fn go(a: &KernelArgs) -> anyhow::Result<usize> {
             sum.add(&done);
             continue;
         }
-        let run = campaign
-            .run_workload(w, &stop)
-            .map_err(|e| stopped(e, &stop))
-            .with_context(|| format!("workload {}", w.name))?;
+        let run = match campaign.run_workload(w, &stop) {
+            Ok(run) => run,
+            Err(KernelError::Script { end, output }) if stop.signal().is_none() => {
+                let result = skipped(w, &end, &output, a.json);
+                if let Some(f) = &folder {
+                    f.record(&result)?;
+                }
+                sum.add(&result);
+                continue;
+            }
+            Err(e) => {
+                return Err(stopped(e, &stop)).with_context(|| format!("workload {}", w.name))
+            }
+        };
         print_workload(&run.result, a.json);
         if let Some(f) = &folder {
             f.keep(&run, &again_command(a, "workload.txt"))?;
@@ -279,6 +292,19 @@ fn go(a: &KernelArgs) -> anyhow::Result<usize> {
     };
     print_summary(&sum, a.json);
     Ok(sum.findings)
+}
+
+/// The record of a workload whose script failed (not a finding: the workload does not
+/// apply, say a link over an existing name).
+fn skipped(w: &KWorkload, end: &str, output: &str, json: bool) -> WorkloadResult {
+    if !json {
+        println!("{}: skipped, its script failed ({end}): {output}", w.name);
+    }
+    WorkloadResult {
+        name: w.name.clone(),
+        skipped: Some(format!("{end}: {output}")),
+        ..Default::default()
+    }
 }
 
 fn stopped(e: KernelError, stop: &StopFlag) -> anyhow::Error {
@@ -324,11 +350,12 @@ fn print_summary(s: &Summary, json: bool) {
         return;
     }
     println!(
-        "kernel: {} workloads ({} resumed), {} crash states, {} failing, {} findings; {:.1} s \
+        "kernel: {} workloads ({} resumed, {} skipped), {} crash states, {} failing, {} findings; {:.1} s \
          ({:.2} s per workload run: workload {:.1} s, state images {:.1} s, mount and compare \
          {:.1} s, fsck {:.1} s); seed {}",
         s.workloads,
         s.resumed,
+        s.skipped,
         s.states,
         s.failing_states,
         s.findings,
