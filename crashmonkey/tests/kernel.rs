@@ -289,3 +289,43 @@ fn sigint_mid_campaign_leaves_nothing_behind() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by signal"));
     assert_clean(tmp.path());
 }
+
+/// `--shard K/N` runs workload i when i % N == K: two shards run disjoint workloads that
+/// together are the whole list.
+#[test]
+fn shards_split_the_workloads() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = fixtures();
+    let mut names = Vec::new();
+    for k in 0..2 {
+        let camp = tmp.path().join(format!("shard{k}"));
+        let shard = format!("{k}/2");
+        let args = [
+            "--fs",
+            "ext4",
+            "--workload",
+            w.to_str().unwrap(),
+            "--limit",
+            "3",
+            "--shard",
+            &shard,
+        ];
+        let mut args: Vec<&str> = args.to_vec();
+        args.extend(["--out", camp.to_str().unwrap()]);
+        let (out, s) = kernel(tmp.path(), &args);
+        assert_eq!(out.status.code(), Some(0), "{s}");
+        let mut done: Vec<String> = std::fs::read_dir(camp.join("done"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        done.sort();
+        assert_eq!(num(&s, "workloads") as usize, done.len());
+        names.push(done);
+    }
+    assert_eq!(names[0], ["seq1-0001.json", "seq1-0019.json"]);
+    assert_eq!(names[1], ["seq1-0014.json"]);
+    assert_clean(tmp.path());
+}

@@ -231,6 +231,9 @@ impl Campaign {
                 let _ = std::fs::remove_file(&img);
                 continue;
             }
+            // The mount replayed the journal into `img`: the bundle keeps the state as the
+            // power cut left it, so it is built again.
+            write_image(&self.base, &states, state, &img)?;
             result.findings.push(StateFinding {
                 workload: w.name.clone(),
                 mark: state.mark.clone(),

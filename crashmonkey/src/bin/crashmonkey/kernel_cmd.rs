@@ -20,9 +20,9 @@ nbd-server (Unix socket), attached with nbdfuse and a loop device, mounted; the 
 shell script run as real system calls, with a mark and a snapshot of the tree after each \
 persistence point; unmounted. Then at every mark two crash states, the durable one (only \
 what FLUSH and FUA made durable) and the prefix (every write before the mark), each mounted \
-from a copy so recovery runs, compared with what the persistence points promised (fsync / \
-fdatasync: the file's data and size; fsync of a directory: its entries; sync: everything), \
-and checked with the filesystem's fsck read-only (e2fsck -fn, xfs_repair -n, btrfs check \
+from a copy so recovery runs, compared with what the persistence points promised (fsync: \
+the file's data and size; fdatasync: the same, under a name the file already had; fsync of \
+a directory: its entries; sync: everything), and checked with the filesystem's fsck read-only (e2fsck -fn, xfs_repair -n, btrfs check \
 --readonly). A state that does not mount, breaks a promise or fails fsck is a finding.
 
 Workloads run one at a time (--jobs is accepted and must be 1). Needs root, /dev/fuse, loop \
