@@ -339,7 +339,10 @@ impl Tree {
             KOp::Unlink(p) => self.files.remove(p).is_some(),
             KOp::Rename { from, to } => self.rename(from, to),
             KOp::SetXattr { path, name, .. } => match self.files.get(path) {
-                Some(&i) => self.inodes[i].1.insert(name.clone()) || true,
+                Some(&i) => {
+                    self.inodes[i].1.insert(name.clone());
+                    true
+                }
                 None => self.dirs.contains(path),
             },
             KOp::RemoveXattr { path, name } => self
