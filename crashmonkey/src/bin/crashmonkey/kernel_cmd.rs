@@ -229,19 +229,7 @@ fn go(a: &KernelArgs) -> anyhow::Result<usize> {
         shard.count,
         a.seed
     );
-    let folder = a
-        .out
-        .as_deref()
-        .map(|d| Folder::open(d, &params))
-        .transpose()?;
-    let base = folder.as_ref().map(Folder::base);
-    let campaign = Campaign::prepare(params, base.as_deref(), &stop)?;
-    if let (Some(f), Some(b)) = (&folder, &base) {
-        if !b.exists() {
-            crashmonkey::kernel::crash::sparse_copy(&campaign.base, b)?;
-            let _ = f;
-        }
-    }
+    let (folder, campaign) = open(a, params, &stop)?;
     let t = Instant::now();
     let mut sum = Summary {
         fs: a.fs.name().into(),
@@ -250,38 +238,9 @@ fn go(a: &KernelArgs) -> anyhow::Result<usize> {
         ..Default::default()
     };
     for (i, w) in all.iter().enumerate() {
-        if !shard.owns(i as u64) {
-            continue;
+        if shard.owns(i as u64) {
+            one_workload(a, w, folder.as_ref(), &campaign, &mut sum, &stop)?;
         }
-        if let Some(done) = folder
-            .as_ref()
-            .map(|f| f.done(&w.name))
-            .transpose()?
-            .flatten()
-        {
-            sum.resumed += 1;
-            sum.add(&done);
-            continue;
-        }
-        let run = match campaign.run_workload(w, &stop) {
-            Ok(run) => run,
-            Err(KernelError::Script { end, output }) if stop.signal().is_none() => {
-                let result = skipped(w, &end, &output, a.json);
-                if let Some(f) = &folder {
-                    f.record(&result)?;
-                }
-                sum.add(&result);
-                continue;
-            }
-            Err(e) => {
-                return Err(stopped(e, &stop)).with_context(|| format!("workload {}", w.name))
-            }
-        };
-        print_workload(&run.result, a.json);
-        if let Some(f) = &folder {
-            f.keep(&run, &again_command(a, "workload.txt"))?;
-        }
-        sum.add(&run.result);
     }
     sum.seconds = t.elapsed().as_secs_f64();
     let ran = sum.workloads - sum.resumed;
@@ -292,6 +251,60 @@ fn go(a: &KernelArgs) -> anyhow::Result<usize> {
     };
     print_summary(&sum, a.json);
     Ok(sum.findings)
+}
+
+/// The campaign folder (when --out) and the campaign, its base image formatted or taken
+/// from the folder (and kept there).
+fn open(
+    a: &KernelArgs,
+    params: KernelParams,
+    stop: &StopFlag,
+) -> anyhow::Result<(Option<Folder>, Campaign)> {
+    let folder = a
+        .out
+        .as_deref()
+        .map(|d| Folder::open(d, &params))
+        .transpose()?;
+    let base = folder.as_ref().map(Folder::base);
+    let campaign = Campaign::prepare(params, base.as_deref(), stop)?;
+    if let Some(b) = base.filter(|b| !b.exists()) {
+        crashmonkey::kernel::crash::sparse_copy(&campaign.base, &b)?;
+    }
+    Ok((folder, campaign))
+}
+
+/// Runs and checks `w`, unless the folder has it done already; adds it to `sum`.
+fn one_workload(
+    a: &KernelArgs,
+    w: &KWorkload,
+    folder: Option<&Folder>,
+    campaign: &Campaign,
+    sum: &mut Summary,
+    stop: &StopFlag,
+) -> anyhow::Result<()> {
+    if let Some(done) = folder.map(|f| f.done(&w.name)).transpose()?.flatten() {
+        sum.resumed += 1;
+        sum.add(&done);
+        return Ok(());
+    }
+    let run = match campaign.run_workload(w, stop) {
+        Ok(run) => run,
+        Err(KernelError::Script { end, output }) if stop.signal().is_none() => {
+            let result = skipped(w, &end, &output, a.json);
+            if let Some(f) = folder {
+                f.record(&result)?;
+            }
+            sum.add(&result);
+            return Ok(());
+        }
+        Err(e) => return Err(stopped(e, stop)).with_context(|| format!("workload {}", w.name)),
+    };
+    print_workload(&run.result, a.json);
+    if let Some(f) = folder {
+        f.keep(&run, &again_command(a, "workload.txt"))?;
+    }
+    sum.add(&run.result);
+    Ok(())
 }
 
 /// The record of a workload whose script failed (not a finding: the workload does not
