@@ -329,3 +329,27 @@ fn shards_split_the_workloads() {
     assert_eq!(names[1], ["seq1-0014.json"]);
     assert_clean(tmp.path());
 }
+
+/// `--reorder` adds the states between the durable one and the prefix at each mark with
+/// writes pending (ext4 leaves some after the setup's sync); an honest disk keeps every
+/// promise in them too.
+#[test]
+fn ext4_reorder_states_are_checked_and_keep_every_promise() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = fixtures().join("seq1-0001.txt");
+    let plain = ["--fs", "ext4", "--workload", w.to_str().unwrap()];
+    let (_, without) = kernel(tmp.path(), &plain);
+    let mut args = plain.to_vec();
+    args.push("--reorder");
+    let (out, with) = kernel(tmp.path(), &args);
+    assert_eq!(out.status.code(), Some(0), "{with}");
+    assert_eq!(num(&with, "findings"), 0, "{with}");
+    assert!(
+        num(&with, "states") > num(&without, "states") + 2,
+        "{without}\n{with}"
+    );
+    assert_clean(tmp.path());
+}

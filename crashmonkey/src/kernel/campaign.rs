@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::crash::{states_of, write_image, LogStates, Which};
+use super::crash::{reorder_states, states_of, write_image, LogStates, Which};
 use super::device::Recording;
 use super::proc::{must, quote, run};
 use super::snapshot::{claims_at_marks, points_before_marks, Claim, Snapshot};
@@ -31,6 +31,9 @@ pub struct KernelParams {
     pub seq: u8,
     pub seed: u64,
     pub limit: Option<usize>,
+    /// Also the reorder states of each mark ([`super::crash::reorder_states`]).
+    #[serde(default)]
+    pub reorder: bool,
 }
 
 /// One crash state that broke a promise, did not mount or failed fsck.
@@ -39,6 +42,9 @@ pub struct StateFinding {
     pub workload: String,
     pub mark: String,
     pub which: Which,
+    /// What a reorder state changed; empty for the others.
+    #[serde(default)]
+    pub detail: String,
     pub signature: String,
     pub claims: Vec<Claim>,
     pub report: StateReport,
@@ -211,7 +217,11 @@ impl Campaign {
         result: &mut WorkloadResult,
         stop: &StopFlag,
     ) -> Result<(Vec<Snapshot>, Vec<PathBuf>), KernelError> {
-        let states = states_of(&d.join("disk.log"))?;
+        let mut states = states_of(&d.join("disk.log"))?;
+        if self.params.reorder {
+            let more = reorder_states(&states, self.params.seed);
+            states.states.extend(more);
+        }
         let (snapshots, claims) = expectations(w, &states, &d.join("snap"))?;
         result.marks = states.marks.len();
         let mnt = d.join("state-mnt");
@@ -238,6 +248,7 @@ impl Campaign {
                 workload: w.name.clone(),
                 mark: state.mark.clone(),
                 which: state.which,
+                detail: state.detail.clone(),
                 signature: signature(&self.params, w, &report),
                 claims: claims.clone(),
                 report,

@@ -6,13 +6,21 @@
 //!   filesystem asked the disk for what it promised the application;
 //! - **prefix**: every write that reached the disk before the mark (the cache all landed).
 //!
-//! When the two are the same (nothing pending at the mark) one state is checked. Reorder
-//! and torn states of the last epoch (`crashmonkey check`'s subsets) are not built here.
+//! When the two are the same (nothing pending at the mark) one state is checked.
+//!
+//! On request ([`reorder_states`]), **reorder** states between the two: the durable state
+//! plus one of the writes pending at the mark, and the prefix minus one of them (a cache
+//! writes back in any order), at most [`REORDER_STATES_PER_MARK_MAX`] per mark, sampled with
+//! a seeded generator when there are more. Torn writes are not built here.
 
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 use crate::history::{Event, History, Op};
 use crate::overlay::apply_pieces;
@@ -30,6 +38,7 @@ const COPY_CHUNK_BYTES: usize = 1 << 20;
 pub enum Which {
     Durable,
     Prefix,
+    Reorder,
 }
 
 impl Which {
@@ -37,6 +46,7 @@ impl Which {
         match self {
             Which::Durable => "durable",
             Which::Prefix => "prefix",
+            Which::Reorder => "reorder",
         }
     }
 }
@@ -50,6 +60,8 @@ pub struct State {
     pub mark_index: usize,
     pub which: Which,
     pub ops: Vec<usize>,
+    /// What a reorder state changed (`durable + write seq 12`); empty for the others.
+    pub detail: String,
 }
 
 /// The log's operations and its states at every mark.
@@ -94,6 +106,7 @@ pub fn states_of(log: &Path) -> Result<LogStates, KernelError> {
                     mark_index,
                     which: Which::Durable,
                     ops: kept,
+                    detail: String::new(),
                 });
                 if !all {
                     states.push(State {
@@ -101,6 +114,7 @@ pub fn states_of(log: &Path) -> Result<LogStates, KernelError> {
                         mark_index,
                         which: Which::Prefix,
                         ops: (0..ops.len()).collect(),
+                        detail: String::new(),
                     });
                 }
                 marks.push(name);
@@ -118,6 +132,58 @@ pub fn states_of(log: &Path) -> Result<LogStates, KernelError> {
         marks,
         log: data,
     })
+}
+
+/// Reorder states at a mark, at most.
+pub const REORDER_STATES_PER_MARK_MAX: usize = 16;
+
+/// The reorder states of every mark that has writes pending (see the module docs); the
+/// sample, when one is needed, is drawn from `seed` and the mark's position.
+pub fn reorder_states(ls: &LogStates, seed: u64) -> Vec<State> {
+    let mut out = Vec::new();
+    for pair in ls.states.windows(2) {
+        let [d, p] = pair else { continue };
+        if d.which != Which::Durable || p.which != Which::Prefix || d.mark_index != p.mark_index {
+            continue;
+        }
+        let pending: Vec<usize> = p
+            .ops
+            .iter()
+            .copied()
+            .filter(|i| d.ops.binary_search(i).is_err())
+            .collect();
+        if pending.len() < 2 {
+            continue; // keep-one is the prefix, drop-one the durable state
+        }
+        let mut cands: Vec<State> = Vec::new();
+        for &j in &pending {
+            let seq = ls.ops[j].seq;
+            let mut keep = d.ops.clone();
+            keep.push(j);
+            keep.sort_unstable();
+            let drop: Vec<usize> = p.ops.iter().copied().filter(|&i| i != j).collect();
+            for (ops, detail) in [
+                (keep, format!("durable + write seq {seq}")),
+                (drop, format!("prefix - write seq {seq}")),
+            ] {
+                cands.push(State {
+                    mark: d.mark.clone(),
+                    mark_index: d.mark_index,
+                    which: Which::Reorder,
+                    ops,
+                    detail,
+                });
+            }
+        }
+        if cands.len() > REORDER_STATES_PER_MARK_MAX {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (d.mark_index as u64).rotate_left(32));
+            let mut picked = sample(&mut rng, cands.len(), REORDER_STATES_PER_MARK_MAX).into_vec();
+            picked.sort_unstable();
+            cands = picked.into_iter().map(|i| cands[i].clone()).collect();
+        }
+        out.extend(cands);
+    }
+    out
 }
 
 /// Copies `src` to a new file `dst`, holes as holes (SEEK_DATA / SEEK_HOLE): a formatted
@@ -251,15 +317,42 @@ mod tests {
                 ("m3", Which::Durable, vec![0, 1, 2]),
             ]
         );
+        // Reorder states: m1 and m2 have one write pending (none); add one at m2 by hand.
+        assert!(reorder_states(&st, 1).is_empty());
+        let mut two = LogStates {
+            states: st.states[2..4].to_vec(),
+            ..st
+        };
+        two.states[0].ops = vec![0];
+        let r: Vec<(Vec<usize>, String)> = reorder_states(&two, 1)
+            .into_iter()
+            .map(|s| (s.ops, s.detail))
+            .collect();
+        assert_eq!(
+            r,
+            [
+                (vec![0, 1], "durable + write seq 2".to_owned()),
+                (vec![0, 2], "prefix - write seq 2".to_owned()),
+                (vec![0, 2], "durable + write seq 4".to_owned()),
+                (vec![0, 1], "prefix - write seq 4".to_owned()),
+            ]
+        );
+        let st = two;
         let base = dir.path().join("base.img");
         std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
         let img = dir.path().join("m2.img");
-        write_image(&base, &st, &st.states[2], &img).unwrap();
+        write_image(&base, &st, &st.states[0], &img).unwrap();
         let bytes = std::fs::read(&img).unwrap();
         assert_eq!(bytes.len(), 1 << 20);
         assert_eq!(
             (bytes[0], bytes[4096], bytes[8192], bytes[12288]),
-            (1, 0, 3, 0)
+            (1, 0, 0, 0)
+        );
+        write_image(&base, &st, &st.states[1], &img).unwrap();
+        let bytes = std::fs::read(&img).unwrap();
+        assert_eq!(
+            (bytes[0], bytes[4096], bytes[8192], bytes[12288]),
+            (1, 2, 3, 0)
         );
     }
 }

@@ -208,11 +208,12 @@ pub fn slug(s: &str) -> String {
 pub fn report_text(f: &StateFinding) -> String {
     let r = &f.report;
     let mut s = format!(
-        "{}\nworkload {}, the {} state at mark {}\n\n",
+        "{}\nworkload {}, the {} state at mark {} {}\n\n",
         f.signature,
         f.workload,
         f.which.name(),
-        f.mark
+        f.mark,
+        f.detail
     );
     if r.mounted {
         s.push_str("Mounted (recovery ran).\n");
@@ -277,6 +278,7 @@ mod tests {
             seq: 1,
             seed: 1,
             limit: Some(2),
+            reorder: false,
         };
         let e = Folder::open(d.path(), &p).err().expect("refused");
         assert!(e.to_string().contains("not empty"), "{e}");

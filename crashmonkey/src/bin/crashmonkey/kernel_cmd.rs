@@ -74,6 +74,10 @@ pub struct KernelArgs {
     /// durable. Proves the checker: it must find what a power cut then loses.
     #[arg(long)]
     pub lying_disk: bool,
+    /// Also check reorder states at each mark with writes pending: the durable state plus
+    /// one pending write, the prefix minus one (at most 16 a mark, sampled with --seed).
+    #[arg(long)]
+    pub reorder: bool,
 }
 
 /// `crashmonkey kernel-mark`: called by a workload's script at each mark.
@@ -197,9 +201,14 @@ impl Summary {
 /// The command that runs one workload of this campaign again.
 fn again_command(a: &KernelArgs, bundle_workload: &str) -> String {
     format!(
-        "sudo crashmonkey kernel --fs {} --workload {bundle_workload}{}",
+        "sudo crashmonkey kernel --fs {} --workload {bundle_workload}{}{}",
         a.fs.name(),
-        if a.lying_disk { " --lying-disk" } else { "" }
+        if a.lying_disk { " --lying-disk" } else { "" },
+        if a.reorder {
+            format!(" --reorder --seed {}", a.seed)
+        } else {
+            String::new()
+        }
     )
 }
 
@@ -218,6 +227,7 @@ fn go(a: &KernelArgs) -> anyhow::Result<usize> {
         seq: a.seq,
         seed: a.seed,
         limit: a.limit,
+        reorder: a.reorder,
     };
     let all = workloads(a)?;
     eprintln!(
@@ -350,7 +360,17 @@ fn print_workload(r: &WorkloadResult, json: bool) {
         r.run_seconds + r.build_seconds + r.mount_seconds + r.fsck_seconds
     );
     for f in &r.findings {
-        println!("  {} state at {}: {}", f.which.name(), f.mark, f.signature);
+        let detail = if f.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", f.detail)
+        };
+        println!(
+            "  {} state at {}{detail}: {}",
+            f.which.name(),
+            f.mark,
+            f.signature
+        );
         for v in &f.report.violations {
             println!("    {}", v.text);
         }
