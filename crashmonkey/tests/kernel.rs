@@ -1,6 +1,6 @@
 //! `crashmonkey kernel` on this machine's kernel: ACE workloads recorded on ext4 and XFS
 //! through the recording nbd-server, nbdfuse and a loop device, their crash states mounted,
-//! compared with what the persistence points promised, and fsck'd.
+//! compared with what the persistence points promised, and fsck'd (and the same on btrfs).
 //!
 //! - With an honest disk, the committed workloads of `fixtures/workloads/` (a buffered,
 //!   direct and mmap write, a punched hole, a creat, renames of a file and of a directory,
@@ -11,8 +11,8 @@
 //! - A campaign folder gets a bundle per finding and resumes; a folder of other files is
 //!   refused and left alone; SIGINT mid-campaign leaves no mount, loop device or file.
 //!
-//! They need root, /dev/fuse, loop devices, nbdfuse, xfs_io, setfattr, mkfs.ext4 and
-//! mkfs.xfs: elsewhere the skip policy decides (never under CI).
+//! They need root, /dev/fuse, loop devices, nbdfuse, xfs_io, setfattr, mkfs.ext4, mkfs.xfs
+//! and (for the btrfs pair) btrfs-progs: elsewhere the skip policy decides (never under CI).
 
 #[path = "../../nbd-server/tests/common/skip.rs"]
 mod skip;
@@ -24,6 +24,19 @@ use std::time::{Duration, Instant};
 const CM: &str = env!("CARGO_BIN_EXE_crashmonkey");
 /// A test's campaign that takes longer than this is a failure.
 const CAMPAIGN_SECONDS_MAX: u64 = 120;
+
+/// Whether this machine can run kernel campaigns on btrfs too.
+fn can_run_btrfs() -> bool {
+    can_run() && (have("mkfs.btrfs") && have("btrfs"))
+}
+
+fn have(t: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {t}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    found || skip::skip(&format!("{t} is not installed (make deps installs it)"))
+}
 
 /// Whether this machine can run kernel campaigns; otherwise the skip policy decides.
 fn can_run() -> bool {
@@ -50,14 +63,8 @@ fn can_run() -> bool {
         "mkfs.xfs",
         "xfs_repair",
     ];
-    for t in tools {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            return skip::skip(&format!("{t} is not installed (make deps installs it)"));
-        }
+    if !tools.into_iter().all(have) {
+        return false;
     }
     let free_loop = Command::new("losetup").arg("-f").output();
     free_loop.is_ok_and(|o| o.status.success()) || skip::skip("no free loop device")
@@ -124,7 +131,11 @@ fn num(v: &serde_json::Value, key: &str) -> u64 {
 }
 
 fn honest(fs: &str) {
-    if !can_run() {
+    if !(if fs == "btrfs" {
+        can_run_btrfs()
+    } else {
+        can_run()
+    }) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -152,7 +163,11 @@ fn xfs_on_an_honest_disk_keeps_every_promise() {
 /// A lying disk loses what the setup's sync and the workload's fsync promised: the durable
 /// state at each mark is the freshly formatted base.
 fn lying(fs: &str) {
-    if !can_run() {
+    if !(if fs == "btrfs" {
+        can_run_btrfs()
+    } else {
+        can_run()
+    }) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -225,6 +240,16 @@ fn ext4_on_a_lying_disk_loses_what_fsync_promised() {
 #[test]
 fn xfs_on_a_lying_disk_loses_what_fsync_promised() {
     lying("xfs");
+}
+
+#[test]
+fn btrfs_on_an_honest_disk_keeps_every_promise() {
+    honest("btrfs");
+}
+
+#[test]
+fn btrfs_on_a_lying_disk_loses_what_fsync_promised() {
+    lying("btrfs");
 }
 
 #[test]
