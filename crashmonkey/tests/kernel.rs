@@ -378,3 +378,50 @@ fn ext4_reorder_states_are_checked_and_keep_every_promise() {
     );
     assert_clean(tmp.path());
 }
+
+/// A state that does not mount is a failure with mount's words, the kernel's log and fsck's
+/// verdict: an ext4 image whose superblock is zeroed.
+#[test]
+fn a_state_that_does_not_mount_keeps_the_kernels_words_and_fscks() {
+    use crashmonkey::checker::StopFlag;
+    use crashmonkey::kernel::{verify, FsKind};
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("state.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(FsKind::Ext4.disk_bytes())
+        .unwrap();
+    let mkfs = Command::new("sh")
+        .args(["-c", &FsKind::Ext4.mkfs_command(&img)])
+        .status()
+        .unwrap();
+    assert!(mkfs.success());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let stop = StopFlag::new();
+    let good = verify::check_state(FsKind::Ext4, &img, &mnt, &[], &stop).unwrap();
+    assert!(!good.failed(), "{good:?}");
+    // The primary superblock is bytes 1024..2048.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 1024], 1024).unwrap();
+    drop(f);
+    let bad = verify::check_state(FsKind::Ext4, &img, &mnt, &[], &stop).unwrap();
+    assert!(bad.failed() && !bad.mounted, "{bad:?}");
+    assert!(!bad.mount_output.is_empty(), "{bad:?}");
+    // The kernel said why, about this image's loop device.
+    assert!(
+        bad.dmesg.contains("EXT4-fs") || bad.dmesg.contains("ext4"),
+        "{}",
+        bad.dmesg
+    );
+    assert!(!bad.fsck_passed, "{}", bad.fsck_output);
+    assert!(
+        bad.fsck_output.contains("superblock"),
+        "{}",
+        bad.fsck_output
+    );
+    assert_clean(tmp.path());
+}
