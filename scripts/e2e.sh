@@ -25,7 +25,7 @@ SCRIPT_NAME=e2e
 
 [[ $(id -u) == 0 ]] || skip "needs root (loop devices, mount)"
 [[ -e /dev/fuse ]] || skip "no /dev/fuse"
-for t in nbdfuse fusermount3 losetup mount umount mkfs.ext4 mkfs.xfs e2fsck xfs_repair cmp; do
+for t in nbdfuse fusermount3 losetup mount umount mkfs.ext4 mkfs.xfs e2fsck xfs_repair cmp xfs_io setfattr; do
     command -v "$t" >/dev/null || skip "missing tool $t"
 done
 losetup -f >/dev/null 2>&1 || skip "no free loop device"
@@ -165,3 +165,13 @@ for FS in $FS_LIST; do
     [[ ${after_f0:-0} -gt 0 ]] || { echo "e2e: FAIL: no state between f0 and f1 was checked" >&2; exit 1; }
 done
 echo "e2e: OK: $total_states unique crash states checked across: $FS_LIST; none failed"
+
+# Kernel campaigns (docs/kernel-campaigns.md): the committed workloads on an honest disk
+# give no finding; a lying disk (flush=ignore) must give findings.
+for FS in $FS_LIST; do
+    "$BIN/crashmonkey" kernel --fs "$FS" --workload fixtures/workloads \
+        || { echo "e2e: FAIL: crashmonkey kernel --fs $FS on an honest disk found something" >&2; exit 1; }
+    rc=0; "$BIN/crashmonkey" kernel --fs "$FS" --limit 2 --lying-disk >/dev/null || rc=$?
+    [[ $rc == 1 ]] || { echo "e2e: FAIL: crashmonkey kernel --fs $FS --lying-disk exited $rc, not 1 (findings)" >&2; exit 1; }
+    echo "e2e: kernel $FS: honest disk no finding, lying disk findings"
+done

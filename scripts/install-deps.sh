@@ -13,7 +13,7 @@ TOOLS=(make:make cc:gcc,libc6-dev qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo
        nbdfuse:libnbd-bin nbdkit:nbdkit fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs
        mkfs.xfs:xfsprogs xfs_repair:xfsprogs fusermount3:fuse3 losetup:mount mount:mount
        modprobe:kmod nbd-client:nbd-client certtool:gnutls-bin python3:python3
-       xfs_io:xfsprogs setfattr:attr getfattr:attr
+       xfs_io:xfsprogs setfattr:attr getfattr:attr mkfs.btrfs:btrfs-progs btrfs:btrfs-progs
        chromium:chromium)
 
 need=()

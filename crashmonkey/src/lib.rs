@@ -14,6 +14,7 @@
 //!   minimisation of a failing crash state
 //! - `folder`   campaign folders: run records, findings by signature, sled index, resume, merge
 //! - `report`   the HTML report of a campaign folder and SVG timelines of race runs and write logs
+//! - `kernel`   crash campaigns on ext4, XFS and btrfs: recorded workloads, states mounted and checked
 //! - `shard`    one campaign split across processes or machines, deterministically
 
 pub mod check;
@@ -22,6 +23,7 @@ pub mod dmlog;
 pub mod folder;
 pub mod fscore;
 pub mod history;
+pub mod kernel;
 pub mod overlay;
 pub mod race;
 pub mod report;

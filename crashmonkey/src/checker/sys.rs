@@ -1,6 +1,6 @@
 //! The few system calls std leaves out: signalling a process group, seeing a child end without
 //! reaping it (`waitid`, `pidfd_open`), `poll`, the free space of a filesystem (`statvfs`), and a rename that never replaces
-//! (`renameat2` with `RENAME_NOREPLACE`). Each wrapper takes and returns plain values and says why it is sound.
+//! (`renameat2` with `RENAME_NOREPLACE`), SEEK_DATA / SEEK_HOLE (`lseek`). Each wrapper takes and returns plain values and says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -116,4 +116,27 @@ pub fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> io::Res
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// The next data and the hole after it in `f` from `at` (`lseek` SEEK_DATA / SEEK_HOLE):
+/// `None` when only a hole is left.
+pub fn next_data(f: &std::fs::File, at: u64) -> io::Result<Option<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = f.as_raw_fd();
+    let at = libc::off_t::try_from(at).map_err(io::Error::other)?;
+    // SAFETY: lseek on an open file descriptor; it touches no memory of ours.
+    let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+    if data < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Some((data as u64, hole as u64)))
 }

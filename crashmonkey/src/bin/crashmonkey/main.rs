@@ -4,6 +4,7 @@ mod crash_cmd;
 mod findings_cmd;
 mod fs_campaign_cmd;
 mod fs_cmd;
+mod kernel_cmd;
 mod minimise_cmd;
 mod race_cmd;
 mod report_cmd;
@@ -30,6 +31,7 @@ crashmonkey race --seed 1 --runs 20000 --no-iomap-valid --out camp && crashmonke
 crashmonkey report camp -o report.html\n  \
 crashmonkey check disk.log --base empty.img --checker 'e2fsck -fn {image}'\n  \
 crashmonkey fs ls disk.img\n  \
+sudo crashmonkey kernel --fs ext4 --workload ace --seq 1 --limit 10\n  \
 crashmonkey fs campaign --seed 1 --runs 100 --bug fsync-no-log-force"
 )]
 struct Cli {
@@ -53,6 +55,13 @@ enum Cmd {
     /// ACE-style workloads for kernel crash campaigns: workload files and the shell scripts
     /// that run them on any Linux.
     Workloads(workloads_cmd::WorkloadsArgs),
+    /// Crash campaigns on the kernel's ext4, XFS or btrfs (root): workloads recorded through
+    /// nbdfuse and a loop device, every crash state at each mark mounted, compared with what
+    /// the persistence points promised, and fsck'd.
+    Kernel(kernel_cmd::KernelArgs),
+    /// Used by `kernel`'s workload scripts: a mark in the write log and a snapshot of the tree.
+    #[command(hide = true)]
+    KernelMark(kernel_cmd::KernelMarkArgs),
     /// One self-contained HTML report of a campaign folder, with an SVG timeline per finding.
     Report(report_cmd::ReportArgs),
 }
@@ -70,6 +79,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Findings(args) => findings_cmd::run(args)?,
         Cmd::Workloads(args) => workloads_cmd::run(args)?,
         Cmd::Report(args) => report_cmd::run(args)?,
+        Cmd::Kernel(args) => kernel_cmd::run(args)?,
+        Cmd::KernelMark(args) => kernel_cmd::mark(args)?,
     };
     std::process::exit(code);
 }

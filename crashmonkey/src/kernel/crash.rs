@@ -1,0 +1,358 @@
+//! The crash states of a kernel workload, two at each mark:
+//! - **durable**: only what the disk had made durable when the mark was set: every write
+//!   a completed FLUSH covered (not the ones still in flight when it came) and every FUA
+//!   write. A power cut right after the persistence point may leave exactly this (a disk
+//!   with a volatile cache loses the rest); it is the state that tells whether the
+//!   filesystem asked the disk for what it promised the application;
+//! - **prefix**: every write that reached the disk before the mark (the cache all landed).
+//!
+//! When the two are the same (nothing pending at the mark) one state is checked.
+//!
+//! On request ([`reorder_states`]), **reorder** states between the two: the durable state
+//! plus one of the writes pending at the mark, and the prefix minus one of them (a cache
+//! writes back in any order), at most [`REORDER_STATES_PER_MARK_MAX`] per mark, sampled with
+//! a seeded generator when there are more. Torn writes are not built here.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::history::{Event, History, Op};
+use crate::overlay::apply_pieces;
+
+use super::KernelError;
+
+/// Operations of one workload's log, at most (its logs hold a few hundred).
+pub const LOG_OPS_MAX: usize = 1_000_000;
+/// Bytes copied at a time when an image is copied.
+const COPY_CHUNK_BYTES: usize = 1 << 20;
+
+/// Which of the two states at a mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Which {
+    Durable,
+    Prefix,
+    Reorder,
+}
+
+impl Which {
+    pub fn name(self) -> &'static str {
+        match self {
+            Which::Durable => "durable",
+            Which::Prefix => "prefix",
+            Which::Reorder => "reorder",
+        }
+    }
+}
+
+/// One crash state: the operations (indices into the log's operations, ascending) applied
+/// over the base image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct State {
+    pub mark: String,
+    /// Position of the mark among the log's marks.
+    pub mark_index: usize,
+    pub which: Which,
+    pub ops: Vec<usize>,
+    /// What a reorder state changed (`durable + write seq 12`); empty for the others.
+    pub detail: String,
+}
+
+/// The log's operations and its states at every mark.
+pub struct LogStates {
+    pub ops: Vec<Op>,
+    pub states: Vec<State>,
+    pub marks: Vec<String>,
+    pub log: File,
+}
+
+/// Reads `log` into its states (see the module docs).
+pub fn states_of(log: &Path) -> Result<LogStates, KernelError> {
+    let history = History::open(log)?;
+    let data = history.data_file()?;
+    let mut ops: Vec<Op> = Vec::new();
+    let mut durable: Vec<bool> = Vec::new();
+    let mut states = Vec::new();
+    let mut marks = Vec::new();
+    for ev in history {
+        match ev? {
+            Event::Op(op) => {
+                if ops.len() >= LOG_OPS_MAX {
+                    return Err(KernelError::Setup(format!(
+                        "the write log has more than {LOG_OPS_MAX} operations"
+                    )));
+                }
+                durable.push(op.fua);
+                ops.push(op);
+            }
+            Event::Flush { in_flight, .. } => {
+                let pending: HashSet<u64> = in_flight.into_iter().collect();
+                for (d, op) in durable.iter_mut().zip(&ops) {
+                    *d |= !pending.contains(&op.seq);
+                }
+            }
+            Event::Mark { name, .. } => {
+                let kept: Vec<usize> = (0..ops.len()).filter(|&i| durable[i]).collect();
+                let mark_index = marks.len();
+                let all = kept.len() == ops.len();
+                states.push(State {
+                    mark: name.clone(),
+                    mark_index,
+                    which: Which::Durable,
+                    ops: kept,
+                    detail: String::new(),
+                });
+                if !all {
+                    states.push(State {
+                        mark: name.clone(),
+                        mark_index,
+                        which: Which::Prefix,
+                        ops: (0..ops.len()).collect(),
+                        detail: String::new(),
+                    });
+                }
+                marks.push(name);
+            }
+            Event::PowerCut { .. } => {
+                return Err(KernelError::Setup(
+                    "the write log has a power cut; a kernel workload's log never does".into(),
+                ))
+            }
+        }
+    }
+    Ok(LogStates {
+        ops,
+        states,
+        marks,
+        log: data,
+    })
+}
+
+/// Reorder states at a mark, at most.
+pub const REORDER_STATES_PER_MARK_MAX: usize = 16;
+
+/// The reorder states of every mark that has writes pending (see the module docs); the
+/// sample, when one is needed, is drawn from `seed` and the mark's position.
+pub fn reorder_states(ls: &LogStates, seed: u64) -> Vec<State> {
+    let mut out = Vec::new();
+    for pair in ls.states.windows(2) {
+        let [d, p] = pair else { continue };
+        if d.which != Which::Durable || p.which != Which::Prefix || d.mark_index != p.mark_index {
+            continue;
+        }
+        let pending: Vec<usize> = p
+            .ops
+            .iter()
+            .copied()
+            .filter(|i| d.ops.binary_search(i).is_err())
+            .collect();
+        if pending.len() < 2 {
+            continue; // keep-one is the prefix, drop-one the durable state
+        }
+        let mut cands: Vec<State> = Vec::new();
+        for &j in &pending {
+            let seq = ls.ops[j].seq;
+            let mut keep = d.ops.clone();
+            keep.push(j);
+            keep.sort_unstable();
+            let drop: Vec<usize> = p.ops.iter().copied().filter(|&i| i != j).collect();
+            for (ops, detail) in [
+                (keep, format!("durable + write seq {seq}")),
+                (drop, format!("prefix - write seq {seq}")),
+            ] {
+                cands.push(State {
+                    mark: d.mark.clone(),
+                    mark_index: d.mark_index,
+                    which: Which::Reorder,
+                    ops,
+                    detail,
+                });
+            }
+        }
+        if cands.len() > REORDER_STATES_PER_MARK_MAX {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (d.mark_index as u64).rotate_left(32));
+            let mut picked = sample(&mut rng, cands.len(), REORDER_STATES_PER_MARK_MAX).into_vec();
+            picked.sort_unstable();
+            cands = picked.into_iter().map(|i| cands[i].clone()).collect();
+        }
+        out.extend(cands);
+    }
+    out
+}
+
+/// Copies `src` to a new file `dst`, holes as holes (SEEK_DATA / SEEK_HOLE): a formatted
+/// 128 MiB image is a few MiB of data.
+pub fn sparse_copy(src: &Path, dst: &Path) -> Result<(), KernelError> {
+    let from = File::open(src).map_err(KernelError::io(format!("opening {}", src.display())))?;
+    let len = from
+        .metadata()
+        .map_err(KernelError::io(format!("reading {}", src.display())))?
+        .len();
+    let to = File::create(dst).map_err(KernelError::io(format!("creating {}", dst.display())))?;
+    to.set_len(len)
+        .map_err(KernelError::io(format!("sizing {}", dst.display())))?;
+    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+    let mut at = 0u64;
+    while at < len {
+        let Some((start, hole)) = crate::checker::sys::next_data(&from, at)
+            .map_err(KernelError::io(format!("reading {}", src.display())))?
+        else {
+            break;
+        };
+        let end = hole.min(len);
+        let mut pos = start;
+        while pos < end {
+            let n = ((end - pos) as usize).min(buf.len());
+            from.read_exact_at(&mut buf[..n], pos)
+                .map_err(KernelError::io(format!("reading {}", src.display())))?;
+            to.write_all_at(&buf[..n], pos)
+                .map_err(KernelError::io(format!("writing {}", dst.display())))?;
+            pos += n as u64;
+        }
+        at = end.max(start + 1);
+    }
+    Ok(())
+}
+
+/// Writes the image of `state` to `dst`: a copy of `base` with the state's operations
+/// applied in log order (so newer data always lands over older).
+pub fn write_image(
+    base: &Path,
+    states: &LogStates,
+    state: &State,
+    dst: &Path,
+) -> Result<(), KernelError> {
+    sparse_copy(base, dst)?;
+    let img = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dst)
+        .map_err(KernelError::io(format!("opening {}", dst.display())))?;
+    for &i in &state.ops {
+        let op = &states.ops[i];
+        apply_pieces(&img, dst, op, &op.pieces, &states.log)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nbd_server::backend::{Arrival, Backend, RequestKind, WriteData};
+    use nbd_server::disk::{DiskConfig, EmulatedDisk, VecStorage};
+    use std::sync::Arc;
+
+    fn write(d: &EmulatedDisk, block: u64, byte: u8, fua: bool) {
+        let arrival = Arrival {
+            conn: 1,
+            kind: RequestKind::Write,
+            offset: block * 4096,
+            length: 4096,
+            fua,
+        };
+        let t = d.arrived(&arrival).expect("a write gets a ticket");
+        d.write(
+            Some(t),
+            block * 4096,
+            WriteData::copy_of(&[byte; 4096]),
+            fua,
+        )
+        .unwrap();
+        d.reply_sent(t);
+    }
+
+    fn flush(d: &EmulatedDisk) {
+        let arrival = Arrival {
+            conn: 2,
+            kind: RequestKind::Flush,
+            offset: 0,
+            length: 0,
+            fua: false,
+        };
+        let t = d.arrived(&arrival).expect("a flush gets a ticket");
+        d.flush(Some(t)).unwrap();
+        d.reply_sent(t);
+    }
+
+    /// A write log: write 0, flush, write 1, mark m1, write 2 (FUA), mark m2, flush, mark m3.
+    /// The durable state at m1 has write 0 only; at m2 also the FUA write 2 but not write 1;
+    /// at m3 everything (and no prefix state, it would be the same).
+    #[test]
+    fn durable_states_hold_flushed_and_fua_writes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("d.log");
+        let s = Arc::new(VecStorage::new(1 << 20).unwrap());
+        let cfg = DiskConfig {
+            record: Some(log.clone()),
+            ..Default::default()
+        };
+        let d = EmulatedDisk::new(s, cfg).unwrap();
+        write(&d, 0, 1, false);
+        flush(&d);
+        write(&d, 1, 2, false);
+        d.mark("m1").unwrap();
+        write(&d, 2, 3, true);
+        d.mark("m2").unwrap();
+        flush(&d);
+        d.mark("m3").unwrap();
+        drop(d);
+        let st = states_of(&log).unwrap();
+        let got: Vec<(&str, Which, Vec<usize>)> = st
+            .states
+            .iter()
+            .map(|s| (s.mark.as_str(), s.which, s.ops.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("m1", Which::Durable, vec![0]),
+                ("m1", Which::Prefix, vec![0, 1]),
+                ("m2", Which::Durable, vec![0, 2]),
+                ("m2", Which::Prefix, vec![0, 1, 2]),
+                ("m3", Which::Durable, vec![0, 1, 2]),
+            ]
+        );
+        // Reorder states: m1 and m2 have one write pending (none); add one at m2 by hand.
+        assert!(reorder_states(&st, 1).is_empty());
+        let mut two = LogStates {
+            states: st.states[2..4].to_vec(),
+            ..st
+        };
+        two.states[0].ops = vec![0];
+        let r: Vec<(Vec<usize>, String)> = reorder_states(&two, 1)
+            .into_iter()
+            .map(|s| (s.ops, s.detail))
+            .collect();
+        assert_eq!(
+            r,
+            [
+                (vec![0, 1], "durable + write seq 2".to_owned()),
+                (vec![0, 2], "prefix - write seq 2".to_owned()),
+                (vec![0, 2], "durable + write seq 4".to_owned()),
+                (vec![0, 1], "prefix - write seq 4".to_owned()),
+            ]
+        );
+        let st = two;
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let img = dir.path().join("m2.img");
+        write_image(&base, &st, &st.states[0], &img).unwrap();
+        let bytes = std::fs::read(&img).unwrap();
+        assert_eq!(bytes.len(), 1 << 20);
+        assert_eq!(
+            (bytes[0], bytes[4096], bytes[8192], bytes[12288]),
+            (1, 0, 0, 0)
+        );
+        write_image(&base, &st, &st.states[1], &img).unwrap();
+        let bytes = std::fs::read(&img).unwrap();
+        assert_eq!(
+            (bytes[0], bytes[4096], bytes[8192], bytes[12288]),
+            (1, 2, 3, 0)
+        );
+    }
+}

@@ -1,0 +1,86 @@
+//! One crash state checked: its image (a file of its own, so recovery may write to it)
+//! mounted through a loop device, so the kernel replays the journal as after a real power
+//! cut; compared with what the persistence points before its mark promised; unmounted; then
+//! the filesystem's own checker, read-only, on the recovered image. A state that does not
+//! mount is checked by fsck as it is, and keeps the kernel's messages.
+
+use std::path::Path;
+
+use super::device::unmount;
+use super::proc::{dmesg_tail, quote, run};
+use super::snapshot::{violations, Claim, Violation};
+use super::{
+    FsKind, KernelError, DMESG_LINES_MAX, FSCK_TIMEOUT_SECONDS, HELPER_TIMEOUT_SECONDS,
+    MOUNT_TIMEOUT_SECONDS,
+};
+use crate::checker::StopFlag;
+
+/// What checking one state saw.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct StateReport {
+    pub mounted: bool,
+    /// `mount`'s output when it failed.
+    pub mount_output: String,
+    /// The kernel's last messages when the mount failed.
+    pub dmesg: String,
+    pub violations: Vec<Violation>,
+    pub fsck_passed: bool,
+    pub fsck_output: String,
+    pub mount_seconds: f64,
+    pub fsck_seconds: f64,
+}
+
+impl StateReport {
+    /// Does this state break a promise, fail to mount, or fail fsck?
+    pub fn failed(&self) -> bool {
+        !self.mounted || !self.violations.is_empty() || !self.fsck_passed
+    }
+}
+
+/// Checks the state whose image is `image`, mounting it at `mnt` (an empty folder).
+pub fn check_state(
+    fs: FsKind,
+    image: &Path,
+    mnt: &Path,
+    claims: &[Claim],
+    stop: &StopFlag,
+) -> Result<StateReport, KernelError> {
+    let mut report = StateReport::default();
+    if fs == FsKind::Btrfs {
+        // btrfs finds its devices by filesystem id, which every state shares: forget the
+        // ones no longer attached so the mount takes this image.
+        run("btrfs device scan --forget", HELPER_TIMEOUT_SECONDS, stop)?;
+    }
+    let t = std::time::Instant::now();
+    let opts = match fs.mount_options() {
+        "" => "loop".to_owned(),
+        o => format!("loop,{o}"),
+    };
+    let cmd = format!(
+        "mount -t {} -o {opts} {} {}",
+        fs.name(),
+        quote(&image.to_string_lossy()),
+        quote(&mnt.to_string_lossy())
+    );
+    // The mount runs to its deadline whatever the stop flag says, so that a mount it made is
+    // known and undone; the flag is looked at after the unmount.
+    let mount = run(&cmd, MOUNT_TIMEOUT_SECONDS, &StopFlag::new())?;
+    report.mounted = mount.end.passed();
+    if report.mounted {
+        report.violations = violations(mnt, claims);
+        unmount(mnt, &StopFlag::new())?;
+    } else {
+        report.mount_output = mount.output;
+        report.dmesg = dmesg_tail(DMESG_LINES_MAX, stop);
+    }
+    if let Some(signal) = stop.signal() {
+        return Err(KernelError::Stopped(signal));
+    }
+    report.mount_seconds = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let fsck = run(&fs.fsck_command(image), FSCK_TIMEOUT_SECONDS, stop)?;
+    report.fsck_passed = fsck.end.passed();
+    report.fsck_output = fsck.output;
+    report.fsck_seconds = t.elapsed().as_secs_f64();
+    Ok(report)
+}

@@ -1,0 +1,427 @@
+//! `crashmonkey kernel` on this machine's kernel: ACE workloads recorded on ext4 and XFS
+//! through the recording nbd-server, nbdfuse and a loop device, their crash states mounted,
+//! compared with what the persistence points promised, and fsck'd (and the same on btrfs).
+//!
+//! - With an honest disk, the committed workloads of `fixtures/workloads/` (a buffered,
+//!   direct and mmap write, a punched hole, a creat, renames of a file and of a directory,
+//!   each with its fsync or fdatasync) give no finding.
+//! - With a lying disk (`flush=ignore`), the same checker must find that a power cut loses
+//!   what fsync and sync promised: it guards against a checker that never looks at the
+//!   states that matter (the durable ones), which would pass both disks alike.
+//! - A campaign folder gets a bundle per finding and resumes; a folder of other files is
+//!   refused and left alone; SIGINT mid-campaign leaves no mount, loop device or file.
+//!
+//! They need root, /dev/fuse, loop devices, nbdfuse, xfs_io, setfattr, mkfs.ext4, mkfs.xfs
+//! and (for the btrfs pair) btrfs-progs: elsewhere the skip policy decides (never under CI).
+
+#[path = "../../nbd-server/tests/common/skip.rs"]
+mod skip;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const CM: &str = env!("CARGO_BIN_EXE_crashmonkey");
+/// A test's campaign that takes longer than this is a failure.
+const CAMPAIGN_SECONDS_MAX: u64 = 120;
+
+/// Whether this machine can run kernel campaigns on btrfs too.
+fn can_run_btrfs() -> bool {
+    can_run() && (have("mkfs.btrfs") && have("btrfs"))
+}
+
+fn have(t: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {t}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    found || skip::skip(&format!("{t} is not installed (make deps installs it)"))
+}
+
+/// Whether this machine can run kernel campaigns; otherwise the skip policy decides.
+fn can_run() -> bool {
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(2))
+            == Some("0")
+    });
+    if !root {
+        return skip::skip("needs root (loop devices, mount)");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return skip::skip("no /dev/fuse");
+    }
+    let tools = [
+        "nbdfuse",
+        "fusermount3",
+        "losetup",
+        "xfs_io",
+        "setfattr",
+        "mkfs.ext4",
+        "e2fsck",
+        "mkfs.xfs",
+        "xfs_repair",
+    ];
+    if !tools.into_iter().all(have) {
+        return false;
+    }
+    let free_loop = Command::new("losetup").arg("-f").output();
+    free_loop.is_ok_and(|o| o.status.success()) || skip::skip("no free loop device")
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/workloads")
+}
+
+/// Runs `crashmonkey kernel ARGS --json` with its temporary files under `tmp`; the summary.
+fn kernel(tmp: &Path, args: &[&str]) -> (Output, serde_json::Value) {
+    let t = Instant::now();
+    let out = Command::new(CM)
+        .arg("kernel")
+        .args(args)
+        .arg("--json")
+        .env("TMPDIR", tmp)
+        .output()
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(CAMPAIGN_SECONDS_MAX),
+        "{args:?} took {:?}",
+        t.elapsed()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let summary = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{args:?}: no summary:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    (out, summary)
+}
+
+/// Nothing of a campaign is left: no mount, no loop device over its files, no work folder.
+fn assert_clean(tmp: &Path) {
+    let prefix = tmp.to_string_lossy().into_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&prefix),
+        "a mount is left under {prefix}:\n{mounts}"
+    );
+    let loops = Command::new("losetup").arg("-a").output().unwrap();
+    let loops = String::from_utf8_lossy(&loops.stdout);
+    assert!(!loops.contains(&prefix), "a loop device is left:\n{loops}");
+    let left: Vec<_> = std::fs::read_dir(tmp)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("crashmonkey-kernel")
+        })
+        .collect();
+    assert!(left.is_empty(), "work folders left: {left:?}");
+}
+
+fn num(v: &serde_json::Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v}"))
+}
+
+fn honest(fs: &str) {
+    if !(if fs == "btrfs" {
+        can_run_btrfs()
+    } else {
+        can_run()
+    }) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = fixtures();
+    let (out, s) = kernel(tmp.path(), &["--fs", fs, "--workload", w.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{s}\n{stderr}");
+    assert_eq!(num(&s, "workloads"), 8, "{s}");
+    assert_eq!(num(&s, "findings"), 0, "{s}");
+    // Two marks each (setup, p1), at least the durable state at each.
+    assert!(num(&s, "states") >= 16, "{s}");
+    assert_clean(tmp.path());
+}
+
+#[test]
+fn ext4_on_an_honest_disk_keeps_every_promise() {
+    honest("ext4");
+}
+
+#[test]
+fn xfs_on_an_honest_disk_keeps_every_promise() {
+    honest("xfs");
+}
+
+/// A lying disk loses what the setup's sync and the workload's fsync promised: the durable
+/// state at each mark is the freshly formatted base.
+fn lying(fs: &str) {
+    if !(if fs == "btrfs" {
+        can_run_btrfs()
+    } else {
+        can_run()
+    }) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let camp = tmp.path().join("camp");
+    let args = [
+        "--fs",
+        fs,
+        "--limit",
+        "2",
+        "--lying-disk",
+        "--out",
+        camp.to_str().unwrap(),
+    ];
+    let (out, s) = kernel(tmp.path(), &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{s}\n{stderr}");
+    assert_eq!(num(&s, "workloads"), 2, "{s}");
+    let sigs: Vec<&str> = s["signatures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    // seq1-0001 is `write foo; fsync foo`: foo's fsync promised its data.
+    assert!(
+        sigs.iter()
+            .any(|g| g.starts_with(&format!("{fs} lying disk:"))
+                && g.contains("missing after fsync")),
+        "{sigs:?}"
+    );
+    let index = std::fs::read_to_string(camp.join("findings.jsonl")).unwrap();
+    assert_eq!(index.lines().count() as u64, num(&s, "failing_states"));
+    let bundles: Vec<PathBuf> = std::fs::read_dir(camp.join("findings"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(bundles.len() as u64, num(&s, "findings"));
+    for b in &bundles {
+        for f in [
+            "workload.txt",
+            "workload.sh",
+            "disk.log",
+            "state.img",
+            "expected.json",
+            "report.txt",
+            "README.md",
+        ] {
+            assert!(b.join(f).is_file(), "{} has no {f}", b.display());
+        }
+        let readme = std::fs::read_to_string(b.join("README.md")).unwrap();
+        assert!(readme.contains(&format!(
+            "crashmonkey kernel --fs {fs} --workload workload.txt --lying-disk"
+        )));
+    }
+    // The same command again resumes: nothing runs, the same verdict.
+    let (again, s2) = kernel(tmp.path(), &args);
+    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(
+        (num(&s2, "resumed"), num(&s2, "findings")),
+        (2, num(&s, "findings"))
+    );
+    assert_clean(tmp.path());
+}
+
+#[test]
+fn ext4_on_a_lying_disk_loses_what_fsync_promised() {
+    lying("ext4");
+}
+
+#[test]
+fn xfs_on_a_lying_disk_loses_what_fsync_promised() {
+    lying("xfs");
+}
+
+#[test]
+fn btrfs_on_an_honest_disk_keeps_every_promise() {
+    honest("btrfs");
+}
+
+#[test]
+fn btrfs_on_a_lying_disk_loses_what_fsync_promised() {
+    lying("btrfs");
+}
+
+#[test]
+fn a_folder_of_other_files_is_refused_and_left_alone() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mine");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "keep me").unwrap();
+    let r = Command::new(CM)
+        .args(["kernel", "--fs", "ext4", "--limit", "1", "--out"])
+        .arg(&out)
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("not empty"));
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "keep me"
+    );
+}
+
+/// SIGINT while workloads run: exit 2, and nothing left mounted, attached or on disk.
+#[test]
+fn sigint_mid_campaign_leaves_nothing_behind() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(CM)
+        .args(["kernel", "--fs", "ext4", "--limit", "50"])
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Past the base's mkfs and into the workloads (each takes about a second).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the campaign ended before the signal"
+    );
+    // SAFETY-free: kill(1) sends the signal.
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let t = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(CAMPAIGN_SECONDS_MAX));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by signal"));
+    assert_clean(tmp.path());
+}
+
+/// `--shard K/N` runs workload i when i % N == K: two shards run disjoint workloads that
+/// together are the whole list.
+#[test]
+fn shards_split_the_workloads() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = fixtures();
+    let mut names = Vec::new();
+    for k in 0..2 {
+        let camp = tmp.path().join(format!("shard{k}"));
+        let shard = format!("{k}/2");
+        let args = [
+            "--fs",
+            "ext4",
+            "--workload",
+            w.to_str().unwrap(),
+            "--limit",
+            "3",
+            "--shard",
+            &shard,
+        ];
+        let mut args: Vec<&str> = args.to_vec();
+        args.extend(["--out", camp.to_str().unwrap()]);
+        let (out, s) = kernel(tmp.path(), &args);
+        assert_eq!(out.status.code(), Some(0), "{s}");
+        let mut done: Vec<String> = std::fs::read_dir(camp.join("done"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        done.sort();
+        assert_eq!(num(&s, "workloads") as usize, done.len());
+        names.push(done);
+    }
+    assert_eq!(names[0], ["seq1-0001.json", "seq1-0019.json"]);
+    assert_eq!(names[1], ["seq1-0014.json"]);
+    assert_clean(tmp.path());
+}
+
+/// `--reorder` adds the states between the durable one and the prefix at each mark with
+/// writes pending (ext4 leaves some after the setup's sync); an honest disk keeps every
+/// promise in them too.
+#[test]
+fn ext4_reorder_states_are_checked_and_keep_every_promise() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = fixtures().join("seq1-0001.txt");
+    let plain = ["--fs", "ext4", "--workload", w.to_str().unwrap()];
+    let (_, without) = kernel(tmp.path(), &plain);
+    let mut args = plain.to_vec();
+    args.push("--reorder");
+    let (out, with) = kernel(tmp.path(), &args);
+    assert_eq!(out.status.code(), Some(0), "{with}");
+    assert_eq!(num(&with, "findings"), 0, "{with}");
+    assert!(
+        num(&with, "states") > num(&without, "states") + 2,
+        "{without}\n{with}"
+    );
+    assert_clean(tmp.path());
+}
+
+/// A state that does not mount is a failure with mount's words, the kernel's log and fsck's
+/// verdict: an ext4 image whose superblock is zeroed.
+#[test]
+fn a_state_that_does_not_mount_keeps_the_kernels_words_and_fscks() {
+    use crashmonkey::checker::StopFlag;
+    use crashmonkey::kernel::{verify, FsKind};
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("state.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(FsKind::Ext4.disk_bytes())
+        .unwrap();
+    let mkfs = Command::new("sh")
+        .args(["-c", &FsKind::Ext4.mkfs_command(&img)])
+        .status()
+        .unwrap();
+    assert!(mkfs.success());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let stop = StopFlag::new();
+    let good = verify::check_state(FsKind::Ext4, &img, &mnt, &[], &stop).unwrap();
+    assert!(!good.failed(), "{good:?}");
+    // The primary superblock is bytes 1024..2048.
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 1024], 1024).unwrap();
+    drop(f);
+    let bad = verify::check_state(FsKind::Ext4, &img, &mnt, &[], &stop).unwrap();
+    assert!(bad.failed() && !bad.mounted, "{bad:?}");
+    assert!(!bad.mount_output.is_empty(), "{bad:?}");
+    // The kernel said why, about this image's loop device.
+    assert!(
+        bad.dmesg.contains("EXT4-fs") || bad.dmesg.contains("ext4"),
+        "{}",
+        bad.dmesg
+    );
+    assert!(!bad.fsck_passed, "{}", bad.fsck_output);
+    assert!(
+        bad.fsck_output.contains("superblock"),
+        "{}",
+        bad.fsck_output
+    );
+    assert_clean(tmp.path());
+}
