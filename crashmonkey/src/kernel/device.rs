@@ -241,6 +241,12 @@ impl Recording {
             ) {
                 failed.push(e.to_string());
             }
+            // A busy device is detached when its last opener closes it: wait for that, so
+            // that the FUSE mount under it can go.
+            let file = self.fuse_dir.join("disk");
+            if let Err(e) = super::verify::wait_loop_detached(&file) {
+                failed.push(e.to_string());
+            }
         }
         if self.fuse_mounted {
             self.fuse_mounted = false;

@@ -15,6 +15,42 @@ use super::{
 };
 use crate::checker::StopFlag;
 
+/// How long a state's loop device may take to go after its unmount: `mount -o loop` sets
+/// autoclear, and the kernel detaches the device only when its last opener (udev probing
+/// it, for one) closes it.
+pub const LOOP_DETACH_SECONDS: u64 = 10;
+
+/// Waits until no loop device is backed by `image` (then the next state can reuse the name
+/// and nothing is left behind); past [`LOOP_DETACH_SECONDS`], detaches what is left.
+pub(crate) fn wait_loop_detached(image: &Path) -> Result<(), KernelError> {
+    let img = quote(&image.to_string_lossy());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(LOOP_DETACH_SECONDS);
+    let never = StopFlag::new();
+    loop {
+        let attached = run(
+            &format!("losetup -n -O NAME -j {img}"),
+            HELPER_TIMEOUT_SECONDS,
+            &never,
+        )?;
+        let devices: Vec<&str> = attached.output.split_whitespace().collect();
+        if devices.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!("loop devices {devices:?} still back {img}: detaching them");
+            for dev in devices {
+                run(
+                    &format!("losetup -d {}", quote(dev)),
+                    HELPER_TIMEOUT_SECONDS,
+                    &never,
+                )?;
+            }
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// What checking one state saw.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct StateReport {
@@ -73,6 +109,7 @@ pub fn check_state(
         report.mount_output = mount.output;
         report.dmesg = dmesg_tail(DMESG_LINES_MAX, stop);
     }
+    wait_loop_detached(image)?;
     if let Some(signal) = stop.signal() {
         return Err(KernelError::Stopped(signal));
     }
