@@ -760,6 +760,14 @@ impl Fs {
             .map(|&(_, idx)| idx)
     }
 
+    /// The dirty folios of `ino` not under writeback (as last told), from index `start` on,
+    /// in index order.
+    pub fn idle_indexes(&self, ino: usize, start: u64) -> impl Iterator<Item = u64> + '_ {
+        self.dirty_idle
+            .range((ino, start)..=(ino, u64::MAX))
+            .map(|&(_, idx)| idx)
+    }
+
     /// Folio `idx` of `ino` is clean now (it went to writeback).
     pub fn cleaned(&mut self, ino: usize, idx: u64) {
         self.dirty_hint.remove(&(ino, idx));

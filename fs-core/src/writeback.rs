@@ -199,8 +199,17 @@ impl WbPass {
             }
         }
         let start = self.next_index?;
-        // Every folio a lookup returns is dirty: the dirty index is enough to search.
         let cache = &fs.inode(self.ino).cache;
+        if !self.sync_all {
+            // WB_SYNC_NONE skips what is under writeback: the folio it would write next is
+            // the first dirty one not under writeback (an index of its own, so that a cache
+            // full of folios still being written is not walked every step).
+            return fs
+                .idle_indexes(self.ino, start)
+                .find(|&idx| cache.get(idx).is_some_and(|f| f.dirty && !f.writeback))
+                .map(|idx| (idx, Turn::Write));
+        }
+        // Every folio a lookup returns is dirty: the dirty index is enough to search.
         fs.dirty_indexes(self.ino, start)
             .filter_map(|idx| cache.get(idx).map(|f| (idx, f)))
             .filter(|(_, f)| self.tagged_for_us(f))
