@@ -151,21 +151,7 @@ impl FsFolder {
 
     /// The campaign's summary from its records (rates and timings left at zero).
     pub fn summary(&self, opts: &FsCampaignOptions) -> Result<FsCampaignSummary, FolderError> {
-        let mut s = FsCampaignSummary {
-            runs: 0,
-            crash_states: 0,
-            failures: 0,
-            first_failure_seed: None,
-            seconds: 0.0,
-            states_per_second: 0.0,
-            check_seconds: 0.0,
-            check_states_per_second: 0.0,
-            reproducer: None,
-            workload: opts.workload,
-            bugs: opts.config.bugs.names(),
-            failing_seeds: Vec::new(),
-            interrupted: None,
-        };
+        let mut s = FsCampaignSummary::empty(opts);
         for r in self.ledger.records()? {
             s.runs += r.runs;
             s.failures += r.failures;

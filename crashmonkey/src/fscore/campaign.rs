@@ -287,6 +287,27 @@ pub struct FsCampaignSummary {
     pub interrupted: Option<String>,
 }
 
+impl FsCampaignSummary {
+    /// The summary of a campaign of `opts` before any run.
+    pub fn empty(opts: &FsCampaignOptions) -> Self {
+        FsCampaignSummary {
+            runs: 0,
+            crash_states: 0,
+            failures: 0,
+            first_failure_seed: None,
+            seconds: 0.0,
+            states_per_second: 0.0,
+            check_seconds: 0.0,
+            check_states_per_second: 0.0,
+            reproducer: None,
+            workload: opts.workload,
+            bugs: opts.config.bugs.names(),
+            failing_seeds: Vec::new(),
+            interrupted: None,
+        }
+    }
+}
+
 /// Runs the campaign; `first` receives the first failing run (to bundle), `keep` every run
 /// (to save one, say), `progress` is told (runs done, states so far) after each run, and
 /// `stop` is polled between runs. Runs go on `opts.jobs` threads, and come back to the
@@ -300,21 +321,7 @@ pub fn run_campaign(
     stop: &dyn Fn() -> Option<String>,
 ) -> anyhow::Result<FsCampaignSummary> {
     let started = Instant::now();
-    let mut s = FsCampaignSummary {
-        runs: 0,
-        crash_states: 0,
-        failures: 0,
-        first_failure_seed: None,
-        seconds: 0.0,
-        states_per_second: 0.0,
-        check_seconds: 0.0,
-        check_states_per_second: 0.0,
-        reproducer: None,
-        workload: opts.workload,
-        bugs: opts.config.bugs.names(),
-        failing_seeds: Vec::new(),
-        interrupted: None,
-    };
+    let mut s = FsCampaignSummary::empty(opts);
     let mut take = |run: anyhow::Result<FsRun>| -> anyhow::Result<bool> {
         let run = run?;
         s.runs += 1;
