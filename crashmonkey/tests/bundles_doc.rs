@@ -736,9 +736,9 @@ fn every_variant() -> Vec<(&'static str, J)> {
             }
         }
     }
-    for v in [Seen::Read { op: 3 }, Seen::AfterSync] {
+    for v in [Seen::Read { op: 3 }, Seen::AfterSync, Seen::Cached] {
         match v {
-            Seen::Read { .. } | Seen::AfterSync => out.push(("Seen", written(&v))),
+            Seen::Read { .. } | Seen::AfterSync | Seen::Cached => out.push(("Seen", written(&v))),
         }
     }
     for v in [
@@ -768,6 +768,12 @@ fn every_variant() -> Vec<(&'static str, J)> {
             len,
             byte,
         },
+        Op::DirectWrite {
+            file,
+            offset,
+            len,
+            byte,
+        },
         Op::Fallocate { file, offset, len },
         Op::PunchHole { file, offset, len },
         Op::ZeroRange { file, offset, len },
@@ -785,6 +791,7 @@ fn every_variant() -> Vec<(&'static str, J)> {
             Op::Write { .. }
             | Op::Read { .. }
             | Op::MmapStore { .. }
+            | Op::DirectWrite { .. }
             | Op::Fallocate { .. }
             | Op::PunchHole { .. }
             | Op::ZeroRange { .. }

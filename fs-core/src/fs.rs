@@ -55,6 +55,26 @@ pub enum PunchMode {
     Fixed,
 }
 
+/// Where a direct write's completion drops the page cache over its range
+/// (`iomap_dio_complete`, v6.6), relative to the filesystem's `->end_io`, which converts the
+/// unwritten extents it wrote (`xfs_dio_write_end_io`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DioInvalidate {
+    /// After `->end_io` (`kiocb_invalidate_post_direct_write`), as v6.6 does: "otherwise a
+    /// racing buffer read would cache zeros from unwritten extents".
+    #[default]
+    AfterEndIo,
+    /// Before `->end_io`: the order that comment warns against (a switch, to show the race).
+    BeforeEndIo,
+}
+
+impl DioInvalidate {
+    pub fn is_default(&self) -> bool {
+        *self == DioInvalidate::AfterEndIo
+    }
+}
+
 /// Every behaviour switch of the model. `Default` is the fixed kernel behaviour.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Config {
@@ -101,6 +121,15 @@ pub struct Config {
         skip_serializing_if = "is_default_commit_interval"
     )]
     pub commit_interval_steps: u64,
+    /// Where a direct write's completion invalidates the page cache. Not written when it is
+    /// the default, so bundles stay as they were.
+    #[serde(default, skip_serializing_if = "DioInvalidate::is_default")]
+    pub dio_invalidate: DioInvalidate,
+    /// Campaign workloads race direct writes too (`--direct-writes`). The model runs a direct
+    /// write whatever this says; only generators read it. Not written when off, so bundles
+    /// stay as they were.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub direct_writes: bool,
 }
 
 fn one_block() -> u64 {
@@ -252,6 +281,8 @@ impl Default for Config {
             device_blocks: 4096,
             bugs: Bugs::default(),
             commit_interval_steps: crate::ondisk::COMMIT_INTERVAL_STEPS,
+            dio_invalidate: DioInvalidate::AfterEndIo,
+            direct_writes: false,
         }
     }
 }
@@ -280,6 +311,10 @@ pub enum FsError {
     Unsupported(&'static str),
     #[error("device: {0}")]
     Device(String),
+    /// A direct write whose page cache could not be invalidated first (`-ENOTBLK` from
+    /// `iomap_dio_rw`: XFS falls back to a buffered write; the model returns it).
+    #[error("page cache over a direct write could not be invalidated (ENOTBLK)")]
+    NotBlock,
 }
 
 impl From<DeviceError> for FsError {

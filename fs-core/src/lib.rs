@@ -17,6 +17,8 @@
 //!   and fixed), buffered read, mmap fault + `page_mkwrite` + store.
 //! - `writeback`   writepages (batched tagged lookups, a cached mapping (`map_blocks`), open
 //!   ioends), IO completion, reclaim.
+//! - `direct_io`   direct write (`iomap_dio_rw` on XFS's aligned path): flush and
+//!   invalidate, allocate unwritten, write, convert at completion, invalidate again.
 //! - `ops`         workload operations (`Op`), fallocate, punch, zero range, truncate, fsync,
 //!   fdatasync, sync.
 //! - `ns`          namespace operations: create, unlink, rename, link.
@@ -33,6 +35,7 @@ pub mod alloc;
 pub mod block;
 pub mod buffered_io;
 pub mod crash;
+pub mod direct_io;
 pub mod engine;
 pub mod extent;
 pub mod fs;
@@ -49,7 +52,7 @@ pub mod writeback;
 /// Identifies a task of the scheduler (an index into its task table).
 pub type TaskId = usize;
 
-pub use fs::{AllocMode, Config, Fs, FsError, Gfs2, PunchMode, ValidityCheckAt};
+pub use fs::{AllocMode, Config, DioInvalidate, Fs, FsError, Gfs2, PunchMode, ValidityCheckAt};
 pub use ops::Op;
 pub use oracle::Failure;
 pub use sched::{run, Choice, Directive, RunResult, Workload};

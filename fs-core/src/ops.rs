@@ -34,6 +34,13 @@ pub enum Op {
         len: u64,
         byte: u8,
     },
+    /// `pwrite` on a file opened `O_DIRECT` (block-aligned offset and length).
+    DirectWrite {
+        file: usize,
+        offset: u64,
+        len: u64,
+        byte: u8,
+    },
     Fallocate {
         file: usize,
         offset: u64,
@@ -95,6 +102,7 @@ impl Op {
             Op::Write { file, .. }
             | Op::Read { file, .. }
             | Op::MmapStore { file, .. }
+            | Op::DirectWrite { file, .. }
             | Op::Fallocate { file, .. }
             | Op::FallocateKeepSize { file, .. }
             | Op::PunchHole { file, .. }
@@ -153,6 +161,16 @@ impl std::fmt::Display for Op {
                     ch(byte)
                 )
             }
+            Op::DirectWrite {
+                file,
+                offset,
+                len,
+                byte,
+            } => write!(
+                f,
+                "pwrite(f{file}, O_DIRECT, off={offset}, len={len}, byte={})",
+                ch(byte)
+            ),
             Op::Fallocate { file, offset, len } => {
                 write!(f, "fallocate(f{file}, off={offset}, len={len})")
             }

@@ -41,6 +41,7 @@ pub(crate) enum Body {
     Write(WriteTask),
     Read(ReadTask),
     Mmap(MmapStoreTask),
+    Dio(crate::direct_io::DioWriteTask),
     Range(RangeTask),
     Truncate(TruncateTask),
     Fsync(FsyncTask),
@@ -79,6 +80,7 @@ impl Task {
                 Body::Write(t) => t.runnable(fs, me),
                 Body::Read(t) => t.runnable(fs, me),
                 Body::Mmap(t) => t.runnable(fs, me),
+                Body::Dio(t) => t.runnable(fs, me),
                 Body::Range(t) => t.runnable(fs, me),
                 Body::Truncate(t) => t.runnable(fs, me),
                 Body::Fsync(t) => t.runnable(fs, me),
@@ -133,6 +135,7 @@ impl Task {
             Body::Write(t) => t.step(cx),
             Body::Read(t) => t.step(cx),
             Body::Mmap(t) => t.step(cx),
+            Body::Dio(t) => t.step(cx),
             Body::Range(t) => t.step(cx),
             Body::Truncate(t) => t.step(cx),
             Body::Fsync(t) => t.step(cx),
@@ -158,7 +161,8 @@ fn task_for(op: &Op, files: usize) -> Result<Body, FsError> {
     // Byte ranges must end inside the largest file (this also rules out overflow).
     if let Op::Write { offset, len, .. }
     | Op::Read { offset, len, .. }
-    | Op::MmapStore { offset, len, .. } = *op
+    | Op::MmapStore { offset, len, .. }
+    | Op::DirectWrite { offset, len, .. } = *op
     {
         if offset
             .checked_add(len)
@@ -183,6 +187,16 @@ fn task_for(op: &Op, files: usize) -> Result<Body, FsError> {
             len,
             byte,
         } => Body::Mmap(MmapStoreTask::new(file, offset, vec![byte; len_ok(len)?])?),
+        Op::DirectWrite {
+            file,
+            offset,
+            len,
+            byte,
+        } => Body::Dio(crate::direct_io::DioWriteTask::new(
+            file,
+            offset,
+            vec![byte; len_ok(len)?],
+        )?),
         Op::Fallocate { file, offset, len } => {
             Body::Range(RangeTask::new(RangeKind::Fallocate, file, offset, len)?)
         }
@@ -934,6 +948,7 @@ impl<'w> Sim<'w> {
             for (ino, data) in files.iter().enumerate() {
                 self.oracle.check_durable(ino, data);
             }
+            self.oracle.check_cached();
         }
         let history = self.oracle.history();
         let result = RunResult {

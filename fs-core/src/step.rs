@@ -101,6 +101,37 @@ yield_points! {
     /// gfs2: the glock is retaken; the write goes on.
     Gfs2GlockRetake = "gfs2:glock_retake",
 
+    // Direct write (`direct_io::DioWriteTask`).
+    /// `i_rwsem` taken shared.
+    DioLock = "dio:lock",
+    /// The write starts past EOF: refused, not modelled (ends the task).
+    DioPastEof = "dio:past_eof",
+    /// The range's writeback pass ended (`filemap_write_and_wait_range`, its write part).
+    DioFlush = "dio:flush",
+    /// The flush failed (ends the task).
+    DioFlushError = "dio:flush_error",
+    /// The range's writeback completed (its wait part).
+    DioFlushWait = "dio:flush_wait",
+    /// The page cache over the range dropped (`invalidate_inode_pages2_range`).
+    DioInvalidate = "dio:invalidate",
+    /// A folio over the range is dirty again: `-ENOTBLK` (ends the task).
+    DioInvalidateBusy = "dio:invalidate_busy",
+    /// `iomap_begin`: holes and delalloc allocated unwritten; the mapping is the task's.
+    DioIomapBegin = "dio:iomap_begin",
+    /// Allocation failed (ends the task).
+    DioIomapBeginError = "dio:iomap_begin_error",
+    /// The data is on the device (the bios completed).
+    DioSubmit = "dio:submit",
+    /// The device refused a write (ends the task).
+    DioSubmitError = "dio:submit_error",
+    /// `->end_io`: unwritten blocks converted, the size moved.
+    DioEndIo = "dio:end_io",
+    /// The page cache over the range dropped again, then the write returns (ends the task).
+    DioDone = "dio:done",
+    /// `DioInvalidate::BeforeEndIo`: the page cache dropped before `->end_io`.
+    DioPostInvalidate = "dio:post_invalidate",
+    /// ... and `->end_io` after it, then the write returns (ends the task).
+    DioLateEndIo = "dio:late_end_io",
     // Buffered read (`buffered_io::ReadTask`).
     /// Nothing to read below EOF (ends the task).
     ReadEof = "read:eof",

@@ -147,6 +147,9 @@ pub struct WbPass {
     next_index: Option<u64>,
     /// One past the last folio the pass took (what `wb:pass_end` reports).
     cursor: u64,
+    /// One past the last folio the pass may take (`wbc->range_end`; `u64::MAX` for the
+    /// whole file).
+    end: u64,
     wpc: WritepageCtx,
     /// `wpc->ioend`: the ioend folios are being added to.
     ioend: Option<Ioend>,
@@ -165,9 +168,21 @@ impl WbPass {
             batch_at: 0,
             next_index: Some(0),
             cursor: 0,
+            end: u64::MAX,
             wpc: WritepageCtx::default(),
             ioend: None,
             closed: None,
+        }
+    }
+
+    /// A WB_SYNC_ALL pass over folios `[start, end)` only (`filemap_fdatawrite_range`, as
+    /// `filemap_write_and_wait_range` starts it).
+    pub fn range(ino: usize, start: u64, end: u64) -> Self {
+        WbPass {
+            next_index: Some(start),
+            cursor: start,
+            end,
+            ..WbPass::new(ino, true)
         }
     }
 
@@ -206,11 +221,13 @@ impl WbPass {
             // full of folios still being written is not walked every step).
             return fs
                 .idle_indexes(self.ino, start)
+                .take_while(|&idx| idx < self.end)
                 .find(|&idx| cache.get(idx).is_some_and(|f| f.dirty && !f.writeback))
                 .map(|idx| (idx, Turn::Write));
         }
         // Every folio a lookup returns is dirty: the dirty index is enough to search.
         fs.dirty_indexes(self.ino, start)
+            .take_while(|&idx| idx < self.end)
             .filter_map(|idx| cache.get(idx).map(|f| (idx, f)))
             .filter(|(_, f)| self.tagged_for_us(f))
             .map(|(idx, f)| (idx, self.turn(fs, idx, f.gen)))
@@ -224,7 +241,7 @@ impl WbPass {
             return;
         };
         let batch_max = fs.cfg.wb_batch_folios.max(1);
-        let (sync_all, tagged) = (self.sync_all, self.tagged);
+        let (sync_all, tagged, end) = (self.sync_all, self.tagged, self.end);
         self.batch.clear();
         self.batch_at = 0;
         // Every folio a lookup returns is dirty (TOWRITE is only set on dirty folios and
@@ -232,6 +249,7 @@ impl WbPass {
         let cache = &fs.inode(self.ino).cache;
         self.batch.extend(
             fs.dirty_indexes(self.ino, start)
+                .take_while(|&idx| idx < end)
                 .filter_map(|idx| cache.get(idx).map(|f| (idx, f)))
                 .filter(|(_, f)| looked_up(sync_all, tagged, f))
                 .map(|(idx, f)| (idx, f.gen))
@@ -269,7 +287,10 @@ impl WbPass {
         if self.sync_all {
             // The dirty folios are the ones the flusher's hint holds (an index, as the
             // xarray's DIRTY tag is).
-            let dirty: Vec<u64> = fs.dirty_indexes(self.ino, 0).collect();
+            let dirty: Vec<u64> = fs
+                .dirty_indexes(self.ino, self.cursor)
+                .take_while(|&idx| idx < self.end)
+                .collect();
             for idx in dirty {
                 if let Some(f) = fs.inode_mut(self.ino).cache.get_mut(idx) {
                     f.towrite |= f.dirty;

@@ -121,6 +121,7 @@ fn violation(f: &Failure) -> String {
             match seen {
                 Seen::Read { .. } => "read",
                 Seen::AfterSync => "after_sync",
+                Seen::Cached => "cached",
             },
             // Old data of another operation came back, or bytes nobody wrote (zero-fill).
             if found_from.is_some() {
@@ -188,12 +189,20 @@ pub fn switches(cfg: &Config) -> String {
     ) + &folio_switch(cfg)
 }
 
-/// Large folios, named only when on, so signatures of 4 KiB-folio runs stay as they were.
+/// Large folios and direct writes, named only when on, so signatures of runs without them
+/// stay as they were.
 fn folio_switch(cfg: &Config) -> String {
-    match cfg.folio_blocks {
+    let mut s = match cfg.folio_blocks {
         1 => String::new(),
         n => format!(",folio_blocks={n}"),
+    };
+    if cfg.direct_writes {
+        s += ",direct_writes=on";
     }
+    if !cfg.dio_invalidate.is_default() {
+        s += &format!(",dio_invalidate={:?}", cfg.dio_invalidate);
+    }
+    s
 }
 
 #[cfg(test)]

@@ -162,6 +162,7 @@ pub fn failure_line(f: &Failure, ops: &[&Op]) -> String {
             let when = match seen {
                 Seen::Read { op: r } => format!("returned by read op{r}"),
                 Seen::AfterSync => "read back after sync + drop_caches".into(),
+                Seen::Cached => "held in the page cache once nothing ran".into(),
             };
             format!(
                 "first wrong byte: file {file} offset {offset} ({when}): expected {} written by {}, found {} {}",
@@ -236,10 +237,16 @@ pub fn switches(cfg: &Config) -> String {
         cfg.mkwrite_takes_inode_lock,
         cfg.cache_limit_folios
     );
-    let folios = match cfg.folio_blocks {
+    let mut folios = match cfg.folio_blocks {
         1 => String::new(),
         n => format!(", folios of {n} blocks"),
     };
+    if cfg.direct_writes {
+        folios += ", direct writes raced";
+    }
+    if !cfg.dio_invalidate.is_default() {
+        folios += &format!(", direct-write invalidation {:?}", cfg.dio_invalidate);
+    }
     main + &folios + &gfs2
 }
 

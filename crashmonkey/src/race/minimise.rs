@@ -123,6 +123,7 @@ fn len_of(op: &Op) -> Option<u64> {
         Op::Write { len, .. }
         | Op::Read { len, .. }
         | Op::MmapStore { len, .. }
+        | Op::DirectWrite { len, .. }
         | Op::Fallocate { len, .. }
         | Op::PunchHole { len, .. }
         | Op::ZeroRange { len, .. }
@@ -137,6 +138,7 @@ fn offset_of(op: &Op) -> Option<u64> {
         Op::Write { offset, .. }
         | Op::Read { offset, .. }
         | Op::MmapStore { offset, .. }
+        | Op::DirectWrite { offset, .. }
         | Op::Fallocate { offset, .. }
         | Op::PunchHole { offset, .. }
         | Op::ZeroRange { offset, .. }
@@ -168,6 +170,7 @@ fn with_field(op: &Op, field: Field, v: u64) -> Op {
             Op::Write { len, .. }
             | Op::Read { len, .. }
             | Op::MmapStore { len, .. }
+            | Op::DirectWrite { len, .. }
             | Op::Fallocate { len, .. }
             | Op::PunchHole { len, .. }
             | Op::ZeroRange { len, .. }
@@ -179,6 +182,7 @@ fn with_field(op: &Op, field: Field, v: u64) -> Op {
             Op::Write { offset: len, .. }
             | Op::Read { offset: len, .. }
             | Op::MmapStore { offset: len, .. }
+            | Op::DirectWrite { offset: len, .. }
             | Op::Fallocate { offset: len, .. }
             | Op::PunchHole { offset: len, .. }
             | Op::ZeroRange { offset: len, .. }
@@ -191,11 +195,14 @@ fn with_field(op: &Op, field: Field, v: u64) -> Op {
 }
 
 /// Ranges the model refuses unless block-aligned (punch hole, zero range, fallocate with
-/// KEEP_SIZE): their candidates stay multiples of [`ALIGN_BYTES`].
+/// KEEP_SIZE, direct write): their candidates stay multiples of [`ALIGN_BYTES`].
 fn aligned_only(op: &Op) -> bool {
     matches!(
         op,
-        Op::PunchHole { .. } | Op::ZeroRange { .. } | Op::FallocateKeepSize { .. }
+        Op::PunchHole { .. }
+            | Op::ZeroRange { .. }
+            | Op::FallocateKeepSize { .. }
+            | Op::DirectWrite { .. }
     )
 }
 

@@ -120,6 +120,7 @@ pub struct CampaignArgs {
 
 impl CampaignArgs {
     fn config(&self, base: Config) -> anyhow::Result<Config> {
+        self.switches.check()?;
         let mut cfg = self.switches.apply(base);
         for b in &self.bugs {
             anyhow::ensure!(

@@ -159,7 +159,9 @@ pub fn run(args: RaceArgs) -> anyhow::Result<i32> {
     if let Some(RaceCmd::Minimise(m)) = &args.cmd {
         return crate::minimise_cmd::run(m);
     }
-    let r = if args.replay.is_some() {
+    let r = if let Err(e) = args.switches.check() {
+        Err(e)
+    } else if args.replay.is_some() {
         replay(&args)
     } else {
         campaign_cmd(&args)
@@ -366,6 +368,7 @@ fn replay(args: &RaceArgs) -> anyhow::Result<i32> {
             cache_limit_folios: b.config.cache_limit_folios,
             device_blocks: b.config.device_blocks,
             folio_blocks: b.config.folio_blocks,
+            direct_writes: b.config.direct_writes,
             ..Config::default()
         }
     } else {

@@ -1,7 +1,7 @@
 //! The model's behaviour switches as command-line flags, shared by `race` and `fs campaign`.
 
 use clap::{Args, ValueEnum};
-use fs_core::{AllocMode, Config, Gfs2, PunchMode, ValidityCheckAt};
+use fs_core::{AllocMode, Config, DioInvalidate, Gfs2, PunchMode, ValidityCheckAt};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum AllocArg {
@@ -30,6 +30,15 @@ pub enum FsPreset {
     /// buffered write and in page_mkwrite and shared in a read fault, and the short-write
     /// punch that truncates the page cache first.
     Gfs2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DioInvalidateArg {
+    /// After ->end_io converted the unwritten extents (iomap_dio_complete, the kernel today).
+    AfterEndIo,
+    /// Before ->end_io: the order the kernel's comment warns against (a racing buffered read
+    /// would cache zeros from unwritten extents).
+    BeforeEndIo,
 }
 
 /// One part of the gfs2 preset, to turn off with `--gfs2-without`.
@@ -89,6 +98,16 @@ pub struct Switches {
     /// Example: `--folio-blocks 4` for 16 KiB folios.
     #[arg(long, value_name = "BLOCKS", value_parser = parse_folio_blocks)]
     pub folio_blocks: Option<u64>,
+    /// Race direct writes too: each run's racing phase gets one or two O_DIRECT writes
+    /// (block-aligned, clear of the phase's mmap stores), added to the workload the seed
+    /// gives without them. XFS's direct write path: not with `--fs gfs2`.
+    /// Example: `--direct-writes --dio-invalidate before-end-io`.
+    #[arg(long)]
+    pub direct_writes: bool,
+    /// Where a direct write's completion drops the page cache over its range, relative to
+    /// the unwritten-extent conversion of ->end_io.
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub dio_invalidate: Option<DioInvalidateArg>,
 }
 
 /// `--folio-blocks`: a power of two up to the model's largest folio.
@@ -153,6 +172,26 @@ impl Switches {
         if let Some(n) = self.folio_blocks {
             cfg.folio_blocks = n;
         }
+        if self.direct_writes {
+            cfg.direct_writes = true;
+        }
+        if let Some(w) = self.dio_invalidate {
+            cfg.dio_invalidate = match w {
+                DioInvalidateArg::AfterEndIo => DioInvalidate::AfterEndIo,
+                DioInvalidateArg::BeforeEndIo => DioInvalidate::BeforeEndIo,
+            };
+        }
         cfg
+    }
+
+    /// Refuses switches that do not go together, with the reason.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.direct_writes && self.fs == Some(FsPreset::Gfs2) {
+            anyhow::bail!(
+                "--direct-writes models XFS's direct write path; gfs2's (which falls back to \
+                 buffered IO to allocate) is not modelled: drop --fs gfs2 or --direct-writes"
+            );
+        }
+        Ok(())
     }
 }
