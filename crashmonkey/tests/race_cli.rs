@@ -288,3 +288,82 @@ fn large_folio_campaigns_find_the_race_only_without_the_fix() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("power of two"));
 }
+
+/// `--direct-writes` races O_DIRECT writes: with the kernel's order (the page cache dropped
+/// after `->end_io`) no run fails; with `--dio-invalidate before-end-io` the first failing
+/// seed (2665, `crashmonkey race --seed 1 --runs 20000 --direct-writes --dio-invalidate
+/// before-end-io`) leaves zeros cached where the write put its bytes, its bundle replays, and
+/// `--defaults` passes it. The fs campaign races them through crash states; gfs2 and the ace
+/// workloads are refused.
+#[test]
+fn direct_write_campaigns_find_the_invalidation_race_only_out_of_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let race = |extra: &[&str]| cm().arg("race").args(extra).output().expect("run");
+    let clean = race(&["--direct-writes", "--seed", "2000", "--runs", "1500"]);
+    let text = String::from_utf8_lossy(&clean.stdout);
+    assert_eq!(clean.status.code(), Some(0), "{text}");
+    assert!(text.contains("direct writes raced"), "{text}");
+    let out = dir.path().to_str().expect("utf-8");
+    let late = [
+        "--dio-invalidate",
+        "before-end-io",
+        "--runs",
+        "1",
+        "--out",
+        out,
+    ];
+    let off = race(&[&["--direct-writes", "--seed", "2665"], &late[..]].concat());
+    let text = String::from_utf8_lossy(&off.stdout);
+    assert_eq!(off.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("held in the page cache once nothing ran"),
+        "{text}"
+    );
+    let bundle = dir.path().join("race-seed-2665");
+    let cfg = std::fs::read_to_string(bundle.join("bundle.json")).expect("bundle");
+    assert!(
+        cfg.contains("\"dio_invalidate\": \"before-end-io\""),
+        "{cfg}"
+    );
+    assert!(cfg.contains("\"op\": \"direct_write\""), "{cfg}");
+    let again = cm()
+        .args(["race", "--replay"])
+        .arg(&bundle)
+        .output()
+        .expect("replay");
+    assert_eq!(again.status.code(), Some(1));
+    let fixed = cm()
+        .args(["race", "--defaults", "--replay"])
+        .arg(&bundle)
+        .output()
+        .expect("replay");
+    assert_eq!(
+        fixed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&fixed.stdout)
+    );
+    let fs = cm()
+        .args([
+            "fs",
+            "campaign",
+            "--direct-writes",
+            "--workload",
+            "random",
+            "--runs",
+            "60",
+        ])
+        .output()
+        .expect("fs campaign");
+    let text = String::from_utf8_lossy(&fs.stdout);
+    assert_eq!(fs.status.code(), Some(0), "{text}");
+    assert!(text.contains("direct writes raced"), "{text}");
+    let gfs2 = race(&["--fs", "gfs2", "--direct-writes", "--runs", "1"]);
+    assert_eq!(gfs2.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&gfs2.stderr).contains("gfs2"));
+    let ace = cm()
+        .args(["fs", "campaign", "--direct-writes", "--runs", "1"])
+        .output()
+        .expect("fs campaign");
+    assert_eq!(ace.status.code(), Some(2));
+}

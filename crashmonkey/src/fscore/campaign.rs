@@ -87,11 +87,11 @@ impl FsRun {
     }
 }
 
-/// The workload of run `seed`.
-pub fn workload_for(kind: WorkloadKind, seed: u64) -> FsWorkload {
+/// The workload of run `seed` (`cfg` says whether the random ones race direct writes).
+pub fn workload_for(kind: WorkloadKind, seed: u64, cfg: &Config) -> FsWorkload {
     match kind {
         WorkloadKind::Ace => FsWorkload::plain(workload::ace(seed), seed),
-        WorkloadKind::Random => workload::random(seed),
+        WorkloadKind::Random => workload::random(seed, cfg),
     }
 }
 
@@ -407,7 +407,7 @@ pub fn in_seed_order(
                     t.next - 1
                 };
                 let seed = opts.seed_of(i);
-                let w = workload_for(opts.workload, seed);
+                let w = workload_for(opts.workload, seed, &opts.config);
                 let run = run_one(seed, w, &opts.config, opts.states, tmp, check_jobs);
                 if tx.send((i, run)).is_err() {
                     return;

@@ -181,16 +181,24 @@ impl FsWorkload {
 fn bytes_after(w: &Workload) -> u8 {
     w.ops()
         .filter_map(|op| match op {
-            Op::Write { byte, .. } | Op::MmapStore { byte, .. } => Some(*byte),
+            Op::Write { byte, .. } | Op::MmapStore { byte, .. } | Op::DirectWrite { byte, .. } => {
+                Some(*byte)
+            }
             _ => None,
         })
         .max()
         .map_or(b'A', |b| b.saturating_add(1).max(b'A'))
 }
 
-/// A random workload from `seed` (see the module doc).
-pub fn random(seed: u64) -> FsWorkload {
-    let (race, _) = generate(seed, &Config::default());
+/// A random workload from `seed` (see the module doc); with `cfg.direct_writes`, its racing
+/// phase races direct writes too (the rest is the same workload).
+pub fn random(seed: u64, cfg: &Config) -> FsWorkload {
+    let gen = Config {
+        direct_writes: cfg.direct_writes,
+        folio_blocks: cfg.folio_blocks,
+        ..Config::default()
+    };
+    let (race, _) = generate(seed, &gen);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_f5c0_0e00_0001);
     let files = race.workload.files.clamp(2, CAMPAIGN_FILES);
     let mut next = bytes_after(&race.workload);
@@ -299,7 +307,8 @@ mod tests {
 
     #[test]
     fn random_workloads_are_deterministic() {
-        assert_eq!(random(7), random(7));
-        assert_ne!(random(7), random(8));
+        let d = Config::default();
+        assert_eq!(random(7, &d), random(7, &d));
+        assert_ne!(random(7, &d), random(8, &d));
     }
 }

@@ -121,6 +121,10 @@ pub struct CampaignArgs {
 impl CampaignArgs {
     fn config(&self, base: Config) -> anyhow::Result<Config> {
         self.switches.check()?;
+        anyhow::ensure!(
+            !self.switches.direct_writes || matches!(self.workload, WorkloadArg::Random),
+            "--direct-writes races direct writes in the random workloads: add --workload random"
+        );
         let mut cfg = self.switches.apply(base);
         for b in &self.bugs {
             anyhow::ensure!(
@@ -383,11 +387,14 @@ fn report(
         crate::race_cmd::emitln(&serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    let of = if opts.shard.count > 1 {
+    let mut of = if opts.shard.count > 1 {
         format!(", shard {}", opts.shard)
     } else {
         String::new()
     };
+    if opts.config.direct_writes && s.workload == WorkloadKind::Random {
+        of += ", direct writes raced";
+    }
     crate::race_cmd::emitln(&format!(
         "fs campaign ({:?} workloads, bugs: {}): seeds {}..{} ({} runs{of}), {} crash states \
          in {:.2}s ({:.0} states/s)",
