@@ -54,6 +54,9 @@ campaign before-lock --check-at before-lock
 campaign large-fix-on --folio-blocks 4
 campaign large-no-iomap-valid --folio-blocks 4 --no-iomap-valid
 campaign large-no-wb-seq-check --folio-blocks 4 --no-wb-seq-check
+# Direct writes raced too: the page cache dropped after ->end_io (the kernel) or before it.
+campaign dio-fix-on --direct-writes
+campaign dio-invalidate-early --direct-writes --dio-invalidate before-end-io
 end=$(date +%s)
 
 row() { # row LABEL NAME
@@ -84,6 +87,9 @@ echo " large folios (--folio-blocks 4: per-block uptodate and dirty bits):"
 row "fix ON (the defaults)" large-fix-on
 row "write path without ->iomap_valid" large-no-iomap-valid
 row "writeback without the seq check, files < 1 batch (S3)" large-no-wb-seq-check
+echo " direct writes raced (--direct-writes: O_DIRECT writes beside the buffered IO):"
+row "fix ON (page cache dropped after ->end_io converts)" dio-fix-on
+row "page cache dropped before ->end_io (a read caches zeros)" dio-invalidate-early
 echo "  (all campaigns: $((end - start)) s)"
 
 bundle=$(ls -d "$OUT"/no-iomap-valid/race-seed-* | head -1)
