@@ -40,7 +40,7 @@ run_group() {
         ;;
     fs-core)
         files=(fs-core/src/iomap.rs fs-core/src/buffered_io.rs fs-core/src/writeback.rs
-            fs-core/src/extent.rs)
+            fs-core/src/extent.rs fs-core/src/direct_io.rs)
         tests=(--lib --tests)
         ;;
     *)
