@@ -51,9 +51,11 @@ e2e:
 	bash scripts/e2e.sh
 	bash scripts/e2e-fscore.sh
 
-## Three shards of a race campaign as three processes at once, compared with one whole run.
+## Three shards of a race campaign, then of an fs campaign, as three processes at once, each
+## compared with one whole run.
 campaign-shards:
-	bash scripts/campaign-shards.sh
+	KIND=race bash scripts/campaign-shards.sh
+	KIND=fs bash scripts/campaign-shards.sh
 
 bench: bench-nbd bench-disk bench-fscore
 
