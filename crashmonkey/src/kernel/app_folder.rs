@@ -142,11 +142,11 @@ fn check_script(p: &AppParams, f: &AppStateFinding, name: &str) -> String {
          set -u\n\
          here=$(cd \"$(dirname \"$0\")\" && pwd)\n\
          work={work}\n\
-         umount {mnt} 2>/dev/null; rm -rf \"$work\"; mkdir -p {mnt}\n\
-         trap 'umount {mnt} 2>/dev/null; rm -rf \"$work\"' EXIT\n\
+         umount \"$work/mnt\" 2>/dev/null; rm -rf \"$work\"; mkdir -p \"$work/mnt\"\n\
+         trap 'umount \"$work/mnt\" 2>/dev/null; rm -rf \"$work\"' EXIT\n\
          cp --sparse=always \"$here/state.img\" \"$work/live.img\"\n\
-         cp --sparse=always \"$here/state.img\" {image}\n\
-         {btrfs}mount -t {fs} -o {opts} \"$work/live.img\" {mnt} || \
+         cp --sparse=always \"$here/state.img\" \"$work/state.img\"\n\
+         {btrfs}mount -t {fs} -o {opts} \"$work/live.img\" \"$work/mnt\" || \
          {{ echo 'the state does not mount'; exit 1; }}\n\
          cd {cwd} || exit 2\n\
          sh -c {cmd}\n\
@@ -154,8 +154,6 @@ fn check_script(p: &AppParams, f: &AppStateFinding, name: &str) -> String {
          echo \"checker exit code $rc\"\n\
          exit $rc\n",
         work = quote(&work.to_string_lossy()),
-        mnt = quote(&mnt.to_string_lossy()),
-        image = quote(&image.to_string_lossy()),
         fs = p.fs.name(),
         cwd = quote(&cwd.to_string_lossy()),
         cmd = quote(&checker),
