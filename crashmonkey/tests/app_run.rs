@@ -16,7 +16,7 @@
 #[path = "../../nbd-server/tests/common/skip.rs"]
 mod skip;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -74,7 +74,10 @@ fn checker(tmp: &Path, extra: &str) -> String {
         seen = tmp.join("seen").display()
     );
     std::fs::write(&script, text).unwrap();
-    format!("sh {} {{mnt}} {{mark}} {{state}} {{image}}", script.display())
+    format!(
+        "sh {} {{mnt}} {{mark}} {{state}} {{image}}",
+        script.display()
+    )
 }
 
 fn crashmonkey_run(tmp: &Path, args: &[&str]) -> Command {
@@ -119,7 +122,11 @@ fn assert_clean(tmp: &Path) {
     let left: Vec<_> = std::fs::read_dir(tmp)
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("crashmonkey-run"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("crashmonkey-run")
+        })
         .collect();
     assert!(left.is_empty(), "work folders left: {left:?}");
 }
@@ -222,7 +229,7 @@ fn wait_for_file(child: &mut std::process::Child, file: &Path) {
 }
 
 /// Sends SIGINT to a run once `ready` exists; it must exit 2 having undone everything.
-fn interrupt(tmp: &Path, args: &[&str], ready: &PathBuf) {
+fn interrupt(tmp: &Path, args: &[&str], ready: &Path) {
     let mut child = crashmonkey_run(tmp, args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -125,7 +125,14 @@ impl AppRun {
 
 /// The tools a run on `fs` needs.
 fn tools(fs: FsKind) -> Vec<&'static str> {
-    let mut t = vec!["nbdfuse", "fusermount3", "losetup", "mount", "umount", "dmesg"];
+    let mut t = vec![
+        "nbdfuse",
+        "fusermount3",
+        "losetup",
+        "mount",
+        "umount",
+        "dmesg",
+    ];
     t.extend_from_slice(match fs {
         FsKind::Ext4 => &["mkfs.ext4"],
         FsKind::Xfs => &["mkfs.xfs"],
@@ -171,7 +178,7 @@ fn prepare(params: &AppParams, stop: &StopFlag) -> Result<tempfile::TempDir, Ker
         }
     }
     if !(APP_DISK_BYTES_MIN..=APP_DISK_BYTES_MAX).contains(&params.size_bytes)
-        || params.size_bytes % 4096 != 0
+        || !params.size_bytes.is_multiple_of(4096)
     {
         return Err(KernelError::Setup(format!(
             "--size {} must be a multiple of 4096 between {APP_DISK_BYTES_MIN} and \
@@ -298,9 +305,16 @@ fn check_one(
     sparse_copy(&image, &live)?;
     result.build_seconds += t.elapsed().as_secs_f64();
     let (t, checker_before) = (Instant::now(), result.checker_seconds);
-    let failure = try_state(params, state, &image, &live, &d.join("state-mnt"), result, stop);
-    result.mount_seconds +=
-        t.elapsed().as_secs_f64() - (result.checker_seconds - checker_before);
+    let failure = try_state(
+        params,
+        state,
+        &image,
+        &live,
+        &d.join("state-mnt"),
+        result,
+        stop,
+    );
+    result.mount_seconds += t.elapsed().as_secs_f64() - (result.checker_seconds - checker_before);
     let _ = std::fs::remove_file(&live);
     let failure = failure?;
     if let Some(signal) = stop.signal() {

@@ -84,7 +84,12 @@ impl AppFolder {
         let name = super::folder::slug(&f.signature);
         let dir = self.dir.join("findings").join(&name);
         if dir.exists() {
-            let who = format!("state {} at mark {:?} ({})\n", f.index, f.mark, f.which.name());
+            let who = format!(
+                "state {} at mark {:?} ({})\n",
+                f.index,
+                f.mark,
+                f.which.name()
+            );
             append(&dir.join("more.txt"), &who)?;
             return Ok(name);
         }

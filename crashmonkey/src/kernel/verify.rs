@@ -107,7 +107,10 @@ impl Drop for MountedState {
 pub enum StateMount {
     Mounted(MountedState),
     /// It does not mount: `mount`'s output and the kernel's last messages.
-    Failed { output: String, dmesg: String },
+    Failed {
+        output: String,
+        dmesg: String,
+    },
 }
 
 /// Mounts the state whose image is `image` at `mnt` (an empty folder) through a loop device,
