@@ -21,12 +21,15 @@
 //! - [`app`]      `crashmonkey run`: any application's workload and checker on the same
 //!   recording disk, every crash state mounted at a temporary mount point for the checker
 //! - [`app_folder`] the folder of such a run: bundles per finding, index, summary
+//! - [`findings`] a kernel campaign's or a run's folder read back (`crashmonkey findings`,
+//!   `crashmonkey report`): its findings by signature, with their bundles
 
 pub mod app;
 pub mod app_folder;
 pub mod campaign;
 pub mod crash;
 pub mod device;
+pub mod findings;
 pub mod folder;
 pub mod proc;
 pub mod snapshot;
