@@ -212,16 +212,34 @@ fn a_lying_disk_loses_what_fsync_promised_and_the_bundle_shows_it_again() {
         .args(["findings", camp.to_str().unwrap(), "--json"])
         .output()
         .unwrap();
-    assert_eq!(f.status.code(), Some(1), "{}", String::from_utf8_lossy(&f.stderr));
+    assert_eq!(
+        f.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&f.stderr)
+    );
     let fj: serde_json::Value = serde_json::from_slice(&f.stdout).unwrap();
-    assert_eq!((fj["kind"].as_str(), &fj["failing_states"]), (Some("app"), &s["failing_states"]));
+    assert_eq!(
+        (fj["kind"].as_str(), &fj["failing_states"]),
+        (Some("app"), &s["failing_states"])
+    );
     assert_eq!(fj["findings"][0]["again"], "sudo sh check.sh", "{fj}");
     let html = tmp.path().join("run.html");
     let r = Command::new(CM)
-        .args(["report", camp.to_str().unwrap(), "-o", html.to_str().unwrap()])
+        .args([
+            "report",
+            camp.to_str().unwrap(),
+            "-o",
+            html.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
-    assert_eq!(r.status.code(), Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains("f1 lost after m1"), "{page}");
     // The one command shows it again: the state at m1 without f1.

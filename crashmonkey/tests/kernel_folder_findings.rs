@@ -57,9 +57,17 @@ fn a_kernel_folder_reads_as_findings_by_signature_and_as_a_page() {
     folder(&camp);
     let dir = camp.to_str().unwrap();
     let out = cm(&["findings", dir, "--json"]);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((v["kind"].as_str(), v["workloads"].as_u64()), (Some("kernel"), Some(3)));
+    assert_eq!(
+        (v["kind"].as_str(), v["workloads"].as_u64()),
+        (Some("kernel"), Some(3))
+    );
     assert_eq!(v["failing_states"], 3);
     let f = v["findings"].as_array().unwrap();
     let got: Vec<(&str, u64, &str, &str)> = f
@@ -75,7 +83,10 @@ fn a_kernel_folder_reads_as_findings_by_signature_and_as_a_page() {
         .collect();
     assert_eq!(
         got,
-        [(SIG_A, 2, "w1", "findings/a"), (SIG_B, 1, "w1", "findings/b")]
+        [
+            (SIG_A, 2, "w1", "findings/a"),
+            (SIG_B, 1, "w1", "findings/b")
+        ]
     );
     assert_eq!(
         f[0]["again"],
@@ -83,14 +94,28 @@ fn a_kernel_folder_reads_as_findings_by_signature_and_as_a_page() {
     );
     let text = cm(&["findings", dir]);
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("3 failing states, 2 distinct findings"), "{text}");
+    assert!(
+        text.contains("3 failing states, 2 distinct findings"),
+        "{text}"
+    );
     let html = tmp.path().join("r.html");
     let r = cm(&["report", dir, "-o", html.to_str().unwrap()]);
-    assert_eq!(r.status.code(), Some(0), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     let page = std::fs::read_to_string(&html).unwrap();
-    assert!(page.contains(SIG_B) && page.contains("wrong fs type"), "{page}");
+    assert!(
+        page.contains(SIG_B) && page.contains("wrong fs type"),
+        "{page}"
+    );
     // Text from the folder is escaped.
-    assert!(page.contains("&lt;20480&gt;") && !page.contains("<20480>"), "{page}");
+    assert!(
+        page.contains("&lt;20480&gt;") && !page.contains("<20480>"),
+        "{page}"
+    );
 }
 
 #[test]

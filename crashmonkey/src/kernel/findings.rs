@@ -100,7 +100,10 @@ fn index_lines(dir: &Path) -> Result<Vec<serde_json::Value>, KernelError> {
         let v: serde_json::Value =
             serde_json::from_str(l).map_err(|e| bad(&path, format!("line {}: {e}", n + 1)))?;
         if !v["signature"].is_string() || !v["bundle"].is_string() {
-            return Err(bad(&path, format!("line {}: no signature or bundle", n + 1)));
+            return Err(bad(
+                &path,
+                format!("line {}: no signature or bundle", n + 1),
+            ));
         }
         lines.push(v);
     }
@@ -127,10 +130,8 @@ fn finding(
     first: serde_json::Value,
 ) -> Result<KernelFinding, KernelError> {
     let bundle = first["bundle"].as_str().unwrap_or_default().to_owned();
-    let plain = !bundle.is_empty()
-        && !bundle.contains('/')
-        && bundle != ".."
-        && !bundle.starts_with('.');
+    let plain =
+        !bundle.is_empty() && !bundle.contains('/') && bundle != ".." && !bundle.starts_with('.');
     let path: PathBuf = dir.join("findings").join(&bundle);
     if !plain || !path.join("README.md").is_file() {
         return Err(bad(&path, "the bundle the index names is not there"));

@@ -106,7 +106,11 @@ fn kernel_findings(dir: &Path, json: bool) -> anyhow::Result<i32> {
         emitln(&format!(
             "{}: a {} folder, {} workloads, {} failing states, {} distinct findings",
             dir.display(),
-            if f.kind == "app" { "run" } else { "kernel campaign" },
+            if f.kind == "app" {
+                "run"
+            } else {
+                "kernel campaign"
+            },
             f.workloads,
             f.failing_states,
             f.findings.len()
