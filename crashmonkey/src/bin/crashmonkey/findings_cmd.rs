@@ -122,7 +122,9 @@ fn kernel_findings(dir: &Path, json: bool) -> anyhow::Result<i32> {
                  again (in the bundle): {}",
                 x.count,
                 x.signature,
-                first["workload"].as_str().unwrap_or("the run"),
+                first["workload"]
+                    .as_str()
+                    .map_or("the run at".to_owned(), |w| format!("workload {w},")),
                 first["mark"],
                 first["state"].as_str().unwrap_or_default(),
                 dir.join(&x.bundle).display(),
