@@ -7,6 +7,7 @@
 //! - With a lying disk (`flush=ignore`), the durable states lose what fsync promised: a run
 //!   that checked only prefix states, or ignored the checker's exit, would pass both disks
 //!   alike. The bundle's `check.sh` shows the failure again.
+//! - A state that does not mount is a failing state, with mount's and the kernel's words.
 //! - SIGINT while the workload runs, and while a checker runs on a mounted state, leaves no
 //!   mount, loop device or work folder.
 //!
@@ -250,6 +251,40 @@ fn a_lying_disk_loses_what_fsync_promised_and_the_bundle_shows_it_again() {
     let text = String::from_utf8_lossy(&again.stdout);
     assert_eq!(again.status.code(), Some(1), "{text}");
     assert!(text.contains("f1 lost after m1"), "{text}");
+    assert_clean(tmp.path());
+}
+
+/// A state that does not mount is a failing state even when the checker would pass it, with
+/// mount's words and the kernel's: the workload zeroes ext4's primary superblock through the
+/// loop device under the mount (`dd ... conv=fsync`), then sets a mark.
+#[test]
+fn a_state_that_does_not_mount_is_a_finding_with_the_kernels_words() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let workload = "dev=$(findmnt -n -o SOURCE \"$CRASHMONKEY_MNT\") && \
+        dd if=/dev/zero of=\"$dev\" bs=1024 seek=1 count=1 oflag=direct conv=fsync status=none \
+        && crashmonkey mark zeroed";
+    let (out, s) = run(tmp.path(), &["--workload", workload, "--checker", "true"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{s}\n{stderr}");
+    assert!(
+        s["signatures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g == "ext4 honest disk: does not mount in durable states"),
+        "{s}"
+    );
+    let f = &s["failing"][0];
+    assert_eq!(
+        (f["mark"].as_str(), f["mounted"].as_bool()),
+        (Some("zeroed"), Some(false))
+    );
+    let words = f["output"].as_str().unwrap();
+    assert!(words.contains("superblock"), "{words}");
+    assert!(words.contains("Kernel log (last lines)"), "{words}");
     assert_clean(tmp.path());
 }
 
