@@ -25,7 +25,7 @@ SCRIPT_NAME=e2e
 
 [[ $(id -u) == 0 ]] || skip "needs root (loop devices, mount)"
 [[ -e /dev/fuse ]] || skip "no /dev/fuse"
-for t in nbdfuse fusermount3 losetup mount umount mkfs.ext4 mkfs.xfs e2fsck xfs_repair cmp xfs_io setfattr; do
+for t in nbdfuse fusermount3 losetup mount umount mkfs.ext4 mkfs.xfs e2fsck xfs_repair cmp xfs_io setfattr sqlite3; do
     command -v "$t" >/dev/null || skip "missing tool $t"
 done
 losetup -f >/dev/null 2>&1 || skip "no free loop device"
@@ -175,3 +175,44 @@ for FS in $FS_LIST; do
     [[ $rc == 1 ]] || { echo "e2e: FAIL: crashmonkey kernel --fs $FS --lying-disk exited $rc, not 1 (findings)" >&2; exit 1; }
     echo "e2e: kernel $FS: honest disk no finding, lying disk findings"
 done
+
+# Application campaigns (docs/kernel-campaigns.md, "Application campaigns: crashmonkey run"):
+# sqlite3, an application nobody here wrote, commits transactions and marks each after its
+# COMMIT returned; the checker holds every crash state to the transactions committed before
+# its mark. With the durability SQLite's documentation promises (WAL with synchronous=FULL;
+# DELETE with synchronous=EXTRA): no finding. With what it says is weaker (synchronous=OFF;
+# DELETE with FULL, whose commit, the journal's unlink, is not made durable), and with FULL on
+# a lying disk: findings, every one in a durable state.
+APP=fixtures/apps/sqlite
+app_run() { # FS WANT_RC LABEL ARGS...
+    local fs=$1 want=$2 label=$3 rc=0 out
+    shift 3
+    out=$("$BIN/crashmonkey" run --fs "$fs" --checker "sh $APP/check.sh {mnt} {mark}" --json "$@" 2>&1) || rc=$?
+    local marks states failing
+    marks=$(grep -o '"marks":\[[^]]*\]' <<<"$out" | tr -cd , | wc -c)
+    states=$(grep -o '"states":[0-9]*' <<<"$out" | cut -d: -f2)
+    failing=$(grep -o '"failing_states":[0-9]*' <<<"$out" | cut -d: -f2)
+    echo "e2e: run $fs sqlite $label: $((marks + 1)) marks, $states crash states, $failing failing (exit $rc)"
+    if [[ $rc != "$want" ]]; then
+        echo "e2e: FAIL: crashmonkey run $fs sqlite $label exited $rc, not $want:" >&2
+        echo "$out" >&2
+        exit 1
+    fi
+    if [[ $want == 1 ]] && ! grep -q '"signatures":\["[a-z0-9]* [a-z]* disk: checker exit 1 in durable states"' <<<"$out"; then
+        echo "e2e: FAIL: crashmonkey run $fs sqlite $label: not the finding explained in the docs:" >&2
+        echo "$out" >&2
+        exit 1
+    fi
+}
+app_run ext4 0 "WAL synchronous=FULL, honest disk" --workload "sh $APP/workload.sh FULL WAL"
+app_run xfs 0 "WAL synchronous=FULL, honest disk" --workload "sh $APP/workload.sh FULL WAL"
+app_run ext4 0 "DELETE synchronous=EXTRA, honest disk" --workload "sh $APP/workload.sh EXTRA DELETE"
+app_run ext4 1 "WAL synchronous=OFF, honest disk" --workload "sh $APP/workload.sh OFF WAL"
+app_run ext4 1 "DELETE synchronous=FULL, honest disk" --workload "sh $APP/workload.sh FULL DELETE"
+app_run ext4 1 "WAL synchronous=FULL, lying disk" --workload "sh $APP/workload.sh FULL WAL" --lying-disk
+if grep -q crashmonkey-run /proc/self/mounts || losetup -a | grep -q crashmonkey-run; then
+    echo "e2e: FAIL: crashmonkey run left a mount or a loop device:" >&2
+    findmnt >&2; losetup -a >&2
+    exit 1
+fi
+echo "e2e: run: sqlite keeps what its documentation promises; the weaker settings and the lying disk lose commits"

@@ -8,13 +8,13 @@ set -euo pipefail
 
 # tool:packages for every tool the build, a test, e2e or a benchmark runs (Debian / Ubuntu
 # names; cc builds mimalloc's and ring's C code; chromium renders `crashmonkey report`'s page in
-# crashmonkey/tests/report_browser.rs).
+# crashmonkey/tests/report_browser.rs; sqlite3 is the application e2e runs `crashmonkey run` on).
 TOOLS=(make:make cc:gcc,libc6-dev qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin
        nbdfuse:libnbd-bin nbdkit:nbdkit fio:fio mkfs.ext4:e2fsprogs e2fsck:e2fsprogs
        mkfs.xfs:xfsprogs xfs_repair:xfsprogs fusermount3:fuse3 losetup:mount mount:mount
        modprobe:kmod nbd-client:nbd-client certtool:gnutls-bin python3:python3
        xfs_io:xfsprogs setfattr:attr getfattr:attr mkfs.btrfs:btrfs-progs btrfs:btrfs-progs
-       chromium:chromium)
+       chromium:chromium sqlite3:sqlite3)
 
 need=()
 if command -v rustup >/dev/null 2>&1; then

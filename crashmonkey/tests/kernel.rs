@@ -222,6 +222,52 @@ fn lying(fs: &str) {
             "crashmonkey kernel --fs {fs} --workload workload.txt --lying-disk"
         )));
     }
+    // `findings` and `report` read the folder: the campaign's own verdict, by signature.
+    let f = Command::new(CM)
+        .args(["findings", camp.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        f.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&f.stderr)
+    );
+    let fj: serde_json::Value = serde_json::from_slice(&f.stdout).unwrap();
+    assert_eq!(fj["kind"], "kernel");
+    assert_eq!(fj["failing_states"], s["failing_states"], "{fj}");
+    assert_eq!(
+        fj["findings"].as_array().unwrap().len() as u64,
+        num(&s, "findings")
+    );
+    for x in fj["findings"].as_array().unwrap() {
+        assert!(sigs.contains(&x["signature"].as_str().unwrap()), "{x}");
+        assert!(
+            x["again"]
+                .as_str()
+                .unwrap()
+                .contains("--workload workload.txt --lying-disk"),
+            "{x}"
+        );
+    }
+    let html = tmp.path().join("report.html");
+    let r = Command::new(CM)
+        .args([
+            "report",
+            camp.to_str().unwrap(),
+            "-o",
+            html.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("missing after fsync"), "{page}");
     // The same command again resumes: nothing runs, the same verdict.
     let (again, s2) = kernel(tmp.path(), &args);
     assert_eq!(again.status.code(), Some(1));

@@ -147,6 +147,7 @@ impl Campaign {
         self.write_scripts(w, d)?;
         let rec = Recording::start(
             self.params.fs,
+            "",
             &image,
             &d.join("disk.log"),
             self.params.lying_disk,

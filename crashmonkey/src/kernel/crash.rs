@@ -39,6 +39,9 @@ pub enum Which {
     Durable,
     Prefix,
     Reorder,
+    /// Every write of the log (`crashmonkey run`'s state after the workload and the
+    /// unmount).
+    Final,
 }
 
 impl Which {
@@ -47,6 +50,7 @@ impl Which {
             Which::Durable => "durable",
             Which::Prefix => "prefix",
             Which::Reorder => "reorder",
+            Which::Final => "final",
         }
     }
 }

@@ -103,9 +103,11 @@ pub struct Recording {
 
 impl Recording {
     /// Serves `image` (recording into `log`; a lying disk with `lying`), attaches and mounts
-    /// it at `dir/mnt`. Everything it makes lives in `dir`.
+    /// it at `dir/mnt` (with the extra `mount -o` options `mount_opts`, empty for none).
+    /// Everything it makes lives in `dir`.
     pub fn start(
         fs: FsKind,
+        mount_opts: &str,
         image: &Path,
         log: &Path,
         lying: bool,
@@ -143,7 +145,7 @@ impl Recording {
             mnt: dir.join("mnt"),
             mounted: false,
         };
-        rec.attach(fs, &socket, dir, stop)?;
+        rec.attach(fs, mount_opts, &socket, dir, stop)?;
         Ok(rec)
     }
 
@@ -151,6 +153,7 @@ impl Recording {
     fn attach(
         &mut self,
         fs: FsKind,
+        mount_opts: &str,
         socket: &Path,
         dir: &Path,
         stop: &StopFlag,
@@ -190,7 +193,7 @@ impl Recording {
         let dev = self.loop_dev.clone().expect("just set");
         self.mounted = true;
         let mounted = must(
-            &mount_command(fs, &dev, &self.mnt),
+            &mount_command(fs, mount_opts, &dev, &self.mnt),
             MOUNT_TIMEOUT_SECONDS,
             &steady,
         );
@@ -288,9 +291,9 @@ impl Drop for Recording {
     }
 }
 
-/// `mount -t FS [-o OPTS] DEV MNT`.
-pub fn mount_command(fs: FsKind, dev: &str, mnt: &Path) -> String {
-    let opts = fs.mount_options();
+/// `mount -t FS [-o OPTS] DEV MNT`, OPTS the filesystem's and `extra`.
+pub fn mount_command(fs: FsKind, extra: &str, dev: &str, mnt: &Path) -> String {
+    let opts = fs.mount_options_with(extra);
     format!(
         "mount -t {} {}{} {}",
         fs.name(),

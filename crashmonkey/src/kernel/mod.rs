@@ -18,10 +18,18 @@
 //! - [`verify`]   one crash state mounted, compared, fsck'd
 //! - [`campaign`] workloads one after another, each checked
 //! - [`folder`]   the campaign folder: parameters, done records, finding bundles, index
+//! - [`app`]      `crashmonkey run`: any application's workload and checker on the same
+//!   recording disk, every crash state mounted at a temporary mount point for the checker
+//! - [`app_folder`] the folder of such a run: bundles per finding, index, summary
+//! - [`findings`] a kernel campaign's or a run's folder read back (`crashmonkey findings`,
+//!   `crashmonkey report`): its findings by signature, with their bundles
 
+pub mod app;
+pub mod app_folder;
 pub mod campaign;
 pub mod crash;
 pub mod device;
+pub mod findings;
 pub mod folder;
 pub mod proc;
 pub mod snapshot;
@@ -80,15 +88,30 @@ impl FsKind {
 
     /// The shell command that formats `image`.
     pub fn mkfs_command(self, image: &Path) -> String {
+        let opts = match self {
+            FsKind::Ext4 => "-b 4096",
+            FsKind::Xfs | FsKind::Btrfs => "",
+        };
+        self.mkfs_command_with(image, opts)
+    }
+
+    /// The shell command that formats `image` with the mkfs options `opts` (shell words,
+    /// as a person would type them after `mkfs.FS`; empty for mkfs's defaults).
+    pub fn mkfs_command_with(self, image: &Path, opts: &str) -> String {
         let img = proc::quote(&image.to_string_lossy());
+        let opts = if opts.trim().is_empty() {
+            String::new()
+        } else {
+            format!("{} ", opts.trim())
+        };
         match self {
-            FsKind::Ext4 => format!("mkfs.ext4 -q -F -b 4096 {img}"),
+            FsKind::Ext4 => format!("mkfs.ext4 -q -F {opts}{img}"),
             // xfsprogs refuses filesystems under 300 MB unless run by a test suite; these are
             // the variables fstests sets.
             FsKind::Xfs => {
-                format!("TEST_DIR=/tmp TEST_DEV={img} QA_CHECK_FS=xfs mkfs.xfs -f -q {img}")
+                format!("TEST_DIR=/tmp TEST_DEV={img} QA_CHECK_FS=xfs mkfs.xfs -f -q {opts}{img}")
             }
-            FsKind::Btrfs => format!("mkfs.btrfs -q -f {img}"),
+            FsKind::Btrfs => format!("mkfs.btrfs -q -f {opts}{img}"),
         }
     }
 
@@ -98,6 +121,15 @@ impl FsKind {
             FsKind::Xfs => "nouuid",
             FsKind::Ext4 | FsKind::Btrfs => "",
         }
+    }
+
+    /// [`FsKind::mount_options`] and `extra` (comma-separated `mount -o` options), joined.
+    pub fn mount_options_with(self, extra: &str) -> String {
+        [self.mount_options(), extra.trim()]
+            .into_iter()
+            .filter(|o| !o.is_empty())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The filesystem's own checker, read-only, on `image`.

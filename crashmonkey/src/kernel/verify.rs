@@ -73,22 +73,63 @@ impl StateReport {
     }
 }
 
-/// Checks the state whose image is `image`, mounting it at `mnt` (an empty folder).
-pub fn check_state(
+/// A crash state's image mounted through its own loop device; unmounted (and its loop
+/// device waited for) by [`MountedState::unmount`], or on drop whatever the path out.
+pub struct MountedState {
+    mnt: std::path::PathBuf,
+    image: std::path::PathBuf,
+    mounted: bool,
+}
+
+impl MountedState {
+    /// Unmounts and waits for the loop device to go.
+    pub fn unmount(mut self) -> Result<(), KernelError> {
+        self.mounted = false;
+        unmount(&self.mnt, &StopFlag::new())?;
+        wait_loop_detached(&self.image)
+    }
+}
+
+impl Drop for MountedState {
+    fn drop(&mut self) {
+        if self.mounted {
+            if let Err(e) = unmount(&self.mnt, &StopFlag::new()) {
+                tracing::warn!("unmounting a crash state: {e}");
+            }
+            if let Err(e) = wait_loop_detached(&self.image) {
+                tracing::warn!("detaching a crash state's loop device: {e}");
+            }
+        }
+    }
+}
+
+/// How mounting a crash state went.
+pub enum StateMount {
+    Mounted(MountedState),
+    /// It does not mount: `mount`'s output and the kernel's last messages.
+    Failed {
+        output: String,
+        dmesg: String,
+    },
+}
+
+/// Mounts the state whose image is `image` at `mnt` (an empty folder) through a loop device,
+/// with the filesystem's options and `extra` (`mount -o`), so the kernel runs its recovery.
+/// The mount runs to its deadline whatever `stop` says, so that a mount it made is known
+/// and undone; the caller looks at the flag after the unmount.
+pub fn mount_state(
     fs: FsKind,
+    extra: &str,
     image: &Path,
     mnt: &Path,
-    claims: &[Claim],
     stop: &StopFlag,
-) -> Result<StateReport, KernelError> {
-    let mut report = StateReport::default();
+) -> Result<StateMount, KernelError> {
     if fs == FsKind::Btrfs {
         // btrfs finds its devices by filesystem id, which every state shares: forget the
         // ones no longer attached so the mount takes this image.
         run("btrfs device scan --forget", HELPER_TIMEOUT_SECONDS, stop)?;
     }
-    let t = std::time::Instant::now();
-    let opts = match fs.mount_options() {
+    let opts = match fs.mount_options_with(extra).as_str() {
         "" => "loop".to_owned(),
         o => format!("loop,{o}"),
     };
@@ -98,18 +139,43 @@ pub fn check_state(
         quote(&image.to_string_lossy()),
         quote(&mnt.to_string_lossy())
     );
-    // The mount runs to its deadline whatever the stop flag says, so that a mount it made is
-    // known and undone; the flag is looked at after the unmount.
     let mount = run(&cmd, MOUNT_TIMEOUT_SECONDS, &StopFlag::new())?;
-    report.mounted = mount.end.passed();
-    if report.mounted {
-        report.violations = violations(mnt, claims);
-        unmount(mnt, &StopFlag::new())?;
-    } else {
-        report.mount_output = mount.output;
-        report.dmesg = dmesg_tail(DMESG_LINES_MAX, stop);
+    if mount.end.passed() {
+        return Ok(StateMount::Mounted(MountedState {
+            mnt: mnt.to_path_buf(),
+            image: image.to_path_buf(),
+            mounted: true,
+        }));
     }
+    let dmesg = dmesg_tail(DMESG_LINES_MAX, stop);
     wait_loop_detached(image)?;
+    Ok(StateMount::Failed {
+        output: mount.output,
+        dmesg,
+    })
+}
+
+/// Checks the state whose image is `image`, mounting it at `mnt` (an empty folder).
+pub fn check_state(
+    fs: FsKind,
+    image: &Path,
+    mnt: &Path,
+    claims: &[Claim],
+    stop: &StopFlag,
+) -> Result<StateReport, KernelError> {
+    let mut report = StateReport::default();
+    let t = std::time::Instant::now();
+    match mount_state(fs, "", image, mnt, stop)? {
+        StateMount::Mounted(m) => {
+            report.mounted = true;
+            report.violations = violations(mnt, claims);
+            m.unmount()?;
+        }
+        StateMount::Failed { output, dmesg } => {
+            report.mount_output = output;
+            report.dmesg = dmesg;
+        }
+    }
     if let Some(signal) = stop.signal() {
         return Err(KernelError::Stopped(signal));
     }

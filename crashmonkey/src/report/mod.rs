@@ -14,6 +14,8 @@
 //! - `bundle_page` one bundle folder as a page (a race bundle, or an fs bundle's crash state)
 //! - `check_page` a `crashmonkey check --out` folder as a page: each failing state, its
 //!   checker's output, and the state drawn on the write log checked
+//! - `kernel_page` a kernel campaign's or an application run's folder as a page: findings by
+//!   signature, each with its bundle, the command that shows it again and its report
 //! - `output` writing a report file without ever replacing a user's file by accident
 //!
 //! Everything drawn is bounded by named constants; a page says when it left something out.
@@ -22,6 +24,7 @@ pub mod bundle_page;
 pub mod check_page;
 pub mod crash;
 pub mod draw;
+pub mod kernel_page;
 pub mod log;
 pub mod output;
 pub mod page;

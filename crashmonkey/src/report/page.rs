@@ -55,6 +55,9 @@ pub fn page_foot() -> String {
 /// The report of `dir`: a campaign folder, a `check --out` folder, or one bundle folder
 /// (`race-seed-N`, `fs-seed-N`).
 pub fn report(dir: &Path) -> Result<String, ReportError> {
+    if super::kernel_page::is_kernel_folder(dir) {
+        return super::kernel_page::kernel_report(dir);
+    }
     if !dir.join(folder::CAMPAIGN_FILE).exists() && dir.join("bundle.json").is_file() {
         return super::bundle_page::bundle_report(dir);
     }

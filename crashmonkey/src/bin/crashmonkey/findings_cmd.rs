@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 #[command(
     args_conflicts_with_subcommands = true,
     after_help = "A campaign folder is what `crashmonkey race --out DIR` or `crashmonkey fs \
-campaign --out DIR` writes (docs/campaigns.md): run records, one bundle per finding's first and smallest failing run, and \
+campaign --out DIR` writes (docs/campaigns.md), or `crashmonkey kernel --out DIR` and `crashmonkey \
+run --out DIR` (docs/kernel-campaigns.md: their findings.jsonl by signature): run records, one bundle per finding's first and smallest failing run, and \
 a sled index derived from them. A finding is every failing run with one failure signature: the \
 kind of failure, the oracle's violation, the kind of operation that lost data, the switches.\n\n\
 Examples:\n  \
@@ -67,6 +68,9 @@ pub fn run(args: FindingsArgs) -> anyhow::Result<i32> {
         (Some(FindingsCmd::Reindex { dir, json }), _) => {
             folder::reindex(dir).map(|f| (f, dir.clone(), *json))
         }
+        (None, Some(dir)) if crashmonkey::kernel::findings::folder_kind(dir).is_some() => {
+            return kernel_findings(dir, args.json);
+        }
         (None, Some(dir)) => folder::findings(dir).map(|f| (f, dir.clone(), args.json)),
         (None, None) => {
             eprintln!("crashmonkey findings: give a campaign folder (see --help)");
@@ -83,6 +87,52 @@ pub fn run(args: FindingsArgs) -> anyhow::Result<i32> {
             Ok(2)
         }
     }
+}
+
+/// `crashmonkey findings DIR` of a kernel campaign's (`kernel --out`) or a run's (`run
+/// --out`) folder: its findings by signature, most frequent first.
+fn kernel_findings(dir: &Path, json: bool) -> anyhow::Result<i32> {
+    use crate::race_cmd::emitln;
+    let f = match crashmonkey::kernel::findings::read(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("crashmonkey findings: error: {e}");
+            return Ok(2);
+        }
+    };
+    if json {
+        emitln(&serde_json::to_string_pretty(&f)?);
+    } else {
+        emitln(&format!(
+            "{}: a {} folder, {} workloads, {} failing states, {} distinct findings",
+            dir.display(),
+            if f.kind == "app" {
+                "run"
+            } else {
+                "kernel campaign"
+            },
+            f.workloads,
+            f.failing_states,
+            f.findings.len()
+        ));
+        for (n, x) in f.findings.iter().enumerate() {
+            let first = &x.first;
+            emitln(&format!(
+                "\n#{n} {} failing states: {}\n   first: {} mark {} ({} state)\n   bundle: {}\n   \
+                 again (in the bundle): {}",
+                x.count,
+                x.signature,
+                first["workload"]
+                    .as_str()
+                    .map_or("the run at".to_owned(), |w| format!("workload {w},")),
+                first["mark"],
+                first["state"].as_str().unwrap_or_default(),
+                dir.join(&x.bundle).display(),
+                x.again
+            ));
+        }
+    }
+    Ok(i32::from(!f.findings.is_empty()))
 }
 
 fn show(f: &Findings, dir: &Path, json: bool) -> anyhow::Result<()> {

@@ -112,9 +112,7 @@ pub fn run(a: KernelArgs) -> anyhow::Result<i32> {
 
 /// Puts the mark in the write log, then saves the snapshot of the tree.
 pub fn mark(a: KernelMarkArgs) -> anyhow::Result<i32> {
-    nbd_server::control::request(&a.socket, &format!("mark {}", a.name))
-        .map_err(anyhow::Error::msg)
-        .context("placing the mark")?;
+    crate::run_cmd::place_mark(&a.socket, &a.name)?;
     let snap = snapshot::take(&a.mnt, &a.name).context("reading the mounted tree")?;
     let path = a.snapshots.join(format!("{}.json", a.name));
     anyhow::ensure!(!path.exists(), "mark {} is set twice", a.name);
@@ -337,7 +335,7 @@ fn stopped(e: KernelError, stop: &StopFlag) -> anyhow::Error {
     }
 }
 
-fn nix_root() -> bool {
+pub(crate) fn nix_root() -> bool {
     // SAFETY-free: the effective uid of this process, from /proc.
     std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
         s.lines()

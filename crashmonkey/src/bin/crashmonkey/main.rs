@@ -8,6 +8,7 @@ mod kernel_cmd;
 mod minimise_cmd;
 mod race_cmd;
 mod report_cmd;
+mod run_cmd;
 mod switches;
 mod workloads_cmd;
 
@@ -32,6 +33,7 @@ crashmonkey report camp -o report.html\n  \
 crashmonkey check disk.log --base empty.img --checker 'e2fsck -fn {image}'\n  \
 crashmonkey fs ls disk.img\n  \
 sudo crashmonkey kernel --fs ext4 --workload ace --seq 1 --limit 10\n  \
+sudo crashmonkey run --fs ext4 --workload 'sh app.sh' --checker 'sh check.sh {mnt} {mark}'\n  \
 crashmonkey fs campaign --seed 1 --runs 100 --bug fsync-no-log-force"
 )]
 struct Cli {
@@ -59,6 +61,11 @@ enum Cmd {
     /// nbdfuse and a loop device, every crash state at each mark mounted, compared with what
     /// the persistence points promised, and fsck'd.
     Kernel(kernel_cmd::KernelArgs),
+    /// Any application's workload on ext4, XFS or btrfs (root): recorded through nbdfuse and
+    /// a loop device, then your checker run on every crash state, mounted from a copy.
+    Run(run_cmd::RunArgs),
+    /// A mark in the write log of the running `crashmonkey run` (its workload calls it).
+    Mark(run_cmd::MarkArgs),
     /// Used by `kernel`'s workload scripts: a mark in the write log and a snapshot of the tree.
     #[command(hide = true)]
     KernelMark(kernel_cmd::KernelMarkArgs),
@@ -81,6 +88,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Report(args) => report_cmd::run(args)?,
         Cmd::Kernel(args) => kernel_cmd::run(args)?,
         Cmd::KernelMark(args) => kernel_cmd::mark(args)?,
+        Cmd::Run(args) => run_cmd::run(args)?,
+        Cmd::Mark(args) => run_cmd::mark(args)?,
     };
     std::process::exit(code);
 }

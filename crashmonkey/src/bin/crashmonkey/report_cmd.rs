@@ -19,7 +19,9 @@ the writes kept, dropped and torn, the crash point, each write's role (data, met
 journal) and the block holding the wrong byte. An fs campaign's folder (`fs campaign --out`) \
 shows each of its findings so, with its counts and seeds. A `crashmonkey check --out` folder \
 shows what the check found and, per failing state, its reason, the checker's output and the \
-state on the write log the check read. It is \
+state on the write log the check read. A kernel campaign's folder (`kernel --out`) or an \
+application run's (`run --out`) shows its findings by signature, each with its bundle, the \
+command that shows it again and its report. It is \
 written beside its target and renamed into place, so no partial report is ever left; an \
 existing file is replaced only with --force.\n\n\
 Examples:\n  \
@@ -34,8 +36,9 @@ crashmonkey report failed -o failed.html\n\n\
 Exit status: 0 written, 2 error."
 )]
 pub struct ReportArgs {
-    /// The campaign folder (`crashmonkey race --out DIR`, `fs campaign --out DIR`, or
-    /// `findings merge`), a `crashmonkey check --out DIR` folder, or one bundle
+    /// The campaign folder (`crashmonkey race --out DIR`, `fs campaign --out DIR`, `kernel
+    /// --out DIR`, `run --out DIR` or `findings merge`), a `crashmonkey check --out DIR`
+    /// folder, or one bundle
     /// folder (`race-seed-N`, or an fs crash bundle `fs-seed-N`).
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,

@@ -1,0 +1,192 @@
+//! The folder of an application run (`crashmonkey run --out DIR`):
+//!
+//! - `campaign.json`: `{"kind": "app", "params": ...}`, the run's parameters;
+//! - `summary.json`: the run's summary (what `--json` prints);
+//! - `workload-output.txt`: what the workload printed (capped);
+//! - `findings/SIGNATURE/`: one bundle per finding (failing states grouped by
+//!   [`super::app::signature`]), from its first failing state: `workload.txt` and
+//!   `checker.txt` (the commands), `disk.log` (the write log), `state.img` (the failing
+//!   state as the power cut left it, sparse), `output.txt` (the checker's output, or mount's
+//!   and the kernel's words), `check.sh` (mounts a copy of `state.img` and runs the checker
+//!   on it, as the run did) and a `README.md` with the one command that shows it again;
+//!   `more.txt` lists the finding's other failing states;
+//! - `findings.jsonl`: the index, one line per failing state (signature, mark, state,
+//!   bundle, how the checker ended).
+//!
+//! A run is not resumed: a folder that exists and is not empty is refused and left as it is.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::app::{again_command, fill_checker, AppParams, AppRun, AppStateFinding};
+use super::crash::sparse_copy;
+use super::proc::quote;
+use super::KernelError;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KernelError + '_ {
+    move |source| KernelError::Io {
+        what: path.display().to_string(),
+        source,
+    }
+}
+
+/// An application run's folder.
+pub struct AppFolder {
+    pub dir: PathBuf,
+}
+
+impl AppFolder {
+    /// Makes `dir` (or takes it when empty) and writes `campaign.json`; refuses a folder
+    /// that holds anything.
+    pub fn create(dir: &Path, params: &AppParams) -> Result<AppFolder, KernelError> {
+        let nonempty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+        if nonempty {
+            return Err(KernelError::Setup(format!(
+                "{} is not empty; refusing to write into it (a run is not resumed)",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir.join("findings")).map_err(io(dir))?;
+        let json = serde_json::json!({ "kind": "app", "params": params });
+        let file = dir.join("campaign.json");
+        let text = serde_json::to_string_pretty(&json).expect("plain data");
+        std::fs::write(&file, text + "\n").map_err(io(&file))?;
+        Ok(AppFolder {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Keeps `run`: the workload's output, a bundle per finding, the index, `summary`.
+    pub fn keep(&self, run: &AppRun, summary: &serde_json::Value) -> Result<(), KernelError> {
+        let out = self.dir.join("workload-output.txt");
+        std::fs::write(&out, &run.workload_output).map_err(io(&out))?;
+        for f in &run.result.failing {
+            let bundle = self.bundle(run, f)?;
+            let line = serde_json::json!({
+                "signature": f.signature,
+                "mark": f.mark,
+                "state": f.which,
+                "index": f.index,
+                "mounted": f.mounted,
+                "checker_end": f.checker_end,
+                "bundle": bundle,
+            });
+            append(&self.dir.join("findings.jsonl"), &format!("{line}\n"))?;
+        }
+        let file = self.dir.join("summary.json");
+        let text = serde_json::to_string_pretty(summary).expect("plain data");
+        std::fs::write(&file, text + "\n").map_err(io(&file))
+    }
+
+    /// The bundle of `f`'s signature: made from `f` when it is the first, else `f` is
+    /// listed in its `more.txt`. Returns its name.
+    fn bundle(&self, run: &AppRun, f: &AppStateFinding) -> Result<String, KernelError> {
+        let name = super::folder::slug(&f.signature);
+        let dir = self.dir.join("findings").join(&name);
+        if dir.exists() {
+            let who = format!(
+                "state {} at mark {:?} ({})\n",
+                f.index,
+                f.mark,
+                f.which.name()
+            );
+            append(&dir.join("more.txt"), &who)?;
+            return Ok(name);
+        }
+        let tmp = self.dir.join("findings").join(format!(".{name}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        std::fs::copy(run.log(), tmp.join("disk.log")).map_err(io(&tmp))?;
+        sparse_copy(&run.image(f), &tmp.join("state.img"))?;
+        let p = &run.params;
+        let files = [
+            ("workload.txt", format!("{}\n", p.workload)),
+            ("checker.txt", format!("{}\n", p.checker)),
+            ("output.txt", f.output.clone()),
+            ("check.sh", check_script(p, f, &name)),
+            ("README.md", readme(p, f)),
+        ];
+        for (file, text) in files {
+            std::fs::write(tmp.join(file), text).map_err(io(&tmp))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+        Ok(name)
+    }
+}
+
+fn append(path: &Path, text: &str) -> Result<(), KernelError> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(text.as_bytes()).map_err(io(path))
+}
+
+/// A script that mounts a copy of the bundle's `state.img` and runs the checker on it with
+/// the placeholders filled in as the run filled them (a fixed folder under /tmp, so that the
+/// command is written out here whole), from the folder the run was started in.
+fn check_script(p: &AppParams, f: &AppStateFinding, name: &str) -> String {
+    let work = PathBuf::from(format!("/tmp/crashmonkey-state-{name}"));
+    let (mnt, image) = (work.join("mnt"), work.join("state.img"));
+    let checker = fill_checker(&p.checker, &mnt, &image, &f.mark, f.which.name());
+    let opts = match p.fs.mount_options_with(&p.mount_opts).as_str() {
+        "" => "loop".to_owned(),
+        o => format!("loop,{o}"),
+    };
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let btrfs = if p.fs == super::FsKind::Btrfs {
+        "btrfs device scan --forget\n"
+    } else {
+        ""
+    };
+    format!(
+        "#!/bin/sh\n\
+         # Mounts a copy of state.img (the kernel runs its recovery), runs the checker on it as\n\
+         # `crashmonkey run` did, unmounts. Root. Exit status: the checker's.\n\
+         set -u\n\
+         here=$(cd \"$(dirname \"$0\")\" && pwd)\n\
+         work={work}\n\
+         umount \"$work/mnt\" 2>/dev/null; rm -rf \"$work\"; mkdir -p \"$work/mnt\"\n\
+         trap 'umount \"$work/mnt\" 2>/dev/null; rm -rf \"$work\"' EXIT\n\
+         cp --sparse=always \"$here/state.img\" \"$work/live.img\"\n\
+         cp --sparse=always \"$here/state.img\" \"$work/state.img\"\n\
+         {btrfs}mount -t {fs} -o {opts} \"$work/live.img\" \"$work/mnt\" || \
+         {{ echo 'the state does not mount'; exit 1; }}\n\
+         cd {cwd} || exit 2\n\
+         sh -c {cmd}\n\
+         rc=$?\n\
+         echo \"checker exit code $rc\"\n\
+         exit $rc\n",
+        work = quote(&work.to_string_lossy()),
+        fs = p.fs.name(),
+        cwd = quote(&cwd.to_string_lossy()),
+        cmd = quote(&checker),
+    )
+}
+
+fn readme(p: &AppParams, f: &AppStateFinding) -> String {
+    let failed = if f.mounted {
+        format!("the checker failed ({})", f.checker_end)
+    } else {
+        "the state does not mount".into()
+    };
+    format!(
+        "# {sig}\n\n\
+         The {which} state at mark `{mark}` (state {index} of the run): {failed}; \
+         `output.txt` has its words.\n\n\
+         Show it again (mounts a copy of `state.img`, the state as the power cut left it, and \
+         runs the checker on it; root):\n\n\
+         ```\nsudo sh check.sh\n```\n\n\
+         Run the whole workload again and check every state (from the folder it was first \
+         run in; an application's run need not write the same blocks twice):\n\n\
+         ```\n{again}\n```\n\n\
+         `workload.txt` and `checker.txt` are the two commands; `disk.log` is the write log \
+         (`crashmonkey log stats disk.log`, `crashmonkey log show disk.log`).\n",
+        sig = f.signature,
+        which = f.which.name(),
+        mark = f.mark,
+        index = f.index,
+        again = again_command(p),
+    )
+}
