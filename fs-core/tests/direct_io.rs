@@ -264,3 +264,42 @@ fn unaligned_direct_writes_are_refused() {
     let r = run_script(&Config::default(), &w, vec![]);
     assert!(matches!(r.results[0], Some(Err(FsError::Invalid(_)))));
 }
+
+/// The flush and the invalidations cover the folios of the range only: a store dirtying the
+/// folio before it, after the direct write's flush, does not fail the write, and stays.
+#[test]
+fn folios_outside_the_range_are_left_alone() {
+    let w = Workload {
+        files: 1,
+        phases: vec![
+            vec![Op::Truncate {
+                file: 0,
+                size: 2 * K,
+            }],
+            vec![
+                dio(K, K, b'B'),
+                Op::MmapStore {
+                    file: 0,
+                    offset: 10,
+                    len: 5,
+                    byte: b'M',
+                },
+            ],
+        ],
+    };
+    let (write, store) = (FIRST_OP_TASK + 1, FIRST_OP_TASK + 2);
+    let script = vec![
+        Until {
+            task: write,
+            label: YieldPoint::DioFlushWait,
+            arg: None,
+        },
+        Drain { task: store },
+        Drain { task: write },
+    ];
+    let r = run_script(&Config::default(), &w, script);
+    assert!(r.passed(), "{:?}", r.failures);
+    assert_eq!(r.results[1], Some(Ok(K)));
+    assert_eq!(&r.files[0][10..15], b"MMMMM");
+    assert!(r.files[0][K as usize..].iter().all(|&b| b == b'B'));
+}
