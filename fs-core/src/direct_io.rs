@@ -286,3 +286,55 @@ impl DioWriteTask {
 fn inval(why: &str) -> FsError {
     FsError::Invalid(why.into())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The extent map as a direct write leaves it at each step (the scripted tests in
+    //! `tests/direct_io.rs` see only bytes, and a zeroed WRITTEN block reads like an
+    //! UNWRITTEN one).
+    use super::*;
+    use crate::block::MemDevice;
+    use crate::fs::Config;
+    use crate::oracle::Oracle;
+
+    /// Steps a direct write of block 1 over a hole until `stop`; the file's block 1 then.
+    fn block_after(stop: YieldPoint) -> (Extent, Vec<(YieldPoint, u64)>) {
+        let mut fs = Fs::new(Config::default(), Box::new(MemDevice::new(64)), 1);
+        fs.inode_mut(0).size = 2 * BS;
+        let mut oracle = Oracle::new(1);
+        let mut t = DioWriteTask::new(0, BS, vec![b'D'; BLOCK_SIZE]).expect("aligned");
+        let mut steps = Vec::new();
+        loop {
+            assert!(t.runnable(&fs, 7), "blocked alone at {steps:?}");
+            let mut cx = Cx {
+                fs: &mut fs,
+                oracle: &mut oracle,
+                me: 7,
+                op: 0,
+                short_copy: None,
+            };
+            let (label, arg) = match t.step(&mut cx) {
+                Step::Yield(l, a) => (l, a),
+                Step::Done(l, a, r) => {
+                    assert_eq!(r, Ok(BS));
+                    (l, a)
+                }
+            };
+            steps.push((label, arg));
+            if label == stop {
+                return (fs.inode(0).extents.get(1), steps);
+            }
+        }
+    }
+
+    /// `xfs_iomap_write_direct` allocates the hole UNWRITTEN; `->end_io` converts it.
+    #[test]
+    fn a_hole_is_allocated_unwritten_and_converted_at_end_io() {
+        let (e, _) = block_after(YieldPoint::DioSubmit);
+        assert_eq!(e.state, ExtentState::Unwritten);
+        let (e, steps) = block_after(YieldPoint::DioDone);
+        assert_eq!(e.state, ExtentState::Written);
+        // Every step names the write's first block.
+        assert!(steps.iter().all(|&(_, arg)| arg == 1), "{steps:?}");
+    }
+}

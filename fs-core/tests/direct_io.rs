@@ -303,3 +303,20 @@ fn folios_outside_the_range_are_left_alone() {
     assert_eq!(&r.files[0][10..15], b"MMMMM");
     assert!(r.files[0][K as usize..].iter().all(|&b| b == b'B'));
 }
+
+/// A direct write starting exactly at EOF appends (only one starting past it is refused).
+#[test]
+fn a_direct_write_at_eof_appends() {
+    let w = Workload {
+        files: 1,
+        phases: vec![
+            vec![Op::Truncate { file: 0, size: K }],
+            vec![dio(K, K, b'B')],
+        ],
+    };
+    let r = run_script(&Config::default(), &w, vec![]);
+    assert!(r.passed(), "{:?}", r.failures);
+    assert_eq!(r.results[1], Some(Ok(K)));
+    assert_eq!(r.files[0].len() as u64, 2 * K);
+    assert!(r.files[0][K as usize..].iter().all(|&b| b == b'B'));
+}
