@@ -297,10 +297,16 @@ mod tests {
     use crate::fs::Config;
     use crate::oracle::Oracle;
 
-    /// Steps a direct write of block 1 over a hole until `stop`; the file's block 1 then.
-    fn block_after(stop: YieldPoint) -> (Extent, Vec<(YieldPoint, u64)>) {
+    /// Steps a direct write of block 1 over a hole in a file of `size` bytes (`disk_size` on
+    /// disk) until `stop`; the file's block 1 then, the steps, and the on-disk size.
+    fn block_after(
+        stop: YieldPoint,
+        size: u64,
+        disk_size: u64,
+    ) -> (Extent, Vec<(YieldPoint, u64)>, u64) {
         let mut fs = Fs::new(Config::default(), Box::new(MemDevice::new(64)), 1);
-        fs.inode_mut(0).size = 2 * BS;
+        fs.inode_mut(0).size = size;
+        fs.set_disk_size(0, disk_size);
         let mut oracle = Oracle::new(1);
         let mut t = DioWriteTask::new(0, BS, vec![b'D'; BLOCK_SIZE]).expect("aligned");
         let mut steps = Vec::new();
@@ -322,7 +328,7 @@ mod tests {
             };
             steps.push((label, arg));
             if label == stop {
-                return (fs.inode(0).extents.get(1), steps);
+                return (fs.inode(0).extents.get(1), steps, fs.inode(0).disk_size);
             }
         }
     }
@@ -330,11 +336,20 @@ mod tests {
     /// `xfs_iomap_write_direct` allocates the hole UNWRITTEN; `->end_io` converts it.
     #[test]
     fn a_hole_is_allocated_unwritten_and_converted_at_end_io() {
-        let (e, _) = block_after(YieldPoint::DioSubmit);
+        let (e, _, _) = block_after(YieldPoint::DioSubmit, 2 * BS, 0);
         assert_eq!(e.state, ExtentState::Unwritten);
-        let (e, steps) = block_after(YieldPoint::DioDone);
+        let (e, steps, _) = block_after(YieldPoint::DioDone, 2 * BS, 0);
         assert_eq!(e.state, ExtentState::Written);
         // Every step names the write's first block.
         assert!(steps.iter().all(|&(_, arg)| arg == 1), "{steps:?}");
+    }
+
+    /// `xfs_setfilesize` at `->end_io` moves the on-disk size up to the write's end, never
+    /// down: a direct write inside the file leaves it.
+    #[test]
+    fn end_io_moves_the_disk_size_up_only() {
+        assert_eq!(block_after(YieldPoint::DioSubmit, BS, 0).2, 0);
+        assert_eq!(block_after(YieldPoint::DioDone, BS, 0).2, 2 * BS);
+        assert_eq!(block_after(YieldPoint::DioDone, 4 * BS, 4 * BS).2, 4 * BS);
     }
 }

@@ -77,6 +77,7 @@ fn a_read_racing_a_direct_write_caches_nothing_stale() {
     let r = read_during_dio(DioInvalidate::AfterEndIo, YieldPoint::DioSubmit);
     assert!(r.passed(), "{:?}", r.failures);
     assert_eq!(r.results[2], Some(Ok(2 * K)), "the read saw both blocks");
+    assert!(r.notes.is_empty(), "{:?}", r.notes);
     assert!(r.files[0][..K as usize].iter().all(|&b| b == b'B'));
     let labels: Vec<YieldPoint> = r
         .trace
