@@ -318,7 +318,8 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
         .prefix("crashmonkey-check")
         .tempdir_in(&parent)?;
     let mut stage = Stage::new(wants, base, &history, work.path(), opts)?;
-    let generator = StateGenerator::new(opts.states, history.data_file()?);
+    let generator =
+        StateGenerator::in_dir(opts.states, history.data_file()?, work.path().to_path_buf());
     let bar = progress_bar(opts.progress);
     let mut summary = CheckSummary::new(opts.states.seed);
     summary.log = std::path::absolute(log).ok();
