@@ -744,6 +744,39 @@ fn combinations(n: usize, k: usize) -> Vec<Vec<usize>> {
 mod tests {
     use super::*;
 
+    /// An epoch whose states would take more than [`STATE_MEMORY_BYTES_MAX`] is refused
+    /// before anything is read or allocated for it; one just under the bound is not.
+    #[test]
+    fn an_epoch_past_the_memory_bound_is_refused() {
+        let write = |seq: u64, bytes: u64| Op {
+            seq,
+            kind: nbd_server::log::RecordKind::Write,
+            fua: false,
+            offset: 0,
+            length: bytes,
+            pieces: vec![(0, bytes)],
+            data: crate::history::OpData::Zero,
+        };
+        let opts = StateOptions::default();
+        let sectors_max = STATE_MEMORY_BYTES_MAX / EPOCH_SECTOR_BYTES;
+        let epoch = |bytes: u64| Epoch {
+            index: 0,
+            ops: vec![write(0, bytes)],
+            marks: vec![],
+            end: crate::history::EpochEnd::Flush,
+            end_seq: Some(1),
+        };
+        let small = epoch((sectors_max - 16) * SECTOR_BYTES);
+        assert!(epoch_memory_bytes(&small, &opts) <= STATE_MEMORY_BYTES_MAX);
+        let big = epoch((sectors_max + 1) * SECTOR_BYTES);
+        assert!(epoch_memory_bytes(&big, &opts) > STATE_MEMORY_BYTES_MAX);
+        let mut g = StateGenerator::new(opts, std::sync::Arc::new(Vec::<u8>::new()));
+        match g.epoch_states(&big) {
+            Err(LogError::Payload(what)) => assert!(what.contains("memory"), "{what}"),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
     #[test]
     fn combinations_count() {
         assert_eq!(combinations(5, 2).len(), 10);
