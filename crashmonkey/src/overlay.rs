@@ -147,6 +147,9 @@ pub fn apply_pieces(
     Ok(())
 }
 
+/// A byte range of the disk: (offset, length).
+type Range = (u64, u64);
+
 /// The parts of `ranges` outside `cut`, both sorted and merged ([`merge`]).
 fn subtract_sorted(ranges: &[(u64, u64)], cut: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut out = Vec::with_capacity(ranges.len());
@@ -398,7 +401,7 @@ impl WorkerImage {
     /// reflink where the filesystem has them (found out at the first try), else by copying.
     fn restore(&mut self, prefix: &PrefixImage, ranges: &[(u64, u64)]) -> Result<(), ImageError> {
         let reflinks = self.reflink != Reflink::Unsupported;
-        let (large, mut small): (Vec<(u64, u64)>, Vec<(u64, u64)>) = ranges
+        let (large, mut small): (Vec<Range>, Vec<Range>) = ranges
             .iter()
             .partition(|r| reflinks && r.1 >= REFLINK_RANGE_BYTES_MIN);
         if !large.is_empty() {
@@ -589,7 +592,7 @@ mod tests {
     /// `subtract_sorted` against a byte-by-byte model.
     #[test]
     fn subtract_sorted_agrees_with_a_byte_model() {
-        let cases: [(&[(u64, u64)], &[(u64, u64)]); 5] = [
+        let cases: [(&[Range], &[Range]); 5] = [
             (&[(0, 100)], &[(10, 10), (50, 60)]),
             (&[(0, 10), (20, 10), (40, 10)], &[(5, 20), (45, 100)]),
             (&[(10, 10)], &[(0, 5), (30, 5)]),

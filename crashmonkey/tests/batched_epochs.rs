@@ -37,8 +37,11 @@ fn one_write_epochs(dir: &Path) -> PathBuf {
     path
 }
 
+/// State images by state id.
+type Images = BTreeMap<u64, Vec<u8>>;
+
 /// The files `{prefix}-{state}.img` in `dir`, by state id.
-fn images(dir: &Path, prefix: &str) -> BTreeMap<u64, Vec<u8>> {
+fn images(dir: &Path, prefix: &str) -> Images {
     std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| {
@@ -52,11 +55,7 @@ fn images(dir: &Path, prefix: &str) -> BTreeMap<u64, Vec<u8>> {
 }
 
 /// Every state's `{uri}` and `{image}` bytes with `jobs` checkers, and crashmonkey's stderr.
-fn states(
-    log: &Path,
-    base: &Path,
-    jobs: &str,
-) -> (BTreeMap<u64, Vec<u8>>, BTreeMap<u64, Vec<u8>>, String) {
+fn states(log: &Path, base: &Path, jobs: &str) -> (Images, Images, String) {
     let got = tempfile::tempdir().unwrap();
     let g = got.path().display();
     let checker = format!(

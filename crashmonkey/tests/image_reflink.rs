@@ -26,14 +26,12 @@ use nbd_server::log::{encode_payload, FlushPayload, LogWriter, RecordKind};
 
 /// Size of the logged disk.
 const DISK: u64 = 8 << 20;
+// The log's large writes (1 and 2 MiB) must be large enough to be reflinked.
+const _: () = assert!(REFLINK_RANGE_BYTES_MIN <= 1 << 20);
 
 /// A log of 4 epochs, each of 3 writes of one to two MiB (a sector off the block
 /// boundaries, some overlapping) and 2 writes of 8 KiB.
 fn mixed_log(dir: &Path) -> PathBuf {
-    assert!(
-        REFLINK_RANGE_BYTES_MIN <= 1 << 20,
-        "the large writes must be reflinked"
-    );
     let path = dir.join("mixed.log");
     let mut w = LogWriter::create(&path, DISK).unwrap();
     let mut n = 0u8;
