@@ -318,7 +318,8 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
         .prefix("crashmonkey-check")
         .tempdir_in(&parent)?;
     let mut stage = Stage::new(wants, base, &history, work.path(), opts)?;
-    let generator = StateGenerator::new(opts.states, history.data_file()?);
+    let generator =
+        StateGenerator::in_dir(opts.states, history.data_file()?, work.path().to_path_buf());
     let bar = progress_bar(opts.progress);
     let mut summary = CheckSummary::new(opts.states.seed);
     summary.log = std::path::absolute(log).ok();
@@ -380,6 +381,39 @@ fn generate(
     }
 }
 
+/// Epochs whose states are checked at once, at most (see [`Batch`]).
+const BATCH_EPOCHS_MAX: usize = 64;
+
+/// Consecutive epochs whose states are checked at once, so that `--jobs` checkers keep busy
+/// on a log whose epochs have no new state or one (most of a long fio log's do). The first
+/// has states; each state stands on the prefix before the first epoch plus the batch's
+/// epochs before its own (as layers of its export, or as writes on its worker image).
+/// Verdicts come out by state id, as epoch by epoch.
+#[derive(Default)]
+struct Batch {
+    epochs: Vec<Epoch>,
+    /// Each epoch's own layer, for the server (empty without one).
+    layers: Vec<std::sync::Arc<nbd_server::backend::Layer>>,
+    /// The states to check: (position of their epoch in `epochs`, state), by id.
+    todo: Vec<(usize, CrashState)>,
+}
+
+impl Batch {
+    /// Whether it is time to check it: enough states for every job, or enough epochs.
+    fn full(&self, jobs: usize) -> bool {
+        self.todo.len() >= jobs || self.epochs.len() >= BATCH_EPOCHS_MAX
+    }
+
+    fn push(&mut self, epoch: Epoch, todo: Vec<CrashState>, stage: &Stage) {
+        let at = self.epochs.len();
+        if let Some(server) = &stage.server {
+            self.layers.push(server.epoch_layer(&epoch));
+        }
+        self.epochs.push(epoch);
+        self.todo.extend(todo.into_iter().map(|s| (at, s)));
+    }
+}
+
 /// Checks the epochs `rx` brings, in order, into `summary`, until they end or a stop.
 fn check_epochs(
     rx: std::sync::mpsc::Receiver<Result<Generated, CheckError>>,
@@ -389,35 +423,83 @@ fn check_epochs(
     bar: &ProgressBar,
     summary: &mut CheckSummary,
 ) -> Result<(), CheckError> {
+    let mut batch = Batch::default();
     for item in rx {
-        let Generated {
-            epoch,
-            todo,
-            states,
-            unique,
-        } = item?;
+        let g = item?;
         if let Some(signal) = opts.stop.signal() {
-            summary.interrupted = Some(interruption(signal, epoch.index, 0));
-            break;
+            let first = batch.epochs.first().unwrap_or(&g.epoch).index;
+            summary.interrupted = Some(interruption(signal, first, 0));
+            return Ok(());
         }
-        (summary.states, summary.unique) = (states, unique);
-        summary.epochs += 1;
-        bar.inc_length(todo.len() as u64);
-        let outcomes = check_epoch(stage, &epoch, data, &todo, opts, bar)?;
-        let checked = outcomes.len();
-        summary.record(outcomes);
-        bar.set_message(format!("epoch {}, {} failed", epoch.index, summary.failed));
-        if checked < todo.len() {
-            let signal = opts
-                .stop
-                .signal()
-                .expect("only a stop leaves states unchecked");
-            summary.interrupted = Some(interruption(signal, epoch.index, checked));
-            break;
+        (summary.states, summary.unique) = (g.states, g.unique);
+        bar.inc_length(g.todo.len() as u64);
+        if batch.epochs.is_empty() && g.todo.is_empty() {
+            summary.epochs += 1;
+            stage.advance(&g.epoch, data)?;
+            continue;
         }
-        stage.advance(&epoch, data)?;
+        batch.push(g.epoch, g.todo, stage);
+        if batch.full(opts.jobs)
+            && !check_batch(std::mem::take(&mut batch), stage, data, opts, bar, summary)?
+        {
+            return Ok(());
+        }
+    }
+    if !batch.epochs.is_empty() {
+        check_batch(batch, stage, data, opts, bar, summary)?;
     }
     Ok(())
+}
+
+/// Checks `batch` into `summary`, then moves the stage past its epochs. `false`: a stop
+/// left states unchecked (said in `summary`).
+fn check_batch(
+    batch: Batch,
+    stage: &mut Stage,
+    data: &std::fs::File,
+    opts: &CheckOptions,
+    bar: &ProgressBar,
+    summary: &mut CheckSummary,
+) -> Result<bool, CheckError> {
+    tracing::debug!(
+        "checking {} states of {} epochs at once",
+        batch.todo.len(),
+        batch.epochs.len()
+    );
+    let outcomes = check_epoch(stage, &batch, data, opts, bar)?;
+    let checked: std::collections::HashSet<usize> = outcomes.iter().map(|o| o.id).collect();
+    summary.record(outcomes);
+    let last = batch.epochs.last().expect("a batch has epochs").index;
+    bar.set_message(format!("epoch {last}, {} failed", summary.failed));
+    // The first epoch with a state left unchecked, and how many of its states were checked.
+    let mut unchecked = None;
+    for (at, epoch) in batch.epochs.iter().enumerate() {
+        let ids = batch
+            .todo
+            .iter()
+            .filter(|(a, _)| *a == at)
+            .map(|(_, s)| s.id);
+        let (done, all) = ids.fold((0, 0), |(d, n), id| {
+            (d + usize::from(checked.contains(&id)), n + 1)
+        });
+        summary.epochs += 1;
+        if done < all {
+            unchecked = Some((epoch.index, done));
+            break;
+        }
+    }
+    if let Some((epoch, done)) = unchecked {
+        let signal = opts
+            .stop
+            .signal()
+            .expect("only a stop leaves states unchecked");
+        summary.interrupted = Some(interruption(signal, epoch, done));
+        return Ok(false);
+    }
+    for epoch in &batch.epochs {
+        stage.advance(epoch, data)?;
+    }
+    Ok(true)
 }
 
 impl CheckSummary {
@@ -471,16 +553,16 @@ fn progress_bar(shown: bool) -> ProgressBar {
     b
 }
 
-/// Checks the states `todo` of `epoch`, one worker thread per worker image. Returns their
-/// verdicts by state id; fewer than `todo` only if the run was stopped.
+/// Checks the states of `batch`, one worker thread per worker image. Returns their verdicts
+/// by state id; fewer than the batch's states only if the run was stopped.
 fn check_epoch(
     stage: &mut Stage,
-    epoch: &Epoch,
+    batch: &Batch,
     data: &std::fs::File,
-    todo: &[CrashState],
     opts: &CheckOptions,
     bar: &ProgressBar,
 ) -> Result<Vec<Outcome>, CheckError> {
+    let todo = &batch.todo;
     let next = AtomicUsize::new(0);
     let outcomes: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
     let first_error: Mutex<Option<CheckError>> = Mutex::new(None);
@@ -504,10 +586,15 @@ fn check_epoch(
                 if failed || opts.stop.signal().is_some() {
                     break;
                 }
-                let Some(state) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                let Some((pos, state)) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     break;
                 };
-                match check_state(worker, at, epoch, state, data, opts) {
+                let on = On {
+                    before: &batch.epochs[..*pos],
+                    layers: batch.layers.get(..*pos).unwrap_or(&[]),
+                    epoch: &batch.epochs[*pos],
+                };
+                match check_state(worker, at, on, state, data, opts) {
                     Ok(Some(o)) => outcomes.lock().expect("no panics under lock").push(o),
                     Ok(None) => break,
                     Err(e) => {
@@ -530,6 +617,15 @@ fn check_epoch(
     Ok(outcomes)
 }
 
+/// What a state stands on: the prefix (of the stage), then the epochs `before` its own in its
+/// batch (`layers` are theirs, for the server), then `epoch`, of which it holds some writes.
+#[derive(Clone, Copy)]
+struct On<'a> {
+    before: &'a [Epoch],
+    layers: &'a [std::sync::Arc<nbd_server::backend::Layer>],
+    epoch: &'a Epoch,
+}
+
 /// The shared places states are built in, for a worker thread.
 #[derive(Clone, Copy)]
 struct Places<'a> {
@@ -542,13 +638,13 @@ struct Places<'a> {
 fn check_state(
     worker: &mut Worker,
     at: Places<'_>,
-    epoch: &Epoch,
+    on: On<'_>,
     state: &CrashState,
     data: &std::fs::File,
     opts: &CheckOptions,
 ) -> Result<Option<Outcome>, CheckError> {
     if let (Some(image), Some(prefix)) = (worker.image.as_mut(), at.prefix) {
-        image.materialize(prefix, epoch, state, data)?;
+        image.materialize_on(prefix, on.before, on.epoch, state, data)?;
     }
     if opts.stop.signal().is_some() {
         return Ok(None);
@@ -560,7 +656,7 @@ fn check_state(
     };
     let cmd = checker_command(&opts.checker, &places, state);
     if let Some(server) = at.server {
-        server.serve(worker.slot, epoch, state);
+        server.serve(worker.slot, on.layers, on.epoch, state);
     }
     let run = run_checker(&cmd, opts.timeout_seconds, &opts.stop);
     if let Some(server) = at.server {
@@ -571,7 +667,7 @@ fn check_state(
         return Ok(None);
     }
     let damage = match (worker.image.as_mut(), at.prefix) {
-        (Some(image), Some(prefix)) => repair(image, prefix, epoch, state, data)?,
+        (Some(image), Some(prefix)) => repair(image, prefix, on, state, data)?,
         _ => None,
     };
     if run.end.passed() && damage.is_none() {
@@ -584,7 +680,7 @@ fn check_state(
         Some(d) => format!("{d} (the checker ended with {})", run.end),
         None => run.end.to_string(),
     };
-    let image = keep_failure(worker, at, epoch, state, &cmd, &reason, &run, opts)?;
+    let image = keep_failure(worker, at, on, state, &cmd, &reason, &run, opts)?;
     Ok(Some(Outcome {
         id: state.id,
         failure: Some(FailedState {
@@ -608,7 +704,7 @@ fn check_state(
 fn repair(
     image: &mut WorkerImage,
     prefix: &PrefixImage,
-    epoch: &Epoch,
+    on: On<'_>,
     state: &CrashState,
     data: &std::fs::File,
 ) -> Result<Option<String>, CheckError> {
@@ -616,7 +712,7 @@ fn repair(
     if let Some(d) = &damage {
         tracing::debug!("state {}: {d}; building the worker image again", state.id);
         image.rebuild(prefix)?;
-        image.materialize(prefix, epoch, state, data)?;
+        image.materialize_on(prefix, on.before, on.epoch, state, data)?;
     }
     Ok(damage)
 }
@@ -627,7 +723,7 @@ fn repair(
 fn keep_failure(
     worker: &Worker,
     at: Places<'_>,
-    epoch: &Epoch,
+    on: On<'_>,
     state: &CrashState,
     cmd: &str,
     reason: &str,
@@ -640,7 +736,7 @@ fn keep_failure(
     let img = out.join(format!("state-{}.img", state.id));
     match (&worker.image, at.prefix, at.server) {
         (Some(image), Some(prefix), _) => sparse_copy(&image.path, &img, prefix.disk_bytes)?,
-        (_, _, Some(server)) => server.save(worker.slot, epoch, state, &img)?,
+        (_, _, Some(server)) => server.save(worker.slot, on.layers, on.epoch, state, &img)?,
         _ => unreachable!("a check has images or a server"),
     }
     let report = format!(

@@ -3,6 +3,7 @@
 //! Map of the crate (keep it true):
 //! - `history`  a write log read as history: operations with power-cut fates, cut into epochs
 //! - `states`   crash-state generation (prefixes, ordered subsets, torn writes) with content hashes
+//! - `state_tables` what state generation keeps between epochs, in files: bounded memory
 //! - `overlay`  copy-on-write images: a prefix image plus per-worker deltas; replay
 //! - `check`    running a checker over every crash state, in parallel, keeping failures
 //! - `served`   crash states served over NBD by an in-process nbd-server (`{uri}`, `{uri-cow}`)
@@ -29,5 +30,6 @@ pub mod race;
 pub mod report;
 pub mod served;
 pub mod shard;
+pub mod state_tables;
 pub mod states;
 pub mod workload;

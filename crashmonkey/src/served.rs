@@ -162,8 +162,19 @@ impl StateServer {
         &self.socket
     }
 
-    /// Slot `slot` serves `state` (of `epoch`) from now on.
-    pub fn serve(&self, slot: usize, epoch: &Epoch, state: &CrashState) {
+    /// The layer of every operation of `epoch`, for states of later epochs checked before
+    /// the prefix moves past it ([`Self::serve`]).
+    pub fn epoch_layer(&self, epoch: &Epoch) -> Arc<Layer> {
+        let mut layer = Layer::new();
+        for op in &epoch.ops {
+            put_pieces(&mut layer, op, &op.pieces);
+        }
+        Arc::new(layer)
+    }
+
+    /// Slot `slot` serves `state` (of `epoch`) from now on, on top of the prefix and of
+    /// `between`, the layers of the epochs between the prefix and `epoch` ([`Self::epoch_layer`]).
+    pub fn serve(&self, slot: usize, between: &[Arc<Layer>], epoch: &Epoch, state: &CrashState) {
         let mut own = Layer::new();
         for &i in &state.included {
             let op = &epoch.ops[i];
@@ -172,7 +183,11 @@ impl StateServer {
         if let Some(t) = &state.torn {
             put_pieces(&mut own, &epoch.ops[t.index], &t.pieces);
         }
-        self.set_view(slot, vec![self.prefix.clone(), Arc::new(own)]);
+        let mut view = Vec::with_capacity(between.len() + 2);
+        view.push(self.prefix.clone());
+        view.extend(between.iter().cloned());
+        view.push(Arc::new(own));
+        self.set_view(slot, view);
     }
 
     /// Slot `slot` serves the bare base until its next state.
@@ -203,12 +218,13 @@ impl StateServer {
     pub fn save(
         &self,
         slot: usize,
+        between: &[Arc<Layer>],
         epoch: &Epoch,
         state: &CrashState,
         path: &Path,
     ) -> Result<(), ServeError> {
         use std::os::unix::fs::FileExt;
-        self.serve(slot, epoch, state);
+        self.serve(slot, between, epoch, state);
         let backend = &self.slots[slot];
         let file = File::create(path)?;
         let size = backend.size();

@@ -17,9 +17,16 @@
 //! Every state gets a content hash, computed incrementally (an additive hash over
 //! `blake3(sector, content)`), so states with identical content are checked once, and the
 //! cost of a state is the size of its own delta, not the length of the log before it.
+//!
+//! Memory is bounded by [`STATE_MEMORY_BYTES_MAX`] however long the log: what the generator
+//! keeps between epochs (the prefix's hash of every sector it wrote, the hash of every state
+//! seen) lives in files ([`crate::state_tables`]); in memory it holds one epoch at a time,
+//! whose payloads it reads from the log by offset, and an epoch too large for the bound is
+//! refused.
 
 use fs_core::block::BlockMap;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -28,6 +35,42 @@ use rand_chacha::ChaCha8Rng;
 use nbd_server::log::{sector_pieces, torn_pieces, unit_pieces, LogError, SECTOR_BYTES};
 
 use crate::history::{Epoch, LogData, Op};
+use crate::state_tables::{SectorHash, SectorHashes, SeenStates, Sum};
+
+/// Memory one epoch's states may take to generate, at most: its operations, their sector
+/// updates, the prefix's hashes of the sectors they touch, and its states' lists of
+/// operations (estimated by [`epoch_memory_bytes`]). An epoch past it is refused. Nothing
+/// else the generator holds grows with the log (see the module docs).
+pub const STATE_MEMORY_BYTES_MAX: u64 = 256 << 20;
+/// Memory per sector an epoch touches, at most: its update, and its entries in the maps of
+/// the prefix's hashes, of their sums, of a state's changes and of the new prefix (hash maps
+/// counted twice over: they grow by doubling), and in the sorted lists read and written.
+const EPOCH_SECTOR_BYTES: u64 =
+    std::mem::size_of::<SectorUpdate>() as u64 + 2 * (40 + 40 + 72 + 40) + 48;
+/// Memory per operation of an epoch and per state of it: its index in the state's kept
+/// operations or its sequence number among the dropped ones, with room for the set of kept
+/// ones built on the way.
+const STATE_OP_BYTES: u64 = 16;
+
+/// Estimated memory [`StateGenerator::epoch_states`] takes for `epoch`: see
+/// [`STATE_MEMORY_BYTES_MAX`].
+pub fn epoch_memory_bytes(epoch: &Epoch, opts: &StateOptions) -> u64 {
+    let n = epoch.ops.len() as u64;
+    let (mut sectors, mut pieces, mut fua) = (0u64, 0u64, 0u64);
+    for op in &epoch.ops {
+        for &(off, len) in &op.pieces {
+            sectors += (off + len).div_ceil(SECTOR_BYTES) - off / SECTOR_BYTES;
+        }
+        pieces += op.pieces.len() as u64;
+        fua += u64::from(op.fua);
+    }
+    // Prefix states (one per mark and FUA write, the initial and the whole epoch), subsets
+    // and torn writes (at most `samples` each).
+    let states = 2 + epoch.marks.len() as u64 + fua + 2 * opts.samples as u64;
+    let ops = n * std::mem::size_of::<Op>() as u64 + pieces * 16;
+    ops.saturating_add(sectors.saturating_mul(EPOCH_SECTOR_BYTES))
+        .saturating_add(states.saturating_mul(n).saturating_mul(STATE_OP_BYTES))
+}
 
 /// How states are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -97,11 +140,6 @@ pub struct CrashState {
     /// Id of an earlier state with the same content; such a state is not checked again.
     pub duplicate_of: Option<usize>,
 }
-
-/// Content identity of one sector.
-type SectorHash = [u8; 32];
-/// Additive multiset hash of a whole image (four wrapping u64 lanes).
-type Sum = [u64; 4];
 
 /// What an operation does to one sector.
 #[derive(Clone, Copy)]
@@ -204,6 +242,12 @@ fn op_updates(
     Ok(out)
 }
 
+/// The contributions to the prefix's sum of the sectors in `old` (the prefix's hashes of
+/// those an epoch touches): each state of the epoch takes some of them out of the sum.
+fn prefix_contribs(old: &BlockMap<SectorHash>) -> BlockMap<Sum> {
+    old.iter().map(|(&s, h)| (s, contrib(s, h))).collect()
+}
+
 /// A crash state before its content is hashed.
 struct Candidate {
     kind: StateKind,
@@ -298,12 +342,21 @@ fn legal_torn(epoch: &Epoch, included: &[usize], t: &TornOp) -> bool {
         && landed < whole
 }
 
+/// What the generator keeps between epochs, in files (made at the first epoch).
+struct Tables {
+    /// The prefix's hash of every sector it wrote.
+    prefix: SectorHashes,
+    /// The first state of each content hash.
+    seen: SeenStates,
+}
+
 /// Keeps the content hash of the prefix and turns epochs into crash states.
 pub struct StateGenerator {
     opts: StateOptions,
-    prefix: BlockMap<SectorHash>,
+    /// Where the files of `tables` go.
+    dir: PathBuf,
+    tables: Option<Tables>,
     prefix_sum: Sum,
-    seen: HashMap<Sum, usize>,
     next_id: usize,
     last_mark: Option<String>,
     log: Box<dyn LogData>,
@@ -313,12 +366,18 @@ pub struct StateGenerator {
 
 impl StateGenerator {
     /// A generator over the log whose bytes `log` reads (its file, or the log in memory).
+    /// Its files go to the system's temporary folder.
     pub fn new(opts: StateOptions, log: impl LogData + 'static) -> Self {
+        Self::in_dir(opts, log, std::env::temp_dir())
+    }
+
+    /// As [`Self::new`], with the generator's files (unlinked) in `dir`.
+    pub fn in_dir(opts: StateOptions, log: impl LogData + 'static, dir: PathBuf) -> Self {
         StateGenerator {
             opts,
-            prefix: BlockMap::default(),
+            dir,
+            tables: None,
             prefix_sum: [0; 4],
-            seen: HashMap::new(),
             next_id: 0,
             last_mark: None,
             log: Box::new(log),
@@ -341,12 +400,36 @@ impl StateGenerator {
         epoch: &Epoch,
         extra: &[(Vec<usize>, Option<TornOp>)],
     ) -> Result<Vec<CrashState>, LogError> {
+        let bytes = epoch_memory_bytes(epoch, &self.opts);
+        if bytes > STATE_MEMORY_BYTES_MAX {
+            return Err(LogError::Payload(format!(
+                "epoch {} ({} operations) needs about {bytes} bytes of memory for its crash \
+                 states, more than the {STATE_MEMORY_BYTES_MAX} a state generator may take",
+                epoch.index,
+                epoch.ops.len()
+            )));
+        }
         let updates: Vec<Vec<SectorUpdate>> = epoch
             .ops
             .iter()
             .map(|op| op_updates(op, &op.pieces, self.log.as_ref()))
             .collect::<Result<_, _>>()?;
-        let before = self.prefix_contribs(&updates);
+        let old = self.prefix_hashes(&updates)?;
+        let before = prefix_contribs(&old);
+        let candidates = self.candidates(epoch, extra);
+        let states = candidates
+            .into_iter()
+            .map(|c| self.state(epoch, &updates, &old, &before, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.advance_prefix(&updates, &old, &before)?;
+        if let Some((_, name)) = epoch.marks.last() {
+            self.last_mark = Some(name.clone());
+        }
+        Ok(states)
+    }
+
+    /// The states of `epoch` before their content is hashed: drawn, then `extra`'s legal ones.
+    fn candidates(&self, epoch: &Epoch, extra: &[(Vec<usize>, Option<TornOp>)]) -> Vec<Candidate> {
         let mut rng = ChaCha8Rng::seed_from_u64(
             self.opts.seed ^ (epoch.index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
@@ -376,15 +459,38 @@ impl StateGenerator {
                 });
             }
         }
-        let states = candidates
-            .into_iter()
-            .map(|c| self.state(epoch, &updates, &before, c))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.advance_prefix(&updates, &before);
-        if let Some((_, name)) = epoch.marks.last() {
-            self.last_mark = Some(name.clone());
+        candidates
+    }
+
+    /// The generator's files, made on first use.
+    fn tables(&mut self) -> Result<&mut Tables, LogError> {
+        if self.tables.is_none() {
+            let made = SectorHashes::new(&self.dir)
+                .and_then(|prefix| Ok((prefix, SeenStates::new(&self.dir)?)))
+                .map_err(|e| self.table_error(e))?;
+            self.tables = Some(Tables {
+                prefix: made.0,
+                seen: made.1,
+            });
         }
-        Ok(states)
+        Ok(self.tables.as_mut().expect("made above"))
+    }
+
+    fn table_error(&self, e: std::io::Error) -> LogError {
+        let what = format!("crash-state tables in {}: {e}", self.dir.display());
+        LogError::Io(std::io::Error::new(e.kind(), what))
+    }
+
+    /// The prefix's hashes of the sectors `updates` touch (those it has written).
+    fn prefix_hashes(
+        &mut self,
+        updates: &[Vec<SectorUpdate>],
+    ) -> Result<BlockMap<SectorHash>, LogError> {
+        let mut sectors: Vec<u64> = updates.iter().flatten().map(|u| u.sector()).collect();
+        sectors.sort_unstable();
+        sectors.dedup();
+        let got = self.tables()?.prefix.get_many(&sectors);
+        got.map_err(|e| self.table_error(e))
     }
 
     /// Torn states: operations that span several atomic units (at most `samples` of them,
@@ -433,10 +539,11 @@ impl StateGenerator {
         &mut self,
         epoch: &Epoch,
         updates: &[Vec<SectorUpdate>],
+        old: &BlockMap<SectorHash>,
         before: &BlockMap<Sum>,
         c: Candidate,
     ) -> Result<CrashState, LogError> {
-        let sum = self.state_sum(epoch, updates, before, &c.included, c.torn.as_ref())?;
+        let sum = self.state_sum(epoch, updates, (old, before), &c.included, c.torn.as_ref())?;
         let mark = self.mark_for(epoch, &c.included);
         let included_set: BTreeSet<usize> = c.included.iter().copied().collect();
         let dropped_seqs = (0..epoch.ops.len())
@@ -446,14 +553,11 @@ impl StateGenerator {
         let id = self.next_id;
         self.next_id += 1;
         self.generated += 1;
-        let duplicate_of = match self.seen.get(&sum) {
-            Some(&first) => Some(first),
-            None => {
-                self.seen.insert(sum, id);
-                self.unique += 1;
-                None
-            }
-        };
+        let first = self.tables()?.seen.first_or_insert(&sum, id);
+        let duplicate_of = first.map_err(|e| self.table_error(e))?;
+        if duplicate_of.is_none() {
+            self.unique += 1;
+        }
         Ok(CrashState {
             id,
             epoch: epoch.index,
@@ -468,54 +572,47 @@ impl StateGenerator {
         })
     }
 
-    /// Advances the prefix past a whole epoch, whose operations make `updates`; `before`
-    /// holds the contributions of the sectors they touch ([`Self::prefix_contribs`]).
-    fn advance_prefix(&mut self, updates: &[Vec<SectorUpdate>], before: &BlockMap<Sum>) {
-        let mut now: BlockMap<Sum> = BlockMap::default();
+    /// Advances the prefix past a whole epoch, whose operations make `updates`; `old` holds
+    /// the prefix's hashes of the sectors they touch, `before` their contributions to its sum.
+    fn advance_prefix(
+        &mut self,
+        updates: &[Vec<SectorUpdate>],
+        old: &BlockMap<SectorHash>,
+        before: &BlockMap<Sum>,
+    ) -> Result<(), LogError> {
+        let mut now: BlockMap<(SectorHash, Sum)> = BlockMap::default();
         for u in updates.iter().flatten() {
             let s = u.sector();
-            let (new, c) = u.apply_sum(self.prefix.get(&s));
-            self.prefix.insert(s, new);
-            now.insert(s, c);
+            let new = u.apply_sum(now.get(&s).map(|n| &n.0).or_else(|| old.get(&s)));
+            now.insert(s, new);
         }
-        for (s, c) in &now {
+        let mut entries: Vec<(u64, SectorHash)> = Vec::with_capacity(now.len());
+        for (s, (h, c)) in &now {
             if let Some(p) = before.get(s) {
                 sub(&mut self.prefix_sum, p);
             }
             add(&mut self.prefix_sum, c);
+            entries.push((*s, *h));
         }
+        entries.sort_unstable_by_key(|e| e.0);
+        let put = self.tables()?.prefix.put_many(&entries);
+        put.map_err(|e| self.table_error(e))
     }
 
-    /// The contributions to the prefix's sum of the sectors `updates` touch (that the prefix
-    /// has): each state of the epoch takes some of them out of the sum.
-    fn prefix_contribs(&self, updates: &[Vec<SectorUpdate>]) -> BlockMap<Sum> {
-        let mut out = BlockMap::default();
-        for u in updates.iter().flatten() {
-            let s = u.sector();
-            if let (Some(p), std::collections::hash_map::Entry::Vacant(v)) =
-                (self.prefix.get(&s), out.entry(s))
-            {
-                v.insert(contrib(s, p));
-            }
-        }
-        out
-    }
-
+    /// The sum of the state of `included` (and `torn`); `old` and `before` as in
+    /// [`Self::advance_prefix`].
     fn state_sum(
         &self,
         epoch: &Epoch,
         updates: &[Vec<SectorUpdate>],
-        before: &BlockMap<Sum>,
+        (old, before): (&BlockMap<SectorHash>, &BlockMap<Sum>),
         included: &[usize],
         torn: Option<&TornOp>,
     ) -> Result<Sum, LogError> {
         let mut changed: BlockMap<(SectorHash, Sum)> = BlockMap::default();
         let apply = |u: &SectorUpdate, changed: &mut BlockMap<(SectorHash, Sum)>| {
             let s = u.sector();
-            let prev = changed
-                .get(&s)
-                .map(|c| &c.0)
-                .or_else(|| self.prefix.get(&s));
+            let prev = changed.get(&s).map(|c| &c.0).or_else(|| old.get(&s));
             let new = u.apply_sum(prev);
             changed.insert(s, new);
         };
@@ -646,6 +743,39 @@ fn combinations(n: usize, k: usize) -> Vec<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An epoch whose states would take more than [`STATE_MEMORY_BYTES_MAX`] is refused
+    /// before anything is read or allocated for it; one just under the bound is not.
+    #[test]
+    fn an_epoch_past_the_memory_bound_is_refused() {
+        let write = |seq: u64, bytes: u64| Op {
+            seq,
+            kind: nbd_server::log::RecordKind::Write,
+            fua: false,
+            offset: 0,
+            length: bytes,
+            pieces: vec![(0, bytes)],
+            data: crate::history::OpData::Zero,
+        };
+        let opts = StateOptions::default();
+        let sectors_max = STATE_MEMORY_BYTES_MAX / EPOCH_SECTOR_BYTES;
+        let epoch = |bytes: u64| Epoch {
+            index: 0,
+            ops: vec![write(0, bytes)],
+            marks: vec![],
+            end: crate::history::EpochEnd::Flush,
+            end_seq: Some(1),
+        };
+        let small = epoch((sectors_max - 16) * SECTOR_BYTES);
+        assert!(epoch_memory_bytes(&small, &opts) <= STATE_MEMORY_BYTES_MAX);
+        let big = epoch((sectors_max + 1) * SECTOR_BYTES);
+        assert!(epoch_memory_bytes(&big, &opts) > STATE_MEMORY_BYTES_MAX);
+        let mut g = StateGenerator::new(opts, std::sync::Arc::new(Vec::<u8>::new()));
+        match g.epoch_states(&big) {
+            Err(LogError::Payload(what)) => assert!(what.contains("memory"), "{what}"),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
 
     #[test]
     fn combinations_count() {

@@ -1,6 +1,6 @@
 //! The few system calls std leaves out: signalling a process group, seeing a child end without
 //! reaping it (`waitid`, `pidfd_open`), `poll`, the free space of a filesystem (`statvfs`), and a rename that never replaces
-//! (`renameat2` with `RENAME_NOREPLACE`), SEEK_DATA / SEEK_HOLE (`lseek`). Each wrapper takes and returns plain values and says why it is sound.
+//! (`renameat2` with `RENAME_NOREPLACE`), SEEK_DATA / SEEK_HOLE (`lseek`), reflinks (`FICLONE`, `FICLONERANGE`). Each wrapper takes and returns plain values and says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -139,4 +139,45 @@ pub fn next_data(f: &std::fs::File, at: u64) -> io::Result<Option<(u64, u64)>> {
         return Err(io::Error::last_os_error());
     }
     Ok(Some((data as u64, hole as u64)))
+}
+
+/// Whether a reflink failed because the filesystem (or the pair of files) cannot share
+/// blocks: the caller copies instead. ext4 and tmpfs answer EOPNOTSUPP; files on two
+/// filesystems EXDEV; some filesystems EINVAL or ENOTTY.
+pub fn reflink_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY | libc::ENOSYS)
+    )
+}
+
+/// Makes all of `dst` share the blocks of all of `src` (`FICLONE`: a reflink, on XFS and
+/// btrfs): a copy that costs metadata only. See [`reflink_unsupported`] for the errors.
+pub fn clone_file(src: &std::fs::File, dst: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: FICLONE takes the source descriptor as its argument, by value; both are open
+    // files we hold for the duration of the call.
+    if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    Err(io::Error::last_os_error())
+}
+
+/// Makes `len` bytes of `dst` at `at` share the blocks of `src` at the same offset
+/// (`FICLONERANGE`). `at` and `len` must be multiples of the filesystem's block size, but
+/// for a range that ends at the end of `src`.
+pub fn clone_range(src: &std::fs::File, dst: &std::fs::File, at: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let range = libc::file_clone_range {
+        src_fd: i64::from(src.as_raw_fd()),
+        src_offset: at,
+        src_length: len,
+        dest_offset: at,
+    };
+    // SAFETY: FICLONERANGE reads one file_clone_range from `range`, which we own and which
+    // outlives the call; both descriptors are open files we hold.
+    if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONERANGE, &range) } == 0 {
+        return Ok(());
+    }
+    Err(io::Error::last_os_error())
 }

@@ -1,0 +1,250 @@
+//! The two things crash-state generation remembers from one epoch to the next, kept in files
+//! rather than in memory, so that its memory stays bounded however long the log and however
+//! large the disk ([`crate::states::STATE_MEMORY_BYTES_MAX`]):
+//! - [`SectorHashes`]: the content hash of every sector the prefix has written (32 bytes a
+//!   sector, at `32 * sector` in the file). In memory it was a map of every sector ever
+//!   written: 281 MB of a 1 GiB disk filled by fio, growing with the log;
+//! - [`SeenStates`]: the content hash of every unique state and the id of the first state
+//!   with it (an open-addressing hash table on disk), growing with the number of states.
+//!
+//! Both files are unlinked temporaries (`O_TMPFILE` where the filesystem has it): they go
+//! when the generator does, on every exit. They are read and written with `pread`/`pwrite`
+//! in runs, never mapped, so what the kernel caches of them is its page cache, not ours.
+//!
+//! On disk a slot of zero bytes is an empty slot: files are sparse and a hole reads as zeros.
+//! A sector's hash is a BLAKE3 output, never all zeros in practice (asserted when written); a
+//! state's slot stores its id plus one, never zero.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use fs_core::block::BlockMap;
+
+/// Content identity of one sector (BLAKE3 of its bytes).
+pub type SectorHash = [u8; 32];
+/// Additive multiset hash of a whole image (four wrapping u64 lanes).
+pub type Sum = [u64; 4];
+
+/// Bytes of one sector's slot in [`SectorHashes`].
+const SECTOR_SLOT_BYTES: u64 = 32;
+/// Sectors read or written with one call, at most (the buffer is 64 KiB).
+const RUN_SECTORS_MAX: u64 = 2048;
+
+/// The prefix's hash of each sector it has written, in a file. See the module docs.
+pub struct SectorHashes {
+    file: File,
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros.
+fn read_zero_filled(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Runs of consecutive sectors in `sorted` (ascending, distinct), at most
+/// [`RUN_SECTORS_MAX`] long: (index of its first sector in `sorted`, length).
+fn runs(sorted: &[u64]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, &s) in sorted.iter().enumerate() {
+        match out.last_mut() {
+            Some((start, len))
+                if sorted[*start] + *len as u64 == s && (*len as u64) < RUN_SECTORS_MAX =>
+            {
+                *len += 1
+            }
+            _ => out.push((i, 1)),
+        }
+    }
+    out
+}
+
+impl SectorHashes {
+    /// An empty table (no sector written) in an unlinked file in `dir`.
+    pub fn new(dir: &Path) -> io::Result<Self> {
+        Ok(SectorHashes {
+            file: tempfile::tempfile_in(dir)?,
+        })
+    }
+
+    /// The hashes of those of `sectors` (ascending, distinct) that the prefix has written.
+    pub fn get_many(&self, sectors: &[u64]) -> io::Result<BlockMap<SectorHash>> {
+        debug_assert!(sectors.windows(2).all(|w| w[0] < w[1]));
+        let mut out = BlockMap::default();
+        let mut buf = vec![0u8; (RUN_SECTORS_MAX * SECTOR_SLOT_BYTES) as usize];
+        for (start, len) in runs(sectors) {
+            let bytes = &mut buf[..len * SECTOR_SLOT_BYTES as usize];
+            read_zero_filled(&self.file, bytes, sectors[start] * SECTOR_SLOT_BYTES)?;
+            for (k, slot) in bytes.chunks_exact(SECTOR_SLOT_BYTES as usize).enumerate() {
+                if slot.iter().any(|&b| b != 0) {
+                    out.insert(sectors[start + k], slot.try_into().expect("32 bytes"));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets the hashes of `entries`' sectors (ascending, distinct).
+    pub fn put_many(&self, entries: &[(u64, SectorHash)]) -> io::Result<()> {
+        let sectors: Vec<u64> = entries.iter().map(|e| e.0).collect();
+        let mut buf = Vec::with_capacity((RUN_SECTORS_MAX * SECTOR_SLOT_BYTES) as usize);
+        for (start, len) in runs(&sectors) {
+            buf.clear();
+            for (_, h) in &entries[start..start + len] {
+                assert!(h.iter().any(|&b| b != 0), "a zero hash reads as no hash");
+                buf.extend_from_slice(h);
+            }
+            self.file
+                .write_all_at(&buf, sectors[start] * SECTOR_SLOT_BYTES)?;
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of one slot of [`SeenStates`]: the sum (4 x 8 bytes) and the id plus one (8 bytes),
+/// little-endian.
+const SEEN_SLOT_BYTES: u64 = 40;
+/// Slots of a new [`SeenStates`] table; it doubles when half full.
+const SEEN_SLOTS_MIN: u64 = 4096;
+/// Slots read at a time when the table is copied into a larger one.
+const SEEN_COPY_SLOTS: u64 = 4096;
+
+/// The first state of each content hash, in an on-disk hash table. See the module docs.
+pub struct SeenStates {
+    file: File,
+    slots: u64,
+    used: u64,
+    dir: std::path::PathBuf,
+}
+
+fn encode_slot(sum: &Sum, id: usize) -> [u8; SEEN_SLOT_BYTES as usize] {
+    let mut out = [0u8; SEEN_SLOT_BYTES as usize];
+    for (i, lane) in sum.iter().enumerate() {
+        out[i * 8..i * 8 + 8].copy_from_slice(&lane.to_le_bytes());
+    }
+    out[32..].copy_from_slice(&(id as u64 + 1).to_le_bytes());
+    out
+}
+
+/// The sum and id a slot holds, or `None` for an empty slot.
+fn decode_slot(slot: &[u8]) -> Option<(Sum, usize)> {
+    let word = |i: usize| u64::from_le_bytes(slot[i * 8..i * 8 + 8].try_into().expect("8"));
+    let id = word(4).checked_sub(1)?;
+    Some(([word(0), word(1), word(2), word(3)], id as usize))
+}
+
+impl SeenStates {
+    /// An empty table in an unlinked file in `dir`.
+    pub fn new(dir: &Path) -> io::Result<Self> {
+        Self::with_slots(dir, SEEN_SLOTS_MIN)
+    }
+
+    fn with_slots(dir: &Path, slots: u64) -> io::Result<Self> {
+        Ok(SeenStates {
+            file: tempfile::tempfile_in(dir)?,
+            slots,
+            used: 0,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The id of the first state with content `sum`, if there was one; otherwise `id` is
+    /// remembered as that first state and `None` returned.
+    pub fn first_or_insert(&mut self, sum: &Sum, id: usize) -> io::Result<Option<usize>> {
+        let mut at = sum[0] % self.slots;
+        let mut slot = [0u8; SEEN_SLOT_BYTES as usize];
+        loop {
+            read_zero_filled(&self.file, &mut slot, at * SEEN_SLOT_BYTES)?;
+            match decode_slot(&slot) {
+                Some((s, first)) if s == *sum => return Ok(Some(first)),
+                Some(_) => at = (at + 1) % self.slots,
+                None => break,
+            }
+        }
+        self.file
+            .write_all_at(&encode_slot(sum, id), at * SEEN_SLOT_BYTES)?;
+        self.used += 1;
+        if self.used * 2 > self.slots {
+            self.grow()?;
+        }
+        Ok(None)
+    }
+
+    /// Copies every entry into a table twice as large (half full makes probes short).
+    fn grow(&mut self) -> io::Result<()> {
+        let mut bigger = SeenStates::with_slots(&self.dir, self.slots * 2)?;
+        let mut buf = vec![0u8; (SEEN_COPY_SLOTS * SEEN_SLOT_BYTES) as usize];
+        let mut at = 0;
+        while at < self.slots {
+            let n = SEEN_COPY_SLOTS.min(self.slots - at);
+            let bytes = &mut buf[..(n * SEEN_SLOT_BYTES) as usize];
+            read_zero_filled(&self.file, bytes, at * SEEN_SLOT_BYTES)?;
+            for slot in bytes.chunks_exact(SEEN_SLOT_BYTES as usize) {
+                if let Some((sum, id)) = decode_slot(slot) {
+                    let earlier = bigger.first_or_insert(&sum, id)?;
+                    assert!(earlier.is_none(), "a table holds each sum once");
+                }
+            }
+            at += n;
+        }
+        *self = bigger;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sector_hashes_read_back_and_holes_are_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = SectorHashes::new(dir.path()).unwrap();
+        let h = |b: u8| [b; 32];
+        t.put_many(&[(3, h(1)), (4, h(2)), (5000, h(3))]).unwrap();
+        t.put_many(&[(4, h(9))]).unwrap();
+        let got = t.get_many(&[0, 3, 4, 5, 4999, 5000, 1 << 30]).unwrap();
+        let mut got: Vec<_> = got.into_iter().collect();
+        got.sort_unstable();
+        assert_eq!(got, vec![(3, h(1)), (4, h(9)), (5000, h(3))]);
+    }
+
+    #[test]
+    fn runs_split_at_gaps_and_at_the_run_limit() {
+        let long: Vec<u64> = (10..10 + RUN_SECTORS_MAX + 1).collect();
+        assert_eq!(runs(&long), vec![(0, RUN_SECTORS_MAX as usize), (2048, 1)]);
+        assert_eq!(runs(&[1, 2, 4]), vec![(0, 2), (2, 1)]);
+    }
+
+    /// The on-disk table against a HashMap, through several doublings, the zero sum (the
+    /// initial state's) included.
+    #[test]
+    fn seen_states_agree_with_a_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = SeenStates::new(dir.path()).unwrap();
+        let mut model = std::collections::HashMap::new();
+        for i in 0..20_000usize {
+            // Every third sum repeats an earlier one; pairs of sums share lane 0 (the slot).
+            let k = if i % 3 == 0 { i / 7 } else { i } as u64;
+            let sum = [(k / 2).wrapping_mul(0x9E37_79B9_7F4A_7C15), k, 0, 0];
+            let want = model.get(&sum).copied();
+            if want.is_none() {
+                model.insert(sum, i);
+            }
+            assert_eq!(t.first_or_insert(&sum, i).unwrap(), want, "state {i}");
+        }
+        assert!(t.slots > SEEN_SLOTS_MIN);
+    }
+}

@@ -1,0 +1,109 @@
+//! Issue 21: on a log whose epochs have one new state or none (most of a long fio log's),
+//! `check --jobs 2` checks the states of consecutive epochs at once, each on its own
+//! prefix: the prefix before the batch plus the batch's epochs before its own, as layers of
+//! its `{uri}` export or as writes on its `{image}` worker image. A state built on the wrong
+//! prefix (an epoch before it left out, or one after it let in) shows here as bytes that
+//! differ from the same state checked with `--jobs 1`, where every epoch is checked alone
+//! on the prefix the stage holds.
+
+mod common;
+
+#[path = "../../nbd-server/tests/common/skip.rs"]
+mod skip;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use nbd_server::log::{encode_payload, FlushPayload, LogWriter, RecordKind};
+
+/// Epochs of the log, each one write and a flush.
+const EPOCHS: u64 = 40;
+
+/// A log of [`EPOCHS`] epochs of one 4 KiB write each, overlapping earlier ones.
+fn one_write_epochs(dir: &Path) -> PathBuf {
+    let path = dir.join("one-write-epochs.log");
+    let mut w = LogWriter::create(&path, DISK_BYTES).unwrap();
+    for i in 0..EPOCHS {
+        let offset = (i * 7 % 16) * 4096 + (i % 3) * 512;
+        w.append(RecordKind::Write, 0, 1, offset, 4096, &[i as u8 + 1; 4096])
+            .unwrap();
+        let flush = encode_payload(&FlushPayload::default());
+        w.append(RecordKind::Flush, 0, 1, 0, 0, &flush).unwrap();
+    }
+    w.flush().unwrap();
+    path
+}
+
+/// State images by state id.
+type Images = BTreeMap<u64, Vec<u8>>;
+
+/// The files `{prefix}-{state}.img` in `dir`, by state id.
+fn images(dir: &Path, prefix: &str) -> Images {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            let id = name
+                .strip_prefix(&format!("{prefix}-"))?
+                .strip_suffix(".img")?;
+            Some((id.parse().unwrap(), std::fs::read(dir.join(&name)).unwrap()))
+        })
+        .collect()
+}
+
+/// Every state's `{uri}` and `{image}` bytes with `jobs` checkers, and crashmonkey's stderr.
+fn states(log: &Path, base: &Path, jobs: &str) -> (Images, Images, String) {
+    let got = tempfile::tempdir().unwrap();
+    let g = got.path().display();
+    let checker = format!(
+        "qemu-img convert -f raw -O raw {{uri}} '{g}/uri-{{state}}.img' && \
+         cp {{image}} '{g}/image-{{state}}.img'"
+    );
+    let mut cmd = crashmonkey();
+    cmd.arg("check").arg(log).arg("--base").arg(base);
+    cmd.args(["--checker", &checker, "--jobs", jobs, "--no-torn", "--json"]);
+    cmd.env("RUST_LOG", "crashmonkey=debug");
+    let out = output_within(&mut cmd, Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    (
+        images(got.path(), "uri"),
+        images(got.path(), "image"),
+        stderr,
+    )
+}
+
+#[test]
+fn states_of_epochs_checked_at_once_equal_those_checked_alone() {
+    let have_qemu = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_qemu && !skip::skip("qemu-img is not installed (make deps installs it)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = one_write_epochs(dir.path());
+    let base = dir.path().join("patterned.img");
+    let bytes: Vec<u8> = (0..DISK_BYTES).map(|i| (i / 512 % 251) as u8).collect();
+    std::fs::write(&base, bytes).unwrap();
+    let (uri1, image1, _) = states(&log, &base, "1");
+    let (uri2, image2, stderr) = states(&log, &base, "2");
+    assert!(uri1.len() as u64 > EPOCHS, "{} states", uri1.len());
+    assert_eq!(uri1, image1, "--jobs 1: {{uri}} and {{image}} differ");
+    assert!(
+        uri2 == uri1,
+        "--jobs 2: a {{uri}} state differs from --jobs 1's"
+    );
+    assert!(
+        image2 == image1,
+        "--jobs 2: an {{image}} state differs from --jobs 1's"
+    );
+    assert!(
+        stderr.contains("states of 2 epochs at once"),
+        "--jobs 2 never checked two epochs at once:\n{stderr}"
+    );
+}
