@@ -30,6 +30,26 @@ fn states_output_is_deterministic() {
     assert_ne!(text.as_bytes(), &c.stdout[..]);
 }
 
+/// `states --work-dir DIR`: the same states, the tables in DIR and gone afterwards; a work dir
+/// that is not a folder is refused (exit 1, as the write-log commands refuse bad input).
+#[test]
+fn states_work_dir_gives_the_same_states_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let l = log(dir.path());
+    let l = l.to_str().unwrap();
+    let w = work.path().to_str().unwrap();
+    let a = cm(&["states", l, "--seed", "3", "--json"]);
+    let b = cm(&["states", l, "--seed", "3", "--json", "--work-dir", w]);
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    assert_eq!(a.stdout, b.stdout);
+    assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 0);
+    let missing = work.path().join("nope");
+    let c = cm(&["states", l, "--work-dir", missing.to_str().unwrap()]);
+    assert_eq!(c.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&c.stderr).contains("--work-dir"));
+}
+
 #[test]
 fn check_json_summary_has_the_documented_fields() {
     let dir = tempfile::tempdir().unwrap();

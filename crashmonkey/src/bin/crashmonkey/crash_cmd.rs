@@ -185,6 +185,11 @@ pub struct StatesArgs {
     /// Print one JSON object per state (then a summary object).
     #[arg(long)]
     json: bool,
+    /// Folder for the generator's temporary tables (sector hashes and the states seen, a
+    /// few bytes per sector the log writes; unlinked at once, gone when the command ends).
+    /// Default: the system's temporary folder. Example: --work-dir /var/tmp.
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -532,7 +537,13 @@ fn states(a: StatesArgs) -> anyhow::Result<i32> {
     check_flags(&opts)?;
     eprintln!("crashmonkey states: seed {}", opts.seed);
     let history = History::open(&a.log).with_context(|| format!("opening {}", a.log.display()))?;
-    let mut generator = StateGenerator::new(opts, history.data_file()?);
+    let dir = a.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    anyhow::ensure!(
+        dir.is_dir(),
+        "--work-dir {}: not a folder (the generator's temporary tables go there)",
+        dir.display()
+    );
+    let mut generator = StateGenerator::in_dir(opts, history.data_file()?, dir);
     let mut epochs = 0;
     for epoch in Epochs::new(history) {
         let epoch = epoch?;
