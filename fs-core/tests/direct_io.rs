@@ -198,11 +198,9 @@ fn a_direct_write_flushes_first_and_extends_at_completion() {
     assert!(flushed < submitted);
 }
 
-/// A store through a shared mapping that dirties a folio of the range after the flush: the
-/// invalidation cannot drop it, `iomap_dio_rw` returns `-ENOTBLK` (XFS would redo the write
-/// buffered) and the direct write changes nothing.
-#[test]
-fn a_folio_dirtied_after_the_flush_fails_the_direct_write() {
+/// A two-block file; a direct write of 'B' over block `dio_block` stops once its flush is
+/// done, an mmap store of "MMMMM" at byte 10 (block 0) runs to its end, then the write ends.
+fn store_after_the_flush(dio_block: u64) -> RunResult {
     let w = Workload {
         files: 1,
         phases: vec![
@@ -211,7 +209,7 @@ fn a_folio_dirtied_after_the_flush_fails_the_direct_write() {
                 size: 2 * K,
             }],
             vec![
-                dio(0, K, b'B'),
+                dio(dio_block * K, K, b'B'),
                 Op::MmapStore {
                     file: 0,
                     offset: 10,
@@ -231,7 +229,15 @@ fn a_folio_dirtied_after_the_flush_fails_the_direct_write() {
         Drain { task: store },
         Drain { task: write },
     ];
-    let r = run_script(&Config::default(), &w, script);
+    run_script(&Config::default(), &w, script)
+}
+
+/// A store through a shared mapping that dirties a folio of the range after the flush: the
+/// invalidation cannot drop it, `iomap_dio_rw` returns `-ENOTBLK` (XFS would redo the write
+/// buffered) and the direct write changes nothing.
+#[test]
+fn a_folio_dirtied_after_the_flush_fails_the_direct_write() {
+    let r = store_after_the_flush(0);
     assert!(r.passed(), "{:?}", r.failures);
     assert_eq!(r.results[1], Some(Err(FsError::NotBlock)));
     assert_eq!(&r.files[0][10..15], b"MMMMM");
@@ -270,35 +276,7 @@ fn unaligned_direct_writes_are_refused() {
 /// folio before it, after the direct write's flush, does not fail the write, and stays.
 #[test]
 fn folios_outside_the_range_are_left_alone() {
-    let w = Workload {
-        files: 1,
-        phases: vec![
-            vec![Op::Truncate {
-                file: 0,
-                size: 2 * K,
-            }],
-            vec![
-                dio(K, K, b'B'),
-                Op::MmapStore {
-                    file: 0,
-                    offset: 10,
-                    len: 5,
-                    byte: b'M',
-                },
-            ],
-        ],
-    };
-    let (write, store) = (FIRST_OP_TASK + 1, FIRST_OP_TASK + 2);
-    let script = vec![
-        Until {
-            task: write,
-            label: YieldPoint::DioFlushWait,
-            arg: None,
-        },
-        Drain { task: store },
-        Drain { task: write },
-    ];
-    let r = run_script(&Config::default(), &w, script);
+    let r = store_after_the_flush(1);
     assert!(r.passed(), "{:?}", r.failures);
     assert_eq!(r.results[1], Some(Ok(K)));
     assert_eq!(&r.files[0][10..15], b"MMMMM");

@@ -186,12 +186,12 @@ pub fn switches(cfg: &Config) -> String {
         } else {
             bugs.join("+")
         }
-    ) + &folio_switch(cfg)
+    ) + &optional_switches(cfg)
 }
 
 /// Large folios and direct writes, named only when on, so signatures of runs without them
 /// stay as they were.
-fn folio_switch(cfg: &Config) -> String {
+fn optional_switches(cfg: &Config) -> String {
     let mut s = match cfg.folio_blocks {
         1 => String::new(),
         n => format!(",folio_blocks={n}"),

@@ -237,17 +237,17 @@ pub fn switches(cfg: &Config) -> String {
         cfg.mkwrite_takes_inode_lock,
         cfg.cache_limit_folios
     );
-    let mut folios = match cfg.folio_blocks {
+    let mut optional = match cfg.folio_blocks {
         1 => String::new(),
         n => format!(", folios of {n} blocks"),
     };
     if cfg.direct_writes {
-        folios += ", direct writes raced";
+        optional += ", direct writes raced";
     }
     if !cfg.dio_invalidate.is_default() {
-        folios += &format!(", direct-write invalidation {:?}", cfg.dio_invalidate);
+        optional += &format!(", direct-write invalidation {:?}", cfg.dio_invalidate);
     }
-    main + &folios + &gfs2
+    main + &optional + &gfs2
 }
 
 /// The full human report of a run.
