@@ -474,8 +474,9 @@ fn a_damaged_bundle_or_record_is_a_clear_error() {
 
 /// A campaign stopped between writing a record and indexing it leaves an index behind its
 /// records. Simulated with an index saved part-way and put back after the campaign ended:
-/// `findings` refuses it (and says how to repair it), and the campaign run again indexes the
-/// records it lacks and ends as the uninterrupted campaign.
+/// `findings` indexes the records it lacks and answers as the uninterrupted campaign's
+/// folder does, and so does the campaign run again. An index that names a record the folder
+/// does not hold is still refused, saying how to repair it.
 #[test]
 fn an_index_behind_its_records_catches_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -497,15 +498,57 @@ fn an_index_behind_its_records_catches_up() {
     std::fs::remove_dir_all(camp.join("index")).unwrap();
     copy_tree(&saved, &camp.join("index"));
     let behind = findings(&camp);
-    assert_eq!(behind.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&behind.stderr);
+    assert_eq!(behind.status.code(), findings(&clean).status.code());
+    assert_eq!(behind.stdout, findings(&clean).stdout);
+    std::fs::remove_dir_all(camp.join("index")).unwrap();
+    copy_tree(&saved, &camp.join("index"));
+    let again = untimed(json(&race(&camp, runs, &[]).output().unwrap()));
+    assert_eq!(again, want);
+    assert_eq!(findings(&camp).stdout, findings(&clean).stdout);
+    // The saved index names a record; with that record's file gone it is damage.
+    let record = std::fs::read_dir(camp.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .unwrap();
+    std::fs::remove_file(&record).unwrap();
+    let missing = findings(&camp);
+    assert_eq!(missing.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&missing.stderr);
     assert!(
-        err.contains("not indexed") && err.contains("reindex"),
+        err.contains("have no file") && err.contains("reindex"),
+        "{err}"
+    );
+}
+
+/// A campaign stopped after writing a bundle and before the record that names it (or after
+/// a smaller run superseded a bundle and before removing it) leaves a bundle folder no
+/// finding names. `findings` answers as before and says it is there; the campaign run again
+/// removes it and ends as the uninterrupted campaign.
+#[test]
+fn a_bundle_no_finding_names_is_noted_then_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let camp = dir.path().join("camp");
+    let runs = 3000;
+    let want = untimed(json(&race(&camp, runs, &[]).output().unwrap()));
+    let before = findings(&camp);
+    let first = want["failing_seeds"][0]
+        .as_u64()
+        .expect("the campaign fails");
+    let orphan = camp.join("race-seed-999999999");
+    copy_tree(&camp.join(format!("race-seed-{first}")), &orphan);
+    let noted = findings(&camp);
+    assert_eq!(noted.stdout, before.stdout);
+    assert_eq!(noted.status.code(), before.status.code());
+    let err = String::from_utf8_lossy(&noted.stderr);
+    assert!(
+        err.contains("1 bundle folder(s) no finding names") && err.contains("race-seed-999999999"),
         "{err}"
     );
     let again = untimed(json(&race(&camp, runs, &[]).output().unwrap()));
     assert_eq!(again, want);
-    assert_eq!(findings(&camp).stdout, findings(&clean).stdout);
+    assert!(!orphan.exists(), "the rerun removes the orphan bundle");
+    assert!(findings(&camp).stderr.is_empty());
 }
 
 /// Copies a folder of files and folders of files (sled's index is two levels deep).

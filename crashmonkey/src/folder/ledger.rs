@@ -77,7 +77,8 @@ impl Ledger {
             shard,
             record_seconds: RECORD_SECONDS_DEFAULT,
         };
-        ledger.catch_up()?;
+        catch_up(&ledger.index, dir)?;
+        sweep_orphan_bundles(&ledger.index, dir)?;
         Ok(ledger)
     }
 
@@ -99,42 +100,6 @@ impl Ledger {
     /// Whether `s` is long enough to be recorded now.
     pub fn due<T>(&self, s: &Stretch<T>) -> bool {
         s.runs >= RUNS_PER_RECORD_MAX || s.started.elapsed().as_secs_f64() >= self.record_seconds
-    }
-
-    /// Indexes the folder's records the index lacks; an indexed record with no file, or
-    /// whose file changed, is damage.
-    fn catch_up(&self) -> Result<(), FolderError> {
-        let indexed = self.index.records()?;
-        let mut seen = 0;
-        // Checked once all are in: a later record may supersede an earlier one's bundles.
-        let mut touched = BTreeSet::new();
-        for path in super::record::record_paths(&self.dir)? {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-            let bytes = std::fs::read(&path).map_err(|e| FolderError::io(&path, e))?;
-            match indexed.get(name.as_deref().unwrap_or_default()) {
-                Some(e) if e.hash == *blake3::hash(&bytes).as_bytes() => seen += 1,
-                Some(_) => return Err(FolderError::corrupt(&path, "changed since indexed")),
-                None => {
-                    let r = Record::read(&path)?;
-                    tracing::info!(record = %path.display(), "indexing a record made before an interruption");
-                    for (_, after) in self.index.apply(&r, &bytes)? {
-                        touched.insert(after.signature.clone());
-                    }
-                }
-            }
-        }
-        if seen != indexed.len() {
-            return Err(FolderError::Index {
-                dir: self.dir.clone(),
-                what: format!("{} indexed run records have no file", indexed.len() - seen),
-            });
-        }
-        for sig in touched {
-            if let Some(t) = self.index.finding(&sig)? {
-                super::check_bundles(&self.dir, &t)?;
-            }
-        }
-        Ok(())
     }
 
     /// This campaign's (and shard's) records, in run order; they must follow each other
@@ -222,6 +187,83 @@ impl Ledger {
         }
         Ok(())
     }
+}
+
+/// Indexes the folder's records the index lacks (a campaign stopped between writing a
+/// record and indexing it); an indexed record with no file, or whose file changed, is
+/// damage. Returns how many records it indexed. The caller holds the index's lock.
+pub fn catch_up(index: &Index, dir: &Path) -> Result<usize, FolderError> {
+    let indexed = index.records()?;
+    let (mut seen, mut added) = (0, 0);
+    // Checked once all are in: a later record may supersede an earlier one's bundles.
+    let mut touched = BTreeSet::new();
+    for path in super::record::record_paths(dir)? {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let bytes = std::fs::read(&path).map_err(|e| FolderError::io(&path, e))?;
+        match indexed.get(name.as_deref().unwrap_or_default()) {
+            Some(e) if e.hash == *blake3::hash(&bytes).as_bytes() => seen += 1,
+            Some(_) => return Err(FolderError::corrupt(&path, "changed since indexed")),
+            None => {
+                let r = Record::read(&path)?;
+                tracing::info!(record = %path.display(), "indexing a record made before an interruption");
+                for (_, after) in index.apply(&r, &bytes)? {
+                    touched.insert(after.signature.clone());
+                }
+                added += 1;
+            }
+        }
+    }
+    if seen != indexed.len() {
+        return Err(FolderError::Index {
+            dir: dir.to_path_buf(),
+            what: format!("{} indexed run records have no file", indexed.len() - seen),
+        });
+    }
+    for sig in touched {
+        if let Some(t) = index.finding(&sig)? {
+            super::check_bundles(dir, &t)?;
+        }
+    }
+    Ok(added)
+}
+
+/// The bundle folders of `dir` that no finding of the index names: written by a campaign
+/// stopped before the record that names them (it writes them again when it runs again), or
+/// superseded by a smaller run and not yet removed when it stopped. Sorted by name.
+pub fn orphan_bundles(index: &Index, dir: &Path) -> Result<Vec<PathBuf>, FolderError> {
+    let mut named = BTreeSet::new();
+    for t in index.findings()? {
+        for seed in t.bundled_seeds() {
+            named.insert(bundle_name_of(&t.signature, seed));
+        }
+    }
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| FolderError::io(dir, e))? {
+        let e = e.map_err(|e| FolderError::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_bundle_name(&name) && !named.contains(&name) && e.path().is_dir() {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Whether `name` is a campaign bundle folder's name: `race-seed-N` or `fs-seed-N`.
+fn is_bundle_name(name: &str) -> bool {
+    let digits = name
+        .strip_prefix("race-seed-")
+        .or_else(|| name.strip_prefix("fs-seed-"));
+    digits.is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes [`orphan_bundles`]: only a campaign that holds the folder does, when it opens it.
+fn sweep_orphan_bundles(index: &Index, dir: &Path) -> Result<(), FolderError> {
+    for path in orphan_bundles(index, dir)? {
+        tracing::info!(bundle = %path.display(), "removing a bundle no finding names (left by an interruption)");
+        std::fs::remove_dir_all(&path).map_err(|e| FolderError::io(&path, e))?;
+    }
+    Ok(())
 }
 
 /// The folder's campaign is `want` (a new folder is made `want`'s); another is refused.

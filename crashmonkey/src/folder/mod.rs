@@ -303,6 +303,10 @@ pub struct Findings {
     pub failing_runs: u64,
     /// Most frequent first, then by signature.
     pub findings: Vec<Finding>,
+    /// Bundle folders no finding names (an interrupted campaign's; running it again removes
+    /// them): not in the JSON, they change no answer; the command says they are there.
+    #[serde(skip)]
+    pub orphan_bundles: Vec<PathBuf>,
 }
 
 /// Reads a folder's findings from its index, after checking that the index holds exactly
@@ -317,6 +321,9 @@ pub fn findings(dir: &Path) -> Result<Findings, FolderError> {
         Err(FolderError::InUse { .. }) => return findings_of_records(dir),
         r => r?,
     };
+    // Records a stopped campaign wrote but did not index are indexed now (this process holds
+    // the lock); an indexed record with no file, or changed, is still refused.
+    ledger::catch_up(&index, dir)?;
     let indexed = index.records()?;
     let files: BTreeSet<String> = record::record_paths(dir)?
         .iter()
@@ -341,7 +348,9 @@ pub fn findings(dir: &Path) -> Result<Findings, FolderError> {
     }
     let runs = indexed.values().map(|r| r.runs).sum();
     let failing_runs = indexed.values().map(|r| r.failures).sum();
-    report(dir, runs, failing_runs, &tallies)
+    let mut out = report(dir, runs, failing_runs, &tallies)?;
+    out.orphan_bundles = ledger::orphan_bundles(&index, dir)?;
+    Ok(out)
 }
 
 /// Times [`findings`] of a running campaign reads its records again when a bundle they name
@@ -401,6 +410,7 @@ fn report(
         runs,
         failing_runs,
         findings,
+        orphan_bundles: Vec::new(),
     })
 }
 

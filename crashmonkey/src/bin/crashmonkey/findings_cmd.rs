@@ -80,6 +80,15 @@ pub fn run(args: FindingsArgs) -> anyhow::Result<i32> {
     match r {
         Ok((f, dir, json)) => {
             show(&f, &dir, json)?;
+            if let Some(first) = f.orphan_bundles.first() {
+                eprintln!(
+                    "crashmonkey findings: note: {} bundle folder(s) no finding names, first {} \
+                     (left by an interrupted campaign; they change no answer, and running the \
+                     campaign again removes them)",
+                    f.orphan_bundles.len(),
+                    first.display()
+                );
+            }
             Ok(if f.findings.is_empty() { 0 } else { 1 })
         }
         Err(e) => {
