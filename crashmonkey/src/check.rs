@@ -26,7 +26,7 @@ pub use crate::checker::{signal_name, CheckerEnd, StopFlag, CHECKER_OUTPUT_BYTES
 use crate::history::{Epoch, Epochs, History};
 use crate::overlay::{sparse_copy, ImageError, LargerBase, PrefixImage, WorkerImage};
 use crate::served::StateServer;
-use crate::states::{CrashState, StateGenerator, StateOptions};
+use crate::states::{CrashState, EpochHashes, StateGenerator, StateOptions};
 
 /// Most checker processes run at once.
 pub const JOBS_MAX: usize = 64;
@@ -325,11 +325,14 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
     summary.log = std::path::absolute(log).ok();
     // States are generated one epoch ahead, on a thread of their own, while the epoch before
     // is checked (on a long log generating them was a third of the run).
+    let budget = AheadBudget::new(GENERATED_AHEAD_BYTES_MAX);
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel(EPOCHS_AHEAD_MAX);
-        scope.spawn(move || generate(history, generator, opts, tx));
-        // Its end drops the receiver, which ends the generator at its next epoch.
-        check_epochs(rx, &mut stage, &data, opts, &bar, &mut summary)
+        let gen_budget = &budget;
+        scope.spawn(move || generate(history, generator, opts, tx, gen_budget));
+        // Its end closes the budget and drops the receiver, which ends the generator.
+        let _closed = budget.closer();
+        check_epochs(rx, &mut stage, &data, opts, &bar, &mut summary, &budget)
     })?;
     stage.finish()?;
     bar.finish_and_clear();
@@ -341,8 +344,12 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
     Ok(summary)
 }
 
-/// Epochs whose states are generated ahead of the one being checked, at most.
-const EPOCHS_AHEAD_MAX: usize = 2;
+/// Epochs whose states are generated ahead of the one being checked, at most: enough for
+/// the next batch to be ready when one ends (generating them meanwhile left the jobs idle).
+const EPOCHS_AHEAD_MAX: usize = 2 * BATCH_EPOCHS_MAX;
+/// Memory those epochs and their states may take, at most (estimated; an epoch larger than
+/// this alone still goes, on its own).
+const GENERATED_AHEAD_BYTES_MAX: usize = 64 << 20;
 
 /// One epoch, the states of it this process checks, and the generator's counts after it.
 struct Generated {
@@ -350,39 +357,177 @@ struct Generated {
     todo: Vec<CrashState>,
     states: usize,
     unique: usize,
+    /// Its estimated memory, taken from the [`AheadBudget`] until it is received.
+    bytes: usize,
 }
 
+/// The estimated memory of an epoch and its states to check.
+fn generated_bytes(epoch: &Epoch, todo: &[CrashState]) -> usize {
+    use std::mem::size_of;
+    let ops: usize = epoch
+        .ops
+        .iter()
+        .map(|o| size_of::<crate::history::Op>() + o.pieces.len() * 16)
+        .sum();
+    let states: usize = todo
+        .iter()
+        .map(|s| {
+            size_of::<CrashState>()
+                + (s.included.len() + s.dropped_seqs.len()) * 8
+                + s.label.len()
+                + s.hash.len()
+                + s.torn.as_ref().map_or(0, |t| t.pieces.len() * 16)
+        })
+        .sum();
+    ops + states
+}
+
+/// Bytes sent ahead on a channel and not yet received (at most `max`), and whether the
+/// receiving side has ended (then the sender stops waiting).
+struct AheadBudget {
+    max: usize,
+    state: Mutex<(usize, bool)>,
+    freed: std::sync::Condvar,
+}
+
+impl AheadBudget {
+    fn new(max: usize) -> Self {
+        AheadBudget {
+            max,
+            state: Mutex::new((0, false)),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Waits until `bytes` fit (or nothing is ahead); `false` if the receiver has ended.
+    fn take(&self, bytes: usize) -> bool {
+        let mut g = self.state.lock().expect("no panics under lock");
+        while !g.1 && g.0 > 0 && g.0 + bytes > self.max {
+            g = self.freed.wait(g).expect("no panics under lock");
+        }
+        g.0 += bytes;
+        !g.1
+    }
+
+    fn give(&self, bytes: usize) {
+        let mut g = self.state.lock().expect("no panics under lock");
+        g.0 = g.0.saturating_sub(bytes);
+        self.freed.notify_all();
+    }
+
+    /// A guard that marks the receiving side ended when it drops, on every way out.
+    fn closer(&self) -> AheadCloser<'_> {
+        AheadCloser(self)
+    }
+}
+
+struct AheadCloser<'a>(&'a AheadBudget);
+
+impl Drop for AheadCloser<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.1 = true;
+        self.0.freed.notify_all();
+    }
+}
+
+/// Epochs hashed ahead of the one whose states are being generated, at most, and the memory
+/// they may take (an epoch larger than this alone still goes, on its own).
+const HASHED_AHEAD_EPOCHS_MAX: usize = 16;
+const HASHED_AHEAD_BYTES_MAX: usize = 64 << 20;
+
+/// An epoch and its sectors hashed, or why not.
+type Hashed = Result<(Epoch, EpochHashes, usize), CheckError>;
+
 /// Generates the states of every epoch of `history`, in order, into `tx`; stops at the first
-/// error (sent too) or once nobody receives.
+/// error (sent too) or once nobody receives. The epochs' sectors are hashed ahead on a
+/// thread of their own (on a long log that was half of generating).
 fn generate(
     history: History,
     mut generator: StateGenerator,
     opts: &CheckOptions,
     tx: std::sync::mpsc::SyncSender<Result<Generated, CheckError>>,
+    budget: &AheadBudget,
+) {
+    let data = match history.data_file() {
+        Ok(d) => d,
+        Err(e) => return drop(tx.send(Err(e.into()))),
+    };
+    let hashing = AheadBudget::new(HASHED_AHEAD_BYTES_MAX);
+    std::thread::scope(|scope| {
+        let (htx, hrx) = std::sync::mpsc::sync_channel::<Hashed>(HASHED_AHEAD_EPOCHS_MAX);
+        let ahead = &hashing;
+        scope.spawn(move || hash_epochs(history, &opts.states, &data, htx, ahead));
+        let _closed = hashing.closer();
+        for hashed in hrx {
+            let item = hashed.and_then(|(epoch, h, bytes)| {
+                hashing.give(bytes);
+                generated(&mut generator, opts, epoch, h)
+            });
+            let failed = item.is_err();
+            if item.as_ref().is_ok_and(|g| !budget.take(g.bytes)) {
+                return;
+            }
+            if tx.send(item).is_err() || failed {
+                return;
+            }
+        }
+    });
+}
+
+/// Reads every epoch of `history` and hashes its sectors, in order, into `tx`; stops at the
+/// first error (sent too) or once nobody receives.
+fn hash_epochs(
+    history: History,
+    opts: &crate::states::StateOptions,
+    data: &std::fs::File,
+    tx: std::sync::mpsc::SyncSender<Hashed>,
+    budget: &AheadBudget,
 ) {
     for epoch in Epochs::new(history) {
         let item = epoch.map_err(CheckError::from).and_then(|epoch| {
-            let todo: Vec<CrashState> = generator
-                .epoch_states(&epoch)?
-                .into_iter()
-                .filter(|s| s.duplicate_of.is_none() && opts.shard.owns(s.id as u64))
-                .collect();
-            Ok(Generated {
-                epoch,
-                todo,
-                states: generator.generated,
-                unique: generator.unique,
-            })
+            let h = EpochHashes::of(&epoch, opts, data)?;
+            let bytes = h.bytes() + generated_bytes(&epoch, &[]);
+            Ok((epoch, h, bytes))
         });
         let failed = item.is_err();
+        if item.as_ref().is_ok_and(|(_, _, b)| !budget.take(*b)) {
+            return;
+        }
         if tx.send(item).is_err() || failed {
             return;
         }
     }
 }
 
+/// The states of `epoch` this process checks, with the generator's counts after it.
+fn generated(
+    generator: &mut StateGenerator,
+    opts: &CheckOptions,
+    epoch: Epoch,
+    hashed: EpochHashes,
+) -> Result<Generated, CheckError> {
+    let todo: Vec<CrashState> = generator
+        .epoch_states_hashed(&epoch, hashed)?
+        .into_iter()
+        .filter(|s| s.duplicate_of.is_none() && opts.shard.owns(s.id as u64))
+        .collect();
+    Ok(Generated {
+        bytes: generated_bytes(&epoch, &todo),
+        epoch,
+        todo,
+        states: generator.generated,
+        unique: generator.unique,
+    })
+}
+
 /// Epochs whose states are checked at once, at most (see [`Batch`]).
 const BATCH_EPOCHS_MAX: usize = 64;
+
+/// States per job a batch gathers before it is checked (unless it reaches
+/// [`BATCH_EPOCHS_MAX`] first): each batch ends with the jobs waiting for its slowest state
+/// and the stage moving on alone, so a batch of one state per job kept them half idle.
+const BATCH_STATES_PER_JOB: usize = 8;
 
 /// Consecutive epochs whose states are checked at once, so that `--jobs` checkers keep busy
 /// on a log whose epochs have no new state or one (most of a long fio log's do). The first
@@ -401,7 +546,7 @@ struct Batch {
 impl Batch {
     /// Whether it is time to check it: enough states for every job, or enough epochs.
     fn full(&self, jobs: usize) -> bool {
-        self.todo.len() >= jobs || self.epochs.len() >= BATCH_EPOCHS_MAX
+        self.todo.len() >= jobs * BATCH_STATES_PER_JOB || self.epochs.len() >= BATCH_EPOCHS_MAX
     }
 
     fn push(&mut self, epoch: Epoch, todo: Vec<CrashState>, stage: &Stage) {
@@ -422,10 +567,12 @@ fn check_epochs(
     opts: &CheckOptions,
     bar: &ProgressBar,
     summary: &mut CheckSummary,
+    budget: &AheadBudget,
 ) -> Result<(), CheckError> {
     let mut batch = Batch::default();
     for item in rx {
         let g = item?;
+        budget.give(g.bytes);
         if let Some(signal) = opts.stop.signal() {
             let first = batch.epochs.first().unwrap_or(&g.epoch).index;
             summary.interrupted = Some(interruption(signal, first, 0));

@@ -211,6 +211,10 @@ fn hex(sum: &Sum) -> String {
     sum.iter().map(|l| format!("{l:016x}")).collect()
 }
 
+/// Bytes of an operation's content read from the log at a time while its sectors are
+/// hashed (one read per chunk, not per sector); a multiple of the sector size.
+const HASH_READ_BYTES_MAX: u64 = 256 * 1024;
+
 /// Sector updates of one operation over `pieces`, reading its data from the log.
 fn op_updates(
     op: &Op,
@@ -221,25 +225,70 @@ fn op_updates(
     let zero_hash =
         *ZERO_HASH.get_or_init(|| *blake3::hash(&[0u8; SECTOR_BYTES as usize]).as_bytes());
     let mut out = Vec::new();
-    let mut buf = vec![0u8; SECTOR_BYTES as usize];
+    let mut buf = Vec::new();
     for &(off, len) in pieces {
-        for (s_off, s_len) in sector_pieces(off, len) {
-            let sector = s_off / SECTOR_BYTES;
-            let b = &mut buf[..s_len as usize];
-            let h = if op.data == crate::history::OpData::Zero && s_len == SECTOR_BYTES {
-                zero_hash
-            } else {
-                op.read(log, s_off, b)?;
-                *blake3::hash(b).as_bytes()
-            };
-            out.push(if s_len == SECTOR_BYTES {
-                SectorUpdate::Full(sector, h, contrib(sector, &h))
-            } else {
-                SectorUpdate::Partial(sector, (s_off % SECTOR_BYTES) as u16, s_len as u16, h)
-            });
+        // Chunks end on sector boundaries (but the piece's last), so a sector is never split.
+        let mut at = off;
+        while at < off + len {
+            let boundary = (at / SECTOR_BYTES + HASH_READ_BYTES_MAX / SECTOR_BYTES) * SECTOR_BYTES;
+            let end = boundary.min(off + len);
+            buf.resize((end - at) as usize, 0);
+            op.read(log, at, &mut buf)?;
+            for (s_off, s_len) in sector_pieces(at, end - at) {
+                let sector = s_off / SECTOR_BYTES;
+                let b = &buf[(s_off - at) as usize..(s_off - at + s_len) as usize];
+                let h = if op.data == crate::history::OpData::Zero && s_len == SECTOR_BYTES {
+                    zero_hash
+                } else {
+                    *blake3::hash(b).as_bytes()
+                };
+                out.push(if s_len == SECTOR_BYTES {
+                    SectorUpdate::Full(sector, h, contrib(sector, &h))
+                } else {
+                    SectorUpdate::Partial(sector, (s_off % SECTOR_BYTES) as u16, s_len as u16, h)
+                });
+            }
+            at = end;
         }
     }
     Ok(out)
+}
+
+/// What an epoch's operations do to each sector they write, hashed: the part of state
+/// generation that needs only the epoch and the log, so that it can run ahead on a thread of
+/// its own ([`StateGenerator::epoch_states_hashed`]).
+pub struct EpochHashes {
+    updates: Vec<Vec<SectorUpdate>>,
+}
+
+impl EpochHashes {
+    /// Hashes `epoch`'s sectors, reading its data from `log`; an epoch that would take more
+    /// than [`STATE_MEMORY_BYTES_MAX`] to generate is refused first.
+    pub fn of(epoch: &Epoch, opts: &StateOptions, log: &dyn LogData) -> Result<Self, LogError> {
+        let bytes = epoch_memory_bytes(epoch, opts);
+        if bytes > STATE_MEMORY_BYTES_MAX {
+            return Err(LogError::Payload(format!(
+                "epoch {} ({} operations) needs about {bytes} bytes of memory for its crash \
+                 states, more than the {STATE_MEMORY_BYTES_MAX} a state generator may take",
+                epoch.index,
+                epoch.ops.len()
+            )));
+        }
+        let updates = epoch
+            .ops
+            .iter()
+            .map(|op| op_updates(op, &op.pieces, log))
+            .collect::<Result<_, _>>()?;
+        Ok(EpochHashes { updates })
+    }
+
+    /// Estimated memory it holds.
+    pub fn bytes(&self) -> usize {
+        self.updates
+            .iter()
+            .map(|u| u.len() * std::mem::size_of::<SectorUpdate>())
+            .sum()
+    }
 }
 
 /// The contributions to the prefix's sum of the sectors in `old` (the prefix's hashes of
@@ -400,20 +449,27 @@ impl StateGenerator {
         epoch: &Epoch,
         extra: &[(Vec<usize>, Option<TornOp>)],
     ) -> Result<Vec<CrashState>, LogError> {
-        let bytes = epoch_memory_bytes(epoch, &self.opts);
-        if bytes > STATE_MEMORY_BYTES_MAX {
-            return Err(LogError::Payload(format!(
-                "epoch {} ({} operations) needs about {bytes} bytes of memory for its crash \
-                 states, more than the {STATE_MEMORY_BYTES_MAX} a state generator may take",
-                epoch.index,
-                epoch.ops.len()
-            )));
-        }
-        let updates: Vec<Vec<SectorUpdate>> = epoch
-            .ops
-            .iter()
-            .map(|op| op_updates(op, &op.pieces, self.log.as_ref()))
-            .collect::<Result<_, _>>()?;
+        let hashed = EpochHashes::of(epoch, &self.opts, self.log.as_ref())?;
+        self.hashed_epoch_states(epoch, hashed, extra)
+    }
+
+    /// As [`Self::epoch_states`], with the epoch's sectors already hashed (by
+    /// [`EpochHashes::of`], on another thread, for the same log and options).
+    pub fn epoch_states_hashed(
+        &mut self,
+        epoch: &Epoch,
+        hashed: EpochHashes,
+    ) -> Result<Vec<CrashState>, LogError> {
+        self.hashed_epoch_states(epoch, hashed, &[])
+    }
+
+    fn hashed_epoch_states(
+        &mut self,
+        epoch: &Epoch,
+        hashed: EpochHashes,
+        extra: &[(Vec<usize>, Option<TornOp>)],
+    ) -> Result<Vec<CrashState>, LogError> {
+        let updates = hashed.updates;
         let old = self.prefix_hashes(&updates)?;
         let before = prefix_contribs(&old);
         let candidates = self.candidates(epoch, extra);
