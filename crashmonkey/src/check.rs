@@ -258,6 +258,7 @@ impl Stage {
                 history.disk_bytes,
                 opts.larger_base,
                 workers.len(),
+                work,
             )?),
             false => None,
         };
@@ -273,11 +274,11 @@ impl Stage {
         if let Some(prefix) = &self.prefix {
             prefix.advance(epoch, data)?;
             for w in self.workers.iter_mut().filter_map(|w| w.image.as_mut()) {
-                w.prefix_advanced(epoch);
+                w.prefix_advanced(epoch, prefix.disk_bytes);
             }
         }
         if let Some(server) = &mut self.server {
-            server.advance(epoch);
+            server.advance(epoch)?;
         }
         Ok(())
     }

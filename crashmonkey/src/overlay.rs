@@ -105,6 +105,8 @@ pub fn base_bytes(path: &Path, disk_bytes: u64, larger: LargerBase) -> Result<u6
 }
 
 /// Copies the first `len` bytes of `src` into a new file `dst`, leaving zero runs as holes.
+/// Only `src`'s data is read where its filesystem tells holes from data (`SEEK_DATA`), so a
+/// sparse base of any size costs what it holds.
 pub fn sparse_copy(src: &Path, dst: &Path, len: u64) -> Result<(), ImageError> {
     let from = File::open(src).map_err(io_err(src))?;
     let to = File::create(dst).map_err(io_err(dst))?;
@@ -112,7 +114,30 @@ pub fn sparse_copy(src: &Path, dst: &Path, len: u64) -> Result<(), ImageError> {
     let mut buf = vec![0u8; COPY_CHUNK_BYTES];
     let mut at = 0u64;
     while at < len {
-        let n = ((len - at) as usize).min(COPY_CHUNK_BYTES);
+        let (start, end) = match crate::checker::sys::next_data(&from, at) {
+            Ok(Some((data, hole))) => (data.min(len), hole.min(len)),
+            Ok(None) => break,
+            // No SEEK_DATA here: every byte is read, and zeros are skipped.
+            Err(_) => (at, len),
+        };
+        copy_nonzero(&from, src, &to, dst, (start, end), &mut buf)?;
+        at = end.max(at + 1);
+    }
+    Ok(())
+}
+
+/// Copies `[start, end)` of `from` to `to`, leaving chunks of zeros unwritten.
+fn copy_nonzero(
+    from: &File,
+    src: &Path,
+    to: &File,
+    dst: &Path,
+    (start, end): (u64, u64),
+    buf: &mut [u8],
+) -> Result<(), ImageError> {
+    let mut at = start;
+    while at < end {
+        let n = ((end - at) as usize).min(buf.len());
         from.read_exact_at(&mut buf[..n], at).map_err(io_err(src))?;
         for (i, chunk) in buf[..n].chunks(HOLE_BYTES).enumerate() {
             if chunk.iter().any(|&b| b != 0) {
@@ -185,6 +210,24 @@ fn align_out(ranges: &[(u64, u64)], block: u64, disk_bytes: u64) -> Vec<(u64, u6
         })
         .collect();
     merge(widened)
+}
+
+/// Ranges a worker image tracks as differing from the prefix, at most (16 bytes each): a
+/// worker that gets no state for many epochs (the prefix moving under it) would otherwise
+/// track every scattered write of them. Past it the ranges are widened, which only makes the
+/// next restore copy more than it must.
+pub const DIRTY_RANGES_MAX: usize = 1 << 16;
+
+/// `ranges` (sorted, merged) if they are at most [`DIRTY_RANGES_MAX`], else the same ranges
+/// widened to the smallest power-of-two block (from 4 KiB) that brings them under it.
+fn coarsen(ranges: Vec<(u64, u64)>, disk_bytes: u64) -> Vec<(u64, u64)> {
+    let mut out = ranges;
+    let mut block = REFLINK_BLOCK_BYTES_DEFAULT;
+    while out.len() > DIRTY_RANGES_MAX {
+        out = align_out(&out, block, disk_bytes);
+        block *= 2;
+    }
+    out
 }
 
 /// Sorts and merges ranges.
@@ -495,13 +538,14 @@ impl WorkerImage {
         Ok(())
     }
 
-    /// The prefix moved past `epoch`: its ranges now differ from this image too.
-    pub fn prefix_advanced(&mut self, epoch: &Epoch) {
+    /// The prefix (of a disk of `disk_bytes`) moved past `epoch`: its ranges now differ from
+    /// this image too. Past [`DIRTY_RANGES_MAX`] ranges they are widened ([`coarsen`]).
+    pub fn prefix_advanced(&mut self, epoch: &Epoch, disk_bytes: u64) {
         let mut d = std::mem::take(&mut self.dirty);
         for op in &epoch.ops {
             d.extend_from_slice(&op.pieces);
         }
-        self.dirty = merge(d);
+        self.dirty = coarsen(merge(d), disk_bytes);
     }
 }
 
@@ -607,6 +651,32 @@ mod tests {
             let got = subtract_sorted(ranges, cut);
             let got_bytes: Vec<u64> = (0..200).filter(|&b| inside(&got, b)).collect();
             assert_eq!(got_bytes, want, "{ranges:?} - {cut:?} = {got:?}");
+        }
+    }
+
+    /// Scattered ranges past the limit are widened under it, still cover every byte they
+    /// covered, stay within the disk and come out sorted and disjoint; few stay as they are.
+    #[test]
+    fn dirty_ranges_past_the_limit_are_widened_under_it() {
+        let disk = 3 * 8192 * DIRTY_RANGES_MAX as u64 + 1000;
+        let many: Vec<Range> = (0..3 * DIRTY_RANGES_MAX as u64)
+            .map(|i| (i * 8192 + 512, 512))
+            .collect();
+        let few = many[..10].to_vec();
+        assert_eq!(coarsen(few.clone(), disk), few);
+        let out = coarsen(many.clone(), disk);
+        assert!(out.len() <= DIRTY_RANGES_MAX, "{} ranges", out.len());
+        assert!(out.windows(2).all(|w| w[0].0 + w[0].1 < w[1].0));
+        assert!(out.iter().all(|&(o, l)| o + l <= disk));
+        let mut i = 0;
+        for &(o, l) in &many {
+            while out[i].0 + out[i].1 <= o {
+                i += 1;
+            }
+            assert!(
+                out[i].0 <= o && o + l <= out[i].0 + out[i].1,
+                "{o}+{l} not covered"
+            );
         }
     }
 

@@ -35,6 +35,40 @@ const _: () = assert!(2 * crate::check::JOBS_MAX <= nbd_server::export::EXPORTS_
 
 /// Index of the log's payloads among the backend's sources.
 const LOG_SOURCE: usize = 0;
+/// Index of the flattened prefix ([`FlatPrefix`]) among the backend's sources.
+const FLAT_SOURCE: usize = 1;
+
+/// Runs the prefix layer may hold (about 100 bytes of memory each) before it is flattened:
+/// its bytes written into a file of the work folder, a sparse copy of the base, and the layer
+/// replaced by one run over that file. Memory then stays bounded however large the disk and
+/// however scattered the log's writes; a log whose prefix never reaches it is never copied.
+pub const PREFIX_RUNS_MAX: usize = 1 << 20;
+
+/// The prefix's run limit in effect: [`PREFIX_RUNS_MAX`], or `CRASHMONKEY_PREFIX_RUNS_MAX`
+/// when set (so that tests can make a small log flatten its prefix).
+fn prefix_runs_max() -> usize {
+    std::env::var("CRASHMONKEY_PREFIX_RUNS_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PREFIX_RUNS_MAX)
+}
+
+/// Bytes copied at a time when the prefix is flattened.
+const FLATTEN_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// The flattened prefix: a file made at the first flattening, read as a source of every
+/// slot's backend. It changes only while every slot is cleared (between batches).
+#[derive(Default)]
+struct FlatPrefix(std::sync::OnceLock<File>);
+
+impl Source for FlatPrefix {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match self.0.get() {
+            Some(f) => std::os::unix::fs::FileExt::read_exact_at(f, buf, offset),
+            None => Err(io::Error::other("the prefix has not been flattened")),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -60,6 +94,13 @@ pub struct StateServer {
     exports: ExportRegistry,
     /// Every epoch before the current one, over the base.
     prefix: Arc<Layer>,
+    /// The flattened prefix, its path, and what it is made from.
+    flat: Arc<FlatPrefix>,
+    flat_path: PathBuf,
+    base: PathBuf,
+    log: Arc<File>,
+    disk_bytes: u64,
+    prefix_runs_max: usize,
     socket: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -94,12 +135,14 @@ pub fn nbd_unix_uri(export: &str, socket: &Path) -> String {
 impl StateServer {
     /// Serves `slots` states at once of a disk of `disk_bytes` over `base`, whose log's
     /// payloads are in `log`.
+    /// A flattened prefix goes to `work`.
     pub fn start(
         base: &Path,
         log: File,
         disk_bytes: u64,
         larger: LargerBase,
         slots: usize,
+        work: &Path,
     ) -> Result<Self, ServeError> {
         let started = std::time::Instant::now();
         base_bytes(base, disk_bytes, larger)?;
@@ -108,7 +151,9 @@ impl StateServer {
             source,
         })?;
         let base_file: Arc<dyn Source> = Arc::new(base_file);
-        let log: Arc<dyn Source> = Arc::new(log);
+        let log = Arc::new(log);
+        let flat = Arc::new(FlatPrefix::default());
+        let sources: Vec<Arc<dyn Source>> = vec![log.clone(), flat.clone()];
         let dir = tempfile::Builder::new()
             .prefix("crashmonkey-nbd")
             .tempdir_in(std::env::temp_dir())?;
@@ -124,7 +169,7 @@ impl StateServer {
             let b = Arc::new(OverlayBackend::new(
                 disk_bytes,
                 base_file.clone(),
-                vec![log.clone()],
+                sources.clone(),
             ));
             exports.push(Export::new(export_name(slot, false), b.clone(), true));
             exports.push(Export::new(export_name(slot, true), b.clone(), false));
@@ -147,6 +192,12 @@ impl StateServer {
             slots: backends,
             exports,
             prefix: Arc::new(Layer::new()),
+            flat,
+            flat_path: work.join("flat-prefix.img"),
+            base: base.to_path_buf(),
+            log,
+            disk_bytes,
+            prefix_runs_max: prefix_runs_max(),
             socket,
             _dir: dir,
         })
@@ -205,12 +256,64 @@ impl StateServer {
     }
 
     /// Every operation of `epoch` joins the prefix. Call it with every slot cleared, so
-    /// that the prefix is updated in place rather than copied.
-    pub fn advance(&mut self, epoch: &Epoch) {
+    /// that the prefix is updated in place rather than copied (and may be flattened).
+    pub fn advance(&mut self, epoch: &Epoch) -> Result<(), ServeError> {
         let prefix = Arc::make_mut(&mut self.prefix);
         for op in &epoch.ops {
             put_pieces(prefix, op, &op.pieces);
         }
+        if prefix.runs() > self.prefix_runs_max {
+            self.flatten()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the prefix's runs into the flat file (made first as a sparse copy of the base)
+    /// and makes the prefix one run over it ([`PREFIX_RUNS_MAX`]).
+    fn flatten(&mut self) -> Result<(), ServeError> {
+        use std::os::unix::fs::FileExt;
+        let started = std::time::Instant::now();
+        if self.flat.0.get().is_none() {
+            crate::overlay::sparse_copy(&self.base, &self.flat_path, self.disk_bytes)?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.flat_path)?;
+            let _ = self.flat.0.set(f);
+        }
+        let flat = self.flat.0.get().expect("made above");
+        let mut buf = vec![0u8; FLATTEN_CHUNK_BYTES];
+        let runs = self.prefix.runs();
+        for (start, len, from) in self.prefix.iter() {
+            let mut at = 0;
+            while at < len {
+                let n = ((len - at) as usize).min(FLATTEN_CHUNK_BYTES);
+                match from {
+                    Origin::Source { source, .. } if source == FLAT_SOURCE => break,
+                    Origin::Source { offset, .. } => {
+                        Source::read_exact_at(&*self.log, &mut buf[..n], offset + at)?
+                    }
+                    Origin::Zero => buf[..n].fill(0),
+                }
+                flat.write_all_at(&buf[..n], start + at)?;
+                at += n as u64;
+            }
+        }
+        let mut one = Layer::new();
+        one.put(
+            0,
+            self.disk_bytes,
+            Origin::Source {
+                source: FLAT_SOURCE,
+                offset: 0,
+            },
+        );
+        self.prefix = Arc::new(one);
+        tracing::debug!(
+            "flattened the prefix ({runs} runs) in {} ms",
+            started.elapsed().as_millis()
+        );
+        Ok(())
     }
 
     /// Writes `state` (of `epoch`) to a new file `path`, as the state's image, leaving zero

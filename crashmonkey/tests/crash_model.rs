@@ -256,7 +256,7 @@ fn states_with_images(log: &Path, dir: &Path, opts: StateOptions) -> Vec<(Epoch,
             states.push((s, std::fs::read(&worker.path).unwrap()));
         }
         prefix.advance(&epoch, &data).unwrap();
-        worker.prefix_advanced(&epoch);
+        worker.prefix_advanced(&epoch, SIZE);
         out.push((epoch, states));
     }
     out

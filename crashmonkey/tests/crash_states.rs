@@ -135,7 +135,7 @@ fn images(log: &Path, dir: &Path, opts: StateOptions) -> Vec<(Epoch, CrashState,
             out.push((epoch.clone(), s, std::fs::read(&worker.path).unwrap()));
         }
         prefix.advance(&epoch, &data).unwrap();
-        worker.prefix_advanced(&epoch);
+        worker.prefix_advanced(&epoch, SIZE);
     }
     out
 }

@@ -80,11 +80,9 @@ fn patterned_base(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-#[test]
-fn every_uri_state_is_byte_identical_to_its_image() {
-    if !have("qemu-img") {
-        return;
-    }
+/// Every state's `{uri}` (read by qemu-img) equals its `{image}`, with `env` set for
+/// crashmonkey; returns its stderr.
+fn uri_states_equal_images(env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let (log, base) = (log(dir.path()), patterned_base(dir.path()));
     let got = dir.path().join("got");
@@ -94,7 +92,11 @@ fn every_uri_state_is_byte_identical_to_its_image() {
         "qemu-img convert -f raw -O raw {{uri}} '{g}/uri-{{state}}.img' && \
          cp {{image}} '{g}/image-{{state}}.img'"
     );
-    let out = check(&log, &base, &checker, &["--jobs", "2", "--json"]);
+    let mut c = crashmonkey();
+    c.arg("check").arg(&log).arg("--base").arg(&base);
+    c.args(["--checker", &checker]).args(STATE_ARGS);
+    c.args(["--jobs", "2", "--json"]).envs(env.iter().copied());
+    let out = output_within(&mut c, run_limit());
     assert!(out.status.success(), "{}", stderr(&out));
     let s = summary(&out);
     let (uri, image) = (images(&got, "uri"), images(&got, "image"));
@@ -118,6 +120,31 @@ fn every_uri_state_is_byte_identical_to_its_image() {
         uri.len(),
         "unique states hold distinct bytes"
     );
+    stderr(&out)
+}
+
+#[test]
+fn every_uri_state_is_byte_identical_to_its_image() {
+    if !have("qemu-img") {
+        return;
+    }
+    uri_states_equal_images(&[]);
+}
+
+/// Past `PREFIX_RUNS_MAX` runs the server's prefix is written into a file and becomes one
+/// run over it; a limit of 1 here makes every epoch's advance flatten it, so every state
+/// stands on a flattened prefix, and each must still equal its `{image}`.
+#[test]
+fn states_on_a_flattened_prefix_are_byte_identical_to_their_images() {
+    if !have("qemu-img") {
+        return;
+    }
+    let err = uri_states_equal_images(&[
+        ("CRASHMONKEY_PREFIX_RUNS_MAX", "1"),
+        ("RUST_LOG", "crashmonkey=debug"),
+    ]);
+    let flattened = err.matches("flattened the prefix").count();
+    assert!(flattened >= 2, "flattened {flattened} times:\n{err}");
 }
 
 #[test]

@@ -94,6 +94,11 @@ impl Layer {
         self.runs.len()
     }
 
+    /// Its runs in disk order: (first byte, length, where their bytes come from).
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64, Origin)> + '_ {
+        self.runs.iter().map(|(&s, r)| (s, r.len, r.from))
+    }
+
     /// `[start, start+len)` now comes from `from`, whatever held it before.
     pub fn put(&mut self, start: u64, len: u64, from: Origin) {
         if len == 0 {
