@@ -21,9 +21,10 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::ahead::AheadBudget;
 use crate::checker::{run_checker, CheckerRun};
 pub use crate::checker::{signal_name, CheckerEnd, StopFlag, CHECKER_OUTPUT_BYTES_MAX};
-use crate::history::{Epoch, Epochs, History};
+use crate::history::{Epoch, History};
 use crate::overlay::{sparse_copy, ImageError, LargerBase, PrefixImage, WorkerImage};
 use crate::served::StateServer;
 use crate::states::{CrashState, EpochHashes, StateGenerator, StateOptions};
@@ -364,85 +365,22 @@ struct Generated {
 
 /// The estimated memory of an epoch and its states to check.
 fn generated_bytes(epoch: &Epoch, todo: &[CrashState]) -> usize {
-    use std::mem::size_of;
-    let ops: usize = epoch
-        .ops
-        .iter()
-        .map(|o| size_of::<crate::history::Op>() + o.pieces.len() * 16)
-        .sum();
     let states: usize = todo
         .iter()
         .map(|s| {
-            size_of::<CrashState>()
+            std::mem::size_of::<CrashState>()
                 + (s.included.len() + s.dropped_seqs.len()) * 8
                 + s.label.len()
                 + s.hash.len()
                 + s.torn.as_ref().map_or(0, |t| t.pieces.len() * 16)
         })
         .sum();
-    ops + states
+    crate::ahead::epoch_bytes(epoch) + states
 }
-
-/// Bytes sent ahead on a channel and not yet received (at most `max`), and whether the
-/// receiving side has ended (then the sender stops waiting).
-struct AheadBudget {
-    max: usize,
-    state: Mutex<(usize, bool)>,
-    freed: std::sync::Condvar,
-}
-
-impl AheadBudget {
-    fn new(max: usize) -> Self {
-        AheadBudget {
-            max,
-            state: Mutex::new((0, false)),
-            freed: std::sync::Condvar::new(),
-        }
-    }
-
-    /// Waits until `bytes` fit (or nothing is ahead); `false` if the receiver has ended.
-    fn take(&self, bytes: usize) -> bool {
-        let mut g = self.state.lock().expect("no panics under lock");
-        while !g.1 && g.0 > 0 && g.0 + bytes > self.max {
-            g = self.freed.wait(g).expect("no panics under lock");
-        }
-        g.0 += bytes;
-        !g.1
-    }
-
-    fn give(&self, bytes: usize) {
-        let mut g = self.state.lock().expect("no panics under lock");
-        g.0 = g.0.saturating_sub(bytes);
-        self.freed.notify_all();
-    }
-
-    /// A guard that marks the receiving side ended when it drops, on every way out.
-    fn closer(&self) -> AheadCloser<'_> {
-        AheadCloser(self)
-    }
-}
-
-struct AheadCloser<'a>(&'a AheadBudget);
-
-impl Drop for AheadCloser<'_> {
-    fn drop(&mut self) {
-        let mut g = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
-        g.1 = true;
-        self.0.freed.notify_all();
-    }
-}
-
-/// Epochs hashed ahead of the one whose states are being generated, at most, and the memory
-/// they may take (an epoch larger than this alone still goes, on its own).
-const HASHED_AHEAD_EPOCHS_MAX: usize = 16;
-const HASHED_AHEAD_BYTES_MAX: usize = 64 << 20;
-
-/// An epoch and its sectors hashed, or why not.
-type Hashed = Result<(Epoch, EpochHashes, usize), CheckError>;
 
 /// Generates the states of every epoch of `history`, in order, into `tx`; stops at the first
 /// error (sent too) or once nobody receives. The epochs' sectors are hashed ahead on a
-/// thread of their own (on a long log that was half of generating).
+/// thread of their own ([`crate::ahead::hashed_epochs`]).
 fn generate(
     history: History,
     mut generator: StateGenerator,
@@ -450,54 +388,18 @@ fn generate(
     tx: std::sync::mpsc::SyncSender<Result<Generated, CheckError>>,
     budget: &AheadBudget,
 ) {
-    let data = match history.data_file() {
-        Ok(d) => d,
-        Err(e) => return drop(tx.send(Err(e.into()))),
-    };
-    let hashing = AheadBudget::new(HASHED_AHEAD_BYTES_MAX);
-    std::thread::scope(|scope| {
-        let (htx, hrx) = std::sync::mpsc::sync_channel::<Hashed>(HASHED_AHEAD_EPOCHS_MAX);
-        let ahead = &hashing;
-        scope.spawn(move || hash_epochs(history, &opts.states, &data, htx, ahead));
-        let _closed = hashing.closer();
-        for hashed in hrx {
-            let item = hashed.and_then(|(epoch, h, bytes)| {
-                hashing.give(bytes);
-                generated(&mut generator, opts, epoch, h)
-            });
-            let failed = item.is_err();
-            if item.as_ref().is_ok_and(|g| !budget.take(g.bytes)) {
-                return;
-            }
-            if tx.send(item).is_err() || failed {
-                return;
-            }
-        }
-    });
-}
-
-/// Reads every epoch of `history` and hashes its sectors, in order, into `tx`; stops at the
-/// first error (sent too) or once nobody receives.
-fn hash_epochs(
-    history: History,
-    opts: &crate::states::StateOptions,
-    data: &std::fs::File,
-    tx: std::sync::mpsc::SyncSender<Hashed>,
-    budget: &AheadBudget,
-) {
-    for epoch in Epochs::new(history) {
-        let item = epoch.map_err(CheckError::from).and_then(|epoch| {
-            let h = EpochHashes::of(&epoch, opts, data)?;
-            let bytes = h.bytes() + generated_bytes(&epoch, &[]);
-            Ok((epoch, h, bytes))
-        });
+    let r = crate::ahead::hashed_epochs(history, &opts.states, |hashed| {
+        let item = hashed
+            .map_err(CheckError::from)
+            .and_then(|(epoch, h)| generated(&mut generator, opts, epoch, h));
         let failed = item.is_err();
-        if item.as_ref().is_ok_and(|(_, _, b)| !budget.take(*b)) {
-            return;
+        if item.as_ref().is_ok_and(|g| !budget.take(g.bytes)) {
+            return false;
         }
-        if tx.send(item).is_err() || failed {
-            return;
-        }
+        tx.send(item).is_ok() && !failed
+    });
+    if let Err(e) = r {
+        let _ = tx.send(Err(e.into()));
     }
 }
 

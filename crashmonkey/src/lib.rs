@@ -4,6 +4,7 @@
 //! - `history`  a write log read as history: operations with power-cut fates, cut into epochs
 //! - `states`   crash-state generation (prefixes, ordered subsets, torn writes) with content hashes
 //! - `state_tables` what state generation keeps between epochs, in files: bounded memory
+//! - `ahead`    work done ahead on a thread of its own, bounded in memory (hashing, generating)
 //! - `overlay`  copy-on-write images: a prefix image plus per-worker deltas; replay
 //! - `check`    running a checker over every crash state, in parallel, keeping failures
 //! - `served`   crash states served over NBD by an in-process nbd-server (`{uri}`, `{uri-cow}`)
@@ -18,6 +19,7 @@
 //! - `kernel`   crash campaigns on ext4, XFS and btrfs: recorded workloads, states mounted and checked
 //! - `shard`    one campaign split across processes or machines, deterministically
 
+pub mod ahead;
 pub mod check;
 pub mod checker;
 pub mod dmlog;

@@ -7,9 +7,9 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 
 use crashmonkey::check::{check, CheckOptions, CheckSummary, StopFlag};
-use crashmonkey::history::{Epochs, History};
+use crashmonkey::history::History;
 use crashmonkey::overlay::{base_bytes, replay, LargerBase, ReplayTarget};
-use crashmonkey::states::{StateGenerator, StateOptions};
+use crashmonkey::states::{CrashState, StateGenerator, StateOptions};
 use nbd_server::log::{
     decode_payload, FaultPayload, FlushPayload, FullPayload, LogEnding, LogReader, PowerCutPayload,
     RecordKind,
@@ -532,6 +532,32 @@ fn stats(path: &Path, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// One line of `crashmonkey states`: the state as JSON, or in words.
+fn print_state(s: &CrashState, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+        return Ok(());
+    }
+    println!(
+        "state {:>6} epoch {:>5} {:<8} {:<24} dropped {:<4} torn {:<5} mark {:<16} {}{}",
+        s.id,
+        s.epoch,
+        serde_json::to_value(s.kind)?.as_str().unwrap_or(""),
+        s.label,
+        s.dropped_seqs.len(),
+        s.torn
+            .as_ref()
+            .map(|t| t.seq.to_string())
+            .unwrap_or("-".into()),
+        s.mark.as_deref().unwrap_or("-"),
+        &s.hash[..16],
+        s.duplicate_of
+            .map(|d| format!(" (same as {d})"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
 fn states(a: StatesArgs) -> anyhow::Result<i32> {
     let opts = a.flags.options();
     check_flags(&opts)?;
@@ -545,27 +571,19 @@ fn states(a: StatesArgs) -> anyhow::Result<i32> {
     );
     let mut generator = StateGenerator::in_dir(opts, history.data_file()?, dir);
     let mut epochs = 0;
-    for epoch in Epochs::new(history) {
-        let epoch = epoch?;
-        epochs += 1;
-        for s in generator.epoch_states(&epoch)? {
-            if a.json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                println!(
-                    "state {:>6} epoch {:>5} {:<8} {:<24} dropped {:<4} torn {:<5} mark {:<16} {}{}",
-                    s.id,
-                    s.epoch,
-                    serde_json::to_value(s.kind)?.as_str().unwrap_or(""),
-                    s.label,
-                    s.dropped_seqs.len(),
-                    s.torn.as_ref().map(|t| t.seq.to_string()).unwrap_or("-".into()),
-                    s.mark.as_deref().unwrap_or("-"),
-                    &s.hash[..16],
-                    s.duplicate_of.map(|d| format!(" (same as {d})")).unwrap_or_default()
-                );
-            }
-        }
+    let mut failed = None;
+    // The epochs' sectors are hashed ahead, on a thread of their own.
+    crashmonkey::ahead::hashed_epochs(history, &opts, |hashed| {
+        let shown = hashed.map_err(anyhow::Error::from).and_then(|(epoch, h)| {
+            epochs += 1;
+            let states = generator.epoch_states_hashed(&epoch, h)?;
+            states.iter().try_for_each(|s| print_state(s, a.json))
+        });
+        failed = shown.err();
+        failed.is_none()
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
     }
     let summary = serde_json::json!({"states": generator.generated, "unique": generator.unique, "epochs": epochs, "seed": opts.seed});
     if a.json {

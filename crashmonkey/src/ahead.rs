@@ -1,0 +1,134 @@
+//! Work done ahead on a thread of its own, bounded in memory: an epoch's sectors hashed
+//! while the states of the one before are generated ([`hashed_epochs`]), and `check`'s epochs
+//! generated while the ones before are checked. [`AheadBudget`] bounds what waits.
+
+use std::sync::{Condvar, Mutex};
+
+use nbd_server::log::LogError;
+
+use crate::history::{Epoch, Epochs, History, Op};
+use crate::states::{EpochHashes, StateOptions};
+
+/// Epochs hashed ahead of the one whose states are being generated, at most, and the memory
+/// they may take (an epoch larger than this alone still goes, on its own).
+pub const HASHED_AHEAD_EPOCHS_MAX: usize = 16;
+pub const HASHED_AHEAD_BYTES_MAX: usize = 64 << 20;
+
+/// Bytes sent ahead on a channel and not yet received (at most `max`), and whether the
+/// receiving side has ended (then the sender stops waiting).
+pub struct AheadBudget {
+    max: usize,
+    state: Mutex<(usize, bool)>,
+    freed: Condvar,
+}
+
+impl AheadBudget {
+    pub fn new(max: usize) -> Self {
+        AheadBudget {
+            max,
+            state: Mutex::new((0, false)),
+            freed: Condvar::new(),
+        }
+    }
+
+    /// Waits until `bytes` fit (or nothing is ahead); `false` if the receiver has ended.
+    pub fn take(&self, bytes: usize) -> bool {
+        let mut g = self.state.lock().expect("no panics under lock");
+        while !g.1 && g.0 > 0 && g.0 + bytes > self.max {
+            g = self.freed.wait(g).expect("no panics under lock");
+        }
+        g.0 += bytes;
+        !g.1
+    }
+
+    /// `bytes` taken earlier were received.
+    pub fn give(&self, bytes: usize) {
+        let mut g = self.state.lock().expect("no panics under lock");
+        g.0 = g.0.saturating_sub(bytes);
+        self.freed.notify_all();
+    }
+
+    /// A guard that marks the receiving side ended when it drops, on every way out.
+    pub fn closer(&self) -> AheadCloser<'_> {
+        AheadCloser(self)
+    }
+}
+
+/// See [`AheadBudget::closer`].
+pub struct AheadCloser<'a>(&'a AheadBudget);
+
+impl Drop for AheadCloser<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.1 = true;
+        self.0.freed.notify_all();
+    }
+}
+
+/// The estimated memory of an epoch's operations.
+pub fn epoch_bytes(epoch: &Epoch) -> usize {
+    epoch
+        .ops
+        .iter()
+        .map(|o| std::mem::size_of::<Op>() + o.pieces.len() * 16)
+        .sum()
+}
+
+/// An epoch and its sectors hashed, with its estimated memory, or why not.
+type Hashed = Result<(Epoch, EpochHashes, usize), LogError>;
+
+/// Calls `each` with every epoch of `history` and its sectors hashed, in order, on this
+/// thread, while the epochs after it are read and hashed on another (on a long log hashing
+/// was half of generating states). Stops after an error or when `each` returns `false`.
+pub fn hashed_epochs(
+    history: History,
+    opts: &StateOptions,
+    mut each: impl FnMut(Result<(Epoch, EpochHashes), LogError>) -> bool,
+) -> Result<(), LogError> {
+    let data = history.data_file()?;
+    let budget = AheadBudget::new(HASHED_AHEAD_BYTES_MAX);
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Hashed>(HASHED_AHEAD_EPOCHS_MAX);
+        let ahead = &budget;
+        scope.spawn(move || hash_epochs(history, opts, &data, tx, ahead));
+        // Closes the budget (and, after the loop, drops the receiver) on every way out, which
+        // ends the hashing thread.
+        let _closed = budget.closer();
+        for item in rx {
+            let failed = item.is_err();
+            let item = item.map(|(epoch, h, bytes)| {
+                budget.give(bytes);
+                (epoch, h)
+            });
+            if !each(item) || failed {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Reads every epoch of `history` and hashes its sectors, in order, into `tx`; stops at the
+/// first error (sent too) or once nobody receives.
+fn hash_epochs(
+    history: History,
+    opts: &StateOptions,
+    data: &std::fs::File,
+    tx: std::sync::mpsc::SyncSender<Hashed>,
+    budget: &AheadBudget,
+) {
+    for epoch in Epochs::new(history) {
+        let item = epoch.and_then(|epoch| {
+            let h = EpochHashes::of(&epoch, opts, data)?;
+            let bytes = h.bytes() + epoch_bytes(&epoch);
+            Ok((epoch, h, bytes))
+        });
+        let failed = item.is_err();
+        if item.as_ref().is_ok_and(|(_, _, b)| !budget.take(*b)) {
+            return;
+        }
+        if tx.send(item).is_err() || failed {
+            return;
+        }
+    }
+}
