@@ -31,6 +31,7 @@ pub mod crash;
 pub mod device;
 pub mod findings;
 pub mod folder;
+pub mod merge;
 pub mod proc;
 pub mod snapshot;
 pub mod verify;

@@ -22,6 +22,7 @@ crashmonkey findings camp --json\n  \
 crashmonkey fs campaign --seed 1 --runs 400 --bug size-before-data --out fscamp\n  \
 crashmonkey findings fscamp                       # an fs campaign's crash findings\n  \
 crashmonkey findings merge all shard0 shard1 shard2   # the union of shards' folders\n  \
+crashmonkey findings merge kall k0 k1             # a kernel campaign's shards, as one run's\n  \
 crashmonkey findings reindex camp                 # rebuild the index from the files\n\n\
 Exit status: 0 no finding, 1 findings, 2 error."
 )]
@@ -40,6 +41,8 @@ pub struct FindingsArgs {
 pub enum FindingsCmd {
     /// Merge campaign folders (shards of one campaign, or several campaigns) into a new one:
     /// the union of their runs, each finding's counts summed, its first and smallest run kept.
+    /// Kernel campaign folders merge only with the other shards of their campaign, into the
+    /// folder the unsharded campaign writes (docs/kernel-campaigns.md).
     Merge {
         /// The new folder (it must not exist, or be empty).
         out: PathBuf,
@@ -62,6 +65,14 @@ pub enum FindingsCmd {
 
 pub fn run(args: FindingsArgs) -> anyhow::Result<i32> {
     let r = match (&args.cmd, &args.dir) {
+        (Some(FindingsCmd::Merge { out, dirs, json }), _)
+            if dirs
+                .iter()
+                .any(|d| crashmonkey::kernel::findings::folder_kind(d).is_some()) =>
+        {
+            let merged = crashmonkey::kernel::merge::merge(out, dirs);
+            return show_kernel(merged, out, *json);
+        }
         (Some(FindingsCmd::Merge { out, dirs, json }), _) => {
             folder::merge(out, dirs).map(|f| (f, out.clone(), *json))
         }
@@ -101,8 +112,17 @@ pub fn run(args: FindingsArgs) -> anyhow::Result<i32> {
 /// `crashmonkey findings DIR` of a kernel campaign's (`kernel --out`) or a run's (`run
 /// --out`) folder: its findings by signature, most frequent first.
 fn kernel_findings(dir: &Path, json: bool) -> anyhow::Result<i32> {
+    show_kernel(crashmonkey::kernel::findings::read(dir), dir, json)
+}
+
+/// Shows a kernel or run folder's findings (or why they could not be read): the exit code.
+fn show_kernel(
+    read: Result<crashmonkey::kernel::findings::KernelFindings, crashmonkey::kernel::KernelError>,
+    dir: &Path,
+    json: bool,
+) -> anyhow::Result<i32> {
     use crate::race_cmd::emitln;
-    let f = match crashmonkey::kernel::findings::read(dir) {
+    let f = match read {
         Ok(f) => f,
         Err(e) => {
             eprintln!("crashmonkey findings: error: {e}");
