@@ -445,7 +445,8 @@ mod tests {
         assert!(by_op(vec![KOp::Sync], &s1).iter().all(|(_, m)| *m));
         // setup's sync, then only foo's xattrs change by p1: bar keeps its metadata claim,
         // foo only its data claim.
-        s1.meta.insert("foo".into(), meta_of(0o100644, &[("user.b", "v1")]));
+        s1.meta
+            .insert("foo".into(), meta_of(0o100644, &[("user.b", "v1")]));
         let claims = claims_at_marks(&[vec![KOp::Sync], vec![]], &[s0.clone(), s1]);
         let got: Vec<(&str, bool)> = claims[1]
             .iter()
@@ -466,7 +467,10 @@ mod tests {
         set_xattr(&foo, "user.x", "1");
         set_xattr(&foo, "user.y", "2");
         let s = take(d.path(), "m").unwrap();
-        assert_eq!(s.meta["foo"], meta_of(0o100644, &[("user.x", "1"), ("user.y", "2")]));
+        assert_eq!(
+            s.meta["foo"],
+            meta_of(0o100644, &[("user.x", "1"), ("user.y", "2")])
+        );
         let fsync = own_claims(&[KOp::Fsync("foo".into())], &s, None);
         let fdatasync = own_claims(&[KOp::Fdatasync("foo".into())], &s, Some(&s));
         assert!(violations(d.path(), &fsync).is_empty());
