@@ -471,3 +471,184 @@ fn a_state_that_does_not_mount_keeps_the_kernels_words_and_fscks() {
     );
     assert_clean(tmp.path());
 }
+
+/// `--torn` adds, at each mark with writes pending, states where one pending write landed
+/// only its first sectors: an honest ext4 keeps every promise in them too (its journal
+/// replay and checksums cope). On a lying disk they fail like the others, and their
+/// findings say they come from torn states: in the signature, the index and the bundle.
+/// Guards against torn states that are never built (the state counts) or whose findings
+/// pass for the durable state's.
+#[test]
+fn ext4_torn_states_are_checked_and_their_findings_say_torn() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = fixtures().join("seq1-0001.txt");
+    let plain = ["--fs", "ext4", "--workload", w.to_str().unwrap()];
+    let (_, without) = kernel(tmp.path(), &plain);
+    let mut args = plain.to_vec();
+    args.push("--torn");
+    let (out, with) = kernel(tmp.path(), &args);
+    assert_eq!(out.status.code(), Some(0), "{with}");
+    assert_eq!(num(&with, "findings"), 0, "{with}");
+    assert!(
+        num(&with, "states") > num(&without, "states"),
+        "{without}\n{with}"
+    );
+    let camp = tmp.path().join("camp");
+    args.extend(["--lying-disk", "--out", camp.to_str().unwrap()]);
+    let (out, lying) = kernel(tmp.path(), &args);
+    assert_eq!(out.status.code(), Some(1), "{lying}");
+    let sigs = lying["signatures"].as_array().unwrap();
+    assert!(
+        sigs.iter()
+            .any(|s| s.as_str().unwrap().ends_with(" in torn states")),
+        "no torn finding: {lying}"
+    );
+    let index = std::fs::read_to_string(camp.join("findings.jsonl")).unwrap();
+    let torn_lines: Vec<serde_json::Value> = index_lines(&index)
+        .into_iter()
+        .filter(|v| v["state"] == "torn")
+        .collect();
+    assert!(!torn_lines.is_empty(), "{index}");
+    // A torn state's finding is never filed under the durable or prefix states' ones.
+    for v in &index_lines(&index) {
+        let sig = v["signature"].as_str().unwrap();
+        assert_eq!(
+            v["state"] == "torn",
+            sig.ends_with(" in torn states"),
+            "{v}"
+        );
+    }
+    let bundle = camp
+        .join("findings")
+        .join(torn_lines[0]["bundle"].as_str().unwrap());
+    let report = std::fs::read_to_string(bundle.join("report.txt")).unwrap();
+    assert!(
+        report.contains("the torn state at mark") && report.contains("sectors of write seq"),
+        "{report}"
+    );
+    let readme = std::fs::read_to_string(bundle.join("README.md")).unwrap();
+    assert!(readme.contains("--torn --seed 1"), "{readme}");
+    assert_clean(tmp.path());
+}
+
+/// The lines of a findings index.
+fn index_lines(index: &str) -> Vec<serde_json::Value> {
+    index
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Drops every key of `v` that differs from run to run whatever the jobs: timings, and the
+/// outputs of fsck and the kernel (they name the work folder's temporary paths), with an
+/// explicit stack.
+fn without_seconds(mut v: serde_json::Value) -> serde_json::Value {
+    let mut stack = vec![&mut v];
+    while let Some(x) = stack.pop() {
+        match x {
+            serde_json::Value::Object(m) => {
+                m.retain(|k, _| !(k.contains("seconds") || k == "fsck_output" || k == "dmesg"));
+                stack.extend(m.values_mut());
+            }
+            serde_json::Value::Array(a) => stack.extend(a.iter_mut()),
+            _ => {}
+        }
+    }
+    v
+}
+
+/// A campaign folder's records: the index, the bundles' names, every done record (without
+/// timings), by file name.
+fn records(camp: &Path) -> (String, Vec<String>, Vec<(String, serde_json::Value)>) {
+    // No finding, no index.
+    let index = std::fs::read_to_string(camp.join("findings.jsonl")).unwrap_or_default();
+    let names = |d: &str| -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(camp.join(d))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    let done = names("done")
+        .into_iter()
+        .map(|n| {
+            let text = std::fs::read_to_string(camp.join("done").join(&n)).unwrap();
+            (n, without_seconds(serde_json::from_str(&text).unwrap()))
+        })
+        .collect();
+    (index, names("findings"), done)
+}
+
+/// `--jobs 2` gives what `--jobs 1` gives: the same summary (but its timings), the same
+/// index of failing states in the same order, the same bundles and done records; on an
+/// honest disk (where a workload's `sync` flushing the other job's disk would change its
+/// crash states) and on a lying one (findings). Guards against results handed on in the
+/// order workloads end, and against workloads that disturb each other.
+#[test]
+fn ext4_jobs_2_gives_the_results_of_jobs_1() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = fixtures();
+    for lying in [false, true] {
+        let mut got = Vec::new();
+        for jobs in ["1", "2"] {
+            let camp = tmp.path().join(format!("camp-{lying}-{jobs}"));
+            let mut args = vec!["--fs", "ext4", "--workload", w.to_str().unwrap()];
+            args.extend(["--jobs", jobs, "--out", camp.to_str().unwrap()]);
+            if lying {
+                args.push("--lying-disk");
+            }
+            let (out, s) = kernel(tmp.path(), &args);
+            assert_eq!(out.status.code(), Some(i32::from(lying)), "{s}");
+            got.push((without_seconds(s), records(&camp)));
+        }
+        assert_eq!(got[0], got[1], "lying disk: {lying}");
+        assert_eq!(num(&got[0].0, "workloads"), 8);
+    }
+    assert_clean(tmp.path());
+}
+
+/// SIGINT while two workloads run at once: exit 2, and nothing of either left mounted,
+/// attached or on disk (each job's devices are undone before the campaign exits).
+#[test]
+fn sigint_with_jobs_2_leaves_nothing_behind() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(CM)
+        .args(["kernel", "--fs", "ext4", "--limit", "100", "--jobs", "2"])
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Past the base's mkfs and into the workloads (two at a time).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the campaign ended before the signal"
+    );
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let t = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(CAMPAIGN_SECONDS_MAX));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by signal"));
+    assert_clean(tmp.path());
+}
