@@ -21,7 +21,8 @@ For each workload: a copy of a base image formatted once, served by an in-proces
 nbd-server (Unix socket), attached with nbdfuse and a loop device, mounted; the workload's \
 shell script run as real system calls, with a mark and a snapshot of the tree after each \
 persistence point; unmounted. Then at every mark two crash states, the durable one (only \
-what FLUSH and FUA made durable) and the prefix (every write before the mark), each mounted \
+what FLUSH and FUA made durable) and the prefix (every write before the mark), and with \
+--reorder and --torn the states between them and torn writes, each mounted \
 from a copy so recovery runs, compared with what the persistence points promised (fsync: \
 the file's data, size, mode and user.* xattrs; fdatasync: the data and size, under a name \
 the file already had; fsync of a directory: its entries, mode and xattrs; sync: \
@@ -59,7 +60,8 @@ pub struct KernelArgs {
     /// At most this many workloads (--seq 2: the sample's size; default 100).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Seed of every random choice (the --seq 2 sample); printed.
+    /// Seed of every random choice (the --seq 2 sample, the --reorder sample, the --torn
+    /// tear points); printed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// Workloads run at once (1 to 8), each with its own server, nbdfuse mount, loop device,
