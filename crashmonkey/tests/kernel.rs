@@ -652,3 +652,69 @@ fn sigint_with_jobs_2_leaves_nothing_behind() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by signal"));
     assert_clean(tmp.path());
 }
+
+/// A crash state whose file has the promised data but lost an xattr and its mode breaks
+/// fsync's promise, named, on a real ext4 (the snapshot is read through the kernel's own
+/// xattr calls on the mounted image, as `kernel-mark` reads it). Guards against mode and
+/// xattrs that are recorded but never compared, or compared on the wrong path.
+#[test]
+fn a_state_that_lost_an_xattr_and_its_mode_breaks_fsyncs_promise() {
+    use crashmonkey::checker::StopFlag;
+    use crashmonkey::kernel::snapshot::{own_claims, take};
+    use crashmonkey::kernel::verify::{check_state, mount_state, StateMount};
+    use crashmonkey::kernel::FsKind;
+    use crashmonkey::workload::KOp;
+    use std::os::unix::fs::PermissionsExt;
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("state.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(FsKind::Ext4.disk_bytes()).unwrap();
+    let mkfs = Command::new("sh")
+        .args(["-c", &FsKind::Ext4.mkfs_command(&img)])
+        .status()
+        .unwrap();
+    assert!(mkfs.success());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let stop = StopFlag::new();
+    let mounted = |edit: &dyn Fn(&Path)| {
+        let StateMount::Mounted(m) = mount_state(FsKind::Ext4, "", &img, &mnt, &stop).unwrap()
+        else {
+            panic!("the image does not mount");
+        };
+        edit(&mnt.join("foo"));
+        m.unmount().unwrap();
+    };
+    let setfattr = |args: &[&str], p: &Path| {
+        let ok = Command::new("setfattr").args(args).arg(p).status().unwrap();
+        assert!(ok.success());
+    };
+    mounted(&|foo| {
+        std::fs::write(foo, b"data").unwrap();
+        std::fs::set_permissions(foo, std::fs::Permissions::from_mode(0o640)).unwrap();
+        setfattr(&["-n", "user.k", "-v", "v1"], foo);
+    });
+    let StateMount::Mounted(m) = mount_state(FsKind::Ext4, "", &img, &mnt, &stop).unwrap() else {
+        panic!("the image does not mount");
+    };
+    let snap = take(&mnt, "p1").unwrap();
+    m.unmount().unwrap();
+    let claims = own_claims(&[KOp::Fsync("foo".into())], &snap, None);
+    let good = check_state(FsKind::Ext4, &img, &mnt, &claims, &stop).unwrap();
+    assert!(!good.failed(), "{good:?}");
+    mounted(&|foo| {
+        setfattr(&["-x", "user.k"], foo);
+        std::fs::set_permissions(foo, std::fs::Permissions::from_mode(0o600)).unwrap();
+    });
+    let bad = check_state(FsKind::Ext4, &img, &mnt, &claims, &stop).unwrap();
+    let texts: Vec<&str> = bad.violations.iter().map(|v| v.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["foo: `fsync foo` promised its mode and xattrs: mode 100640 != 100600, xattr user.k missing"]
+    );
+    assert_eq!(bad.violations[0].kind, "mode and xattrs differ");
+    assert_clean(tmp.path());
+}
