@@ -1,8 +1,8 @@
-//! `crashmonkey kernel --jobs J`: J workloads at once, each on its own threads' worth of
-//! devices (a workload's [`super::campaign::Campaign::run_workload`] makes its own work
-//! folder, nbd-server, nbdfuse mount, loop device and mount point), their results handed on
-//! **in the workloads' order** whatever order they end in, so that the output, the summary
-//! and a campaign folder's records are those of `--jobs 1`.
+//! `crashmonkey kernel --jobs J`: J workloads at once, each on a thread of its own (a
+//! workload's [`super::campaign::Campaign::run_workload`] makes its own work folder,
+//! nbd-server, nbdfuse mount, loop device and mount point), their results handed on **in
+//! the workloads' order** whatever order they end in, so that the output, the summary and a
+//! campaign folder's records are those of `--jobs 1`.
 //!
 //! When the consumer says stop (an error, a signal), no workload starts any more; the ones
 //! running end (a signal stops them too) and their results are dropped unseen, as
