@@ -260,13 +260,12 @@ pub fn torn_states(ls: &LogStates, seed: u64) -> Vec<State> {
             let all = sectors(j);
             // At least one sector lands and at least one does not: a proper prefix.
             let landed = rng.random_range(1..all.len());
-            let mut ops = d.ops.clone();
-            ops.retain(|&i| i != j);
             out.push(State {
                 mark: d.mark.clone(),
                 mark_index: d.mark_index,
                 which: Which::Torn,
-                ops,
+                ops: d.ops.clone(), // `j` is pending: not among them
+
                 detail: format!(
                     "durable + first {landed} of {} sectors of write seq {}",
                     all.len(),
