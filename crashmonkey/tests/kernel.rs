@@ -471,3 +471,250 @@ fn a_state_that_does_not_mount_keeps_the_kernels_words_and_fscks() {
     );
     assert_clean(tmp.path());
 }
+
+/// `--torn` adds, at each mark with writes pending, states where one pending write landed
+/// only its first sectors: an honest ext4 keeps every promise in them too (its journal
+/// replay and checksums cope). On a lying disk they fail like the others, and their
+/// findings say they come from torn states: in the signature, the index and the bundle.
+/// Guards against torn states that are never built (the state counts) or whose findings
+/// pass for the durable state's.
+#[test]
+fn ext4_torn_states_are_checked_and_their_findings_say_torn() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = fixtures().join("seq1-0001.txt");
+    let plain = ["--fs", "ext4", "--workload", w.to_str().unwrap()];
+    let (_, without) = kernel(tmp.path(), &plain);
+    let mut args = plain.to_vec();
+    args.push("--torn");
+    let (out, with) = kernel(tmp.path(), &args);
+    assert_eq!(out.status.code(), Some(0), "{with}");
+    assert_eq!(num(&with, "findings"), 0, "{with}");
+    assert!(
+        num(&with, "states") > num(&without, "states"),
+        "{without}\n{with}"
+    );
+    let camp = tmp.path().join("camp");
+    args.extend(["--lying-disk", "--out", camp.to_str().unwrap()]);
+    let (out, lying) = kernel(tmp.path(), &args);
+    assert_eq!(out.status.code(), Some(1), "{lying}");
+    let sigs = lying["signatures"].as_array().unwrap();
+    assert!(
+        sigs.iter()
+            .any(|s| s.as_str().unwrap().ends_with(" in torn states")),
+        "no torn finding: {lying}"
+    );
+    let index = std::fs::read_to_string(camp.join("findings.jsonl")).unwrap();
+    let torn_lines: Vec<serde_json::Value> = index_lines(&index)
+        .into_iter()
+        .filter(|v| v["state"] == "torn")
+        .collect();
+    assert!(!torn_lines.is_empty(), "{index}");
+    // A torn state's finding is never filed under the durable or prefix states' ones.
+    for v in &index_lines(&index) {
+        let sig = v["signature"].as_str().unwrap();
+        assert_eq!(
+            v["state"] == "torn",
+            sig.ends_with(" in torn states"),
+            "{v}"
+        );
+    }
+    let bundle = camp
+        .join("findings")
+        .join(torn_lines[0]["bundle"].as_str().unwrap());
+    let report = std::fs::read_to_string(bundle.join("report.txt")).unwrap();
+    assert!(
+        report.contains("the torn state at mark") && report.contains("sectors of write seq"),
+        "{report}"
+    );
+    let readme = std::fs::read_to_string(bundle.join("README.md")).unwrap();
+    assert!(readme.contains("--torn --seed 1"), "{readme}");
+    assert_clean(tmp.path());
+}
+
+/// The lines of a findings index.
+fn index_lines(index: &str) -> Vec<serde_json::Value> {
+    index
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Drops every key of `v` that differs from run to run whatever the jobs: timings, and the
+/// outputs of fsck and the kernel (they name the work folder's temporary paths), with an
+/// explicit stack.
+fn without_seconds(mut v: serde_json::Value) -> serde_json::Value {
+    let mut stack = vec![&mut v];
+    while let Some(x) = stack.pop() {
+        match x {
+            serde_json::Value::Object(m) => {
+                m.retain(|k, _| !(k.contains("seconds") || k == "fsck_output" || k == "dmesg"));
+                stack.extend(m.values_mut());
+            }
+            serde_json::Value::Array(a) => stack.extend(a.iter_mut()),
+            _ => {}
+        }
+    }
+    v
+}
+
+/// A campaign folder's records: the index, the bundles' names, every done record (without
+/// timings), by file name.
+fn records(camp: &Path) -> (String, Vec<String>, Vec<(String, serde_json::Value)>) {
+    // No finding, no index.
+    let index = std::fs::read_to_string(camp.join("findings.jsonl")).unwrap_or_default();
+    let names = |d: &str| -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(camp.join(d))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    let done = names("done")
+        .into_iter()
+        .map(|n| {
+            let text = std::fs::read_to_string(camp.join("done").join(&n)).unwrap();
+            (n, without_seconds(serde_json::from_str(&text).unwrap()))
+        })
+        .collect();
+    (index, names("findings"), done)
+}
+
+/// `--jobs 2` gives what `--jobs 1` gives: the same summary (but its timings), the same
+/// index of failing states in the same order, the same bundles and done records; on an
+/// honest disk (where a workload's `sync` flushing the other job's disk would change its
+/// crash states) and on a lying one (findings). Guards against results handed on in the
+/// order workloads end, and against workloads that disturb each other.
+#[test]
+fn ext4_jobs_2_gives_the_results_of_jobs_1() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let w = fixtures();
+    for lying in [false, true] {
+        let mut got = Vec::new();
+        for jobs in ["1", "2"] {
+            let camp = tmp.path().join(format!("camp-{lying}-{jobs}"));
+            let mut args = vec!["--fs", "ext4", "--workload", w.to_str().unwrap()];
+            args.extend(["--jobs", jobs, "--out", camp.to_str().unwrap()]);
+            if lying {
+                args.push("--lying-disk");
+            }
+            let (out, s) = kernel(tmp.path(), &args);
+            assert_eq!(out.status.code(), Some(i32::from(lying)), "{s}");
+            got.push((without_seconds(s), records(&camp)));
+        }
+        assert_eq!(got[0], got[1], "lying disk: {lying}");
+        assert_eq!(num(&got[0].0, "workloads"), 8);
+    }
+    assert_clean(tmp.path());
+}
+
+/// SIGINT while two workloads run at once: exit 2, and nothing of either left mounted,
+/// attached or on disk (each job's devices are undone before the campaign exits).
+#[test]
+fn sigint_with_jobs_2_leaves_nothing_behind() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(CM)
+        .args(["kernel", "--fs", "ext4", "--limit", "100", "--jobs", "2"])
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Past the base's mkfs and into the workloads (two at a time).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the campaign ended before the signal"
+    );
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let t = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(CAMPAIGN_SECONDS_MAX));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by signal"));
+    assert_clean(tmp.path());
+}
+
+/// A crash state whose file has the promised data but lost an xattr and its mode breaks
+/// fsync's promise, named, on a real ext4 (the snapshot is read through the kernel's own
+/// xattr calls on the mounted image, as `kernel-mark` reads it). Guards against mode and
+/// xattrs that are recorded but never compared, or compared on the wrong path.
+#[test]
+fn a_state_that_lost_an_xattr_and_its_mode_breaks_fsyncs_promise() {
+    use crashmonkey::checker::StopFlag;
+    use crashmonkey::kernel::snapshot::{own_claims, take};
+    use crashmonkey::kernel::verify::{check_state, mount_state, StateMount};
+    use crashmonkey::kernel::FsKind;
+    use crashmonkey::workload::KOp;
+    use std::os::unix::fs::PermissionsExt;
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("state.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(FsKind::Ext4.disk_bytes()).unwrap();
+    let mkfs = Command::new("sh")
+        .args(["-c", &FsKind::Ext4.mkfs_command(&img)])
+        .status()
+        .unwrap();
+    assert!(mkfs.success());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let stop = StopFlag::new();
+    let mounted = |edit: &dyn Fn(&Path)| {
+        let StateMount::Mounted(m) = mount_state(FsKind::Ext4, "", &img, &mnt, &stop).unwrap()
+        else {
+            panic!("the image does not mount");
+        };
+        edit(&mnt.join("foo"));
+        m.unmount().unwrap();
+    };
+    let setfattr = |args: &[&str], p: &Path| {
+        let ok = Command::new("setfattr").args(args).arg(p).status().unwrap();
+        assert!(ok.success());
+    };
+    mounted(&|foo| {
+        std::fs::write(foo, b"data").unwrap();
+        std::fs::set_permissions(foo, std::fs::Permissions::from_mode(0o640)).unwrap();
+        setfattr(&["-n", "user.k", "-v", "v1"], foo);
+    });
+    let StateMount::Mounted(m) = mount_state(FsKind::Ext4, "", &img, &mnt, &stop).unwrap() else {
+        panic!("the image does not mount");
+    };
+    let snap = take(&mnt, "p1").unwrap();
+    m.unmount().unwrap();
+    let claims = own_claims(&[KOp::Fsync("foo".into())], &snap, None);
+    let good = check_state(FsKind::Ext4, &img, &mnt, &claims, &stop).unwrap();
+    assert!(!good.failed(), "{good:?}");
+    mounted(&|foo| {
+        setfattr(&["-x", "user.k"], foo);
+        std::fs::set_permissions(foo, std::fs::Permissions::from_mode(0o600)).unwrap();
+    });
+    let bad = check_state(FsKind::Ext4, &img, &mnt, &claims, &stop).unwrap();
+    let texts: Vec<&str> = bad.violations.iter().map(|v| v.text.as_str()).collect();
+    assert_eq!(
+        texts,
+        ["foo: `fsync foo` promised its mode and xattrs: mode 100640 != 100600, xattr user.k missing"]
+    );
+    assert_eq!(bad.violations[0].kind, "mode and xattrs differ");
+    assert_clean(tmp.path());
+}

@@ -1,6 +1,7 @@
 //! The few system calls std leaves out: signalling a process group, seeing a child end without
 //! reaping it (`waitid`, `pidfd_open`), `poll`, the free space of a filesystem (`statvfs`), and a rename that never replaces
-//! (`renameat2` with `RENAME_NOREPLACE`), SEEK_DATA / SEEK_HOLE (`lseek`), reflinks (`FICLONE`, `FICLONERANGE`). Each wrapper takes and returns plain values and says why it is sound.
+//! (`renameat2` with `RENAME_NOREPLACE`), SEEK_DATA / SEEK_HOLE (`lseek`), reflinks (`FICLONE`, `FICLONERANGE`), extended attributes (`llistxattr`, `lgetxattr`, `lsetxattr`,
+//! `lremovexattr`). Each wrapper takes and returns plain values and says why it is sound.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -180,4 +181,81 @@ pub fn clone_range(src: &std::fs::File, dst: &std::fs::File, at: u64, len: u64) 
         return Ok(());
     }
     Err(io::Error::last_os_error())
+}
+
+/// `p` as a C string.
+fn c_path(p: &std::path::Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
+/// The extended attribute names of `path` (a symlink itself, not its target), NUL-separated,
+/// at most `bytes_max` bytes of them (more is an error, `ERANGE`).
+pub fn xattr_list(path: &std::path::Path, bytes_max: usize) -> io::Result<Vec<u8>> {
+    let c = c_path(path)?;
+    let mut buf = vec![0u8; bytes_max];
+    // SAFETY: `c` is NUL-terminated; `buf` is writable for `buf.len()` bytes, and the kernel
+    // writes at most that many.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// The value of extended attribute `name` of `path` (not following a symlink), at most
+/// `bytes_max` bytes (more is an error, `ERANGE`).
+pub fn xattr_get(path: &std::path::Path, name: &[u8], bytes_max: usize) -> io::Result<Vec<u8>> {
+    let c = c_path(path)?;
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    let mut buf = vec![0u8; bytes_max];
+    // SAFETY: both strings are NUL-terminated; `buf` is writable for `buf.len()` bytes, and
+    // the kernel writes at most that many.
+    let n = unsafe {
+        libc::lgetxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// Sets extended attribute `name` of `path` (not following a symlink) to `value`.
+#[cfg(test)]
+pub fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let c = c_path(path)?;
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: both strings are NUL-terminated; `value` is readable for `value.len()` bytes.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Removes extended attribute `name` of `path` (not following a symlink).
+#[cfg(test)]
+pub fn xattr_remove(path: &std::path::Path, name: &str) -> io::Result<()> {
+    let c = c_path(path)?;
+    let name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: both strings are NUL-terminated.
+    if unsafe { libc::lremovexattr(c.as_ptr(), name.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

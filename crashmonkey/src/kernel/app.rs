@@ -263,6 +263,7 @@ pub fn app_states(log: &Path) -> Result<LogStates, KernelError> {
             which: Which::Final,
             ops: all,
             detail: String::new(),
+            torn: None,
         });
     }
     Ok(states)

@@ -3,13 +3,14 @@
 //! ([`super::verify`]) against the snapshots `crashmonkey kernel-mark` saved at its marks
 //! ([`super::snapshot`]); findings kept in the campaign folder ([`Folder`]).
 //!
-//! Workloads run one at a time: each needs a loop device, a FUSE mount and a mount of its
-//! own, and on this project's 2-core machines the kernel's work dominates.
+//! Workloads run one at a time, or `--jobs J` at once ([`super::jobs`]): each has its own
+//! work folder, nbd-server, nbdfuse mount, loop device and mount point, so they share
+//! nothing but the base image (read only) and the kernel.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::crash::{reorder_states, states_of, write_image, LogStates, Which};
+use super::crash::{reorder_states, states_of, torn_states, write_image, LogStates, Which};
 use super::device::Recording;
 use super::proc::{must, quote, run};
 use super::snapshot::{claims_at_marks, points_before_marks, Claim, Snapshot};
@@ -34,6 +35,9 @@ pub struct KernelParams {
     /// Also the reorder states of each mark ([`super::crash::reorder_states`]).
     #[serde(default)]
     pub reorder: bool,
+    /// Also the torn states of each mark ([`super::crash::torn_states`]).
+    #[serde(default)]
+    pub torn: bool,
 }
 
 /// One crash state that broke a promise, did not mount or failed fsck.
@@ -42,7 +46,7 @@ pub struct StateFinding {
     pub workload: String,
     pub mark: String,
     pub which: Which,
-    /// What a reorder state changed; empty for the others.
+    /// What a reorder or torn state changed; empty for the others.
     #[serde(default)]
     pub detail: String,
     pub signature: String,
@@ -223,6 +227,10 @@ impl Campaign {
             let more = reorder_states(&states, self.params.seed);
             states.states.extend(more);
         }
+        if self.params.torn {
+            let more = torn_states(&states, self.params.seed);
+            states.states.extend(more);
+        }
         let (snapshots, claims) = expectations(w, &states, &d.join("snap"))?;
         result.marks = states.marks.len();
         let mnt = d.join("state-mnt");
@@ -250,7 +258,7 @@ impl Campaign {
                 mark: state.mark.clone(),
                 which: state.which,
                 detail: state.detail.clone(),
-                signature: signature(&self.params, w, &report),
+                signature: state_signature(&self.params, w, state.which, &report),
                 claims: claims.clone(),
                 report,
             });
@@ -291,6 +299,17 @@ fn expectations(
     let ops: Vec<Vec<KOp>> = points.into_iter().map(|(_, p)| p).collect();
     let claims = claims_at_marks(&ops, &snaps);
     Ok((snaps, claims))
+}
+
+/// [`signature`], and `in torn states` for a torn state's: a torn write is a crash the
+/// other states do not have, and its findings say so.
+fn state_signature(p: &KernelParams, w: &KWorkload, which: Which, r: &StateReport) -> String {
+    let sig = signature(p, w, r);
+    if which == Which::Torn {
+        format!("{sig} in torn states")
+    } else {
+        sig
+    }
 }
 
 /// What makes two failing states the same finding: the filesystem, the disk, how the state

@@ -11,7 +11,14 @@
 //! On request ([`reorder_states`]), **reorder** states between the two: the durable state
 //! plus one of the writes pending at the mark, and the prefix minus one of them (a cache
 //! writes back in any order), at most [`REORDER_STATES_PER_MARK_MAX`] per mark, sampled with
-//! a seeded generator when there are more. Torn writes are not built here.
+//! a seeded generator when there are more.
+//!
+//! On request ([`torn_states`]), **torn** states: the durable state plus the first sectors
+//! of one pending write of several sectors, the rest of its range left as it was (a power
+//! cut in the middle of a write; the disk writes 512-byte sectors atomically, in order).
+//! The tear point is drawn with a seeded generator, at most [`TORN_STATES_PER_MARK_MAX`]
+//! per mark, the writes sampled when there are more. The sector split and merge are
+//! nbd-server's ([`sector_pieces`], [`merge_pieces`]), as `crashmonkey check --torn` uses.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -19,8 +26,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use rand::seq::index::sample;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use nbd_server::log::{merge_pieces, sector_pieces};
 
 use crate::history::{Event, History, Op};
 use crate::overlay::apply_pieces;
@@ -39,6 +48,8 @@ pub enum Which {
     Durable,
     Prefix,
     Reorder,
+    /// The durable state and the first sectors of one pending write ([`torn_states`]).
+    Torn,
     /// Every write of the log (`crashmonkey run`'s state after the workload and the
     /// unmount).
     Final,
@@ -50,6 +61,7 @@ impl Which {
             Which::Durable => "durable",
             Which::Prefix => "prefix",
             Which::Reorder => "reorder",
+            Which::Torn => "torn",
             Which::Final => "final",
         }
     }
@@ -64,8 +76,19 @@ pub struct State {
     pub mark_index: usize,
     pub which: Which,
     pub ops: Vec<usize>,
-    /// What a reorder state changed (`durable + write seq 12`); empty for the others.
+    /// What a reorder or torn state changed (`durable + write seq 12`); empty for the
+    /// others.
     pub detail: String,
+    /// The write a torn state tears, applied in its place in log order.
+    pub torn: Option<TornWrite>,
+}
+
+/// Part of one write: the operation (an index into the log's operations) and the ranges of
+/// it that land (sorted, merged).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TornWrite {
+    pub op: usize,
+    pub pieces: Vec<(u64, u64)>,
 }
 
 /// The log's operations and its states at every mark.
@@ -111,6 +134,7 @@ pub fn states_of(log: &Path) -> Result<LogStates, KernelError> {
                     which: Which::Durable,
                     ops: kept,
                     detail: String::new(),
+                    torn: None,
                 });
                 if !all {
                     states.push(State {
@@ -119,6 +143,7 @@ pub fn states_of(log: &Path) -> Result<LogStates, KernelError> {
                         which: Which::Prefix,
                         ops: (0..ops.len()).collect(),
                         detail: String::new(),
+                        torn: None,
                     });
                 }
                 marks.push(name);
@@ -145,17 +170,7 @@ pub const REORDER_STATES_PER_MARK_MAX: usize = 16;
 /// sample, when one is needed, is drawn from `seed` and the mark's position.
 pub fn reorder_states(ls: &LogStates, seed: u64) -> Vec<State> {
     let mut out = Vec::new();
-    for pair in ls.states.windows(2) {
-        let [d, p] = pair else { continue };
-        if d.which != Which::Durable || p.which != Which::Prefix || d.mark_index != p.mark_index {
-            continue;
-        }
-        let pending: Vec<usize> = p
-            .ops
-            .iter()
-            .copied()
-            .filter(|i| d.ops.binary_search(i).is_err())
-            .collect();
+    for (d, p, pending) in pending_at_marks(ls) {
         if pending.len() < 2 {
             continue; // keep-one is the prefix, drop-one the durable state
         }
@@ -176,6 +191,7 @@ pub fn reorder_states(ls: &LogStates, seed: u64) -> Vec<State> {
                     which: Which::Reorder,
                     ops,
                     detail,
+                    torn: None,
                 });
             }
         }
@@ -186,6 +202,81 @@ pub fn reorder_states(ls: &LogStates, seed: u64) -> Vec<State> {
             cands = picked.into_iter().map(|i| cands[i].clone()).collect();
         }
         out.extend(cands);
+    }
+    out
+}
+
+/// Torn states at a mark, at most.
+pub const TORN_STATES_PER_MARK_MAX: usize = 16;
+/// Mixed into the seed of the torn states' draws, so that they are not the reorder sample's.
+const TORN_SEED_SALT: u64 = 0x746f_726e; // "torn"
+
+/// The durable and the prefix state of each mark that has both, with the writes pending
+/// there (indices, ascending: in the prefix, not in the durable state).
+fn pending_at_marks(ls: &LogStates) -> Vec<(&State, &State, Vec<usize>)> {
+    let mut out = Vec::new();
+    for pair in ls.states.windows(2) {
+        let [d, p] = pair else { continue };
+        if d.which != Which::Durable || p.which != Which::Prefix || d.mark_index != p.mark_index {
+            continue;
+        }
+        let pending = p
+            .ops
+            .iter()
+            .copied()
+            .filter(|i| d.ops.binary_search(i).is_err())
+            .collect();
+        out.push((d, p, pending));
+    }
+    out
+}
+
+/// The torn states of every mark with a pending write of two sectors or more (see the
+/// module docs); the draws (which writes, when there are more than
+/// [`TORN_STATES_PER_MARK_MAX`], then each one's tear point) come from `seed` and the mark's
+/// position.
+pub fn torn_states(ls: &LogStates, seed: u64) -> Vec<State> {
+    let mut out = Vec::new();
+    for (d, _, pending) in pending_at_marks(ls) {
+        let sectors = |j: usize| -> Vec<(u64, u64)> {
+            let op = &ls.ops[j];
+            op.pieces
+                .iter()
+                .flat_map(|p| sector_pieces(p.0, p.1))
+                .collect()
+        };
+        let mut tearable: Vec<usize> = pending
+            .into_iter()
+            .filter(|&j| sectors(j).len() > 1)
+            .collect();
+        let salt = TORN_SEED_SALT ^ (d.mark_index as u64).rotate_left(32);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ salt);
+        if tearable.len() > TORN_STATES_PER_MARK_MAX {
+            let mut picked = sample(&mut rng, tearable.len(), TORN_STATES_PER_MARK_MAX).into_vec();
+            picked.sort_unstable();
+            tearable = picked.into_iter().map(|i| tearable[i]).collect();
+        }
+        for j in tearable {
+            let all = sectors(j);
+            // At least one sector lands and at least one does not: a proper prefix.
+            let landed = rng.random_range(1..all.len());
+            out.push(State {
+                mark: d.mark.clone(),
+                mark_index: d.mark_index,
+                which: Which::Torn,
+                ops: d.ops.clone(), // `j` is pending: not among them
+
+                detail: format!(
+                    "durable + first {landed} of {} sectors of write seq {}",
+                    all.len(),
+                    ls.ops[j].seq
+                ),
+                torn: Some(TornWrite {
+                    op: j,
+                    pieces: merge_pieces(all[..landed].iter().copied()),
+                }),
+            });
+        }
     }
     out
 }
@@ -225,7 +316,8 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> Result<(), KernelError> {
 }
 
 /// Writes the image of `state` to `dst`: a copy of `base` with the state's operations
-/// applied in log order (so newer data always lands over older).
+/// (and its torn write's pieces) applied in log order (so newer data always lands over
+/// older).
 pub fn write_image(
     base: &Path,
     states: &LogStates,
@@ -237,9 +329,18 @@ pub fn write_image(
         .write(true)
         .open(dst)
         .map_err(KernelError::io(format!("opening {}", dst.display())))?;
-    for &i in &state.ops {
+    let mut order = state.ops.clone();
+    if let Some(t) = &state.torn {
+        order.push(t.op);
+        order.sort_unstable();
+    }
+    for i in order {
         let op = &states.ops[i];
-        apply_pieces(&img, dst, op, &op.pieces, &states.log)?;
+        let pieces = match &state.torn {
+            Some(t) if t.op == i => &t.pieces,
+            _ => &op.pieces,
+        };
+        apply_pieces(&img, dst, op, pieces, &states.log)?;
     }
     Ok(())
 }
@@ -358,5 +459,66 @@ mod tests {
             (bytes[0], bytes[4096], bytes[8192], bytes[12288]),
             (1, 2, 3, 0)
         );
+    }
+
+    /// Torn states: at each mark with a pending write of several sectors, the durable state
+    /// and a proper, non-empty first part of that write (the rest of its range as it was);
+    /// the same seed draws the same tear points; at most TORN_STATES_PER_MARK_MAX a mark.
+    #[test]
+    fn torn_states_land_a_first_part_of_one_pending_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("d.log");
+        let s = Arc::new(VecStorage::new(1 << 20).unwrap());
+        let cfg = DiskConfig {
+            record: Some(log.clone()),
+            ..Default::default()
+        };
+        let d = EmulatedDisk::new(s, cfg).unwrap();
+        write(&d, 0, 1, false);
+        flush(&d);
+        write(&d, 1, 2, false);
+        d.mark("m1").unwrap();
+        for block in 2..22 {
+            write(&d, block, 3, false);
+        }
+        d.mark("m2").unwrap();
+        drop(d);
+        let st = states_of(&log).unwrap();
+        let torn = torn_states(&st, 7);
+        assert_eq!(torn, torn_states(&st, 7));
+        let at_m1: Vec<&State> = torn.iter().filter(|t| t.mark == "m1").collect();
+        assert_eq!(at_m1.len(), 1);
+        let t = at_m1[0];
+        assert_eq!((t.which, &t.ops), (Which::Torn, &vec![0]));
+        let tw = t.torn.as_ref().unwrap();
+        assert_eq!(tw.op, 1);
+        let [(off, len)] = tw.pieces[..] else {
+            panic!("{tw:?}")
+        };
+        assert!(
+            off == 4096 && len % 512 == 0 && (512..4096).contains(&len),
+            "{tw:?}"
+        );
+        assert_eq!(
+            t.detail,
+            format!("durable + first {} of 8 sectors of write seq 2", len / 512)
+        );
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let img = dir.path().join("torn.img");
+        write_image(&base, &st, t, &img).unwrap();
+        let bytes = std::fs::read(&img).unwrap();
+        let landed = len as usize;
+        assert!(bytes[4096..4096 + landed].iter().all(|&b| b == 2));
+        assert!(bytes[4096 + landed..8192].iter().all(|&b| b == 0));
+        assert_eq!((bytes[0], bytes[8192]), (1, 0));
+        // m2: 21 writes pending, a sample of TORN_STATES_PER_MARK_MAX, each its own write.
+        let at_m2: Vec<usize> = torn
+            .iter()
+            .filter(|t| t.mark == "m2")
+            .map(|t| t.torn.as_ref().unwrap().op)
+            .collect();
+        assert_eq!(at_m2.len(), TORN_STATES_PER_MARK_MAX);
+        assert!(at_m2.windows(2).all(|w| w[0] < w[1]), "{at_m2:?}");
     }
 }

@@ -307,14 +307,32 @@ pub fn mount_command(fs: FsKind, extra: &str, dev: &str, mnt: &Path) -> String {
     )
 }
 
-/// Unmounts `mnt`; when that fails (busy), detaches it lazily and says so.
+/// Tries of an unmount that finds its mount busy, at most.
+pub const UMOUNT_BUSY_TRIES_MAX: u32 = 50;
+/// Milliseconds between two tries of a busy unmount.
+const UMOUNT_BUSY_PAUSE_MILLIS: u64 = 20;
+
+/// Unmounts `mnt`; when it is busy, tries again ([`UMOUNT_BUSY_TRIES_MAX`] times in all):
+/// with `--jobs` above 1, a child another thread is starting holds copies of this thread's
+/// open files until it calls exec (CLOEXEC closes them only then), so a file just read in
+/// the mount can keep it busy for that instant. When that fails, detaches it lazily and
+/// says so.
 pub fn unmount(mnt: &Path, stop: &StopFlag) -> Result<(), KernelError> {
     let m = quote(&mnt.to_string_lossy());
-    match must(&format!("umount {m}"), MOUNT_TIMEOUT_SECONDS, stop) {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            let _ = run(&format!("umount -l {m}"), MOUNT_TIMEOUT_SECONDS, stop);
-            Err(e)
+    let mut tries = 1;
+    loop {
+        match must(&format!("umount {m}"), MOUNT_TIMEOUT_SECONDS, stop) {
+            Ok(_) => return Ok(()),
+            Err(KernelError::Command(text))
+                if text.contains("busy") && tries < UMOUNT_BUSY_TRIES_MAX =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(UMOUNT_BUSY_PAUSE_MILLIS));
+            }
+            Err(e) => {
+                let _ = run(&format!("umount -l {m}"), MOUNT_TIMEOUT_SECONDS, stop);
+                return Err(e);
+            }
         }
     }
 }

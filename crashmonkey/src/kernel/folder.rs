@@ -279,6 +279,7 @@ mod tests {
             seed: 1,
             limit: Some(2),
             reorder: false,
+            torn: false,
         };
         let e = Folder::open(d.path(), &p).err().expect("refused");
         assert!(e.to_string().contains("not empty"), "{e}");

@@ -14,9 +14,11 @@
 //! - [`proc`]     external commands in their own process group, with a deadline
 //! - [`device`]   the recording export, nbdfuse, the loop device, the mount; all undone on drop
 //! - [`snapshot`] what a mounted tree holds, and what a persistence point promised of it
-//! - [`crash`]    the durable and the prefix state at each mark, as image files
+//! - [`crash`]    the durable and the prefix state at each mark (and the reorder and torn
+//!   states on request), as image files
 //! - [`verify`]   one crash state mounted, compared, fsck'd
-//! - [`campaign`] workloads one after another, each checked
+//! - [`campaign`] one workload run and checked
+//! - [`jobs`]     workloads J at once, their results handed on in the workloads' order
 //! - [`folder`]   the campaign folder: parameters, done records, finding bundles, index
 //! - [`app`]      `crashmonkey run`: any application's workload and checker on the same
 //!   recording disk, every crash state mounted at a temporary mount point for the checker
@@ -31,6 +33,7 @@ pub mod crash;
 pub mod device;
 pub mod findings;
 pub mod folder;
+pub mod jobs;
 pub mod merge;
 pub mod proc;
 pub mod snapshot;

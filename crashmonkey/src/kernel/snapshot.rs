@@ -2,30 +2,44 @@
 //! promised of it (CrashMonkey's automatic checker):
 //! - `fsync FILE`: the file's data and size, at its path (fsync(2) does not promise the
 //!   directory entry, but ext4, XFS and btrfs persist a new name with the inode, and
-//!   fstests holds them to it; CrashMonkey's checker assumes it too);
+//!   fstests holds them to it; CrashMonkey's checker assumes it too), and its [`Meta`]:
+//!   mode and `user.*` extended attributes (fsync(2) flushes "all modified in-core data of
+//!   (i.e., modified buffer cache pages for) the file" and "also flushes the metadata
+//!   information associated with the file (see inode(7))"; xattrs live in the inode or
+//!   blocks it owns on ext4, XFS and btrfs, and each logs them with the inode);
 //! - `fdatasync FILE`: the file's data and size (the size needed to read the data back:
 //!   fdatasync(2)), at its path only if that path named the same inode at the mark before:
 //!   fdatasync does not flush metadata the data does not need, and a new name (a link, a
-//!   rename's target) is such metadata;
-//! - `fsync DIR`: the directory's entries;
-//! - `sync`: everything.
+//!   rename's target) is such metadata; nor are the mode and the xattrs: never claimed;
+//! - `fsync DIR`: the directory's entries, mode and xattrs;
+//! - `sync`: everything, modes and xattrs included.
 //!
 //! A promise outlives its mark while what it covers stays as it was: at a later mark, a
 //! promise of an earlier one still holds if the path's entry is the same in both snapshots
 //! (nothing changed it since, so a crash state may not lose it).
 //!
-//! Extended attributes, ownership, modes and times are not compared (yet).
+//! A claim of the metadata outlives its mark only while the metadata stays as it was too;
+//! when only the metadata changed, the data part of the claim stays.
+//!
+//! Ownership, times, link counts and xattrs outside `user.*` are not compared.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::Path;
 
+use crate::checker::sys;
 use crate::workload::KOp;
 
 /// Entries of one snapshot, at most (the workloads make a handful).
 pub const SNAPSHOT_ENTRIES_MAX: usize = 10_000;
 /// Bytes of one file hashed, at most (the workloads' files are under 64 KiB).
 pub const SNAPSHOT_FILE_BYTES_MAX: u64 = 256 << 20;
+/// Bytes of one path's list of xattr names, at most (the kernel's own limit, XATTR_LIST_MAX).
+pub const XATTR_LIST_BYTES_MAX: usize = 64 << 10;
+/// Bytes of one xattr value, at most (the kernel's own limit, XATTR_SIZE_MAX).
+pub const XATTR_VALUE_BYTES_MAX: usize = 64 << 10;
+/// The namespace of the extended attributes compared (the ones a workload sets).
+pub const XATTR_PREFIX: &str = "user.";
 
 /// One path of the tree.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -48,6 +62,15 @@ impl std::fmt::Display for Entry {
     }
 }
 
+/// What fsync promises of an inode beyond its data and entries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Meta {
+    /// `st_mode`: the file's type and permission bits.
+    pub mode: u32,
+    /// The `user.*` extended attributes: name to value (UTF-8 text, else `0x` and hex).
+    pub xattrs: BTreeMap<String, String>,
+}
+
 /// The tree under a mount point: path (relative; `.` is the mount point) to entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
@@ -56,6 +79,9 @@ pub struct Snapshot {
     /// Inode numbers of the files, by path: which name points at which file.
     #[serde(default)]
     pub inodes: BTreeMap<String, u64>,
+    /// Mode and xattrs of the files and directories, by path.
+    #[serde(default)]
+    pub meta: BTreeMap<String, Meta>,
 }
 
 /// One promise: what a crash state must show at `path`.
@@ -65,6 +91,9 @@ pub struct Claim {
     /// The persistence point that made it (`fsync foo`, `sync`).
     pub by: String,
     pub want: Entry,
+    /// The mode and xattrs promised too (not by fdatasync).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Meta>,
 }
 
 /// The entry at `root/rel`, or `None` when nothing is there.
@@ -99,6 +128,33 @@ pub fn entry(root: &Path, rel: &str) -> std::io::Result<Option<Entry>> {
     }))
 }
 
+/// The mode and `user.*` xattrs of `root/rel`.
+pub fn meta(root: &Path, rel: &str) -> std::io::Result<Meta> {
+    let p = if rel == "." {
+        root.to_path_buf()
+    } else {
+        root.join(rel)
+    };
+    let st = std::fs::symlink_metadata(&p)?;
+    let mut xattrs = BTreeMap::new();
+    let names = sys::xattr_list(&p, XATTR_LIST_BYTES_MAX)?;
+    let user = names
+        .split(|&b| b == 0)
+        .filter(|n| n.starts_with(XATTR_PREFIX.as_bytes()));
+    for name in user {
+        let value = sys::xattr_get(&p, name, XATTR_VALUE_BYTES_MAX)?;
+        let value = String::from_utf8(value).unwrap_or_else(|e| {
+            let hex: String = e.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+            format!("0x{hex}")
+        });
+        xattrs.insert(String::from_utf8_lossy(name).into_owned(), value);
+    }
+    Ok(Meta {
+        mode: std::os::unix::fs::MetadataExt::mode(&st),
+        xattrs,
+    })
+}
+
 /// Every path under `root` (an explicit stack: no recursion).
 pub fn take(root: &Path, mark: &str) -> std::io::Result<Snapshot> {
     let mut snap = Snapshot {
@@ -123,6 +179,9 @@ pub fn take(root: &Path, mark: &str) -> std::io::Result<Snapshot> {
                 std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(p)?),
             );
         }
+        if !matches!(e, Entry::Other) {
+            snap.meta.insert(rel.clone(), meta(root, &rel)?);
+        }
         if let Entry::Dir { entries } = &e {
             for name in entries {
                 todo.push(if rel == "." {
@@ -143,9 +202,10 @@ pub fn own_claims(points: &[KOp], snap: &Snapshot, prev: Option<&Snapshot>) -> V
     let mut out = Vec::new();
     for op in points {
         let by = op.to_string();
-        let (paths, want_dir): (Vec<&String>, Option<bool>) = match op {
-            KOp::Sync => (snap.entries.keys().collect(), None),
-            KOp::Fsync(p) => (vec![p], None),
+        // fdatasync promises no metadata the data does not need: no mode, no xattrs.
+        let (paths, want_dir, with_meta): (Vec<&String>, Option<bool>, bool) = match op {
+            KOp::Sync => (snap.entries.keys().collect(), None, true),
+            KOp::Fsync(p) => (vec![p], None, true),
             KOp::Fdatasync(p) => {
                 let same_name = |s: &Snapshot| s.inodes.get(p).copied();
                 let named_before = prev
@@ -154,7 +214,7 @@ pub fn own_claims(points: &[KOp], snap: &Snapshot, prev: Option<&Snapshot>) -> V
                 if !named_before {
                     continue;
                 }
-                (vec![p], Some(false))
+                (vec![p], Some(false), false)
             }
             _ => continue,
         };
@@ -170,6 +230,7 @@ pub fn own_claims(points: &[KOp], snap: &Snapshot, prev: Option<&Snapshot>) -> V
                 path: path.clone(),
                 by: by.clone(),
                 want: want.clone(),
+                meta: snap.meta.get(path).filter(|_| with_meta).cloned(),
             });
         }
     }
@@ -186,7 +247,12 @@ pub fn claims_at_marks(points: &[Vec<KOp>], snaps: &[Snapshot]) -> Vec<Vec<Claim
         if let Some(prev) = i.checked_sub(1).map(|j| &out[j]) {
             for c in prev {
                 if snap.entries.get(&c.path) == Some(&c.want) && seen.insert(c.path.clone()) {
-                    claims.push(c.clone());
+                    let mut c = c.clone();
+                    // The metadata changed since: only the data part still holds.
+                    if c.meta.is_some() && c.meta.as_ref() != snap.meta.get(&c.path) {
+                        c.meta = None;
+                    }
+                    claims.push(c);
                 }
             }
         }
@@ -225,20 +291,72 @@ pub fn violations(root: &Path, claims: &[Claim]) -> Vec<Violation> {
     let mut out = Vec::new();
     for c in claims {
         let found = entry(root, &c.path);
+        let by_op = c.by.split(' ').next().unwrap_or_default().to_owned();
         let (seen, kind) = match &found {
-            Ok(Some(e)) if *e == c.want => continue,
+            Ok(Some(e)) if *e == c.want => {
+                out.extend(meta_violation(root, c, &by_op));
+                continue;
+            }
             Ok(Some(e)) => (e.to_string(), violation_kind(&c.want, Some(e))),
             Ok(None) => ("nothing".to_owned(), "missing"),
             Err(e) => (format!("an error ({e})"), "unreadable"),
         };
         out.push(Violation {
             kind: kind.to_owned(),
-            by_op: c.by.split(' ').next().unwrap_or_default().to_owned(),
+            by_op,
             text: format!(
                 "{}: `{}` promised {}, the crash state has {seen}",
                 c.path, c.by, c.want
             ),
         });
+    }
+    out
+}
+
+/// How the mode and xattrs at `c.path` (whose entry is as promised) break `c`'s metadata.
+fn meta_violation(root: &Path, c: &Claim, by_op: &str) -> Option<Violation> {
+    let want = c.meta.as_ref()?;
+    let (diffs, kind) = match meta(root, &c.path) {
+        Ok(got) => {
+            let diffs = meta_diffs(want, &got);
+            let kind = match (want.mode != got.mode, want.xattrs != got.xattrs) {
+                (false, false) => return None,
+                (true, false) => "mode differs",
+                (false, true) => "xattrs differ",
+                (true, true) => "mode and xattrs differ",
+            };
+            (diffs, kind)
+        }
+        Err(e) => (vec![format!("an error ({e})")], "unreadable"),
+    };
+    Some(Violation {
+        kind: kind.to_owned(),
+        by_op: by_op.to_owned(),
+        text: format!(
+            "{}: `{}` promised its mode and xattrs: {}",
+            c.path,
+            c.by,
+            diffs.join(", ")
+        ),
+    })
+}
+
+/// What differs between the promised metadata `want` and the state's `got`, each named
+/// (`mode 100644 != 100600`, `xattr user.x missing`); the state's value comes second.
+pub fn meta_diffs(want: &Meta, got: &Meta) -> Vec<String> {
+    let mut out = Vec::new();
+    if want.mode != got.mode {
+        out.push(format!("mode {:o} != {:o}", want.mode, got.mode));
+    }
+    for (name, value) in &want.xattrs {
+        match got.xattrs.get(name) {
+            None => out.push(format!("xattr {name} missing")),
+            Some(v) if v != value => out.push(format!("xattr {name} {value:?} != {v:?}")),
+            Some(_) => {}
+        }
+    }
+    for name in got.xattrs.keys().filter(|n| !want.xattrs.contains_key(*n)) {
+        out.push(format!("xattr {name} unexpected"));
     }
     out
 }
@@ -279,7 +397,106 @@ mod tests {
                 .enumerate()
                 .map(|(i, (p, _))| ((*p).to_owned(), i as u64))
                 .collect(),
+            meta: e
+                .iter()
+                .map(|(p, _)| ((*p).to_owned(), meta_of(0o100644, &[("user.a", "v0")])))
+                .collect(),
         }
+    }
+
+    fn meta_of(mode: u32, xattrs: &[(&str, &str)]) -> Meta {
+        Meta {
+            mode,
+            xattrs: xattrs
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    fn set_xattr(p: &Path, name: &str, value: &str) {
+        sys::xattr_set(p, name, value.as_bytes()).unwrap();
+    }
+
+    /// fsync and sync promise the mode and the xattrs, fdatasync does not; a claim of an
+    /// earlier mark keeps its metadata only while the metadata stays the same.
+    #[test]
+    fn fsync_and_sync_promise_mode_and_xattrs_fdatasync_does_not() {
+        let s0 = snap("setup", &[("foo", file(1, "a")), ("bar", file(2, "b"))]);
+        let mut s1 = s0.clone();
+        s1.mark = "p1".into();
+        let by_op = |points: Vec<KOp>, s1: &Snapshot| -> Vec<(String, bool)> {
+            let claims = claims_at_marks(&[vec![], points], &[s0.clone(), s1.clone()]);
+            let mut v: Vec<(String, bool)> = claims[1]
+                .iter()
+                .map(|c| (c.by.clone(), c.meta.is_some()))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            by_op(vec![KOp::Fsync("foo".into())], &s1),
+            [("fsync foo".to_owned(), true)]
+        );
+        assert_eq!(
+            by_op(vec![KOp::Fdatasync("foo".into())], &s1),
+            [("fdatasync foo".to_owned(), false)]
+        );
+        assert!(by_op(vec![KOp::Sync], &s1).iter().all(|(_, m)| *m));
+        // setup's sync, then only foo's xattrs change by p1: bar keeps its metadata claim,
+        // foo only its data claim.
+        s1.meta
+            .insert("foo".into(), meta_of(0o100644, &[("user.b", "v1")]));
+        let claims = claims_at_marks(&[vec![KOp::Sync], vec![]], &[s0.clone(), s1]);
+        let got: Vec<(&str, bool)> = claims[1]
+            .iter()
+            .map(|c| (c.path.as_str(), c.meta.is_some()))
+            .collect();
+        assert_eq!(got, [("bar", true), ("foo", false)]);
+    }
+
+    /// A state whose data is right but whose mode or xattrs are not breaks an fsync's
+    /// promise, and the violation names what differs.
+    #[test]
+    fn a_changed_mode_or_xattr_is_a_named_violation() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let foo = d.path().join("foo");
+        std::fs::write(&foo, b"hello").unwrap();
+        std::fs::set_permissions(&foo, std::fs::Permissions::from_mode(0o644)).unwrap();
+        set_xattr(&foo, "user.x", "1");
+        set_xattr(&foo, "user.y", "2");
+        let s = take(d.path(), "m").unwrap();
+        assert_eq!(
+            s.meta["foo"],
+            meta_of(0o100644, &[("user.x", "1"), ("user.y", "2")])
+        );
+        let fsync = own_claims(&[KOp::Fsync("foo".into())], &s, None);
+        let fdatasync = own_claims(&[KOp::Fdatasync("foo".into())], &s, Some(&s));
+        assert!(violations(d.path(), &fsync).is_empty());
+        std::fs::set_permissions(&foo, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let v = violations(d.path(), &fsync);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].kind, "mode differs");
+        assert_eq!(
+            v[0].text,
+            "foo: `fsync foo` promised its mode and xattrs: mode 100644 != 100600"
+        );
+        sys::xattr_remove(&foo, "user.x").unwrap();
+        set_xattr(&foo, "user.y", "3");
+        set_xattr(&foo, "user.z", "4");
+        let v = violations(d.path(), &fsync);
+        assert_eq!(v[0].kind, "mode and xattrs differ");
+        assert!(
+            v[0].text.ends_with(
+                "mode 100644 != 100600, xattr user.x missing, xattr user.y \"2\" != \"3\", \
+                 xattr user.z unexpected"
+            ),
+            "{}",
+            v[0].text
+        );
+        // fdatasync promised the data only.
+        assert!(violations(d.path(), &fdatasync).is_empty());
     }
 
     #[test]

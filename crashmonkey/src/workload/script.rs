@@ -70,7 +70,10 @@ fn line(op: &KOp) -> String {
         KOp::RemoveXattr { path, name } => format!("setfattr -x {name} {path}"),
         KOp::Fsync(p) => format!("xfs_io -r -c fsync {p}"),
         KOp::Fdatasync(p) => format!("xfs_io -r -c fdatasync {p}"),
-        KOp::Sync => "sync".into(),
+        // syncfs(2) of the workload's own filesystem (the script runs in its mount point):
+        // what sync(2) does for it, without syncing every other filesystem too, which under
+        // `kernel --jobs` flushed the other workloads' disks and changed their crash states.
+        KOp::Sync => "sync -f .".into(),
         KOp::Mark(m) => format!("mark {m}"),
     }
 }

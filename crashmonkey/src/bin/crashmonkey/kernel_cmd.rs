@@ -9,8 +9,10 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use crashmonkey::checker::StopFlag;
+use crashmonkey::kernel::campaign::WorkloadRun;
 use crashmonkey::kernel::campaign::{Campaign, KernelParams, WorkloadResult};
 use crashmonkey::kernel::folder::Folder;
+use crashmonkey::kernel::jobs::{run_in_order, KERNEL_JOBS_MAX};
 use crashmonkey::kernel::{snapshot, FsKind, KernelError};
 use crashmonkey::workload::{ace, KWorkload};
 
@@ -19,19 +21,24 @@ For each workload: a copy of a base image formatted once, served by an in-proces
 nbd-server (Unix socket), attached with nbdfuse and a loop device, mounted; the workload's \
 shell script run as real system calls, with a mark and a snapshot of the tree after each \
 persistence point; unmounted. Then at every mark two crash states, the durable one (only \
-what FLUSH and FUA made durable) and the prefix (every write before the mark), each mounted \
+what FLUSH and FUA made durable) and the prefix (every write before the mark), and with \
+--reorder and --torn the states between them and torn writes, each mounted \
 from a copy so recovery runs, compared with what the persistence points promised (fsync: \
-the file's data and size; fdatasync: the same, under a name the file already had; fsync of \
-a directory: its entries; sync: everything), and checked with the filesystem's fsck read-only (e2fsck -fn, xfs_repair -n, btrfs check \
+the file's data, size, mode and user.* xattrs; fdatasync: the data and size, under a name \
+the file already had; fsync of a directory: its entries, mode and xattrs; sync: \
+everything), and checked with the filesystem's fsck read-only (e2fsck -fn, xfs_repair -n, btrfs check \
 --readonly). A state that does not mount, breaks a promise or fails fsck is a finding.
 
-Workloads run one at a time (--jobs is accepted and must be 1). Needs root, /dev/fuse, loop \
-devices, nbdfuse, xfs_io, setfattr and the filesystem's mkfs and fsck.
+With --jobs J, J workloads run at once, each with its own server, nbdfuse mount, loop \
+device and mount point; the output, summary and campaign folder are those of --jobs 1. \
+Needs root, /dev/fuse, loop devices, nbdfuse, xfs_io, setfattr and the filesystem's mkfs \
+and fsck.
 
 Examples:
   sudo crashmonkey kernel --fs ext4 --workload ace --seq 1 --limit 10
   sudo crashmonkey kernel --fs xfs --workload ace --seq 1 --limit 5 --lying-disk   # findings
   sudo crashmonkey kernel --fs ext4 --workload ace --seq 2 --seed 7 --limit 50 --out camp
+  sudo crashmonkey kernel --fs ext4 --limit 30 --reorder --torn --jobs 2   # more states, 2 at once
   sudo crashmonkey kernel --fs ext4 --workload camp/findings/X/workload.txt   # one workload again
 
 Exit status: 0 no finding, 1 findings, 2 error or stopped (a campaign folder resumes).";
@@ -53,12 +60,15 @@ pub struct KernelArgs {
     /// At most this many workloads (--seq 2: the sample's size; default 100).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Seed of every random choice (the --seq 2 sample); printed.
+    /// Seed of every random choice (the --seq 2 sample, the --reorder sample, the --torn
+    /// tear points); printed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Workloads run at once. Only 1 is supported: each holds a loop device, a FUSE mount
-    /// and a mount, and they run one after another.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1))]
+    /// Workloads run at once (1 to 8), each with its own server, nbdfuse mount, loop device,
+    /// mount point and work folder; results are reported in the workloads' order, as with 1.
+    /// Example: --jobs 2.
+    #[arg(long, default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=KERNEL_JOBS_MAX as u64))]
     pub jobs: u64,
     /// Keep the campaign in this folder (made if missing; resumed when it holds the same
     /// campaign; refused when it holds anything else): done records, finding bundles, index.
@@ -78,6 +88,11 @@ pub struct KernelArgs {
     /// one pending write, the prefix minus one (at most 16 a mark, sampled with --seed).
     #[arg(long)]
     pub reorder: bool,
+    /// Also check torn states at each mark with writes pending: the durable state plus the
+    /// first 512-byte sectors of one pending write, the rest of it old (tear point drawn with
+    /// --seed; at most 16 a mark). Their findings say `in torn states`.
+    #[arg(long)]
+    pub torn: bool,
 }
 
 /// `crashmonkey kernel-mark`: called by a workload's script at each mark.
@@ -202,10 +217,11 @@ fn again_command(a: &KernelArgs, bundle_workload: &str) -> String {
         "sudo crashmonkey kernel --fs {} --workload {bundle_workload}{}{}",
         a.fs.name(),
         if a.lying_disk { " --lying-disk" } else { "" },
-        if a.reorder {
-            format!(" --reorder --seed {}", a.seed)
-        } else {
-            String::new()
+        match (a.reorder, a.torn) {
+            (false, false) => String::new(),
+            (true, false) => format!(" --reorder --seed {}", a.seed),
+            (false, true) => format!(" --torn --seed {}", a.seed),
+            (true, true) => format!(" --reorder --torn --seed {}", a.seed),
         }
     )
 }
@@ -226,6 +242,7 @@ fn go(a: &KernelArgs) -> anyhow::Result<usize> {
         seed: a.seed,
         limit: a.limit,
         reorder: a.reorder,
+        torn: a.torn,
     };
     let all = workloads(a)?;
     eprintln!(
@@ -245,11 +262,11 @@ fn go(a: &KernelArgs) -> anyhow::Result<usize> {
         seed: a.seed,
         ..Default::default()
     };
-    for (i, w) in all.iter().enumerate() {
-        if shard.owns(i as u64) {
-            one_workload(a, w, folder.as_ref(), &campaign, &mut sum, &stop)?;
-        }
-    }
+    let owned: Vec<&KWorkload> = (all.iter().enumerate())
+        .filter(|(i, _)| shard.owns(*i as u64))
+        .map(|(_, w)| w)
+        .collect();
+    run_workloads(a, &owned, folder.as_ref(), &campaign, &mut sum, &stop)?;
     sum.seconds = t.elapsed().as_secs_f64();
     let ran = sum.workloads - sum.resumed;
     sum.seconds_per_workload = if ran > 0 {
@@ -281,21 +298,61 @@ fn open(
     Ok((folder, campaign))
 }
 
-/// Runs and checks `w`, unless the folder has it done already; adds it to `sum`.
-fn one_workload(
+/// Runs and checks the workloads `ws` (`--jobs` at once) but those the folder has done
+/// already; hands each one's result on in the order of `ws` (printed, kept in the folder,
+/// added to `sum`), and stops at the first error, as one at a time would.
+fn run_workloads(
     a: &KernelArgs,
-    w: &KWorkload,
+    ws: &[&KWorkload],
     folder: Option<&Folder>,
     campaign: &Campaign,
     sum: &mut Summary,
     stop: &StopFlag,
 ) -> anyhow::Result<()> {
-    if let Some(done) = folder.map(|f| f.done(&w.name)).transpose()?.flatten() {
-        sum.resumed += 1;
-        sum.add(&done);
-        return Ok(());
+    let mut done = Vec::with_capacity(ws.len());
+    for w in ws {
+        done.push(folder.map(|f| f.done(&w.name)).transpose()?.flatten());
     }
-    let run = match campaign.run_workload(w, stop) {
+    let todo: Vec<usize> = (0..ws.len()).filter(|&i| done[i].is_none()).collect();
+    let mut failed: Option<anyhow::Error> = None;
+    let mut next_done = 0;
+    run_in_order(
+        todo.len(),
+        a.jobs as usize,
+        |k| campaign.run_workload(ws[todo[k]], stop),
+        |k, run| {
+            add_resumed(&mut done[next_done..todo[k]], sum);
+            next_done = todo[k] + 1;
+            let kept = one_result(a, ws[todo[k]], run, folder, sum, stop);
+            failed = kept.err();
+            failed.is_none()
+        },
+    );
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    add_resumed(&mut done[next_done..], sum);
+    Ok(())
+}
+
+/// Adds the records of resumed workloads to `sum`, in order.
+fn add_resumed(done: &mut [Option<WorkloadResult>], sum: &mut Summary) {
+    for d in done.iter_mut().filter_map(Option::take) {
+        sum.resumed += 1;
+        sum.add(&d);
+    }
+}
+
+/// Hands on the result of running `w`: printed, kept in the folder, added to `sum`.
+fn one_result(
+    a: &KernelArgs,
+    w: &KWorkload,
+    run: Result<WorkloadRun, KernelError>,
+    folder: Option<&Folder>,
+    sum: &mut Summary,
+    stop: &StopFlag,
+) -> anyhow::Result<()> {
+    let run = match run {
         Ok(run) => run,
         Err(KernelError::Script { end, output }) if stop.signal().is_none() => {
             let result = skipped(w, &end, &output, a.json);
