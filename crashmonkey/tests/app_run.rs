@@ -197,7 +197,7 @@ fn a_lying_disk_loses_what_fsync_promised_and_the_bundle_shows_it_again() {
         "workload.txt",
         "checker.txt",
         "disk.log",
-        "state.img",
+        "state.img.gz",
         "output.txt",
         "check.sh",
         "README.md",

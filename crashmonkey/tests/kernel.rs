@@ -210,7 +210,7 @@ fn lying(fs: &str) {
             "workload.txt",
             "workload.sh",
             "disk.log",
-            "state.img",
+            "state.img.gz",
             "expected.json",
             "report.txt",
             "README.md",

@@ -5,9 +5,9 @@
 //! - `workload-output.txt`: what the workload printed (capped);
 //! - `findings/SIGNATURE/`: one bundle per finding (failing states grouped by
 //!   [`super::app::signature`]), from its first failing state: `workload.txt` and
-//!   `checker.txt` (the commands), `disk.log` (the write log), `state.img` (the failing
-//!   state as the power cut left it, sparse), `output.txt` (the checker's output, or mount's
-//!   and the kernel's words), `check.sh` (mounts a copy of `state.img` and runs the checker
+//!   `checker.txt` (the commands), `disk.log` (the write log), `state.img.gz` (the failing
+//!   state as the power cut left it, gzip-compressed), `output.txt` (the checker's output, or
+//!   mount's and the kernel's words), `check.sh` (mounts a copy of the state and runs the checker
 //!   on it, as the run did) and a `README.md` with the one command that shows it again;
 //!   `more.txt` lists the finding's other failing states;
 //! - `findings.jsonl`: the index, one line per failing state (signature, mark, state,
@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::app::{again_command, fill_checker, AppParams, AppRun, AppStateFinding};
-use super::crash::sparse_copy;
+use super::crash::{gzip_copy, STATE_IMAGE_GZ};
 use super::proc::quote;
 use super::KernelError;
 
@@ -97,7 +97,7 @@ impl AppFolder {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         std::fs::copy(run.log(), tmp.join("disk.log")).map_err(io(&tmp))?;
-        sparse_copy(&run.image(f), &tmp.join("state.img"))?;
+        gzip_copy(&run.image(f), &tmp.join(STATE_IMAGE_GZ))?;
         let p = &run.params;
         let files = [
             ("workload.txt", format!("{}\n", p.workload)),
@@ -123,7 +123,7 @@ fn append(path: &Path, text: &str) -> Result<(), KernelError> {
     f.write_all(text.as_bytes()).map_err(io(path))
 }
 
-/// A script that mounts a copy of the bundle's `state.img` and runs the checker on it with
+/// A script that mounts a copy of the bundle's `state.img.gz`, uncompressed, and runs the checker on it with
 /// the placeholders filled in as the run filled them (a fixed folder under /tmp, so that the
 /// command is written out here whole), from the folder the run was started in.
 fn check_script(p: &AppParams, f: &AppStateFinding, name: &str) -> String {
@@ -142,15 +142,15 @@ fn check_script(p: &AppParams, f: &AppStateFinding, name: &str) -> String {
     };
     format!(
         "#!/bin/sh\n\
-         # Mounts a copy of state.img (the kernel runs its recovery), runs the checker on it as\n\
+         # Mounts a copy of state.img.gz, uncompressed (the kernel runs its recovery), runs the checker on it as\n\
          # `crashmonkey run` did, unmounts. Root. Exit status: the checker's.\n\
          set -u\n\
          here=$(cd \"$(dirname \"$0\")\" && pwd)\n\
          work={work}\n\
          umount \"$work/mnt\" 2>/dev/null; rm -rf \"$work\"; mkdir -p \"$work/mnt\"\n\
          trap 'umount \"$work/mnt\" 2>/dev/null; rm -rf \"$work\"' EXIT\n\
-         cp --sparse=always \"$here/state.img\" \"$work/live.img\"\n\
-         cp --sparse=always \"$here/state.img\" \"$work/state.img\"\n\
+         gzip -dc \"$here/state.img.gz\" | cp --sparse=always /dev/stdin \"$work/live.img\"\n\
+         cp --sparse=always \"$work/live.img\" \"$work/state.img\"\n\
          {btrfs}mount -t {fs} -o {opts} \"$work/live.img\" \"$work/mnt\" || \
          {{ echo 'the state does not mount'; exit 1; }}\n\
          cd {cwd} || exit 2\n\
@@ -175,7 +175,7 @@ fn readme(p: &AppParams, f: &AppStateFinding) -> String {
         "# {sig}\n\n\
          The {which} state at mark `{mark}` (state {index} of the run): {failed}; \
          `output.txt` has its words.\n\n\
-         Show it again (mounts a copy of `state.img`, the state as the power cut left it, and \
+         Show it again (mounts a copy of `state.img.gz`, the state as the power cut left it, and \
          runs the checker on it; root):\n\n\
          ```\nsudo sh check.sh\n```\n\n\
          Run the whole workload again and check every state (from the folder it was first \

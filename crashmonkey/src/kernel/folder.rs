@@ -163,7 +163,7 @@ impl Folder {
         for file in ["workload.txt", "workload.sh", "disk.log"] {
             std::fs::copy(d.join(file), tmp.join(file)).map_err(io(&tmp))?;
         }
-        super::crash::sparse_copy(&run.images[i], &tmp.join("state.img"))?;
+        super::crash::gzip_copy(&run.images[i], &tmp.join(super::crash::STATE_IMAGE_GZ))?;
         let snapshot = run.snapshots.iter().find(|s| s.mark == f.mark);
         let expected = serde_json::json!({ "claims": f.claims, "snapshot": snapshot });
         let files = [
@@ -244,8 +244,10 @@ fn readme(f: &StateFinding, command: &str) -> String {
          promised (the claims) and the tree at the mark (the snapshot).\n\n\
          Show it again (runs the workload, rebuilds and checks its crash states; root):\n\n\
          ```\n{command}\n```\n\n\
-         Look at the failing state itself (`state.img`, sparse):\n\n\
-         ```\nmkdir -p /tmp/s && mount -o loop state.img /tmp/s && ls -la /tmp/s; umount /tmp/s\n```\n\n\
+         Look at the failing state itself (`state.img.gz`, the image as the power cut left \
+         it, compressed; mounting it runs the filesystem's recovery):\n\n\
+         ```\ngzip -dc state.img.gz | cp --sparse=always /dev/stdin /tmp/state.img\n\
+         mkdir -p /tmp/s && mount -o loop /tmp/state.img /tmp/s && ls -la /tmp/s; umount /tmp/s\n```\n\n\
          `disk.log` is the write log (`crashmonkey log stats disk.log`, `crashmonkey log show \
          disk.log`); its base image is the campaign folder's `base.img`.\n",
         sig = f.signature,
