@@ -254,6 +254,71 @@ fn a_lying_disk_loses_what_fsync_promised_and_the_bundle_shows_it_again() {
     assert_clean(tmp.path());
 }
 
+/// The same command on a folder of its run resumes it: done, the stored summary comes back
+/// (same exit status) and nothing runs; interrupted (no `summary.json`), what the run wrote
+/// goes and it runs again to the same findings. A folder of another run, or holding a file a
+/// run does not write, is refused and left as it is.
+#[test]
+fn the_same_run_resumes_and_any_other_folder_is_refused() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let camp = tmp.path().join("camp");
+    let check = checker(tmp.path(), "");
+    let mut args = vec!["--workload", WORKLOAD, "--checker", &check, "--lying-disk"];
+    args.extend(["--out", camp.to_str().unwrap()]);
+    let (out, first) = run(tmp.path(), &args);
+    assert_eq!(out.status.code(), Some(1), "{first}");
+    let seen = std::fs::read_to_string(tmp.path().join("seen")).unwrap();
+    let (out, again) = run(tmp.path(), &args);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(again, first, "a done run gives its stored summary");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds this run, done"), "{err}");
+    let seen_after = std::fs::read_to_string(tmp.path().join("seen")).unwrap();
+    assert_eq!(seen_after, seen, "the checker ran again");
+    // Interrupted: no summary, a partial bundle and output left behind.
+    std::fs::remove_file(camp.join("summary.json")).unwrap();
+    std::fs::create_dir_all(camp.join("findings/half-written")).unwrap();
+    std::fs::write(camp.join("workload-output.txt"), "partial").unwrap();
+    let (out, redone) = run(tmp.path(), &args);
+    assert_eq!(out.status.code(), Some(1), "{redone}");
+    assert_eq!(redone["signatures"], first["signatures"]);
+    assert_eq!(redone["failing_states"], first["failing_states"]);
+    assert!(!camp.join("findings/half-written").exists());
+    let index = std::fs::read_to_string(camp.join("findings.jsonl")).unwrap();
+    assert_eq!(index.lines().count() as u64, num(&first, "failing_states"));
+    // Another run's parameters (an honest disk) are refused; the folder stays as it was.
+    let summary = std::fs::read(camp.join("summary.json")).unwrap();
+    let honest: Vec<&str> = args
+        .iter()
+        .copied()
+        .filter(|a| *a != "--lying-disk")
+        .collect();
+    let out = crashmonkey_run(tmp.path(), &honest).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds another run"), "{err}");
+    assert_eq!(std::fs::read(camp.join("summary.json")).unwrap(), summary);
+    // A file a run does not write keeps an interrupted folder from being resumed.
+    std::fs::remove_file(camp.join("summary.json")).unwrap();
+    std::fs::write(camp.join("notes.txt"), "mine").unwrap();
+    let out = crashmonkey_run(tmp.path(), &args).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("which a run does not write"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(camp.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(
+        camp.join("findings.jsonl").exists(),
+        "a refused resume removed files"
+    );
+    assert_clean(tmp.path());
+}
+
 /// A state that does not mount is a failing state even when the checker would pass it, with
 /// mount's words and the kernel's: the workload zeroes ext4's primary superblock through the
 /// loop device under the mount (`dd ... conv=fsync`), then sets a mark.

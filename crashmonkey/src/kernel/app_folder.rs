@@ -13,7 +13,10 @@
 //! - `findings.jsonl`: the index, one line per failing state (signature, mark, state,
 //!   bundle, how the checker ended).
 //!
-//! A run is not resumed: a folder that exists and is not empty is refused and left as it is.
+//! The same command on a folder of its run resumes it ([`AppFolder::open`]): a run done
+//! (`summary.json`, written last, whole) is not run again; an interrupted one runs again
+//! after what it wrote is removed. Any other folder that is not empty is refused and left as
+//! it is.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,25 +38,89 @@ pub struct AppFolder {
     pub dir: PathBuf,
 }
 
+/// The files a run writes into its folder, besides `campaign.json`: what an interrupted run
+/// of the same command may have left, removed before it runs again.
+const RUN_FILES: [&str; 4] = [
+    "findings",
+    "findings.jsonl",
+    "workload-output.txt",
+    "summary.json.tmp",
+];
+
+/// What [`AppFolder::open`] found in the folder.
+pub enum Opened {
+    /// A new run goes into it (it was empty, or held this run interrupted).
+    Run(AppFolder),
+    /// It holds this run, done: its `summary.json`.
+    Done(serde_json::Value),
+}
+
 impl AppFolder {
-    /// Makes `dir` (or takes it when empty) and writes `campaign.json`; refuses a folder
-    /// that holds anything.
-    pub fn create(dir: &Path, params: &AppParams) -> Result<AppFolder, KernelError> {
-        let nonempty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
-        if nonempty {
-            return Err(KernelError::Setup(format!(
-                "{} is not empty; refusing to write into it (a run is not resumed)",
-                dir.display()
-            )));
-        }
-        std::fs::create_dir_all(dir.join("findings")).map_err(io(dir))?;
-        let json = serde_json::json!({ "kind": "app", "params": params });
+    /// Opens `dir` for the run of `params`. An empty or missing folder is made the run's; a
+    /// folder of the same run **resumes**: done (it has `summary.json`), its summary is
+    /// returned and nothing runs again; interrupted, what the run had written is removed and
+    /// it runs again. A folder of another run, another kind, or other files is refused.
+    pub fn open(dir: &Path, params: &AppParams) -> Result<Opened, KernelError> {
+        let want = serde_json::json!({ "kind": "app", "params": params });
         let file = dir.join("campaign.json");
-        let text = serde_json::to_string_pretty(&json).expect("plain data");
-        std::fs::write(&file, text + "\n").map_err(io(&file))?;
-        Ok(AppFolder {
+        let nonempty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+        if !nonempty {
+            std::fs::create_dir_all(dir.join("findings")).map_err(io(dir))?;
+            let text = serde_json::to_string_pretty(&want).expect("plain data");
+            std::fs::write(&file, text + "\n").map_err(io(&file))?;
+            return Ok(Opened::Run(AppFolder {
+                dir: dir.to_path_buf(),
+            }));
+        }
+        let have: Option<serde_json::Value> = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        if have.as_ref() != Some(&want) {
+            let what = match have {
+                Some(h) if h["kind"] == "app" => {
+                    format!("holds another run ({}); give another --out", h["params"])
+                }
+                _ => "is not empty and not this run's folder; refusing to write into it".into(),
+            };
+            return Err(KernelError::Setup(format!("{} {what}", dir.display())));
+        }
+        Self::resume(dir)
+    }
+
+    /// The same run's folder: done, or cleared of what the interrupted run wrote.
+    fn resume(dir: &Path) -> Result<Opened, KernelError> {
+        let summary = dir.join("summary.json");
+        if let Ok(text) = std::fs::read_to_string(&summary) {
+            let v = serde_json::from_str(&text)
+                .map_err(|e| KernelError::Setup(format!("{}: {e}", summary.display())))?;
+            return Ok(Opened::Done(v));
+        }
+        for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+            let name = entry.map_err(io(dir))?.file_name();
+            let name = name.to_string_lossy();
+            if name != "campaign.json" && !RUN_FILES.contains(&name.as_ref()) {
+                return Err(KernelError::Setup(format!(
+                    "{} holds {name}, which a run does not write; refusing to resume into it",
+                    dir.display()
+                )));
+            }
+        }
+        for name in RUN_FILES {
+            let p = dir.join(name);
+            let gone = match p.is_dir() {
+                true => std::fs::remove_dir_all(&p),
+                false => std::fs::remove_file(&p),
+            };
+            match gone {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
+                _ => {}
+            }
+        }
+        tracing::info!(folder = %dir.display(), "running an interrupted run again");
+        std::fs::create_dir_all(dir.join("findings")).map_err(io(dir))?;
+        Ok(Opened::Run(AppFolder {
             dir: dir.to_path_buf(),
-        })
+        }))
     }
 
     /// Keeps `run`: the workload's output, a bundle per finding, the index, `summary`.
@@ -73,9 +140,12 @@ impl AppFolder {
             });
             append(&self.dir.join("findings.jsonl"), &format!("{line}\n"))?;
         }
+        // Written whole, then renamed: its presence says the run is done (see `open`).
         let file = self.dir.join("summary.json");
+        let tmp = self.dir.join("summary.json.tmp");
         let text = serde_json::to_string_pretty(summary).expect("plain data");
-        std::fs::write(&file, text + "\n").map_err(io(&file))
+        std::fs::write(&tmp, text + "\n").map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &file).map_err(io(&file))
     }
 
     /// The bundle of `f`'s signature: made from `f` when it is the first, else `f` is

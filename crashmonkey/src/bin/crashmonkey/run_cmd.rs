@@ -4,14 +4,14 @@
 //!
 //! Exit codes: 0 no finding; 1 findings; 2 the run could not run (or was stopped).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
 use crashmonkey::checker::StopFlag;
 use crashmonkey::kernel::app::{run_app, AppParams, AppResult, AppRun};
-use crashmonkey::kernel::app_folder::AppFolder;
+use crashmonkey::kernel::app_folder::{AppFolder, Opened};
 use crashmonkey::kernel::{FsKind, KernelError};
 
 const EXAMPLES: &str = "\
@@ -64,8 +64,10 @@ pub struct RunArgs {
     /// {state} replaced (a deadline of 300 s each). Exit 0: the state is fine.
     #[arg(long, value_name = "CMD")]
     pub checker: String,
-    /// Keep the run in this folder (made; refused when not empty): a bundle per finding
-    /// (commands, write log, state image, checker output, README), findings.jsonl.
+    /// Keep the run in this folder (made when missing or empty): a bundle per finding
+    /// (commands, write log, state image, checker output, README), findings.jsonl. The same
+    /// command on a folder of this run resumes it: done, it prints the stored summary and
+    /// runs nothing; interrupted, it runs again. Any other folder is refused.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
     /// Print the summary as one JSON object.
@@ -143,11 +145,16 @@ fn go(a: &RunArgs) -> anyhow::Result<usize> {
         checker: a.checker.clone(),
         lying_disk: a.lying_disk,
     };
-    let folder = a
+    let folder = match a
         .out
         .as_deref()
-        .map(|d| AppFolder::create(d, &params))
-        .transpose()?;
+        .map(|d| AppFolder::open(d, &params))
+        .transpose()?
+    {
+        Some(Opened::Done(summary)) => return Ok(done_already(a, &summary)),
+        Some(Opened::Run(f)) => Some(f),
+        None => None,
+    };
     eprintln!(
         "crashmonkey run: {} ({} bytes) on {} disk",
         a.fs.name(),
@@ -162,6 +169,30 @@ fn go(a: &RunArgs) -> anyhow::Result<usize> {
     }
     print(&run.result, &summary, a.json);
     Ok(run.result.signatures().len())
+}
+
+/// A run whose folder holds it done: its stored summary is the answer; the number of
+/// findings.
+fn done_already(a: &RunArgs, summary: &serde_json::Value) -> usize {
+    let dir = a.out.as_deref().unwrap_or(Path::new("."));
+    eprintln!(
+        "crashmonkey run: {} holds this run, done; nothing runs again (its findings: \
+         crashmonkey findings {})",
+        dir.display(),
+        dir.display()
+    );
+    if a.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "{} states, {} failing, {} findings (as stored in {})",
+            summary["states"],
+            summary["failing_states"],
+            summary["findings"],
+            dir.join("summary.json").display()
+        );
+    }
+    summary["findings"].as_u64().unwrap_or(0) as usize
 }
 
 fn stopped(e: KernelError, stop: &StopFlag) -> anyhow::Error {
