@@ -198,15 +198,27 @@ fn other_campaigns_and_a_full_out_are_refused_and_left_alone() {
         std::fs::read_to_string(out.join("mine.txt")).unwrap(),
         "keep me"
     );
-    // One folder of the same campaign merges; nothing temporary is left beside OUT.
+    // One folder of the same campaign merges; nothing temporary is left beside OUT. The
+    // merge is built beside OUT, not in the working folder (here /proc, where nothing can be
+    // made), and an OUT given relative to the working folder works too.
     let single = tmp.path().join("single");
-    let o = merge(&single, &[&a]);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = Command::new(CM)
+        .args(["findings", "merge"])
+        .arg(&single)
+        .arg(&a)
+        .current_dir("/proc")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let o = Command::new(CM)
+        .args(["findings", "merge", "relative", "a"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(tmp.path().join("relative/campaign.json").is_file());
     let left: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .filter_map(|e| e.ok())
