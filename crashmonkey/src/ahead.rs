@@ -132,3 +132,55 @@ fn hash_epochs(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// Long enough for a `take` that should not wait to have returned.
+    const SETTLE: Duration = Duration::from_millis(200);
+    /// A `take` that should be released and is not fails the test after this (its thread is
+    /// left behind, so that a broken budget fails rather than hangs).
+    const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+    /// `take(bytes)` on a thread of its own; its answer comes on the receiver.
+    fn take_aside(b: &Arc<AheadBudget>, bytes: usize) -> std::sync::mpsc::Receiver<bool> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = b.clone();
+        std::thread::spawn(move || tx.send(b.take(bytes)));
+        rx
+    }
+
+    /// A take that does not fit waits until bytes are given back, and one that comes
+    /// when nothing is ahead goes whatever its size.
+    #[test]
+    fn a_take_past_the_budget_waits_for_a_give() {
+        let b = Arc::new(AheadBudget::new(10));
+        assert!(
+            b.take(25),
+            "nothing ahead: an epoch larger than the budget goes alone"
+        );
+        b.give(25);
+        assert!(b.take(6));
+        let rx = take_aside(&b, 6);
+        assert_eq!(rx.recv_timeout(SETTLE), Err(RecvTimeoutError::Timeout));
+        b.give(6);
+        assert_eq!(rx.recv_timeout(RELEASE_WAIT), Ok(true));
+    }
+
+    /// Once the receiving side has ended, a waiting take returns `false` instead of waiting
+    /// for ever, and so does every later one.
+    #[test]
+    fn the_closer_releases_a_waiting_take() {
+        let b = Arc::new(AheadBudget::new(10));
+        assert!(b.take(10));
+        let rx = take_aside(&b, 1);
+        assert_eq!(rx.recv_timeout(SETTLE), Err(RecvTimeoutError::Timeout));
+        drop(b.closer());
+        assert_eq!(rx.recv_timeout(RELEASE_WAIT), Ok(false));
+        assert!(!b.take(0));
+    }
+}
