@@ -219,6 +219,11 @@ fn other_campaigns_and_a_full_out_are_refused_and_left_alone() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{err}");
     assert!(tmp.path().join("relative/campaign.json").is_file());
+    // A folder with no `done/` (no workload checked) merges as one with an empty one.
+    std::fs::remove_dir(a.join("done")).unwrap();
+    let o = merge(&tmp.path().join("no-done"), &[&a]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
     let left: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .filter_map(|e| e.ok())
