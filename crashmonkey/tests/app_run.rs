@@ -14,6 +14,8 @@
 //! They need root, /dev/fuse, loop devices, nbdfuse and mkfs.ext4: elsewhere the skip policy
 //! decides (never under CI).
 
+mod common;
+
 #[path = "../../nbd-server/tests/common/skip.rs"]
 mod skip;
 
@@ -29,34 +31,12 @@ const RUN_SECONDS_MAX: u64 = 120;
 const WORKLOAD: &str = "cd \"$CRASHMONKEY_MNT\" && for i in 1 2 3; do \
     echo \"row $i\" > f$i && sync f$i . && crashmonkey mark m$i; done";
 
-fn have(t: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {t}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    found || skip::skip(&format!("{t} is not installed (make deps installs it)"))
-}
+/// What `crashmonkey run` on ext4 needs besides root, /dev/fuse and a loop device.
+const RUN_TOOLS: [&str; 4] = ["nbdfuse", "fusermount3", "losetup", "mkfs.ext4"];
 
 /// Whether this machine can run `crashmonkey run` on ext4; otherwise the skip policy decides.
 fn can_run() -> bool {
-    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines()
-            .find(|l| l.starts_with("Uid:"))
-            .and_then(|l| l.split_whitespace().nth(2))
-            == Some("0")
-    });
-    if !root {
-        return skip::skip("needs root (loop devices, mount)");
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return skip::skip("no /dev/fuse");
-    }
-    let tools = ["nbdfuse", "fusermount3", "losetup", "mkfs.ext4"];
-    if !tools.into_iter().all(have) {
-        return false;
-    }
-    let free_loop = Command::new("losetup").arg("-f").output();
-    free_loop.is_ok_and(|o| o.status.success()) || skip::skip("no free loop device")
+    common::kernel_unready(&RUN_TOOLS).is_none_or(|why| skip::skip(&why))
 }
 
 /// The checker: records what it saw (state, mark, the names in `{mnt}`) in `seen`, then

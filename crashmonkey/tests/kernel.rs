@@ -14,6 +14,8 @@
 //! They need root, /dev/fuse, loop devices, nbdfuse, xfs_io, setfattr, mkfs.ext4, mkfs.xfs
 //! and (for the btrfs pair) btrfs-progs: elsewhere the skip policy decides (never under CI).
 
+mod common;
+
 #[path = "../../nbd-server/tests/common/skip.rs"]
 mod skip;
 
@@ -31,43 +33,25 @@ fn can_run_btrfs() -> bool {
 }
 
 fn have(t: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {t}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    found || skip::skip(&format!("{t} is not installed (make deps installs it)"))
+    common::on_path(t) || skip::skip(&format!("{t} is not installed (make deps installs it)"))
 }
+
+/// What a kernel campaign on ext4 and XFS needs besides root, /dev/fuse and a loop device.
+const KERNEL_TOOLS: [&str; 9] = [
+    "nbdfuse",
+    "fusermount3",
+    "losetup",
+    "xfs_io",
+    "setfattr",
+    "mkfs.ext4",
+    "e2fsck",
+    "mkfs.xfs",
+    "xfs_repair",
+];
 
 /// Whether this machine can run kernel campaigns; otherwise the skip policy decides.
 fn can_run() -> bool {
-    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines()
-            .find(|l| l.starts_with("Uid:"))
-            .and_then(|l| l.split_whitespace().nth(2))
-            == Some("0")
-    });
-    if !root {
-        return skip::skip("needs root (loop devices, mount)");
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return skip::skip("no /dev/fuse");
-    }
-    let tools = [
-        "nbdfuse",
-        "fusermount3",
-        "losetup",
-        "xfs_io",
-        "setfattr",
-        "mkfs.ext4",
-        "e2fsck",
-        "mkfs.xfs",
-        "xfs_repair",
-    ];
-    if !tools.into_iter().all(have) {
-        return false;
-    }
-    let free_loop = Command::new("losetup").arg("-f").output();
-    free_loop.is_ok_and(|o| o.status.success()) || skip::skip("no free loop device")
+    common::kernel_unready(&KERNEL_TOOLS).is_none_or(|why| skip::skip(&why))
 }
 
 fn fixtures() -> PathBuf {

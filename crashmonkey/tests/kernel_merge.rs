@@ -8,6 +8,8 @@
 //! The campaign part needs what `crashmonkey kernel` needs (root, /dev/fuse, loop devices,
 //! nbdfuse, mkfs.ext4): elsewhere the skip policy decides (never under CI).
 
+mod common;
+
 #[path = "../../nbd-server/tests/common/skip.rs"]
 mod skip;
 
@@ -17,34 +19,19 @@ use std::process::{Command, Output};
 
 const CM: &str = env!("CARGO_BIN_EXE_crashmonkey");
 
+/// What the campaigns here need besides root, /dev/fuse and a loop device.
+const MERGE_TOOLS: [&str; 6] = [
+    "nbdfuse",
+    "losetup",
+    "xfs_io",
+    "setfattr",
+    "mkfs.ext4",
+    "e2fsck",
+];
+
+/// Whether this machine can run these tests; otherwise the skip policy decides.
 fn can_run() -> bool {
-    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines()
-            .find(|l| l.starts_with("Uid:"))
-            .and_then(|l| l.split_whitespace().nth(2))
-            == Some("0")
-    });
-    if !root {
-        return skip::skip("needs root (loop devices, mount)");
-    }
-    if !Path::new("/dev/fuse").exists() {
-        return skip::skip("no /dev/fuse");
-    }
-    let tools = [
-        "nbdfuse",
-        "losetup",
-        "xfs_io",
-        "setfattr",
-        "mkfs.ext4",
-        "e2fsck",
-    ];
-    tools.into_iter().all(|t| {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        found || skip::skip(&format!("{t} is not installed (make deps installs it)"))
-    })
+    common::kernel_unready(&MERGE_TOOLS).is_none_or(|why| skip::skip(&why))
 }
 
 /// `crashmonkey kernel` of the lying-disk campaign on the first 12 ACE workloads into `out`

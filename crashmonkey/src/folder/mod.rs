@@ -322,26 +322,10 @@ pub fn findings(dir: &Path) -> Result<Findings, FolderError> {
         r => r?,
     };
     // Records a stopped campaign wrote but did not index are indexed now (this process holds
-    // the lock); an indexed record with no file, or changed, is still refused.
+    // the lock); an indexed record with no file, or changed, is refused: after it, the index
+    // holds exactly the folder's records.
     ledger::catch_up(&index, dir)?;
     let indexed = index.records()?;
-    let files: BTreeSet<String> = record::record_paths(dir)?
-        .iter()
-        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .collect();
-    let names: BTreeSet<String> = indexed.keys().cloned().collect();
-    if names != files {
-        return Err(FolderError::Index {
-            dir: dir.to_path_buf(),
-            what: format!(
-                "it indexes {} run records, the folder holds {} ({} not indexed, {} missing)",
-                names.len(),
-                files.len(),
-                files.difference(&names).count(),
-                names.difference(&files).count()
-            ),
-        });
-    }
     let tallies = index.findings()?;
     for t in &tallies {
         check_bundles(dir, t)?;

@@ -18,20 +18,13 @@
 //! after what it wrote is removed. Any other folder that is not empty is refused and left as
 //! it is.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::app::{again_command, fill_checker, AppParams, AppRun, AppStateFinding};
 use super::crash::{gzip_copy, STATE_IMAGE_GZ};
+use super::folder::append;
 use super::proc::quote;
 use super::KernelError;
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KernelError + '_ {
-    move |source| KernelError::Io {
-        what: path.display().to_string(),
-        source,
-    }
-}
 
 /// An application run's folder.
 pub struct AppFolder {
@@ -65,9 +58,9 @@ impl AppFolder {
         let file = dir.join("campaign.json");
         let nonempty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
         if !nonempty {
-            std::fs::create_dir_all(dir.join("findings")).map_err(io(dir))?;
+            std::fs::create_dir_all(dir.join("findings")).map_err(KernelError::at(dir))?;
             let text = serde_json::to_string_pretty(&want).expect("plain data");
-            std::fs::write(&file, text + "\n").map_err(io(&file))?;
+            std::fs::write(&file, text + "\n").map_err(KernelError::at(&file))?;
             return Ok(Opened::Run(AppFolder {
                 dir: dir.to_path_buf(),
             }));
@@ -95,8 +88,8 @@ impl AppFolder {
                 .map_err(|e| KernelError::Setup(format!("{}: {e}", summary.display())))?;
             return Ok(Opened::Done(v));
         }
-        for entry in std::fs::read_dir(dir).map_err(io(dir))? {
-            let name = entry.map_err(io(dir))?.file_name();
+        for entry in std::fs::read_dir(dir).map_err(KernelError::at(dir))? {
+            let name = entry.map_err(KernelError::at(dir))?.file_name();
             let name = name.to_string_lossy();
             if name != "campaign.json" && !RUN_FILES.contains(&name.as_ref()) {
                 return Err(KernelError::Setup(format!(
@@ -112,12 +105,14 @@ impl AppFolder {
                 false => std::fs::remove_file(&p),
             };
             match gone {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&p)(e)),
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(KernelError::at(&p)(e))
+                }
                 _ => {}
             }
         }
         tracing::info!(folder = %dir.display(), "running an interrupted run again");
-        std::fs::create_dir_all(dir.join("findings")).map_err(io(dir))?;
+        std::fs::create_dir_all(dir.join("findings")).map_err(KernelError::at(dir))?;
         Ok(Opened::Run(AppFolder {
             dir: dir.to_path_buf(),
         }))
@@ -126,7 +121,7 @@ impl AppFolder {
     /// Keeps `run`: the workload's output, a bundle per finding, the index, `summary`.
     pub fn keep(&self, run: &AppRun, summary: &serde_json::Value) -> Result<(), KernelError> {
         let out = self.dir.join("workload-output.txt");
-        std::fs::write(&out, &run.workload_output).map_err(io(&out))?;
+        std::fs::write(&out, &run.workload_output).map_err(KernelError::at(&out))?;
         for f in &run.result.failing {
             let bundle = self.bundle(run, f)?;
             let line = serde_json::json!({
@@ -144,8 +139,8 @@ impl AppFolder {
         let file = self.dir.join("summary.json");
         let tmp = self.dir.join("summary.json.tmp");
         let text = serde_json::to_string_pretty(summary).expect("plain data");
-        std::fs::write(&tmp, text + "\n").map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &file).map_err(io(&file))
+        std::fs::write(&tmp, text + "\n").map_err(KernelError::at(&tmp))?;
+        std::fs::rename(&tmp, &file).map_err(KernelError::at(&file))
     }
 
     /// The bundle of `f`'s signature: made from `f` when it is the first, else `f` is
@@ -165,8 +160,8 @@ impl AppFolder {
         }
         let tmp = self.dir.join("findings").join(format!(".{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        std::fs::copy(run.log(), tmp.join("disk.log")).map_err(io(&tmp))?;
+        std::fs::create_dir_all(&tmp).map_err(KernelError::at(&tmp))?;
+        std::fs::copy(run.log(), tmp.join("disk.log")).map_err(KernelError::at(&tmp))?;
         gzip_copy(&run.image(f), &tmp.join(STATE_IMAGE_GZ))?;
         let p = &run.params;
         let files = [
@@ -177,20 +172,11 @@ impl AppFolder {
             ("README.md", readme(p, f)),
         ];
         for (file, text) in files {
-            std::fs::write(tmp.join(file), text).map_err(io(&tmp))?;
+            std::fs::write(tmp.join(file), text).map_err(KernelError::at(&tmp))?;
         }
-        std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+        std::fs::rename(&tmp, &dir).map_err(KernelError::at(&dir))?;
         Ok(name)
     }
-}
-
-fn append(path: &Path, text: &str) -> Result<(), KernelError> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all(text.as_bytes()).map_err(io(path))
 }
 
 /// A script that mounts a copy of the bundle's `state.img.gz`, uncompressed, and runs the checker on it with

@@ -284,35 +284,10 @@ pub fn torn_states(ls: &LogStates, seed: u64) -> Vec<State> {
 /// Copies `src` to a new file `dst`, holes as holes (SEEK_DATA / SEEK_HOLE): a formatted
 /// 128 MiB image is a few MiB of data.
 pub fn sparse_copy(src: &Path, dst: &Path) -> Result<(), KernelError> {
-    let from = File::open(src).map_err(KernelError::io(format!("opening {}", src.display())))?;
-    let len = from
-        .metadata()
+    let len = std::fs::metadata(src)
         .map_err(KernelError::io(format!("reading {}", src.display())))?
         .len();
-    let to = File::create(dst).map_err(KernelError::io(format!("creating {}", dst.display())))?;
-    to.set_len(len)
-        .map_err(KernelError::io(format!("sizing {}", dst.display())))?;
-    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
-    let mut at = 0u64;
-    while at < len {
-        let Some((start, hole)) = crate::checker::sys::next_data(&from, at)
-            .map_err(KernelError::io(format!("reading {}", src.display())))?
-        else {
-            break;
-        };
-        let end = hole.min(len);
-        let mut pos = start;
-        while pos < end {
-            let n = ((end - pos) as usize).min(buf.len());
-            from.read_exact_at(&mut buf[..n], pos)
-                .map_err(KernelError::io(format!("reading {}", src.display())))?;
-            to.write_all_at(&buf[..n], pos)
-                .map_err(KernelError::io(format!("writing {}", dst.display())))?;
-            pos += n as u64;
-        }
-        at = end.max(start + 1);
-    }
-    Ok(())
+    Ok(crate::overlay::sparse_copy(src, dst, len)?)
 }
 
 /// The name of a bundle's crash image: the state gzip-compressed (`gzip -dc state.img.gz |
@@ -464,19 +439,24 @@ mod tests {
         d.reply_sent(t);
     }
 
+    /// A 1 MiB disk in memory recording its write log to `d.log` in `dir`.
+    fn recording_disk(dir: &Path) -> (EmulatedDisk, std::path::PathBuf) {
+        let log = dir.join("d.log");
+        let s = Arc::new(VecStorage::new(1 << 20).unwrap());
+        let cfg = DiskConfig {
+            record: Some(log.clone()),
+            ..Default::default()
+        };
+        (EmulatedDisk::new(s, cfg).unwrap(), log)
+    }
+
     /// A write log: write 0, flush, write 1, mark m1, write 2 (FUA), mark m2, flush, mark m3.
     /// The durable state at m1 has write 0 only; at m2 also the FUA write 2 but not write 1;
     /// at m3 everything (and no prefix state, it would be the same).
     #[test]
     fn durable_states_hold_flushed_and_fua_writes_only() {
         let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("d.log");
-        let s = Arc::new(VecStorage::new(1 << 20).unwrap());
-        let cfg = DiskConfig {
-            record: Some(log.clone()),
-            ..Default::default()
-        };
-        let d = EmulatedDisk::new(s, cfg).unwrap();
+        let (d, log) = recording_disk(dir.path());
         write(&d, 0, 1, false);
         flush(&d);
         write(&d, 1, 2, false);
@@ -547,13 +527,7 @@ mod tests {
     #[test]
     fn torn_states_land_a_first_part_of_one_pending_write() {
         let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("d.log");
-        let s = Arc::new(VecStorage::new(1 << 20).unwrap());
-        let cfg = DiskConfig {
-            record: Some(log.clone()),
-            ..Default::default()
-        };
-        let d = EmulatedDisk::new(s, cfg).unwrap();
+        let (d, log) = recording_disk(dir.path());
         write(&d, 0, 1, false);
         flush(&d);
         write(&d, 1, 2, false);

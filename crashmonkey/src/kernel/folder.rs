@@ -34,13 +34,6 @@ pub struct Folder {
     pub dir: PathBuf,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KernelError + '_ {
-    move |source| KernelError::Io {
-        what: path.display().to_string(),
-        source,
-    }
-}
-
 impl Folder {
     /// Opens `dir` for a campaign of `params`: makes it, or resumes it when it holds the
     /// same campaign; refuses anything else.
@@ -51,7 +44,7 @@ impl Folder {
             params: params.clone(),
         };
         if file.exists() {
-            let text = std::fs::read_to_string(&file).map_err(io(&file))?;
+            let text = std::fs::read_to_string(&file).map_err(KernelError::at(&file))?;
             let have: Option<CampaignJson> = serde_json::from_str(&text).ok();
             match have {
                 Some(h) if h == want => {}
@@ -77,12 +70,12 @@ impl Folder {
                     dir.display()
                 )));
             }
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            std::fs::create_dir_all(dir).map_err(KernelError::at(dir))?;
             let text = serde_json::to_string_pretty(&want).expect("plain data");
-            std::fs::write(&file, text + "\n").map_err(io(&file))?;
+            std::fs::write(&file, text + "\n").map_err(KernelError::at(&file))?;
         }
         for sub in ["done", "findings"] {
-            std::fs::create_dir_all(dir.join(sub)).map_err(io(dir))?;
+            std::fs::create_dir_all(dir.join(sub)).map_err(KernelError::at(dir))?;
         }
         Ok(Folder {
             dir: dir.to_path_buf(),
@@ -101,7 +94,7 @@ impl Folder {
                 .map(Some)
                 .map_err(|e| KernelError::Setup(format!("{}: {e}", p.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io(&p)(e)),
+            Err(e) => Err(KernelError::at(&p)(e)),
         }
     }
 
@@ -131,8 +124,8 @@ impl Folder {
         let p = self.dir.join("done").join(format!("{}.json", result.name));
         let tmp = p.with_extension("json.tmp");
         let text = serde_json::to_string_pretty(result).expect("plain data");
-        std::fs::write(&tmp, text).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &p).map_err(io(&p))
+        std::fs::write(&tmp, text).map_err(KernelError::at(&tmp))?;
+        std::fs::rename(&tmp, &p).map_err(KernelError::at(&p))
     }
 
     /// The bundle of finding `f`'s signature: made from `f` when it is the first, else
@@ -158,10 +151,10 @@ impl Folder {
         }
         let tmp = self.dir.join("findings").join(format!(".{name}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        std::fs::create_dir_all(&tmp).map_err(KernelError::at(&tmp))?;
         let d = run.dir.path();
         for file in ["workload.txt", "workload.sh", "disk.log"] {
-            std::fs::copy(d.join(file), tmp.join(file)).map_err(io(&tmp))?;
+            std::fs::copy(d.join(file), tmp.join(file)).map_err(KernelError::at(&tmp))?;
         }
         super::crash::gzip_copy(&run.images[i], &tmp.join(super::crash::STATE_IMAGE_GZ))?;
         let snapshot = run.snapshots.iter().find(|s| s.mark == f.mark);
@@ -175,20 +168,21 @@ impl Folder {
             ("README.md", readme(f, command)),
         ];
         for (file, text) in files {
-            std::fs::write(tmp.join(file), text).map_err(io(&tmp))?;
+            std::fs::write(tmp.join(file), text).map_err(KernelError::at(&tmp))?;
         }
-        std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+        std::fs::rename(&tmp, &dir).map_err(KernelError::at(&dir))?;
         Ok(name)
     }
 }
 
-fn append(path: &Path, text: &str) -> Result<(), KernelError> {
+/// Appends `text` to the file at `path` (made if missing).
+pub fn append(path: &Path, text: &str) -> Result<(), KernelError> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(io(path))?;
-    f.write_all(text.as_bytes()).map_err(io(path))
+        .map_err(KernelError::at(path))?;
+    f.write_all(text.as_bytes()).map_err(KernelError::at(path))
 }
 
 /// A signature as a folder name: lower-case letters, digits and single dashes.

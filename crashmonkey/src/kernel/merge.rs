@@ -25,13 +25,6 @@ use std::path::{Path, PathBuf};
 use super::findings::{folder_kind, read, KernelFindings};
 use super::KernelError;
 
-fn io(what: &Path) -> impl FnOnce(std::io::Error) -> KernelError + '_ {
-    move |source| KernelError::Io {
-        what: what.display().to_string(),
-        source,
-    }
-}
-
 fn refused(what: String) -> KernelError {
     KernelError::Setup(what)
 }
@@ -55,12 +48,12 @@ pub fn merge(out: &Path, dirs: &[PathBuf]) -> Result<KernelFindings, KernelError
     let tmp = tempfile::Builder::new()
         .prefix(".kernel-merge-")
         .tempdir_in(&parent)
-        .map_err(io(&parent))?;
+        .map_err(KernelError::at(&parent))?;
     let at = tmp.path();
     for sub in ["done", "findings"] {
-        std::fs::create_dir_all(at.join(sub)).map_err(io(at))?;
+        std::fs::create_dir_all(at.join(sub)).map_err(KernelError::at(at))?;
     }
-    std::fs::write(at.join("campaign.json"), campaign).map_err(io(at))?;
+    std::fs::write(at.join("campaign.json"), campaign).map_err(KernelError::at(at))?;
     let base = dirs[0].join("base.img");
     if base.is_file() {
         super::crash::sparse_copy(&base, &at.join("base.img"))?;
@@ -69,9 +62,9 @@ pub fn merge(out: &Path, dirs: &[PathBuf]) -> Result<KernelFindings, KernelError
     let lines = index_lines(dirs, &owner)?;
     write_index_and_bundles(dirs, at, &lines)?;
     if out.exists() {
-        std::fs::remove_dir(out).map_err(io(out))?;
+        std::fs::remove_dir(out).map_err(KernelError::at(out))?;
     }
-    std::fs::rename(at, out).map_err(io(out))?;
+    std::fs::rename(at, out).map_err(KernelError::at(out))?;
     // The rename moved the folder: nothing is left for the guard to remove.
     let _ = tmp.keep();
     read(out)
@@ -93,7 +86,7 @@ fn same_campaign(dirs: &[PathBuf]) -> Result<String, KernelError> {
         // Each folder must be sound: every bundle its index names is there.
         read(d)?;
         let file = d.join("campaign.json");
-        let text = std::fs::read_to_string(&file).map_err(io(&file))?;
+        let text = std::fs::read_to_string(&file).map_err(KernelError::at(&file))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| refused(format!("{}: {e}", file.display())))?;
         match &want {
@@ -123,7 +116,7 @@ fn refuse_nonempty(out: &Path) -> Result<(), KernelError> {
             out.display()
         ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io(out)(e)),
+        Err(e) => Err(KernelError::at(out)(e)),
     }
 }
 
@@ -136,7 +129,7 @@ fn copy_done(dirs: &[PathBuf], at: &Path) -> Result<BTreeMap<String, usize>, Ker
         let entries = match std::fs::read_dir(&done) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io(&done)(e)),
+            Err(e) => return Err(KernelError::at(&done)(e)),
         };
         let mut names: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -153,7 +146,7 @@ fn copy_done(dirs: &[PathBuf], at: &Path) -> Result<BTreeMap<String, usize>, Ker
                 continue;
             }
             let target = at.join("done").join(p.file_name().unwrap_or_default());
-            std::fs::copy(&p, &target).map_err(io(&p))?;
+            std::fs::copy(&p, &target).map_err(KernelError::at(&p))?;
             owner.insert(name, i);
         }
     }
@@ -171,7 +164,7 @@ fn index_lines(
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io(&path)(e)),
+            Err(e) => return Err(KernelError::at(&path)(e)),
         };
         for (n, l) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
             let value: serde_json::Value = serde_json::from_str(l)
@@ -219,14 +212,11 @@ fn write_index_and_bundles(dirs: &[PathBuf], at: &Path, lines: &[Line]) -> Resul
             l.value["mark"].as_str().unwrap_or_default(),
             l.value["state"].as_str().unwrap_or_default()
         );
-        let more = target.join("more.txt");
-        let mut text = std::fs::read_to_string(&more).unwrap_or_default();
-        text.push_str(&who);
-        std::fs::write(&more, text).map_err(io(&more))?;
+        super::folder::append(&target.join("more.txt"), &who)?;
     }
     let path = at.join("findings.jsonl");
     if !index.is_empty() {
-        std::fs::write(&path, index).map_err(io(&path))?;
+        std::fs::write(&path, index).map_err(KernelError::at(&path))?;
     }
     Ok(())
 }
@@ -239,9 +229,9 @@ fn copy_bundle(from: &Path, to: &Path) -> Result<(), KernelError> {
             from.display()
         )));
     }
-    std::fs::create_dir_all(to).map_err(io(to))?;
-    for e in std::fs::read_dir(from).map_err(io(from))? {
-        let p = e.map_err(io(from))?.path();
+    std::fs::create_dir_all(to).map_err(KernelError::at(to))?;
+    for e in std::fs::read_dir(from).map_err(KernelError::at(from))? {
+        let p = e.map_err(KernelError::at(from))?.path();
         let name = p.file_name().unwrap_or_default();
         if name == "more.txt" || !p.is_file() {
             continue;
@@ -249,7 +239,7 @@ fn copy_bundle(from: &Path, to: &Path) -> Result<(), KernelError> {
         if name == "state.img" {
             super::crash::sparse_copy(&p, &to.join(name))?;
         } else {
-            std::fs::copy(&p, to.join(name)).map_err(io(&p))?;
+            std::fs::copy(&p, to.join(name)).map_err(KernelError::at(&p))?;
         }
     }
     Ok(())

@@ -200,4 +200,9 @@ impl KernelError {
         let what = what.into();
         move |source| KernelError::Io { what, source }
     }
+
+    /// [`Self::io`] naming the file or folder at `path`.
+    pub fn at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> KernelError {
+        Self::io(path.display().to_string())
+    }
 }

@@ -196,3 +196,34 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// Whether `tool` is on the PATH.
+pub fn on_path(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Why this machine cannot run a kernel campaign or a `crashmonkey run` that needs `tools`
+/// (root, /dev/fuse, each tool, a free loop device), or `None` when it can. What a reason
+/// means is the caller's skip policy's (`skip::skip`).
+pub fn kernel_unready(tools: &[&str]) -> Option<String> {
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(2))
+            == Some("0")
+    });
+    if !root {
+        return Some("needs root (loop devices, mount)".into());
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Some("no /dev/fuse".into());
+    }
+    if let Some(t) = tools.iter().find(|t| !on_path(t)) {
+        return Some(format!("{t} is not installed (make deps installs it)"));
+    }
+    let free_loop = Command::new("losetup").arg("-f").output();
+    (!free_loop.is_ok_and(|o| o.status.success())).then(|| "no free loop device".into())
+}
