@@ -123,7 +123,10 @@ impl WriteTask {
             WState::LockInode => {
                 inode.i_rwsem.can_write() && (!fs.cfg.gfs2.write_glock || inode.glock.can_write())
             }
-            WState::GetFolio => inode.cache.lockable(self.idx(), me),
+            // balance_dirty_pages_ratelimited, which iomap_write_iter calls between
+            // folios: the write waits while too much of the cache is dirty.
+            WState::PreCheck => !fs.over_dirty_limit(),
+            WState::GetFolio => inode.cache.lockable(self.idx(), me) && !fs.over_dirty_limit(),
             WState::OldTruncate { idx, .. } => inode
                 .cache
                 .get(fs.folio_of(idx))

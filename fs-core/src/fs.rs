@@ -22,6 +22,10 @@ pub const RESERVED_BLOCKS: u64 = 1;
 /// (the kernel rotates them back; the model does not), so its cost per step stays bounded
 /// however large the page cache.
 pub const RECLAIM_SCAN_FOLIOS: usize = 32;
+/// Buffers of dropped folios kept for new ones (a folio's buffer is up to 64 KiB: at most
+/// 16 MiB kept). Reusing them spares the allocator fresh, kernel-zeroed memory per folio,
+/// which was most of the cost of a streaming read or write through the page cache.
+pub const SPARE_FOLIO_BUFFERS_MAX: usize = 256;
 
 /// How blocks are allocated to buffered writes and faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +134,22 @@ pub struct Config {
     /// stay as they were.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub direct_writes: bool,
+    /// `balance_dirty_pages`: a buffered write waits before its next folio while the folios
+    /// dirty or under writeback number at least this many (and writeback can make
+    /// progress). 0: no limit (the model's original behaviour; bundles and campaigns keep
+    /// it). Not written when 0, so bundles stay as they were.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dirty_limit_folios: usize,
+    /// IO completion finishes a whole ioend at a time, as the kernel does (one device
+    /// completion, one unwritten conversion of the run, then the end of writeback of its
+    /// folios: `iomap_finish_ioend`, `xfs_end_ioend`); off: one block at a time (the model's
+    /// original granularity, which campaigns and bundles keep). Not written when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub complete_per_ioend: bool,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn one_block() -> u64 {
@@ -283,6 +303,8 @@ impl Default for Config {
             commit_interval_steps: crate::ondisk::COMMIT_INTERVAL_STEPS,
             dio_invalidate: DioInvalidate::AfterEndIo,
             direct_writes: false,
+            dirty_limit_folios: 0,
+            complete_per_ioend: false,
         }
     }
 }
@@ -410,14 +432,18 @@ impl Inode {
 /// Writeback IO waiting for completion: one folio's block.
 #[derive(Clone, Debug)]
 pub struct IoEnd {
-    pub req: block::ReqId,
+    /// The device writes of its blocks, in block order.
+    pub reqs: Vec<block::ReqId>,
     pub ino: usize,
+    /// The first file block and device block of the run; `count` blocks, contiguous in
+    /// both (1 unless [`Config::complete_per_ioend`]).
     pub fblock: u64,
     pub addr: u64,
+    pub count: u64,
     /// The mapping was UNWRITTEN: completion converts it to WRITTEN.
     pub unwritten: bool,
     /// Byte end of the file's data this IO carries (EOF when it was written back, within
-    /// its folio): the on-disk size may reach it at completion, no further.
+    /// its last block): the on-disk size may reach it at completion, no further.
     pub end: u64,
     /// Completion stages done so far (0 = submitted).
     pub stage: u8,
@@ -513,6 +539,11 @@ pub struct Fs {
     /// The dirty folios not under writeback: what the flusher can start on (kept beside the
     /// hint so that finding work does not walk past folios that are still being written).
     dirty_idle: std::collections::BTreeSet<(usize, u64)>,
+    /// Folios under writeback (what `balance_dirty_pages` counts beside the dirty ones).
+    writeback_folios: usize,
+    /// Buffers of dropped folios, zeroed, for new folios of the same size
+    /// ([`SPARE_FOLIO_BUFFERS_MAX`]).
+    spare_buffers: Vec<Vec<u8>>,
 }
 
 impl Fs {
@@ -536,6 +567,8 @@ impl Fs {
             lru_index: Default::default(),
             dirty_hint: Default::default(),
             dirty_idle: Default::default(),
+            writeback_folios: 0,
+            spare_buffers: Vec::new(),
         }
     }
 
@@ -574,10 +607,16 @@ impl Fs {
         if !cache.folios.contains_key(&idx) {
             self.folio_count += 1;
         }
+        let spare = &mut self.spare_buffers;
         let f = cache
             .folios
             .entry(idx)
-            .or_insert_with(|| Folio::new(clock, clock, blocks));
+            .or_insert_with(|| match spare.pop() {
+                Some(data) if data.len() as u64 == blocks * BLOCK_SIZE as u64 => {
+                    Folio::with_data(clock, clock, data)
+                }
+                _ => Folio::new(clock, clock, blocks),
+            });
         self.lru_index.remove(&f.lru);
         self.lru_index.insert(clock, (ino, idx));
         f.lru = clock;
@@ -594,6 +633,36 @@ impl Fs {
         {
             self.dirty_idle.insert((ino, idx));
         }
+    }
+
+    /// Folio `idx` of `ino` goes under writeback with `pending` blocks in flight, or (0)
+    /// comes out of it.
+    pub fn set_writeback(&mut self, ino: usize, idx: u64, pending: u32) {
+        if let Some(f) = self.inodes[ino].cache.get_mut(idx) {
+            let was = f.writeback;
+            f.wb_pending = pending;
+            f.writeback = pending > 0;
+            match (was, f.writeback) {
+                (false, true) => self.writeback_folios += 1,
+                (true, false) => self.writeback_folios = self.writeback_folios.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+
+    /// Folios dirty or under writeback: what [`Config::dirty_limit_folios`] bounds.
+    pub fn dirty_or_writeback_folios(&self) -> usize {
+        self.dirty_hint.len() + self.writeback_folios
+    }
+
+    /// Whether a buffered write must wait before its next folio (`balance_dirty_pages`):
+    /// the folios dirty or under writeback reach [`Config::dirty_limit_folios`], and
+    /// writeback or IO completion can run (so waiting cannot deadlock).
+    pub fn over_dirty_limit(&self) -> bool {
+        let limit = self.cfg.dirty_limit_folios;
+        limit > 0
+            && self.dirty_or_writeback_folios() >= limit
+            && (!self.ioends.is_empty() || self.has_writeback_work())
     }
 
     /// Folio `idx` of `ino` is no longer under writeback: the flusher may start on it again
@@ -622,8 +691,12 @@ impl Fs {
     /// Drop a folio from the cache (truncate, punch, reclaim). It must be unlocked by others
     /// and not under writeback.
     pub fn remove_folio(&mut self, ino: usize, idx: u64) {
-        if let Some(f) = self.inodes[ino].cache.folios.remove(&idx) {
+        if let Some(mut f) = self.inodes[ino].cache.folios.remove(&idx) {
             assert!(!f.writeback, "removing folio {idx} under writeback");
+            if self.spare_buffers.len() < SPARE_FOLIO_BUFFERS_MAX {
+                f.data.fill(0);
+                self.spare_buffers.push(std::mem::take(&mut f.data));
+            }
             self.folio_count -= 1;
             self.lru_index.remove(&f.lru);
             self.dirty_hint.remove(&(ino, idx));

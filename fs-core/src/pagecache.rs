@@ -50,8 +50,14 @@ impl Folio {
     /// An empty (not uptodate, clean) folio of `blocks` blocks.
     pub fn new(lru: u64, gen: u64, blocks: u64) -> Self {
         debug_assert!((1..=FOLIO_BLOCKS_MAX).contains(&blocks));
+        Folio::with_data(lru, gen, vec![0; BLOCK_SIZE * blocks as usize])
+    }
+
+    /// An empty folio over `data` (zeros, a whole number of blocks: a recycled buffer).
+    pub fn with_data(lru: u64, gen: u64, data: Vec<u8>) -> Self {
+        debug_assert!(data.len().is_multiple_of(BLOCK_SIZE) && data.iter().all(|&b| b == 0));
         Folio {
-            data: vec![0; BLOCK_SIZE * blocks as usize],
+            data,
             locked: None,
             uptodate_bits: 0,
             dirty_bits: 0,

@@ -369,9 +369,7 @@ impl WbPass {
         if count == 0 {
             return Step::Yield(YieldPoint::WbHole, idx);
         }
-        let f = fs.inode_mut(ino).cache.get_mut(idx).expect("found");
-        f.writeback = true;
-        f.wb_pending = count;
+        fs.set_writeback(ino, idx, count);
         Step::Yield(YieldPoint::WbMapBlocks, idx)
     }
 
@@ -426,9 +424,7 @@ impl WbPass {
         let folio_end = (idx + 1) * fs.folio_blocks();
         crate::buffered_io::punch_delalloc(fs, ino, fblock, folio_end);
         if count > 0 {
-            let f = fs.inode_mut(ino).cache.get_mut(idx).expect("found");
-            f.writeback = true;
-            f.wb_pending = count;
+            fs.set_writeback(ino, idx, count);
         }
         let mut pending: Vec<Ioend> = self.closed.take().map(|(_, l)| l).unwrap_or_default();
         pending.extend(self.ioend.take());
@@ -456,25 +452,52 @@ impl WbPass {
     /// dirty (their folios out of writeback once none of their blocks is pending): they are
     /// written again later.
     fn submit_all(&mut self, fs: &mut Fs, ioends: Vec<Ioend>) -> Result<(), FsError> {
-        let mut bios = ioends.into_iter().flat_map(|io| io.bios);
-        while let Some(bio) = bios.next() {
-            if let Err(e) = self.submit(fs, &bio) {
-                for b in std::iter::once(bio).chain(bios) {
-                    let (idx, nb) = (fs.folio_of(b.fblock), fs.folio_blocks());
-                    if let Some(f) = fs.inode_mut(self.ino).cache.get_mut(idx) {
-                        f.wb_pending = f.wb_pending.saturating_sub(1);
-                        f.writeback = f.wb_pending > 0;
-                        f.set_dirty(b.fblock % nb, 1);
-                        fs.dirtied(self.ino, idx);
+        let per_ioend = fs.cfg.complete_per_ioend;
+        let mut bios = ioends
+            .into_iter()
+            .flat_map(|io| io.bios.into_iter().enumerate());
+        let mut run: Option<IoEnd> = None;
+        while let Some((i, bio)) = bios.next() {
+            if i == 0 || !per_ioend {
+                fs.ioends.extend(run.take());
+            }
+            match self.submit(fs, &bio) {
+                Ok(io) => match run.as_mut() {
+                    Some(r) => {
+                        r.reqs.extend(io.reqs);
+                        r.count += 1;
+                        r.end = io.end;
                     }
+                    None => run = Some(io),
+                },
+                Err(e) => {
+                    fs.ioends.extend(run.take());
+                    let rest = std::iter::once(bio).chain(bios.map(|(_, b)| b));
+                    self.redirty(fs, rest);
+                    return Err(e);
                 }
-                return Err(e);
             }
         }
+        fs.ioends.extend(run);
         Ok(())
     }
 
-    fn submit(&mut self, fs: &mut Fs, bio: &Bio) -> Result<(), FsError> {
+    /// Blocks whose write the device refused: dirty again, their folios out of writeback
+    /// once none of their blocks is pending.
+    fn redirty(&mut self, fs: &mut Fs, bios: impl Iterator<Item = Bio>) {
+        for b in bios {
+            let (idx, nb) = (fs.folio_of(b.fblock), fs.folio_blocks());
+            if let Some(f) = fs.inode_mut(self.ino).cache.get_mut(idx) {
+                let pending = f.wb_pending.saturating_sub(1);
+                f.set_dirty(b.fblock % nb, 1);
+                fs.set_writeback(self.ino, idx, pending);
+                fs.dirtied(self.ino, idx);
+            }
+        }
+    }
+
+    /// One block's write to the device; the IO end that completes it (one block).
+    fn submit(&mut self, fs: &mut Fs, bio: &Bio) -> Result<IoEnd, FsError> {
         let ino = self.ino;
         let fblock = bio.fblock;
         let owner = fs.alloc.owner(bio.addr);
@@ -507,16 +530,16 @@ impl WbPass {
             data,
             fua: false,
         })?;
-        fs.ioends.push_back(IoEnd {
-            req,
+        Ok(IoEnd {
+            reqs: vec![req],
             ino,
             fblock,
             addr: bio.addr,
+            count: 1,
             unwritten,
             end: bio.end,
             stage: 0,
-        });
-        Ok(())
+        })
     }
 }
 
@@ -558,7 +581,8 @@ impl Flusher {
     }
 }
 
-/// The IO completion worker: finishes the oldest IO end in three steps.
+/// The IO completion worker: finishes the oldest IO end in three steps (its device
+/// completions, the conversion of its UNWRITTEN blocks, the end of writeback).
 #[derive(Clone, Debug, Default)]
 pub struct IoCompletion;
 
@@ -570,59 +594,71 @@ impl IoCompletion {
     pub fn step(&mut self, cx: &mut Cx<'_>) -> Step {
         let fs = &mut *cx.fs;
         let io = fs.ioends.front_mut().expect("runnable only with work");
+        let b = io.fblock;
         match io.stage {
             0 => {
-                let (req, idx) = (io.req, io.fblock);
                 io.stage = if io.unwritten { 1 } else { 2 };
-                if let Err(e) = fs.dev.complete(req) {
-                    let (ino, fblock) = (io.ino, io.fblock);
-                    fs.violations.push(Violation::WritebackIoError {
-                        ino,
-                        fblock,
-                        error: e.to_string(),
-                    });
+                let (reqs, ino) = (std::mem::take(&mut io.reqs), io.ino);
+                for (i, req) in reqs.into_iter().enumerate() {
+                    if let Err(e) = fs.dev.complete(req) {
+                        fs.violations.push(Violation::WritebackIoError {
+                            ino,
+                            fblock: b + i as u64,
+                            error: e.to_string(),
+                        });
+                    }
                 }
-                Step::Yield(YieldPoint::IoComplete, idx)
+                Step::Yield(YieldPoint::IoComplete, b)
             }
             1 => {
                 io.stage = 2;
-                let (ino, b, addr) = (io.ino, io.fblock, io.addr);
-                // xfs_iomap_write_unwritten: convert only if still that unwritten block.
-                if fs.inode(ino).extents.get(b)
-                    == (Extent {
-                        state: ExtentState::Unwritten,
-                        addr,
-                    })
-                {
-                    fs.inode_mut(ino).extents.set(
-                        b,
-                        Extent {
-                            state: ExtentState::Written,
-                            addr,
-                        },
-                    );
+                let (ino, addr, count) = (io.ino, io.addr, io.count);
+                for i in 0..count {
+                    convert_unwritten(fs, ino, b + i, addr + i);
                 }
                 Step::Yield(YieldPoint::IoConvertUnwritten, b)
             }
             _ => {
                 let io = fs.ioends.pop_front().expect("front");
-                // iomap_finish_folio_write: the folio's writeback ends with its last block.
-                let idx = fs.folio_of(io.fblock);
-                if let Some(f) = fs.inode_mut(io.ino).cache.get_mut(idx) {
-                    f.wb_pending = f.wb_pending.saturating_sub(1);
-                    f.writeback = f.wb_pending > 0;
-                    if !f.writeback {
-                        fs.writeback_ended(io.ino, idx);
-                    }
+                for i in 0..io.count {
+                    let end = ((io.fblock + i + 1) * BS).min(io.end);
+                    end_block_writeback(fs, io.ino, io.fblock + i, io.addr + i, end);
                 }
-                // xfs_setfilesize: the on-disk size may now cover what this IO wrote.
-                let e = fs.inode(io.ino).extents.get(io.fblock);
-                if e.state == ExtentState::Written && e.addr == io.addr {
-                    fs.data_landed(io.ino, io.end);
-                }
-                Step::Yield(YieldPoint::IoEndWriteback, io.fblock)
+                Step::Yield(YieldPoint::IoEndWriteback, b)
             }
         }
+    }
+}
+
+/// `xfs_iomap_write_unwritten` for one block: convert only if still that unwritten block.
+fn convert_unwritten(fs: &mut Fs, ino: usize, fblock: u64, addr: u64) {
+    let unwritten = Extent {
+        state: ExtentState::Unwritten,
+        addr,
+    };
+    if fs.inode(ino).extents.get(fblock) == unwritten {
+        let written = Extent {
+            state: ExtentState::Written,
+            addr,
+        };
+        fs.inode_mut(ino).extents.set(fblock, written);
+    }
+}
+
+/// `iomap_finish_folio_write` for one block (the folio's writeback ends with its last
+/// block), then `xfs_setfilesize`: the on-disk size may now cover what the block's IO wrote.
+fn end_block_writeback(fs: &mut Fs, ino: usize, fblock: u64, addr: u64, end: u64) {
+    let idx = fs.folio_of(fblock);
+    if let Some(f) = fs.inode(ino).cache.get(idx) {
+        let pending = f.wb_pending.saturating_sub(1);
+        fs.set_writeback(ino, idx, pending);
+        if pending == 0 {
+            fs.writeback_ended(ino, idx);
+        }
+    }
+    let e = fs.inode(ino).extents.get(fblock);
+    if e.state == ExtentState::Written && e.addr == addr {
+        fs.data_landed(ino, end);
     }
 }
 

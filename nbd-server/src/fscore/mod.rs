@@ -25,6 +25,8 @@
 //! | `cache-folios=N` | the page-cache limit in folios (small values force reclaim) |
 //! | `folio-blocks=N` | blocks per folio: 1 (default), 2, 4, 8 or 16 (large folios of 4 KiB blocks) |
 //! | `commit-steps=N` | the journal timer: scheduler steps between timed commits (default 1024) |
+//! | `dirty-folios=N` | `balance_dirty_pages`: writes wait while N folios are dirty or under writeback (default a quarter of the page cache, at least 16; 0: no limit) |
+//! | `io-completion=ioend\|block` | IO completion finishes a whole ioend at a time, as the kernel does (default), or one block at a time (as campaigns run) |
 //! | `sched-seed=S` | the scheduler's seed |
 //! | `session=PATH` | record the session there (a new volume only; never replaces a file) |
 
@@ -43,6 +45,20 @@ pub const EXPORT_CACHE_FOLIOS_DEFAULT: usize = 16_384;
 /// Default journal timer of an fs-core export, in scheduler steps: about 100 4 KiB writes
 /// (a workload's 64 steps would commit after every few writes of a busy client).
 pub const EXPORT_COMMIT_INTERVAL_STEPS: u64 = 1024;
+/// Default dirty limit of an fs-core export (`dirty-folios`): a quarter of the page cache,
+/// as the kernel's `dirty_ratio` is a fraction of memory, and never under
+/// [`EXPORT_DIRTY_FOLIOS_MIN`]. Without a limit a client that writes faster than the model
+/// writes back fills memory with dirty folios, and writeback walks ever more of them.
+pub const EXPORT_DIRTY_CACHE_DIVISOR: usize = 4;
+/// The least default dirty limit of an export, in folios (a tiny page cache still lets
+/// a few writes run ahead of writeback).
+pub const EXPORT_DIRTY_FOLIOS_MIN: usize = 16;
+
+/// The default dirty limit for a page cache of `cache_folios`.
+pub fn export_dirty_limit(cache_folios: usize) -> usize {
+    (cache_folios / EXPORT_DIRTY_CACHE_DIVISOR).max(EXPORT_DIRTY_FOLIOS_MIN)
+}
+
 /// Inodes of a new volume beyond its exports' files.
 pub const VOLUME_SPARE_INODES: u64 = 16;
 /// Blocks of a new volume beyond its files' blocks, for the journal, inodes and bitmap.
@@ -72,6 +88,8 @@ impl Default for FsCoreSpec {
             config: Config {
                 cache_limit_folios: EXPORT_CACHE_FOLIOS_DEFAULT,
                 commit_interval_steps: EXPORT_COMMIT_INTERVAL_STEPS,
+                dirty_limit_folios: export_dirty_limit(EXPORT_CACHE_FOLIOS_DEFAULT),
+                complete_per_ioend: true,
                 ..Config::default()
             },
             sched_seed: 0,
@@ -95,6 +113,8 @@ pub const FSCORE_KEYS: &[&str] = &[
     "cache-folios",
     "folio-blocks",
     "commit-steps",
+    "dirty-folios",
+    "io-completion",
     "sched-seed",
     "session",
 ];
@@ -179,6 +199,18 @@ impl FsCoreSpec {
                     .map_err(|_| "needs a whole number of steps".to_owned())?;
                 c.commit_interval_steps = n.max(1);
             }
+            "dirty-folios" => {
+                c.dirty_limit_folios = need()?
+                    .parse()
+                    .map_err(|_| "needs a whole number of folios".to_owned())?;
+            }
+            "io-completion" => {
+                c.complete_per_ioend = match need()? {
+                    "ioend" => true,
+                    "block" => false,
+                    v => return Err(format!("is ioend or block, not {v:?}")),
+                }
+            }
             "sched-seed" => {
                 self.sched_seed = need()?
                     .parse()
@@ -196,6 +228,9 @@ impl FsCoreSpec {
             }
         }
         self.keys.push(key.to_owned());
+        if !self.keys.iter().any(|k| k == "dirty-folios") {
+            c.dirty_limit_folios = export_dirty_limit(c.cache_limit_folios);
+        }
         Ok(())
     }
 

@@ -1,0 +1,215 @@
+//! The two switches an NBD export of fs-core turns on: `balance_dirty_pages` (a dirty limit
+//! that makes writers wait for writeback) and IO completion per ioend (a contiguous run
+//! completes in three steps, not three per block). Both are off in campaigns and bundles;
+//! with them on, the model must stay as correct as without.
+
+use fs_core::block::MemDevice;
+use fs_core::engine::{Call, Engine};
+use fs_core::oracle::Oracle;
+use fs_core::sched::{RandomPolicy, FIRST_OP_TASK};
+use fs_core::{Config, Fs, Op, Workload};
+
+const BLOCK: usize = 4096;
+
+fn engine(cfg: &Config, seed: u64) -> Engine {
+    let fs = Fs::new(cfg.clone(), Box::new(MemDevice::new(cfg.device_blocks)), 1);
+    Engine::new(fs, Oracle::new(1), Box::new(RandomPolicy::new(seed)))
+}
+
+fn cfg(dirty_limit: usize, per_ioend: bool, folio_blocks: u64) -> Config {
+    Config {
+        cache_limit_folios: 64,
+        device_blocks: 8192,
+        dirty_limit_folios: dirty_limit,
+        complete_per_ioend: per_ioend,
+        folio_blocks,
+        ..Config::default()
+    }
+}
+
+/// Steps until idle, a call's task whenever one can run (writers as fast as they may go,
+/// writeback only when they wait): returns the most folios dirty or under writeback seen.
+fn drain_calls_first(e: &mut Engine) -> usize {
+    let mut most = 0;
+    loop {
+        let runnable = e.runnable();
+        let Some(&t) = runnable
+            .iter()
+            .find(|&&t| t >= FIRST_OP_TASK)
+            .or(runnable.first())
+        else {
+            return most;
+        };
+        e.step_task(t).unwrap();
+        most = most.max(e.fs().dirty_or_writeback_folios());
+    }
+}
+
+/// Six writers of 96 KiB each (unaligned, two overlapping), stepped to the end (by the seeded
+/// policy, or calls first); returns the most folios seen dirty or under writeback after any
+/// step, and the file read back.
+fn six_writers(cfg: &Config, seed: u64, calls_first: bool) -> (usize, Vec<u8>) {
+    let mut e = engine(cfg, seed);
+    for i in 0..6u64 {
+        let offset = if i == 5 { 100_000 } else { i * 96 * 1024 + 7 };
+        let data = vec![b'a' + i as u8; 96 * 1024];
+        e.submit(Call::Write {
+            ino: 0,
+            offset,
+            data,
+        })
+        .unwrap();
+    }
+    let mut most = 0;
+    if calls_first {
+        most = drain_calls_first(&mut e);
+    }
+    while e.step().unwrap().is_some() {
+        most = most.max(e.fs().dirty_or_writeback_folios());
+    }
+    assert!(e.failures().is_empty(), "seed {seed}: {:?}", e.failures());
+    let r = e
+        .submit(Call::Read {
+            ino: 0,
+            offset: 0,
+            len: 6 * 96 * 1024 + 7,
+        })
+        .unwrap();
+    while e.step().unwrap().is_some() {}
+    let done = e.take_done();
+    let data = done
+        .iter()
+        .find(|d| d.task == r)
+        .unwrap()
+        .data
+        .clone()
+        .unwrap();
+    (most, data)
+}
+
+/// What the six writers leave, whatever the order of the overlapping two.
+fn check_contents(data: &[u8], seed: u64) {
+    assert_eq!(data[..7], [0; 7], "seed {seed}");
+    for i in 0..5usize {
+        let (lo, hi) = (i * 96 * 1024 + 7, (i + 1) * 96 * 1024 + 7);
+        for (at, &b) in data[lo..hi].iter().enumerate() {
+            let at = lo + at;
+            let in_sixth = (100_000..100_000 + 96 * 1024).contains(&at);
+            let ok = b == b'a' + i as u8 || (in_sixth && b == b'f');
+            assert!(ok, "seed {seed}: byte {at} is {b}");
+        }
+    }
+}
+
+#[test]
+fn a_dirty_limit_bounds_the_dirty_folios_and_every_write_completes() {
+    let writers = 6;
+    let limit = 8;
+    for seed in 0..40 {
+        for (folio_blocks, calls_first) in [(1, false), (4, false), (1, true), (4, true)] {
+            let c = cfg(limit, false, folio_blocks);
+            let (most, data) = six_writers(&c, seed, calls_first);
+            // Each writer checks the limit before its next folio: at most one folio each
+            // past it.
+            assert!(
+                most <= limit + writers,
+                "seed {seed}: {most} dirty or writeback"
+            );
+            check_contents(&data, seed);
+        }
+    }
+    // Without the limit, writers that run first dirty every folio they write (so the bound
+    // above is the limit's doing).
+    let (most, _) = six_writers(&cfg(0, false, 1), 0, true);
+    assert!(most > 100, "without a limit at most {most}");
+}
+
+#[test]
+fn ioend_completion_keeps_every_byte_and_completes_runs_whole() {
+    for seed in 0..40 {
+        for folio_blocks in [1, 16] {
+            let (_, data) = six_writers(&cfg(16, true, folio_blocks), seed, seed % 2 == 0);
+            check_contents(&data, seed);
+        }
+    }
+    // One 64 KiB write, then fsync: per ioend, one IO end of 16 blocks; per block, 16.
+    for (per_ioend, want) in [(true, vec![16]), (false, vec![1; 16])] {
+        let mut e = engine(&cfg(0, per_ioend, 1), 3);
+        let w = e
+            .submit(Call::Write {
+                ino: 0,
+                offset: 0,
+                data: vec![7; 16 * BLOCK],
+            })
+            .unwrap();
+        while e.take_done().is_empty() {
+            e.step_task(w).unwrap();
+        }
+        e.submit(Call::Fsync { ino: 0 }).unwrap();
+        let (mut seen, mut last_front) = (Vec::new(), None);
+        // The fsync's pass first, so that the flusher does not split the run.
+        while let Some(&t) = {
+            let r = e.runnable();
+            r.iter().find(|&&t| t >= FIRST_OP_TASK).or(r.first())
+        } {
+            e.step_task(t).unwrap();
+            let front = e.fs().ioends.front().map(|io| (io.fblock, io.count));
+            if front != last_front {
+                seen.extend(front.map(|(_, n)| n));
+                last_front = front;
+            }
+        }
+        assert_eq!(seen, want, "per ioend: {per_ioend}");
+        assert!(e.failures().is_empty());
+        e.fs_mut().drop_caches();
+        assert_eq!(e.fs_mut().read_from_disk(0).unwrap(), vec![7; 16 * BLOCK]);
+    }
+}
+
+#[test]
+fn the_fixed_model_passes_random_schedules_with_both_switches() {
+    let w = workload();
+    for seed in 0..200 {
+        let c = Config {
+            dirty_limit_folios: 2,
+            complete_per_ioend: true,
+            ..Config::default()
+        };
+        let r = fs_core::run(&c, &w, &mut RandomPolicy::new(seed));
+        assert!(r.passed(), "seed {seed}: {:?}", r.failures);
+    }
+}
+
+/// Writes, a punch, an overwrite and fsyncs over one file, racing.
+fn workload() -> Workload {
+    let write = |offset, len, byte| Op::Write {
+        file: 0,
+        offset,
+        len,
+        byte,
+    };
+    Workload {
+        files: 1,
+        phases: vec![
+            vec![
+                write(0, 20_000, b'A'),
+                write(9000, 9000, b'B'),
+                Op::Fsync { file: 0 },
+            ],
+            vec![
+                Op::PunchHole {
+                    file: 0,
+                    offset: 4096,
+                    len: 4096,
+                },
+                write(3000, 7000, b'C'),
+                Op::Read {
+                    file: 0,
+                    offset: 0,
+                    len: 24_000,
+                },
+                Op::Fsync { file: 0 },
+            ],
+        ],
+    }
+}
