@@ -119,6 +119,15 @@ pub const FSCORE_KEYS: &[&str] = &[
     "session",
 ];
 
+/// The keys whose value is a whole number.
+const COUNT_KEYS: &[&str] = &[
+    "cache-folios",
+    "folio-blocks",
+    "commit-steps",
+    "dirty-folios",
+    "sched-seed",
+];
+
 /// A switch's value: on or off, or what any flag key takes (true/false, 1/0, yes/no).
 fn on_off(v: &str) -> Result<bool, String> {
     match v {
@@ -131,6 +140,25 @@ fn on_off(v: &str) -> Result<bool, String> {
 impl FsCoreSpec {
     /// Applies one key (without `fscore=` itself); the error says what is wrong.
     pub fn set(&mut self, key: &str, value: Option<&str>) -> Result<(), String> {
+        if COUNT_KEYS.contains(&key) {
+            let n: u64 = value
+                .ok_or_else(|| "needs a value (KEY=VALUE)".to_owned())?
+                .parse()
+                .map_err(|_| "needs a whole number".to_owned())?;
+            self.set_count(key, n)?;
+        } else {
+            self.set_other(key, value)?;
+        }
+        self.keys.push(key.to_owned());
+        if !self.keys.iter().any(|k| k == "dirty-folios") {
+            let c = &mut self.config;
+            c.dirty_limit_folios = export_dirty_limit(c.cache_limit_folios);
+        }
+        Ok(())
+    }
+
+    /// Applies a key that is not a number.
+    fn set_other(&mut self, key: &str, value: Option<&str>) -> Result<(), String> {
         let need = || value.ok_or_else(|| "needs a value (KEY=VALUE)".to_owned());
         let c = &mut self.config;
         match key {
@@ -176,45 +204,12 @@ impl FsCoreSpec {
                     }
                 }
             }
-            "cache-folios" => {
-                let n: usize = need()?
-                    .parse()
-                    .map_err(|_| "needs a whole number of folios".to_owned())?;
-                c.cache_limit_folios = n.max(1);
-            }
-            "folio-blocks" => {
-                let n: u64 = need()?
-                    .parse()
-                    .map_err(|_| "needs a whole number of blocks".to_owned())?;
-                c.folio_blocks = n;
-                c.validate().map_err(|e| e.to_string())?;
-                if !self.keys.iter().any(|k| k == "cache-folios") {
-                    // The default page cache keeps its size in bytes.
-                    c.cache_limit_folios = (EXPORT_CACHE_FOLIOS_DEFAULT as u64 / n) as usize;
-                }
-            }
-            "commit-steps" => {
-                let n: u64 = need()?
-                    .parse()
-                    .map_err(|_| "needs a whole number of steps".to_owned())?;
-                c.commit_interval_steps = n.max(1);
-            }
-            "dirty-folios" => {
-                c.dirty_limit_folios = need()?
-                    .parse()
-                    .map_err(|_| "needs a whole number of folios".to_owned())?;
-            }
             "io-completion" => {
                 c.complete_per_ioend = match need()? {
                     "ioend" => true,
                     "block" => false,
                     v => return Err(format!("is ioend or block, not {v:?}")),
                 }
-            }
-            "sched-seed" => {
-                self.sched_seed = need()?
-                    .parse()
-                    .map_err(|_| "needs a whole number".to_owned())?
             }
             "session" => match need()? {
                 "" => return Err("needs a path".into()),
@@ -227,9 +222,26 @@ impl FsCoreSpec {
                 ))
             }
         }
-        self.keys.push(key.to_owned());
-        if !self.keys.iter().any(|k| k == "dirty-folios") {
-            c.dirty_limit_folios = export_dirty_limit(c.cache_limit_folios);
+        Ok(())
+    }
+
+    /// Applies a key whose value is a whole number `n`.
+    fn set_count(&mut self, key: &str, n: u64) -> Result<(), String> {
+        let c = &mut self.config;
+        let folios = usize::try_from(n).map_err(|_| "is too large".to_owned())?;
+        match key {
+            "cache-folios" => c.cache_limit_folios = folios.max(1),
+            "folio-blocks" => {
+                c.folio_blocks = n;
+                c.validate().map_err(|e| e.to_string())?;
+                if !self.keys.iter().any(|k| k == "cache-folios") {
+                    // The default page cache keeps its size in bytes.
+                    c.cache_limit_folios = (EXPORT_CACHE_FOLIOS_DEFAULT as u64 / n) as usize;
+                }
+            }
+            "commit-steps" => c.commit_interval_steps = n.max(1),
+            "dirty-folios" => c.dirty_limit_folios = folios,
+            _ => self.sched_seed = n,
         }
         Ok(())
     }
