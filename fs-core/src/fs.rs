@@ -541,6 +541,9 @@ pub struct Fs {
     dirty_idle: std::collections::BTreeSet<(usize, u64)>,
     /// Folios under writeback (what `balance_dirty_pages` counts beside the dirty ones).
     writeback_folios: usize,
+    /// Writeback's block writes submitted and not yet completed
+    /// ([`crate::writeback::WB_BLOCKS_IN_FLIGHT_MAX`] bounds them).
+    wb_blocks_in_flight: usize,
     /// Buffers of dropped folios, zeroed, for new folios of the same size
     /// ([`SPARE_FOLIO_BUFFERS_MAX`]).
     spare_buffers: Vec<Vec<u8>>,
@@ -568,6 +571,7 @@ impl Fs {
             dirty_hint: Default::default(),
             dirty_idle: Default::default(),
             writeback_folios: 0,
+            wb_blocks_in_flight: 0,
             spare_buffers: Vec::new(),
         }
     }
@@ -648,6 +652,21 @@ impl Fs {
                 _ => {}
             }
         }
+    }
+
+    /// Writeback's block writes in flight (submitted, not completed).
+    pub fn wb_blocks_in_flight(&self) -> usize {
+        self.wb_blocks_in_flight
+    }
+
+    /// Writeback submitted `n` block writes.
+    pub fn wb_blocks_submitted(&mut self, n: usize) {
+        self.wb_blocks_in_flight += n;
+    }
+
+    /// IO completion completed `n` of writeback's block writes.
+    pub fn wb_blocks_completed(&mut self, n: usize) {
+        self.wb_blocks_in_flight = self.wb_blocks_in_flight.saturating_sub(n);
     }
 
     /// Folios dirty or under writeback: what [`Config::dirty_limit_folios`] bounds.

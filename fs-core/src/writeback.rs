@@ -63,6 +63,15 @@ pub const PAGEVEC_SIZE_FOLIOS: usize = 15;
 /// Folios one ioend holds at most before the next folio starts a new one (`IOEND_BATCH_SIZE`
 /// in fs/iomap/buffered-io.c, v6.6), which bounds the work of its completion.
 pub const IOEND_BATCH_FOLIOS: usize = 4096;
+/// Writeback's block writes in flight at most (submitted, not yet completed): half the
+/// device's queue ([`crate::block::REQUESTS_IN_FLIGHT_MAX`]), so that the journal's and the
+/// reads' requests always find room. A pass waits before a folio that would go past it, as a
+/// kernel submitter sleeps for a free request (`blk_mq_get_tag`); the device never refuses.
+pub const WB_BLOCKS_IN_FLIGHT_MAX: usize = crate::block::REQUESTS_IN_FLIGHT_MAX / 2;
+/// Blocks one ioend holds at most: `IOEND_BATCH_SIZE` ([`IOEND_BATCH_FOLIOS`]) would let one
+/// ioend fill the queue alone; half of [`WB_BLOCKS_IN_FLIGHT_MAX`] keeps a pass that waits
+/// for room from waiting on its own open ioend. (The model's workloads never reach it.)
+pub const IOEND_BLOCKS_MAX: usize = WB_BLOCKS_IN_FLIGHT_MAX / 2;
 
 /// One block's write: a bio in the kernel's terms (the kernel puts a contiguous run in one
 /// bio; the model keeps one device write per block).
@@ -94,7 +103,7 @@ impl Ioend {
         last.unwritten == bio.unwritten
             && bio.fblock == last.fblock + 1
             && bio.addr == last.addr + 1
-            && self.bios.len() < IOEND_BATCH_FOLIOS
+            && self.bios.len() < IOEND_BATCH_FOLIOS.min(IOEND_BLOCKS_MAX)
     }
 }
 
@@ -306,12 +315,22 @@ impl WbPass {
         match self.peek(fs) {
             None => true,
             Some((_, Turn::Wait)) => false,
-            Some((idx, _)) => fs
-                .inode(self.ino)
-                .cache
-                .get(idx)
-                .is_some_and(|f| f.lockable_by(me)),
+            Some((idx, _)) => {
+                fs.inode(self.ino)
+                    .cache
+                    .get(idx)
+                    .is_some_and(|f| f.lockable_by(me))
+                    && self.room_for_a_folio(fs)
+            }
         }
+    }
+
+    /// Whether the next folio's blocks fit under [`WB_BLOCKS_IN_FLIGHT_MAX`] with those
+    /// already in flight and those of the open ioend. When they do not, some are in flight
+    /// (the open ioend holds at most [`IOEND_BLOCKS_MAX`]), so IO completion can run.
+    fn room_for_a_folio(&self, fs: &Fs) -> bool {
+        let open = self.ioend.as_ref().map_or(0, |io| io.bios.len());
+        room_for_blocks(fs, open + fs.folio_blocks() as usize)
     }
 
     /// Returns Done when the pass has no more folios to write.
@@ -530,6 +549,7 @@ impl WbPass {
             data,
             fua: false,
         })?;
+        fs.wb_blocks_submitted(1);
         Ok(IoEnd {
             reqs: vec![req],
             ino,
@@ -541,6 +561,11 @@ impl WbPass {
             stage: 0,
         })
     }
+}
+
+/// Whether `n` more of writeback's block writes fit under [`WB_BLOCKS_IN_FLIGHT_MAX`].
+fn room_for_blocks(fs: &Fs, n: usize) -> bool {
+    fs.wb_blocks_in_flight() + n <= WB_BLOCKS_IN_FLIGHT_MAX
 }
 
 /// The background flusher: whenever some folio is dirty and not under writeback, run a
@@ -558,7 +583,8 @@ impl Flusher {
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
         match &self.pass {
             Some(p) => p.runnable(fs, me),
-            None => fs.has_writeback_work(),
+            // A new pass writes a folio in its first step.
+            None => fs.has_writeback_work() && room_for_blocks(fs, fs.folio_blocks() as usize),
         }
     }
 
@@ -599,6 +625,7 @@ impl IoCompletion {
             0 => {
                 io.stage = if io.unwritten { 1 } else { 2 };
                 let (reqs, ino) = (std::mem::take(&mut io.reqs), io.ino);
+                fs.wb_blocks_completed(reqs.len());
                 for (i, req) in reqs.into_iter().enumerate() {
                     if let Err(e) = fs.dev.complete(req) {
                         fs.violations.push(Violation::WritebackIoError {
