@@ -27,6 +27,15 @@ fn cfg(dirty_limit: usize, per_ioend: bool, folio_blocks: u64) -> Config {
     }
 }
 
+/// Folios dirty plus folios under writeback, counted from the page cache itself (what
+/// `dirty_or_writeback_folios` keeps count of as they change).
+fn recount(fs: &Fs) -> usize {
+    let folios = fs.inode(0).cache.folios.values();
+    folios
+        .map(|f| usize::from(f.dirty) + usize::from(f.writeback))
+        .sum()
+}
+
 /// Steps until idle, a call's task whenever one can run (writers as fast as they may go,
 /// writeback only when they wait): returns the most folios dirty or under writeback seen.
 fn drain_calls_first(e: &mut Engine) -> usize {
@@ -42,6 +51,7 @@ fn drain_calls_first(e: &mut Engine) -> usize {
         };
         e.step_task(t).unwrap();
         most = most.max(e.fs().dirty_or_writeback_folios());
+        assert_eq!(e.fs().dirty_or_writeback_folios(), recount(e.fs()));
     }
 }
 
@@ -66,6 +76,11 @@ fn six_writers(cfg: &Config, seed: u64, calls_first: bool) -> (usize, Vec<u8>) {
     }
     while e.step().unwrap().is_some() {
         most = most.max(e.fs().dirty_or_writeback_folios());
+        assert_eq!(
+            e.fs().dirty_or_writeback_folios(),
+            recount(e.fs()),
+            "seed {seed}"
+        );
     }
     assert!(e.failures().is_empty(), "seed {seed}: {:?}", e.failures());
     let r = e
