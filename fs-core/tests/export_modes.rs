@@ -297,7 +297,13 @@ fn writeback_waits_for_room_in_the_device_queue() {
     for (i, part) in data.chunks(chunk).enumerate() {
         assert!(part.iter().all(|&b| b == i as u8 + 1), "chunk {i}");
     }
+    // Writeback finished: nothing dirty or in flight, and every byte on the disk.
+    assert_eq!(e.fs().dirty_or_writeback_folios(), 0);
+    assert_eq!(e.fs().wb_blocks_in_flight(), 0);
     e.fs_mut().drop_caches();
     let disk = e.fs_mut().read_from_disk(0).unwrap();
     assert_eq!(disk.len(), usize::from(CHUNKS) * chunk);
+    for (i, part) in disk.chunks(chunk).enumerate() {
+        assert!(part.iter().all(|&b| b == i as u8 + 1), "chunk {i} on disk");
+    }
 }
