@@ -429,7 +429,8 @@ impl Inode {
     }
 }
 
-/// Writeback IO waiting for completion: one folio's block.
+/// Writeback IO waiting for completion: one block, or with [`Config::complete_per_ioend`] a
+/// run of blocks contiguous in the file and on the device (one ioend).
 #[derive(Clone, Debug)]
 pub struct IoEnd {
     /// The device writes of its blocks, in block order.
