@@ -475,29 +475,25 @@ impl WbPass {
         let mut bios = ioends
             .into_iter()
             .flat_map(|io| io.bios.into_iter().enumerate());
-        let mut run: Option<IoEnd> = None;
         while let Some((i, bio)) = bios.next() {
-            if i == 0 || !per_ioend {
-                fs.ioends.extend(run.take());
-            }
-            match self.submit(fs, &bio) {
-                Ok(io) => match run.as_mut() {
-                    Some(r) => {
-                        r.reqs.extend(io.reqs);
-                        r.count += 1;
-                        r.end = io.end;
-                    }
-                    None => run = Some(io),
-                },
+            let io = match self.submit(fs, &bio) {
+                Ok(io) => io,
                 Err(e) => {
-                    fs.ioends.extend(run.take());
                     let rest = std::iter::once(bio).chain(bios.map(|(_, b)| b));
                     self.redirty(fs, rest);
                     return Err(e);
                 }
+            };
+            // Past an ioend's first block, the IO end at the back is that ioend's.
+            match fs.ioends.back_mut() {
+                Some(run) if per_ioend && i > 0 => {
+                    run.reqs.extend(io.reqs);
+                    run.count += 1;
+                    run.end = io.end;
+                }
+                _ => fs.ioends.push_back(io),
             }
         }
-        fs.ioends.extend(run);
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use fs_core::block::MemDevice;
 use fs_core::engine::{Call, Engine};
 use fs_core::oracle::Oracle;
 use fs_core::sched::{RandomPolicy, FIRST_OP_TASK};
-use fs_core::{Config, Fs, Op, Workload};
+use fs_core::{Config, Fs, Op, TaskId, Workload};
 
 const BLOCK: usize = 4096;
 
@@ -36,23 +36,40 @@ fn recount(fs: &Fs) -> usize {
         .sum()
 }
 
+fn write(e: &mut Engine, offset: u64, data: Vec<u8>) -> TaskId {
+    e.submit(Call::Write {
+        ino: 0,
+        offset,
+        data,
+    })
+    .unwrap()
+}
+
+/// Runs one step of the first runnable task `prefer` accepts, else of the first runnable
+/// task; false when none can run.
+fn step_preferring(e: &mut Engine, prefer: impl Fn(TaskId) -> bool) -> bool {
+    let runnable = e.runnable();
+    let Some(&t) = runnable.iter().find(|&&t| prefer(t)).or(runnable.first()) else {
+        return false;
+    };
+    e.step_task(t).unwrap();
+    true
+}
+
+/// A call's task first, whenever one can run.
+fn is_call(t: TaskId) -> bool {
+    t >= FIRST_OP_TASK
+}
+
 /// Steps until idle, a call's task whenever one can run (writers as fast as they may go,
 /// writeback only when they wait): returns the most folios dirty or under writeback seen.
 fn drain_calls_first(e: &mut Engine) -> usize {
     let mut most = 0;
-    loop {
-        let runnable = e.runnable();
-        let Some(&t) = runnable
-            .iter()
-            .find(|&&t| t >= FIRST_OP_TASK)
-            .or(runnable.first())
-        else {
-            return most;
-        };
-        e.step_task(t).unwrap();
+    while step_preferring(e, is_call) {
         most = most.max(e.fs().dirty_or_writeback_folios());
         assert_eq!(e.fs().dirty_or_writeback_folios(), recount(e.fs()));
     }
+    most
 }
 
 /// Six writers of 96 KiB each (unaligned, two overlapping), stepped to the end (by the seeded
@@ -62,13 +79,7 @@ fn six_writers(cfg: &Config, seed: u64, calls_first: bool) -> (usize, Vec<u8>) {
     let mut e = engine(cfg, seed);
     for i in 0..6u64 {
         let offset = if i == 5 { 100_000 } else { i * 96 * 1024 + 7 };
-        let data = vec![b'a' + i as u8; 96 * 1024];
-        e.submit(Call::Write {
-            ino: 0,
-            offset,
-            data,
-        })
-        .unwrap();
+        write(&mut e, offset, vec![b'a' + i as u8; 96 * 1024]);
     }
     let mut most = 0;
     if calls_first {
@@ -150,24 +161,14 @@ fn ioend_completion_keeps_every_byte_and_completes_runs_whole() {
     // One 64 KiB write, then fsync: per ioend, one IO end of 16 blocks; per block, 16.
     for (per_ioend, want) in [(true, vec![16]), (false, vec![1; 16])] {
         let mut e = engine(&cfg(0, per_ioend, 1), 3);
-        let w = e
-            .submit(Call::Write {
-                ino: 0,
-                offset: 0,
-                data: vec![7; 16 * BLOCK],
-            })
-            .unwrap();
+        let w = write(&mut e, 0, vec![7; 16 * BLOCK]);
         while e.take_done().is_empty() {
             e.step_task(w).unwrap();
         }
         e.submit(Call::Fsync { ino: 0 }).unwrap();
         let (mut seen, mut last_front) = (Vec::new(), None);
         // The fsync's pass first, so that the flusher does not split the run.
-        while let Some(&t) = {
-            let r = e.runnable();
-            r.iter().find(|&&t| t >= FIRST_OP_TASK).or(r.first())
-        } {
-            e.step_task(t).unwrap();
+        while step_preferring(&mut e, is_call) {
             let front = e.fs().ioends.front().map(|io| (io.fblock, io.count));
             if front != last_front {
                 seen.extend(front.map(|(_, n)| n));
@@ -248,29 +249,16 @@ fn writeback_waits_for_room_in_the_device_queue() {
     const CHUNKS: u8 = 5;
     let chunk = 4 << 20;
     for i in 0..CHUNKS {
-        let data = vec![i + 1; chunk];
-        let offset = u64::from(i) * chunk as u64;
-        e.submit(Call::Write {
-            ino: 0,
-            offset,
-            data,
-        })
-        .unwrap();
+        write(&mut e, u64::from(i) * chunk as u64, vec![i + 1; chunk]);
     }
     // IO completion only when nothing else can run: writeback runs as far ahead as it may.
     let mut most = 0;
     let mut read = None;
     // Bounded: a flusher refused by the device would otherwise retry forever.
     for _ in 0..1_000_000 {
-        let runnable = e.runnable().to_vec();
-        let Some(&t) = runnable
-            .iter()
-            .find(|&&t| t != TASK_IO_COMPLETION)
-            .or(runnable.first())
-        else {
+        if !step_preferring(&mut e, |t| t != TASK_IO_COMPLETION) {
             break;
-        };
-        e.step_task(t).unwrap();
+        }
         most = most.max(e.fs().wb_blocks_in_flight());
         if read.is_none() && most >= WB_BLOCKS_IN_FLIGHT_MAX - 16 {
             let len = u64::from(CHUNKS) * chunk as u64;
