@@ -201,22 +201,7 @@ enum Command {
     },
 }
 
-/// Transparent huge pages off for this process (`PR_SET_THP_DISABLE`). mimalloc asks for them
-/// on its arenas, and an fs-core export's page cache and request buffers churn through memory
-/// that mimalloc gives back to the OS and takes again: each time, the kernel zeroed a whole
-/// 2 MiB page where a 64 KiB folio or a 1 MiB buffer was wanted (`clear_page_erms` was 45% of
-/// the engine thread's time in a 1 MiB read). Failure is harmless: the default stays.
-#[allow(unsafe_code)]
-fn disable_transparent_huge_pages() {
-    // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
-    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    if rc != 0 {
-        tracing::debug!("PR_SET_THP_DISABLE: {}", std::io::Error::last_os_error());
-    }
-}
-
 fn main() -> Result<()> {
-    disable_transparent_huge_pages();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
