@@ -75,6 +75,10 @@ struct Direct {
     base: u64,
     /// Bytes of the window already in the file (through `plain`).
     pushed: usize,
+    /// Tests: the `O_DIRECT` writes fail with EINVAL, as on a filesystem that accepts
+    /// `O_DIRECT` at open and refuses the writes.
+    #[cfg(test)]
+    refuse_writes: bool,
 }
 
 /// Opens `path` for writing a new log: truncating what is there, or with `exclusive` refusing
@@ -110,7 +114,18 @@ impl Direct {
             len: 0,
             base: 0,
             pushed: 0,
+            #[cfg(test)]
+            refuse_writes: false,
         })
+    }
+
+    /// One `O_DIRECT` write of whole blocks at `offset`.
+    fn write_direct(&self, part: &[u8], offset: u64) -> io::Result<()> {
+        #[cfg(test)]
+        if self.refuse_writes {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        self.file.write_all_at(part, offset)
     }
 
     fn window(&mut self) -> &mut [u8] {
@@ -147,8 +162,7 @@ impl Direct {
         }
         if direct_from < LOG_BUFFER_BYTES {
             let part = &self.buf[start + direct_from..start + LOG_BUFFER_BYTES];
-            self.file
-                .write_all_at(part, self.base + direct_from as u64)?;
+            self.write_direct(part, self.base + direct_from as u64)?;
         }
         self.base += LOG_BUFFER_BYTES as u64;
         self.len = 0;
@@ -455,6 +469,16 @@ impl LogWriter {
     }
 }
 
+#[cfg(test)]
+impl LogWriter {
+    /// From here on the file's `O_DIRECT` writes fail with EINVAL (see `Direct::refuse_writes`).
+    fn refuse_direct_writes(&mut self) {
+        if let Out::Direct(d) = &mut self.out {
+            d.refuse_writes = true;
+        }
+    }
+}
+
 impl Drop for LogWriter {
     fn drop(&mut self) {
         if let Err(e) = self.out.flush() {
@@ -492,27 +516,7 @@ mod tests {
             0,
         ];
         for (i, &n) in sizes.iter().cycle().take(40).enumerate() {
-            let payload: Vec<u8> = (0..n).map(|b| (b * 7 + i) as u8).collect();
-            let seq = w
-                .append(
-                    RecordKind::Write,
-                    0,
-                    1,
-                    (i * 4096) as u64,
-                    n as u64,
-                    &payload,
-                )
-                .unwrap();
-            let head = RecordHead {
-                kind: RecordKind::Write,
-                flags: 0,
-                conn: 1,
-                offset: (i * 4096) as u64,
-                length: n as u64,
-            };
-            let h = RecordHeader::seal(&head, seq, &payload);
-            expect.extend_from_slice(&h.encode());
-            expect.extend_from_slice(&payload);
+            append_expecting(&mut w, &mut expect, i, n);
             if i % 3 == 0 {
                 w.sync().unwrap();
                 assert_eq!(std::fs::read(&path).unwrap(), expect, "after record {i}");
@@ -524,5 +528,68 @@ mod tests {
         }
         drop(w);
         assert_eq!(std::fs::read(&path).unwrap(), expect);
+    }
+
+    /// Appends record `i` with `n` bytes of payload, and its bytes to `expect`.
+    fn append_expecting(w: &mut LogWriter, expect: &mut Vec<u8>, i: usize, n: usize) {
+        let payload: Vec<u8> = (0..n).map(|b| (b * 7 + i) as u8).collect();
+        let head = RecordHead {
+            kind: RecordKind::Write,
+            flags: 0,
+            conn: 1,
+            offset: (i * 4096) as u64,
+            length: n as u64,
+        };
+        let seq = w.append_parts(&head, &[&payload]).unwrap();
+        assert_eq!(seq, i as u64);
+        let h = RecordHeader::seal(&head, seq, &payload);
+        expect.extend_from_slice(&h.encode());
+        expect.extend_from_slice(&payload);
+    }
+
+    /// A filesystem that accepts `O_DIRECT` at open and refuses the writes: the writer goes
+    /// on through the page cache from where its buffer starts, and the file holds every
+    /// record exactly, whether the refusal comes at the first window, after pushes, or after
+    /// windows went direct.
+    #[test]
+    fn refused_direct_writes_fall_back_to_buffered_keeping_every_record() {
+        for refuse_at in [0usize, 3, 7] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("w.log");
+            let mut w = LogWriter::create(&path, 1 << 30).unwrap();
+            if !w.is_direct() {
+                let reason = format!("{} refuses O_DIRECT", dir.path().display());
+                if !crate::test_skip::skip(&reason) {
+                    return;
+                }
+            }
+            let mut expect = FileHeader::new(1 << 30).encode().to_vec();
+            for i in 0..12 {
+                if i == refuse_at {
+                    w.refuse_direct_writes();
+                }
+                append_expecting(&mut w, &mut expect, i, [300_000, 4097, 1 << 20][i % 3]);
+                if i % 4 == 1 {
+                    w.flush().unwrap();
+                }
+            }
+            assert!(
+                !w.is_direct(),
+                "refused at record {refuse_at}: still direct"
+            );
+            w.sync().unwrap();
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                expect,
+                "refused at {refuse_at}"
+            );
+            append_expecting(&mut w, &mut expect, 12, 5000);
+            drop(w);
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                expect,
+                "refused at {refuse_at}"
+            );
+        }
     }
 }
