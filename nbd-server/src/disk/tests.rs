@@ -593,9 +593,67 @@ fn stats_count_writes_fua_and_flushes() {
     write(&d, 1, 4096, 2, 1024, true);
     write(&d, 1, 8192, 3, 512, true);
     flush(&d, 1);
+    let t = arrive(&d, 1, RequestKind::Trim, 0, 4096, false);
+    d.trim(Some(t), 0, 4096, false).unwrap();
+    d.reply_sent(t);
+    for fua in [false, true] {
+        let t = arrive(&d, 1, RequestKind::WriteZeroes, 8192, 512, fua);
+        d.write_zeroes(Some(t), 8192, 512, false, false, fua)
+            .unwrap();
+        d.reply_sent(t);
+    }
     let s = d.stats();
     assert_eq!((s.writes, s.write_bytes), (3, 2048));
-    assert_eq!((s.fua_writes, s.flushes, s.ignored_flushes), (2, 1, 0));
+    assert_eq!((s.trims, s.write_zeroes), (1, 2), "{s:?}");
+    assert_eq!((s.fua_writes, s.flushes, s.ignored_flushes), (3, 1, 0));
+    assert!(!s.recording);
+    let dir = tempfile::tempdir().unwrap();
+    let (_s, recorded) = disk(Some(dir.path().join("r.log")));
+    assert!(recorded.stats().recording);
+}
+
+/// With no limit given, the cache holds 64 MiB and 16,384 writes (`CACHE_BYTES_MAX`,
+/// `CACHE_ENTRIES_MAX`, as documented in docs/nbd-server.md) before it writes back the oldest:
+/// the defaults that bound a campaign's memory and give a power cut its choice of writes.
+#[test]
+fn the_default_cache_holds_its_documented_limits() {
+    const MIB: u64 = 1024 * 1024;
+    let storage = Arc::new(crate::backend::MemoryBackend::new(72 * MIB));
+    let d = EmulatedDisk::new(storage, DiskConfig::default()).unwrap();
+    for i in 0..66 {
+        write(&d, 1, i * MIB, i as u8 + 1, MIB as usize, false);
+    }
+    let s = d.stats();
+    assert_eq!((s.cache_bytes, s.early_writebacks), (64 * MIB, 2), "{s:?}");
+    let storage = Arc::new(crate::backend::MemoryBackend::new(16 * MIB));
+    let d = EmulatedDisk::new(storage, DiskConfig::default()).unwrap();
+    for i in 0..16_387 {
+        write(&d, 1, i * 512, 7, 512, false);
+    }
+    let s = d.stats();
+    assert_eq!((s.cache_entries, s.early_writebacks), (16_384, 3), "{s:?}");
+}
+
+/// The error for cached writes a write-back could not save names each range (up to 16, then
+/// how many more), so a user can tell which data is at risk.
+#[test]
+fn the_unwritten_message_lists_ranges_up_to_its_limit() {
+    let ranges: Vec<(u64, u64)> = (0..17).map(|i| (i * 4096, 512)).collect();
+    let all = DiskError::Unwritten(ranges.clone()).to_string();
+    assert!(
+        all.starts_with("17 cached writes could not be written back: bytes 0..512 (512 bytes);"),
+        "{all}"
+    );
+    assert!(
+        all.contains("bytes 61440..61952 (512 bytes); and 1 more"),
+        "{all}"
+    );
+    assert!(!all.contains("bytes 65536.."), "{all}");
+    let sixteen = DiskError::Unwritten(ranges[..16].to_vec()).to_string();
+    assert!(
+        sixteen.ends_with("bytes 61440..61952 (512 bytes);"),
+        "{sixteen}"
+    );
 }
 
 /// BLOCK_STATUS of a range that starts before a cached write answers from storage only up
