@@ -310,7 +310,7 @@ fn power_cut_records_fates_and_keeps_serving() {
     }
     let report = d.power_cut(Some(42)).unwrap();
     assert!(rx.has_changed().unwrap());
-    rx.mark_unchanged();
+    assert_eq!(*rx.borrow_and_update(), 1, "the cut's generation");
     assert_eq!(report.pending, 7);
     assert_eq!(read(&d, 0, 4096), vec![1; 4096]);
     drop(d);
@@ -324,6 +324,45 @@ fn power_cut_records_fates_and_keeps_serving() {
         decode_payload(&LogReader::open(&path).unwrap().read_payload(last).unwrap()).unwrap();
     assert_eq!(p.seed, 42);
     assert_eq!(p.fates.len(), 7);
+}
+
+/// A power cut waits for the gate (an fs-core engine holds it for each step, so a cut falls
+/// between two steps), and every cut moves the generation the server's connections watch.
+#[test]
+fn a_power_cut_waits_for_its_gate_and_counts_generations() {
+    let (_s, d) = disk(None);
+    let d = Arc::new(d);
+    let gate = Arc::new(std::sync::Mutex::new(()));
+    d.set_power_cut_gate(gate.clone());
+    let held = gate.lock().unwrap();
+    let cutter = {
+        let d = d.clone();
+        std::thread::spawn(move || d.power_cut(Some(1)).unwrap())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(d.stats().power_cuts, 0, "the cut went through a held gate");
+    drop(held);
+    cutter.join().unwrap();
+    d.power_cut(Some(2)).unwrap();
+    assert_eq!(d.stats().power_cuts, 2);
+    assert_eq!(*d.power_cuts().borrow(), 2);
+    assert_eq!(d.last_power_cut_seed(), Some(2));
+}
+
+/// Mark names are 1 to `MARK_NAME_BYTES_MAX` bytes without control characters.
+#[test]
+fn mark_names_are_checked_at_both_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_s, d) = disk(Some(dir.path().join("m.log")));
+    let longest = "m".repeat(MARK_NAME_BYTES_MAX);
+    assert!(d.mark(&longest).unwrap().is_some());
+    for bad in [String::new(), format!("{longest}m"), "a\nb".to_string()] {
+        assert!(
+            matches!(d.mark(&bad), Err(DiskError::BadMarkName)),
+            "{bad:?}"
+        );
+    }
+    assert_eq!(d.stats().marks, 1);
 }
 
 /// Requests that arrived before a power cut do nothing after it.

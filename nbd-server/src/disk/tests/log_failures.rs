@@ -213,3 +213,17 @@ fn a_flush_past_a_capped_logs_slack_is_refused() {
     drop(d);
     assert_eq!(flush_records(&path), answered_ok as usize);
 }
+
+/// `ctl sync` (and the server's exit) reports a log that failed: a user who syncs the log to
+/// take it away must learn that it lacks records.
+#[test]
+fn syncing_a_failed_log_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _path, fail_next) = disk_with_failing_log(dir.path(), DiskConfig::default());
+    assert_eq!(write(&d, 0, 1, false), 0);
+    d.sync_log().expect("a healthy log syncs");
+    *fail_next.lock().unwrap() = Some(RecordKind::Write);
+    assert_eq!(write(&d, 4096, 2, false), 0);
+    let e = d.sync_log().expect_err("the log lost a record");
+    assert!(e.to_string().contains("injected write-log failure"), "{e}");
+}
