@@ -728,6 +728,65 @@ fn only_a_torn_cut_tears() {
     assert!(torn_seen, "no seed tore a write");
 }
 
+/// The power-cut record agrees with the cut's report: one fate per pending write, by its
+/// record's sequence number, with the landed pieces for a torn write and none otherwise; the
+/// report names the record.
+#[test]
+fn the_power_cut_record_matches_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut torn_seen = false;
+    for seed in 0..40 {
+        let path = dir.path().join(format!("{seed}.log"));
+        let (_s, d) = disk(Some(path.clone()));
+        for i in 0..4 {
+            write(&d, 1, i * 8192, 1 + i as u8, 4096, false);
+        }
+        let r = d.power_cut(Some(seed)).unwrap();
+        drop(d);
+        let recs: Vec<_> = LogReader::open(&path)
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let last = recs.last().unwrap();
+        assert_eq!(
+            (last.kind, r.log_seq),
+            (RecordKind::PowerCut, Some(last.seq()))
+        );
+        let p: PowerCutPayload =
+            decode_payload(&LogReader::open(&path).unwrap().read_payload(last).unwrap()).unwrap();
+        let seqs: Vec<u64> = p.fates.iter().map(|f| f.seq).collect();
+        assert_eq!(seqs, [0, 1, 2, 3], "seed {seed}");
+        for f in &p.fates {
+            let torn = f.fate == Fate::Torn;
+            torn_seen |= torn;
+            assert_eq!(!f.pieces.is_empty(), torn, "seed {seed}: {f:?}");
+        }
+        let count = |fate| p.fates.iter().filter(|f| f.fate == fate).count();
+        assert_eq!(
+            (count(Fate::Kept), count(Fate::Torn), count(Fate::Dropped)),
+            (r.kept, r.torn, r.dropped),
+            "seed {seed}"
+        );
+    }
+    assert!(torn_seen, "no seed tore a write");
+}
+
+/// The idle write-back writes the cache back only when nothing changed since it last looked
+/// (so a busy disk keeps its cache), and then all of it.
+#[test]
+fn idle_write_back_waits_for_a_quiet_look_then_writes_everything() {
+    let (storage, d) = disk(None);
+    d.write_back_if_idle().unwrap();
+    write(&d, 1, 0, 5, 4096, false);
+    write(&d, 1, 8192, 6, 512, false);
+    d.write_back_if_idle().unwrap();
+    assert_eq!(storage.snapshot()[0], 0, "written back while changing");
+    d.write_back_if_idle().unwrap();
+    let img = storage.snapshot();
+    assert_eq!((img[0], img[4095], img[8192], img[8703]), (5, 5, 6, 6));
+    assert_eq!(d.stats().cache_entries, 0);
+}
+
 /// Added latency sleeps in the IO methods, so such a disk runs them off the async workers
 /// (else it runs as its storage does).
 #[test]
