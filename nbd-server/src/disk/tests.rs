@@ -152,13 +152,31 @@ fn fua_write_back_keeps_apply_order() {
     assert_eq!(snap[512], 0x01);
 }
 
-/// Storage that records the calls it gets, over a [`VecStorage`].
+/// Storage that records the calls it gets, over a [`VecStorage`]; its writes and flushes
+/// fail with EIO while `failing` is set.
 struct CallLog {
     inner: VecStorage,
     calls: std::sync::Mutex<Vec<String>>,
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl CallLog {
+    fn new() -> Self {
+        CallLog {
+            inner: VecStorage::new(SIZE).unwrap(),
+            calls: Default::default(),
+            failing: Default::default(),
+        }
+    }
+    fn fail(&self, on: bool) {
+        self.failing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+    fn check(&self) -> io::Result<()> {
+        match self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            true => Err(io::Error::from_raw_os_error(libc::EIO)),
+            false => Ok(()),
+        }
+    }
     fn note(&self, call: String) {
         self.calls.lock().unwrap().push(call);
     }
@@ -182,6 +200,12 @@ impl Backend for CallLog {
         fua: bool,
     ) -> Result<(), WriteFailed> {
         self.note(format!("write {offset}+{} fua={fua}", data.len()));
+        if let Err(error) = self.check() {
+            return Err(WriteFailed {
+                error,
+                data: Some(data),
+            });
+        }
         self.inner.write(t, offset, data, fua)
     }
     fn write_zeroes(
@@ -203,6 +227,7 @@ impl Backend for CallLog {
     }
     fn flush(&self, t: Option<Ticket>) -> io::Result<()> {
         self.note("flush".into());
+        self.check()?;
         self.inner.flush(t)
     }
     fn block_status(
@@ -220,10 +245,7 @@ impl Backend for CallLog {
 /// still writes back and syncs everything.
 #[test]
 fn fua_write_back_syncs_only_the_fua_write() {
-    let storage = Arc::new(CallLog {
-        inner: VecStorage::new(SIZE).unwrap(),
-        calls: Default::default(),
-    });
+    let storage = Arc::new(CallLog::new());
     let d = EmulatedDisk::new(storage.clone(), DiskConfig::default()).unwrap();
     write(&d, 1, 0, 0x01, 4096, false);
     write(&d, 1, 8192, 0x02, 4096, false);
@@ -785,6 +807,62 @@ fn idle_write_back_waits_for_a_quiet_look_then_writes_everything() {
     let img = storage.snapshot();
     assert_eq!((img[0], img[4095], img[8192], img[8703]), (5, 5, 6, 6));
     assert_eq!(d.stats().cache_entries, 0);
+}
+
+/// At shutdown every cached write goes to storage; when storage refuses, the error names
+/// the ranges still cached (what a user would lose), and they stay cached for a retry; when
+/// only the final flush fails, it is a storage error.
+#[test]
+fn writing_back_everything_names_what_storage_refused() {
+    let storage = Arc::new(CallLog::new());
+    let d = EmulatedDisk::new(storage.clone(), DiskConfig::default()).unwrap();
+    write(&d, 1, 0, 1, 4096, false);
+    write(&d, 1, 8192, 2, 512, false);
+    assert_eq!(d.unwritten(), [(0, 4096), (8192, 512)]);
+    storage.fail(true);
+    match d.write_back_everything() {
+        Err(DiskError::Unwritten(r)) => assert_eq!(r, [(0, 4096), (8192, 512)]),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.unwritten(), [(0, 4096), (8192, 512)], "kept for a retry");
+    storage.fail(false);
+    d.write_back_everything().unwrap();
+    assert_eq!(d.unwritten(), []);
+    assert_eq!(storage.inner.snapshot()[8192], 2);
+    write(&d, 1, 0, 3, 512, false);
+    storage.fail(true);
+    let _ = d.write_back_everything();
+    storage.fail(false);
+    d.write_back_everything().unwrap();
+    storage.fail(true);
+    match d.write_back_everything() {
+        Err(DiskError::Storage(e)) => assert_eq!(e.raw_os_error(), Some(libc::EIO)),
+        other => panic!("only the flush failed: {other:?}"),
+    }
+}
+
+/// With `idle_writeback_ms`, a thread writes the cache back once the disk has been quiet
+/// that long; without it, the cache stays as it is.
+#[test]
+fn the_idle_write_back_thread_runs_only_when_configured() {
+    for idle in [Some(20), None] {
+        let storage = Arc::new(VecStorage::new(SIZE).unwrap());
+        let config = DiskConfig {
+            idle_writeback_ms: idle,
+            ..DiskConfig::default()
+        };
+        let d = Arc::new(EmulatedDisk::new(storage.clone(), config).unwrap());
+        d.start_idle_writeback();
+        write(&d, 1, 0, 9, 4096, false);
+        // Configured: within 10 s (20 ms of quiet, then the thread's poll); else: not in 0.5 s.
+        let wait = std::time::Duration::from_millis(if idle.is_some() { 10_000 } else { 500 });
+        let deadline = std::time::Instant::now() + wait;
+        while d.stats().cache_entries > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let written = storage.snapshot()[0] == 9;
+        assert_eq!(written, idle.is_some(), "idle write-back {idle:?}");
+    }
 }
 
 /// Added latency sleeps in the IO methods, so such a disk runs them off the async workers
