@@ -430,4 +430,25 @@ mod tests {
         assert!(!c.overlaps(16896, 4096));
         assert!(c.overlaps(0, 1 << 20));
     }
+
+    /// Written-back buffers from 64 KiB to 4 MiB are kept for reuse, at most 32 of them: the
+    /// pool's memory stays under 128 MiB, and small buffers (cheap to allocate) are not kept.
+    #[test]
+    fn recycling_keeps_buffers_of_the_documented_sizes_up_to_the_pool_limit() {
+        let spares = Spares::default();
+        let kept = |cap: usize| {
+            let before = spares.lock().unwrap().len();
+            recycle(&spares, Vec::with_capacity(cap));
+            spares.lock().unwrap().len() > before
+        };
+        assert!(!kept(64 * 1024 - 1));
+        assert!(kept(64 * 1024));
+        assert!(kept(4 * 1024 * 1024));
+        assert!(!kept(4 * 1024 * 1024 + 1));
+        for _ in 2..32 {
+            assert!(kept(1 << 20));
+        }
+        assert!(!kept(1 << 20), "a 33rd buffer");
+        assert!(spares.lock().unwrap().iter().all(|v| v.is_empty()));
+    }
 }

@@ -759,7 +759,7 @@ fn the_power_cut_record_matches_the_report() {
     let mut torn_seen = false;
     for seed in 0..40 {
         let path = dir.path().join(format!("{seed}.log"));
-        let (_s, d) = disk(Some(path.clone()));
+        let (storage, d) = disk(Some(path.clone()));
         for i in 0..4 {
             write(&d, 1, i * 8192, 1 + i as u8, 4096, false);
         }
@@ -778,10 +778,23 @@ fn the_power_cut_record_matches_the_report() {
             decode_payload(&LogReader::open(&path).unwrap().read_payload(last).unwrap()).unwrap();
         let seqs: Vec<u64> = p.fates.iter().map(|f| f.seq).collect();
         assert_eq!(seqs, [0, 1, 2, 3], "seed {seed}");
-        for f in &p.fates {
+        let img = storage.snapshot();
+        for (i, f) in p.fates.iter().enumerate() {
             let torn = f.fate == Fate::Torn;
             torn_seen |= torn;
             assert_eq!(!f.pieces.is_empty(), torn, "seed {seed}: {f:?}");
+            // What landed on storage is exactly what the record says.
+            let start = i * 8192;
+            for (at, &b) in img[start..start + 4096].iter().enumerate() {
+                let off = (start + at) as u64;
+                let landed = match f.fate {
+                    Fate::Kept => true,
+                    Fate::Torn => f.pieces.iter().any(|&(o, l)| (o..o + l).contains(&off)),
+                    _ => false,
+                };
+                let want = if landed { 1 + i as u8 } else { 0 };
+                assert_eq!(b, want, "seed {seed}: byte {off} of {f:?}");
+            }
         }
         let count = |fate| p.fates.iter().filter(|f| f.fate == fate).count();
         assert_eq!(
