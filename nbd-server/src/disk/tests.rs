@@ -878,6 +878,33 @@ fn the_idle_write_back_thread_runs_only_when_configured() {
     }
 }
 
+/// A written-back write's buffer is handed out again for a later write's payload (a fresh
+/// large allocation costs a page fault per 4 KiB), when it is large enough for it.
+#[test]
+fn a_written_back_buffer_is_reused_for_the_next_write() {
+    let (storage, d) = disk(None);
+    let mut data = d.write_buffer(0, 65536);
+    let Some(crate::backend::Form::Bytes(v)) = data.form_mut() else {
+        panic!("memory storage takes bytes");
+    };
+    v.resize(65536, 7);
+    let first = v.as_ptr();
+    let t = arrive(&d, 1, RequestKind::Write, 0, 65536, false);
+    d.write(Some(t), 0, data, false).unwrap();
+    d.reply_sent(t);
+    flush(&d, 1);
+    assert_eq!(storage.snapshot()[65535], 7);
+    let mut again = d.write_buffer(0, 4096);
+    let Some(crate::backend::Form::Bytes(v)) = again.form_mut() else {
+        panic!("memory storage takes bytes");
+    };
+    assert_eq!(
+        (v.as_ptr(), v.len()),
+        (first, 0),
+        "the written-back buffer, emptied"
+    );
+}
+
 /// Added latency sleeps in the IO methods, so such a disk runs them off the async workers
 /// (else it runs as its storage does).
 #[test]
