@@ -536,6 +536,73 @@ proptest! {
     }
 }
 
+#[derive(Debug, Clone)]
+enum CacheOp {
+    /// Write `len` bytes of `byte` at `off` (any alignment).
+    Write(u16, u16, u8),
+    /// WRITE_ZEROES (false) or TRIM (true) of `len` bytes at `off`.
+    Zero(u16, u16, bool),
+    Flush,
+    /// Read `len` bytes at `off` and compare.
+    Read(u16, u16),
+}
+
+/// Ranges inside the first 16 KiB, from 1 byte long.
+fn cache_op() -> impl Strategy<Value = CacheOp> {
+    let range = (0..16_384u16).prop_flat_map(|off| (Just(off), 1..=(16_384 - off).min(6000)));
+    prop_oneof![
+        6 => (range.clone(), 1..255u8).prop_map(|((o, l), b)| CacheOp::Write(o, l, b)),
+        2 => (range.clone(), any::<bool>()).prop_map(|((o, l), t)| CacheOp::Zero(o, l, t)),
+        1 => Just(CacheOp::Flush),
+        3 => range.prop_map(|(o, l)| CacheOp::Read(o, l)),
+    ]
+}
+
+proptest! {
+    /// Reads see the newest write of every byte, whatever the overlaps: unaligned writes and
+    /// zero ranges that split, cover and abut cached ones, some written back early (a small
+    /// cache) or by a flush. Guards the cache's extent index and its overlay of reads.
+    #[test]
+    fn reads_see_the_newest_of_overlapping_cached_writes(
+        ops in proptest::collection::vec(cache_op(), 1..80),
+        cache_bytes in prop_oneof![Just(0u64), 4096..32_768u64],
+    ) {
+        let storage = Arc::new(VecStorage::new(SIZE).unwrap());
+        let config = DiskConfig { cache_bytes_max: cache_bytes, ..DiskConfig::default() };
+        let d = EmulatedDisk::new(storage, config).unwrap();
+        let mut shadow = vec![0u8; 16_384];
+        for op in ops {
+            match op {
+                CacheOp::Write(o, l, b) => {
+                    // Every byte differs from its neighbours, so a read from the wrong place
+                    // within a write shows.
+                    let data: Vec<u8> = (0..l).map(|i| b.wrapping_add((i % 251) as u8)).collect();
+                    let t = arrive(&d, 1, RequestKind::Write, o as u64, l as u64, false);
+                    d.write(Some(t), o as u64, WriteData::copy_of(&data), false).unwrap();
+                    d.reply_sent(t);
+                    shadow[o as usize..(o + l) as usize].copy_from_slice(&data);
+                }
+                CacheOp::Zero(o, l, trim) => {
+                    let kind = if trim { RequestKind::Trim } else { RequestKind::WriteZeroes };
+                    let t = arrive(&d, 1, kind, o as u64, l as u64, false);
+                    match trim {
+                        true => d.trim(Some(t), o as u64, l as u64, false).unwrap(),
+                        false => d.write_zeroes(Some(t), o as u64, l as u64, false, false, false).unwrap(),
+                    }
+                    d.reply_sent(t);
+                    shadow[o as usize..(o + l) as usize].fill(0);
+                }
+                CacheOp::Flush => flush(&d, 1),
+                CacheOp::Read(o, l) => {
+                    let got = read(&d, o as u64, l as usize);
+                    prop_assert_eq!(&got[..], &shadow[o as usize..(o + l) as usize], "read {}+{}", o, l);
+                }
+            }
+        }
+        prop_assert_eq!(read(&d, 0, 16_384), shadow);
+    }
+}
+
 /// Reads lent from memory storage (`read_pieces`) give what `read` gives: storage's blocks
 /// where no cached write covers the range, a copy with the cached writes laid over it
 /// elsewhere.
