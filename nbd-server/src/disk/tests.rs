@@ -547,11 +547,14 @@ enum CacheOp {
     Read(u16, u16),
 }
 
-/// Ranges inside the first 16 KiB, from 1 byte long.
+/// Ranges inside the first 16 KiB, from 1 byte long (writes from 0 bytes: an empty write at
+/// the start of a cached one must not hide it).
 fn cache_op() -> impl Strategy<Value = CacheOp> {
     let range = (0..16_384u16).prop_flat_map(|off| (Just(off), 1..=(16_384 - off).min(6000)));
+    let write_range = (0..16_384u16).prop_flat_map(|off| (Just(off), 0..=(16_384 - off).min(6000)));
     prop_oneof![
-        6 => (range.clone(), 1..255u8).prop_map(|((o, l), b)| CacheOp::Write(o, l, b)),
+        6 => (write_range, 1..255u8).prop_map(|((o, l), b)| CacheOp::Write(o, l, b)),
+        1 => (range.clone(), 1..255u8).prop_map(|((o, _), b)| CacheOp::Write(o, 0, b)),
         2 => (range.clone(), any::<bool>()).prop_map(|((o, l), t)| CacheOp::Zero(o, l, t)),
         1 => Just(CacheOp::Flush),
         3 => range.prop_map(|(o, l)| CacheOp::Read(o, l)),
