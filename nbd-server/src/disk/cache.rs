@@ -451,4 +451,26 @@ mod tests {
         assert!(!kept(1 << 20), "a 33rd buffer");
         assert!(spares.lock().unwrap().iter().all(|v| v.is_empty()));
     }
+
+    /// The first cached run of a range: none when the range ends where a run starts, the run
+    /// (with its kind) as soon as one byte overlaps.
+    #[test]
+    fn first_overlap_finds_the_first_run_of_a_range() {
+        let mut c = Cache::new(1 << 20, 16, "test");
+        c.insert(
+            8192,
+            4096,
+            EntryData::Data(WriteData::bytes(vec![1; 4096])),
+            None,
+            None,
+        );
+        c.insert(20480, 512, EntryData::Zeroes { trim: true }, None, None);
+        assert_eq!(c.first_overlap(4096, 4096), None);
+        assert_eq!(c.first_overlap(4096, 4097), Some((8192, 12288, None)));
+        assert_eq!(c.first_overlap(12288, 8192), None);
+        assert_eq!(
+            c.first_overlap(12288, 8193),
+            Some((20480, 20992, Some(true)))
+        );
+    }
 }

@@ -975,6 +975,59 @@ fn a_written_back_buffer_is_reused_for_the_next_write() {
     );
 }
 
+/// The server's log lines of `f`, captured.
+fn logged(f: impl FnOnce()) -> String {
+    let buf = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || Captured(sink.clone()))
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = buf.lock().unwrap().clone();
+    String::from_utf8(bytes).unwrap()
+}
+
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A write-back that storage keeps refusing is logged once with its range, not at every
+/// retry (a flush a second would flood the log), and its eventual success says after how
+/// many failed attempts.
+#[test]
+fn a_failing_write_back_is_logged_once_and_its_recovery_counted() {
+    let storage = Arc::new(CallLog::new());
+    let d = EmulatedDisk::new(storage.clone(), DiskConfig::default()).unwrap();
+    let log = logged(|| {
+        write(&d, 1, 4096, 1, 512, false);
+        storage.fail(true);
+        for _ in 0..3 {
+            let t = arrive(&d, 1, RequestKind::Flush, 0, 0, false);
+            assert!(d.flush(Some(t)).is_err());
+            d.reply_sent(t);
+        }
+        storage.fail(false);
+        flush(&d, 1);
+    });
+    let failed = "write-back of bytes 4096..4608 (512 bytes) failed";
+    assert_eq!(log.matches(failed).count(), 1, "{log}");
+    assert_eq!(log.matches("write-back of bytes").count(), 1, "{log}");
+    assert!(
+        log.contains("bytes 4096..4608 written back after 3 failed attempts"),
+        "{log}"
+    );
+    assert_eq!(storage.inner.snapshot()[4096], 1);
+}
+
 /// Added latency sleeps in the IO methods, so such a disk runs them off the async workers
 /// (else it runs as its storage does).
 #[test]
