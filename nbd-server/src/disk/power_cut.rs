@@ -160,3 +160,108 @@ impl PowerCut {
         self.done += 1;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::cache::{Cache, EntryData};
+
+    /// Pending entries: one write of `sectors` 512-byte sectors per element, 8 KiB apart.
+    fn pending(sectors: &[u64]) -> Vec<Entry> {
+        let mut c = Cache::new(1 << 30, 1 << 20, "test");
+        for (i, &n) in sectors.iter().enumerate() {
+            let data = EntryData::Zeroes { trim: false };
+            c.insert(i as u64 * 8192, n * 512, data, None, None);
+        }
+        c.drain_all()
+    }
+
+    /// Every mode is drawn over seeds; `none` drops everything; a write of one sector is
+    /// never torn; a torn write lands a proper, non-empty part of itself; a kept one lands
+    /// whole; the report counts the fates.
+    #[test]
+    fn each_mode_chooses_fates_as_documented() {
+        let entries = pending(&[1, 8, 1, 8, 3, 16]);
+        let mut modes = std::collections::HashSet::new();
+        // Fates seen in `some` and `torn` cuts: each write survives one time in two.
+        let mut survived = [0usize; 2];
+        for seed in 0..200 {
+            let (mode, choices) = choose(seed, &entries);
+            assert_eq!((mode, choices.clone()), choose(seed, &entries), "seeded");
+            modes.insert(mode as u32);
+            for (e, c) in entries.iter().zip(&choices) {
+                match c.fate {
+                    Fate::Dropped => assert!(c.pieces.is_empty()),
+                    Fate::Kept => assert_eq!(c.pieces, [(e.offset, e.length)]),
+                    Fate::Torn => {
+                        assert_eq!(mode, CutMode::Torn);
+                        assert!(e.length > 512, "a one-sector write torn");
+                        let landed: u64 = c.pieces.iter().map(|p| p.1).sum();
+                        assert!(landed > 0 && landed < e.length, "{c:?} of {}", e.length);
+                    }
+                }
+                if mode == CutMode::None {
+                    assert_eq!(c.fate, Fate::Dropped);
+                } else {
+                    survived[(c.fate != Fate::Dropped) as usize] += 1;
+                }
+            }
+            let r = PowerCutReport::of(seed, mode, &choices);
+            let count = |f| choices.iter().filter(|c| c.fate == f).count();
+            let counts = (r.pending, r.kept, r.torn, r.dropped);
+            let want = (
+                6,
+                count(Fate::Kept),
+                count(Fate::Torn),
+                count(Fate::Dropped),
+            );
+            assert_eq!(counts, want);
+        }
+        assert_eq!(modes.len(), 3, "modes drawn: {modes:?}");
+        let [dropped, kept] = survived;
+        let share = kept as f64 / (kept + dropped) as f64;
+        assert!(
+            (0.4..0.6).contains(&share),
+            "{kept} of {} survived",
+            kept + dropped
+        );
+    }
+
+    /// `crash-after-writes=N` cuts at the N-th applied write, once; `crash-seed` alone draws N
+    /// in 1..=1000 from the seed; default cut seeds come from the crash seed and the number of
+    /// cuts so far, and every cut moves the generation.
+    #[test]
+    fn the_automatic_cut_counts_writes_and_derives_seeds() {
+        let config = DiskConfig {
+            crash_after_writes: Some(3),
+            crash_seed: Some(5),
+            ..DiskConfig::default()
+        };
+        let mut cut = PowerCut::new(&config);
+        let due: Vec<bool> = (0..6).map(|_| cut.write_applied()).collect();
+        assert_eq!(due, [false, false, true, false, false, false]);
+        assert_eq!((cut.crash_seed(), cut.seed(Some(77))), (Some(5), 77));
+        let first = cut.seed(None);
+        assert_eq!(first, 5u64.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        assert_eq!(cut.gen(), 0);
+        cut.done();
+        assert_eq!((cut.gen(), cut.seed(None)), (1, first + 1));
+        let mut drawn = std::collections::HashSet::new();
+        for seed in 0..50 {
+            let config = DiskConfig {
+                crash_seed: Some(seed),
+                ..DiskConfig::default()
+            };
+            let mut cut = PowerCut::new(&config);
+            let n = (1..=CRASH_AFTER_WRITES_RANDOM_MAX + 1)
+                .find(|_| cut.write_applied())
+                .expect("a cut within the maximum");
+            let want = ChaCha8Rng::seed_from_u64(seed).random_range(1..=1000);
+            assert_eq!(n, want, "seed {seed}");
+            drawn.insert(n);
+        }
+        assert!(drawn.len() > 40, "the count follows the seed");
+        let mut never = PowerCut::new(&DiskConfig::default());
+        assert!((0..2000).all(|_| !never.write_applied()));
+    }
+}
