@@ -245,6 +245,26 @@ mod tests {
             let want = rng.random_bool(0.5);
             assert_eq!(f.decide(RequestKind::Read).latency_us > 0, want, "read {i}");
         }
+        // Nor a latency draw where latency is half set up (a duration or a rate of 0).
+        for (latency_us, latency_rate) in [(0, 0.5), (5, 0.0)] {
+            let config = FaultConfig {
+                seed: 9,
+                eio_read: 0.5,
+                latency_us,
+                latency_rate,
+                ..FaultConfig::default()
+            };
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            let mut f = Faults::new(&config);
+            for i in 0..200 {
+                let want = rng.random_bool(0.5);
+                assert_eq!(
+                    f.decide(RequestKind::Read).eio,
+                    want,
+                    "{config:?}: read {i}"
+                );
+            }
+        }
     }
 
     /// A request's fault records, as docs/write-log.md lays them out: EIO before latency, the

@@ -1049,6 +1049,63 @@ fn a_disk_with_latency_blocks_off_the_async_workers() {
     ));
 }
 
+/// FLUSH and BLOCK_STATUS check their ticket as every request does: an injected EIO fails
+/// the flush (which then makes nothing durable), a ticket from before a power cut fails, and
+/// added latency delays them.
+#[test]
+fn flush_and_block_status_check_their_tickets() {
+    let faults = FaultConfig {
+        eio_flush: 1.0,
+        ..FaultConfig::default()
+    };
+    let storage = Arc::new(VecStorage::new(SIZE).unwrap());
+    let config = DiskConfig {
+        faults,
+        ..DiskConfig::default()
+    };
+    let d = EmulatedDisk::new(storage.clone(), config).unwrap();
+    write(&d, 1, 0, 5, 512, false);
+    let t = arrive(&d, 1, RequestKind::Flush, 0, 0, false);
+    let e = d.flush(Some(t)).unwrap_err();
+    d.reply_sent(t);
+    assert_eq!(crate::reply::errno_of(&e), crate::proto::NBD_EIO);
+    assert_eq!(
+        storage.snapshot()[0],
+        0,
+        "a failed flush made a write durable"
+    );
+    let t = arrive(&d, 1, RequestKind::BlockStatus, 0, 512, false);
+    d.power_cut(Some(1)).unwrap();
+    assert!(
+        d.block_status(Some(t), 0, 512).is_err(),
+        "a ticket from before the cut"
+    );
+    let faults = FaultConfig {
+        latency_us: 30_000,
+        latency_rate: 1.0,
+        ..FaultConfig::default()
+    };
+    let config = DiskConfig {
+        faults,
+        ..DiskConfig::default()
+    };
+    let d = EmulatedDisk::new(Arc::new(VecStorage::new(SIZE).unwrap()), config).unwrap();
+    for kind in [RequestKind::Flush, RequestKind::BlockStatus] {
+        let t = arrive(&d, 1, kind, 0, 512, false);
+        let start = std::time::Instant::now();
+        match kind {
+            RequestKind::Flush => d.flush(Some(t)).unwrap(),
+            _ => drop(d.block_status(Some(t), 0, 512).unwrap()),
+        }
+        d.reply_sent(t);
+        let waited = start.elapsed();
+        assert!(
+            waited >= std::time::Duration::from_millis(30),
+            "{kind:?}: {waited:?}"
+        );
+    }
+}
+
 /// Fault rates must be probabilities.
 #[test]
 fn fault_rates_outside_0_to_1_are_refused() {
