@@ -1051,7 +1051,7 @@ fn a_disk_with_latency_blocks_off_the_async_workers() {
 
 /// FLUSH and BLOCK_STATUS check their ticket as every request does: an injected EIO fails
 /// the flush (which then makes nothing durable), a ticket from before a power cut fails, and
-/// added latency delays them.
+/// added latency delays them, as it delays reads and writes.
 #[test]
 fn flush_and_block_status_check_their_tickets() {
     let faults = FaultConfig {
@@ -1090,11 +1090,19 @@ fn flush_and_block_status_check_their_tickets() {
         ..DiskConfig::default()
     };
     let d = EmulatedDisk::new(Arc::new(VecStorage::new(SIZE).unwrap()), config).unwrap();
-    for kind in [RequestKind::Flush, RequestKind::BlockStatus] {
+    let kinds = [
+        RequestKind::Flush,
+        RequestKind::BlockStatus,
+        RequestKind::Write,
+        RequestKind::Read,
+    ];
+    for kind in kinds {
         let t = arrive(&d, 1, kind, 0, 512, false);
         let start = std::time::Instant::now();
         match kind {
             RequestKind::Flush => d.flush(Some(t)).unwrap(),
+            RequestKind::Write => d.write(Some(t), 0, vec![1; 512].into(), false).unwrap(),
+            RequestKind::Read => d.read(Some(t), 0, &mut [0; 512]).unwrap(),
             _ => drop(d.block_status(Some(t), 0, 512).unwrap()),
         }
         d.reply_sent(t);
