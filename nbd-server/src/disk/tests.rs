@@ -158,6 +158,7 @@ struct CallLog {
     inner: VecStorage,
     calls: std::sync::Mutex<Vec<String>>,
     failing: std::sync::atomic::AtomicBool,
+    can_trim: bool,
 }
 
 impl CallLog {
@@ -166,6 +167,7 @@ impl CallLog {
             inner: VecStorage::new(SIZE).unwrap(),
             calls: Default::default(),
             failing: Default::default(),
+            can_trim: true,
         }
     }
     fn fail(&self, on: bool) {
@@ -188,6 +190,9 @@ impl CallLog {
 impl Backend for CallLog {
     fn size(&self) -> u64 {
         self.inner.size()
+    }
+    fn can_trim(&self) -> bool {
+        self.can_trim
     }
     fn read(&self, t: Option<Ticket>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.inner.read(t, offset, buf)
@@ -1041,12 +1046,16 @@ fn a_disk_with_latency_blocks_off_the_async_workers() {
             .io_style(),
         crate::backend::IoStyle::Blocking
     ));
-    config.faults.latency_us = 100;
-    config.faults.latency_rate = 0.5;
-    assert!(matches!(
-        EmulatedDisk::new(storage, config).unwrap().io_style(),
-        crate::backend::IoStyle::Blocking
-    ));
+    // Latency needs both a duration and a rate.
+    for (us, rate, blocking) in [(100, 0.5, true), (100, 0.0, false), (0, 0.5, false)] {
+        config.faults.latency_us = us;
+        config.faults.latency_rate = rate;
+        let style = EmulatedDisk::new(storage.clone(), config.clone())
+            .unwrap()
+            .io_style();
+        let is_blocking = matches!(style, crate::backend::IoStyle::Blocking);
+        assert_eq!(is_blocking, blocking, "latency {us} us at {rate}");
+    }
 }
 
 /// FLUSH and BLOCK_STATUS check their ticket as every request does: an injected EIO fails
@@ -1112,6 +1121,51 @@ fn flush_and_block_status_check_their_tickets() {
             "{kind:?}: {waited:?}"
         );
     }
+}
+
+/// The disk advertises its storage's size and TRIM support, and fast zeroing always (a zero
+/// range is only a cache entry); a cached TRIM reaches storage as a trim where storage can
+/// trim, else as zeroes.
+#[test]
+fn the_disk_advertises_its_storage_and_writes_back_trims_as_it_can() {
+    for can_trim in [true, false] {
+        let storage = Arc::new(CallLog {
+            can_trim,
+            ..CallLog::new()
+        });
+        let d = EmulatedDisk::new(storage.clone(), DiskConfig::default()).unwrap();
+        let advertised = (d.size(), d.can_trim(), d.can_fast_zero());
+        assert_eq!(advertised, (SIZE, can_trim, true));
+        let t = arrive(&d, 1, RequestKind::Trim, 4096, 4096, false);
+        d.trim(Some(t), 4096, 4096, false).unwrap();
+        d.reply_sent(t);
+        flush(&d, 1);
+        let how = if can_trim { "trim" } else { "zero" };
+        assert_eq!(
+            storage.take(),
+            [format!("{how} 4096+4096 fua=false"), "flush".into()]
+        );
+    }
+}
+
+/// `crash-after-writes=N`: the N-th write is applied and the power cut at once; that write is
+/// refused (its client never learns whether it landed), the cut uses the crash seed, and the
+/// generation the connections watch moves.
+#[test]
+fn the_automatic_cut_refuses_its_write_and_moves_the_generation() {
+    let config = DiskConfig {
+        crash_after_writes: Some(2),
+        crash_seed: Some(7),
+        ..DiskConfig::default()
+    };
+    let d = EmulatedDisk::new(Arc::new(VecStorage::new(SIZE).unwrap()), config).unwrap();
+    write(&d, 1, 0, 1, 512, false);
+    let t = arrive(&d, 1, RequestKind::Write, 512, 512, false);
+    let refused = d.write(Some(t), 512, vec![2; 512].into(), false);
+    assert!(refused.is_err(), "the cut's write was answered OK");
+    assert_eq!(d.stats().power_cuts, 1);
+    assert_eq!(*d.power_cuts().borrow(), 1);
+    assert_eq!(d.last_power_cut_seed(), Some(7));
 }
 
 /// Fault rates must be probabilities.
