@@ -323,6 +323,71 @@ fn flush_record_lists_in_flight_writes() {
     assert_eq!(r.read_payload(&recs[3]).unwrap(), b"after");
 }
 
+/// A write whose reply was abandoned (its connection died) is no longer in flight for later
+/// flushes, and no flush covers it: it stays cached until something older than a covered
+/// write pushes it out.
+#[test]
+fn an_abandoned_write_leaves_the_flights_and_no_flush_covers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.log");
+    let (storage, d) = disk(Some(path.clone()));
+    let t = arrive(&d, 1, RequestKind::Write, 0, 512, false);
+    d.write(Some(t), 0, WriteData::copy_of(&[3; 512]), false)
+        .unwrap();
+    d.reply_abandoned(t);
+    flush(&d, 2);
+    assert_eq!(
+        storage.snapshot()[0],
+        0,
+        "a flush covered an unanswered write"
+    );
+    assert_eq!(d.stats().cache_entries, 1);
+    drop(d);
+    let r = LogReader::open(&path).unwrap();
+    let recs: Vec<_> = LogReader::open(&path)
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(recs[1].kind, RecordKind::Flush);
+    let p: FlushPayload = decode_payload(&r.read_payload(&recs[1]).unwrap()).unwrap();
+    assert_eq!(p.in_flight, Vec::<u64>::new());
+}
+
+/// Reads are counted at arrival (changes are not), and get a ticket only while faults are
+/// injected: then an injected EIO fails them.
+#[test]
+fn reads_are_counted_and_fail_with_an_injected_eio() {
+    let (_s, d) = disk(None);
+    for kind in [RequestKind::Read, RequestKind::Read, RequestKind::Write] {
+        let a = Arrival {
+            conn: 1,
+            kind,
+            offset: 0,
+            length: 512,
+            fua: false,
+        };
+        let ticket = d.arrived(&a);
+        assert_eq!(ticket.is_some(), kind != RequestKind::Read, "{kind:?}");
+        if let Some(t) = ticket {
+            d.reply_sent(t);
+        }
+    }
+    assert_eq!(d.stats().reads, 2);
+    let faults = FaultConfig {
+        eio_read: 1.0,
+        ..FaultConfig::default()
+    };
+    let config = DiskConfig {
+        faults,
+        ..DiskConfig::default()
+    };
+    let d = EmulatedDisk::new(Arc::new(VecStorage::new(SIZE).unwrap()), config).unwrap();
+    let t = arrive(&d, 1, RequestKind::Read, 0, 512, false);
+    let e = d.read(Some(t), 0, &mut [0; 512]).unwrap_err();
+    assert_eq!(crate::reply::errno_of(&e), crate::proto::NBD_EIO);
+    assert_eq!(d.stats().faults, 1);
+}
+
 /// A power cut is recorded with each pending write's fate, and the result is what stays.
 #[test]
 fn power_cut_records_fates_and_keeps_serving() {
