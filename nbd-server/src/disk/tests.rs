@@ -1043,6 +1043,22 @@ fn a_written_back_buffer_is_reused_for_the_next_write() {
         (first, 0),
         "the written-back buffer, emptied"
     );
+    // A spare too small for the payload is not handed out.
+    drop(again);
+    let t = arrive(&d, 1, RequestKind::Write, 0, 65536, false);
+    d.write(Some(t), 0, WriteData::bytes(vec![1; 65536]), false)
+        .unwrap_or_else(|_| panic!("write"));
+    d.reply_sent(t);
+    flush(&d, 1);
+    let mut large = d.write_buffer(0, 1 << 17);
+    let Some(crate::backend::Form::Bytes(v)) = large.form_mut() else {
+        panic!("memory storage takes bytes");
+    };
+    assert!(
+        v.capacity() >= 1 << 17,
+        "a buffer of {} bytes",
+        v.capacity()
+    );
 }
 
 /// The server's log lines of `f`, captured.
@@ -1199,8 +1215,8 @@ fn the_disk_advertises_its_storage_and_writes_back_trims_as_it_can() {
             ..CallLog::new()
         });
         let d = EmulatedDisk::new(storage.clone(), DiskConfig::default()).unwrap();
-        let advertised = (d.size(), d.can_trim(), d.can_fast_zero());
-        assert_eq!(advertised, (SIZE, can_trim, true));
+        let advertised = (d.size(), d.can_trim(), d.can_fast_zero(), d.lends_memory());
+        assert_eq!(advertised, (SIZE, can_trim, true, false));
         let t = arrive(&d, 1, RequestKind::Trim, 4096, 4096, false);
         d.trim(Some(t), 4096, 4096, false).unwrap();
         d.reply_sent(t);
