@@ -99,3 +99,31 @@ impl Backend for VecStorage {
         }])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Anything past the end, or whose end overflows, is refused with InvalidInput (no panic,
+    /// no partial IO), and a refused write hands its data back; a disk over the limit is not
+    /// allocated.
+    #[test]
+    fn ranges_past_the_end_are_refused() {
+        assert!(VecStorage::new(VEC_STORAGE_BYTES_MAX + 1).is_err());
+        let s = VecStorage::new(8192).unwrap();
+        let invalid = |r: io::Result<()>| r.unwrap_err().kind() == io::ErrorKind::InvalidInput;
+        assert!(invalid(s.read(None, 4096, &mut [0; 4097])));
+        assert!(invalid(s.read(None, u64::MAX, &mut [0; 2])));
+        assert!(invalid(
+            s.write_zeroes(None, 8000, 193, false, false, false)
+        ));
+        assert!(invalid(s.trim(None, 8192, 1, false)));
+        let refused = s.write(None, 8191, WriteData::bytes(vec![1; 2]), false);
+        let back = refused.unwrap_err().data.expect("the data comes back");
+        assert_eq!(back.to_vec(), [1, 1]);
+        s.write(None, 8190, WriteData::bytes(vec![2; 2]), false)
+            .unwrap();
+        s.read(None, 0, &mut [0; 8192]).unwrap();
+        assert_eq!(s.snapshot()[8189..], [0, 2, 2]);
+    }
+}
