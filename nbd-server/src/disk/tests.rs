@@ -388,6 +388,35 @@ fn reads_are_counted_and_fail_with_an_injected_eio() {
     assert_eq!(d.stats().faults, 1);
 }
 
+/// A FLUSH reply waits until the log's file holds every record before it: a reader opened
+/// right after it (the server still running) finds them, whether the log is pushed to the
+/// operating system (the default) or to stable storage (`record-sync=flush`).
+#[test]
+fn a_flushed_write_is_in_the_log_file_when_the_flush_returns() {
+    for record_sync in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.log");
+        let config = DiskConfig {
+            record: Some(path.clone()),
+            record_sync,
+            ..DiskConfig::default()
+        };
+        let d = EmulatedDisk::new(Arc::new(VecStorage::new(SIZE).unwrap()), config).unwrap();
+        write(&d, 1, 0, 1, 512, false);
+        flush(&d, 1);
+        let kinds: Vec<_> = LogReader::open(&path)
+            .unwrap()
+            .map(|r| r.unwrap().kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [RecordKind::Write, RecordKind::Flush],
+            "sync {record_sync}"
+        );
+        drop(d);
+    }
+}
+
 /// A power cut is recorded with each pending write's fate, and the result is what stays.
 #[test]
 fn power_cut_records_fates_and_keeps_serving() {
