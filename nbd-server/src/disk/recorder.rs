@@ -477,11 +477,10 @@ mod queue_tests {
         }
     }
 
-    /// While the log's file is slow, appends queue up to `RECORDER_QUEUE_BYTES_MAX` (64 MiB)
-    /// of payload and then wait: memory stays bounded, and nothing is dropped.
-    #[test]
-    fn a_slow_log_holds_appenders_at_64_mib_queued() {
-        const MIB: usize = 1024 * 1024;
+    /// Appends `count` records of `payload_len` bytes from a thread while the sink holds
+    /// every append; returns how many returned while it was held (the appender then waits),
+    /// after letting them all through and checking none was lost.
+    fn appends_while_held(payload_len: usize, count: u64) -> usize {
         let open = Arc::new((Mutex::new(false), Condvar::new()));
         let sink = Gated {
             open: open.clone(),
@@ -489,17 +488,17 @@ mod queue_tests {
         };
         let mut rec = Recorder::start(Box::new(sink)).unwrap();
         let done = Arc::new(AtomicUsize::new(0));
-        let payload = WriteData::bytes(vec![7; MIB]);
+        let payload = WriteData::bytes(vec![7; payload_len]);
         let appender = {
             let done = done.clone();
             std::thread::spawn(move || {
-                for i in 0..200u64 {
+                for i in 0..count {
                     let head = RecordHead {
                         kind: RecordKind::Write,
                         flags: 0,
                         conn: 1,
-                        offset: i * MIB as u64,
-                        length: MIB as u64,
+                        offset: i * payload_len as u64,
+                        length: payload_len as u64,
                     };
                     let payload = payload.clone();
                     rec.append(Record { head, payload }).unwrap();
@@ -517,14 +516,27 @@ mod queue_tests {
         *open.0.lock().unwrap() = true;
         open.1.notify_all();
         let mut rec = appender.join().unwrap();
-        // The thread holds its batch in the sink (what was queued when it woke: from one
-        // record to 64), and 64 more wait in the queue.
-        assert!(
-            (65..=128).contains(&last),
-            "{last} appends of 1 MiB returned"
-        );
-        assert_eq!(done.load(Ordering::SeqCst), 200);
+        assert_eq!(done.load(Ordering::SeqCst) as u64, count);
         rec.sync().unwrap();
-        assert_eq!(rec.next_seq(), 200);
+        assert_eq!(rec.next_seq(), count);
+        last
+    }
+
+    /// While the log's file is slow, appends queue up to `RECORDER_QUEUE_BYTES_MAX` (64 MiB)
+    /// of payload, or `RECORDER_QUEUE_RECORDS_MAX` (4,096) records, and then wait: memory
+    /// stays bounded, and nothing is dropped. The thread holds its batch in the sink (what was
+    /// queued when it woke: from one record to a full queue) and a full queue waits behind it.
+    #[test]
+    fn a_slow_log_holds_appenders_at_a_full_queue() {
+        let large = appends_while_held(1024 * 1024, 200);
+        assert!(
+            (65..=128).contains(&large),
+            "{large} appends of 1 MiB returned"
+        );
+        let small = appends_while_held(512, 10_000);
+        assert!(
+            (4097..=8192).contains(&small),
+            "{small} appends of 512 B returned"
+        );
     }
 }

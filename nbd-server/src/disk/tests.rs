@@ -417,6 +417,30 @@ fn a_flushed_write_is_in_the_log_file_when_the_flush_returns() {
     }
 }
 
+/// Without a flush, the recorder thread still pushes what it wrote to the log's file once it
+/// is out of work (within `RECORDER_PUSH_INTERVAL_MILLIS`), so a reader (`crashmonkey`, a
+/// `tail` of the log) sees a running server's writes.
+#[test]
+fn unflushed_writes_reach_the_log_file_soon() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.log");
+    let (_s, d) = disk(Some(path.clone()));
+    for i in 0..3 {
+        write(&d, 1, i * 512, 1, 512, false);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let records = || LogReader::open(&path).unwrap().count();
+    while records() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        records(),
+        3,
+        "the writes are not in the log file after 10 s"
+    );
+    drop(d);
+}
+
 /// A power cut is recorded with each pending write's fate, and the result is what stays.
 #[test]
 fn power_cut_records_fates_and_keeps_serving() {

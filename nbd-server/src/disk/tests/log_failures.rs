@@ -198,6 +198,11 @@ fn a_flush_past_a_capped_logs_slack_is_refused() {
         i += 1;
     }
     assert_eq!(write(&d, 0, 0, false), NBD_ENOSPC, "the log is capped");
+    // Data records fill the cap less the room of the full record, and no further.
+    let record = (RECORD_HEADER_BYTES + 4096) as u64;
+    let full = (RECORD_HEADER_BYTES + crate::log::FULL_PAYLOAD_BYTES) as u64;
+    let room = 16 * 1024 - full - crate::log::FILE_HEADER_BYTES as u64;
+    assert_eq!(i, room / record, "writes taken under a 16 KiB cap");
     // Each flush record is more than a header, so this many flushes pass the slack.
     let flushes_max = RECORD_MAX_SLACK_BYTES / RECORD_HEADER_BYTES as u64;
     let mut answered_ok = 0;
