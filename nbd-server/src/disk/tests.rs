@@ -864,6 +864,10 @@ fn stats_count_writes_fua_and_flushes() {
     let dir = tempfile::tempdir().unwrap();
     let (_s, recorded) = disk(Some(dir.path().join("r.log")));
     assert!(recorded.stats().recording);
+    write(&recorded, 1, 0, 1, 512, false);
+    flush(&recorded, 1);
+    recorded.mark("m").unwrap();
+    assert_eq!(recorded.stats().log_records, 3, "write, flush, mark");
 }
 
 /// With no limit given, the cache holds 64 MiB and 16,384 writes (`CACHE_BYTES_MAX`,
