@@ -8,6 +8,8 @@
 # A full run is about 1,600 mutants and takes hours on 2 cores; MUTANTS_SHARD=K/N runs the
 # K-th of N round-robin shards of each group (a uniform sample), e.g. MUTANTS_SHARD=0/10.
 # MUTANTS_GROUPS picks groups (default: all): crashmonkey nbd-server fs-core.
+# MUTANTS_ITERATE=1 retests only what the last run in $MUTANTS_OUT did not catch (after adding
+# tests for the missed mutants; cargo-mutants' --iterate).
 #
 # Needs cargo-mutants (`cargo install --locked cargo-mutants`; installed here when missing).
 set -euo pipefail
@@ -55,6 +57,7 @@ run_group() {
     # targets: otherwise every mutant relinks all of the crate's integration tests.
     for t in "${tests[@]}"; do args+=(--cargo-arg "$t"); done
     [[ -n $SHARD ]] && args+=(--shard "$SHARD" --sharding round-robin)
+    [[ ${MUTANTS_ITERATE:-0} == 1 ]] && args+=(--iterate)
     mkdir -p "$OUT/$group"
     echo "mutants: $group (${SHARD:-all mutants}) -> $OUT/$group"
     # Exit 2 means "some mutants missed": a measurement, not a failure of this script.

@@ -203,6 +203,7 @@ fn a_flush_past_a_capped_logs_slack_is_refused() {
     let full = (RECORD_HEADER_BYTES + crate::log::FULL_PAYLOAD_BYTES) as u64;
     let room = 16 * 1024 - full - crate::log::FILE_HEADER_BYTES as u64;
     assert_eq!(i, room / record, "writes taken under a 16 KiB cap");
+    assert_eq!(write(&d, 0, 0, false), NBD_ENOSPC, "still capped");
     // Each flush record is more than a header, so this many flushes pass the slack.
     let flushes_max = RECORD_MAX_SLACK_BYTES / RECORD_HEADER_BYTES as u64;
     let mut answered_ok = 0;
@@ -217,6 +218,10 @@ fn a_flush_past_a_capped_logs_slack_is_refused() {
     assert!(answered_ok > 1000, "flushes past the cap use the slack");
     drop(d);
     assert_eq!(flush_records(&path), answered_ok as usize);
+    // One full record, right after the last write: the log says where it was capped.
+    let k = kinds(&path);
+    let full: Vec<usize> = (0..k.len()).filter(|&j| k[j] == RecordKind::Full).collect();
+    assert_eq!(full, [i as usize], "{k:?}");
 }
 
 /// `ctl sync` (and the server's exit) reports a log that failed: a user who syncs the log to
