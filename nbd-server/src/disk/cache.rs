@@ -473,4 +473,29 @@ mod tests {
             Some((20480, 20992, Some(true)))
         );
     }
+
+    /// A write that ends exactly where a cached neighbour starts leaves the neighbour's run
+    /// in the index (an empty run at the split point must not replace it).
+    #[test]
+    fn a_split_at_a_neighbours_start_keeps_the_neighbour() {
+        let mut c = Cache::new(1 << 20, 16, "test");
+        let data = |b: u8| EntryData::Data(WriteData::bytes(vec![b; 100]));
+        c.insert(0, 100, data(1), None, None);
+        c.insert(100, 100, data(2), None, None);
+        c.insert(
+            50,
+            50,
+            EntryData::Data(WriteData::bytes(vec![3; 50])),
+            None,
+            None,
+        );
+        let mut buf = vec![0; 200];
+        c.overlay(0, &mut buf);
+        let want: Vec<u8> = [[1; 50], [3; 50]]
+            .concat()
+            .into_iter()
+            .chain([2; 100])
+            .collect();
+        assert_eq!(buf, want);
+    }
 }

@@ -1204,6 +1204,8 @@ fn a_failing_write_back_is_logged_once_and_its_recovery_counted() {
     let storage = Arc::new(CallLog::new());
     let d = EmulatedDisk::new(storage.clone(), DiskConfig::default()).unwrap();
     let log = logged(|| {
+        write(&d, 1, 0, 9, 512, false);
+        flush(&d, 1);
         write(&d, 1, 4096, 1, 512, false);
         storage.fail(true);
         for _ in 0..3 {
@@ -1221,6 +1223,7 @@ fn a_failing_write_back_is_logged_once_and_its_recovery_counted() {
         log.contains("bytes 4096..4608 written back after 3 failed attempts"),
         "{log}"
     );
+    assert_eq!(log.matches("written back after").count(), 1, "{log}");
     assert_eq!(storage.inner.snapshot()[4096], 1);
 }
 
