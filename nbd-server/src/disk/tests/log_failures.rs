@@ -188,8 +188,12 @@ fn a_fua_write_whose_record_fails_is_answered_eio() {
 #[test]
 fn a_flush_past_a_capped_logs_slack_is_refused() {
     let dir = tempfile::tempdir().unwrap();
+    // Exactly room for four 4 KiB writes and the full record, so the boundary is met.
+    let record = (RECORD_HEADER_BYTES + 4096) as u64;
+    let full = (RECORD_HEADER_BYTES + crate::log::FULL_PAYLOAD_BYTES) as u64;
+    let cap = crate::log::FILE_HEADER_BYTES as u64 + 4 * record + full;
     let config = DiskConfig {
-        record_max_bytes: Some(16 * 1024),
+        record_max_bytes: Some(cap),
         ..DiskConfig::default()
     };
     let (d, path, _) = disk_with_failing_log(dir.path(), config);
@@ -199,10 +203,7 @@ fn a_flush_past_a_capped_logs_slack_is_refused() {
     }
     assert_eq!(write(&d, 0, 0, false), NBD_ENOSPC, "the log is capped");
     // Data records fill the cap less the room of the full record, and no further.
-    let record = (RECORD_HEADER_BYTES + 4096) as u64;
-    let full = (RECORD_HEADER_BYTES + crate::log::FULL_PAYLOAD_BYTES) as u64;
-    let room = 16 * 1024 - full - crate::log::FILE_HEADER_BYTES as u64;
-    assert_eq!(i, room / record, "writes taken under a 16 KiB cap");
+    assert_eq!(i, 4, "writes taken under a cap of {cap} bytes");
     assert_eq!(write(&d, 0, 0, false), NBD_ENOSPC, "still capped");
     // Each flush record is more than a header, so this many flushes pass the slack.
     let flushes_max = RECORD_MAX_SLACK_BYTES / RECORD_HEADER_BYTES as u64;
