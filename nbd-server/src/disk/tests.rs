@@ -448,6 +448,8 @@ fn unflushed_writes_reach_the_log_file_soon() {
 fn a_flush_covers_what_was_answered_before_it_arrived() {
     let (storage, d) = disk(None);
     write(&d, 1, 0, 1, 512, false);
+    d.write(None, 12288, WriteData::copy_of(&[4; 512]), false)
+        .unwrap();
     let f = arrive(&d, 2, RequestKind::Flush, 0, 0, false);
     write(&d, 1, 4096, 2, 512, false);
     // A write driven without arrival (tools, fs-core's device) is answered at once: after
@@ -457,10 +459,10 @@ fn a_flush_covers_what_was_answered_before_it_arrived() {
     d.flush(Some(f)).unwrap();
     d.reply_sent(f);
     let img = storage.snapshot();
-    let got = (img[0], img[4096], img[8192]);
+    let got = (img[0], img[12288], img[4096], img[8192]);
     assert_eq!(
         got,
-        (1, 0, 0),
+        (1, 4, 0, 0),
         "covered, then answered after the flush arrived"
     );
     assert_eq!(d.stats().cache_entries, 2);
