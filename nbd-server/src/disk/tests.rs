@@ -63,6 +63,17 @@ fn read(d: &EmulatedDisk, offset: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// The records of the log at `path`.
+fn log_records(path: &std::path::Path) -> Vec<crate::log::Record> {
+    LogReader::open(path).unwrap().map(|r| r.unwrap()).collect()
+}
+
+/// The decoded payload of record `rec` of the log at `path`.
+fn payload_of<T: bincode::Decode<()>>(path: &std::path::Path, rec: &crate::log::Record) -> T {
+    let bytes = LogReader::open(path).unwrap().read_payload(rec).unwrap();
+    decode_payload(&bytes).unwrap()
+}
+
 /// Guards against a write cache that loses what a reader should see: cached writes overlay
 /// reads before they reach storage.
 #[test]
@@ -304,10 +315,7 @@ fn flush_record_lists_in_flight_writes() {
     d.mark("after").unwrap();
     drop(d);
     let r = LogReader::open(&path).unwrap();
-    let recs: Vec<_> = LogReader::open(&path)
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
+    let recs = log_records(&path);
     let kinds: Vec<_> = recs.iter().map(|r| r.kind).collect();
     assert_eq!(
         kinds,
@@ -318,7 +326,7 @@ fn flush_record_lists_in_flight_writes() {
             RecordKind::Mark
         ]
     );
-    let p: FlushPayload = decode_payload(&r.read_payload(&recs[2]).unwrap()).unwrap();
+    let p: FlushPayload = payload_of(&path, &recs[2]);
     assert_eq!(p.in_flight, vec![1]);
     assert_eq!(r.read_payload(&recs[3]).unwrap(), b"after");
 }
@@ -343,13 +351,9 @@ fn an_abandoned_write_leaves_the_flights_and_no_flush_covers_it() {
     );
     assert_eq!(d.stats().cache_entries, 1);
     drop(d);
-    let r = LogReader::open(&path).unwrap();
-    let recs: Vec<_> = LogReader::open(&path)
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
+    let recs = log_records(&path);
     assert_eq!(recs[1].kind, RecordKind::Flush);
-    let p: FlushPayload = decode_payload(&r.read_payload(&recs[1]).unwrap()).unwrap();
+    let p: FlushPayload = payload_of(&path, &recs[1]);
     assert_eq!(p.in_flight, Vec::<u64>::new());
 }
 
@@ -484,15 +488,11 @@ fn after_a_power_cut_no_write_is_in_flight() {
     d.power_cut(Some(1)).unwrap();
     flush(&d, 2);
     drop(d);
-    let r = LogReader::open(&path).unwrap();
-    let recs: Vec<_> = LogReader::open(&path)
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
+    let recs = log_records(&path);
     let kinds: Vec<_> = recs.iter().map(|r| r.kind).collect();
     let flush_kinds = [RecordKind::Write, RecordKind::PowerCut, RecordKind::Flush];
     assert_eq!(kinds, flush_kinds);
-    let p: FlushPayload = decode_payload(&r.read_payload(&recs[2]).unwrap()).unwrap();
+    let p: FlushPayload = payload_of(&path, &recs[2]);
     assert_eq!(p.in_flight, Vec::<u64>::new());
 }
 
@@ -514,14 +514,10 @@ fn power_cut_records_fates_and_keeps_serving() {
     assert_eq!(report.pending, 7);
     assert_eq!(read(&d, 0, 4096), vec![1; 4096]);
     drop(d);
-    let recs: Vec<_> = LogReader::open(&path)
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
+    let recs = log_records(&path);
     let last = recs.last().unwrap();
     assert_eq!(last.kind, RecordKind::PowerCut);
-    let p: PowerCutPayload =
-        decode_payload(&LogReader::open(&path).unwrap().read_payload(last).unwrap()).unwrap();
+    let p: PowerCutPayload = payload_of(&path, last);
     assert_eq!(p.seed, 42);
     assert_eq!(p.fates.len(), 7);
 }
@@ -880,10 +876,7 @@ fn a_lying_disk_makes_nothing_durable_and_records_no_promise() {
     assert_eq!(d.stats().ignored_flushes, 1);
     d.power_cut(Some(0)).unwrap();
     drop(d);
-    let recs: Vec<_> = LogReader::open(&path)
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
+    let recs = log_records(&path);
     assert!(recs.iter().all(|r| r.kind != RecordKind::Flush), "{recs:?}");
     assert!(recs
         .iter()
@@ -1017,17 +1010,13 @@ fn the_power_cut_record_matches_the_report() {
         }
         let r = d.power_cut(Some(seed)).unwrap();
         drop(d);
-        let recs: Vec<_> = LogReader::open(&path)
-            .unwrap()
-            .map(|r| r.unwrap())
-            .collect();
+        let recs = log_records(&path);
         let last = recs.last().unwrap();
         assert_eq!(
             (last.kind, r.log_seq),
             (RecordKind::PowerCut, Some(last.seq()))
         );
-        let p: PowerCutPayload =
-            decode_payload(&LogReader::open(&path).unwrap().read_payload(last).unwrap()).unwrap();
+        let p: PowerCutPayload = payload_of(&path, last);
         let seqs: Vec<u64> = p.fates.iter().map(|f| f.seq).collect();
         assert_eq!(seqs, [0, 1, 2, 3], "seed {seed}");
         let img = storage.snapshot();

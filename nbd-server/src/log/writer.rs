@@ -497,13 +497,9 @@ mod tests {
     fn direct_and_buffered_files_hold_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.log");
-        let mut w = LogWriter::create(&path, 1 << 30).unwrap();
-        if !w.is_direct() {
-            let reason = format!("{} refuses O_DIRECT", dir.path().display());
-            if !crate::test_skip::skip(&reason) {
-                return;
-            }
-        }
+        let Some(mut w) = direct_writer(&path) else {
+            return;
+        };
         let mut expect = FileHeader::new(1 << 30).encode().to_vec();
         let sizes = [
             1usize,
@@ -530,6 +526,20 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), expect);
     }
 
+    /// A new log at `path` written with `O_DIRECT`; `None` where the filesystem refuses it and
+    /// the skip policy lets the test skip (see `test_skip`).
+    fn direct_writer(path: &Path) -> Option<LogWriter> {
+        let w = LogWriter::create(path, 1 << 30).unwrap();
+        if !w.is_direct() {
+            let folder = path.parent().unwrap_or(path);
+            let reason = format!("{} refuses O_DIRECT", folder.display());
+            if !crate::test_skip::skip(&reason) {
+                return None;
+            }
+        }
+        Some(w)
+    }
+
     /// Appends record `i` with `n` bytes of payload, and its bytes to `expect`.
     fn append_expecting(w: &mut LogWriter, expect: &mut Vec<u8>, i: usize, n: usize) {
         let payload: Vec<u8> = (0..n).map(|b| (b * 7 + i) as u8).collect();
@@ -540,7 +550,16 @@ mod tests {
             offset: (i * 4096) as u64,
             length: n as u64,
         };
-        let seq = w.append_parts(&head, &[&payload]).unwrap();
+        let seq = w
+            .append(
+                head.kind,
+                head.flags,
+                head.conn,
+                head.offset,
+                n as u64,
+                &payload,
+            )
+            .unwrap();
         assert_eq!(seq, i as u64);
         let h = RecordHeader::seal(&head, seq, &payload);
         expect.extend_from_slice(&h.encode());
@@ -556,13 +575,9 @@ mod tests {
         for refuse_at in [0usize, 3, 7] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("w.log");
-            let mut w = LogWriter::create(&path, 1 << 30).unwrap();
-            if !w.is_direct() {
-                let reason = format!("{} refuses O_DIRECT", dir.path().display());
-                if !crate::test_skip::skip(&reason) {
-                    return;
-                }
-            }
+            let Some(mut w) = direct_writer(&path) else {
+                return;
+            };
             let mut expect = FileHeader::new(1 << 30).encode().to_vec();
             for i in 0..12 {
                 if i == refuse_at {
