@@ -607,4 +607,201 @@ mod tests {
             );
         }
     }
+
+    /// `create_new` leaves an existing file alone; `create` replaces it with a new log.
+    #[test]
+    fn create_new_refuses_an_existing_file_and_create_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.log");
+        std::fs::write(&path, b"precious").unwrap();
+        let err = LogWriter::create_new(&path, 1 << 20).err().unwrap();
+        assert!(
+            matches!(&err, LogError::Io(e) if e.kind() == io::ErrorKind::AlreadyExists),
+            "{err:?}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        let w = LogWriter::create(&path, 1 << 20).unwrap();
+        assert_eq!((w.bytes(), w.next_seq()), (FILE_HEADER_BYTES as u64, 0));
+        drop(w);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            FileHeader::new(1 << 20).encode()
+        );
+        let fresh = dir.path().join("new.log");
+        drop(LogWriter::create_new(&fresh, 1 << 20).unwrap());
+        assert_eq!(std::fs::metadata(&fresh).unwrap().len(), 32);
+    }
+
+    /// Mark, fault, power-cut and full records reach the file as they are appended (a reader
+    /// started later sees them, and every record before them); writes and flushes wait in the
+    /// buffer for a push.
+    #[test]
+    fn events_reach_the_file_at_once_and_data_waits_for_a_push() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.log");
+        let mut w = LogWriter::create(&path, 1 << 30).unwrap();
+        let file_len = || std::fs::metadata(&path).unwrap().len();
+        let mut expect = FileHeader::new(1 << 30).encode().to_vec();
+        let kinds = [
+            (RecordKind::Write, false),
+            (RecordKind::Flush, false),
+            (RecordKind::Mark, true),
+            (RecordKind::Trim, false),
+            (RecordKind::Fault, true),
+            (RecordKind::WriteZeroes, false),
+            (RecordKind::PowerCut, true),
+            (RecordKind::Full, true),
+        ];
+        let mut in_file = expect.len() as u64;
+        for (i, (kind, pushed)) in kinds.into_iter().enumerate() {
+            let payload: Vec<u8> = match kind {
+                RecordKind::Write => vec![i as u8; 700],
+                RecordKind::Trim | RecordKind::WriteZeroes => vec![],
+                _ => vec![b'e'; i],
+            };
+            let head = RecordHead {
+                kind,
+                flags: 0,
+                conn: 2,
+                offset: 4096,
+                length: if kind.is_data() { 700 } else { 0 },
+            };
+            let seq = w.append_parts(&head, &[&payload]).unwrap();
+            assert_eq!((seq, w.next_seq()), (i as u64, i as u64 + 1));
+            expect.extend_from_slice(&RecordHeader::seal(&head, seq, &payload).encode());
+            expect.extend_from_slice(&payload);
+            assert_eq!(w.bytes(), expect.len() as u64, "{kind:?}");
+            if pushed {
+                in_file = expect.len() as u64;
+            }
+            assert_eq!(file_len(), in_file, "after a {kind:?} record");
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), expect);
+    }
+
+    /// The log is allocated ahead of its last record, always with room for the full record,
+    /// in steps that grow with the log up to their bound (few `fallocate` calls for a long
+    /// log); `sync` forgets what was allocated past the last record.
+    #[test]
+    fn the_log_is_allocated_ahead_in_bounded_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.log");
+        let mut w = LogWriter::create(&path, 1 << 30).unwrap();
+        let Some(mut reserved) = w.reserved_end else {
+            crate::test_skip::skip("the test folder's filesystem cannot allocate ahead");
+            return;
+        };
+        let mut growths = 0;
+        let payload = vec![5u8; 4096];
+        for i in 0..4096u64 {
+            w.append(RecordKind::Write, 0, 1, i * 4096, 4096, &payload)
+                .unwrap();
+            let now = w.reserved_end.expect("still allocating ahead");
+            assert!(now >= w.bytes() + LOG_FULL_RESERVE_BYTES, "record {i}");
+            let bound = w.bytes() + LOG_FULL_RESERVE_BYTES + LOG_RESERVE_STEP_MAX_BYTES;
+            assert!(now <= bound, "record {i}: {now} allocated, bound {bound}");
+            if now != reserved {
+                growths += 1;
+                assert!(now - reserved >= LOG_RESERVE_STEP_MIN_BYTES, "record {i}");
+                reserved = now;
+            }
+        }
+        // 16 MiB of records: steps of 64 KiB doubling to 4 MiB, then 4 MiB.
+        assert!((7..=12).contains(&growths), "{growths} allocations");
+        w.flush().unwrap();
+        let allocated =
+            std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
+        assert!(
+            allocated >= reserved,
+            "{allocated} bytes allocated of {reserved}"
+        );
+        w.sync().unwrap();
+        assert_eq!(w.reserved_end, Some(w.bytes()));
+    }
+
+    /// A tmpfs of `bytes` mounted on a fresh folder, unmounted when dropped.
+    struct SmallFs {
+        dir: tempfile::TempDir,
+    }
+
+    impl SmallFs {
+        /// `None` where mounting needs root this process lacks (and the skip policy allows).
+        fn mount(bytes: u64) -> Option<SmallFs> {
+            let dir = tempfile::tempdir().unwrap();
+            let st = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                .arg(dir.path())
+                .stderr(std::process::Stdio::null())
+                .status();
+            if !st.is_ok_and(|s| s.success()) {
+                crate::test_skip::skip("mounting a tmpfs needs root");
+                return None;
+            }
+            Some(SmallFs { dir })
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+
+    /// When the log's filesystem fills, the log ends with a full record in the room kept for
+    /// it: every record before it whole, the record saying how long the log was, the file
+    /// ending right after it, and every later append refused.
+    #[test]
+    fn a_full_log_disk_ends_the_log_with_a_full_record() {
+        const FS_BYTES: u64 = 256 * 1024;
+        let Some(fs) = SmallFs::mount(FS_BYTES) else {
+            return;
+        };
+        let path = fs.dir.path().join("w.log");
+        let mut w = LogWriter::create(&path, 1 << 30).unwrap();
+        let mut before = 0;
+        let mut written = 0u64;
+        for i in 0..1000u64 {
+            before = w.bytes();
+            match w.append(RecordKind::Write, 0, 1, i * 16384, 16384, &[i as u8; 16384]) {
+                Ok(seq) => assert_eq!(seq, i),
+                Err(LogError::LogDiskFull) => break,
+                Err(e) => panic!("record {i}: {e}"),
+            }
+            written += 1;
+        }
+        // The log fills its filesystem to within a record or so (an allocation ahead that
+        // does not fit is retried with just what the record needs).
+        let record = (RECORD_HEADER_BYTES + 16384) as u64;
+        let most = (FS_BYTES - FILE_HEADER_BYTES as u64 - LOG_FULL_RESERVE_BYTES) / record;
+        assert!((most - 1..=most).contains(&written), "{written} records of at most {most}");
+        let full_bytes = (RECORD_HEADER_BYTES + FULL_PAYLOAD_BYTES) as u64;
+        assert_eq!(w.bytes(), before + full_bytes);
+        for kind in [RecordKind::Mark, RecordKind::Write] {
+            let n = if kind == RecordKind::Write { 1 } else { 0 };
+            let err = w.append(kind, 0, 0, 0, n, &vec![1; n as usize]);
+            assert!(
+                matches!(err, Err(LogError::LogDiskFull)),
+                "{kind:?}: {err:?}"
+            );
+        }
+        drop(w);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), before + full_bytes);
+        let mut r = crate::log::LogReader::open(&path).unwrap();
+        let recs: Vec<_> = r.by_ref().collect::<Result<_, _>>().unwrap();
+        assert_eq!(recs.len() as u64, written + 1);
+        for (i, rec) in recs[..written as usize].iter().enumerate() {
+            assert_eq!(r.read_payload(rec).unwrap(), vec![i as u8; 16384]);
+        }
+        assert_eq!(
+            r.ending(),
+            crate::log::LogEnding::Full {
+                seq: written,
+                reason: FullReason::LogDiskFull,
+                log_bytes: before
+            }
+        );
+    }
 }
