@@ -219,12 +219,9 @@ impl Out {
     /// Hands everything appended so far to the operating system.
     fn flush(&mut self) -> io::Result<()> {
         match self {
-            Out::Direct(d) => match d.push() {
-                // Some filesystems accept O_DIRECT at open and refuse the writes: from here on
-                // the file is written through the page cache, from where the buffer starts.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.fall_back(),
-                r => r,
-            },
+            // A push writes through the ordinary descriptor: O_DIRECT's refusals (EINVAL,
+            // see `write_all`) cannot come from it.
+            Out::Direct(d) => d.push(),
             Out::Buffered(b) => b.flush(),
         }
     }
@@ -750,6 +747,36 @@ mod tests {
         }
     }
 
+    /// Where the filesystem cannot allocate ahead, a record that meets a full filesystem is
+    /// refused as [`LogError::LogDiskFull`] (not as an IO error), and so is every later one.
+    #[test]
+    fn without_allocation_ahead_a_full_filesystem_refuses_records_as_full() {
+        const FS_BYTES: u64 = 128 * 1024;
+        let Some(fs) = SmallFs::mount(FS_BYTES) else {
+            return;
+        };
+        let path = fs.dir.path().join("w.log");
+        let mut w = LogWriter::create(&path, 1 << 30).unwrap();
+        w.sync().unwrap();
+        w.reserved_end = None; // as on a filesystem without fallocate
+        let payload = vec![3u8; 16384];
+        let mut refused = None;
+        for i in 0..64u64 {
+            // Power-cut records go to the file as they are appended.
+            match w.append(RecordKind::PowerCut, 0, 0, 0, 0, &payload) {
+                Ok(seq) => assert_eq!(seq, i),
+                Err(LogError::LogDiskFull) => {
+                    refused = Some(i);
+                    break;
+                }
+                Err(e) => panic!("record {i}: {e:?}"),
+            }
+        }
+        let refused = refused.expect("a 128 KiB filesystem fills");
+        assert!(refused >= 6, "refused at record {refused}");
+        assert_eq!(w.reserved_end, None);
+    }
+
     /// When the log's filesystem fills, the log ends with a full record in the room kept for
     /// it: every record before it whole, the record saying how long the log was, the file
     /// ending right after it, and every later append refused.
@@ -776,7 +803,10 @@ mod tests {
         // does not fit is retried with just what the record needs).
         let record = (RECORD_HEADER_BYTES + 16384) as u64;
         let most = (FS_BYTES - FILE_HEADER_BYTES as u64 - LOG_FULL_RESERVE_BYTES) / record;
-        assert!((most - 1..=most).contains(&written), "{written} records of at most {most}");
+        assert!(
+            (most - 1..=most).contains(&written),
+            "{written} records of at most {most}"
+        );
         let full_bytes = (RECORD_HEADER_BYTES + FULL_PAYLOAD_BYTES) as u64;
         assert_eq!(w.bytes(), before + full_bytes);
         for kind in [RecordKind::Mark, RecordKind::Write] {
