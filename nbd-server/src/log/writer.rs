@@ -777,6 +777,37 @@ mod tests {
         assert_eq!(w.reserved_end, None);
     }
 
+    /// Records that end exactly at page boundaries fill a tmpfs to its last page: the room
+    /// kept past the last record still takes the full record (without it, the full record
+    /// itself meets ENOSPC and the log ends torn, with an IO error).
+    #[test]
+    fn a_log_full_at_a_page_boundary_still_has_room_for_its_full_record() {
+        let Some(fs) = SmallFs::mount(128 * 1024) else {
+            return;
+        };
+        let path = fs.dir.path().join("w.log");
+        let mut w = LogWriter::create(&path, 1 << 30).unwrap();
+        let page = 4096;
+        for i in 0..64u64 {
+            // The first record ends the file header's page; each later one is a page.
+            let first = i == 0;
+            let n = page - RECORD_HEADER_BYTES - if first { FILE_HEADER_BYTES } else { 0 };
+            match w.append(RecordKind::PowerCut, 0, 0, 0, 0, &vec![1; n]) {
+                Ok(_) => assert_eq!(w.bytes() % page as u64, 0),
+                Err(LogError::LogDiskFull) => break,
+                Err(e) => panic!("record {i}: {e:?}"),
+            }
+        }
+        drop(w);
+        let mut r = crate::log::LogReader::open(&path).unwrap();
+        assert!(r.by_ref().all(|rec| rec.is_ok()));
+        assert!(
+            matches!(r.ending(), crate::log::LogEnding::Full { .. }),
+            "{:?}",
+            r.ending()
+        );
+    }
+
     /// When the log's filesystem fills, the log ends with a full record in the room kept for
     /// it: every record before it whole, the record saying how long the log was, the file
     /// ending right after it, and every later append refused.
