@@ -20,6 +20,13 @@ SHARD=${MUTANTS_SHARD:-}
 GROUPS_WANTED=${MUTANTS_GROUPS:-crashmonkey nbd-server fs-core}
 TEST_TIMEOUT_SECONDS=${MUTANTS_TEST_TIMEOUT_SECONDS:-300}
 
+# A mutant that makes a test loop is killed at the timeout, and the temporary folders of that
+# test stay behind (a mutated log writer once left 56 GB of log there): every test of the run
+# gets its temporary files under one folder, removed on every exit path.
+RUN_TMP=$(mktemp -d "${TMPDIR:-/tmp}/mutants-run.XXXXXX")
+trap 'rm -rf "$RUN_TMP"' EXIT INT TERM
+export TMPDIR=$RUN_TMP
+
 if ! cargo mutants --version >/dev/null 2>&1; then
     echo "mutants: installing cargo-mutants"
     cargo install --locked cargo-mutants
