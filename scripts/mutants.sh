@@ -24,7 +24,8 @@ TEST_TIMEOUT_SECONDS=${MUTANTS_TEST_TIMEOUT_SECONDS:-300}
 # test stay behind (a mutated log writer once left 56 GB of log there): every test of the run
 # gets its temporary files under one folder, removed on every exit path.
 RUN_TMP=$(mktemp -d "${TMPDIR:-/tmp}/mutants-run.XXXXXX")
-trap 'rm -rf "$RUN_TMP"' EXIT INT TERM
+trap 'rm -rf "$RUN_TMP"' EXIT
+trap 'exit 130' INT TERM
 export TMPDIR=$RUN_TMP
 
 if ! cargo mutants --version >/dev/null 2>&1; then
