@@ -36,5 +36,12 @@ pub mod tls;
 #[path = "../tests/common/skip.rs"]
 pub(crate) mod test_skip;
 
+/// The test suite's tmpfs of a fixed size (`tests/common/tmpfs.rs`), for unit tests of a full
+/// filesystem.
+#[cfg(test)]
+#[path = "../tests/common/tmpfs.rs"]
+#[allow(dead_code)]
+pub(crate) mod test_tmpfs;
+
 pub use export::{build_backend, Export, ExportError, ExportRegistry, ExportSpec};
 pub use server::{BackgroundServer, Server, ServerConfig, ServerHandle};

@@ -9,8 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::binary::Running;
+use common::tmpfs::Tmpfs;
 use common::wire::*;
-use common::{raise_open_files_limit, root_or_skip, Raw, Tmpfs};
+use common::{raise_open_files_limit, root_or_skip, Raw};
 use nbd_server::log::{LogEnding, LogReader, RecordKind};
 
 const KIB: u64 = 1024;

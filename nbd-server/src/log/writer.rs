@@ -716,35 +716,14 @@ mod tests {
         assert_eq!(w.reserved_end, Some(w.bytes()));
     }
 
-    /// A tmpfs of `bytes` mounted on a fresh folder, unmounted when dropped.
-    struct SmallFs {
-        dir: tempfile::TempDir,
-    }
-
-    impl SmallFs {
-        /// `None` where mounting needs root this process lacks (and the skip policy allows).
-        fn mount(bytes: u64) -> Option<SmallFs> {
-            let dir = tempfile::tempdir().unwrap();
-            let st = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
-                .arg(dir.path())
-                .stderr(std::process::Stdio::null())
-                .status();
-            if !st.is_ok_and(|s| s.success()) {
-                crate::test_skip::skip("mounting a tmpfs needs root");
-                return None;
-            }
-            Some(SmallFs { dir })
+    /// A tmpfs of `bytes`; `None` where mounting needs root this process lacks (and the skip
+    /// policy allows skipping).
+    fn small_fs(bytes: u64) -> Option<crate::test_tmpfs::Tmpfs> {
+        let fs = crate::test_tmpfs::Tmpfs::try_mount(bytes);
+        if fs.is_none() {
+            crate::test_skip::skip("mounting a tmpfs needs root");
         }
-    }
-
-    impl Drop for SmallFs {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(self.dir.path())
-                .status();
-        }
+        fs
     }
 
     /// Where the filesystem cannot allocate ahead, a record that meets a full filesystem is
@@ -752,7 +731,7 @@ mod tests {
     #[test]
     fn without_allocation_ahead_a_full_filesystem_refuses_records_as_full() {
         const FS_BYTES: u64 = 128 * 1024;
-        let Some(fs) = SmallFs::mount(FS_BYTES) else {
+        let Some(fs) = small_fs(FS_BYTES) else {
             return;
         };
         let path = fs.dir.path().join("w.log");
@@ -782,7 +761,7 @@ mod tests {
     /// itself meets ENOSPC and the log ends torn, with an IO error).
     #[test]
     fn a_log_full_at_a_page_boundary_still_has_room_for_its_full_record() {
-        let Some(fs) = SmallFs::mount(128 * 1024) else {
+        let Some(fs) = small_fs(128 * 1024) else {
             return;
         };
         let path = fs.dir.path().join("w.log");
@@ -814,7 +793,7 @@ mod tests {
     #[test]
     fn a_full_log_disk_ends_the_log_with_a_full_record() {
         const FS_BYTES: u64 = 256 * 1024;
-        let Some(fs) = SmallFs::mount(FS_BYTES) else {
+        let Some(fs) = small_fs(FS_BYTES) else {
             return;
         };
         let path = fs.dir.path().join("w.log");

@@ -6,6 +6,7 @@
 pub mod binary;
 pub mod pki;
 pub mod skip;
+pub mod tmpfs;
 pub mod wire;
 
 pub use skip::skip;
@@ -423,40 +424,6 @@ pub fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid has no arguments and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     root || skip(&format!("{test} needs root (it mounts a small tmpfs)"))
-}
-
-/// A tmpfs of a given size mounted on a fresh folder, unmounted when dropped: a filesystem
-/// that runs out of space on cue.
-pub struct Tmpfs {
-    pub dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    pub fn mount(bytes: u64) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={bytes}"))
-            .arg("tmpfs")
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount -t tmpfs failed");
-        Tmpfs { dir }
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
 }
 
 /// The NBD error field of an ERROR chunk.
