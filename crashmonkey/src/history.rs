@@ -396,3 +396,54 @@ impl Iterator for Epochs {
         self.next_epoch().transpose()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::Arc;
+
+    /// The log in memory reads what the log file reads, at every offset and length, and a
+    /// read past its end is an error (not zeroes).
+    #[test]
+    fn a_log_in_memory_reads_as_the_file() {
+        let bytes: Vec<u8> = (0..4096u32).map(|i| (i * 7 + i / 256) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&bytes).unwrap();
+        let mem = Arc::new(bytes.clone());
+        for (off, len) in [(0, 1), (0, 4096), (1, 511), (513, 1000), (4095, 1), (4096, 0)] {
+            let (mut a, mut b) = (vec![0xEE; len], vec![0x11; len]);
+            LogData::read_exact_at(&file, &mut a, off).unwrap();
+            LogData::read_exact_at(&mem, &mut b, off).unwrap();
+            assert_eq!(a, b, "{len} bytes at {off}");
+            assert_eq!(b, bytes[off as usize..off as usize + len]);
+        }
+        for (off, len) in [(4095, 2), (4096, 1), (u64::MAX, 1), (0, 4097)] {
+            let mut b = vec![0; len];
+            let e = LogData::read_exact_at(&mem, &mut b, off).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{len} at {off}");
+        }
+    }
+
+    /// `subtract` leaves the parts of each piece outside every cut, in order, and never an
+    /// empty part (a piece cut at its very start or end keeps only the rest).
+    #[test]
+    fn subtract_leaves_what_no_cut_covers_and_no_empty_part() {
+        let cases: &[(&[(u64, u64)], &[(u64, u64)], &[(u64, u64)])] = &[
+            (&[(0, 10)], &[], &[(0, 10)]),
+            (&[(0, 10)], &[(0, 10)], &[]),
+            (&[(0, 10)], &[(0, 5)], &[(5, 5)]),
+            (&[(0, 10)], &[(5, 5)], &[(0, 5)]),
+            (&[(0, 10)], &[(3, 4)], &[(0, 3), (7, 3)]),
+            (&[(0, 10)], &[(10, 5)], &[(0, 10)]),
+            (&[(5, 10)], &[(0, 5)], &[(5, 10)]),
+            (&[(5, 10)], &[(0, 6)], &[(6, 9)]),
+            (&[(5, 10)], &[(14, 6)], &[(5, 9)]),
+            (&[(0, 4), (8, 4)], &[(2, 8)], &[(0, 2), (10, 2)]),
+            (&[(0, 20)], &[(2, 2), (6, 2), (18, 2)], &[(0, 2), (4, 2), (8, 10)]),
+        ];
+        for &(pieces, cut, want) in cases {
+            assert_eq!(subtract(pieces, cut), want, "{pieces:?} minus {cut:?}");
+        }
+    }
+}
