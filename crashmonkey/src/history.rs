@@ -411,7 +411,14 @@ mod tests {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&bytes).unwrap();
         let mem = Arc::new(bytes.clone());
-        for (off, len) in [(0, 1), (0, 4096), (1, 511), (513, 1000), (4095, 1), (4096, 0)] {
+        for (off, len) in [
+            (0, 1),
+            (0, 4096),
+            (1, 511),
+            (513, 1000),
+            (4095, 1),
+            (4096, 0),
+        ] {
             let (mut a, mut b) = (vec![0xEE; len], vec![0x11; len]);
             LogData::read_exact_at(&file, &mut a, off).unwrap();
             LogData::read_exact_at(&mem, &mut b, off).unwrap();
@@ -421,7 +428,11 @@ mod tests {
         for (off, len) in [(4095, 2), (4096, 1), (u64::MAX, 1), (0, 4097)] {
             let mut b = vec![0; len];
             let e = LogData::read_exact_at(&mem, &mut b, off).unwrap_err();
-            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{len} at {off}");
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof,
+                "{len} at {off}"
+            );
         }
     }
 
@@ -429,7 +440,8 @@ mod tests {
     /// empty part (a piece cut at its very start or end keeps only the rest).
     #[test]
     fn subtract_leaves_what_no_cut_covers_and_no_empty_part() {
-        let cases: &[(&[(u64, u64)], &[(u64, u64)], &[(u64, u64)])] = &[
+        type Ranges = &'static [(u64, u64)];
+        let cases: &[(Ranges, Ranges, Ranges)] = &[
             (&[(0, 10)], &[], &[(0, 10)]),
             (&[(0, 10)], &[(0, 10)], &[]),
             (&[(0, 10)], &[(0, 5)], &[(5, 5)]),
@@ -440,7 +452,11 @@ mod tests {
             (&[(5, 10)], &[(0, 6)], &[(6, 9)]),
             (&[(5, 10)], &[(14, 6)], &[(5, 9)]),
             (&[(0, 4), (8, 4)], &[(2, 8)], &[(0, 2), (10, 2)]),
-            (&[(0, 20)], &[(2, 2), (6, 2), (18, 2)], &[(0, 2), (4, 2), (8, 10)]),
+            (
+                &[(0, 20)],
+                &[(2, 2), (6, 2), (18, 2)],
+                &[(0, 2), (4, 2), (8, 10)],
+            ),
         ];
         for &(pieces, cut, want) in cases {
             assert_eq!(subtract(pieces, cut), want, "{pieces:?} minus {cut:?}");
