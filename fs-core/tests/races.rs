@@ -85,6 +85,15 @@ fn s1_unwritten_writeback_reclaim_loses_x_without_iomap_valid() {
         "'X' was zeroed by the stale mapping"
     );
     assert_eq!(first_wrong(&r), Some((40 * KIB - 1, b'X', 0)));
+    // The report says why: the block, the cached mapping and what the extent is now.
+    assert_eq!(
+        r.notes,
+        [
+            "op2 write_begin zero-filled the uncovered part of folio 9 of file 0: its cached \
+          Unwritten mapping (cookie 10) says file block 9 is Unwritten at device block 10, but \
+          it is now Written at device block 10 (seq 20)"
+        ]
+    );
 }
 
 #[test]
@@ -113,23 +122,28 @@ fn s1_keeps_x_with_iomap_valid() {
 /// an mmap store lands in folio 1; writeback, completion and reclaim of folio 1; the write
 /// zeroes folio 1 past byte 100 from its stale DELALLOC|NEW mapping.
 fn s2(cfg: &Config) -> RunResult {
+    s2_at_folio(cfg, 1)
+}
+
+/// S2 with the write's trailing edge (and the store) in folio `tail` instead of folio 1.
+fn s2_at_folio(cfg: &Config, tail: u64) -> RunResult {
     let w = Workload {
         files: 1,
         phases: vec![
             vec![Op::Truncate {
                 file: 0,
-                size: 2 * K,
+                size: (tail + 1) * K,
             }],
             vec![
                 Op::Write {
                     file: 0,
                     offset: 0,
-                    len: K + 100,
+                    len: tail * K + 100,
                     byte: b'W',
                 },
                 Op::MmapStore {
                     file: 0,
-                    offset: K + 200,
+                    offset: tail * K + 200,
                     len: 10,
                     byte: b'M',
                 },
@@ -149,7 +163,7 @@ fn s2(cfg: &Config) -> RunResult {
             Until {
                 task: wr,
                 label: YieldPoint::CopyWriteEnd,
-                arg: Some(0),
+                arg: Some(tail - 1),
             },
             Until {
                 task: mm,
@@ -186,6 +200,38 @@ fn s2_mmap_trailing_edge_loses_store_without_iomap_valid() {
         "mmap store zeroed"
     );
     assert_eq!(first_wrong(&r), Some((K + 200, b'M', 0)));
+    assert_eq!(
+        r.notes,
+        [
+            "op1 write_begin zero-filled the uncovered part of folio 1 of file 0: its cached \
+          Delalloc|NEW mapping (cookie 2) says file block 1 is Delalloc, but it is now Written \
+          at device block 2 (seq 6)"
+        ]
+    );
+}
+
+/// S2 with blocks allocated at write time (`alloc=at-write`): the write's mapping is
+/// MAPPED|NEW, writeback writes the mmap store into that very block, and the extent and its
+/// seq never change, so no cookie could see it; the write zeroes the store all the same, and
+/// the report says the block is written, not new.
+#[test]
+fn s2_at_write_loses_store_to_a_new_mapping_writeback_has_written() {
+    let cfg = Config {
+        iomap_valid: false,
+        cache_limit_folios: 0,
+        alloc: fs_core::AllocMode::AtWrite,
+        ..Config::default()
+    };
+    let r = s2_at_folio(&cfg, 2);
+    assert_eq!(first_wrong(&r), Some((2 * K + 200, b'M', 0)));
+    assert_eq!(
+        r.notes,
+        [
+            "op1 write_begin zero-filled the uncovered part of folio 2 of file 0: its cached \
+          Mapped|NEW mapping says device block 3 is new, but writeback has written data to it \
+          since (the extent and seq did not change, so the cookie cannot see it)"
+        ]
+    );
 }
 
 #[test]
