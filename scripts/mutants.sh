@@ -42,7 +42,7 @@ run_group() {
     crashmonkey)
         files=(crashmonkey/src/history.rs crashmonkey/src/states.rs crashmonkey/src/overlay.rs)
         tests=(--lib --test=crash_states --test=crash_model --test=hostile_logs --test=dm_log_writes
-            --test=dmlog_bad_input --test=check_faults)
+            --test=dmlog_bad_input --test=check_faults --test=image_reflink)
         ;;
     nbd-server)
         files=('nbd-server/src/disk/**/*.rs' 'nbd-server/src/log/**/*.rs')

@@ -651,6 +651,7 @@ mod tests {
             let got = subtract_sorted(ranges, cut);
             let got_bytes: Vec<u64> = (0..200).filter(|&b| inside(&got, b)).collect();
             assert_eq!(got_bytes, want, "{ranges:?} - {cut:?} = {got:?}");
+            assert!(got.iter().all(|&(_, l)| l > 0), "an empty range: {got:?}");
         }
     }
 
@@ -678,6 +679,40 @@ mod tests {
                 "{o}+{l} not covered"
             );
         }
+    }
+
+    /// `sparse_copy` copies every byte of the first `len`, data in any chunk of a copy
+    /// buffer and past the last, and leaves chunks of zeros (written or holes) unallocated.
+    #[test]
+    fn sparse_copy_copies_the_bytes_and_leaves_zeros_as_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        let len = 2 * COPY_CHUNK_BYTES as u64 + 3 * HOLE_BYTES as u64;
+        let mut bytes = vec![0u8; len as usize + 4096];
+        // Data at the very start, inside a chunk, across a copy-buffer boundary, and in the
+        // last partial chunk; written zeros between; the tail past `len` is not copied.
+        let runs = [
+            (0, 100),
+            (5 * HOLE_BYTES as u64 + 7, 3000),
+            (COPY_CHUNK_BYTES as u64 - 10, 20),
+            (len - 5, 5),
+            (len, 4096),
+        ];
+        for (i, &(at, n)) in runs.iter().enumerate() {
+            bytes[at as usize..(at + n) as usize].fill(i as u8 + 1);
+        }
+        std::fs::write(&src, &bytes).unwrap();
+        sparse_copy(&src, &dst, len).unwrap();
+        let got = std::fs::read(&dst).unwrap();
+        assert_eq!(got.len() as u64, len);
+        assert!(got == bytes[..len as usize], "the copy differs");
+        // Data lies in at most 6 chunks of HOLE_BYTES; the rest stays unallocated.
+        let allocated = std::fs::metadata(&dst).unwrap().blocks() * 512;
+        assert!(
+            allocated <= 8 * HOLE_BYTES as u64,
+            "{allocated} bytes allocated of {len}"
+        );
     }
 
     #[test]

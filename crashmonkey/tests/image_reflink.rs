@@ -109,6 +109,36 @@ impl Drop for XfsMount {
     }
 }
 
+/// A tmpfs (a filesystem without reflinks: no `FICLONE`) mounted on a temporary folder;
+/// unmounted on drop.
+struct TmpfsMount {
+    mnt: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Size of the tmpfs: the prefix, two workers' images and the checker's copies of every state.
+const TMPFS_BYTES: u64 = 64 << 20;
+
+impl TmpfsMount {
+    /// Needs root, as [`XfsMount::new`] checked.
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mounted = run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={TMPFS_BYTES}"), "tmpfs"])
+            .arg(&mnt));
+        assert!(mounted, "mount -t tmpfs failed");
+        TmpfsMount { mnt, _dir: dir }
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        run(Command::new("umount").arg("-l").arg(&self.mnt));
+    }
+}
+
 /// The files `{prefix}-{state}.img` in `dir`, by state id.
 fn images(dir: &Path, prefix: &str) -> std::collections::BTreeMap<u64, Vec<u8>> {
     std::fs::read_dir(dir)
@@ -182,5 +212,14 @@ fn image_states_by_reflink_and_by_difference_equal_their_uri() {
     assert!(
         !stderr.contains("restored by reflink") && stderr.contains("reflink Unsupported"),
         "CRASHMONKEY_REFLINK=0, yet reflinks were used:\n{stderr}"
+    );
+    // A work folder whose filesystem has no reflinks at all (tmpfs), with them allowed: the
+    // first whole-file clone is refused, and every range, the large ones too, is copied.
+    drop(xfs);
+    let tmpfs = TmpfsMount::new();
+    let stderr = image_equals_uri(&tmpfs.mnt, true);
+    assert!(
+        !stderr.contains("restored by reflink") && stderr.contains("reflink Unsupported"),
+        "tmpfs has no reflinks, yet they were used:\n{stderr}"
     );
 }
