@@ -833,6 +833,43 @@ mod tests {
         }
     }
 
+    /// The estimate is the documented budget, term by term: per operation its `Op` and 16
+    /// bytes a piece; per sector touched its update and 2 x (40 + 40 + 72 + 40) + 48 bytes of
+    /// map and list entries; per operation and state 16 bytes, for 2 + marks + FUA writes +
+    /// 2 x samples states.
+    #[test]
+    fn the_memory_estimate_is_the_documented_budget() {
+        let op = |seq: u64, fua: bool, pieces: Vec<(u64, u64)>| Op {
+            seq,
+            kind: nbd_server::log::RecordKind::Write,
+            fua,
+            offset: 0,
+            length: 8192,
+            pieces,
+            data: crate::history::OpData::Zero,
+        };
+        let epoch = Epoch {
+            index: 0,
+            // Sectors: 0-1, 1-2 (1000..1100 crosses into sector 2), 9-10: six in all.
+            ops: vec![
+                op(0, false, vec![(0, 1024), (1000, 100)]),
+                op(1, true, vec![(5000, 512)]),
+            ],
+            marks: vec![(1, "m".into())],
+            end: crate::history::EpochEnd::Flush,
+            end_seq: Some(2),
+        };
+        let opts = StateOptions {
+            samples: 4,
+            ..StateOptions::default()
+        };
+        let op_bytes = std::mem::size_of::<Op>() as u64;
+        let sector_bytes = std::mem::size_of::<SectorUpdate>() as u64 + 2 * 192 + 48;
+        let states = 2 + 1 + 1 + 2 * 4;
+        let want = 2 * op_bytes + 3 * 16 + 6 * sector_bytes + states * 2 * 16;
+        assert_eq!(epoch_memory_bytes(&epoch, &opts), want);
+    }
+
     #[test]
     fn combinations_count() {
         assert_eq!(combinations(5, 2).len(), 10);

@@ -131,11 +131,10 @@ fn hashes(file: &Path) -> Vec<String> {
     lines
 }
 
-/// Item 12: a checker that deleted `{image}` aborted the whole run with no summary. Now that
-/// state fails saying why, the worker's image is built again and the run goes on: every state
-/// holds the same bytes as in a run where nothing was deleted.
-#[test]
-fn checker_deleting_its_image_fails_that_state_only() {
+/// A checker that does `damage` to `{image}` in every odd state fails those states, with
+/// `reason` in their failure; the worker's image is built again and every later state holds
+/// the same bytes as in a run where nothing was touched.
+fn damaging_checker_fails_that_state_only(damage: &str, reason: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (l, b) = (log(dir.path()), base(dir.path(), DISK_BYTES));
     let record = |f: &Path| {
@@ -150,7 +149,7 @@ fn checker_deleting_its_image_fails_that_state_only() {
         dir.path().join("out-a"),
     );
     let deleting = format!(
-        "{}; case {{state}} in *[13579]) rm {{image}};; esac",
+        "{}; case {{state}} in *[13579]) {damage};; esac",
         record(&seen_a)
     );
     let args = ["--json", "--jobs", "2", "--out", out_a.to_str().unwrap()];
@@ -162,7 +161,7 @@ fn checker_deleting_its_image_fails_that_state_only() {
     assert_eq!(s["failed"].as_u64().unwrap(), unique / 2, "{s}");
     for f in s["failures"].as_array().unwrap() {
         assert_eq!(f["id"].as_u64().unwrap() % 2, 1, "{f}");
-        assert!(f["reason"].as_str().unwrap().contains("removed"), "{f}");
+        assert!(f["reason"].as_str().unwrap().contains(reason), "{f}");
         let img = f["image"].as_str().expect("the state's image is kept");
         assert_eq!(std::fs::metadata(img).unwrap().len(), DISK_BYTES);
     }
@@ -174,6 +173,19 @@ fn checker_deleting_its_image_fails_that_state_only() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(hashes(&seen_a), hashes(&seen_b));
+}
+
+/// Item 12: a checker that deleted `{image}` aborted the whole run with no summary. Now that
+/// state fails saying why, the worker's image is built again and the run goes on.
+#[test]
+fn checker_deleting_its_image_fails_that_state_only() {
+    damaging_checker_fails_that_state_only("rm {image}", "removed");
+}
+
+/// A regular file of another size left where `{image}` was (removed, then built again).
+#[test]
+fn checker_truncating_its_image_fails_that_state_only() {
+    damaging_checker_fails_that_state_only("truncate -s 4096 {image}", "changed the size");
 }
 
 /// A checker that leaves a directory (with a file in it) where `{image}` was fails that state

@@ -481,11 +481,25 @@ fn replay_to_each_seq_stops_exactly_there() {
                 _ => {}
             }
         }
-        replay(&log, &base, &out, &ReplayTarget::Seq(n), LargerBase::Refuse).unwrap();
+        let report = replay(&log, &base, &out, &ReplayTarget::Seq(n), LargerBase::Refuse).unwrap();
         assert!(
             std::fs::read(&out).unwrap() == expect,
             "replay to seq {n} is not the log's records through {n}"
         );
+        let data = records.iter().filter(|r| {
+            r.seq() <= n
+                && matches!(
+                    r.kind,
+                    RecordKind::Write | RecordKind::Trim | RecordKind::WriteZeroes
+                )
+        });
+        let (ops, bytes) = data.fold((0, 0), |(o, b), r| (o + 1, b + r.header.length));
+        assert_eq!(
+            (report.ops_applied, report.bytes_applied),
+            (ops, bytes),
+            "to seq {n}"
+        );
+        assert_eq!(report.disk_bytes, SIZE);
     }
 }
 
