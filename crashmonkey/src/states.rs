@@ -868,6 +868,10 @@ mod tests {
         let states = 2 + 1 + 1 + 2 * 4;
         let want = 2 * op_bytes + 3 * 16 + 6 * sector_bytes + states * 2 * 16;
         assert_eq!(epoch_memory_bytes(&epoch, &opts), want);
+        // Hashed, it holds one update per sector each operation touches.
+        let log = std::sync::Arc::new(Vec::<u8>::new());
+        let hashed = EpochHashes::of(&epoch, &opts, &log).unwrap();
+        assert_eq!(hashed.bytes(), 6 * std::mem::size_of::<SectorUpdate>());
     }
 
     #[test]
