@@ -874,6 +874,66 @@ mod tests {
         assert_eq!(hashed.bytes(), 6 * std::mem::size_of::<SectorUpdate>());
     }
 
+    /// `legal`, case by case: sets of operations a power cut could leave, and not.
+    #[test]
+    fn legal_sets_keep_order_and_every_fua_write_before_the_last_kept() {
+        let op = |seq: u64, fua: bool| Op {
+            seq,
+            kind: nbd_server::log::RecordKind::Write,
+            fua,
+            offset: seq * 4096,
+            length: 4096,
+            pieces: vec![(seq * 4096, 4096)],
+            data: crate::history::OpData::Zero,
+        };
+        // Operation 1 is a FUA write.
+        let epoch = Epoch {
+            index: 0,
+            ops: vec![op(0, false), op(1, true), op(2, false), op(3, false)],
+            marks: vec![],
+            end: crate::history::EpochEnd::Flush,
+            end_seq: Some(4),
+        };
+        let torn = |index: usize, pieces: Vec<(u64, u64)>| TornOp {
+            index,
+            seq: index as u64,
+            pieces,
+        };
+        for ok in [
+            &[][..],
+            &[0],
+            &[1],
+            &[0, 1],
+            &[1, 2],
+            &[1, 3],
+            &[0, 1, 2, 3],
+        ] {
+            assert!(legal(&epoch, ok, None), "{ok:?} is legal");
+        }
+        for bad in [&[2][..], &[0, 3], &[2, 1], &[1, 1], &[0, 4], &[3, 1]] {
+            assert!(!legal(&epoch, bad, None), "{bad:?} is not legal");
+        }
+        let half = |i: usize| torn(i, vec![(i as u64 * 4096, 512)]);
+        assert!(legal(&epoch, &[1], Some(&half(2))));
+        assert!(legal(&epoch, &[], Some(&half(1))));
+        assert!(
+            !legal(&epoch, &[], Some(&half(2))),
+            "the FUA write is not kept"
+        );
+        assert!(
+            !legal(&epoch, &[1, 3], Some(&half(2))),
+            "torn before a kept write"
+        );
+        assert!(
+            !legal(&epoch, &[1], Some(&torn(2, vec![(8192, 4096)]))),
+            "not torn"
+        );
+        assert!(
+            !legal(&epoch, &[1], Some(&torn(2, vec![(0, 512)]))),
+            "outside it"
+        );
+    }
+
     #[test]
     fn combinations_count() {
         assert_eq!(combinations(5, 2).len(), 10);

@@ -377,6 +377,43 @@ fn rewriting_the_bytes_already_there_is_the_same_state() {
     assert_eq!(marked, [(1, vec![0])]);
 }
 
+/// Every mark inside an epoch and every FUA write but its last operation give a prefix
+/// state named after them, holding exactly the operations before the mark or through the
+/// FUA write.
+#[test]
+fn marks_and_fua_writes_inside_an_epoch_are_prefix_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = recorded_log(dir.path());
+    let mut seen = 0;
+    for (epoch, states) in all_states(&log, opts()) {
+        let n = epoch.ops.len();
+        let mut want: Vec<(String, Vec<usize>)> = Vec::new();
+        for (pos, name) in epoch.marks.iter().filter(|m| m.0 < n) {
+            want.push((format!("mark:{name}"), (0..*pos).collect()));
+        }
+        for (i, op) in epoch
+            .ops
+            .iter()
+            .enumerate()
+            .filter(|(i, o)| o.fua && i + 1 < n)
+        {
+            want.push((format!("fua@{}", op.seq), (0..=i).collect()));
+        }
+        for (label, included) in want {
+            let found = states.iter().find(|s| s.label == label);
+            let found =
+                found.unwrap_or_else(|| panic!("no state {label} in epoch {}", epoch.index));
+            assert_eq!(found.included, included, "{label}");
+            assert!(found.torn.is_none(), "{label}");
+            seen += 1;
+        }
+    }
+    assert_eq!(
+        seen, 3,
+        "the log has two marks and one FUA write inside epochs"
+    );
+}
+
 /// Whether either state includes the partial rewrite at 12288 (operation 2 of epoch 1): a
 /// partial sector's hash is of its history, not of its bytes, so it may differ.
 fn touches_12288(a: &CrashState, b: &CrashState) -> bool {
