@@ -932,6 +932,21 @@ mod tests {
             !legal(&epoch, &[1], Some(&torn(2, vec![(0, 512)]))),
             "outside it"
         );
+        let not_legal = [
+            ("empty piece", torn(2, vec![(8192, 0)])),
+            ("nothing landed", torn(2, vec![])),
+            (
+                "overlapping pieces",
+                torn(2, vec![(8192, 1024), (8704, 512)]),
+            ),
+            ("another operation's seq", TornOp { seq: 9, ..half(2) }),
+            ("no such operation", half(4)),
+        ];
+        for (why, t) in not_legal {
+            assert!(!legal(&epoch, &[1], Some(&t)), "{why}");
+        }
+        let apart = torn(2, vec![(8192, 512), (9216, 512)]);
+        assert!(legal(&epoch, &[1], Some(&apart)), "pieces apart, ascending");
     }
 
     #[test]
