@@ -414,6 +414,28 @@ fn marks_and_fua_writes_inside_an_epoch_are_prefix_states() {
     );
 }
 
+/// A state's mark is the last one all of whose preceding operations it holds: in its own
+/// epoch, a mark at or before the run of operations it holds from the first; else the last
+/// mark of an earlier epoch.
+#[test]
+fn a_state_is_named_after_the_last_mark_it_has_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = recorded_log(dir.path());
+    let mut earlier: Option<String> = None;
+    let mut named = 0;
+    for (epoch, states) in all_states(&log, opts()) {
+        for s in &states {
+            let run = (0..).zip(&s.included).take_while(|(k, &i)| *k == i).count();
+            let own = epoch.marks.iter().rev().find(|(pos, _)| *pos <= run);
+            let want = own.map(|m| m.1.clone()).or(earlier.clone());
+            assert_eq!(s.mark, want, "state {} {:?}", s.id, s.included);
+            named += usize::from(own.is_some());
+        }
+        earlier = epoch.marks.last().map(|m| m.1.clone()).or(earlier);
+    }
+    assert!(named > 3, "too few states past a mark of their own epoch");
+}
+
 /// Whether either state includes the partial rewrite at 12288 (operation 2 of epoch 1): a
 /// partial sector's hash is of its history, not of its bytes, so it may differ.
 fn touches_12288(a: &CrashState, b: &CrashState) -> bool {
