@@ -561,6 +561,8 @@ fn subset_states_are_the_whole_family_or_a_bounded_sample() {
             got.iter().all(|s| family.contains(s)),
             "an illegal set was drawn"
         );
+        let unique: std::collections::BTreeSet<_> = got.iter().collect();
+        assert_eq!(unique.len(), got.len(), "a drawn subset appears twice");
     }
 }
 
