@@ -24,7 +24,26 @@ TEST_TIMEOUT_SECONDS=${MUTANTS_TEST_TIMEOUT_SECONDS:-300}
 # test stay behind (a mutated log writer once left 56 GB of log there): every test of the run
 # gets its temporary files under one folder, removed on every exit path.
 RUN_TMP=$(mktemp -d "${TMPDIR:-/tmp}/mutants-run.XXXXXX")
-trap 'rm -rf "$RUN_TMP"' EXIT
+
+# A test killed at the timeout can leave the processes it started running (a mutated
+# crashmonkey that loops forever, started by a CLI test: four of them once ran for 36 minutes
+# and slowed the rest of the run to a crawl). Every process running a program built by this
+# run (they all live under $RUN_TMP) that has outlived the test timeout is killed, every 30
+# seconds and when the run ends.
+reap() {
+    local min_age_seconds=$1 pid exe
+    for pid in $(ps -eo pid=,etimes= | awk -v t="$min_age_seconds" '$2 >= t {print $1}'); do
+        exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || continue
+        if [[ $exe == "$RUN_TMP"/* ]]; then
+            echo "mutants: killing $pid ($exe), left running by a test" >&2
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+    done
+}
+REAP_INTERVAL_SECONDS=30
+(while sleep "$REAP_INTERVAL_SECONDS"; do reap "$((TEST_TIMEOUT_SECONDS + 60))"; done) &
+REAPER_PID=$!
+trap 'kill "$REAPER_PID" 2>/dev/null; reap 0; rm -rf "$RUN_TMP"' EXIT
 trap 'exit 130' INT TERM
 export TMPDIR=$RUN_TMP
 
