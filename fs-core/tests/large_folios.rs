@@ -110,6 +110,37 @@ fn a_write_reads_only_the_block_it_covers_in_part() {
     assert_eq!(dirty, [false, true, false, false]);
 }
 
+/// `__iomap_write_begin` over written blocks: a write from inside block 0 to inside block 1
+/// of a folio that is not in the cache reads the run of both blocks from disk (one run, as
+/// `iomap_adjust_read_range` gives it), so the bytes around the write survive.
+#[test]
+fn a_write_across_two_blocks_reads_both_from_disk() {
+    let mut e = engine(cfg4());
+    settle(&mut e, write(0, 4 * KU, b'A')).0.unwrap();
+    settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
+    e.fs_mut().drop_caches();
+    assert_eq!(alone(&mut e, write(100, KU, b'B')), Ok(K));
+    let (up, dirty) = bits(&e, 0);
+    assert_eq!(up, [true, true, false, false]);
+    assert_eq!(dirty, [true, true, false, false]);
+    let mut want = vec![b'A'; 4 * KU];
+    want[100..KU + 100].fill(b'B');
+    let f = e.fs().inode(0).cache.get(0).unwrap();
+    assert_eq!(
+        f.data[..2 * KU],
+        want[..2 * KU],
+        "blocks 0 and 1 read, then written"
+    );
+    let read = Call::Read {
+        ino: 0,
+        offset: 0,
+        len: 4 * K,
+    };
+    let (r, data) = settle(&mut e, read);
+    assert_eq!(r, Ok(4 * K));
+    assert_eq!(data.unwrap(), want);
+}
+
 /// `__iomap_write_begin` over a NEW (delalloc) mapping: the run of blocks the write touches
 /// is zeroed outside the write, blocks it does not touch are left alone.
 #[test]
