@@ -5,7 +5,7 @@
 # Results per group go to $MUTANTS_OUT/<group>/ (cargo-mutants' outcomes.json, missed.txt,
 # caught.txt, unviable.txt), and a table per source file is printed at the end.
 #
-# A full run is about 1,600 mutants and takes hours on 2 cores; MUTANTS_SHARD=K/N runs the
+# A full run is about 2,150 mutants and takes hours on 2 cores; MUTANTS_SHARD=K/N runs the
 # K-th of N round-robin shards of each group (a uniform sample), e.g. MUTANTS_SHARD=0/10.
 # MUTANTS_GROUPS picks groups (default: all): crashmonkey nbd-server fs-core.
 # MUTANTS_ITERATE=1 retests only what the last run in $MUTANTS_OUT did not catch (after adding
