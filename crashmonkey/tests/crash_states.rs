@@ -412,6 +412,20 @@ fn marks_and_fua_writes_inside_an_epoch_are_prefix_states() {
         seen, 3,
         "the log has two marks and one FUA write inside epochs"
     );
+    // A FUA write that ends its epoch adds no state of its own: the epoch's end is that state.
+    let log = dir.path().join("fua-last.log");
+    let r = Rec::new(&log);
+    r.write(0, 1, 4096, false);
+    r.write(4096, 2, 4096, true);
+    r.flush();
+    drop(r);
+    for (_, states) in all_states(&log, opts()) {
+        let fua: Vec<_> = states
+            .iter()
+            .filter(|s| s.label.starts_with("fua@"))
+            .collect();
+        assert!(fua.is_empty(), "{fua:?}");
+    }
 }
 
 /// A state's mark is the last one all of whose preceding operations it holds: in its own
