@@ -9,7 +9,7 @@
 # K-th of N round-robin shards of each group (a uniform sample), e.g. MUTANTS_SHARD=0/10.
 # MUTANTS_GROUPS picks groups (default: all): crashmonkey nbd-server fs-core.
 # MUTANTS_ITERATE=1 retests only what the last run in $MUTANTS_OUT did not catch (after adding
-# tests for the missed mutants; cargo-mutants' --iterate).
+# tests for the missed mutants), by name, into $MUTANTS_OUT/<group>-retest.
 #
 # Needs cargo-mutants (`cargo install --locked cargo-mutants`; installed here when missing).
 set -euo pipefail
@@ -77,16 +77,32 @@ run_group() {
         exit 2
         ;;
     esac
-    local -a args=(--test-package "$group" --timeout "$TEST_TIMEOUT_SECONDS"
-        --output "$OUT/$group" --no-shuffle)
+    local out=$OUT/$group what=${SHARD:-all mutants}
+    local -a args=(--test-package "$group" --timeout "$TEST_TIMEOUT_SECONDS" --no-shuffle)
     for f in "${files[@]}"; do args+=(--file "$f"); done
     # As cargo arguments (not after `--`), so that the build step too builds only these test
     # targets: otherwise every mutant relinks all of the crate's integration tests.
     for t in "${tests[@]}"; do args+=(--cargo-arg "$t"); done
-    [[ -n $SHARD ]] && args+=(--shard "$SHARD" --sharding round-robin)
-    [[ ${MUTANTS_ITERATE:-0} == 1 ]] && args+=(--iterate)
-    mkdir -p "$OUT/$group"
-    echo "mutants: $group (${SHARD:-all mutants}) -> $OUT/$group"
+    if [[ ${MUTANTS_ITERATE:-0} == 1 ]]; then
+        # Exactly the mutants the last run missed or timed out on, by name, into
+        # $OUT/<group>-retest (the last run's results stay). cargo-mutants' own --iterate
+        # with --shard draws a new sample of the untested mutants instead. Names carry line
+        # numbers: retest before changing the mutated files above a missed mutant.
+        local last=$OUT/$group/mutants.out re
+        re=$({ cat "$last/missed.txt" "$last/timeout.txt" 2>/dev/null || true; } | python3 -c \
+            'import re, sys; print("|".join(re.escape(l.strip()) for l in sys.stdin if l.strip()))')
+        if [[ -z $re ]]; then
+            echo "mutants: $group: nothing missed in $last to retest"
+            return 0
+        fi
+        args+=(-F "$re")
+        out=$OUT/$group-retest what="the last run's missed mutants"
+    elif [[ -n $SHARD ]]; then
+        args+=(--shard "$SHARD" --sharding round-robin)
+    fi
+    args+=(--output "$out")
+    mkdir -p "$out"
+    echo "mutants: $group ($what) -> $out"
     # Exit 2 means "some mutants missed": a measurement, not a failure of this script.
     cargo mutants "${args[@]}" || [[ $? == 2 || $? == 3 ]]
 }
@@ -98,10 +114,11 @@ python3 - "$OUT" $GROUPS_WANTED <<'EOF'
 import json, sys, collections, os
 out, groups = sys.argv[1], sys.argv[2:]
 print(f"{'file':48} {'caught':>6} {'missed':>6} {'unviable':>8} {'timeout':>7} {'caught%':>7}")
-for g in groups:
+for g in [g + suffix for g in groups for suffix in ("", "-retest")]:
     path = os.path.join(out, g, "mutants.out", "outcomes.json")
     if not os.path.exists(path):
         continue
+    print(f"{g}:")
     rows = collections.defaultdict(collections.Counter)
     for o in json.load(open(path))["outcomes"]:
         scen = o["scenario"]
