@@ -338,10 +338,11 @@ fn folio_sizes_are_powers_of_two_up_to_the_limit() {
     }
 }
 
-/// A memory device whose reads fail while `failing` is set.
+/// A memory device whose reads (or writes) fail while `failing` is set.
 struct FlakyReads {
     inner: MemDevice,
     failing: std::rc::Rc<std::cell::Cell<bool>>,
+    writes: bool,
 }
 
 impl fs_core::block::BlockDevice for FlakyReads {
@@ -352,8 +353,10 @@ impl fs_core::block::BlockDevice for FlakyReads {
         &mut self,
         req: fs_core::block::Request,
     ) -> Result<fs_core::block::ReqId, fs_core::block::DeviceError> {
-        if self.failing.get() && matches!(req, fs_core::block::Request::Read { .. }) {
-            return Err(fs_core::block::DeviceError::Io("read refused".into()));
+        let write = matches!(req, fs_core::block::Request::Write { .. });
+        let read = matches!(req, fs_core::block::Request::Read { .. });
+        if self.failing.get() && ((self.writes && write) || (!self.writes && read)) {
+            return Err(fs_core::block::DeviceError::Io("request refused".into()));
         }
         self.inner.submit(req)
     }
@@ -375,6 +378,7 @@ fn a_write_that_cannot_read_its_folio_fails_or_returns_what_it_wrote() {
     let dev = FlakyReads {
         inner: MemDevice::new(cfg.device_blocks),
         failing: failing.clone(),
+        writes: false,
     };
     let fs = Fs::new(cfg, Box::new(dev), 1);
     let mut e = Engine::new(fs, Oracle::new(1), Box::new(RandomPolicy::new(7)));
@@ -397,4 +401,39 @@ fn a_write_that_cannot_read_its_folio_fails_or_returns_what_it_wrote() {
     let mut want = vec![b'A'; 3 * KU];
     want[..KU].fill(b'C');
     assert_eq!(data.unwrap(), want);
+}
+
+/// Writeback whose device writes are refused: the folios it could not write are dirty again
+/// (`redirty`), every one of them, and the next fsync writes them all.
+#[test]
+fn folios_whose_writes_were_refused_are_written_by_the_next_fsync() {
+    for cfg in [Config::default(), cfg4()] {
+        let failing = std::rc::Rc::new(std::cell::Cell::new(false));
+        let dev = FlakyReads {
+            inner: MemDevice::new(cfg.device_blocks),
+            failing: failing.clone(),
+            writes: true,
+        };
+        let fs = Fs::new(cfg.clone(), Box::new(dev), 1);
+        let mut e = Engine::new(fs, Oracle::new(1), Box::new(RandomPolicy::new(7)));
+        assert_eq!(alone(&mut e, write(0, 8 * KU, b'A')), Ok(8 * K));
+        failing.set(true);
+        let r = alone(&mut e, Call::Fsync { ino: 0 });
+        assert!(r.is_err(), "fsync with every write refused: {r:?}");
+        failing.set(false);
+        settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
+        e.fs_mut().drop_caches();
+        let read = Call::Read {
+            ino: 0,
+            offset: 0,
+            len: 8 * K,
+        };
+        let (r, data) = settle(&mut e, read);
+        assert_eq!(r, Ok(8 * K));
+        assert!(
+            data.unwrap() == vec![b'A'; 8 * KU],
+            "folio_blocks {}",
+            cfg.folio_blocks
+        );
+    }
 }
