@@ -16,11 +16,16 @@ const K: u64 = 4096;
 /// A write of two folios into an empty file (nothing mapped, so `__iomap_write_begin`
 /// leaves a wholly covered folio not uptodate), whose buffer faults `fault_at` bytes in.
 fn faulting_write(cfg: &Config, fault_at: u32) -> RunResult {
+    faulting_write_at(cfg, 0, fault_at)
+}
+
+/// [`faulting_write`] from byte `offset` of the file.
+fn faulting_write_at(cfg: &Config, offset: u64, fault_at: u32) -> RunResult {
     let w = Workload {
         files: 1,
         phases: vec![vec![Op::Write {
             file: 0,
-            offset: 0,
+            offset,
             len: 2 * K,
             byte: b'W',
         }]],
@@ -102,4 +107,22 @@ fn a_fault_after_progress_maps_again_before_returning() {
     let begins = l.iter().filter(|&&x| x == YieldPoint::IomapBegin).count();
     assert_eq!(begins, 2, "{l:?}");
     assert_eq!(r.files[0], vec![b'W'; K as usize]);
+}
+
+/// A write from the middle of block 0 whose buffer faults at once wrote nothing under its
+/// mapping: `xfs_buffered_write_iomap_end` rounds the punch start down, so the delalloc
+/// reservation of block 0 goes too (rounding up, as after progress or on gfs2, would leak it).
+#[test]
+fn a_fault_at_once_mid_block_punches_from_that_block() {
+    let r = faulting_write_at(&Config::default(), 100, 0);
+    assert!(r.passed(), "{:?}", r.failures);
+    assert_eq!(r.results[0], Some(Err(FsError::Fault)));
+    assert!(r.files[0].is_empty());
+    let wr = FIRST_OP_TASK as u32;
+    let punched_from = r
+        .trace
+        .iter()
+        .find(|s| s.task == wr && s.label == YieldPoint::PunchScanDone)
+        .map(|s| s.arg);
+    assert_eq!(punched_from, Some(0), "the punch starts at block 0");
 }
