@@ -126,3 +126,69 @@ fn a_fault_at_once_mid_block_punches_from_that_block() {
         .map(|s| s.arg);
     assert_eq!(punched_from, Some(0), "the punch starts at block 0");
 }
+
+/// A short copy into a folio that `__iomap_write_begin` has just read from disk (the write
+/// covers only part of it) is accepted as it is: the folio is uptodate, so `__iomap_write_end`
+/// keeps the 50 bytes copied, and the write returns them without a second trip through
+/// `write_begin`.
+#[test]
+fn a_short_copy_into_a_folio_read_from_disk_is_kept() {
+    let cfg = Config {
+        cache_limit_folios: 0,
+        ..Config::default()
+    };
+    let write = |offset, len, byte| Op::Write {
+        file: 0,
+        offset,
+        len,
+        byte,
+    };
+    let w = Workload {
+        files: 1,
+        phases: vec![
+            vec![write(0, K, b'A')],
+            vec![Op::Fsync { file: 0 }],
+            vec![write(100, 100, b'B')],
+        ],
+    };
+    let wr = FIRST_OP_TASK + 2;
+    let r = run_script(
+        &cfg,
+        &w,
+        vec![
+            Drain {
+                task: FIRST_OP_TASK,
+            },
+            Drain {
+                task: FIRST_OP_TASK + 1,
+            },
+            Drain {
+                task: fs_core::sched::TASK_IO_COMPLETION,
+            },
+            Drain {
+                task: FIRST_OP_TASK + 1,
+            },
+            Drain {
+                task: fs_core::sched::TASK_RECLAIM,
+            },
+            ShortCopy {
+                task: wr,
+                bytes: 50,
+            },
+            Drain { task: wr },
+        ],
+    );
+    assert!(r.passed(), "{:?}", r.failures);
+    assert_eq!(r.results[2], Some(Ok(50)));
+    let l: Vec<_> = r
+        .trace
+        .iter()
+        .filter(|s| s.task == wr as u32)
+        .map(|s| s.label)
+        .collect();
+    let short = l.iter().position(|&x| x == YieldPoint::CopyShort).unwrap();
+    assert_eq!(l[short + 1], YieldPoint::IomapEnd, "{l:?}");
+    let mut want = vec![b'A'; K as usize];
+    want[100..150].fill(b'B');
+    assert_eq!(r.files[0], want);
+}
