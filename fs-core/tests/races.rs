@@ -329,6 +329,78 @@ fn s2prime_old_punch_drops_dirty_mmap_folio() {
     assert_eq!(first_wrong(&r), Some((K + 200, b'M', 0)));
 }
 
+/// S2' over three folios, with a store in each of folios 1 and 2: the old punch truncates the
+/// page cache over both, folio by folio, and both stores are lost (the fixed punch keeps
+/// them). A folio the old punch skipped would stay dirty over the punched hole, which
+/// writeback reports.
+#[test]
+fn s2prime_old_punch_drops_every_dirty_folio_of_its_range() {
+    let store = |offset| Op::MmapStore {
+        file: 0,
+        offset,
+        len: 10,
+        byte: b'M',
+    };
+    let w = Workload {
+        files: 1,
+        phases: vec![
+            vec![Op::Truncate {
+                file: 0,
+                size: 3 * K,
+            }],
+            vec![
+                Op::Write {
+                    file: 0,
+                    offset: 0,
+                    len: 2 * K + 100,
+                    byte: b'W',
+                },
+                store(K + 200),
+                store(2 * K + 200),
+            ],
+        ],
+    };
+    let wr = FIRST_OP_TASK + 1;
+    let script = || {
+        let until = |task, label| Until {
+            task,
+            label,
+            arg: None,
+        };
+        vec![
+            until(wr, YieldPoint::IomapBegin),
+            until(wr + 1, YieldPoint::Store),
+            until(wr + 2, YieldPoint::Store),
+            ShortCopy {
+                task: wr,
+                bytes: K as u32,
+            },
+            ShortCopy { task: wr, bytes: 0 },
+            until(wr, YieldPoint::WriteDone),
+        ]
+    };
+    let old = Config {
+        punch: PunchMode::Old,
+        ..Config::default()
+    };
+    for (cfg, lost) in [(old, true), (Config::default(), false)] {
+        let r = run_script(&cfg, &w, script());
+        assert_eq!(r.results[1], Some(Ok(K)));
+        // Lost, not left behind: a dirty folio the punch skipped would stay over a hole.
+        let lost_only = r
+            .failures
+            .iter()
+            .all(|f| matches!(f, Failure::WrongData { .. }));
+        assert!(lost_only, "{:?}", r.failures);
+        assert_eq!(r.failures.is_empty(), !lost, "{:?}", r.failures);
+        let f = &r.files[0];
+        for at in [K + 200, 2 * K + 200] {
+            let kept = f[at as usize..at as usize + 10].iter().all(|&b| b == b'M');
+            assert_eq!(kept, !lost, "the store at {at}, punch {:?}", cfg.punch);
+        }
+    }
+}
+
 #[test]
 fn s2prime_fixed_punch_keeps_dirty_mmap_folio() {
     let r = s2p(&Config::default());
