@@ -426,6 +426,29 @@ fn marks_and_fua_writes_inside_an_epoch_are_prefix_states() {
             .collect();
         assert!(fua.is_empty(), "{fua:?}");
     }
+    // An epoch with no operation (two flushes in a row) has no state: its end is the state
+    // the epoch before ended with. The first epoch keeps its initial and end states.
+    let log = dir.path().join("empty-epoch.log");
+    let r = Rec::new(&log);
+    r.flush();
+    r.write(0, 1, 4096, false);
+    r.flush();
+    r.flush();
+    drop(r);
+    let per_epoch: Vec<_> = all_states(&log, opts())
+        .into_iter()
+        .map(|(e, states)| (e.ops.len(), states.len()))
+        .collect();
+    assert_eq!(
+        per_epoch[0],
+        (0, 2),
+        "epoch 0: initial and end: {per_epoch:?}"
+    );
+    assert_eq!(
+        per_epoch[2],
+        (0, 0),
+        "an empty epoch after the first: {per_epoch:?}"
+    );
 }
 
 /// A state's mark is the last one all of whose preceding operations it holds: in its own
