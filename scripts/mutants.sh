@@ -41,9 +41,12 @@ reap() {
     done
 }
 REAP_INTERVAL_SECONDS=30
-(while sleep "$REAP_INTERVAL_SECONDS"; do reap "$((TEST_TIMEOUT_SECONDS + 60))"; done) &
+# The watcher also ends on its own if this script is killed outright (SIGKILL runs no trap).
+(while sleep "$REAP_INTERVAL_SECONDS" && kill -0 "$$" 2>/dev/null; do
+    reap "$((TEST_TIMEOUT_SECONDS + 60))"
+done) &
 REAPER_PID=$!
-trap 'kill "$REAPER_PID" 2>/dev/null; reap 0; rm -rf "$RUN_TMP"' EXIT
+trap 'pkill -P "$REAPER_PID" 2>/dev/null; kill "$REAPER_PID" 2>/dev/null; reap 0; rm -rf "$RUN_TMP"' EXIT
 trap 'exit 130' INT TERM
 export TMPDIR=$RUN_TMP
 

@@ -16,6 +16,11 @@ mod common;
 #[path = "../../nbd-server/tests/common/skip.rs"]
 mod skip;
 
+// Not every helper of the shared tmpfs module is used here.
+#[allow(dead_code)]
+#[path = "../../nbd-server/tests/common/tmpfs.rs"]
+mod tmpfs;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -109,35 +114,9 @@ impl Drop for XfsMount {
     }
 }
 
-/// A tmpfs (a filesystem without reflinks: no `FICLONE`) mounted on a temporary folder;
-/// unmounted on drop.
-struct TmpfsMount {
-    mnt: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// Size of the tmpfs: the prefix, two workers' images and the checker's copies of every state.
+/// Size of the tmpfs work folder (a filesystem without reflinks: no `FICLONE`): the prefix,
+/// two workers' images and the checker's copies of every state.
 const TMPFS_BYTES: u64 = 64 << 20;
-
-impl TmpfsMount {
-    /// Needs root, as [`XfsMount::new`] checked.
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        let mounted = run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={TMPFS_BYTES}"), "tmpfs"])
-            .arg(&mnt));
-        assert!(mounted, "mount -t tmpfs failed");
-        TmpfsMount { mnt, _dir: dir }
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        run(Command::new("umount").arg("-l").arg(&self.mnt));
-    }
-}
 
 /// The files `{prefix}-{state}.img` in `dir`, by state id.
 fn images(dir: &Path, prefix: &str) -> std::collections::BTreeMap<u64, Vec<u8>> {
@@ -216,8 +195,8 @@ fn image_states_by_reflink_and_by_difference_equal_their_uri() {
     // A work folder whose filesystem has no reflinks at all (tmpfs), with them allowed: the
     // first whole-file clone is refused, and every range, the large ones too, is copied.
     drop(xfs);
-    let tmpfs = TmpfsMount::new();
-    let stderr = image_equals_uri(&tmpfs.mnt, true);
+    let tmpfs = tmpfs::Tmpfs::mount(TMPFS_BYTES);
+    let stderr = image_equals_uri(tmpfs.dir.path(), true);
     assert!(
         !stderr.contains("restored by reflink") && stderr.contains("reflink Unsupported"),
         "tmpfs has no reflinks, yet they were used:\n{stderr}"

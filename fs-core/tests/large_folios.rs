@@ -28,7 +28,12 @@ fn cfg4() -> Config {
 }
 
 fn engine(cfg: Config) -> Engine {
-    let fs = Fs::new(cfg.clone(), Box::new(MemDevice::new(cfg.device_blocks)), 1);
+    let dev = MemDevice::new(cfg.device_blocks);
+    engine_on(cfg, Box::new(dev))
+}
+
+fn engine_on(cfg: Config, dev: Box<dyn fs_core::block::BlockDevice>) -> Engine {
+    let fs = Fs::new(cfg, dev, 1);
     Engine::new(fs, Oracle::new(1), Box::new(RandomPolicy::new(7)))
 }
 
@@ -57,6 +62,14 @@ fn alone(e: &mut Engine, call: Call) -> Result<u64, FsError> {
         e.step_task(t).unwrap();
     }
     panic!("the call did not end in {CALL_STEPS_MAX} steps");
+}
+
+fn read(offset: u64, len: u64) -> Call {
+    Call::Read {
+        ino: 0,
+        offset,
+        len,
+    }
 }
 
 fn write(offset: u64, len: usize, byte: u8) -> Call {
@@ -99,14 +112,7 @@ fn a_write_reads_only_the_block_it_covers_in_part() {
         want[KU..2 * KU],
         "block 1 read, then written"
     );
-    let (r, data) = settle(
-        &mut e,
-        Call::Read {
-            ino: 0,
-            offset: 0,
-            len: 4 * K,
-        },
-    );
+    let (r, data) = settle(&mut e, read(0, 4 * K));
     assert_eq!(r, Ok(4 * K));
     assert_eq!(data.unwrap(), want);
     let (up, dirty) = bits(&e, 0);
@@ -135,12 +141,7 @@ fn a_write_across_two_blocks_reads_both_from_disk() {
         want[..2 * KU],
         "blocks 0 and 1 read, then written"
     );
-    let read = Call::Read {
-        ino: 0,
-        offset: 0,
-        len: 4 * K,
-    };
-    let (r, data) = settle(&mut e, read);
+    let (r, data) = settle(&mut e, read(0, 4 * K));
     assert_eq!(r, Ok(4 * K));
     assert_eq!(data.unwrap(), want);
 }
@@ -305,14 +306,7 @@ fn truncate_into_a_large_folio_zeroes_its_tail() {
     )
     .0
     .unwrap();
-    let (r, data) = settle(
-        &mut e,
-        Call::Read {
-            ino: 0,
-            offset: 0,
-            len: 4 * K,
-        },
-    );
+    let (r, data) = settle(&mut e, read(0, 4 * K));
     assert_eq!(r, Ok(4 * K));
     let mut want = vec![b'A'; 5000];
     want.resize(4 * KU, 0);
@@ -339,13 +333,13 @@ fn folio_sizes_are_powers_of_two_up_to_the_limit() {
 }
 
 /// A memory device whose reads (or writes) fail while `failing` is set.
-struct FlakyReads {
+struct FlakyDevice {
     inner: MemDevice,
     failing: std::rc::Rc<std::cell::Cell<bool>>,
     writes: bool,
 }
 
-impl fs_core::block::BlockDevice for FlakyReads {
+impl fs_core::block::BlockDevice for FlakyDevice {
     fn block_count(&self) -> u64 {
         self.inner.block_count()
     }
@@ -368,20 +362,23 @@ impl fs_core::block::BlockDevice for FlakyReads {
     }
 }
 
+/// An engine on a [`FlakyDevice`] failing writes (`writes`) or reads, and its switch.
+fn flaky_engine(cfg: Config, writes: bool) -> (Engine, std::rc::Rc<std::cell::Cell<bool>>) {
+    let failing = std::rc::Rc::new(std::cell::Cell::new(false));
+    let dev = FlakyDevice {
+        inner: MemDevice::new(cfg.device_blocks),
+        failing: failing.clone(),
+        writes,
+    };
+    (engine_on(cfg, Box::new(dev)), failing)
+}
+
 /// `__iomap_write_begin` cannot read the part of a folio a write does not cover: the write
 /// fails with the device's error when it wrote nothing under the mapping, and returns what it
 /// wrote before the failing folio otherwise; the file keeps its bytes either way.
 #[test]
 fn a_write_that_cannot_read_its_folio_fails_or_returns_what_it_wrote() {
-    let cfg = Config::default();
-    let failing = std::rc::Rc::new(std::cell::Cell::new(false));
-    let dev = FlakyReads {
-        inner: MemDevice::new(cfg.device_blocks),
-        failing: failing.clone(),
-        writes: false,
-    };
-    let fs = Fs::new(cfg, Box::new(dev), 1);
-    let mut e = Engine::new(fs, Oracle::new(1), Box::new(RandomPolicy::new(7)));
+    let (mut e, failing) = flaky_engine(Config::default(), false);
     settle(&mut e, write(0, 3 * KU, b'A')).0.unwrap();
     settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
     e.fs_mut().drop_caches();
@@ -391,12 +388,7 @@ fn a_write_that_cannot_read_its_folio_fails_or_returns_what_it_wrote() {
     // Folio 0 covered whole, folio 1 not: the write stops there with folio 0's bytes.
     assert_eq!(alone(&mut e, write(0, KU + 100, b'C')), Ok(K));
     failing.set(false);
-    let read = Call::Read {
-        ino: 0,
-        offset: 0,
-        len: 3 * K,
-    };
-    let (r, data) = settle(&mut e, read);
+    let (r, data) = settle(&mut e, read(0, 3 * K));
     assert_eq!(r, Ok(3 * K));
     let mut want = vec![b'A'; 3 * KU];
     want[..KU].fill(b'C');
@@ -408,14 +400,8 @@ fn a_write_that_cannot_read_its_folio_fails_or_returns_what_it_wrote() {
 #[test]
 fn folios_whose_writes_were_refused_are_written_by_the_next_fsync() {
     for cfg in [Config::default(), cfg4()] {
-        let failing = std::rc::Rc::new(std::cell::Cell::new(false));
-        let dev = FlakyReads {
-            inner: MemDevice::new(cfg.device_blocks),
-            failing: failing.clone(),
-            writes: true,
-        };
-        let fs = Fs::new(cfg.clone(), Box::new(dev), 1);
-        let mut e = Engine::new(fs, Oracle::new(1), Box::new(RandomPolicy::new(7)));
+        let blocks = cfg.folio_blocks;
+        let (mut e, failing) = flaky_engine(cfg, true);
         assert_eq!(alone(&mut e, write(0, 8 * KU, b'A')), Ok(8 * K));
         failing.set(true);
         let r = alone(&mut e, Call::Fsync { ino: 0 });
@@ -423,17 +409,8 @@ fn folios_whose_writes_were_refused_are_written_by_the_next_fsync() {
         failing.set(false);
         settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
         e.fs_mut().drop_caches();
-        let read = Call::Read {
-            ino: 0,
-            offset: 0,
-            len: 8 * K,
-        };
-        let (r, data) = settle(&mut e, read);
+        let (r, data) = settle(&mut e, read(0, 8 * K));
         assert_eq!(r, Ok(8 * K));
-        assert!(
-            data.unwrap() == vec![b'A'; 8 * KU],
-            "folio_blocks {}",
-            cfg.folio_blocks
-        );
+        assert!(data.unwrap() == vec![b'A'; 8 * KU], "folio_blocks {blocks}");
     }
 }

@@ -257,56 +257,53 @@ fn s2_keeps_store_with_iomap_valid() {
 /// folio 1, the write's copy into folio 1 comes up short; `iomap_end` punches the unused
 /// delalloc. The old punch truncates the page cache first and drops the dirty mmap folio.
 fn s2p(cfg: &Config) -> RunResult {
+    s2p_over(cfg, 2)
+}
+
+/// S2' over `folios` folios: the write reserves DELALLOC over all of them and comes up short
+/// after folio 0, with an mmap store in each later folio.
+fn s2p_over(cfg: &Config, folios: u64) -> RunResult {
+    let store = |folio| Op::MmapStore {
+        file: 0,
+        offset: folio * K + 200,
+        len: 10,
+        byte: b'M',
+    };
+    let write = Op::Write {
+        file: 0,
+        offset: 0,
+        len: (folios - 1) * K + 100,
+        byte: b'W',
+    };
     let w = Workload {
         files: 1,
         phases: vec![
             vec![Op::Truncate {
                 file: 0,
-                size: 2 * K,
+                size: folios * K,
             }],
-            vec![
-                Op::Write {
-                    file: 0,
-                    offset: 0,
-                    len: K + 100,
-                    byte: b'W',
-                },
-                Op::MmapStore {
-                    file: 0,
-                    offset: K + 200,
-                    len: 10,
-                    byte: b'M',
-                },
-            ],
+            std::iter::once(write)
+                .chain((1..folios).map(store))
+                .collect(),
         ],
     };
-    let (wr, mm) = (FIRST_OP_TASK + 1, FIRST_OP_TASK + 2);
-    run_script(
-        cfg,
-        &w,
-        vec![
-            Until {
-                task: wr,
-                label: YieldPoint::IomapBegin,
-                arg: None,
-            },
-            Until {
-                task: mm,
-                label: YieldPoint::Store,
-                arg: None,
-            },
-            ShortCopy {
-                task: wr,
-                bytes: K as u32,
-            },
-            ShortCopy { task: wr, bytes: 0 },
-            Until {
-                task: wr,
-                label: YieldPoint::WriteDone,
-                arg: None,
-            },
-        ],
-    )
+    let wr = FIRST_OP_TASK + 1;
+    let until = |task, label| Until {
+        task,
+        label,
+        arg: None,
+    };
+    let mut script = vec![until(wr, YieldPoint::IomapBegin)];
+    script.extend((1..folios as usize).map(|k| until(wr + k, YieldPoint::Store)));
+    script.extend([
+        ShortCopy {
+            task: wr,
+            bytes: K as u32,
+        },
+        ShortCopy { task: wr, bytes: 0 },
+        until(wr, YieldPoint::WriteDone),
+    ]);
+    run_script(cfg, &w, script)
 }
 
 #[test]
@@ -335,56 +332,12 @@ fn s2prime_old_punch_drops_dirty_mmap_folio() {
 /// writeback reports.
 #[test]
 fn s2prime_old_punch_drops_every_dirty_folio_of_its_range() {
-    let store = |offset| Op::MmapStore {
-        file: 0,
-        offset,
-        len: 10,
-        byte: b'M',
-    };
-    let w = Workload {
-        files: 1,
-        phases: vec![
-            vec![Op::Truncate {
-                file: 0,
-                size: 3 * K,
-            }],
-            vec![
-                Op::Write {
-                    file: 0,
-                    offset: 0,
-                    len: 2 * K + 100,
-                    byte: b'W',
-                },
-                store(K + 200),
-                store(2 * K + 200),
-            ],
-        ],
-    };
-    let wr = FIRST_OP_TASK + 1;
-    let script = || {
-        let until = |task, label| Until {
-            task,
-            label,
-            arg: None,
-        };
-        vec![
-            until(wr, YieldPoint::IomapBegin),
-            until(wr + 1, YieldPoint::Store),
-            until(wr + 2, YieldPoint::Store),
-            ShortCopy {
-                task: wr,
-                bytes: K as u32,
-            },
-            ShortCopy { task: wr, bytes: 0 },
-            until(wr, YieldPoint::WriteDone),
-        ]
-    };
     let old = Config {
         punch: PunchMode::Old,
         ..Config::default()
     };
     for (cfg, lost) in [(old, true), (Config::default(), false)] {
-        let r = run_script(&cfg, &w, script());
+        let r = s2p_over(&cfg, 3);
         assert_eq!(r.results[1], Some(Ok(K)));
         // Lost, not left behind: a dirty folio the punch skipped would stay over a hole.
         let lost_only = r
