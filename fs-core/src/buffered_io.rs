@@ -1068,6 +1068,34 @@ mod tests {
         panic!("never reached the state");
     }
 
+    /// `iomap_adjust_read_range` as `uncovered_runs` mirrors it, in a 4-block folio: the
+    /// blocks a write touches that are not uptodate go in runs of neighbours; an uptodate
+    /// block splits a run; a write crossing EOF splits its run after the block holding EOF
+    /// (the blocks after it are zeroed, never read, whatever the mapping says).
+    #[test]
+    fn uncovered_runs_split_at_an_uptodate_block_and_after_eof() {
+        let cfg = Config {
+            folio_blocks: 4,
+            ..Config::default()
+        };
+        let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 1);
+        let mut w = WriteTask::new(0, 100, vec![b'W'; 2 * BLOCK_SIZE]);
+        w.fb = 4 * BS;
+        let (from, to) = (100, 2 * BS + 100);
+        fs.get_folio(0, 0);
+        fs.inode_mut(0).size = 4 * BS;
+        assert_eq!(w.uncovered_runs(&fs, from, to), [(0, 3)]);
+        fs.inode_mut(0).size = BS + 10;
+        assert_eq!(w.uncovered_runs(&fs, from, to), [(0, 2), (2, 3)]);
+        fs.inode_mut(0).size = to;
+        assert_eq!(w.uncovered_runs(&fs, from, to), [(0, 3)], "ends at EOF");
+        fs.inode_mut(0).size = 0;
+        assert_eq!(w.uncovered_runs(&fs, from, to), [(0, 3)], "all past EOF");
+        fs.inode_mut(0).size = 4 * BS;
+        fs.get_folio(0, 0).set_uptodate(1, 1);
+        assert_eq!(w.uncovered_runs(&fs, from, to), [(0, 1), (2, 3)]);
+    }
+
     /// The short-write punch waits for each folio it drops (old form: unlocked and not under
     /// writeback, as `truncate_pagecache_range` does) or scans (fixed form: unlocked, under
     /// the invalidate lock).

@@ -414,3 +414,45 @@ fn folios_whose_writes_were_refused_are_written_by_the_next_fsync() {
         assert!(data.unwrap() == vec![b'A'; 8 * KU], "folio_blocks {blocks}");
     }
 }
+
+/// `xfs_discard_folio` after `map_blocks` found no space: the delalloc reservation of the rest
+/// of the folio goes (its blocks are holes again, their data lost and the fsync failing with
+/// ENOSPC), while a block of the folio mapped before it stays mapped and is written.
+#[test]
+fn writeback_out_of_space_drops_the_rest_of_the_folio_s_delalloc() {
+    let mut e = engine(cfg4());
+    // Block 0 of folio 1 written and allocated; then every block but one taken by file data.
+    settle(&mut e, write(4 * K, KU, b'A')).0.unwrap();
+    settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
+    let filler = e.fs().alloc.free_blocks() - 1;
+    let at = 64 * K;
+    settle(&mut e, write(at, filler as usize * KU, b'F'))
+        .0
+        .unwrap();
+    settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
+    assert_eq!(e.fs().alloc.free_blocks(), 1);
+    // Folio 1 whole: block 4 mapped, blocks 5..8 delalloc needing three blocks, one free.
+    assert_eq!(alone(&mut e, write(4 * K, 4 * KU, b'B')), Ok(4 * K));
+    let r = alone(&mut e, Call::Fsync { ino: 0 });
+    assert_eq!(r, Err(FsError::NoSpace));
+    let extents = &e.fs().inode(0).extents;
+    let states: Vec<ExtentState> = (4..8).map(|b| extents.get(b).state).collect();
+    assert!(
+        !states.contains(&ExtentState::Delalloc),
+        "delalloc left in the failed folio: {states:?}"
+    );
+    // Block 4 went out under writeback; its completion leaves nothing dirty or in flight.
+    while e.runnable().contains(&TASK_IO_COMPLETION) {
+        e.step_task(TASK_IO_COMPLETION).unwrap();
+    }
+    assert_eq!(e.fs().dirty_or_writeback_folios(), 0);
+    let states: Vec<ExtentState> = (4..8)
+        .map(|b| e.fs().inode(0).extents.get(b).state)
+        .collect();
+    assert_eq!(states[0], ExtentState::Written, "{states:?}");
+    // Block 4 reached the disk with the write; the rest of the folio was lost.
+    e.fs_mut().drop_caches();
+    let (r, data) = settle(&mut e, read(4 * K, K));
+    assert_eq!(r, Ok(K));
+    assert_eq!(data.unwrap(), vec![b'B'; KU]);
+}

@@ -192,3 +192,73 @@ fn a_short_copy_into_a_folio_read_from_disk_is_kept() {
     want[100..150].fill(b'B');
     assert_eq!(r.files[0], want);
 }
+
+/// `iomap_adjust_read_range` in a large folio: the blocks a write touches that are not
+/// uptodate are read in runs of neighbours, and an uptodate block between two of them splits
+/// the run (it holds newer bytes than the disk). Here block 1 of a 4-block folio holds a
+/// write's 'B' (dirty, not on disk); a write of 'C' from inside block 0 to inside block 2
+/// reads blocks 0 and 2 from disk, copies 50 bytes short (rejected: the folio is not
+/// uptodate), writes the 50 on its retry and faults: block 1 must still hold 'B'.
+#[test]
+fn a_read_around_a_write_skips_an_uptodate_block_between() {
+    let cfg = Config {
+        folio_blocks: 4,
+        cache_limit_folios: 0,
+        ..Config::default()
+    };
+    let write = |offset, len, byte| Op::Write {
+        file: 0,
+        offset,
+        len,
+        byte,
+    };
+    let w = Workload {
+        files: 1,
+        phases: vec![
+            vec![write(0, 4 * K, b'A')],
+            vec![Op::Fsync { file: 0 }],
+            vec![write(K, K, b'B')],
+            vec![write(100, 2 * K, b'C')],
+        ],
+    };
+    let wr = FIRST_OP_TASK + 3;
+    let r = run_script(
+        &cfg,
+        &w,
+        vec![
+            Drain {
+                task: FIRST_OP_TASK,
+            },
+            Drain {
+                task: FIRST_OP_TASK + 1,
+            },
+            Drain {
+                task: fs_core::sched::TASK_IO_COMPLETION,
+            },
+            Drain {
+                task: FIRST_OP_TASK + 1,
+            },
+            Drain {
+                task: fs_core::sched::TASK_RECLAIM,
+            },
+            Drain {
+                task: FIRST_OP_TASK + 2,
+            },
+            ShortCopy {
+                task: wr,
+                bytes: 50,
+            },
+            Drain { task: wr },
+        ],
+    );
+    assert!(r.passed(), "{:?}", r.failures);
+    assert_eq!(r.results[3], Some(Ok(50)));
+    let mut want = vec![b'A'; 4 * K as usize];
+    want[K as usize..2 * K as usize].fill(b'B');
+    want[100..150].fill(b'C');
+    assert!(
+        r.files[0] == want,
+        "block 1: {:?}",
+        &r.files[0][K as usize..K as usize + 8]
+    );
+}
