@@ -1068,6 +1068,35 @@ mod tests {
         panic!("never reached the state");
     }
 
+    /// `iomap_write_failed`: a write past EOF that copies nothing takes out of the page cache
+    /// what it instantiated there (`truncate_pagecache_range(max(pos, i_size), pos + len - 1)`):
+    /// a folio wholly in that range goes, one partly in it stays (zeroed there). The fixed
+    /// punch leaves the page cache past EOF alone, so nothing else removes them.
+    #[test]
+    fn a_write_past_eof_that_copies_nothing_leaves_no_folio_behind() {
+        let cfg = Config {
+            punch: PunchMode::Fixed,
+            ..Config::default()
+        };
+        let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 1);
+        fs.inode_mut(0).size = 10;
+        let (r, _) = run_write(&mut fs, BS, BLOCK_SIZE, vec![0]);
+        assert_eq!(r, Err(FsError::Fault));
+        assert!(
+            fs.inode(0).cache.get(1).is_none(),
+            "folio 1 left in the cache"
+        );
+        let f = fs.get_folio(0, 0);
+        f.data[..10].fill(b'x');
+        f.set_uptodate(0, 1);
+        let (r, _) = run_write(&mut fs, 100, 50, vec![0]);
+        assert_eq!(r, Err(FsError::Fault));
+        let f = fs.inode(0).cache.get(0).expect("folio 0 stays");
+        assert!(f.data[..10].iter().all(|&b| b == b'x'));
+        assert!(f.data[10..].iter().all(|&b| b == 0));
+        assert_eq!(fs.inode(0).size, 10);
+    }
+
     /// `iomap_adjust_read_range` as `uncovered_runs` mirrors it, in a 4-block folio: the
     /// blocks a write touches that are not uptodate go in runs of neighbours; an uptodate
     /// block splits a run; a write crossing EOF splits its run after the block holding EOF
