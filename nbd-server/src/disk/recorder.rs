@@ -298,28 +298,26 @@ impl Recorder {
 }
 
 /// The thread: takes the whole queue at a time and writes it, in order; when out of work,
-/// pushes what it wrote to the file within [`RECORDER_PUSH_INTERVAL_MILLIS`].
+/// pushes what it wrote to the file within [`RECORDER_PUSH_INTERVAL_MILLIS`]. Its timing is
+/// decided by [`due_after_batch`], [`push_is_due`], [`gathers`] and [`idle_wait`].
 fn run(shared: &Shared) {
-    let interval = Duration::from_millis(RECORDER_PUSH_INTERVAL_MILLIS);
     // When the records written since the thread's last push must be in the file.
     let mut push_due: Option<Instant> = None;
     while wait_for_work(shared, push_due) {
-        let small = {
+        let taken = {
             let mut out = shared.lock_out();
             let batch = take_queue(shared);
-            let small = !batch.is_empty() && batch.len() < RECORDER_SMALL_BATCH_RECORDS;
-            if !batch.is_empty() {
-                push_due.get_or_insert_with(|| Instant::now() + interval);
-            }
+            let taken = batch.len();
+            push_due = due_after_batch(push_due, taken, Instant::now());
             out.write_batch(batch, shared);
-            if push_due.is_some_and(|d| d <= Instant::now()) && shared.lock().msgs.is_empty() {
+            if push_is_due(push_due, Instant::now(), shared.lock().msgs.is_empty()) {
                 // A pusher may have pushed already; then this costs nothing.
                 let _ = out.push(false, shared);
                 push_due = None;
             }
-            small
+            taken
         };
-        if small {
+        if gathers(taken) {
             std::thread::sleep(Duration::from_micros(RECORDER_GATHER_MICROS));
         }
     }
@@ -328,6 +326,46 @@ fn run(shared: &Shared) {
     let batch = take_queue(shared);
     out.write_batch(batch, shared);
     let _ = out.push(false, shared);
+}
+
+/// When the records written so far must be pushed, after the thread took `taken` records at
+/// `now`: [`RECORDER_PUSH_INTERVAL_MILLIS`] after the first batch since the last push.
+fn due_after_batch(due: Option<Instant>, taken: usize, now: Instant) -> Option<Instant> {
+    match due {
+        None if taken > 0 => Some(now + Duration::from_millis(RECORDER_PUSH_INTERVAL_MILLIS)),
+        due => due,
+    }
+}
+
+/// Whether the thread pushes now: the push is due and nothing more is queued (a queued batch
+/// is written first, and pushed with it).
+fn push_is_due(due: Option<Instant>, now: Instant, queue_empty: bool) -> bool {
+    due.is_some_and(|d| d <= now) && queue_empty
+}
+
+/// Whether the thread pauses for [`RECORDER_GATHER_MICROS`] after taking `taken` records: a
+/// small batch, so that more gather before the next.
+fn gathers(taken: usize) -> bool {
+    taken > 0 && taken < RECORDER_SMALL_BATCH_RECORDS
+}
+
+/// How an idle thread waits for records, with a push due at `due` (or none).
+#[derive(Debug, PartialEq)]
+enum IdleWait {
+    /// The push is due: do it now.
+    Push,
+    /// Until the push is due, at most.
+    For(Duration),
+    /// Until records come.
+    Forever,
+}
+
+fn idle_wait(due: Option<Instant>, now: Instant) -> IdleWait {
+    match due.map(|d| d.saturating_duration_since(now)) {
+        Some(left) if left.is_zero() => IdleWait::Push,
+        Some(left) => IdleWait::For(left),
+        None => IdleWait::Forever,
+    }
 }
 
 /// Waits until records are queued or `push_due` has come; false once closed.
@@ -342,19 +380,19 @@ fn wait_for_work(shared: &Shared, push_due: Option<Instant>) -> bool {
             return true;
         }
         q.idle = true;
-        q = match push_due.map(|d| d.saturating_duration_since(Instant::now())) {
-            Some(left) if left.is_zero() => {
+        q = match idle_wait(push_due, Instant::now()) {
+            IdleWait::Push => {
                 q.idle = false;
                 return true;
             }
-            Some(left) => {
+            IdleWait::For(left) => {
                 shared
                     .ready
                     .wait_timeout(q, left)
                     .unwrap_or_else(|e| e.into_inner())
                     .0
             }
-            None => shared.ready.wait(q).unwrap_or_else(|e| e.into_inner()),
+            IdleWait::Forever => shared.ready.wait(q).unwrap_or_else(|e| e.into_inner()),
         };
     }
 }
@@ -453,14 +491,16 @@ mod queue_tests {
     use crate::log::RecordKind;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// A sink that holds every append until the gate opens.
+    /// A sink that holds every append until the gate opens, counting the appends it entered.
     struct Gated {
         open: Arc<(Mutex<bool>, Condvar)>,
+        entered: Arc<AtomicUsize>,
         seq: u64,
     }
 
     impl LogSink for Gated {
         fn append_parts(&mut self, _: &RecordHead, _: &[&[u8]]) -> Result<u64, LogError> {
+            self.entered.fetch_add(1, Ordering::SeqCst);
             let (lock, cv) = &*self.open;
             let mut open = lock.lock().unwrap();
             while !*open {
@@ -479,11 +519,15 @@ mod queue_tests {
 
     /// Appends `count` records of `payload_len` bytes from a thread while the sink holds
     /// every append; returns how many returned while it was held (the appender then waits),
-    /// after letting them all through and checking none was lost.
-    fn appends_while_held(payload_len: usize, count: u64) -> usize {
+    /// after letting them all through and checking none was lost. With `first_alone`, the
+    /// appender waits after the first record until the thread holds it in the sink, so the
+    /// thread's batch is exactly that one record and the rest are all in the queue.
+    fn appends_while_held(payload_len: usize, count: u64, first_alone: bool) -> usize {
         let open = Arc::new((Mutex::new(false), Condvar::new()));
+        let entered = Arc::new(AtomicUsize::new(0));
         let sink = Gated {
             open: open.clone(),
+            entered: entered.clone(),
             seq: 0,
         };
         let mut rec = Recorder::start(Box::new(sink)).unwrap();
@@ -503,6 +547,9 @@ mod queue_tests {
                     let payload = payload.clone();
                     rec.append(Record { head, payload }).unwrap();
                     done.fetch_add(1, Ordering::SeqCst);
+                    while first_alone && i == 0 && entered.load(Ordering::SeqCst) == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                 }
                 rec
             })
@@ -528,15 +575,95 @@ mod queue_tests {
     /// queued when it woke: from one record to a full queue) and a full queue waits behind it.
     #[test]
     fn a_slow_log_holds_appenders_at_a_full_queue() {
-        let large = appends_while_held(1024 * 1024, 200);
+        let large = appends_while_held(1024 * 1024, 200, false);
         assert!(
             (65..=128).contains(&large),
             "{large} appends of 1 MiB returned"
         );
-        let small = appends_while_held(512, 10_000);
+        let small = appends_while_held(512, 10_000, false);
         assert!(
             (4097..=8192).contains(&small),
             "{small} appends of 512 B returned"
         );
+    }
+
+    /// The queue's bounds are exact: with the thread holding one record in the sink, the
+    /// queue takes 64 records of 1 MiB (64 MiB, `RECORDER_QUEUE_BYTES_MAX` to the byte) or
+    /// 4,096 records of 512 bytes (`RECORDER_QUEUE_RECORDS_MAX`), and the next append waits.
+    #[test]
+    fn the_queue_holds_its_bounds_to_the_record() {
+        let mib = 1024 * 1024;
+        assert_eq!(
+            appends_while_held(mib, 100, true) as u64,
+            1 + RECORDER_QUEUE_BYTES_MAX / mib as u64
+        );
+        assert_eq!(
+            appends_while_held(512, 5_000, true),
+            1 + RECORDER_QUEUE_RECORDS_MAX
+        );
+    }
+
+    /// A record larger than the queue's byte bound is queued when the queue is empty (the
+    /// bound waits for room, and no room would ever do), and reaches the sink.
+    #[test]
+    fn a_record_over_the_byte_bound_is_queued_alone() {
+        let open = Arc::new((Mutex::new(true), Condvar::new()));
+        let entered = Arc::new(AtomicUsize::new(0));
+        let sink = Gated {
+            open,
+            entered: entered.clone(),
+            seq: 0,
+        };
+        let mut rec = Recorder::start(Box::new(sink)).unwrap();
+        let len = RECORDER_QUEUE_BYTES_MAX as usize + 512;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let head = RecordHead {
+                kind: RecordKind::Write,
+                flags: 0,
+                conn: 1,
+                offset: 0,
+                length: len as u64,
+            };
+            let payload = WriteData::bytes(vec![7; len]);
+            let r = rec
+                .append(Record { head, payload })
+                .and_then(|_| rec.sync());
+            let _ = tx.send(r);
+        });
+        let r = rx.recv_timeout(Duration::from_secs(30));
+        assert!(matches!(r, Ok(Ok(()))), "{r:?}");
+        assert_eq!(entered.load(Ordering::SeqCst), 1);
+    }
+
+    /// The thread's timing: a push is due `RECORDER_PUSH_INTERVAL_MILLIS` after the first batch
+    /// since the last one, done when due (not before) with nothing more queued; a small batch
+    /// (not an empty one, nor one of `RECORDER_SMALL_BATCH_RECORDS`) makes it pause; an idle
+    /// thread waits until the push is due, or for good with none due.
+    #[test]
+    fn the_thread_s_timing() {
+        let now = Instant::now();
+        let ms = Duration::from_millis;
+        let interval = ms(RECORDER_PUSH_INTERVAL_MILLIS);
+        assert_eq!(due_after_batch(None, 0, now), None);
+        assert_eq!(due_after_batch(None, 3, now), Some(now + interval));
+        assert_eq!(
+            due_after_batch(Some(now + ms(1)), 3, now),
+            Some(now + ms(1))
+        );
+        assert_eq!(due_after_batch(Some(now), 0, now), Some(now));
+        assert!(!push_is_due(None, now, true));
+        assert!(push_is_due(Some(now), now, true));
+        assert!(push_is_due(Some(now), now + ms(1), true));
+        assert!(!push_is_due(Some(now + ms(1)), now, true));
+        assert!(!push_is_due(Some(now), now + ms(1), false));
+        assert!(!gathers(0));
+        assert!(gathers(1));
+        assert!(gathers(RECORDER_SMALL_BATCH_RECORDS - 1));
+        assert!(!gathers(RECORDER_SMALL_BATCH_RECORDS));
+        assert_eq!(idle_wait(None, now), IdleWait::Forever);
+        assert_eq!(idle_wait(Some(now), now), IdleWait::Push);
+        assert_eq!(idle_wait(Some(now), now + ms(1)), IdleWait::Push);
+        assert_eq!(idle_wait(Some(now + ms(5)), now), IdleWait::For(ms(5)));
     }
 }

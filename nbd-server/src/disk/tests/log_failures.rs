@@ -187,11 +187,18 @@ fn a_fua_write_whose_record_fails_is_answered_eio() {
 /// dropped). Flushes are answered OK exactly as long as the log holds their records.
 #[test]
 fn a_flush_past_a_capped_logs_slack_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    // Exactly room for four 4 KiB writes and the full record, so the boundary is met.
+    // Exactly room for four 4 KiB writes and the full record, so the boundary is met; and one
+    // byte short of room for a fifth, so the full record's room is what refuses it.
     let record = (RECORD_HEADER_BYTES + 4096) as u64;
     let full = (RECORD_HEADER_BYTES + crate::log::FULL_PAYLOAD_BYTES) as u64;
-    let cap = crate::log::FILE_HEADER_BYTES as u64 + 4 * record + full;
+    let exact = crate::log::FILE_HEADER_BYTES as u64 + 4 * record + full;
+    for cap in [exact, exact + record - 1] {
+        capped_log_refuses_flushes_past_its_slack(cap);
+    }
+}
+
+fn capped_log_refuses_flushes_past_its_slack(cap: u64) {
+    let dir = tempfile::tempdir().unwrap();
     let config = DiskConfig {
         record_max_bytes: Some(cap),
         ..DiskConfig::default()
