@@ -1020,7 +1020,12 @@ mod tests {
     }
 
     fn fs() -> Fs {
-        Fs::new(Config::default(), Box::new(MemDevice::new(64)), 1)
+        fs_with(Config::default())
+    }
+
+    /// One file on a 64-block memory device.
+    fn fs_with(cfg: Config) -> Fs {
+        Fs::new(cfg, Box::new(MemDevice::new(64)), 1)
     }
 
     /// Runs `w` to its end (no injection); its result and the labels of the steps taken.
@@ -1078,7 +1083,7 @@ mod tests {
             punch: PunchMode::Fixed,
             ..Config::default()
         };
-        let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 1);
+        let mut fs = fs_with(cfg);
         fs.inode_mut(0).size = 10;
         let (r, _) = run_write(&mut fs, BS, BLOCK_SIZE, vec![0]);
         assert_eq!(r, Err(FsError::Fault));
@@ -1107,7 +1112,7 @@ mod tests {
             folio_blocks: 4,
             ..Config::default()
         };
-        let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 1);
+        let mut fs = fs_with(cfg);
         let mut w = WriteTask::new(0, 100, vec![b'W'; 2 * BLOCK_SIZE]);
         w.fb = 4 * BS;
         let (from, to) = (100, 2 * BS + 100);
@@ -1135,7 +1140,7 @@ mod tests {
                 punch,
                 ..Config::default()
             };
-            let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 1);
+            let mut fs = fs_with(cfg);
             fs.inode_mut(0).size = 3 * BS;
             let mut w = WriteTask::new(0, 0, vec![b'W'; 3 * BLOCK_SIZE]);
             let punching = |st| matches!(st, WState::OldTruncate { .. } | WState::FixedScan { .. });
@@ -1270,7 +1275,7 @@ mod tests {
             alloc: crate::fs::AllocMode::AtWrite,
             ..Config::default()
         };
-        let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 1);
+        let mut fs = fs_with(cfg);
         while fs.alloc.free_blocks() > 2 {
             let b = 100 + fs.alloc.free_blocks();
             fs.alloc_block(0, b, false).unwrap();
@@ -1293,7 +1298,7 @@ mod tests {
                     validity_check_at: at,
                     ..Config::default()
                 };
-                let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 1);
+                let mut fs = fs_with(cfg);
                 let mut w = WriteTask::new(0, 0, vec![b'W'; 100]);
                 step_until(&mut fs, &mut w, vec![], |st| st == WState::GetFolio);
                 // Something else changes the extent map (a block elsewhere in the file).
@@ -1356,7 +1361,7 @@ mod tests {
             ..Config::default()
         };
         for (len, shorts, next) in [(2, vec![BLOCK_SIZE as u32], 2u64), (1, vec![], 1)] {
-            let mut fs = Fs::new(cfg.clone(), Box::new(MemDevice::new(64)), 1);
+            let mut fs = fs_with(cfg.clone());
             let (r, _) = run_write(&mut fs, next * BS, BLOCK_SIZE, vec![]);
             assert_eq!(r, Ok(BS));
             let (r, labels) = run_write(&mut fs, 0, len * BLOCK_SIZE, shorts);
@@ -1377,7 +1382,7 @@ mod tests {
         for bug in [false, true] {
             let mut cfg = Config::default();
             cfg.bugs.size_before_data = bug;
-            let mut fs = Fs::new(cfg, Box::new(MemDevice::new(64)), 1);
+            let mut fs = fs_with(cfg);
             run_write(&mut fs, 0, 100, vec![]).0.unwrap();
             run_write(&mut fs, 0, 200, vec![]).0.unwrap();
             let want = if bug { 200 } else { 0 };

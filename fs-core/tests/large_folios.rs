@@ -435,20 +435,17 @@ fn writeback_out_of_space_drops_the_rest_of_the_folio_s_delalloc() {
     assert_eq!(alone(&mut e, write(4 * K, 4 * KU, b'B')), Ok(4 * K));
     let r = alone(&mut e, Call::Fsync { ino: 0 });
     assert_eq!(r, Err(FsError::NoSpace));
+    // Block 4 went out under writeback; its completion leaves nothing dirty or in flight.
+    while e.runnable().contains(&TASK_IO_COMPLETION) {
+        e.step_task(TASK_IO_COMPLETION).unwrap();
+    }
+    assert_eq!(e.fs().dirty_or_writeback_folios(), 0);
     let extents = &e.fs().inode(0).extents;
     let states: Vec<ExtentState> = (4..8).map(|b| extents.get(b).state).collect();
     assert!(
         !states.contains(&ExtentState::Delalloc),
         "delalloc left in the failed folio: {states:?}"
     );
-    // Block 4 went out under writeback; its completion leaves nothing dirty or in flight.
-    while e.runnable().contains(&TASK_IO_COMPLETION) {
-        e.step_task(TASK_IO_COMPLETION).unwrap();
-    }
-    assert_eq!(e.fs().dirty_or_writeback_folios(), 0);
-    let states: Vec<ExtentState> = (4..8)
-        .map(|b| e.fs().inode(0).extents.get(b).state)
-        .collect();
     assert_eq!(states[0], ExtentState::Written, "{states:?}");
     // Block 4 reached the disk with the write; the rest of the folio was lost.
     e.fs_mut().drop_caches();

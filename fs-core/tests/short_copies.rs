@@ -23,12 +23,7 @@ fn faulting_write(cfg: &Config, fault_at: u32) -> RunResult {
 fn faulting_write_at(cfg: &Config, offset: u64, fault_at: u32) -> RunResult {
     let w = Workload {
         files: 1,
-        phases: vec![vec![Op::Write {
-            file: 0,
-            offset,
-            len: 2 * K,
-            byte: b'W',
-        }]],
+        phases: vec![vec![write(offset, 2 * K, b'W')]],
     };
     let wr = FIRST_OP_TASK;
     run_script(
@@ -42,6 +37,30 @@ fn faulting_write_at(cfg: &Config, offset: u64, fault_at: u32) -> RunResult {
             Drain { task: wr },
         ],
     )
+}
+
+/// A write of `len` bytes of `byte` at `offset` of file 0.
+fn write(offset: u64, len: u64, byte: u8) -> Op {
+    Op::Write {
+        file: 0,
+        offset,
+        len,
+        byte,
+    }
+}
+
+/// Directives that run phase 0's write and phase 1's fsync to their end, and then reclaim
+/// (with `cache_limit_folios: 0`): what the write wrote is on disk, and not in the cache.
+fn on_disk_not_cached() -> Vec<fs_core::Directive> {
+    [
+        FIRST_OP_TASK,
+        FIRST_OP_TASK + 1,
+        fs_core::sched::TASK_IO_COMPLETION,
+        FIRST_OP_TASK + 1,
+        fs_core::sched::TASK_RECLAIM,
+    ]
+    .map(|task| Drain { task })
+    .to_vec()
 }
 
 fn labels(r: &RunResult) -> Vec<YieldPoint> {
@@ -137,12 +156,6 @@ fn a_short_copy_into_a_folio_read_from_disk_is_kept() {
         cache_limit_folios: 0,
         ..Config::default()
     };
-    let write = |offset, len, byte| Op::Write {
-        file: 0,
-        offset,
-        len,
-        byte,
-    };
     let w = Workload {
         files: 1,
         phases: vec![
@@ -155,28 +168,17 @@ fn a_short_copy_into_a_folio_read_from_disk_is_kept() {
     let r = run_script(
         &cfg,
         &w,
-        vec![
-            Drain {
-                task: FIRST_OP_TASK,
-            },
-            Drain {
-                task: FIRST_OP_TASK + 1,
-            },
-            Drain {
-                task: fs_core::sched::TASK_IO_COMPLETION,
-            },
-            Drain {
-                task: FIRST_OP_TASK + 1,
-            },
-            Drain {
-                task: fs_core::sched::TASK_RECLAIM,
-            },
-            ShortCopy {
-                task: wr,
-                bytes: 50,
-            },
-            Drain { task: wr },
-        ],
+        [
+            on_disk_not_cached(),
+            vec![
+                ShortCopy {
+                    task: wr,
+                    bytes: 50,
+                },
+                Drain { task: wr },
+            ],
+        ]
+        .concat(),
     );
     assert!(r.passed(), "{:?}", r.failures);
     assert_eq!(r.results[2], Some(Ok(50)));
@@ -206,12 +208,6 @@ fn a_read_around_a_write_skips_an_uptodate_block_between() {
         cache_limit_folios: 0,
         ..Config::default()
     };
-    let write = |offset, len, byte| Op::Write {
-        file: 0,
-        offset,
-        len,
-        byte,
-    };
     let w = Workload {
         files: 1,
         phases: vec![
@@ -225,31 +221,20 @@ fn a_read_around_a_write_skips_an_uptodate_block_between() {
     let r = run_script(
         &cfg,
         &w,
-        vec![
-            Drain {
-                task: FIRST_OP_TASK,
-            },
-            Drain {
-                task: FIRST_OP_TASK + 1,
-            },
-            Drain {
-                task: fs_core::sched::TASK_IO_COMPLETION,
-            },
-            Drain {
-                task: FIRST_OP_TASK + 1,
-            },
-            Drain {
-                task: fs_core::sched::TASK_RECLAIM,
-            },
-            Drain {
-                task: FIRST_OP_TASK + 2,
-            },
-            ShortCopy {
-                task: wr,
-                bytes: 50,
-            },
-            Drain { task: wr },
-        ],
+        [
+            on_disk_not_cached(),
+            vec![
+                Drain {
+                    task: FIRST_OP_TASK + 2,
+                },
+                ShortCopy {
+                    task: wr,
+                    bytes: 50,
+                },
+                Drain { task: wr },
+            ],
+        ]
+        .concat(),
     );
     assert!(r.passed(), "{:?}", r.failures);
     assert_eq!(r.results[3], Some(Ok(50)));

@@ -310,7 +310,7 @@ fn run(shared: &Shared) {
             let taken = batch.len();
             push_due = due_after_batch(push_due, taken, Instant::now());
             out.write_batch(batch, shared);
-            if push_is_due(push_due, Instant::now(), shared.lock().msgs.is_empty()) {
+            if push_is_due(push_due, Instant::now(), || shared.lock().msgs.is_empty()) {
                 // A pusher may have pushed already; then this costs nothing.
                 let _ = out.push(false, shared);
                 push_due = None;
@@ -338,9 +338,10 @@ fn due_after_batch(due: Option<Instant>, taken: usize, now: Instant) -> Option<I
 }
 
 /// Whether the thread pushes now: the push is due and nothing more is queued (a queued batch
-/// is written first, and pushed with it).
-fn push_is_due(due: Option<Instant>, now: Instant, queue_empty: bool) -> bool {
-    due.is_some_and(|d| d <= now) && queue_empty
+/// is written first, and pushed with it). `queue_empty` takes the queue's lock, which every
+/// append takes too: it is asked only once the push is due.
+fn push_is_due(due: Option<Instant>, now: Instant, queue_empty: impl FnOnce() -> bool) -> bool {
+    due.is_some_and(|d| d <= now) && queue_empty()
 }
 
 /// Whether the thread pauses for [`RECORDER_GATHER_MICROS`] after taking `taken` records: a
@@ -652,11 +653,12 @@ mod queue_tests {
             Some(now + ms(1))
         );
         assert_eq!(due_after_batch(Some(now), 0, now), Some(now));
-        assert!(!push_is_due(None, now, true));
-        assert!(push_is_due(Some(now), now, true));
-        assert!(push_is_due(Some(now), now + ms(1), true));
-        assert!(!push_is_due(Some(now + ms(1)), now, true));
-        assert!(!push_is_due(Some(now), now + ms(1), false));
+        let not_asked = || -> bool { panic!("the queue was looked at before the push was due") };
+        assert!(!push_is_due(None, now, not_asked));
+        assert!(push_is_due(Some(now), now, || true));
+        assert!(push_is_due(Some(now), now + ms(1), || true));
+        assert!(!push_is_due(Some(now + ms(1)), now, not_asked));
+        assert!(!push_is_due(Some(now), now + ms(1), || false));
         assert!(!gathers(0));
         assert!(gathers(1));
         assert!(gathers(RECORDER_SMALL_BATCH_RECORDS - 1));
