@@ -105,13 +105,13 @@ fn corrupt(rec: &Record, what: String) -> LogError {
 
 impl History {
     pub fn open(path: &Path) -> Result<Self, LogError> {
-        let mut reader = LogReader::open(path)?;
+        let reader = LogReader::open(path)?;
         let mut fates = HashMap::new();
-        for rec in reader.by_ref() {
-            let rec = rec?;
+        // The fates power cuts give earlier records, known before those records are read: a
+        // pass over the headers (the full pass, the iteration, checks every record).
+        for rec in reader.headers() {
             if rec.kind == RecordKind::PowerCut {
-                let cut: PowerCutPayload =
-                    decode_payload(&LogReader::open(path)?.read_payload(&rec)?)?;
+                let cut: PowerCutPayload = decode_payload(&reader.read_checked_payload(&rec)?)?;
                 for f in cut.fates {
                     if f.seq >= rec.header.seq {
                         return Err(corrupt(
@@ -123,7 +123,6 @@ impl History {
                 }
             }
         }
-        reader.rewind()?;
         let disk_bytes = reader.disk_bytes();
         Ok(History {
             reader,

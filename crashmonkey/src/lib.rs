@@ -3,6 +3,7 @@
 //! Map of the crate (keep it true):
 //! - `history`  a write log read as history: operations with power-cut fates, cut into epochs
 //! - `states`   crash-state generation (prefixes, ordered subsets, torn writes) with content hashes
+//! - `sector_hash` BLAKE3 of many sectors at once (SIMD), equal to `blake3::hash` of each
 //! - `state_tables` what state generation keeps between epochs, in files: bounded memory
 //! - `ahead`    work done ahead on a thread of its own, bounded in memory (hashing, generating)
 //! - `overlay`  copy-on-write images: a prefix image plus per-worker deltas; replay
@@ -30,6 +31,7 @@ pub mod kernel;
 pub mod overlay;
 pub mod race;
 pub mod report;
+pub mod sector_hash;
 pub mod served;
 pub mod shard;
 pub mod state_tables;

@@ -2,8 +2,11 @@
 //! rather than in memory, so that its memory stays bounded however long the log and however
 //! large the disk ([`crate::states::STATE_MEMORY_BYTES_MAX`]):
 //! - [`SectorHashes`]: the content hash of every sector the prefix has written (32 bytes a
-//!   sector, at `32 * sector` in the file). In memory it was a map of every sector ever
-//!   written: 281 MB of a 1 GiB disk filled by fio, growing with the log;
+//!   sector, at `32 * sector` in the file). Its pages stay in memory while they take at most
+//!   [`SECTOR_HASHES_MEMORY_BYTES_MAX`] (64 MiB, a 1 GiB disk written all over), then all move
+//!   to the file: a `pread`/`pwrite` per run of sectors was a sixth of crash-state generation
+//!   on such a disk. (As a map of every sector ever written it was 281 MB of a 1 GiB disk
+//!   filled by fio, growing with the log.)
 //! - [`SeenStates`]: the content hash of every unique state and the id of the first state
 //!   with it (an open-addressing hash table on disk), growing with the number of states.
 //!
@@ -32,9 +35,31 @@ const SECTOR_SLOT_BYTES: u64 = 32;
 /// Sectors read or written with one call, at most (the buffer is 64 KiB).
 const RUN_SECTORS_MAX: u64 = 2048;
 
-/// The prefix's hash of each sector it has written, in a file. See the module docs.
+/// Memory the in-memory pages of a [`SectorHashes`] may take, at most; past it they move to
+/// its file.
+pub const SECTOR_HASHES_MEMORY_BYTES_MAX: u64 = 64 << 20;
+/// The bound in effect: [`SECTOR_HASHES_MEMORY_BYTES_MAX`], or
+/// `CRASHMONKEY_SECTOR_HASHES_MEMORY_BYTES` when set (so that a test can make a small disk's
+/// table move to its file).
+fn sector_hashes_memory_bytes_max() -> u64 {
+    std::env::var("CRASHMONKEY_SECTOR_HASHES_MEMORY_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SECTOR_HASHES_MEMORY_BYTES_MAX)
+}
+
+/// Sectors per in-memory page of a [`SectorHashes`] (128 KiB a page).
+const PAGE_SECTORS: u64 = 4096;
+
+/// The prefix's hash of each sector it has written, in memory pages, then in a file. See the
+/// module docs.
 pub struct SectorHashes {
     file: File,
+    /// Page `i` holds sectors `i * PAGE_SECTORS..`; `None` once the table is in the file.
+    pages: Option<Vec<Option<Box<[SectorHash]>>>>,
+    /// Pages allocated, and how many may be before the table moves to the file.
+    pages_used: u64,
+    pages_max: u64,
 }
 
 /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros.
@@ -72,17 +97,44 @@ fn runs(sorted: &[u64]) -> Vec<(usize, usize)> {
 }
 
 impl SectorHashes {
-    /// An empty table (no sector written) in an unlinked file in `dir`.
+    /// An empty table (no sector written), with its file (unlinked) in `dir`.
     pub fn new(dir: &Path) -> io::Result<Self> {
+        Self::with_memory_max(dir, sector_hashes_memory_bytes_max())
+    }
+
+    /// As [`Self::new`], its pages in memory while they take at most `bytes`.
+    pub fn with_memory_max(dir: &Path, bytes: u64) -> io::Result<Self> {
         Ok(SectorHashes {
             file: tempfile::tempfile_in(dir)?,
+            pages: Some(Vec::new()),
+            pages_used: 0,
+            pages_max: bytes / (PAGE_SECTORS * SECTOR_SLOT_BYTES),
         })
+    }
+
+    /// Whether the table has moved to its file.
+    pub fn in_file(&self) -> bool {
+        self.pages.is_none()
     }
 
     /// The hashes of those of `sectors` (ascending, distinct) that the prefix has written.
     pub fn get_many(&self, sectors: &[u64]) -> io::Result<BlockMap<SectorHash>> {
         debug_assert!(sectors.windows(2).all(|w| w[0] < w[1]));
         let mut out = BlockMap::default();
+        out.reserve(sectors.len());
+        if let Some(pages) = &self.pages {
+            for &s in sectors {
+                let page = pages
+                    .get((s / PAGE_SECTORS) as usize)
+                    .and_then(|p| p.as_ref());
+                if let Some(h) = page.map(|p| p[(s % PAGE_SECTORS) as usize]) {
+                    if h.iter().any(|&b| b != 0) {
+                        out.insert(s, h);
+                    }
+                }
+            }
+            return Ok(out);
+        }
         let mut buf = vec![0u8; (RUN_SECTORS_MAX * SECTOR_SLOT_BYTES) as usize];
         for (start, len) in runs(sectors) {
             let bytes = &mut buf[..len * SECTOR_SLOT_BYTES as usize];
@@ -97,13 +149,67 @@ impl SectorHashes {
     }
 
     /// Sets the hashes of `entries`' sectors (ascending, distinct).
-    pub fn put_many(&self, entries: &[(u64, SectorHash)]) -> io::Result<()> {
+    pub fn put_many(&mut self, entries: &[(u64, SectorHash)]) -> io::Result<()> {
+        for (_, h) in entries {
+            assert!(h.iter().any(|&b| b != 0), "a zero hash reads as no hash");
+        }
+        if self.pages.is_some() && !self.pages_fit(entries) {
+            self.move_to_file()?;
+        }
+        let Some(pages) = &mut self.pages else {
+            return self.put_in_file(entries);
+        };
+        for &(s, h) in entries {
+            let i = (s / PAGE_SECTORS) as usize;
+            if pages.len() <= i {
+                pages.resize_with(i + 1, || None);
+            }
+            let page = pages[i].get_or_insert_with(|| {
+                self.pages_used += 1;
+                vec![[0u8; 32]; PAGE_SECTORS as usize].into_boxed_slice()
+            });
+            page[(s % PAGE_SECTORS) as usize] = h;
+        }
+        Ok(())
+    }
+
+    /// Whether the pages `entries` need, with those allocated, stay within the bound.
+    fn pages_fit(&self, entries: &[(u64, SectorHash)]) -> bool {
+        let pages = self.pages.as_ref().expect("in memory");
+        let mut new_pages = 0;
+        let mut last = None;
+        for &(s, _) in entries {
+            let i = s / PAGE_SECTORS;
+            if last != Some(i) && pages.get(i as usize).is_none_or(|p| p.is_none()) {
+                new_pages += 1;
+            }
+            last = Some(i);
+        }
+        self.pages_used + new_pages <= self.pages_max
+    }
+
+    /// Writes every in-memory page to the file, which holds the table from then on.
+    fn move_to_file(&mut self) -> io::Result<()> {
+        let pages = self.pages.as_ref().expect("in memory");
+        let mut buf = Vec::with_capacity((PAGE_SECTORS * SECTOR_SLOT_BYTES) as usize);
+        for (i, page) in pages.iter().enumerate() {
+            let Some(page) = page else { continue };
+            buf.clear();
+            page.iter().for_each(|h| buf.extend_from_slice(h));
+            let at = i as u64 * PAGE_SECTORS * SECTOR_SLOT_BYTES;
+            self.file.write_all_at(&buf, at)?;
+        }
+        self.pages = None;
+        self.pages_used = 0;
+        Ok(())
+    }
+
+    fn put_in_file(&self, entries: &[(u64, SectorHash)]) -> io::Result<()> {
         let sectors: Vec<u64> = entries.iter().map(|e| e.0).collect();
         let mut buf = Vec::with_capacity((RUN_SECTORS_MAX * SECTOR_SLOT_BYTES) as usize);
         for (start, len) in runs(&sectors) {
             buf.clear();
             for (_, h) in &entries[start..start + len] {
-                assert!(h.iter().any(|&b| b != 0), "a zero hash reads as no hash");
                 buf.extend_from_slice(h);
             }
             self.file
@@ -208,17 +314,36 @@ impl SeenStates {
 mod tests {
     use super::*;
 
+    fn sorted(t: &SectorHashes, sectors: &[u64]) -> Vec<(u64, SectorHash)> {
+        let mut got: Vec<_> = t.get_many(sectors).unwrap().into_iter().collect();
+        got.sort_unstable();
+        got
+    }
+
+    /// In memory, in the file from the start, and moved to the file on the way (its third
+    /// page passes a bound of two): the same answers.
     #[test]
     fn sector_hashes_read_back_and_holes_are_absent() {
         let dir = tempfile::tempdir().unwrap();
-        let t = SectorHashes::new(dir.path()).unwrap();
+        let page_bytes = PAGE_SECTORS * SECTOR_SLOT_BYTES;
         let h = |b: u8| [b; 32];
-        t.put_many(&[(3, h(1)), (4, h(2)), (5000, h(3))]).unwrap();
-        t.put_many(&[(4, h(9))]).unwrap();
-        let got = t.get_many(&[0, 3, 4, 5, 4999, 5000, 1 << 30]).unwrap();
-        let mut got: Vec<_> = got.into_iter().collect();
-        got.sort_unstable();
-        assert_eq!(got, vec![(3, h(1)), (4, h(9)), (5000, h(3))]);
+        let far = 3 * PAGE_SECTORS + 1;
+        for (max, moves) in [
+            (SECTOR_HASHES_MEMORY_BYTES_MAX, false),
+            (0, true),
+            (2 * page_bytes, true),
+        ] {
+            let mut t = SectorHashes::with_memory_max(dir.path(), max).unwrap();
+            t.put_many(&[(3, h(1)), (4, h(2)), (5000, h(3))]).unwrap();
+            t.put_many(&[(4, h(9))]).unwrap();
+            assert_eq!(t.in_file(), max == 0, "bound {max}");
+            let probe = [0, 3, 4, 5, 4999, 5000, far, 1 << 30];
+            assert_eq!(sorted(&t, &probe), vec![(3, h(1)), (4, h(9)), (5000, h(3))]);
+            t.put_many(&[(5, h(4)), (far, h(5))]).unwrap();
+            assert_eq!(t.in_file(), moves, "bound {max}");
+            let want = vec![(3, h(1)), (4, h(9)), (5, h(4)), (5000, h(3)), (far, h(5))];
+            assert_eq!(sorted(&t, &probe), want, "bound {max}");
+        }
     }
 
     #[test]

@@ -35,6 +35,7 @@ use rand_chacha::ChaCha8Rng;
 use nbd_server::log::{sector_pieces, torn_pieces, unit_pieces, LogError, SECTOR_BYTES};
 
 use crate::history::{Epoch, LogData, Op};
+use crate::sector_hash::hash_sectors;
 use crate::state_tables::{SectorHash, SectorHashes, SeenStates, Sum};
 
 /// Memory one epoch's states may take to generate, at most: its operations, their sector
@@ -221,11 +222,9 @@ fn op_updates(
     pieces: &[(u64, u64)],
     log: &dyn LogData,
 ) -> Result<Vec<SectorUpdate>, LogError> {
-    static ZERO_HASH: std::sync::OnceLock<SectorHash> = std::sync::OnceLock::new();
-    let zero_hash =
-        *ZERO_HASH.get_or_init(|| *blake3::hash(&[0u8; SECTOR_BYTES as usize]).as_bytes());
     let mut out = Vec::new();
     let mut buf = Vec::new();
+    let mut hashes = Vec::new();
     for &(off, len) in pieces {
         // Chunks end on sector boundaries (but the piece's last), so a sector is never split.
         let mut at = off;
@@ -234,24 +233,55 @@ fn op_updates(
             let end = boundary.min(off + len);
             buf.resize((end - at) as usize, 0);
             op.read(log, at, &mut buf)?;
-            for (s_off, s_len) in sector_pieces(at, end - at) {
-                let sector = s_off / SECTOR_BYTES;
-                let b = &buf[(s_off - at) as usize..(s_off - at + s_len) as usize];
-                let h = if op.data == crate::history::OpData::Zero && s_len == SECTOR_BYTES {
-                    zero_hash
-                } else {
-                    *blake3::hash(b).as_bytes()
-                };
-                out.push(if s_len == SECTOR_BYTES {
-                    SectorUpdate::Full(sector, h, contrib(sector, &h))
-                } else {
-                    SectorUpdate::Partial(sector, (s_off % SECTOR_BYTES) as u16, s_len as u16, h)
-                });
-            }
+            chunk_updates(
+                op.data == crate::history::OpData::Zero,
+                at,
+                &buf,
+                &mut hashes,
+                &mut out,
+            );
             at = end;
         }
     }
     Ok(out)
+}
+
+/// Appends the sector updates of `buf`, an operation's bytes at byte `at` (of zeros when
+/// `zero`): the whole sectors in it are hashed together ([`hash_sectors`]); a part of a sector
+/// at either end on its own.
+fn chunk_updates(
+    zero: bool,
+    at: u64,
+    buf: &[u8],
+    hashes: &mut Vec<SectorHash>,
+    out: &mut Vec<SectorUpdate>,
+) {
+    static ZERO_HASH: std::sync::OnceLock<SectorHash> = std::sync::OnceLock::new();
+    let zero_hash =
+        *ZERO_HASH.get_or_init(|| *blake3::hash(&[0u8; SECTOR_BYTES as usize]).as_bytes());
+    let end = at + buf.len() as u64;
+    let whole_from = (at.div_ceil(SECTOR_BYTES) * SECTOR_BYTES).min(end);
+    let whole_to = (end / SECTOR_BYTES * SECTOR_BYTES).max(whole_from);
+    hashes.clear();
+    if !zero {
+        hash_sectors(
+            &buf[(whole_from - at) as usize..(whole_to - at) as usize],
+            hashes,
+        );
+    }
+    let mut whole = 0;
+    for (s_off, s_len) in sector_pieces(at, end - at) {
+        let sector = s_off / SECTOR_BYTES;
+        out.push(if s_len == SECTOR_BYTES {
+            let h = if zero { zero_hash } else { hashes[whole] };
+            whole += 1;
+            SectorUpdate::Full(sector, h, contrib(sector, &h))
+        } else {
+            let b = &buf[(s_off - at) as usize..(s_off - at + s_len) as usize];
+            let h = *blake3::hash(b).as_bytes();
+            SectorUpdate::Partial(sector, (s_off % SECTOR_BYTES) as u16, s_len as u16, h)
+        });
+    }
 }
 
 /// What an epoch's operations do to each sector they write, hashed: the part of state

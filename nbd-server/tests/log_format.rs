@@ -719,3 +719,52 @@ fn log_endings_say_why() {
         "{full}"
     );
 }
+
+/// The header-only pass (`LogReader::headers`, a long log's quick first pass) meets the same
+/// records as the full pass, leaves the stream where it was, ends quietly at a torn tail or a
+/// damaged header, and `read_checked_payload` refuses a payload whose checksum is wrong.
+#[test]
+fn the_header_pass_meets_the_records_the_full_pass_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.log");
+    let ends = sample_log(&p);
+    let all = read_all(&p).unwrap();
+    let mut reader = LogReader::open(&p).unwrap();
+    assert_eq!(reader.headers().collect::<Vec<_>>(), all);
+    for rec in &all {
+        let payload = reader.read_checked_payload(rec).unwrap();
+        assert_eq!(payload, reader.read_payload(rec).unwrap());
+    }
+    let streamed: Vec<Record> = reader.by_ref().collect::<Result<_, _>>().unwrap();
+    assert_eq!(
+        streamed, all,
+        "the header pass left the stream at the first record"
+    );
+
+    // Torn inside the last record's payload: its header is whole but its payload is not.
+    let full = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &full[..full.len() - 1]).unwrap();
+    let reader = LogReader::open(&p).unwrap();
+    assert_eq!(reader.headers().collect::<Vec<_>>(), all[..4]);
+
+    // A damaged header (of the third record) ends the pass there.
+    let mut bytes = full.clone();
+    bytes[ends[1] as usize + 10] ^= 1;
+    std::fs::write(&p, &bytes).unwrap();
+    let reader = LogReader::open(&p).unwrap();
+    assert_eq!(reader.headers().collect::<Vec<_>>(), all[..2]);
+
+    // A damaged payload (of the first record) passes the header pass, not the check.
+    let mut bytes = full;
+    bytes[FILE_HEADER_BYTES + RECORD_HEADER_BYTES + 1] ^= 0xff;
+    std::fs::write(&p, &bytes).unwrap();
+    let reader = LogReader::open(&p).unwrap();
+    let headers: Vec<Record> = reader.headers().collect();
+    assert_eq!(headers, all);
+    let err = reader.read_checked_payload(&headers[0]).unwrap_err();
+    assert!(
+        matches!(&err, LogError::Corrupt { offset: 32, what } if what.contains("checksum")),
+        "{err}"
+    );
+    reader.read_checked_payload(&headers[1]).unwrap();
+}
