@@ -34,7 +34,7 @@ use rand_chacha::ChaCha8Rng;
 
 use nbd_server::log::{sector_pieces, torn_pieces, unit_pieces, LogError, SECTOR_BYTES};
 
-use crate::history::{Epoch, LogData, Op};
+use crate::history::{Epoch, LogData, LogSpan, Op};
 use crate::sector_hash::hash_sectors;
 use crate::state_tables::{SectorHash, SectorHashes, SeenStates, Sum};
 
@@ -304,10 +304,11 @@ impl EpochHashes {
                 epoch.ops.len()
             )));
         }
+        let span = LogSpan::of_ops(log, &epoch.ops)?;
         let updates = epoch
             .ops
             .iter()
-            .map(|op| op_updates(op, &op.pieces, log))
+            .map(|op| op_updates(op, &op.pieces, &span))
             .collect::<Result<_, _>>()?;
         Ok(EpochHashes { updates })
     }
@@ -667,6 +668,7 @@ impl StateGenerator {
         before: &BlockMap<Sum>,
     ) -> Result<(), LogError> {
         let mut now: BlockMap<(SectorHash, Sum)> = BlockMap::default();
+        now.reserve(updates.iter().map(Vec::len).sum());
         for u in updates.iter().flatten() {
             let s = u.sector();
             let new = u.apply_sum(now.get(&s).map(|n| &n.0).or_else(|| old.get(&s)));
@@ -696,6 +698,7 @@ impl StateGenerator {
         torn: Option<&TornOp>,
     ) -> Result<Sum, LogError> {
         let mut changed: BlockMap<(SectorHash, Sum)> = BlockMap::default();
+        changed.reserve(included.iter().map(|&i| updates[i].len()).sum());
         let apply = |u: &SectorUpdate, changed: &mut BlockMap<(SectorHash, Sum)>| {
             let s = u.sector();
             let prev = changed.get(&s).map(|c| &c.0).or_else(|| old.get(&s));
