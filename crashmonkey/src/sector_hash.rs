@@ -39,6 +39,11 @@ fn platform() -> Platform {
 /// # Panics
 /// If `data`'s length is not a multiple of 512.
 pub fn hash_sectors(data: &[u8], out: &mut Vec<[u8; 32]>) {
+    hash_sectors_on(platform(), data, out)
+}
+
+/// [`hash_sectors`] with BLAKE3's implementation for `platform` (the tests run each).
+fn hash_sectors_on(platform: Platform, data: &[u8], out: &mut Vec<[u8; 32]>) {
     assert_eq!(
         data.len() % SECTOR_HASH_INPUT_BYTES,
         0,
@@ -54,7 +59,7 @@ pub fn hash_sectors(data: &[u8], out: &mut Vec<[u8; 32]>) {
                 .map(|s| <&[u8; SECTOR_HASH_INPUT_BYTES]>::try_from(s).expect("512 bytes")),
         );
         let bytes = &mut hashes[..32 * inputs.len()];
-        platform().hash_many(
+        platform.hash_many(
             &inputs,
             &BLAKE3_IV,
             0,
@@ -77,8 +82,28 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    /// Every implementation this machine has: the one `hash_sectors` uses (the widest), and
+    /// the narrower ones another machine would use.
+    fn platforms() -> Vec<Platform> {
+        let mut out = vec![Platform::detect(), Platform::portable()];
+        #[cfg(target_arch = "x86_64")]
+        out.extend(
+            [Platform::sse2(), Platform::sse41(), Platform::avx2()]
+                .into_iter()
+                .flatten(),
+        );
+        out
+    }
+
     #[test]
     fn every_sector_hashes_as_blake3_hash_does() {
+        for platform in platforms() {
+            every_sector_hashes_as_blake3_hash_does_on(platform);
+        }
+    }
+
+    fn every_sector_hashes_as_blake3_hash_does_on(platform: Platform) {
+        let degree = platform.simd_degree();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(21);
         // Counts below, at and around the SIMD degrees and the per-call bound.
         for sectors in [0usize, 1, 2, 3, 4, 7, 8, 15, 16, 17, 63, 64, 65, 129, 200] {
@@ -88,7 +113,7 @@ mod tests {
                 data[SECTOR_HASH_INPUT_BYTES..2 * SECTOR_HASH_INPUT_BYTES].fill(0);
             }
             let mut got = vec![[7u8; 32]];
-            hash_sectors(&data, &mut got);
+            hash_sectors_on(platform, &data, &mut got);
             assert_eq!(got.len(), 1 + sectors, "appends one hash per sector");
             assert_eq!(got[0], [7u8; 32], "keeps what was there");
             for (i, s) in data.chunks_exact(SECTOR_HASH_INPUT_BYTES).enumerate() {
