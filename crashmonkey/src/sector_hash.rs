@@ -120,7 +120,7 @@ mod tests {
                 assert_eq!(
                     got[1 + i],
                     *blake3::hash(s).as_bytes(),
-                    "{sectors} sectors: #{i}"
+                    "SIMD degree {degree}, {sectors} sectors: #{i}"
                 );
             }
         }
