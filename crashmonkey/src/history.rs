@@ -41,6 +41,11 @@ pub struct Op {
 /// campaign's short logs, read once for every state).
 pub trait LogData: Send + Sync {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+
+    /// The `len` bytes at `offset`, when they are already in memory (no copy needed).
+    fn bytes_at(&self, _offset: u64, _len: usize) -> Option<&[u8]> {
+        None
+    }
 }
 
 impl LogData for File {
@@ -51,12 +56,16 @@ impl LogData for File {
 
 impl LogData for std::sync::Arc<Vec<u8>> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let bytes = usize::try_from(offset)
-            .ok()
-            .and_then(|at| self.get(at..at.checked_add(buf.len())?))
+        let bytes = self
+            .bytes_at(offset, buf.len())
             .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
         buf.copy_from_slice(bytes);
         Ok(())
+    }
+
+    fn bytes_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let at = usize::try_from(offset).ok()?;
+        self.get(at..at.checked_add(len)?)
     }
 }
 
@@ -98,17 +107,18 @@ impl<'a> LogSpan<'a> {
 
 impl LogData for LogSpan<'_> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let inside = offset
-            .checked_sub(self.start)
-            .and_then(|at| usize::try_from(at).ok())
-            .and_then(|at| self.bytes.get(at..at.checked_add(buf.len())?));
-        match inside {
+        match self.bytes_at(offset, buf.len()) {
             Some(bytes) => {
                 buf.copy_from_slice(bytes);
                 Ok(())
             }
             None => self.log.read_exact_at(buf, offset),
         }
+    }
+
+    fn bytes_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let at = usize::try_from(offset.checked_sub(self.start)?).ok()?;
+        self.bytes.get(at..at.checked_add(len)?)
     }
 }
 
@@ -123,6 +133,16 @@ impl Op {
             }
             OpData::Log { payload_offset } => {
                 log.read_exact_at(buf, payload_offset + (off - self.offset))
+            }
+        }
+    }
+
+    /// `[off, off+len)` of this operation's content, when `log` holds it in memory.
+    pub fn bytes_in<'a>(&self, log: &'a dyn LogData, off: u64, len: usize) -> Option<&'a [u8]> {
+        match self.data {
+            OpData::Zero => None,
+            OpData::Log { payload_offset } => {
+                log.bytes_at(payload_offset + (off - self.offset), len)
             }
         }
     }
@@ -531,6 +551,9 @@ mod tests {
             span.read_exact_at(&mut b, off).unwrap();
             assert_eq!(b, bytes[off as usize..off as usize + len], "{len} at {off}");
             assert_eq!(reads() - before, from_log, "{len} at {off}");
+            let held = span.bytes_at(off, len);
+            assert_eq!(held.is_some(), from_log == 0, "{len} at {off}: held in memory");
+            assert!(held.is_none_or(|h| h == b), "{len} at {off}: the same bytes");
         }
         let far = [op(Some(0), 1), op(Some(LOG_SPAN_BYTES_MAX), 1)];
         let span = LogSpan::of_ops(&log, &far).unwrap();

@@ -231,15 +231,18 @@ fn op_updates(
         while at < off + len {
             let boundary = (at / SECTOR_BYTES + HASH_READ_BYTES_MAX / SECTOR_BYTES) * SECTOR_BYTES;
             let end = boundary.min(off + len);
-            buf.resize((end - at) as usize, 0);
-            op.read(log, at, &mut buf)?;
-            chunk_updates(
-                op.data == crate::history::OpData::Zero,
-                at,
-                &buf,
-                &mut hashes,
-                &mut out,
-            );
+            let n = (end - at) as usize;
+            // The bytes where the log holds them in memory, else a copy.
+            let bytes = match op.bytes_in(log, at, n) {
+                Some(bytes) => bytes,
+                None => {
+                    buf.resize(n, 0);
+                    op.read(log, at, &mut buf)?;
+                    &buf[..]
+                }
+            };
+            let zero = op.data == crate::history::OpData::Zero;
+            chunk_updates(zero, at, bytes, &mut hashes, &mut out);
             at = end;
         }
     }

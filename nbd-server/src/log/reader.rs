@@ -45,6 +45,8 @@ pub struct LogReader {
     torn_tail_bytes: u64,
     /// The full record met so far: its sequence number and payload.
     full: Option<(u64, FullPayload)>,
+    /// The buffer payloads are read and checksummed through, kept from record to record.
+    chunk: Vec<u8>,
     done: bool,
 }
 
@@ -71,6 +73,7 @@ impl LogReader {
             next_seq: 0,
             torn_tail_bytes: 0,
             full: None,
+            chunk: Vec::new(),
             done: false,
         })
     }
@@ -230,6 +233,7 @@ impl LogReader {
         if let Err(e) = self.note_full(kind, &header, &payload) {
             return Some(Err(e));
         }
+        self.chunk = payload;
         let rec = Record {
             header,
             kind,
@@ -295,7 +299,9 @@ impl LogReader {
     ) -> Result<Option<Vec<u8>>, LogError> {
         let mut crc = crc32c::crc32c(&raw[..44]);
         let mut left = header.payload_len as usize;
-        let mut chunk = vec![0u8; left.min(CRC_CHUNK_BYTES)];
+        // The buffer of the record before (given back by `next_record`), not a new one.
+        let mut chunk = std::mem::take(&mut self.chunk);
+        chunk.resize(left.min(CRC_CHUNK_BYTES), 0);
         while left > 0 {
             let n = left.min(CRC_CHUNK_BYTES);
             self.stream.read_exact(&mut chunk[..n])?;
