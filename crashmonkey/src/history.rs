@@ -552,8 +552,15 @@ mod tests {
             assert_eq!(b, bytes[off as usize..off as usize + len], "{len} at {off}");
             assert_eq!(reads() - before, from_log, "{len} at {off}");
             let held = span.bytes_at(off, len);
-            assert_eq!(held.is_some(), from_log == 0, "{len} at {off}: held in memory");
-            assert!(held.is_none_or(|h| h == b), "{len} at {off}: the same bytes");
+            assert_eq!(
+                held.is_some(),
+                from_log == 0,
+                "{len} at {off}: held in memory"
+            );
+            assert!(
+                held.is_none_or(|h| h == b),
+                "{len} at {off}: the same bytes"
+            );
         }
         let far = [op(Some(0), 1), op(Some(LOG_SPAN_BYTES_MAX), 1)];
         let span = LogSpan::of_ops(&log, &far).unwrap();
