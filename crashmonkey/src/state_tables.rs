@@ -55,10 +55,11 @@ const PAGE_SECTORS: u64 = 4096;
 /// module docs.
 pub struct SectorHashes {
     file: File,
-    /// Page `i` holds sectors `i * PAGE_SECTORS..`; `None` once the table is in the file.
-    pages: Option<Vec<Option<Box<[SectorHash]>>>>,
-    /// Pages allocated, and how many may be before the table moves to the file.
-    pages_used: u64,
+    /// Page `i` (its key) holds sectors `i * PAGE_SECTORS..`, in a map so that memory grows
+    /// with the pages written, not with the highest sector; `None` once the table is in the
+    /// file.
+    pages: Option<BlockMap<Box<[SectorHash]>>>,
+    /// How many pages may be allocated before the table moves to the file.
     pages_max: u64,
 }
 
@@ -106,8 +107,7 @@ impl SectorHashes {
     pub fn with_memory_max(dir: &Path, bytes: u64) -> io::Result<Self> {
         Ok(SectorHashes {
             file: tempfile::tempfile_in(dir)?,
-            pages: Some(Vec::new()),
-            pages_used: 0,
+            pages: Some(BlockMap::default()),
             pages_max: bytes / (PAGE_SECTORS * SECTOR_SLOT_BYTES),
         })
     }
@@ -124,9 +124,7 @@ impl SectorHashes {
         out.reserve(sectors.len());
         if let Some(pages) = &self.pages {
             for &s in sectors {
-                let page = pages
-                    .get((s / PAGE_SECTORS) as usize)
-                    .and_then(|p| p.as_ref());
+                let page = pages.get(&(s / PAGE_SECTORS));
                 if let Some(h) = page.map(|p| p[(s % PAGE_SECTORS) as usize]) {
                     if h.iter().any(|&b| b != 0) {
                         out.insert(s, h);
@@ -160,14 +158,9 @@ impl SectorHashes {
             return self.put_in_file(entries);
         };
         for &(s, h) in entries {
-            let i = (s / PAGE_SECTORS) as usize;
-            if pages.len() <= i {
-                pages.resize_with(i + 1, || None);
-            }
-            let page = pages[i].get_or_insert_with(|| {
-                self.pages_used += 1;
-                vec![[0u8; 32]; PAGE_SECTORS as usize].into_boxed_slice()
-            });
+            let page = pages
+                .entry(s / PAGE_SECTORS)
+                .or_insert_with(|| vec![[0u8; 32]; PAGE_SECTORS as usize].into_boxed_slice());
             page[(s % PAGE_SECTORS) as usize] = h;
         }
         Ok(())
@@ -180,27 +173,25 @@ impl SectorHashes {
         let mut last = None;
         for &(s, _) in entries {
             let i = s / PAGE_SECTORS;
-            if last != Some(i) && pages.get(i as usize).is_none_or(|p| p.is_none()) {
+            if last != Some(i) && !pages.contains_key(&i) {
                 new_pages += 1;
             }
             last = Some(i);
         }
-        self.pages_used + new_pages <= self.pages_max
+        pages.len() as u64 + new_pages <= self.pages_max
     }
 
     /// Writes every in-memory page to the file, which holds the table from then on.
     fn move_to_file(&mut self) -> io::Result<()> {
         let pages = self.pages.as_ref().expect("in memory");
         let mut buf = Vec::with_capacity((PAGE_SECTORS * SECTOR_SLOT_BYTES) as usize);
-        for (i, page) in pages.iter().enumerate() {
-            let Some(page) = page else { continue };
+        for (&i, page) in pages {
             buf.clear();
             page.iter().for_each(|h| buf.extend_from_slice(h));
-            let at = i as u64 * PAGE_SECTORS * SECTOR_SLOT_BYTES;
+            let at = i * PAGE_SECTORS * SECTOR_SLOT_BYTES;
             self.file.write_all_at(&buf, at)?;
         }
         self.pages = None;
-        self.pages_used = 0;
         Ok(())
     }
 
@@ -327,7 +318,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let page_bytes = PAGE_SECTORS * SECTOR_SLOT_BYTES;
         let h = |b: u8| [b; 32];
-        let far = 3 * PAGE_SECTORS + 1;
+        // The last sector of a 1 TiB disk: one more page in memory, not a table up to it.
+        let far = (1u64 << 40) / 512 - 1;
         for (max, moves) in [
             (SECTOR_HASHES_MEMORY_BYTES_MAX, false),
             (0, true),
@@ -341,6 +333,8 @@ mod tests {
             assert_eq!(sorted(&t, &probe), vec![(3, h(1)), (4, h(9)), (5000, h(3))]);
             t.put_many(&[(5, h(4)), (far, h(5))]).unwrap();
             assert_eq!(t.in_file(), moves, "bound {max}");
+            let pages = t.pages.as_ref().map(|p| p.len());
+            assert_eq!(pages, (!moves).then_some(3), "pages 0, 1 and the far one's");
             let want = vec![(3, h(1)), (4, h(9)), (5, h(4)), (5000, h(3)), (far, h(5))];
             assert_eq!(sorted(&t, &probe), want, "bound {max}");
         }
