@@ -182,6 +182,7 @@ impl History {
         // The fates power cuts give earlier records, known before those records are read: a
         // pass over the headers (the full pass, the iteration, checks every record).
         for rec in reader.headers() {
+            let rec = rec?;
             if rec.kind == RecordKind::PowerCut {
                 let cut: PowerCutPayload = decode_payload(&reader.read_checked_payload(&rec)?)?;
                 for f in cut.fates {

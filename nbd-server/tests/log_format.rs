@@ -730,7 +730,10 @@ fn the_header_pass_meets_the_records_the_full_pass_reads() {
     let ends = sample_log(&p);
     let all = read_all(&p).unwrap();
     let mut reader = LogReader::open(&p).unwrap();
-    assert_eq!(reader.headers().collect::<Vec<_>>(), all);
+    assert_eq!(
+        reader.headers().collect::<Result<Vec<_>, _>>().unwrap(),
+        all
+    );
     for rec in &all {
         let payload = reader.read_checked_payload(rec).unwrap();
         assert_eq!(payload, reader.read_payload(rec).unwrap());
@@ -745,21 +748,27 @@ fn the_header_pass_meets_the_records_the_full_pass_reads() {
     let full = std::fs::read(&p).unwrap();
     std::fs::write(&p, &full[..full.len() - 1]).unwrap();
     let reader = LogReader::open(&p).unwrap();
-    assert_eq!(reader.headers().collect::<Vec<_>>(), all[..4]);
+    assert_eq!(
+        reader.headers().collect::<Result<Vec<_>, _>>().unwrap(),
+        all[..4]
+    );
 
     // A damaged header (of the third record) ends the pass there.
     let mut bytes = full.clone();
     bytes[ends[1] as usize + 10] ^= 1;
     std::fs::write(&p, &bytes).unwrap();
     let reader = LogReader::open(&p).unwrap();
-    assert_eq!(reader.headers().collect::<Vec<_>>(), all[..2]);
+    assert_eq!(
+        reader.headers().collect::<Result<Vec<_>, _>>().unwrap(),
+        all[..2]
+    );
 
     // A damaged payload (of the first record) passes the header pass, not the check.
     let mut bytes = full;
     bytes[FILE_HEADER_BYTES + RECORD_HEADER_BYTES + 1] ^= 0xff;
     std::fs::write(&p, &bytes).unwrap();
     let reader = LogReader::open(&p).unwrap();
-    let headers: Vec<Record> = reader.headers().collect();
+    let headers: Vec<Record> = reader.headers().collect::<Result<_, _>>().unwrap();
     assert_eq!(headers, all);
     let err = reader.read_checked_payload(&headers[0]).unwrap_err();
     assert!(

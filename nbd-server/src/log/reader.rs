@@ -122,12 +122,21 @@ impl LogReader {
     /// record; reading every payload through the stream and checksumming it took a tenth
     /// of generating a 1 GiB log's crash states). It ends quietly at the first header the
     /// full pass would stop at or refuse (that pass says why), and does not move the stream.
-    pub fn headers(&self) -> impl Iterator<Item = Record> + '_ {
+    /// A failed read is an error (it ends the pass too): a pass that ended quietly there
+    /// could miss a power cut the full pass then reads.
+    pub fn headers(&self) -> impl Iterator<Item = Result<Record, LogError>> + '_ {
         let mut pos = FILE_HEADER_BYTES as u64;
         let mut seq = 0;
+        let mut failed = false;
         std::iter::from_fn(move || {
             let mut raw = [0u8; RECORD_HEADER_BYTES];
-            self.file.read_exact_at(&mut raw, pos).ok()?;
+            if failed || pos + RECORD_HEADER_BYTES as u64 > self.file_len {
+                return None;
+            }
+            if let Err(e) = self.file.read_exact_at(&mut raw, pos) {
+                failed = true;
+                return Some(Err(e.into()));
+            }
             let header = RecordHeader::decode(&raw);
             let kind = header
                 .kind()
@@ -142,7 +151,7 @@ impl LogReader {
                 file_offset: pos,
             };
             (pos, seq) = (end, seq + 1);
-            Some(rec)
+            Some(Ok(rec))
         })
     }
 
