@@ -753,15 +753,19 @@ fn the_header_pass_meets_the_records_the_full_pass_reads() {
         all[..4]
     );
 
-    // A damaged header (of the third record) ends the pass there.
-    let mut bytes = full.clone();
-    bytes[ends[1] as usize + 10] ^= 1;
-    std::fs::write(&p, &bytes).unwrap();
-    let reader = LogReader::open(&p).unwrap();
-    assert_eq!(
-        reader.headers().collect::<Result<Vec<_>, _>>().unwrap(),
-        all[..2]
-    );
+    // A damaged header (of the third record) ends the pass there: in its sequence number,
+    // and in its connection, which only the header's checksum covers.
+    for at in [10, 16] {
+        let mut bytes = full.clone();
+        bytes[ends[1] as usize + at] ^= 1;
+        std::fs::write(&p, &bytes).unwrap();
+        let reader = LogReader::open(&p).unwrap();
+        assert_eq!(
+            reader.headers().collect::<Result<Vec<_>, _>>().unwrap(),
+            all[..2],
+            "header byte {at} damaged"
+        );
+    }
 
     // A damaged payload (of the first record) passes the header pass, not the check.
     let mut bytes = full;
