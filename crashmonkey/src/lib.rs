@@ -37,3 +37,12 @@ pub mod shard;
 pub mod state_tables;
 pub mod states;
 pub mod workload;
+
+/// A named limit, or the value of the environment variable `var` when it is set and parses:
+/// tests lower limits this way to reach what a long run would (never needed in normal use).
+pub(crate) fn limit_from_env<T: std::str::FromStr>(var: &str, limit: T) -> T {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(limit)
+}

@@ -47,10 +47,7 @@ pub const PREFIX_RUNS_MAX: usize = 1 << 20;
 /// The prefix's run limit in effect: [`PREFIX_RUNS_MAX`], or `CRASHMONKEY_PREFIX_RUNS_MAX`
 /// when set (so that tests can make a small log flatten its prefix).
 fn prefix_runs_max() -> usize {
-    std::env::var("CRASHMONKEY_PREFIX_RUNS_MAX")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(PREFIX_RUNS_MAX)
+    crate::limit_from_env("CRASHMONKEY_PREFIX_RUNS_MAX", PREFIX_RUNS_MAX)
 }
 
 /// Bytes copied at a time when the prefix is flattened.

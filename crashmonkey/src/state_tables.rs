@@ -42,10 +42,10 @@ pub const SECTOR_HASHES_MEMORY_BYTES_MAX: u64 = 64 << 20;
 /// `CRASHMONKEY_SECTOR_HASHES_MEMORY_BYTES` when set (so that a test can make a small disk's
 /// table move to its file).
 fn sector_hashes_memory_bytes_max() -> u64 {
-    std::env::var("CRASHMONKEY_SECTOR_HASHES_MEMORY_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(SECTOR_HASHES_MEMORY_BYTES_MAX)
+    crate::limit_from_env(
+        "CRASHMONKEY_SECTOR_HASHES_MEMORY_BYTES",
+        SECTOR_HASHES_MEMORY_BYTES_MAX,
+    )
 }
 
 /// Sectors per in-memory page of a [`SectorHashes`] (128 KiB a page).

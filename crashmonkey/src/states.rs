@@ -225,6 +225,7 @@ fn op_updates(
     let mut out = Vec::new();
     let mut buf = Vec::new();
     let mut hashes = Vec::new();
+    let zero = op.data == crate::history::OpData::Zero;
     for &(off, len) in pieces {
         // Chunks end on sector boundaries (but the piece's last), so a sector is never split.
         let mut at = off;
@@ -241,7 +242,6 @@ fn op_updates(
                     &buf[..]
                 }
             };
-            let zero = op.data == crate::history::OpData::Zero;
             chunk_updates(zero, at, bytes, &mut hashes, &mut out);
             at = end;
         }

@@ -229,13 +229,19 @@ impl RecordHeader {
             crc: 0,
             header_crc: 0,
         };
-        let raw = h.encode();
-        h.crc = parts.iter().fold(crc32c::crc32c(&raw[..44]), |c, p| {
-            crc32c::crc32c_append(c, p)
-        });
+        h.crc = h.record_crc(parts);
         let raw = h.encode();
         h.header_crc = crc32c::crc32c(&raw[..48]);
         h
+    }
+
+    /// The record checksum of this header with a payload of `parts` (concatenated): crc32c
+    /// over bytes 0..44 of the header, then the payload.
+    pub fn record_crc(&self, parts: &[&[u8]]) -> u32 {
+        let raw = self.encode();
+        parts.iter().fold(crc32c::crc32c(&raw[..44]), |c, p| {
+            crc32c::crc32c_append(c, p)
+        })
     }
 
     pub fn encode(&self) -> [u8; RECORD_HEADER_BYTES] {

@@ -159,9 +159,7 @@ impl LogReader {
     /// checksum (for a record met by [`Self::headers`]).
     pub fn read_checked_payload(&self, rec: &Record) -> Result<Vec<u8>, LogError> {
         let payload = self.read_payload(rec)?;
-        let raw = rec.header.encode();
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&raw[..44]), &payload);
-        if crc != rec.header.crc {
+        if rec.header.record_crc(&[&payload]) != rec.header.crc {
             return Err(LogError::Corrupt {
                 offset: rec.file_offset,
                 what: "record checksum mismatch".into(),
