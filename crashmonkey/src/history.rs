@@ -10,7 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use nbd_server::log::{
-    decode_payload, Fate, FlushPayload, LogError, LogReader, PowerCutPayload, Record, RecordKind,
+    decode_payload, Fate, FlushPayload, KeptBytes, LogError, LogReader, PowerCutPayload, Record,
+    RecordKind,
 };
 
 /// Where an operation's bytes come from.
@@ -79,10 +80,20 @@ pub const LOG_SPAN_BYTES_MAX: u64 = 4 << 20;
 pub struct LogSpan<'a> {
     log: &'a dyn LogData,
     start: u64,
-    bytes: Vec<u8>,
+    bytes: std::borrow::Cow<'a, [u8]>,
 }
 
 impl<'a> LogSpan<'a> {
+    /// The bytes the log reader kept while it read an epoch ([`Epochs::take_kept`]), in
+    /// front of `log`: nothing is read again.
+    pub fn of_kept(log: &'a dyn LogData, kept: &'a KeptBytes) -> Self {
+        LogSpan {
+            log,
+            start: kept.start,
+            bytes: std::borrow::Cow::Borrowed(&kept.bytes),
+        }
+    }
+
     /// The bytes from the first to the end of the last of `ops`' payloads, read from `log`
     /// when there are at most [`LOG_SPAN_BYTES_MAX`] of them (none otherwise: every read
     /// then goes to the log).
@@ -92,16 +103,16 @@ impl<'a> LogSpan<'a> {
             OpData::Zero => None,
         });
         let (start, end) = spans.fold((u64::MAX, 0), |(a, b), (s, e)| (a.min(s), b.max(e)));
-        let mut span = LogSpan {
+        let mut bytes = Vec::new();
+        if start < end && end - start <= LOG_SPAN_BYTES_MAX {
+            bytes = vec![0u8; (end - start) as usize];
+            log.read_exact_at(&mut bytes, start)?;
+        }
+        Ok(LogSpan {
             log,
             start,
-            bytes: Vec::new(),
-        };
-        if start < end && end - start <= LOG_SPAN_BYTES_MAX {
-            span.bytes = vec![0u8; (end - start) as usize];
-            log.read_exact_at(&mut span.bytes, start)?;
-        }
-        Ok(span)
+            bytes: bytes.into(),
+        })
     }
 }
 
@@ -202,6 +213,17 @@ impl History {
             fates,
             disk_bytes,
         })
+    }
+
+    /// From here on keeps the log's bytes as they are read, at most `max` between two
+    /// [`Self::take_kept`] ([`LogReader::keep_bytes`]).
+    pub fn keep_bytes(&mut self, max: usize) {
+        self.reader.keep_bytes(max);
+    }
+
+    /// The log's bytes read since the last take, when kept ([`LogReader::take_kept`]).
+    pub fn take_kept(&mut self, spare: Vec<u8>) -> Option<KeptBytes> {
+        self.reader.take_kept(spare)
     }
 
     /// A file handle to read operation data from.
@@ -376,6 +398,18 @@ impl Epochs {
 
     pub fn history(&self) -> &History {
         &self.history
+    }
+
+    /// From here on keeps the log's bytes, at most `max` an epoch, for [`Self::take_kept`].
+    pub fn keep_bytes(&mut self, max: usize) {
+        self.history.keep_bytes(max);
+    }
+
+    /// The log's bytes read for the epoch just returned (the operations it carried over from
+    /// the one before lie outside them), when kept and within the bound; `spare` is a buffer
+    /// given back for the next epoch's.
+    pub fn take_kept(&mut self, spare: Vec<u8>) -> Option<KeptBytes> {
+        self.history.take_kept(spare)
     }
 
     fn next_epoch(&mut self) -> Result<Option<Epoch>, LogError> {

@@ -32,7 +32,7 @@ use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use nbd_server::log::{sector_pieces, torn_pieces, unit_pieces, LogError, SECTOR_BYTES};
+use nbd_server::log::{sector_pieces, torn_pieces, unit_pieces, KeptBytes, LogError, SECTOR_BYTES};
 
 use crate::history::{Epoch, LogData, LogSpan, Op};
 use crate::sector_hash::hash_sectors;
@@ -298,6 +298,18 @@ impl EpochHashes {
     /// Hashes `epoch`'s sectors, reading its data from `log`; an epoch that would take more
     /// than [`STATE_MEMORY_BYTES_MAX`] to generate is refused first.
     pub fn of(epoch: &Epoch, opts: &StateOptions, log: &dyn LogData) -> Result<Self, LogError> {
+        Self::of_kept(epoch, opts, log, None)
+    }
+
+    /// As [`Self::of`], with the log's bytes the reader kept while it read the epoch
+    /// ([`crate::history::Epochs::take_kept`]), when it did: its payloads are then not read
+    /// again (what lies outside them, an operation carried over, is read from `log`).
+    pub fn of_kept(
+        epoch: &Epoch,
+        opts: &StateOptions,
+        log: &dyn LogData,
+        kept: Option<&KeptBytes>,
+    ) -> Result<Self, LogError> {
         let bytes = epoch_memory_bytes(epoch, opts);
         if bytes > STATE_MEMORY_BYTES_MAX {
             return Err(LogError::Payload(format!(
@@ -307,7 +319,10 @@ impl EpochHashes {
                 epoch.ops.len()
             )));
         }
-        let span = LogSpan::of_ops(log, &epoch.ops)?;
+        let span = match kept {
+            Some(kept) => LogSpan::of_kept(log, kept),
+            None => LogSpan::of_ops(log, &epoch.ops)?,
+        };
         let updates = epoch
             .ops
             .iter()

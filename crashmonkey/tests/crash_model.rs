@@ -259,6 +259,28 @@ fn states_with_images(log: &Path, dir: &Path, opts: StateOptions) -> Vec<(Epoch,
         worker.prefix_advanced(&epoch, SIZE);
         out.push((epoch, states));
     }
+    assert_eq!(
+        hashed_ahead(log, opts),
+        out.iter()
+            .map(|(_, s)| s.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+        "the states hashed ahead (from the bytes the reader kept) are the states"
+    );
+    out
+}
+
+/// Every epoch's states as `check` and `crashmonkey states` make them: hashed ahead on a
+/// thread of their own, from the log's bytes as the reader read them.
+fn hashed_ahead(log: &Path, opts: StateOptions) -> Vec<Vec<CrashState>> {
+    let h = History::open(log).unwrap();
+    let mut gen = StateGenerator::new(opts, h.data_file().unwrap());
+    let mut out = Vec::new();
+    crashmonkey::ahead::hashed_epochs(h, &opts, |item| {
+        let (epoch, hashed) = item.unwrap();
+        out.push(gen.epoch_states_hashed(&epoch, hashed).unwrap());
+        true
+    })
+    .unwrap();
     out
 }
 

@@ -781,3 +781,85 @@ fn the_header_pass_meets_the_records_the_full_pass_reads() {
     );
     reader.read_checked_payload(&headers[1]).unwrap();
 }
+
+/// A reader that keeps the bytes it reads gives them back exactly as the file holds them,
+/// from where the last take left off, reads the same records, keeps nothing past its bound
+/// (until the next take), and still ends at a torn tail or refuses a damaged payload.
+#[test]
+fn kept_bytes_are_the_files_bytes_and_change_nothing_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.log");
+    let ends = sample_log(&p);
+    let all = read_all(&p).unwrap();
+    let file = std::fs::read(&p).unwrap();
+    let slice = |a: u64, b: u64| file[a as usize..b as usize].to_vec();
+
+    let mut reader = LogReader::open(&p).unwrap();
+    reader.keep_bytes(1 << 20);
+    let mut got: Vec<Record> = reader.by_ref().take(2).collect::<Result<_, _>>().unwrap();
+    let kept = reader.take_kept(Vec::new()).unwrap();
+    assert_eq!(
+        (kept.start, kept.bytes),
+        (
+            FILE_HEADER_BYTES as u64,
+            slice(FILE_HEADER_BYTES as u64, ends[1])
+        )
+    );
+    got.extend(reader.by_ref().collect::<Result<Vec<_>, _>>().unwrap());
+    assert_eq!(got, all, "keeping changes no record read");
+    let kept = reader.take_kept(vec![1, 2, 3]).unwrap();
+    assert_eq!((kept.start, kept.bytes), (ends[1], slice(ends[1], ends[4])));
+    assert!(reader.take_kept(Vec::new()).is_none(), "nothing read since");
+
+    // Past the bound nothing is kept, and the records are read all the same.
+    let mut reader = LogReader::open(&p).unwrap();
+    reader.keep_bytes(100);
+    let two: Vec<Record> = reader.by_ref().take(2).collect::<Result<_, _>>().unwrap();
+    assert_eq!(two, all[..2]);
+    assert!(
+        reader.take_kept(Vec::new()).is_none(),
+        "140 bytes read, 100 kept at most"
+    );
+    reader.next().unwrap().unwrap();
+    let kept = reader.take_kept(Vec::new()).unwrap();
+    assert_eq!((kept.start, kept.bytes), (ends[1], slice(ends[1], ends[2])));
+
+    // Torn inside the last payload: the same records, and the torn bytes are not kept.
+    std::fs::write(&p, &file[..file.len() - 1]).unwrap();
+    let mut reader = LogReader::open(&p).unwrap();
+    reader.keep_bytes(1 << 20);
+    let read: Vec<Record> = reader.by_ref().collect::<Result<_, _>>().unwrap();
+    assert_eq!(
+        (read.as_slice(), reader.torn_tail_bytes()),
+        (&all[..4], ends[4] - 1 - ends[3])
+    );
+    let kept = reader.take_kept(Vec::new()).unwrap();
+    assert_eq!(kept.bytes, slice(FILE_HEADER_BYTES as u64, ends[3]));
+    // Torn with its length whole: the payload's end never written (zeroes), so its checksum
+    // fails with nothing but zeroes after; read and kept, then given up.
+    let mut bytes = file.clone();
+    let n = bytes.len();
+    bytes[n - 10..].fill(0);
+    std::fs::write(&p, &bytes).unwrap();
+    let mut reader = LogReader::open(&p).unwrap();
+    reader.keep_bytes(1 << 20);
+    let read: Vec<Record> = reader.by_ref().collect::<Result<_, _>>().unwrap();
+    assert_eq!(
+        (read.as_slice(), reader.torn_tail_bytes()),
+        (&all[..4], ends[4] - ends[3])
+    );
+    let kept = reader.take_kept(Vec::new()).unwrap();
+    assert_eq!(kept.bytes, slice(FILE_HEADER_BYTES as u64, ends[3]));
+
+    // A damaged payload is refused as without keeping.
+    let mut bytes = file.clone();
+    bytes[FILE_HEADER_BYTES + RECORD_HEADER_BYTES + 1] ^= 0xff;
+    std::fs::write(&p, &bytes).unwrap();
+    let mut reader = LogReader::open(&p).unwrap();
+    reader.keep_bytes(1 << 20);
+    let err = reader.next().unwrap().unwrap_err();
+    assert!(
+        matches!(&err, LogError::Corrupt { offset: 32, what } if what.contains("checksum")),
+        "{err}"
+    );
+}

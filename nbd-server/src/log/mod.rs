@@ -22,6 +22,6 @@ mod sectors;
 mod writer;
 
 pub use format::*;
-pub use reader::{LogEnding, LogReader, Record};
+pub use reader::{KeptBytes, LogEnding, LogReader, Record};
 pub use sectors::{merge_pieces, sector_pieces, torn_pieces, unit_pieces};
 pub use writer::LogWriter;

@@ -47,7 +47,26 @@ pub struct LogReader {
     full: Option<(u64, FullPayload)>,
     /// The buffer payloads are read and checksummed through, kept from record to record.
     chunk: Vec<u8>,
+    /// The log's bytes read since [`LogReader::take_kept`], when asked to keep them.
+    kept: Option<Kept>,
     done: bool,
+}
+
+/// The log's bytes as the reader read them, from file offset `start` on, at most `max`;
+/// `overflowed` once more were read (then none are kept until the next take).
+struct Kept {
+    start: u64,
+    bytes: Vec<u8>,
+    max: usize,
+    overflowed: bool,
+}
+
+/// A run of a log's bytes kept by [`LogReader::take_kept`]: `bytes` are the file's bytes
+/// from offset `start`.
+#[derive(Debug, Default)]
+pub struct KeptBytes {
+    pub start: u64,
+    pub bytes: Vec<u8>,
 }
 
 impl LogReader {
@@ -74,8 +93,33 @@ impl LogReader {
             torn_tail_bytes: 0,
             full: None,
             chunk: Vec::new(),
+            kept: None,
             done: false,
         })
+    }
+
+    /// From here on, keeps the bytes of the records it reads (headers and payloads, as in
+    /// the file), at most `max` between two [`Self::take_kept`]: a caller that needs the
+    /// payloads again (to hash them) then has them without reading the file a second time.
+    pub fn keep_bytes(&mut self, max: usize) {
+        self.kept = Some(Kept {
+            start: self.pos,
+            bytes: Vec::new(),
+            max,
+            overflowed: false,
+        });
+    }
+
+    /// The bytes kept since the last take (none if more than the bound were read, or none
+    /// at all), and keeps on from here into `spare` (a buffer given back, so that no new
+    /// memory is touched).
+    pub fn take_kept(&mut self, mut spare: Vec<u8>) -> Option<KeptBytes> {
+        let kept = self.kept.as_mut()?;
+        spare.clear();
+        let bytes = std::mem::replace(&mut kept.bytes, spare);
+        let start = std::mem::replace(&mut kept.start, self.pos);
+        let overflowed = std::mem::replace(&mut kept.overflowed, false);
+        (!overflowed && !bytes.is_empty()).then_some(KeptBytes { start, bytes })
     }
 
     pub fn file_header(&self) -> &FileHeader {
@@ -306,22 +350,62 @@ impl LogReader {
     ) -> Result<Option<Vec<u8>>, LogError> {
         let mut crc = crc32c::crc32c(&raw[..44]);
         let mut left = header.payload_len as usize;
-        // The buffer of the record before (given back by `next_record`), not a new one.
-        let mut chunk = std::mem::take(&mut self.chunk);
-        chunk.resize(left.min(CRC_CHUNK_BYTES), 0);
-        while left > 0 {
-            let n = left.min(CRC_CHUNK_BYTES);
-            self.stream.read_exact(&mut chunk[..n])?;
-            crc = crc32c::crc32c_append(crc, &chunk[..n]);
-            left -= n;
-        }
-        if crc == header.crc {
-            return Ok(Some(chunk));
+        if let Some(at) = self.keep_record(raw, left)? {
+            let payload = &self.kept.as_ref().expect("kept").bytes[at..];
+            crc = crc32c::crc32c_append(crc, payload);
+            if crc == header.crc {
+                // What `next_record` reads of the payload: a full record's reason.
+                let mut chunk = std::mem::take(&mut self.chunk);
+                chunk.clear();
+                if header.kind() == Some(RecordKind::Full) {
+                    chunk.extend_from_slice(payload);
+                }
+                return Ok(Some(chunk));
+            }
+            let kept = self.kept.as_mut().expect("kept");
+            kept.bytes.truncate(at - RECORD_HEADER_BYTES);
+        } else {
+            // The buffer of the record before (given back by `next_record`), not a new one.
+            let mut chunk = std::mem::take(&mut self.chunk);
+            chunk.resize(left.min(CRC_CHUNK_BYTES), 0);
+            while left > 0 {
+                let n = left.min(CRC_CHUNK_BYTES);
+                self.stream.read_exact(&mut chunk[..n])?;
+                crc = crc32c::crc32c_append(crc, &chunk[..n]);
+                left -= n;
+            }
+            if crc == header.crc {
+                return Ok(Some(chunk));
+            }
         }
         if self.zeroes_to_end(end)? {
             return Ok(None);
         }
         Err(self.corrupt("record checksum mismatch"))
+    }
+
+    /// When bytes are kept and this record fits: appends its header `raw` and its payload,
+    /// read from the stream, to them and returns where the payload (unchecked) starts in
+    /// them. Otherwise `None`, the stream untouched (and, past the bound, nothing kept until
+    /// the next take).
+    fn keep_record(
+        &mut self,
+        raw: &[u8; RECORD_HEADER_BYTES],
+        payload_len: usize,
+    ) -> Result<Option<usize>, LogError> {
+        let Some(kept) = self.kept.as_mut().filter(|k| !k.overflowed) else {
+            return Ok(None);
+        };
+        let at = kept.bytes.len() + RECORD_HEADER_BYTES;
+        if at + payload_len > kept.max {
+            kept.overflowed = true;
+            kept.bytes = Vec::new();
+            return Ok(None);
+        }
+        kept.bytes.extend_from_slice(raw);
+        kept.bytes.resize(at + payload_len, 0);
+        self.stream.read_exact(&mut kept.bytes[at..])?;
+        Ok(Some(at))
     }
 
     /// Keeps a full record's reason; refuses a data record after one (the writer never puts
