@@ -35,7 +35,7 @@ use rand_chacha::ChaCha8Rng;
 use nbd_server::log::{sector_pieces, torn_pieces, unit_pieces, KeptBytes, LogError, SECTOR_BYTES};
 
 use crate::history::{Epoch, LogData, LogSpan, Op};
-use crate::sector_hash::hash_sectors;
+use crate::sector_hash::{hash_block, hash_sectors};
 use crate::state_tables::{SectorHash, SectorHashes, SeenStates, Sum};
 
 /// Memory one epoch's states may take to generate, at most: its operations, their sector
@@ -183,17 +183,14 @@ impl SectorUpdate {
     }
 }
 
+/// A sector's contribution to an image's sum: BLAKE3 of its number (little-endian) and its
+/// hash, as four little-endian u64 lanes.
 fn contrib(sector: u64, h: &SectorHash) -> Sum {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&sector.to_le_bytes());
-    hasher.update(h);
-    let b = hasher.finalize();
-    let b = b.as_bytes();
-    let mut out = [0u64; 4];
-    for (i, lane) in out.iter_mut().enumerate() {
-        *lane = u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-    }
-    out
+    let mut input = [0u8; 40];
+    input[..8].copy_from_slice(&sector.to_le_bytes());
+    input[8..].copy_from_slice(h);
+    let w = hash_block(&input);
+    std::array::from_fn(|i| u64::from(w[2 * i]) | u64::from(w[2 * i + 1]) << 32)
 }
 
 fn add(a: &mut Sum, b: &Sum) {
