@@ -210,18 +210,18 @@ impl StateServer {
         &self.socket
     }
 
-    /// The layer of every operation of `epoch`, for states of later epochs checked before
-    /// the prefix moves past it ([`Self::serve`]).
-    pub fn epoch_layer(&self, epoch: &Epoch) -> Arc<Layer> {
-        let mut layer = Layer::new();
+    /// Puts every operation of `epoch` on `layer`: the layer of the epochs between the
+    /// prefix and a later one whose states are checked before the prefix moves past them
+    /// ([`Self::serve`]). Consecutive epochs share one layer, so that a read of a state goes
+    /// through one layer per epoch with states before it in its batch, not one per epoch.
+    pub fn put_epoch(layer: &mut Layer, epoch: &Epoch) {
         for op in &epoch.ops {
-            put_pieces(&mut layer, op, &op.pieces);
+            put_pieces(layer, op, &op.pieces);
         }
-        Arc::new(layer)
     }
 
     /// Slot `slot` serves `state` (of `epoch`) from now on, on top of the prefix and of
-    /// `between`, the layers of the epochs between the prefix and `epoch` ([`Self::epoch_layer`]).
+    /// `between`, the layers of the epochs between the prefix and `epoch` ([`Self::put_epoch`]).
     pub fn serve(&self, slot: usize, between: &[Arc<Layer>], epoch: &Epoch, state: &CrashState) {
         let mut own = Layer::new();
         for &i in &state.included {
