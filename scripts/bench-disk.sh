@@ -153,6 +153,9 @@ if [[ "$BIG" == 1 ]]; then
         echo "only $free_mib MiB free in $WORK (< $BIG_FREE_MIB_MIN): skipping the 1 GiB log"
     elif command -v fio >/dev/null && fio --enghelp=nbd >/dev/null 2>&1; then
         big_log "$WORK/big.log"
+        # The log's gigabyte is written back before it is measured, so that the check does
+        # not compete with that writeback (one run each: 1,080 states/s without, 1,167 with).
+        sync
         echo "1 GiB log: $(stat -c %s "$WORK/big.log") bytes"
         truncate -s 1G "$WORK/big.img"
         for checker in 'true {uri}' 'true {image}'; do
