@@ -425,19 +425,26 @@ fn generated(
     })
 }
 
-/// Epochs whose states are checked at once, at most (see [`Batch`]). A read of a served
-/// state goes through one layer per epoch with states before its own in the batch (epochs
-/// without states share a layer), so this bounds batching, not reads: on the 1 GiB fio log
-/// (a state every six epochs) 64 ended most batches at ten states, not sixteen, and 256 took
-/// `true {uri}` from 1,210 to 1,256 states/s (1,024: 1,250).
+/// Epochs whose states are checked at once, at most (see [`Batch`]), when they are served
+/// (`{uri}`) only. A read of a served state goes through one layer per epoch with states
+/// before its own in the batch (epochs without states share a layer), so this bounds
+/// batching, not reads: on the 1 GiB fio log (a state every six epochs) 64 ended most
+/// batches at ten states, not sixteen, and 256 took `true {uri}` from 1,210 to 1,256
+/// states/s (1,024: 1,250).
 const BATCH_EPOCHS_MAX: usize = 256;
 
-/// States per job a batch gathers before it is checked (unless it reaches
+/// States per job a batch of served states gathers before it is checked (unless it reaches
 /// [`BATCH_EPOCHS_MAX`] first): each batch ends with the jobs waiting for its slowest state
 /// and the stage moving on alone, so a batch of one state per job kept them half idle, and
 /// 32 rather than 8 took `true {uri}` on the 1 GiB fio log from 1,180 to 1,280 states/s
 /// (medians of four; the 10,000-write log 1,968 to 1,982).
 const BATCH_STATES_PER_JOB: usize = 32;
+
+/// [`BATCH_EPOCHS_MAX`] and [`BATCH_STATES_PER_JOB`] when states are also materialised
+/// (`{image}`): a worker image is given every write of the batch's epochs before a state's
+/// own, so the larger batches took `true {image}` on the 1 GiB log from 12.6 s to 16.7 s.
+const IMAGE_BATCH_EPOCHS_MAX: usize = 64;
+const IMAGE_BATCH_STATES_PER_JOB: usize = 8;
 
 /// Consecutive epochs whose states are checked at once, so that `--jobs` checkers keep busy
 /// on a log whose epochs have no new state or one (most of a long fio log's do). The first
@@ -460,8 +467,12 @@ struct Batch {
 
 impl Batch {
     /// Whether it is time to check it: enough states for every job, or enough epochs.
-    fn full(&self, jobs: usize) -> bool {
-        self.todo.len() >= jobs * BATCH_STATES_PER_JOB || self.epochs.len() >= BATCH_EPOCHS_MAX
+    fn full(&self, jobs: usize, stage: &Stage) -> bool {
+        let (epochs, per_job) = match stage.prefix {
+            Some(_) => (IMAGE_BATCH_EPOCHS_MAX, IMAGE_BATCH_STATES_PER_JOB),
+            None => (BATCH_EPOCHS_MAX, BATCH_STATES_PER_JOB),
+        };
+        self.todo.len() >= jobs * per_job || self.epochs.len() >= epochs
     }
 
     fn push(&mut self, epoch: Epoch, todo: Vec<CrashState>, stage: &Stage) {
@@ -511,7 +522,7 @@ fn check_epochs(
             continue;
         }
         batch.push(g.epoch, g.todo, stage);
-        if batch.full(opts.jobs)
+        if batch.full(opts.jobs, stage)
             && !check_batch(std::mem::take(&mut batch), stage, data, opts, bar, summary)?
         {
             return Ok(());
