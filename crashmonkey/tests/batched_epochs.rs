@@ -37,6 +37,46 @@ fn one_write_epochs(dir: &Path) -> PathBuf {
     path
 }
 
+/// Rounds of [`undo_epochs`]' log, three epochs each.
+const UNDO_ROUNDS: u64 = 12;
+
+/// The base's bytes at `offset` (see `patterned_base`).
+fn base_bytes(offset: u64, len: u64) -> Vec<u8> {
+    (offset..offset + len)
+        .map(|i| (i / 512 % 251) as u8)
+        .collect()
+}
+
+/// A base image of [`DISK_BYTES`] with a pattern, so that zeroes never pass for its bytes.
+fn patterned_base(dir: &Path) -> PathBuf {
+    let base = dir.join("patterned.img");
+    std::fs::write(&base, base_bytes(0, DISK_BYTES)).unwrap();
+    base
+}
+
+/// A log of rounds of three epochs: a new value at P, 200s at Q, then Q's base bytes back.
+/// The third epoch of a round has no new state (its disk is the first's; without its write,
+/// the second's), yet every later state must see its write: Q's base bytes, not 200s.
+fn undo_epochs(dir: &Path) -> PathBuf {
+    let path = dir.join("undo-epochs.log");
+    let mut w = LogWriter::create(&path, DISK_BYTES).unwrap();
+    let (p, q) = (0u64, 8192u64);
+    let flush = encode_payload(&FlushPayload::default());
+    for k in 0..UNDO_ROUNDS {
+        for (offset, bytes) in [
+            (p, vec![k as u8 + 1; 4096]),
+            (q, vec![200; 4096]),
+            (q, base_bytes(q, 4096)),
+        ] {
+            w.append(RecordKind::Write, 0, 1, offset, 4096, &bytes)
+                .unwrap();
+            w.append(RecordKind::Flush, 0, 1, 0, 0, &flush).unwrap();
+        }
+    }
+    w.flush().unwrap();
+    path
+}
+
 /// State images by state id.
 type Images = BTreeMap<u64, Vec<u8>>;
 
@@ -87,9 +127,7 @@ fn states_of_epochs_checked_at_once_equal_those_checked_alone() {
     }
     let dir = tempfile::tempdir().unwrap();
     let log = one_write_epochs(dir.path());
-    let base = dir.path().join("patterned.img");
-    let bytes: Vec<u8> = (0..DISK_BYTES).map(|i| (i / 512 % 251) as u8).collect();
-    std::fs::write(&base, bytes).unwrap();
+    let base = patterned_base(dir.path());
     let (uri1, image1, _) = states(&log, &base, "1");
     let (uri2, image2, stderr) = states(&log, &base, "2");
     assert!(uri1.len() as u64 > EPOCHS, "{} states", uri1.len());
@@ -113,5 +151,41 @@ fn states_of_epochs_checked_at_once_equal_those_checked_alone() {
     assert!(
         most >= 2,
         "--jobs 2 never checked two epochs at once:\n{stderr}"
+    );
+}
+
+/// Epochs without a state to check share a layer of the state server with the epochs around
+/// them in a batch: their writes must still reach every later state of the batch. Here every
+/// third epoch has no state and undoes the epoch before; a state served without its write
+/// shows 200s where `--jobs 1` (each epoch alone on the stage's prefix) shows the base.
+#[test]
+fn epochs_without_states_inside_a_batch_still_reach_later_states() {
+    let have_qemu = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_qemu && !skip::skip("qemu-img is not installed (make deps installs it)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = undo_epochs(dir.path());
+    let base = patterned_base(dir.path());
+    let (uri1, image1, _) = states(&log, &base, "1");
+    let (uri2, image2, _) = states(&log, &base, "2");
+    // The third epoch of a round adds no state (after the first round, whose states differ
+    // from the base's Q), so batches hold epochs without states.
+    assert!(
+        (uri1.len() as u64) < 1 + 3 * UNDO_ROUNDS,
+        "{:?}",
+        uri1.keys()
+    );
+    assert_eq!(uri1, image1, "--jobs 1: {{uri}} and {{image}} differ");
+    assert!(
+        uri2 == uri1,
+        "--jobs 2: a {{uri}} state differs from --jobs 1's"
+    );
+    assert!(
+        image2 == image1,
+        "--jobs 2: an {{image}} state differs from --jobs 1's"
     );
 }
