@@ -9,9 +9,10 @@ use nbd_server::log::LogError;
 use crate::history::{Epoch, Epochs, History, Op, LOG_SPAN_BYTES_MAX};
 use crate::states::{EpochHashes, StateOptions};
 
-/// Epochs hashed ahead of the one whose states are being generated, at most, and the memory
-/// they may take (an epoch larger than this alone still goes, on its own).
-pub const HASHED_AHEAD_EPOCHS_MAX: usize = 16;
+/// Epochs hashed ahead of the one whose states are being generated, at most (64: see
+/// `check`'s `EPOCHS_AHEAD_MAX`), and the memory they may take (an epoch larger than this
+/// alone still goes, on its own).
+pub const HASHED_AHEAD_EPOCHS_MAX: usize = 64;
 pub const HASHED_AHEAD_BYTES_MAX: usize = 64 << 20;
 
 /// Bytes sent ahead on a channel and not yet received (at most `max`), and whether the
