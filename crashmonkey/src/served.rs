@@ -256,9 +256,7 @@ impl StateServer {
     /// that the prefix is updated in place rather than copied (and may be flattened).
     pub fn advance(&mut self, epoch: &Epoch) -> Result<(), ServeError> {
         let prefix = Arc::make_mut(&mut self.prefix);
-        for op in &epoch.ops {
-            put_pieces(prefix, op, &op.pieces);
-        }
+        Self::put_epoch(prefix, epoch);
         if prefix.runs() > self.prefix_runs_max {
             self.flatten()?;
         }

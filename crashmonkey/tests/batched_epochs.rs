@@ -77,6 +77,16 @@ fn undo_epochs(dir: &Path) -> PathBuf {
     path
 }
 
+/// Whether `qemu-img` is there (the checker converts `{uri}` with it); without it the test
+/// skips with a reason, outside CI.
+fn qemu_img_or_skip() -> bool {
+    let have_qemu = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    have_qemu || skip::skip("qemu-img is not installed (make deps installs it)")
+}
+
 /// State images by state id.
 type Images = BTreeMap<u64, Vec<u8>>;
 
@@ -118,11 +128,7 @@ fn states(log: &Path, base: &Path, jobs: &str) -> (Images, Images, String) {
 
 #[test]
 fn states_of_epochs_checked_at_once_equal_those_checked_alone() {
-    let have_qemu = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_qemu && !skip::skip("qemu-img is not installed (make deps installs it)") {
+    if !qemu_img_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -160,11 +166,7 @@ fn states_of_epochs_checked_at_once_equal_those_checked_alone() {
 /// shows 200s where `--jobs 1` (each epoch alone on the stage's prefix) shows the base.
 #[test]
 fn epochs_without_states_inside_a_batch_still_reach_later_states() {
-    let have_qemu = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have_qemu && !skip::skip("qemu-img is not installed (make deps installs it)") {
+    if !qemu_img_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -399,7 +399,7 @@ impl LogReader {
         let at = kept.bytes.len() + RECORD_HEADER_BYTES;
         if at + payload_len > kept.max {
             kept.overflowed = true;
-            kept.bytes = Vec::new();
+            kept.bytes.clear();
             return Ok(None);
         }
         kept.bytes.extend_from_slice(raw);
