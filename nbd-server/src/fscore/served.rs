@@ -212,6 +212,8 @@ impl ServedVolume {
                     header,
                     broken: None,
                     remounts: 0,
+                    held: Vec::with_capacity(ANSWERS_HELD_MAX),
+                    held_steps: 0,
                 };
                 worker.run(rx)
             })
@@ -453,6 +455,43 @@ struct Worker {
     /// Why the volume cannot serve (a deadlock in the model, a failed remount).
     broken: Option<String>,
     remounts: u64,
+    /// Answers of completed requests not handed out yet ([`ANSWERS_HELD_MAX`]).
+    held: Vec<(Waiter, Answer)>,
+    /// Steps run since the first of `held` completed.
+    held_steps: u64,
+}
+
+/// Completed requests' answers the engine thread holds back to hand out together, at most:
+/// each answer wakes the connection that sent the request, and one wake at a time was a
+/// quarter of the engine thread under fio's 4 KiB random writes at queue depth 32 (the
+/// runtime parked between answers, so each woke it through its eventfd and an IPI): held,
+/// 4 KiB random writes at queue depth 32 ran 15-20% faster (`make bench-nbd`'s fs-core job).
+/// Everything held is handed out as soon as the engine has no step to run, so a request
+/// is never kept waiting by an idle engine.
+pub const ANSWERS_HELD_MAX: usize = 16;
+/// Steps the engine may run, at most, while it holds an answer: a bound on the delay one
+/// answer can see while other requests keep the engine busy.
+pub const ANSWER_HELD_STEPS_MAX: u64 = 64;
+
+/// Whether the answers held (`held` of them, the first held for `steps` steps) go out now,
+/// with `running` requests still in the engine: when [`ANSWERS_HELD_MAX`] are held, when the
+/// first has waited [`ANSWER_HELD_STEPS_MAX`] steps, or when the engine has fewer than
+/// [`ANSWERS_HELD_MAX`] requests in all: then the clients are waiting on these answers to
+/// send more, and holding them only delays everything (a client at queue depth 1 would see
+/// each answer only once the engine went idle).
+fn release_now(held: usize, running: usize, steps: u64) -> bool {
+    held > 0
+        && (held >= ANSWERS_HELD_MAX
+            || steps >= ANSWER_HELD_STEPS_MAX
+            || held + running < ANSWERS_HELD_MAX)
+}
+
+/// Answers still held go out on every way the engine thread ends (a waiter dropped
+/// unanswered would tell its client the engine stopped, of a request that completed).
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl Worker {
@@ -474,7 +513,9 @@ impl Worker {
             if self.step() {
                 continue;
             }
-            // Idle: hand the session to the OS, then sleep until the next request.
+            // Idle: hand out what is held and the session to the OS, then sleep until the
+            // next request.
+            self.release();
             self.session_io(|s| s.flush());
             match rx.recv() {
                 Ok(m) => {
@@ -527,6 +568,9 @@ impl Worker {
             let _held = self.gate.lock().unwrap_or_else(|p| p.into_inner());
             self.volume.as_mut().expect("serving").step()
         };
+        if !self.held.is_empty() {
+            self.held_steps += 1;
+        }
         let progress = match stepped {
             Ok(Some(t)) => {
                 let t = u32::try_from(t).unwrap_or(u32::MAX);
@@ -559,7 +603,9 @@ impl Worker {
         false
     }
 
-    /// Sends the answers of the requests that completed.
+    /// Takes the answers of the requests that completed, to be handed out with the next
+    /// release: at once when [`ANSWERS_HELD_MAX`] are held or the first of them has waited
+    /// [`ANSWER_HELD_STEPS_MAX`] steps, else when the engine goes idle.
     fn deliver(&mut self) {
         let Some(volume) = self.volume.as_mut() else {
             return;
@@ -567,8 +613,19 @@ impl Worker {
         for (id, answer) in volume.take_answers() {
             self.session_io(|s| s.answer(id, &answer));
             if let Some(w) = self.waiters.remove(&id) {
-                w.answer(answer);
+                self.held.push((w, answer));
             }
+        }
+        if release_now(self.held.len(), self.waiters.len(), self.held_steps) {
+            self.release();
+        }
+    }
+
+    /// Hands out every answer held.
+    fn release(&mut self) {
+        self.held_steps = 0;
+        for (w, answer) in self.held.drain(..) {
+            w.answer(answer);
         }
     }
 
@@ -589,6 +646,7 @@ impl Worker {
         let cut = FsError::Device("power cut".into());
         self.volume.as_mut().expect("serving").fail_all(&cut);
         self.deliver();
+        self.release();
         let files = self.volume.take().expect("serving").files().to_vec();
         self.remounts += 1;
         let seed = remount_seed(self.header.sched_seed, self.remounts);
@@ -613,6 +671,7 @@ impl Worker {
 
     /// Syncs and unmounts the volume, ends the session.
     fn stop(&mut self) -> Result<(), String> {
+        self.release();
         let mut result = Ok(());
         if let (Some(mut volume), None) = (self.volume.take(), &self.broken) {
             for file in 0..volume.files().len() {
@@ -777,5 +836,32 @@ impl Backend for FsCoreFile {
         length: u64,
     ) -> io::Result<Vec<StatusExtent>> {
         self.volume.status(self.file, offset, length)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_held_only_while_many_requests_are_in_the_engine() {
+        // Nothing held: nothing to release.
+        assert!(!release_now(0, 100, 1000));
+        // Many requests running: a few answers wait for company...
+        assert!(!release_now(1, 31, 0));
+        assert!(!release_now(
+            ANSWERS_HELD_MAX - 1,
+            31,
+            ANSWER_HELD_STEPS_MAX - 1
+        ));
+        // ...until there are enough of them, or the first has waited long enough.
+        assert!(release_now(ANSWERS_HELD_MAX, 31, 0));
+        assert!(release_now(1, 31, ANSWER_HELD_STEPS_MAX));
+        // A client with few requests out (queue depth 1, or 8 large writes) waits on its
+        // answers: they go at once.
+        assert!(release_now(1, 0, 0));
+        assert!(release_now(1, 7, 0));
+        assert!(release_now(1, ANSWERS_HELD_MAX - 2, 0));
+        assert!(!release_now(1, ANSWERS_HELD_MAX - 1, 0));
     }
 }
