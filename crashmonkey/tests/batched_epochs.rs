@@ -126,6 +126,19 @@ fn states(log: &Path, base: &Path, jobs: &str) -> (Images, Images, String) {
     )
 }
 
+/// `{uri}` and `{image}` states of `--jobs 1` are the same, and `--jobs 2` gives both again.
+fn assert_jobs_agree(one: (&Images, &Images), two: (&Images, &Images)) {
+    assert_eq!(one.0, one.1, "--jobs 1: {{uri}} and {{image}} differ");
+    assert!(
+        two.0 == one.0,
+        "--jobs 2: a {{uri}} state differs from --jobs 1's"
+    );
+    assert!(
+        two.1 == one.1,
+        "--jobs 2: an {{image}} state differs from --jobs 1's"
+    );
+}
+
 #[test]
 fn states_of_epochs_checked_at_once_equal_those_checked_alone() {
     if !qemu_img_or_skip() {
@@ -137,15 +150,7 @@ fn states_of_epochs_checked_at_once_equal_those_checked_alone() {
     let (uri1, image1, _) = states(&log, &base, "1");
     let (uri2, image2, stderr) = states(&log, &base, "2");
     assert!(uri1.len() as u64 > EPOCHS, "{} states", uri1.len());
-    assert_eq!(uri1, image1, "--jobs 1: {{uri}} and {{image}} differ");
-    assert!(
-        uri2 == uri1,
-        "--jobs 2: a {{uri}} state differs from --jobs 1's"
-    );
-    assert!(
-        image2 == image1,
-        "--jobs 2: an {{image}} state differs from --jobs 1's"
-    );
+    assert_jobs_agree((&uri1, &image1), (&uri2, &image2));
     let most = stderr
         .lines()
         .filter_map(|l| {
@@ -181,13 +186,5 @@ fn epochs_without_states_inside_a_batch_still_reach_later_states() {
         "{:?}",
         uri1.keys()
     );
-    assert_eq!(uri1, image1, "--jobs 1: {{uri}} and {{image}} differ");
-    assert!(
-        uri2 == uri1,
-        "--jobs 2: a {{uri}} state differs from --jobs 1's"
-    );
-    assert!(
-        image2 == image1,
-        "--jobs 2: an {{image}} state differs from --jobs 1's"
-    );
+    assert_jobs_agree((&uri1, &image1), (&uri2, &image2));
 }
