@@ -30,7 +30,9 @@
 # Env: BENCH_FSCORE_JOBS (default "1 2 3 4"), BENCH_SECONDS (default 6) per run, BENCH_ROUNDS (default 5), BENCH_SIZE (default 1G),
 # BENCH_JOBS (default all: a space-separated subset of 1-8, the jobs in the order below).
 # BENCH_FSCORE_KEYS: more keys for the fs-core export, e.g. BENCH_FSCORE_KEYS=folio-blocks=16
-# (64 KiB folios) or cache-folios=4096.
+# (64 KiB folios) or cache-folios=262144 (a page cache as large as a 1 GiB export, as the
+# kernel's would be with that much memory free). BENCH_FSCORE_WORKERS=N: that server's
+# --workers N (threads serving connections beside the volume's engine thread).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_JOB=${BENCH_SECONDS:-6}

@@ -56,7 +56,7 @@ if [ "${FSCORE_SERVER:-0}" = 1 ]; then
   # The same export as a file of an fs-core volume in memory (the iomap model under it).
   P6=$(free_port)
   "$BIN" --listen "127.0.0.1:$P6" --export "bench:size=$SIZE,fscore=mem${BENCH_FSCORE_KEYS:+,$BENCH_FSCORE_KEYS}" \
-    2>"$WORK/nbd-server-fscore.log" &
+    ${BENCH_FSCORE_WORKERS:+--workers "$BENCH_FSCORE_WORKERS"} 2>"$WORK/nbd-server-fscore.log" &
   FSCORE_PID=$!
   PIDS+=("$FSCORE_PID")
   wait_port "$P6"

@@ -9,6 +9,8 @@
 
 /// Connections served at once; a connection over the limit is closed right after `accept`.
 pub const CONNECTIONS_MAX: usize = 512;
+/// Threads `--workers` may ask for (the async runtime's workers serving connections).
+pub const WORKER_THREADS_MAX: usize = 64;
 /// Depth of the kernel's TCP accept queue (a burst of connects waits there, not in SYN retries).
 pub const LISTEN_BACKLOG: u32 = 1024;
 /// Connections negotiating at once; a new one past it closes the one that has been
@@ -129,6 +131,12 @@ pub const LIMITS: &[Limit] = &[
         CONNECTIONS_MAX as u64,
         Count,
         "connections served at once",
+    ),
+    limit(
+        "WORKER_THREADS_MAX",
+        WORKER_THREADS_MAX as u64,
+        Count,
+        "threads serving connections (--workers)",
     ),
     limit(
         "LISTEN_BACKLOG",

@@ -173,3 +173,52 @@ fn plain_memory_export_has_no_emulated_disk_unless_something_could_observe_it() 
     );
     drop(run);
 }
+
+/// Threads of process `pid` whose name starts with `prefix`.
+fn threads_named(pid: i32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.as_ref().unwrap().path().join("comm"));
+            comm.is_ok_and(|c| c.starts_with(prefix))
+        })
+        .count()
+}
+
+/// `--workers N` sets the threads serving connections (each serves), and anything outside
+/// 1..=WORKER_THREADS_MAX is refused with the range.
+#[test]
+fn workers_sets_the_threads_serving_connections() {
+    for n in [1usize, 3] {
+        let run = Running::start(&[
+            "--workers".into(),
+            n.to_string(),
+            "--export".into(),
+            "d:size=1M,fscore=mem".into(),
+        ]);
+        // The runtime starts its workers while the server binds: wait for them to be named.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while threads_named(run.pid(), "tokio-runtime-w") < n
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(threads_named(run.pid(), "tokio-runtime-w"), n);
+        let mut c = Raw::connect(run.addr);
+        c.handshake(3);
+        c.go("d", false, false).unwrap();
+        c.request(0, NBD_CMD_WRITE, 1, 8192, 4096, &[0x5a; 4096]);
+        assert_eq!(c.simple_reply(0).0, 0);
+        c.request(0, NBD_CMD_READ, 2, 8192, 4096, &[]);
+        assert_eq!(c.simple_reply(4096), (0, 2, vec![0x5a; 4096]));
+    }
+    for bad in ["0", "65", "many"] {
+        let out = Command::new(BIN)
+            .args(["--workers", bad, "--export", "d:size=1M"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--workers {bad} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--workers"), "{bad}: {err}");
+    }
+}
