@@ -139,7 +139,8 @@ impl BlockDevice for RecordedDevice {
                 // The data moves to the disk unless fs-core keeps its own record of it.
                 let kept = self.records.is_some().then(|| data.clone());
                 self.run(RequestKind::Write, block, 1, fua, |d, t| {
-                    Ok(d.write(t, block * BLOCK_SIZE as u64, WriteData::bytes(data), fua)?)
+                    let data = WriteData::block_or_bytes(data);
+                    Ok(d.write(t, block * BLOCK_SIZE as u64, data, fua)?)
                 })?;
                 let kind = if fua {
                     RecordKind::FuaWrite

@@ -59,6 +59,19 @@ impl WriteData {
         WriteData(Arc::new(Form::Bytes(v)))
     }
 
+    /// One block's bytes, held as a [`Block`] (moved, not copied, when `v`'s allocation is
+    /// exactly one block, as fs-core's block writes are), so that memory storage keeps the
+    /// allocation as it is; any other length stays one buffer.
+    pub fn block_or_bytes(v: Vec<u8>) -> Self {
+        if v.len() != BLOCK_BYTES {
+            return WriteData::bytes(v);
+        }
+        match Block::try_from(v.into_boxed_slice()) {
+            Ok(b) => WriteData::blocks(vec![b]),
+            Err(whole) => WriteData::bytes(whole.into_vec()),
+        }
+    }
+
     /// Data held in blocks.
     pub fn blocks(blocks: Vec<Block>) -> Self {
         WriteData(Arc::new(Form::Blocks(blocks)))
@@ -225,6 +238,28 @@ impl From<WriteFailed> for io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A block's bytes in a `Vec` of exactly one block become that block without a copy (the
+    /// same allocation); any other length stays one buffer, with the same bytes.
+    #[test]
+    fn one_block_of_bytes_moves_into_a_block() {
+        let v: Vec<u8> = (0..BLOCK_BYTES).map(|i| (i % 253) as u8).collect();
+        let (bytes, at) = (v.clone(), v.as_ptr());
+        let d = WriteData::block_or_bytes(v);
+        assert!(d.is_blocks());
+        assert_eq!(d.as_slice().unwrap().as_ptr(), at, "moved, not copied");
+        assert_eq!(d.to_vec(), bytes);
+        let mut roomy = Vec::with_capacity(2 * BLOCK_BYTES);
+        roomy.extend_from_slice(&bytes);
+        let d = WriteData::block_or_bytes(roomy);
+        assert!(d.is_blocks());
+        assert_eq!(d.to_vec(), bytes);
+        for len in [0, 512, BLOCK_BYTES + 1] {
+            let d = WriteData::block_or_bytes(vec![7; len]);
+            assert!(!d.is_blocks(), "{len} bytes");
+            assert_eq!(d.to_vec(), vec![7; len]);
+        }
+    }
 
     #[test]
     fn forms_read_the_same() {
