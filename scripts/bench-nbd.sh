@@ -29,6 +29,8 @@
 # rounds, the four main jobs: target >= 0.5x (a model, not a cache: it has a price).
 # Env: BENCH_FSCORE_JOBS (default "1 2 3 4"), BENCH_SECONDS (default 6) per run, BENCH_ROUNDS (default 5), BENCH_SIZE (default 1G),
 # BENCH_JOBS (default all: a space-separated subset of 1-8, the jobs in the order below).
+# Under each fs-core job, the same export with folio-blocks=16 and a page cache as large as the
+# export (as the kernel's would be with that much memory free), unless BENCH_FSCORE_LARGE=0.
 # BENCH_FSCORE_KEYS: more keys for the fs-core export, e.g. BENCH_FSCORE_KEYS=folio-blocks=16
 # (64 KiB folios) or cache-folios=262144 (a page cache as large as a 1 GiB export, as the
 # kernel's would be with that much memory free). BENCH_FSCORE_WORKERS=N: that server's
@@ -130,8 +132,12 @@ printf '%-25s %14s %14s %8s %8s %11s\n' "job (fs-core export)" fscore memory bes
 for n in ${BENCH_FSCORE_JOBS:-1 2 3 4}; do
   set -- ${JOBS[$((n - 1))]}
   : >"$WORK/a"; : >"$WORK/b"
+  : >"$WORK/c"
   for r in $(seq 1 "$ROUNDS"); do
     run_job "$FSCORE_URI" "fscore-$1-$2-$r" "$1" "$2" "$3" "$FSCORE_PID" 1 >>"$WORK/a"
+    if [ -n "${LARGE_URI:-}" ]; then
+      run_job "$LARGE_URI" "large-$1-$2-$r" "$1" "$2" "$3" "$LARGE_PID" 1 >>"$WORK/c"
+    fi
     run_job "$OURS_URI" "mem-$1-$2-$r" "$1" "$2" "$3" "${PIDS[0]}" 1 >>"$WORK/b"
   done
   if [ "$4" = iops ]; then f=1; unit=IOPS; else f=2; unit=MiB/s; fi
@@ -141,8 +147,16 @@ for n in ${BENCH_FSCORE_JOBS:-1 2 3 4}; do
   printf '%-25s %14s %14s %8s %8s %11s\n' "$1 bs=$2 qd=$3" "$x $unit" "$y $unit" "$ratio" "$pratio" "$spread"
   printf '  CPU, %% of a core (median of rounds): fscore export %.0f%% (fio %.0f%%), memory export %.0f%% (fio %.0f%%)\n' \
     "$(median 4 <"$WORK/a")" "$(median 3 <"$WORK/a")" "$(median 4 <"$WORK/b")" "$(median 3 <"$WORK/b")"
+  if [ -n "${LARGE_URI:-}" ]; then
+    read -r lratio lspread < <(paired "$f" "$WORK/c" "$WORK/b")
+    printf '  %s: best %s %s, paired %s (rounds %s), CPU %.0f%% (fio %.0f%%)\n' "$LARGE_KEYS" \
+      "$(best $f <"$WORK/c")" "$unit" "$lratio" "$lspread" "$(median 4 <"$WORK/c")" "$(median 3 <"$WORK/c")"
+  fi
 done
 echo "target (fs-core export): >= 0.5x the memory export at 4K and at 1 MiB"
+if [ -n "${LARGE_URI:-}" ]; then
+  echo "(the line under each fs-core job: the same export with 64 KiB folios and a page cache as large as it)"
+fi
 echo "targets: >= 1.25x IOPS at 4K, >= 1.00x bandwidth at 1 MiB (one connection; 'x4': 4 connections, no target)"
 echo "('disk': the export behind the emulated disk, volatile cache, no recording; no target)"
 echo "(fio near 100% of its core: the client, not the server, sets the rate)"

@@ -9,7 +9,8 @@
 # measured in the same rounds. Sets BIN, WORK (a temp dir), PIDS (server, nbdkit[, server with
 # the disk]), P1, P2, OURS_URI, KIT_URI[, DISK_URI][, BASE_PID, BASE_URI[, BASE_DISK_PID,
 # BASE_DISK_URI]][, FSCORE_PID, FSCORE_URI with FSCORE_SERVER=1: the export as a file of an
-# fs-core volume]; stops the servers and removes WORK on exit. Needs: BENCH_NAME (for
+# fs-core volume[, LARGE_PID, LARGE_URI, LARGE_KEYS: the same with 64 KiB folios and a page
+# cache as large as the export, unless BENCH_FSCORE_LARGE=0]]; stops the servers and removes WORK on exit. Needs: BENCH_NAME (for
 # messages), SIZE and TOOLS (commands to check for), and the repository root as the working
 # directory.
 for tool in $TOOLS; do
@@ -62,6 +63,19 @@ if [ "${FSCORE_SERVER:-0}" = 1 ]; then
   wait_port "$P6"
   FSCORE_URI="nbd://127.0.0.1:$P6/bench"
   URIS+=("$FSCORE_URI")
+  # And with 64 KiB folios and a page cache as large as the export (what the kernel's page
+  # cache is for a file on XFS when memory is free), unless BENCH_FSCORE_LARGE=0.
+  if [ "${BENCH_FSCORE_LARGE:-1}" = 1 ]; then
+    P7=$(free_port)
+    LARGE_KEYS="folio-blocks=16,cache-folios=$(( $(numfmt --from=iec "$SIZE") / 65536 ))"
+    "$BIN" --listen "127.0.0.1:$P7" --export "bench:size=$SIZE,fscore=mem,$LARGE_KEYS${BENCH_FSCORE_KEYS:+,$BENCH_FSCORE_KEYS}" \
+      ${BENCH_FSCORE_WORKERS:+--workers "$BENCH_FSCORE_WORKERS"} 2>"$WORK/nbd-server-fscore-large.log" &
+    LARGE_PID=$!
+    PIDS+=("$LARGE_PID")
+    wait_port "$P7"
+    LARGE_URI="nbd://127.0.0.1:$P7/bench"
+    URIS+=("$LARGE_URI")
+  fi
 fi
 if [ -n "${BENCH_BASE_BIN:-}" ]; then
   [ -x "$BENCH_BASE_BIN" ] || { echo "$BENCH_NAME: BENCH_BASE_BIN=$BENCH_BASE_BIN is not an executable"; exit 1; }
