@@ -53,28 +53,30 @@ if [ "${DISK_SERVER:-0}" = 1 ]; then
   DISK_URI="nbd://127.0.0.1:$P3/bench"
   URIS+=("$DISK_URI")
 fi
+# start_fscore KEYS LOG: nbd-server with the export "bench" as a file of an fs-core volume in
+# memory (the iomap model under it), with KEYS (may be empty) and BENCH_FSCORE_KEYS, on a free
+# port, stderr to $WORK/LOG; sets STARTED_PID and STARTED_URI.
+start_fscore() {
+  local port
+  port=$(free_port)
+  "$BIN" --listen "127.0.0.1:$port" \
+    --export "bench:size=$SIZE,fscore=mem${1:+,$1}${BENCH_FSCORE_KEYS:+,$BENCH_FSCORE_KEYS}" \
+    ${BENCH_FSCORE_WORKERS:+--workers "$BENCH_FSCORE_WORKERS"} 2>"$WORK/$2" &
+  STARTED_PID=$!
+  PIDS+=("$STARTED_PID")
+  wait_port "$port"
+  STARTED_URI="nbd://127.0.0.1:$port/bench"
+  URIS+=("$STARTED_URI")
+}
 if [ "${FSCORE_SERVER:-0}" = 1 ]; then
-  # The same export as a file of an fs-core volume in memory (the iomap model under it).
-  P6=$(free_port)
-  "$BIN" --listen "127.0.0.1:$P6" --export "bench:size=$SIZE,fscore=mem${BENCH_FSCORE_KEYS:+,$BENCH_FSCORE_KEYS}" \
-    ${BENCH_FSCORE_WORKERS:+--workers "$BENCH_FSCORE_WORKERS"} 2>"$WORK/nbd-server-fscore.log" &
-  FSCORE_PID=$!
-  PIDS+=("$FSCORE_PID")
-  wait_port "$P6"
-  FSCORE_URI="nbd://127.0.0.1:$P6/bench"
-  URIS+=("$FSCORE_URI")
+  start_fscore "" nbd-server-fscore.log
+  FSCORE_PID=$STARTED_PID FSCORE_URI=$STARTED_URI
   # And with 64 KiB folios and a page cache as large as the export (what the kernel's page
   # cache is for a file on XFS when memory is free), unless BENCH_FSCORE_LARGE=0.
   if [ "${BENCH_FSCORE_LARGE:-1}" = 1 ]; then
-    P7=$(free_port)
     LARGE_KEYS="folio-blocks=16,cache-folios=$(( $(numfmt --from=iec "$SIZE") / 65536 ))"
-    "$BIN" --listen "127.0.0.1:$P7" --export "bench:size=$SIZE,fscore=mem,$LARGE_KEYS${BENCH_FSCORE_KEYS:+,$BENCH_FSCORE_KEYS}" \
-      ${BENCH_FSCORE_WORKERS:+--workers "$BENCH_FSCORE_WORKERS"} 2>"$WORK/nbd-server-fscore-large.log" &
-    LARGE_PID=$!
-    PIDS+=("$LARGE_PID")
-    wait_port "$P7"
-    LARGE_URI="nbd://127.0.0.1:$P7/bench"
-    URIS+=("$LARGE_URI")
+    start_fscore "$LARGE_KEYS" nbd-server-fscore-large.log
+    LARGE_PID=$STARTED_PID LARGE_URI=$STARTED_URI
   fi
 fi
 if [ -n "${BENCH_BASE_BIN:-}" ]; then
