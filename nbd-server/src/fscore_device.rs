@@ -92,15 +92,19 @@ impl RecordedDevice {
         }
     }
 
-    /// One request through the disk's whole lifecycle: arrival, IO, reply.
+    /// One request through the disk's whole lifecycle: arrival, IO, reply; or straight to
+    /// the storage of a disk that passes through ([`EmulatedDisk::pass_through`]).
     fn run<T>(
         &self,
         kind: RequestKind,
         block: u64,
         count: u64,
         fua: bool,
-        io: impl FnOnce(&EmulatedDisk, Option<Ticket>) -> std::io::Result<T>,
+        io: impl FnOnce(&dyn Backend, Option<Ticket>) -> std::io::Result<T>,
     ) -> Result<T, DeviceError> {
+        if let Some(storage) = self.disk.plain_storage() {
+            return io(storage.as_ref(), None).map_err(|e| DeviceError::Io(e.to_string()));
+        }
         let ticket = self.disk.arrived(&Arrival {
             conn: FSCORE_CONN_ID,
             kind,
@@ -108,7 +112,7 @@ impl RecordedDevice {
             length: count * BLOCK_SIZE as u64,
             fua,
         });
-        let r = io(&self.disk, ticket);
+        let r = io(self.disk.as_ref(), ticket);
         if let Some(t) = ticket {
             self.disk.reply_sent(t);
         }
@@ -238,5 +242,53 @@ mod tests {
             .collect();
         assert_eq!(recs, vec![("write", 5), ("write", 3), ("flush", 0)]);
         assert_eq!(dev.write_log().unwrap().len(), 3);
+    }
+
+    /// Writes block 2, trims block 3, flushes and reads block 2 back through a device over
+    /// `disk`.
+    fn write_trim_flush_read(disk: &Arc<EmulatedDisk>) {
+        let mut dev = RecordedDevice::over(disk.clone());
+        let reqs = [
+            Request::Write {
+                block: 2,
+                data: vec![b'p'; BLOCK_SIZE],
+                fua: false,
+            },
+            Request::Trim { block: 3, count: 1 },
+            Request::Flush,
+        ];
+        for req in reqs {
+            let id = dev.submit(req).unwrap();
+            dev.complete(id).unwrap();
+        }
+        let r = dev.submit(Request::Read { block: 2 }).unwrap();
+        let want = Completion::Read {
+            data: vec![b'p'; BLOCK_SIZE],
+        };
+        assert_eq!(dev.complete(r).unwrap(), want);
+    }
+
+    /// A disk that passes through takes no part in fs-core's IO (no request counted, nothing
+    /// cached): the storage has the bytes at once. Any other disk sees every request.
+    #[test]
+    fn a_disk_that_passes_through_leaves_the_io_to_its_storage() {
+        let blocks = 8u64;
+        let bytes = blocks * BLOCK_SIZE as u64;
+        for plain in [true, false] {
+            let storage: Arc<dyn Backend> =
+                Arc::new(crate::backend::memory::MemoryBackend::new(bytes));
+            let disk = Arc::new(EmulatedDisk::new(storage.clone(), DiskConfig::default()).unwrap());
+            if plain {
+                disk.pass_through();
+            }
+            assert_eq!(disk.plain_storage().is_some(), plain);
+            write_trim_flush_read(&disk);
+            let st = disk.stats();
+            let counted = (st.writes, st.trims, st.flushes, st.reads);
+            assert_eq!(counted, if plain { (0, 0, 0, 0) } else { (1, 1, 1, 1) });
+            let mut got = vec![0u8; BLOCK_SIZE];
+            storage.read(None, 2 * BLOCK_SIZE as u64, &mut got).unwrap();
+            assert_eq!(got, vec![b'p'; BLOCK_SIZE], "plain {plain}");
+        }
     }
 }

@@ -12,6 +12,7 @@
 //! - `disk`        the emulated disk: durability rule, epochs, recorder, power cut, faults
 //! - `fscore_device` fs-core's `BlockDevice` over the emulated disk, so models leave write logs
 //! - `log`         the write-log format: writer and streaming reader
+//! - `priority`    the nice value of the runtime's threads beside an fs-core engine thread
 //! - `control`     control socket (`--control PATH`): mark, crash, stats; and its client
 
 pub mod backend;
@@ -25,6 +26,7 @@ pub mod handshake;
 pub mod lent;
 pub mod limits;
 pub mod log;
+pub mod priority;
 pub mod proto;
 pub mod reply;
 pub mod server;

@@ -110,6 +110,7 @@ fn start_lines(args: &[String]) -> (Running, Vec<String>) {
 
 /// A memory export with no emulated-disk key on a server without `--control` is plain memory
 /// (nothing could observe a cache there); a file, any disk key or `--control` brings the disk.
+/// The same for the disk under an fs-core volume in memory; one on an image keeps it.
 #[test]
 fn plain_memory_export_has_no_emulated_disk_unless_something_could_observe_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -129,16 +130,22 @@ fn plain_memory_export_has_no_emulated_disk_unless_something_could_observe_it() 
         &format!("c:size=1M,file={}", dir.path().join("c.img").display()),
         "--export",
         "d:size=1M,crash-after-writes=1000",
+        "--export",
+        "e:size=1M,fscore=mem",
+        "--export",
+        &format!("f:size=1M,fscore={}", dir.path().join("f.img").display()),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let (run, lines) = start_lines(&args);
-    assert!(
-        export_line(&lines, "a").contains("no emulated disk"),
-        "{lines:?}"
-    );
-    for name in ["b", "c", "d"] {
+    for name in ["a", "e"] {
+        assert!(
+            export_line(&lines, name).contains("no emulated disk"),
+            "{lines:?}"
+        );
+    }
+    for name in ["b", "c", "d", "f"] {
         assert!(
             !export_line(&lines, name).contains("no emulated disk"),
             "{lines:?}"
@@ -150,14 +157,18 @@ fn plain_memory_export_has_no_emulated_disk_unless_something_could_observe_it() 
     let args: Vec<String> = vec![
         "--export".into(),
         "a:size=1M".into(),
+        "--export".into(),
+        "e:size=1M,fscore=mem".into(),
         "--control".into(),
         ctl.display().to_string(),
     ];
     let (run, lines) = start_lines(&args);
-    assert!(
-        !export_line(&lines, "a").contains("no emulated disk"),
-        "{lines:?}"
-    );
+    for name in ["a", "e"] {
+        assert!(
+            !export_line(&lines, name).contains("no emulated disk"),
+            "{lines:?}"
+        );
+    }
     let out = Command::new(BIN)
         .arg("ctl")
         .arg("--socket")
@@ -185,6 +196,79 @@ fn threads_named(pid: i32, prefix: &str) -> usize {
         .count()
 }
 
+/// The nice values of the threads of `pid` whose name starts with `prefix`.
+fn nice_of_threads(pid: i32, prefix: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+        let after_comm = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+        if let (true, Some(nice)) = (
+            comm.starts_with(prefix),
+            after_comm.split_whitespace().nth(16),
+        ) {
+            out.push(nice.parse().unwrap());
+        }
+    }
+    out
+}
+
+/// Waits (at most 10 s) until `pid` has `n` runtime workers.
+fn wait_for_workers(pid: i32, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while threads_named(pid, "tokio-runtime-w") < n && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(threads_named(pid, "tokio-runtime-w"), n);
+}
+
+/// With fs-core exports the runtime's workers run nicer than the engine thread (10 by
+/// default, `--worker-nice N` otherwise); a server of memory exports leaves them alone; the
+/// flag refuses anything outside 0..=19.
+#[test]
+fn worker_nice_lowers_the_workers_beside_an_engine_thread() {
+    let base = nbd_server::priority::this_thread_nice().unwrap();
+    let expect = |by: i32| (base + by).min(19);
+    let cases: [(&[&str], &str, i32); 4] = [
+        (&[], "d:size=1M,fscore=mem", expect(10)),
+        (&["--worker-nice", "3"], "d:size=1M,fscore=mem", expect(3)),
+        (&["--worker-nice", "0"], "d:size=1M,fscore=mem", base),
+        (&[], "d:size=1M", base),
+    ];
+    for (flags, export, want) in cases {
+        let mut args: Vec<String> = vec!["--workers".into(), "2".into()];
+        args.extend(flags.iter().map(|s| s.to_string()));
+        args.extend(["--export".to_string(), export.to_string()]);
+        let run = Running::start(&args);
+        wait_for_workers(run.pid(), 2);
+        // A worker is named before it runs its start hook: wait for both to have run it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut workers = nice_of_threads(run.pid(), "tokio-runtime-w");
+        while workers != vec![want; 2] && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            workers = nice_of_threads(run.pid(), "tokio-runtime-w");
+        }
+        assert_eq!(workers, vec![want; 2], "{args:?}");
+        let engines = nice_of_threads(run.pid(), "fscore");
+        assert!(engines.iter().all(|&n| n == base), "{args:?}: {engines:?}");
+        let mut c = Raw::connect(run.addr);
+        c.handshake(3);
+        c.go("d", false, false).unwrap();
+        c.request(0, NBD_CMD_WRITE, 1, 0, 4096, &[0x3c; 4096]);
+        assert_eq!(c.simple_reply(0).0, 0);
+    }
+    for bad in ["-1", "20", "low"] {
+        let out = Command::new(BIN)
+            .args([&format!("--worker-nice={bad}"), "--export", "d:size=1M"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--worker-nice {bad} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--worker-nice"), "{bad}: {err}");
+    }
+}
+
 /// `--workers N` sets the threads serving connections (each serves), and anything outside
 /// 1..=WORKER_THREADS_MAX is refused with the range.
 #[test]
@@ -197,13 +281,7 @@ fn workers_sets_the_threads_serving_connections() {
             "d:size=1M,fscore=mem".into(),
         ]);
         // The runtime starts its workers while the server binds: wait for them to be named.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while threads_named(run.pid(), "tokio-runtime-w") < n
-            && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert_eq!(threads_named(run.pid(), "tokio-runtime-w"), n);
+        wait_for_workers(run.pid(), n);
         let mut c = Raw::connect(run.addr);
         c.handshake(3);
         c.go("d", false, false).unwrap();

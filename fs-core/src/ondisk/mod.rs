@@ -521,19 +521,17 @@ impl Fs {
     }
 
     /// Inodes whose record changed since the last commit.
-    fn dirty_inodes(&self) -> Vec<usize> {
-        let Some(p) = &self.persist else {
-            return Vec::new();
-        };
-        (0..self.inodes.len())
-            .filter(|&i| p.marks[i] != (self.inodes[i].extents.seq(), self.inodes[i].meta_gen))
-            .collect()
+    fn dirty_inodes(&self) -> impl Iterator<Item = usize> + '_ {
+        let p = self.persist.as_ref();
+        (0..self.inodes.len()).filter(move |&i| {
+            p.is_some_and(|p| p.marks[i] != (self.inodes[i].extents.seq(), self.inodes[i].meta_gen))
+        })
     }
 
     /// About how many blocks the running transaction would journal now.
     pub fn dirty_estimate(&self) -> usize {
         let Some(p) = &self.persist else { return 0 };
-        self.dirty_inodes().len()
+        self.dirty_inodes().count()
             + p.dir_dirty.len()
             + usize::from(!self.alloc.pending_frees().is_empty())
             + 2
@@ -544,7 +542,7 @@ impl Fs {
     /// differs from its last committed image.
     fn transaction(&mut self) -> Result<Vec<(u64, Vec<u8>)>, FsError> {
         let mut images = Vec::new();
-        for ino in self.dirty_inodes() {
+        for ino in self.dirty_inodes().collect::<Vec<_>>() {
             let p = self.persist.as_mut().expect("persistent");
             let d = disk_inode(ino, &self.inodes[ino], &mut p.extents_at[ino]);
             let chain = self.resize_chain(ino, DiskInode::chain_blocks(d.extents.len()))?;

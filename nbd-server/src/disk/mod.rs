@@ -261,6 +261,9 @@ pub struct EmulatedDisk {
     cut_gate: std::sync::OnceLock<Arc<Mutex<()>>>,
     /// The seed of the last power cut.
     last_cut_seed: Mutex<Option<u64>>,
+    /// Set by [`Self::pass_through`]: the disk under an fs-core volume that nothing can
+    /// observe hands fs-core's IO straight to its storage.
+    plain: std::sync::OnceLock<()>,
 }
 
 impl EmulatedDisk {
@@ -321,7 +324,22 @@ impl EmulatedDisk {
             name: name.to_owned(),
             cut_gate: std::sync::OnceLock::new(),
             last_cut_seed: Mutex::new(None),
+            plain: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Lets fs-core's device on this disk skip it and do its IO on the storage directly
+    /// ([`Self::plain_storage`]). Only for a disk nothing can observe (no control socket, no
+    /// recording, faults, cache size or automatic power cut: see
+    /// `ExportSpec::disk_observable`), for which the volatile cache would hold data only until
+    /// a power cut nothing can cause: the same reasoning as a plain memory export.
+    pub fn pass_through(&self) {
+        let _ = self.plain.set(());
+    }
+
+    /// The storage to do IO on directly, if [`Self::pass_through`] was called.
+    pub fn plain_storage(&self) -> Option<&Arc<dyn Backend>> {
+        self.plain.get().map(|()| &self.storage)
     }
 
     /// A receiver that changes value at every power cut: the server drops every connection

@@ -41,6 +41,9 @@ pub struct VolumeSetup {
     pub sched_seed: u64,
     pub session: Option<PathBuf>,
     pub disk: DiskConfig,
+    /// Nothing can observe the disk (`ExportSpec::plain`): fs-core's IO skips it
+    /// ([`EmulatedDisk::pass_through`]).
+    pub plain: bool,
     /// For log messages: the first export's name.
     pub label: String,
 }
@@ -315,6 +318,9 @@ fn open_disk(setup: &VolumeSetup, new_bytes: u64) -> Result<(Arc<EmulatedDisk>, 
     };
     let disk = EmulatedDisk::named(storage, setup.disk.clone(), &setup.label)
         .map_err(|e| e.to_string())?;
+    if setup.plain {
+        disk.pass_through();
+    }
     Ok((Arc::new(disk), fresh))
 }
 
