@@ -52,6 +52,7 @@ Crash testing (a writable export is an emulated disk with a volatile write cache
   eio-flush=P, latency-us=N, latency-rate=P, fault-seed=S, crash-after-writes=N, crash-seed=S.
   A memory export with none of them, on a server without --control, is plain memory (no
   emulated disk: nothing could observe its cache); --control or any of them adds the disk.
+  The same holds for the disk under an fs-core volume in memory (fscore=mem).
 
 An export that is a file of fs-core (the iomap model, with its journal) on an emulated disk:
   nbd-server --export 'vm:size=64M,fscore=mem,session=/tmp/vm.session' --control /tmp/nbd.ctl
@@ -138,9 +139,9 @@ struct Cli {
     /// of the server, 0 to 19. Default: 10 when the server serves fs-core exports, else 0.
     /// Every request of an fs-core export passes through its volume's one engine thread;
     /// with the workers at the engine's priority the scheduler kept preempting the engine to
-    /// run them, and everything waited (4 KiB random writes of an fscore export ran about 30%
-    /// faster at 10; docs/fscore-export.md). Give 0 on a machine where the server must not
-    /// yield to other work.
+    /// run them, and everything waited (4 KiB random writes of an fscore export ran 41%
+    /// faster at 10, random reads 50-60%; docs/fscore-export.md). Give 0 on a machine where
+    /// the server must not yield to other work.
     #[arg(long, value_name = "N", value_parser = nice_in_range)]
     worker_nice: Option<i32>,
 
