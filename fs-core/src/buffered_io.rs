@@ -117,12 +117,18 @@ impl WriteTask {
         (self.st == WState::Copy).then(|| self.plen() as u32)
     }
 
+    /// Whether a write that has not run yet (its first step takes the inode lock) can run:
+    /// the same for every such write of `ino`, which [`crate::engine::Engine`] relies on to
+    /// ask once per inode instead of once per write.
+    pub fn inode_lock_free(fs: &Fs, ino: usize) -> bool {
+        let inode = fs.inode(ino);
+        inode.i_rwsem.can_write() && (!fs.cfg.gfs2.write_glock || inode.glock.can_write())
+    }
+
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
         let inode = fs.inode(self.ino);
         match self.st {
-            WState::LockInode => {
-                inode.i_rwsem.can_write() && (!fs.cfg.gfs2.write_glock || inode.glock.can_write())
-            }
+            WState::LockInode => Self::inode_lock_free(fs, self.ino),
             // balance_dirty_pages_ratelimited, which iomap_write_iter calls between
             // folios: the write waits while too much of the cache is dirty.
             WState::PreCheck => !fs.over_dirty_limit(),
@@ -885,6 +891,14 @@ impl MmapStoreTask {
 
     fn beyond_eof(&self, fs: &Fs) -> bool {
         self.pos + self.data.len() as u64 > fs.inode(self.ino).size
+    }
+
+    /// Whether a write that has not run yet (its first step takes the inode lock) can run:
+    /// the same for every such write of `ino`, which [`crate::engine::Engine`] relies on to
+    /// ask once per inode instead of once per write.
+    pub fn inode_lock_free(fs: &Fs, ino: usize) -> bool {
+        let inode = fs.inode(ino);
+        inode.i_rwsem.can_write() && (!fs.cfg.gfs2.write_glock || inode.glock.can_write())
     }
 
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
