@@ -295,9 +295,9 @@ impl WriteTask {
                 Step::Yield(YieldPoint::IomapValidBeforeLock, self.pos)
             }
             WState::GetFolio => {
-                let me = cx.me;
-                let f = cx.fs.get_folio(ino, self.idx());
-                f.locked = Some(me);
+                let (me, idx) = (cx.me, self.idx());
+                cx.fs.get_folio(ino, idx);
+                cx.fs.inode_mut(ino).cache.lock(idx, me);
                 let map = self.map.expect("mapped");
                 let check = cx.fs.cfg.iomap_valid;
                 match cx.fs.cfg.validity_check_at {
@@ -698,9 +698,7 @@ impl WriteTask {
     }
 
     fn unlock(&self, fs: &mut Fs) {
-        if let Some(f) = fs.inode_mut(self.ino).cache.get_mut(self.idx()) {
-            f.locked = None;
-        }
+        fs.inode_mut(self.ino).cache.unlock(self.idx());
     }
 }
 
@@ -719,7 +717,7 @@ fn iomap_write_failed(fs: &mut Fs, ino: usize, pos: u64, len: u64) {
         let Some(f) = fs.inode_mut(ino).cache.get_mut(idx) else {
             continue;
         };
-        if from <= lo && to >= hi && (f.writeback || f.locked.is_some()) {
+        if from <= lo && to >= hi && (f.writeback || f.locked().is_some()) {
             f.data.fill(0);
         } else {
             fs.truncate_folio_range(ino, idx, from, to);
@@ -1160,9 +1158,10 @@ mod tests {
             let punching = |st| matches!(st, WState::OldTruncate { .. } | WState::FixedScan { .. });
             step_until(&mut fs, &mut w, vec![BLOCK_SIZE as u32], punching);
             assert!(w.runnable(&fs, ME), "{punch:?}");
-            fs.get_folio(0, 1).locked = Some(ME + 1);
+            fs.get_folio(0, 1);
+            fs.inode_mut(0).cache.lock(1, ME + 1);
             assert!(!w.runnable(&fs, ME), "{punch:?}: folio 1 is locked");
-            fs.get_folio(0, 1).locked = None;
+            fs.inode_mut(0).cache.unlock(1);
             if punch == PunchMode::Old {
                 fs.get_folio(0, 1).writeback = true;
                 assert!(!w.runnable(&fs, ME), "folio 1 is under writeback");

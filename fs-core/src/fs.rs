@@ -711,7 +711,7 @@ impl Fs {
     /// Drop a folio from the cache (truncate, punch, reclaim). It must be unlocked by others
     /// and not under writeback.
     pub fn remove_folio(&mut self, ino: usize, idx: u64) {
-        if let Some(mut f) = self.inodes[ino].cache.folios.remove(&idx) {
+        if let Some(mut f) = self.inodes[ino].cache.remove(idx) {
             assert!(!f.writeback, "removing folio {idx} under writeback");
             if self.spare_buffers.len() < SPARE_FOLIO_BUFFERS_MAX {
                 f.data.fill(0);
