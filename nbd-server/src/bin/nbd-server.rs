@@ -128,10 +128,10 @@ struct Cli {
     seed: Option<u64>,
 
     /// Threads serving connections (the async runtime's workers; default: one per core).
-    /// An fs-core volume runs its model on a thread of its own besides these, so a server
-    /// of fs-core exports may do better with fewer: with one client on 2 cores, `--workers 1`
-    /// served 4 KiB random reads of an fscore export 60% faster, and its 1 MiB reads 40%
-    /// slower (docs/fscore-export.md). Measure your own workload.
+    /// An fs-core volume runs its model on a thread of its own besides these (see
+    /// --worker-nice); with one client on 2 cores the default served every fio job of an
+    /// fscore export at least as fast as `--workers 1` (docs/fscore-export.md). Measure your
+    /// own workload.
     #[arg(long, value_name = "N", value_parser = workers_in_range)]
     workers: Option<usize>,
 
