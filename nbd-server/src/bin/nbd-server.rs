@@ -149,28 +149,34 @@ struct Cli {
     command: Option<Command>,
 }
 
-/// `--workers N`: from 1 to [`WORKER_THREADS_MAX`].
-fn workers_in_range(s: &str) -> Result<usize, String> {
-    let n: usize = s
+/// A number from `range`'s start to its end (`unit` follows it in the message).
+fn number_in<T>(s: &str, range: std::ops::RangeInclusive<T>, unit: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+    T::Err: std::fmt::Display,
+{
+    let n: T = s
         .parse()
         .map_err(|e| format!("{s:?} is not a number: {e}"))?;
-    if (1..=WORKER_THREADS_MAX).contains(&n) {
+    if range.contains(&n) {
         Ok(n)
     } else {
-        Err(format!("{n} threads: from 1 to {WORKER_THREADS_MAX}"))
+        Err(format!(
+            "{n}{unit}: from {} to {}",
+            range.start(),
+            range.end()
+        ))
     }
+}
+
+/// `--workers N`: from 1 to [`WORKER_THREADS_MAX`].
+fn workers_in_range(s: &str) -> Result<usize, String> {
+    number_in(s, 1..=WORKER_THREADS_MAX, " threads")
 }
 
 /// `--worker-nice N`: from 0 to [`NICE_MAX`].
 fn nice_in_range(s: &str) -> Result<i32, String> {
-    let n: i32 = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
-    if (0..=NICE_MAX).contains(&n) {
-        Ok(n)
-    } else {
-        Err(format!("{n}: from 0 to {NICE_MAX}"))
-    }
+    number_in(s, 0..=NICE_MAX, "")
 }
 
 /// `--worker-nice` when it is not given and the server serves fs-core exports.
