@@ -708,6 +708,49 @@ fn dm_log_writes_round_trip() {
     assert!(crashmonkey::dmlog::import(&dm, &back, None).is_err());
 }
 
+/// The checkers run `checker_nice` nicer than the thread that called `check` (they inherit
+/// it from the job threads that start them); 0 leaves them as they are.
+#[test]
+fn checkers_run_nicer_by_checker_nice() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = recorded_log(dir.path());
+    let base = zero_base(dir.path());
+    let here = nbd_server::priority::this_thread_nice().unwrap();
+    for by in [0, 7, 19] {
+        let seen = dir.path().join(format!("nice-{by}"));
+        // Field 19 of `cut`'s own stat line is its nice value (its name has no spaces).
+        let o = CheckOptions {
+            checker: format!(
+                "cut -d' ' -f19 /proc/self/stat >> {}; true {{uri}}",
+                seen.display()
+            ),
+            jobs: 2,
+            out: None,
+            states: opts(),
+            progress: false,
+            timeout_seconds: 60,
+            larger_base: LargerBase::Refuse,
+            stop: Default::default(),
+            shard: Default::default(),
+            work_dir: None,
+            checker_nice: by,
+        };
+        let s = check(&log, &base, &o).unwrap();
+        let nice: Vec<i32> = std::fs::read_to_string(&seen)
+            .unwrap()
+            .lines()
+            .map(|l| l.trim().parse().unwrap())
+            .collect();
+        assert_eq!(nice.len(), s.unique);
+        let want = (here + by).min(19);
+        assert!(
+            nice.iter().all(|&n| n == want),
+            "checker-nice {by}: {nice:?}"
+        );
+    }
+    assert_eq!(nbd_server::priority::this_thread_nice().unwrap(), here);
+}
+
 /// The checker sees every unique state, `{mark}` names the right mark, and failures keep
 /// their image and output.
 #[test]
@@ -732,6 +775,7 @@ fn check_runs_the_checker_on_every_unique_state() {
         stop: Default::default(),
         shard: Default::default(),
         work_dir: None,
+        checker_nice: 0,
     };
     let s = check(&log, &base, &o).unwrap();
     assert_eq!(s.passed + s.failed, s.unique);
