@@ -708,6 +708,24 @@ fn dm_log_writes_round_trip() {
     assert!(crashmonkey::dmlog::import(&dm, &back, None).is_err());
 }
 
+/// Two jobs running `checker` on the states of `opts()`, no output folder, checkers at the
+/// caller's priority.
+fn check_options(checker: String) -> CheckOptions {
+    CheckOptions {
+        checker,
+        jobs: 2,
+        out: None,
+        states: opts(),
+        progress: false,
+        timeout_seconds: 60,
+        larger_base: LargerBase::Refuse,
+        stop: Default::default(),
+        shard: Default::default(),
+        work_dir: None,
+        checker_nice: 0,
+    }
+}
+
 /// The checkers run `checker_nice` nicer than the thread that called `check` (they inherit
 /// it from the job threads that start them); 0 leaves them as they are.
 #[test]
@@ -720,20 +738,11 @@ fn checkers_run_nicer_by_checker_nice() {
         let seen = dir.path().join(format!("nice-{by}"));
         // Field 19 of `cut`'s own stat line is its nice value (its name has no spaces).
         let o = CheckOptions {
-            checker: format!(
+            checker_nice: by,
+            ..check_options(format!(
                 "cut -d' ' -f19 /proc/self/stat >> {}; true {{uri}}",
                 seen.display()
-            ),
-            jobs: 2,
-            out: None,
-            states: opts(),
-            progress: false,
-            timeout_seconds: 60,
-            larger_base: LargerBase::Refuse,
-            stop: Default::default(),
-            shard: Default::default(),
-            work_dir: None,
-            checker_nice: by,
+            ))
         };
         let s = check(&log, &base, &o).unwrap();
         let nice: Vec<i32> = std::fs::read_to_string(&seen)
@@ -761,21 +770,12 @@ fn check_runs_the_checker_on_every_unique_state() {
     let out = dir.path().join("fail");
     let seen = dir.path().join("seen");
     let o = CheckOptions {
+        out: Some(out.clone()),
         // Each run appends its `{state}` id (one short O_APPEND write: whole lines).
-        checker: format!(
+        ..check_options(format!(
             "echo {{state}} >> {}; test -s {{image}} && test {{mark}} != m2",
             seen.display()
-        ),
-        jobs: 2,
-        out: Some(out.clone()),
-        states: opts(),
-        progress: false,
-        timeout_seconds: 60,
-        larger_base: LargerBase::Refuse,
-        stop: Default::default(),
-        shard: Default::default(),
-        work_dir: None,
-        checker_nice: 0,
+        ))
     };
     let s = check(&log, &base, &o).unwrap();
     assert_eq!(s.passed + s.failed, s.unique);
