@@ -891,14 +891,6 @@ impl MmapStoreTask {
         self.pos + self.data.len() as u64 > fs.inode(self.ino).size
     }
 
-    /// Whether a write that has not run yet (its first step takes the inode lock) can run:
-    /// the same for every such write of `ino`, which [`crate::engine::Engine`] relies on to
-    /// ask once per inode instead of once per write.
-    pub fn inode_lock_free(fs: &Fs, ino: usize) -> bool {
-        let inode = fs.inode(ino);
-        inode.i_rwsem.can_write() && (!fs.cfg.gfs2.write_glock || inode.glock.can_write())
-    }
-
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
         let inode = fs.inode(self.ino);
         match self.st {
