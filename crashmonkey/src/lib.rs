@@ -3,7 +3,7 @@
 //! Map of the crate (keep it true):
 //! - `history`  a write log read as history: operations with power-cut fates, cut into epochs
 //! - `states`   crash-state generation (prefixes, ordered subsets, torn writes) with content hashes
-//! - `sector_hash` BLAKE3 of many sectors at once (SIMD), equal to `blake3::hash` of each
+//! - `sector_hash` the content hashes of sectors and of states (XXH3-128), defined byte by byte
 //! - `state_tables` what state generation keeps between epochs, in files: bounded memory
 //! - `ahead`    work done ahead on a thread of its own, bounded in memory (hashing, generating)
 //! - `overlay`  copy-on-write images: a prefix image plus per-worker deltas; replay

@@ -1,9 +1,9 @@
 //! The two things crash-state generation remembers from one epoch to the next, kept in files
 //! rather than in memory, so that its memory stays bounded however long the log and however
 //! large the disk ([`crate::states::STATE_MEMORY_BYTES_MAX`]):
-//! - [`SectorHashes`]: the content hash of every sector the prefix has written (32 bytes a
-//!   sector, at `32 * sector` in the file). Its pages stay in memory while they take at most
-//!   [`SECTOR_HASHES_MEMORY_BYTES_MAX`] (64 MiB, a 1 GiB disk written all over), then all move
+//! - [`SectorHashes`]: the content hash of every sector the prefix has written (16 bytes a
+//!   sector, at `16 * sector` in the file). Its pages stay in memory while they take at most
+//!   [`SECTOR_HASHES_MEMORY_BYTES_MAX`] (64 MiB, a 2 GiB disk written all over), then all move
 //!   to the file: a `pread`/`pwrite` per run of sectors was a sixth of crash-state generation
 //!   on such a disk. (As a map of every sector ever written it was 281 MB of a 1 GiB disk
 //!   filled by fio, growing with the log.)
@@ -15,7 +15,7 @@
 //! in runs, never mapped, so what the kernel caches of them is its page cache, not ours.
 //!
 //! On disk a slot of zero bytes is an empty slot: files are sparse and a hole reads as zeros.
-//! A sector's hash is a BLAKE3 output, never all zeros in practice (asserted when written); a
+//! A sector's hash is an XXH3-128 output, never all zeros in practice (asserted when written); a
 //! state's slot stores its id plus one, never zero.
 
 use std::fs::File;
@@ -25,13 +25,10 @@ use std::path::Path;
 
 use fs_core::block::BlockMap;
 
-/// Content identity of one sector (BLAKE3 of its bytes).
-pub type SectorHash = [u8; 32];
-/// Additive multiset hash of a whole image (four wrapping u64 lanes).
-pub type Sum = [u64; 4];
+pub use crate::sector_hash::{SectorHash, Sum};
 
 /// Bytes of one sector's slot in [`SectorHashes`].
-const SECTOR_SLOT_BYTES: u64 = 32;
+const SECTOR_SLOT_BYTES: u64 = crate::sector_hash::SECTOR_HASH_BYTES as u64;
 /// Sectors read or written with one call, at most (the buffer is 64 KiB).
 const RUN_SECTORS_MAX: u64 = 2048;
 
@@ -48,7 +45,7 @@ fn sector_hashes_memory_bytes_max() -> u64 {
     )
 }
 
-/// Sectors per in-memory page of a [`SectorHashes`] (128 KiB a page).
+/// Sectors per in-memory page of a [`SectorHashes`] (64 KiB a page).
 const PAGE_SECTORS: u64 = 4096;
 
 /// The prefix's hash of each sector it has written, in memory pages, then in a file. See the
@@ -139,7 +136,10 @@ impl SectorHashes {
             read_zero_filled(&self.file, bytes, sectors[start] * SECTOR_SLOT_BYTES)?;
             for (k, slot) in bytes.chunks_exact(SECTOR_SLOT_BYTES as usize).enumerate() {
                 if slot.iter().any(|&b| b != 0) {
-                    out.insert(sectors[start + k], slot.try_into().expect("32 bytes"));
+                    out.insert(
+                        sectors[start + k],
+                        slot.try_into().expect("a slot is a hash"),
+                    );
                 }
             }
         }
@@ -158,9 +158,9 @@ impl SectorHashes {
             return self.put_in_file(entries);
         };
         for &(s, h) in entries {
-            let page = pages
-                .entry(s / PAGE_SECTORS)
-                .or_insert_with(|| vec![[0u8; 32]; PAGE_SECTORS as usize].into_boxed_slice());
+            let page = pages.entry(s / PAGE_SECTORS).or_insert_with(|| {
+                vec![[0u8; SECTOR_SLOT_BYTES as usize]; PAGE_SECTORS as usize].into_boxed_slice()
+            });
             page[(s % PAGE_SECTORS) as usize] = h;
         }
         Ok(())
@@ -317,7 +317,7 @@ mod tests {
     fn sector_hashes_read_back_and_holes_are_absent() {
         let dir = tempfile::tempdir().unwrap();
         let page_bytes = PAGE_SECTORS * SECTOR_SLOT_BYTES;
-        let h = |b: u8| [b; 32];
+        let h = |b: u8| [b; SECTOR_SLOT_BYTES as usize];
         // The last sector of a 1 TiB disk: one more page in memory, not a table up to it.
         let far = (1u64 << 40) / 512 - 1;
         for (max, moves) in [

@@ -15,7 +15,7 @@
 //!   non-empty subset of that write's 512-byte sectors (or of its `atomic_bytes` units).
 //!
 //! Every state gets a content hash, computed incrementally (an additive hash over
-//! `blake3(sector, content)`), so states with identical content are checked once, and the
+//! `xxh3(sector, content)`, [`crate::sector_hash`]), so states with identical content are checked once, and the
 //! cost of a state is the size of its own delta, not the length of the log before it.
 //!
 //! Memory is bounded by [`STATE_MEMORY_BYTES_MAX`] however long the log: what the generator
@@ -35,8 +35,8 @@ use rand_chacha::ChaCha8Rng;
 use nbd_server::log::{sector_pieces, torn_pieces, unit_pieces, KeptBytes, LogError, SECTOR_BYTES};
 
 use crate::history::{Epoch, LogData, LogSpan, Op};
-use crate::sector_hash::{hash_block, hash_sectors};
-use crate::state_tables::{SectorHash, SectorHashes, SeenStates, Sum};
+use crate::sector_hash::{contribution, hash_bytes, hash_partial, hash_sectors, SectorHash, Sum};
+use crate::state_tables::{SectorHashes, SeenStates};
 
 /// Memory one epoch's states may take to generate, at most: its operations, their sector
 /// updates, the prefix's hashes of the sectors they touch, and its states' lists of
@@ -143,7 +143,7 @@ pub struct CrashState {
 }
 
 /// What an operation does to one sector.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum SectorUpdate {
     /// The whole sector: the hash of its bytes, and its contribution to an image's sum (a
     /// BLAKE3 of its own, computed once per epoch: hashing was a tenth of a campaign).
@@ -161,14 +161,7 @@ impl SectorUpdate {
     fn apply(&self, prev: Option<&SectorHash>) -> SectorHash {
         match *self {
             SectorUpdate::Full(_, h, _) => h,
-            SectorUpdate::Partial(_, off, len, h) => {
-                let mut hasher = blake3::Hasher::new();
-                hasher.update(prev.map_or(&[0u8; 32], |p| p));
-                hasher.update(&off.to_le_bytes());
-                hasher.update(&len.to_le_bytes());
-                hasher.update(&h);
-                *hasher.finalize().as_bytes()
-            }
+            SectorUpdate::Partial(_, off, len, h) => hash_partial(prev, off, len, &h),
         }
     }
     /// The sector's new content and its contribution to the sum, after `prev`.
@@ -177,20 +170,10 @@ impl SectorUpdate {
             SectorUpdate::Full(_, h, c) => (h, c),
             SectorUpdate::Partial(s, ..) => {
                 let h = self.apply(prev);
-                (h, contrib(s, &h))
+                (h, contribution(s, &h))
             }
         }
     }
-}
-
-/// A sector's contribution to an image's sum: BLAKE3 of its number (little-endian) and its
-/// hash, as four little-endian u64 lanes.
-fn contrib(sector: u64, h: &SectorHash) -> Sum {
-    let mut input = [0u8; 40];
-    input[..8].copy_from_slice(&sector.to_le_bytes());
-    input[8..].copy_from_slice(h);
-    let w = hash_block(&input);
-    std::array::from_fn(|i| u64::from(w[2 * i]) | u64::from(w[2 * i + 1]) << 32)
 }
 
 fn add(a: &mut Sum, b: &Sum) {
@@ -257,8 +240,7 @@ fn chunk_updates(
     out: &mut Vec<SectorUpdate>,
 ) {
     static ZERO_HASH: std::sync::OnceLock<SectorHash> = std::sync::OnceLock::new();
-    let zero_hash =
-        *ZERO_HASH.get_or_init(|| *blake3::hash(&[0u8; SECTOR_BYTES as usize]).as_bytes());
+    let zero_hash = *ZERO_HASH.get_or_init(|| hash_bytes(&[0u8; SECTOR_BYTES as usize]));
     let end = at + buf.len() as u64;
     let whole_from = (at.div_ceil(SECTOR_BYTES) * SECTOR_BYTES).min(end);
     let whole_to = (end / SECTOR_BYTES * SECTOR_BYTES).max(whole_from);
@@ -275,10 +257,10 @@ fn chunk_updates(
         out.push(if s_len == SECTOR_BYTES {
             let h = if zero { zero_hash } else { hashes[whole] };
             whole += 1;
-            SectorUpdate::Full(sector, h, contrib(sector, &h))
+            SectorUpdate::Full(sector, h, contribution(sector, &h))
         } else {
             let b = &buf[(s_off - at) as usize..(s_off - at + s_len) as usize];
-            let h = *blake3::hash(b).as_bytes();
+            let h = hash_bytes(b);
             SectorUpdate::Partial(sector, (s_off % SECTOR_BYTES) as u16, s_len as u16, h)
         });
     }
@@ -337,10 +319,144 @@ impl EpochHashes {
     }
 }
 
+/// The sum of the state of `included` (and `torn`, its operation's index and its sector
+/// updates), from the prefix's (of sum `prefix_sum`): each sector the state writes. `old` holds the prefix's
+/// hashes of the sectors the epoch touches, `before` their contributions to its sum.
+fn state_sum(
+    prefix_sum: Sum,
+    updates: &[Vec<SectorUpdate>],
+    (old, before): (&BlockMap<SectorHash>, &BlockMap<Sum>),
+    included: &[usize],
+    torn: Option<(usize, &[SectorUpdate])>,
+) -> Sum {
+    let mut changed: BlockMap<(SectorHash, Sum)> = BlockMap::default();
+    changed.reserve(included.iter().map(|&i| updates[i].len()).sum());
+    let apply = |u: &SectorUpdate, changed: &mut BlockMap<(SectorHash, Sum)>| {
+        let s = u.sector();
+        let prev = changed.get(&s).map(|c| &c.0).or_else(|| old.get(&s));
+        let new = u.apply_sum(prev);
+        changed.insert(s, new);
+    };
+    for &i in included {
+        for u in &updates[i] {
+            apply(u, &mut changed);
+        }
+    }
+    for u in torn.map_or(&[][..], |t| t.1) {
+        apply(u, &mut changed);
+    }
+    let mut sum = prefix_sum;
+    for (s, (_, c)) in &changed {
+        if let Some(p) = before.get(s) {
+            sub(&mut sum, p);
+        }
+        add(&mut sum, c);
+    }
+    sum
+}
+
+/// What a whole epoch does on top of the prefix: what every sector it touches holds after
+/// all of its operations, the image's sum then, and which updates touch each sector. A state
+/// that drops few of the epoch's operations is summed from it, by the sectors the dropped
+/// ones touch ([`WholeEpoch::state_sum`]), not from the prefix by every sector it writes: a
+/// state that drops one write of a 256-write epoch then costs one write's sectors, not 256.
+struct WholeEpoch {
+    /// Each touched sector's hash and contribution with every operation applied.
+    now: BlockMap<(SectorHash, Sum)>,
+    /// The image's sum with every operation applied.
+    sum: Sum,
+    /// `(sector, operation, index in its updates)` of every update, by sector, then in the
+    /// order they apply.
+    touches: Vec<(u64, u32, u32)>,
+    /// How many updates the epoch has.
+    updates: usize,
+}
+
+impl WholeEpoch {
+    /// The epoch of `updates` over a prefix of sum `prefix_sum`; `old` and `before` as in
+    /// [`state_sum`].
+    fn of(
+        updates: &[Vec<SectorUpdate>],
+        old: &BlockMap<SectorHash>,
+        before: &BlockMap<Sum>,
+        prefix_sum: Sum,
+    ) -> Self {
+        let count = updates.iter().map(Vec::len).sum();
+        let mut now: BlockMap<(SectorHash, Sum)> = BlockMap::default();
+        now.reserve(count);
+        let mut touches = Vec::with_capacity(count);
+        for (i, op) in updates.iter().enumerate() {
+            for (k, u) in op.iter().enumerate() {
+                let s = u.sector();
+                let new = u.apply_sum(now.get(&s).map(|n| &n.0).or_else(|| old.get(&s)));
+                now.insert(s, new);
+                touches.push((s, i as u32, k as u32));
+            }
+        }
+        touches.sort_unstable();
+        let mut sum = prefix_sum;
+        for (s, (_, c)) in &now {
+            if let Some(p) = before.get(s) {
+                sub(&mut sum, p);
+            }
+            add(&mut sum, c);
+        }
+        WholeEpoch {
+            now,
+            sum,
+            touches,
+            updates: count,
+        }
+    }
+
+    /// The sum of the state that keeps the operations `kept` says (and `torn`, as in
+    /// [`state_sum`]): the whole epoch's, with each sector a left-out
+    /// operation touches taken back to what the state's own updates of it make (or to the
+    /// prefix's content, when it has none). Equal to [`state_sum`]'s: the
+    /// sectors only kept operations touch hold the same in both.
+    fn state_sum(
+        &self,
+        updates: &[Vec<SectorUpdate>],
+        (old, before): (&BlockMap<SectorHash>, &BlockMap<Sum>),
+        kept: &[bool],
+        torn: Option<(usize, &[SectorUpdate])>,
+    ) -> Sum {
+        let torn_updates = torn.map_or(&[][..], |t| t.1);
+        let mut affected: Vec<u64> = (0..kept.len())
+            .filter(|&i| !kept[i])
+            .flat_map(|i| updates[i].iter().map(SectorUpdate::sector))
+            .chain(torn_updates.iter().map(SectorUpdate::sector))
+            .collect();
+        affected.sort_unstable();
+        affected.dedup();
+        let mut sum = self.sum;
+        for s in affected {
+            let from = self.touches.partition_point(|t| t.0 < s);
+            let mut cur: Option<(SectorHash, Sum)> = None;
+            let kept_updates = self.touches[from..]
+                .iter()
+                .take_while(|t| t.0 == s)
+                .filter(|t| kept[t.1 as usize])
+                .map(|t| &updates[t.1 as usize][t.2 as usize]);
+            let torn_of_s = torn_updates.iter().filter(|u| u.sector() == s);
+            for u in kept_updates.chain(torn_of_s) {
+                cur = Some(u.apply_sum(cur.as_ref().map(|c| &c.0).or_else(|| old.get(&s))));
+            }
+            let state = cur.map(|c| c.1).or_else(|| before.get(&s).copied());
+            sub(
+                &mut sum,
+                &self.now.get(&s).expect("a sector of the epoch").1,
+            );
+            add(&mut sum, &state.unwrap_or([0; 4]));
+        }
+        sum
+    }
+}
+
 /// The contributions to the prefix's sum of the sectors in `old` (the prefix's hashes of
 /// those an epoch touches): each state of the epoch takes some of them out of the sum.
 fn prefix_contribs(old: &BlockMap<SectorHash>) -> BlockMap<Sum> {
-    old.iter().map(|(&s, h)| (s, contrib(s, h))).collect()
+    old.iter().map(|(&s, h)| (s, contribution(s, h))).collect()
 }
 
 /// A crash state before its content is hashed.
@@ -518,12 +634,13 @@ impl StateGenerator {
         let updates = hashed.updates;
         let old = self.prefix_hashes(&updates)?;
         let before = prefix_contribs(&old);
+        let whole = WholeEpoch::of(&updates, &old, &before, self.prefix_sum);
         let candidates = self.candidates(epoch, extra);
         let states = candidates
             .into_iter()
-            .map(|c| self.state(epoch, &updates, &old, &before, c))
+            .map(|c| self.state(epoch, &updates, (&old, &before, &whole), c))
             .collect::<Result<Vec<_>, _>>()?;
-        self.advance_prefix(&updates, &old, &before)?;
+        self.advance_prefix(whole)?;
         if let Some((_, name)) = epoch.marks.last() {
             self.last_mark = Some(name.clone());
         }
@@ -641,15 +758,34 @@ impl StateGenerator {
         &mut self,
         epoch: &Epoch,
         updates: &[Vec<SectorUpdate>],
-        old: &BlockMap<SectorHash>,
-        before: &BlockMap<Sum>,
+        (old, before, whole): (&BlockMap<SectorHash>, &BlockMap<Sum>, &WholeEpoch),
         c: Candidate,
     ) -> Result<CrashState, LogError> {
-        let sum = self.state_sum(epoch, updates, (old, before), &c.included, c.torn.as_ref())?;
+        let mut kept = vec![false; epoch.ops.len()];
+        for &i in &c.included {
+            kept[i] = true;
+        }
+        let torn = match &c.torn {
+            Some(t) => Some((
+                t,
+                op_updates(&epoch.ops[t.index], &t.pieces, self.log.as_ref())?,
+            )),
+            None => None,
+        };
+        let torn = torn.as_ref().map(|(t, u)| (t.index, &u[..]));
+        let dropped_updates: usize = (0..kept.len())
+            .filter(|&i| !kept[i])
+            .map(|i| updates[i].len())
+            .sum();
+        // Summed by the smaller side: the sectors the state leaves out or those it writes.
+        let sum = if 2 * dropped_updates < whole.updates {
+            whole.state_sum(updates, (old, before), &kept, torn)
+        } else {
+            state_sum(self.prefix_sum, updates, (old, before), &c.included, torn)
+        };
         let mark = self.mark_for(epoch, &c.included);
-        let included_set: BTreeSet<usize> = c.included.iter().copied().collect();
         let dropped_seqs = (0..epoch.ops.len())
-            .filter(|i| !included_set.contains(i))
+            .filter(|&i| !kept[i])
             .map(|i| epoch.ops[i].seq)
             .collect();
         let id = self.next_id;
@@ -674,70 +810,14 @@ impl StateGenerator {
         })
     }
 
-    /// Advances the prefix past a whole epoch, whose operations make `updates`; `old` holds
-    /// the prefix's hashes of the sectors they touch, `before` their contributions to its sum.
-    fn advance_prefix(
-        &mut self,
-        updates: &[Vec<SectorUpdate>],
-        old: &BlockMap<SectorHash>,
-        before: &BlockMap<Sum>,
-    ) -> Result<(), LogError> {
-        let mut now: BlockMap<(SectorHash, Sum)> = BlockMap::default();
-        now.reserve(updates.iter().map(Vec::len).sum());
-        for u in updates.iter().flatten() {
-            let s = u.sector();
-            let new = u.apply_sum(now.get(&s).map(|n| &n.0).or_else(|| old.get(&s)));
-            now.insert(s, new);
-        }
-        let mut entries: Vec<(u64, SectorHash)> = Vec::with_capacity(now.len());
-        for (s, (h, c)) in &now {
-            if let Some(p) = before.get(s) {
-                sub(&mut self.prefix_sum, p);
-            }
-            add(&mut self.prefix_sum, c);
-            entries.push((*s, *h));
-        }
+    /// Advances the prefix past a whole epoch ([`WholeEpoch`]).
+    fn advance_prefix(&mut self, whole: WholeEpoch) -> Result<(), LogError> {
+        self.prefix_sum = whole.sum;
+        let mut entries: Vec<(u64, SectorHash)> =
+            whole.now.into_iter().map(|(s, (h, _))| (s, h)).collect();
         entries.sort_unstable_by_key(|e| e.0);
         let put = self.tables()?.prefix.put_many(&entries);
         put.map_err(|e| self.table_error(e))
-    }
-
-    /// The sum of the state of `included` (and `torn`); `old` and `before` as in
-    /// [`Self::advance_prefix`].
-    fn state_sum(
-        &self,
-        epoch: &Epoch,
-        updates: &[Vec<SectorUpdate>],
-        (old, before): (&BlockMap<SectorHash>, &BlockMap<Sum>),
-        included: &[usize],
-        torn: Option<&TornOp>,
-    ) -> Result<Sum, LogError> {
-        let mut changed: BlockMap<(SectorHash, Sum)> = BlockMap::default();
-        changed.reserve(included.iter().map(|&i| updates[i].len()).sum());
-        let apply = |u: &SectorUpdate, changed: &mut BlockMap<(SectorHash, Sum)>| {
-            let s = u.sector();
-            let prev = changed.get(&s).map(|c| &c.0).or_else(|| old.get(&s));
-            let new = u.apply_sum(prev);
-            changed.insert(s, new);
-        };
-        for &i in included {
-            for u in &updates[i] {
-                apply(u, &mut changed);
-            }
-        }
-        if let Some(t) = torn {
-            for u in op_updates(&epoch.ops[t.index], &t.pieces, self.log.as_ref())? {
-                apply(&u, &mut changed);
-            }
-        }
-        let mut sum = self.prefix_sum;
-        for (s, (_, c)) in &changed {
-            if let Some(p) = before.get(s) {
-                sub(&mut sum, p);
-            }
-            add(&mut sum, c);
-        }
-        Ok(sum)
     }
 
     /// The last mark all of whose preceding operations are in the state.
@@ -995,6 +1075,69 @@ mod tests {
         }
         let apart = torn(2, vec![(8192, 512), (9216, 512)]);
         assert!(legal(&epoch, &[1], Some(&apart)), "pieces apart, ascending");
+    }
+
+    /// A state's sum taken from the whole epoch by the sectors it leaves out equals the one
+    /// summed from the prefix by the sectors it writes, for every subset of seeded epochs
+    /// whose operations overlap, write parts of sectors, and land over a written prefix.
+    #[test]
+    fn a_sum_from_the_whole_epoch_equals_the_sum_from_the_prefix() {
+        use rand::{Rng, SeedableRng};
+        let h = |rng: &mut ChaCha8Rng| -> SectorHash { rng.random() };
+        for seed in 0..40 {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let ops = rng.random_range(1..7usize);
+            let updates: Vec<Vec<SectorUpdate>> = (0..ops)
+                .map(|_| {
+                    (0..rng.random_range(0..5))
+                        .map(|_| {
+                            let s = rng.random_range(0..8u64);
+                            if rng.random_bool(0.3) {
+                                SectorUpdate::Partial(s, rng.random_range(0..256), 17, h(&mut rng))
+                            } else {
+                                let x = h(&mut rng);
+                                SectorUpdate::Full(s, x, contribution(s, &x))
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut old: BlockMap<SectorHash> = BlockMap::default();
+            for s in 0..8u64 {
+                if rng.random_bool(0.5) {
+                    old.insert(s, h(&mut rng));
+                }
+            }
+            let before = prefix_contribs(&old);
+            let prefix_sum: Sum = rng.random();
+            let whole = WholeEpoch::of(&updates, &old, &before, prefix_sum);
+            for mask in 0..1u32 << ops {
+                let kept: Vec<bool> = (0..ops).map(|i| mask & 1 << i != 0).collect();
+                let included: Vec<usize> = (0..ops).filter(|&i| kept[i]).collect();
+                // A torn write: a part of the first operation left out, over the kept ones
+                // before it (as the generator makes them).
+                let first_out = (0..ops).find(|&i| !kept[i]);
+                let torn_updates: Vec<SectorUpdate> = first_out
+                    .map(|t| updates[t].iter().take(1).cloned().collect())
+                    .unwrap_or_default();
+                for torn in [None, first_out.map(|t| (t, &torn_updates[..]))] {
+                    let included = match torn {
+                        Some((t, _)) => included.iter().copied().filter(|&i| i < t).collect(),
+                        None => included.clone(),
+                    };
+                    let kept: Vec<bool> = (0..ops).map(|i| included.contains(&i)).collect();
+                    let direct = state_sum(prefix_sum, &updates, (&old, &before), &included, torn);
+                    let by_whole = whole.state_sum(&updates, (&old, &before), &kept, torn);
+                    assert_eq!(
+                        by_whole, direct,
+                        "seed {seed}, kept {kept:?}, torn {torn:?}"
+                    );
+                }
+            }
+            let all: Vec<usize> = (0..ops).collect();
+            let direct = state_sum(prefix_sum, &updates, (&old, &before), &all, None);
+            assert_eq!(whole.sum, direct, "seed {seed}: the whole epoch");
+        }
     }
 
     #[test]
