@@ -189,6 +189,7 @@ fn corrupt(rec: &Record, what: String) -> LogError {
 impl History {
     pub fn open(path: &Path) -> Result<Self, LogError> {
         let reader = LogReader::open(path)?;
+        let started = std::time::Instant::now();
         let mut fates = HashMap::new();
         // The fates power cuts give earlier records, known before those records are read: a
         // pass over the headers (the full pass, the iteration, checks every record).
@@ -207,6 +208,10 @@ impl History {
                 }
             }
         }
+        tracing::debug!(
+            "the pass over the log's headers took {} ms",
+            started.elapsed().as_millis()
+        );
         let disk_bytes = reader.disk_bytes();
         Ok(History {
             reader,
