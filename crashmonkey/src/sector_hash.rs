@@ -5,7 +5,7 @@
 //! apart the states of one run, none of which an adversary chose, and a collision would at
 //! worst skip checking one state as a duplicate of another (about 2^-128 per pair of distinct
 //! sectors). It replaced BLAKE3 (issue 21): on a 1 GiB log every payload byte is hashed once,
-//! and BLAKE3 of 512-byte inputs, even eight lanes wide, ran at about 1 GB/s here inside a
+//! and BLAKE3 of 512-byte inputs, even sixteen lanes wide, ran at about 1 GB/s here inside a
 //! check, XXH3 at about 5 GB/s.
 //!
 //! Definitions (the tests check them against `xxhash_rust` directly):

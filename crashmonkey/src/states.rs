@@ -15,8 +15,9 @@
 //!   non-empty subset of that write's 512-byte sectors (or of its `atomic_bytes` units).
 //!
 //! Every state gets a content hash, computed incrementally (an additive hash over
-//! `xxh3(sector, content)`, [`crate::sector_hash`]), so states with identical content are checked once, and the
-//! cost of a state is the size of its own delta, not the length of the log before it.
+//! `xxh3(sector, content)`, [`crate::sector_hash`]), so states with identical content are
+//! checked once, and the cost of a state is the size of its own delta (or of what it leaves
+//! out of its epoch, [`WholeEpoch`]), not the length of the log before it.
 //!
 //! Memory is bounded by [`STATE_MEMORY_BYTES_MAX`] however long the log: what the generator
 //! keeps between epochs (the prefix's hash of every sector it wrote, the hash of every state
@@ -43,11 +44,16 @@ use crate::state_tables::{SectorHashes, SeenStates};
 /// operations (estimated by [`epoch_memory_bytes`]). An epoch past it is refused. Nothing
 /// else the generator holds grows with the log (see the module docs).
 pub const STATE_MEMORY_BYTES_MAX: u64 = 256 << 20;
-/// Memory per sector an epoch touches, at most: its update, and its entries in the maps of
-/// the prefix's hashes, of their sums, of a state's changes and of the new prefix (hash maps
-/// counted twice over: they grow by doubling), and in the sorted lists read and written.
-const EPOCH_SECTOR_BYTES: u64 =
-    std::mem::size_of::<SectorUpdate>() as u64 + 2 * (40 + 40 + 72 + 40) + 48;
+/// Memory per sector an epoch touches, at most: its update, its entries in the maps of the
+/// prefix's hashes, of their sums, of a state's changes and of the whole epoch's content
+/// ([`WholeEpoch`]; hash maps counted twice over: they grow by doubling), its place in the
+/// whole epoch's list of updates, and its entries in the sorted lists read and written.
+const EPOCH_SECTOR_BYTES: u64 = (std::mem::size_of::<SectorUpdate>()
+    + 2 * (std::mem::size_of::<(u64, SectorHash)>()
+        + std::mem::size_of::<(u64, Sum)>()
+        + 2 * std::mem::size_of::<(u64, (SectorHash, Sum))>())
+    + std::mem::size_of::<(u64, u32, u32)>()
+    + 48) as u64;
 /// Memory per operation of an epoch and per state of it: its index in the state's kept
 /// operations or its sequence number among the dropped ones, with room for the set of kept
 /// ones built on the way.
@@ -146,7 +152,7 @@ pub struct CrashState {
 #[derive(Clone, Copy, Debug)]
 enum SectorUpdate {
     /// The whole sector: the hash of its bytes, and its contribution to an image's sum (a
-    /// BLAKE3 of its own, computed once per epoch: hashing was a tenth of a campaign).
+    /// hash of its own, computed once per epoch: hashing was a tenth of a campaign).
     Full(u64, SectorHash, Sum),
     /// Part of a sector: offset, length and hash of the bytes.
     Partial(u64, u16, u16, SectorHash),
@@ -320,8 +326,9 @@ impl EpochHashes {
 }
 
 /// The sum of the state of `included` (and `torn`, its operation's index and its sector
-/// updates), from the prefix's (of sum `prefix_sum`): each sector the state writes. `old` holds the prefix's
-/// hashes of the sectors the epoch touches, `before` their contributions to its sum.
+/// updates), from the prefix's (of sum `prefix_sum`): each sector the state writes. `old`
+/// holds the prefix's hashes of the sectors the epoch touches, `before` their contributions
+/// to its sum.
 fn state_sum(
     prefix_sum: Sum,
     updates: &[Vec<SectorUpdate>],
@@ -410,10 +417,10 @@ impl WholeEpoch {
     }
 
     /// The sum of the state that keeps the operations `kept` says (and `torn`, as in
-    /// [`state_sum`]): the whole epoch's, with each sector a left-out
-    /// operation touches taken back to what the state's own updates of it make (or to the
-    /// prefix's content, when it has none). Equal to [`state_sum`]'s: the
-    /// sectors only kept operations touch hold the same in both.
+    /// [`state_sum`]): the whole epoch's, with each sector a left-out operation touches
+    /// taken back to what the state's own updates of it make (or to the prefix's content,
+    /// when it has none). Equal to [`state_sum`]'s: the sectors only kept operations touch
+    /// hold the same in both.
     fn state_sum(
         &self,
         updates: &[Vec<SectorUpdate>],
@@ -992,7 +999,8 @@ mod tests {
             ..StateOptions::default()
         };
         let op_bytes = std::mem::size_of::<Op>() as u64;
-        let sector_bytes = std::mem::size_of::<SectorUpdate>() as u64 + 2 * 192 + 48;
+        // Map entries of 24, 40, 56 and 56 bytes, doubled; 16 in the whole epoch's list.
+        let sector_bytes = std::mem::size_of::<SectorUpdate>() as u64 + 2 * 176 + 16 + 48;
         let states = 2 + 1 + 1 + 2 * 4;
         let want = 2 * op_bytes + 3 * 16 + 6 * sector_bytes + states * 2 * 16;
         assert_eq!(epoch_memory_bytes(&epoch, &opts), want);
