@@ -1,12 +1,15 @@
 //! Copy-on-write images: a prefix image that advances epoch by epoch, and per-worker images
-//! that differ from it only in a tracked delta. Turning a worker image into a new crash state
-//! costs the size of the old delta plus the new one, never the length of the log before it,
-//! nor the size of the disk: the ranges the last state (and the epochs since) changed go
-//! back to the prefix's content, but for those the new state writes anyway, then the new
-//! state's writes land. Where the work folder's filesystem shares blocks (XFS, btrfs), a
-//! worker image starts as a reflink of the prefix (`FICLONE`), and ranges of at least
-//! [`REFLINK_RANGE_BYTES_MIN`] go back by reflink (`FICLONERANGE`, metadata only); smaller
-//! ones, and every range elsewhere, are copied.
+//! that differ from it only in a tracked delta: which of the log's bytes (or zeros) each
+//! range holds, or that its content is unknown. Turning a worker image into a new crash
+//! state costs the difference between the two states, never the length of the log before
+//! it, nor the size of the disk: the ranges the last state (and the epochs since) changed
+//! that the new state does not write go back to the prefix's content, and of the new
+//! state's writes only those the image does not hold already land (states of one epoch, and
+//! of one batch of epochs, share most of theirs). Where the work folder's filesystem shares
+//! blocks (XFS, btrfs), a worker image starts as a reflink of the prefix (`FICLONE`), and
+//! ranges of at least [`REFLINK_RANGE_BYTES_MIN`] go back by reflink (`FICLONERANGE`,
+//! metadata only, widened to whole blocks: what that overwrote of the new state's writes is
+//! written again); smaller ones, and every range elsewhere, are copied.
 //! Also: sparse copies and plain replay of a log into an image.
 
 use std::fs::{File, OpenOptions};
@@ -14,6 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use nbd_server::backend::{Layer, Origin};
 use nbd_server::log::LogError;
 
 use crate::history::{Epoch, Event, History, Op};
@@ -175,6 +179,87 @@ pub fn apply_pieces(
 /// A byte range of the disk: (offset, length).
 type Range = (u64, u64);
 
+/// The origin of a worker image's runs whose content is not known (see
+/// [`WorkerImage::prefix_advanced`]): never the same bytes as any state's.
+const UNKNOWN: Origin = Origin::Source {
+    source: UNKNOWN_SOURCE,
+    offset: 0,
+};
+const UNKNOWN_SOURCE: usize = usize::MAX;
+
+/// Whether a run at `a.0` from origin `a.1` and one at `b.0` from `b.1` hold the same bytes
+/// where they overlap: both zeros, or the same known source at the same distance.
+fn same_bytes(a: (u64, Origin), b: (u64, Origin)) -> bool {
+    match (a.1, b.1) {
+        (Origin::Zero, Origin::Zero) => true,
+        (
+            Origin::Source {
+                source: s,
+                offset: x,
+            },
+            Origin::Source {
+                source: t,
+                offset: y,
+            },
+        ) => s == t && s != UNKNOWN_SOURCE && x.wrapping_sub(a.0) == y.wrapping_sub(b.0),
+        _ => false,
+    }
+}
+
+/// `from`, `by` bytes further on.
+fn skip(from: Origin, by: u64) -> Origin {
+    match from {
+        Origin::Zero => Origin::Zero,
+        Origin::Source { source, offset } => Origin::Source {
+            source,
+            offset: offset + by,
+        },
+    }
+}
+
+/// The ranges of `layer`'s runs, sorted and merged.
+fn layer_ranges(layer: &Layer) -> Vec<Range> {
+    merge(layer.iter().map(|(s, len, _)| (s, len)).collect())
+}
+
+/// `layer`'s runs (first byte, length, origin) outside `cut` (sorted, merged).
+fn cut_runs(layer: &Layer, cut: &[Range]) -> Vec<(u64, u64, Origin)> {
+    let mut out = Vec::new();
+    for (s, len, from) in layer.iter() {
+        for (off, n) in subtract_sorted(&[(s, len)], cut) {
+            out.push((off, n, skip(from, off - s)));
+        }
+    }
+    out
+}
+
+/// The parts of `want`'s runs whose bytes the image does not hold there already, each with
+/// its origin; `held` is what the image holds over the prefix (runs in disk order).
+fn unheld_parts(held: &[(u64, u64, Origin)], want: &Layer) -> Vec<(u64, u64, Origin)> {
+    let mut writes = Vec::new();
+    let mut k = 0;
+    for (ws, wlen, wfrom) in want.iter() {
+        let we = ws + wlen;
+        while k < held.len() && held[k].0 + held[k].1 <= ws {
+            k += 1;
+        }
+        let mut at = ws;
+        for &(hs, hlen, hfrom) in held[k..].iter().take_while(|r| r.0 < we) {
+            let (lo, hi) = (hs.max(at), (hs + hlen).min(we));
+            if lo < hi && same_bytes((hs, hfrom), (ws, wfrom)) {
+                if lo > at {
+                    writes.push((at, lo - at, skip(wfrom, at - ws)));
+                }
+                at = hi;
+            }
+        }
+        if at < we {
+            writes.push((at, we - at, skip(wfrom, at - ws)));
+        }
+    }
+    writes
+}
+
 /// The parts of `ranges` outside `cut`, both sorted and merged ([`merge`]).
 fn subtract_sorted(ranges: &[(u64, u64)], cut: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut out = Vec::with_capacity(ranges.len());
@@ -289,8 +374,10 @@ impl PrefixImage {
 pub struct WorkerImage {
     pub path: PathBuf,
     file: File,
-    /// Ranges where this image may differ from the prefix image.
-    dirty: Vec<(u64, u64)>,
+    /// What this image holds where it may differ from the prefix image: runs of the log's
+    /// payloads or of zeros the last state wrote, and runs of unknown content (the prefix
+    /// moved on under them); everywhere else it holds the prefix's bytes.
+    held: Layer,
     stamp: Option<(SystemTime, u64)>,
     /// Whether ranges go back to the prefix by reflink.
     reflink: Reflink,
@@ -363,7 +450,7 @@ impl WorkerImage {
         Ok(WorkerImage {
             path,
             file,
-            dirty: Vec::new(),
+            held: Layer::new(),
             stamp: None,
             reflink,
         })
@@ -408,48 +495,84 @@ impl WorkerImage {
                     self.path.display()
                 );
                 (self.file, self.reflink) = copy_prefix(prefix, &self.path)?;
-                self.dirty.clear();
+                self.held = Layer::new();
             }
         }
-        let mut own = Vec::new();
+        let mut want = Layer::new();
         for op in before.iter().flat_map(|e| &e.ops) {
-            own.extend_from_slice(&op.pieces);
-        }
-        for &i in &state.included {
-            own.extend_from_slice(&epoch.ops[i].pieces);
-        }
-        if let Some(t) = &state.torn {
-            own.extend_from_slice(&t.pieces);
-        }
-        let own = merge(own);
-        // What this state writes need not go back to the prefix first.
-        let undo = subtract_sorted(&self.dirty, &own);
-        self.restore(prefix, &undo)?;
-        for op in before.iter().flat_map(|e| &e.ops) {
-            apply_pieces(&self.file, &self.path, op, &op.pieces, log)?;
+            crate::served::put_pieces(&mut want, op, &op.pieces);
         }
         for &i in &state.included {
             let op = &epoch.ops[i];
-            apply_pieces(&self.file, &self.path, op, &op.pieces, log)?;
+            crate::served::put_pieces(&mut want, op, &op.pieces);
         }
         if let Some(t) = &state.torn {
-            apply_pieces(&self.file, &self.path, &epoch.ops[t.index], &t.pieces, log)?;
+            crate::served::put_pieces(&mut want, &epoch.ops[t.index], &t.pieces);
         }
-        self.dirty = own;
+        // Only what differs from the image's last state is written: the ranges it held that
+        // this state does not go back to the prefix, and this state's runs that the image
+        // does not hold already (the epochs between the prefix and a state, and the writes
+        // states of one epoch share, stay as they are).
+        let undo = subtract_sorted(&layer_ranges(&self.held), &layer_ranges(&want));
+        // A reflinked range widens to whole blocks: what it overwrote of this state's runs
+        // holds the prefix's bytes now, and is written again below.
+        let restored = self.restore(prefix, &undo)?;
+        let writes = unheld_parts(&cut_runs(&self.held, &restored), &want);
+        let mut buf = Vec::new();
+        for (start, len, from) in writes {
+            self.write_from(start, len, from, log, &mut buf)?;
+        }
+        self.held = want;
         self.stamp = Some(self.stamp_now()?);
+        Ok(())
+    }
+
+    /// Writes `len` bytes at `start` from `from`: the log's payload bytes, or zeros.
+    fn write_from(
+        &self,
+        start: u64,
+        len: u64,
+        from: Origin,
+        log: &File,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ImageError> {
+        buf.resize((len as usize).min(COPY_CHUNK_BYTES), 0);
+        let mut at = 0;
+        while at < len {
+            let n = ((len - at) as usize).min(buf.len());
+            match from {
+                Origin::Zero => buf[..n].fill(0),
+                Origin::Source { source, offset } => {
+                    debug_assert_eq!(source, crate::served::LOG_SOURCE, "a state's own bytes");
+                    log.read_exact_at(&mut buf[..n], offset + at)
+                        .map_err(|e| ImageError::Log(e.into()))?;
+                }
+            }
+            self.file
+                .write_all_at(&buf[..n], start + at)
+                .map_err(io_err(&self.path))?;
+            at += n as u64;
+        }
         Ok(())
     }
 
     /// Makes `ranges` (sorted, merged) hold the prefix's bytes again: the large ones by
     /// reflink where the filesystem has them (found out at the first try), else by copying.
-    fn restore(&mut self, prefix: &PrefixImage, ranges: &[(u64, u64)]) -> Result<(), ImageError> {
+    /// Returns the ranges it overwrote (sorted, merged): reflinked ones widen to whole blocks.
+    fn restore(
+        &mut self,
+        prefix: &PrefixImage,
+        ranges: &[(u64, u64)],
+    ) -> Result<Vec<Range>, ImageError> {
         let reflinks = self.reflink != Reflink::Unsupported;
         let (large, mut small): (Vec<Range>, Vec<Range>) = ranges
             .iter()
             .partition(|r| reflinks && r.1 >= REFLINK_RANGE_BYTES_MIN);
+        let mut overwritten = Vec::new();
         if !large.is_empty() {
             match self.restore_by_reflink(prefix, &large) {
-                Ok(()) => {
+                Ok(widened) => {
+                    overwritten = widened;
                     if self.reflink == Reflink::Untried {
                         tracing::debug!("{}: ranges restored by reflink", self.path.display());
                     }
@@ -481,24 +604,27 @@ impl WorkerImage {
                 at += n as u64;
             }
         }
-        Ok(())
+        overwritten.extend_from_slice(&small);
+        Ok(merge(overwritten))
     }
 
-    /// `ranges`, widened to whole filesystem blocks, shared again with the prefix image.
+    /// `ranges`, widened to whole filesystem blocks, shared again with the prefix image;
+    /// returns the widened ranges.
     fn restore_by_reflink(
         &self,
         prefix: &PrefixImage,
         ranges: &[(u64, u64)],
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<Vec<Range>> {
         use std::os::unix::fs::MetadataExt;
         let block = match self.file.metadata()?.blksize() {
             b if b.is_power_of_two() => b,
             _ => REFLINK_BLOCK_BYTES_DEFAULT,
         };
-        for (off, len) in align_out(ranges, block, prefix.disk_bytes) {
+        let widened = align_out(ranges, block, prefix.disk_bytes);
+        for &(off, len) in &widened {
             crate::checker::sys::clone_range(&prefix.file, &self.file, off, len)?;
         }
-        Ok(())
+        Ok(widened)
     }
 
     /// What the checker did to this image that it must not have: `None` if it is still a
@@ -538,14 +664,22 @@ impl WorkerImage {
         Ok(())
     }
 
-    /// The prefix (of a disk of `disk_bytes`) moved past `epoch`: its ranges now differ from
-    /// this image too. Past [`DIRTY_RANGES_MAX`] ranges they are widened ([`coarsen`]).
+    /// The prefix (of a disk of `disk_bytes`) moved past `epoch`: its ranges may now differ
+    /// from this image too, their content unknown. Past [`DIRTY_RANGES_MAX`] runs every
+    /// range held becomes unknown, widened ([`coarsen`]).
     pub fn prefix_advanced(&mut self, epoch: &Epoch, disk_bytes: u64) {
-        let mut d = std::mem::take(&mut self.dirty);
         for op in &epoch.ops {
-            d.extend_from_slice(&op.pieces);
+            for &(off, len) in &op.pieces {
+                self.held.put(off, len, UNKNOWN);
+            }
         }
-        self.dirty = coarsen(merge(d), disk_bytes);
+        if self.held.runs() > DIRTY_RANGES_MAX {
+            let ranges = layer_ranges(&self.held);
+            self.held = Layer::new();
+            for (off, len) in coarsen(ranges, disk_bytes) {
+                self.held.put(off, len, UNKNOWN);
+            }
+        }
     }
 }
 
@@ -657,6 +791,85 @@ mod tests {
 
     /// Scattered ranges past the limit are widened under it, still cover every byte they
     /// covered, stay within the disk and come out sorted and disjoint; few stay as they are.
+    #[test]
+    fn the_bytes_an_image_holds_are_not_written_again() {
+        let log = |offset| Origin::Source {
+            source: crate::served::LOG_SOURCE,
+            offset,
+        };
+        let mut held = Layer::new();
+        held.put(0, 4096, log(10_000)); // the same bytes as wanted below
+        held.put(8192, 4096, log(50_000)); // other bytes of the log
+        held.put(16384, 4096, Origin::Zero);
+        held.put(24576, 4096, UNKNOWN);
+        held.put(40960, 4096, log(90_000)); // not wanted: back to the prefix
+        let mut want = Layer::new();
+        want.put(0, 8192, log(10_000)); // its first half held already
+        want.put(8192, 4096, log(60_000));
+        want.put(16384, 4096, Origin::Zero);
+        want.put(24576, 4096, log(70_000));
+        let writes = unheld_parts(&cut_runs(&held, &[]), &want);
+        assert_eq!(
+            writes,
+            vec![
+                (4096, 4096, log(14_096)),
+                (8192, 4096, log(60_000)),
+                (24576, 4096, log(70_000)),
+            ]
+        );
+        assert_eq!(
+            subtract_sorted(&layer_ranges(&held), &layer_ranges(&want)),
+            vec![(40960, 4096)]
+        );
+        // What a restore overwrote (a reflink widened over the first held run) is written
+        // again.
+        let writes = unheld_parts(&cut_runs(&held, &[(2048, 4096)]), &want);
+        assert_eq!(writes[0], (2048, 6144, log(12_048)));
+    }
+
+    /// Past the bound, a worker's runs become fewer, all of unknown content, covering every
+    /// range the prefix moved under it.
+    #[test]
+    fn a_worker_s_runs_past_the_limit_become_fewer_unknown_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = 3 * 8192 * DIRTY_RANGES_MAX as u64;
+        let base = dir.path().join("base.img");
+        File::create(&base).unwrap().set_len(disk).unwrap();
+        let prefix = PrefixImage::new(&base, dir.path(), disk, LargerBase::Refuse).unwrap();
+        let mut w = WorkerImage::new(&prefix, dir.path().join("w.img")).unwrap();
+        let many: Vec<Range> = (0..3 * DIRTY_RANGES_MAX as u64)
+            .map(|i| (i * 8192 + 512, 512))
+            .collect();
+        let ops = many
+            .iter()
+            .enumerate()
+            .map(|(i, &(off, len))| Op {
+                seq: i as u64,
+                kind: nbd_server::log::RecordKind::Write,
+                fua: false,
+                offset: off,
+                length: len,
+                pieces: vec![(off, len)],
+                data: crate::history::OpData::Zero,
+            })
+            .collect();
+        let epoch = Epoch {
+            index: 0,
+            ops,
+            marks: Vec::new(),
+            end: crate::history::EpochEnd::Flush,
+            end_seq: None,
+        };
+        w.prefix_advanced(&epoch, disk);
+        assert!(w.held.runs() <= DIRTY_RANGES_MAX, "{} runs", w.held.runs());
+        assert!(w.held.iter().all(|(_, _, from)| from == UNKNOWN));
+        let covered = layer_ranges(&w.held);
+        assert!(
+            subtract_sorted(&many, &covered).is_empty(),
+            "a range left out"
+        );
+    }
+
     #[test]
     fn dirty_ranges_past_the_limit_are_widened_under_it() {
         let disk = 3 * 8192 * DIRTY_RANGES_MAX as u64 + 1000;

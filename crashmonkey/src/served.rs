@@ -34,7 +34,7 @@ const SAVE_CHUNK_BYTES: usize = 1024 * 1024;
 const _: () = assert!(2 * crate::check::JOBS_MAX <= nbd_server::export::EXPORTS_MAX);
 
 /// Index of the log's payloads among the backend's sources.
-const LOG_SOURCE: usize = 0;
+pub(crate) const LOG_SOURCE: usize = 0;
 /// Index of the flattened prefix ([`FlatPrefix`]) among the backend's sources.
 const FLAT_SOURCE: usize = 1;
 
@@ -102,8 +102,8 @@ pub struct StateServer {
     _dir: tempfile::TempDir,
 }
 
-/// The layer of `op`'s `pieces`, added to `layer`.
-fn put_pieces(layer: &mut Layer, op: &Op, pieces: &[(u64, u64)]) {
+/// The layer of `op`'s `pieces`, added to `layer` (runs of the log's payloads, or zeros).
+pub(crate) fn put_pieces(layer: &mut Layer, op: &Op, pieces: &[(u64, u64)]) {
     for &(off, len) in pieces {
         let origin = match op.data {
             OpData::Zero => Origin::Zero,
