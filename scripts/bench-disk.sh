@@ -7,8 +7,9 @@
 # 2. `crashmonkey check` with `true {image}` and with `true {uri}` (the state served over NBD
 #    by the in-process server), one after the other on the same log, on a synthetic log of
 #    10,000 4 KiB writes in 100 epochs, and on the doubled log (20,000 writes, 200 epochs):
-#    states per second, CPU per state (crashmonkey and its checkers, user + system) and peak
-#    RSS. Target: linear (the same states per second on both).
+#    states per second, CPU per state (crashmonkey and its checkers, user + system, then each
+#    apart from the summary's `cpu`) and peak RSS. Target: linear (the same states per second
+#    on both).
 # 3. Issue 21's 1 GiB log (BENCH_BIG=1, the default; skipped below BIG_FREE_MIB_MIN free):
 #    fio random 4 KiB writes, iodepth 32, fsync every 256, over a recorded 1 GiB export
 #    (262,144 writes), built here and removed after; `check --max-subset 1 --samples 2`
@@ -118,10 +119,14 @@ s = json.load(open(sys.argv[1]))
 open(sys.argv[5], "w").write("%.1f" % (s["unique"] / s["seconds"]))
 user, sys_, rss_kb = open(sys.argv[2]).read().split()[-3:]
 cpu = float(user) + float(sys_)
+own = s.get("cpu") or {"crashmonkey": float("nan"), "checkers": float("nan")}
 print("crashmonkey check --checker '%s' on %s, %d epochs: %d states (%d unique) in %.1f s = "
-      "%.0f states/s, CPU %.2f ms/state (user %s s, sys %s s), peak RSS %.0f MB"
+      "%.0f states/s, CPU %.2f ms/state (user %s s, sys %s s; crashmonkey's own %.2f ms, "
+      "its checkers' %.2f ms), peak RSS %.0f MB"
       % (sys.argv[4], sys.argv[3], s["epochs"], s["states"], s["unique"], s["seconds"],
-         s["unique"] / s["seconds"], 1000 * cpu / s["unique"], user, sys_, int(rss_kb) / 1024))
+         s["unique"] / s["seconds"], 1000 * cpu / s["unique"], user, sys_,
+         1000 * own["crashmonkey"] / s["unique"], 1000 * own["checkers"] / s["unique"],
+         int(rss_kb) / 1024))
 PY
 }
 

@@ -127,6 +127,19 @@ pub struct CheckSummary {
     pub interrupted: Option<Interruption>,
     /// The write log checked, as an absolute path (for `crashmonkey report` of `--out`).
     pub log: Option<PathBuf>,
+    /// The CPU the run took: crashmonkey's own and its checkers' (`None` in a summary
+    /// written before it was counted).
+    #[serde(default)]
+    pub cpu: Option<CpuSeconds>,
+}
+
+/// CPU seconds, user and system, of a check run: crashmonkey's own (every thread: reading
+/// and hashing the log, generating and serving states, starting checkers) and its checkers'
+/// (with whatever they started and waited for).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CpuSeconds {
+    pub crashmonkey: f64,
+    pub checkers: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -327,6 +340,7 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
         return Err(CheckError::BadJobs);
     }
     let started = Instant::now();
+    let cpu_before = crate::checker::sys::cpu_seconds();
     let history = History::open(log)?;
     let data = history.data_file()?;
     if let Some(out) = &opts.out {
@@ -360,6 +374,11 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
     stage.finish()?;
     bar.finish_and_clear();
     summary.seconds = started.elapsed().as_secs_f64();
+    let cpu = crate::checker::sys::cpu_seconds();
+    summary.cpu = Some(CpuSeconds {
+        crashmonkey: cpu.0 - cpu_before.0,
+        checkers: cpu.1 - cpu_before.1,
+    });
     if let Some(out) = &opts.out {
         let json = serde_json::to_string_pretty(&summary).map_err(std::io::Error::other)?;
         std::fs::write(out.join("summary.json"), json)?;
@@ -622,6 +641,7 @@ impl CheckSummary {
             failures: Vec::new(),
             interrupted: None,
             log: None,
+            cpu: None,
         }
     }
 

@@ -80,6 +80,13 @@ fn check_json_summary_has_the_documented_fields() {
         assert!(s.get(k).is_some(), "missing {k}: {s}");
     }
     assert_eq!(s["failed"], 0);
+    // The CPU it took, its own and its checkers' (each checker is a shell: never nothing).
+    let cpu = |k: &str| {
+        s["cpu"][k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("cpu.{k}: {s}"))
+    };
+    assert!(cpu("crashmonkey") > 0.0 && cpu("checkers") > 0.0, "{s}");
     // A failing checker makes the command exit non-zero.
     let out = cm(&[
         "check",

@@ -1,4 +1,4 @@
-//! The few system calls std leaves out: signalling a process group, seeing a child end without
+//! The few system calls std leaves out: CPU time (`getrusage`), signalling a process group, seeing a child end without
 //! reaping it (`waitid`, `pidfd_open`), `poll`, the free space of a filesystem (`statvfs`), and a rename that never replaces
 //! (`renameat2` with `RENAME_NOREPLACE`), SEEK_DATA / SEEK_HOLE (`lseek`), reflinks (`FICLONE`, `FICLONERANGE`), extended attributes (`llistxattr`, `lgetxattr`, `lsetxattr`,
 //! `lremovexattr`). Each wrapper takes and returns plain values and says why it is sound.
@@ -7,6 +7,23 @@
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
+
+/// CPU seconds (user and system) of this process, every thread of it (`RUSAGE_SELF`), and of
+/// its children that ended and were waited for, with theirs (`RUSAGE_CHILDREN`). Zero for
+/// one the kernel does not give.
+pub fn cpu_seconds() -> (f64, f64) {
+    let of = |who: libc::c_int| {
+        // SAFETY: rusage is plain data for which all-zero bytes are a valid value.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage writes one rusage into `u`, which we own and which outlives it.
+        if unsafe { libc::getrusage(who, &mut u) } != 0 {
+            return 0.0;
+        }
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        secs(u.ru_utime) + secs(u.ru_stime)
+    };
+    (of(libc::RUSAGE_SELF), of(libc::RUSAGE_CHILDREN))
+}
 
 /// Sends `signal` to every process of the process group `pgid`. A group with no process left
 /// is not an error.

@@ -403,7 +403,7 @@ fn print_summary(s: &CheckSummary, json: bool) -> anyhow::Result<()> {
         );
     }
     println!(
-        "{} states ({} unique) in {} epochs: {} passed, {} failed, {:.1}s, seed {}{}",
+        "{} states ({} unique) in {} epochs: {} passed, {} failed, {:.1}s, seed {}{}{}",
         s.states,
         s.unique,
         s.epochs,
@@ -415,7 +415,13 @@ fn print_summary(s: &CheckSummary, json: bool) -> anyhow::Result<()> {
             " (interrupted)"
         } else {
             ""
-        }
+        },
+        s.cpu
+            .map(|c| format!(
+                "; CPU: crashmonkey {:.1}s, checkers {:.1}s",
+                c.crashmonkey, c.checkers
+            ))
+            .unwrap_or_default()
     );
     Ok(())
 }
