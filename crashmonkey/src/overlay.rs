@@ -513,17 +513,38 @@ impl WorkerImage {
         // this state does not go back to the prefix, and this state's runs that the image
         // does not hold already (the epochs between the prefix and a state, and the writes
         // states of one epoch share, stay as they are).
-        let undo = subtract_sorted(&layer_ranges(&self.held), &layer_ranges(&want));
+        if let Err(e) = self.change_to(prefix, &want, log) {
+            // Stopped half way: what the image holds is known only to lie within the ranges
+            // of the two states.
+            let mut ranges = layer_ranges(&self.held);
+            ranges.extend(layer_ranges(&want));
+            self.held = Layer::new();
+            for (off, len) in merge(ranges) {
+                self.held.put(off, len, UNKNOWN);
+            }
+            return Err(e);
+        }
+        self.held = want;
+        self.stamp = Some(self.stamp_now()?);
+        Ok(())
+    }
+
+    /// Makes the image, which holds `self.held` over the prefix, hold `want`.
+    fn change_to(
+        &mut self,
+        prefix: &PrefixImage,
+        want: &Layer,
+        log: &File,
+    ) -> Result<(), ImageError> {
+        let undo = subtract_sorted(&layer_ranges(&self.held), &layer_ranges(want));
         // A reflinked range widens to whole blocks: what it overwrote of this state's runs
         // holds the prefix's bytes now, and is written again below.
         let restored = self.restore(prefix, &undo)?;
-        let writes = unheld_parts(&cut_runs(&self.held, &restored), &want);
+        let writes = unheld_parts(&cut_runs(&self.held, &restored), want);
         let mut buf = Vec::new();
         for (start, len, from) in writes {
             self.write_from(start, len, from, log, &mut buf)?;
         }
-        self.held = want;
-        self.stamp = Some(self.stamp_now()?);
         Ok(())
     }
 
@@ -825,6 +846,76 @@ mod tests {
         // again.
         let writes = unheld_parts(&cut_runs(&held, &[(2048, 4096)]), &want);
         assert_eq!(writes[0], (2048, 6144, log(12_048)));
+    }
+
+    /// A state whose writing failed half way leaves the image's content unknown where the
+    /// two states write: the next state writes those ranges again, rather than trusting what
+    /// the image held before (here: the first range already holds the failed state's bytes
+    /// when the second one's read fails).
+    #[test]
+    fn a_state_stopped_half_way_leaves_nothing_trusted() {
+        use crate::states::{CrashState, StateKind};
+        let dir = tempfile::tempdir().unwrap();
+        let disk = 1 << 20;
+        let base = dir.path().join("base.img");
+        File::create(&base).unwrap().set_len(disk).unwrap();
+        let bytes: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 251) as u8 + 1).collect();
+        let (full, short) = (dir.path().join("log"), dir.path().join("short"));
+        std::fs::write(&full, &bytes).unwrap();
+        std::fs::write(&short, &bytes[..4096]).unwrap();
+        let (full, short) = (File::open(&full).unwrap(), File::open(&short).unwrap());
+        let op = |seq: u64, offset: u64, payload_offset: u64| Op {
+            seq,
+            kind: nbd_server::log::RecordKind::Write,
+            fua: false,
+            offset,
+            length: 4096,
+            pieces: vec![(offset, 4096)],
+            data: crate::history::OpData::Log { payload_offset },
+        };
+        let epoch = Epoch {
+            index: 0,
+            ops: vec![op(0, 0, 4096), op(1, 0, 0), op(2, 8192, 8192)],
+            marks: Vec::new(),
+            end: crate::history::EpochEnd::Flush,
+            end_seq: None,
+        };
+        let state = |id: usize, included: Vec<usize>| CrashState {
+            id,
+            epoch: 0,
+            kind: StateKind::Subset,
+            label: "subset".into(),
+            included,
+            dropped_seqs: Vec::new(),
+            torn: None,
+            mark: None,
+            hash: String::new(),
+            duplicate_of: None,
+        };
+        let prefix = PrefixImage::new(&base, dir.path(), disk, LargerBase::Refuse).unwrap();
+        let mut w = WorkerImage::new(&prefix, dir.path().join("w.img")).unwrap();
+        w.materialize(&prefix, &epoch, &state(0, vec![0]), &full)
+            .unwrap();
+        let before = std::fs::metadata(&w.path).unwrap().modified().unwrap();
+        let failed = w.materialize(&prefix, &epoch, &state(1, vec![1, 2]), &short);
+        assert!(
+            failed.is_err(),
+            "the short log cannot give the second write"
+        );
+        // As if it all happened within one tick of the file's clock: the image's change
+        // stamp alone does not show it.
+        let f = OpenOptions::new().write(true).open(&w.path).unwrap();
+        f.set_modified(before).unwrap();
+        w.materialize(&prefix, &epoch, &state(0, vec![0]), &full)
+            .unwrap();
+        let mut fresh = WorkerImage::new(&prefix, dir.path().join("fresh.img")).unwrap();
+        fresh
+            .materialize(&prefix, &epoch, &state(0, vec![0]), &full)
+            .unwrap();
+        assert!(
+            std::fs::read(&w.path).unwrap() == std::fs::read(&fresh.path).unwrap(),
+            "the state after a failed one differs from the same state made afresh"
+        );
     }
 
     /// Past the bound, a worker's runs become fewer, all of unknown content, covering every
