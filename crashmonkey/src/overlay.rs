@@ -206,17 +206,6 @@ fn same_bytes(a: (u64, Origin), b: (u64, Origin)) -> bool {
     }
 }
 
-/// `from`, `by` bytes further on.
-fn skip(from: Origin, by: u64) -> Origin {
-    match from {
-        Origin::Zero => Origin::Zero,
-        Origin::Source { source, offset } => Origin::Source {
-            source,
-            offset: offset + by,
-        },
-    }
-}
-
 /// The ranges of `layer`'s runs, sorted and merged.
 fn layer_ranges(layer: &Layer) -> Vec<Range> {
     merge(layer.iter().map(|(s, len, _)| (s, len)).collect())
@@ -227,7 +216,7 @@ fn cut_runs(layer: &Layer, cut: &[Range]) -> Vec<(u64, u64, Origin)> {
     let mut out = Vec::new();
     for (s, len, from) in layer.iter() {
         for (off, n) in subtract_sorted(&[(s, len)], cut) {
-            out.push((off, n, skip(from, off - s)));
+            out.push((off, n, from.skip(off - s)));
         }
     }
     out
@@ -248,13 +237,13 @@ fn unheld_parts(held: &[(u64, u64, Origin)], want: &Layer) -> Vec<(u64, u64, Ori
             let (lo, hi) = (hs.max(at), (hs + hlen).min(we));
             if lo < hi && same_bytes((hs, hfrom), (ws, wfrom)) {
                 if lo > at {
-                    writes.push((at, lo - at, skip(wfrom, at - ws)));
+                    writes.push((at, lo - at, wfrom.skip(at - ws)));
                 }
                 at = hi;
             }
         }
         if at < we {
-            writes.push((at, we - at, skip(wfrom, at - ws)));
+            writes.push((at, we - at, wfrom.skip(at - ws)));
         }
     }
     writes

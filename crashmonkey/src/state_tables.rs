@@ -25,7 +25,7 @@ use std::path::Path;
 
 use fs_core::block::BlockMap;
 
-pub use crate::sector_hash::{SectorHash, Sum};
+use crate::sector_hash::{SectorHash, Sum};
 
 /// Bytes of one sector's slot in [`SectorHashes`].
 const SECTOR_SLOT_BYTES: u64 = crate::sector_hash::SECTOR_HASH_BYTES as u64;

@@ -352,8 +352,17 @@ fn state_sum(
     for u in torn.map_or(&[][..], |t| t.1) {
         apply(u, &mut changed);
     }
-    let mut sum = prefix_sum;
-    for (s, (_, c)) in &changed {
+    with_changes(prefix_sum, &changed, before)
+}
+
+/// `sum` with each sector of `changed` holding its new content: its contribution in `before`
+/// (if the prefix has one) taken out, its new one added.
+fn with_changes(
+    mut sum: Sum,
+    changed: &BlockMap<(SectorHash, Sum)>,
+    before: &BlockMap<Sum>,
+) -> Sum {
+    for (s, (_, c)) in changed {
         if let Some(p) = before.get(s) {
             sub(&mut sum, p);
         }
@@ -401,13 +410,7 @@ impl WholeEpoch {
             }
         }
         touches.sort_unstable();
-        let mut sum = prefix_sum;
-        for (s, (_, c)) in &now {
-            if let Some(p) = before.get(s) {
-                sub(&mut sum, p);
-            }
-            add(&mut sum, c);
-        }
+        let sum = with_changes(prefix_sum, &now, before);
         WholeEpoch {
             now,
             sum,

@@ -59,7 +59,7 @@ pub enum Origin {
 
 impl Origin {
     /// The same origin, `by` bytes further on.
-    fn skip(self, by: u64) -> Origin {
+    pub fn skip(self, by: u64) -> Origin {
         match self {
             Origin::Zero => Origin::Zero,
             Origin::Source { source, offset } => Origin::Source {
