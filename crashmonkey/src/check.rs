@@ -25,9 +25,9 @@ use nbd_server::backend::Layer;
 use crate::ahead::AheadBudget;
 use crate::checker::{run_checker, CheckerRun};
 pub use crate::checker::{signal_name, CheckerEnd, StopFlag, CHECKER_OUTPUT_BYTES_MAX};
-use crate::history::{Epoch, History};
+use crate::history::{Epoch, Fates, HeaderPass, History};
 use crate::overlay::{sparse_copy, ImageError, LargerBase, PrefixImage, WorkerImage};
-use crate::served::StateServer;
+use crate::served::{ServedPrefix, StateServer};
 use crate::states::{CrashState, EpochHashes, StateGenerator, StateOptions};
 
 /// Most checker processes run at once.
@@ -252,11 +252,13 @@ struct Worker {
     image: Option<WorkerImage>,
 }
 
-/// Where the states of a run are built: the prefix and worker images, the NBD server.
+/// Where the states of a run are built: the prefix and worker images, the NBD server and
+/// the prefix its states stand on.
 struct Stage {
     prefix: Option<PrefixImage>,
     workers: Vec<Worker>,
     server: Option<StateServer>,
+    served: Option<ServedPrefix>,
 }
 
 impl Stage {
@@ -286,34 +288,58 @@ impl Stage {
             let slot = workers.len();
             workers.push(Worker { slot, image });
         }
-        let server = match wants.uri {
-            true => Some(StateServer::start(
-                base,
-                history.data_file()?,
-                history.disk_bytes,
-                opts.larger_base,
-                workers.len(),
-                work,
-            )?),
-            false => None,
+        let (server, served) = match wants.uri {
+            true => {
+                let (server, served) = StateServer::start(
+                    base,
+                    history.data_file()?,
+                    history.disk_bytes,
+                    opts.larger_base,
+                    workers.len(),
+                    work,
+                )?;
+                (Some(server), Some(served))
+            }
+            false => (None, None),
         };
         Ok(Stage {
             prefix,
             workers,
             server,
+            served,
         })
     }
 
-    /// Everything of `epoch` joins the prefix.
-    fn advance(&mut self, epoch: &Epoch, data: &std::fs::File) -> Result<(), CheckError> {
-        if let Some(prefix) = &self.prefix {
+    /// Everything of `epochs` joins the prefix image (when there is one).
+    fn advance_image(&mut self, epochs: &[Epoch], data: &std::fs::File) -> Result<(), CheckError> {
+        let Some(prefix) = &self.prefix else {
+            return Ok(());
+        };
+        for epoch in epochs {
             prefix.advance(epoch, data)?;
             for w in self.workers.iter_mut().filter_map(|w| w.image.as_mut()) {
                 w.prefix_advanced(epoch, prefix.disk_bytes);
             }
         }
-        if let Some(server) = &mut self.server {
-            server.advance(epoch)?;
+        Ok(())
+    }
+
+    /// Readies the stage for `batch`'s states: its leading epochs without states join the
+    /// prefix image, and its layers stand on the served prefix.
+    fn stand(&mut self, batch: &mut Batch, data: &std::fs::File) -> Result<(), CheckError> {
+        self.advance_image(&batch.epochs[..batch.lead], data)?;
+        if let Some(served) = &mut self.served {
+            served.flatten_if_large()?;
+            batch.stand_on(served.layers());
+        }
+        Ok(())
+    }
+
+    /// Every epoch of `batch`, checked, joins the prefix.
+    fn pass(&mut self, batch: Batch, data: &std::fs::File) -> Result<(), CheckError> {
+        self.advance_image(&batch.epochs[batch.lead..], data)?;
+        if let Some(served) = &mut self.served {
+            served.join(batch.own_layers());
         }
         Ok(())
     }
@@ -341,7 +367,9 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
     }
     let started = Instant::now();
     let cpu_before = crate::checker::sys::cpu_seconds();
-    let history = History::open(log)?;
+    // States are generated while the pass over the headers looks for power cuts; none is
+    // checked before it finds none (with some, they are generated again with their fates).
+    let (history, pass) = History::open_ahead(log)?;
     let data = history.data_file()?;
     if let Some(out) = &opts.out {
         std::fs::create_dir_all(out)?;
@@ -355,22 +383,25 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
         .prefix("crashmonkey-check")
         .tempdir_in(&parent)?;
     let mut stage = Stage::new(wants, base, &history, work.path(), opts)?;
-    let generator =
-        StateGenerator::in_dir(opts.states, history.data_file()?, work.path().to_path_buf());
     let bar = progress_bar(opts.progress);
     let mut summary = CheckSummary::new(opts.states.seed);
     summary.log = std::path::absolute(log).ok();
-    // States are generated one epoch ahead, on a thread of their own, while the epoch before
-    // is checked (on a long log generating them was a third of the run).
-    let budget = AheadBudget::new(GENERATED_AHEAD_BYTES_MAX);
-    std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel(EPOCHS_AHEAD_MAX);
-        let gen_budget = &budget;
-        scope.spawn(move || generate(history, generator, opts, tx, gen_budget));
-        // Its end closes the budget and drops the receiver, which ends the generator.
-        let _closed = budget.closer();
-        check_epochs(rx, &mut stage, &data, opts, &bar, &mut summary, &budget)
-    })?;
+    let mut run = Some((history, Some(pass)));
+    while let Some((history, pass)) = run.take() {
+        let generator =
+            StateGenerator::in_dir(opts.states, history.data_file()?, work.path().to_path_buf());
+        let at = CheckAt {
+            stage: &mut stage,
+            data: &data,
+            opts,
+            bar: &bar,
+        };
+        if let Some(fates) = check_history(history, generator, at, &mut summary, pass)? {
+            tracing::debug!("the log has power cuts: generating its states again");
+            bar.set_length(0);
+            run = Some((History::open_with(log, fates)?, None));
+        }
+    }
     stage.finish()?;
     bar.finish_and_clear();
     summary.seconds = started.elapsed().as_secs_f64();
@@ -384,6 +415,43 @@ pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummar
         std::fs::write(out.join("summary.json"), json)?;
     }
     Ok(summary)
+}
+
+/// What a check runs with, besides its history.
+struct CheckAt<'a> {
+    stage: &'a mut Stage,
+    data: &'a std::fs::File,
+    opts: &'a CheckOptions,
+    bar: &'a ProgressBar,
+}
+
+/// Checks the states of `history` into `summary`. With `pass`, `history` is a guess made
+/// before the log's power cuts are known ([`History::open_ahead`]): the pass's fates come
+/// back, and nothing is checked, when it finds some.
+fn check_history(
+    history: History,
+    generator: StateGenerator,
+    at: CheckAt<'_>,
+    summary: &mut CheckSummary,
+    pass: Option<HeaderPass>,
+) -> Result<Option<Fates>, CheckError> {
+    let opts = at.opts;
+    // States are generated ahead, on a thread of their own, while earlier ones are checked
+    // (on a long log generating them was a third of the run).
+    let budget = AheadBudget::new(GENERATED_AHEAD_BYTES_MAX);
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(EPOCHS_AHEAD_MAX);
+        let gen_budget = &budget;
+        scope.spawn(move || generate(history, generator, opts, tx, gen_budget));
+        // Its end closes the budget and drops the receiver, which ends the generator.
+        let _closed = budget.closer();
+        let feed = Feed {
+            rx,
+            budget: &budget,
+            bar: at.bar,
+        };
+        check_epochs(feed, at, summary, pass)
+    })
 }
 
 /// Epochs whose states are generated ahead of the one being checked, at most: enough for
@@ -491,36 +559,65 @@ const IMAGE_BATCH_STATES_PER_JOB: usize = 8;
 
 /// Consecutive epochs whose states are checked at once, so that `--jobs` checkers keep busy
 /// on a log whose epochs have no new state or one (most of a long fio log's do). The first
-/// has states; each state stands on the prefix before the first epoch plus the batch's
-/// epochs before its own (as layers of its export, or as writes on its worker image).
-/// Verdicts come out by state id, as epoch by epoch.
+/// [`Self::lead`] have no states; each state stands on the prefix before the batch plus the
+/// batch's epochs before its own (as layers of its export, or as writes on its worker image,
+/// which the leading epochs reach through the prefix image). Verdicts come out by state id,
+/// as epoch by epoch.
 #[derive(Default)]
 struct Batch {
     epochs: Vec<Epoch>,
-    /// For the server (empty without one): the layers of the batch's epochs, one for each
-    /// run of epochs that ends before an epoch with states to check.
+    /// How many of `epochs`, from the first, have no states to check.
+    lead: usize,
+    /// For the server (empty without one): the layers of the prefix the batch stands on (the
+    /// first [`Self::below`]), then those of the batch's epochs, one for each run of epochs
+    /// that ends before an epoch with states to check.
     layers: Vec<Arc<Layer>>,
+    below: usize,
     /// The layer of the epochs since the last one with states (from it on), still growing.
     open: Option<Layer>,
-    /// For each epoch: how many of `layers` lie before it (its states see those).
+    /// For each epoch: how many of the batch's own layers lie before it (its states see them).
     layers_before: Vec<usize>,
     /// The states to check: (position of their epoch in `epochs`, state), by id.
     todo: Vec<(usize, CrashState)>,
+    /// The generator's counts (states, unique) after the batch's last epoch.
+    counts: Option<(usize, usize)>,
+}
+
+/// How batches are made for a stage: whether their epochs become layers for the server, and
+/// when one is full.
+#[derive(Clone, Copy)]
+struct BatchShape {
+    served: bool,
+    epochs_max: usize,
+    states_max: usize,
+}
+
+impl BatchShape {
+    fn of(stage: &Stage, jobs: usize) -> Self {
+        let (epochs_max, per_job) = match stage.prefix {
+            Some(_) => (IMAGE_BATCH_EPOCHS_MAX, IMAGE_BATCH_STATES_PER_JOB),
+            None => (BATCH_EPOCHS_MAX, BATCH_STATES_PER_JOB),
+        };
+        BatchShape {
+            served: stage.server.is_some(),
+            epochs_max,
+            states_max: jobs * per_job,
+        }
+    }
 }
 
 impl Batch {
     /// Whether it is time to check it: enough states for every job, or enough epochs.
-    fn full(&self, jobs: usize, stage: &Stage) -> bool {
-        let (epochs, per_job) = match stage.prefix {
-            Some(_) => (IMAGE_BATCH_EPOCHS_MAX, IMAGE_BATCH_STATES_PER_JOB),
-            None => (BATCH_EPOCHS_MAX, BATCH_STATES_PER_JOB),
-        };
-        self.todo.len() >= jobs * per_job || self.epochs.len() >= epochs
+    fn full(&self, shape: BatchShape) -> bool {
+        self.todo.len() >= shape.states_max || self.epochs.len() >= shape.epochs_max
     }
 
-    fn push(&mut self, epoch: Epoch, todo: Vec<CrashState>, stage: &Stage) {
+    fn push(&mut self, epoch: Epoch, todo: Vec<CrashState>, shape: BatchShape) {
         let at = self.epochs.len();
-        if stage.server.is_some() {
+        if self.todo.is_empty() && todo.is_empty() {
+            self.lead += 1;
+        }
+        if shape.served {
             if !todo.is_empty() {
                 self.layers.extend(self.open.take().map(Arc::new));
             }
@@ -531,68 +628,143 @@ impl Batch {
         self.todo.extend(todo.into_iter().map(|s| (at, s)));
     }
 
+    /// The batch's layers go over `prefix`'s ([`ServedPrefix::layers`]).
+    fn stand_on(&mut self, prefix: Vec<Arc<Layer>>) {
+        self.below = prefix.len();
+        self.layers.splice(0..0, prefix);
+    }
+
     /// The layers states of the epoch at `pos` are served on (none without a server).
     fn layers_for(&self, pos: usize) -> &[Arc<Layer>] {
         let n = self.layers_before.get(pos).copied().unwrap_or(0);
-        &self.layers[..n]
+        &self.layers[..self.below + n]
+    }
+
+    /// The layers of the batch's epochs, bottom first (not those of the prefix).
+    fn own_layers(mut self) -> Vec<Arc<Layer>> {
+        let open = self.open.take().map(Arc::new);
+        self.layers.drain(self.below..).chain(open).collect()
+    }
+
+    /// The index of the first epoch with states, or of the epoch after the batch.
+    fn first_with_states(&self) -> usize {
+        match self.epochs.get(self.lead) {
+            Some(e) => e.index,
+            None => self.epochs.last().map_or(0, |e| e.index + 1),
+        }
     }
 }
 
-/// Checks the epochs `rx` brings, in order, into `summary`, until they end or a stop.
-fn check_epochs(
-    rx: std::sync::mpsc::Receiver<Result<Generated, CheckError>>,
-    stage: &mut Stage,
-    data: &std::fs::File,
-    opts: &CheckOptions,
-    bar: &ProgressBar,
-    summary: &mut CheckSummary,
-    budget: &AheadBudget,
-) -> Result<(), CheckError> {
-    let mut batch = Batch::default();
-    for item in rx {
-        let g = item?;
-        budget.give(g.bytes);
-        if let Some(signal) = opts.stop.signal() {
-            let first = batch.epochs.first().unwrap_or(&g.epoch).index;
-            summary.interrupted = Some(interruption(signal, first, 0));
-            return Ok(());
-        }
-        (summary.states, summary.unique) = (g.states, g.unique);
-        bar.inc_length(g.todo.len() as u64);
-        if batch.epochs.is_empty() && g.todo.is_empty() {
-            summary.epochs += 1;
-            stage.advance(&g.epoch, data)?;
-            continue;
-        }
-        batch.push(g.epoch, g.todo, stage);
-        if batch.full(opts.jobs, stage)
-            && !check_batch(std::mem::take(&mut batch), stage, data, opts, bar, summary)?
-        {
-            return Ok(());
-        }
-    }
-    if !batch.epochs.is_empty() {
-        check_batch(batch, stage, data, opts, bar, summary)?;
-    }
-    Ok(())
-}
-
-/// Checks `batch` into `summary`, then moves the stage past its epochs. `false`: a stop
-/// left states unchecked (said in `summary`).
-fn check_batch(
+/// A batch received from the generator, and the error that ended it, if one did.
+struct Gathered {
     batch: Batch,
+    error: Option<CheckError>,
+}
+
+/// Where the generated epochs come from, and what their receipt updates.
+struct Feed<'a> {
+    rx: std::sync::mpsc::Receiver<Result<Generated, CheckError>>,
+    budget: &'a AheadBudget,
+    bar: &'a ProgressBar,
+}
+
+impl Feed<'_> {
+    /// Receives epochs into a new batch until it is full, or the generator ends, fails or
+    /// is stopped.
+    fn gather(&self, shape: BatchShape, opts: &CheckOptions) -> Gathered {
+        let mut batch = Batch::default();
+        while !batch.full(shape) && opts.stop.signal().is_none() {
+            match self.rx.recv() {
+                Ok(Ok(g)) => {
+                    self.budget.give(g.bytes);
+                    batch.counts = Some((g.states, g.unique));
+                    self.bar.inc_length(g.todo.len() as u64);
+                    batch.push(g.epoch, g.todo, shape);
+                }
+                Ok(Err(e)) => {
+                    return Gathered {
+                        batch,
+                        error: Some(e),
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        Gathered { batch, error: None }
+    }
+}
+
+/// Checks the epochs `feed` brings, in order, into `summary`, until they end or a stop. While
+/// one batch is checked, the next is gathered and the served prefix merged, on this thread.
+/// With `pass`, nothing is checked before it ends; the fates it found come back if any.
+fn check_epochs(
+    feed: Feed<'_>,
+    at: CheckAt<'_>,
+    summary: &mut CheckSummary,
+    pass: Option<HeaderPass>,
+) -> Result<Option<Fates>, CheckError> {
+    let CheckAt {
+        stage,
+        data,
+        opts,
+        bar,
+    } = at;
+    let shape = BatchShape::of(stage, opts.jobs);
+    let mut next = feed.gather(shape, opts);
+    if let Some(pass) = pass {
+        let fates = pass.wait()?;
+        if !fates.is_empty() {
+            return Ok(Some(fates));
+        }
+    }
+    loop {
+        let Gathered { mut batch, error } = next;
+        if let Some(counts) = batch.counts {
+            (summary.states, summary.unique) = counts;
+        }
+        if let Some(signal) = opts.stop.signal() {
+            summary.epochs += batch.lead;
+            summary.interrupted = Some(interruption(signal, batch.first_with_states(), 0));
+            return Ok(None);
+        }
+        if batch.epochs.is_empty() {
+            return error.map_or(Ok(None), Err);
+        }
+        stage.stand(&mut batch, data)?;
+        let more = error.is_none();
+        let (outcomes, gathered) = check_epoch(stage, &batch, data, opts, bar, |served| {
+            if let Some(served) = served {
+                served.merge();
+            }
+            match more {
+                true => feed.gather(shape, opts),
+                false => Gathered {
+                    batch: Batch::default(),
+                    error: None,
+                },
+            }
+        })?;
+        if !record_batch(batch, outcomes, stage, data, opts, bar, summary)? {
+            return Ok(None);
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        next = gathered;
+    }
+}
+
+/// Records the verdicts of `batch`'s states into `summary`, then moves the stage past its
+/// epochs. `false`: a stop left states unchecked (said in `summary`).
+fn record_batch(
+    batch: Batch,
+    outcomes: Vec<Outcome>,
     stage: &mut Stage,
     data: &std::fs::File,
     opts: &CheckOptions,
     bar: &ProgressBar,
     summary: &mut CheckSummary,
 ) -> Result<bool, CheckError> {
-    tracing::debug!(
-        "checking {} states of {} epochs at once",
-        batch.todo.len(),
-        batch.epochs.len()
-    );
-    let outcomes = check_epoch(stage, &batch, data, opts, bar)?;
     let checked: std::collections::HashSet<usize> = outcomes.iter().map(|o| o.id).collect();
     summary.record(outcomes);
     let last = batch.epochs.last().expect("a batch has epochs").index;
@@ -622,9 +794,7 @@ fn check_batch(
         summary.interrupted = Some(interruption(signal, epoch, done));
         return Ok(false);
     }
-    for epoch in &batch.epochs {
-        stage.advance(epoch, data)?;
-    }
+    stage.pass(batch, data)?;
     Ok(true)
 }
 
@@ -680,16 +850,24 @@ fn progress_bar(shown: bool) -> ProgressBar {
     b
 }
 
-/// Checks the states of `batch`, one worker thread per worker image. Returns their verdicts
-/// by state id; fewer than the batch's states only if the run was stopped.
-fn check_epoch(
+/// Checks the states of `batch`, one worker thread per worker image, while this thread does
+/// `meanwhile` with the served prefix (which the batch's states no longer read). Returns their
+/// verdicts by state id, fewer than the batch's states only if the run was stopped, and what
+/// `meanwhile` gave.
+fn check_epoch<T>(
     stage: &mut Stage,
     batch: &Batch,
     data: &std::fs::File,
     opts: &CheckOptions,
     bar: &ProgressBar,
-) -> Result<Vec<Outcome>, CheckError> {
+    meanwhile: impl FnOnce(Option<&mut ServedPrefix>) -> T,
+) -> Result<(Vec<Outcome>, T), CheckError> {
     let todo = &batch.todo;
+    tracing::debug!(
+        "checking {} states of {} epochs at once",
+        todo.len(),
+        batch.epochs.len()
+    );
     let next = AtomicUsize::new(0);
     let outcomes: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
     let first_error: Mutex<Option<CheckError>> = Mutex::new(None);
@@ -697,6 +875,7 @@ fn check_epoch(
         prefix,
         workers,
         server,
+        served,
     } = stage;
     let at = Places {
         prefix: prefix.as_ref(),
@@ -704,7 +883,7 @@ fn check_epoch(
     };
     // One thread per state at most: most epochs of a long log have no new state, or one,
     // and starting threads for nothing was most of such a run's time.
-    std::thread::scope(|scope| {
+    let done = std::thread::scope(|scope| {
         for worker in workers.iter_mut().take(todo.len()) {
             let (next, outcomes, first_error) = (&next, &outcomes, &first_error);
             scope.spawn(move || {
@@ -719,7 +898,7 @@ fn check_epoch(
                         break;
                     };
                     let on = On {
-                        before: &batch.epochs[..*pos],
+                        before: &batch.epochs[batch.lead..*pos],
                         layers: batch.layers_for(*pos),
                         epoch: &batch.epochs[*pos],
                     };
@@ -738,17 +917,19 @@ fn check_epoch(
                 }
             });
         }
+        meanwhile(served.as_mut())
     });
     if let Some(e) = first_error.into_inner().expect("threads joined") {
         return Err(e);
     }
     let mut outcomes = outcomes.into_inner().expect("threads joined");
     outcomes.sort_by_key(|o| o.id);
-    Ok(outcomes)
+    Ok((outcomes, done))
 }
 
 /// What a state stands on: the prefix (of the stage), then the epochs `before` its own in its
-/// batch (`layers` are theirs, for the server), then `epoch`, of which it holds some writes.
+/// batch (`layers` are the prefix's and theirs, for the server), then `epoch`, of which it
+/// holds some writes.
 #[derive(Clone, Copy)]
 struct On<'a> {
     before: &'a [Epoch],

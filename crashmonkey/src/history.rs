@@ -172,11 +172,72 @@ pub enum Event {
     PowerCut { seq: u64 },
 }
 
+/// What power cuts did with earlier records, by record number: each fate, and for a torn
+/// write the pieces that landed.
+pub type Fates = HashMap<u64, (Fate, Vec<(u64, u64)>)>;
+
 /// Streams a log as [`Event`]s with power-cut fates applied.
 pub struct History {
     reader: LogReader,
-    fates: HashMap<u64, (Fate, Vec<(u64, u64)>)>,
+    fates: Fates,
     pub disk_bytes: u64,
+}
+
+/// The pass over a log's headers that finds its power cuts' fates, running on a thread of
+/// its own ([`History::open_ahead`]). Dropped before [`Self::wait`], it stops early and is
+/// waited for.
+pub struct HeaderPass {
+    thread: Option<std::thread::JoinHandle<Result<Fates, LogError>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HeaderPass {
+    /// The fates the pass found, or what stopped it.
+    pub fn wait(mut self) -> Result<Fates, LogError> {
+        let thread = self.thread.take().expect("waited for once");
+        thread
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+}
+
+impl Drop for HeaderPass {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The fates `reader`'s power cuts give earlier records: a pass over the headers (the full
+/// pass, the iteration, checks every record). Ends early, with what it found, once `stop`.
+fn fates_of(reader: &LogReader, stop: &std::sync::atomic::AtomicBool) -> Result<Fates, LogError> {
+    let started = std::time::Instant::now();
+    let mut fates = HashMap::new();
+    for rec in reader.headers() {
+        let rec = rec?;
+        if rec.kind == RecordKind::PowerCut {
+            let cut: PowerCutPayload = decode_payload(&reader.read_checked_payload(&rec)?)?;
+            for f in cut.fates {
+                if f.seq >= rec.header.seq {
+                    return Err(corrupt(
+                        &rec,
+                        format!("power cut gives a fate to record {}, not before it", f.seq),
+                    ));
+                }
+                fates.insert(f.seq, (f.fate, f.pieces));
+            }
+        }
+        if rec.header.seq % 4096 == 0 && stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+    }
+    tracing::debug!(
+        "the pass over the log's headers took {} ms",
+        started.elapsed().as_millis()
+    );
+    Ok(fates)
 }
 
 fn corrupt(rec: &Record, what: String) -> LogError {
@@ -187,37 +248,45 @@ fn corrupt(rec: &Record, what: String) -> LogError {
 }
 
 impl History {
+    /// The history of the log at `path`, its power cuts' fates found first.
     pub fn open(path: &Path) -> Result<Self, LogError> {
         let reader = LogReader::open(path)?;
-        let started = std::time::Instant::now();
-        let mut fates = HashMap::new();
-        // The fates power cuts give earlier records, known before those records are read: a
-        // pass over the headers (the full pass, the iteration, checks every record).
-        for rec in reader.headers() {
-            let rec = rec?;
-            if rec.kind == RecordKind::PowerCut {
-                let cut: PowerCutPayload = decode_payload(&reader.read_checked_payload(&rec)?)?;
-                for f in cut.fates {
-                    if f.seq >= rec.header.seq {
-                        return Err(corrupt(
-                            &rec,
-                            format!("power cut gives a fate to record {}, not before it", f.seq),
-                        ));
-                    }
-                    fates.insert(f.seq, (f.fate, f.pieces));
-                }
-            }
-        }
-        tracing::debug!(
-            "the pass over the log's headers took {} ms",
-            started.elapsed().as_millis()
-        );
+        // The fates power cuts give earlier records, known before those records are read.
+        let fates = fates_of(&reader, &std::sync::atomic::AtomicBool::new(false))?;
+        Ok(Self::with_fates(reader, fates))
+    }
+
+    /// The history of the log at `path` as if it had no power cut, at once, and the pass
+    /// that finds its power cuts' fates, running meanwhile. Until the pass says there are
+    /// none ([`HeaderPass::wait`] gives an empty map), what the history gives is a guess:
+    /// with fates, take it again from [`Self::open_with`].
+    pub fn open_ahead(path: &Path) -> Result<(Self, HeaderPass), LogError> {
+        let pass_reader = LogReader::open(path)?;
+        let history = Self::open_with(path, Fates::new())?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("header pass".into())
+            .spawn(move || fates_of(&pass_reader, &thread_stop))?;
+        let pass = HeaderPass {
+            thread: Some(thread),
+            stop,
+        };
+        Ok((history, pass))
+    }
+
+    /// The history of the log at `path` with the power cuts' `fates` (found by a pass).
+    pub fn open_with(path: &Path, fates: Fates) -> Result<Self, LogError> {
+        Ok(Self::with_fates(LogReader::open(path)?, fates))
+    }
+
+    fn with_fates(reader: LogReader, fates: Fates) -> Self {
         let disk_bytes = reader.disk_bytes();
-        Ok(History {
+        History {
             reader,
             fates,
             disk_bytes,
-        })
+        }
     }
 
     /// From here on keeps the log's bytes as they are read, at most `max` between two

@@ -140,6 +140,54 @@ impl Layer {
         self.runs.insert(start, Run { len, from });
     }
 
+    /// `lower` with `upper` over it, as one layer: every run of `upper`, and the parts of
+    /// `lower`'s runs that `upper` leaves uncovered. Reads through it are reads through the
+    /// two, bottom first, and it equals `lower` given each of `upper`'s runs by [`Self::put`];
+    /// it costs one pass over both layers, not a search of `lower` a run.
+    pub fn merged(lower: &Layer, upper: &Layer) -> Layer {
+        let mut kept: Vec<(u64, Run)> = Vec::with_capacity(lower.runs.len() + upper.runs.len());
+        let mut over = upper.runs.iter().map(|(&s, r)| (s, s + r.len)).peekable();
+        for (&s, r) in &lower.runs {
+            let end = s + r.len;
+            let mut at = s;
+            // Upper runs are disjoint and in order: each one that meets [at, end) cuts it.
+            while let Some(&(us, ue)) = over.peek() {
+                if ue <= at {
+                    over.next();
+                    continue;
+                }
+                if us >= end {
+                    break;
+                }
+                if us > at {
+                    let from = r.from.skip(at - s);
+                    kept.push((at, Run { len: us - at, from }));
+                }
+                at = ue;
+                if ue > end {
+                    break; // it reaches into the next lower run
+                }
+                over.next();
+            }
+            if at < end {
+                let from = r.from.skip(at - s);
+                kept.push((
+                    at,
+                    Run {
+                        len: end - at,
+                        from,
+                    },
+                ));
+            }
+        }
+        kept.extend(upper.runs.iter().map(|(&s, &r)| (s, r)));
+        // Two sorted runs of keys: the stable sort merges them in one pass.
+        kept.sort_by_key(|&(s, _)| s);
+        Layer {
+            runs: kept.into_iter().collect(),
+        }
+    }
+
     /// Overwrites the parts of `buf` (the disk from `offset`) this layer holds.
     fn overlay(&self, sources: &[Arc<dyn Source>], offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let end = offset + buf.len() as u64;
@@ -423,6 +471,48 @@ mod tests {
                 from: src(1045)
             })
         );
+    }
+
+    /// A layer of `n` seeded random runs (some zero, some overlapping) within `disk` bytes.
+    fn random_layer(seed: u64, n: usize, disk: u64) -> Layer {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        let mut l = Layer::new();
+        for _ in 0..n {
+            let start = next(disk);
+            let len = 1 + next((disk - start).min(300));
+            let from = match next(4) {
+                0 => Origin::Zero,
+                _ => Origin::Source {
+                    source: next(2) as usize,
+                    offset: next(1 << 20),
+                },
+            };
+            l.put(start, len, from);
+        }
+        l
+    }
+
+    #[test]
+    fn a_merged_layer_is_the_upper_put_over_the_lower() {
+        for seed in 0..300u64 {
+            let disk = 64 + seed * 7;
+            let lower = random_layer(seed, (seed % 40) as usize, disk);
+            let upper = random_layer(seed + 1000, (seed % 23) as usize, disk);
+            let mut put = lower.clone();
+            for (s, len, from) in upper.iter() {
+                put.put(s, len, from);
+            }
+            assert_eq!(Layer::merged(&lower, &upper), put, "seed {seed}");
+        }
+        let l = random_layer(7, 50, 4096);
+        assert_eq!(Layer::merged(&l, &Layer::new()), l);
+        assert_eq!(Layer::merged(&Layer::new(), &l), l);
     }
 
     #[test]
