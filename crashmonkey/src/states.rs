@@ -208,9 +208,11 @@ fn op_updates(
     pieces: &[(u64, u64)],
     log: &dyn LogData,
 ) -> Result<Vec<SectorUpdate>, LogError> {
-    let mut out = Vec::new();
+    // A piece's sectors, and one more for each end that is not on a sector boundary.
+    let sectors: u64 = pieces.iter().map(|&(_, len)| len / SECTOR_BYTES + 2).sum();
+    let mut out = Vec::with_capacity(sectors as usize);
     let mut buf = Vec::new();
-    let mut hashes = Vec::new();
+    let mut hashes = Vec::with_capacity(sectors.min(HASH_READ_BYTES_MAX / SECTOR_BYTES) as usize);
     let zero = op.data == crate::history::OpData::Zero;
     for &(off, len) in pieces {
         // Chunks end on sector boundaries (but the piece's last), so a sector is never split.
