@@ -180,6 +180,8 @@ pub type Fates = HashMap<u64, (Fate, Vec<(u64, u64)>)>;
 pub struct History {
     reader: LogReader,
     fates: Fates,
+    /// The file header says the log holds no power cut: one is damage.
+    no_power_cuts: bool,
     pub disk_bytes: u64,
 }
 
@@ -248,21 +250,29 @@ fn corrupt(rec: &Record, what: String) -> LogError {
 }
 
 impl History {
-    /// The history of the log at `path`, its power cuts' fates found first.
+    /// The history of the log at `path`, its power cuts' fates found first (unless its
+    /// file header says it has none: [`nbd_server::log::FILE_FLAG_NO_POWER_CUTS`]).
     pub fn open(path: &Path) -> Result<Self, LogError> {
         let reader = LogReader::open(path)?;
+        if reader.file_header().no_power_cuts() {
+            return Ok(Self::with_fates(reader, Fates::new()));
+        }
         // The fates power cuts give earlier records, known before those records are read.
         let fates = fates_of(&reader, &std::sync::atomic::AtomicBool::new(false))?;
         Ok(Self::with_fates(reader, fates))
     }
 
     /// The history of the log at `path` as if it had no power cut, at once, and the pass
-    /// that finds its power cuts' fates, running meanwhile. Until the pass says there are
-    /// none ([`HeaderPass::wait`] gives an empty map), what the history gives is a guess:
-    /// with fates, take it again from [`Self::open_with`].
-    pub fn open_ahead(path: &Path) -> Result<(Self, HeaderPass), LogError> {
-        let pass_reader = LogReader::open(path)?;
+    /// that finds its power cuts' fates, running meanwhile (none when the file header says
+    /// the log has no power cut). Until the pass says there are none ([`HeaderPass::wait`]
+    /// gives an empty map), what the history gives is a guess: with fates, take it again
+    /// from [`Self::open_with`].
+    pub fn open_ahead(path: &Path) -> Result<(Self, Option<HeaderPass>), LogError> {
         let history = Self::open_with(path, Fates::new())?;
+        if history.no_power_cuts {
+            return Ok((history, None));
+        }
+        let pass_reader = LogReader::open(path)?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
@@ -272,7 +282,7 @@ impl History {
             thread: Some(thread),
             stop,
         };
-        Ok((history, pass))
+        Ok((history, Some(pass)))
     }
 
     /// The history of the log at `path` with the power cuts' `fates` (found by a pass).
@@ -283,6 +293,7 @@ impl History {
     fn with_fates(reader: LogReader, fates: Fates) -> Self {
         let disk_bytes = reader.disk_bytes();
         History {
+            no_power_cuts: reader.file_header().no_power_cuts(),
             reader,
             fates,
             disk_bytes,
@@ -374,6 +385,16 @@ impl History {
                 seq: h.seq,
                 name: String::from_utf8_lossy(&self.reader.read_payload(&rec)?).into_owned(),
             },
+            RecordKind::PowerCut if self.no_power_cuts => {
+                return Err(corrupt(
+                    &rec,
+                    format!(
+                        "record {} is a power cut, but the file header says the log has none \
+                         (its flags word, at byte 28, is damaged)",
+                        h.seq
+                    ),
+                ))
+            }
             RecordKind::PowerCut => Event::PowerCut { seq: h.seq },
             // A full record changes no data; the reader refuses data records after it.
             RecordKind::Fault | RecordKind::Full => return Ok(None),

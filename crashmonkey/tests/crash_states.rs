@@ -675,6 +675,59 @@ fn power_cut_log_replays_to_the_surviving_disk() {
     }
 }
 
+/// Sets the file header's flags word of the log at `path` (byte 28).
+fn set_log_flags(path: &Path, flags: u32) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&flags.to_le_bytes(), 28).unwrap();
+}
+
+/// A log closed without a power cut says so in its file header, and is read without the
+/// first pass for power cuts: its states and verdicts are those of the same log without the
+/// flag. A power cut in a log whose header says it has none is damage, reported as such.
+#[test]
+fn a_log_that_says_it_has_no_power_cut_checks_as_one_that_does_not_say() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = recorded_log(dir.path());
+    let flags = |p: &Path| {
+        nbd_server::log::LogReader::open(p)
+            .unwrap()
+            .file_header()
+            .flags
+    };
+    assert_eq!(flags(&log), nbd_server::log::FILE_FLAG_NO_POWER_CUTS);
+    let plain = dir.path().join("plain.log");
+    std::fs::copy(&log, &plain).unwrap();
+    set_log_flags(&plain, 0);
+    let base = zero_base(dir.path());
+    let o = check_options("true {image}".into());
+    let (a, b) = (
+        check(&log, &base, &o).unwrap(),
+        check(&plain, &base, &o).unwrap(),
+    );
+    assert_eq!(
+        (a.states, a.unique, a.passed, a.epochs),
+        (b.states, b.unique, b.passed, b.epochs)
+    );
+    assert!(a.unique > 10, "{} states", a.unique);
+    let cut = dir.path().join("cut.log");
+    let r = Rec::new(&cut);
+    r.write(0, 1, 8192, false);
+    r.disk.power_cut(Some(1)).unwrap();
+    r.write(0, 2, 4096, false);
+    r.flush();
+    drop(r);
+    assert_eq!(
+        flags(&cut),
+        0,
+        "a log with a power cut keeps the flag clear"
+    );
+    assert!(check(&cut, &base, &o).is_ok());
+    set_log_flags(&cut, nbd_server::log::FILE_FLAG_NO_POWER_CUTS);
+    let e = check(&cut, &base, &o).unwrap_err().to_string();
+    assert!(e.contains("file header says the log has none"), "{e}");
+}
+
 /// Export to dm-log-writes and import back: the replayed images are identical at the end and
 /// at every flush.
 #[test]

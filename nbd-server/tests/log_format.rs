@@ -165,6 +165,7 @@ fn document_example_decodes_as_documented() {
     std::fs::write(&p, &bytes).unwrap();
     let r = LogReader::open(&p).unwrap();
     assert_eq!(r.disk_bytes(), 1048576);
+    assert_eq!(r.file_header().flags, FILE_FLAG_NO_POWER_CUTS);
     let recs: Vec<Record> = LogReader::open(&p)
         .unwrap()
         .collect::<Result<_, _>>()
@@ -200,6 +201,33 @@ fn document_example_decodes_as_documented() {
         }
         panic!("document example differs from what the code writes (dump above)");
     }
+}
+
+/// The writer sets the file header's `no-power-cuts` bit when it closes a log without a
+/// power-cut record, and only then: a log with one, and a log whose writer never closed
+/// it, keep 0.
+#[test]
+fn the_no_power_cuts_flag_is_set_only_by_a_writer_that_closed_a_log_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = |name: &str, cut: bool, close: bool| {
+        let p = dir.path().join(name);
+        let mut w = LogWriter::create(&p, 1048576).unwrap();
+        w.append(RecordKind::Write, 0, 1, 0, 4, b"abcd").unwrap();
+        if cut {
+            w.append(RecordKind::PowerCut, 0, 0, 0, 0, b"").unwrap();
+        }
+        w.append(RecordKind::Mark, 0, 0, 0, 0, b"m").unwrap();
+        if close {
+            drop(w);
+        } else {
+            w.flush().unwrap();
+            std::mem::forget(w); // a writer killed before it closed the log
+        }
+        LogReader::open(&p).unwrap().file_header().flags
+    };
+    assert_eq!(flags("closed.log", false, true), FILE_FLAG_NO_POWER_CUTS);
+    assert_eq!(flags("cut.log", true, true), 0);
+    assert_eq!(flags("killed.log", false, false), 0);
 }
 
 /// The header fields of a record built by hand, any of them inconsistent on purpose.
@@ -627,8 +655,11 @@ fn each_file_header_field_is_checked() {
         with(16, &1u64.to_le_bytes(), false),
         Err(LogError::BadFileHeader)
     ));
-    // The reserved word is outside the checksum and ignored.
-    assert!(with(28, &[9, 9, 9, 9], false).is_ok());
+    // The flags word is outside the checksum; bit 0 says the log holds no power cut.
+    let flagged = with(28, &[9, 9, 9, 9], false).unwrap();
+    assert_eq!(flagged.flags, 0x0909_0909);
+    assert!(flagged.no_power_cuts());
+    assert!(!with(28, &[8, 0, 0, 0], false).unwrap().no_power_cuts());
 }
 
 /// Kind codes, names and flags are part of the format (`docs/write-log.md`).

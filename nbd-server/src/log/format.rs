@@ -114,8 +114,17 @@ pub struct FileHeader {
     pub disk_bytes: u64,
     /// crc32c of the 24 bytes before it.
     pub header_crc: u32,
-    pub reserved: u32,
+    /// [`FILE_FLAG_NO_POWER_CUTS`]; other bits 0. Written last, when the writer closes the
+    /// log, and outside `header_crc`: a log whose writer never closed it keeps 0 here.
+    pub flags: u32,
 }
+
+/// Bit of [`FileHeader::flags`]: the writer closed the log and wrote no power-cut record in
+/// it. A reader then needs no first pass for power cuts' fates, and a power-cut record it
+/// meets is damage.
+pub const FILE_FLAG_NO_POWER_CUTS: u32 = 1;
+/// Byte offset of [`FileHeader::flags`] in the file.
+pub const FILE_FLAGS_OFFSET: u64 = 28;
 
 impl FileHeader {
     pub fn new(disk_bytes: u64) -> Self {
@@ -125,7 +134,7 @@ impl FileHeader {
             sector_bytes: SECTOR_BYTES as u32,
             disk_bytes,
             header_crc: 0,
-            reserved: 0,
+            flags: 0,
         };
         let bytes = h.encode_raw();
         h.header_crc = crc32c::crc32c(&bytes[..24]);
@@ -142,6 +151,11 @@ impl FileHeader {
 
     pub fn encode(&self) -> [u8; FILE_HEADER_BYTES] {
         self.encode_raw()
+    }
+
+    /// Whether the log says it holds no power-cut record ([`FILE_FLAG_NO_POWER_CUTS`]).
+    pub fn no_power_cuts(&self) -> bool {
+        self.flags & FILE_FLAG_NO_POWER_CUTS != 0
     }
 
     pub fn decode(bytes: &[u8; FILE_HEADER_BYTES]) -> Result<Self, LogError> {

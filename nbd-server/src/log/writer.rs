@@ -30,6 +30,8 @@ pub struct LogWriter {
     reserved_end: Option<u64>,
     /// A full record was written: nothing more is appended.
     full: bool,
+    /// A power-cut record was written (the file header's flags then stay 0).
+    power_cut: bool,
 }
 
 /// Bytes kept allocated past the log's last record for the full record (a header and its
@@ -259,6 +261,15 @@ impl Out {
         fallocate_keep_size(file, offset, len)
     }
 
+    /// Overwrites the file header's flags word (through the page cache, after a flush).
+    fn write_flags(&self, flags: u32) -> io::Result<()> {
+        let file = match self {
+            Out::Direct(d) => &d.plain,
+            Out::Buffered(b) => b.get_ref(),
+        };
+        file.write_all_at(&flags.to_le_bytes(), FILE_FLAGS_OFFSET)
+    }
+
     /// Whether the file is written with `O_DIRECT`.
     fn is_direct(&self) -> bool {
         matches!(self, Out::Direct(_))
@@ -305,6 +316,7 @@ impl LogWriter {
             bytes: 0,
             reserved_end: Some(0),
             full: false,
+            power_cut: false,
         };
         let header = FileHeader::new(disk_bytes).encode();
         if w.reserve(header.len() as u64).is_err() {
@@ -439,6 +451,7 @@ impl LogWriter {
         }
         self.next_seq += 1;
         self.bytes += (RECORD_HEADER_BYTES + payload_len) as u64;
+        self.power_cut |= head.kind == RecordKind::PowerCut;
         if matches!(
             head.kind,
             RecordKind::Mark | RecordKind::PowerCut | RecordKind::Fault | RecordKind::Full
@@ -477,9 +490,18 @@ impl LogWriter {
 }
 
 impl Drop for LogWriter {
+    /// Pushes what is buffered, then, when no power-cut record was written, says so in the
+    /// file header ([`FILE_FLAG_NO_POWER_CUTS`]), last: a log whose writer stopped before
+    /// this keeps 0 there, and a reader makes its first pass for power cuts.
     fn drop(&mut self) {
         if let Err(e) = self.out.flush() {
             tracing::error!("write log: final flush failed: {e}");
+            return;
+        }
+        if !self.power_cut {
+            if let Err(e) = self.out.write_flags(FILE_FLAG_NO_POWER_CUTS) {
+                tracing::error!("write log: the file header's flags: {e}");
+            }
         }
     }
 }
@@ -520,7 +542,15 @@ mod tests {
             }
         }
         drop(w);
-        assert_eq!(std::fs::read(&path).unwrap(), expect);
+        assert_eq!(std::fs::read(&path).unwrap(), closed(expect));
+    }
+
+    /// `bytes` of a log as its writer leaves them when it closes it without a power cut: the
+    /// file header's flags say so.
+    fn closed(mut bytes: Vec<u8>) -> Vec<u8> {
+        let at = FILE_FLAGS_OFFSET as usize;
+        bytes[at..at + 4].copy_from_slice(&FILE_FLAG_NO_POWER_CUTS.to_le_bytes());
+        bytes
     }
 
     /// A new log at `path` written with `O_DIRECT`; `None` where the filesystem refuses it and
@@ -599,7 +629,7 @@ mod tests {
             drop(w);
             assert_eq!(
                 std::fs::read(&path).unwrap(),
-                expect,
+                closed(expect),
                 "refused at {refuse_at}"
             );
         }
@@ -622,7 +652,7 @@ mod tests {
         drop(w);
         assert_eq!(
             std::fs::read(&path).unwrap(),
-            FileHeader::new(1 << 20).encode()
+            closed(FileHeader::new(1 << 20).encode().to_vec())
         );
         let fresh = dir.path().join("new.log");
         drop(LogWriter::create_new(&fresh, 1 << 20).unwrap());
