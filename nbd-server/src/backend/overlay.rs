@@ -77,12 +77,37 @@ struct Run {
     from: Origin,
 }
 
-/// Disjoint byte ranges of the disk and where their bytes come from; later puts win.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Layer {
-    /// Runs by their first byte.
-    runs: BTreeMap<u64, Run>,
+/// A layer's runs by their first byte: in a map while runs are put into it, in a sorted
+/// vector once made by [`Layer::merged`] (built in one pass and in one allocation, read by
+/// binary search; a put turns it back into a map).
+#[derive(Debug, Clone)]
+enum Runs {
+    Map(BTreeMap<u64, Run>),
+    Sorted(Vec<(u64, Run)>),
 }
+
+/// Disjoint byte ranges of the disk and where their bytes come from; later puts win.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    runs: Runs,
+}
+
+impl Default for Layer {
+    fn default() -> Self {
+        Layer {
+            runs: Runs::Map(BTreeMap::new()),
+        }
+    }
+}
+
+/// Layers are equal when they hold the same runs, however they keep them.
+impl PartialEq for Layer {
+    fn eq(&self, other: &Layer) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Layer {}
 
 impl Layer {
     pub fn new() -> Self {
@@ -91,12 +116,54 @@ impl Layer {
 
     /// Number of runs held.
     pub fn runs(&self) -> usize {
-        self.runs.len()
+        match &self.runs {
+            Runs::Map(m) => m.len(),
+            Runs::Sorted(v) => v.len(),
+        }
     }
 
     /// Its runs in disk order: (first byte, length, where their bytes come from).
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64, Origin)> + '_ {
-        self.runs.iter().map(|(&s, r)| (s, r.len, r.from))
+        let (map, sorted) = match &self.runs {
+            Runs::Map(m) => (Some(m), None),
+            Runs::Sorted(v) => (None, Some(v)),
+        };
+        let map = map.into_iter().flatten().map(|(&s, r)| (s, r.len, r.from));
+        map.chain(
+            sorted
+                .into_iter()
+                .flatten()
+                .map(|&(s, r)| (s, r.len, r.from)),
+        )
+    }
+
+    /// The runs in a map, to put into (a sorted layer's are moved into one first).
+    fn map_mut(&mut self) -> &mut BTreeMap<u64, Run> {
+        if let Runs::Sorted(v) = &mut self.runs {
+            self.runs = Runs::Map(std::mem::take(v).into_iter().collect());
+        }
+        match &mut self.runs {
+            Runs::Map(m) => m,
+            Runs::Sorted(_) => unreachable!("made a map above"),
+        }
+    }
+
+    /// The runs that start before `end`, from the last one that starts at or before `offset`
+    /// (or the first after it): every run that can meet `[offset, end)`, in order.
+    fn runs_near(&self, offset: u64, end: u64) -> impl Iterator<Item = (u64, Run)> + '_ {
+        let (map, sorted) = match &self.runs {
+            Runs::Map(m) => {
+                let first = m.range(..=offset).next_back().map_or(offset, |(&s, _)| s);
+                (Some(m.range(first..end)), None)
+            }
+            Runs::Sorted(v) => {
+                let at = v.partition_point(|&(s, _)| s <= offset).saturating_sub(1);
+                let until = v.partition_point(|&(s, _)| s < end).max(at);
+                (None, Some(&v[at..until]))
+            }
+        };
+        let map = map.into_iter().flatten().map(|(&s, &r)| (s, r));
+        map.chain(sorted.into_iter().flatten().copied())
     }
 
     /// `[start, start+len)` now comes from `from`, whatever held it before.
@@ -104,12 +171,13 @@ impl Layer {
         if len == 0 {
             return;
         }
+        let runs = self.map_mut();
         let end = start + len;
         // A run that starts before `start` and reaches into the range keeps its head.
-        let before = self.runs.range(..start).next_back().map(|(&s, &r)| (s, r));
+        let before = runs.range(..start).next_back().map(|(&s, &r)| (s, r));
         if let Some((s, r)) = before {
             if s + r.len > start {
-                self.runs.insert(
+                runs.insert(
                     s,
                     Run {
                         len: start - s,
@@ -121,23 +189,23 @@ impl Layer {
                         len: s + r.len - end,
                         from: r.from.skip(end - s),
                     };
-                    self.runs.insert(end, tail);
+                    runs.insert(end, tail);
                 }
             }
         }
         // Runs that start inside the range go, but for the tail of the last one.
-        let inside: Vec<(u64, Run)> = self.runs.range(start..end).map(|(&s, &r)| (s, r)).collect();
+        let inside: Vec<(u64, Run)> = runs.range(start..end).map(|(&s, &r)| (s, r)).collect();
         for (s, r) in inside {
-            self.runs.remove(&s);
+            runs.remove(&s);
             if s + r.len > end {
                 let tail = Run {
                     len: s + r.len - end,
                     from: r.from.skip(end - s),
                 };
-                self.runs.insert(end, tail);
+                runs.insert(end, tail);
             }
         }
-        self.runs.insert(start, Run { len, from });
+        runs.insert(start, Run { len, from });
     }
 
     /// `lower` with `upper` over it, as one layer: every run of `upper`, and the parts of
@@ -145,9 +213,11 @@ impl Layer {
     /// two, bottom first, and it equals `lower` given each of `upper`'s runs by [`Self::put`];
     /// it costs one pass over both layers, not a search of `lower` a run.
     pub fn merged(lower: &Layer, upper: &Layer) -> Layer {
-        let mut kept: Vec<(u64, Run)> = Vec::with_capacity(lower.runs.len() + upper.runs.len());
-        let mut over = upper.runs.iter().map(|(&s, r)| (s, s + r.len)).peekable();
-        for (&s, r) in &lower.runs {
+        let mut kept: Vec<(u64, Run)> = Vec::with_capacity(lower.runs() + upper.runs());
+        let mut over = upper.iter().map(|(s, len, _)| (s, s + len)).peekable();
+        let mut ups = upper.iter().peekable();
+        for (s, len, from) in lower.iter() {
+            let r = Run { len, from };
             let end = s + r.len;
             let mut at = s;
             // Upper runs are disjoint and in order: each one that meets [at, end) cuts it.
@@ -161,6 +231,7 @@ impl Layer {
                 }
                 if us > at {
                     let from = r.from.skip(at - s);
+                    upper_before(&mut kept, &mut ups, at);
                     kept.push((at, Run { len: us - at, from }));
                 }
                 at = ue;
@@ -171,6 +242,7 @@ impl Layer {
             }
             if at < end {
                 let from = r.from.skip(at - s);
+                upper_before(&mut kept, &mut ups, at);
                 kept.push((
                     at,
                     Run {
@@ -180,23 +252,16 @@ impl Layer {
                 ));
             }
         }
-        kept.extend(upper.runs.iter().map(|(&s, &r)| (s, r)));
-        // Two sorted runs of keys: the stable sort merges them in one pass.
-        kept.sort_by_key(|&(s, _)| s);
+        upper_before(&mut kept, &mut ups, u64::MAX);
         Layer {
-            runs: kept.into_iter().collect(),
+            runs: Runs::Sorted(kept),
         }
     }
 
     /// Overwrites the parts of `buf` (the disk from `offset`) this layer holds.
     fn overlay(&self, sources: &[Arc<dyn Source>], offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let end = offset + buf.len() as u64;
-        let first = self
-            .runs
-            .range(..=offset)
-            .next_back()
-            .map_or(offset, |(&s, _)| s);
-        for (&s, r) in self.runs.range(first..end) {
+        for (s, r) in self.runs_near(offset, end) {
             let (lo, hi) = (s.max(offset), (s + r.len).min(end));
             if lo >= hi {
                 continue;
@@ -213,6 +278,17 @@ impl Layer {
             }
         }
         Ok(())
+    }
+}
+
+/// Appends to `kept` (in disk order) the runs of `ups` that start before `at`.
+fn upper_before(
+    kept: &mut Vec<(u64, Run)>,
+    ups: &mut std::iter::Peekable<impl Iterator<Item = (u64, u64, Origin)>>,
+    at: u64,
+) {
+    while let Some((s, len, from)) = ups.next_if(|&(s, _, _)| s < at) {
+        kept.push((s, Run { len, from }));
     }
 }
 
@@ -427,7 +503,10 @@ mod tests {
                 offset: 0,
             },
         );
-        let runs: Vec<(u64, Run)> = l.runs.iter().map(|(&s, &r)| (s, r)).collect();
+        let runs: Vec<(u64, Run)> = l
+            .iter()
+            .map(|(s, len, from)| (s, Run { len, from }))
+            .collect();
         let src = |offset| Origin::Source { source: 0, offset };
         assert_eq!(
             runs,
@@ -464,13 +543,7 @@ mod tests {
         );
         // A put inside one run leaves its head and its tail.
         l.put(40, 5, Origin::Zero);
-        assert_eq!(
-            l.runs.get(&45),
-            Some(&Run {
-                len: 45,
-                from: src(1045)
-            })
-        );
+        assert_eq!(l.iter().find(|r| r.0 == 45), Some((45, 45, src(1045))));
     }
 
     /// A layer of `n` seeded random runs (some zero, some overlapping) within `disk` bytes.
@@ -508,7 +581,29 @@ mod tests {
             for (s, len, from) in upper.iter() {
                 put.put(s, len, from);
             }
-            assert_eq!(Layer::merged(&lower, &upper), put, "seed {seed}");
+            let merged = Layer::merged(&lower, &upper);
+            assert_eq!(merged, put, "seed {seed}");
+            // Read through (binary search of its sorted runs), as the two layers it merges.
+            let log: Vec<u8> = (0..=255u8).cycle().take(2 << 20).collect();
+            let sources: Vec<Arc<dyn Source>> = vec![Arc::new(log.clone()), Arc::new(log)];
+            let b = OverlayBackend::new(disk, Arc::new(vec![7u8; disk as usize]), sources);
+            // In 97-byte reads, so that most start inside a run.
+            let read = |b: &OverlayBackend| {
+                let mut all = vec![0u8; disk as usize];
+                for (i, chunk) in all.chunks_mut(97).enumerate() {
+                    b.read(None, i as u64 * 97, chunk).unwrap();
+                }
+                all
+            };
+            b.set_view(vec![Arc::new(lower.clone()), Arc::new(upper.clone())]);
+            let want = read(&b);
+            b.set_view(vec![Arc::new(merged.clone())]);
+            assert!(read(&b) == want, "seed {seed}");
+            // And put to (back in a map), as the layer put to.
+            let (mut m, mut p) = (merged, put);
+            m.put(seed % disk, 1 + seed % 50, Origin::Zero);
+            p.put(seed % disk, 1 + seed % 50, Origin::Zero);
+            assert_eq!(m, p, "seed {seed}");
         }
         let l = random_layer(7, 50, 4096);
         assert_eq!(Layer::merged(&l, &Layer::new()), l);
