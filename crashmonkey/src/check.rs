@@ -359,6 +359,14 @@ struct Outcome {
     failure: Option<FailedState>,
 }
 
+/// Turns transparent huge pages off for this process and the checkers it starts from now on
+/// (`prctl(PR_SET_THP_DISABLE)`, which Linux keeps across `fork` and `exec`): the allocator's
+/// fresh memory was zeroed 2 MiB at a time, 5-10% of `check`'s CPU on a long log here
+/// (docs/check-uri.md). `crashmonkey check` calls it; a library caller decides for itself.
+pub fn disable_huge_pages() -> std::io::Result<()> {
+    crate::checker::sys::disable_huge_pages()
+}
+
 /// Checks every unique crash state of `log` on top of `base`.
 pub fn check(log: &Path, base: &Path, opts: &CheckOptions) -> Result<CheckSummary, CheckError> {
     let wants = Wants::of(&opts.checker)?;

@@ -1,4 +1,4 @@
-//! The few system calls std leaves out: CPU time (`getrusage`), signalling a process group, seeing a child end without
+//! The few system calls std leaves out: CPU time (`getrusage`), huge pages off (`prctl`), signalling a process group, seeing a child end without
 //! reaping it (`waitid`, `pidfd_open`), `poll`, the free space of a filesystem (`statvfs`), and a rename that never replaces
 //! (`renameat2` with `RENAME_NOREPLACE`), SEEK_DATA / SEEK_HOLE (`lseek`), reflinks (`FICLONE`, `FICLONERANGE`), extended attributes (`llistxattr`, `lgetxattr`, `lsetxattr`,
 //! `lremovexattr`). Each wrapper takes and returns plain values and says why it is sound.
@@ -23,6 +23,18 @@ pub fn cpu_seconds() -> (f64, f64) {
         secs(u.ru_utime) + secs(u.ru_stime)
     };
     (of(libc::RUSAGE_SELF), of(libc::RUSAGE_CHILDREN))
+}
+
+/// Turns transparent huge pages off for this process (`prctl(PR_SET_THP_DISABLE)`, what
+/// mimalloc does itself with `MIMALLOC_ALLOW_THP=0`). Linux keeps the setting across `fork`
+/// and `exec`, so processes started afterwards have it too.
+pub fn disable_huge_pages() -> io::Result<()> {
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes integers only and touches no memory of ours.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Sends `signal` to every process of the process group `pgid`. A group with no process left

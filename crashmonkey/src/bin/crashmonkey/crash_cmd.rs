@@ -349,6 +349,9 @@ pub(crate) fn stop_on_signals(stop: &StopFlag) -> anyhow::Result<()> {
 
 fn check_cmd(a: CheckArgs) -> anyhow::Result<i32> {
     check_flags(&a.flags.options())?;
+    if let Err(e) = crashmonkey::check::disable_huge_pages() {
+        tracing::debug!("transparent huge pages stay on: {e}");
+    }
     let larger = larger_base(a.allow_larger_base);
     note_larger_base(&a.log, &a.base, larger);
     let stop = StopFlag::new();
