@@ -30,6 +30,41 @@ fn states_output_is_deterministic() {
     assert_ne!(text.as_bytes(), &c.stdout[..]);
 }
 
+/// `log show` says a log its writer closed without a power cut is one, and a reader that
+/// stops reading (`| head`) ends it quietly: exit 0, no panic.
+#[test]
+fn log_show_names_a_closed_log_and_stops_quietly_when_its_reader_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = log(dir.path());
+    let l = l.to_str().unwrap();
+    let out = cm(&["log", "show", l]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        first.contains("closed by its writer with no power cut"),
+        "{first}"
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crashmonkey"))
+        .args(["log", "show", l])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes before the first line
+    let done = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// `states --work-dir DIR`: the same states, the tables in DIR and gone afterwards; a work dir
 /// that is not a folder is refused (exit 1, as the write-log commands refuse bad input).
 #[test]

@@ -459,10 +459,30 @@ fn show_svg(
 }
 
 fn show(path: &Path, json: bool) -> anyhow::Result<i32> {
+    match show_records(path, json) {
+        // A reader that stopped reading (`| head`) is not an error.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(0)
+        }
+        r => r,
+    }
+}
+
+/// [`show`], writing to stdout and failing when it cannot.
+fn show_records(path: &Path, json: bool) -> anyhow::Result<i32> {
+    use std::io::Write;
     let reader = LogReader::open(path).with_context(|| format!("opening {}", path.display()))?;
     let payloads = LogReader::open(path)?;
+    let mut out = std::io::stdout().lock();
     if !json {
-        println!("# disk {} bytes", reader.disk_bytes());
+        let closed = match reader.file_header().no_power_cuts() {
+            true => ", closed by its writer with no power cut in it",
+            false => "",
+        };
+        writeln!(out, "# disk {} bytes{closed}", reader.disk_bytes())?;
     }
     let mut reader = reader;
     for rec in reader.by_ref() {
@@ -494,13 +514,15 @@ fn show(path: &Path, json: bool) -> anyhow::Result<i32> {
             _ => String::new(),
         };
         if json {
-            println!(
+            writeln!(
+                out,
                 "{}",
                 serde_json::json!({"seq": h.seq, "kind": rec.kind.name(), "conn": h.conn, "offset": h.offset,
                     "length": h.length, "fua": h.fua(), "detail": detail})
-            );
+            )?;
         } else {
-            println!(
+            writeln!(
+                out,
                 "{:>8} {:<12} conn {:<3} off {:<12} len {:<9}{} {}",
                 h.seq,
                 rec.kind.name(),
@@ -509,7 +531,7 @@ fn show(path: &Path, json: bool) -> anyhow::Result<i32> {
                 h.length,
                 if h.fua() { " FUA" } else { "" },
                 detail
-            );
+            )?;
         }
     }
     if reader.ending() != LogEnding::Complete {
