@@ -65,6 +65,28 @@ fn log_show_names_a_closed_log_and_stops_quietly_when_its_reader_does() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// Any command whose reader stops reading ends quietly: `states --json | head` exits 0
+/// with no panic, and leaves its work folder empty.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let l = log(dir.path());
+    let w = work.path().to_str().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_crashmonkey"))
+        .args(["states", l.to_str().unwrap(), "--json", "--work-dir", w])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let done = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(std::fs::read_dir(work.path()).unwrap().count(), 0);
+}
+
 /// `states --work-dir DIR`: the same states, the tables in DIR and gone afterwards; a work dir
 /// that is not a folder is refused (exit 1, as the write-log commands refuse bad input).
 #[test]

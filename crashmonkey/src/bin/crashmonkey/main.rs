@@ -79,7 +79,17 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let code = match cli.cmd {
+    quiet_when_stdout_closes();
+    let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
+        Ok(code) => code?,
+        Err(p) if stdout_closed(&*p) => 0,
+        Err(p) => std::panic::resume_unwind(p),
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    Ok(match cli.cmd {
         Cmd::Race(args) => race_cmd::run(args)?,
         Cmd::Crash(cmd) => crash_cmd::run(cmd)?,
         Cmd::Fs(cmd) => fs_cmd::run(cmd)?,
@@ -90,6 +100,26 @@ fn main() -> anyhow::Result<()> {
         Cmd::KernelMark(args) => kernel_cmd::mark(args)?,
         Cmd::Run(args) => run_cmd::run(args)?,
         Cmd::Mark(args) => run_cmd::mark(args)?,
-    };
-    std::process::exit(code);
+    })
+}
+
+/// `println!` panics when stdout's reader has gone (`crashmonkey states LOG | head`). That
+/// panic prints nothing, and ends the command with 0 once it has unwound (so temporary
+/// files and folders still go); any other panic is reported as before.
+fn quiet_when_stdout_closes() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !stdout_closed(info.payload()) {
+            report(info);
+        }
+    }));
+}
+
+/// Whether a panic's payload is `println!`'s on a closed pipe (EPIPE, os error 32).
+fn stdout_closed(payload: &(dyn std::any::Any + Send)) -> bool {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied());
+    text.is_some_and(|t| t.starts_with("failed printing to stdout") && t.contains("os error 32"))
 }
