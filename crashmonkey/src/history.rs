@@ -180,8 +180,6 @@ pub type Fates = HashMap<u64, (Fate, Vec<(u64, u64)>)>;
 pub struct History {
     reader: LogReader,
     fates: Fates,
-    /// The file header says the log holds no power cut: one is damage.
-    no_power_cuts: bool,
     pub disk_bytes: u64,
 }
 
@@ -269,7 +267,7 @@ impl History {
     /// from [`Self::open_with`].
     pub fn open_ahead(path: &Path) -> Result<(Self, Option<HeaderPass>), LogError> {
         let history = Self::open_with(path, Fates::new())?;
-        if history.no_power_cuts {
+        if history.reader.file_header().no_power_cuts() {
             return Ok((history, None));
         }
         let pass_reader = LogReader::open(path)?;
@@ -293,7 +291,6 @@ impl History {
     fn with_fates(reader: LogReader, fates: Fates) -> Self {
         let disk_bytes = reader.disk_bytes();
         History {
-            no_power_cuts: reader.file_header().no_power_cuts(),
             reader,
             fates,
             disk_bytes,
@@ -385,7 +382,8 @@ impl History {
                 seq: h.seq,
                 name: String::from_utf8_lossy(&self.reader.read_payload(&rec)?).into_owned(),
             },
-            RecordKind::PowerCut if self.no_power_cuts => {
+            // The file header says the log holds no power cut: one is damage.
+            RecordKind::PowerCut if self.reader.file_header().no_power_cuts() => {
                 return Err(corrupt(
                     &rec,
                     format!(

@@ -214,11 +214,12 @@ impl Layer {
     /// it costs one pass over both layers, not a search of `lower` a run.
     pub fn merged(lower: &Layer, upper: &Layer) -> Layer {
         let mut kept: Vec<(u64, Run)> = Vec::with_capacity(lower.runs() + upper.runs());
+        // Two cursors over `upper`: `over` for the runs that cut the lower run at hand, `ups`
+        // for emitting upper runs in disk order between the lower pieces.
         let mut over = upper.iter().map(|(s, len, _)| (s, s + len)).peekable();
         let mut ups = upper.iter().peekable();
         for (s, len, from) in lower.iter() {
-            let r = Run { len, from };
-            let end = s + r.len;
+            let end = s + len;
             let mut at = s;
             // Upper runs are disjoint and in order: each one that meets [at, end) cuts it.
             while let Some(&(us, ue)) = over.peek() {
@@ -230,7 +231,7 @@ impl Layer {
                     break;
                 }
                 if us > at {
-                    let from = r.from.skip(at - s);
+                    let from = from.skip(at - s);
                     upper_before(&mut kept, &mut ups, at);
                     kept.push((at, Run { len: us - at, from }));
                 }
@@ -241,7 +242,7 @@ impl Layer {
                 over.next();
             }
             if at < end {
-                let from = r.from.skip(at - s);
+                let from = from.skip(at - s);
                 upper_before(&mut kept, &mut ups, at);
                 kept.push((
                     at,
