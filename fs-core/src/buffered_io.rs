@@ -74,8 +74,32 @@ pub struct WriteTask {
     /// Where the current `iomap_file_buffered_write` call began (gfs2 calls it again after
     /// retaking the glock).
     call_start: u64,
-    /// Folio size in bytes (from the configuration, when the inode is locked).
-    fb: u64,
+    /// The folio this iteration got (`__iomap_get_folio`): its index and its bytes
+    /// `[lo, hi)` in the file.
+    folio: FolioAt,
+}
+
+/// Where a folio is: its index and its bytes `[lo, hi)` in the file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct FolioAt {
+    idx: u64,
+    lo: u64,
+    hi: u64,
+}
+
+impl FolioAt {
+    fn of(fs: &Fs, ino: usize, idx: u64) -> Self {
+        FolioAt {
+            idx,
+            lo: fs.folio_start(idx) * BS,
+            hi: fs.folio_end(ino, idx) * BS,
+        }
+    }
+
+    /// Block `b` of the file as a block of this folio.
+    fn block(&self, b: u64) -> u64 {
+        b - self.lo / BS
+    }
 }
 
 impl WriteTask {
@@ -92,7 +116,7 @@ impl WriteTask {
             retry_len: None,
             stop: None,
             call_start: pos,
-            fb: BS,
+            folio: FolioAt::default(),
         }
     }
 
@@ -100,15 +124,29 @@ impl WriteTask {
         self.start + self.data.len() as u64
     }
 
+    /// The folio this iteration got (valid from `__iomap_get_folio` on).
     fn idx(&self) -> u64 {
-        self.pos / self.fb
+        self.folio.idx
     }
 
-    /// Bytes of the current folio this iteration covers (`bytes` in `iomap_write_iter`).
+    /// Bytes this iteration asks a folio for (`bytes` in `iomap_write_iter`, before
+    /// `iomap_write_begin` trims it to the folio it got): up to the end of the write and of
+    /// the mapping, and of the largest folio's chunk (`chunk - offset`).
+    fn want_len(&self, fs: &Fs) -> u64 {
+        let map = self.map.expect("mapped");
+        let chunk = fs.cfg.largest_folio_blocks() * BS;
+        let n = map
+            .end()
+            .min(self.end())
+            .min(self.pos - self.pos % chunk + chunk)
+            - self.pos;
+        self.retry_len.map_or(n, |r| r.min(n))
+    }
+
+    /// Bytes of the current folio this iteration covers (`bytes`, trimmed to the folio).
     fn plen(&self) -> u64 {
         let map = self.map.expect("mapped");
-        let folio_end = (self.idx() + 1) * self.fb;
-        let n = folio_end.min(map.end()).min(self.end()) - self.pos;
+        let n = self.folio.hi.min(map.end()).min(self.end()) - self.pos;
         self.retry_len.map_or(n, |r| r.min(n))
     }
 
@@ -132,10 +170,15 @@ impl WriteTask {
             // balance_dirty_pages_ratelimited, which iomap_write_iter calls between
             // folios: the write waits while too much of the cache is dirty.
             WState::PreCheck => !fs.over_dirty_limit(),
-            WState::GetFolio => inode.cache.lockable(self.idx(), me) && !fs.over_dirty_limit(),
+            WState::GetFolio => {
+                inode
+                    .cache
+                    .lockable(fs.folio_of(self.ino, self.pos / BS), me)
+                    && !fs.over_dirty_limit()
+            }
             WState::OldTruncate { idx, .. } => inode
                 .cache
-                .get(fs.folio_of(idx))
+                .get(fs.folio_of(self.ino, idx))
                 .is_none_or(|f| f.lockable_by(me) && !f.writeback),
             WState::FixedScan {
                 idx,
@@ -144,7 +187,7 @@ impl WriteTask {
                 ..
             } => {
                 (locked || inode.invalidate_lock.can_write())
-                    && (idx >= scan_end || inode.cache.lockable(fs.folio_of(idx), me))
+                    && (idx >= scan_end || inode.cache.lockable(fs.folio_of(self.ino, idx), me))
             }
             WState::Gfs2Retake => !fs.cfg.gfs2.write_glock || inode.glock.can_write(),
             _ => true,
@@ -239,7 +282,6 @@ impl WriteTask {
         if self.end() > FILE_BYTES_MAX {
             return Step::Done(YieldPoint::WriteEfbig, 0, Err(FsError::FileTooBig));
         }
-        self.fb = cx.fs.folio_bytes();
         cx.fs.inode_mut(ino).i_rwsem.down_write(cx.me);
         if cx.fs.cfg.gfs2.write_glock {
             cx.fs.inode_mut(ino).glock.down_write(cx.me);
@@ -295,9 +337,10 @@ impl WriteTask {
                 Step::Yield(YieldPoint::IomapValidBeforeLock, self.pos)
             }
             WState::GetFolio => {
-                let (me, idx) = (cx.me, self.idx());
-                cx.fs.get_folio(ino, idx);
-                cx.fs.inode_mut(ino).cache.lock(idx, me);
+                let len = self.want_len(cx.fs);
+                let idx = cx.fs.grab_folio(ino, self.pos / BS, len);
+                self.folio = FolioAt::of(cx.fs, ino, idx);
+                cx.fs.inode_mut(ino).cache.lock(idx, cx.me);
                 let map = self.map.expect("mapped");
                 let check = cx.fs.cfg.iomap_valid;
                 match cx.fs.cfg.validity_check_at {
@@ -370,11 +413,11 @@ impl WriteTask {
     /// write crosses EOF (`iomap_adjust_read_range`).
     fn uncovered_runs(&self, fs: &Fs, from: u64, to: u64) -> Vec<(u64, u64)> {
         let f = fs.inode(self.ino).cache.get(self.idx()).expect("locked");
-        let (nb, size) = (fs.folio_blocks(), fs.inode(self.ino).size);
+        let size = fs.inode(self.ino).size;
         let eof_split = (from <= size && to > size && size > 0).then(|| size.div_ceil(BS));
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for b in from / BS..to.div_ceil(BS) {
-            if f.block_uptodate(b % nb) {
+            if f.block_uptodate(self.folio.block(b)) {
                 continue;
             }
             match runs.last_mut() {
@@ -399,7 +442,7 @@ impl WriteTask {
         let (ino, idx) = (self.ino, self.idx());
         let map = self.map.expect("mapped");
         let size = cx.fs.inode(ino).size;
-        let lo = idx * self.fb;
+        let lo = self.folio.lo;
         self.note_uncovered_fill(cx, &map, first, size);
         let zero = iomap::block_needs_zeroing(&map, first * BS, size);
         let mut blocks = Vec::new();
@@ -411,7 +454,6 @@ impl WriteTask {
                 )?);
             }
         }
-        let nb = cx.fs.folio_blocks();
         let f = cx
             .fs
             .inode_mut(ino)
@@ -426,7 +468,7 @@ impl WriteTask {
         } else {
             f.data[rs..re].copy_from_slice(&blocks.concat());
         }
-        f.set_uptodate(first % nb, end - first);
+        f.set_uptodate(self.folio.block(first), end - first);
         Ok(())
     }
 
@@ -469,7 +511,7 @@ impl WriteTask {
     fn copy_and_write_end(&mut self, cx: &mut Cx<'_>) -> Step {
         let ino = self.ino;
         let idx = self.idx();
-        let poff = (self.pos - idx * self.fb) as usize;
+        let poff = (self.pos - self.folio.lo) as usize;
         let plen = self.plen() as usize;
         self.retry_len = None;
         if let Some(s) = cx.short_copy {
@@ -578,7 +620,8 @@ impl WriteTask {
     /// range covers whatever it holds, and zeroes the part of one it covers in part.
     fn old_punch_truncate(&mut self, cx: &mut Cx<'_>, idx: u64, start: u64, end: u64) -> Step {
         let ino = self.ino;
-        let (folio, nb) = (cx.fs.folio_of(idx), cx.fs.folio_blocks());
+        let folio = cx.fs.folio_of(ino, idx);
+        let next = cx.fs.folio_end(ino, folio);
         if cx.fs.inode(ino).cache.get(folio).is_some_and(|f| f.dirty) {
             let op = cx.op;
             cx.fs.note(|| {
@@ -586,7 +629,6 @@ impl WriteTask {
             });
         }
         cx.fs.truncate_folio_range(ino, folio, start * BS, end * BS);
-        let next = (folio + 1) * nb;
         self.st = if next < end {
             WState::OldTruncate {
                 idx: next,
@@ -617,15 +659,15 @@ impl WriteTask {
             cx.fs.inode_mut(ino).invalidate_lock.down_write(cx.me);
         }
         if idx < scan_end {
-            let (folio, nb) = (cx.fs.folio_of(idx), cx.fs.folio_blocks());
-            let part_end = ((folio + 1) * nb).min(scan_end);
+            let folio = FolioAt::of(cx.fs, ino, cx.fs.folio_of(ino, idx));
+            let part_end = (folio.hi / BS).min(scan_end);
             for b in idx..part_end {
                 let keep = cx
                     .fs
                     .inode(ino)
                     .cache
-                    .get(folio)
-                    .is_some_and(|f| f.dirty && f.block_dirty(b % nb));
+                    .get(folio.idx)
+                    .is_some_and(|f| f.dirty && f.block_dirty(folio.block(b)));
                 if !keep {
                     punch_delalloc(cx.fs, ino, b, b + 1);
                 }
@@ -637,13 +679,13 @@ impl WriteTask {
                     end,
                     locked: true,
                 };
-                return Step::Yield(YieldPoint::PunchScan, folio);
+                return Step::Yield(YieldPoint::PunchScan, folio.idx);
             }
         }
         punch_delalloc(cx.fs, ino, scan_end.max(idx), end);
         cx.fs.inode_mut(ino).invalidate_lock.up_write(cx.me);
         self.st = WState::Finish;
-        let at = cx.fs.folio_of(idx);
+        let at = cx.fs.folio_of(ino, idx);
         Step::Yield(YieldPoint::PunchScanDone, at)
     }
 
@@ -711,9 +753,8 @@ fn iomap_write_failed(fs: &mut Fs, ino: usize, pos: u64, len: u64) {
     if from >= to {
         return;
     }
-    let fb = fs.folio_bytes();
-    for idx in from / fb..to.div_ceil(fb) {
-        let (lo, hi) = (idx * fb, (idx + 1) * fb);
+    for idx in fs.cached_folios_over(ino, from / BS, to.div_ceil(BS)) {
+        let (lo, hi) = (fs.folio_start(idx) * BS, fs.folio_end(ino, idx) * BS);
         let Some(f) = fs.inode_mut(ino).cache.get_mut(idx) else {
             continue;
         };
@@ -786,7 +827,7 @@ impl ReadTask {
             RState::Folio => fs
                 .inode(self.ino)
                 .cache
-                .lockable(self.pos / fs.folio_bytes(), me),
+                .lockable(fs.folio_of(self.ino, self.pos / BS), me),
         }
     }
 
@@ -804,16 +845,16 @@ impl ReadTask {
                 Step::Yield(YieldPoint::ReadLockInode, self.pos)
             }
             RState::Folio => {
-                let fb = cx.fs.folio_bytes();
-                let idx = self.pos / fb;
+                let idx = cx.fs.grab_folio(ino, self.pos / BS, self.end - self.pos);
+                let folio = FolioAt::of(cx.fs, ino, idx);
                 if !cx.fs.get_folio(ino, idx).uptodate() {
                     if let Err(e) = cx.fs.read_folio(ino, idx) {
                         cx.fs.inode_mut(ino).i_rwsem.up_read();
                         return Step::Done(YieldPoint::ReadError, idx, Err(e));
                     }
                 }
-                let n = ((idx + 1) * fb).min(self.end) - self.pos;
-                let off = (self.pos - idx * fb) as usize;
+                let n = folio.hi.min(self.end) - self.pos;
+                let off = (self.pos - folio.lo) as usize;
                 let f = cx.fs.inode(ino).cache.get(idx).expect("just read");
                 let bytes = &f.data[off..off + n as usize];
                 cx.oracle.check_read(ino, self.pos, bytes, cx.op);
@@ -836,9 +877,9 @@ impl ReadTask {
 /// (`folio_mkwrite_check_truncate`), reserving delalloc over holes (allocating, at write
 /// time), one mapping at a time.
 fn mkwrite_map(fs: &mut Fs, ino: usize, idx: u64) -> Result<(), FsError> {
-    let fb = fs.folio_bytes();
-    let end = ((idx + 1) * fb).min(fs.inode(ino).size.div_ceil(BS) * BS);
-    let mut pos = idx * fb;
+    let folio = FolioAt::of(fs, ino, idx);
+    let end = folio.hi.min(fs.inode(ino).size.div_ceil(BS) * BS);
+    let mut pos = folio.lo;
     while pos < end {
         let map = iomap::iomap_begin_write(fs, ino, pos, end - pos)?;
         pos = map.end().min(end);
@@ -884,7 +925,7 @@ impl MmapStoreTask {
     }
 
     fn idx(&self, fs: &Fs) -> u64 {
-        self.pos / fs.folio_bytes()
+        fs.folio_of(self.ino, self.pos / BS)
     }
 
     fn beyond_eof(&self, fs: &Fs) -> bool {
@@ -949,9 +990,8 @@ impl MmapStoreTask {
                 if let Err(e) = mkwrite_map(cx.fs, ino, idx) {
                     return Step::Done(YieldPoint::PageMkwriteError, idx, Err(e));
                 }
-                let nb = cx.fs.folio_blocks();
                 let f = cx.fs.inode_mut(ino).cache.get_mut(idx).expect("present");
-                f.set_dirty(0, nb);
+                f.set_dirty(0, f.blocks());
                 f.mapped_writable = true;
                 cx.fs.dirtied(ino, idx);
                 self.st = MState::Store;
@@ -959,9 +999,10 @@ impl MmapStoreTask {
             }
             MState::Store => {
                 let eof = self.beyond_eof(cx.fs);
+                let lo = cx.fs.folio_start(idx) * BS;
                 match cx.fs.inode_mut(ino).cache.get_mut(idx) {
                     Some(f) if f.mapped_writable && !eof => {
-                        let off = self.pos as usize % f.data.len();
+                        let off = (self.pos - lo) as usize;
                         f.data[off..off + self.data.len()].copy_from_slice(&self.data);
                         f.set_dirty((off / BLOCK_SIZE) as u64, 1);
                         cx.oracle.write(ino, self.pos, &self.data, cx.op);
@@ -1118,9 +1159,9 @@ mod tests {
         };
         let mut fs = fs_with(cfg);
         let mut w = WriteTask::new(0, 100, vec![b'W'; 2 * BLOCK_SIZE]);
-        w.fb = 4 * BS;
         let (from, to) = (100, 2 * BS + 100);
         fs.get_folio(0, 0);
+        w.folio = FolioAt::of(&fs, 0, 0);
         fs.inode_mut(0).size = 4 * BS;
         assert_eq!(w.uncovered_runs(&fs, from, to), [(0, 3)]);
         fs.inode_mut(0).size = BS + 10;

@@ -75,10 +75,14 @@ impl DioWriteTask {
         self.pos + self.data.len() as u64
     }
 
-    /// The folios the range touches, `[first, end)`.
+    /// The folios the range touches, `[first, end)` (`first` is the cached folio over the
+    /// range's first byte, which may start before it).
     fn folios(&self, fs: &Fs) -> (u64, u64) {
         let fb = fs.folio_bytes();
-        (self.pos / fb, self.end().div_ceil(fb))
+        (
+            fs.folio_of(self.ino, self.pos / BS),
+            self.end().div_ceil(fb),
+        )
     }
 
     /// Whether every folio over the range is out of writeback and lockable by `me`.

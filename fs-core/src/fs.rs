@@ -111,6 +111,14 @@ pub struct Config {
     /// bundles stay as they were.
     #[serde(default = "one_block", skip_serializing_if = "is_one_block")]
     pub folio_blocks: u64,
+    /// The largest folio, in blocks, that a buffered write or read creates
+    /// (`mapping_max_folio_order`): a power of two from [`Config::folio_blocks`] to
+    /// [`crate::pagecache::FOLIO_BLOCKS_MAX`]. Since Linux 6.6 a buffered write asks for a folio
+    /// as large as the bytes it has left (`fgf_set_order`; see [`Fs::grab_folio`]). 0: every
+    /// folio has `folio_blocks` blocks (the model's original behaviour, which campaigns and
+    /// bundles keep). Not written when 0.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub max_folio_blocks: u64,
     /// Device size in blocks.
     pub device_blocks: u64,
     /// Planted bugs of the persistent filesystem (all off by default).
@@ -152,6 +160,10 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
 fn one_block() -> u64 {
     1
 }
@@ -170,7 +182,25 @@ impl Config {
                 self.folio_blocks
             )));
         }
+        let largest = self.max_folio_blocks;
+        if largest != 0
+            && (!largest.is_power_of_two() || largest < self.folio_blocks || largest > max)
+        {
+            return Err(FsError::Invalid(format!(
+                "max_folio_blocks {largest} is not a power of two from folio_blocks ({}) to {max}",
+                self.folio_blocks
+            )));
+        }
         Ok(())
+    }
+
+    /// The largest folio a buffered write or read creates, in blocks.
+    pub fn largest_folio_blocks(&self) -> u64 {
+        if self.max_folio_blocks == 0 {
+            self.folio_blocks
+        } else {
+            self.max_folio_blocks
+        }
     }
 }
 
@@ -298,6 +328,7 @@ impl Default for Config {
             gfs2: Gfs2::default(),
             cache_limit_folios: 4,
             folio_blocks: 1,
+            max_folio_blocks: 0,
             device_blocks: 4096,
             bugs: Bugs::default(),
             commit_interval_steps: crate::ondisk::COMMIT_INTERVAL_STEPS,
@@ -529,6 +560,9 @@ pub struct Fs {
     /// diagnostics for reports only, never read by the model.
     pub notes: Vec<String>,
     lru_clock: u64,
+    /// Cached folios counted in folios of [`Config::folio_blocks`] (a larger folio counts as
+    /// the ones it spans, as the kernel counts pages): what [`Config::cache_limit_folios`]
+    /// bounds.
     folio_count: usize,
     /// Every cached folio by its last use (`Folio::lru`): reclaim takes the first
     /// reclaimable one without scanning the whole cache.
@@ -537,11 +571,14 @@ pub struct Fs {
     /// [`Fs::cleaned`] and [`Fs::remove_folio`]), so the flusher finds work without scanning
     /// the whole cache. The oracle's `check_quiescent` checks that no dirty folio is missing.
     dirty_hint: std::collections::BTreeSet<(usize, u64)>,
+    /// The folios of `dirty_hint` counted as `folio_count` counts them.
+    dirty_units: usize,
     /// The dirty folios not under writeback: what the flusher can start on (kept beside the
     /// hint so that finding work does not walk past folios that are still being written).
     dirty_idle: std::collections::BTreeSet<(usize, u64)>,
-    /// Folios under writeback (what `balance_dirty_pages` counts beside the dirty ones).
-    writeback_folios: usize,
+    /// Folios under writeback (what `balance_dirty_pages` counts beside the dirty ones),
+    /// counted as `folio_count` counts them.
+    writeback_units: usize,
     /// Writeback's block writes submitted and not yet completed
     /// ([`crate::writeback::WB_BLOCKS_IN_FLIGHT_MAX`] bounds them).
     wb_blocks_in_flight: usize,
@@ -570,8 +607,9 @@ impl Fs {
             folio_count: 0,
             lru_index: Default::default(),
             dirty_hint: Default::default(),
+            dirty_units: 0,
             dirty_idle: Default::default(),
-            writeback_folios: 0,
+            writeback_units: 0,
             wb_blocks_in_flight: 0,
             spare_buffers: Vec::new(),
         }
@@ -589,26 +627,111 @@ impl Fs {
         self.folio_count
     }
 
-    /// Blocks per folio ([`Config::folio_blocks`]).
+    /// Blocks of the smallest folio ([`Config::folio_blocks`]): a folio's index is its first
+    /// block divided by this.
     pub fn folio_blocks(&self) -> u64 {
         self.cfg.folio_blocks
     }
 
-    /// Bytes per folio.
+    /// Bytes of the smallest folio.
     pub fn folio_bytes(&self) -> u64 {
         self.cfg.folio_blocks * BLOCK_SIZE as u64
     }
 
-    /// The folio holding file block `fblock`.
-    pub fn folio_of(&self, fblock: u64) -> u64 {
-        fblock / self.cfg.folio_blocks
+    /// The folio holding file block `fblock` of `ino`: the cached folio over it, or the index
+    /// a folio of [`Config::folio_blocks`] would have there.
+    pub fn folio_of(&self, ino: usize, fblock: u64) -> u64 {
+        let (fb, unit) = (self.cfg.folio_blocks, fblock / self.cfg.folio_blocks);
+        if self.cfg.largest_folio_blocks() == fb {
+            return unit;
+        }
+        self.inodes[ino].cache.covering(unit, fb).unwrap_or(unit)
     }
 
-    /// Look a folio up, creating an empty (not uptodate) one if absent, and mark it used.
-    /// The folio used last is left where it is: using it again changes nothing in the LRU
-    /// order (a read or a write looks its folio up several times a step; moving it in the
-    /// LRU index each time was a tenth of the engine thread under 1 MiB reads).
+    /// Blocks of folio `idx` of `ino`: the cached folio's, or the smallest folio's.
+    pub fn folio_len(&self, ino: usize, idx: u64) -> u64 {
+        self.inodes[ino]
+            .cache
+            .get(idx)
+            .map_or(self.cfg.folio_blocks, Folio::blocks)
+    }
+
+    /// First file block of folio `idx`.
+    pub fn folio_start(&self, idx: u64) -> u64 {
+        idx * self.cfg.folio_blocks
+    }
+
+    /// The file block after folio `idx` of `ino` (where the next folio starts).
+    pub fn folio_end(&self, ino: usize, idx: u64) -> u64 {
+        self.folio_start(idx) + self.folio_len(ino, idx)
+    }
+
+    /// Folios of the smallest size that folio `idx` of `ino` counts as.
+    fn folio_units(&self, ino: usize, idx: u64) -> usize {
+        (self.folio_len(ino, idx) / self.cfg.folio_blocks) as usize
+    }
+
+    /// The cached folios of `ino` over file blocks `[from, to)`, in index order (the first may
+    /// start before `from`).
+    pub fn cached_folios_over(&self, ino: usize, from: u64, to: u64) -> Vec<u64> {
+        let fb = self.cfg.folio_blocks;
+        let (first, end, cache) = (from / fb, to.div_ceil(fb), &self.inodes[ino].cache);
+        let head = cache.covering(first, fb).filter(|&i| i < first);
+        let rest = cache.folios.range(first..end.max(first)).map(|(&i, _)| i);
+        head.into_iter().chain(rest).collect()
+    }
+
+    /// Look a folio up, creating an empty (not uptodate) one of the smallest size if absent,
+    /// and mark it used.
     pub fn get_folio(&mut self, ino: usize, idx: u64) -> &mut Folio {
+        self.get_folio_sized(ino, idx, self.cfg.folio_blocks)
+    }
+
+    /// `__filemap_get_folio` with `FGP_CREAT` and `fgf_set_order(len)` (Linux 6.6), for a
+    /// buffered write or read that has `len` bytes left from file block `fblock`: the cached
+    /// folio holding `fblock`, or a new one starting there of the largest power of two of
+    /// blocks in `len` bytes (`ilog2(len) - PAGE_SHIFT`), no larger than
+    /// [`Config::largest_folio_blocks`] nor than the page cache's limit, cut to the alignment
+    /// of its first block, and smaller again while a cached folio is in its way
+    /// (`filemap_add_folio` refusing it). The smallest size is [`Config::folio_blocks`]
+    /// (`mapping_min_folio_order`). Returns the folio's index. Not modelled: 6.6 turning an
+    /// order-1 folio into order 0.
+    pub fn grab_folio(&mut self, ino: usize, fblock: u64, len: u64) -> u64 {
+        let idx = self.folio_of(ino, fblock);
+        let blocks = if self.inodes[ino].cache.get(idx).is_some() {
+            self.folio_len(ino, idx)
+        } else {
+            self.new_folio_blocks(ino, idx, len)
+        };
+        self.get_folio_sized(ino, idx, blocks);
+        idx
+    }
+
+    /// The size of a new folio at index `idx` (not cached) for `len` bytes: see
+    /// [`Fs::grab_folio`].
+    fn new_folio_blocks(&self, ino: usize, idx: u64, len: u64) -> u64 {
+        let fb = self.cfg.folio_blocks;
+        let cache_blocks = (self.cfg.cache_limit_folios as u64 * fb).max(fb);
+        let largest = self
+            .cfg
+            .largest_folio_blocks()
+            .min(1 << cache_blocks.ilog2());
+        let mut n = (1u64 << (len / BLOCK_SIZE as u64).max(1).ilog2()).clamp(fb, largest.max(fb));
+        let (first, cache) = (idx * fb, &self.inodes[ino].cache);
+        while n > fb
+            && (!first.is_multiple_of(n)
+                || cache.folios.range(idx + 1..idx + n / fb).next().is_some())
+        {
+            n /= 2;
+        }
+        n
+    }
+
+    /// [`Fs::get_folio`] creating a folio of `blocks` blocks if absent. The folio used last is
+    /// left where it is: using it again changes nothing in the LRU order (a read or a write
+    /// looks its folio up several times a step; moving it in the LRU index each time was a
+    /// tenth of the engine thread under 1 MiB reads).
+    fn get_folio_sized(&mut self, ino: usize, idx: u64, blocks: u64) -> &mut Folio {
         let last = self.lru_clock;
         if self.inodes[ino]
             .cache
@@ -618,21 +741,20 @@ impl Fs {
             return self.inodes[ino].cache.get_mut(idx).expect("just found");
         }
         self.lru_clock += 1;
-        let (clock, blocks) = (self.lru_clock, self.cfg.folio_blocks);
+        let clock = self.lru_clock;
         let cache = &mut self.inodes[ino].cache;
         if !cache.folios.contains_key(&idx) {
-            self.folio_count += 1;
+            debug_assert!(cache.covering(idx, self.cfg.folio_blocks).is_none());
+            self.folio_count += (blocks / self.cfg.folio_blocks) as usize;
         }
         let spare = &mut self.spare_buffers;
-        let f = cache
-            .folios
-            .entry(idx)
-            .or_insert_with(|| match spare.pop() {
-                Some(data) if data.len() as u64 == blocks * BLOCK_SIZE as u64 => {
-                    Folio::with_data(clock, clock, data)
-                }
-                _ => Folio::new(clock, clock, blocks),
-            });
+        let f = cache.folios.entry(idx).or_insert_with(|| {
+            let bytes = blocks as usize * BLOCK_SIZE;
+            match spare.iter().rposition(|d| d.len() == bytes) {
+                Some(at) => Folio::with_data(clock, clock, spare.swap_remove(at)),
+                None => Folio::new(clock, clock, blocks),
+            }
+        });
         self.lru_index.remove(&f.lru);
         self.lru_index.insert(clock, (ino, idx));
         f.lru = clock;
@@ -641,7 +763,9 @@ impl Fs {
 
     /// Folio `idx` of `ino` was just marked dirty: the flusher will find it.
     pub fn dirtied(&mut self, ino: usize, idx: u64) {
-        self.dirty_hint.insert((ino, idx));
+        if self.dirty_hint.insert((ino, idx)) {
+            self.dirty_units += self.folio_units(ino, idx);
+        }
         if self.inodes[ino]
             .cache
             .get(idx)
@@ -654,13 +778,14 @@ impl Fs {
     /// Folio `idx` of `ino` goes under writeback with `pending` blocks in flight, or (0)
     /// comes out of it.
     pub fn set_writeback(&mut self, ino: usize, idx: u64, pending: u32) {
+        let units = self.folio_units(ino, idx);
         if let Some(f) = self.inodes[ino].cache.get_mut(idx) {
             let was = f.writeback;
             f.wb_pending = pending;
             f.writeback = pending > 0;
             match (was, f.writeback) {
-                (false, true) => self.writeback_folios += 1,
-                (true, false) => self.writeback_folios = self.writeback_folios.saturating_sub(1),
+                (false, true) => self.writeback_units += units,
+                (true, false) => self.writeback_units = self.writeback_units.saturating_sub(units),
                 _ => {}
             }
         }
@@ -681,9 +806,10 @@ impl Fs {
         self.wb_blocks_in_flight = self.wb_blocks_in_flight.saturating_sub(n);
     }
 
-    /// Folios dirty or under writeback: what [`Config::dirty_limit_folios`] bounds.
+    /// Folios dirty or under writeback, counted in folios of the smallest size: what
+    /// [`Config::dirty_limit_folios`] bounds.
     pub fn dirty_or_writeback_folios(&self) -> usize {
-        self.dirty_hint.len() + self.writeback_folios
+        self.dirty_units + self.writeback_units
     }
 
     /// Whether a buffered write must wait before its next folio (`balance_dirty_pages`):
@@ -722,15 +848,18 @@ impl Fs {
     /// Drop a folio from the cache (truncate, punch, reclaim). It must be unlocked by others
     /// and not under writeback.
     pub fn remove_folio(&mut self, ino: usize, idx: u64) {
+        let units = self.folio_units(ino, idx);
         if let Some(mut f) = self.inodes[ino].cache.remove(idx) {
             assert!(!f.writeback, "removing folio {idx} under writeback");
             if self.spare_buffers.len() < SPARE_FOLIO_BUFFERS_MAX {
                 f.data.fill(0);
                 self.spare_buffers.push(std::mem::take(&mut f.data));
             }
-            self.folio_count -= 1;
+            self.folio_count -= units;
             self.lru_index.remove(&f.lru);
-            self.dirty_hint.remove(&(ino, idx));
+            if self.dirty_hint.remove(&(ino, idx)) {
+                self.dirty_units -= units;
+            }
             self.dirty_idle.remove(&(ino, idx));
         }
     }
@@ -740,12 +869,12 @@ impl Fs {
     /// delalloc blocks and blocks past EOF); blocks already uptodate keep their bytes.
     pub fn read_folio(&mut self, ino: usize, idx: u64) -> Result<(), FsError> {
         let size = self.inodes[ino].size;
-        let nb = self.cfg.folio_blocks;
+        let (first, nb) = (self.folio_start(idx), self.get_folio(ino, idx).blocks());
         for i in 0..nb {
             if self.get_folio(ino, idx).block_uptodate(i) {
                 continue;
             }
-            let fblock = idx * nb + i;
+            let fblock = first + i;
             let ext = self.inodes[ino].extents.get(fblock);
             let data = if ext.state == ExtentState::Written && fblock * (BLOCK_SIZE as u64) < size {
                 Some(block::read_block_sync(self.dev.as_mut(), ext.addr)?)
@@ -769,8 +898,8 @@ impl Fs {
     /// are no longer dirty (what the range held is gone: the callers punch or truncate the
     /// blocks under it). Returns whether the folio was removed.
     pub fn truncate_folio_range(&mut self, ino: usize, idx: u64, from: u64, to: u64) -> bool {
-        let fb = self.folio_bytes();
-        let (lo, hi) = (idx * fb, (idx + 1) * fb);
+        let bs = BLOCK_SIZE as u64;
+        let (lo, hi) = (self.folio_start(idx) * bs, self.folio_end(ino, idx) * bs);
         let (from, to) = (from.max(lo), to.min(hi));
         let Some(f) = self.inodes[ino].cache.get_mut(idx) else {
             return false;
@@ -783,7 +912,6 @@ impl Fs {
             // The range's pages are unmapped: the next store to the folio faults.
             f.mapped_writable = false;
             f.data[(from - lo) as usize..(to - lo) as usize].fill(0);
-            let bs = BLOCK_SIZE as u64;
             let (first, end) = ((from - lo).div_ceil(bs), (to - lo) / bs);
             if end > first && !f.clear_dirty_blocks(first, end - first) {
                 self.cleaned(ino, idx);
@@ -909,7 +1037,9 @@ impl Fs {
 
     /// Folio `idx` of `ino` is clean now (it went to writeback).
     pub fn cleaned(&mut self, ino: usize, idx: u64) {
-        self.dirty_hint.remove(&(ino, idx));
+        if self.dirty_hint.remove(&(ino, idx)) {
+            self.dirty_units -= self.folio_units(ino, idx);
+        }
         self.dirty_idle.remove(&(ino, idx));
     }
 

@@ -269,7 +269,7 @@ impl RangeTask {
             RgState::Lock => inode.i_rwsem.can_write() && inode.invalidate_lock.can_write(),
             RgState::Truncate { idx } => inode
                 .cache
-                .get(fs.folio_of(idx))
+                .get(fs.folio_of(self.ino, idx))
                 .is_none_or(|f| f.lockable_by(me) && !f.writeback),
             RgState::Extents => true,
         }
@@ -310,8 +310,8 @@ impl RangeTask {
                 // (a folio the range covers in part stays, with that part zeroed): until then
                 // a store through an existing writable mapping still lands in it (faults are
                 // held off by the invalidate lock, reads and writes by the inode lock).
-                let (folio, nb) = (cx.fs.folio_of(idx), cx.fs.folio_blocks());
-                let next = ((folio + 1) * nb).min(self.end);
+                let folio = cx.fs.folio_of(ino, idx);
+                let next = cx.fs.folio_end(ino, folio).min(self.end);
                 cx.fs
                     .truncate_folio_range(ino, folio, self.start * BS, self.end * BS);
                 cx.oracle.zero(ino, idx * BS, (next - idx) * BS, cx.op);
@@ -492,7 +492,7 @@ impl TruncateTask {
         cx.fs.touch(ino, true);
         self.st = if self.size < old {
             TrState::Pagecache {
-                cursor: cx.fs.folio_of(self.first_gone()),
+                cursor: cx.fs.folio_of(ino, self.first_gone()),
             }
         } else {
             TrState::Extents
@@ -534,7 +534,7 @@ impl TruncateTask {
     /// the mapping), zero the tail, dirty it.
     fn zero_folio(&mut self, cx: &mut Cx<'_>, map: IoMap) -> Step {
         let (ino, idx) = (self.ino, self.zero_from / BS);
-        let folio = cx.fs.folio_of(idx);
+        let folio = cx.fs.folio_of(ino, idx);
         if matches!(map.kind, IoMapKind::Hole | IoMapKind::Unwritten) {
             return self.setsize(cx);
         }
@@ -558,10 +558,11 @@ impl TruncateTask {
     /// (`iomap_write_end`).
     fn zero_fill(&self, cx: &mut Cx<'_>, map: &IoMap) -> Result<(), FsError> {
         let (ino, b) = (self.ino, self.zero_from / BS);
-        let (folio, nb) = (cx.fs.folio_of(b), cx.fs.folio_blocks());
-        let at = ((b % nb) * BS) as usize;
+        let folio = cx.fs.folio_of(ino, b);
+        let i = b - cx.fs.folio_start(folio);
+        let at = (i * BS) as usize;
         let old_size = cx.fs.inode(ino).size;
-        if !cx.fs.get_folio(ino, folio).block_uptodate(b % nb) {
+        if !cx.fs.get_folio(ino, folio).block_uptodate(i) {
             let data = if iomap::block_needs_zeroing(map, b * BS, old_size) {
                 vec![0; BLOCK_SIZE]
             } else {
@@ -575,11 +576,11 @@ impl TruncateTask {
             }
             let f = cx.fs.get_folio(ino, folio);
             f.data[at..at + BLOCK_SIZE].copy_from_slice(&data);
-            f.set_uptodate(b % nb, 1);
+            f.set_uptodate(i, 1);
         }
         let f = cx.fs.get_folio(ino, folio);
         f.data[at + (self.zero_from % BS) as usize..at + BLOCK_SIZE].fill(0);
-        f.set_dirty(b % nb, 1);
+        f.set_dirty(i, 1);
         cx.fs.dirtied(ino, folio);
         Ok(())
     }
@@ -588,10 +589,12 @@ impl TruncateTask {
         let inode = fs.inode(self.ino);
         match self.st {
             TrState::Lock => inode.i_rwsem.can_write() && inode.invalidate_lock.can_write(),
-            TrState::ZeroFolio { .. } => inode.cache.lockable(fs.folio_of(self.zero_from / BS), me),
+            TrState::ZeroFolio { .. } => inode
+                .cache
+                .lockable(fs.folio_of(self.ino, self.zero_from / BS), me),
             TrState::FlushEof => inode
                 .cache
-                .get(fs.folio_of(self.zero_from / BS))
+                .get(fs.folio_of(self.ino, self.zero_from / BS))
                 .is_none_or(|f| !f.dirty && !f.writeback),
             TrState::ZeroBegin | TrState::ZeroPreCheck { .. } | TrState::SetSize => true,
             TrState::Pagecache { cursor } => match inode.cache.next_where(cursor, |_| true) {

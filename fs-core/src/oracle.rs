@@ -523,15 +523,15 @@ impl Oracle {
                 what: v.to_string(),
             });
         }
-        let nb = fs.folio_blocks();
         for (ino, inode) in fs.inodes.iter().enumerate() {
-            for (idx, f) in &inode.cache.folios {
+            for (&idx, f) in &inode.cache.folios {
+                let (first, nb) = (fs.folio_start(idx), f.blocks());
                 // Blocks past EOF may be dirty (page_mkwrite dirties the whole folio);
                 // writeback never writes them.
-                let past_eof = |i: u64| (idx * nb + i) * BLOCK_SIZE as u64 >= inode.size;
+                let past_eof = |i: u64| (first + i) * BLOCK_SIZE as u64 >= inode.size;
                 for i in (0..nb).filter(|&i| f.dirty && f.block_dirty(i) && !past_eof(i)) {
-                    let fblock = idx * nb + i;
-                    let lo = idx * nb * BLOCK_SIZE as u64;
+                    let fblock = first + i;
+                    let lo = first * BLOCK_SIZE as u64;
                     if inode.extents.get(fblock).state == ExtentState::Hole
                         && f.block_holds_data(i, lo, inode.size)
                     {
@@ -543,11 +543,12 @@ impl Oracle {
                 }
             }
             for b in 0..inode.extents.span() {
+                let idx = fs.folio_of(ino, b);
                 if inode.extents.get(b).state == ExtentState::Delalloc
                     && !inode
                         .cache
-                        .get(b / nb)
-                        .is_some_and(|f| f.dirty && f.block_dirty(b % nb))
+                        .get(idx)
+                        .is_some_and(|f| f.dirty && f.block_dirty(b - fs.folio_start(idx)))
                 {
                     self.failures.push(Failure::Invariant {
                         what: format!(
@@ -569,11 +570,12 @@ impl Oracle {
         if !self.keeps_files() || !self.failures.is_empty() {
             return;
         }
-        let (nb, bs) = (fs.folio_blocks(), BLOCK_SIZE as u64);
+        let bs = BLOCK_SIZE as u64;
         for (ino, inode) in fs.inodes.iter().enumerate().filter(|(_, i)| i.in_use) {
             for (&idx, f) in &inode.cache.folios {
-                for i in (0..nb).filter(|&i| f.block_uptodate(i)) {
-                    let lo = (idx * nb + i) * bs;
+                let first = fs.folio_start(idx);
+                for i in (0..f.blocks()).filter(|&i| f.block_uptodate(i)) {
+                    let lo = (first + i) * bs;
                     let hi = (lo + bs).min(inode.size);
                     if lo >= hi {
                         continue;

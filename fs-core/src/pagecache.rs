@@ -6,9 +6,10 @@ use crate::block::BLOCK_SIZE;
 use crate::TaskId;
 use std::collections::BTreeMap;
 
-/// Blocks a folio holds at most ([`crate::fs::Config::folio_blocks`]): 64 KiB folios of
-/// 4 KiB blocks. The per-block bits are one `u64` each.
-pub const FOLIO_BLOCKS_MAX: u64 = 16;
+/// Blocks a folio holds at most ([`crate::fs::Config::folio_blocks`],
+/// [`crate::fs::Config::max_folio_blocks`]): 256 KiB folios of 4 KiB blocks. The per-block
+/// bits are one `u64` each.
+pub const FOLIO_BLOCKS_MAX: u64 = 64;
 
 /// One cached folio.
 #[derive(Clone, Debug)]
@@ -167,7 +168,9 @@ impl Folio {
     }
 }
 
-/// One inode's cached folios, by index.
+/// One inode's cached folios, by index: the folio's first block divided by the smallest
+/// folio's blocks ([`crate::fs::Config::folio_blocks`]). A larger folio spans the indexes up
+/// to the next folio's ([`PageCache::covering`]).
 #[derive(Clone, Debug, Default)]
 pub struct PageCache {
     pub folios: BTreeMap<u64, Folio>,
@@ -184,6 +187,13 @@ impl PageCache {
 
     pub fn get_mut(&mut self, idx: u64) -> Option<&mut Folio> {
         self.folios.get_mut(&idx)
+    }
+
+    /// The index of the cached folio that holds index `unit` (a folio of `unit_blocks`
+    /// blocks would have index `unit`): that folio, or a larger one before it that spans it.
+    pub fn covering(&self, unit: u64, unit_blocks: u64) -> Option<u64> {
+        let (&first, f) = self.folios.range(..=unit).next_back()?;
+        (first + f.blocks() / unit_blocks > unit).then_some(first)
     }
 
     /// Is the folio absent or lockable by `me`?

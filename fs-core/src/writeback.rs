@@ -330,7 +330,7 @@ impl WbPass {
     /// (the open ioend holds at most [`IOEND_BLOCKS_MAX`]), so IO completion can run.
     fn room_for_a_folio(&self, fs: &Fs) -> bool {
         let open = self.ioend.as_ref().map_or(0, |io| io.bios.len());
-        room_for_blocks(fs, open + fs.folio_blocks() as usize)
+        room_for_blocks(fs, open + fs.cfg.largest_folio_blocks() as usize)
     }
 
     /// Returns Done when the pass has no more folios to write.
@@ -361,22 +361,23 @@ impl WbPass {
     /// folio under writeback until every block's IO completes).
     fn write_folio(&mut self, fs: &mut Fs, idx: u64) -> Step {
         let ino = self.ino;
-        let (size, fb) = (fs.inode(ino).size, fs.folio_bytes());
+        let size = fs.inode(ino).size;
+        let (first, nb) = (fs.folio_start(idx), fs.folio_len(ino, idx));
+        let (lo, hi) = (first * BS, (first + nb) * BS);
         let f = fs.inode_mut(ino).cache.get_mut(idx).expect("found");
         let dirty = f.clean_for_io();
-        if idx * fb >= size {
+        if lo >= size {
             fs.cleaned(ino, idx);
             return Step::Yield(YieldPoint::WbBeyondEof, idx);
         }
         // iomap_do_writepage: zero the part of the EOF folio past EOF.
-        if (idx + 1) * fb > size {
-            f.data[(size - idx * fb) as usize..].fill(0);
+        if hi > size {
+            f.data[(size - lo) as usize..].fill(0);
         }
         fs.cleaned(ino, idx);
-        let nb = fs.folio_blocks();
         let mut count = 0;
         for i in (0..nb).filter(|i| dirty & (1 << i) != 0) {
-            let fblock = idx * nb + i;
+            let fblock = first + i;
             if fblock * BS >= size {
                 break;
             }
@@ -406,9 +407,10 @@ impl WbPass {
         match map.kind {
             IoMapKind::Hole => {
                 // iomap_writepage_map skips the block. That loses data only if it holds some.
-                let (idx, nb) = (fs.folio_of(fblock), fs.folio_blocks());
+                let idx = fs.folio_of(ino, fblock);
+                let first = fs.folio_start(idx);
                 let f = fs.inode(ino).cache.get(idx).expect("found");
-                if f.block_holds_data(fblock % nb, idx * nb * BS, size) {
+                if f.block_holds_data(fblock - first, first * BS, size) {
                     fs.violations
                         .push(Violation::DirtyFolioOverHole { ino, fblock });
                 }
@@ -423,7 +425,7 @@ impl WbPass {
                     end: ((fblock + 1) * BS).min(size),
                 };
                 let closed = self.add_to_ioend(bio);
-                let idx = fs.folio_of(fblock);
+                let idx = fs.folio_of(ino, fblock);
                 match self.closed.as_mut() {
                     Some((_, list)) => list.extend(closed),
                     None => self.closed = Some((idx, closed)),
@@ -440,7 +442,7 @@ impl WbPass {
     /// error; the model writes it: writeback errors are not modelled.)
     fn map_failed(&mut self, fs: &mut Fs, idx: u64, fblock: u64, count: u32, e: FsError) -> Step {
         let ino = self.ino;
-        let folio_end = (idx + 1) * fs.folio_blocks();
+        let folio_end = fs.folio_end(ino, idx);
         crate::buffered_io::punch_delalloc(fs, ino, fblock, folio_end);
         if count > 0 {
             fs.set_writeback(ino, idx, count);
@@ -501,10 +503,11 @@ impl WbPass {
     /// once none of their blocks is pending.
     fn redirty(&mut self, fs: &mut Fs, bios: impl Iterator<Item = Bio>) {
         for b in bios {
-            let (idx, nb) = (fs.folio_of(b.fblock), fs.folio_blocks());
+            let idx = fs.folio_of(self.ino, b.fblock);
+            let i = b.fblock - fs.folio_start(idx);
             if let Some(f) = fs.inode_mut(self.ino).cache.get_mut(idx) {
                 let pending = f.wb_pending.saturating_sub(1);
-                f.set_dirty(b.fblock % nb, 1);
+                f.set_dirty(i, 1);
                 fs.set_writeback(self.ino, idx, pending);
                 fs.dirtied(self.ino, idx);
             }
@@ -525,8 +528,8 @@ impl WbPass {
                 owner: owner.map(|o| (o.ino, o.fblock)),
             });
         }
-        let (idx, nb) = (fs.folio_of(fblock), fs.folio_blocks());
-        let at = (fblock % nb) as usize * BLOCK_SIZE;
+        let idx = fs.folio_of(ino, fblock);
+        let at = (fblock - fs.folio_start(idx)) as usize * BLOCK_SIZE;
         let data = fs.inode(ino).cache.get(idx).expect("under writeback").data[at..at + BLOCK_SIZE]
             .to_vec();
         fs.alloc.mark_data_written(bio.addr);
@@ -580,7 +583,10 @@ impl Flusher {
         match &self.pass {
             Some(p) => p.runnable(fs, me),
             // A new pass writes a folio in its first step.
-            None => fs.has_writeback_work() && room_for_blocks(fs, fs.folio_blocks() as usize),
+            None => {
+                fs.has_writeback_work()
+                    && room_for_blocks(fs, fs.cfg.largest_folio_blocks() as usize)
+            }
         }
     }
 
@@ -671,7 +677,7 @@ fn convert_unwritten(fs: &mut Fs, ino: usize, fblock: u64, addr: u64) {
 /// `iomap_finish_folio_write` for one block (the folio's writeback ends with its last
 /// block), then `xfs_setfilesize`: the on-disk size may now cover what the block's IO wrote.
 fn end_block_writeback(fs: &mut Fs, ino: usize, fblock: u64, addr: u64, end: u64) {
-    let idx = fs.folio_of(fblock);
+    let idx = fs.folio_of(ino, fblock);
     if let Some(f) = fs.inode(ino).cache.get(idx) {
         let pending = f.wb_pending.saturating_sub(1);
         fs.set_writeback(ino, idx, pending);

@@ -320,8 +320,9 @@ fn folio_sizes_are_powers_of_two_up_to_the_limit() {
         (1, true),
         (4, true),
         (16, true),
+        (64, true),
         (3, false),
-        (32, false),
+        (128, false),
         (0, false),
     ] {
         let cfg = Config {
@@ -329,6 +330,22 @@ fn folio_sizes_are_powers_of_two_up_to_the_limit() {
             ..Config::default()
         };
         assert_eq!(cfg.validate().is_ok(), ok, "{n}");
+    }
+    for (least, most, ok) in [
+        (1, 0, true),
+        (1, 64, true),
+        (4, 4, true),
+        (4, 16, true),
+        (4, 2, false),
+        (1, 24, false),
+        (1, 128, false),
+    ] {
+        let cfg = Config {
+            folio_blocks: least,
+            max_folio_blocks: most,
+            ..Config::default()
+        };
+        assert_eq!(cfg.validate().is_ok(), ok, "{least} to {most}");
     }
 }
 
@@ -452,4 +469,130 @@ fn writeback_out_of_space_drops_the_rest_of_the_folio_s_delalloc() {
     let (r, data) = settle(&mut e, read(4 * K, K));
     assert_eq!(r, Ok(K));
     assert_eq!(data.unwrap(), vec![b'B'; KU]);
+}
+
+/// Write-sized folios: the smallest folio of one block, the largest of `most` blocks, and a
+/// page cache of `cache` folios of one block.
+fn sized(most: u64, cache: usize) -> Config {
+    Config {
+        max_folio_blocks: most,
+        cache_limit_folios: cache,
+        ..Config::default()
+    }
+}
+
+/// The cached folios of file 0: (index, blocks), in index order.
+fn folio_sizes(e: &Engine) -> Vec<(u64, u64)> {
+    let cache = &e.fs().inode(0).cache;
+    cache.folios.iter().map(|(&i, f)| (i, f.blocks())).collect()
+}
+
+/// `iomap_get_folio` with `fgf_set_order(len)` (Linux 6.6): a buffered write asks for a folio
+/// as large as the bytes it has left (the largest power of two of pages in them), no larger
+/// than the largest folio nor than the alignment of its index, and smaller while a cached
+/// folio is in its way (`filemap_add_folio` refusing it); `iomap_write_begin` then trims the
+/// copy to the folio it got.
+#[test]
+fn a_write_asks_for_a_folio_as_large_as_what_it_has_left() {
+    let mut e = engine(sized(64, 4096));
+    assert_eq!(alone(&mut e, write(0, 1 << 20, b'A')), Ok(1 << 20));
+    assert_eq!(folio_sizes(&e), [(0, 64), (64, 64), (128, 64), (192, 64)]);
+
+    let mut e = engine(sized(8, 4096));
+    assert_eq!(alone(&mut e, write(0, 1 << 20, b'A')), Ok(1 << 20));
+    let eights: Vec<(u64, u64)> = (0..32).map(|i| (i * 8, 8)).collect();
+    assert_eq!(folio_sizes(&e), eights, "no larger than the largest folio");
+
+    let mut e = engine(sized(64, 16));
+    alone(&mut e, write(0, 256 * KU, b'A')).unwrap();
+    assert!(
+        e.fs()
+            .inode(0)
+            .cache
+            .folios
+            .values()
+            .all(|f| f.blocks() <= 16),
+        "no larger than the page cache: {:?}",
+        folio_sizes(&e)
+    );
+
+    // 12 KiB from block 1: order 1 asked, cut to order 0 at the odd index; then the 8 KiB
+    // left from block 2 take a folio of two blocks.
+    let mut e = engine(sized(64, 4096));
+    alone(&mut e, write(K, 3 * KU, b'B')).unwrap();
+    assert_eq!(folio_sizes(&e), [(1, 1), (2, 2)]);
+    // A write of 5 KiB asks for order 0 (ilog2 of its length): one block, then the rest.
+    alone(&mut e, write(16 * K, 5 * 1024, b'C')).unwrap();
+    assert_eq!(folio_sizes(&e)[2..], [(16, 1), (17, 1)]);
+
+    // A cached folio at block 3 is in the way of a 16 KiB write at 0: two blocks at 0, one
+    // at 2 (two would cover block 3), then the cached one.
+    let mut e = engine(sized(64, 4096));
+    alone(&mut e, write(3 * K, 1, b'C')).unwrap();
+    alone(&mut e, write(0, 4 * KU, b'D')).unwrap();
+    assert_eq!(folio_sizes(&e), [(0, 2), (2, 1), (3, 1)]);
+    let (r, data) = settle(&mut e, read(0, 4 * K));
+    assert_eq!((r, data.unwrap()), (Ok(4 * K), vec![b'D'; 4 * KU]));
+}
+
+/// A write, a read, a store and a punch inside a large folio use that folio wherever in it
+/// they start: its own first block and size place every byte and every per-block bit.
+#[test]
+fn io_inside_a_large_folio_lands_in_its_blocks() {
+    let mut e = engine(sized(64, 4096));
+    alone(&mut e, write(0, 64 * KU, b'A')).unwrap();
+    settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
+    assert_eq!(folio_sizes(&e), [(0, 64)]);
+    assert_eq!(alone(&mut e, write(37 * K + 5, 10, b'B')), Ok(10));
+    assert_eq!(
+        folio_sizes(&e),
+        [(0, 64)],
+        "the write used the folio over it"
+    );
+    let (_, dirty) = bits(&e, 0);
+    let dirty_blocks: Vec<usize> = (0..64).filter(|&i| dirty[i]).collect();
+    assert_eq!(dirty_blocks, [37], "only the block written is dirty");
+    let (r, data) = settle(&mut e, read(37 * K, K));
+    assert_eq!(r, Ok(K));
+    let mut want = vec![b'A'; KU];
+    want[5..15].fill(b'B');
+    assert_eq!(data.unwrap(), want);
+    settle(
+        &mut e,
+        Call::Punch {
+            ino: 0,
+            offset: 8 * K,
+            len: 4 * K,
+        },
+    )
+    .0
+    .unwrap();
+    assert_eq!(
+        folio_sizes(&e),
+        [(0, 64)],
+        "a punch in part zeroes, keeps it"
+    );
+    let (_, data) = settle(&mut e, read(0, 64 * K));
+    let data = data.unwrap();
+    assert!(data[8 * KU..12 * KU].iter().all(|&b| b == 0));
+    assert!(data[..8 * KU].iter().all(|&b| b == b'A'));
+    settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
+    e.fs_mut().drop_caches();
+    let (_, again) = settle(&mut e, read(0, 64 * K));
+    assert_eq!(again.unwrap(), data, "the disk holds what the folio held");
+    assert_eq!(folio_sizes(&e), [(0, 64)], "a read asks for its length too");
+}
+
+/// The page-cache and dirty limits count a large folio as the smallest folios it spans, as
+/// the kernel counts pages: 256 KiB of dirty data is 64, whatever the folios' sizes.
+#[test]
+fn limits_count_a_large_folio_as_the_blocks_it_holds() {
+    let mut e = engine(sized(64, 4096));
+    alone(&mut e, write(0, 256 * KU, b'A')).unwrap();
+    assert_eq!(e.fs().folio_count(), 256);
+    assert_eq!(e.fs().dirty_or_writeback_folios(), 256);
+    settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
+    assert_eq!(e.fs().dirty_or_writeback_folios(), 0);
+    e.fs_mut().drop_caches();
+    assert_eq!(e.fs().folio_count(), 0);
 }

@@ -67,3 +67,53 @@ proptest! {
         prop_assert!(r.passed(), "failures: {:?}", r.failures);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
+
+    /// Folios sized by the write or read that creates them (`max_folio_blocks`), from one
+    /// block or two up to 64, with a page cache that reclaims or not: sequences of one to
+    /// three operations at a time, racing each other and background writeback, completion
+    /// and reclaim, match the model byte for byte at every read.
+    #[test]
+    fn write_sized_folios_match_the_model(
+        phases in prop::collection::vec(prop::collection::vec(big_op(), 1..4), 1..8),
+        seed in any::<u64>(),
+        least in prop_oneof![Just(1u64), Just(2)],
+        most in prop_oneof![Just(0u64), Just(4), Just(8), Just(64)],
+        limit in prop_oneof![Just(2usize), Just(16), Just(4096)],
+    ) {
+        let cfg = Config {
+            folio_blocks: least,
+            max_folio_blocks: if most == 0 { 0 } else { most.max(least) },
+            cache_limit_folios: limit,
+            ..Config::default()
+        };
+        let mut all = phases.clone();
+        all.push(vec![Op::Read { file: 0, offset: 0, len: BIG_FILE_BYTES + 4096 }]);
+        let w = Workload { files: 1, phases: all };
+        let r = sched::run(&cfg, &w, &mut RandomPolicy::new(seed));
+        prop_assert!(r.passed(), "failures: {:?}", r.failures);
+    }
+}
+
+const BIG_FILE_BYTES: u64 = 96 * 4096;
+
+/// Operations over a file of up to 96 blocks, writes and reads up to 64 blocks long.
+fn big_op() -> impl Strategy<Value = Op> {
+    let off = 0..BIG_FILE_BYTES;
+    let blk = 0u64..96;
+    prop_oneof![
+        4 => (off.clone(), 1..262_144u64, any::<u8>()).prop_map(|(offset, len, byte)| Op::Write { file: 0, offset, len, byte }),
+        2 => (off.clone(), 1..262_144u64).prop_map(|(offset, len)| Op::Read { file: 0, offset, len }),
+        1 => (off.clone(), 1..64u64, any::<u8>()).prop_map(|(o, len, byte)| {
+            let offset = (o / 4096) * 4096 + (o % 4096).min(4096 - len);
+            Op::MmapStore { file: 0, offset, len, byte }
+        }),
+        1 => (blk.clone(), 1..16u64, any::<u8>()).prop_map(|(b, n, byte)| Op::DirectWrite { file: 0, offset: b * 4096, len: n * 4096, byte }),
+        1 => (blk.clone(), 1..40u64).prop_map(|(b, n)| Op::PunchHole { file: 0, offset: b * 4096, len: n * 4096 }),
+        1 => (blk, 1..40u64).prop_map(|(b, n)| Op::ZeroRange { file: 0, offset: b * 4096, len: n * 4096 }),
+        1 => (0..BIG_FILE_BYTES + 4096).prop_map(|size| Op::Truncate { file: 0, size }),
+        1 => Just(Op::Fsync { file: 0 }),
+    ]
+}

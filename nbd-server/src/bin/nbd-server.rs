@@ -59,8 +59,9 @@ An export that is a file of fs-core (the iomap model, with its journal) on an em
   nbd-server --export 'vm:size=16M,fscore=mem,iomap-valid=off,cache-folios=2'
   Keys: fscore=PATH|mem, volume-size=SIZE, iomap-valid=on|off, wb-seq-check=on|off,
   punch=old|fixed, alloc=delalloc|at-write, check-at=after-lock|get-folio|before-lock,
-  mkwrite-inode-lock, bug=NAME[+NAME], cache-folios=N, folio-blocks=N, dirty-folios=N,
-  io-completion=ioend|block, sched-seed=S, session=PATH.
+  mkwrite-inode-lock, bug=NAME[+NAME], cache-folios=N, folio-blocks=N, max-folio-blocks=N,
+  dirty-folios=N, io-completion=ioend|block, sched-seed=S, session=PATH.
+  A write or read creates a folio of its length, up to max-folio-blocks (default 64 blocks).
   crashmonkey fs session replay /tmp/vm.session replays a session in process.
 
 SIGINT/SIGTERM: stop accepting, finish requests in flight, flush every export, exit 0; if a

@@ -22,8 +22,9 @@
 //! | `check-at=after-lock\|get-folio\|before-lock` | where the write path checks the cookie |
 //! | `mkwrite-inode-lock` | page_mkwrite takes the inode lock shared |
 //! | `bug=NAME[+NAME...]` | planted bugs of the persistent filesystem |
-//! | `cache-folios=N` | the page-cache limit in folios (small values force reclaim) |
-//! | `folio-blocks=N` | blocks per folio: 1 (default), 2, 4, 8 or 16 (large folios of 4 KiB blocks) |
+//! | `cache-folios=N` | the page-cache limit in folios of `folio-blocks` (a larger folio counts as the ones it spans; small values force reclaim) |
+//! | `folio-blocks=N` | the smallest folio in blocks: 1 (default), 2, 4, ... 64 (large folios of 4 KiB blocks) |
+//! | `max-folio-blocks=N` | the largest folio a write or read creates, in blocks (default 64: 256 KiB; a write asks for a folio of its length, as Linux 6.6 does); `max-folio-blocks=1` with `folio-blocks=1` gives every folio one block |
 //! | `commit-steps=N` | the journal timer: scheduler steps between timed commits (default 1024) |
 //! | `dirty-folios=N` | `balance_dirty_pages`: writes wait while N folios are dirty or under writeback (default a quarter of the page cache, at least 16; 0: no limit) |
 //! | `io-completion=ioend\|block` | IO completion finishes a whole ioend at a time, as the kernel does (default), or one block at a time (as campaigns run) |
@@ -42,6 +43,10 @@ use fs_core::{AllocMode, Config, PunchMode, ValidityCheckAt};
 /// Default page-cache limit of an fs-core export, in 4 KiB folios (64 MiB; with larger
 /// folios, `folio-blocks=N`, the default is the same 64 MiB in fewer folios).
 pub const EXPORT_CACHE_FOLIOS_DEFAULT: usize = 16_384;
+/// Default largest folio of an fs-core export, in blocks (256 KiB, the largest the model
+/// keeps per-block bits for): a write or read creates a folio of its length up to it, as XFS
+/// does since Linux 6.6, so 1 MiB requests take four folios and 4 KiB ones one block.
+pub const EXPORT_MAX_FOLIO_BLOCKS_DEFAULT: u64 = 64;
 /// Default journal timer of an fs-core export, in scheduler steps: about 100 4 KiB writes
 /// (a workload's 64 steps would commit after every few writes of a busy client).
 pub const EXPORT_COMMIT_INTERVAL_STEPS: u64 = 1024;
@@ -90,6 +95,7 @@ impl Default for FsCoreSpec {
                 commit_interval_steps: EXPORT_COMMIT_INTERVAL_STEPS,
                 dirty_limit_folios: export_dirty_limit(EXPORT_CACHE_FOLIOS_DEFAULT),
                 complete_per_ioend: true,
+                max_folio_blocks: EXPORT_MAX_FOLIO_BLOCKS_DEFAULT,
                 ..Config::default()
             },
             sched_seed: 0,
@@ -112,6 +118,7 @@ pub const FSCORE_KEYS: &[&str] = &[
     "bug",
     "cache-folios",
     "folio-blocks",
+    "max-folio-blocks",
     "commit-steps",
     "dirty-folios",
     "io-completion",
@@ -123,6 +130,7 @@ pub const FSCORE_KEYS: &[&str] = &[
 const COUNT_KEYS: &[&str] = &[
     "cache-folios",
     "folio-blocks",
+    "max-folio-blocks",
     "commit-steps",
     "dirty-folios",
     "sched-seed",
@@ -233,11 +241,18 @@ impl FsCoreSpec {
             "cache-folios" => c.cache_limit_folios = folios.max(1),
             "folio-blocks" => {
                 c.folio_blocks = n;
+                if !self.keys.iter().any(|k| k == "max-folio-blocks") {
+                    c.max_folio_blocks = c.max_folio_blocks.max(n);
+                }
                 c.validate().map_err(|e| e.to_string())?;
                 if !self.keys.iter().any(|k| k == "cache-folios") {
                     // The default page cache keeps its size in bytes.
                     c.cache_limit_folios = (EXPORT_CACHE_FOLIOS_DEFAULT as u64 / n) as usize;
                 }
+            }
+            "max-folio-blocks" => {
+                c.max_folio_blocks = n.max(1);
+                c.validate().map_err(|e| e.to_string())?;
             }
             "commit-steps" => c.commit_interval_steps = n.max(1),
             "dirty-folios" => c.dirty_limit_folios = folios,

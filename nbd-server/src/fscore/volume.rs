@@ -275,10 +275,8 @@ impl Volume {
         while pos < end {
             let b = pos / BS;
             let ext = inode.extents.get(b);
-            let cached = inode
-                .cache
-                .get(b / self.engine.fs().folio_blocks())
-                .is_some();
+            let fs = self.engine.fs();
+            let cached = inode.cache.get(fs.folio_of(f.ino, b)).is_some();
             let (hole, zero) = match ext.state {
                 ExtentState::Hole if !cached => (true, true),
                 ExtentState::Unwritten if !cached => (false, true),
