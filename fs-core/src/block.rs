@@ -129,6 +129,23 @@ pub trait BlockDevice {
     /// Puts a named mark in the device's record, in order with its IO (a persistence point
     /// completed). Devices that record nothing ignore it.
     fn mark(&mut self, _name: &str) {}
+    /// Reads the `out.len() / BLOCK_SIZE` blocks from `block` on into `out`, each submitted
+    /// and completed at once (what [`read_block_sync`] does for one). A device that can read
+    /// into the caller's buffer in one request overrides it.
+    fn read_blocks_sync(&mut self, block: u64, out: &mut [u8]) -> Result<(), DeviceError> {
+        for (i, part) in out.chunks_exact_mut(BLOCK_SIZE).enumerate() {
+            let id = self.submit(Request::Read {
+                block: block + i as u64,
+            })?;
+            match self.complete(id)? {
+                Completion::Read { data } => part.copy_from_slice(&data),
+                Completion::Done => {
+                    return Err(DeviceError::Io("read completed without data".into()))
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A device that keeps its writes to itself: reads see them, the device underneath never

@@ -175,6 +175,7 @@ impl WriteTask {
                     .cache
                     .lockable(fs.folio_of(self.ino, self.pos / BS), me)
                     && !fs.over_dirty_limit()
+                    && !fs.over_cache_limit()
             }
             WState::OldTruncate { idx, .. } => inode
                 .cache
@@ -395,7 +396,7 @@ impl WriteTask {
                 if from <= first * BS && to >= end * BS {
                     continue;
                 }
-                if let Err(e) = self.fill_run(cx, first, end, from, to) {
+                if let Err(e) = self.fill_run(cx, first, end) {
                     // iomap_write_begin's error path: unlock, iomap_write_failed.
                     self.unlock(cx.fs);
                     iomap_write_failed(cx.fs, self.ino, from, to - from);
@@ -428,17 +429,10 @@ impl WriteTask {
         runs
     }
 
-    /// One run of `__iomap_write_begin`: zero the parts of blocks `[first, end)` outside
-    /// `[from, to)`, or read the run from disk through the cached mapping; then the run is
-    /// uptodate.
-    fn fill_run(
-        &self,
-        cx: &mut Cx<'_>,
-        first: u64,
-        end: u64,
-        from: u64,
-        to: u64,
-    ) -> Result<(), FsError> {
+    /// One run of `__iomap_write_begin`: zero blocks `[first, end)` (the kernel zeroes the
+    /// parts outside the write, which the copy then fills), or read the run from disk through
+    /// the cached mapping; then the run is uptodate.
+    fn fill_run(&self, cx: &mut Cx<'_>, first: u64, end: u64) -> Result<(), FsError> {
         let (ino, idx) = (self.ino, self.idx());
         let map = self.map.expect("mapped");
         let size = cx.fs.inode(ino).size;
@@ -462,9 +456,11 @@ impl WriteTask {
             .expect("locked folio");
         let (rs, re) = ((first * BS - lo) as usize, (end * BS - lo) as usize);
         if zero {
-            let (cs, ce) = ((from - lo) as usize, (to - lo) as usize);
-            f.data[rs..cs.max(rs)].fill(0);
-            f.data[ce.min(re)..re].fill(0);
+            // folio_zero_segments zeroes the run outside [from, to) and leaves the write's
+            // part as the page held until the copy; the model zeroes that part too, since
+            // a recycled buffer may hold another folio's bytes and a short copy must not
+            // show them (the kernel's copy fills it or the write fails).
+            f.data[rs..re].fill(0);
         } else {
             f.data[rs..re].copy_from_slice(&blocks.concat());
         }
@@ -824,10 +820,12 @@ impl ReadTask {
     pub fn runnable(&self, fs: &Fs, me: TaskId) -> bool {
         match self.st {
             RState::Lock => fs.inode(self.ino).i_rwsem.can_read(),
-            RState::Folio => fs
-                .inode(self.ino)
-                .cache
-                .lockable(fs.folio_of(self.ino, self.pos / BS), me),
+            RState::Folio => {
+                fs.inode(self.ino)
+                    .cache
+                    .lockable(fs.folio_of(self.ino, self.pos / BS), me)
+                    && !fs.over_cache_limit()
+            }
         }
     }
 

@@ -129,6 +129,20 @@ impl BlockDevice for RecordedDevice {
         self.queue.submit(req)
     }
 
+    /// One read request of every block, straight into `out`.
+    fn read_blocks_sync(&mut self, block: u64, out: &mut [u8]) -> Result<(), DeviceError> {
+        let count = (out.len() / BLOCK_SIZE) as u64;
+        if block.checked_add(count).is_none_or(|end| end > self.blocks) {
+            return Err(DeviceError::OutOfRange {
+                block,
+                blocks: self.blocks,
+            });
+        }
+        self.run(RequestKind::Read, block, count, false, |d, t| {
+            d.read(t, block * BLOCK_SIZE as u64, out)
+        })
+    }
+
     fn complete(&mut self, id: ReqId) -> Result<Completion, DeviceError> {
         let req = self.queue.take(id)?;
         match req {

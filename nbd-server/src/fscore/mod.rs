@@ -96,6 +96,7 @@ impl Default for FsCoreSpec {
                 dirty_limit_folios: export_dirty_limit(EXPORT_CACHE_FOLIOS_DEFAULT),
                 complete_per_ioend: true,
                 max_folio_blocks: EXPORT_MAX_FOLIO_BLOCKS_DEFAULT,
+                reclaim_throttle: true,
                 ..Config::default()
             },
             sched_seed: 0,
