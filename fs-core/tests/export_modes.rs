@@ -305,3 +305,55 @@ fn waits_for_room(c: &Config) {
         assert!(part.iter().all(|&b| b == i as u8 + 1), "chunk {i} on disk");
     }
 }
+
+/// `reclaim_throttle`: eight readers of 128 KiB each, stepped reads first (readers as fast as
+/// they may go, reclaim only when they wait), over a cache of 16 folios. With the switch the
+/// cache never holds more than twice its limit plus the folio being made; without it the
+/// readers run it to the whole file. Same bytes either way, with 4 KiB and write-sized folios.
+#[test]
+fn reads_wait_for_reclaim_past_twice_the_cache_limit() {
+    for (most_blocks, throttle) in [(0, true), (8, true), (0, false), (8, false)] {
+        let c = Config {
+            cache_limit_folios: 16,
+            max_folio_blocks: most_blocks,
+            reclaim_throttle: throttle,
+            ..cfg(0, true, 1)
+        };
+        let mut e = engine(&c, 3);
+        let file: Vec<u8> = (0..256 * BLOCK)
+            .map(|i| (i / BLOCK) as u8 ^ i as u8)
+            .collect();
+        write(&mut e, 0, file.clone());
+        e.submit(Call::Fsync { ino: 0 }).unwrap();
+        while e.step().unwrap().is_some() {}
+        e.fs_mut().drop_caches();
+        let readers: Vec<TaskId> = (0..8u64)
+            .map(|i| {
+                let (offset, len) = (i * 32 * BLOCK as u64, 32 * BLOCK as u64);
+                e.submit(Call::Read {
+                    ino: 0,
+                    offset,
+                    len,
+                })
+                .unwrap()
+            })
+            .collect();
+        let mut most = 0;
+        while step_preferring(&mut e, is_call) {
+            most = most.max(e.fs().folio_count());
+        }
+        let bound = 2 * 16 + most_blocks.max(1) as usize;
+        if throttle {
+            assert!(most <= bound, "{most_blocks}: {most} folios cached");
+        } else {
+            assert!(most > bound, "{most_blocks}: unthrottled, only {most}");
+        }
+        let done = e.take_done();
+        for (i, t) in readers.iter().enumerate() {
+            let d = done.iter().find(|d| d.task == *t).expect("read done");
+            let want = &file[i * 32 * BLOCK..(i + 1) * 32 * BLOCK];
+            assert_eq!(d.data.as_deref(), Some(want), "reader {i}");
+        }
+        assert!(e.failures().is_empty(), "{:?}", e.failures());
+    }
+}

@@ -258,6 +258,46 @@ mod tests {
         assert_eq!(dev.write_log().unwrap().len(), 3);
     }
 
+    /// A read of several blocks in one request returns what reading them one by one does,
+    /// through a disk that passes through and through one that does not (whose cache holds
+    /// some of them); a read past the end is refused.
+    #[test]
+    fn a_run_of_blocks_reads_as_the_blocks_one_by_one() {
+        for plain in [true, false] {
+            let storage: Arc<dyn Backend> = Arc::new(crate::backend::memory::MemoryBackend::new(
+                16 * BLOCK_SIZE as u64,
+            ));
+            let disk = Arc::new(EmulatedDisk::new(storage, DiskConfig::default()).unwrap());
+            if plain {
+                disk.pass_through();
+            }
+            let mut dev = RecordedDevice::over(disk);
+            for b in [3u64, 4, 6, 9] {
+                let data = vec![b as u8 + 1; BLOCK_SIZE];
+                let id = dev
+                    .submit(Request::Write {
+                        block: b,
+                        data,
+                        fua: false,
+                    })
+                    .unwrap();
+                dev.complete(id).unwrap();
+            }
+            let mut run = vec![0xeeu8; 8 * BLOCK_SIZE];
+            dev.read_blocks_sync(2, &mut run).unwrap();
+            let one_by_one: Vec<u8> = (2..10)
+                .flat_map(|b| fs_core::block::read_block_sync(&mut dev, b).unwrap())
+                .collect();
+            assert_eq!(run, one_by_one, "pass-through {plain}");
+            assert_eq!(run[BLOCK_SIZE], 4, "block 3 holds its write");
+            let past = dev.read_blocks_sync(12, &mut vec![0; 8 * BLOCK_SIZE]);
+            assert!(
+                matches!(past, Err(DeviceError::OutOfRange { .. })),
+                "{past:?}"
+            );
+        }
+    }
+
     /// Writes block 2, trims block 3, flushes and reads block 2 back through a device over
     /// `disk`.
     fn write_trim_flush_read(disk: &Arc<EmulatedDisk>) {
