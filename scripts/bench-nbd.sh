@@ -29,8 +29,9 @@
 # rounds, the four main jobs: target >= 0.5x (a model, not a cache: it has a price).
 # Env: BENCH_FSCORE_JOBS (default "1 2 3 4"), BENCH_SECONDS (default 6) per run, BENCH_ROUNDS (default 5), BENCH_SIZE (default 1G),
 # BENCH_JOBS (default all: a space-separated subset of 1-8, the jobs in the order below).
-# Under each fs-core job, the same export with folio-blocks=16 and a page cache as large as the
-# export (as the kernel's would be with that much memory free), unless BENCH_FSCORE_LARGE=0.
+# Under each fs-core job, the same export with a page cache as large as the export (as the
+# kernel's would be with that much memory free), unless BENCH_FSCORE_LARGE=0. Both create
+# folios of a request's size (4 KiB to 256 KiB: the export's max-folio-blocks=64).
 # BENCH_FSCORE_KEYS: more keys for the fs-core export, e.g. BENCH_FSCORE_KEYS=folio-blocks=16
 # (64 KiB folios) or cache-folios=262144 (a page cache as large as a 1 GiB export, as the
 # kernel's would be with that much memory free). BENCH_FSCORE_WORKERS=N: that server's
@@ -155,7 +156,7 @@ for n in ${BENCH_FSCORE_JOBS:-1 2 3 4}; do
 done
 echo "target (fs-core export): >= 0.5x the memory export at 4K and at 1 MiB"
 if [ -n "${LARGE_URI:-}" ]; then
-  echo "(the line under each fs-core job: the same export with 64 KiB folios and a page cache as large as it)"
+  echo "(the line under each fs-core job: the same export with a page cache as large as it)"
 fi
 echo "targets: >= 1.25x IOPS at 4K, >= 1.00x bandwidth at 1 MiB (one connection; 'x4': 4 connections, no target)"
 echo "('disk': the export behind the emulated disk, volatile cache, no recording; no target)"

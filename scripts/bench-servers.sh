@@ -9,8 +9,8 @@
 # measured in the same rounds. Sets BIN, WORK (a temp dir), PIDS (server, nbdkit[, server with
 # the disk]), P1, P2, OURS_URI, KIT_URI[, DISK_URI][, BASE_PID, BASE_URI[, BASE_DISK_PID,
 # BASE_DISK_URI]][, FSCORE_PID, FSCORE_URI with FSCORE_SERVER=1: the export as a file of an
-# fs-core volume[, LARGE_PID, LARGE_URI, LARGE_KEYS: the same with 64 KiB folios and a page
-# cache as large as the export, unless BENCH_FSCORE_LARGE=0]]; stops the servers and removes WORK on exit. Needs: BENCH_NAME (for
+# fs-core volume[, LARGE_PID, LARGE_URI, LARGE_KEYS: the same with a page cache as large as
+# the export, unless BENCH_FSCORE_LARGE=0]]; stops the servers and removes WORK on exit. Needs: BENCH_NAME (for
 # messages), SIZE and TOOLS (commands to check for), and the repository root as the working
 # directory.
 for tool in $TOOLS; do
@@ -71,10 +71,10 @@ start_fscore() {
 if [ "${FSCORE_SERVER:-0}" = 1 ]; then
   start_fscore "" nbd-server-fscore.log
   FSCORE_PID=$STARTED_PID FSCORE_URI=$STARTED_URI
-  # And with 64 KiB folios and a page cache as large as the export (what the kernel's page
-  # cache is for a file on XFS when memory is free), unless BENCH_FSCORE_LARGE=0.
+  # And with a page cache as large as the export (what the kernel's page cache is for a file
+  # on XFS when memory is free), unless BENCH_FSCORE_LARGE=0.
   if [ "${BENCH_FSCORE_LARGE:-1}" = 1 ]; then
-    LARGE_KEYS="folio-blocks=16,cache-folios=$(( $(numfmt --from=iec "$SIZE") / 65536 ))"
+    LARGE_KEYS="cache-folios=$(( $(numfmt --from=iec "$SIZE") / 4096 ))"
     start_fscore "$LARGE_KEYS" nbd-server-fscore-large.log
     LARGE_PID=$STARTED_PID LARGE_URI=$STARTED_URI
   fi

@@ -171,9 +171,10 @@ impl WriteTask {
             // folios: the write waits while too much of the cache is dirty.
             WState::PreCheck => !fs.over_dirty_limit(),
             WState::GetFolio => {
-                inode
-                    .cache
-                    .lockable(fs.folio_of(self.ino, self.pos / BS), me)
+                (inode.cache.none_locked()
+                    || inode
+                        .cache
+                        .lockable(fs.folio_of(self.ino, self.pos / BS), me))
                     && !fs.over_dirty_limit()
                     && !fs.over_cache_limit()
             }
@@ -821,9 +822,8 @@ impl ReadTask {
         match self.st {
             RState::Lock => fs.inode(self.ino).i_rwsem.can_read(),
             RState::Folio => {
-                fs.inode(self.ino)
-                    .cache
-                    .lockable(fs.folio_of(self.ino, self.pos / BS), me)
+                let cache = &fs.inode(self.ino).cache;
+                (cache.none_locked() || cache.lockable(fs.folio_of(self.ino, self.pos / BS), me))
                     && !fs.over_cache_limit()
             }
         }

@@ -197,6 +197,12 @@ impl PageCache {
         (first + f.blocks() / unit_blocks > unit).then_some(first)
     }
 
+    /// No folio is locked: every folio is lockable by anyone (asked before looking up which
+    /// folio a task needs).
+    pub fn none_locked(&self) -> bool {
+        self.locked_folios == 0
+    }
+
     /// Is the folio absent or lockable by `me`?
     pub fn lockable(&self, idx: u64, me: TaskId) -> bool {
         self.locked_folios == 0 || self.get(idx).is_none_or(|f| f.lockable_by(me))
