@@ -289,6 +289,67 @@ fn large_folio_campaigns_find_the_race_only_without_the_fix() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("power of two"));
 }
 
+/// Write-sized folios are a switch of both campaigns (`--max-folio-blocks`): with the fix on
+/// no run fails; without `->iomap_valid` the first failing seed (89, `crashmonkey race
+/// --max-folio-blocks 4 --no-iomap-valid --seed 1 --runs 3000`) fails, its bundle keeps the
+/// switch and replays clean with `--defaults`; an fs campaign runs clean; a size the model
+/// cannot run is refused.
+#[test]
+fn write_sized_folio_campaigns_find_the_race_only_without_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clean = cm()
+        .args([
+            "race",
+            "--max-folio-blocks",
+            "4",
+            "--seed",
+            "1",
+            "--runs",
+            "1500",
+        ])
+        .arg("--no-bundle")
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&clean.stdout);
+    assert_eq!(clean.status.code(), Some(0), "{text}");
+    assert!(text.contains("write-sized folios up to 4 blocks"), "{text}");
+    let off = cm()
+        .args(["race", "--max-folio-blocks", "4", "--no-iomap-valid"])
+        .args(["--seed", "89", "--runs", "1", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&off.stdout);
+    assert_eq!(off.status.code(), Some(1), "{text}");
+    let bundle = dir.path().join("race-seed-89");
+    let cfg = std::fs::read_to_string(bundle.join("bundle.json")).expect("bundle");
+    assert!(cfg.contains("\"max_folio_blocks\": 4"), "{cfg}");
+    let fixed = cm()
+        .args(["race", "--defaults", "--replay"])
+        .arg(&bundle)
+        .output()
+        .expect("replay");
+    let text = String::from_utf8_lossy(&fixed.stdout);
+    assert_eq!(fixed.status.code(), Some(0), "{text}");
+    let fs = cm()
+        .args(["fs", "campaign", "--max-folio-blocks", "8", "--runs", "40"])
+        .args(["--workload", "random", "--json"])
+        .output()
+        .expect("fs campaign");
+    assert_eq!(
+        fs.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&fs.stderr)
+    );
+    let bad = cm()
+        .args(["race", "--max-folio-blocks", "24", "--runs", "1"])
+        .output()
+        .expect("run");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("power of two"));
+}
+
 /// `--direct-writes` races O_DIRECT writes: with the kernel's order (the page cache dropped
 /// after `->end_io`) no run fails; with `--dio-invalidate before-end-io` the first failing
 /// seed (2665, `crashmonkey race --seed 1 --runs 20000 --direct-writes --dio-invalidate

@@ -196,6 +196,9 @@ fn optional_switches(cfg: &Config) -> String {
         1 => String::new(),
         n => format!(",folio_blocks={n}"),
     };
+    if cfg.max_folio_blocks > cfg.folio_blocks {
+        s += &format!(",max_folio_blocks={}", cfg.max_folio_blocks);
+    }
     if cfg.direct_writes {
         s += ",direct_writes=on";
     }

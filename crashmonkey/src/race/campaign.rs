@@ -241,6 +241,9 @@ pub fn switches(cfg: &Config) -> String {
         1 => String::new(),
         n => format!(", folios of {n} blocks"),
     };
+    if cfg.max_folio_blocks > cfg.folio_blocks {
+        optional += &format!(", write-sized folios up to {} blocks", cfg.max_folio_blocks);
+    }
     if cfg.direct_writes {
         optional += ", direct writes raced";
     }

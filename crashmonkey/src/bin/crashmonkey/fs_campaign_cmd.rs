@@ -459,6 +459,7 @@ fn replay(args: &CampaignArgs) -> anyhow::Result<i32> {
             cache_limit_folios: b.config.cache_limit_folios,
             device_blocks: b.config.device_blocks,
             folio_blocks: b.config.folio_blocks,
+            max_folio_blocks: b.config.max_folio_blocks,
             ..Config::default()
         }
     } else {

@@ -368,6 +368,7 @@ fn replay(args: &RaceArgs) -> anyhow::Result<i32> {
             cache_limit_folios: b.config.cache_limit_folios,
             device_blocks: b.config.device_blocks,
             folio_blocks: b.config.folio_blocks,
+            max_folio_blocks: b.config.max_folio_blocks,
             direct_writes: b.config.direct_writes,
             ..Config::default()
         }

@@ -98,6 +98,12 @@ pub struct Switches {
     /// Example: `--folio-blocks 4` for 16 KiB folios.
     #[arg(long, value_name = "BLOCKS", value_parser = parse_folio_blocks)]
     pub folio_blocks: Option<u64>,
+    /// Write-sized folios: a buffered write or read creates a folio as large as the bytes it
+    /// has left (Linux 6.6's `fgf_set_order`), up to this many blocks (a power of two from
+    /// `--folio-blocks` to 64); folios then differ in size within a file. Off by default.
+    /// Example: `--max-folio-blocks 4`.
+    #[arg(long, value_name = "BLOCKS", value_parser = parse_max_folio_blocks)]
+    pub max_folio_blocks: Option<u64>,
     /// Race direct writes too: each run's racing phase gets one or two O_DIRECT writes
     /// (block-aligned, clear of the phase's mmap stores), added to the workload the seed
     /// gives without them. XFS's direct write path: not with `--fs gfs2`.
@@ -115,6 +121,18 @@ fn parse_folio_blocks(s: &str) -> Result<u64, String> {
     let n: u64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
     let cfg = Config {
         folio_blocks: n,
+        ..Config::default()
+    };
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(n)
+}
+
+/// `--max-folio-blocks`: a power of two up to the model's largest folio (checked against
+/// `--folio-blocks` when both are applied).
+fn parse_max_folio_blocks(s: &str) -> Result<u64, String> {
+    let n: u64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let cfg = Config {
+        max_folio_blocks: n,
         ..Config::default()
     };
     cfg.validate().map_err(|e| e.to_string())?;
@@ -171,6 +189,9 @@ impl Switches {
         }
         if let Some(n) = self.folio_blocks {
             cfg.folio_blocks = n;
+        }
+        if let Some(n) = self.max_folio_blocks {
+            cfg.max_folio_blocks = n.max(cfg.folio_blocks);
         }
         if self.direct_writes {
             cfg.direct_writes = true;
