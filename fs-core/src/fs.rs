@@ -669,10 +669,12 @@ impl Fs {
 
     /// Blocks of folio `idx` of `ino`: the cached folio's, or the smallest folio's.
     pub fn folio_len(&self, ino: usize, idx: u64) -> u64 {
-        self.inodes[ino]
-            .cache
-            .get(idx)
-            .map_or(self.cfg.folio_blocks, Folio::blocks)
+        let (fb, cache) = (self.cfg.folio_blocks, &self.inodes[ino].cache);
+        // Every folio of the smallest size (always, when that is the largest too): no lookup.
+        if self.cfg.largest_folio_blocks() == fb || cache.blocks == cache.len() as u64 * fb {
+            return fb;
+        }
+        cache.get(idx).map_or(fb, Folio::blocks)
     }
 
     /// First file block of folio `idx`.
@@ -717,10 +719,9 @@ impl Fs {
     /// order-1 folio into order 0.
     pub fn grab_folio(&mut self, ino: usize, fblock: u64, len: u64) -> u64 {
         let idx = self.folio_of(ino, fblock);
-        let blocks = if self.inodes[ino].cache.get(idx).is_some() {
-            self.folio_len(ino, idx)
-        } else {
-            self.new_folio_blocks(ino, idx, len)
+        let blocks = match self.inodes[ino].cache.get(idx) {
+            Some(f) => f.blocks(),
+            None => self.new_folio_blocks(ino, idx, len),
         };
         self.get_folio_sized(ino, idx, blocks);
         idx
@@ -751,34 +752,44 @@ impl Fs {
     /// looks its folio up several times a step; moving it in the LRU index each time was a
     /// tenth of the engine thread under 1 MiB reads).
     fn get_folio_sized(&mut self, ino: usize, idx: u64, blocks: u64) -> &mut Folio {
-        let last = self.lru_clock;
-        if self.inodes[ino]
-            .cache
-            .get(idx)
-            .is_some_and(|f| f.lru == last)
-        {
-            return self.inodes[ino].cache.get_mut(idx).expect("just found");
-        }
-        self.lru_clock += 1;
-        let clock = self.lru_clock;
-        let cache = &mut self.inodes[ino].cache;
-        if !cache.folios.contains_key(&idx) {
-            debug_assert!(cache.covering(idx, self.cfg.folio_blocks).is_none());
-            self.folio_count += (blocks / self.cfg.folio_blocks) as usize;
-        }
-        let (spare, spare_bytes) = (&mut self.spare_buffers, &mut self.spare_bytes);
-        let f = cache.folios.entry(idx).or_insert_with(|| {
-            let kept = spare.get_mut(blocks.ilog2() as usize).and_then(Vec::pop);
-            match kept {
-                Some(data) => {
-                    *spare_bytes -= data.len();
-                    Folio::with_data(clock, clock, data)
+        let (last, fb) = (self.lru_clock, self.cfg.folio_blocks);
+        let Fs {
+            inodes,
+            lru_clock,
+            lru_index,
+            folio_count,
+            spare_buffers,
+            spare_bytes,
+            ..
+        } = self;
+        let clock = last + 1;
+        let cache = &mut inodes[ino].cache;
+        let f = match cache.folios.entry(idx) {
+            std::collections::btree_map::Entry::Occupied(o) => {
+                let f = o.into_mut();
+                if f.lru == last {
+                    return f;
                 }
-                None => Folio::new(clock, clock, blocks),
+                f
             }
-        });
-        self.lru_index.remove(&f.lru);
-        self.lru_index.insert(clock, (ino, idx));
+            std::collections::btree_map::Entry::Vacant(v) => {
+                *folio_count += (blocks / fb) as usize;
+                cache.blocks += blocks;
+                let kept = spare_buffers
+                    .get_mut(blocks.ilog2() as usize)
+                    .and_then(Vec::pop);
+                v.insert(match kept {
+                    Some(data) => {
+                        *spare_bytes -= data.len();
+                        Folio::with_data(clock, clock, data)
+                    }
+                    None => Folio::new(clock, clock, blocks),
+                })
+            }
+        };
+        *lru_clock = clock;
+        lru_index.remove(&f.lru);
+        lru_index.insert(clock, (ino, idx));
         f.lru = clock;
         f
     }

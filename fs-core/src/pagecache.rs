@@ -179,6 +179,10 @@ pub struct PageCache {
     /// which the tasks that wait for a folio lock ask at every step (a read of 1 MiB asked
     /// the tree once a step, a tenth of the engine's time).
     locked_folios: usize,
+    /// Blocks of every folio in `folios` together: when they are as many as the folios times
+    /// the smallest folio's, every folio is of the smallest size and the folio over an index
+    /// is the one at it ([`PageCache::covering`] then looks up one key, not a range).
+    pub(crate) blocks: u64,
 }
 
 impl PageCache {
@@ -193,6 +197,9 @@ impl PageCache {
     /// The index of the cached folio that holds index `unit` (a folio of `unit_blocks`
     /// blocks would have index `unit`): that folio, or a larger one before it that spans it.
     pub fn covering(&self, unit: u64, unit_blocks: u64) -> Option<u64> {
+        if self.blocks == self.folios.len() as u64 * unit_blocks {
+            return self.folios.contains_key(&unit).then_some(unit);
+        }
         let (&first, f) = self.folios.range(..=unit).next_back()?;
         (first + f.blocks() / unit_blocks > unit).then_some(first)
     }
@@ -229,10 +236,19 @@ impl PageCache {
     /// Takes folio `idx` out of the cache.
     pub fn remove(&mut self, idx: u64) -> Option<Folio> {
         let f = self.folios.remove(&idx)?;
+        self.blocks -= f.blocks();
         if f.locked.is_some() {
             self.locked_folios -= 1;
         }
         Some(f)
+    }
+
+    /// Puts folio `f` in the cache at index `idx`, where there is none.
+    pub fn insert(&mut self, idx: u64, f: Folio) -> &mut Folio {
+        self.blocks += f.blocks();
+        let old = self.folios.insert(idx, f);
+        debug_assert!(old.is_none(), "a folio at {idx} already");
+        self.folios.get_mut(&idx).expect("just put")
     }
 
     /// First folio at or after `idx` that satisfies `pred`.
@@ -283,8 +299,8 @@ mod tests {
     #[test]
     fn the_locked_count_follows_locks_unlocks_and_removals() {
         let mut c = PageCache::default();
-        c.folios.insert(1, Folio::new(0, 0, 1));
-        c.folios.insert(2, Folio::new(0, 0, 1));
+        c.insert(1, Folio::new(0, 0, 1));
+        c.insert(2, Folio::new(0, 0, 1));
         assert!(c.lockable(1, 7) && c.lockable(9, 7));
         c.lock(1, 7);
         c.lock(1, 7);
@@ -300,7 +316,7 @@ mod tests {
             c.locked_folios, 0,
             "a locked folio removed is no longer counted"
         );
-        c.folios.insert(2, Folio::new(0, 0, 1));
+        c.insert(2, Folio::new(0, 0, 1));
         assert!(c.lockable(2, 8));
         c.lock(1, 3);
         assert!(
