@@ -220,134 +220,94 @@ fn bundle_with_an_impossible_workload_is_refused_with_exit_2() {
     }
 }
 
-/// Large folios are a switch of both campaigns (`--folio-blocks`): with 16 KiB folios the
-/// race campaign finds the stale-mapping race with the fix off and none with it on; its
-/// bundle keeps the folio size, so the replay with `--defaults` passes on the same machine
-/// geometry; an fs campaign runs clean; a folio size the model cannot run is refused.
-#[test]
-fn large_folio_campaigns_find_the_race_only_without_the_fix() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let run = |extra: &[&str]| {
-        cm().args(["race", "--folio-blocks", "4", "--json", "--no-bundle"])
-            .args(extra)
-            .output()
-            .expect("run")
-    };
-    let clean = run(&["--seed", "1", "--runs", "1500"]);
-    assert_eq!(
-        clean.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&clean.stderr)
-    );
-    let off = cm()
-        .args([
-            "race",
-            "--folio-blocks",
-            "4",
-            "--no-iomap-valid",
-            "--seed",
-            "1112",
-        ])
-        .args(["--runs", "1", "--out"])
-        .arg(dir.path())
-        .output()
-        .expect("run");
-    assert_eq!(
-        off.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&off.stdout)
-    );
-    let bundle = dir.path().join("race-seed-1112");
-    let cfg = std::fs::read_to_string(bundle.join("bundle.json")).expect("bundle");
-    assert!(cfg.contains("\"folio_blocks\": 4"), "{cfg}");
-    let fixed = cm()
-        .args(["race", "--defaults", "--replay"])
-        .arg(&bundle)
-        .output()
-        .expect("replay");
-    let text = String::from_utf8_lossy(&fixed.stdout);
-    assert_eq!(fixed.status.code(), Some(0), "{text}");
-    assert!(text.contains("folios of 4 blocks"), "{text}");
-    let fs = cm()
-        .args(["fs", "campaign", "--folio-blocks", "4", "--runs", "40"])
-        .args(["--workload", "random", "--json"])
-        .output()
-        .expect("fs campaign");
-    assert_eq!(
-        fs.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&fs.stderr)
-    );
-    let bad = cm()
-        .args(["race", "--folio-blocks", "3", "--runs", "1"])
-        .output()
-        .expect("run");
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("power of two"));
-}
-
-/// Write-sized folios are a switch of both campaigns (`--max-folio-blocks`): with the fix on
-/// no run fails; without `->iomap_valid` the first failing seed (89, `crashmonkey race
-/// --max-folio-blocks 4 --no-iomap-valid --seed 1 --runs 3000`) fails, its bundle keeps the
-/// switch and replays clean with `--defaults`; an fs campaign runs clean; a size the model
-/// cannot run is refused.
-#[test]
-fn write_sized_folio_campaigns_find_the_race_only_without_the_fix() {
+/// A folio switch of both campaigns (`switch`): with it the race campaign finds no failure in
+/// 1,500 runs with the fix on, and with `->iomap_valid` off fails at `seed`; the bundle keeps
+/// the switch (`kept`, in bundle.json), so its replay with `--defaults` passes on the same
+/// machine geometry; an fs campaign runs clean with `fs_switch`; `bad` is refused as a size
+/// the model cannot run. Returns what the replay printed.
+fn folio_switch_finds_the_race_only_without_the_fix(
+    switch: &[&str],
+    seed: u64,
+    kept: &str,
+    fs_switch: &[&str],
+    bad: &[&str],
+) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
     let clean = cm()
-        .args([
-            "race",
-            "--max-folio-blocks",
-            "4",
-            "--seed",
-            "1",
-            "--runs",
-            "1500",
-        ])
-        .arg("--no-bundle")
+        .arg("race")
+        .args(switch)
+        .args(["--json", "--no-bundle", "--seed", "1", "--runs", "1500"])
         .output()
         .expect("run");
-    let text = String::from_utf8_lossy(&clean.stdout);
-    assert_eq!(clean.status.code(), Some(0), "{text}");
-    assert!(text.contains("write-sized folios up to 4 blocks"), "{text}");
+    let err = String::from_utf8_lossy(&clean.stderr);
+    assert_eq!(clean.status.code(), Some(0), "{err}");
     let off = cm()
-        .args(["race", "--max-folio-blocks", "4", "--no-iomap-valid"])
-        .args(["--seed", "89", "--runs", "1", "--out"])
+        .arg("race")
+        .args(switch)
+        .args(["--no-iomap-valid", "--seed", &seed.to_string()])
+        .args(["--runs", "1", "--out"])
         .arg(dir.path())
         .output()
         .expect("run");
     let text = String::from_utf8_lossy(&off.stdout);
     assert_eq!(off.status.code(), Some(1), "{text}");
-    let bundle = dir.path().join("race-seed-89");
+    let bundle = dir.path().join(format!("race-seed-{seed}"));
     let cfg = std::fs::read_to_string(bundle.join("bundle.json")).expect("bundle");
-    assert!(cfg.contains("\"max_folio_blocks\": 4"), "{cfg}");
+    assert!(cfg.contains(kept), "{cfg}");
     let fixed = cm()
         .args(["race", "--defaults", "--replay"])
         .arg(&bundle)
         .output()
         .expect("replay");
-    let text = String::from_utf8_lossy(&fixed.stdout);
-    assert_eq!(fixed.status.code(), Some(0), "{text}");
+    let replayed = String::from_utf8_lossy(&fixed.stdout).into_owned();
+    assert_eq!(fixed.status.code(), Some(0), "{replayed}");
     let fs = cm()
-        .args(["fs", "campaign", "--max-folio-blocks", "8", "--runs", "40"])
-        .args(["--workload", "random", "--json"])
+        .args(["fs", "campaign"])
+        .args(fs_switch)
+        .args(["--runs", "40", "--workload", "random", "--json"])
         .output()
         .expect("fs campaign");
-    assert_eq!(
-        fs.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&fs.stderr)
-    );
-    let bad = cm()
-        .args(["race", "--max-folio-blocks", "24", "--runs", "1"])
+    let err = String::from_utf8_lossy(&fs.stderr);
+    assert_eq!(fs.status.code(), Some(0), "{err}");
+    let refused = cm()
+        .arg("race")
+        .args(bad)
+        .args(["--runs", "1"])
         .output()
         .expect("run");
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("power of two"));
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("power of two"));
+    replayed
+}
+
+/// Large folios are a switch of both campaigns (`--folio-blocks`): with 16 KiB folios the
+/// race campaign finds the stale-mapping race with the fix off (seed 1112) and none with it
+/// on; the bundle keeps the folio size and replays clean with `--defaults`.
+#[test]
+fn large_folio_campaigns_find_the_race_only_without_the_fix() {
+    let text = folio_switch_finds_the_race_only_without_the_fix(
+        &["--folio-blocks", "4"],
+        1112,
+        "\"folio_blocks\": 4",
+        &["--folio-blocks", "4"],
+        &["--folio-blocks", "3"],
+    );
+    assert!(text.contains("folios of 4 blocks"), "{text}");
+}
+
+/// Write-sized folios are a switch of both campaigns (`--max-folio-blocks`): the first
+/// failing seed without `->iomap_valid` is 89 (`crashmonkey race --max-folio-blocks 4
+/// --no-iomap-valid --seed 1 --runs 3000`); none fails with the fix on.
+#[test]
+fn write_sized_folio_campaigns_find_the_race_only_without_the_fix() {
+    let text = folio_switch_finds_the_race_only_without_the_fix(
+        &["--max-folio-blocks", "4"],
+        89,
+        "\"max_folio_blocks\": 4",
+        &["--max-folio-blocks", "8"],
+        &["--max-folio-blocks", "24"],
+    );
+    assert!(text.contains("write-sized folios up to 4 blocks"), "{text}");
 }
 
 /// `--direct-writes` races O_DIRECT writes: with the kernel's order (the page cache dropped

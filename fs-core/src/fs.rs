@@ -731,7 +731,9 @@ impl Fs {
     /// [`Fs::grab_folio`].
     fn new_folio_blocks(&self, ino: usize, idx: u64, len: u64) -> u64 {
         let fb = self.cfg.folio_blocks;
-        let cache_blocks = (self.cfg.cache_limit_folios as u64 * fb).max(fb);
+        let cache_blocks = (self.cfg.cache_limit_folios as u64)
+            .saturating_mul(fb)
+            .max(fb);
         let largest = self
             .cfg
             .largest_folio_blocks()
