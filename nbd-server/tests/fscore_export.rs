@@ -451,6 +451,10 @@ fn bad_fscore_specs_are_refused_with_a_reason() {
     assert!(refused("vm:size=1M,fscore=mem,iomap-valid=maybe").contains("on or off"));
     assert!(refused("vm:size=1M,fscore=mem,bug=nope").contains("fsync-no-log-force"));
     assert!(refused("vm:fscore=mem").contains("size="));
+    let e = refused("vm:size=1M,fscore=mem,max-folio-blocks=24");
+    assert!(e.contains("power of two"), "{e}");
+    let e = refused("vm:size=1M,fscore=mem,folio-blocks=16,max-folio-blocks=4");
+    assert!(e.contains("max_folio_blocks 4"), "{e}");
     let img = dir.path().join("big.img");
     let e = refused(&format!("vm:size=5G,fscore={}", img.display()));
     assert!(e.contains("more than an fs-core file holds"), "{e}");
