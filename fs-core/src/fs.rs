@@ -899,14 +899,7 @@ impl Fs {
         let units = self.folio_units(ino, idx);
         if let Some(mut f) = self.inodes[ino].cache.remove(idx) {
             assert!(!f.writeback, "removing folio {idx} under writeback");
-            if self.spare_bytes + f.data.len() <= SPARE_FOLIO_BYTES_MAX {
-                let order = f.blocks().ilog2() as usize;
-                if self.spare_buffers.len() <= order {
-                    self.spare_buffers.resize_with(order + 1, Vec::new);
-                }
-                self.spare_bytes += f.data.len();
-                self.spare_buffers[order].push(std::mem::take(&mut f.data));
-            }
+            self.keep_spare_buffer(std::mem::take(&mut f.data));
             self.folio_count -= units;
             self.lru_index.remove(&f.lru);
             if self.dirty_hint.remove(&(ino, idx)) {
@@ -914,6 +907,21 @@ impl Fs {
             }
             self.dirty_idle.remove(&(ino, idx));
         }
+    }
+
+    /// Keeps a folio's buffer (whole blocks) for a new folio of its size, while the spare
+    /// buffers hold less than [`SPARE_FOLIO_BYTES_MAX`]; drops it otherwise.
+    pub fn keep_spare_buffer(&mut self, data: Vec<u8>) {
+        let blocks = (data.len() / BLOCK_SIZE) as u64;
+        if !blocks.is_power_of_two() || self.spare_bytes + data.len() > SPARE_FOLIO_BYTES_MAX {
+            return;
+        }
+        let order = blocks.ilog2() as usize;
+        if self.spare_buffers.len() <= order {
+            self.spare_buffers.resize_with(order + 1, Vec::new);
+        }
+        self.spare_bytes += data.len();
+        self.spare_buffers[order].push(data);
     }
 
     /// `read_folio` (`iomap_readpage_iter`): fill the blocks of a folio that are not

@@ -7,9 +7,46 @@ use crate::TaskId;
 use std::collections::BTreeMap;
 
 /// Blocks a folio holds at most ([`crate::fs::Config::folio_blocks`],
-/// [`crate::fs::Config::max_folio_blocks`]): 256 KiB folios of 4 KiB blocks. The per-block
-/// bits are one `u64` each.
-pub const FOLIO_BLOCKS_MAX: u64 = 64;
+/// [`crate::fs::Config::max_folio_blocks`]): 1 MiB folios of 4 KiB blocks (x86-64 Linux
+/// allows up to 2 MiB, `MAX_PAGECACHE_ORDER`). The per-block bits are a [`BlockBits`] each.
+pub const FOLIO_BLOCKS_MAX: u64 = 256;
+
+/// One bit per block of a folio, [`FOLIO_BLOCKS_MAX`] in all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockBits([u64; (FOLIO_BLOCKS_MAX / 64) as usize]);
+
+impl BlockBits {
+    /// Bits `[first, end)` set.
+    fn range(first: u64, end: u64) -> Self {
+        let mut b = BlockBits::default();
+        for i in first..end.min(FOLIO_BLOCKS_MAX) {
+            b.0[(i / 64) as usize] |= 1 << (i % 64);
+        }
+        b
+    }
+
+    /// Whether bit `i` is set.
+    pub fn has(&self, i: u64) -> bool {
+        i < FOLIO_BLOCKS_MAX && self.0[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    fn or(&mut self, other: BlockBits) {
+        self.0.iter_mut().zip(other.0).for_each(|(w, o)| *w |= o);
+    }
+
+    fn and_not(&mut self, other: BlockBits) {
+        self.0.iter_mut().zip(other.0).for_each(|(w, o)| *w &= !o);
+    }
+
+    /// The set bits, lowest first.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..FOLIO_BLOCKS_MAX).filter(|&i| self.has(i))
+    }
+}
 
 /// One cached folio.
 #[derive(Clone, Debug)]
@@ -20,9 +57,9 @@ pub struct Folio {
     locked: Option<TaskId>,
     /// Per-block uptodate bits (`ifs->state`, first half): the block's contents match the
     /// file (read, zeroed, or written). The folio is uptodate when every block is.
-    uptodate_bits: u64,
+    uptodate_bits: BlockBits,
     /// Per-block dirty bits (`ifs->state`, second half): the blocks writeback writes.
-    dirty_bits: u64,
+    dirty_bits: BlockBits,
     /// The folio's dirty flag (`PG_dirty`): it must be written back. Set with some dirty
     /// block; cleared, with every block's bit, when writeback cleans it for IO.
     pub dirty: bool,
@@ -62,8 +99,8 @@ impl Folio {
         Folio {
             data,
             locked: None,
-            uptodate_bits: 0,
-            dirty_bits: 0,
+            uptodate_bits: BlockBits::default(),
+            dirty_bits: BlockBits::default(),
             dirty: false,
             wb_pending: 0,
             writeback: false,
@@ -80,14 +117,13 @@ impl Folio {
         (self.data.len() / BLOCK_SIZE) as u64
     }
 
-    fn all_bits(&self) -> u64 {
-        u64::MAX >> (64 - self.blocks())
+    fn all_bits(&self) -> BlockBits {
+        BlockBits::range(0, self.blocks())
     }
 
     /// Bits of blocks `[first, first + n)` (clamped to the folio).
-    fn bits(&self, first: u64, n: u64) -> u64 {
-        let end = (first + n).min(self.blocks());
-        (first..end).fold(0, |m, b| m | 1 << b)
+    fn bits(&self, first: u64, n: u64) -> BlockBits {
+        BlockBits::range(first, (first + n).min(self.blocks()))
     }
 
     /// `folio_test_uptodate`: every block is uptodate.
@@ -97,12 +133,17 @@ impl Folio {
 
     /// `ifs_block_is_uptodate` for block `i` of the folio.
     pub fn block_uptodate(&self, i: u64) -> bool {
-        self.uptodate_bits & (1 << i) != 0
+        self.uptodate_bits.has(i)
+    }
+
+    /// No block is uptodate (a folio just made).
+    pub fn none_uptodate(&self) -> bool {
+        self.uptodate_bits.is_empty()
     }
 
     /// `iomap_set_range_uptodate` over blocks `[first, first + n)`.
     pub fn set_uptodate(&mut self, first: u64, n: u64) {
-        self.uptodate_bits |= self.bits(first, n);
+        self.uptodate_bits.or(self.bits(first, n));
     }
 
     /// The whole folio is uptodate (read, or filled).
@@ -112,27 +153,27 @@ impl Folio {
 
     /// `ifs_block_is_dirty` for block `i` of the folio.
     pub fn block_dirty(&self, i: u64) -> bool {
-        self.dirty_bits & (1 << i) != 0
+        self.dirty_bits.has(i)
     }
 
     /// `iomap_set_range_dirty` over blocks `[first, first + n)` and `filemap_dirty_folio`.
     /// The caller tells the flusher ([`crate::fs::Fs::dirtied`]).
     pub fn set_dirty(&mut self, first: u64, n: u64) {
-        self.dirty_bits |= self.bits(first, n);
+        self.dirty_bits.or(self.bits(first, n));
         self.dirty = true;
     }
 
     /// Clears the dirty bits of blocks `[first, first + n)`; the folio stays dirty while any
     /// block is. Returns whether it is still dirty.
     pub fn clear_dirty_blocks(&mut self, first: u64, n: u64) -> bool {
-        self.dirty_bits &= !self.bits(first, n);
-        self.dirty &= self.dirty_bits != 0;
+        self.dirty_bits.and_not(self.bits(first, n));
+        self.dirty &= !self.dirty_bits.is_empty();
         self.dirty
     }
 
     /// `folio_clear_dirty_for_io` and `iomap_clear_range_dirty` over the whole folio (which
     /// also write-protects its mappings, `folio_mkclean`): returns the blocks that were dirty.
-    pub fn clean_for_io(&mut self) -> u64 {
+    pub fn clean_for_io(&mut self) -> BlockBits {
         let bits = std::mem::take(&mut self.dirty_bits);
         self.dirty = false;
         self.towrite = false;
@@ -342,13 +383,22 @@ mod tests {
         assert!(f.clear_dirty_blocks(1, 1), "block 3 is still dirty");
         assert!(!f.clear_dirty_blocks(3, 1) && !f.dirty);
         f.set_dirty(0, 4);
-        assert_eq!(f.clean_for_io(), 0b1111);
+        assert_eq!(f.clean_for_io().iter().collect::<Vec<_>>(), [0, 1, 2, 3]);
         assert!(!f.dirty && !f.block_dirty(0));
         let mut one = Folio::new(0, 0, 1);
         one.set_uptodate(0, 1);
         assert!(one.uptodate());
         let mut max = Folio::new(0, 0, FOLIO_BLOCKS_MAX);
-        max.set_uptodate(0, FOLIO_BLOCKS_MAX);
+        max.set_uptodate(0, FOLIO_BLOCKS_MAX - 1);
+        assert!(!max.uptodate() && max.block_uptodate(FOLIO_BLOCKS_MAX - 2));
+        max.set_uptodate(FOLIO_BLOCKS_MAX - 1, 5);
         assert!(max.uptodate());
+        // Bits across the words of the bit set.
+        max.set_dirty(60, 10);
+        max.set_dirty(200, 1);
+        assert!(max.clear_dirty_blocks(63, 2), "60-62, 65-69 and 200 stay");
+        let dirty: Vec<u64> = max.clean_for_io().iter().collect();
+        assert_eq!(dirty, [60, 61, 62, 65, 66, 67, 68, 69, 200]);
+        assert!(!max.dirty && !max.block_dirty(60));
     }
 }

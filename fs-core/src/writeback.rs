@@ -376,7 +376,7 @@ impl WbPass {
         }
         fs.cleaned(ino, idx);
         let mut count = 0;
-        for i in (0..nb).filter(|i| dirty & (1 << i) != 0) {
+        for i in dirty.iter().take_while(|&i| i < nb) {
             let fblock = first + i;
             if fblock * BS >= size {
                 break;

@@ -321,8 +321,9 @@ fn folio_sizes_are_powers_of_two_up_to_the_limit() {
         (4, true),
         (16, true),
         (64, true),
+        (256, true),
         (3, false),
-        (128, false),
+        (512, false),
         (0, false),
     ] {
         let cfg = Config {
@@ -338,7 +339,8 @@ fn folio_sizes_are_powers_of_two_up_to_the_limit() {
         (4, 16, true),
         (4, 2, false),
         (1, 24, false),
-        (1, 128, false),
+        (1, 256, true),
+        (1, 512, false),
     ] {
         let cfg = Config {
             folio_blocks: least,

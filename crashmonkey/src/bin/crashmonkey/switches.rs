@@ -100,7 +100,7 @@ pub struct Switches {
     pub folio_blocks: Option<u64>,
     /// Write-sized folios: a buffered write or read creates a folio as large as the bytes it
     /// has left (Linux 6.6's `fgf_set_order`), up to this many blocks (a power of two from
-    /// `--folio-blocks` to 64); folios then differ in size within a file. Off by default.
+    /// `--folio-blocks` to 256); folios then differ in size within a file. Off by default.
     /// Example: `--max-folio-blocks 4`.
     #[arg(long, value_name = "BLOCKS", value_parser = parse_max_folio_blocks)]
     pub max_folio_blocks: Option<u64>,
