@@ -18,9 +18,14 @@ pub struct BlockBits([u64; (FOLIO_BLOCKS_MAX / 64) as usize]);
 impl BlockBits {
     /// Bits `[first, end)` set.
     fn range(first: u64, end: u64) -> Self {
+        let end = end.min(FOLIO_BLOCKS_MAX);
         let mut b = BlockBits::default();
-        for i in first..end.min(FOLIO_BLOCKS_MAX) {
-            b.0[(i / 64) as usize] |= 1 << (i % 64);
+        for (w, word) in b.0.iter_mut().enumerate() {
+            let lo = w as u64 * 64;
+            let (s, e) = (first.max(lo), end.min(lo + 64));
+            if s < e {
+                *word = (u64::MAX >> (64 - (e - s))) << (s - lo);
+            }
         }
         b
     }
@@ -44,7 +49,16 @@ impl BlockBits {
 
     /// The set bits, lowest first.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        (0..FOLIO_BLOCKS_MAX).filter(|&i| self.has(i))
+        self.0.iter().enumerate().flat_map(|(w, &word)| {
+            let mut left = word;
+            std::iter::from_fn(move || {
+                (left != 0).then(|| {
+                    let i = u64::from(left.trailing_zeros());
+                    left &= left - 1;
+                    w as u64 * 64 + i
+                })
+            })
+        })
     }
 }
 
@@ -364,6 +378,28 @@ mod tests {
             !c.lockable(1, 8),
             "a lock taken after a removal still counts"
         );
+    }
+
+    /// The bit set's ranges and iteration, a word at a time, equal setting and reading one
+    /// bit at a time, across and at the edges of its words.
+    #[test]
+    fn block_bits_ranges_equal_bit_by_bit() {
+        for first in (0..FOLIO_BLOCKS_MAX).step_by(7) {
+            let ends = [
+                first,
+                first + 1,
+                first + 63,
+                first + 64,
+                first + 65,
+                FOLIO_BLOCKS_MAX + 3,
+            ];
+            for end in ends {
+                let b = BlockBits::range(first, end);
+                let want: Vec<u64> = (first..end.min(FOLIO_BLOCKS_MAX)).collect();
+                assert_eq!(b.iter().collect::<Vec<_>>(), want, "{first}..{end}");
+                assert!((0..FOLIO_BLOCKS_MAX + 2).all(|i| b.has(i) == want.contains(&i)));
+            }
+        }
     }
 
     /// `struct iomap_folio_state`'s bits: the folio is uptodate only when every block is,
