@@ -171,10 +171,7 @@ impl WriteTask {
             // folios: the write waits while too much of the cache is dirty.
             WState::PreCheck => !fs.over_dirty_limit(),
             WState::GetFolio => {
-                (inode.cache.none_locked()
-                    || inode
-                        .cache
-                        .lockable(fs.folio_of(self.ino, self.pos / BS), me))
+                fs.folio_lockable_at(self.ino, self.pos / BS, me)
                     && !fs.over_dirty_limit()
                     && !fs.over_cache_limit()
             }
@@ -189,7 +186,7 @@ impl WriteTask {
                 ..
             } => {
                 (locked || inode.invalidate_lock.can_write())
-                    && (idx >= scan_end || inode.cache.lockable(fs.folio_of(self.ino, idx), me))
+                    && (idx >= scan_end || fs.folio_lockable_at(self.ino, idx, me))
             }
             WState::Gfs2Retake => !fs.cfg.gfs2.write_glock || inode.glock.can_write(),
             _ => true,
@@ -822,9 +819,7 @@ impl ReadTask {
         match self.st {
             RState::Lock => fs.inode(self.ino).i_rwsem.can_read(),
             RState::Folio => {
-                let cache = &fs.inode(self.ino).cache;
-                (cache.none_locked() || cache.lockable(fs.folio_of(self.ino, self.pos / BS), me))
-                    && !fs.over_cache_limit()
+                fs.folio_lockable_at(self.ino, self.pos / BS, me) && !fs.over_cache_limit()
             }
         }
     }
@@ -935,12 +930,12 @@ impl MmapStoreTask {
         match self.st {
             MState::Fault => {
                 inode.invalidate_lock.can_read()
-                    && inode.cache.lockable(self.idx(fs), me)
+                    && fs.folio_lockable_at(self.ino, self.pos / BS, me)
                     && (!fs.cfg.gfs2.fault_glock || inode.glock.can_read())
             }
             MState::Mkwrite => {
                 inode.invalidate_lock.can_read()
-                    && inode.cache.lockable(self.idx(fs), me)
+                    && fs.folio_lockable_at(self.ino, self.pos / BS, me)
                     && (!fs.cfg.mkwrite_takes_inode_lock || inode.i_rwsem.can_read())
                     && (!fs.cfg.gfs2.mkwrite_glock || inode.glock.can_write())
             }

@@ -671,7 +671,7 @@ impl Fs {
     pub fn folio_len(&self, ino: usize, idx: u64) -> u64 {
         let (fb, cache) = (self.cfg.folio_blocks, &self.inodes[ino].cache);
         // Every folio of the smallest size (always, when that is the largest too): no lookup.
-        if self.cfg.largest_folio_blocks() == fb || cache.blocks == cache.len() as u64 * fb {
+        if self.cfg.largest_folio_blocks() == fb || cache.all_smallest(fb) {
             return fb;
         }
         cache.get(idx).map_or(fb, Folio::blocks)
@@ -700,6 +700,13 @@ impl Fs {
         let head = cache.covering(first, fb).filter(|&i| i < first);
         let rest = cache.folios.range(first..end.max(first)).map(|(&i, _)| i);
         head.into_iter().chain(rest).collect()
+    }
+
+    /// Whether `me` may lock the folio holding file block `fblock` of `ino` now (or it is not
+    /// cached). Which folio that is is looked up only when some folio is locked.
+    pub fn folio_lockable_at(&self, ino: usize, fblock: u64, me: TaskId) -> bool {
+        let cache = &self.inodes[ino].cache;
+        cache.none_locked() || cache.lockable(self.folio_of(ino, fblock), me)
     }
 
     /// Look a folio up, creating an empty (not uptodate) one of the smallest size if absent,
@@ -909,14 +916,13 @@ impl Fs {
         }
     }
 
-    /// Keeps a folio's buffer (whole blocks) for a new folio of its size, while the spare
-    /// buffers hold less than [`SPARE_FOLIO_BYTES_MAX`]; drops it otherwise.
-    pub fn keep_spare_buffer(&mut self, data: Vec<u8>) {
-        let blocks = (data.len() / BLOCK_SIZE) as u64;
-        if !blocks.is_power_of_two() || self.spare_bytes + data.len() > SPARE_FOLIO_BYTES_MAX {
+    /// Keeps a dropped folio's buffer (a power of two of blocks) for a new folio of its size,
+    /// while the spare buffers hold less than [`SPARE_FOLIO_BYTES_MAX`]; drops it otherwise.
+    fn keep_spare_buffer(&mut self, data: Vec<u8>) {
+        if self.spare_bytes + data.len() > SPARE_FOLIO_BYTES_MAX {
             return;
         }
-        let order = blocks.ilog2() as usize;
+        let order = (data.len() / BLOCK_SIZE).ilog2() as usize;
         if self.spare_buffers.len() <= order {
             self.spare_buffers.resize_with(order + 1, Vec::new);
         }

@@ -589,9 +589,7 @@ impl TruncateTask {
         let inode = fs.inode(self.ino);
         match self.st {
             TrState::Lock => inode.i_rwsem.can_write() && inode.invalidate_lock.can_write(),
-            TrState::ZeroFolio { .. } => inode
-                .cache
-                .lockable(fs.folio_of(self.ino, self.zero_from / BS), me),
+            TrState::ZeroFolio { .. } => fs.folio_lockable_at(self.ino, self.zero_from / BS, me),
             TrState::FlushEof => inode
                 .cache
                 .get(fs.folio_of(self.ino, self.zero_from / BS))

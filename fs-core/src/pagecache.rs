@@ -150,11 +150,6 @@ impl Folio {
         self.uptodate_bits.has(i)
     }
 
-    /// No block is uptodate (a folio just made).
-    pub fn none_uptodate(&self) -> bool {
-        self.uptodate_bits.is_empty()
-    }
-
     /// `iomap_set_range_uptodate` over blocks `[first, first + n)`.
     pub fn set_uptodate(&mut self, first: u64, n: u64) {
         self.uptodate_bits.or(self.bits(first, n));
@@ -252,11 +247,17 @@ impl PageCache {
     /// The index of the cached folio that holds index `unit` (a folio of `unit_blocks`
     /// blocks would have index `unit`): that folio, or a larger one before it that spans it.
     pub fn covering(&self, unit: u64, unit_blocks: u64) -> Option<u64> {
-        if self.blocks == self.folios.len() as u64 * unit_blocks {
+        if self.all_smallest(unit_blocks) {
             return self.folios.contains_key(&unit).then_some(unit);
         }
         let (&first, f) = self.folios.range(..=unit).next_back()?;
         (first + f.blocks() / unit_blocks > unit).then_some(first)
+    }
+
+    /// Every cached folio has `unit_blocks` blocks (the smallest size): the folio over an
+    /// index is the one at it, and its size needs no lookup.
+    pub fn all_smallest(&self, unit_blocks: u64) -> bool {
+        self.blocks == self.folios.len() as u64 * unit_blocks
     }
 
     /// No folio is locked: every folio is lockable by anyone (asked before looking up which
