@@ -49,6 +49,73 @@ impl std::hash::Hasher for BlockHasher {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ReqId(pub u64);
 
+/// The bytes of one block write: its own buffer, or one block of a folio's buffer that the
+/// request shares with the page cache (writeback of a whole folio lends the folio's memory to
+/// its block writes, as a bio points at the page, instead of copying every block out; a store
+/// into the folio while they are in flight copies the folio first, so the request keeps the
+/// bytes it was submitted with, as a copy would have).
+#[derive(Clone)]
+pub enum BlockData {
+    Owned(Vec<u8>),
+    Shared {
+        buf: std::rc::Rc<Vec<u8>>,
+        at: usize,
+    },
+}
+
+impl BlockData {
+    /// One block of `buf` from byte `at` (which must leave a whole block).
+    pub fn shared(buf: std::rc::Rc<Vec<u8>>, at: usize) -> Self {
+        assert!(
+            at + BLOCK_SIZE <= buf.len(),
+            "a shared block past its buffer"
+        );
+        BlockData::Shared { buf, at }
+    }
+
+    /// The bytes in a buffer of their own: moved when they have one, else copied.
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            BlockData::Owned(v) => v,
+            BlockData::Shared { buf, at } => buf[at..at + BLOCK_SIZE].to_vec(),
+        }
+    }
+}
+
+impl std::ops::Deref for BlockData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            BlockData::Owned(v) => v,
+            BlockData::Shared { buf, at } => &buf[*at..*at + BLOCK_SIZE],
+        }
+    }
+}
+
+impl From<Vec<u8>> for BlockData {
+    fn from(v: Vec<u8>) -> Self {
+        BlockData::Owned(v)
+    }
+}
+
+impl PartialEq for BlockData {
+    fn eq(&self, other: &Self) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl Eq for BlockData {}
+
+impl std::fmt::Debug for BlockData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let form = match self {
+            BlockData::Owned(_) => "owned",
+            BlockData::Shared { .. } => "shared",
+        };
+        write!(f, "BlockData({} bytes, {form})", self.len())
+    }
+}
+
 /// A request to the device. Writes are whole blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -57,7 +124,7 @@ pub enum Request {
     },
     Write {
         block: u64,
-        data: Vec<u8>,
+        data: BlockData,
         fua: bool,
     },
     Flush,
@@ -192,7 +259,7 @@ impl BlockDevice for CowDevice {
                 Ok(Completion::Read { data })
             }
             Request::Write { block, data, .. } => {
-                self.written.insert(block, data);
+                self.written.insert(block, data.into_vec());
                 Ok(Completion::Done)
             }
             Request::Trim { block, count } => {
@@ -394,7 +461,7 @@ impl BlockDevice for MemDevice {
                     RecordKind::Write
                 };
                 self.record(kind, block, 1, &data);
-                self.data.insert(block, data);
+                self.data.insert(block, data.into_vec());
                 Completion::Done
             }
             Request::Flush => {
@@ -426,7 +493,7 @@ mod tests {
         let id = d
             .submit(Request::Write {
                 block: 3,
-                data: vec![7; BLOCK_SIZE],
+                data: vec![7; BLOCK_SIZE].into(),
                 fua: false,
             })
             .unwrap();
@@ -461,7 +528,7 @@ mod tests {
         assert!(matches!(
             d.submit(Request::Write {
                 block: 0,
-                data: vec![0; 10],
+                data: vec![0; 10].into(),
                 fua: false
             }),
             Err(DeviceError::BadLength(10))

@@ -1376,7 +1376,7 @@ mod tests {
         );
         let req = crate::block::Request::Write {
             block: addr,
-            data: vec![b'O'; BLOCK_SIZE],
+            data: vec![b'O'; BLOCK_SIZE].into(),
             fua: false,
         };
         block::submit_and_complete(fs.dev.as_mut(), req).unwrap();

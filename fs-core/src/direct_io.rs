@@ -227,7 +227,7 @@ impl DioWriteTask {
             cx.fs.alloc.mark_data_written(addr);
             let req = Request::Write {
                 block: addr,
-                data,
+                data: data.into(),
                 fua: false,
             };
             if let Err(e) = block::submit_and_complete(cx.fs.dev.as_mut(), req) {

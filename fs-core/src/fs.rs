@@ -906,7 +906,9 @@ impl Fs {
         let units = self.folio_units(ino, idx);
         if let Some(mut f) = self.inodes[ino].cache.remove(idx) {
             assert!(!f.writeback, "removing folio {idx} under writeback");
-            self.keep_spare_buffer(std::mem::take(&mut f.data));
+            if let Some(data) = std::mem::take(&mut f.data).into_vec() {
+                self.keep_spare_buffer(data);
+            }
             self.folio_count -= units;
             self.lru_index.remove(&f.lru);
             if self.dirty_hint.remove(&(ino, idx)) {
@@ -917,14 +919,23 @@ impl Fs {
     }
 
     /// Keeps a dropped folio's buffer (a power of two of blocks) for a new folio of its size,
-    /// while the spare buffers hold less than [`SPARE_FOLIO_BYTES_MAX`]; drops it otherwise.
+    /// within [`SPARE_FOLIO_BYTES_MAX`]: when full, buffers of other sizes make room (the
+    /// sizes a workload drops are the sizes it asks for next; a pool left full of one size by
+    /// an earlier workload would otherwise send every new folio of another size to the
+    /// allocator for fresh, zeroed memory); a buffer that finds only its own size is dropped.
     fn keep_spare_buffer(&mut self, data: Vec<u8>) {
-        if self.spare_bytes + data.len() > SPARE_FOLIO_BYTES_MAX {
-            return;
-        }
         let order = (data.len() / BLOCK_SIZE).ilog2() as usize;
         if self.spare_buffers.len() <= order {
             self.spare_buffers.resize_with(order + 1, Vec::new);
+        }
+        while self.spare_bytes + data.len() > SPARE_FOLIO_BYTES_MAX {
+            let other = (0..self.spare_buffers.len())
+                .filter(|&o| o != order)
+                .find_map(|o| self.spare_buffers[o].pop());
+            let Some(dropped) = other else {
+                return;
+            };
+            self.spare_bytes -= dropped.len();
         }
         self.spare_bytes += data.len();
         self.spare_buffers[order].push(data);
@@ -1008,7 +1019,7 @@ impl Fs {
                 self.dev.as_mut(),
                 Request::Write {
                     block: addr,
-                    data: vec![0; BLOCK_SIZE],
+                    data: vec![0; BLOCK_SIZE].into(),
                     fua: false,
                 },
             )?;
@@ -1166,6 +1177,35 @@ impl Fs {
 mod tests {
     use super::*;
     use crate::block::MemDevice;
+
+    /// The spare buffers, full of one size, make room for a buffer of another by letting go
+    /// of buffers of other sizes (an earlier workload's 4 KiB folios must not keep a streaming
+    /// one's 256 KiB folios out); full of its own size, a buffer is dropped. The pool never
+    /// holds more than its limit.
+    #[test]
+    fn spare_buffers_make_room_for_the_size_dropped_last() {
+        let cfg = Config::default();
+        let mut fs = Fs::new(cfg.clone(), Box::new(MemDevice::new(cfg.device_blocks)), 1);
+        let small = SPARE_FOLIO_BYTES_MAX / BLOCK_SIZE;
+        for _ in 0..small + 5 {
+            fs.keep_spare_buffer(vec![1; BLOCK_SIZE]);
+        }
+        assert_eq!(fs.spare_buffers[0].len(), small);
+        fs.keep_spare_buffer(vec![2; 64 * BLOCK_SIZE]);
+        assert_eq!(fs.spare_buffers[6].len(), 1);
+        assert_eq!(fs.spare_buffers[0].len(), small - 64);
+        assert_eq!(fs.spare_bytes, SPARE_FOLIO_BYTES_MAX);
+        for _ in 0..SPARE_FOLIO_BYTES_MAX / (64 * BLOCK_SIZE) + 3 {
+            fs.keep_spare_buffer(vec![2; 64 * BLOCK_SIZE]);
+        }
+        assert!(fs.spare_buffers[0].is_empty());
+        assert_eq!(fs.spare_bytes, SPARE_FOLIO_BYTES_MAX);
+        let total: usize = fs.spare_buffers.iter().flatten().map(Vec::len).sum();
+        assert_eq!(total, fs.spare_bytes);
+        // A new folio of that size takes one.
+        fs.get_folio_sized(0, 0, 64);
+        assert_eq!(fs.spare_bytes, SPARE_FOLIO_BYTES_MAX - 64 * BLOCK_SIZE);
+    }
 
     /// Reclaim takes the least recently used folio, however often the last one used was
     /// looked up again (those lookups leave it where it is), and a folio made again at an

@@ -389,7 +389,7 @@ impl RangeTask {
                 ExtentState::Written => {
                     let req = Request::Write {
                         block: e.addr,
-                        data: vec![0; BLOCK_SIZE],
+                        data: vec![0; BLOCK_SIZE].into(),
                         fua: false,
                     };
                     block::submit_and_complete(fs.dev.as_mut(), req)?;

@@ -5,6 +5,7 @@
 use crate::block::BLOCK_SIZE;
 use crate::TaskId;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 /// Blocks a folio holds at most ([`crate::fs::Config::folio_blocks`],
 /// [`crate::fs::Config::max_folio_blocks`]): 1 MiB folios of 4 KiB blocks (x86-64 Linux
@@ -62,10 +63,49 @@ impl BlockBits {
     }
 }
 
+/// A folio's memory: its own, or shared with block writes in flight (writeback of a whole
+/// folio lends it to them, [`crate::block::BlockData::Shared`], as a bio points at the page).
+/// Reading it needs nothing; changing it while it is shared copies it first (`Rc::make_mut`),
+/// so the block writes keep the bytes they were submitted with, as the copies they used to
+/// make kept them.
+#[derive(Clone, Debug, Default)]
+pub struct FolioBuf(Rc<Vec<u8>>);
+
+impl FolioBuf {
+    /// The memory, shared: a block write in flight holds it.
+    pub fn lend(&self) -> Rc<Vec<u8>> {
+        Rc::clone(&self.0)
+    }
+
+    /// The buffer, unless a block write still holds it.
+    pub fn into_vec(self) -> Option<Vec<u8>> {
+        Rc::try_unwrap(self.0).ok()
+    }
+}
+
+impl From<Vec<u8>> for FolioBuf {
+    fn from(v: Vec<u8>) -> Self {
+        FolioBuf(Rc::new(v))
+    }
+}
+
+impl std::ops::Deref for FolioBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for FolioBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        Rc::make_mut(&mut self.0).as_mut_slice()
+    }
+}
+
 /// One cached folio.
 #[derive(Clone, Debug)]
 pub struct Folio {
-    pub data: Vec<u8>,
+    pub data: FolioBuf,
     /// The task holding the folio lock (taken and dropped through [`PageCache::lock`] and
     /// [`PageCache::unlock`], which count the locked folios).
     locked: Option<TaskId>,
@@ -111,7 +151,7 @@ impl Folio {
     pub fn with_data(lru: u64, gen: u64, data: Vec<u8>) -> Self {
         debug_assert!(data.len().is_multiple_of(BLOCK_SIZE));
         Folio {
-            data,
+            data: data.into(),
             locked: None,
             uptodate_bits: BlockBits::default(),
             dirty_bits: BlockBits::default(),

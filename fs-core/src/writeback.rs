@@ -3,10 +3,11 @@
 //! IO completion (data on disk, then UNWRITTEN -> WRITTEN, then end of writeback), and reclaim.
 
 use crate::alloc::Owner;
-use crate::block::{Request, BLOCK_SIZE};
+use crate::block::{BlockData, Request, BLOCK_SIZE};
 use crate::extent::{Extent, ExtentState, FILE_BLOCKS_MAX};
 use crate::fs::{Fs, FsError, IoEnd, Violation};
 use crate::iomap::{IoMap, IoMapKind};
+use crate::pagecache::Folio;
 use crate::step::{Cx, Step, YieldPoint};
 use crate::TaskId;
 
@@ -530,8 +531,7 @@ impl WbPass {
         }
         let idx = fs.folio_of(ino, fblock);
         let at = (fblock - fs.folio_start(idx)) as usize * BLOCK_SIZE;
-        let data = fs.inode(ino).cache.get(idx).expect("under writeback").data[at..at + BLOCK_SIZE]
-            .to_vec();
+        let data = block_data(fs.inode(ino).cache.get(idx).expect("under writeback"), at);
         fs.alloc.mark_data_written(bio.addr);
         let mut unwritten = bio.unwritten;
         if unwritten && fs.cfg.bugs.convert_before_data {
@@ -559,6 +559,19 @@ impl WbPass {
             end: bio.end,
             stage: 0,
         })
+    }
+}
+
+/// The bytes of the block at byte `at` of folio `f` for its write: the folio's memory, lent,
+/// when every block of the folio is under writeback (a store into it before they complete
+/// then copies the folio, which streaming writes never do); a copy of the block otherwise,
+/// so that writes into a large folio, of which random writes put a block or two at a time
+/// under writeback, do not copy all of it.
+fn block_data(f: &Folio, at: usize) -> BlockData {
+    if u64::from(f.wb_pending) == f.blocks() {
+        BlockData::shared(f.data.lend(), at)
+    } else {
+        f.data[at..at + BLOCK_SIZE].to_vec().into()
     }
 }
 

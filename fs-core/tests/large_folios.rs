@@ -598,3 +598,100 @@ fn limits_count_a_large_folio_as_the_blocks_it_holds() {
     e.fs_mut().drop_caches();
     assert_eq!(e.fs().folio_count(), 0);
 }
+
+/// Counts writeback's block writes by how their bytes came: lent from the folio or copied.
+struct LendingProbe {
+    inner: MemDevice,
+    /// (lent, copied) block writes submitted.
+    seen: std::rc::Rc<std::cell::Cell<(u32, u32)>>,
+}
+
+impl fs_core::block::BlockDevice for LendingProbe {
+    fn block_count(&self) -> u64 {
+        self.inner.block_count()
+    }
+    fn submit(
+        &mut self,
+        req: fs_core::block::Request,
+    ) -> Result<fs_core::block::ReqId, fs_core::block::DeviceError> {
+        if let fs_core::block::Request::Write { data, .. } = &req {
+            let (lent, copied) = self.seen.get();
+            self.seen.set(match data {
+                fs_core::block::BlockData::Shared { .. } => (lent + 1, copied),
+                fs_core::block::BlockData::Owned(_) => (lent, copied + 1),
+            });
+        }
+        self.inner.submit(req)
+    }
+    fn complete(
+        &mut self,
+        id: fs_core::block::ReqId,
+    ) -> Result<fs_core::block::Completion, fs_core::block::DeviceError> {
+        self.inner.complete(id)
+    }
+    fn write_log(&self) -> Option<&[fs_core::block::DeviceRecord]> {
+        self.inner.write_log()
+    }
+}
+
+/// Steps `t` alone until the probe has seen `n` block writes or `t` cannot go on by itself.
+fn step_until_submitted(e: &mut Engine, t: usize, seen: &std::cell::Cell<(u32, u32)>, n: u32) {
+    for _ in 0..CALL_STEPS_MAX {
+        let (lent, copied) = seen.get();
+        if lent + copied >= n || !e.runnable().contains(&t) {
+            return;
+        }
+        e.step_task(t).unwrap();
+    }
+}
+
+/// Writeback of a folio whose every block is dirty lends the folio's memory to its block
+/// writes (a bio points at the page) instead of copying each block out; a write into the folio
+/// while they are in flight changes the folio, not what they write: the device gets the bytes
+/// the folio held when they were submitted, and the next fsync writes the new ones. A folio
+/// with some blocks dirty copies the blocks it writes.
+#[test]
+fn whole_folio_writeback_lends_the_folio_and_writes_what_it_held() {
+    let cfg = Config {
+        max_folio_blocks: 16,
+        cache_limit_folios: 64,
+        ..Config::default()
+    };
+    let seen = std::rc::Rc::new(std::cell::Cell::new((0, 0)));
+    let dev = LendingProbe {
+        inner: MemDevice::new(cfg.device_blocks),
+        seen: seen.clone(),
+    };
+    let mut e = engine_on(cfg, Box::new(dev));
+    assert_eq!(alone(&mut e, write(0, 16 * KU, b'A')), Ok(16 * K));
+    assert_eq!(e.fs().folio_len(0, 0), 16);
+    let fsync = e.submit(Call::Fsync { ino: 0 }).unwrap();
+    step_until_submitted(&mut e, fsync, &seen, 16);
+    assert_eq!(seen.get(), (16, 0), "every block write lends the folio");
+    assert_eq!(alone(&mut e, write(K, 2 * KU, b'B')), Ok(2 * K));
+    loop {
+        if e.take_done().iter().any(|d| d.task == fsync) {
+            break;
+        }
+        e.step().unwrap().expect("the fsync is still in flight");
+    }
+    // Each data block's first write carries 'A' (the folio's bytes at submission); blocks
+    // 1 and 2 (device blocks 2 and 3) are dirty again and written later, by the flusher or
+    // the next fsync, each from a copy (two of sixteen blocks dirty).
+    settle(&mut e, Call::Fsync { ino: 0 }).0.unwrap();
+    assert_eq!(seen.get(), (16, 2));
+    let log = e.fs().dev.write_log().unwrap();
+    for addr in 1..=16u64 {
+        let bytes: Vec<u8> = log
+            .iter()
+            .filter(|r| r.block == addr)
+            .map(|r| r.first_byte)
+            .collect();
+        let want: &[u8] = if matches!(addr, 2 | 3) { b"AB" } else { b"A" };
+        assert_eq!(bytes, want, "device block {addr}");
+    }
+    e.fs_mut().drop_caches();
+    let mut want = vec![b'A'; 16 * KU];
+    want[KU..3 * KU].fill(b'B');
+    assert_eq!(settle(&mut e, read(0, 16 * K)).1.unwrap(), want);
+}

@@ -50,8 +50,12 @@ impl BlockDevice for RecDevice {
                 Ok(Completion::Read { data })
             }
             Request::Write { block, data, .. } => {
-                self.rec.writes.lock().unwrap().push((block, data.clone()));
-                self.rec.blocks.lock().unwrap().insert(block, data);
+                self.rec.writes.lock().unwrap().push((block, data.to_vec()));
+                self.rec
+                    .blocks
+                    .lock()
+                    .unwrap()
+                    .insert(block, data.into_vec());
                 Ok(Completion::Done)
             }
             _ => Ok(Completion::Done),

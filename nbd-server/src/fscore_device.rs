@@ -10,8 +10,8 @@
 use crate::backend::{Arrival, Backend, RequestKind, Ticket, WriteData};
 use crate::disk::{DiskConfig, DiskError, EmulatedDisk};
 use fs_core::block::{
-    BlockDevice, Completion, DeviceError, DeviceRecord, RecordKind, ReqId, Request, RequestQueue,
-    BLOCK_SIZE,
+    BlockData, BlockDevice, Completion, DeviceError, DeviceRecord, RecordKind, ReqId, Request,
+    RequestQueue, BLOCK_SIZE,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -120,6 +120,24 @@ impl RecordedDevice {
     }
 }
 
+impl RecordedDevice {
+    /// One block write. Bytes lent from a folio go straight from it into storage that the
+    /// disk passes through (the one copy that storage makes); a disk that keeps writes (its
+    /// cache, its recorder) gets a buffer of their own, moved when the request has one.
+    fn write_block(&self, block: u64, data: BlockData, fua: bool) -> Result<(), DeviceError> {
+        let offset = block * BLOCK_SIZE as u64;
+        match (&data, self.disk.plain_storage()) {
+            (BlockData::Shared { .. }, Some(storage)) => storage
+                .write_from(offset, &data, fua)
+                .map_err(|e| DeviceError::Io(e.to_string())),
+            _ => self.run(RequestKind::Write, block, 1, fua, |d, t| {
+                let data = WriteData::block_or_bytes(data.into_vec());
+                Ok(d.write(t, offset, data, fua)?)
+            }),
+        }
+    }
+}
+
 impl BlockDevice for RecordedDevice {
     fn block_count(&self) -> u64 {
         self.blocks
@@ -155,11 +173,8 @@ impl BlockDevice for RecordedDevice {
             }
             Request::Write { block, data, fua } => {
                 // The data moves to the disk unless fs-core keeps its own record of it.
-                let kept = self.records.is_some().then(|| data.clone());
-                self.run(RequestKind::Write, block, 1, fua, |d, t| {
-                    let data = WriteData::block_or_bytes(data);
-                    Ok(d.write(t, block * BLOCK_SIZE as u64, data, fua)?)
-                })?;
+                let kept = self.records.is_some().then(|| data.to_vec());
+                self.write_block(block, data, fua)?;
                 let kind = if fua {
                     RecordKind::FuaWrite
                 } else {
@@ -217,21 +232,21 @@ mod tests {
         let a = dev
             .submit(Request::Write {
                 block: 3,
-                data: vec![b'a'; BLOCK_SIZE],
+                data: vec![b'a'; BLOCK_SIZE].into(),
                 fua: false,
             })
             .unwrap();
         let b = dev
             .submit(Request::Write {
                 block: 5,
-                data: vec![b'b'; BLOCK_SIZE],
+                data: vec![b'b'; BLOCK_SIZE].into(),
                 fua: true,
             })
             .unwrap();
         let never = dev
             .submit(Request::Write {
                 block: 7,
-                data: vec![b'c'; BLOCK_SIZE],
+                data: vec![b'c'; BLOCK_SIZE].into(),
                 fua: false,
             })
             .unwrap();
@@ -277,7 +292,7 @@ mod tests {
                 let id = dev
                     .submit(Request::Write {
                         block: b,
-                        data,
+                        data: data.into(),
                         fua: false,
                     })
                     .unwrap();
@@ -298,6 +313,43 @@ mod tests {
         }
     }
 
+    /// A block write whose bytes are lent from a folio (`BlockData::Shared`) lands as a copy
+    /// would, on a disk that passes through (straight from the folio into storage) and on one
+    /// that does not (a buffer of its own), is recorded with its bytes, and leaves the folio's
+    /// memory to the folio once complete.
+    #[test]
+    fn a_block_lent_from_a_folio_lands_as_a_copy_would() {
+        for plain in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut dev = RecordedDevice::new(16, Some(&dir.path().join("fs.log"))).unwrap();
+            if plain {
+                dev.disk().pass_through();
+            }
+            let mut folio = vec![b'x'; 3 * BLOCK_SIZE];
+            folio[BLOCK_SIZE..2 * BLOCK_SIZE].fill(b'y');
+            let folio = std::rc::Rc::new(folio);
+            let id = dev
+                .submit(Request::Write {
+                    block: 5,
+                    data: BlockData::shared(folio.clone(), BLOCK_SIZE),
+                    fua: false,
+                })
+                .unwrap();
+            dev.complete(id).unwrap();
+            assert_eq!(std::rc::Rc::strong_count(&folio), 1, "plain {plain}");
+            let got = fs_core::block::read_block_sync(&mut dev, 5).unwrap();
+            assert_eq!(got, vec![b'y'; BLOCK_SIZE], "plain {plain}");
+            let rec = &dev.write_log().unwrap()[0];
+            assert_eq!((rec.block, rec.first_byte), (5, b'y'));
+            let counted = dev.disk().stats().writes;
+            assert_eq!(
+                counted,
+                u64::from(!plain),
+                "only a disk that keeps writes sees it"
+            );
+        }
+    }
+
     /// Writes block 2, trims block 3, flushes and reads block 2 back through a device over
     /// `disk`.
     fn write_trim_flush_read(disk: &Arc<EmulatedDisk>) {
@@ -305,7 +357,7 @@ mod tests {
         let reqs = [
             Request::Write {
                 block: 2,
-                data: vec![b'p'; BLOCK_SIZE],
+                data: vec![b'p'; BLOCK_SIZE].into(),
                 fua: false,
             },
             Request::Trim { block: 3, count: 1 },

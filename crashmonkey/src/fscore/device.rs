@@ -246,7 +246,7 @@ impl BlockDevice for StateDevice {
                 Ok(Completion::Read { data })
             }
             Request::Write { block, data, .. } => {
-                self.blocks.insert(block, data);
+                self.blocks.insert(block, data.into_vec());
                 Ok(Completion::Done)
             }
             Request::Trim { block, count } => {

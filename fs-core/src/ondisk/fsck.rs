@@ -101,7 +101,7 @@ pub fn check_device(dev: Box<dyn BlockDevice>, bugs: JournalBugs) -> FsckReport 
                 &mut *cow.borrow_mut(),
                 crate::block::Request::Write {
                     block: b,
-                    data,
+                    data: data.into(),
                     fua: false,
                 },
             )

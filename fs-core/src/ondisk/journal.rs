@@ -132,7 +132,14 @@ fn write(
     data: Vec<u8>,
     fua: bool,
 ) -> Result<(), DeviceError> {
-    block::submit_and_complete(dev, Request::Write { block, data, fua })
+    block::submit_and_complete(
+        dev,
+        Request::Write {
+            block,
+            data: data.into(),
+            fua,
+        },
+    )
 }
 
 impl Journal {

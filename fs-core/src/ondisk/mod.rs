@@ -87,7 +87,7 @@ fn write(dev: &mut dyn BlockDevice, b: u64, data: Vec<u8>) -> Result<(), DeviceE
         dev,
         Request::Write {
             block: b,
-            data,
+            data: data.into(),
             fua: false,
         },
     )
@@ -411,7 +411,7 @@ pub fn mount(cfg: Config, mut dev: Box<dyn BlockDevice>) -> Result<Fs, MountErro
         dev.as_mut(),
         Request::Write {
             block: geo.journal_start,
-            data: jsb,
+            data: jsb.into(),
             fua: true,
         },
     )?;
@@ -723,7 +723,7 @@ mod tests {
             let data = vec![byte; BLOCK_SIZE];
             let req = Request::Write {
                 block: b,
-                data,
+                data: data.into(),
                 fua: false,
             };
             block::submit_and_complete(fs.dev.as_mut(), req).unwrap();

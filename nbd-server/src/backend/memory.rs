@@ -386,6 +386,13 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    /// Into the stored blocks, or new ones over holes (as any write that is not whole blocks
+    /// the backend may keep).
+    fn write_from(&self, offset: u64, data: &[u8], _fua: bool) -> io::Result<()> {
+        self.write_slice(offset, data);
+        Ok(())
+    }
+
     fn write_zeroes(
         &self,
         _t: Option<Ticket>,

@@ -238,6 +238,14 @@ pub trait Backend: Send + Sync + 'static {
         fua: bool,
     ) -> Result<(), WriteFailed>;
 
+    /// Writes a copy of `data` at `offset`, for a caller that keeps its buffer (fs-core's
+    /// writeback lends a folio's memory to its block writes): storage that copies what it is
+    /// given anyway copies straight from `data`, with no buffer of the write's own.
+    fn write_from(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.write(None, offset, WriteData::copy_of(data), fua)
+            .map_err(|f| f.error)
+    }
+
     /// Zero `length` bytes at `offset`. With `may_trim` (no NO_HOLE flag) storage may be
     /// freed. With `fast_only` (FAST_ZERO) return `Err(ErrorKind::Unsupported)` rather than
     /// fall back to writing zero bytes.
