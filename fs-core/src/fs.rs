@@ -904,13 +904,13 @@ impl Fs {
     /// and not under writeback.
     pub fn remove_folio(&mut self, ino: usize, idx: u64) {
         let units = self.folio_units(ino, idx);
-        if let Some(mut f) = self.inodes[ino].cache.remove(idx) {
+        if let Some(f) = self.inodes[ino].cache.remove(idx) {
             assert!(!f.writeback, "removing folio {idx} under writeback");
-            if let Some(data) = std::mem::take(&mut f.data).into_vec() {
+            self.lru_index.remove(&f.lru);
+            if let Some(data) = f.data.into_vec() {
                 self.keep_spare_buffer(data);
             }
             self.folio_count -= units;
-            self.lru_index.remove(&f.lru);
             if self.dirty_hint.remove(&(ino, idx)) {
                 self.dirty_units -= units;
             }

@@ -351,11 +351,14 @@ fn folio_sizes_are_powers_of_two_up_to_the_limit() {
     }
 }
 
-/// A memory device whose reads (or writes) fail while `failing` is set.
+/// A memory device whose reads (or writes) fail while `failing` is set, and which counts the
+/// block writes it is given by how their bytes came: lent from a folio or copied.
 struct FlakyDevice {
     inner: MemDevice,
     failing: std::rc::Rc<std::cell::Cell<bool>>,
     writes: bool,
+    /// (lent, copied) block writes submitted.
+    seen: std::rc::Rc<std::cell::Cell<(u32, u32)>>,
 }
 
 impl fs_core::block::BlockDevice for FlakyDevice {
@@ -371,6 +374,13 @@ impl fs_core::block::BlockDevice for FlakyDevice {
         if self.failing.get() && ((self.writes && write) || (!self.writes && read)) {
             return Err(fs_core::block::DeviceError::Io("request refused".into()));
         }
+        if let fs_core::block::Request::Write { data, .. } = &req {
+            let (lent, copied) = self.seen.get();
+            self.seen.set(match data {
+                fs_core::block::BlockData::Shared { .. } => (lent + 1, copied),
+                fs_core::block::BlockData::Owned(_) => (lent, copied + 1),
+            });
+        }
         self.inner.submit(req)
     }
     fn complete(
@@ -379,17 +389,36 @@ impl fs_core::block::BlockDevice for FlakyDevice {
     ) -> Result<fs_core::block::Completion, fs_core::block::DeviceError> {
         self.inner.complete(id)
     }
+    fn write_log(&self) -> Option<&[fs_core::block::DeviceRecord]> {
+        self.inner.write_log()
+    }
 }
 
 /// An engine on a [`FlakyDevice`] failing writes (`writes`) or reads, and its switch.
 fn flaky_engine(cfg: Config, writes: bool) -> (Engine, std::rc::Rc<std::cell::Cell<bool>>) {
+    let (e, failing, _) = probed_engine(cfg, writes);
+    (e, failing)
+}
+
+/// [`flaky_engine`], with the device's count of lent and copied block writes.
+#[allow(clippy::type_complexity)]
+fn probed_engine(
+    cfg: Config,
+    writes: bool,
+) -> (
+    Engine,
+    std::rc::Rc<std::cell::Cell<bool>>,
+    std::rc::Rc<std::cell::Cell<(u32, u32)>>,
+) {
     let failing = std::rc::Rc::new(std::cell::Cell::new(false));
+    let seen = std::rc::Rc::new(std::cell::Cell::new((0, 0)));
     let dev = FlakyDevice {
         inner: MemDevice::new(cfg.device_blocks),
         failing: failing.clone(),
         writes,
+        seen: seen.clone(),
     };
-    (engine_on(cfg, Box::new(dev)), failing)
+    (engine_on(cfg, Box::new(dev)), failing, seen)
 }
 
 /// `__iomap_write_begin` cannot read the part of a folio a write does not cover: the write
@@ -599,41 +628,6 @@ fn limits_count_a_large_folio_as_the_blocks_it_holds() {
     assert_eq!(e.fs().folio_count(), 0);
 }
 
-/// Counts writeback's block writes by how their bytes came: lent from the folio or copied.
-struct LendingProbe {
-    inner: MemDevice,
-    /// (lent, copied) block writes submitted.
-    seen: std::rc::Rc<std::cell::Cell<(u32, u32)>>,
-}
-
-impl fs_core::block::BlockDevice for LendingProbe {
-    fn block_count(&self) -> u64 {
-        self.inner.block_count()
-    }
-    fn submit(
-        &mut self,
-        req: fs_core::block::Request,
-    ) -> Result<fs_core::block::ReqId, fs_core::block::DeviceError> {
-        if let fs_core::block::Request::Write { data, .. } = &req {
-            let (lent, copied) = self.seen.get();
-            self.seen.set(match data {
-                fs_core::block::BlockData::Shared { .. } => (lent + 1, copied),
-                fs_core::block::BlockData::Owned(_) => (lent, copied + 1),
-            });
-        }
-        self.inner.submit(req)
-    }
-    fn complete(
-        &mut self,
-        id: fs_core::block::ReqId,
-    ) -> Result<fs_core::block::Completion, fs_core::block::DeviceError> {
-        self.inner.complete(id)
-    }
-    fn write_log(&self) -> Option<&[fs_core::block::DeviceRecord]> {
-        self.inner.write_log()
-    }
-}
-
 /// Steps `t` alone until the probe has seen `n` block writes or `t` cannot go on by itself.
 fn step_until_submitted(e: &mut Engine, t: usize, seen: &std::cell::Cell<(u32, u32)>, n: u32) {
     for _ in 0..CALL_STEPS_MAX {
@@ -657,12 +651,7 @@ fn whole_folio_writeback_lends_the_folio_and_writes_what_it_held() {
         cache_limit_folios: 64,
         ..Config::default()
     };
-    let seen = std::rc::Rc::new(std::cell::Cell::new((0, 0)));
-    let dev = LendingProbe {
-        inner: MemDevice::new(cfg.device_blocks),
-        seen: seen.clone(),
-    };
-    let mut e = engine_on(cfg, Box::new(dev));
+    let (mut e, _, seen) = probed_engine(cfg, true);
     assert_eq!(alone(&mut e, write(0, 16 * KU, b'A')), Ok(16 * K));
     assert_eq!(e.fs().folio_len(0, 0), 16);
     let fsync = e.submit(Call::Fsync { ino: 0 }).unwrap();
