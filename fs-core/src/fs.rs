@@ -1184,7 +1184,7 @@ mod tests {
     /// out); a buffer that finds only its own size or larger ones is dropped. The pool never
     /// holds more than its limit.
     #[test]
-    fn spare_buffers_make_room_for_the_size_dropped_last() {
+    fn spare_buffers_let_a_larger_buffer_push_smaller_ones_out() {
         let cfg = Config::default();
         let mut fs = Fs::new(cfg.clone(), Box::new(MemDevice::new(cfg.device_blocks)), 1);
         let small = SPARE_FOLIO_BYTES_MAX / BLOCK_SIZE;

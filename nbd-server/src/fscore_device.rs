@@ -118,9 +118,7 @@ impl RecordedDevice {
         }
         r.map_err(|e| DeviceError::Io(e.to_string()))
     }
-}
 
-impl RecordedDevice {
     /// One block write. Bytes lent from a folio go straight from it into storage that the
     /// disk passes through (the one copy that storage makes); a disk that keeps writes (its
     /// cache, its recorder) gets a buffer of their own, moved when the request has one.
