@@ -29,6 +29,9 @@
 # rounds, the four main jobs: target >= 0.5x (a model, not a cache: it has a price).
 # Env: BENCH_FSCORE_JOBS (default "1 2 3 4"), BENCH_SECONDS (default 6) per run, BENCH_ROUNDS (default 5), BENCH_SIZE (default 1G),
 # BENCH_JOBS (default all: a space-separated subset of 1-8, the jobs in the order below).
+# Last of all, the fs-core export's engine alone, in process (nbd-server/examples/fscore_engine.rs:
+# the same volume, 4K random writes at 32 in flight, no sockets): its writes per second of one
+# core against the memory export's 4K random write IOPS, the served export's ceiling.
 # Under each fs-core job, the same export with a page cache as large as the export (as the
 # kernel's would be with that much memory free), unless BENCH_FSCORE_LARGE=0. Both create
 # folios of a request's size (4 KiB to 256 KiB: the export's max-folio-blocks=64).
@@ -142,6 +145,7 @@ for n in ${BENCH_FSCORE_JOBS:-1 2 3 4}; do
     run_job "$OURS_URI" "mem-$1-$2-$r" "$1" "$2" "$3" "${PIDS[0]}" 1 >>"$WORK/b"
   done
   if [ "$4" = iops ]; then f=1; unit=IOPS; else f=2; unit=MiB/s; fi
+  if [ "$n" = 1 ]; then MEM_4K_WRITE_IOPS=$(median 1 <"$WORK/b"); fi
   x=$(best $f <"$WORK/a"); y=$(best $f <"$WORK/b")
   ratio=$(python3 -c "print(f'{$x/$y:.2f}x' if $y > 0 else 'n/a')")
   read -r pratio spread < <(paired "$f" "$WORK/a" "$WORK/b")
@@ -155,6 +159,21 @@ for n in ${BENCH_FSCORE_JOBS:-1 2 3 4}; do
   fi
 done
 echo "target (fs-core export): >= 0.5x the memory export at 4K and at 1 MiB"
+if [ -n "${MEM_4K_WRITE_IOPS:-}" ]; then
+  # The export's engine alone, in process (no sockets, channels or wakes): its cost per 4 KiB
+  # random write is what one engine thread can serve at most, whatever the network side does.
+  echo "fs-core engine alone, in process, the export's defaults (4K random writes, 32 in flight):"
+  cargo build --release -q -p nbd-server --example fscore_engine
+  "$(release_dir)/examples/fscore_engine" --size-mib "$(( $(numfmt --from=iec "$SIZE") >> 20 ))" \
+    --rounds 3 ${BENCH_FSCORE_KEYS:+--key "$BENCH_FSCORE_KEYS"} | tee "$WORK/engine"
+  python3 - "$WORK/engine" "$MEM_4K_WRITE_IOPS" <<'PY'
+import re, sys
+rates = [float(m.group(1)) for m in re.finditer(r": (\d+) writes/s", open(sys.argv[1]).read())]
+mem = float(sys.argv[2])
+print(f"  best round {max(rates):.0f} writes/s at 100% of one core = {max(rates) / mem:.2f}x the memory"
+      f" export's median {mem:.0f} IOPS: the served export's ceiling before any request is read or answered")
+PY
+fi
 if [ -n "${LARGE_URI:-}" ]; then
   echo "(the line under each fs-core job: the same export with a page cache as large as it)"
 fi

@@ -1,0 +1,158 @@
+//! The fs-core export's engine alone: the requests `make bench-nbd` sends to a fscore export,
+//! submitted in process to the same volume (the export's defaults, a memory disk passed
+//! through), with no sockets, channels or threads. What it prints is the engine thread's own
+//! cost per request, which bounds what the served export can reach: at 100% of one core, one
+//! request every that many microseconds. Deterministic work (the offsets come from a fixed
+//! seed), so a change to the model is measured here far more steadily than through fio on a
+//! shared machine.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use clap::Parser;
+use nbd_server::backend::memory::MemoryBackend;
+use nbd_server::disk::{DiskConfig, EmulatedDisk};
+use nbd_server::fscore::served::fresh_volume;
+use nbd_server::fscore::session::SessionHeader;
+use nbd_server::fscore::volume::{VolFile, VolOp, VolRequest, Volume};
+use nbd_server::fscore::{default_volume_blocks, FsCoreSpec, VOLUME_SPARE_INODES};
+
+/// The server's allocator, so allocation costs as much as in the server.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Fill bytes of a filling write (1 MiB), as fio's first pass writes.
+const FILL_WRITE_BYTES: u64 = 1 << 20;
+/// Requests in flight while filling (fio's 1 MiB jobs in `make bench-nbd`).
+const FILL_DEPTH: u64 = 8;
+
+/// Runs random writes through an fs-core export's engine in process and prints the engine's
+/// cost per write (the ceiling of the served export on one core).
+///
+/// The file is first filled by sequential 1 MiB writes (as `make bench-nbd` fills it), then
+/// each round writes `--writes` blocks of `--bs` bytes at random aligned offsets with `--depth`
+/// in flight, stepping the engine with its seeded policy, exactly as the server's engine
+/// thread does.
+///
+/// Example: cargo run --release -p nbd-server --example fscore_engine -- --rounds 3
+#[derive(Parser, Debug)]
+struct Args {
+    /// Writes per round.
+    #[arg(long, default_value_t = 200_000)]
+    writes: u64,
+    /// Bytes per write.
+    #[arg(long, default_value_t = 4096)]
+    bs: u64,
+    /// Writes in flight.
+    #[arg(long, default_value_t = 32)]
+    depth: u64,
+    /// The export's size in MiB.
+    #[arg(long, default_value_t = 256)]
+    size_mib: u64,
+    /// Rounds (each on the same volume, after the ones before).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// An fscore= export key, KEY=VALUE (repeatable), e.g. cache-folios=65536.
+    #[arg(long = "key")]
+    keys: Vec<String>,
+}
+
+fn volume(args: &Args) -> Result<Volume> {
+    let mut spec = FsCoreSpec::default();
+    for kv in &args.keys {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("{kv}: not KEY=VALUE"))?;
+        spec.set(k, Some(v)).map_err(|e| anyhow!("{k}: {e}"))?;
+    }
+    let size = args.size_mib << 20;
+    let blocks = default_volume_blocks(size);
+    let storage = Arc::new(MemoryBackend::new(
+        blocks * fs_core::block::BLOCK_SIZE as u64,
+    ));
+    let disk = EmulatedDisk::named(storage, DiskConfig::default(), "bench")?;
+    disk.pass_through();
+    let header = SessionHeader {
+        config: spec.config.clone(),
+        files: vec![VolFile {
+            name: "bench".into(),
+            ino: 0,
+            size,
+        }],
+        inodes: 1 + VOLUME_SPARE_INODES,
+        device_blocks: blocks,
+        sched_seed: spec.sched_seed,
+        disk_cache_bytes: 0,
+    };
+    fresh_volume(Arc::new(disk), &header, fs_core::oracle::Tracking::Off).map_err(|e| anyhow!(e))
+}
+
+/// Writes `n` blocks of `bs` bytes, `depth` in flight, at the offsets `offset(i)` gives;
+/// returns the seconds it took.
+fn run(v: &mut Volume, n: u64, bs: u64, depth: u64, offset: impl Fn(u64) -> u64) -> Result<f64> {
+    let (mut sent, mut done) = (0u64, 0u64);
+    let start = Instant::now();
+    while done < n {
+        while sent - done < depth && sent < n {
+            let byte = (sent % 251) as u8 + 1;
+            v.arrive(VolRequest {
+                file: 0,
+                offset: offset(sent),
+                op: VolOp::Write {
+                    data: vec![byte; bs as usize],
+                },
+                fua: false,
+            });
+            sent += 1;
+        }
+        v.step()?;
+        for (_, answer) in v.take_answers() {
+            answer?;
+            done += 1;
+        }
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let size = args.size_mib << 20;
+    if args.bs == 0 || size < args.bs || args.depth == 0 {
+        return Err(anyhow!(
+            "--bs and --depth must be positive, --bs at most the size"
+        ));
+    }
+    let mut v = volume(&args)?;
+    run(
+        &mut v,
+        size / FILL_WRITE_BYTES,
+        FILL_WRITE_BYTES,
+        FILL_DEPTH,
+        |i| i * FILL_WRITE_BYTES,
+    )?;
+    let slots = size / args.bs;
+    for round in 0..args.rounds {
+        // xorshift over the request number: the same offsets every run.
+        let offset = move |i: u64| {
+            let mut x = (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(round);
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % slots) * args.bs
+        };
+        let steps = v.engine().steps();
+        let secs = run(&mut v, args.writes, args.bs, args.depth, offset)?;
+        let n = args.writes as f64;
+        println!(
+            "fscore_engine bs={} depth={} round={}: {:.0} writes/s, {:.2} us each, {:.1} steps each",
+            args.bs,
+            args.depth,
+            round + 1,
+            n / secs,
+            secs * 1e6 / n,
+            (v.engine().steps() - steps) as f64 / n
+        );
+    }
+    Ok(())
+}
