@@ -58,6 +58,19 @@ struct Args {
     keys: Vec<String>,
 }
 
+/// The export's size in bytes, at most what an fs-core file holds.
+fn export_bytes(args: &Args) -> Result<u64> {
+    args.size_mib
+        .checked_mul(1 << 20)
+        .filter(|&b| b <= fs_core::fs::FILE_BYTES_MAX)
+        .ok_or_else(|| {
+            anyhow!(
+                "--size-mib {}: more than an fs-core file holds",
+                args.size_mib
+            )
+        })
+}
+
 fn volume(args: &Args) -> Result<Volume> {
     let mut spec = FsCoreSpec::default();
     for kv in &args.keys {
@@ -66,7 +79,7 @@ fn volume(args: &Args) -> Result<Volume> {
             .ok_or_else(|| anyhow!("{kv}: not KEY=VALUE"))?;
         spec.set(k, Some(v)).map_err(|e| anyhow!("{k}: {e}"))?;
     }
-    let size = args.size_mib << 20;
+    let size = export_bytes(args)?;
     let blocks = default_volume_blocks(size);
     let storage = Arc::new(MemoryBackend::new(
         blocks * fs_core::block::BLOCK_SIZE as u64,
@@ -117,10 +130,10 @@ fn run(v: &mut Volume, n: u64, bs: u64, depth: u64, offset: impl Fn(u64) -> u64)
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let size = args.size_mib << 20;
-    if args.bs == 0 || size < args.bs || args.depth == 0 {
+    let size = export_bytes(&args)?;
+    if args.bs == 0 || size < args.bs || args.depth == 0 || args.writes == 0 {
         return Err(anyhow!(
-            "--bs and --depth must be positive, --bs at most the size"
+            "--writes, --bs and --depth must be positive, --bs at most the size"
         ));
     }
     let mut v = volume(&args)?;
