@@ -6,17 +6,14 @@
 //! seed), so a change to the model is measured here far more steadily than through fio on a
 //! shared machine.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use clap::Parser;
-use nbd_server::backend::memory::MemoryBackend;
-use nbd_server::disk::{DiskConfig, EmulatedDisk};
-use nbd_server::fscore::served::fresh_volume;
-use nbd_server::fscore::session::SessionHeader;
-use nbd_server::fscore::volume::{VolFile, VolOp, VolRequest, Volume};
-use nbd_server::fscore::{default_volume_blocks, FsCoreSpec, VOLUME_SPARE_INODES};
+use nbd_server::disk::DiskConfig;
+use nbd_server::fscore::served::{open, VolumeSetup};
+use nbd_server::fscore::volume::{VolOp, VolRequest, Volume};
+use nbd_server::fscore::FsCoreSpec;
 
 /// The server's allocator, so allocation costs as much as in the server.
 #[global_allocator]
@@ -53,7 +50,7 @@ struct Args {
     /// Rounds (each on the same volume, after the ones before).
     #[arg(long, default_value_t = 3)]
     rounds: u32,
-    /// An fscore= export key, KEY=VALUE (repeatable), e.g. cache-folios=65536.
+    /// fscore= export keys, KEY=VALUE[,KEY=VALUE...] (repeatable), e.g. cache-folios=65536.
     #[arg(long = "key")]
     keys: Vec<String>,
 }
@@ -73,32 +70,27 @@ fn export_bytes(args: &Args) -> Result<u64> {
 
 fn volume(args: &Args) -> Result<Volume> {
     let mut spec = FsCoreSpec::default();
-    for kv in &args.keys {
+    for kv in args.keys.iter().flat_map(|k| k.split(',')) {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| anyhow!("{kv}: not KEY=VALUE"))?;
         spec.set(k, Some(v)).map_err(|e| anyhow!("{k}: {e}"))?;
     }
-    let size = export_bytes(args)?;
-    let blocks = default_volume_blocks(size);
-    let storage = Arc::new(MemoryBackend::new(
-        blocks * fs_core::block::BLOCK_SIZE as u64,
-    ));
-    let disk = EmulatedDisk::named(storage, DiskConfig::default(), "bench")?;
-    disk.pass_through();
-    let header = SessionHeader {
-        config: spec.config.clone(),
-        files: vec![VolFile {
-            name: "bench".into(),
-            ino: 0,
-            size,
-        }],
-        inodes: 1 + VOLUME_SPARE_INODES,
-        device_blocks: blocks,
+    // The server's own way to a volume, for an export nothing observes (a memory disk that
+    // passes writes through).
+    let setup = VolumeSetup {
+        image: None,
+        files: vec![("bench".into(), Some(export_bytes(args)?))],
+        volume_size: spec.volume_size,
+        config: spec.config,
         sched_seed: spec.sched_seed,
-        disk_cache_bytes: 0,
+        session: None,
+        disk: DiskConfig::default(),
+        plain: true,
+        label: "bench".into(),
     };
-    fresh_volume(Arc::new(disk), &header, fs_core::oracle::Tracking::Off).map_err(|e| anyhow!(e))
+    let (_disk, volume, _session, _header) = open(&setup).map_err(|e| anyhow!(e))?;
+    Ok(volume)
 }
 
 /// Writes `n` blocks of `bs` bytes, `depth` in flight, at the offsets `offset(i)` gives;

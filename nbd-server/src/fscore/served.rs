@@ -326,7 +326,8 @@ fn open_disk(setup: &VolumeSetup, new_bytes: u64) -> Result<(Arc<EmulatedDisk>, 
 
 /// Opens the volume `setup` names: a fresh one is made with its files; an existing image is
 /// mounted and its files found by name (and grown to the size asked, never shrunk).
-fn open(
+/// Returns the disk, the volume, the session being recorded and the session's header.
+pub fn open(
     setup: &VolumeSetup,
 ) -> Result<
     (
