@@ -67,8 +67,8 @@ fn continues(prev: Extent, cur: Extent) -> bool {
 
 /// Blocks one word of [`RunBits`] covers.
 const WORD_BLOCKS: u64 = 64;
-/// Blocks one bit of [`RunBits::full`] covers (a word of them).
-const FULL_BIT_BLOCKS: u64 = WORD_BLOCKS * 64;
+/// Words of [`RunBits::words`] one bit of [`RunBits::full`] stands for.
+const FULL_BIT_WORDS: usize = 64;
 
 /// One bit per block of an [`ExtentMap`], set when the block continues the run of the one
 /// before it, and one bit per word of those with all 64 set, so that [`ExtentMap::run_at`]
@@ -88,14 +88,14 @@ impl RunBits {
         let (w, b) = ((i / WORD_BLOCKS) as usize, i % WORD_BLOCKS);
         if self.words.len() <= w {
             self.words.resize(w + 1, 0);
-            self.full.resize(w / 64 + 1, 0);
+            self.full.resize(w / FULL_BIT_WORDS + 1, 0);
         }
         if on {
             self.words[w] |= 1 << b;
         } else {
             self.words[w] &= !(1 << b);
         }
-        let (fw, fb) = (w / 64, w % 64);
+        let (fw, fb) = (w / FULL_BIT_WORDS, w % FULL_BIT_WORDS);
         if self.words[w] == u64::MAX {
             self.full[fw] |= 1 << fb;
         } else {
@@ -109,7 +109,7 @@ impl RunBits {
         while i < end {
             let (w, b) = ((i / WORD_BLOCKS) as usize, i % WORD_BLOCKS);
             if b == 0 {
-                let (fw, fb) = (w / 64, w % 64);
+                let (fw, fb) = (w / FULL_BIT_WORDS, w % FULL_BIT_WORDS);
                 let full = self.full.get(fw).map_or(0, |&x| x >> fb);
                 let full_words = u64::from((!full).trailing_zeros());
                 if full_words > 0 {
