@@ -787,13 +787,13 @@ impl Fs {
                 let kept = spare_buffers
                     .get_mut(blocks.ilog2() as usize)
                     .and_then(Vec::pop);
-                v.insert(match kept {
+                v.insert(Box::new(match kept {
                     Some(data) => {
                         *spare_bytes -= data.len();
                         Folio::with_data(clock, clock, data)
                     }
                     None => Folio::new(clock, clock, blocks),
-                })
+                }))
             }
         };
         *lru_clock = clock;

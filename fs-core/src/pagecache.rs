@@ -264,7 +264,7 @@ impl Folio {
 /// to the next folio's ([`PageCache::covering`]).
 #[derive(Clone, Debug, Default)]
 pub struct PageCache {
-    pub folios: BTreeMap<u64, Folio>,
+    pub folios: BTreeMap<u64, Box<Folio>>,
     /// Folios of `folios` whose lock is held: with none, every folio is lockable by anyone,
     /// which the tasks that wait for a folio lock ask at every step (a read of 1 MiB asked
     /// the tree once a step, a tenth of the engine's time).
@@ -277,11 +277,11 @@ pub struct PageCache {
 
 impl PageCache {
     pub fn get(&self, idx: u64) -> Option<&Folio> {
-        self.folios.get(&idx)
+        self.folios.get(&idx).map(|f| &**f)
     }
 
     pub fn get_mut(&mut self, idx: u64) -> Option<&mut Folio> {
-        self.folios.get_mut(&idx)
+        self.folios.get_mut(&idx).map(|f| &mut **f)
     }
 
     /// The index of the cached folio that holds index `unit` (a folio of `unit_blocks`
@@ -331,7 +331,7 @@ impl PageCache {
 
     /// Takes folio `idx` out of the cache.
     pub fn remove(&mut self, idx: u64) -> Option<Folio> {
-        let f = self.folios.remove(&idx)?;
+        let f = *self.folios.remove(&idx)?;
         self.blocks -= f.blocks();
         if f.locked.is_some() {
             self.locked_folios -= 1;
@@ -342,9 +342,9 @@ impl PageCache {
     /// Puts folio `f` in the cache at index `idx`, where there is none.
     pub fn insert(&mut self, idx: u64, f: Folio) -> &mut Folio {
         self.blocks += f.blocks();
-        let old = self.folios.insert(idx, f);
+        let old = self.folios.insert(idx, Box::new(f));
         debug_assert!(old.is_none(), "a folio at {idx} already");
-        self.folios.get_mut(&idx).expect("just put")
+        self.get_mut(idx).expect("just put")
     }
 
     /// First folio at or after `idx` that satisfies `pred`.
