@@ -698,7 +698,7 @@ impl Fs {
         let fb = self.cfg.folio_blocks;
         let (first, end, cache) = (from / fb, to.div_ceil(fb), &self.inodes[ino].cache);
         let head = cache.covering(first, fb).filter(|&i| i < first);
-        let rest = cache.folios.range(first..end.max(first)).map(|(&i, _)| i);
+        let rest = cache.folios.range(first, end).map(|(i, _)| i);
         head.into_iter().chain(rest).collect()
     }
 
@@ -749,7 +749,7 @@ impl Fs {
         let (first, cache) = (idx * fb, &self.inodes[ino].cache);
         while n > fb
             && (!first.is_multiple_of(n)
-                || cache.folios.range(idx + 1..idx + n / fb).next().is_some())
+                || cache.folios.range(idx + 1, idx + n / fb).next().is_some())
         {
             n /= 2;
         }
@@ -773,28 +773,27 @@ impl Fs {
         } = self;
         let clock = last + 1;
         let cache = &mut inodes[ino].cache;
-        let f = match cache.folios.entry(idx) {
-            std::collections::btree_map::Entry::Occupied(o) => {
-                let f = o.into_mut();
-                if f.lru == last {
-                    return f;
-                }
-                f
+        let f = if cache.folios.contains_key(idx) {
+            let f = cache.folios.get_mut(idx).expect("cached");
+            if f.lru == last {
+                return f;
             }
-            std::collections::btree_map::Entry::Vacant(v) => {
-                *folio_count += (blocks / fb) as usize;
-                cache.blocks += blocks;
-                let kept = spare_buffers
-                    .get_mut(blocks.ilog2() as usize)
-                    .and_then(Vec::pop);
-                v.insert(Box::new(match kept {
+            f
+        } else {
+            *folio_count += (blocks / fb) as usize;
+            let kept = spare_buffers
+                .get_mut(blocks.ilog2() as usize)
+                .and_then(Vec::pop);
+            cache.insert(
+                idx,
+                match kept {
                     Some(data) => {
                         *spare_bytes -= data.len();
                         Folio::with_data(clock, clock, data)
                     }
                     None => Folio::new(clock, clock, blocks),
-                }))
-            }
+                },
+            )
         };
         *lru_clock = clock;
         lru_index.remove(&f.lru);
@@ -890,7 +889,7 @@ impl Fs {
     pub fn dirty_hint_misses(&self) -> Vec<(usize, u64)> {
         let mut out = Vec::new();
         for (ino, inode) in self.inodes.iter().enumerate() {
-            for (&idx, f) in &inode.cache.folios {
+            for (idx, f) in inode.cache.folios.iter() {
                 let idle = f.writeback || self.dirty_idle.contains(&(ino, idx));
                 if f.dirty && (!idle || !self.dirty_hint.contains(&(ino, idx))) {
                     out.push((ino, idx));
@@ -1146,7 +1145,7 @@ impl Fs {
                 .folios
                 .iter()
                 .filter(|(_, f)| f.reclaimable())
-                .map(|(i, _)| *i)
+                .map(|(i, _)| i)
                 .collect();
             for i in idxs {
                 self.remove_folio(ino, i);

@@ -38,6 +38,7 @@ pub mod crash;
 pub mod direct_io;
 pub mod engine;
 pub mod extent;
+pub mod foliomap;
 pub mod fs;
 pub mod iomap;
 pub mod ns;

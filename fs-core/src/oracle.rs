@@ -524,7 +524,7 @@ impl Oracle {
             });
         }
         for (ino, inode) in fs.inodes.iter().enumerate() {
-            for (&idx, f) in &inode.cache.folios {
+            for (idx, f) in inode.cache.folios.iter() {
                 let (first, nb) = (fs.folio_start(idx), f.blocks());
                 // Blocks past EOF may be dirty (page_mkwrite dirties the whole folio);
                 // writeback never writes them.
@@ -572,7 +572,7 @@ impl Oracle {
         }
         let bs = BLOCK_SIZE as u64;
         for (ino, inode) in fs.inodes.iter().enumerate().filter(|(_, i)| i.in_use) {
-            for (&idx, f) in &inode.cache.folios {
+            for (idx, f) in inode.cache.folios.iter() {
                 let first = fs.folio_start(idx);
                 for i in (0..f.blocks()).filter(|&i| f.block_uptodate(i)) {
                     let lo = (first + i) * bs;

@@ -3,8 +3,8 @@
 //! dirty bits (`struct iomap_folio_state`, v6.6), and the LRU clock that reclaim uses.
 
 use crate::block::BLOCK_SIZE;
+use crate::foliomap::FolioMap;
 use crate::TaskId;
-use std::collections::BTreeMap;
 use std::rc::Rc;
 
 /// Blocks a folio holds at most ([`crate::fs::Config::folio_blocks`],
@@ -264,7 +264,7 @@ impl Folio {
 /// to the next folio's ([`PageCache::covering`]).
 #[derive(Clone, Debug, Default)]
 pub struct PageCache {
-    pub folios: BTreeMap<u64, Box<Folio>>,
+    pub folios: FolioMap,
     /// Folios of `folios` whose lock is held: with none, every folio is lockable by anyone,
     /// which the tasks that wait for a folio lock ask at every step (a read of 1 MiB asked
     /// the tree once a step, a tenth of the engine's time).
@@ -277,20 +277,20 @@ pub struct PageCache {
 
 impl PageCache {
     pub fn get(&self, idx: u64) -> Option<&Folio> {
-        self.folios.get(&idx).map(|f| &**f)
+        self.folios.get(idx)
     }
 
     pub fn get_mut(&mut self, idx: u64) -> Option<&mut Folio> {
-        self.folios.get_mut(&idx).map(|f| &mut **f)
+        self.folios.get_mut(idx)
     }
 
     /// The index of the cached folio that holds index `unit` (a folio of `unit_blocks`
     /// blocks would have index `unit`): that folio, or a larger one before it that spans it.
     pub fn covering(&self, unit: u64, unit_blocks: u64) -> Option<u64> {
         if self.all_smallest(unit_blocks) {
-            return self.folios.contains_key(&unit).then_some(unit);
+            return self.folios.contains_key(unit).then_some(unit);
         }
-        let (&first, f) = self.folios.range(..=unit).next_back()?;
+        let (first, f) = self.folios.last_at_or_before(unit)?;
         (first + f.blocks() / unit_blocks > unit).then_some(first)
     }
 
@@ -313,7 +313,7 @@ impl PageCache {
 
     /// `me` takes the lock of folio `idx`, which is cached and lockable by `me`.
     pub fn lock(&mut self, idx: u64, me: TaskId) {
-        let f = self.folios.get_mut(&idx).expect("locking a cached folio");
+        let f = self.folios.get_mut(idx).expect("locking a cached folio");
         debug_assert!(f.lockable_by(me));
         if f.locked.replace(me).is_none() {
             self.locked_folios += 1;
@@ -322,7 +322,7 @@ impl PageCache {
 
     /// Drops the lock of folio `idx`, if it is cached and locked.
     pub fn unlock(&mut self, idx: u64) {
-        if let Some(f) = self.folios.get_mut(&idx) {
+        if let Some(f) = self.folios.get_mut(idx) {
             if f.locked.take().is_some() {
                 self.locked_folios -= 1;
             }
@@ -331,7 +331,7 @@ impl PageCache {
 
     /// Takes folio `idx` out of the cache.
     pub fn remove(&mut self, idx: u64) -> Option<Folio> {
-        let f = *self.folios.remove(&idx)?;
+        let f = *self.folios.remove(idx)?;
         self.blocks -= f.blocks();
         if f.locked.is_some() {
             self.locked_folios -= 1;
@@ -350,9 +350,9 @@ impl PageCache {
     /// First folio at or after `idx` that satisfies `pred`.
     pub fn next_where(&self, idx: u64, pred: impl Fn(&Folio) -> bool) -> Option<u64> {
         self.folios
-            .range(idx..)
+            .range(idx, u64::MAX)
             .find(|(_, f)| pred(f))
-            .map(|(i, _)| *i)
+            .map(|(i, _)| i)
     }
 
     pub fn len(&self) -> usize {

@@ -515,7 +515,7 @@ fn sized(most: u64, cache: usize) -> Config {
 /// The cached folios of file 0: (index, blocks), in index order.
 fn folio_sizes(e: &Engine) -> Vec<(u64, u64)> {
     let cache = &e.fs().inode(0).cache;
-    cache.folios.iter().map(|(&i, f)| (i, f.blocks())).collect()
+    cache.folios.iter().map(|(i, f)| (i, f.blocks())).collect()
 }
 
 /// `iomap_get_folio` with `fgf_set_order(len)` (Linux 6.6): a buffered write asks for a folio
