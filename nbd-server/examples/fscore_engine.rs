@@ -50,6 +50,10 @@ struct Args {
     /// Rounds (each on the same volume, after the ones before).
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Random reads instead of writes (after the same fill): what `make bench-nbd`'s 4K
+    /// random read job asks of the engine.
+    #[arg(long)]
+    read: bool,
     /// fscore= export keys, KEY=VALUE[,KEY=VALUE...] (repeatable), e.g. cache-folios=65536.
     #[arg(long = "key")]
     keys: Vec<String>,
@@ -93,20 +97,30 @@ fn volume(args: &Args) -> Result<Volume> {
     Ok(volume)
 }
 
-/// Writes `n` blocks of `bs` bytes, `depth` in flight, at the offsets `offset(i)` gives;
-/// returns the seconds it took.
-fn run(v: &mut Volume, n: u64, bs: u64, depth: u64, offset: impl Fn(u64) -> u64) -> Result<f64> {
+/// Writes (or with `read`, reads) `n` blocks of `bs` bytes, `depth` in flight, at the offsets
+/// `offset(i)` gives; returns the seconds it took.
+fn run(
+    v: &mut Volume,
+    (n, bs, depth): (u64, u64, u64),
+    read: bool,
+    offset: impl Fn(u64) -> u64,
+) -> Result<f64> {
     let (mut sent, mut done) = (0u64, 0u64);
     let start = Instant::now();
     while done < n {
         while sent - done < depth && sent < n {
             let byte = (sent % 251) as u8 + 1;
+            let op = if read {
+                VolOp::Read { len: bs }
+            } else {
+                VolOp::Write {
+                    data: vec![byte; bs as usize],
+                }
+            };
             v.arrive(VolRequest {
                 file: 0,
                 offset: offset(sent),
-                op: VolOp::Write {
-                    data: vec![byte; bs as usize],
-                },
+                op,
                 fua: false,
             });
             sent += 1;
@@ -129,13 +143,8 @@ fn main() -> Result<()> {
         ));
     }
     let mut v = volume(&args)?;
-    run(
-        &mut v,
-        size / FILL_WRITE_BYTES,
-        FILL_WRITE_BYTES,
-        FILL_DEPTH,
-        |i| i * FILL_WRITE_BYTES,
-    )?;
+    let fill = (size / FILL_WRITE_BYTES, FILL_WRITE_BYTES, FILL_DEPTH);
+    run(&mut v, fill, false, |i| i * FILL_WRITE_BYTES)?;
     let slots = size / args.bs;
     for round in 0..args.rounds {
         // xorshift over the request number: the same offsets every run.
@@ -147,10 +156,12 @@ fn main() -> Result<()> {
             (x % slots) * args.bs
         };
         let steps = v.engine().steps();
-        let secs = run(&mut v, args.writes, args.bs, args.depth, offset)?;
+        let job = (args.writes, args.bs, args.depth);
+        let secs = run(&mut v, job, args.read, offset)?;
         let n = args.writes as f64;
+        let what = if args.read { "reads" } else { "writes" };
         println!(
-            "fscore_engine bs={} depth={} round={}: {:.0} writes/s, {:.2} us each, {:.1} steps each",
+            "fscore_engine bs={} depth={} round={}: {:.0} {what}/s, {:.2} us each, {:.1} steps each",
             args.bs,
             args.depth,
             round + 1,
