@@ -469,32 +469,35 @@ struct Worker {
 }
 
 /// Completed requests' answers the engine thread holds back to hand out together, at most:
-/// each answer wakes the connection that sent the request, and one wake at a time was a
-/// quarter of the engine thread under fio's 4 KiB random writes at queue depth 32 (the
-/// runtime parked between answers, so each woke it through its eventfd and an IPI): held,
-/// 4 KiB random writes at queue depth 32 ran 15-20% faster (`make bench-nbd`'s fs-core job).
-/// Everything held is handed out as soon as the engine has no step to run, so a request
-/// is never kept waiting by an idle engine.
-pub const ANSWERS_HELD_MAX: usize = 16;
+/// each release wakes the connections whose requests completed. When the engine thread was
+/// the bottleneck (about 13 us a served 4 KiB write, before the page cache's index became a
+/// [`fs_core::foliomap::FolioMap`]), holding 16 made 4 KiB random writes at queue depth 32
+/// 15-20% faster. With the engine at about 7 us a write it idles a quarter of the time under
+/// them, and holding only delays answers: alternating fresh servers (three rounds each, 4 KiB
+/// random writes then reads at queue depth 32) ran 299-314 and 315-336 MiB/s holding 16
+/// answers for up to 192 steps, 349-363 and 412-440 holding 2 for up to 24, and 340-378 and
+/// 405-470 holding none; 4 answers for up to 48 steps were in between. Everything held is
+/// handed out as soon as the engine has no step to run, so a request is never kept waiting
+/// by an idle engine.
+pub const ANSWERS_HELD_MAX: usize = 2;
 /// Steps the engine may run, at most, while it holds an answer: a bound on the delay one
-/// answer can see while other requests keep the engine busy (about 1 us a step under 4 KiB
-/// random writes). A 4 KiB write takes about 13 steps, so at 64 a release held about 5
-/// answers and the engine woke the runtime twelve thousand times a second; at 192 it holds
-/// about 15, and 4 KiB random writes at queue depth 32 ran 6% faster (four alternating rounds
-/// each: 321 against 303 MiB/s; random reads 472 against 464).
-pub const ANSWER_HELD_STEPS_MAX: u64 = 192;
+/// answer can see while other requests keep the engine busy (about two 4 KiB writes' steps).
+pub const ANSWER_HELD_STEPS_MAX: u64 = 24;
+/// With fewer requests than this in the engine (the answers held among them), answers go out
+/// at once: the clients are waiting on them to send more (a client at queue depth 1 would
+/// otherwise see each answer only once the engine went idle, and 1 MiB writes at queue depth
+/// 8 take 41 steps each).
+pub const REQUESTS_FEW_MAX: usize = 16;
 
 /// Whether the answers held (`held` of them, the first held for `steps` steps) go out now,
 /// with `running` requests still in the engine: when [`ANSWERS_HELD_MAX`] are held, when the
 /// first has waited [`ANSWER_HELD_STEPS_MAX`] steps, or when the engine has fewer than
-/// [`ANSWERS_HELD_MAX`] requests in all: then the clients are waiting on these answers to
-/// send more, and holding them only delays everything (a client at queue depth 1 would see
-/// each answer only once the engine went idle).
+/// [`REQUESTS_FEW_MAX`] requests in all.
 fn release_now(held: usize, running: usize, steps: u64) -> bool {
     held > 0
         && (held >= ANSWERS_HELD_MAX
             || steps >= ANSWER_HELD_STEPS_MAX
-            || held + running < ANSWERS_HELD_MAX)
+            || held + running < REQUESTS_FEW_MAX)
 }
 
 /// Answers still held go out on every way the engine thread ends (a waiter dropped
@@ -872,7 +875,7 @@ mod tests {
         // answers: they go at once.
         assert!(release_now(1, 0, 0));
         assert!(release_now(1, 7, 0));
-        assert!(release_now(1, ANSWERS_HELD_MAX - 2, 0));
-        assert!(!release_now(1, ANSWERS_HELD_MAX - 1, 0));
+        assert!(release_now(1, REQUESTS_FEW_MAX - 2, 0));
+        assert!(!release_now(1, REQUESTS_FEW_MAX - 1, 0));
     }
 }
