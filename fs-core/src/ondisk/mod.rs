@@ -537,6 +537,13 @@ impl Fs {
             + 2
     }
 
+    /// The most [`Fs::dirty_estimate`] could be now, without its scan of the inodes: every
+    /// inode dirty, and the frees pending.
+    fn dirty_estimate_max(&self) -> usize {
+        let Some(p) = &self.persist else { return 0 };
+        self.inodes.len() + p.dir_dirty.len() + 1 + 2
+    }
+
     /// The images of the running transaction: every changed inode (with its extent chain,
     /// whose blocks are allocated or freed here), bitmap and directory block whose content
     /// differs from its last committed image.
@@ -655,12 +662,12 @@ impl Fs {
         // The estimate counts the dirty inodes, a scan of them all. Between commits it only
         // matters if it could reach the headroom: with every inode dirty it could not, the
         // scan is skipped (it was 3% of the engine's time under 4 KiB random writes).
-        let estimate_max = self.inodes.len() + p.dir_dirty.len() + 3;
-        if steps < self.cfg.commit_interval_steps && estimate_max + COMMIT_HEADROOM_BLOCKS < max {
+        let interval = self.cfg.commit_interval_steps;
+        if steps < interval && self.dirty_estimate_max() + COMMIT_HEADROOM_BLOCKS < max {
             return Ok(());
         }
         let estimate = self.dirty_estimate();
-        let due = steps >= self.cfg.commit_interval_steps && estimate > 2;
+        let due = steps >= interval && estimate > 2;
         if due || estimate + COMMIT_HEADROOM_BLOCKS >= max {
             self.commit()?;
         }
